@@ -1,0 +1,147 @@
+"""Settings: one frozen value built from keyword arguments or the environment."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tenantdb.errors import ConfigurationError
+from tenantdb.tenants import validate_tenant
+
+__all__ = ["Secret", "Settings"]
+
+TIGRIS_HOSTS = ("fly.storage.tigris.dev", "t3.storage.dev")
+
+
+class Secret:
+    """A string that never shows itself in a repr, a str() or a log line."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """Return the secret value, for the one place that sends it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise ConfigurationError(f"{name}={raw!r} must be at least {minimum:g}")
+    return value
+
+
+def _dns_server(raw: str | None) -> tuple[str, int] | None:
+    if not raw:
+        return None
+    host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigurationError(
+            f"TENANTDB_DNS_SERVER={raw!r} must be host:port (IPv6 as [addr]:port)"
+        )
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything tenantdb needs to know about its surroundings, validated once."""
+
+    tenant: str | None = None
+    bucket_name: str | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: Secret | None = None
+    app_name: str | None = None
+    machine_id: str = field(default_factory=lambda: f"local-{socket.gethostname()}")
+    fly_region: str = "local"
+    data_dir: Path = Path(".tenantdb/data")
+    local_bucket_dir: Path = Path(".tenantdb/bucket")
+    prefix: str = "tenants/"
+    lease_ttl: float = 15.0
+    checkpoint_interval: float = 30.0
+    snapshot_retention: int = 5
+    kill_timeout: float = 30.0
+    metadata_key: str = "customer_id"
+    dns_server: tuple[str, int] | None = None
+    fly_api_token: Secret | None = None
+    machines_api_url: str = "https://api.machines.dev"
+    port: int = 8080
+
+    def __post_init__(self) -> None:
+        if self.tenant is not None:
+            validate_tenant(self.tenant)
+        if self.lease_ttl < 3:
+            raise ConfigurationError(f"lease TTL {self.lease_ttl}s is too short (minimum 3s)")
+        if self.checkpoint_interval < 0:
+            raise ConfigurationError("checkpoint interval must be >= 0 (0 = only at shutdown)")
+        if self.snapshot_retention < 1:
+            raise ConfigurationError("snapshot retention must keep at least 1 snapshot")
+        if self.prefix and not self.prefix.endswith("/"):
+            object.__setattr__(self, "prefix", self.prefix + "/")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from environment variables (names in DESIGN.md), then overrides."""
+        env = os.environ if environ is None else environ
+        secret = env.get("AWS_SECRET_ACCESS_KEY")
+        token = env.get("FLY_API_TOKEN")
+        values: dict[str, Any] = {
+            "tenant": env.get("TENANT_ID") or env.get("CUSTOMER_ID") or None,
+            "bucket_name": env.get("BUCKET_NAME") or None,
+            "endpoint_url": env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            "access_key_id": env.get("AWS_ACCESS_KEY_ID") or None,
+            "secret_access_key": Secret(secret) if secret else None,
+            "app_name": env.get("FLY_APP_NAME") or None,
+            "data_dir": Path(env.get("TENANTDB_DATA_DIR") or ".tenantdb/data"),
+            "local_bucket_dir": Path(env.get("TENANTDB_LOCAL_BUCKET") or ".tenantdb/bucket"),
+            "prefix": env.get("TENANTDB_PREFIX", "tenants/"),
+            "lease_ttl": _number(env, "TENANTDB_LEASE_TTL", 15.0, minimum=3),
+            "checkpoint_interval": _number(env, "TENANTDB_CHECKPOINT_INTERVAL", 30.0, minimum=0),
+            "snapshot_retention": int(_number(env, "TENANTDB_SNAPSHOT_RETENTION", 5, minimum=1)),
+            "kill_timeout": _number(env, "TENANTDB_KILL_TIMEOUT", 30.0, minimum=1),
+            "metadata_key": env.get("TENANTDB_METADATA_KEY") or "customer_id",
+            "dns_server": _dns_server(env.get("TENANTDB_DNS_SERVER")),
+            "fly_api_token": Secret(token) if token else None,
+            "machines_api_url": env.get("TENANTDB_MACHINES_API_URL") or "https://api.machines.dev",
+            "port": int(_number(env, "PORT", 8080, minimum=1)),
+        }
+        if env.get("FLY_MACHINE_ID"):
+            values["machine_id"] = env["FLY_MACHINE_ID"]
+        if env.get("FLY_REGION"):
+            values["fly_region"] = env["FLY_REGION"]
+        values.update(overrides)
+        return cls(**values)
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """Return a copy with some fields replaced (None values are ignored)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def is_tigris(self) -> bool:
+        """True when the bucket endpoint is Tigris (lease writes ask for consistency)."""
+        return any(host in (self.endpoint_url or "") for host in TIGRIS_HOSTS)

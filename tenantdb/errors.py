@@ -1,0 +1,180 @@
+"""The tenantdb exception hierarchy.
+
+Every error tenantdb raises on purpose is a ``TenantDBError``::
+
+    TenantDBError
+    ├── ConfigurationError            settings or arguments that cannot work
+    ├── InvalidTenantError            a tenant id that is not a DNS label
+    ├── DataDirLockedError            another process holds the data directory
+    ├── StorageError                  a bucket operation failed (key, operation)
+    │   ├── ObjectNotFoundError       404: the object does not exist
+    │   ├── PreconditionFailedError   412: If-Match / If-None-Match did not hold
+    │   ├── ConditionalConflictError  409: a concurrent conditional write; retry it
+    │   ├── TransientStorageError     5xx, timeouts, resets: retried before surfacing
+    │   ├── AccessDeniedError         403: credentials or policy
+    │   ├── BucketConfigurationError  no such bucket, bad endpoint, bad key name
+    │   └── LocalDiskError            the local disk refused a write (full, read-only)
+    ├── LeaseError                    the tenant lease protocol
+    │   ├── LeaseHeldError            a live other machine holds the lease
+    │   ├── LeaseLostError            fenced: a newer holder exists, stop writing
+    │   └── LockFileCorruptError      lock.json is not something tenantdb can trust
+    ├── SnapshotError                 a snapshot cannot be made or restored (key)
+    └── RoutingError                  finding the machine of another tenant
+        ├── DNSLookupError            the DNS server timed out or failed
+        └── NoMachineError            nothing anywhere serves the tenant
+
+Messages never contain credentials: tenantdb builds them from keys, tenant ids and
+status codes only.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccessDeniedError",
+    "BucketConfigurationError",
+    "ConditionalConflictError",
+    "ConfigurationError",
+    "DNSLookupError",
+    "DataDirLockedError",
+    "InvalidTenantError",
+    "LeaseError",
+    "LeaseHeldError",
+    "LeaseLostError",
+    "LocalDiskError",
+    "LockFileCorruptError",
+    "NoMachineError",
+    "ObjectNotFoundError",
+    "PreconditionFailedError",
+    "RoutingError",
+    "SnapshotError",
+    "StorageError",
+    "TenantDBError",
+    "TransientStorageError",
+]
+
+
+class TenantDBError(Exception):
+    """Base class of every error tenantdb raises on purpose."""
+
+
+class ConfigurationError(TenantDBError):
+    """Settings, environment variables or arguments that cannot work."""
+
+
+class InvalidTenantError(TenantDBError):
+    """A tenant id that is not a lowercase DNS label of at most 63 characters."""
+
+    def __init__(self, tenant: str, reason: str) -> None:
+        self.tenant = tenant
+        self.reason = reason
+        super().__init__(f"invalid tenant id {tenant[:80]!r}: {reason}")
+
+
+class DataDirLockedError(TenantDBError):
+    """Another process on this machine already serves from the data directory."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(
+            f"data directory {path} is locked by another tenantdb process; "
+            "one process per data directory (set TENANTDB_DATA_DIR to run another)"
+        )
+
+
+class StorageError(TenantDBError):
+    """A bucket operation failed."""
+
+    def __init__(self, message: str, *, key: str = "", operation: str = "") -> None:
+        self.key = key
+        self.operation = operation
+        super().__init__(message)
+
+
+class ObjectNotFoundError(StorageError):
+    """The object does not exist (HTTP 404)."""
+
+
+class PreconditionFailedError(StorageError):
+    """An If-Match or If-None-Match condition did not hold (HTTP 412)."""
+
+
+class ConditionalConflictError(StorageError):
+    """A concurrent conditional write was in progress (HTTP 409); retry it."""
+
+
+class TransientStorageError(StorageError):
+    """A failure that may pass: 5xx, throttling, timeouts, connection resets."""
+
+
+class AccessDeniedError(StorageError):
+    """The credentials were refused (HTTP 403)."""
+
+
+class BucketConfigurationError(StorageError):
+    """The bucket, endpoint or key cannot work: no such bucket, bad name, bad URL."""
+
+
+class LocalDiskError(StorageError):
+    """The local file system refused a write: disk full, read-only, permissions."""
+
+
+class LeaseError(TenantDBError):
+    """The tenant lease protocol failed."""
+
+    def __init__(self, message: str, *, tenant: str) -> None:
+        self.tenant = tenant
+        super().__init__(message)
+
+
+class LeaseHeldError(LeaseError):
+    """A live other machine holds the tenant's lease."""
+
+    def __init__(self, *, tenant: str, owner: str, region: str, expires_in: float) -> None:
+        self.owner = owner
+        self.region = region
+        self.expires_in = expires_in
+        super().__init__(
+            f"tenant {tenant} is held by machine {owner} ({region or 'unknown region'}), "
+            f"lease expires in {expires_in:.1f}s unless renewed",
+            tenant=tenant,
+        )
+
+
+class LeaseLostError(LeaseError):
+    """The lease was taken by a newer holder: this machine is fenced."""
+
+
+class LockFileCorruptError(LeaseError):
+    """lock.json exists but is not a lock tenantdb wrote or can trust."""
+
+    def __init__(self, *, tenant: str, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(
+            f"{key} is damaged ({reason}); refusing to guess, fix or remove it by hand",
+            tenant=tenant,
+        )
+
+
+class SnapshotError(TenantDBError):
+    """A snapshot could not be made, verified or restored."""
+
+    def __init__(self, message: str, *, key: str = "") -> None:
+        self.key = key
+        super().__init__(message)
+
+
+class RoutingError(TenantDBError):
+    """The machine serving another tenant could not be found."""
+
+    def __init__(self, message: str, *, tenant: str) -> None:
+        self.tenant = tenant
+        super().__init__(message)
+
+
+class DNSLookupError(RoutingError):
+    """The DNS server timed out or answered with an error."""
+
+
+class NoMachineError(RoutingError):
+    """No machine serves the tenant, running or stopped."""

@@ -1,0 +1,130 @@
+"""The bucket interface every storage backend implements, and its shared retry policy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Protocol, Self, TypeVar
+
+from tenantdb.errors import ConditionalConflictError, TransientStorageError
+
+__all__ = ["Bucket", "ObjectInfo", "RetryPolicy", "SmallObject", "with_retries"]
+
+log = logging.getLogger("tenantdb.storage")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What the bucket says about one object, with the server's own clock."""
+
+    key: str
+    etag: str
+    size: int
+    last_modified: datetime
+    server_date: datetime | None = None
+
+    @property
+    def age(self) -> float | None:
+        """Seconds since the last write, on the server's clock (None if it gave no Date)."""
+        if self.server_date is None:
+            return None
+        return (self.server_date - self.last_modified).total_seconds()
+
+
+@dataclass(frozen=True)
+class SmallObject:
+    """A small object read whole: the lease JSON."""
+
+    info: ObjectInfo
+    body: bytes
+
+
+class Bucket(Protocol):
+    """An S3-like bucket: conditional small writes, streamed files, listing.
+
+    Every method raises only ``tenantdb.errors.StorageError`` subclasses; transient failures
+    have already been retried when they surface.
+    """
+
+    kind: Literal["s3", "local"]
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def get(self, key: str) -> SmallObject:
+        """Read a small object whole."""
+        ...
+
+    async def put(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: Literal["*"] | None = None,
+    ) -> ObjectInfo:
+        """Write a small object, optionally only if its ETag matches or it does not exist."""
+        ...
+
+    async def head(self, key: str) -> ObjectInfo:
+        """Describe an object without reading it."""
+        ...
+
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Delete an object; deleting a missing object is not an error."""
+        ...
+
+    async def list(self, prefix: str) -> list[ObjectInfo]:
+        """List the objects whose keys start with ``prefix``, sorted by key."""
+        ...
+
+    async def download_file(self, key: str, dest: Path) -> ObjectInfo:
+        """Stream an object into ``dest`` (created or truncated) with bounded memory."""
+        ...
+
+    async def upload_file(self, key: str, src: Path) -> ObjectInfo:
+        """Stream ``src`` into a new object with bounded memory."""
+        ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter for transient storage failures."""
+
+    attempts: int = 6
+    base_delay: float = 0.1
+    max_delay: float = 2.0
+
+    def delay(self, attempt: int) -> float:
+        """Return the pause before retry number ``attempt`` (1-based)."""
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+
+
+async def with_retries(
+    operation: Callable[[], Awaitable[T]], *, policy: RetryPolicy, what: str
+) -> T:
+    """Run ``operation``, retrying transient errors and 409 conflicts with backoff."""
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return await operation()
+        except (TransientStorageError, ConditionalConflictError) as exc:
+            if attempt == policy.attempts:
+                raise
+            pause = policy.delay(attempt)
+            log.warning("%s failed (%s); retry %d in %.2fs", what, exc, attempt, pause)
+            await asyncio.sleep(pause)
+    raise AssertionError("unreachable")  # pragma: no cover

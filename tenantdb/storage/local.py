@@ -1,0 +1,306 @@
+"""The embedded bucket: a local directory with S3's conditional-write semantics.
+
+Layout under the root directory::
+
+    .lock              flock: writers exclusive, readers shared (across processes)
+    keys/<key>         a small JSON pointer {"etag", "size", "blob", "last_modified"}
+    blobs/<id>         the object's bytes, immutable once written
+
+A write streams its bytes into a new blob (fsync) outside the lock, then under the
+exclusive lock checks the condition and renames a new pointer into place. The pointer
+rename is the commit point, so a reader never sees half a write and a crash leaves at
+most an orphan blob. Every write gets a fresh random ETag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import IO, Any, Literal, Self, TypeVar
+
+from tenantdb.errors import (
+    BucketConfigurationError,
+    LocalDiskError,
+    ObjectNotFoundError,
+    PreconditionFailedError,
+    StorageError,
+)
+from tenantdb.storage.base import ObjectInfo, SmallObject
+
+__all__ = ["LocalBucket"]
+
+T = TypeVar("T")
+_CHUNK = 1 << 20
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalBucket:
+    """A bucket kept in a local directory, safe to share between processes."""
+
+    kind: Literal["local"] = "local"
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self._keys = self.root / "keys"
+        self._blobs = self.root / "blobs"
+
+    def __repr__(self) -> str:
+        return f"LocalBucket({str(self.root)!r})"
+
+    async def __aenter__(self) -> Self:
+        await self._run("open", "", self._create_dirs)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    def _create_dirs(self) -> None:
+        for directory in (self._keys, self._blobs):
+            directory.mkdir(parents=True, exist_ok=True)
+        (self.root / ".lock").touch(exist_ok=True)
+
+    async def _run(self, operation: str, key: str, fn: Callable[[], T]) -> T:
+        try:
+            return await asyncio.to_thread(fn)
+        except StorageError:
+            raise
+        except OSError as exc:
+            kind = (
+                LocalDiskError
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+                else (StorageError)
+            )
+            raise kind(
+                f"local bucket {operation} {key!r} failed: {exc.strerror or exc}",
+                key=key,
+                operation=operation,
+            ) from exc
+
+    @contextmanager
+    def _locked(self, exclusive: bool) -> Iterator[None]:
+        with open(self.root / ".lock", "rb") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    def _pointer_path(self, key: str) -> Path:
+        parts = PurePosixPath(key).parts
+        if (
+            not key
+            or key.startswith("/")
+            or "\x00" in key
+            or any(part in (".", "..") for part in parts)
+            or key.endswith("/")
+        ):
+            raise BucketConfigurationError(f"invalid object key {key!r}", key=key)
+        return self._keys.joinpath(*parts)
+
+    def _read_pointer(self, key: str) -> dict[str, Any]:
+        try:
+            with open(self._pointer_path(key), "rb") as f:
+                pointer: dict[str, Any] = json.load(f)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectNotFoundError(
+                f"no object {key!r} in the local bucket", key=key, operation="read"
+            ) from None
+        return pointer
+
+    def _info(self, key: str, pointer: dict[str, Any]) -> ObjectInfo:
+        return ObjectInfo(
+            key=key,
+            etag=pointer["etag"],
+            size=pointer["size"],
+            last_modified=datetime.fromtimestamp(pointer["last_modified"], UTC),
+            server_date=datetime.now(UTC),
+        )
+
+    def _new_blob(self, write: Callable[[IO[bytes]], object]) -> tuple[str, int]:
+        blob_id = uuid.uuid4().hex
+        path = self._blobs / blob_id
+        try:
+            with open(path, "xb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+                size = f.tell()
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return blob_id, size
+
+    def _commit(
+        self,
+        key: str,
+        blob_id: str,
+        size: int,
+        if_match: str | None,
+        if_none_match: str | None,
+    ) -> ObjectInfo:
+        pointer_path = self._pointer_path(key)
+        with self._locked(exclusive=True):
+            try:
+                current: dict[str, Any] | None = self._read_pointer(key)
+            except ObjectNotFoundError:
+                current = None
+            if if_none_match == "*" and current is not None:
+                raise PreconditionFailedError(
+                    f"{key!r} already exists (If-None-Match: *)", key=key, operation="put"
+                )
+            if if_match is not None and (current is None or current["etag"] != if_match):
+                raise PreconditionFailedError(
+                    f"{key!r} changed since it was read (If-Match)", key=key, operation="put"
+                )
+            pointer = {
+                "etag": f'"{uuid.uuid4().hex}"',
+                "size": size,
+                "blob": blob_id,
+                "last_modified": datetime.now(UTC).timestamp(),
+            }
+            pointer_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = pointer_path.with_name(f".{pointer_path.name}.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "w") as f:
+                json.dump(pointer, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, pointer_path)
+            _fsync_dir(pointer_path.parent)
+        if current is not None:
+            (self._blobs / current["blob"]).unlink(missing_ok=True)
+        return self._info(key, pointer)
+
+    def _write(
+        self,
+        key: str,
+        write: Callable[[IO[bytes]], object],
+        if_match: str | None = None,
+        if_none_match: str | None = None,
+    ) -> ObjectInfo:
+        self._pointer_path(key)  # validate before writing any bytes
+        blob_id, size = self._new_blob(write)
+        try:
+            return self._commit(key, blob_id, size, if_match, if_none_match)
+        except BaseException:
+            (self._blobs / blob_id).unlink(missing_ok=True)
+            raise
+
+    def _open_blob(self, key: str) -> tuple[dict[str, Any], IO[bytes]]:
+        with self._locked(exclusive=False):
+            pointer = self._read_pointer(key)
+            return pointer, open(self._blobs / pointer["blob"], "rb")
+
+    async def get(self, key: str) -> SmallObject:
+        """Read a small object whole."""
+
+        def read() -> SmallObject:
+            pointer, f = self._open_blob(key)
+            with f:
+                return SmallObject(self._info(key, pointer), f.read())
+
+        return await self._run("get", key, read)
+
+    async def put(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: Literal["*"] | None = None,
+    ) -> ObjectInfo:
+        """Write a small object, optionally only if its ETag matches or it does not exist."""
+        return await self._run(
+            "put", key, lambda: self._write(key, lambda f: f.write(body), if_match, if_none_match)
+        )
+
+    async def head(self, key: str) -> ObjectInfo:
+        """Describe an object without reading it."""
+
+        def head() -> ObjectInfo:
+            with self._locked(exclusive=False):
+                return self._info(key, self._read_pointer(key))
+
+        return await self._run("head", key, head)
+
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Delete an object; deleting a missing object is not an error."""
+
+        def delete() -> None:
+            with self._locked(exclusive=True):
+                try:
+                    pointer = self._read_pointer(key)
+                except ObjectNotFoundError:
+                    if if_match is not None:
+                        raise PreconditionFailedError(
+                            f"{key!r} does not exist (If-Match)", key=key, operation="delete"
+                        ) from None
+                    return
+                if if_match is not None and pointer["etag"] != if_match:
+                    raise PreconditionFailedError(
+                        f"{key!r} changed since it was read (If-Match)",
+                        key=key,
+                        operation="delete",
+                    )
+                self._pointer_path(key).unlink()
+            (self._blobs / pointer["blob"]).unlink(missing_ok=True)
+
+        await self._run("delete", key, delete)
+
+    async def list(self, prefix: str) -> list[ObjectInfo]:
+        """List the objects whose keys start with ``prefix``, sorted by key."""
+
+        def list_keys() -> list[ObjectInfo]:
+            found: list[ObjectInfo] = []
+            with self._locked(exclusive=False):
+                for dirpath, _dirs, files in os.walk(self._keys):
+                    for name in files:
+                        if name.startswith("."):
+                            continue
+                        key = Path(dirpath, name).relative_to(self._keys).as_posix()
+                        if key.startswith(prefix):
+                            found.append(self._info(key, self._read_pointer(key)))
+            return sorted(found, key=lambda info: info.key)
+
+        return await self._run("list", prefix, list_keys)
+
+    async def download_file(self, key: str, dest: Path) -> ObjectInfo:
+        """Stream an object into ``dest`` (created or truncated) with bounded memory."""
+
+        def download() -> ObjectInfo:
+            pointer, src = self._open_blob(key)
+            with src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out, _CHUNK)
+            return self._info(key, pointer)
+
+        return await self._run("download", key, download)
+
+    async def upload_file(self, key: str, src: Path) -> ObjectInfo:
+        """Stream ``src`` into a new object with bounded memory."""
+
+        def copy(out: IO[bytes]) -> None:
+            with open(src, "rb") as f:
+                shutil.copyfileobj(f, out, _CHUNK)
+
+        return await self._run("upload", key, lambda: self._write(key, copy))
