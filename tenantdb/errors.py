@@ -21,6 +21,7 @@ Every error tenantdb raises on purpose is a ``TenantDBError``::
     ├── SnapshotError                 a snapshot cannot be made or restored (key)
     └── RoutingError                  finding the machine of another tenant
         ├── DNSLookupError            the DNS server timed out or failed
+        ├── MachinesAPIError          the Fly Machines API failed or answered nonsense (status)
         └── NoMachineError            nothing anywhere serves the tenant
 
 Messages never contain credentials: tenantdb builds them from keys, tenant ids and
@@ -42,6 +43,7 @@ __all__ = [
     "LeaseLostError",
     "LocalDiskError",
     "LockFileCorruptError",
+    "MachinesAPIError",
     "NoMachineError",
     "ObjectNotFoundError",
     "PreconditionFailedError",
@@ -174,6 +176,18 @@ class RoutingError(TenantDBError):
 
 class DNSLookupError(RoutingError):
     """The DNS server timed out or answered with an error."""
+
+
+class MachinesAPIError(RoutingError):
+    """The Fly Machines API refused a call, failed, or answered something unusable.
+
+    ``status`` is the HTTP status, or None when no usable response arrived (connection
+    error, timeout). ``tenant`` is empty for calls that are not about one tenant.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, tenant: str = "") -> None:
+        self.status = status
+        super().__init__(message, tenant=tenant)
 
 
 class NoMachineError(RoutingError):
