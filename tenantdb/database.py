@@ -1,0 +1,450 @@
+"""The tenant's live SQLite database, from lease to final publish.
+
+``TenantDB`` runs one machine's side of the protocol in DESIGN.md: lock the data
+directory, acquire the lease (or wait as a standby), restore or create the database,
+migrate, serve, checkpoint while running, and publish then release at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Literal, Self
+
+import aiosqlite
+
+from tenantdb.config import Settings
+from tenantdb.errors import (
+    ConfigurationError,
+    DataDirLockedError,
+    LeaseHeldError,
+    LeaseLostError,
+    TenantDBError,
+)
+from tenantdb.lease import Lease, LockRecord
+from tenantdb.snapshot import file_sha256, publish_snapshot, restore_snapshot
+from tenantdb.storage import Bucket, open_bucket
+
+__all__ = ["Migration", "TenantDB", "TenantState", "apply_migrations"]
+
+log = logging.getLogger("tenantdb")
+
+Migration = str | Callable[[sqlite3.Connection], None]
+TenantState = Literal["stopped", "starting", "standby", "serving", "fenced", "stopping"]
+
+
+def apply_migrations(path: Path, migrations: Sequence[Migration]) -> int:
+    """Bring ``path`` up to ``len(migrations)`` by ``PRAGMA user_version``; return how many ran.
+
+    Each migration runs in its own transaction together with the version bump.
+    """
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(migrations):
+            raise ConfigurationError(
+                f"{path} is at schema version {version} but only {len(migrations)} "
+                "migrations are known: is this an older release of the app?"
+            )
+        for number, migration in enumerate(migrations[version:], start=version + 1):
+            try:
+                if isinstance(migration, str):
+                    # One script, so executescript() cannot commit half of it.
+                    conn.executescript(
+                        f"BEGIN IMMEDIATE;\n{migration}\n;PRAGMA user_version = {number:d};COMMIT;"
+                    )
+                else:
+                    conn.execute("BEGIN IMMEDIATE")
+                    migration(conn)
+                    conn.execute(f"PRAGMA user_version = {number:d}")
+                    conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return len(migrations) - version
+    finally:
+        conn.close()
+
+
+class _DataDirLock:
+    """An exclusive flock on the data directory: one tenantdb process per directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._file: IO[bytes] | None = None
+
+    def acquire(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        lock_file = open(self.directory / ".tenantdb.lock", "ab")  # noqa: SIM115
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.close()
+            raise DataDirLockedError(str(self.directory.resolve())) from None
+        self._file = lock_file
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class TenantDB:
+    """One tenant's database on this machine, kept in the bucket under a lease.
+
+    Use ``async with TenantDB(settings) as tdb:`` in scripts (fails if another machine
+    holds the lease), or ``start(standby=True)`` / ``stop()`` from a server lifespan.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        migrations: Sequence[Migration] = (),
+        bucket: Bucket | None = None,
+    ) -> None:
+        if settings.tenant is None:
+            raise ConfigurationError("no tenant to serve: set TENANT_ID (or CUSTOMER_ID)")
+        self.settings = settings
+        self.tenant: str = settings.tenant
+        self.migrations = tuple(migrations)
+        self.path = settings.data_dir / f"{self.tenant}.sqlite3"
+        self.state: TenantState = "stopped"
+        self.holder: LeaseHeldError | None = None
+        self._bucket = bucket
+        self._dir_lock = _DataDirLock(settings.data_dir)
+        self._stack = AsyncExitStack()
+        self._lease: Lease | None = None
+        self._db: aiosqlite.Connection | None = None
+        self._source: sqlite3.Connection | None = None
+        self._published_version = 0
+        self._dirty = False  # local data the bucket does not have yet
+        self._publish_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
+
+    @classmethod
+    def from_env(cls, *, migrations: Sequence[Migration] = (), **overrides: Any) -> TenantDB:
+        """Build from the environment (see DESIGN.md), with keyword overrides."""
+        return cls(Settings.from_env(**overrides), migrations=migrations)
+
+    def __repr__(self) -> str:
+        return f"TenantDB(tenant={self.tenant!r}, state={self.state!r})"
+
+    async def __aenter__(self) -> Self:
+        await self.start(standby=False)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        """The open connection; only while this machine serves the tenant."""
+        if self.state != "serving" or self._db is None:
+            raise LeaseLostError(
+                f"tenant {self.tenant} is not served here ({self.state})", tenant=self.tenant
+            )
+        return self._db
+
+    @property
+    def lease(self) -> Lease:
+        """The lease object (for inspection and tests)."""
+        if self._lease is None:
+            raise TenantDBError("TenantDB has not been started")
+        return self._lease
+
+    @property
+    def serving(self) -> bool:
+        """True while this machine holds a live lease and the database is open."""
+        return self.state == "serving" and not self.draining and self.lease.valid_for > 0
+
+    def drain(self) -> None:
+        """Stop taking new requests (``serving`` turns False) ahead of ``stop()``."""
+        self.draining = True
+
+    async def start(self, *, standby: bool = True) -> None:
+        """Lock the data dir, acquire the lease (or stand by), restore, migrate, open."""
+        if self.state != "stopped":
+            raise TenantDBError(f"TenantDB already started ({self.state})")
+        self.state = "starting"
+        try:
+            self._dir_lock.acquire()
+            bucket = self._bucket or open_bucket(self.settings)
+            if self._bucket is None:
+                await self._stack.enter_async_context(bucket)
+            self._lease = Lease(
+                bucket,
+                self.tenant,
+                machine_id=self.settings.machine_id,
+                region=self.settings.fly_region,
+                ttl=self.settings.lease_ttl,
+                prefix=self.settings.prefix,
+                on_lost=self._on_lease_lost,
+            )
+            try:
+                await self._lease.acquire()
+            except LeaseHeldError as held:
+                if not standby:
+                    raise
+                self._enter_standby(held)
+                return
+            await self._become_holder()
+        except BaseException:
+            await self._close_resources()
+            self.state = "stopped"
+            raise
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _enter_standby(self, held: LeaseHeldError) -> None:
+        self.state, self.holder = "standby", held
+        log.warning("tenant %s: standing by, %s", self.tenant, held)
+        self._spawn(self._standby_loop())
+
+    async def _standby_loop(self) -> None:
+        while self.state == "standby":
+            wait = self.holder.expires_in if self.holder else 0.0
+            await asyncio.sleep(min(max(wait, 0.5), self.settings.lease_ttl / 3))
+            try:
+                await self.lease.acquire()
+            except LeaseHeldError as held:
+                self.holder = held
+                continue
+            except TenantDBError as exc:
+                log.warning("tenant %s: standby could not acquire yet: %s", self.tenant, exc)
+                continue
+            try:
+                await self._become_holder()
+            except TenantDBError as exc:
+                log.error("tenant %s: took the lease but could not open: %s", self.tenant, exc)
+                self.state = "fenced"
+            return
+
+    async def _become_holder(self) -> None:
+        lease = self.lease
+        await self._prepare_local_file(lease.previous)
+        ran = await asyncio.to_thread(apply_migrations, self.path, self.migrations)
+        if ran:
+            self._dirty = True
+            log.info("tenant %s: applied %d migration(s)", self.tenant, ran)
+        db = await aiosqlite.connect(self.path)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute("PRAGMA busy_timeout=5000")
+        self._db = db
+        self._source = sqlite3.connect(self.path, check_same_thread=False)
+        self._published_version = self._data_version(self._source)
+        self.state, self.holder = "serving", None
+        self._spawn(lease.keep_renewed())
+        if self.settings.checkpoint_interval > 0:
+            self._spawn(self._checkpoint_loop())
+        log.info(
+            "tenant %s: serving (generation %s)",
+            self.tenant,
+            lease.record.generation if lease.record else "?",
+        )
+
+    async def _prepare_local_file(self, previous: LockRecord | None) -> None:
+        """Make ``self.path`` hold the tenant's newest data before it is opened."""
+        state_file = self.path.with_name(f"{self.path.name}.tenantdb.json")
+        local_generation = None
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            local_generation = json.loads(state_file.read_text())["generation"]
+        exists = self.path.exists()
+        if previous is None:
+            if exists:
+                aside = self.path.with_name(f"{self.path.name}.orphaned-{int(time.time())}")
+                log.warning(
+                    "tenant %s: the bucket has no lock.json but %s exists; moved it to %s",
+                    self.tenant,
+                    self.path,
+                    aside,
+                )
+                os.replace(self.path, aside)
+                for suffix in ("-wal", "-shm"):
+                    Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            self._dirty = True
+            log.info("tenant %s: new tenant, creating its database", self.tenant)
+        elif (
+            exists
+            and local_generation == previous.generation
+            and self.settings.machine_id in (previous.owner, previous.last_owner)
+        ):
+            # Nobody acquired since this machine last held the lease: the local file is the
+            # newest data, including writes a failed final publish never uploaded.
+            log.info("tenant %s: continuing from the local file %s", self.tenant, self.path)
+            self._dirty = True
+        elif previous.snapshot is None:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            log.info("tenant %s: nothing published yet, starting empty", self.tenant)
+        elif (
+            exists
+            and not Path(f"{self.path}-wal").exists()
+            and await asyncio.to_thread(file_sha256, self.path) == previous.snapshot.sha256
+        ):
+            log.info("tenant %s: local file matches %s", self.tenant, previous.snapshot.key)
+        else:
+            started = time.monotonic()
+            await restore_snapshot(self.lease.bucket, previous.snapshot, self.path)
+            log.info(
+                "tenant %s: restored %s (%d bytes) in %.2fs",
+                self.tenant,
+                previous.snapshot.key,
+                previous.snapshot.size,
+                time.monotonic() - started,
+            )
+        record = self.lease.record
+        state_file.write_text(json.dumps({"generation": record.generation if record else 0}))
+
+    @staticmethod
+    def _data_version(source: sqlite3.Connection) -> int:
+        # data_version changes when *another* connection (the app's) commits.
+        value: int = source.execute("PRAGMA data_version").fetchone()[0]
+        return value
+
+    def _on_lease_lost(self, exc: LeaseLostError) -> None:
+        if self.state == "serving":
+            self.state = "fenced"
+            self._spawn(self._after_fenced())
+
+    async def _after_fenced(self) -> None:
+        await self._close_database()
+        try:
+            await self.lease.acquire()
+        except LeaseHeldError as held:
+            self._enter_standby(held)
+            return
+        except TenantDBError as exc:
+            log.error("tenant %s: fenced, and the lease cannot be read: %s", self.tenant, exc)
+            self._enter_standby(
+                LeaseHeldError(tenant=self.tenant, owner="", region="", expires_in=0)
+            )
+            return
+        await self._become_holder()
+
+    async def checkpoint(self, *, force: bool = False) -> bool:
+        """Publish a snapshot if the database changed since the last one; True if published."""
+        async with self._publish_lock:
+            if self._source is None or self.state not in ("serving", "stopping"):
+                return False
+            version = await asyncio.to_thread(self._data_version, self._source)
+            if not (force or self._dirty or version != self._published_version):
+                return False
+            await publish_snapshot(
+                self.lease,
+                self.lease.bucket,
+                self._source,
+                self.settings.data_dir,
+                retention=self.settings.snapshot_retention,
+            )
+            self._published_version, self._dirty = version, False
+            return True
+
+    async def _checkpoint_loop(self) -> None:
+        while self.state == "serving":
+            await asyncio.sleep(self.settings.checkpoint_interval)
+            try:
+                await self.checkpoint()
+            except LeaseLostError:
+                return
+            except TenantDBError as exc:
+                log.warning("tenant %s: checkpoint failed, will retry: %s", self.tenant, exc)
+
+    async def stop(self) -> None:
+        """Final snapshot, publish, release; keep the local file if publishing fails."""
+        if self.state == "stopped":
+            return
+        started = time.monotonic()
+        was = self.state
+        self.state = "stopping"
+        try:
+            if was == "serving":
+                await self._final_publish(deadline=started + self.settings.kill_timeout * 0.8)
+            elif was == "fenced":
+                log.error(
+                    "tenant %s: fenced; writes since the last publish stay only in %s",
+                    self.tenant,
+                    self.path,
+                )
+        finally:
+            await self._close_resources()
+            self.state = "stopped"
+            took = time.monotonic() - started
+            log.info("tenant %s: shutdown took %.2fs", self.tenant, took)
+            if took > self.settings.kill_timeout * 0.5:
+                log.warning(
+                    "tenant %s: shutdown took %.1fs of the %.0fs kill timeout; raise "
+                    "kill_timeout in fly.toml or checkpoint more often",
+                    self.tenant,
+                    took,
+                    self.settings.kill_timeout,
+                )
+
+    async def _final_publish(self, *, deadline: float) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self.checkpoint()
+                break
+            except LeaseLostError:
+                log.error("tenant %s: fenced during the final publish", self.tenant)
+                return
+            except TenantDBError as exc:
+                if time.monotonic() + min(2.0, attempt * 0.5) >= deadline:
+                    log.critical(
+                        "tenant %s: FINAL PUBLISH FAILED (%s). The lease is NOT released and "
+                        "the newest data is only in %s: restart this machine to publish it",
+                        self.tenant,
+                        exc,
+                        self.path.resolve(),
+                    )
+                    return
+                log.warning("tenant %s: final publish failed, retrying: %s", self.tenant, exc)
+                await asyncio.sleep(min(2.0, attempt * 0.5))
+        try:
+            await self.lease.release()
+            log.info("tenant %s: lease released", self.tenant)
+        except TenantDBError as exc:
+            log.error("tenant %s: published, but could not release the lease: %s", self.tenant, exc)
+
+    async def _close_database(self) -> None:
+        async with self._publish_lock:
+            if self._db is not None:
+                await self._db.close()
+                self._db = None
+            if self._source is not None:
+                self._source.close()
+                self._source = None
+
+    async def _close_resources(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._close_database()
+        await self._stack.aclose()
+        self._dir_lock.release()

@@ -1,0 +1,365 @@
+"""The tenant lease: ``lock.json``, one compare-and-swap cell per tenant.
+
+``tenants/<tenant>/lock.json`` holds both the lease (who may write the tenant) and the
+pointer to the current snapshot. Every change is a conditional PUT and bumps ``seq``, so
+an ETag never matches twice; ``generation`` bumps on every acquisition and fences off any
+earlier holder. Expiry is judged on the bucket's clock (``Last-Modified`` against the
+response ``Date``), never on the local one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from tenantdb.errors import (
+    LeaseHeldError,
+    LeaseLostError,
+    LockFileCorruptError,
+    ObjectNotFoundError,
+    PreconditionFailedError,
+    StorageError,
+)
+from tenantdb.storage.base import Bucket, ObjectInfo
+
+__all__ = ["Lease", "LockRecord", "SnapshotRef"]
+
+log = logging.getLogger("tenantdb.lease")
+
+LOCK_FORMAT = 1
+# S3's Last-Modified has one-second resolution: a takeover waits this much past the TTL.
+CLOCK_GRANULARITY = 1.0
+
+LeaseStatus = Literal["unheld", "held", "lost", "released"]
+
+
+@dataclass(frozen=True)
+class SnapshotRef:
+    """The published snapshot a lock points at."""
+
+    key: str
+    sha256: str
+    size: int
+    published_at: str
+
+
+@dataclass(frozen=True)
+class LockRecord:
+    """The parsed content of ``lock.json``."""
+
+    tenant: str
+    owner: str | None
+    region: str | None
+    generation: int
+    seq: int
+    ttl_seconds: float
+    snapshot: SnapshotRef | None = None
+    last_owner: str | None = None
+    format: int = LOCK_FORMAT
+
+    def to_json(self) -> bytes:
+        """Serialize for the bucket."""
+        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
+
+    @classmethod
+    def parse(cls, body: bytes, *, tenant: str, key: str) -> LockRecord:
+        """Parse and check ``lock.json``; anything unexpected is ``LockFileCorruptError``."""
+
+        def corrupt(reason: str) -> LockFileCorruptError:
+            return LockFileCorruptError(tenant=tenant, key=key, reason=reason)
+
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise corrupt("not valid JSON") from None
+        if not isinstance(data, dict):
+            raise corrupt("not a JSON object")
+        if data.get("format") != LOCK_FORMAT:
+            raise corrupt(f"unknown format {data.get('format')!r}, expected {LOCK_FORMAT}")
+        if data.get("tenant") != tenant:
+            raise corrupt(f"it names tenant {data.get('tenant')!r}")
+        fields: dict[str, Any] = {
+            "owner": (str, type(None)),
+            "region": (str, type(None)),
+            "last_owner": (str, type(None)),
+            "generation": (int,),
+            "seq": (int,),
+            "ttl_seconds": (int, float),
+        }
+        for name, types in fields.items():
+            value = data.get(name)
+            if not isinstance(value, types) or isinstance(value, bool):
+                raise corrupt(f"field {name!r} has a wrong type")
+        if data["generation"] < 1 or data["seq"] < 1 or data["ttl_seconds"] <= 0:
+            raise corrupt("generation, seq and ttl_seconds must be positive")
+        snapshot = data.get("snapshot")
+        ref: SnapshotRef | None = None
+        if snapshot is not None:
+            try:
+                ref = SnapshotRef(
+                    key=str(snapshot["key"]),
+                    sha256=str(snapshot["sha256"]),
+                    size=int(snapshot["size"]),
+                    published_at=str(snapshot["published_at"]),
+                )
+            except (KeyError, TypeError, ValueError):
+                raise corrupt("field 'snapshot' is malformed") from None
+            if not ref.key.startswith(key.rsplit("/", 1)[0] + "/snapshots/"):
+                raise corrupt("snapshot key is outside the tenant's prefix")
+        return cls(
+            tenant=tenant,
+            owner=data["owner"],
+            region=data["region"],
+            generation=data["generation"],
+            seq=data["seq"],
+            ttl_seconds=float(data["ttl_seconds"]),
+            snapshot=ref,
+            last_owner=data["last_owner"],
+        )
+
+
+@dataclass(frozen=True)
+class ObservedLock:
+    """A lock record with what the bucket said about it when it was read."""
+
+    record: LockRecord
+    info: ObjectInfo
+
+    def expires_in(self) -> float:
+        """Seconds until the lease expires on the bucket's clock (0 if it gave no clock)."""
+        age = self.info.age
+        if age is None:
+            return 0.0
+        return self.record.ttl_seconds + CLOCK_GRANULARITY - age
+
+
+class Lease:
+    """One machine's hold on one tenant: acquire, renew, publish, release.
+
+    After any 412 on a write the lease is *lost*: ``on_lost`` is called once and every
+    further write raises ``LeaseLostError``.
+    """
+
+    def __init__(
+        self,
+        bucket: Bucket,
+        tenant: str,
+        *,
+        machine_id: str,
+        region: str,
+        ttl: float,
+        prefix: str = "tenants/",
+        on_lost: Callable[[LeaseLostError], None] | None = None,
+    ) -> None:
+        self.bucket = bucket
+        self.tenant = tenant
+        self.machine_id = machine_id
+        self.region = region
+        self.ttl = ttl
+        self.key = f"{prefix}{tenant}/lock.json"
+        self.snapshot_prefix = f"{prefix}{tenant}/snapshots/"
+        self.status: LeaseStatus = "unheld"
+        self.record: LockRecord | None = None
+        self.previous: LockRecord | None = None
+        self._on_lost = on_lost
+        self._etag: str | None = None
+        self._renewed_at = 0.0  # monotonic time a successful write was *sent*
+        # Renewals and publishes both CAS on one ETag: interleaved, one would fence the other.
+        self._write_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"Lease(tenant={self.tenant!r}, machine={self.machine_id!r}, {self.status})"
+
+    async def read(self) -> ObservedLock | None:
+        """Read ``lock.json``: None only on a definite 404 (a new tenant)."""
+        try:
+            obj = await self.bucket.get(self.key)
+        except ObjectNotFoundError:
+            return None
+        record = LockRecord.parse(obj.body, tenant=self.tenant, key=self.key)
+        return ObservedLock(record, obj.info)
+
+    @property
+    def valid_for(self) -> float:
+        """Seconds this machine may still act as holder, by its own conservative clock."""
+        if self.status != "held":
+            return 0.0
+        return self.ttl - (time.monotonic() - self._renewed_at)
+
+    async def acquire(self) -> LockRecord:
+        """Take the lease, or raise ``LeaseHeldError`` naming the live holder."""
+        observed = await self.read()
+        if observed is None:
+            record = LockRecord(
+                tenant=self.tenant,
+                owner=self.machine_id,
+                region=self.region,
+                generation=1,
+                seq=1,
+                ttl_seconds=self.ttl,
+            )
+            self.previous = None
+            async with self._write_lock:
+                return await self._put(record, if_none_match="*")
+        current = observed.record
+        if current.owner not in (None, self.machine_id):
+            expires_in = observed.expires_in()
+            if expires_in > 0:
+                raise LeaseHeldError(
+                    tenant=self.tenant,
+                    owner=current.owner,
+                    region=current.region or "",
+                    expires_in=expires_in,
+                )
+            log.warning(
+                "tenant %s: lease of %s expired %.1fs ago, taking over",
+                self.tenant,
+                current.owner,
+                -expires_in,
+            )
+        record = replace(
+            current,
+            owner=self.machine_id,
+            region=self.region,
+            generation=current.generation + 1,
+            seq=current.seq + 1,
+            ttl_seconds=self.ttl,
+            last_owner=current.owner or current.last_owner,
+        )
+        self.previous = current
+        async with self._write_lock:
+            return await self._put(record, if_match=observed.info.etag)
+
+    async def renew(self) -> LockRecord:
+        """Extend the lease by rewriting ``lock.json`` (a new ``seq``)."""
+        return await self._update(lambda current: replace(current, seq=current.seq + 1))
+
+    def next_snapshot_key(self) -> str:
+        """The immutable key the next published snapshot gets: ``<generation>-<seq>``."""
+        current = self._held()
+        return f"{self.snapshot_prefix}{current.generation:08d}-{current.seq + 1:08d}.sqlite3"
+
+    async def publish(self, snapshot: SnapshotRef) -> LockRecord:
+        """Point ``lock.json`` at an uploaded snapshot (CAS); 412 means fenced."""
+        return await self._update(
+            lambda current: replace(current, seq=current.seq + 1, snapshot=snapshot)
+        )
+
+    async def release(self) -> None:
+        """Give the lease up after the final publish: ``owner`` becomes null."""
+        await self._update(
+            lambda current: replace(
+                current, seq=current.seq + 1, owner=None, last_owner=self.machine_id
+            ),
+            becomes="released",
+        )
+
+    def _held(self) -> LockRecord:
+        if self.status != "held" or self.record is None:
+            raise LeaseLostError(
+                f"tenant {self.tenant}: this machine does not hold the lease ({self.status})",
+                tenant=self.tenant,
+            )
+        return self.record
+
+    async def _update(
+        self, change: Callable[[LockRecord], LockRecord], becomes: LeaseStatus = "held"
+    ) -> LockRecord:
+        # The new record is derived under the lock, from the ETag the last write returned.
+        async with self._write_lock:
+            record = change(self._held())
+            return await self._put(record, if_match=self._etag, becomes=becomes)
+
+    async def _put(
+        self,
+        record: LockRecord,
+        *,
+        if_match: str | None = None,
+        if_none_match: Literal["*"] | None = None,
+        becomes: LeaseStatus = "held",
+    ) -> LockRecord:
+        sent_at = time.monotonic()
+        body = record.to_json()
+        try:
+            info = await self.bucket.put(
+                self.key, body, if_match=if_match, if_none_match=if_none_match
+            )
+        except PreconditionFailedError as exc:
+            landed = await self._own_write_landed(body)
+            if landed is None:
+                return self._lose(exc) if self.status == "held" else self._refuse(exc)
+            info = landed
+        self.record, self._etag, self.status = record, info.etag, becomes
+        self._renewed_at = sent_at
+        return record
+
+    async def _own_write_landed(self, body: bytes) -> ObjectInfo | None:
+        # A retried PUT whose first attempt landed answers 412: it is ours if the bytes match.
+        try:
+            obj = await self.bucket.get(self.key)
+        except StorageError:
+            return None
+        return obj.info if obj.body == body else None
+
+    def _refuse(self, exc: PreconditionFailedError) -> LockRecord:
+        # Someone else wrote lock.json between our read and our write: a lost race.
+        raise LeaseLostError(
+            f"tenant {self.tenant}: lock.json changed while acquiring; another machine won",
+            tenant=self.tenant,
+        ) from exc
+
+    def _lose(self, exc: PreconditionFailedError) -> LockRecord:
+        self.status = "lost"
+        lost = LeaseLostError(
+            f"tenant {self.tenant}: lease lost, a newer holder wrote lock.json; "
+            "this machine is fenced and will not write again",
+            tenant=self.tenant,
+        )
+        log.error("%s", lost)
+        if self._on_lost is not None:
+            self._on_lost(lost)
+        raise lost from exc
+
+    async def keep_renewed(self) -> None:
+        """Renew every ttl/3 until the lease is released or lost; step down in time.
+
+        Transient failures are retried quickly; if no renewal lands before the lease could
+        expire on the bucket, the holder steps down without writing.
+        """
+        safety = self.ttl / 5
+        pause = self.ttl / 3
+        while self.status == "held":
+            await asyncio.sleep(pause)
+            if self.status != "held":
+                return
+            if self.valid_for <= safety:
+                self.step_down("no renewal landed before the lease could expire; stepping down")
+                return
+            try:
+                await asyncio.wait_for(self.renew(), timeout=self.valid_for - safety)
+                pause = self.ttl / 3
+            except LeaseLostError:
+                return
+            except (StorageError, TimeoutError) as exc:
+                log.warning("tenant %s: lease renewal failed: %s", self.tenant, exc)
+                pause = min(self.ttl / 10, 1.0)
+
+    def step_down(self, reason: str) -> None:
+        """Stop acting as holder without writing (renewals failed past the TTL)."""
+        if self.status == "held":
+            self.status = "lost"
+            lost = LeaseLostError(f"tenant {self.tenant}: {reason}", tenant=self.tenant)
+            log.error("%s", lost)
+            if self._on_lost is not None:
+                self._on_lost(lost)
+
+
+def now_iso() -> str:
+    """The current UTC time as ISO 8601, for ``published_at``."""
+    return datetime.now(UTC).isoformat(timespec="seconds")

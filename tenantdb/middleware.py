@@ -1,0 +1,215 @@
+"""TenantDBMiddleware: mount it and the tenant's database is there, startup to shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiosqlite
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tenantdb.config import Settings
+from tenantdb.database import Migration, TenantDB
+from tenantdb.errors import InvalidTenantError, LeaseLostError, TenantDBError
+from tenantdb.responses import send_error
+from tenantdb.routing.replay import Router
+from tenantdb.tenants import TenantPattern, validate_tenant
+
+__all__ = ["TenantDBMiddleware", "tenant_db"]
+
+log = logging.getLogger("tenantdb")
+
+RETRY_AFTER = "2"
+
+
+class TenantDBMiddleware:
+    """Pure ASGI middleware giving each request of this machine's tenant its database.
+
+    Keyword arguments override the environment (``Settings.from_env()``). The middleware
+    takes part in the ASGI lifespan: its startup runs before the app's and its shutdown
+    (final snapshot, publish, release) after the app's.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        path_pattern: str = "/customers/{tenant}",
+        migrations: Sequence[Migration] = (),
+        settings: Settings | None = None,
+        tenant: str | None = None,
+        lease_ttl: float | None = None,
+        checkpoint_interval: float | None = None,
+        data_dir: str | Path | None = None,
+        bucket_name: str | None = None,
+    ) -> None:
+        self.app = app
+        self.pattern = TenantPattern(path_pattern)
+        base = settings if settings is not None else Settings.from_env()
+        self.settings = base.with_overrides(
+            tenant=tenant,
+            lease_ttl=lease_ttl,
+            checkpoint_interval=checkpoint_interval,
+            data_dir=Path(data_dir) if data_dir is not None else None,
+            bucket_name=bucket_name,
+        )
+        self.tenantdb = (
+            TenantDB(self.settings, migrations=migrations) if self.settings.tenant else None
+        )
+        self.router = Router(self.settings, self.pattern)
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        segment = (
+            self.pattern.segment(scope["path"]) if scope["type"] in ("http", "websocket") else None
+        )
+        if segment is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            tenant = validate_tenant(segment)
+        except InvalidTenantError as exc:
+            await send_error(scope, receive, send, 400, str(exc))
+            return
+        if tenant != self.settings.tenant or self.tenantdb is None:
+            await self.router.forward(scope, receive, send, tenant)
+            return
+        await self._serve_own(scope, receive, send, self.tenantdb)
+
+    async def _serve_own(self, scope: Scope, receive: Receive, send: Send, tdb: TenantDB) -> None:
+        if not tdb.serving:
+            await self._not_serving(scope, receive, send, tdb)
+            return
+        try:
+            db = tdb.db
+        except LeaseLostError:
+            await self._not_serving(scope, receive, send, tdb)
+            return
+        scope = dict(scope)
+        scope["state"] = {**scope.get("state", {}), "tenant": tdb.tenant, "db": db}
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _not_serving(self, scope: Scope, receive: Receive, send: Send, tdb: TenantDB) -> None:
+        holder = tdb.holder.owner if tdb.holder else ""
+        if (
+            tdb.state in ("standby", "fenced")
+            and holder
+            and holder != self.settings.machine_id
+            and self.router.can_replay
+        ):
+            await self.router.replay_to(scope, receive, send, holder, tdb.tenant)
+            return
+        reasons = {
+            "stopped": "tenantdb is not started: the server must run the ASGI lifespan",
+            "starting": "the tenant's database is starting",
+            "standby": f"machine {holder or 'another machine'} holds the tenant's lease",
+            "fenced": "this machine lost the tenant's lease",
+            "stopping": "this machine is shutting down",
+            "serving": "this machine's lease is about to expire",
+        }
+        await send_error(
+            scope,
+            receive,
+            send,
+            503,
+            f"tenant {tdb.tenant} is unavailable here: "
+            f"{reasons['stopping' if tdb.draining else tdb.state]}; retry shortly",
+            headers={"Retry-After": RETRY_AFTER},
+        )
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        startup: Message | None = await receive()
+        try:
+            await self._startup()
+        except Exception as exc:
+            log.error("tenantdb startup failed: %s", exc)
+            await send({"type": "lifespan.startup.failed", "message": f"tenantdb: {exc}"})
+            return
+        app_started = False
+        app_finished = False
+
+        async def app_receive() -> Message:
+            nonlocal startup
+            if startup is not None:
+                message: Message = startup
+                startup = None
+                return message
+            return await receive()
+
+        async def app_send(message: Message) -> None:
+            nonlocal app_started, app_finished
+            kind = message["type"]
+            if kind == "lifespan.startup.complete":
+                app_started = True
+            elif kind in (
+                "lifespan.startup.failed",
+                "lifespan.shutdown.complete",
+                "lifespan.shutdown.failed",
+            ):
+                app_finished = True
+                await self._shutdown()
+            await send(message)
+
+        try:
+            await self.app(scope, app_receive, app_send)
+        except BaseException:
+            if app_started or app_finished:
+                if not app_finished:
+                    await self._shutdown()
+                raise
+            # The app does not do lifespan: run the protocol for our part alone.
+            await send({"type": "lifespan.startup.complete"})
+            while (await receive())["type"] != "lifespan.shutdown":
+                pass
+            await self._shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+
+    async def _startup(self) -> None:
+        await self.router.__aenter__()
+        if self.tenantdb is not None:
+            try:
+                await self.tenantdb.start(standby=True)
+            except BaseException:
+                await self.router.__aexit__(None, None, None)
+                raise
+
+    async def _shutdown(self) -> None:
+        tdb = self.tenantdb
+        try:
+            if tdb is not None and tdb.state != "stopped":
+                tdb.drain()
+                # Requests already accepted finish, so their writes are in the final snapshot.
+                try:
+                    await asyncio.wait_for(
+                        self._idle.wait(), timeout=self.settings.kill_timeout * 0.3
+                    )
+                except TimeoutError:
+                    log.warning(
+                        "tenantdb: %d request(s) still running at shutdown", self._in_flight
+                    )
+                await tdb.stop()
+        finally:
+            await self.router.__aexit__(None, None, None)
+
+
+def tenant_db(connection: HTTPConnection) -> aiosqlite.Connection:
+    """The tenant's database connection for a request (use as a FastAPI dependency)."""
+    db = getattr(connection.state, "db", None)
+    if not isinstance(db, aiosqlite.Connection):
+        raise TenantDBError("this request is not for this machine's tenant: no database")
+    return db

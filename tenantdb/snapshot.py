@@ -1,0 +1,200 @@
+"""Consistent SQLite snapshots: make, verify, upload, publish, restore, prune.
+
+A snapshot is made with SQLite's online backup API from a connection to the live
+database, so rows still in the WAL are included and writers are never blocked. It is
+checked with ``PRAGMA quick_check`` and its sha256 is recorded in ``lock.json``; a restore
+verifies both before an atomic rename puts it in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import sqlite3
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from tenantdb.errors import LocalDiskError, ObjectNotFoundError, SnapshotError, StorageError
+from tenantdb.lease import Lease, LockRecord, SnapshotRef, now_iso
+from tenantdb.storage.base import Bucket
+
+__all__ = [
+    "SnapshotFile",
+    "file_sha256",
+    "make_snapshot",
+    "publish_snapshot",
+    "restore_snapshot",
+    "verify_database",
+]
+
+log = logging.getLogger("tenantdb.snapshot")
+
+_CHUNK = 1 << 20
+_SNAPSHOT_NAME = re.compile(r"(\d+)-(\d+)\.sqlite3")
+
+
+@dataclass(frozen=True)
+class SnapshotFile:
+    """A consistent, verified copy of a database on local disk."""
+
+    path: Path
+    sha256: str
+    size: int
+
+
+def file_sha256(path: Path) -> str:
+    """Return the hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_database(path: Path, *, key: str = "") -> None:
+    """Raise ``SnapshotError`` unless ``path`` is a SQLite database passing quick_check."""
+    what = key or str(path)
+    try:
+        # immutable=1: read the file as it is, create no -wal/-shm beside it.
+        conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+        try:
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise SnapshotError(f"{what} is not a usable SQLite database: {exc}", key=key) from exc
+    if rows != [("ok",)]:
+        problems = "; ".join(str(row[0]) for row in rows[:3])
+        raise SnapshotError(f"{what} failed PRAGMA quick_check: {problems}", key=key)
+
+
+def make_snapshot(source: sqlite3.Connection, dest: Path) -> SnapshotFile:
+    """Copy the live database behind ``source`` into ``dest`` consistently, then verify it.
+
+    Blocking: run it in a thread. ``dest`` is a single self-contained file (rollback
+    journal mode), so it can be uploaded and opened on its own.
+    """
+    try:
+        target = sqlite3.connect(dest)
+        try:
+            source.backup(target)
+            target.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            target.close()
+        with open(dest, "rb+") as f:
+            os.fsync(f.fileno())
+        verify_database(dest)
+        return SnapshotFile(dest, file_sha256(dest), dest.stat().st_size)
+    except sqlite3.Error as exc:
+        dest.unlink(missing_ok=True)
+        raise SnapshotError(f"could not make a snapshot in {dest.parent}: {exc}") from exc
+    except OSError as exc:
+        dest.unlink(missing_ok=True)
+        raise LocalDiskError(
+            f"could not write a snapshot in {dest.parent}: {exc.strerror or exc}",
+            operation="snapshot",
+        ) from exc
+    except SnapshotError:
+        dest.unlink(missing_ok=True)
+        raise
+
+
+async def publish_snapshot(
+    lease: Lease,
+    bucket: Bucket,
+    source: sqlite3.Connection,
+    work_dir: Path,
+    *,
+    retention: int,
+) -> LockRecord:
+    """Snapshot, upload to a new immutable key, CAS ``lock.json`` onto it, prune old ones.
+
+    The source connection must only be used by one thread at a time: the caller serializes.
+    A 412 on the CAS raises ``LeaseLostError``: the uploaded object is then an orphan.
+    """
+    key = lease.next_snapshot_key()
+    tmp = work_dir / f".snapshot-{uuid.uuid4().hex}.sqlite3"
+    try:
+        snap = await asyncio.to_thread(make_snapshot, source, tmp)
+        await bucket.upload_file(key, snap.path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    record = await lease.publish(SnapshotRef(key, snap.sha256, snap.size, now_iso()))
+    log.info("tenant %s: published %s (%d bytes)", lease.tenant, key, snap.size)
+    await _prune(lease, bucket, retention)
+    return record
+
+
+async def _prune(lease: Lease, bucket: Bucket, retention: int) -> None:
+    # Only the holder prunes, right after its own publish, and never the current snapshot.
+    try:
+        objects = await bucket.list(lease.snapshot_prefix)
+    except StorageError as exc:
+        log.warning("tenant %s: could not list snapshots to prune: %s", lease.tenant, exc)
+        return
+    current = lease.record.snapshot.key if lease.record and lease.record.snapshot else None
+
+    def order(key: str) -> tuple[int, int]:
+        match = _SNAPSHOT_NAME.fullmatch(key.rsplit("/", 1)[-1])
+        return (int(match[1]), int(match[2])) if match else (0, 0)
+
+    keys = sorted((obj.key for obj in objects), key=order)
+    for key in keys[: max(0, len(keys) - retention)]:
+        if key == current:
+            continue
+        try:
+            await bucket.delete(key)
+        except StorageError as exc:
+            log.warning("tenant %s: could not delete old snapshot %s: %s", lease.tenant, key, exc)
+
+
+async def restore_snapshot(bucket: Bucket, ref: SnapshotRef, db_path: Path) -> None:
+    """Download ``ref`` beside ``db_path``, verify size, sha256 and quick_check, rename in.
+
+    Any failure leaves ``db_path`` as it was and raises an error naming the key.
+    """
+    tmp = db_path.with_name(f".{db_path.name}.restore-{uuid.uuid4().hex}")
+    try:
+        try:
+            await bucket.download_file(ref.key, tmp)
+        except ObjectNotFoundError as exc:
+            raise SnapshotError(
+                f"snapshot {ref.key} named by lock.json is missing from the bucket; "
+                "refusing to start with an empty database",
+                key=ref.key,
+            ) from exc
+        await asyncio.to_thread(_check_and_install, ref, tmp, db_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_and_install(ref: SnapshotRef, tmp: Path, db_path: Path) -> None:
+    size = tmp.stat().st_size
+    if size != ref.size:
+        raise SnapshotError(
+            f"snapshot {ref.key} is {size} bytes, lock.json says {ref.size}: refusing it",
+            key=ref.key,
+        )
+    digest = file_sha256(tmp)
+    if digest != ref.sha256:
+        raise SnapshotError(
+            f"snapshot {ref.key} is corrupt: sha256 {digest[:12]}… does not match "
+            f"lock.json's {ref.sha256[:12]}…; refusing it",
+            key=ref.key,
+        )
+    verify_database(tmp, key=ref.key)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    # A -wal beside the old file belongs to the old file: it must not replay onto the new one.
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    os.replace(tmp, db_path)
+    fd = os.open(db_path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

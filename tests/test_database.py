@@ -1,0 +1,175 @@
+"""TenantDB: startup, migrations, checkpoints and shutdown on real files and buckets."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tenantdb.config import Settings
+from tenantdb.database import TenantDB, apply_migrations
+from tenantdb.errors import (
+    ConfigurationError,
+    DataDirLockedError,
+    LeaseHeldError,
+    TransientStorageError,
+)
+from tenantdb.storage.base import Bucket, ObjectInfo
+from tenantdb.storage.local import LocalBucket
+
+MIGRATIONS = [
+    "CREATE TABLE hits (id INTEGER PRIMARY KEY);",
+    "ALTER TABLE hits ADD COLUMN note TEXT; CREATE INDEX hits_note ON hits (note);",
+]
+
+
+def settings(tmp_path: Path, machine: str, **kwargs: Any) -> Settings:
+    return Settings(
+        tenant="acme",
+        machine_id=machine,
+        data_dir=tmp_path / machine,
+        local_bucket_dir=tmp_path / "bucket",
+        lease_ttl=3,
+        checkpoint_interval=0,
+        **kwargs,
+    )
+
+
+async def hits(tdb: TenantDB) -> int:
+    async with tdb.db.execute("SELECT count(*) FROM hits") as cursor:
+        row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def add_hits(tdb: TenantDB, n: int) -> None:
+    await tdb.db.executemany("INSERT INTO hits (note) VALUES ('x')", [()] * n)
+    await tdb.db.commit()
+
+
+def test_migrations_run_once_each_by_user_version(tmp_path: Path) -> None:
+    db = tmp_path / "m.sqlite3"
+    assert apply_migrations(db, MIGRATIONS[:1]) == 1
+    assert apply_migrations(db, MIGRATIONS) == 1
+    assert apply_migrations(db, MIGRATIONS) == 0
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()
+
+
+def test_a_failing_migration_rolls_back_and_keeps_the_version(tmp_path: Path) -> None:
+    db = tmp_path / "m.sqlite3"
+    with pytest.raises(sqlite3.OperationalError):
+        apply_migrations(db, [*MIGRATIONS, "CREATE TABLE t2 (a); INSERT INTO nowhere VALUES (1);"])
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert "t2" not in tables
+    conn.close()
+
+
+def test_a_database_newer_than_the_code_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "m.sqlite3"
+    apply_migrations(db, MIGRATIONS)
+    with pytest.raises(ConfigurationError, match="schema version 2"):
+        apply_migrations(db, MIGRATIONS[:1])
+
+
+async def test_data_survives_a_move_to_another_machine(tmp_path: Path) -> None:
+    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS) as tdb:
+        await add_hits(tdb, 42)
+    async with TenantDB(settings(tmp_path, "m2"), migrations=MIGRATIONS) as tdb:
+        assert await hits(tdb) == 42
+        assert tdb.lease.record is not None and tdb.lease.record.generation == 2
+
+
+async def test_a_second_process_on_the_same_data_dir_fails_clearly(tmp_path: Path) -> None:
+    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS):
+        with pytest.raises(DataDirLockedError, match="locked by another tenantdb process"):
+            await TenantDB(settings(tmp_path, "m1")).start()
+
+
+async def test_a_script_fails_while_another_machine_holds_the_lease(tmp_path: Path) -> None:
+    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS):
+        with pytest.raises(LeaseHeldError, match="held by machine m1"):
+            await TenantDB(settings(tmp_path, "m2")).start(standby=False)
+
+
+async def test_checkpoint_publishes_only_when_the_database_changed(tmp_path: Path) -> None:
+    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS) as tdb:
+        assert await tdb.checkpoint() is True  # the new tenant's first snapshot
+        assert await tdb.checkpoint() is False
+        await add_hits(tdb, 1)
+        assert await tdb.checkpoint() is True
+        assert await tdb.checkpoint() is False
+
+
+class FailingGets:
+    """A bucket whose reads of one key fail transiently, forever."""
+
+    def __init__(self, inner: Bucket) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def get(self, key: str) -> Any:
+        self.calls += 1
+        raise TransientStorageError("503 SlowDown (injected)", key=key, operation="get")
+
+
+async def test_transient_errors_reading_the_lock_never_create_an_empty_database(
+    tmp_path: Path,
+) -> None:
+    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS) as tdb:
+        await add_hits(tdb, 7)
+    async with LocalBucket(tmp_path / "bucket") as real:
+        lock_before = (await real.get("tenants/acme/lock.json")).body
+        failing = FailingGets(real)
+        tdb2 = TenantDB(settings(tmp_path, "m2"), migrations=MIGRATIONS, bucket=failing)  # type: ignore[arg-type]
+        with pytest.raises(TransientStorageError):
+            await tdb2.start()
+        assert failing.calls >= 1
+        assert not (tmp_path / "m2" / "acme.sqlite3").exists()
+        assert (await real.get("tenants/acme/lock.json")).body == lock_before
+
+
+class FailingUploads:
+    """A bucket whose snapshot uploads fail (the lock stays writable)."""
+
+    def __init__(self, inner: Bucket) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def upload_file(self, key: str, src: Path) -> ObjectInfo:
+        raise TransientStorageError("500 (injected)", key=key, operation="upload")
+
+
+async def test_failed_final_publish_keeps_the_lease_and_the_local_data(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS) as tdb:
+        await add_hits(tdb, 5)
+    async with LocalBucket(tmp_path / "bucket") as real:
+        broken = TenantDB(
+            settings(tmp_path, "m1", kill_timeout=2),
+            migrations=MIGRATIONS,
+            bucket=FailingUploads(real),  # type: ignore[arg-type]
+        )
+        await broken.start()
+        await add_hits(broken, 3)
+        await broken.stop()
+        assert "FINAL PUBLISH FAILED" in caplog.text
+        lock = json.loads((await real.get("tenants/acme/lock.json")).body)
+        assert lock["owner"] == "m1"  # not released: nobody may start from older data
+    # The same machine restarts: it continues from its local file, then publishes it.
+    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS) as tdb:
+        assert await hits(tdb) == 8
+    async with TenantDB(settings(tmp_path, "m2"), migrations=MIGRATIONS) as tdb:
+        assert await hits(tdb) == 8

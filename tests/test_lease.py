@@ -1,0 +1,178 @@
+"""The lock.json CAS protocol, in process, on both bucket backends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Literal
+
+import pytest
+
+from tenantdb.errors import (
+    LeaseHeldError,
+    LeaseLostError,
+    LockFileCorruptError,
+    PreconditionFailedError,
+)
+from tenantdb.lease import Lease, LockRecord
+from tenantdb.storage.base import Bucket, ObjectInfo
+
+TTL = 3.0
+
+
+def make_lease(bucket: Bucket, machine: str, **kwargs: Any) -> Lease:
+    return Lease(bucket, "acme", machine_id=machine, region="ams", ttl=TTL, **kwargs)
+
+
+async def test_first_acquire_creates_lock_with_generation_one(bucket: Bucket) -> None:
+    lease = make_lease(bucket, "m1")
+    record = await lease.acquire()
+    assert (record.owner, record.generation, record.seq, record.snapshot) == ("m1", 1, 1, None)
+    stored = json.loads((await bucket.get("tenants/acme/lock.json")).body)
+    assert stored["owner"] == "m1"
+    assert stored["format"] == 1
+    assert lease.valid_for > TTL - 1
+
+
+async def test_live_holder_is_reported_with_region_and_expiry(bucket: Bucket) -> None:
+    await make_lease(bucket, "m1").acquire()
+    with pytest.raises(LeaseHeldError) as held:
+        await make_lease(bucket, "m2").acquire()
+    assert held.value.owner == "m1"
+    assert held.value.region == "ams"
+    assert 0 < held.value.expires_in <= TTL + 1
+
+
+async def test_release_lets_another_machine_take_over_with_next_generation(
+    bucket: Bucket,
+) -> None:
+    first = make_lease(bucket, "m1")
+    await first.acquire()
+    await first.release()
+    second = make_lease(bucket, "m2")
+    record = await second.acquire()
+    assert (record.owner, record.generation, record.last_owner) == ("m2", 2, "m1")
+
+
+async def test_same_machine_takes_its_own_lease_back_at_once_after_a_crash(
+    bucket: Bucket,
+) -> None:
+    await make_lease(bucket, "m1").acquire()  # "crashes": never releases
+    record = await make_lease(bucket, "m1").acquire()
+    assert (record.owner, record.generation) == ("m1", 2)
+
+
+async def test_expired_lease_is_taken_over_only_after_the_ttl(bucket: Bucket) -> None:
+    await make_lease(bucket, "m1").acquire()
+    with pytest.raises(LeaseHeldError):
+        await make_lease(bucket, "m2").acquire()
+    await asyncio.sleep(TTL + 2.1)
+    record = await make_lease(bucket, "m2").acquire()
+    assert (record.owner, record.generation, record.last_owner) == ("m2", 2, "m1")
+
+
+async def test_every_write_changes_seq_and_etag(bucket: Bucket) -> None:
+    lease = make_lease(bucket, "m1")
+    await lease.acquire()
+    etags = {(await bucket.head(lease.key)).etag}
+    for expected_seq in (2, 3, 4):
+        record = await lease.renew()
+        assert record.seq == expected_seq
+        etags.add((await bucket.head(lease.key)).etag)
+    assert len(etags) == 4
+
+
+async def test_old_holder_is_fenced_on_its_next_write_after_a_takeover(bucket: Bucket) -> None:
+    lost: list[LeaseLostError] = []
+    old = make_lease(bucket, "m1", on_lost=lost.append)
+    await old.acquire()
+    await asyncio.sleep(TTL + 2.1)
+    await make_lease(bucket, "m2").acquire()
+    with pytest.raises(LeaseLostError):
+        await old.renew()
+    assert old.status == "lost"
+    assert len(lost) == 1
+    with pytest.raises(LeaseLostError):
+        await old.renew()  # stays fenced without touching the bucket
+    stored = json.loads((await bucket.get(old.key)).body)
+    assert (stored["owner"], stored["generation"]) == ("m2", 2)
+
+
+async def test_concurrent_renew_and_publish_do_not_fence_each_other(bucket: Bucket) -> None:
+    lease = make_lease(bucket, "m1")
+    await lease.acquire()
+    await asyncio.gather(*(lease.renew() for _ in range(10)))
+    assert lease.status == "held"
+    assert lease.record is not None and lease.record.seq == 11
+
+
+class RetriedPutBucket:
+    """Simulates a PUT whose response was lost: the retry then gets 412 for its own write."""
+
+    def __init__(self, inner: Bucket) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def put(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: Literal["*"] | None = None,
+    ) -> ObjectInfo:
+        await self.inner.put(key, body, if_match=if_match, if_none_match=if_none_match)
+        return await self.inner.put(key, body, if_match=if_match, if_none_match=if_none_match)
+
+
+async def test_a_retried_write_that_had_landed_is_not_mistaken_for_a_takeover(
+    local_bucket: Bucket,
+) -> None:
+    lease = make_lease(RetriedPutBucket(local_bucket), "m1")  # type: ignore[arg-type]
+    await lease.acquire()
+    await lease.renew()
+    assert lease.status == "held"
+    with pytest.raises(PreconditionFailedError):
+        # Another writer's bytes are not ours: that 412 stands.
+        await local_bucket.put(lease.key, b"{}", if_none_match="*")
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[]", "not a JSON object"),
+        (b'{"format": 2, "tenant": "acme"}', "unknown format 2"),
+        (b'{"format": 1, "tenant": "other"}', "names tenant 'other'"),
+        (
+            b'{"format": 1, "tenant": "acme", "owner": 5, "region": null, "last_owner": null,'
+            b' "generation": 1, "seq": 1, "ttl_seconds": 15}',
+            "field 'owner' has a wrong type",
+        ),
+        (
+            b'{"format": 1, "tenant": "acme", "owner": null, "region": null,'
+            b' "last_owner": null, "generation": 1, "seq": 1, "ttl_seconds": 15,'
+            b' "snapshot": {"key": "tenants/other/snapshots/x"}}',
+            "snapshot' is malformed",
+        ),
+    ],
+)
+async def test_damaged_lock_json_is_refused_with_a_clear_error(
+    local_bucket: Bucket, body: bytes, reason: str
+) -> None:
+    await local_bucket.put("tenants/acme/lock.json", body)
+    with pytest.raises(LockFileCorruptError) as error:
+        await make_lease(local_bucket, "m1").acquire()
+    assert reason in str(error.value)
+    assert "tenants/acme/lock.json" in str(error.value)
+    assert (await local_bucket.get("tenants/acme/lock.json")).body == body
+
+
+def test_lock_record_round_trips_through_json() -> None:
+    record = LockRecord(
+        tenant="acme", owner="m1", region="ams", generation=3, seq=9, ttl_seconds=15
+    )
+    parsed = LockRecord.parse(record.to_json(), tenant="acme", key="tenants/acme/lock.json")
+    assert parsed == record

@@ -1,0 +1,154 @@
+"""Consistent snapshots, publish, restore and retention on both bucket backends."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tenantdb.errors import SnapshotError
+from tenantdb.lease import Lease
+from tenantdb.snapshot import (
+    file_sha256,
+    make_snapshot,
+    publish_snapshot,
+    restore_snapshot,
+    verify_database,
+)
+from tenantdb.storage.base import Bucket
+
+
+def live_wal_database(path: Path, rows: int) -> sqlite3.Connection:
+    """A WAL database whose rows are committed but not checkpointed into the main file."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    conn.executemany("INSERT INTO t (v) VALUES (?)", [(f"row {i}",) for i in range(rows)])
+    return conn
+
+
+def count_rows(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute("SELECT count(*) FROM t").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_snapshot_contains_rows_still_in_the_wal(tmp_path: Path) -> None:
+    db = tmp_path / "live.sqlite3"
+    writer = live_wal_database(db, 500)
+    assert Path(f"{db}-wal").stat().st_size > 0
+    source = sqlite3.connect(db)
+    snap = make_snapshot(source, tmp_path / "snap.sqlite3")
+    # A raw copy of the main file would miss the WAL: prove the rows are not there yet.
+    raw = tmp_path / "raw.sqlite3"
+    raw.write_bytes(db.read_bytes())
+    with pytest.raises(sqlite3.OperationalError):
+        count_rows(raw)
+    assert count_rows(snap.path) == 500
+    assert snap.sha256 == file_sha256(snap.path)
+    assert snap.size == snap.path.stat().st_size
+    assert not Path(f"{snap.path}-wal").exists()
+    writer.close()
+    source.close()
+
+
+def test_verify_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.sqlite3"
+    bogus.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(SnapshotError, match="not a usable SQLite database"):
+        verify_database(bogus)
+
+
+async def held_lease(bucket: Bucket) -> Lease:
+    lease = Lease(bucket, "acme", machine_id="m1", region="ams", ttl=15)
+    await lease.acquire()
+    return lease
+
+
+async def test_publish_then_restore_round_trips_the_data(bucket: Bucket, tmp_path: Path) -> None:
+    lease = await held_lease(bucket)
+    writer = live_wal_database(tmp_path / "live.sqlite3", 1000)
+    source = sqlite3.connect(tmp_path / "live.sqlite3", check_same_thread=False)
+    record = await publish_snapshot(lease, bucket, source, tmp_path, retention=5)
+    assert record.snapshot is not None
+    assert record.snapshot.key == "tenants/acme/snapshots/00000001-00000002.sqlite3"
+    assert list(tmp_path.glob(".snapshot-*")) == []
+
+    restored = tmp_path / "other-machine" / "acme.sqlite3"
+    restored.parent.mkdir()
+    await restore_snapshot(bucket, record.snapshot, restored)
+    assert count_rows(restored) == 1000
+    assert file_sha256(restored) == record.snapshot.sha256
+    writer.close()
+    source.close()
+
+
+async def test_corrupt_snapshot_is_refused_and_nothing_changes(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    lease = await held_lease(bucket)
+    writer = live_wal_database(tmp_path / "live.sqlite3", 200)
+    source = sqlite3.connect(tmp_path / "live.sqlite3", check_same_thread=False)
+    record = await publish_snapshot(lease, bucket, source, tmp_path, retention=5)
+    assert record.snapshot is not None
+    key = record.snapshot.key
+    original = tmp_path / "original"
+    await bucket.download_file(key, original)
+    flipped = bytearray(original.read_bytes())
+    for offset in range(5000, 5016):
+        flipped[offset] ^= 0xFF
+    damaged = tmp_path / "damaged"
+    damaged.write_bytes(bytes(flipped))
+    await bucket.upload_file(key, damaged)
+    lock_before = (await bucket.get(lease.key)).body
+    snapshot_before = (await bucket.head(key)).etag
+
+    target = tmp_path / "restore" / "acme.sqlite3"
+    target.parent.mkdir()
+    target.write_bytes(b"previous good local file")
+    with pytest.raises(SnapshotError, match="corrupt") as error:
+        await restore_snapshot(bucket, record.snapshot, target)
+    assert key in str(error.value)
+    assert target.read_bytes() == b"previous good local file"
+    assert [p.name for p in target.parent.iterdir()] == ["acme.sqlite3"]
+    assert (await bucket.get(lease.key)).body == lock_before
+    assert (await bucket.head(key)).etag == snapshot_before
+    writer.close()
+    source.close()
+
+
+async def test_missing_snapshot_object_is_a_clear_error_naming_the_key(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    lease = await held_lease(bucket)
+    writer = live_wal_database(tmp_path / "live.sqlite3", 10)
+    source = sqlite3.connect(tmp_path / "live.sqlite3", check_same_thread=False)
+    record = await publish_snapshot(lease, bucket, source, tmp_path, retention=5)
+    assert record.snapshot is not None
+    await bucket.delete(record.snapshot.key)
+    with pytest.raises(SnapshotError, match="missing") as error:
+        await restore_snapshot(bucket, record.snapshot, tmp_path / "acme.sqlite3")
+    assert record.snapshot.key in str(error.value)
+    assert not (tmp_path / "acme.sqlite3").exists()
+    writer.close()
+    source.close()
+
+
+async def test_retention_keeps_the_newest_snapshots(bucket: Bucket, tmp_path: Path) -> None:
+    lease = await held_lease(bucket)
+    writer = live_wal_database(tmp_path / "live.sqlite3", 1)
+    source = sqlite3.connect(tmp_path / "live.sqlite3", check_same_thread=False)
+    published = []
+    for i in range(5):
+        writer.execute("INSERT INTO t (v) VALUES (?)", (f"more {i}",))
+        record = await publish_snapshot(lease, bucket, source, tmp_path, retention=2)
+        assert record.snapshot is not None
+        published.append(record.snapshot.key)
+    remaining = [obj.key for obj in await bucket.list(lease.snapshot_prefix)]
+    assert remaining == published[-2:]
+    writer.close()
+    source.close()
