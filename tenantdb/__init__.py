@@ -1,6 +1,7 @@
 """tenantdb: one SQLite database per tenant, one Fly Machine per tenant."""
 
 from tenantdb.config import Secret, Settings
+from tenantdb.database import Migration, TenantDB, apply_migrations
 from tenantdb.errors import (
     ConfigurationError,
     InvalidTenantError,
@@ -9,17 +10,23 @@ from tenantdb.errors import (
     StorageError,
     TenantDBError,
 )
+from tenantdb.middleware import TenantDBMiddleware, tenant_db
 from tenantdb.tenants import TenantPattern, validate_tenant
 
 __all__ = [
     "ConfigurationError",
     "InvalidTenantError",
     "LeaseError",
+    "Migration",
     "Secret",
     "Settings",
     "SnapshotError",
     "StorageError",
+    "TenantDB",
     "TenantDBError",
+    "TenantDBMiddleware",
     "TenantPattern",
+    "apply_migrations",
+    "tenant_db",
     "validate_tenant",
 ]
