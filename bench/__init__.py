@@ -1,0 +1,1 @@
+"""Benchmarks: each prints its figures and, last, the ratios against a baseline."""

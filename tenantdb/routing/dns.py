@@ -1,0 +1,271 @@
+"""Fly internal DNS lookups of the machine serving a tenant, with a small cache.
+
+Fly's internal DNS answers two questions that together route a foreign tenant::
+
+    AAAA <tenant>.<metadata key>.kv._metadata.<app>.internal   6PN addresses of running machines
+    PTR  <reverse name of one of those addresses>              <machine_id>.vm.<app>.internal.
+
+This is the only module of tenantdb proper that imports dnspython.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+import dns.reversename
+import dns.rrset
+from dns.rdtypes.ANY.PTR import PTR
+from dns.rdtypes.IN.AAAA import AAAA
+
+from tenantdb.errors import ConfigurationError, DNSLookupError
+from tenantdb.tenants import validate_tenant
+
+if TYPE_CHECKING:
+    from tenantdb.config import Settings
+
+__all__ = ["MachineLocator"]
+
+# Fly machine ids are 14 lowercase hex digits; local emulation ids such as "m100a" also pass.
+# Anything outside this alphabet could smuggle bytes into a fly-replay header, so it is dropped.
+_MACHINE_ID_RE = re.compile(rb"[a-z0-9][a-z0-9-]{0,62}")
+_APP_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}")
+
+
+@dataclass(frozen=True, slots=True)
+class _CacheEntry:
+    """One cached answer: a machine id, or None for "no running machine"."""
+
+    machine_id: str | None
+    expires_at: float
+
+
+class MachineLocator:
+    """Find the running machine serving a tenant through Fly's internal DNS, with a cache.
+
+    Positive answers are cached for ``positive_ttl`` seconds and "no machine" answers for
+    ``negative_ttl``; failures are never cached. Concurrent lookups of one uncached tenant share
+    a single DNS lookup. One instance is meant to be shared by every request of a process.
+    """
+
+    def __init__(
+        self,
+        app_name: str,
+        metadata_key: str = "customer_id",
+        nameserver: tuple[str, int] | None = None,
+        *,
+        timeout: float = 1.0,
+        positive_ttl: float = 5.0,
+        negative_ttl: float = 1.0,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not _APP_RE.fullmatch(app_name):
+            raise ConfigurationError(f"app name {app_name!r} is not a lowercase DNS label")
+        if not _METADATA_KEY_RE.fullmatch(metadata_key):
+            raise ConfigurationError(
+                f"metadata key {metadata_key!r} must be 1-63 letters, digits, '_' or '-'"
+            )
+        if timeout <= 0 or positive_ttl < 0 or negative_ttl < 0 or max_entries < 1:
+            raise ConfigurationError("DNS timeout must be > 0, TTLs >= 0 and max_entries >= 1")
+        self.app_name = app_name
+        self.metadata_key = metadata_key
+        self.nameserver = nameserver
+        self.timeout = timeout
+        self.positive_ttl = positive_ttl
+        self.negative_ttl = negative_ttl
+        self.max_entries = max_entries
+        self._clock = clock
+        self._resolver = _make_resolver(nameserver, timeout)
+        self._vm_suffix = (b"vm", app_name.encode(), b"internal", b"")
+        self._cache: dict[str, _CacheEntry] = {}
+        self._inflight: dict[str, asyncio.Task[str | None]] = {}
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        timeout: float = 1.0,
+        positive_ttl: float = 5.0,
+        negative_ttl: float = 1.0,
+    ) -> MachineLocator:
+        """Build a locator from ``Settings`` (app name, metadata key, DNS server)."""
+        if not settings.app_name:
+            raise ConfigurationError("routing other tenants needs FLY_APP_NAME (the app name)")
+        return cls(
+            settings.app_name,
+            settings.metadata_key,
+            settings.dns_server,
+            timeout=timeout,
+            positive_ttl=positive_ttl,
+            negative_ttl=negative_ttl,
+        )
+
+    def __repr__(self) -> str:
+        server = "resolv.conf" if self.nameserver is None else "{}:{}".format(*self.nameserver)
+        return f"MachineLocator(app={self.app_name!r}, key={self.metadata_key!r}, dns={server})"
+
+    def metadata_name(self, tenant: str) -> str:
+        """Return the DNS name listing the machines whose metadata names ``tenant``."""
+        validate_tenant(tenant)
+        return f"{tenant}.{self.metadata_key}.kv._metadata.{self.app_name}.internal."
+
+    async def lookup(self, tenant: str, *, use_cache: bool = True) -> str | None:
+        """Return the id of a running machine serving ``tenant``, or None if DNS lists none.
+
+        Raises ``InvalidTenantError`` for a bad id and ``DNSLookupError`` when the DNS server
+        times out or fails. ``use_cache=False`` skips cached answers (it still joins a lookup
+        already in flight, which is at most ``timeout`` old) and refreshes the cache.
+        """
+        validate_tenant(tenant)
+        if use_cache:
+            entry = self._cache.get(tenant)
+            if entry is not None:
+                if entry.expires_at > self._clock():
+                    return entry.machine_id
+                del self._cache[tenant]
+        task = self._inflight.get(tenant)
+        loop = asyncio.get_running_loop()
+        if task is None or task.get_loop() is not loop:
+            task = loop.create_task(self._resolve(tenant), name=f"tenantdb-dns-{tenant}")
+            self._inflight[tenant] = task
+            task.add_done_callback(functools.partial(self._finished, tenant))
+        # shield: one caller giving up must not cancel the lookup the other callers wait on.
+        return await asyncio.shield(task)
+
+    def invalidate(self, tenant: str) -> None:
+        """Forget the cached answer for ``tenant``; a lookup in flight will not be cached."""
+        self._cache.pop(tenant, None)
+        self._inflight.pop(tenant, None)
+
+    def clear(self) -> None:
+        """Forget every cached answer."""
+        self._cache.clear()
+        self._inflight.clear()
+
+    def _finished(self, tenant: str, task: asyncio.Task[str | None]) -> None:
+        # Reading the exception marks it retrieved, even when every waiter was cancelled.
+        failed = task.cancelled() or task.exception() is not None
+        if self._inflight.get(tenant) is not task:
+            return  # invalidated while in flight: the answer may predate the invalidation
+        del self._inflight[tenant]
+        if failed:
+            return  # errors are not cached: the next request asks again
+        machine_id = task.result()
+        ttl = self.positive_ttl if machine_id is not None else self.negative_ttl
+        self._cache.pop(tenant, None)  # re-insert at the end: the dict stays oldest-first
+        if len(self._cache) >= self.max_entries:
+            # Bounded memory under a flood of distinct tenant ids: drop the oldest entry.
+            del self._cache[next(iter(self._cache))]
+        self._cache[tenant] = _CacheEntry(machine_id, self._clock() + ttl)
+
+    async def _resolve(self, tenant: str) -> str | None:
+        deadline = time.monotonic() + self.timeout
+        name = dns.name.from_text(self.metadata_name(tenant))
+        rrset = await self._query(tenant, name, dns.rdatatype.AAAA, deadline)
+        if rrset is None:
+            return None
+        # Lowest address first: a stable pick across calls and across machines of the app.
+        addresses = sorted({ipaddress.IPv6Address(r.address) for r in rrset if isinstance(r, AAAA)})
+        for address in addresses:
+            reverse = dns.reversename.from_address(str(address))
+            ptrs = await self._query(tenant, reverse, dns.rdatatype.PTR, deadline)
+            if ptrs is None:
+                continue  # the machine stopped between the two queries
+            ids = sorted(
+                machine_id
+                for r in ptrs
+                if isinstance(r, PTR) and (machine_id := self._machine_id(r.target)) is not None
+            )
+            if ids:
+                return ids[0]
+        return None
+
+    def _machine_id(self, target: dns.name.Name) -> str | None:
+        """Return the machine id of ``<id>.vm.<app>.internal.``, or None for anything else."""
+        labels = tuple(label.lower() for label in target.labels)
+        if len(labels) != 5 or labels[1:] != self._vm_suffix:
+            return None
+        if not _MACHINE_ID_RE.fullmatch(labels[0]):
+            return None
+        return labels[0].decode("ascii")
+
+    async def _query(
+        self,
+        tenant: str,
+        name: dns.name.Name,
+        rdtype: dns.rdatatype.RdataType,
+        deadline: float,
+    ) -> dns.rrset.RRset | None:
+        what = f"{dns.rdatatype.to_text(rdtype)} {name}"
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DNSLookupError(self._timed_out(tenant, what), tenant=tenant)
+        try:
+            # The hard cap keeps dnspython's retry backoff from overrunning the budget.
+            async with asyncio.timeout(remaining):
+                answer = await self._resolver.resolve(
+                    name, rdtype, raise_on_no_answer=False, lifetime=remaining, search=False
+                )
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return None
+        except (dns.exception.Timeout, TimeoutError):
+            raise DNSLookupError(self._timed_out(tenant, what), tenant=tenant) from None
+        except dns.resolver.NoNameservers as exc:
+            errors = "; ".join(
+                f"{server} answered {error}" for server, _, _, error, _ in exc.kwargs["errors"]
+            )
+            raise DNSLookupError(
+                f"DNS lookup for tenant {tenant} failed: {what}: {errors or 'no nameserver'}",
+                tenant=tenant,
+            ) from None
+        except (dns.exception.DNSException, OSError) as exc:
+            raise DNSLookupError(
+                f"DNS lookup for tenant {tenant} failed: {what}: {exc}", tenant=tenant
+            ) from exc
+        return answer.rrset
+
+    def _timed_out(self, tenant: str, what: str) -> str:
+        server = "the resolv.conf nameserver" if self.nameserver is None else self.nameserver[0]
+        return (
+            f"DNS lookup for tenant {tenant} timed out after {self.timeout:g}s: "
+            f"{what} got no answer from {server}"
+        )
+
+
+def _make_resolver(
+    nameserver: tuple[str, int] | None, timeout: float
+) -> dns.asyncresolver.Resolver:
+    if nameserver is None:
+        try:
+            resolver = dns.asyncresolver.Resolver(configure=True)
+        except dns.resolver.NoResolverConfiguration:
+            raise ConfigurationError(
+                "no nameserver in /etc/resolv.conf: set TENANTDB_DNS_SERVER=host:port"
+            ) from None
+    else:
+        host, port = nameserver
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        try:
+            resolver.nameservers = [host]
+        except ValueError:
+            raise ConfigurationError(f"DNS server {host!r} is not an IP address") from None
+        resolver.port = port
+    # Several attempts per lookup: one lost UDP datagram costs a retry, not the whole budget.
+    resolver.timeout = timeout / 3
+    resolver.lifetime = timeout
+    resolver.cache = None
+    return resolver
