@@ -85,6 +85,7 @@ class Settings:
     checkpoint_interval: float = 30.0
     snapshot_retention: int = 5
     kill_timeout: float = 30.0
+    pool_size: int = 8
     metadata_key: str = "customer_id"
     dns_server: tuple[str, int] | None = None
     fly_api_token: Secret | None = None
@@ -124,6 +125,7 @@ class Settings:
             "checkpoint_interval": _number(env, "TENANTDB_CHECKPOINT_INTERVAL", 30.0, minimum=0),
             "snapshot_retention": int(_number(env, "TENANTDB_SNAPSHOT_RETENTION", 5, minimum=1)),
             "kill_timeout": _number(env, "TENANTDB_KILL_TIMEOUT", 30.0, minimum=1),
+            "pool_size": int(_number(env, "TENANTDB_POOL_SIZE", 8, minimum=1)),
             "metadata_key": env.get("TENANTDB_METADATA_KEY") or "customer_id",
             "dns_server": _dns_server(env.get("TENANTDB_DNS_SERVER")),
             "fly_api_token": Secret(token) if token else None,

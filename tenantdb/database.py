@@ -15,7 +15,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
@@ -35,7 +35,7 @@ from tenantdb.lease import Lease, LockRecord
 from tenantdb.snapshot import file_sha256, publish_snapshot, restore_snapshot
 from tenantdb.storage import Bucket, open_bucket
 
-__all__ = ["Migration", "TenantDB", "TenantState", "apply_migrations"]
+__all__ = ["ConnectionPool", "Migration", "TenantDB", "TenantState", "apply_migrations"]
 
 log = logging.getLogger("tenantdb")
 
@@ -100,6 +100,66 @@ class _DataDirLock:
             self._file = None
 
 
+class ConnectionPool:
+    """aiosqlite connections to one file, each lent to one request at a time.
+
+    One shared connection would interleave the transactions of concurrent requests; a
+    pool gives each request its own, while SQLite's WAL lets readers run beside a writer.
+    """
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+        self._idle: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        self._opened: list[aiosqlite.Connection] = []
+        self._reserved = 0
+        self.closed = False
+
+    async def _open(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path)
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute("PRAGMA synchronous=NORMAL")
+        await conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    async def acquire(self) -> aiosqlite.Connection:
+        """Lend a connection, opening one if the pool is not full, else wait for one."""
+        if self._idle.empty() and self._reserved < self.size:
+            self._reserved += 1
+            try:
+                conn = await self._open()
+            except BaseException:
+                self._reserved -= 1
+                raise
+            self._opened.append(conn)
+            return conn
+        return await self._idle.get()
+
+    async def release(self, conn: aiosqlite.Connection) -> None:
+        """Take a connection back; a transaction the request left open is rolled back."""
+        if self.closed:
+            return
+        if conn.in_transaction:
+            await conn.rollback()
+        self._idle.put_nowait(conn)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[aiosqlite.Connection]:
+        """Borrow a connection for the duration of a ``with`` block."""
+        conn = await self.acquire()
+        try:
+            yield conn
+        finally:
+            await self.release(conn)
+
+    async def close(self) -> None:
+        """Close every connection (uncommitted transactions are rolled back)."""
+        self.closed = True
+        for conn in self._opened:
+            await conn.close()
+        self._opened.clear()
+
+
 class TenantDB:
     """One tenant's database on this machine, kept in the bucket under a lease.
 
@@ -126,7 +186,7 @@ class TenantDB:
         self._dir_lock = _DataDirLock(settings.data_dir)
         self._stack = AsyncExitStack()
         self._lease: Lease | None = None
-        self._db: aiosqlite.Connection | None = None
+        self._pool: ConnectionPool | None = None
         self._source: sqlite3.Connection | None = None
         self._published_version = 0
         self._dirty = False  # local data the bucket does not have yet
@@ -155,13 +215,17 @@ class TenantDB:
         await self.stop()
 
     @property
-    def db(self) -> aiosqlite.Connection:
-        """The open connection; only while this machine serves the tenant."""
-        if self.state != "serving" or self._db is None:
+    def pool(self) -> ConnectionPool:
+        """The connection pool; only while this machine serves the tenant."""
+        if self.state != "serving" or self._pool is None:
             raise LeaseLostError(
                 f"tenant {self.tenant} is not served here ({self.state})", tenant=self.tenant
             )
-        return self._db
+        return self._pool
+
+    def connection(self) -> contextlib.AbstractAsyncContextManager[aiosqlite.Connection]:
+        """``async with tdb.connection() as db:`` borrows a connection to the database."""
+        return self.pool.connection()
 
     @property
     def lease(self) -> Lease:
@@ -247,11 +311,7 @@ class TenantDB:
         if ran:
             self._dirty = True
             log.info("tenant %s: applied %d migration(s)", self.tenant, ran)
-        db = await aiosqlite.connect(self.path)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute("PRAGMA busy_timeout=5000")
-        self._db = db
+        self._pool = ConnectionPool(self.path, self.settings.pool_size)
         self._source = sqlite3.connect(self.path, check_same_thread=False)
         self._published_version = self._data_version(self._source)
         self.state, self.holder = "serving", None
@@ -402,9 +462,8 @@ class TenantDB:
                 )
 
     async def _final_publish(self, *, deadline: float) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        if self._pool is not None:
+            await self._pool.close()
         attempt = 0
         while True:
             attempt += 1
@@ -434,9 +493,9 @@ class TenantDB:
 
     async def _close_database(self) -> None:
         async with self._publish_lock:
-            if self._db is not None:
-                await self._db.close()
-                self._db = None
+            if self._pool is not None:
+                await self._pool.close()
+                self._pool = None
             if self._source is not None:
                 self._source.close()
                 self._source = None

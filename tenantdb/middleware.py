@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tenantdb.config import Settings
 from tenantdb.database import Migration, TenantDB
-from tenantdb.errors import InvalidTenantError, LeaseLostError, TenantDBError
+from tenantdb.errors import InvalidTenantError, TenantDBError
 from tenantdb.responses import send_error
 from tenantdb.routing.replay import Router
 from tenantdb.tenants import TenantPattern, validate_tenant
@@ -88,17 +88,17 @@ class TenantDBMiddleware:
         if not tdb.serving:
             await self._not_serving(scope, receive, send, tdb)
             return
-        try:
-            db = tdb.db
-        except LeaseLostError:
-            await self._not_serving(scope, receive, send, tdb)
-            return
-        scope = dict(scope)
-        scope["state"] = {**scope.get("state", {}), "tenant": tdb.tenant, "db": db}
+        pool = tdb.pool
         self._in_flight += 1
         self._idle.clear()
         try:
-            await self.app(scope, receive, send)
+            db = await pool.acquire()
+            try:
+                scope = dict(scope)
+                scope["state"] = {**scope.get("state", {}), "tenant": tdb.tenant, "db": db}
+                await self.app(scope, receive, send)
+            finally:
+                await pool.release(db)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from pathlib import Path
@@ -39,15 +40,16 @@ def settings(tmp_path: Path, machine: str, **kwargs: Any) -> Settings:
 
 
 async def hits(tdb: TenantDB) -> int:
-    async with tdb.db.execute("SELECT count(*) FROM hits") as cursor:
+    async with tdb.connection() as db, db.execute("SELECT count(*) FROM hits") as cursor:
         row = await cursor.fetchone()
     assert row is not None
     return int(row[0])
 
 
 async def add_hits(tdb: TenantDB, n: int) -> None:
-    await tdb.db.executemany("INSERT INTO hits (note) VALUES ('x')", [()] * n)
-    await tdb.db.commit()
+    async with tdb.connection() as db:
+        await db.executemany("INSERT INTO hits (note) VALUES ('x')", [()] * n)
+        await db.commit()
 
 
 def test_migrations_run_once_each_by_user_version(tmp_path: Path) -> None:
@@ -83,7 +85,8 @@ async def test_data_survives_a_move_to_another_machine(tmp_path: Path) -> None:
         await add_hits(tdb, 42)
     async with TenantDB(settings(tmp_path, "m2"), migrations=MIGRATIONS) as tdb:
         assert await hits(tdb) == 42
-        assert tdb.lease.record is not None and tdb.lease.record.generation == 2
+        assert tdb.lease.record is not None
+        assert tdb.lease.record.generation == 2
 
 
 async def test_a_second_process_on_the_same_data_dir_fails_clearly(tmp_path: Path) -> None:
@@ -96,6 +99,26 @@ async def test_a_script_fails_while_another_machine_holds_the_lease(tmp_path: Pa
     async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS):
         with pytest.raises(LeaseHeldError, match="held by machine m1"):
             await TenantDB(settings(tmp_path, "m2")).start(standby=False)
+
+
+async def test_pooled_connections_keep_concurrent_transactions_apart(tmp_path: Path) -> None:
+    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS) as tdb:
+
+        async def writer(rollback: bool) -> None:
+            async with tdb.connection() as db:
+                await db.execute("INSERT INTO hits (note) VALUES ('w')")
+                await asyncio.sleep(0.01)  # another request runs meanwhile
+                if rollback:
+                    await db.rollback()
+                else:
+                    await db.commit()
+
+        await asyncio.gather(*(writer(rollback=i % 2 == 1) for i in range(20)))
+        assert await hits(tdb) == 10
+
+        async with tdb.connection() as db:
+            await db.execute("INSERT INTO hits (note) VALUES ('forgotten')")  # never committed
+        assert await hits(tdb) == 10
 
 
 async def test_checkpoint_publishes_only_when_the_database_changed(tmp_path: Path) -> None:

@@ -59,9 +59,9 @@ async def main() -> None:
         command, *args = (line.split() or ["stop"]) if line else ["stop"]
         try:
             if command == "inc":
-                db = tdb.db
-                await db.executemany("INSERT INTO hits DEFAULT VALUES", [()] * int(args[0]))
-                await db.commit()
+                async with tdb.connection() as db:
+                    await db.executemany("INSERT INTO hits DEFAULT VALUES", [()] * int(args[0]))
+                    await db.commit()
                 emit(ok="inc", count=await count(tdb))
             elif command == "count":
                 emit(ok="count", count=await count(tdb))
@@ -79,7 +79,7 @@ async def main() -> None:
 
 
 async def count(tdb: TenantDB) -> int:
-    async with tdb.db.execute("SELECT count(*) FROM hits") as cursor:
+    async with tdb.connection() as db, db.execute("SELECT count(*) FROM hits") as cursor:
         row = await cursor.fetchone()
     return int(row[0]) if row else 0
 

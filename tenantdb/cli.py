@@ -1,0 +1,372 @@
+"""The ``tenantdb`` command.
+
+Layout: ``build_parser()`` builds one argparse parser from ``COMMANDS``, a dict of
+top-level subcommands (name -> ``Command``). Each command fills in its own parser and sets
+``handler`` (a function of the parsed arguments returning an exit code) on every leaf.
+A new top-level command (for example ``tenantdb dev``) is one more ``COMMANDS`` entry.
+
+Exit codes: 0 success, 1 failure (a ``TenantDBError``, printed without a traceback),
+2 usage error (argparse), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+from tenantdb.config import Secret, Settings
+from tenantdb.errors import ConfigurationError, InvalidTenantError, TenantDBError
+from tenantdb.routing.machines_api import MachinesClient
+from tenantdb.tenants import validate_tenant
+
+__all__ = ["COMMANDS", "Command", "build_parser", "main"]
+
+PROG = "tenantdb"
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+Handler = Callable[[argparse.Namespace], int]
+
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# States in which a machine's process may still hold the tenant's lease and unpublished
+# writes; anything else can be destroyed without a graceful stop first.
+_QUIET_STATES = frozenset({"stopped", "created", "destroyed", "destroying"})
+
+
+@dataclass(frozen=True)
+class Command:
+    """A top-level subcommand: its one-line help and the function that fills its parser."""
+
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+
+
+def _version() -> str:
+    try:
+        return version("tenantdb")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _out(text: str) -> None:
+    # sys.stdout is looked up per call so redirections (and pytest's capsys) apply.
+    print(text, file=sys.stdout)
+
+
+def _err(text: str) -> None:
+    print(f"{PROG}: {text}", file=sys.stderr)
+
+
+# --- argument types: raise ArgumentTypeError so argparse reports a usage error (exit 2) ---
+
+
+def _tenant_arg(value: str) -> str:
+    try:
+        return validate_tenant(value)
+    except InvalidTenantError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _env_pair(value: str) -> tuple[str, str]:
+    name, sep, val = value.partition("=")
+    if not sep or not _ENV_NAME_RE.fullmatch(name):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {value[:80]!r}")
+    return name, val
+
+
+def _memory_mb(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of MB") from None
+    # Fly allocates memory in 256 MB steps.
+    if number < 256 or number % 256:
+        raise argparse.ArgumentTypeError(f"{number} MB: use a multiple of 256 (256, 512, ...)")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number} must be at least 1")
+    return number
+
+
+def _port(value: str) -> int:
+    number = _positive_int(value)
+    if number > 65535:
+        raise argparse.ArgumentTypeError(f"{number} is not a TCP port")
+    return number
+
+
+# --- tenantdb machines ... ---
+
+
+def _machines_options() -> argparse.ArgumentParser:
+    """Options every ``machines`` subcommand takes, accepted after the subcommand name."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("Fly options")
+    group.add_argument("--app", help="Fly app name (default: $FLY_APP_NAME)")
+    group.add_argument(
+        "--api-url",
+        metavar="URL",
+        help="Machines API base URL (default: $TENANTDB_MACHINES_API_URL or "
+        "https://api.machines.dev)",
+    )
+    return common
+
+
+def _configure_machines(parser: argparse.ArgumentParser) -> None:
+    common = [_machines_options()]
+    sub = parser.add_subparsers(dest="machines_command", metavar="SUBCOMMAND", required=True)
+
+    create = sub.add_parser(
+        "create",
+        parents=common,
+        help="create the machine that serves a tenant",
+        description="Create one Fly Machine for TENANT: metadata <key>=TENANT, env "
+        "TENANT_ID=TENANT, autostop/autostart on. Refuses if the tenant already has one. "
+        "Put secrets in `fly secrets`, not --env: env values are visible in the machine config.",
+    )
+    create.add_argument("tenant", type=_tenant_arg, help="tenant id (a lowercase DNS label)")
+    create.add_argument("--image", required=True, help="container image to run")
+    create.add_argument("--region", help="Fly region (default: chosen by Fly)")
+    create.add_argument(
+        "--memory-mb",
+        type=_memory_mb,
+        default=256,
+        metavar="N",
+        help="memory in MB, a multiple of 256 (default: 256)",
+    )
+    create.add_argument(
+        "--cpus", type=_positive_int, default=1, metavar="N", help="CPU count (default: 1)"
+    )
+    create.add_argument(
+        "--internal-port",
+        type=_port,
+        default=8080,
+        metavar="PORT",
+        help="port the app listens on inside the machine (default: 8080)",
+    )
+    create.add_argument(
+        "--env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment variable for the machine (repeatable)",
+    )
+    create.set_defaults(handler=_machines_create)
+
+    list_ = sub.add_parser(
+        "list",
+        parents=common,
+        help="list the app's machines and the tenants they serve",
+        description="List the machines of the Fly app, with the tenant each one serves.",
+    )
+    list_.add_argument("--tenant", type=_tenant_arg, help="only this tenant's machines")
+    list_.add_argument("--json", action="store_true", help="print a JSON array")
+    list_.set_defaults(handler=_machines_list)
+
+    destroy = sub.add_parser(
+        "destroy",
+        parents=common,
+        help="destroy a tenant's machines (its data in the bucket is kept)",
+        description="Destroy every machine whose metadata names TENANT. Running machines "
+        "are stopped gracefully first so they publish a final snapshot; the tenant's data "
+        "in the bucket is kept.",
+    )
+    destroy.add_argument("tenant", type=_tenant_arg, help="tenant id")
+    destroy.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    destroy.add_argument(
+        "--force",
+        action="store_true",
+        help="kill running machines without a graceful stop (writes since the last "
+        "snapshot are lost)",
+    )
+    destroy.add_argument(
+        "--stop-timeout",
+        type=_positive_int,
+        default=120,
+        metavar="SECONDS",
+        help="how long to wait for a graceful stop (default: 120)",
+    )
+    destroy.set_defaults(handler=_machines_destroy)
+
+
+def _fly_settings(args: argparse.Namespace) -> tuple[Settings, str, Secret]:
+    """Return settings with the app name and the token that every Fly call needs."""
+    overrides = {"app_name": args.app, "machines_api_url": args.api_url}
+    settings = Settings.from_env(**{k: v for k, v in overrides.items() if v})
+    if not settings.app_name:
+        raise ConfigurationError("no Fly app: set FLY_APP_NAME or pass --app")
+    if settings.fly_api_token is None:
+        raise ConfigurationError(
+            "no Fly API token: set FLY_API_TOKEN (for example from `fly tokens create deploy`)"
+        )
+    return settings, settings.app_name, settings.fly_api_token
+
+
+def _machines_create(args: argparse.Namespace) -> int:
+    return asyncio.run(_create(args))
+
+
+async def _create(args: argparse.Namespace) -> int:
+    settings, app, token = _fly_settings(args)
+    env = dict(args.env)
+    async with MachinesClient(app, token, settings.machines_api_url) as client:
+        # One machine per tenant: two would fight over the tenant's lease.
+        existing = await client.find_tenant_machines(args.tenant, settings.metadata_key)
+        if existing:
+            ids = ", ".join(m.id for m in existing)
+            _err(f"error: tenant {args.tenant} already has machine(s) {ids} in app {app}")
+            return EXIT_FAILURE
+        machine = await client.create_machine(
+            args.tenant,
+            image=args.image,
+            region=args.region,
+            metadata_key=settings.metadata_key,
+            env=env,
+            internal_port=args.internal_port,
+            memory_mb=args.memory_mb,
+            cpus=args.cpus,
+            kill_timeout=settings.kill_timeout,
+        )
+    _out(
+        f"created machine {machine.id} for tenant {args.tenant} "
+        f"(region {machine.region or '?'}, state {machine.state or '?'})"
+    )
+    return EXIT_OK
+
+
+def _machines_list(args: argparse.Namespace) -> int:
+    return asyncio.run(_list(args))
+
+
+async def _list(args: argparse.Namespace) -> int:
+    settings, app, token = _fly_settings(args)
+    key = settings.metadata_key
+    async with MachinesClient(app, token, settings.machines_api_url) as client:
+        if args.tenant:
+            machines = await client.find_tenant_machines(args.tenant, key)
+        else:
+            machines = await client.list_machines()
+    if args.json:
+        rows = [{**m.to_json(), "tenant": m.tenant(key)} for m in machines]
+        _out(json.dumps(rows, indent=2, sort_keys=True))
+        return EXIT_OK
+    if not machines:
+        _out(f"no machines in app {app}" + (f" for tenant {args.tenant}" if args.tenant else ""))
+        return EXIT_OK
+    table = [("ID", "TENANT", "STATE", "REGION", "NAME")]
+    table += [(m.id, m.tenant(key) or "-", m.state, m.region, m.name) for m in machines]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        _out("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+def _machines_destroy(args: argparse.Namespace) -> int:
+    return asyncio.run(_destroy(args))
+
+
+def _confirm(question: str) -> bool:
+    # The question goes to stderr so that stdout stays clean for scripts.
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in {"y", "yes"}
+
+
+async def _destroy(args: argparse.Namespace) -> int:
+    settings, app, token = _fly_settings(args)
+    async with MachinesClient(app, token, settings.machines_api_url) as client:
+        machines = await client.find_tenant_machines(args.tenant, settings.metadata_key)
+        if not machines:
+            _err(f"error: no machines for tenant {args.tenant} in app {app}")
+            return EXIT_FAILURE
+        ids = ", ".join(m.id for m in machines)
+        if not args.yes:
+            if not sys.stdin.isatty():
+                _err(
+                    f"error: refusing to destroy {ids} of tenant {args.tenant} without "
+                    "confirmation: pass --yes"
+                )
+                return EXIT_FAILURE
+            if not _confirm(f"Destroy machine(s) {ids} of tenant {args.tenant} in app {app}?"):
+                _err("aborted")
+                return EXIT_FAILURE
+        for machine in machines:
+            if not args.force and machine.state not in _QUIET_STATES:
+                # A graceful stop lets the machine publish its last snapshot and release
+                # the lease before it is destroyed.
+                _out(f"stopping machine {machine.id} ({machine.state}) ...")
+                await client.stop_machine(machine.id)
+                await client.wait_for_state(
+                    machine.id,
+                    "stopped",
+                    instance_id=machine.instance_id,
+                    timeout=args.stop_timeout,
+                )
+            await client.destroy_machine(machine.id, force=True)
+            _out(f"destroyed machine {machine.id} of tenant {args.tenant}")
+    return EXIT_OK
+
+
+# Top-level subcommands. `tenantdb dev` (the local Fly emulation) belongs here too.
+COMMANDS: dict[str, Command] = {
+    "machines": Command(
+        help="create, list and destroy tenant machines (Fly Machines API)",
+        configure=_configure_machines,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the ``tenantdb`` argument parser with every command in ``COMMANDS``."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="One SQLite database per tenant, one Fly Machine per tenant.",
+        epilog="Environment: FLY_API_TOKEN, FLY_APP_NAME, TENANTDB_MACHINES_API_URL, "
+        "TENANTDB_METADATA_KEY (see DESIGN.md).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        command.configure(sub.add_parser(name, help=command.help, description=command.help))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``tenantdb`` command and return its exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        # --help, --version and usage errors: argparse has printed; keep its code.
+        if exc.code is None:
+            return EXIT_OK
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except TenantDBError as exc:
+        _err(f"error: {exc}")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

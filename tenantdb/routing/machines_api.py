@@ -1,0 +1,460 @@
+"""A small client for the Fly Machines API: find, create and destroy tenant machines.
+
+Only the calls tenantdb needs, over ``httpx.AsyncClient``::
+
+    GET    /v1/apps/{app}/machines?metadata.{key}={value}    list (optionally filtered)
+    POST   /v1/apps/{app}/machines                           create
+    POST   /v1/apps/{app}/machines/{id}/stop                 graceful stop (final snapshot)
+    GET    /v1/apps/{app}/machines/{id}/wait?state=stopped   wait for a state
+    DELETE /v1/apps/{app}/machines/{id}?force=true           destroy (force kills it first)
+
+Every httpx error and every non-2xx answer becomes a ``MachinesAPIError`` here, at the
+boundary. The API token lives in a ``Secret`` and is revealed only while building the
+``Authorization`` header of a request: it is never part of a message, a log line or a repr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from types import MappingProxyType, TracebackType
+from typing import Any, Literal, Self
+from urllib.parse import quote
+
+import httpx
+
+from tenantdb.config import Secret
+from tenantdb.errors import ConfigurationError, InvalidTenantError, MachinesAPIError
+from tenantdb.tenants import validate_tenant
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "Autostop",
+    "Machine",
+    "MachinesClient",
+    "validate_machine_id",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.machines.dev"
+
+Autostop = Literal["off", "stop", "suspend"]
+CPUKind = Literal["shared", "performance"]
+
+# Machine ids and app names end up in URL paths, fly-replay headers and
+# `<id>.vm.<app>.internal` DNS names, so anything but a plain DNS label is refused,
+# whatever the API (or the environment) says.
+_DNS_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+# Env names the tenant machine derives from the tenant id; a caller may not contradict them.
+_TENANT_ENV_NAMES = ("TENANT_ID", "CUSTOMER_ID")
+# States of a machine that is going away: useless for routing, nothing left to destroy.
+_GONE_STATES = frozenset({"destroying", "destroyed"})
+_MAX_DETAIL = 200
+# The wait endpoint holds a request at most this long; longer waits are several calls.
+_MAX_WAIT_CALL = 60
+
+
+def _user_agent() -> str:
+    try:
+        return f"tenantdb/{version('tenantdb')}"
+    except PackageNotFoundError:
+        return "tenantdb"
+
+
+def validate_machine_id(machine_id: str) -> str:
+    """Return ``machine_id`` if it is a plain lowercase DNS label, else raise ValueError."""
+    if not _DNS_LABEL_RE.fullmatch(machine_id):
+        raise ValueError(f"not a Fly machine id: {machine_id[:80]!r}")
+    return machine_id
+
+
+@dataclass(frozen=True)
+class Machine:
+    """One Fly Machine as the Machines API describes it (the fields tenantdb uses)."""
+
+    id: str
+    name: str
+    state: str
+    region: str
+    metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    private_ip: str | None = None
+    instance_id: str | None = None
+
+    def tenant(self, metadata_key: str) -> str | None:
+        """Return the tenant named by ``metadata_key``, or None if absent or not a valid id."""
+        value = self.metadata.get(metadata_key)
+        if value is None:
+            return None
+        try:
+            return validate_tenant(value)
+        except InvalidTenantError:
+            return None
+
+    def to_json(self) -> dict[str, Any]:
+        """Return a plain JSON-ready dict of this machine."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state,
+            "region": self.region,
+            "metadata": dict(self.metadata),
+            "private_ip": self.private_ip,
+            "instance_id": self.instance_id,
+        }
+
+    @classmethod
+    def from_api(cls, data: object) -> Machine:
+        """Build a Machine from one API object; raise ValueError if it cannot be trusted."""
+        if not isinstance(data, Mapping):
+            raise ValueError("a machine is not a JSON object")
+        raw_id = data.get("id")
+        if not isinstance(raw_id, str):
+            raise ValueError("a machine has no id")
+        machine_id = validate_machine_id(raw_id)
+        config = data.get("config")
+        # Metadata lives in the machine config; values are strings by contract, so
+        # anything else is dropped rather than guessed at.
+        raw_metadata = config.get("metadata") if isinstance(config, Mapping) else None
+        metadata = (
+            {k: v for k, v in raw_metadata.items() if isinstance(k, str) and isinstance(v, str)}
+            if isinstance(raw_metadata, Mapping)
+            else {}
+        )
+        private_ip = data.get("private_ip")
+        instance_id = data.get("instance_id")
+        return cls(
+            id=machine_id,
+            name=_text(data.get("name")),
+            state=_text(data.get("state")),
+            region=_text(data.get("region")),
+            metadata=MappingProxyType(metadata),
+            private_ip=private_ip if isinstance(private_ip, str) and private_ip else None,
+            instance_id=instance_id if isinstance(instance_id, str) and instance_id else None,
+        )
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+class _FlyAuth(httpx.Auth):
+    """Adds the Authorization header per request, so the token never sits in client headers."""
+
+    def __init__(self, token: Secret) -> None:
+        self._token = token
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        """Set ``Authorization`` on ``request`` and send it."""
+        value = self._token.reveal().strip()
+        # Macaroon tokens from `fly tokens create` carry their own "FlyV1" scheme and are
+        # sent as they are (as flyctl does); everything else is a bearer token.
+        scheme = "" if value.startswith("FlyV1 ") else "Bearer "
+        request.headers["Authorization"] = f"{scheme}{value}"
+        yield request
+
+    def __repr__(self) -> str:
+        return "_FlyAuth(token=Secret('***'))"
+
+
+class MachinesClient:
+    """Async client for one Fly app's machines; use it as ``async with MachinesClient(...)``."""
+
+    def __init__(
+        self,
+        app_name: str,
+        token: Secret,
+        base_url: str = DEFAULT_BASE_URL,
+        timeout: float = 30.0,
+    ) -> None:
+        if not _DNS_LABEL_RE.fullmatch(app_name):
+            raise ConfigurationError(
+                f"Fly app name {app_name[:80]!r} must be lowercase letters, digits and hyphens"
+            )
+        if not isinstance(token, Secret) or not token.reveal().strip():
+            raise ConfigurationError("a Fly API token is required (set FLY_API_TOKEN)")
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigurationError(f"Machines API URL {base_url!r} must be http(s)://...")
+        if timeout <= 0:
+            raise ConfigurationError(f"Machines API timeout {timeout}s must be positive")
+        self.app_name = app_name
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._token = token
+        self._client: httpx.AsyncClient | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"MachinesClient(app_name={self.app_name!r}, base_url={self.base_url!r}, "
+            f"token=Secret('***'))"
+        )
+
+    async def __aenter__(self) -> Self:
+        if self._client is not None:
+            raise RuntimeError("MachinesClient is already open")
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            auth=_FlyAuth(self._token),
+            timeout=self.timeout,
+            headers={"User-Agent": _user_agent(), "Accept": "application/json"},
+            # A redirect could carry the token to another host; the API never redirects.
+            follow_redirects=False,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def list_machines(self, metadata: Mapping[str, str] | None = None) -> list[Machine]:
+        """Return the app's machines, only those carrying all of ``metadata`` if given."""
+        wanted = dict(metadata or {})
+        params = {f"metadata.{key}": value for key, value in wanted.items()}
+        path = self._machines_path()
+        status, data = await self._request("GET", path, params=params)
+        if not isinstance(data, list):
+            raise MachinesAPIError(f"GET {path}: expected a JSON list of machines", status=status)
+        machines: list[Machine] = []
+        for item in data:
+            try:
+                machine = Machine.from_api(item)
+            except ValueError as exc:
+                raise MachinesAPIError(
+                    f"GET {path}: unusable machine in the answer: {exc}", status=status
+                ) from exc
+            # The filter is applied again here: an API (or proxy) that ignored the query
+            # must not make tenantdb route one tenant's requests to another's machine.
+            if all(machine.metadata.get(k) == v for k, v in wanted.items()):
+                machines.append(machine)
+            else:
+                log.debug("machine %s does not match the metadata filter; skipped", machine.id)
+        return machines
+
+    async def find_tenant_machines(
+        self, tenant: str, metadata_key: str = "customer_id"
+    ) -> list[Machine]:
+        """Return the live machines whose ``metadata_key`` names ``tenant``, sorted by id."""
+        validate_tenant(tenant)
+        machines = await self.list_machines({metadata_key: tenant})
+        # Sorted so that every caller picks the same machine when there are several.
+        return sorted((m for m in machines if m.state not in _GONE_STATES), key=lambda m: m.id)
+
+    async def create_machine(
+        self,
+        tenant: str,
+        *,
+        image: str,
+        region: str | None = None,
+        metadata_key: str = "customer_id",
+        env: Mapping[str, str] | None = None,
+        internal_port: int = 8080,
+        memory_mb: int = 256,
+        cpus: int = 1,
+        cpu_kind: CPUKind = "shared",
+        autostop: Autostop = "stop",
+        autostart: bool = True,
+        min_machines_running: int = 0,
+        kill_timeout: float = 30.0,
+        name: str | None = None,
+    ) -> Machine:
+        """Create the machine that serves ``tenant``: metadata and TENANT_ID name it."""
+        validate_tenant(tenant)
+        if not image.strip():
+            raise ConfigurationError("a machine image is required")
+        if not metadata_key:
+            raise ConfigurationError("the metadata key naming the tenant must not be empty")
+        if not 0 < internal_port < 65536:
+            raise ConfigurationError(f"internal port {internal_port} is not a TCP port")
+        if memory_mb <= 0 or cpus <= 0 or min_machines_running < 0 or kill_timeout <= 0:
+            raise ConfigurationError(
+                "memory, cpus and kill timeout must be positive, min_machines_running >= 0"
+            )
+        machine_env = dict(env or {})
+        for env_name in _TENANT_ENV_NAMES:
+            if machine_env.get(env_name, tenant) != tenant:
+                raise ConfigurationError(
+                    f"env {env_name}={machine_env[env_name]!r} contradicts tenant {tenant!r}"
+                )
+        machine_env["TENANT_ID"] = tenant
+        # The machine's own middleware must look tenants up under the same key.
+        machine_env["TENANTDB_METADATA_KEY"] = metadata_key
+        body: dict[str, Any] = {
+            "name": name or tenant,
+            "config": {
+                "image": image,
+                "env": machine_env,
+                "metadata": {metadata_key: tenant},
+                "guest": {"cpu_kind": cpu_kind, "cpus": cpus, "memory_mb": memory_mb},
+                "services": [
+                    {
+                        "protocol": "tcp",
+                        "internal_port": internal_port,
+                        "ports": [
+                            {"port": 443, "handlers": ["tls", "http"]},
+                            {"port": 80, "handlers": ["http"], "force_https": True},
+                        ],
+                        # Explicit, never left to API defaults: an idle tenant machine
+                        # stops (publishing its snapshot on the way) and the proxy starts
+                        # it again on the next request replayed to it.
+                        "autostop": autostop,
+                        "autostart": autostart,
+                        "min_machines_running": min_machines_running,
+                    }
+                ],
+                "auto_destroy": False,
+                # A clean exit (autostop, scale down) stays down; a crash is retried.
+                "restart": {"policy": "on-failure", "max_retries": 10},
+                # Fly's default grace is 5s; shutdown publishes the final snapshot and
+                # releases the lease, which must not be cut short by a SIGKILL.
+                # The API takes this duration in nanoseconds.
+                "stop_config": {"timeout": int(kill_timeout * 1_000_000_000)},
+            },
+        }
+        if region:
+            body["region"] = region
+        path = self._machines_path()
+        status, data = await self._request("POST", path, json_body=body, tenant=tenant)
+        try:
+            machine = Machine.from_api(data)
+        except ValueError as exc:
+            raise MachinesAPIError(
+                f"POST {path}: unusable machine in the answer ({exc}); a machine may have "
+                f"been created, check with `tenantdb machines list`",
+                status=status,
+                tenant=tenant,
+            ) from exc
+        if machine.metadata and machine.metadata.get(metadata_key) != tenant:
+            raise MachinesAPIError(
+                f"POST {path}: machine {machine.id} was created with metadata "
+                f"{metadata_key}={machine.metadata.get(metadata_key)!r}, not {tenant!r}",
+                status=status,
+                tenant=tenant,
+            )
+        log.info("created machine %s for tenant %s in %s", machine.id, tenant, machine.region)
+        return machine
+
+    async def stop_machine(self, machine_id: str) -> None:
+        """Ask a machine to stop gracefully (its stop signal, then its kill timeout)."""
+        path = f"{self._machine_path(machine_id)}/stop"
+        await self._request("POST", path)
+        log.info("stopping machine %s", machine_id)
+
+    async def wait_for_state(
+        self,
+        machine_id: str,
+        state: Literal["started", "stopped", "destroyed"],
+        *,
+        instance_id: str | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        """Return once the machine is in ``state``; MachinesAPIError(408) after ``timeout``."""
+        path = f"{self._machine_path(machine_id)}/wait"
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            params = {"state": state, "timeout": str(max(1, min(_MAX_WAIT_CALL, round(left))))}
+            if instance_id:
+                params["instance_id"] = instance_id
+            try:
+                await self._request("GET", path, params=params, read_timeout=_MAX_WAIT_CALL)
+                return
+            except MachinesAPIError as exc:
+                # 408: this call's wait ran out; another call may still be within budget.
+                if exc.status != 408 or time.monotonic() >= deadline - 1:
+                    raise
+            # Normally the 408 itself took the whole wait; never spin on a fast one.
+            await asyncio.sleep(1)
+
+    async def destroy_machine(self, machine_id: str, force: bool = True) -> None:
+        """Destroy a machine for good; ``force`` kills it first if it is still running."""
+        params = {"force": "true"} if force else {}
+        await self._request("DELETE", self._machine_path(machine_id), params=params)
+        log.info("destroyed machine %s", machine_id)
+
+    def _machine_path(self, machine_id: str) -> str:
+        try:
+            validate_machine_id(machine_id)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        return f"{self._machines_path()}/{machine_id}"
+
+    def _machines_path(self) -> str:
+        return f"/v1/apps/{quote(self.app_name, safe='')}/machines"
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json_body: Any = None,
+        tenant: str = "",
+        read_timeout: float = 0,
+    ) -> tuple[int, Any]:
+        """Send one request; return its status and decoded JSON (None for an empty body)."""
+        if self._client is None:
+            raise RuntimeError("use MachinesClient in 'async with' before calling it")
+        where = f"{method} {path}"
+        timeout = httpx.Timeout(self.timeout, read=self.timeout + read_timeout)
+        try:
+            response = await self._client.request(
+                method, path, params=params or None, json=json_body, timeout=timeout
+            )
+        except httpx.TimeoutException as exc:
+            # A create that timed out may still have happened on Fly's side.
+            maybe = "; it may still have taken effect" if method != "GET" else ""
+            raise MachinesAPIError(
+                f"{where}: timed out ({type(exc).__name__}){maybe}",
+                tenant=tenant,
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise MachinesAPIError(
+                self._scrub(f"{where}: {type(exc).__name__}: {exc}"), tenant=tenant
+            ) from exc
+        status = response.status_code
+        if not 200 <= status < 300:
+            detail = _error_detail(response)
+            raise MachinesAPIError(
+                self._scrub(f"{where}: HTTP {status}{': ' + detail if detail else ''}"),
+                status=status,
+                tenant=tenant,
+            )
+        if not response.content.strip():
+            return status, None
+        try:
+            return status, response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MachinesAPIError(
+                f"{where}: HTTP {status} with a body that is not JSON",
+                status=status,
+                tenant=tenant,
+            ) from exc
+
+    def _scrub(self, message: str) -> str:
+        # The API echoes nothing secret today; this keeps it so if that ever changes.
+        token = self._token.reveal().strip()
+        return message.replace(token, "***") if token else message
+
+
+def _error_detail(response: httpx.Response) -> str:
+    """Return the API's short error text ({"error": "..."}), cut to a sane length."""
+    try:
+        data = response.json()
+    except ValueError:
+        text = response.text.strip()
+    else:
+        text = str(data.get("error") or "") if isinstance(data, dict) else ""
+    text = " ".join(text.split())
+    return text[:_MAX_DETAIL] + ("..." if len(text) > _MAX_DETAIL else "")

@@ -1,0 +1,166 @@
+"""TenantDBMiddleware served by real uvicorn processes with the real S3 server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+
+from tests.support.servers import UvicornProcess
+
+APPS = {
+    "starlette": "tests.support.apps:starlette_app",
+    "fastapi": "tests.support.apps:fastapi_app",
+}
+
+StartServer = Callable[..., UvicornProcess]
+
+
+@pytest.fixture
+def start_server(tmp_path: Path, s3_settings_env: dict[str, str]) -> Iterator[StartServer]:
+    """Start counter servers for tenant acme; each machine id gets its own data dir."""
+    started: list[UvicornProcess] = []
+
+    def start(
+        app: str = APPS["starlette"], machine: str = "m1", *, ready: bool = True, **env: str
+    ) -> UvicornProcess:
+        server = UvicornProcess(
+            app,
+            {
+                **s3_settings_env,
+                "TENANT_ID": "acme",
+                "FLY_MACHINE_ID": machine,
+                "TENANTDB_DATA_DIR": str(tmp_path / machine),
+                "TENANTDB_LEASE_TTL": "3",
+                **env,
+            },
+            tmp_path / f"{machine}-{len(started)}.log",
+        )
+        started.append(server)
+        if ready:
+            server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+
+
+def read_lock(env: dict[str, str]) -> dict[str, Any]:
+    """lock.json of tenant acme, read straight from the S3 server."""
+    client = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL_S3"],
+        region_name=env["AWS_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
+    body = client.get_object(Bucket=env["BUCKET_NAME"], Key="tenants/acme/lock.json")["Body"]
+    lock: dict[str, Any] = json.loads(body.read())
+    return lock
+
+
+def count_of(server: UvicornProcess) -> int:
+    """The count after one more visit, minus that visit."""
+    response = httpx.get(f"{server.url}/customers/acme", timeout=10)
+    assert response.status_code == 200, response.text
+    return int(response.json()["count"]) - 1
+
+
+async def visit_many(url: str, n: int, concurrency: int, delay: float = 0) -> list[int]:
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+        semaphore = asyncio.Semaphore(concurrency)
+
+        async def one() -> int:
+            async with semaphore:
+                try:
+                    response = await client.get(
+                        f"{url}/customers/acme", params={"delay": delay} if delay else None
+                    )
+                except httpx.HTTPError:
+                    return 0
+                return response.status_code
+
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+
+@pytest.mark.parametrize("app", sorted(APPS))
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_count_survives_a_graceful_restart(
+    start_server: StartServer, s3_settings_env: dict[str, str], app: str, sig: signal.Signals
+) -> None:
+    server = start_server(APPS[app])
+    statuses = asyncio.run(visit_many(server.url, 200, 16))
+    assert statuses == [200] * 200
+    assert server.stop(sig) in (0, -sig)  # uvicorn re-raises the signal after its shutdown
+    assert read_lock(s3_settings_env)["owner"] is None  # published, then released
+    restarted = start_server(APPS[app], "m2")  # another machine: only the bucket carries data
+    assert count_of(restarted) == 200
+
+
+def test_sigterm_under_load_keeps_every_acknowledged_increment(
+    start_server: StartServer,
+) -> None:
+    server = start_server()
+
+    async def load_then_sigterm() -> list[int]:
+        load = asyncio.create_task(visit_many(server.url, 50, 50, delay=0.5))
+        await asyncio.sleep(0.25)  # all 50 are inside the handler now
+        server.proc.send_signal(signal.SIGTERM)
+        return await load
+
+    statuses = asyncio.run(load_then_sigterm())
+    assert server.proc.wait(30) in (0, -signal.SIGTERM)
+    acknowledged = statuses.count(200)
+    assert acknowledged > 0
+    restarted = start_server(machine="m2")
+    assert count_of(restarted) == acknowledged
+
+
+def test_a_killed_machine_loses_at_most_what_came_after_its_last_checkpoint(
+    start_server: StartServer,
+) -> None:
+    server = start_server(TENANTDB_CHECKPOINT_INTERVAL="0.5")
+    assert asyncio.run(visit_many(server.url, 30, 8)) == [200] * 30
+    time.sleep(1.5)  # at least one checkpoint interval
+    assert asyncio.run(visit_many(server.url, 5, 1)) == [200] * 5
+    server.stop(signal.SIGKILL)
+    started = time.monotonic()
+    restarted = start_server(machine="m2", ready=False)
+    restarted.wait_ready(timeout=30)
+    count = count_of_when_serving(restarted)
+    assert 30 <= count <= 35
+    assert time.monotonic() - started >= 2  # it had to wait for the 3 s lease to expire
+
+
+def count_of_when_serving(server: UvicornProcess, timeout: float = 30) -> int:
+    """Wait through the standby (503s) until this machine serves, then read the count."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = httpx.get(
+            f"{server.url}/customers/acme", headers={"accept": "application/json"}, timeout=10
+        )
+        if response.status_code == 200:
+            return int(response.json()["count"]) - 1
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"]
+        time.sleep(0.2)
+    raise TimeoutError(server.log())
+
+
+def test_a_second_process_on_the_same_data_dir_fails_at_startup(
+    start_server: StartServer,
+) -> None:
+    start_server()
+    second = start_server(machine="m1", ready=False)
+    assert second.proc.wait(30) != 0
+    assert "locked by another tenantdb process" in second.log()

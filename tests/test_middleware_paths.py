@@ -1,0 +1,107 @@
+"""Request paths against the middleware in process: no 5xx, no lookup for invalid ids."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.testclient import TestClient
+
+from example_app import create_app
+from tenantdb.config import Settings
+from tenantdb.routing.replay import Router
+from tenantdb.tenants import validate_tenant
+
+FORWARDED: list[str] = []
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("paths")
+
+
+@pytest.fixture(scope="module")
+def client(root: Path) -> Iterator[TestClient]:
+    app = create_app(
+        settings=Settings(
+            tenant="acme",
+            machine_id="m1",
+            data_dir=root / "data",
+            local_bucket_dir=root / "bucket",
+            checkpoint_interval=0,
+        )
+    )
+    original = Router.forward
+
+    async def spy(self: Router, scope, receive, send, tenant):  # type: ignore[no-untyped-def]
+        FORWARDED.append(tenant)
+        await original(self, scope, receive, send, tenant)
+
+    Router.forward = spy  # type: ignore[method-assign]
+    try:
+        with TestClient(app, raise_server_exceptions=False) as test_client:
+            yield test_client
+    finally:
+        Router.forward = original  # type: ignore[method-assign]
+
+
+segments = st.one_of(
+    st.text(max_size=80),
+    st.sampled_from(["..", ".", "", "ACME", "acme.", "acme%2F..", "%61cme", "-acme", "a" * 64]),
+    st.from_regex(r"[a-z0-9%./-]{1,70}", fullmatch=True),
+)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(first=segments, rest=st.lists(segments, max_size=3))
+def test_no_path_gives_a_5xx_or_reaches_another_tenants_data(
+    client: TestClient, first: str, rest: list[str]
+) -> None:
+    FORWARDED.clear()
+    # Unicode and control characters travel percent-encoded, as a browser would send them.
+    path = "/customers/" + quote("/".join([first, *rest]), safe="/%.-")
+    response = client.get(path, headers={"accept": "application/json"})
+    assert response.status_code < 500, (path, response.text)
+    for tenant in FORWARDED:
+        assert validate_tenant(tenant) == tenant  # only valid ids ever reach routing
+    if response.headers["content-type"].startswith("application/json") and response.is_success:
+        assert response.json()["tenant"] == "acme"  # the only database this machine opens
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/customers/acme", 200),
+        ("/customers/ACME", 400),
+        ("/customers/acme.", 400),
+        ("/customers/-acme", 400),
+        ("/customers/" + "a" * 64, 400),
+        ("/customers/other", 404),
+        ("/customers/", 404),
+        ("/healthz", 200),
+    ],
+)
+def test_path_outcomes(client: TestClient, path: str, status: int) -> None:
+    response = client.get(path, headers={"accept": "application/json"})
+    assert response.status_code == status, response.text
+    if status == 400:
+        assert "invalid tenant id" in response.json()["error"]
+
+
+def test_errors_are_plain_text_unless_json_is_asked_for(client: TestClient) -> None:
+    response = client.get("/customers/Nope")
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("text/plain")
+    assert "lowercase" in response.text
+
+
+def test_no_other_tenant_is_ever_created_in_the_bucket(client: TestClient, root: Path) -> None:
+    client.get("/customers/other")
+    client.get("/customers/%61cme")
+    assert sorted(p.name for p in (root / "bucket" / "keys" / "tenants").iterdir()) == ["acme"]
