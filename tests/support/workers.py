@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import queue
 import signal
 import subprocess
@@ -18,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class Worker:
-    """One machine process; its JSON lines are collected by a reader thread."""
+    """One machine process (``env`` is its whole environment); a thread collects its lines."""
 
     def __init__(self, env: Mapping[str, str], *, log_path: Path) -> None:
         self.log_path = log_path
@@ -26,7 +25,7 @@ class Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.support.tenant_worker"],
             cwd=ROOT,
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            env={**env, "PYTHONUNBUFFERED": "1"},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
