@@ -103,7 +103,8 @@ async def test_concurrent_renew_and_publish_do_not_fence_each_other(bucket: Buck
     await lease.acquire()
     await asyncio.gather(*(lease.renew() for _ in range(10)))
     assert lease.status == "held"
-    assert lease.record is not None and lease.record.seq == 11
+    assert lease.record is not None
+    assert lease.record.seq == 11
 
 
 class RetriedPutBucket:
