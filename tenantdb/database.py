@@ -389,6 +389,10 @@ class TenantDB:
             self._spawn(self._after_fenced())
 
     async def _after_fenced(self) -> None:
+        # The old holder's renewal and checkpoint loops must not outlive its lease.
+        current = asyncio.current_task()
+        for task in [t for t in self._tasks if t is not current]:
+            task.cancel()
         await self._close_database()
         try:
             await self.lease.acquire()

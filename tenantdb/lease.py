@@ -35,6 +35,8 @@ log = logging.getLogger("tenantdb.lease")
 LOCK_FORMAT = 1
 # S3's Last-Modified has one-second resolution: a takeover waits this much past the TTL.
 CLOCK_GRANULARITY = 1.0
+# How many times acquire() re-reads lock.json after losing a write race before giving up.
+_ACQUIRE_RACES = 5
 
 LeaseStatus = Literal["unheld", "held", "lost", "released"]
 
@@ -132,11 +134,8 @@ class ObservedLock:
     info: ObjectInfo
 
     def expires_in(self) -> float:
-        """Seconds until the lease expires on the bucket's clock (0 if it gave no clock)."""
-        age = self.info.age
-        if age is None:
-            return 0.0
-        return self.record.ttl_seconds + CLOCK_GRANULARITY - age
+        """Seconds until the lease expires, judged on the bucket's clock."""
+        return self.record.ttl_seconds + CLOCK_GRANULARITY - self.info.age
 
 
 class Lease:
@@ -194,6 +193,17 @@ class Lease:
 
     async def acquire(self) -> LockRecord:
         """Take the lease, or raise ``LeaseHeldError`` naming the live holder."""
+        for _ in range(_ACQUIRE_RACES):
+            try:
+                return await self._try_acquire()
+            except PreconditionFailedError:
+                # Another machine wrote lock.json between our read and our write: re-read it.
+                continue
+        raise LeaseLostError(
+            f"tenant {self.tenant}: lock.json kept changing while acquiring", tenant=self.tenant
+        )
+
+    async def _try_acquire(self) -> LockRecord:
         observed = await self.read()
         if observed is None:
             record = LockRecord(
@@ -293,7 +303,9 @@ class Lease:
         except PreconditionFailedError as exc:
             landed = await self._own_write_landed(body)
             if landed is None:
-                return self._lose(exc) if self.status == "held" else self._refuse(exc)
+                if self.status != "held":
+                    raise  # a lost acquisition race: acquire() re-reads
+                return self._lose(exc)
             info = landed
         self.record, self._etag, self.status = record, info.etag, becomes
         self._renewed_at = sent_at
@@ -306,13 +318,6 @@ class Lease:
         except StorageError:
             return None
         return obj.info if obj.body == body else None
-
-    def _refuse(self, exc: PreconditionFailedError) -> LockRecord:
-        # Someone else wrote lock.json between our read and our write: a lost race.
-        raise LeaseLostError(
-            f"tenant {self.tenant}: lock.json changed while acquiring; another machine won",
-            tenant=self.tenant,
-        ) from exc
 
     def _lose(self, exc: PreconditionFailedError) -> LockRecord:
         self.status = "lost"

@@ -7,7 +7,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Protocol, Self, TypeVar
@@ -32,11 +32,10 @@ class ObjectInfo:
     server_date: datetime | None = None
 
     @property
-    def age(self) -> float | None:
-        """Seconds since the last write, on the server's clock (None if it gave no Date)."""
-        if self.server_date is None:
-            return None
-        return (self.server_date - self.last_modified).total_seconds()
+    def age(self) -> float:
+        """Seconds since the last write, on the server's clock (the local one if no Date)."""
+        now = self.server_date or datetime.now(UTC)
+        return (now - self.last_modified).total_seconds()
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal, Self, TypeVar
 
@@ -108,14 +108,9 @@ class LocalBucket:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
 
     def _pointer_path(self, key: str) -> Path:
-        parts = PurePosixPath(key).parts
-        if (
-            not key
-            or key.startswith("/")
-            or "\x00" in key
-            or any(part in (".", "..") for part in parts)
-            or key.endswith("/")
-        ):
+        # S3 keys are opaque strings; a directory can only hold the ones that map 1:1 to paths.
+        parts = key.split("/")
+        if "\x00" in key or any(part in ("", ".", "..") for part in parts):
             raise BucketConfigurationError(f"invalid object key {key!r}", key=key)
         return self._keys.joinpath(*parts)
 
