@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from tenantdb.storage.base import Bucket, ObjectInfo, RetryPolicy, SmallObject
 from tenantdb.storage.local import LocalBucket
@@ -22,9 +22,5 @@ def open_bucket(settings: Settings) -> Bucket:
         # Imported here so that importing tenantdb never imports aioboto3 for local use.
         from tenantdb.storage.s3 import S3Bucket
 
-        bucket: object = S3Bucket.from_settings(settings)
-    else:
-        bucket = LocalBucket(settings.local_bucket_dir)
-    # Bucket.kind is a plain (mutable, hence invariant) protocol attribute, so mypy will not
-    # match a backend's narrower Literal against it; each backend does implement Bucket.
-    return cast(Bucket, bucket)
+        return S3Bucket.from_settings(settings)
+    return LocalBucket(settings.local_bucket_dir)

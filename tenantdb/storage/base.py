@@ -53,7 +53,10 @@ class Bucket(Protocol):
     have already been retried when they surface.
     """
 
-    kind: Literal["s3", "local"]
+    @property
+    def kind(self) -> Literal["s3", "local"]:
+        """Which backend this is."""
+        ...
 
     async def __aenter__(self) -> Self: ...
 
