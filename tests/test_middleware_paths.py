@@ -9,9 +9,16 @@ from urllib.parse import quote
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from starlette.testclient import TestClient
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.testclient import TestClient, WebSocketDenialResponse
+from starlette.websockets import WebSocket
 
-from example_app import create_app
+from example_app import MIGRATIONS, create_app
+from tenantdb import TenantDBMiddleware, tenant_db
 from tenantdb.config import Settings
 from tenantdb.routing.replay import Router
 from tenantdb.tenants import validate_tenant
@@ -105,3 +112,52 @@ def test_no_other_tenant_is_ever_created_in_the_bucket(client: TestClient, root:
     client.get("/customers/other")
     client.get("/customers/%61cme")
     assert sorted(p.name for p in (root / "bucket" / "keys" / "tenants").iterdir()) == ["acme"]
+
+
+def make_app(root: Path) -> Starlette:
+    async def boom(request: Request) -> Response:
+        raise ValueError("the app's own bug")
+
+    async def ws_count(websocket: WebSocket) -> None:
+        db = tenant_db(websocket)
+        await websocket.accept()
+        async with db.execute("SELECT count FROM counter") as cursor:
+            row = await cursor.fetchone()
+        await websocket.send_json(
+            {"tenant": websocket.state.tenant, "count": row[0] if row else None}
+        )
+        await websocket.close()
+
+    return Starlette(
+        routes=[
+            Route("/customers/{tenant}/boom", boom),
+            WebSocketRoute("/customers/{tenant}/ws", ws_count),
+        ],
+        middleware=[
+            Middleware(
+                TenantDBMiddleware,
+                migrations=MIGRATIONS,
+                settings=Settings(
+                    tenant="acme",
+                    machine_id="m1",
+                    data_dir=root / "data",
+                    local_bucket_dir=root / "bucket",
+                    checkpoint_interval=0,
+                ),
+            )
+        ],
+    )
+
+
+def test_errors_in_the_apps_own_handlers_pass_through_untouched(tmp_path: Path) -> None:
+    with TestClient(make_app(tmp_path)) as client, pytest.raises(ValueError, match="own bug"):
+        client.get("/customers/acme/boom")
+
+
+def test_websockets_of_this_machines_tenant_get_the_database(tmp_path: Path) -> None:
+    with TestClient(make_app(tmp_path)) as client:
+        with client.websocket_connect("/customers/acme/ws") as ws:
+            assert ws.receive_json() == {"tenant": "acme", "count": 0}
+        with pytest.raises(WebSocketDenialResponse) as denied:
+            client.websocket_connect("/customers/Acme/ws").__enter__()
+        assert denied.value.status_code == 400
