@@ -15,6 +15,8 @@ from tenantdb.tenants import validate_tenant
 __all__ = ["Secret", "Settings"]
 
 TIGRIS_HOSTS = ("fly.storage.tigris.dev", "t3.storage.dev")
+# Where request bodies too large for fly-replay are streamed: the machine's 6PN name.
+DEFAULT_PROXY_URL = "http://{machine_id}.vm.{app}.internal:{port}"
 
 
 class Secret:
@@ -91,6 +93,7 @@ class Settings:
     fly_api_token: Secret | None = None
     machines_api_url: str = "https://api.machines.dev"
     port: int = 8080
+    proxy_url: str = DEFAULT_PROXY_URL
 
     def __post_init__(self) -> None:
         if self.tenant is not None:
@@ -131,6 +134,7 @@ class Settings:
             "fly_api_token": Secret(token) if token else None,
             "machines_api_url": env.get("TENANTDB_MACHINES_API_URL") or "https://api.machines.dev",
             "port": int(_number(env, "PORT", 8080, minimum=1)),
+            "proxy_url": env.get("TENANTDB_PROXY_URL") or DEFAULT_PROXY_URL,
         }
         if env.get("FLY_MACHINE_ID"):
             values["machine_id"] = env["FLY_MACHINE_ID"]

@@ -15,6 +15,7 @@ from tenantdb.config import Settings
 from tenantdb.database import Migration, TenantDB
 from tenantdb.errors import InvalidTenantError, TenantDBError
 from tenantdb.responses import send_error
+from tenantdb.routing.proxy import MachineURL
 from tenantdb.routing.replay import Router
 from tenantdb.tenants import TenantPattern, validate_tenant
 
@@ -28,7 +29,10 @@ RETRY_AFTER = "2"
 class TenantDBMiddleware:
     """Pure ASGI middleware giving each request of this machine's tenant its database.
 
-    Keyword arguments override the environment (``Settings.from_env()``). The middleware
+    Keyword arguments override the environment (``Settings.from_env()``).
+    ``proxy_large_bodies=False`` answers 413 to requests for other tenants whose bodies are
+    too large for fly-replay instead of streaming them to the tenant's machine, and
+    ``machine_url`` maps a machine id to the base URL they are streamed to. The middleware
     takes part in the ASGI lifespan: its startup runs before the app's and its shutdown
     (final snapshot, publish, release) after the app's.
     """
@@ -45,6 +49,8 @@ class TenantDBMiddleware:
         checkpoint_interval: float | None = None,
         data_dir: str | Path | None = None,
         bucket_name: str | None = None,
+        proxy_large_bodies: bool = True,
+        machine_url: MachineURL | None = None,
     ) -> None:
         self.app = app
         self.pattern = TenantPattern(path_pattern)
@@ -59,7 +65,12 @@ class TenantDBMiddleware:
         self.tenantdb = (
             TenantDB(self.settings, migrations=migrations) if self.settings.tenant else None
         )
-        self.router = Router(self.settings, self.pattern)
+        self.router = Router(
+            self.settings,
+            self.pattern,
+            proxy_large_bodies=proxy_large_bodies,
+            machine_url=machine_url,
+        )
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()

@@ -1,28 +1,298 @@
-"""Answering requests for tenants this machine does not serve: fly-replay to the owner."""
+"""Answering requests for tenants this machine does not serve: fly-replay to the owner.
+
+The owner machine of a tenant is found through, in order: an in-process cache, Fly's internal
+DNS (running machines only), the tenant's ``lock.json`` (``owner``, else ``last_owner``: a
+replay to a stopped machine makes Fly's proxy start it), then the Machines API when a token is
+set. Concurrent requests for one tenant share one resolution.
+
+Fly's proxy semantics this module relies on (https://fly.io/docs/networking/dynamic-request-routing/):
+
+- ``fly-replay: instance=<id>`` on a response makes the proxy replay the request to that
+  machine; requests larger than 1MB cannot be replayed, so bigger bodies are streamed to the
+  machine directly (``tenantdb.routing.proxy``).
+- A replayed request arrives with ``fly-replay-src: instance=<id>;region=<r>;t=<us>;state=<s>``
+  naming the machine that answered fly-replay.
+- ``fly-replay-cache: <path>/*`` with ``fly-replay-cache-ttl-secs`` (at least 10) lets the proxy
+  send later requests under that path straight to the target. Such requests carry
+  ``fly-replay-cache-status: hit`` and no ``fly-replay-src``; a target that no longer serves
+  them answers with a fly-replay and ``fly-replay-cache: invalidate``.
+- ``fly-replay-failed`` marks a request routed back after a failed replay; it cannot be
+  replayed again.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
+from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from tenantdb.config import Settings
+from tenantdb.errors import (
+    ConfigurationError,
+    LockFileCorruptError,
+    ObjectNotFoundError,
+    RoutingError,
+    StorageError,
+)
+from tenantdb.lease import LockRecord
 from tenantdb.responses import send_error, send_response
+from tenantdb.routing.dns import MachineLocator
+from tenantdb.routing.machines_api import MachinesClient, validate_machine_id
+from tenantdb.routing.proxy import PROXIED_BY, BodyProxy, MachineURL
+from tenantdb.storage import Bucket, open_bucket
 from tenantdb.tenants import TenantPattern
 
-__all__ = ["Router"]
+__all__ = ["LOCAL_APP_NAME", "MAX_REPLAY_BODY", "ReplaySource", "Resolution", "Router"]
+
+log = logging.getLogger("tenantdb.routing")
+
+# Fly's docs: "requests larger than 1MB cannot be replayed"; bigger bodies are streamed.
+MAX_REPLAY_BODY = 1 << 20
+# The app name of the local emulation when only TENANTDB_DNS_SERVER is set (DevDNSServer's).
+LOCAL_APP_NAME = "tenantdb-dev"
+RETRY_AFTER = "2"
+_NOT_STARTED = "routing is not started: the server must run the ASGI lifespan"
+# Fly refuses replay-cache TTLs under 10 seconds.
+MIN_REPLAY_CACHE_TTL = 10
+# A fly-replay-cache pattern is a path glob: only plain path characters go into one.
+_CACHE_PATH_RE = re.compile(r"/[A-Za-z0-9/._~%-]*")
+
+Source = Literal["dns", "lock", "api", "none"]
+Arrival = Literal["direct", "replayed", "cache-hit", "failed", "proxied"]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """Where a tenant's requests go: a machine id (None: nowhere) and how it was found.
+
+    ``detail`` is the lock.json field that named the machine, the machine's state in the
+    Machines API, or why nothing was found.
+    """
+
+    machine_id: str | None
+    source: Source
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    resolution: Resolution
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Resources:
+    """What an open Router uses; set as a whole once everything is open."""
+
+    stack: AsyncExitStack
+    locator: MachineLocator
+    bucket: Bucket
+    machines: MachinesClient | None
+    proxy: BodyProxy | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaySource:
+    """The ``fly-replay-src`` request header: which machine replayed this request here."""
+
+    instance: str
+    region: str | None = None
+    t: int | None = None
+    state: str | None = None
+
+    @classmethod
+    def parse(cls, value: str) -> ReplaySource | None:
+        """Parse ``instance=<id>;region=<r>;t=<us>;state=<s>``; None if it is malformed."""
+        fields: dict[str, str] = {}
+        for part in value.split(";"):
+            key, sep, item = part.partition("=")
+            key = key.strip().lower()
+            if sep and key and key not in fields:
+                fields[key] = item.strip()
+        try:
+            instance = validate_machine_id(fields.get("instance", ""))
+        except ValueError:
+            return None
+        t = fields.get("t", "")
+        return cls(
+            instance=instance,
+            region=fields.get("region") or None,
+            t=int(t) if t.isascii() and t.isdigit() else None,
+            state=fields.get("state"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Arrival:
+    """How a request reached this machine, and from which machine when that is known."""
+
+    how: Arrival
+    source: str | None = None
+    detail: str = ""
+
+
+def _arrival(scope: Scope) -> _Arrival:
+    headers = Headers(scope=scope)
+    failed = headers.get("fly-replay-failed")
+    if failed is not None:
+        return _Arrival("failed", detail=_printable(failed))
+    proxied = headers.get(PROXIED_BY, "").strip()
+    if _is_machine_id(proxied):
+        return _Arrival("proxied", proxied)
+    raw_source = headers.get("fly-replay-src")
+    if raw_source is not None:
+        source = ReplaySource.parse(raw_source)
+        if source is not None:
+            return _Arrival("replayed", source.instance)
+        log.debug("ignoring malformed fly-replay-src header %r", raw_source[:80])
+    if headers.get("fly-replay-cache-status", "").strip().lower() == "hit":
+        return _Arrival("cache-hit")
+    return _Arrival("direct")
+
+
+def _is_machine_id(value: str) -> bool:
+    try:
+        validate_machine_id(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _printable(value: str, limit: int = 120) -> str:
+    text = "".join(c if c.isprintable() and c.isascii() else "?" for c in value)
+    return text[:limit] + ("..." if len(text) > limit else "")
 
 
 class Router:
-    """Sends requests for other tenants to the machine that serves them."""
+    """Sends requests for other tenants to the machine that serves them.
 
-    def __init__(self, settings: Settings, pattern: TenantPattern) -> None:
+    Built from settings and the tenant path pattern, without I/O; ``async with`` opens the
+    DNS resolver, the bucket (for ``lock.json``), the Machines API client (only with
+    ``FLY_API_TOKEN``) and the body proxy's HTTP client. Routing is enabled on Fly
+    (``FLY_APP_NAME``) or, locally, when ``TENANTDB_DNS_SERVER`` names a DNS server (the app
+    name is then ``tenantdb-dev``, as for ``DevDNSServer``).
+
+    Options: ``proxy_large_bodies`` streams bodies Fly cannot replay to the owner (False: 413);
+    ``machine_url`` maps a machine id to its base URL (default: ``Settings.proxy_url``);
+    ``replay_cache_ttl`` is the ``fly-replay-cache-ttl-secs`` sent (0: no replay cache);
+    ``cache_ttl`` / ``negative_cache_ttl`` are how long found / not-found answers are kept;
+    ``dns_timeout`` and ``lookup_timeout`` bound the DNS and the bucket / API steps.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        pattern: TenantPattern,
+        *,
+        proxy_large_bodies: bool = True,
+        machine_url: MachineURL | None = None,
+        replay_cache_ttl: int = 30,
+        cache_ttl: float = 5.0,
+        negative_cache_ttl: float = 1.0,
+        dns_timeout: float = 1.0,
+        lookup_timeout: float = 5.0,
+        max_entries: int = 10_000,
+    ) -> None:
+        if replay_cache_ttl != 0 and replay_cache_ttl < MIN_REPLAY_CACHE_TTL:
+            raise ConfigurationError(
+                f"replay cache TTL {replay_cache_ttl}s: Fly needs at least "
+                f"{MIN_REPLAY_CACHE_TTL}s (0 turns the replay cache off)"
+            )
+        if cache_ttl < 0 or negative_cache_ttl < 0 or max_entries < 1:
+            raise ConfigurationError("cache TTLs must be >= 0 and max_entries >= 1")
+        if dns_timeout <= 0 or lookup_timeout <= 0:
+            raise ConfigurationError("routing timeouts must be positive")
         self.settings = settings
         self.pattern = pattern
+        self.machine_id = settings.machine_id
+        self.app_name = settings.app_name or (LOCAL_APP_NAME if settings.dns_server else None)
+        self.proxy_large_bodies = proxy_large_bodies
+        self.replay_cache_ttl = replay_cache_ttl
+        self.cache_ttl = cache_ttl
+        self.negative_cache_ttl = negative_cache_ttl
+        self.dns_timeout = dns_timeout
+        self.lookup_timeout = lookup_timeout
+        self.max_entries = max_entries
+        self.machine_url: MachineURL = machine_url or self._url_from_template(settings.proxy_url)
+        # The pattern part before the tenant must be a plain path to go into a cache glob.
+        self._cacheable = bool(_CACHE_PATH_RE.fullmatch(pattern.prefix("x")))
+        self._resources: _Resources | None = None
+        self._cache: dict[str, _Cached] = {}
+        self._inflight: dict[tuple[str, bool], asyncio.Task[Resolution]] = {}
+
+    def _url_from_template(self, template: str) -> MachineURL:
+        fields = {"app": self.app_name or LOCAL_APP_NAME, "port": self.settings.port}
+        try:
+            template.format(machine_id="m", **fields)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigurationError(
+                f"proxy URL template {template!r} is not valid: it may use only "
+                "{machine_id}, {app} and {port}"
+            ) from exc
+        if not template.startswith(("http://", "https://")):
+            raise ConfigurationError(f"proxy URL template {template!r} must be http(s)://...")
+
+        def url(machine_id: str) -> str:
+            return template.format(machine_id=machine_id, **fields)
+
+        return url
+
+    def __repr__(self) -> str:
+        return f"Router(app={self.app_name!r}, machine={self.machine_id!r})"
+
+    @property
+    def enabled(self) -> bool:
+        """True when foreign tenants are routed: on Fly, or locally with a DNS server."""
+        return self.app_name is not None
+
+    @property
+    def can_replay(self) -> bool:
+        """True when a fly-replay answer can reach another machine (on Fly or emulated)."""
+        return self.enabled
 
     async def __aenter__(self) -> Self:
+        if self._resources is not None:
+            raise RuntimeError("Router is already open")
+        if self.app_name is None:
+            return self
+        async with AsyncExitStack() as stack:
+            locator = MachineLocator(
+                self.app_name,
+                self.settings.metadata_key,
+                self.settings.dns_server,
+                timeout=self.dns_timeout,
+                positive_ttl=self.cache_ttl,
+                negative_ttl=self.negative_cache_ttl,
+            )
+            bucket = await stack.enter_async_context(open_bucket(self.settings))
+            machines = None
+            if self.settings.fly_api_token is not None:
+                machines = await stack.enter_async_context(
+                    MachinesClient(
+                        self.app_name,
+                        self.settings.fly_api_token,
+                        self.settings.machines_api_url,
+                        timeout=self.lookup_timeout,
+                    )
+                )
+            proxy = None
+            if self.proxy_large_bodies:
+                proxy = await stack.enter_async_context(
+                    BodyProxy(self.machine_url, machine_id=self.machine_id)
+                )
+            self._resources = _Resources(stack.pop_all(), locator, bucket, machines, proxy)
         return self
 
     async def __aexit__(
@@ -31,27 +301,378 @@ class Router:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        return None
+        resources, self._resources = self._resources, None
+        self._cache.clear()
+        self._inflight.clear()
+        if resources is not None:
+            await resources.stack.aclose()
 
-    @property
-    def can_replay(self) -> bool:
-        """True when a fly-replay answer can reach another machine (on Fly or emulated)."""
-        return self.settings.app_name is not None
+    # -- resolution -------------------------------------------------------------------------
+
+    async def locate(self, tenant: str, *, use_cache: bool = True) -> Resolution:
+        """Find the machine serving ``tenant``: cache, DNS, lock.json, then the Machines API.
+
+        Raises ``RoutingError`` (DNS or API failures), ``StorageError`` and
+        ``LockFileCorruptError`` (lock.json unreadable), or ``TimeoutError``.
+        ``use_cache=False`` forgets what was cached and asks every source again.
+        """
+        resources = self._resources
+        if resources is None:
+            raise RuntimeError("use Router in 'async with' (the ASGI lifespan) before routing")
+        if use_cache:
+            entry = self._cache.get(tenant)
+            if entry is not None:
+                if entry.expires_at > time.monotonic():
+                    return entry.resolution
+                del self._cache[tenant]
+        else:
+            self.invalidate(tenant)
+        key = (tenant, not use_cache)
+        task = self._inflight.get(key)
+        loop = asyncio.get_running_loop()
+        if task is None or task.get_loop() is not loop:
+            task = loop.create_task(self._resolve(resources, tenant, fresh=not use_cache))
+            self._inflight[key] = task
+            task.add_done_callback(functools.partial(self._finished, key))
+        # shield: one client giving up must not cancel the lookup the others wait on.
+        return await asyncio.shield(task)
+
+    def invalidate(self, tenant: str) -> None:
+        """Forget what is cached about ``tenant``, here and in the DNS locator."""
+        self._cache.pop(tenant, None)
+        self._inflight.pop((tenant, False), None)
+        if self._resources is not None:
+            self._resources.locator.invalidate(tenant)
+
+    def _finished(self, key: tuple[str, bool], task: asyncio.Task[Resolution]) -> None:
+        # Reading the exception marks it retrieved, even when every waiter was cancelled.
+        failed = task.cancelled() or task.exception() is not None
+        if self._inflight.get(key) is not task:
+            return  # invalidated meanwhile: the answer may predate the invalidation
+        del self._inflight[key]
+        if failed:
+            return  # failures are not cached: the next request asks again
+        resolution = task.result()
+        ttl = self.cache_ttl if resolution.machine_id else self.negative_cache_ttl
+        tenant = key[0]
+        self._cache.pop(tenant, None)  # re-insert at the end: the dict stays oldest-first
+        if len(self._cache) >= self.max_entries:
+            del self._cache[next(iter(self._cache))]
+        self._cache[tenant] = _Cached(resolution, time.monotonic() + ttl)
+
+    async def _resolve(self, res: _Resources, tenant: str, *, fresh: bool) -> Resolution:
+        machine_id = await res.locator.lookup(tenant, use_cache=not fresh)
+        if machine_id is not None:
+            return Resolution(machine_id, "dns")
+        reasons = ["DNS lists no running machine for it"]
+        record = await self._read_lock(res.bucket, tenant)
+        if record is None:
+            reasons.append("the bucket has no lock.json for it")
+        else:
+            for field, value in (("owner", record.owner), ("last_owner", record.last_owner)):
+                if value is None:
+                    continue
+                try:
+                    return Resolution(validate_machine_id(value), "lock", field)
+                except ValueError:
+                    log.warning("tenant %s: lock.json %s %r is no machine id", tenant, field, value)
+            reasons.append("its lock.json names no machine")
+        if res.machines is not None:
+            async with asyncio.timeout(self.lookup_timeout):
+                machines = await res.machines.find_tenant_machines(
+                    tenant, self.settings.metadata_key
+                )
+            if machines:
+                return Resolution(machines[0].id, "api", machines[0].state)
+            reasons.append("the Machines API lists no machine for it")
+        return Resolution(None, "none", ", ".join(reasons))
+
+    async def _read_lock(self, bucket: Bucket, tenant: str) -> LockRecord | None:
+        key = f"{self.settings.prefix}{tenant}/lock.json"
+        try:
+            async with asyncio.timeout(self.lookup_timeout):
+                lock = await bucket.get(key)
+        except ObjectNotFoundError:
+            return None
+        return LockRecord.parse(lock.body, tenant=tenant, key=key)
+
+    # -- answering --------------------------------------------------------------------------
+
+    async def forward(self, scope: Scope, receive: Receive, send: Send, tenant: str) -> None:
+        """Route a request for ``tenant``, which this machine does not serve."""
+        if not self.enabled:
+            await send_error(
+                scope,
+                receive,
+                send,
+                404,
+                f"tenant {tenant} is not served by this machine "
+                f"({self.settings.tenant or 'no tenant'}), and routing other tenants needs "
+                "Fly.io (FLY_APP_NAME) or a DNS server (TENANTDB_DNS_SERVER)",
+            )
+            return
+        if self._resources is None:
+            await self._unavailable(scope, receive, send, _NOT_STARTED)
+            return
+        arrival = _arrival(scope)
+        if arrival.how == "failed":
+            # Fly does not replay a request that came back through a replay fallback; the
+            # stale answer goes, so the client's retry is resolved afresh.
+            self.invalidate(tenant)
+            await self._unavailable(
+                scope,
+                receive,
+                send,
+                f"Fly could not deliver this request to the machine of tenant {tenant} "
+                f"(fly-replay-failed: {arrival.detail}); retry shortly",
+            )
+            return
+        # A request that was already routed once is not routed again on cached knowledge.
+        fresh = arrival.how != "direct"
+        invalidate = {"fly-replay-cache": "invalidate"} if arrival.how == "cache-hit" else {}
+        try:
+            found = await self.locate(tenant, use_cache=not fresh)
+        except (RoutingError, StorageError, LockFileCorruptError, TimeoutError) as exc:
+            message = str(exc) or f"the lookup timed out after {self.lookup_timeout:g}s"
+            log.warning("routing tenant %s failed: %s", tenant, message)
+            await self._unavailable(
+                scope,
+                receive,
+                send,
+                f"the machine of tenant {tenant} cannot be found right now: {message}",
+                invalidate,
+            )
+            return
+        target = found.machine_id
+        if arrival.how in ("replayed", "proxied") and target in (
+            None,
+            self.machine_id,
+            arrival.source,
+        ):
+            if target is None:
+                points = "no machine"
+            elif target == self.machine_id:
+                points = "this machine"
+            else:
+                points = f"machine {target} again"
+            via = "fly-replay" if arrival.how == "replayed" else "the tenantdb body proxy"
+            await self._unavailable(
+                scope,
+                receive,
+                send,
+                f"tenant {tenant} is not served by this machine ({self.machine_id}), which got "
+                f"this request from machine {arrival.source} through {via}; a fresh lookup "
+                f"points at {points}, so it is not sent on (the routing data is changing); "
+                "retry shortly",
+            )
+            return
+        if target is None:
+            await send_error(
+                scope,
+                receive,
+                send,
+                404,
+                f"no machine serves tenant {tenant}: {found.detail}",
+                headers=invalidate,
+            )
+            return
+        if target == self.machine_id:
+            await self._unavailable(
+                scope,
+                receive,
+                send,
+                f"routing data names this machine ({self.machine_id}) for tenant {tenant}, but it "
+                f"serves {self.settings.tenant or 'no tenant'}: check the machine's metadata "
+                f"{self.settings.metadata_key!r} and TENANT_ID",
+                invalidate,
+            )
+            return
+        # Only direct requests set a replay cache: Fly looks up its cache one step deep, and
+        # only running machines (found in DNS) are worth pinning requests to.
+        cacheable = arrival.how == "direct" and found.source == "dns"
+        cache = self._cache_pattern(scope, tenant) if cacheable else None
+        await self._deliver(scope, receive, send, tenant, target, cache=cache, extra=invalidate)
 
     async def replay_to(
         self, scope: Scope, receive: Receive, send: Send, machine_id: str, tenant: str
     ) -> None:
-        """Answer with ``fly-replay: instance=<machine_id>`` and an empty body."""
-        response = Response(b"", 204, headers={"fly-replay": f"instance={machine_id}"})
-        await send_response(scope, receive, send, response)
+        """Send a request for this machine's own tenant to ``machine_id``, the lease holder."""
+        arrival = _arrival(scope)
+        invalidate = {"fly-replay-cache": "invalidate"} if arrival.how == "cache-hit" else {}
+        problem = ""
+        if not _is_machine_id(machine_id):
+            problem = f"its lease holder {machine_id[:80]!r} is not a Fly machine id"
+        elif arrival.how == "failed":
+            problem = f"Fly could not deliver it to machine {machine_id} ({arrival.detail})"
+        elif arrival.how in ("replayed", "proxied") and arrival.source == machine_id:
+            problem = (
+                f"machine {machine_id} holds its lease but sent this request here, so it "
+                "is not sent back (the lease is changing hands)"
+            )
+        elif machine_id == self.machine_id:
+            problem = "this machine is named as its lease holder but does not serve it"
+        if problem:
+            await self._unavailable(
+                scope,
+                receive,
+                send,
+                f"tenant {tenant} is unavailable here: {problem}; retry shortly",
+                invalidate,
+            )
+            return
+        await self._deliver(scope, receive, send, tenant, machine_id, cache=None, extra=invalidate)
 
-    async def forward(self, scope: Scope, receive: Receive, send: Send, tenant: str) -> None:
-        """Route a request for ``tenant``, which this machine does not serve."""
-        await send_error(
-            scope,
-            receive,
-            send,
-            404,
-            f"tenant {tenant} is not served by this machine "
-            f"({self.settings.tenant or 'no tenant'}), and routing is not configured",
-        )
+    def _cache_pattern(self, scope: Scope, tenant: str) -> str | None:
+        """The fly-replay-cache glob for this request, or None when none may be set."""
+        if not self.replay_cache_ttl or not self._cacheable:
+            return None
+        prefix = self.pattern.prefix(tenant) + "/"
+        # Fly requires the pattern to match the request itself, so the bare tenant path
+        # ("/customers/acme", without a slash) is replayed uncached.
+        return prefix + "*" if scope["path"].startswith(prefix) else None
+
+    async def _deliver(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        tenant: str,
+        machine_id: str,
+        *,
+        cache: str | None,
+        extra: Mapping[str, str],
+    ) -> None:
+        """Replay to ``machine_id``, or stream the request there if its body is too large."""
+        if scope["type"] != "http":
+            await self._replay(scope, receive, send, machine_id, cache, extra)
+            return
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isascii() and length.isdigit():
+            if int(length) <= MAX_REPLAY_BODY:
+                await self._replay(scope, receive, send, machine_id, cache, extra)
+                return
+            chunks: list[bytes] = []
+            more = True
+            size = f"a body of {int(length)} bytes"
+        else:
+            # Unknown length (chunked, or HTTP/2 without content-length): read up to the
+            # limit; a body that ends within it is replayed, a longer one is streamed.
+            try:
+                chunks, more = await _read_up_to(receive, MAX_REPLAY_BODY)
+            except ClientDisconnect:
+                return
+            if sum(map(len, chunks)) <= MAX_REPLAY_BODY:
+                await self._replay(scope, receive, send, machine_id, cache, extra)
+                return
+            size = "a streamed body"
+        if self._resources is None:
+            await self._unavailable(scope, receive, send, _NOT_STARTED)
+            return
+        proxy = self._resources.proxy
+        if proxy is None:
+            await send_error(
+                scope,
+                receive,
+                send,
+                413,
+                f"this request for tenant {tenant} has {size} larger than the 1 MiB Fly can "
+                "replay to the tenant's machine, and this app does not forward large bodies "
+                "itself (proxy_large_bodies=False)",
+                headers=extra,
+            )
+            return
+        await self._proxy_body(scope, receive, send, proxy, tenant, machine_id, chunks, more)
+
+    async def _replay(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        machine_id: str,
+        cache: str | None,
+        extra: Mapping[str, str],
+    ) -> None:
+        headers = {"fly-replay": f"instance={machine_id}", **extra}
+        if cache is not None:
+            headers["fly-replay-cache"] = cache
+            headers["fly-replay-cache-ttl-secs"] = str(self.replay_cache_ttl)
+        await send_response(scope, receive, send, Response(b"", 204, headers=headers))
+
+    async def _proxy_body(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        proxy: BodyProxy,
+        tenant: str,
+        machine_id: str,
+        chunks: list[bytes],
+        more: bool,
+    ) -> None:
+        started = False
+
+        async def observed_send(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await proxy.forward(
+                scope, _body(chunks, receive, more), observed_send, machine_id, tenant=tenant
+            )
+        except ClientDisconnect:
+            return  # the client went away mid-upload: nobody is left to answer
+        except RoutingError as exc:
+            if started:
+                raise
+            log.warning("tenant %s: %s", tenant, exc)
+            self.invalidate(tenant)
+            await self._unavailable(
+                scope,
+                receive,
+                send,
+                f"the machine of tenant {tenant} did not take this request (its body is too "
+                f"large for fly-replay, so it goes to machine {machine_id} directly, which "
+                "does not start a stopped machine); retry shortly",
+            )
+
+    async def _unavailable(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        message: str,
+        extra: Mapping[str, str] | None = None,
+    ) -> None:
+        headers = {"Retry-After": RETRY_AFTER, **(extra or {})}
+        await send_error(scope, receive, send, 503, message, headers=headers)
+
+
+async def _read_up_to(receive: Receive, limit: int) -> tuple[list[bytes], bool]:
+    """Read body chunks until the body ends or passes ``limit``; return them and "more"."""
+    chunks: list[bytes] = []
+    size = 0
+    more = True
+    while more and size <= limit:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk: bytes = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        more = bool(message.get("more_body", False))
+    return chunks, more
+
+
+async def _body(chunks: list[bytes], receive: Receive, more: bool) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        if chunk:
+            yield chunk
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        more = bool(message.get("more_body", False))

@@ -1,0 +1,169 @@
+"""Streaming requests whose bodies are too large for fly-replay to the tenant's machine.
+
+Fly's proxy cannot replay a request with a body over 1 MiB, so such a request is sent to the
+owner machine directly (by default ``http://<machine_id>.vm.<app>.internal:<port>`` over the
+private network) and its response is streamed back. Neither body is ever held whole in memory.
+
+This module and ``machines_api.py`` are the only ones of tenantdb that import httpx.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterable, Callable
+from types import TracebackType
+from typing import Self
+from urllib.parse import quote
+
+import httpx
+from starlette.types import Scope, Send
+
+from tenantdb.errors import ConfigurationError, RoutingError
+
+__all__ = ["PROXIED_BY", "BodyProxy", "MachineURL"]
+
+log = logging.getLogger("tenantdb.routing")
+
+MachineURL = Callable[[str], str]
+"""Returns the base URL (``http://host:port``) of a machine, given its id."""
+
+# Names the machine that proxied a request: the receiver's loop guard reads it, the way a
+# replayed request carries fly-replay-src.
+PROXIED_BY = "tenantdb-proxied-by"
+
+# Headers that describe one connection, not the request or response (RFC 9110 section 7.6.1),
+# plus the ones this hop sets itself. "expect" goes too: 100-continue was already answered
+# to the client by this server, and httpx sends the body without waiting anyway.
+_REQUEST_DROP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"expect",
+        PROXIED_BY.encode(),
+        b"fly-force-instance-id",
+    }
+)
+# This server adds its own date and server headers: copies would be duplicates.
+_RESPONSE_DROP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"date",
+        b"server",
+    }
+)
+
+
+class BodyProxy:
+    """Stream HTTP requests to another machine and its responses back (pure ASGI).
+
+    Use it as ``async with BodyProxy(...)``: the httpx client lives between enter and exit.
+    """
+
+    def __init__(
+        self,
+        machine_url: MachineURL,
+        *,
+        machine_id: str,
+        connect_timeout: float = 5.0,
+        timeout: float = 60.0,
+    ) -> None:
+        if connect_timeout <= 0 or timeout <= 0:
+            raise ConfigurationError("proxy timeouts must be positive")
+        self.machine_url = machine_url
+        self.machine_id = machine_id
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self._client: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> Self:
+        if self._client is not None:
+            raise RuntimeError("BodyProxy is already open")
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
+            # HTTP(S)_PROXY from the environment must never capture private-network traffic.
+            trust_env=False,
+            follow_redirects=False,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def forward(
+        self,
+        scope: Scope,
+        body: AsyncIterable[bytes],
+        send: Send,
+        machine_id: str,
+        *,
+        tenant: str = "",
+    ) -> None:
+        """Send the request of ``scope`` with ``body`` to ``machine_id``; stream the answer back.
+
+        Raises ``RoutingError`` when the machine cannot be reached or breaks off; whatever
+        ``body`` raises (a client disconnect) propagates unchanged.
+        """
+        if self._client is None:
+            raise RuntimeError("use BodyProxy in 'async with' before forwarding")
+        base = self.machine_url(machine_id).rstrip("/")
+        raw_path: bytes = scope.get("raw_path") or quote(scope["path"]).encode()
+        query: bytes = scope.get("query_string", b"")
+        url = base + raw_path.decode("latin-1") + (f"?{query.decode('latin-1')}" if query else "")
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _REQUEST_DROP]
+        headers.append((PROXIED_BY.encode(), self.machine_id.encode()))
+        # Honoured by Fly's proxy when the URL points at it (Flycast), which then starts the
+        # machine if it is stopped; a machine's own server ignores it.
+        headers.append((b"fly-force-instance-id", machine_id.encode()))
+        where = f"{scope['method']} {url}"
+        try:
+            request = self._client.build_request(
+                scope["method"], url, headers=headers, content=body
+            )
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise RoutingError(
+                f"machine {machine_id} could not be reached ({where}): {type(exc).__name__}: {exc}",
+                tenant=tenant,
+            ) from exc
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": [
+                        (k, v) for k, v in response.headers.raw if k.lower() not in _RESPONSE_DROP
+                    ],
+                }
+            )
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except httpx.HTTPError as exc:
+            log.warning("proxying to machine %s broke off: %s", machine_id, exc)
+            raise RoutingError(
+                f"machine {machine_id} broke off its response ({where}): {type(exc).__name__}",
+                tenant=tenant,
+            ) from exc
+        finally:
+            await response.aclose()

@@ -1,0 +1,687 @@
+"""The Router through TenantDBMiddleware, in process, with a real DNS responder on loopback UDP.
+
+The middleware runs without a tenant of its own (a pure router) unless a test says otherwise;
+requests go through httpx.ASGITransport, so bodies arrive in the chunks the client sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from tenantdb import TenantDBMiddleware
+from tenantdb.config import Secret, Settings
+from tenantdb.dev.dns_server import DevDNSServer
+from tenantdb.errors import ConfigurationError
+from tenantdb.routing.replay import LOCAL_APP_NAME, ReplaySource, Router
+from tenantdb.storage import Bucket, LocalBucket
+from tenantdb.storage.s3 import S3Bucket
+from tenantdb.tenants import TenantPattern
+from tests.support.fake_machines import FakeMachines, serve_fake_machines
+from tests.support.lifespan import lifespan
+from tests.support.s3_server import DUMMY_ACCESS_KEY_ID, DUMMY_REGION, DUMMY_SECRET_ACCESS_KEY
+
+APP = "routeapp"
+KEY = "customer_id"
+SELF = "m0self"
+MiB = 1 << 20
+
+
+def meta_name(tenant: str, app: str = APP) -> str:
+    return f"{tenant}.{KEY}.kv._metadata.{app}.internal."
+
+
+async def inner(request: Request) -> Response:
+    return PlainTextResponse("inner app")
+
+
+INNER = Starlette(routes=[Route("/{path:path}", inner, methods=["GET", "POST"])])
+
+
+@pytest.fixture
+async def dns() -> AsyncIterator[DevDNSServer]:
+    async with DevDNSServer(APP) as server:
+        yield server
+
+
+def settings_for(tmp_path: Path, dns: DevDNSServer | None, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "app_name": APP,
+        "machine_id": SELF,
+        "dns_server": dns.address if dns is not None else None,
+        "local_bucket_dir": tmp_path / "bucket",
+        "data_dir": tmp_path / "data",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def bucket_settings(bucket: Bucket) -> dict[str, Any]:
+    """Settings fields naming the same storage as an opened test bucket."""
+    if isinstance(bucket, LocalBucket):
+        return {"local_bucket_dir": bucket.root}
+    assert isinstance(bucket, S3Bucket)
+    return {
+        "bucket_name": bucket.name,
+        "endpoint_url": bucket.endpoint_url,
+        "region": DUMMY_REGION,
+        "access_key_id": DUMMY_ACCESS_KEY_ID,
+        "secret_access_key": Secret(DUMMY_SECRET_ACCESS_KEY),
+    }
+
+
+def lock_json(tenant: str, owner: str | None, last_owner: str | None) -> bytes:
+    return json.dumps(
+        {
+            "format": 1,
+            "tenant": tenant,
+            "owner": owner,
+            "region": "ams",
+            "generation": 3,
+            "seq": 7,
+            "ttl_seconds": 15,
+            "snapshot": None,
+            "last_owner": last_owner,
+        }
+    ).encode()
+
+
+class Harness:
+    """A started middleware and a client to it."""
+
+    def __init__(self, middleware: TenantDBMiddleware, client: httpx.AsyncClient) -> None:
+        self.middleware = middleware
+        self.client = client
+
+    async def get(self, path: str, **headers: str) -> httpx.Response:
+        return await self.client.get(path, headers=headers)
+
+
+@pytest.fixture
+async def harness_factory() -> AsyncIterator[Any]:
+    stacks: list[Any] = []
+
+    async def make(settings: Settings, **options: Any) -> Harness:
+        middleware = TenantDBMiddleware(INNER, settings=settings, **options)
+        running = lifespan(middleware)
+        await running.__aenter__()
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=middleware), base_url="http://tenantdb.test"
+        )
+        stacks.append((running, client))
+        return Harness(middleware, client)
+
+    yield make
+    for running, client in reversed(stacks):
+        await client.aclose()
+        await running.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def router(harness_factory: Any, dns: DevDNSServer, tmp_path: Path) -> Harness:
+    harness: Harness = await harness_factory(settings_for(tmp_path, dns))
+    return harness
+
+
+def assert_replay(response: httpx.Response, machine_id: str) -> None:
+    assert response.status_code == 204, response.text
+    assert response.headers["fly-replay"] == f"instance={machine_id}"
+    assert response.content == b""
+
+
+def assert_503(response: httpx.Response, *fragments: str) -> None:
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"].isdigit()
+    for fragment in fragments:
+        assert fragment in response.text, response.text
+
+
+# --- lookups -----------------------------------------------------------------------------
+
+
+async def test_running_machine_gets_a_replay_with_a_replay_cache(
+    router: Harness, dns: DevDNSServer
+) -> None:
+    dns.set_machine("m2beta", {KEY: "beta"})
+    response = await router.get("/customers/beta/orders/7")
+    assert_replay(response, "m2beta")
+    assert response.headers["fly-replay-cache"] == "/customers/beta/*"
+    assert response.headers["fly-replay-cache-ttl-secs"] == "30"
+    assert "fly-replay-cache-status" not in response.headers
+
+
+async def test_bare_tenant_path_is_replayed_without_a_cache_it_would_not_match(
+    router: Harness, dns: DevDNSServer
+) -> None:
+    dns.set_machine("m2beta", {KEY: "beta"})
+    response = await router.get("/customers/beta")
+    assert_replay(response, "m2beta")
+    assert "fly-replay-cache" not in response.headers
+
+
+async def test_answers_are_cached(router: Harness, dns: DevDNSServer) -> None:
+    dns.set_machine("m2beta", {KEY: "beta"})
+    for _ in range(5):
+        assert_replay(await router.get("/customers/beta/x"), "m2beta")
+    assert dns.query_count(meta_name("beta"), "AAAA") == 1
+
+
+async def test_unknown_tenant_is_404_naming_what_was_asked(router: Harness) -> None:
+    response = await router.get("/customers/nobody", accept="application/json")
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error.startswith("no machine serves tenant nobody")
+    assert "DNS" in error
+    assert "lock.json" in error
+    assert "fly-replay" not in response.headers
+
+
+async def test_own_paths_and_other_paths_reach_the_app(router: Harness) -> None:
+    response = await router.get("/healthz")
+    assert response.status_code == 200
+    assert response.text == "inner app"
+
+
+# --- stopped machines: lock.json --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("owner", "last_owner", "expected"),
+    [(None, "m2beta", "m2beta"), ("m3beta", "m2beta", "m3beta"), ("m3beta", None, "m3beta")],
+)
+async def test_stopped_machine_is_found_in_lock_json(
+    harness_factory: Any,
+    dns: DevDNSServer,
+    tmp_path: Path,
+    bucket: Bucket,
+    owner: str | None,
+    last_owner: str | None,
+    expected: str,
+) -> None:
+    dns.set_machine("m2beta", {KEY: "beta"}, running=False)  # DNS lists running machines only
+    await bucket.put("tenants/beta/lock.json", lock_json("beta", owner, last_owner))
+    harness = await harness_factory(settings_for(tmp_path, dns, **bucket_settings(bucket)))
+    response = await harness.get("/customers/beta/orders")
+    assert_replay(response, expected)
+    # A stopped machine is a hint, not a place to pin later requests to.
+    assert "fly-replay-cache" not in response.headers
+
+
+async def test_damaged_lock_json_is_503(
+    harness_factory: Any, dns: DevDNSServer, tmp_path: Path, bucket: Bucket
+) -> None:
+    await bucket.put("tenants/beta/lock.json", b"{not json")
+    harness = await harness_factory(settings_for(tmp_path, dns, **bucket_settings(bucket)))
+    assert_503(await harness.get("/customers/beta"), "tenants/beta/lock.json is damaged")
+
+
+async def test_lock_json_naming_no_usable_machine_is_404(
+    harness_factory: Any, dns: DevDNSServer, tmp_path: Path, local_bucket: LocalBucket
+) -> None:
+    # An owner that could smuggle bytes into the fly-replay header is never used.
+    await local_bucket.put(
+        "tenants/beta/lock.json", lock_json("beta", "m2;elsewhere=true", "M2 BETA")
+    )
+    harness = await harness_factory(settings_for(tmp_path, dns, **bucket_settings(local_bucket)))
+    response = await harness.get("/customers/beta")
+    assert response.status_code == 404
+    assert "its lock.json names no machine" in response.text
+
+
+async def test_storage_error_is_503(
+    harness_factory: Any, dns: DevDNSServer, tmp_path: Path, s3_bucket: S3Bucket
+) -> None:
+    settings = settings_for(
+        tmp_path, dns, **{**bucket_settings(s3_bucket), "bucket_name": "no-such-bucket-here"}
+    )
+    harness = await harness_factory(settings)
+    assert_503(await harness.get("/customers/beta"), "cannot be found right now")
+
+
+# --- Machines API fallback --------------------------------------------------------------
+
+
+@pytest.fixture
+def machines_api() -> Iterator[FakeMachines]:
+    with serve_fake_machines(APP) as fake:
+        yield fake
+
+
+async def test_machines_api_is_the_last_resort(
+    harness_factory: Any, dns: DevDNSServer, tmp_path: Path, machines_api: FakeMachines
+) -> None:
+    machines_api.add("m9zeta", "stopped", customer_id="zeta")
+    machines_api.add("m1other", "stopped", customer_id="other")
+    settings = settings_for(
+        tmp_path,
+        dns,
+        fly_api_token=Secret("fo1_test-token"),
+        machines_api_url=machines_api.base_url,
+    )
+    harness = await harness_factory(settings)
+    assert_replay(await harness.get("/customers/zeta/a"), "m9zeta")
+    assert machines_api.queries == [{"metadata.customer_id": "zeta"}]
+    response = await harness.get("/customers/nobody")
+    assert response.status_code == 404
+    assert "the Machines API lists no machine for it" in response.text
+
+
+async def test_machines_api_failure_is_503(
+    harness_factory: Any, dns: DevDNSServer, tmp_path: Path, machines_api: FakeMachines
+) -> None:
+    machines_api.status = 500
+    settings = settings_for(
+        tmp_path, dns, fly_api_token=Secret("tok"), machines_api_url=machines_api.base_url
+    )
+    harness = await harness_factory(settings)
+    assert_503(await harness.get("/customers/zeta"), "HTTP 500")
+
+
+async def test_machines_api_is_not_asked_without_a_token(
+    router: Harness, machines_api: FakeMachines
+) -> None:
+    machines_api.add("m9zeta", "stopped", customer_id="zeta")
+    assert (await router.get("/customers/zeta")).status_code == 404
+    assert machines_api.queries == []
+
+
+# --- concurrency ------------------------------------------------------------------------
+
+
+async def test_a_burst_for_one_tenant_makes_one_dns_lookup(
+    router: Harness, dns: DevDNSServer
+) -> None:
+    dns.set_machine("m2beta", {KEY: "beta"})
+    responses = await asyncio.gather(
+        *(router.get(f"/customers/beta/item/{n}") for n in range(1000))
+    )
+    assert {r.status_code for r in responses} == {204}
+    assert {r.headers["fly-replay"] for r in responses} == {"instance=m2beta"}
+    # One AAAA and one PTR query: at most 2 queries for 1,000 requests.
+    assert dns.query_count() <= 2
+    assert dns.query_count(meta_name("beta"), "AAAA") == 1
+
+
+async def test_a_burst_for_a_stopped_tenant_reads_lock_json_once(
+    harness_factory: Any, dns: DevDNSServer, tmp_path: Path, local_bucket: LocalBucket
+) -> None:
+    await local_bucket.put("tenants/beta/lock.json", lock_json("beta", None, "m2beta"))
+    harness = await harness_factory(settings_for(tmp_path, dns, **bucket_settings(local_bucket)))
+    reads = 0
+    router = harness.middleware.router
+    original = LocalBucket.get
+
+    async def counting_get(self: LocalBucket, key: str) -> Any:
+        nonlocal reads
+        reads += 1
+        return await original(self, key)
+
+    LocalBucket.get = counting_get  # type: ignore[method-assign]
+    try:
+        responses = await asyncio.gather(*(harness.get("/customers/beta") for _ in range(200)))
+    finally:
+        LocalBucket.get = original  # type: ignore[method-assign]
+    assert {r.status_code for r in responses} == {204}
+    assert reads == 1
+    assert dns.query_count(meta_name("beta"), "AAAA") == 1
+    assert router.enabled
+
+
+# --- loop guard -------------------------------------------------------------------------
+
+
+async def test_replayed_request_is_re_resolved_without_the_cache(
+    router: Harness, dns: DevDNSServer
+) -> None:
+    dns.set_machine("m2beta", {KEY: "beta"})
+    assert_replay(await router.get("/customers/beta/x"), "m2beta")  # cached now
+    dns.set_machine("m2beta", {KEY: "beta"}, running=False)
+    dns.set_machine("m3beta", {KEY: "beta"})
+    # m2beta replayed it here (it no longer serves beta): the cache says m2beta, a fresh
+    # lookup says m3beta, so it goes on to m3beta, without a replay cache (one hop only).
+    response = await router.get(
+        "/customers/beta/x", **{"fly-replay-src": "instance=m2beta;region=ams;t=1700000000000000"}
+    )
+    assert_replay(response, "m3beta")
+    assert "fly-replay-cache" not in response.headers
+    assert dns.query_count(meta_name("beta"), "AAAA") == 2
+    # The fresh answer is cached for the next direct request.
+    assert_replay(await router.get("/customers/beta/x"), "m3beta")
+    assert dns.query_count(meta_name("beta"), "AAAA") == 2
+
+
+@pytest.mark.parametrize(
+    ("running", "points"),
+    [("m2beta", "machine m2beta again"), (SELF, "this machine"), (None, "no machine")],
+)
+async def test_loop_guard_answers_503_instead_of_replaying_blindly(
+    router: Harness, dns: DevDNSServer, running: str | None, points: str
+) -> None:
+    if running is not None:
+        dns.set_machine(running, {KEY: "beta"})
+    response = await router.get(
+        "/customers/beta", **{"fly-replay-src": "instance=m2beta;region=ams;t=1"}
+    )
+    assert_503(response, "from machine m2beta through fly-replay", f"points at {points}")
+    assert "fly-replay" not in response.headers
+    assert dns.query_count(meta_name("beta"), "AAAA") == 1
+
+
+async def test_replay_failed_is_503_and_forgets_the_cached_answer(
+    router: Harness, dns: DevDNSServer
+) -> None:
+    dns.set_machine("m2beta", {KEY: "beta"})
+    assert_replay(await router.get("/customers/beta"), "m2beta")
+    response = await router.get("/customers/beta", **{"fly-replay-failed": "reason=timeout"})
+    assert_503(response, "fly-replay-failed: reason=timeout")
+    assert "fly-replay" not in response.headers
+    assert_replay(await router.get("/customers/beta"), "m2beta")
+    assert dns.query_count(meta_name("beta"), "AAAA") == 2  # asked again after the failure
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["garbage", "instance=", "instance=BAD ID;region=ams", ";;;", "region=ams;t=1", "t=x"],
+)
+async def test_malformed_replay_src_is_ignored(
+    router: Harness, dns: DevDNSServer, value: str
+) -> None:
+    dns.set_machine("m2beta", {KEY: "beta"})
+    response = await router.get("/customers/beta/x", **{"fly-replay-src": value})
+    assert_replay(response, "m2beta")
+    assert response.headers["fly-replay-cache"] == "/customers/beta/*"  # a direct request
+
+
+async def test_cached_replay_to_the_wrong_machine_invalidates_the_cache(
+    router: Harness, dns: DevDNSServer
+) -> None:
+    dns.set_machine("m3beta", {KEY: "beta"})
+    response = await router.get("/customers/beta/x", **{"fly-replay-cache-status": "hit"})
+    assert_replay(response, "m3beta")
+    assert response.headers["fly-replay-cache"] == "invalidate"
+    assert "fly-replay-cache-ttl-secs" not in response.headers
+    gone = await router.get("/customers/gone/x", **{"fly-replay-cache-status": "hit"})
+    assert gone.status_code == 404
+    assert gone.headers["fly-replay-cache"] == "invalidate"
+
+
+async def test_a_cache_miss_is_an_ordinary_replay(router: Harness, dns: DevDNSServer) -> None:
+    dns.set_machine("m3beta", {KEY: "beta"})
+    response = await router.get("/customers/beta/x", **{"fly-replay-cache-status": "miss"})
+    assert_replay(response, "m3beta")
+    assert response.headers["fly-replay-cache"] == "/customers/beta/*"
+
+
+async def test_proxied_request_is_not_proxied_back(router: Harness, dns: DevDNSServer) -> None:
+    dns.set_machine("m2beta", {KEY: "beta"})
+    response = await router.get("/customers/beta", **{"tenantdb-proxied-by": "m2beta"})
+    assert_503(response, "through the tenantdb body proxy")
+
+
+# --- DNS failures -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["silent", "servfail"])
+async def test_dns_failure_is_503_with_retry_after(
+    router: Harness, dns: DevDNSServer, mode: Any
+) -> None:
+    dns.mode = mode
+    started = time.monotonic()
+    response = await router.get("/customers/beta", accept="application/json")
+    assert time.monotonic() - started < 5
+    assert_503(response, "cannot be found right now")
+    assert response.json()["status"] == 503
+    # Failures are not cached: the next request asks again and succeeds.
+    dns.mode = "normal"
+    dns.set_machine("m2beta", {KEY: "beta"})
+    assert_replay(await router.get("/customers/beta"), "m2beta")
+
+
+# --- large bodies -----------------------------------------------------------------------
+
+
+async def test_small_chunked_body_is_replayed(router: Harness, dns: DevDNSServer) -> None:
+    dns.set_machine("m2beta", {KEY: "beta"})
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(8):
+            yield b"x" * (64 * 1024)
+
+    response = await router.client.post("/customers/beta/upload", content=body())
+    assert_replay(response, "m2beta")
+
+
+async def test_large_bodies_are_413_when_proxying_is_off(
+    harness_factory: Any, dns: DevDNSServer, tmp_path: Path
+) -> None:
+    dns.set_machine("m2beta", {KEY: "beta"})
+    harness = await harness_factory(settings_for(tmp_path, dns), proxy_large_bodies=False)
+    response = await harness.client.post("/customers/beta/upload", content=b"x" * (3 * MiB))
+    assert response.status_code == 413
+    assert f"a body of {3 * MiB} bytes larger than the 1 MiB" in response.text
+    assert "proxy_large_bodies=False" in response.text
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(40):
+            yield b"y" * (64 * 1024)
+
+    response = await harness.client.post("/customers/beta/upload", content=body())
+    assert response.status_code == 413
+    assert "a streamed body" in response.text
+    # Exactly 1 MiB still fits in a replay.
+    response = await harness.client.post("/customers/beta/upload", content=b"z" * MiB)
+    assert_replay(response, "m2beta")
+
+
+async def test_unreachable_machine_for_a_large_body_is_503(
+    harness_factory: Any, dns: DevDNSServer, tmp_path: Path
+) -> None:
+    dns.set_machine("m2beta", {KEY: "beta"})
+    harness = await harness_factory(
+        settings_for(tmp_path, dns), machine_url=lambda machine_id: "http://127.0.0.1:9"
+    )
+    response = await harness.client.post("/customers/beta/upload", content=b"x" * (2 * MiB))
+    assert_503(response, "machine m2beta directly")
+
+
+# --- replay_to: this machine's own tenant, held elsewhere --------------------------------
+
+
+async def replay_to(router: Router, path: str, holder: str, **headers: str) -> httpx.Response:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await router.replay_to(scope, receive, send, holder, "acme")
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        return await client.get(path, headers=headers)
+
+
+async def test_replay_to_the_lease_holder(dns: DevDNSServer, tmp_path: Path) -> None:
+    async with Router(settings_for(tmp_path, dns), TenantPattern()) as router:
+        response = await replay_to(router, "/customers/acme/x", "m7holder")
+        assert_replay(response, "m7holder")
+        assert "fly-replay-cache" not in response.headers
+        bounced = await replay_to(
+            router, "/customers/acme/x", "m7holder", **{"fly-replay-src": "instance=m7holder"}
+        )
+        assert_503(bounced, "machine m7holder holds its lease but sent this request here")
+        bad = await replay_to(router, "/customers/acme", "evil;app=other")
+        assert_503(bad, "is not a Fly machine id")
+        assert "fly-replay" not in bad.headers
+
+
+# --- local mode and construction ---------------------------------------------------------
+
+
+async def test_local_mode_without_dns_is_404_saying_routing_needs_fly(
+    harness_factory: Any, tmp_path: Path
+) -> None:
+    harness = await harness_factory(settings_for(tmp_path, None, app_name=None))
+    assert not harness.middleware.router.can_replay
+    response = await harness.get("/customers/beta")
+    assert response.status_code == 404
+    assert "routing other tenants needs Fly.io (FLY_APP_NAME)" in response.text
+
+
+async def test_local_mode_with_a_dns_server_uses_the_dev_app_name(
+    harness_factory: Any, tmp_path: Path
+) -> None:
+    async with DevDNSServer() as dev:
+        assert dev.app_name == LOCAL_APP_NAME
+        dev.set_machine("m2beta", {KEY: "beta"})
+        harness = await harness_factory(settings_for(tmp_path, dev, app_name=None))
+        assert_replay(await harness.get("/customers/beta/x"), "m2beta")
+
+
+def test_constructing_a_router_does_no_io(tmp_path: Path) -> None:
+    settings = Settings(
+        app_name=APP,
+        dns_server=("127.0.0.1", 9),
+        bucket_name="nowhere",
+        endpoint_url="http://127.0.0.1:9",
+        fly_api_token=Secret("tok"),
+    )
+    router = Router(settings, TenantPattern())
+    assert router.enabled
+    assert repr(router) == f"Router(app={APP!r}, machine={settings.machine_id!r})"
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"replay_cache_ttl": 5}, "at least 10s"),
+        ({"cache_ttl": -1}, "TTLs"),
+        ({"dns_timeout": 0}, "timeouts"),
+    ],
+)
+def test_bad_options_are_refused(options: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ConfigurationError, match=fragment):
+        Router(Settings(app_name=APP), TenantPattern(), **options)
+
+
+def test_proxy_url_template_names_the_machine() -> None:
+    router = Router(Settings(app_name=APP, port=8081), TenantPattern())
+    assert router.machine_url("m2beta") == f"http://m2beta.vm.{APP}.internal:8081"
+    env = {"TENANTDB_DNS_SERVER": "127.0.0.1:53", "TENANTDB_PROXY_URL": "http://10.0.0.1:{port}"}
+    local = Router(Settings.from_env(env), TenantPattern())
+    assert local.machine_url("m2beta") == "http://10.0.0.1:8080"
+    assert (
+        Router(Settings(app_name=APP), TenantPattern(), machine_url=str.upper).machine_url("m2")
+        == "M2"
+    )
+
+
+@pytest.mark.parametrize("template", ["http://{machine}.x", "ftp://{machine_id}", "http://{0}"])
+def test_bad_proxy_url_template_is_refused(template: str) -> None:
+    with pytest.raises(ConfigurationError, match="proxy URL template"):
+        Router(Settings(app_name=APP, proxy_url=template), TenantPattern())
+
+
+async def test_replay_cache_can_be_turned_off(
+    harness_factory: Any, dns: DevDNSServer, tmp_path: Path
+) -> None:
+    dns.set_machine("m2beta", {KEY: "beta"})
+    middleware = TenantDBMiddleware(INNER, settings=settings_for(tmp_path, dns))
+    middleware.router = Router(middleware.settings, middleware.pattern, replay_cache_ttl=0)
+    async with lifespan(middleware):
+        transport = httpx.ASGITransport(app=middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            response = await client.get("/customers/beta/x")
+    assert_replay(response, "m2beta")
+    assert "fly-replay-cache" not in response.headers
+
+
+async def test_not_started_router_is_503(dns: DevDNSServer, tmp_path: Path) -> None:
+    middleware = TenantDBMiddleware(INNER, settings=settings_for(tmp_path, dns))
+    transport = httpx.ASGITransport(app=middleware)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.get("/customers/beta")
+    assert_503(response, "must run the ASGI lifespan")
+
+
+# --- fly-replay-src parsing --------------------------------------------------------------
+
+
+def test_replay_src_is_parsed() -> None:
+    source = ReplaySource.parse("instance=e784079b449483;region=ams;t=1700000000123456;state=x=y")
+    assert source == ReplaySource("e784079b449483", "ams", 1700000000123456, "x=y")
+    assert ReplaySource.parse("region=ams; instance=m1") == ReplaySource("m1", "ams")
+    assert ReplaySource.parse("instance=m1;t=soon") == ReplaySource("m1")
+    assert ReplaySource.parse("instance=M1") is None
+    assert ReplaySource.parse("") is None
+
+
+# --- hypothesis: arbitrary replay headers never cause an unintended 5xx ------------------
+
+header_text = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
+    max_size=120,
+)
+replay_src = st.one_of(
+    header_text,
+    st.builds(
+        lambda instance, region, t, state: (
+            f"instance={instance};region={region};t={t};state={state}"
+        ),
+        st.sampled_from(["m2beta", "m0self", "m3beta", "", "M2", "m2beta;x", "-"]),
+        st.sampled_from(["ams", "", "x;y"]),
+        st.one_of(st.integers(), header_text),
+        header_text,
+    ),
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    src=st.none() | replay_src,
+    failed=st.none() | replay_src,
+    cache_status=st.none() | st.sampled_from(["hit", "miss", "HIT", "bypass", ""]),
+    tenant=st.sampled_from(["beta", "nobody", "m0self"]),
+)
+async def test_replay_headers_never_cause_an_unintended_5xx(
+    router: Harness,
+    dns: DevDNSServer,
+    src: str | None,
+    failed: str | None,
+    cache_status: str | None,
+    tenant: str,
+) -> None:
+    dns.set_machine("m2beta", {KEY: "beta"})
+    headers = {
+        name: value
+        for name, value in (
+            ("fly-replay-src", src),
+            ("fly-replay-failed", failed),
+            ("fly-replay-cache-status", cache_status),
+        )
+        if value is not None
+    }
+    response = await router.client.get(
+        f"/customers/{tenant}/x", headers={k: v.encode("latin-1") for k, v in headers.items()}
+    )
+    assert response.status_code in (204, 404, 503), response.text
+    if response.status_code == 503:
+        assert response.headers["retry-after"] == "2"
+        # Only the loop guard and replay failures answer 503 here.
+        replayed = src is not None and ReplaySource.parse(src) is not None
+        assert failed is not None or replayed, response.text
+    if response.status_code == 204:
+        assert response.headers["fly-replay"] == "instance=m2beta"
+        assert failed is None
