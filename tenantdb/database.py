@@ -471,29 +471,44 @@ class TenantDB:
         attempt = 0
         while True:
             attempt += 1
+            failure: Exception
             try:
-                await self.checkpoint()
+                # Each attempt gets only the time left: a stalled upload (the read timeout
+                # can exceed the kill timeout) must not outlast the machine, or the log
+                # below would never be written.
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)):
+                    await self.checkpoint()
                 break
             except LeaseLostError:
                 log.error("tenant %s: fenced during the final publish", self.tenant)
                 return
+            except TimeoutError as exc:
+                failure = exc
             except TenantDBError as exc:
-                if time.monotonic() + min(2.0, attempt * 0.5) >= deadline:
-                    log.critical(
-                        "tenant %s: FINAL PUBLISH FAILED (%s). The lease is NOT released and "
-                        "the newest data is only in %s: restart this machine to publish it",
-                        self.tenant,
-                        exc,
-                        self.path.resolve(),
-                    )
-                    return
-                log.warning("tenant %s: final publish failed, retrying: %s", self.tenant, exc)
-                await asyncio.sleep(min(2.0, attempt * 0.5))
+                failure = exc
+            reason = str(failure) or "it did not finish before the kill timeout"
+            if time.monotonic() + min(2.0, attempt * 0.5) >= deadline:
+                log.critical(
+                    "tenant %s: FINAL PUBLISH FAILED (%s). The lease is NOT released and "
+                    "the newest data is only in %s: restart this machine to publish it",
+                    self.tenant,
+                    reason,
+                    self.path.resolve(),
+                )
+                return
+            log.warning("tenant %s: final publish failed, retrying: %s", self.tenant, reason)
+            await asyncio.sleep(min(2.0, attempt * 0.5))
         try:
-            await self.lease.release()
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.5)):
+                await self.lease.release()
             log.info("tenant %s: lease released", self.tenant)
-        except TenantDBError as exc:
-            log.error("tenant %s: published, but could not release the lease: %s", self.tenant, exc)
+        except (TenantDBError, TimeoutError) as exc:
+            log.error(
+                "tenant %s: published, but could not release the lease (%s); other machines "
+                "wait for it to expire",
+                self.tenant,
+                str(exc) or "timed out",
+            )
 
     async def _close_database(self) -> None:
         async with self._publish_lock:
