@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import aioboto3
 import aiohttp
 from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -44,6 +45,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
     SSLError,
 )
+from botocore.loaders import Loader, create_loader
 
 from tenantdb.errors import (
     AccessDeniedError,
@@ -156,15 +158,36 @@ def _check_key(key: str, operation: str) -> None:
         )
 
 
-def _server_date(response: dict[str, Any]) -> datetime | None:
-    """Parse the HTTP ``Date`` header: the server's clock, used for lease expiry."""
-    raw = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+def _http_date(raw: str | None) -> datetime | None:
+    """Parse an HTTP date header (RFC 7231), or None if absent or malformed."""
     if not raw:
         return None
     try:
         return parsedate_to_datetime(raw).astimezone(UTC)
     except (TypeError, ValueError):
         return None
+
+
+def _headers(response: dict[str, Any]) -> dict[str, str]:
+    headers: dict[str, str] = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    return headers
+
+
+def _server_date(response: dict[str, Any]) -> datetime | None:
+    """The response's HTTP ``Date``: the server's clock, used for lease expiry."""
+    return _http_date(_headers(response).get("date"))
+
+
+def _safe_url(url: str | None) -> str | None:
+    """The URL without any user:password part, fit for messages and reprs."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return parts._replace(netloc=netloc).geturl()
 
 
 def _utc(value: datetime) -> datetime:
@@ -187,7 +210,7 @@ def _translate(exc: BaseException, *, operation: str, key: str, bucket: str) -> 
     kind: type[StorageError]
     if isinstance(exc, ClientError):
         status, code = _status_and_code(exc)
-        if code == "NoSuchBucket" or code in _BUCKET_CODES or status == 301:
+        if code in _BUCKET_CODES or status == 301:
             kind, why = BucketConfigurationError, f"{code} (HTTP {status})"
         elif status == 404 or code in _NOT_FOUND_CODES:
             kind, why = ObjectNotFoundError, "no such object (HTTP 404)"
@@ -294,6 +317,22 @@ async def _gather_or_cancel(coros: builtins.list[Coroutine[Any, Any, None]]) -> 
         raise
 
 
+@cache
+def _shared_loader() -> Loader:
+    """botocore's model loader, shared by every client of the process.
+
+    Parsing the S3 service model and endpoint rules costs tens of milliseconds per new
+    session; the loader caches the parsed data and holds no credentials or loop state.
+    """
+    return create_loader()
+
+
+def _new_session() -> Any:
+    core = AioSession()
+    core.register_component("data_loader", _shared_loader())
+    return aioboto3.Session(botocore_session=core)
+
+
 def _path_style(endpoint_url: str | None) -> bool:
     """Whether the endpoint cannot do virtual-hosted buckets (an IP address or localhost)."""
     if not endpoint_url:
@@ -369,7 +408,8 @@ class S3Bucket:
         )
 
     def __repr__(self) -> str:
-        endpoint = f", endpoint_url={self.endpoint_url!r}" if self.endpoint_url else ""
+        url = _safe_url(self.endpoint_url)
+        endpoint = f", endpoint_url={url!r}" if url else ""
         return f"S3Bucket({self.name!r}{endpoint}, region={self.region!r})"
 
     async def __aenter__(self) -> Self:
@@ -390,7 +430,7 @@ class S3Bucket:
         )
         stack = AsyncExitStack()
         try:
-            session = aioboto3.Session()
+            session = _new_session()
             self._client = await stack.enter_async_context(
                 session.client(
                     "s3",
@@ -408,7 +448,7 @@ class S3Bucket:
             self._client = None
             raise BucketConfigurationError(
                 f"cannot create an S3 client for bucket {self.name!r} "
-                f"(endpoint {self.endpoint_url!r}, region {self.region!r}): "
+                f"(endpoint {_safe_url(self.endpoint_url)!r}, region {self.region!r}): "
                 f"{type(exc).__name__}",
                 operation="open",
             ) from exc
@@ -464,18 +504,21 @@ class S3Bucket:
         else:
             # PutObject and CompleteMultipartUpload answers carry no Last-Modified on S3;
             # the server's Date of the write is within a second of it, on the same clock.
-            header = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-            raw = header.get("last-modified")
-            parsed = None
-            if raw:
-                try:
-                    parsed = parsedate_to_datetime(raw).astimezone(UTC)
-                except (TypeError, ValueError):
-                    parsed = None
-            last_modified = parsed or server_date or datetime.now(UTC)
+            last_modified = (
+                _http_date(_headers(response).get("last-modified"))
+                or server_date
+                or datetime.now(UTC)
+            )
+        etag = response.get("ETag")
+        if not etag:
+            # Every conditional write needs the ETag; a store that omits it cannot work.
+            raise StorageError(
+                f"S3 answer about {key!r} in bucket {self.name!r} carried no ETag",
+                key=key,
+            )
         return ObjectInfo(
             key=key,
-            etag=str(response["ETag"]),
+            etag=str(etag),
             size=size,
             last_modified=last_modified,
             server_date=server_date,
@@ -589,7 +632,7 @@ class S3Bucket:
                     found.append(
                         ObjectInfo(
                             key=item["Key"],
-                            etag=str(item["ETag"]),
+                            etag=str(item.get("ETag", "")),
                             size=int(item["Size"]),
                             last_modified=_utc(item["LastModified"]),
                             server_date=server_date,
@@ -609,7 +652,8 @@ class S3Bucket:
 
         The first ranged GET learns the size and ETag; the other ranges are fetched a few at
         a time with ``If-Match`` on that ETag, so an object replaced mid-download fails with
-        ``PreconditionFailedError`` instead of mixing two versions in one file.
+        ``PreconditionFailedError`` instead of mixing two versions in one file. After a
+        failure ``dest`` holds partial data: download to a temporary name, then rename.
         """
         _check_key(key, "download")
         dest = Path(dest)
