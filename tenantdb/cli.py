@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import re
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from tenantdb.config import Secret, Settings
 from tenantdb.errors import ConfigurationError, InvalidTenantError, TenantDBError
@@ -323,11 +326,135 @@ async def _destroy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# Top-level subcommands. `tenantdb dev` (the local Fly emulation) belongs here too.
+# --- tenantdb dev ---
+
+
+def _tenant_list(value: str) -> tuple[str, ...]:
+    return tuple(_tenant_arg(part.strip()) for part in value.split(","))
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{number:g} must not be negative")
+    return number
+
+
+def _configure_dev(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Run the multi-tenant app on this computer as it runs on Fly.io: one process per "
+        "machine (FLY_MACHINE_ID, TENANT_ID, its own data dir), Fly's internal DNS, and a proxy "
+        "that load-balances, follows fly-replay and starts stopped machines. Data goes to the "
+        "embedded bucket in STATE_DIR/bucket, or to BUCKET_NAME when set. Ctrl-C stops every "
+        "machine gracefully, so each publishes its data."
+    )
+    parser.add_argument(
+        "--tenants",
+        type=_tenant_list,
+        default=("100", "200", "300"),
+        metavar="T1,T2,...",
+        help="tenants to run machines for (default: 100,200,300)",
+    )
+    parser.add_argument(
+        "--machines-per-tenant",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="machines per tenant; all but the lease holder stand by (default: 1)",
+    )
+    parser.add_argument(
+        "--port", type=_port, default=8080, help="port of the proxy on 127.0.0.1 (default: 8080)"
+    )
+    parser.add_argument(
+        "--app", default="tenantdb-dev", help="the emulated Fly app's name (default: tenantdb-dev)"
+    )
+    parser.add_argument("--region", default="dev", help="FLY_REGION of the machines (default: dev)")
+    parser.add_argument(
+        "--idle-stop",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="stop a machine after this long without requests, like auto_stop_machines "
+        "(default: 0, never)",
+    )
+    parser.add_argument(
+        "--kill-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a stopping machine gets after SIGINT before SIGKILL (default: 30)",
+    )
+    app = parser.add_mutually_exclusive_group()
+    app.add_argument(
+        "--app-module",
+        default="example_app:app",
+        metavar="MODULE:APP",
+        help="ASGI app each machine serves with uvicorn (default: example_app:app)",
+    )
+    app.add_argument(
+        "--command",
+        metavar="CMD",
+        help="run CMD in each machine instead; it must listen on $HOST:$PORT",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".tenantdb"),
+        help="machines, their data dirs and the local bucket (default: .tenantdb)",
+    )
+    parser.add_argument(
+        "--env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment variable for every machine (repeatable)",
+    )
+    parser.set_defaults(handler=_dev)
+
+
+def _dev(args: argparse.Namespace) -> int:
+    # Imported here: the emulation brings uvicorn and the DNS server, which no other
+    # command needs.
+    from tenantdb.dev.cluster import ClusterConfig, serve
+    from tenantdb.dev.proxy import MachineUnavailableError
+
+    config = ClusterConfig(
+        tenants=args.tenants,
+        machines_per_tenant=args.machines_per_tenant,
+        app_name=args.app,
+        region=args.region,
+        port=args.port,
+        app_module=args.app_module,
+        command=tuple(shlex.split(args.command or "")),
+        state_dir=args.state_dir,
+        idle_stop=args.idle_stop,
+        kill_timeout=args.kill_timeout,
+        env=dict(args.env),
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # One line per request from the proxy's HTTP client would drown the replay lines.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        stopped_cleanly = asyncio.run(serve(config, announce=_out))
+    except MachineUnavailableError as exc:
+        _err(f"error: {exc}")
+        return EXIT_FAILURE
+    return EXIT_OK if stopped_cleanly else EXIT_FAILURE
+
+
+# Top-level subcommands.
 COMMANDS: dict[str, Command] = {
     "machines": Command(
         help="create, list and destroy tenant machines (Fly Machines API)",
         configure=_configure_machines,
+    ),
+    "dev": Command(
+        help="run the tenants' machines locally behind a Fly-like proxy (no cloud account)",
+        configure=_configure_dev,
     ),
 }
 

@@ -1,0 +1,686 @@
+"""The local Fly emulation behind ``tenantdb dev``: machines as processes, DNS and a proxy.
+
+``Cluster`` runs, on loopback only:
+
+- a ``DevDNSServer`` answering Fly's internal DNS names for the machines that run;
+- one process per machine (uvicorn serving ``app_module``, or ``command``) with its own
+  ``FLY_MACHINE_ID`` (14 hex digits, kept in ``<state dir>/dev/<app>/machines.json`` so that a
+  restart brings the same machines back), ``FLY_REGION``, ``FLY_APP_NAME``, ``TENANT_ID``,
+  data directory, ``TENANTDB_DNS_SERVER``, and the embedded bucket ``<state dir>/bucket``
+  unless ``BUCKET_NAME`` names an S3 bucket;
+- a ``FlyProxy`` in front, which starts stopped machines when requests need them.
+
+Machines idle for ``idle_stop`` seconds are stopped as Fly stops them: ``SIGINT``, then
+``SIGKILL`` after ``kill_timeout``. Unlike Fly's autostop, which stops one machine per region
+every few minutes, each idle machine is stopped as soon as it has been idle long enough.
+
+Every machine runs in its own process group. ``stop()`` (also run when ``start()`` fails)
+stops them all gracefully, and an ``atexit`` hook kills whatever a crash left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import uvicorn
+
+from tenantdb.dev.dns_server import DevDNSServer
+from tenantdb.dev.proxy import (
+    FlyProxy,
+    MachineInfo,
+    MachineState,
+    MachineUnavailableError,
+    ReplayRecord,
+)
+from tenantdb.errors import ConfigurationError
+from tenantdb.tenants import validate_tenant
+
+__all__ = ["Cluster", "ClusterConfig", "MachineStatus", "serve"]
+
+log = logging.getLogger("tenantdb.dev")
+machine_log = logging.getLogger("tenantdb.dev.machine")
+
+_APP_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_LOOPBACK = "127.0.0.1"
+# For machines run with uvicorn: tenantdb's own INFO lines (lease, restore, publish) are what
+# the demo is about, and uvicorn alone would show only its own loggers.
+_MACHINE_LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(levelname)s %(name)s: %(message)s"}},
+    "handlers": {
+        "stderr": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "stream": "ext://sys.stderr",
+        }
+    },
+    "root": {"level": "INFO", "handlers": ["stderr"]},
+}
+# Not handed down from the developer's shell: a real token would let the machines' router
+# fall back to the real Machines API, for an app that only exists on this laptop.
+_NOT_INHERITED = ("FLY_API_TOKEN", "CUSTOMER_ID")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """What to run: tenants and machines, the app, the proxy's port, and Fly's timings."""
+
+    tenants: tuple[str, ...] = ("100", "200", "300")
+    machines_per_tenant: int = 1
+    app_name: str = "tenantdb-dev"
+    region: str = "dev"
+    port: int = 8080
+    app_module: str = "example_app:app"
+    command: tuple[str, ...] = ()
+    state_dir: Path = Path(".tenantdb")
+    idle_stop: float = 0.0
+    kill_timeout: float = 30.0
+    start_timeout: float = 30.0
+    metadata_key: str = "customer_id"
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.tenants:
+            raise ConfigurationError("at least one tenant is needed")
+        for tenant in self.tenants:
+            validate_tenant(tenant)
+        if len(set(self.tenants)) != len(self.tenants):
+            raise ConfigurationError(f"tenants repeat: {', '.join(self.tenants)}")
+        if self.machines_per_tenant < 1:
+            raise ConfigurationError("each tenant needs at least one machine")
+        if not _APP_RE.fullmatch(self.app_name):
+            raise ConfigurationError(f"app name {self.app_name!r} is not a lowercase DNS label")
+        if not 0 <= self.port <= 65535:
+            raise ConfigurationError(f"port {self.port} is not a TCP port (0 = any free port)")
+        if self.idle_stop < 0 or self.kill_timeout <= 0 or self.start_timeout <= 0:
+            raise ConfigurationError("idle stop must be >= 0 (0 = never), timeouts > 0")
+
+
+@dataclass(frozen=True)
+class MachineStatus:
+    """One machine of the cluster: who it serves, its state, and its process while it runs."""
+
+    machine_id: str
+    tenant: str
+    region: str
+    state: MachineState
+    port: int | None
+    pid: int | None
+
+
+class _Machine:
+    """One emulated machine: identity, state, and its process while it runs."""
+
+    def __init__(self, machine_id: str, tenant: str, region: str, data_dir: Path) -> None:
+        self.machine_id = machine_id
+        self.tenant = tenant
+        self.region = region
+        self.data_dir = data_dir
+        self.state: MachineState = "stopped"
+        self.process: asyncio.subprocess.Process | None = None
+        self.output: asyncio.Task[None] | None = None
+        self.port = 0
+        self.in_flight = 0
+        self.last_active = 0.0
+        # Starting and stopping one machine never overlap.
+        self.lock = asyncio.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://{_LOOPBACK}:{self.port}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.machine_id} (tenant {self.tenant})"
+
+    def status(self) -> MachineStatus:
+        process = self.process
+        running = process is not None and process.returncode is None
+        return MachineStatus(
+            self.machine_id,
+            self.tenant,
+            self.region,
+            self.state,
+            self.port if running else None,
+            process.pid if running and process is not None else None,
+        )
+
+
+class _ProxyServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the cluster decides what a signal means."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Cluster:
+    """The local Fly emulation: a DNS responder, one process per machine, a proxy in front.
+
+    ``async with Cluster(config) as cluster:`` starts everything and stops it all at the end.
+    The proxy calls ``machines()`` and ``use()``; tests may stop, start and kill machines.
+    """
+
+    def __init__(
+        self, config: ClusterConfig | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.config = config or ClusterConfig()
+        self.dns = DevDNSServer(self.config.app_name, host=_LOOPBACK)
+        self.proxy = FlyProxy(self)
+        self.stopped_cleanly = True
+        self._clock = clock
+        self._running = False
+        self._machines: dict[str, _Machine] = {}
+        self._server: _ProxyServer | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self._idle_watch: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._port = 0
+        self._env: dict[str, str] = {}
+        self._log_config = Path()
+        self._socket: socket.socket | None = None
+        # Where the machines keep their data, for people to read; known once started.
+        self.bucket_description = ""
+
+    # -- what the proxy and tests see ---------------------------------------------------------
+
+    @property
+    def app_name(self) -> str:
+        """The emulated Fly app's name (``FLY_APP_NAME`` of every machine)."""
+        return self.config.app_name
+
+    @property
+    def url(self) -> str:
+        """The proxy's base URL, where clients send requests."""
+        if not self._port:
+            raise RuntimeError("the cluster is not running")
+        return f"http://{_LOOPBACK}:{self._port}"
+
+    @property
+    def replay_log(self) -> list[ReplayRecord]:
+        """Every replay the proxy made, oldest first."""
+        return self.proxy.replay_log
+
+    def machines(self) -> list[MachineInfo]:
+        """Return every machine as the proxy sees it."""
+        return [MachineInfo(m.machine_id, m.region, m.state) for m in self._machines.values()]
+
+    def status(self) -> list[MachineStatus]:
+        """Return every machine with its tenant, state, port and process id."""
+        return [m.status() for m in self._machines.values()]
+
+    def machine_ids(self, tenant: str) -> list[str]:
+        """Return the ids of ``tenant``'s machines, in creation order."""
+        return [m.machine_id for m in self._machines.values() if m.tenant == tenant]
+
+    @contextlib.asynccontextmanager
+    async def use(self, machine_id: str) -> AsyncIterator[str]:
+        """Hold a machine busy for one request, starting it first if it is stopped (autostart)."""
+        machine = self._machine(machine_id)
+        if machine.state != "started":
+            if machine.state == "failed":
+                raise MachineUnavailableError(
+                    f"machine {machine.label} has failed; requests do not start it"
+                )
+            log.info("autostart: machine %s is %s, starting it", machine.label, machine.state)
+            await self._start(machine)
+        # No await between the start and this count: an idle stop cannot slip in between.
+        machine.in_flight += 1
+        try:
+            yield machine.url
+        finally:
+            machine.in_flight -= 1
+            machine.last_active = self._clock()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start the DNS responder, every machine, then the proxy; undo it all on failure."""
+        if self._running:
+            raise RuntimeError("the cluster is already started")
+        self._running = True
+        try:
+            root = self.config.state_dir.resolve()
+            home = root / "dev" / self.config.app_name
+            self._machines = _load_machines(self.config, home)
+            self._log_config = home / "logging.json"
+            self._log_config.write_text(json.dumps(_MACHINE_LOGGING, indent=2) + "\n")
+            await self.dns.start()
+            self._socket = sock = _listen(self.config.port)
+            self._env = self._base_env(root, sock.getsockname()[1])
+            self.bucket_description = _describe_bucket(self._env)
+            await self.proxy.__aenter__()
+            atexit.register(self.kill_all)
+            # Every start runs to its end (success or failure) before anything is undone.
+            results = await asyncio.gather(
+                *(self._start(m, explicit=True) for m in self._machines.values()),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            await self._serve_proxy(sock)
+            if self.config.idle_stop > 0:
+                self._idle_watch = asyncio.create_task(self._stop_idle_machines())
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop the proxy, then every machine gracefully (in parallel), then the DNS responder."""
+        if self._idle_watch is not None:
+            self._idle_watch.cancel()
+            await asyncio.gather(self._idle_watch, return_exceptions=True)
+            self._idle_watch = None
+        if self._server is not None and self._serving is not None:
+            self._server.should_exit = True
+            await asyncio.gather(self._serving, return_exceptions=True)
+            self._server = self._serving = None
+        if self._socket is not None:
+            self._socket.close()  # already closed if the proxy served on it
+            self._socket = None
+        self._port = 0
+        await asyncio.gather(*self._stopping, return_exceptions=True)
+        await asyncio.gather(
+            *(self._stop(m, reason="the cluster is stopping") for m in self._machines.values()),
+            return_exceptions=True,
+        )
+        await self.proxy.__aexit__(None, None, None)
+        await self.dns.stop()
+        self.kill_all()
+        atexit.unregister(self.kill_all)
+        self._running = False
+
+    async def start_machine(self, machine_id: str) -> None:
+        """Start a stopped (or failed) machine and wait until it listens."""
+        await self._start(self._machine(machine_id), explicit=True)
+
+    async def stop_machine(self, machine_id: str) -> None:
+        """Stop a machine as Fly does: SIGINT, then SIGKILL after the kill timeout."""
+        await self._stop(self._machine(machine_id), reason="stop requested")
+
+    async def kill_machine(self, machine_id: str) -> None:
+        """SIGKILL a machine, like a host failure: it is "failed" and requests never start it."""
+        machine = self._machine(machine_id)
+        async with machine.lock:
+            machine.state = "failed"
+            self._announce_dns(machine)
+            if machine.process is not None:
+                _signal_group(machine.process, signal.SIGKILL)
+                await self._reap(machine, machine.process)
+            log.warning("machine %s killed (SIGKILL): failed", machine.label)
+
+    def kill_all(self) -> None:
+        """SIGKILL every machine process group at once: the last resort, writes may be lost."""
+        for machine in self._machines.values():
+            if machine.process is not None and machine.process.returncode is None:
+                _signal_group(machine.process, signal.SIGKILL)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _machine(self, machine_id: str) -> _Machine:
+        machine = self._machines.get(machine_id)
+        if machine is None:
+            raise MachineUnavailableError(f"no machine {machine_id} in app {self.app_name}")
+        return machine
+
+    def _base_env(self, root: Path, proxy_port: int) -> dict[str, str]:
+        """The environment every machine shares; ``_spawn`` adds each one's identity."""
+        env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
+        env.update(
+            {
+                "FLY_APP_NAME": self.app_name,
+                "FLY_REGION": self.config.region,
+                "TENANTDB_DNS_SERVER": "{}:{}".format(*self.dns.address),
+                # Bodies too big for fly-replay go to the owner through the proxy, which
+                # honours fly-force-instance-id as Fly's does for Flycast addresses.
+                "TENANTDB_PROXY_URL": f"http://{_LOOPBACK}:{proxy_port}",
+                "TENANTDB_METADATA_KEY": self.config.metadata_key,
+                "TENANTDB_KILL_TIMEOUT": f"{self.config.kill_timeout:g}",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.config.env)
+        if not env.get("BUCKET_NAME"):
+            env.setdefault("TENANTDB_LOCAL_BUCKET", str(root / "bucket"))
+        return env
+
+    async def _serve_proxy(self, sock: socket.socket) -> None:
+        config = uvicorn.Config(
+            self.proxy,
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            # The proxy is the edge: X-Forwarded-For from clients must not replace their address.
+            proxy_headers=False,
+            server_header=False,
+            date_header=False,
+            timeout_graceful_shutdown=5,
+        )
+        server = _ProxyServer(config)
+        self._server = server
+        self._serving = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if self._serving.done():
+                await self._serving
+                raise RuntimeError("the proxy server stopped while starting")
+            await asyncio.sleep(0.01)
+        self._port = sock.getsockname()[1]
+
+    async def _start(self, machine: _Machine, *, explicit: bool = False) -> None:
+        async with machine.lock:
+            if machine.state == "started":
+                return
+            if machine.state == "failed" and not explicit:
+                raise MachineUnavailableError(f"machine {machine.label} has failed")
+            await self._spawn(machine)
+
+    async def _spawn(self, machine: _Machine) -> None:
+        """Run the machine's process and wait until it listens (the caller holds the lock)."""
+        machine.state = "starting"
+        machine.port = _free_port()
+        machine.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {
+            **self._env,
+            "FLY_MACHINE_ID": machine.machine_id,
+            "TENANT_ID": machine.tenant,
+            "TENANTDB_DATA_DIR": str(machine.data_dir),
+            "HOST": _LOOPBACK,
+            "PORT": str(machine.port),
+        }
+        argv = self.config.command or (
+            sys.executable,
+            "-m",
+            "uvicorn",
+            self.config.app_module,
+            "--host",
+            _LOOPBACK,
+            "--port",
+            str(machine.port),
+            "--lifespan",
+            "on",
+            "--log-config",
+            str(self._log_config),
+        )
+        began = self._clock()
+        try:
+            # Its own session, so a Ctrl-C in the terminal reaches the cluster alone, and
+            # one killpg() reaches everything the machine started.
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            machine.state = "stopped"
+            raise MachineUnavailableError(
+                f"machine {machine.label}: cannot run {argv[0]}: {exc}"
+            ) from None
+        machine.process = process
+        machine.output = asyncio.create_task(self._pump(machine, process))
+        try:
+            await self._wait_listening(machine, process)
+        except BaseException:
+            _signal_group(process, signal.SIGKILL)
+            await self._reap(machine, process)
+            machine.state = "stopped"
+            raise
+        machine.state = "started"
+        machine.last_active = self._clock()
+        self._announce_dns(machine)
+        log.info(
+            "machine %s started on port %d (pid %d) in %.1fs",
+            machine.label,
+            machine.port,
+            process.pid,
+            self._clock() - began,
+        )
+
+    async def _wait_listening(self, machine: _Machine, process: asyncio.subprocess.Process) -> None:
+        deadline = self._clock() + self.config.start_timeout
+        while True:
+            if process.returncode is not None:
+                raise MachineUnavailableError(
+                    f"machine {machine.label} exited with code {process.returncode} while "
+                    "starting (its output is in the log above)"
+                )
+            try:
+                _, writer = await asyncio.open_connection(_LOOPBACK, machine.port)
+            except OSError:
+                if self._clock() > deadline:
+                    raise MachineUnavailableError(
+                        f"machine {machine.label} did not listen on port {machine.port} "
+                        f"within {self.config.start_timeout:g}s"
+                    ) from None
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
+
+    async def _pump(self, machine: _Machine, process: asyncio.subprocess.Process) -> None:
+        """Log the machine's output line by line; notice when it exits on its own."""
+        assert process.stdout is not None
+        while True:
+            try:
+                raw = await process.stdout.readline()
+            except ValueError:
+                raw = b"(a line too long to show)"  # readline() has dropped it already
+            if not raw:
+                break
+            line = raw.decode(errors="replace").rstrip()
+            machine_log.info("%s %s | %s", machine.tenant, machine.machine_id, line)
+        code = await process.wait()
+        if machine.process is process and machine.state == "started":
+            # A crash: Fly marks the machine stopped, and the next request starts it again.
+            machine.state = "stopped"
+            self._announce_dns(machine)
+            log.warning("machine %s exited on its own with code %s", machine.label, code)
+
+    async def _stop(self, machine: _Machine, *, reason: str, only_if_idle: bool = False) -> None:
+        async with machine.lock:
+            if machine.state != "started" or machine.process is None:
+                return
+            if only_if_idle and not self._idle(machine):
+                return
+            process = machine.process
+            machine.state = "stopping"
+            self._announce_dns(machine)
+            log.info("stopping machine %s: %s", machine.label, reason)
+            began = self._clock()
+            _signal_group(process, signal.SIGINT)
+            try:
+                await asyncio.wait_for(process.wait(), self.config.kill_timeout)
+            except TimeoutError:
+                self.stopped_cleanly = False
+                log.error(
+                    "machine %s still running after the %gs kill timeout: SIGKILL",
+                    machine.label,
+                    self.config.kill_timeout,
+                )
+                _signal_group(process, signal.SIGKILL)
+            await self._reap(machine, process)
+            machine.state = "stopped"
+            log.info(
+                "machine %s stopped in %.1fs (exit code %s)",
+                machine.label,
+                self._clock() - began,
+                process.returncode,
+            )
+
+    async def _reap(self, machine: _Machine, process: asyncio.subprocess.Process) -> None:
+        """Wait for the process, kill what is left of its group, drain its output."""
+        await process.wait()
+        _signal_group(process, signal.SIGKILL)
+        if machine.output is not None:
+            # Output ends when the last holder of the pipe is gone: bounded, just in case.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(machine.output), 5)
+        machine.process = None
+
+    def _idle(self, machine: _Machine) -> bool:
+        return (
+            machine.in_flight == 0 and self._clock() - machine.last_active >= self.config.idle_stop
+        )
+
+    async def _stop_idle_machines(self) -> None:
+        idle = self.config.idle_stop
+        while True:
+            await asyncio.sleep(min(1.0, idle / 4))
+            for machine in self._machines.values():
+                if machine.state == "started" and self._idle(machine):
+                    task = asyncio.create_task(
+                        self._stop(machine, reason=f"idle for {idle:g}s", only_if_idle=True)
+                    )
+                    self._stopping.add(task)
+                    task.add_done_callback(self._stopping.discard)
+
+    def _announce_dns(self, machine: _Machine) -> None:
+        """Tell the DNS responder whether the machine runs (Fly DNS lists running ones only)."""
+        self.dns.set_machine(
+            machine.machine_id,
+            {self.config.metadata_key: machine.tenant},
+            running=machine.state == "started",
+        )
+
+
+def _load_machines(config: ClusterConfig, root: Path) -> dict[str, _Machine]:
+    """Reuse the machines of earlier runs (same ids, same data dirs), create the missing ones."""
+    registry = root / "machines.json"
+    known: list[dict[str, str]] = []
+    if registry.exists():
+        known = json.loads(registry.read_text())["machines"]
+    machines: dict[str, _Machine] = {}
+    for tenant in config.tenants:
+        ids = [m["machine_id"] for m in known if m["tenant"] == tenant]
+        while len(ids) < config.machines_per_tenant:
+            # Fly machine ids are 14 hex digits, and DNS labels.
+            ids.append(secrets.token_hex(7))
+            known.append({"machine_id": ids[-1], "tenant": tenant})
+        for machine_id in ids[: config.machines_per_tenant]:
+            data_dir = root / machine_id / "data"
+            machines[machine_id] = _Machine(machine_id, tenant, config.region, data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    registry.write_text(json.dumps({"machines": known}, indent=2) + "\n")
+    return machines
+
+
+def _listen(port: int) -> socket.socket:
+    # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY on accepted connections only when the
+    # listening socket says so, and without it every response waits out a delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((_LOOPBACK, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigurationError(
+            f"the proxy cannot listen on {_LOOPBACK}:{port} ({exc.strerror}): choose another port"
+        ) from None
+    return sock
+
+
+def _describe_bucket(env: Mapping[str, str]) -> str:
+    if env.get("BUCKET_NAME"):
+        return f"S3 bucket {env['BUCKET_NAME']} at {env.get('AWS_ENDPOINT_URL_S3', 'AWS')}"
+    return f"local bucket {env['TENANTDB_LOCAL_BUCKET']}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((_LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _signal_group(process: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+    # The process leads its own group (start_new_session), so its pid is the group id.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
+
+async def serve(config: ClusterConfig, *, announce: Callable[[str], None]) -> bool:
+    """Run a cluster until SIGINT or SIGTERM, then stop every machine gracefully.
+
+    A second signal kills every machine at once. Returns True if every machine stopped
+    within its kill timeout.
+    """
+    cluster = Cluster(config)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def on_signal() -> None:
+        if stopping.is_set():
+            announce("second signal: killing every machine now (unpublished writes are lost)")
+            cluster.kill_all()
+        stopping.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    starting = asyncio.create_task(cluster.start())
+    waiting = asyncio.create_task(stopping.wait())
+    try:
+        await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            await starting
+            announce(_summary(cluster))
+            await waiting
+        else:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        announce("stopping every machine gracefully (each publishes its data) ...")
+    finally:
+        waiting.cancel()
+        await cluster.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return cluster.stopped_cleanly
+
+
+def _summary(cluster: Cluster) -> str:
+    config = cluster.config
+    lines = [
+        f"tenantdb dev: app {config.app_name}, region {config.region}, "
+        f"{cluster.bucket_description}, DNS {cluster.dns.host}:{cluster.dns.port}",
+        *(
+            f"  machine {m.machine_id}  tenant {m.tenant}  port {m.port}  pid {m.pid}"
+            for m in cluster.status()
+        ),
+        f"  idle machines stop: {f'after {config.idle_stop:g}s' if config.idle_stop else 'never'}"
+        f"; kill timeout {config.kill_timeout:g}s",
+        f"Open {cluster.url}/customers/{config.tenants[0]}  (Ctrl-C stops everything)",
+    ]
+    return "\n".join(lines)

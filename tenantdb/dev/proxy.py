@@ -1,0 +1,599 @@
+"""A local stand-in for Fly Proxy: load balancing, fly-replay, the replay cache, autostart.
+
+``FlyProxy`` is an ASGI app in front of the machines of one app (a ``Backends``: the cluster
+runner, or a test double). It follows Fly's documentation
+(https://fly.io/docs/networking/dynamic-request-routing/):
+
+- Each request goes to a random started machine; when none runs, a stopped one is started
+  (``auto_start_machines``). ``fly-force-instance-id: <id>`` sends a request to that machine
+  (started if needed, no fallback); ``fly-prefer-instance-id: <id>`` prefers it.
+- A ``fly-replay`` answer is followed: ``instance=<id>`` (started first if it is stopped),
+  ``prefer_instance=<id>``, ``region=`` (comma-separated, ``any``), ``elsewhere=true`` (the
+  answering machine sits out the next load balancing), ``state=``. The replayed request
+  carries ``fly-replay-src: instance=<id>;region=<region>;t=<µs since epoch>[;state=<s>]``
+  (the machine that asked) and ``fly-replay-cache-status: miss``. When a preferred machine
+  cannot be used, ``fly-preferred-instance-unavailable: <id>`` tells the one that gets it.
+- At most 1 MiB of a request body is held, so a request with a bigger body cannot be replayed
+  (502); one request is replayed at most 10 times (502 after that).
+- ``fly-replay-cache: [host]/path/*`` with ``fly-replay-cache-ttl-secs`` (>= 10, and no
+  ``state``) sends later requests under that path straight to the replay target, with
+  ``fly-replay-cache-status: hit`` and no ``fly-replay-src``. ``fly-replay-cache: invalidate``
+  on an answer drops the entries matching its request; ``fly-replay-cache-control: skip`` on
+  a request skips an entry set with ``fly-replay-cache-allow-bypass: yes``.
+
+Every replay, cached ones included, is logged on one line and appended to ``replay_log``.
+Fly documents these limits but not its exact error answers: here 502 means "this replay
+cannot be done" and 503 "no machine can take the request". Not emulated: the JSON replay
+format, replays to other apps, ``timeout``/``fallback``, region aliases other than ``any``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import Literal, Protocol, Self
+
+import httpx
+from starlette.types import Receive, Scope, Send
+
+__all__ = [
+    "MAX_REPLAYS",
+    "MAX_REPLAY_BODY",
+    "MIN_CACHE_TTL",
+    "Backends",
+    "FlyProxy",
+    "MachineInfo",
+    "MachineState",
+    "MachineUnavailableError",
+    "ReplayDirective",
+    "ReplayRecord",
+    "ReplayVia",
+]
+
+log = logging.getLogger("tenantdb.dev.proxy")
+
+MAX_REPLAY_BODY = 1 << 20
+MAX_REPLAYS = 10
+MIN_CACHE_TTL = 10
+
+MachineState = Literal["starting", "started", "stopping", "stopped", "failed"]
+ReplayVia = Literal["fly-replay", "cache"]
+_CacheStatus = Literal["miss", "hit", "bypass"]
+
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Set by the proxy alone (a client must not forge where a request was replayed from: the
+# machines' loop guard trusts it), meant for the proxy, or answered by it already (a
+# 100-continue was sent to the client when the proxy read the body).
+_NOT_FORWARDED = _HOP_BY_HOP | {
+    b"expect",
+    b"fly-replay-src",
+    b"fly-replay-failed",
+    b"fly-replay-cache-status",
+    b"fly-preferred-instance-unavailable",
+    b"fly-request-id",
+    b"fly-client-ip",
+    b"fly-force-instance-id",
+    b"fly-prefer-instance-id",
+    b"fly-replay-cache-control",
+    b"x-forwarded-for",
+}
+# With no started machine to pick, load balancing starts one of these (autostart).
+_STARTABLE: tuple[MachineState, ...] = ("starting", "stopping", "stopped")
+
+
+@dataclass(frozen=True)
+class MachineInfo:
+    """One machine of the app, as the proxy sees it."""
+
+    machine_id: str
+    region: str
+    state: MachineState
+
+
+class MachineUnavailableError(Exception):
+    """A machine cannot take a request: unknown, failed, or it would not start."""
+
+
+class Backends(Protocol):
+    """The machines behind the proxy, and the power to start them (Fly's autostart)."""
+
+    @property
+    def app_name(self) -> str:
+        """The Fly app the machines belong to."""
+        ...
+
+    def machines(self) -> Sequence[MachineInfo]:
+        """Return every machine of the app."""
+        ...
+
+    def use(self, machine_id: str) -> contextlib.AbstractAsyncContextManager[str]:
+        """Hold a machine busy for one request (starting it if stopped); yield its base URL.
+
+        Raises ``MachineUnavailableError`` when the machine cannot serve.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class ReplayDirective:
+    """A parsed ``fly-replay`` response header (or the routing headers of a request)."""
+
+    instance: str | None = None
+    prefer_instance: str | None = None
+    regions: tuple[str, ...] = ()
+    app: str | None = None
+    elsewhere: bool = False
+    state: str | None = None
+
+    @classmethod
+    def parse(cls, value: str) -> ReplayDirective:
+        """Parse ``field=value;field=value``; values may be quoted, unknown fields are ignored."""
+        fields: dict[str, str] = {}
+        for part in value.split(";"):
+            name, _, raw = part.partition("=")
+            fields[name.strip().lower()] = raw.strip().strip('"')
+        return cls(
+            instance=fields.get("instance") or None,
+            prefer_instance=fields.get("prefer_instance") or None,
+            regions=tuple(r.strip() for r in fields.get("region", "").split(",") if r.strip()),
+            app=fields.get("app") or None,
+            elsewhere=fields.get("elsewhere", "").lower() == "true",
+            state=fields.get("state"),
+        )
+
+
+@dataclass(frozen=True)
+class ReplayRecord:
+    """One replay: which request, the machine that asked for it, the machine it went to."""
+
+    request_id: str
+    method: str
+    path: str
+    source: str
+    target: str
+    via: ReplayVia
+
+
+@dataclass(frozen=True)
+class _CacheEntry:
+    """A cached replay: requests under ``host`` + ``prefix`` go where ``directive`` says."""
+
+    host: str
+    prefix: str
+    directive: ReplayDirective
+    source: MachineInfo
+    allow_bypass: bool
+    expires_at: float
+
+    def matches(self, host: str, path: str) -> bool:
+        return host == self.host and (path == self.prefix or path.startswith(self.prefix + "/"))
+
+
+@dataclass(frozen=True)
+class _Hop:
+    """Where the next attempt of a request goes, and what the proxy tells that machine."""
+
+    directive: ReplayDirective
+    source: MachineInfo | None = None
+    via: ReplayVia = "fly-replay"
+    cache_status: _CacheStatus | None = None
+
+
+class _Answer(Exception):
+    """Stop routing and answer the client with this error."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _RequestBody:
+    """A request body: held whole when it fits the replay limit, else streamed through once."""
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self._buffer = bytearray()
+        self._complete = False
+        self._streamed = False
+        self.client_gone = False
+
+    async def load(self) -> None:
+        """Read until the body ends or is bigger than the limit."""
+        while not self._complete and len(self._buffer) <= self._limit:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.client_gone = True
+                return
+            self._buffer += message.get("body", b"")
+            self._complete = not message.get("more_body", False)
+
+    @property
+    def replayable(self) -> bool:
+        """True when the whole body is held and within the limit: it can be sent again."""
+        return self._complete and len(self._buffer) <= self._limit
+
+    def content(self) -> bytes | AsyncIterator[bytes]:
+        """The body to send: the held bytes, or (once) the held part and then the rest."""
+        if self._complete:
+            return bytes(self._buffer)
+        if self._streamed:
+            raise _Answer(502, "the request body was already streamed to a machine")
+        self._streamed = True
+        return self._stream()
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        yield bytes(self._buffer)
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                return
+            yield message.get("body", b"")
+            if not message.get("more_body", False):
+                return
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What every attempt of one client request shares."""
+
+    request_id: str
+    method: str
+    path: str
+    target: str
+    host: str
+    headers: list[tuple[bytes, bytes]]
+    body: _RequestBody
+
+
+class FlyProxy:
+    """An ASGI app routing requests to machines the way Fly Proxy does (dev and tests).
+
+    Open it with ``async with`` (its HTTP client) before serving. ``rng`` and ``clock`` are
+    there for tests: load balancing and replay cache expiry.
+    """
+
+    def __init__(
+        self,
+        backends: Backends,
+        *,
+        max_replays: int = MAX_REPLAYS,
+        max_replay_body: int = MAX_REPLAY_BODY,
+        timeout: float = 60.0,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backends = backends
+        self.max_replays = max_replays
+        self.max_replay_body = max_replay_body
+        self.timeout = timeout
+        self.replay_log: list[ReplayRecord] = []
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._cache: dict[tuple[str, str], _CacheEntry] = {}
+        self._client: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> Self:
+        # trust_env=False: an HTTP(S)_PROXY of the developer's shell must not catch loopback.
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.timeout, connect=5.0),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+            trust_env=False,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            # Nothing to start here (the client opens in __aenter__), but servers ask.
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":
+            # The emulation proxies plain HTTP only.
+            await send({"type": "websocket.close", "code": 1011})
+            return
+        await self._handle(scope, receive, send)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        target = scope.get("raw_path") or scope["path"].encode()
+        if scope.get("query_string"):
+            target += b"?" + scope["query_string"]
+        body = _RequestBody(receive, self.max_replay_body)
+        await body.load()
+        if body.client_gone:
+            return  # nobody is left to answer
+        request_id = secrets.token_hex(13)
+        request = _Request(
+            request_id=request_id,
+            method=scope["method"],
+            path=scope["path"],
+            target=target.decode("latin-1"),
+            host=headers.get("host", "").rsplit(":", 1)[0].lower(),
+            headers=_forward_headers(scope, scope["headers"], request_id, body.replayable),
+            body=body,
+        )
+        hop = self._first_hop(request, headers)
+        # A cached route counts as the replay it stands for.
+        replays = 1 if hop.via == "cache" else 0
+        try:
+            while True:
+                machine, unavailable = self._choose(hop)
+                if hop.source is not None:
+                    self._record(request, hop.source, machine, hop.via)
+                directive = await self._attempt(request, machine, hop, unavailable, send)
+                if directive is None:
+                    return
+                if not body.replayable:
+                    raise _Answer(
+                        502,
+                        f"machine {machine.machine_id} asked to replay a request whose body is "
+                        f"over {self.max_replay_body} bytes: Fly cannot replay it",
+                    )
+                if replays >= self.max_replays:
+                    raise _Answer(
+                        502, f"gave up after {replays} replays (the last from {machine.machine_id})"
+                    )
+                replays += 1
+                status: _CacheStatus = "bypass" if hop.cache_status == "bypass" else "miss"
+                hop = _Hop(directive, source=machine, cache_status=status)
+        except _Answer as answer:
+            log.warning(
+                "%s %s [%s]: %d %s", request.method, request.path, request_id, answer.status, answer
+            )
+            await _send_error(send, answer.status, str(answer), request_id)
+
+    def _first_hop(self, request: _Request, headers: dict[str, str]) -> _Hop:
+        """Where a new request goes: a forced or preferred machine, the cache, or anywhere."""
+        forced = headers.get("fly-force-instance-id")
+        if forced:
+            return _Hop(ReplayDirective(instance=forced))
+        plain = _Hop(ReplayDirective(prefer_instance=headers.get("fly-prefer-instance-id")))
+        entry = self._cached(request.host, request.path)
+        if entry is None:
+            return plain
+        if entry.allow_bypass and headers.get("fly-replay-cache-control") == "skip":
+            return replace(plain, cache_status="bypass")
+        return _Hop(entry.directive, source=entry.source, via="cache", cache_status="hit")
+
+    async def _attempt(
+        self,
+        request: _Request,
+        machine: MachineInfo,
+        hop: _Hop,
+        unavailable: str | None,
+        send: Send,
+    ) -> ReplayDirective | None:
+        """Send the request to ``machine``; relay its answer, or return its fly-replay."""
+        if self._client is None:
+            raise RuntimeError("FlyProxy is not open: use `async with FlyProxy(...)`")
+        headers = list(request.headers)
+        if hop.source is not None and hop.via == "fly-replay":
+            headers.append((b"fly-replay-src", _replay_src(hop.source, hop.directive).encode()))
+        if hop.cache_status is not None:
+            headers.append((b"fly-replay-cache-status", hop.cache_status.encode()))
+        if unavailable is not None:
+            headers.append((b"fly-preferred-instance-unavailable", unavailable.encode()))
+        try:
+            async with self.backends.use(machine.machine_id) as base_url:
+                upstream = self._client.build_request(
+                    request.method,
+                    base_url + request.target,
+                    headers=headers,
+                    content=request.body.content(),
+                )
+                response = await self._client.send(upstream, stream=True)
+                try:
+                    if response.headers.get("fly-replay-cache") == "invalidate":
+                        self._invalidate(request.host, request.path)
+                    replay = response.headers.get("fly-replay")
+                    if replay is None:
+                        await _relay(response, send, request.request_id)
+                        return None
+                    directive = ReplayDirective.parse(replay)
+                    self._remember(response.headers, request, machine, directive)
+                    return directive
+                finally:
+                    await response.aclose()
+        except MachineUnavailableError as exc:
+            raise _Answer(503, str(exc)) from None
+        except httpx.TransportError as exc:
+            raise _Answer(502, f"machine {machine.machine_id} did not answer: {exc!r}") from None
+
+    def _choose(self, hop: _Hop) -> tuple[MachineInfo, str | None]:
+        """Pick the next machine as Fly's load balancer would, and a preferred one passed over."""
+        machines = {m.machine_id: m for m in self.backends.machines()}
+        app = self.backends.app_name
+        directive = hop.directive
+        if directive.app not in (None, app):
+            raise _Answer(502, f"replays to other apps ({directive.app}) are not emulated")
+        if directive.instance is not None:
+            machine = machines.get(directive.instance)
+            if machine is None:
+                raise _Answer(502, f"no machine {directive.instance} in app {app}")
+            return machine, None
+        preferred = directive.prefer_instance
+        if preferred is not None:
+            machine = machines.get(preferred)
+            if machine is not None and machine.state != "failed":
+                return machine, None
+        regions = set(directive.regions)
+        excluded = hop.source.machine_id if directive.elsewhere and hop.source else None
+        candidates = [
+            m
+            for m in machines.values()
+            if (not regions or "any" in regions or m.region in regions) and m.machine_id != excluded
+        ]
+        for states in (("started",), _STARTABLE):
+            pool = sorted((m for m in candidates if m.state in states), key=lambda m: m.machine_id)
+            if pool:
+                return self._rng.choice(pool), preferred
+        raise _Answer(503, f"no machine of app {app} can take the request")
+
+    def _record(
+        self, request: _Request, source: MachineInfo, target: MachineInfo, via: ReplayVia
+    ) -> None:
+        self.replay_log.append(
+            ReplayRecord(
+                request.request_id,
+                request.method,
+                request.path,
+                source.machine_id,
+                target.machine_id,
+                via,
+            )
+        )
+        log.info(
+            "replay %s %s [%s]: %s -> %s (%s; target %s)",
+            request.method,
+            request.path,
+            request.request_id,
+            source.machine_id,
+            target.machine_id,
+            via,
+            target.state,
+        )
+
+    def _cached(self, host: str, path: str) -> _CacheEntry | None:
+        now = self._clock()
+        for key, entry in list(self._cache.items()):
+            if entry.expires_at <= now:
+                del self._cache[key]
+        matching = [e for e in self._cache.values() if e.matches(host, path)]
+        return max(matching, key=lambda e: len(e.prefix)) if matching else None
+
+    def _invalidate(self, host: str, path: str) -> None:
+        for key, entry in list(self._cache.items()):
+            if entry.matches(host, path):
+                del self._cache[key]
+                log.info("replay cache: dropped %s%s/*", entry.host, entry.prefix)
+
+    def _remember(
+        self,
+        headers: httpx.Headers,
+        request: _Request,
+        source: MachineInfo,
+        directive: ReplayDirective,
+    ) -> None:
+        """Store a ``fly-replay-cache`` instruction, if it is one Fly would accept."""
+        pattern = headers.get("fly-replay-cache")
+        if pattern is None or pattern == "invalidate":
+            return
+        # "/path/*" is cached for the request's own domain; "example.com/path/*" names one.
+        host, slash, rest = pattern.partition("/")
+        path_pattern = slash + rest
+        ttl = headers.get("fly-replay-cache-ttl-secs", "")
+        problem = None
+        if ":" in host:
+            problem = "the domain must not include a port"
+        elif not path_pattern.endswith("/*"):
+            problem = "the pattern must end with /*"
+        elif not ttl.isdigit() or int(ttl) < MIN_CACHE_TTL:
+            problem = f"fly-replay-cache-ttl-secs {ttl!r} must be a whole number >= {MIN_CACHE_TTL}"
+        elif directive.state is not None:
+            problem = "a cached fly-replay cannot carry state"
+        else:
+            entry = _CacheEntry(
+                host.lower() or request.host,
+                path_pattern[:-2],
+                directive,
+                source,
+                headers.get("fly-replay-cache-allow-bypass", "").lower() == "yes",
+                self._clock() + int(ttl),
+            )
+            if not entry.matches(request.host, request.path):
+                problem = f"it does not match the request ({request.host}{request.path})"
+            else:
+                self._cache[(entry.host, entry.prefix)] = entry
+                log.info("replay cache: %s -> %s for %ss", pattern, directive.instance, ttl)
+                return
+        log.warning("ignored fly-replay-cache %r from %s: %s", pattern, source.machine_id, problem)
+
+
+def _forward_headers(
+    scope: Scope, raw: list[tuple[bytes, bytes]], request_id: str, replayable: bool
+) -> list[tuple[bytes, bytes]]:
+    """The request's headers as machines see them: hop-by-hop ones out, Fly's own in."""
+    client = (scope.get("client") or ("", 0))[0].encode()
+    forwarded_for = b", ".join([v for k, v in raw if k == b"x-forwarded-for"] + [client])
+    kept = [
+        (k, v)
+        for k, v in raw
+        if k not in _NOT_FORWARDED
+        # A held body is sent whole and httpx sets its length; a streamed one keeps it.
+        and not (replayable and k == b"content-length")
+    ]
+    return [
+        *kept,
+        (b"fly-request-id", request_id.encode()),
+        (b"fly-client-ip", client),
+        (b"x-forwarded-for", forwarded_for),
+        (b"x-forwarded-proto", scope.get("scheme", "http").encode()),
+    ]
+
+
+def _replay_src(source: MachineInfo, directive: ReplayDirective) -> str:
+    """The ``fly-replay-src`` value Fly adds to a replayed request."""
+    value = f"instance={source.machine_id};region={source.region};t={time.time_ns() // 1000}"
+    return value if directive.state is None else f"{value};state={directive.state}"
+
+
+async def _relay(response: httpx.Response, send: Send, request_id: str) -> None:
+    """Stream a machine's answer to the client as it comes."""
+    headers = [(k, v) for k, v in response.headers.raw if k.lower() not in _HOP_BY_HOP]
+    headers.append((b"fly-request-id", request_id.encode()))
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    try:
+        async for chunk in response.aiter_raw():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except httpx.TransportError as exc:
+        # Too late for an error answer: leaving the response unfinished makes the server
+        # drop the connection, so the client sees the failure.
+        log.warning("request %s: the machine's answer broke off: %r", request_id, exc)
+        return
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _send_error(send: Send, status: int, message: str, request_id: str) -> None:
+    body = f"fly proxy (tenantdb dev): {message}\n".encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+                (b"fly-request-id", request_id.encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

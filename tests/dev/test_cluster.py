@@ -1,0 +1,281 @@
+"""The local Fly emulation with real machine processes: identities, DNS, stop/start/kill,
+idle stops, failures that leave nothing behind, and `tenantdb dev` itself."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import dns.asyncquery
+import dns.message
+import dns.rcode
+import httpx
+import pytest
+
+from tenantdb.dev.cluster import Cluster, ClusterConfig
+from tenantdb.dev.proxy import MachineUnavailableError
+from tenantdb.errors import ConfigurationError, TenantDBError
+
+ROOT = Path(__file__).resolve().parents[2]
+JSON = {"accept": "application/json"}
+# The developer's shell must not point the machines at a real bucket or app.
+_SCRUBBED = ("AWS_", "BUCKET_NAME", "TENANTDB_", "FLY_", "TENANT_ID", "CUSTOMER_ID")
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(_SCRUBBED):
+            monkeypatch.delenv(name)
+
+
+def config(tmp_path: Path, **options: Any) -> ClusterConfig:
+    options = {"tenants": ("100",), "kill_timeout": 10, **options}
+    return ClusterConfig(port=0, state_dir=tmp_path / "state", **options)
+
+
+def force(machine_id: str) -> dict[str, str]:
+    return {**JSON, "fly-force-instance-id": machine_id}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def wait_for(predicate: Any, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def ask(cluster: Cluster, name: str, rdtype: str) -> dns.message.Message:
+    host, port = cluster.dns.address
+    return await dns.asyncquery.udp(dns.message.make_query(name, rdtype), host, 2, port)
+
+
+async def test_machines_have_fly_identities_dns_records_and_keep_data(tmp_path: Path) -> None:
+    async with (
+        Cluster(config(tmp_path, tenants=("100", "200"), region="ams")) as cluster,
+        httpx.AsyncClient(base_url=cluster.url, trust_env=False) as client,
+    ):
+        status = cluster.status()
+        assert [m.tenant for m in status] == ["100", "200"]
+        for m in status:
+            assert re.fullmatch(r"[0-9a-f]{14}", m.machine_id)
+            assert m.state == "started"
+            assert m.pid is not None
+            assert alive(m.pid)
+            answer = await client.get(f"/customers/{m.tenant}", headers=force(m.machine_id))
+            assert answer.json() == {
+                "tenant": m.tenant,
+                "count": 1,
+                "machine_id": m.machine_id,
+                "region": "ams",
+            }
+        first = status[0]
+        name = "100.customer_id.kv._metadata.tenantdb-dev.internal."
+        [address] = [r.to_text() for r in (await ask(cluster, name, "AAAA")).answer[0]]
+        ptr = await ask(cluster, dns.reversename.from_address(address).to_text(), "PTR")
+        assert ptr.answer[0][0].to_text() == f"{first.machine_id}.vm.tenantdb-dev.internal."
+
+        await cluster.stop_machine(first.machine_id)
+        assert cluster.status()[0].state == "stopped"
+        assert cluster.status()[0].pid is None
+        assert not alive(first.pid)  # type: ignore[arg-type]
+        assert (await ask(cluster, name, "AAAA")).rcode() == dns.rcode.NXDOMAIN
+
+        # A request for the stopped machine starts it; the data survived the stop.
+        again = await client.get("/customers/100", headers=force(first.machine_id))
+        assert again.json()["count"] == 2
+        assert cluster.status()[0].state == "started"
+        assert (await ask(cluster, name, "AAAA")).answer
+        pids = [m.pid for m in cluster.status()]
+    assert not any(alive(pid) for pid in pids if pid is not None)
+    assert cluster.stopped_cleanly
+
+
+async def test_a_restart_brings_back_the_same_machines(tmp_path: Path) -> None:
+    two = config(tmp_path, machines_per_tenant=2)
+    async with Cluster(two) as cluster:
+        ids = cluster.machine_ids("100")
+    assert len(ids) == 2
+    async with Cluster(two) as cluster:
+        assert cluster.machine_ids("100") == ids
+    async with Cluster(replace(two, tenants=("100", "300"), machines_per_tenant=1)) as cluster:
+        assert cluster.machine_ids("100") == ids[:1]
+        assert len(cluster.machine_ids("300")) == 1
+
+
+async def test_a_killed_machine_has_failed_until_started_again(tmp_path: Path) -> None:
+    async with (
+        Cluster(config(tmp_path)) as cluster,
+        httpx.AsyncClient(base_url=cluster.url, trust_env=False) as client,
+    ):
+        [machine] = cluster.status()
+        assert (await client.get("/customers/100", headers=force(machine.machine_id))).is_success
+        await cluster.kill_machine(machine.machine_id)
+        assert cluster.status()[0].state == "failed"
+        assert not alive(machine.pid)  # type: ignore[arg-type]
+        forced = await client.get("/customers/100", headers=force(machine.machine_id))
+        assert forced.status_code == 503
+        assert "has failed" in forced.text
+        balanced = await client.get("/customers/100", headers=JSON)
+        assert balanced.status_code == 503
+        assert "no machine of app tenantdb-dev can take the request" in balanced.text
+        await cluster.start_machine(machine.machine_id)
+        # The same machine comes back to its own lease and local file: nothing is lost.
+        assert (await client.get("/customers/100", headers=JSON)).json()["count"] == 2
+
+
+async def test_idle_machines_stop_and_start_on_the_next_request(tmp_path: Path) -> None:
+    async with (
+        Cluster(config(tmp_path, idle_stop=0.5)) as cluster,
+        httpx.AsyncClient(base_url=cluster.url, trust_env=False) as client,
+    ):
+        assert (await client.get("/customers/100", headers=JSON)).json()["count"] == 1
+        await wait_for(lambda: cluster.status()[0].state == "stopped")
+        woken = await client.get("/customers/100", headers=JSON)
+        assert woken.json()["count"] == 2
+
+
+async def test_a_machine_that_never_listens_is_killed(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    script = (
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    )
+    cluster = Cluster(config(tmp_path, command=(sys.executable, "-c", script), start_timeout=1))
+    with pytest.raises(MachineUnavailableError, match="did not listen"):
+        await cluster.start()
+    assert not alive(int(pid_file.read_text()))
+    assert [m.state for m in cluster.status()] == ["stopped"]
+
+
+async def test_a_machine_ignoring_sigint_is_killed_after_the_kill_timeout(tmp_path: Path) -> None:
+    script = (
+        "import os, signal, socket, time\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', int(os.environ['PORT']))); s.listen()\n"
+        "time.sleep(60)\n"
+    )
+    options = {"command": (sys.executable, "-c", script), "kill_timeout": 1}
+    async with Cluster(config(tmp_path, **options)) as cluster:
+        [machine] = cluster.status()
+        began = time.monotonic()
+        await cluster.stop_machine(machine.machine_id)
+        assert 1 <= time.monotonic() - began < 5
+        assert not alive(machine.pid)  # type: ignore[arg-type]
+        assert not cluster.stopped_cleanly
+
+
+async def test_a_busy_port_is_reported(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        cluster = Cluster(replace(config(tmp_path), port=busy.getsockname()[1]))
+        with pytest.raises(ConfigurationError, match="choose another port"):
+            await cluster.start()
+    assert [m.state for m in cluster.status()] == ["stopped"]
+
+
+def test_bad_configurations_are_refused(tmp_path: Path) -> None:
+    for bad in [
+        {"tenants": ()},
+        {"tenants": ("100", "100")},
+        {"tenants": ("Not_A_Tenant",)},
+        {"machines_per_tenant": 0},
+        {"app_name": "Bad App"},
+        {"kill_timeout": 0},
+    ]:
+        with pytest.raises(TenantDBError):
+            config(tmp_path, **bad)
+
+
+# -- tenantdb dev ---------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _lines(stream: Any) -> Iterator[str]:
+    """Lines of a pipe read by a thread, so the test never blocks on it."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    while (line := lines.get(timeout=30)) is not None:
+        yield line
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_tenantdb_dev_serves_and_stops_every_machine(
+    tmp_path: Path, clean_env: dict[str, str], sig: signal.Signals
+) -> None:
+    port = _free_port()
+    log_path = tmp_path / "dev.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "tenantdb.cli", "dev", "--port", str(port)),
+                *("--tenants", "100,200", "--state-dir", str(tmp_path / "state")),
+            ],
+            cwd=ROOT,
+            env=clean_env,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        try:
+            output = []
+            for line in _lines(proc.stdout):
+                output.append(line)
+                if line.startswith("Open "):
+                    break
+            assert output[-1].startswith(f"Open http://127.0.0.1:{port}/customers/100")
+            pids = [int(p) for p in re.findall(r"pid (\d+)", "".join(output))]
+            assert len(pids) == 2
+            answers = [
+                httpx.get(f"http://127.0.0.1:{port}/customers/200", headers=JSON, trust_env=False)
+                for _ in range(12)
+            ]
+            assert [a.json()["count"] for a in answers] == list(range(1, 13))
+            proc.send_signal(sig)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert not any(alive(pid) for pid in pids)
+    text = log_path.read_text()
+    assert "replay GET /customers/200" in text
+    assert text.count("lease released") == 2
