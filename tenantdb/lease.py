@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import re
+import reprlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -33,6 +36,7 @@ __all__ = ["Lease", "LockRecord", "SnapshotRef"]
 log = logging.getLogger("tenantdb.lease")
 
 LOCK_FORMAT = 1
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 # S3's Last-Modified has one-second resolution: a takeover waits this much past the TTL.
 CLOCK_GRANULARITY = 1.0
 # How many times acquire() re-reads lock.json after losing a write race before giving up.
@@ -77,15 +81,17 @@ class LockRecord:
             return LockFileCorruptError(tenant=tenant, key=key, reason=reason)
 
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+            # NaN and Infinity are not JSON, however Python's parser takes them; a deeply
+            # nested document exhausts the parser's recursion.
+            data = json.loads(body, parse_constant=_refuse_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise corrupt("not valid JSON") from None
         if not isinstance(data, dict):
             raise corrupt("not a JSON object")
         if data.get("format") != LOCK_FORMAT:
-            raise corrupt(f"unknown format {data.get('format')!r}, expected {LOCK_FORMAT}")
+            raise corrupt(f"unknown format {_short(data.get('format'))}, expected {LOCK_FORMAT}")
         if data.get("tenant") != tenant:
-            raise corrupt(f"it names tenant {data.get('tenant')!r}")
+            raise corrupt(f"it names tenant {_short(data.get('tenant'))}")
         fields: dict[str, Any] = {
             "owner": (str, type(None)),
             "region": (str, type(None)),
@@ -95,24 +101,28 @@ class LockRecord:
             "ttl_seconds": (int, float),
         }
         for name, types in fields.items():
-            value = data.get(name)
+            if name not in data:
+                # A missing owner is not a released lease: refuse rather than guess.
+                raise corrupt(f"field {name!r} is missing")
+            value = data[name]
             if not isinstance(value, types) or isinstance(value, bool):
                 raise corrupt(f"field {name!r} has a wrong type")
-        if data["generation"] < 1 or data["seq"] < 1 or data["ttl_seconds"] <= 0:
-            raise corrupt("generation, seq and ttl_seconds must be positive")
+        try:
+            ttl_seconds = float(data["ttl_seconds"])
+        except OverflowError:
+            ttl_seconds = math.inf
+        if data["generation"] < 1 or data["seq"] < 1 or not 0 < ttl_seconds < math.inf:
+            raise corrupt("generation, seq and ttl_seconds must be positive (and finite)")
         snapshot = data.get("snapshot")
         ref: SnapshotRef | None = None
         if snapshot is not None:
-            try:
-                ref = SnapshotRef(
-                    key=str(snapshot["key"]),
-                    sha256=str(snapshot["sha256"]),
-                    size=int(snapshot["size"]),
-                    published_at=str(snapshot["published_at"]),
-                )
-            except (KeyError, TypeError, ValueError):
-                raise corrupt("field 'snapshot' is malformed") from None
-            if not ref.key.startswith(key.rsplit("/", 1)[0] + "/snapshots/"):
+            ref = _snapshot_ref(snapshot)
+            if ref is None:
+                raise corrupt("field 'snapshot' is malformed")
+            # Only one plain name below the tenant's snapshots/ prefix: a key that climbs
+            # out of it ("../") must never be downloaded as this tenant's data.
+            name = ref.key.removeprefix(key.rsplit("/", 1)[0] + "/snapshots/")
+            if name == ref.key or name in ("", ".", "..") or "/" in name:
                 raise corrupt("snapshot key is outside the tenant's prefix")
         return cls(
             tenant=tenant,
@@ -120,10 +130,38 @@ class LockRecord:
             region=data["region"],
             generation=data["generation"],
             seq=data["seq"],
-            ttl_seconds=float(data["ttl_seconds"]),
+            ttl_seconds=ttl_seconds,
             snapshot=ref,
             last_owner=data["last_owner"],
         )
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """A bounded repr of a value read from lock.json, for error messages."""
+    text = reprlib.repr(value)  # bounded nesting, so no deep recursion either
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _snapshot_ref(snapshot: object) -> SnapshotRef | None:
+    """The snapshot reference tenantdb wrote (key, sha256 hex, size, time), else None."""
+    if not isinstance(snapshot, dict):
+        return None
+    ref_key, sha256, size = snapshot.get("key"), snapshot.get("sha256"), snapshot.get("size")
+    published_at = snapshot.get("published_at")
+    if not (
+        isinstance(ref_key, str)
+        and isinstance(sha256, str)
+        and _SHA256.fullmatch(sha256)
+        and type(size) is int
+        and size >= 0
+        and isinstance(published_at, str)
+    ):
+        return None
+    return SnapshotRef(key=ref_key, sha256=sha256, size=size, published_at=published_at)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@
 ``endpoint_url`` at ``proxy.url`` (an IP address, so botocore uses path-style addressing:
 ``/<bucket>/<key>``, which is how the proxy learns the key). Faults match on the HTTP method,
 the object key (an ``fnmatch`` pattern), the S3 operation name (``GetObject``,
-``PutObject``, ``UploadPart``...), fire with a probability (from a seeded RNG, so a run can
-be repeated) and at most ``count`` times, and do one of:
+``PutObject``, ``UploadPart``...), let the first ``skip`` matches through, fire with a
+probability (from a seeded RNG, so a run can be repeated) and at most ``count`` times, and
+do one of:
 
 - ``error``: answer ``status`` with an S3 XML error body (500 InternalError, 503 SlowDown,
   412 PreconditionFailed, 409 ConditionalRequestConflict...). With ``after_upstream=True``
@@ -62,12 +63,14 @@ class Fault:
     operation: str | None = None
     probability: float = 1.0
     count: int | None = None
+    skip: int = 0
     status: int = 503
     code: str = "SlowDown"
     after_upstream: bool = False
     seconds: float = 0.0
     cut_fraction: float = 0.5
     fired: int = 0
+    matched: int = 0
 
     @classmethod
     def error(cls, status: int, code: str, **match: object) -> Fault:
@@ -281,6 +284,9 @@ class FaultProxy:
             chosen = None
             for fault in self._faults:
                 if not fault.matches(request.method, request.key, request.operation):
+                    continue
+                fault.matched += 1
+                if fault.matched <= fault.skip:
                     continue
                 if fault.count is not None and fault.fired >= fault.count:
                     continue
