@@ -204,7 +204,7 @@ def test_usage_errors_exit_2_without_requests(
 
 def test_parser_is_built_from_commands() -> None:
     parser = build_parser()
-    assert set(COMMANDS) == {"machines"}
+    assert set(COMMANDS) == {"dev", "machines"}
     args = parser.parse_args(["machines", "list", "--json"])
     assert callable(args.handler)
     assert args.json is True
