@@ -9,12 +9,14 @@ verifies both before an atomic rename puts it in place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import sqlite3
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,17 +80,15 @@ def make_snapshot(source: sqlite3.Connection, dest: Path) -> SnapshotFile:
     Blocking: run it in a thread. ``dest`` is a single self-contained file (rollback
     journal mode), so it can be uploaded and opened on its own.
     """
+    _copy_database(source, dest)
+    return _check_snapshot(dest)
+
+
+@contextlib.contextmanager
+def _snapshot_errors(dest: Path) -> Iterator[None]:
+    """Remove a half-made ``dest`` and turn what went wrong into a tenantdb error."""
     try:
-        target = sqlite3.connect(dest)
-        try:
-            source.backup(target)
-            target.execute("PRAGMA journal_mode=DELETE")
-        finally:
-            target.close()
-        with open(dest, "rb+") as f:
-            os.fsync(f.fileno())
-        verify_database(dest)
-        return SnapshotFile(dest, file_sha256(dest), dest.stat().st_size)
+        yield
     except sqlite3.Error as exc:
         dest.unlink(missing_ok=True)
         raise SnapshotError(f"could not make a snapshot in {dest.parent}: {exc}") from exc
@@ -101,6 +101,26 @@ def make_snapshot(source: sqlite3.Connection, dest: Path) -> SnapshotFile:
     except SnapshotError:
         dest.unlink(missing_ok=True)
         raise
+
+
+def _copy_database(source: sqlite3.Connection, dest: Path) -> None:
+    """The consistent copy: SQLite's backup API (WAL rows included), then fsync."""
+    with _snapshot_errors(dest):
+        target = sqlite3.connect(dest)
+        try:
+            source.backup(target)
+            target.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            target.close()
+        with open(dest, "rb+") as f:
+            os.fsync(f.fileno())
+
+
+def _check_snapshot(dest: Path) -> SnapshotFile:
+    """quick_check the copy, then record its sha256 and size."""
+    with _snapshot_errors(dest):
+        verify_database(dest)
+        return SnapshotFile(dest, file_sha256(dest), dest.stat().st_size)
 
 
 async def publish_snapshot(
@@ -119,14 +139,49 @@ async def publish_snapshot(
     key = lease.next_snapshot_key()
     tmp = work_dir / f".snapshot-{uuid.uuid4().hex}.sqlite3"
     try:
-        snap = await asyncio.to_thread(make_snapshot, source, tmp)
-        await bucket.upload_file(key, snap.path)
+        await asyncio.to_thread(_copy_database, source, tmp)
+        snap = await _upload_while_checking(bucket, key, tmp)
     finally:
         tmp.unlink(missing_ok=True)
     record = await lease.publish(SnapshotRef(key, snap.sha256, snap.size, now_iso()))
     log.info("tenant %s: published %s (%d bytes)", lease.tenant, key, snap.size)
     await _prune(lease, bucket, retention)
     return record
+
+
+async def _upload_while_checking(bucket: Bucket, key: str, path: Path) -> SnapshotFile:
+    """Upload the copy while a thread runs quick_check and sha256 on it.
+
+    Both read the same (cached) file, so the checks cost no time on the shutdown path. The
+    snapshot is only published (the CAS on lock.json) once both succeeded; if the check
+    fails, the upload is cancelled (its multipart parts are aborted) or the uploaded object
+    is deleted, and the ``SnapshotError`` is raised as before.
+    """
+    check = asyncio.ensure_future(asyncio.to_thread(_check_snapshot, path))
+    upload = asyncio.ensure_future(bucket.upload_file(key, path))
+    try:
+        await asyncio.wait({check, upload}, return_when=asyncio.FIRST_EXCEPTION)
+    except BaseException:
+        upload.cancel()
+        # The thread cannot be interrupted: let it finish before the file is removed.
+        await asyncio.gather(check, upload, return_exceptions=True)
+        raise
+    if check.done() and check.exception() is not None:
+        upload.cancel()
+        await asyncio.gather(upload, return_exceptions=True)
+        await _delete_unpublished(bucket, key)
+        return check.result()  # raises the check's error
+    if upload.exception() is not None:  # wait() returned early: the upload failed
+        await asyncio.gather(check, return_exceptions=True)
+        upload.result()  # raises the upload's error
+    return await check
+
+
+async def _delete_unpublished(bucket: Bucket, key: str) -> None:
+    try:
+        await bucket.delete(key)
+    except StorageError as exc:
+        log.warning("could not delete the unpublished snapshot %s: %s", key, exc)
 
 
 async def _prune(lease: Lease, bucket: Bucket, retention: int) -> None:
