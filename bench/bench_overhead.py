@@ -1,0 +1,661 @@
+"""Request overhead: the counter demo with TenantDBMiddleware vs the same app without it.
+
+Over HTTP, two uvicorn processes serve on loopback:
+
+- candidate: ``example_app:app``, the counter demo behind ``TenantDBMiddleware`` (this
+  machine's tenant, embedded local bucket, default settings: a pool of 8 connections);
+- baseline:  ``bench.bench_overhead:baseline_app``, the same Starlette routes and the same
+  ``visit`` handler, with one aiosqlite connection (same PRAGMAs) opened in its lifespan.
+
+Both answer ``GET /customers/bench`` with ``UPDATE counter ... RETURNING count`` + commit.
+The load generator (``wrk``, or a raw asyncio HTTP/1.1 keep-alive client when wrk is
+missing or ``--client asyncio``) keeps 32 requests in flight on the candidate and on the
+baseline alternately, several rounds; both servers run with ``--no-access-log``.
+
+In process, without HTTP, the middleware's own cost is measured: calling it with prepared
+scopes and a trivial inner app (which only sends a 2-byte response) against calling the
+trivial app directly, in µs per request; then the pool's acquire+release alone; then one
+UPDATE ... RETURNING + commit per request through the middleware's pooled connection
+against the same on one directly opened connection (sequential, then 32 concurrent).
+Medians are printed, the ratio line last. Run: ``python -m bench.bench_overhead``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from bench.common import ROOT, alternate, child_env, machine, median
+from example_app.app import MIGRATIONS, healthz, visit
+
+TENANT = "bench"
+PATH = f"/customers/{TENANT}"
+UPDATE = "UPDATE counter SET count = count + 1 WHERE id = 1 RETURNING count"
+GOAL_RATIO = 0.97
+GOAL_MIDDLEWARE_US = 10.0
+PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=5000")
+
+
+# -- the baseline app: one connection of its own, opened in its lifespan ----------------------
+
+
+def _create_schema(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            conn.executescript(f"{MIGRATIONS[0]}; PRAGMA user_version = 1;")
+    finally:
+        conn.close()
+
+
+async def _open(path: Path) -> aiosqlite.Connection:
+    conn = await aiosqlite.connect(path)
+    for pragma in PRAGMAS:  # what ConnectionPool sets on each of its connections
+        await conn.execute(pragma)
+    return conn
+
+
+@contextlib.asynccontextmanager
+async def _baseline_lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+    path = Path(os.environ["BENCH_BASELINE_DB"])
+    _create_schema(path)
+    db = await _open(path)
+    try:
+        # Lifespan state reaches every request as request.state.db / .tenant, so the demo's
+        # own ``visit`` handler runs unchanged.
+        yield {"db": db, "tenant": TENANT, "lock": asyncio.Lock()}
+    finally:
+        await db.close()
+
+
+async def serialized_visit(request: Request) -> Response:
+    """The demo's ``visit``, one request at a time on the one connection.
+
+    Without the lock, concurrent requests interleave on the shared connection and about a
+    third of them fail with "cannot commit transaction - SQL statements in progress" (one
+    request's commit lands while another's ``RETURNING`` cursor is still open).
+    """
+    async with request.state.lock:
+        return await visit(request)
+
+
+baseline_app = Starlette(
+    routes=[Route("/healthz", healthz), Route("/customers/{tenant}", serialized_visit)],
+    lifespan=_baseline_lifespan,
+)
+
+
+# -- servers and load --------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """``uvicorn <app>`` on loopback in its own process, access log off."""
+
+    def __init__(self, name: str, app: str, env: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(log, "wb")  # noqa: SIM115
+        self.log_path = log
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                app,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--lifespan",
+                "on",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env=child_env(env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} not ready:\n{self.log_path.read_text()}")
+
+    def count(self) -> int:
+        request = urllib.request.Request(
+            f"{self.url}{PATH}", headers={"Accept": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(json.load(response)["count"])
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(10)
+        self._log.close()
+        return code
+
+
+def run_wrk(url: str, seconds: float, concurrency: int) -> dict[str, float]:
+    """One ``wrk`` run; return requests, seconds and failures."""
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{seconds:g}s",
+            "-H",
+            "Accept: application/json",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    match = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
+    if not match:
+        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    elapsed = float(match[2]) / (1000 if match[3] == "ms" else 1)
+    failures = 0
+    for pattern in (r"Non-2xx or 3xx responses: (\d+)", r"Socket errors: .*?(\d+)"):
+        for found in re.finditer(pattern, out):
+            failures += int(found[1])
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if errors:
+        failures = sum(int(x) for x in errors.groups()) + failures - int(errors[1])
+    return {"requests": int(match[1]), "seconds": elapsed, "failures": failures}
+
+
+async def _asyncio_load(host: str, port: int, requests: int, concurrency: int) -> dict[str, float]:
+    request = (
+        f"GET {PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: application/json\r\n\r\n"
+    ).encode()
+    left = requests
+    failures = 0
+
+    async def client() -> None:
+        nonlocal left, failures
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while left > 0:
+                left -= 1
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not head.startswith(b"HTTP/1.1 200"):
+                    failures += 1
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                await reader.readexactly(int(length[1]) if length else 0)
+        finally:
+            writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return {"requests": requests, "seconds": time.perf_counter() - started, "failures": failures}
+
+
+def run_asyncio_client(url: str, requests: int, concurrency: int) -> dict[str, float]:
+    """The raw asyncio keep-alive client, in its own process (as wrk would be)."""
+    host, port = url.removeprefix("http://").split(":")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.bench_overhead",
+            "--load",
+            f"{host}:{port}",
+            "--requests",
+            str(requests),
+            "--concurrency",
+            str(concurrency),
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def candidate_name(pool_size: int) -> str:
+    """The label of the candidate server with that pool size."""
+    return f"tenantdb pool {pool_size}"
+
+
+BASELINE = "own connection"
+
+
+def http_rounds(args: argparse.Namespace, client: str) -> dict[str, list[float]]:
+    """Serve the apps, load them alternately; return requests/s per round per app."""
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
+        work = Path(tmp)
+        servers: dict[str, Server] = {}
+        for size in args.pool_sizes:
+            name = candidate_name(size)
+            servers[name] = Server(
+                name,
+                "example_app:app",
+                {
+                    "TENANT_ID": TENANT,
+                    "TENANTDB_DATA_DIR": str(work / f"data-{size}"),
+                    "TENANTDB_LOCAL_BUCKET": str(work / f"bucket-{size}"),
+                    "TENANTDB_POOL_SIZE": str(size),
+                    "FLY_MACHINE_ID": "bench-machine",
+                },
+                work / f"candidate-{size}.log",
+            )
+        servers[BASELINE] = Server(
+            BASELINE,
+            "bench.bench_overhead:baseline_app",
+            {"BENCH_BASELINE_DB": str(work / "baseline.sqlite3")},
+            work / "baseline.log",
+        )
+        rates: dict[str, list[float]] = {name: [] for name in servers}
+        try:
+            for server in servers.values():
+                server.wait_ready()
+            before = {name: server.count() for name, server in servers.items()}
+
+            def load(server: Server, seconds: float) -> dict[str, float]:
+                if client == "wrk":
+                    return run_wrk(f"{server.url}{PATH}", seconds, args.concurrency)
+                return run_asyncio_client(server.url, args.requests, args.concurrency)
+
+            for server in servers.values():  # warm-up: imports, pool, page cache
+                load(server, 1.0)
+            sent = {name: 0 for name in servers}
+            for n, order in alternate(args.rounds, list(servers)):
+                line = []
+                for name in order:
+                    result = load(servers[name], args.seconds)
+                    if result["failures"]:
+                        raise RuntimeError(f"{name}: {result['failures']:.0f} failed requests")
+                    rates[name].append(result["requests"] / result["seconds"])
+                    sent[name] += int(result["requests"])
+                    line.append(
+                        f"{name} {rates[name][-1]:>6,.0f}/s ({result['requests']:,.0f} req)"
+                    )
+                print(f"round {n}: " + "  ".join(line), flush=True)
+            after = {name: server.count() for name, server in servers.items()}
+            for name in servers:
+                # Every measured request was a committed increment (warm-up ones too).
+                if after[name] - before[name] < sent[name]:
+                    raise RuntimeError(f"{name}: {after[name] - before[name]} increments")
+        finally:
+            for server in servers.values():
+                server.stop()
+    return rates
+
+
+# -- in process ----------------------------------------------------------------------------
+
+_START = {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+_BODY = {"type": "http.response.body", "body": b"ok"}
+
+
+async def _receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def _send(message: Any) -> None:
+    return None
+
+
+async def _lifespan_app(scope: Any, receive: Any, send: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def trivial_app(scope: Any, receive: Any, send: Any) -> None:
+    """The inner app: answers ``ok`` and nothing else."""
+    if scope["type"] == "lifespan":
+        await _lifespan_app(scope, receive, send)
+        return
+    await send(_START)
+    await send(_BODY)
+
+
+async def counter_app(scope: Any, receive: Any, send: Any) -> None:
+    """The inner app that does the demo's database work on ``scope['state']['db']``."""
+    if scope["type"] == "lifespan":
+        await _lifespan_app(scope, receive, send)
+        return
+    state = scope["state"]
+    lock: asyncio.Lock | None = state.get("lock")
+    if lock is None:
+        await _increment(state["db"])
+    else:  # one shared connection: one request at a time
+        async with lock:
+            await _increment(state["db"])
+    await send(_START)
+    await send(_BODY)
+
+
+async def _increment(db: aiosqlite.Connection) -> None:
+    async with db.execute(UPDATE) as cursor:
+        await cursor.fetchone()
+    await db.commit()
+
+
+def http_scope() -> dict[str, Any]:
+    """A prepared ASGI scope for ``GET /customers/bench``."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": PATH,
+        "raw_path": PATH.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), (b"accept", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8080),
+        "state": {},
+    }
+
+
+@contextlib.asynccontextmanager
+async def running(app: Any) -> AsyncIterator[None]:
+    """Drive an ASGI app's lifespan: startup on entry, shutdown on exit."""
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    task = asyncio.create_task(app({"type": "lifespan", "state": {}}, inbox.get, outbox.put))
+    await inbox.put({"type": "lifespan.startup"})
+    started = await outbox.get()
+    if started["type"] != "lifespan.startup.complete":
+        raise RuntimeError(f"lifespan startup: {started}")
+    try:
+        yield
+    finally:
+        await inbox.put({"type": "lifespan.shutdown"})
+        await outbox.get()
+        await task
+
+
+async def interleaved(
+    ways: dict[str, Callable[[], Awaitable[None]]], calls: int, chunk: int
+) -> dict[str, float]:
+    """µs per call of each way: ``calls`` sequential calls each, in alternating chunks.
+
+    Alternating every ``chunk`` calls makes the ways share whatever the (shared, noisy)
+    machine is doing at the time.
+    """
+    spent = dict.fromkeys(ways, 0.0)
+    names = list(ways)
+    chunks = max(1, calls // chunk)
+    for index in range(chunks):
+        for name in names if index % 2 == 0 else reversed(names):
+            call = ways[name]
+            started = time.perf_counter()
+            for _ in range(chunk):
+                await call()
+            spent[name] += time.perf_counter() - started
+    return {name: spent[name] / (chunks * chunk) * 1e6 for name in names}
+
+
+async def concurrent_rate(call: Callable[[], Awaitable[None]], n: int, tasks: int) -> float:
+    """Calls per second with ``tasks`` concurrent callers, ``n`` calls in all."""
+    left = n
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await call()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(tasks)))
+    return n / (time.perf_counter() - started)
+
+
+def _settings(work: Path, name: str, pool_size: int = 8) -> Any:
+    from tenantdb.config import Settings
+
+    return Settings(
+        tenant=TENANT,
+        data_dir=work / name / "data",
+        local_bucket_dir=work / name / "bucket",
+        machine_id="bench-machine",
+        checkpoint_interval=0,
+        pool_size=pool_size,
+    )
+
+
+async def in_process(
+    rounds: int, calls: int, db_calls: int, tasks: int, pool_sizes: Sequence[int]
+) -> dict[str, list[float]]:
+    """The middleware's own cost, the pool's, and the DB work through it vs direct."""
+    from tenantdb import TenantDBMiddleware
+
+    results: dict[str, list[float]] = {}
+
+    def record(figures: dict[str, float]) -> None:
+        for name, value in figures.items():
+            results.setdefault(name, []).append(value)
+
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
+        work = Path(tmp)
+        scope = http_scope()
+        # 1. The middleware around a trivial app, against the trivial app alone.
+        plain = TenantDBMiddleware(
+            trivial_app, migrations=MIGRATIONS, settings=_settings(work, "a")
+        )
+        async with running(plain):
+            tdb = plain.tenantdb
+            assert tdb is not None
+            pool = tdb.pool
+
+            async def direct() -> None:
+                await trivial_app(scope, _receive, _send)
+
+            async def through() -> None:
+                await plain(scope, _receive, _send)
+
+            async def borrow() -> None:
+                await pool.release(await pool.acquire())
+
+            ways = {"direct": direct, "through": through, "borrow": borrow}
+            await interleaved(ways, calls // 10, 1000)  # warm-up
+            for _ in range(rounds):
+                record(await interleaved(ways, calls, 1000))
+        # 2. The demo's database work through the middleware (a pooled connection per
+        # request) against one connection of the app's own (one request at a time on it).
+        path = work / "own.sqlite3"
+        _create_schema(path)
+        own = await _open(path)
+        own_scope = {**http_scope(), "state": {"db": own, "lock": asyncio.Lock()}}
+
+        async def db_direct() -> None:
+            await counter_app(own_scope, _receive, _send)
+
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                db_ways: dict[str, Callable[[], Awaitable[None]]] = {"direct": db_direct}
+                for size in pool_sizes:
+                    app = TenantDBMiddleware(
+                        counter_app,
+                        migrations=MIGRATIONS,
+                        settings=_settings(work, str(size), size),
+                    )
+                    await stack.enter_async_context(running(app))
+                    db_ways[f"pool {size}"] = partial(app, scope, _receive, _send)
+                await interleaved(db_ways, db_calls // 10, 50)  # warm-up
+                for _ in range(rounds):
+                    record(
+                        {
+                            f"seq {k}": v
+                            for k, v in (await interleaved(db_ways, db_calls, 50)).items()
+                        }
+                    )
+                for _, order in alternate(rounds, list(db_ways)):
+                    for name in order:
+                        record(
+                            {f"conc {name}": await concurrent_rate(db_ways[name], db_calls, tasks)}
+                        )
+        finally:
+            await own.close()
+    return results
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print medians, then the ratio."""
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_overhead", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds (default 6)")
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="wrk seconds per server per round (default 5)"
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=10_000,
+        help="requests per server per round with the asyncio client (default 10000)",
+    )
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (32)")
+    parser.add_argument(
+        "--client",
+        choices=["auto", "wrk", "asyncio"],
+        default="auto",
+        help="load generator: wrk if installed (auto), or the raw asyncio client",
+    )
+    parser.add_argument(
+        "--calls", type=int, default=20_000, help="in-process calls per round (default 20000)"
+    )
+    parser.add_argument(
+        "--pool-sizes",
+        default="8,1",
+        help="TENANTDB_POOL_SIZE of each candidate; the first is the figure (default 8,1)",
+    )
+    parser.add_argument("--skip-http", action="store_true", help="in-process figures only")
+    parser.add_argument("--load", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.load:
+        host, port = args.load.split(":")
+        result = asyncio.run(_asyncio_load(host, int(port), args.requests, args.concurrency))
+        print(json.dumps(result), flush=True)
+        return 0
+    client = args.client
+    if client == "auto":
+        client = "wrk" if shutil.which("wrk") else "asyncio"
+    elif client == "wrk" and not shutil.which("wrk"):
+        print("wrk is missing: apt-get install -y wrk", file=sys.stderr)
+        return 2
+
+    args.pool_sizes = [int(size) for size in args.pool_sizes.split(",")]
+    main_pool = args.pool_sizes[0]
+
+    print(f"request overhead of TenantDBMiddleware, {args.rounds} rounds")
+    print(f"machine: {machine()}")
+    db_calls = max(100, args.calls // 10)
+    local = asyncio.run(
+        in_process(args.rounds, args.calls, db_calls, args.concurrency, args.pool_sizes)
+    )
+    med = {name: median(values) for name, values in local.items()}
+    mw_us = med["through"] - med["direct"]
+    print(
+        f"in process, median µs/request: trivial app {med['direct']:.2f}, through the "
+        f"middleware {med['through']:.2f} -> middleware {mw_us:.2f} µs "
+        f"(of which pool acquire+release {med['borrow']:.2f} µs)"
+    )
+    pools = [f"pool {size}" for size in args.pool_sizes]
+    print(
+        "in process, UPDATE ... RETURNING + commit, one at a time, µs: own connection "
+        f"{med['seq direct']:.0f}  "
+        + "  ".join(f"through the middleware, {p} {med['seq ' + p]:.0f}" for p in pools)
+    )
+    print(
+        f"in process, {args.concurrency} concurrent, per second: own connection "
+        f"{med['conc direct']:,.0f}  "
+        + "  ".join(
+            f"middleware {p} {med['conc ' + p]:,.0f} ({med['conc ' + p] / med['conc direct']:.2f}x)"
+            for p in pools
+        )
+    )
+    mw_met = mw_us < GOAL_MIDDLEWARE_US
+    if args.skip_http:
+        print(
+            f"ratio: middleware cost {mw_us:.2f} µs/request (goal < {GOAL_MIDDLEWARE_US:g}): "
+            f"{'met' if mw_met else 'MISSED'}"
+        )
+        return 0
+    what = (
+        f"wrk -t1 -c{args.concurrency} -d{args.seconds:g}s"
+        if client == "wrk"
+        else f"asyncio client, {args.requests:,} requests, {args.concurrency} in flight"
+    )
+    print(f"over HTTP (uvicorn, loopback), {what}, per server per round:")
+    rates = http_rounds(args, client)
+    medians = {name: median(values) for name, values in rates.items()}
+    base = medians[BASELINE]
+    print("median requests/s: " + "  ".join(f"{k} {v:,.0f}" for k, v in medians.items()))
+    others = "  ".join(
+        f"pool {size}: {medians[candidate_name(size)] / base:.3f}" for size in args.pool_sizes[1:]
+    )
+    ratio = medians[candidate_name(main_pool)] / base
+    met = ratio >= GOAL_RATIO and mw_met
+    print(
+        f"ratio: middleware (pool {main_pool})/own-connection requests/s {ratio:.3f} "
+        f"(goal >= {GOAL_RATIO}){'  [' + others + ']' if others else ''}; middleware cost "
+        f"{mw_us:.2f} µs/request (goal < {GOAL_MIDDLEWARE_US:g}): {'met' if met else 'MISSED'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
