@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from types import MappingProxyType, TracebackType
@@ -57,6 +57,9 @@ _TENANT_ENV_NAMES = ("TENANT_ID", "CUSTOMER_ID")
 # States of a machine that is going away: useless for routing, nothing left to destroy.
 _GONE_STATES = frozenset({"destroying", "destroyed"})
 _MAX_DETAIL = 200
+# A token is scrubbed whole and by its parts (scheme, comma-separated macaroons) this long.
+_TOKEN_PARTS_RE = re.compile(r"[\s,]+")
+_MIN_PIECE = 8
 # The wait endpoint holds a request at most this long; longer waits are several calls.
 _MAX_WAIT_CALL = 60
 
@@ -425,7 +428,7 @@ class MachinesClient:
             ) from exc
         status = response.status_code
         if not 200 <= status < 300:
-            detail = _error_detail(response)
+            detail = _error_detail(response, self._scrub)
             raise MachinesAPIError(
                 self._scrub(f"{where}: HTTP {status}{': ' + detail if detail else ''}"),
                 status=status,
@@ -443,18 +446,26 @@ class MachinesClient:
             ) from exc
 
     def _scrub(self, message: str) -> str:
-        # The API echoes nothing secret today; this keeps it so if that ever changes.
+        # The API echoes nothing secret today; this keeps it so if that ever changes. The
+        # token is removed whole and piece by piece ("FlyV1 fm2_a,fm2_b" holds macaroons
+        # an echo may quote on their own).
         token = self._token.reveal().strip()
-        return message.replace(token, "***") if token else message
+        pieces = [token, *(p for p in _TOKEN_PARTS_RE.split(token) if len(p) >= _MIN_PIECE)]
+        for piece in sorted(filter(None, pieces), key=len, reverse=True):
+            message = message.replace(piece, "***")
+        return message
 
 
-def _error_detail(response: httpx.Response) -> str:
-    """Return the API's short error text ({"error": "..."}), cut to a sane length."""
+def _error_detail(response: httpx.Response, scrub: Callable[[str], str]) -> str:
+    """Return the API's short error text ({"error": "..."}), scrubbed, cut to a sane length.
+
+    Scrubbed before it is cut: a cut through the token would leave a piece of it behind.
+    """
     try:
         data = response.json()
     except ValueError:
         text = response.text.strip()
     else:
         text = str(data.get("error") or "") if isinstance(data, dict) else ""
-    text = " ".join(text.split())
+    text = " ".join(scrub(text).split())
     return text[:_MAX_DETAIL] + ("..." if len(text) > _MAX_DETAIL else "")
