@@ -45,6 +45,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
     SSLError,
 )
+from botocore.handlers import add_expect_header
 from botocore.loaders import Loader, create_loader
 
 from tenantdb.errors import (
@@ -452,6 +453,11 @@ class S3Bucket:
                 f"{type(exc).__name__}",
                 operation="open",
             ) from exc
+        # botocore sends "Expect: 100-continue" with every PUT body, and aiohttp arms no
+        # read timeout while it waits for the "100 Continue": an endpoint that accepts
+        # the connection and never answers (a hung load balancer) would hold a lease write
+        # or an upload forever. Without the header the read timeout covers the whole wait.
+        self._client.meta.events.unregister("before-call.s3", add_expect_header)
         if self.tigris:
             for operation in _TIGRIS_CONSISTENT_OPERATIONS:
                 self._client.meta.events.register(

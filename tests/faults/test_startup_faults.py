@@ -3,7 +3,9 @@ starts a tenant that had data with a new, empty database."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -206,3 +208,29 @@ async def test_a_machine_with_an_old_local_file_never_serves_it_when_restore_fai
     async with TenantDB(s3.settings("m2"), migrations=MIGRATIONS, bucket=bucket) as tdb:
         assert await rows_in(tdb) == ROWS + 1
     assert local_rows(stale) == ROWS + 1
+
+
+@pytest.mark.parametrize(
+    ("operation", "key"),
+    [
+        ("GetObject", "tenants/acme/lock.json"),
+        ("PutObject", "tenants/acme/lock.json"),  # a PUT first waits for "100 Continue"
+        ("GetObject", "tenants/acme/snapshots/*"),
+    ],
+    ids=["lock-read", "lock-write", "snapshot-download"],
+)
+async def test_an_endpoint_that_never_answers_fails_startup_within_the_timeouts(
+    s3: ProxiedS3, operation: str, key: str
+) -> None:
+    """A hung load balancer: the connection is accepted, and nothing ever comes back."""
+    await seed(s3)
+    bucket = await s3.open(read_timeout=0.3)
+    s3.proxy.add(Fault.stall(60, operation=operation, key=key))
+    tdb = TenantDB(s3.settings("m2"), migrations=MIGRATIONS, bucket=bucket)
+    started = time.monotonic()
+    with pytest.raises(TransientStorageError, match="ReadTimeout"):
+        # Five attempts of 0.3 s each, and some backoff: far below this bound.
+        await asyncio.wait_for(tdb.start(standby=True), timeout=10)
+    assert time.monotonic() - started < 5
+    assert len(s3.proxy.seen(operation=operation, key=key, faulted=True)) == 5
+    assert not tdb.path.exists()

@@ -16,6 +16,8 @@ do one of:
 - ``cut``: forward, then send the answer's headers and ``cut_fraction`` of its body and
   close the connection mid-body.
 - ``reset``: close the connection without answering (RST).
+- ``stall``: read the request head, then answer nothing at all (not even ``100 Continue``)
+  for ``seconds``, as a hung load balancer would; then reset.
 
 The proxy runs its own event loop in a daemon thread, so it keeps serving while a test
 blocks (subprocess servers, ``time.sleep``) and while the test's own loop is busy. Each
@@ -40,7 +42,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 __all__ = ["Fault", "FaultProxy", "Seen", "s3_operation", "transient_mix"]
 
-Action = Literal["error", "delay", "cut", "reset"]
+Action = Literal["error", "delay", "cut", "reset", "stall"]
 
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "expect"}
@@ -108,6 +110,11 @@ class Fault:
         return cls("cut", cut_fraction=fraction, **match)  # type: ignore[arg-type]
 
     @classmethod
+    def stall(cls, seconds: float, **match: object) -> Fault:
+        """Accept the request and answer nothing, not even ``100 Continue``, for ``seconds``."""
+        return cls("stall", seconds=seconds, **match)  # type: ignore[arg-type]
+
+    @classmethod
     def reset(cls, **match: object) -> Fault:
         """Close the connection without any answer."""
         return cls("reset", **match)  # type: ignore[arg-type]
@@ -124,8 +131,8 @@ class Fault:
         """A short name for logs and assertions: ``error 503``, ``cut``, ``delay 2.0s``."""
         if self.action == "error":
             return f"error {self.status}" + (" after upstream" if self.after_upstream else "")
-        if self.action == "delay":
-            return f"delay {self.seconds}s"
+        if self.action in ("delay", "stall"):
+            return f"{self.action} {self.seconds}s"
         return self.action
 
 
@@ -356,9 +363,15 @@ class FaultProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         try:
-            request = await self._read_request(reader, writer)
-            if request is not None:
-                await self._serve(request, writer)
+            request = await self._read_head(reader)
+            fault = self._choose(request)
+            if fault is not None and fault.action == "stall":
+                # Not even "100 Continue": the client is left waiting on its own timeouts.
+                await asyncio.sleep(fault.seconds)
+                self._reset(writer)
+                return
+            await self._read_body(request, reader, writer)
+            await self._serve(request, fault, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         except asyncio.CancelledError:
@@ -369,9 +382,8 @@ class FaultProxy:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _read_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> _Request | None:
+    @staticmethod
+    async def _read_head(reader: asyncio.StreamReader) -> _Request:
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         method, target, version = lines[0].split(" ", 2)
@@ -380,7 +392,12 @@ class FaultProxy:
             if line:
                 name, _, value = line.partition(":")
                 headers.append((name.strip(), value.strip()))
-        request = _Request(method, target, version, headers)
+        return _Request(method, target, version, headers)
+
+    @staticmethod
+    async def _read_body(
+        request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         if request.header("expect").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             await writer.drain()
@@ -397,10 +414,10 @@ class FaultProxy:
         else:
             length = int(request.header("content-length") or 0)
             request.body = await reader.readexactly(length) if length else b""
-        return request
 
-    async def _serve(self, request: _Request, writer: asyncio.StreamWriter) -> None:
-        fault = self._choose(request)
+    async def _serve(
+        self, request: _Request, fault: Fault | None, writer: asyncio.StreamWriter
+    ) -> None:
         if fault is None:
             await self._relay(await self._forward(request), request, writer)
             return
