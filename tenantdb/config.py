@@ -36,6 +36,15 @@ class Secret:
 
     __str__ = __repr__
 
+    def __reduce__(self) -> str | tuple[object, ...]:
+        raise TypeError("a Secret cannot be pickled: that would write its value out")
+
+    def __copy__(self) -> Secret:
+        return self  # immutable: copies (dataclasses.asdict, replace) share it
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Secret:
+        return self
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Secret) and other._value == self._value
 

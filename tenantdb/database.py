@@ -193,6 +193,7 @@ class TenantDB:
         self._publish_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self.draining = False
+        self._draining_since: float | None = None
 
     @classmethod
     def from_env(cls, *, migrations: Sequence[Migration] = (), **overrides: Any) -> TenantDB:
@@ -240,8 +241,12 @@ class TenantDB:
         return self.state == "serving" and not self.draining and self.lease.valid_for > 0
 
     def drain(self) -> None:
-        """Stop taking new requests (``serving`` turns False) ahead of ``stop()``."""
+        """Stop taking new requests (``serving`` turns False) ahead of ``stop()``.
+
+        The kill timeout counts from here: ``stop()`` fits its final publish in what is left.
+        """
         self.draining = True
+        self._draining_since = time.monotonic()
 
     async def start(self, *, standby: bool = True) -> None:
         """Lock the data dir, acquire the lease (or stand by), restore, migrate, open."""
@@ -280,9 +285,9 @@ class TenantDB:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _enter_standby(self, held: LeaseHeldError) -> None:
+    def _enter_standby(self, held: LeaseHeldError | None) -> None:
         self.state, self.holder = "standby", held
-        log.warning("tenant %s: standing by, %s", self.tenant, held)
+        log.warning("tenant %s: standing by, %s", self.tenant, held or "lock.json unreadable")
         self._spawn(self._standby_loop())
 
     async def _standby_loop(self) -> None:
@@ -401,9 +406,7 @@ class TenantDB:
             return
         except TenantDBError as exc:
             log.error("tenant %s: fenced, and the lease cannot be read: %s", self.tenant, exc)
-            self._enter_standby(
-                LeaseHeldError(tenant=self.tenant, owner="", region="", expires_in=0)
-            )
+            self._enter_standby(None)
             return
         await self._become_holder()
 
@@ -426,8 +429,10 @@ class TenantDB:
             return True
 
     async def _checkpoint_loop(self) -> None:
-        while self.state == "serving":
+        while self.state == "serving" and not self.draining:
             await asyncio.sleep(self.settings.checkpoint_interval)
+            if self.draining:
+                return  # the final publish follows
             try:
                 await self.checkpoint()
             except LeaseLostError:
@@ -439,7 +444,7 @@ class TenantDB:
         """Final snapshot, publish, release; keep the local file if publishing fails."""
         if self.state == "stopped":
             return
-        started = time.monotonic()
+        started = self._draining_since or time.monotonic()
         was = self.state
         self.state = "stopping"
         try:

@@ -88,7 +88,7 @@ class LockRecord:
             raise corrupt("not valid JSON") from None
         if not isinstance(data, dict):
             raise corrupt("not a JSON object")
-        if data.get("format") != LOCK_FORMAT:
+        if type(data.get("format")) is not int or data["format"] != LOCK_FORMAT:
             raise corrupt(f"unknown format {_short(data.get('format'))}, expected {LOCK_FORMAT}")
         if data.get("tenant") != tenant:
             raise corrupt(f"it names tenant {_short(data.get('tenant'))}")
@@ -390,7 +390,8 @@ class Lease:
             except LeaseLostError:
                 return
             except (StorageError, TimeoutError) as exc:
-                log.warning("tenant %s: lease renewal failed: %s", self.tenant, exc)
+                reason = str(exc) or f"{type(exc).__name__}, bucket did not answer in time"
+                log.warning("tenant %s: lease renewal failed: %s", self.tenant, reason)
                 pause = min(self.ttl / 10, 1.0)
 
     def step_down(self, reason: str) -> None:
