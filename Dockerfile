@@ -1,4 +1,4 @@
-# The counter demo (example_app) with tenantdb, for Fly.io: see docs/deploy.md.
+# The counter demo (example_app) with tenantdb, for Fly.io: see "Deploy to Fly.io" in README.md.
 FROM python:3.12-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -30,7 +30,7 @@ USER app
 # Every machine gets these, including machines created with the Machines API or
 # `fly machine run`, which do not read [env] in fly.toml. TENANTDB_KILL_TIMEOUT matches
 # kill_timeout in fly.toml. Bodies too large for fly-replay go to their tenant's machine
-# through the app's Flycast address (docs/deploy.md), which reaches machines listening on
+# through the app's Flycast address (README.md, "Deploy to Fly.io"), which reaches machines listening on
 # 0.0.0.0 and starts stopped ones.
 ENV HOST=0.0.0.0 \
     PORT=8080 \
