@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import aiosqlite
@@ -17,6 +18,7 @@ from tenantdb.errors import InvalidTenantError, TenantDBError
 from tenantdb.responses import send_error
 from tenantdb.routing.proxy import MachineURL
 from tenantdb.routing.replay import Router
+from tenantdb.storage import open_bucket
 from tenantdb.tenants import TenantPattern, validate_tenant
 
 __all__ = ["TenantDBMiddleware", "tenant_db"]
@@ -62,15 +64,21 @@ class TenantDBMiddleware:
             data_dir=Path(data_dir) if data_dir is not None else None,
             bucket_name=bucket_name,
         )
+        # One bucket client per process, shared by the tenant's database and the router.
+        self.bucket = open_bucket(self.settings)
         self.tenantdb = (
-            TenantDB(self.settings, migrations=migrations) if self.settings.tenant else None
+            TenantDB(self.settings, migrations=migrations, bucket=self.bucket)
+            if self.settings.tenant
+            else None
         )
         self.router = Router(
             self.settings,
             self.pattern,
+            bucket=self.bucket,
             proxy_large_bodies=proxy_large_bodies,
             machine_url=machine_url,
         )
+        self._resources = AsyncExitStack()  # what the lifespan opened, closed at shutdown
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -191,13 +199,12 @@ class TenantDBMiddleware:
             await send({"type": "lifespan.shutdown.complete"})
 
     async def _startup(self) -> None:
-        await self.router.__aenter__()
-        if self.tenantdb is not None:
-            try:
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self.bucket)
+            await stack.enter_async_context(self.router)
+            if self.tenantdb is not None:
                 await self.tenantdb.start(standby=True)
-            except BaseException:
-                await self.router.__aexit__(None, None, None)
-                raise
+            self._resources = stack.pop_all()
 
     async def _shutdown(self) -> None:
         tdb = self.tenantdb
@@ -215,7 +222,7 @@ class TenantDBMiddleware:
                     )
                 await tdb.stop()
         finally:
-            await self.router.__aexit__(None, None, None)
+            await self._resources.aclose()
 
 
 def tenant_db(connection: HTTPConnection) -> aiosqlite.Connection:

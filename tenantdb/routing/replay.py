@@ -184,7 +184,8 @@ class Router:
     (``FLY_APP_NAME``) or, locally, when ``TENANTDB_DNS_SERVER`` names a DNS server (the app
     name is then ``tenantdb-dev``, as for ``DevDNSServer``).
 
-    Options: ``proxy_large_bodies`` streams bodies Fly cannot replay to the owner (False: 413);
+    Options: ``bucket`` shares an open bucket (else the Router opens its own);
+    ``proxy_large_bodies`` streams bodies Fly cannot replay to the owner (False: 413);
     ``machine_url`` maps a machine id to its base URL (default: ``Settings.proxy_url``);
     ``replay_cache_ttl`` is the ``fly-replay-cache-ttl-secs`` sent (0: no replay cache);
     ``cache_ttl`` / ``negative_cache_ttl`` are how long found / not-found answers are kept;
@@ -196,6 +197,7 @@ class Router:
         settings: Settings,
         pattern: TenantPattern,
         *,
+        bucket: Bucket | None = None,
         proxy_large_bodies: bool = True,
         machine_url: MachineURL | None = None,
         replay_cache_ttl: int = 30,
@@ -218,6 +220,7 @@ class Router:
         self.pattern = pattern
         self.machine_id = settings.machine_id
         self.app_name = settings.app_name or (LOCAL_APP_NAME if settings.dns_server else None)
+        self.bucket = bucket
         self.proxy_large_bodies = proxy_large_bodies
         self.replay_cache_ttl = replay_cache_ttl
         self.cache_ttl = cache_ttl
@@ -276,7 +279,9 @@ class Router:
                 positive_ttl=self.cache_ttl,
                 negative_ttl=self.negative_cache_ttl,
             )
-            bucket = await stack.enter_async_context(open_bucket(self.settings))
+            bucket = self.bucket
+            if bucket is None:
+                bucket = await stack.enter_async_context(open_bucket(self.settings))
             machines = None
             if self.settings.fly_api_token is not None:
                 machines = await stack.enter_async_context(
