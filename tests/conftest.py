@@ -8,6 +8,7 @@
 - ``bucket``: both of the above in turn (test ids ``local`` and ``s3``): the contract.
 - ``s3_settings_env``: environment variables naming a fresh bucket, for subprocesses.
 - ``subprocess_env``: a clean copy of the environment for child processes.
+- ``clean_environment``: the same variables removed from this process's own environment.
 
 Test S3 buckets use the small part sizes below so that multipart code runs on objects of a
 few MiB, and a fast retry policy so that failure tests do not sleep.
@@ -22,7 +23,6 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from tenantdb.config import Secret
@@ -32,8 +32,9 @@ from tests.support.s3_server import (
     DUMMY_ACCESS_KEY_ID,
     DUMMY_REGION,
     DUMMY_SECRET_ACCESS_KEY,
-    start_s3_server,
-    stop_s3_server,
+    s3_client,
+    s3_env,
+    s3_server,
 )
 
 MiB = 1 << 20
@@ -52,13 +53,7 @@ def new_bucket_name() -> str:
 def create_s3_bucket(endpoint: str, name: str | None = None) -> str:
     """Create a bucket on the test S3 server; return its name."""
     name = name or new_bucket_name()
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name=DUMMY_REGION,
-        aws_access_key_id=DUMMY_ACCESS_KEY_ID,
-        aws_secret_access_key=DUMMY_SECRET_ACCESS_KEY,
-    )
+    client = s3_client(endpoint)
     client.create_bucket(Bucket=name)
     client.close()
     return name
@@ -67,11 +62,8 @@ def create_s3_bucket(endpoint: str, name: str | None = None) -> str:
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """The endpoint URL of the session's moto S3 server (its own process)."""
-    process, endpoint = start_s3_server()
-    try:
+    with s3_server() as endpoint:
         yield endpoint
-    finally:
-        stop_s3_server(process)
 
 
 @pytest.fixture
@@ -125,18 +117,24 @@ def s3_settings_env(s3_endpoint: str) -> dict[str, str]:
     Merge it into ``subprocess_env`` rather than using it alone: a child process still
     needs PATH and friends.
     """
-    return {
-        "BUCKET_NAME": create_s3_bucket(s3_endpoint),
-        "AWS_ENDPOINT_URL_S3": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": DUMMY_ACCESS_KEY_ID,
-        "AWS_SECRET_ACCESS_KEY": DUMMY_SECRET_ACCESS_KEY,
-        "AWS_REGION": DUMMY_REGION,
-    }
+    return s3_env(create_s3_bucket(s3_endpoint), s3_endpoint)
 
 
-# Variables a child process must not inherit from the developer's shell: they would
-# point tests at a real bucket or change tenantdb's behaviour.
+# Variables tests and their child processes must not inherit from the developer's shell:
+# they would point tests at a real bucket or app, or change tenantdb's behaviour.
 _SCRUBBED_PREFIXES = ("AWS_", "BUCKET_NAME", "TENANTDB_", "FLY_", "TENANT_ID", "CUSTOMER_ID")
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remove the S3/Fly/tenantdb settings from ``os.environ`` for this test.
+
+    For modules whose code under test reads the environment itself (or starts processes
+    inheriting it): ``pytestmark = pytest.mark.usefixtures("clean_environment")``.
+    """
+    for name in list(os.environ):
+        if name.startswith(_SCRUBBED_PREFIXES):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture

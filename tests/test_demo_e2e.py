@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import re
 import subprocess
@@ -31,14 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TENANTS = ("100", "200", "300")
 JSON = {"accept": "application/json"}
 # The developer's shell must not point the machines at a real bucket or app.
-_SCRUBBED = ("AWS_", "BUCKET_NAME", "TENANTDB_", "FLY_", "TENANT_ID", "CUSTOMER_ID")
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith(_SCRUBBED):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 
 def config(tmp_path: Path, **options: Any) -> ClusterConfig:

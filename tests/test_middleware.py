@@ -10,11 +10,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import httpx
 import pytest
 
-from tests.support.servers import UvicornProcess
+from tests.support.s3_server import s3_client
+from tests.support.servers import MachineProcesses, UvicornProcess
 
 APPS = {
     "starlette": "tests.support.apps:starlette_app",
@@ -27,42 +27,20 @@ StartServer = Callable[..., UvicornProcess]
 @pytest.fixture
 def start_server(tmp_path: Path, s3_settings_env: dict[str, str]) -> Iterator[StartServer]:
     """Start counter servers for tenant acme; each machine id gets its own data dir."""
-    started: list[UvicornProcess] = []
+    with MachineProcesses(tmp_path) as machines:
 
-    def start(
-        app: str = APPS["starlette"], machine: str = "m1", *, ready: bool = True, **env: str
-    ) -> UvicornProcess:
-        server = UvicornProcess(
-            app,
-            {
-                **s3_settings_env,
-                "TENANT_ID": "acme",
-                "FLY_MACHINE_ID": machine,
-                "TENANTDB_DATA_DIR": str(tmp_path / machine),
-                "TENANTDB_LEASE_TTL": "3",
-                **env,
-            },
-            tmp_path / f"{machine}-{len(started)}.log",
-        )
-        started.append(server)
-        if ready:
-            server.wait_ready()
-        return server
+        def start(
+            app: str = APPS["starlette"], machine: str = "m1", *, ready: bool = True, **env: str
+        ) -> UvicornProcess:
+            base = {**s3_settings_env, "TENANTDB_LEASE_TTL": "3"}
+            return machines.start(app, machine, "acme", {**base, **env}, ready=ready)
 
-    yield start
-    for server in started:
-        server.close()
+        yield start
 
 
 def read_lock(env: dict[str, str]) -> dict[str, Any]:
     """lock.json of tenant acme, read straight from the S3 server."""
-    client = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL_S3"],
-        region_name=env["AWS_REGION"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-    )
+    client = s3_client(env["AWS_ENDPOINT_URL_S3"])
     body = client.get_object(Bucket=env["BUCKET_NAME"], Key="tenants/acme/lock.json")["Body"]
     lock: dict[str, Any] = json.loads(body.read())
     return lock

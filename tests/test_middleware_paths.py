@@ -19,9 +19,9 @@ from starlette.websockets import WebSocket
 
 from example_app import MIGRATIONS, create_app
 from tenantdb import TenantDBMiddleware, tenant_db
-from tenantdb.config import Settings
 from tenantdb.routing.replay import Router
 from tenantdb.tenants import validate_tenant
+from tests.support.apps import local_acme_settings
 
 FORWARDED: list[str] = []
 
@@ -33,15 +33,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(root: Path) -> Iterator[TestClient]:
-    app = create_app(
-        settings=Settings(
-            tenant="acme",
-            machine_id="m1",
-            data_dir=root / "data",
-            local_bucket_dir=root / "bucket",
-            checkpoint_interval=0,
-        )
-    )
+    app = create_app(settings=local_acme_settings(root))
     original = Router.forward
 
     async def spy(self: Router, scope, receive, send, tenant):  # type: ignore[no-untyped-def]
@@ -137,13 +129,7 @@ def make_app(root: Path) -> Starlette:
             Middleware(
                 TenantDBMiddleware,
                 migrations=MIGRATIONS,
-                settings=Settings(
-                    tenant="acme",
-                    machine_id="m1",
-                    data_dir=root / "data",
-                    local_bucket_dir=root / "bucket",
-                    checkpoint_interval=0,
-                ),
+                settings=local_acme_settings(root),
             )
         ],
     )

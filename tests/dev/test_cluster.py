@@ -27,18 +27,12 @@ import pytest
 from tenantdb.dev.cluster import Cluster, ClusterConfig
 from tenantdb.dev.proxy import MachineUnavailableError
 from tenantdb.errors import ConfigurationError, TenantDBError
+from tests.support.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 JSON = {"accept": "application/json"}
 # The developer's shell must not point the machines at a real bucket or app.
-_SCRUBBED = ("AWS_", "BUCKET_NAME", "TENANTDB_", "FLY_", "TENANT_ID", "CUSTOMER_ID")
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith(_SCRUBBED):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 
 def config(tmp_path: Path, **options: Any) -> ClusterConfig:
@@ -210,19 +204,6 @@ def test_bad_configurations_are_refused(tmp_path: Path) -> None:
 # -- tenantdb dev ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED)}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
 def _lines(stream: Any) -> Iterator[str]:
     """Lines of a pipe read by a thread, so the test never blocks on it."""
     lines: queue.Queue[str | None] = queue.Queue()
@@ -239,9 +220,9 @@ def _lines(stream: Any) -> Iterator[str]:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_tenantdb_dev_serves_and_stops_every_machine(
-    tmp_path: Path, clean_env: dict[str, str], sig: signal.Signals
+    tmp_path: Path, subprocess_env: dict[str, str], sig: signal.Signals
 ) -> None:
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "dev.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
@@ -250,7 +231,7 @@ def test_tenantdb_dev_serves_and_stops_every_machine(
                 *("--tenants", "100,200", "--state-dir", str(tmp_path / "state")),
             ],
             cwd=ROOT,
-            env=clean_env,
+            env=subprocess_env,
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,

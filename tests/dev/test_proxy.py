@@ -11,13 +11,11 @@ import asyncio
 import contextlib
 import random
 import re
-import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -33,6 +31,7 @@ from tenantdb.dev.proxy import (
     MachineUnavailableError,
     ReplayDirective,
 )
+from tests.support.servers import LoopbackServer
 
 APP = "testapp"
 SRC_RE = re.compile(
@@ -50,33 +49,24 @@ def replays(value: str, **headers: str) -> Handler:
     return lambda request: Response(b"", 204, headers={"fly-replay": value, **headers})
 
 
-class _Server(uvicorn.Server):
-    """uvicorn leaving signal handling to pytest."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 class Servers:
-    """In-process uvicorn servers on free loopback ports, all stopped at teardown."""
+    """In-process uvicorn servers on free loopback ports, all stopped at teardown.
+
+    In the test's own event loop, not in threads: the proxy is bound to that loop.
+    """
 
     def __init__(self) -> None:
-        self._running: list[tuple[_Server, asyncio.Task[None]]] = []
+        self._running: list[tuple[LoopbackServer, asyncio.Task[None]]] = []
 
     async def start(self, app: ASGIApp) -> str:
-        # IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only then.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.bind(("127.0.0.1", 0))
         # proxy_headers=False: the proxy is the edge, it must see the real client address.
-        config = uvicorn.Config(app, lifespan="off", log_level="warning", proxy_headers=False)
-        server = _Server(config)
-        task = asyncio.create_task(server.serve(sockets=[sock]))
+        server = LoopbackServer(app, proxy_headers=False)
+        task = asyncio.create_task(server.serve(sockets=[server.socket]))
         self._running.append((server, task))
         while not server.started:
             assert not task.done(), "the server did not start"
             await asyncio.sleep(0.005)
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+        return server.url
 
     async def close(self) -> None:
         for server, _ in self._running:

@@ -16,14 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from tenantdb.config import Secret, Settings
 from tenantdb.storage import RetryPolicy
 from tenantdb.storage.s3 import S3Bucket
 from tests.support.fault_proxy import FaultProxy
-from tests.support.s3_server import DUMMY_ACCESS_KEY_ID, DUMMY_REGION, DUMMY_SECRET_ACCESS_KEY
+from tests.support.s3_server import (
+    DUMMY_ACCESS_KEY_ID,
+    DUMMY_REGION,
+    DUMMY_SECRET_ACCESS_KEY,
+    s3_client,
+    s3_env,
+)
 
 TTL = 3.0
 # Fast retries so that fault tests spend their time on faults, not on backoff.
@@ -46,13 +51,7 @@ class ProxiedS3:
     def client(self) -> Any:
         """A plain boto3 client on the S3 server itself (no proxy, no faults)."""
         if self._client is None:
-            self._client = boto3.client(
-                "s3",
-                endpoint_url=self.endpoint,
-                region_name=DUMMY_REGION,
-                aws_access_key_id=DUMMY_ACCESS_KEY_ID,
-                aws_secret_access_key=DUMMY_SECRET_ACCESS_KEY,
-            )
+            self._client = s3_client(self.endpoint)
         return self._client
 
     async def open(self, *, proxied: bool = True, **options: Any) -> S3Bucket:
@@ -87,13 +86,7 @@ class ProxiedS3:
 
     def env(self, *, proxied: bool = True) -> dict[str, str]:
         """Environment variables naming this bucket, for subprocess servers."""
-        return {
-            "BUCKET_NAME": self.name,
-            "AWS_ENDPOINT_URL_S3": self.proxy.url if proxied else self.endpoint,
-            "AWS_ACCESS_KEY_ID": DUMMY_ACCESS_KEY_ID,
-            "AWS_SECRET_ACCESS_KEY": DUMMY_SECRET_ACCESS_KEY,
-            "AWS_REGION": DUMMY_REGION,
-        }
+        return s3_env(self.name, self.proxy.url if proxied else self.endpoint)
 
     def get(self, key: str) -> bytes:
         """An object's bytes, read directly."""

@@ -35,6 +35,7 @@ from tenantdb.routing.replay import Router
 from tenantdb.storage.local import LocalBucket
 from tenantdb.tenants import validate_tenant
 from tests.faults.conftest import ProxiedS3
+from tests.support.apps import local_acme_settings
 from tests.support.asgi_calls import Answer, LiveASGI
 from tests.support.servers import UvicornProcess
 
@@ -370,16 +371,7 @@ def live(
     if request.param == "routing-on":
         dns.set_machine("m2", {"customer_id": "beta"})
         extra["dns_server"] = dns.address
-    app = create_app(
-        settings=Settings(
-            tenant="acme",
-            machine_id="m1",
-            data_dir=root / "data",
-            local_bucket_dir=root / "bucket",
-            checkpoint_interval=0,
-            **extra,
-        )
-    )
+    app = create_app(settings=local_acme_settings(root, **extra))
     live = LiveASGI(app).start()
     yield live
     live.close()

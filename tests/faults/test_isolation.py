@@ -19,7 +19,7 @@ import pytest
 from example_app import MIGRATIONS
 from tenantdb.database import TenantDB
 from tests.faults.conftest import ProxiedS3
-from tests.support.servers import UvicornProcess
+from tests.support.servers import MachineProcesses, UvicornProcess
 
 APP = "tests.support.apps:starlette_app"
 COUNTS = {"100": 5, "200": 7}
@@ -96,28 +96,13 @@ StartServer = Callable[..., UvicornProcess]
 
 @pytest.fixture
 def start_server(tmp_path: Path, s3: ProxiedS3) -> Iterator[StartServer]:
-    started: list[UvicornProcess] = []
+    with MachineProcesses(tmp_path) as machines:
 
-    def start(machine: str, **env: str) -> UvicornProcess:
-        server = UvicornProcess(
-            APP,
-            {
-                **s3.env(proxied=False),
-                "TENANT_ID": "100",
-                "FLY_MACHINE_ID": machine,
-                "TENANTDB_DATA_DIR": str(tmp_path / machine),
-                "TENANTDB_CHECKPOINT_INTERVAL": "0",
-                **env,
-            },
-            tmp_path / f"{machine}.log",
-        )
-        started.append(server)
-        server.wait_ready()
-        return server
+        def start(machine: str, **env: str) -> UvicornProcess:
+            base = {**s3.env(proxied=False), "TENANTDB_CHECKPOINT_INTERVAL": "0"}
+            return machines.start(APP, machine, "100", {**base, **env})
 
-    yield start
-    for server in started:
-        server.close()
+        yield start
 
 
 async def seed(s3: ProxiedS3) -> None:

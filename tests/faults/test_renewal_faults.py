@@ -16,7 +16,7 @@ import pytest
 
 from tests.faults.conftest import TTL, ProxiedS3
 from tests.support.fault_proxy import Fault
-from tests.support.servers import UvicornProcess
+from tests.support.servers import MachineProcesses, UvicornProcess
 
 APP = "tests.support.apps:starlette_app"
 
@@ -26,30 +26,18 @@ StartServer = Callable[..., UvicornProcess]
 @pytest.fixture
 def start_server(tmp_path: Path, s3: ProxiedS3) -> Iterator[StartServer]:
     """Start counter servers for tenant acme, each machine with its own data directory."""
-    started: list[UvicornProcess] = []
+    with MachineProcesses(tmp_path) as machines:
 
-    def start(machine: str, *, proxied: bool = True, **env: str) -> UvicornProcess:
-        server = UvicornProcess(
-            APP,
-            {
+        def start(machine: str, *, proxied: bool = True, **env: str) -> UvicornProcess:
+            base = {
                 **s3.env(proxied=proxied),
-                "TENANT_ID": "acme",
-                "FLY_MACHINE_ID": machine,
-                "TENANTDB_DATA_DIR": str(tmp_path / machine),
                 "TENANTDB_LEASE_TTL": str(int(TTL)),
                 "TENANTDB_CHECKPOINT_INTERVAL": "0",
                 "TENANTDB_KILL_TIMEOUT": "5",
-                **env,
-            },
-            tmp_path / f"{machine}-{len(started)}.log",
-        )
-        started.append(server)
-        server.wait_ready()
-        return server
+            }
+            return machines.start(APP, machine, "acme", {**base, **env})
 
-    yield start
-    for server in started:
-        server.close()
+        yield start
 
 
 def visit(server: UvicornProcess) -> httpx.Response:

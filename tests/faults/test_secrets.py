@@ -100,6 +100,18 @@ def echoing_api() -> Iterator[EchoingAPI]:
     api.close()
 
 
+def bucket_with_the_secret(s3: ProxiedS3, **options: Any) -> S3Bucket:
+    """An S3Bucket (not opened) through the fault proxy, its secret key ``S3_SECRET``."""
+    return S3Bucket(
+        s3.name,
+        endpoint_url=s3.proxy.url,
+        region=DUMMY_REGION,
+        access_key_id=DUMMY_ACCESS_KEY_ID,
+        secret_access_key=Secret(S3_SECRET),
+        **options,
+    )
+
+
 # -- reprs and messages ------------------------------------------------------------------------
 
 
@@ -122,13 +134,7 @@ def test_settings_never_show_the_secrets() -> None:
 
 
 async def test_bucket_and_client_reprs_never_show_the_secrets(s3: ProxiedS3) -> None:
-    bucket = S3Bucket(
-        s3.name,
-        endpoint_url=s3.proxy.url,
-        region=DUMMY_REGION,
-        access_key_id=DUMMY_ACCESS_KEY_ID,
-        secret_access_key=Secret(S3_SECRET),
-    )
+    bucket = bucket_with_the_secret(s3)
     assert leaks(repr(bucket) + str(bucket) + str(vars(bucket))) == []
     async with bucket:
         assert leaks(repr(bucket) + str(bucket)) == []
@@ -153,14 +159,7 @@ async def test_tenantdb_with_a_failing_bucket_logs_no_secret_even_at_debug(
     s3: ProxiedS3, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)  # every logger: tenantdb, botocore, aiobotocore...
-    bucket = S3Bucket(
-        s3.name,
-        endpoint_url=s3.proxy.url,
-        region=DUMMY_REGION,
-        access_key_id=DUMMY_ACCESS_KEY_ID,
-        secret_access_key=Secret(S3_SECRET),
-        read_timeout=1,
-    )
+    bucket = bucket_with_the_secret(s3, read_timeout=1)
     s3.proxy.add(
         Fault.slow_down(probability=0.3),
         Fault.error(403, "SignatureDoesNotMatch", operation="PutObject", key="*/snapshots/*"),

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import secrets
-import socket
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from tenantdb.config import Secret
 from tenantdb.errors import (
@@ -28,192 +16,18 @@ from tenantdb.errors import (
     RoutingError,
 )
 from tenantdb.routing.machines_api import Machine, MachinesClient, validate_machine_id
+from tests.support.fake_machines import FakeMachinesAPI, serve_fake_machines
+from tests.support.servers import free_port
 
 TOKEN = "fo1_TOPSECRET-machines-token-5f2a9c"
 APP = "tenantdb-test"
 
 
-@dataclass
-class Recorded:
-    """One request as the fake API received it."""
-
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-    body: Any
-
-
-@dataclass
-class FakeMachinesAPI:
-    """The few Machines API endpoints tenantdb uses, with requests recorded."""
-
-    app_name: str = APP
-    token: str = TOKEN
-    machines: dict[str, dict[str, Any]] = field(default_factory=dict)
-    requests: list[Recorded] = field(default_factory=list)
-    # (status, body) answered to the next request instead of the real thing.
-    fail_next: tuple[int, Any] | None = None
-    # Answer to GET .../machines instead of the stored machines (bad or unfiltered data).
-    list_override: Any = None
-    delay: float = 0.0
-    base_url: str = ""
-
-    def reset(self) -> None:
-        """Forget every machine, request and planned failure (between tests)."""
-        self.machines.clear()
-        self.requests.clear()
-        self.fail_next = self.list_override = None
-        self.delay = 0.0
-
-    def add(self, tenant: str | None, *, state: str = "started", key: str = "customer_id") -> str:
-        """Store a machine for ``tenant`` (None: no tenant metadata) and return its id."""
-        machine_id = secrets.token_hex(7)
-        metadata = {key: tenant} if tenant is not None else {"fly_process_group": "app"}
-        self.machines[machine_id] = {
-            "id": machine_id,
-            "name": tenant or "other",
-            "state": state,
-            "region": "ams",
-            "instance_id": f"01INST{machine_id.upper()}",
-            "private_ip": "fdaa:0:1::2",
-            "config": {"image": "img:1", "metadata": metadata},
-        }
-        return machine_id
-
-    def app(self) -> Starlette:
-        """Return the Starlette app serving this fake."""
-        base = "/v1/apps/{app}/machines"
-        return Starlette(
-            routes=[
-                Route(base, self._list, methods=["GET"]),
-                Route(base, self._create, methods=["POST"]),
-                Route(base + "/{id}", self._delete, methods=["DELETE"]),
-                Route(base + "/{id}/stop", self._stop, methods=["POST"]),
-                Route(base + "/{id}/wait", self._wait, methods=["GET"]),
-            ]
-        )
-
-    async def _guard(self, request: Request) -> Response | None:
-        body = await request.body()
-        self.requests.append(
-            Recorded(
-                method=request.method,
-                path=request.url.path,
-                query=dict(request.query_params),
-                headers=dict(request.headers),
-                body=json.loads(body) if body else None,
-            )
-        )
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if self.fail_next is not None:
-            (status, payload), self.fail_next = self.fail_next, None
-            if isinstance(payload, str):
-                return Response(payload, status_code=status)
-            return JSONResponse(payload, status_code=status)
-        if request.headers.get("authorization") != f"Bearer {self.token}":
-            return JSONResponse({"error": "You must be authenticated"}, status_code=401)
-        if request.path_params["app"] != self.app_name:
-            return JSONResponse({"error": "app not found"}, status_code=404)
-        machine_id = request.path_params.get("id")
-        if machine_id is not None and machine_id not in self.machines:
-            return JSONResponse({"error": "machine not found"}, status_code=404)
-        return None
-
-    async def _list(self, request: Request) -> Response:
-        if (refused := await self._guard(request)) is not None:
-            return refused
-        if self.list_override is not None:
-            return JSONResponse(self.list_override)
-        wanted = {
-            k.removeprefix("metadata."): v
-            for k, v in request.query_params.items()
-            if k.startswith("metadata.")
-        }
-        found = [
-            m
-            for m in self.machines.values()
-            if all(m["config"]["metadata"].get(k) == v for k, v in wanted.items())
-        ]
-        return JSONResponse(found)
-
-    async def _create(self, request: Request) -> Response:
-        if (refused := await self._guard(request)) is not None:
-            return refused
-        body = self.requests[-1].body
-        machine_id = secrets.token_hex(7)
-        machine = {
-            "id": machine_id,
-            "name": body.get("name") or "generated-name",
-            "state": "created",
-            "region": body.get("region") or "ord",
-            "instance_id": "01NEWINSTANCE",
-            "private_ip": "fdaa:0:1::9",
-            "config": body["config"],
-        }
-        self.machines[machine_id] = machine
-        return JSONResponse(machine)
-
-    async def _stop(self, request: Request) -> Response:
-        if (refused := await self._guard(request)) is not None:
-            return refused
-        self.machines[request.path_params["id"]]["state"] = "stopped"
-        return JSONResponse({"ok": True})
-
-    async def _wait(self, request: Request) -> Response:
-        if (refused := await self._guard(request)) is not None:
-            return refused
-        machine = self.machines[request.path_params["id"]]
-        if machine["state"] != request.query_params.get("state", "started"):
-            return JSONResponse({"error": "deadline_exceeded"}, status_code=408)
-        return JSONResponse({"ok": True})
-
-    async def _delete(self, request: Request) -> Response:
-        if (refused := await self._guard(request)) is not None:
-            return refused
-        machine_id = request.path_params["id"]
-        if self.machines[machine_id]["state"] == "started" and (
-            request.query_params.get("force") != "true"
-        ):
-            return JSONResponse(
-                {"error": "failed_precondition: machine still active, refusing to delete"},
-                status_code=412,
-            )
-        del self.machines[machine_id]
-        return JSONResponse({"ok": True})
-
-
-def free_port() -> int:
-    """Return a loopback port that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served_api() -> Iterator[FakeMachinesAPI]:
-    """Serve one FakeMachinesAPI with uvicorn in a thread on a free loopback port."""
-    fake = FakeMachinesAPI()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(fake.app(), log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "fake Machines API did not start"
-        time.sleep(0.01)
-    fake.base_url = f"http://127.0.0.1:{port}"
-    try:
+    """One FakeMachinesAPI for the module, served on a free loopback port."""
+    with serve_fake_machines(APP, TOKEN) as fake:
         yield fake
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture

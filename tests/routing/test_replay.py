@@ -30,7 +30,7 @@ from tenantdb.routing.replay import LOCAL_APP_NAME, ReplaySource, Router
 from tenantdb.storage import Bucket, LocalBucket
 from tenantdb.storage.s3 import S3Bucket
 from tenantdb.tenants import TenantPattern
-from tests.support.fake_machines import FakeMachines, serve_fake_machines
+from tests.support.fake_machines import FakeMachinesAPI, serve_fake_machines
 from tests.support.lifespan import lifespan
 from tests.support.s3_server import DUMMY_ACCESS_KEY_ID, DUMMY_REGION, DUMMY_SECRET_ACCESS_KEY
 
@@ -255,16 +255,16 @@ async def test_storage_error_is_503(
 
 
 @pytest.fixture
-def machines_api() -> Iterator[FakeMachines]:
+def machines_api() -> Iterator[FakeMachinesAPI]:
     with serve_fake_machines(APP) as fake:
         yield fake
 
 
 async def test_machines_api_is_the_last_resort(
-    harness_factory: Any, dns: DevDNSServer, tmp_path: Path, machines_api: FakeMachines
+    harness_factory: Any, dns: DevDNSServer, tmp_path: Path, machines_api: FakeMachinesAPI
 ) -> None:
-    machines_api.add("m9zeta", "stopped", customer_id="zeta")
-    machines_api.add("m1other", "stopped", customer_id="other")
+    machines_api.add("zeta", state="stopped", machine_id="m9zeta")
+    machines_api.add("other", state="stopped", machine_id="m1other")
     settings = settings_for(
         tmp_path,
         dns,
@@ -280,9 +280,9 @@ async def test_machines_api_is_the_last_resort(
 
 
 async def test_machines_api_failure_is_503(
-    harness_factory: Any, dns: DevDNSServer, tmp_path: Path, machines_api: FakeMachines
+    harness_factory: Any, dns: DevDNSServer, tmp_path: Path, machines_api: FakeMachinesAPI
 ) -> None:
-    machines_api.status = 500
+    machines_api.fail_always = (500, {"error": "internal error"})
     settings = settings_for(
         tmp_path, dns, fly_api_token=Secret("tok"), machines_api_url=machines_api.base_url
     )
@@ -291,9 +291,9 @@ async def test_machines_api_failure_is_503(
 
 
 async def test_machines_api_is_not_asked_without_a_token(
-    router: Harness, machines_api: FakeMachines
+    router: Harness, machines_api: FakeMachinesAPI
 ) -> None:
-    machines_api.add("m9zeta", "stopped", customer_id="zeta")
+    machines_api.add("zeta", state="stopped", machine_id="m9zeta")
     assert (await router.get("/customers/zeta")).status_code == 404
     assert machines_api.queries == []
 

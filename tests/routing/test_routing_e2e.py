@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tenantdb.dev.dns_server import DevDNSServer
-from tests.support.servers import UvicornProcess
+from tests.support.servers import MachineProcesses, UvicornProcess
 
 APP = "tests.support.routing_app:app"
 KEY = "customer_id"
@@ -37,34 +37,23 @@ def dns() -> Iterator[DevDNSServer]:
 @pytest.fixture
 def start(tmp_path: Path, dns: DevDNSServer, subprocess_env: dict[str, str]) -> Iterator[Start]:
     """Start a machine serving ``tenant``; ``urls`` are the other machines it can stream to."""
-    started: list[UvicornProcess] = []
+    with MachineProcesses(tmp_path) as machines:
 
-    def run(
-        machine: str, tenant: str, urls: dict[str, str] | None = None, **env: str
-    ) -> UvicornProcess:
-        server = UvicornProcess(
-            APP,
-            {
+        def run(
+            machine: str, tenant: str, urls: dict[str, str] | None = None, **env: str
+        ) -> UvicornProcess:
+            base = {
                 **subprocess_env,
-                "TENANT_ID": tenant,
-                "FLY_MACHINE_ID": machine,
                 "TENANTDB_DNS_SERVER": "{}:{}".format(*dns.address),
-                "TENANTDB_DATA_DIR": str(tmp_path / machine),
                 "TENANTDB_LOCAL_BUCKET": str(tmp_path / "bucket"),
                 "TENANTDB_LEASE_TTL": "3",
                 "ROUTING_TEST_MACHINE_URLS": json.dumps(urls or {}),
-                **env,
-            },
-            tmp_path / f"{machine}.log",
-        )
-        started.append(server)
-        server.wait_ready()
-        dns.set_machine(machine, {KEY: tenant})
-        return server
+            }
+            server = machines.start(APP, machine, tenant, {**base, **env})
+            dns.set_machine(machine, {KEY: tenant})
+            return server
 
-    yield run
-    for server in started:
-        server.close()
+        yield run
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from tenantdb.config import Secret
@@ -34,7 +33,7 @@ from tenantdb.errors import (
 )
 from tenantdb.storage import RetryPolicy
 from tenantdb.storage.s3 import S3Bucket
-from tests.support.s3_server import DUMMY_ACCESS_KEY_ID, DUMMY_REGION, DUMMY_SECRET_ACCESS_KEY
+from tests.support.s3_server import DUMMY_REGION, s3_client
 
 ATTEMPTS = 3
 FAST_RETRY = RetryPolicy(attempts=ATTEMPTS, base_delay=0.001, max_delay=0.005)
@@ -386,13 +385,7 @@ async def test_download_fails_if_the_object_is_replaced_midway(
 
 
 def pending_uploads(endpoint: str, bucket: str) -> list[Any]:
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name=DUMMY_REGION,
-        aws_access_key_id=DUMMY_ACCESS_KEY_ID,
-        aws_secret_access_key=DUMMY_SECRET_ACCESS_KEY,
-    )
+    client = s3_client(endpoint)
     uploads: list[Any] = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     client.close()
     return uploads

@@ -2,12 +2,15 @@
 
 Both count visits of ``/customers/{tenant}`` and accept ``?delay=S`` to hold a request in
 flight (shutdown-under-load tests). Serve with ``uvicorn tests.support.apps:starlette_app``.
+
+``local_acme_settings(root)``: settings for an app served in process, all local under ``root``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import aiosqlite
 from fastapi import Depends, FastAPI
@@ -19,6 +22,22 @@ from starlette.routing import Route
 
 from example_app import MIGRATIONS
 from tenantdb import TenantDBMiddleware, tenant_db
+from tenantdb.config import Settings
+
+
+def local_acme_settings(root: Path, **overrides: Any) -> Settings:
+    """Settings of machine m1 serving tenant acme, everything local under ``root``.
+
+    Data in ``root/data``, the bucket in ``root/bucket``, no periodic checkpoints.
+    """
+    return Settings(
+        tenant="acme",
+        machine_id="m1",
+        data_dir=root / "data",
+        local_bucket_dir=root / "bucket",
+        checkpoint_interval=0,
+        **overrides,
+    )
 
 
 async def increment(db: aiosqlite.Connection, delay: float) -> int:

@@ -1,50 +1,148 @@
-"""A tiny Fly Machines API (list by metadata only), served by uvicorn in a thread."""
+"""A fake Fly Machines API: the endpoints tenantdb uses, with every request recorded.
+
+``serve_fake_machines(app_name)`` serves one with uvicorn in a thread on a free loopback
+port for the ``with`` block (``fake.base_url`` is then set). Between tests sharing one
+served fake, ``reset()`` empties it.
+
+Failure injection: ``fail_next`` answers the next request with (status, body) instead;
+``fail_always`` answers every request so; ``list_override`` replaces the answer to a list
+(bad or unfiltered data); ``delay`` holds every answer that many seconds.
+"""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
+import asyncio
+import json
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tests.support.servers import serve_in_thread
+
 
 @dataclass
-class FakeMachines:
-    """``GET /v1/apps/{app}/machines?metadata.<key>=<value>`` over a dict of machines."""
+class Recorded:
+    """One request as the fake API received it."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class FakeMachinesAPI:
+    """List, create, stop, wait for and destroy machines of one app.
+
+    With a ``token``, requests without ``Authorization: Bearer <token>`` get a 401; with
+    None, any request is accepted.
+    """
 
     app_name: str
-    machines: list[dict[str, Any]] = field(default_factory=list)
-    queries: list[dict[str, str]] = field(default_factory=list)
-    status: int = 200
+    token: str | None = None
+    machines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    requests: list[Recorded] = field(default_factory=list)
+    fail_next: tuple[int, Any] | None = None
+    fail_always: tuple[int, Any] | None = None
+    list_override: Any = None
+    delay: float = 0.0
     base_url: str = ""
 
-    def add(self, machine_id: str, state: str, **metadata: str) -> None:
-        """Register a machine as the API would describe it."""
-        self.machines.append(
-            {
-                "id": machine_id,
-                "name": machine_id,
-                "state": state,
-                "region": "ams",
-                "config": {"metadata": metadata},
-            }
+    def reset(self) -> None:
+        """Forget every machine, request and planned failure (between tests)."""
+        self.machines.clear()
+        self.requests.clear()
+        self.fail_next = self.fail_always = self.list_override = None
+        self.delay = 0.0
+
+    def add(
+        self,
+        tenant: str | None,
+        *,
+        state: str = "started",
+        key: str = "customer_id",
+        machine_id: str | None = None,
+    ) -> str:
+        """Store a machine for ``tenant`` (None: no tenant metadata) and return its id."""
+        machine_id = machine_id or secrets.token_hex(7)
+        metadata = {key: tenant} if tenant is not None else {"fly_process_group": "app"}
+        self.machines[machine_id] = {
+            "id": machine_id,
+            "name": tenant or "other",
+            "state": state,
+            "region": "ams",
+            "instance_id": f"01INST{machine_id.upper()}",
+            "private_ip": "fdaa:0:1::2",
+            "config": {"image": "img:1", "metadata": metadata},
+        }
+        return machine_id
+
+    def calls(self, method: str) -> list[Recorded]:
+        """The requests made with ``method``, in order."""
+        return [r for r in self.requests if r.method == method]
+
+    @property
+    def queries(self) -> list[dict[str, str]]:
+        """The query parameters of every request, in order."""
+        return [r.query for r in self.requests]
+
+    def app(self) -> Starlette:
+        """Return the Starlette app serving this fake."""
+        base = "/v1/apps/{app}/machines"
+        return Starlette(
+            routes=[
+                Route(base, self._list, methods=["GET"]),
+                Route(base, self._create, methods=["POST"]),
+                Route(base + "/{id}", self._delete, methods=["DELETE"]),
+                Route(base + "/{id}/stop", self._stop, methods=["POST"]),
+                Route(base + "/{id}/wait", self._wait, methods=["GET"]),
+            ]
         )
 
-    async def _list(self, request: Request) -> Response:
-        self.queries.append(dict(request.query_params))
+    async def _guard(self, request: Request) -> Response | None:
+        body = await request.body()
+        self.requests.append(
+            Recorded(
+                method=request.method,
+                path=request.url.path,
+                query=dict(request.query_params),
+                headers=dict(request.headers),
+                body=json.loads(body) if body else None,
+            )
+        )
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        failure = self.fail_next or self.fail_always
+        self.fail_next = None
+        if failure is not None:
+            status, payload = failure
+            if isinstance(payload, str):
+                return Response(payload, status_code=status)
+            return JSONResponse(payload, status_code=status)
+        if self.token is not None and (
+            request.headers.get("authorization") != f"Bearer {self.token}"
+        ):
+            return JSONResponse({"error": "You must be authenticated"}, status_code=401)
         if request.path_params["app"] != self.app_name:
-            return JSONResponse({"error": "app not found"}, 404)
-        if self.status != 200:
-            return JSONResponse({"error": "internal error"}, self.status)
+            return JSONResponse({"error": "app not found"}, status_code=404)
+        machine_id = request.path_params.get("id")
+        if machine_id is not None and machine_id not in self.machines:
+            return JSONResponse({"error": "machine not found"}, status_code=404)
+        return None
+
+    async def _list(self, request: Request) -> Response:
+        if (refused := await self._guard(request)) is not None:
+            return refused
+        if self.list_override is not None:
+            return JSONResponse(self.list_override)
         wanted = {
             k.removeprefix("metadata."): v
             for k, v in request.query_params.items()
@@ -52,34 +150,61 @@ class FakeMachines:
         }
         found = [
             m
-            for m in self.machines
+            for m in self.machines.values()
             if all(m["config"]["metadata"].get(k) == v for k, v in wanted.items())
         ]
         return JSONResponse(found)
 
-    def app(self) -> Starlette:
-        """The ASGI app."""
-        return Starlette(routes=[Route("/v1/apps/{app}/machines", self._list)])
+    async def _create(self, request: Request) -> Response:
+        if (refused := await self._guard(request)) is not None:
+            return refused
+        body = self.requests[-1].body
+        machine_id = secrets.token_hex(7)
+        machine = {
+            "id": machine_id,
+            "name": body.get("name") or "generated-name",
+            "state": "created",
+            "region": body.get("region") or "ord",
+            "instance_id": "01NEWINSTANCE",
+            "private_ip": "fdaa:0:1::9",
+            "config": body["config"],
+        }
+        self.machines[machine_id] = machine
+        return JSONResponse(machine)
+
+    async def _stop(self, request: Request) -> Response:
+        if (refused := await self._guard(request)) is not None:
+            return refused
+        self.machines[request.path_params["id"]]["state"] = "stopped"
+        return JSONResponse({"ok": True})
+
+    async def _wait(self, request: Request) -> Response:
+        if (refused := await self._guard(request)) is not None:
+            return refused
+        machine = self.machines[request.path_params["id"]]
+        if machine["state"] != request.query_params.get("state", "started"):
+            return JSONResponse({"error": "deadline_exceeded"}, status_code=408)
+        return JSONResponse({"ok": True})
+
+    async def _delete(self, request: Request) -> Response:
+        if (refused := await self._guard(request)) is not None:
+            return refused
+        machine_id = request.path_params["id"]
+        if self.machines[machine_id]["state"] == "started" and (
+            request.query_params.get("force") != "true"
+        ):
+            return JSONResponse(
+                {"error": "failed_precondition: machine still active, refusing to delete"},
+                status_code=412,
+            )
+        del self.machines[machine_id]
+        return JSONResponse({"ok": True})
 
 
 @contextmanager
-def serve_fake_machines(app_name: str) -> Iterator[FakeMachines]:
-    """Serve a FakeMachines on a free loopback port until the block ends."""
-    fake = FakeMachines(app_name)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(fake.app(), log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise TimeoutError("the fake Machines API did not start")
-        time.sleep(0.01)
-    fake.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
+def serve_fake_machines(app_name: str, token: str | None = None) -> Iterator[FakeMachinesAPI]:
+    """Serve a FakeMachinesAPI on a free loopback port until the block ends."""
+    fake = FakeMachinesAPI(app_name, token)
+    with serve_in_thread(fake.app()) as url:
+        fake.base_url = url
         yield fake
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()

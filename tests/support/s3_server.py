@@ -3,7 +3,8 @@
 Run ``python -m tests.support.s3_server [--port N]``: it serves moto's S3 on 127.0.0.1 and
 prints the port on stdout once the socket is listening. From Python, use
 ``start_s3_server()`` (returns the process and the endpoint URL) or the ``s3_server()``
-context manager, which kills the process on exit.
+context manager, which kills the process on exit; ``s3_client(endpoint)`` for a plain boto3
+client on it and ``s3_env(bucket, endpoint)`` for the variables naming a bucket on it.
 
 The server is single-threaded on purpose: werkzeug then handles one request at a time, so
 moto's check-then-write for conditional PUTs cannot interleave and If-None-Match / If-Match
@@ -24,11 +25,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "DUMMY_ACCESS_KEY_ID",
     "DUMMY_REGION",
     "DUMMY_SECRET_ACCESS_KEY",
+    "s3_client",
+    "s3_env",
     "s3_server",
     "start_s3_server",
     "stop_s3_server",
@@ -39,6 +43,30 @@ DUMMY_SECRET_ACCESS_KEY = "testing"  # moto accepts any credentials
 DUMMY_REGION = "us-east-1"
 
 _ROOT = Path(__file__).resolve().parents[2]
+
+
+def s3_client(endpoint: str) -> Any:
+    """A plain boto3 S3 client on the server at ``endpoint``; close it when done."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=DUMMY_REGION,
+        aws_access_key_id=DUMMY_ACCESS_KEY_ID,
+        aws_secret_access_key=DUMMY_SECRET_ACCESS_KEY,
+    )
+
+
+def s3_env(bucket: str, endpoint: str) -> dict[str, str]:
+    """Environment variables naming ``bucket`` on the server at ``endpoint``."""
+    return {
+        "BUCKET_NAME": bucket,
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_ACCESS_KEY_ID": DUMMY_ACCESS_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": DUMMY_SECRET_ACCESS_KEY,
+        "AWS_REGION": DUMMY_REGION,
+    }
 
 
 def serve(port: int = 0) -> None:
