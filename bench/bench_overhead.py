@@ -1,23 +1,25 @@
 """Request overhead: the counter demo with TenantDBMiddleware vs the same app without it.
 
-Over HTTP, two uvicorn processes serve on loopback:
+Over HTTP, uvicorn processes serve on loopback (all with ``--no-access-log``):
 
-- candidate: ``example_app:app``, the counter demo behind ``TenantDBMiddleware`` (this
-  machine's tenant, embedded local bucket, default settings: a pool of 8 connections);
-- baseline:  ``bench.bench_overhead:baseline_app``, the same Starlette routes and the same
-  ``visit`` handler, with one aiosqlite connection (same PRAGMAs) opened in its lifespan.
+- candidates: ``example_app:app``, the counter demo behind ``TenantDBMiddleware`` (this
+  machine's tenant, embedded local bucket, default settings), once per ``--pool-sizes``
+  entry (``TENANTDB_POOL_SIZE``; default ``8,1``: the default pool, and a single
+  connection). The first one is the figure;
+- baseline: ``bench.bench_overhead:baseline_app``, the same Starlette routes and the same
+  ``visit`` handler, with one aiosqlite connection (same PRAGMAs) opened in its lifespan
+  and used by one request at a time (an ``asyncio.Lock``: see ``serialized_visit``).
 
-Both answer ``GET /customers/bench`` with ``UPDATE counter ... RETURNING count`` + commit.
-The load generator (``wrk``, or a raw asyncio HTTP/1.1 keep-alive client when wrk is
-missing or ``--client asyncio``) keeps 32 requests in flight on the candidate and on the
-baseline alternately, several rounds; both servers run with ``--no-access-log``.
+All answer ``GET /customers/bench`` with ``UPDATE counter ... RETURNING count`` + commit.
+The load generator (``wrk -t1 -c32``, or a raw asyncio HTTP/1.1 keep-alive client when
+wrk is missing or with ``--client asyncio``) keeps 32 requests in flight on each server in
+turn, the order alternating over the rounds; every request must answer 200 and count.
 
-In process, without HTTP, the middleware's own cost is measured: calling it with prepared
-scopes and a trivial inner app (which only sends a 2-byte response) against calling the
-trivial app directly, in µs per request; then the pool's acquire+release alone; then one
-UPDATE ... RETURNING + commit per request through the middleware's pooled connection
-against the same on one directly opened connection (sequential, then 32 concurrent).
-Medians are printed, the ratio line last. Run: ``python -m bench.bench_overhead``.
+In process, without HTTP, the middleware's own cost is measured: calling it with a
+prepared scope and a trivial inner app (which only sends a 2-byte response) against
+calling the trivial app directly, in alternating chunks of 1,000 calls, in µs per
+request; and the pool's acquire+release alone. Medians are printed, the ratio line last.
+Run: ``python -m bench.bench_overhead``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,6 @@ from example_app.app import MIGRATIONS, healthz, visit
 
 TENANT = "bench"
 PATH = f"/customers/{TENANT}"
-UPDATE = "UPDATE counter SET count = count + 1 WHERE id = 1 RETURNING count"
 GOAL_RATIO = 0.97
 GOAL_MIDDLEWARE_US = 10.0
 PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=5000")
@@ -182,14 +182,21 @@ class Server:
         return code
 
 
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+
 def run_wrk(url: str, seconds: float, concurrency: int) -> dict[str, float]:
-    """One ``wrk`` run; return requests, seconds and failures."""
+    """One ``wrk`` run: requests, seconds, failures, p50/p99/max latency in ms."""
     out = subprocess.run(
         [
             "wrk",
             "-t1",
             f"-c{concurrency}",
             f"-d{seconds:g}s",
+            "--timeout",
+            "30s",
+            "--latency",
             "-H",
             "Accept: application/json",
             url,
@@ -199,17 +206,22 @@ def run_wrk(url: str, seconds: float, concurrency: int) -> dict[str, float]:
         check=True,
     ).stdout
     match = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
-    if not match:
+    latency = re.search(r"Latency\s+[\d.]+\w+\s+[\d.]+\w+\s+([\d.]+)(us|ms|s|m)\b", out)
+    p50 = re.search(r"\b50%\s+([\d.]+)(us|ms|s|m)\b", out)
+    p99 = re.search(r"\b99%\s+([\d.]+)(us|ms|s|m)\b", out)
+    if not (match and latency and p50 and p99):
         raise RuntimeError(f"cannot read wrk's output:\n{out}")
-    elapsed = float(match[2]) / (1000 if match[3] == "ms" else 1)
-    failures = 0
-    for pattern in (r"Non-2xx or 3xx responses: (\d+)", r"Socket errors: .*?(\d+)"):
-        for found in re.finditer(pattern, out):
-            failures += int(found[1])
+    not_ok = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if errors:
-        failures = sum(int(x) for x in errors.groups()) + failures - int(errors[1])
-    return {"requests": int(match[1]), "seconds": elapsed, "failures": failures}
+    failures = not_ok + (sum(int(n) for n in errors.groups()) if errors else 0)
+    return {
+        "ok": int(match[1]) - not_ok,
+        "seconds": float(match[2]) / (1000 if match[3] == "ms" else 1),
+        "failures": failures,
+        "p50_ms": _ms(p50[1], p50[2]),
+        "p99_ms": _ms(p99[1], p99[2]),
+        "max_ms": _ms(latency[1], latency[2]),
+    }
 
 
 async def _asyncio_load(host: str, port: int, requests: int, concurrency: int) -> dict[str, float]:
@@ -218,6 +230,7 @@ async def _asyncio_load(host: str, port: int, requests: int, concurrency: int) -
     ).encode()
     left = requests
     failures = 0
+    latencies: list[float] = []
 
     async def client() -> None:
         nonlocal left, failures
@@ -225,18 +238,29 @@ async def _asyncio_load(host: str, port: int, requests: int, concurrency: int) -
         try:
             while left > 0:
                 left -= 1
+                sent = time.perf_counter()
                 writer.write(request)
                 head = await reader.readuntil(b"\r\n\r\n")
                 if not head.startswith(b"HTTP/1.1 200"):
                     failures += 1
                 length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
                 await reader.readexactly(int(length[1]) if length else 0)
+                latencies.append((time.perf_counter() - sent) * 1e3)
         finally:
             writer.close()
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return {"requests": requests, "seconds": time.perf_counter() - started, "failures": failures}
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "ok": requests - failures,
+        "seconds": elapsed,
+        "failures": failures,
+        "p50_ms": latencies[len(latencies) // 2],
+        "p99_ms": latencies[int(len(latencies) * 0.99)],
+        "max_ms": latencies[-1],
+    }
 
 
 def run_asyncio_client(url: str, requests: int, concurrency: int) -> dict[str, float]:
@@ -272,8 +296,10 @@ def candidate_name(pool_size: int) -> str:
 BASELINE = "own connection"
 
 
-def http_rounds(args: argparse.Namespace, client: str) -> dict[str, list[float]]:
-    """Serve the apps, load them alternately; return requests/s per round per app."""
+def http_rounds(
+    args: argparse.Namespace, client: str
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Serve the apps, load them alternately; return requests/s per round, and requests."""
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         work = Path(tmp)
         servers: dict[str, Server] = {}
@@ -298,6 +324,10 @@ def http_rounds(args: argparse.Namespace, client: str) -> dict[str, list[float]]
             work / "baseline.log",
         )
         rates: dict[str, list[float]] = {name: [] for name in servers}
+        sent = dict.fromkeys(servers, 0)
+        failed = dict.fromkeys(servers, 0)
+        p99: dict[str, list[float]] = {name: [] for name in servers}
+        worst = dict.fromkeys(servers, 0.0)
         try:
             for server in servers.values():
                 server.wait_ready()
@@ -310,17 +340,20 @@ def http_rounds(args: argparse.Namespace, client: str) -> dict[str, list[float]]
 
             for server in servers.values():  # warm-up: imports, pool, page cache
                 load(server, 1.0)
-            sent = {name: 0 for name in servers}
             for n, order in alternate(args.rounds, list(servers)):
                 line = []
                 for name in order:
                     result = load(servers[name], args.seconds)
-                    if result["failures"]:
-                        raise RuntimeError(f"{name}: {result['failures']:.0f} failed requests")
-                    rates[name].append(result["requests"] / result["seconds"])
-                    sent[name] += int(result["requests"])
+                    ok = int(result["ok"])
+                    rates[name].append(ok / result["seconds"])
+                    sent[name] += ok
+                    failed[name] += int(result["failures"])
+                    p99[name].append(result["p99_ms"])
+                    worst[name] = max(worst[name], result["max_ms"])
+                    failures = f", {result['failures']:.0f} FAILED" if result["failures"] else ""
                     line.append(
-                        f"{name} {rates[name][-1]:>6,.0f}/s ({result['requests']:,.0f} req)"
+                        f"{name} {rates[name][-1]:>6,.0f}/s (p99 {result['p99_ms']:.0f} ms, "
+                        f"max {result['max_ms']:.0f} ms{failures})"
                     )
                 print(f"round {n}: " + "  ".join(line), flush=True)
             after = {name: server.count() for name, server in servers.items()}
@@ -331,7 +364,12 @@ def http_rounds(args: argparse.Namespace, client: str) -> dict[str, list[float]]
         finally:
             for server in servers.values():
                 server.stop()
-    return rates
+    for name in servers:
+        print(
+            f"{name}: {sent[name]:,} requests answered, {failed[name]} failed, median p99 "
+            f"{median(p99[name]):.0f} ms, slowest {worst[name]:,.0f} ms"
+        )
+    return rates, sent
 
 
 # -- in process ----------------------------------------------------------------------------
@@ -365,28 +403,6 @@ async def trivial_app(scope: Any, receive: Any, send: Any) -> None:
         return
     await send(_START)
     await send(_BODY)
-
-
-async def counter_app(scope: Any, receive: Any, send: Any) -> None:
-    """The inner app that does the demo's database work on ``scope['state']['db']``."""
-    if scope["type"] == "lifespan":
-        await _lifespan_app(scope, receive, send)
-        return
-    state = scope["state"]
-    lock: asyncio.Lock | None = state.get("lock")
-    if lock is None:
-        await _increment(state["db"])
-    else:  # one shared connection: one request at a time
-        async with lock:
-            await _increment(state["db"])
-    await send(_START)
-    await send(_BODY)
-
-
-async def _increment(db: aiosqlite.Connection) -> None:
-    async with db.execute(UPDATE) as cursor:
-        await cursor.fetchone()
-    await db.commit()
 
 
 def http_scope() -> dict[str, Any]:
@@ -447,22 +463,7 @@ async def interleaved(
     return {name: spent[name] / (chunks * chunk) * 1e6 for name in names}
 
 
-async def concurrent_rate(call: Callable[[], Awaitable[None]], n: int, tasks: int) -> float:
-    """Calls per second with ``tasks`` concurrent callers, ``n`` calls in all."""
-    left = n
-
-    async def worker() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            await call()
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(tasks)))
-    return n / (time.perf_counter() - started)
-
-
-def _settings(work: Path, name: str, pool_size: int = 8) -> Any:
+def _settings(work: Path, name: str) -> Any:
     from tenantdb.config import Settings
 
     return Settings(
@@ -471,14 +472,11 @@ def _settings(work: Path, name: str, pool_size: int = 8) -> Any:
         local_bucket_dir=work / name / "bucket",
         machine_id="bench-machine",
         checkpoint_interval=0,
-        pool_size=pool_size,
     )
 
 
-async def in_process(
-    rounds: int, calls: int, db_calls: int, tasks: int, pool_sizes: Sequence[int]
-) -> dict[str, list[float]]:
-    """The middleware's own cost, the pool's, and the DB work through it vs direct."""
+async def in_process(rounds: int, calls: int) -> dict[str, list[float]]:
+    """The middleware's own cost (trivial inner app), and the pool's acquire+release."""
     from tenantdb import TenantDBMiddleware
 
     results: dict[str, list[float]] = {}
@@ -512,42 +510,6 @@ async def in_process(
             await interleaved(ways, calls // 10, 1000)  # warm-up
             for _ in range(rounds):
                 record(await interleaved(ways, calls, 1000))
-        # 2. The demo's database work through the middleware (a pooled connection per
-        # request) against one connection of the app's own (one request at a time on it).
-        path = work / "own.sqlite3"
-        _create_schema(path)
-        own = await _open(path)
-        own_scope = {**http_scope(), "state": {"db": own, "lock": asyncio.Lock()}}
-
-        async def db_direct() -> None:
-            await counter_app(own_scope, _receive, _send)
-
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                db_ways: dict[str, Callable[[], Awaitable[None]]] = {"direct": db_direct}
-                for size in pool_sizes:
-                    app = TenantDBMiddleware(
-                        counter_app,
-                        migrations=MIGRATIONS,
-                        settings=_settings(work, str(size), size),
-                    )
-                    await stack.enter_async_context(running(app))
-                    db_ways[f"pool {size}"] = partial(app, scope, _receive, _send)
-                await interleaved(db_ways, db_calls // 10, 50)  # warm-up
-                for _ in range(rounds):
-                    record(
-                        {
-                            f"seq {k}": v
-                            for k, v in (await interleaved(db_ways, db_calls, 50)).items()
-                        }
-                    )
-                for _, order in alternate(rounds, list(db_ways)):
-                    for name in order:
-                        record(
-                            {f"conc {name}": await concurrent_rate(db_ways[name], db_calls, tasks)}
-                        )
-        finally:
-            await own.close()
     return results
 
 
@@ -602,30 +564,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"request overhead of TenantDBMiddleware, {args.rounds} rounds")
     print(f"machine: {machine()}")
-    db_calls = max(100, args.calls // 10)
-    local = asyncio.run(
-        in_process(args.rounds, args.calls, db_calls, args.concurrency, args.pool_sizes)
-    )
+    local = asyncio.run(in_process(args.rounds, args.calls))
     med = {name: median(values) for name, values in local.items()}
     mw_us = med["through"] - med["direct"]
     print(
         f"in process, median µs/request: trivial app {med['direct']:.2f}, through the "
         f"middleware {med['through']:.2f} -> middleware {mw_us:.2f} µs "
         f"(of which pool acquire+release {med['borrow']:.2f} µs)"
-    )
-    pools = [f"pool {size}" for size in args.pool_sizes]
-    print(
-        "in process, UPDATE ... RETURNING + commit, one at a time, µs: own connection "
-        f"{med['seq direct']:.0f}  "
-        + "  ".join(f"through the middleware, {p} {med['seq ' + p]:.0f}" for p in pools)
-    )
-    print(
-        f"in process, {args.concurrency} concurrent, per second: own connection "
-        f"{med['conc direct']:,.0f}  "
-        + "  ".join(
-            f"middleware {p} {med['conc ' + p]:,.0f} ({med['conc ' + p] / med['conc direct']:.2f}x)"
-            for p in pools
-        )
     )
     mw_met = mw_us < GOAL_MIDDLEWARE_US
     if args.skip_http:
@@ -640,10 +585,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else f"asyncio client, {args.requests:,} requests, {args.concurrency} in flight"
     )
     print(f"over HTTP (uvicorn, loopback), {what}, per server per round:")
-    rates = http_rounds(args, client)
+    rates, sent = http_rounds(args, client)
     medians = {name: median(values) for name, values in rates.items()}
     base = medians[BASELINE]
-    print("median requests/s: " + "  ".join(f"{k} {v:,.0f}" for k, v in medians.items()))
+    print(
+        "median requests/s: "
+        + "  ".join(f"{k} {v:,.0f} ({sent[k]:,} requests in all)" for k, v in medians.items())
+    )
     others = "  ".join(
         f"pool {size}: {medians[candidate_name(size)] / base:.3f}" for size in args.pool_sizes[1:]
     )
