@@ -27,6 +27,7 @@ test: lint
 
 bench: install
 	command -v dig >/dev/null || (apt-get update -qq && apt-get install -y -qq dnsutils)
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python -m bench
 
 clean:

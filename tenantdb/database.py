@@ -110,9 +110,11 @@ class ConnectionPool:
     def __init__(self, path: Path, size: int) -> None:
         self.path = path
         self.size = size
-        self._idle: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        # None in the queue wakes a waiter when the pool closes.
+        self._idle: asyncio.Queue[aiosqlite.Connection | None] = asyncio.Queue()
         self._opened: list[aiosqlite.Connection] = []
         self._reserved = 0
+        self._waiting = 0
         self.closed = False
 
     async def _open(self) -> aiosqlite.Connection:
@@ -124,6 +126,8 @@ class ConnectionPool:
 
     async def acquire(self) -> aiosqlite.Connection:
         """Lend a connection, opening one if the pool is not full, else wait for one."""
+        if self.closed:
+            raise self._closed_error()
         if self._idle.empty() and self._reserved < self.size:
             self._reserved += 1
             try:
@@ -133,7 +137,17 @@ class ConnectionPool:
                 raise
             self._opened.append(conn)
             return conn
-        return await self._idle.get()
+        self._waiting += 1
+        try:
+            lent = await self._idle.get()
+        finally:
+            self._waiting -= 1
+        if lent is None:
+            raise self._closed_error()
+        return lent
+
+    def _closed_error(self) -> TenantDBError:
+        return TenantDBError(f"the database {self.path.name} is closed (shutting down)")
 
     async def release(self, conn: aiosqlite.Connection) -> None:
         """Take a connection back; a transaction the request left open is rolled back."""
@@ -153,8 +167,13 @@ class ConnectionPool:
             await self.release(conn)
 
     async def close(self) -> None:
-        """Close every connection (uncommitted transactions are rolled back)."""
+        """Close every connection (uncommitted transactions are rolled back).
+
+        Requests still waiting for a connection get a ``TenantDBError``.
+        """
         self.closed = True
+        for _ in range(self._waiting):
+            self._idle.put_nowait(None)
         for conn in self._opened:
             await conn.close()
         self._opened.clear()

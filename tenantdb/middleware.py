@@ -111,7 +111,11 @@ class TenantDBMiddleware:
         self._in_flight += 1
         self._idle.clear()
         try:
-            db = await pool.acquire()
+            try:
+                db = await pool.acquire()
+            except TenantDBError:  # the pool closed while this request waited for it
+                await self._not_serving(scope, receive, send, tdb)
+                return
             try:
                 scope = dict(scope)
                 scope["state"] = {**scope.get("state", {}), "tenant": tdb.tenant, "db": db}

@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 
 from tenantdb.config import Settings
-from tenantdb.database import TenantDB, apply_migrations
+from tenantdb.database import ConnectionPool, TenantDB, apply_migrations
 from tenantdb.errors import (
     ConfigurationError,
     DataDirLockedError,
     LeaseHeldError,
+    TenantDBError,
     TransientStorageError,
 )
 from tenantdb.storage.base import Bucket, ObjectInfo
@@ -196,3 +197,19 @@ async def test_failed_final_publish_keeps_the_lease_and_the_local_data(
         assert await hits(tdb) == 8
     async with TenantDB(settings(tmp_path, "m2"), migrations=MIGRATIONS) as tdb:
         assert await hits(tdb) == 8
+
+
+async def test_requests_waiting_for_a_connection_are_told_when_the_pool_closes(
+    tmp_path: Path,
+) -> None:
+    pool = ConnectionPool(tmp_path / "p.sqlite3", size=1)
+    held = await pool.acquire()
+    waiter = asyncio.create_task(pool.acquire())
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    await pool.close()
+    with pytest.raises(TenantDBError, match="closed"):
+        await waiter
+    with pytest.raises(TenantDBError, match="closed"):
+        await pool.acquire()
+    await pool.release(held)  # a late release after close is harmless
