@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="One SQLite database per tenant, one Fly Machine per tenant.",
         epilog="Environment: FLY_API_TOKEN, FLY_APP_NAME, TENANTDB_MACHINES_API_URL, "
-        "TENANTDB_METADATA_KEY (see DESIGN.md).",
+        "TENANTDB_METADATA_KEY (see Configuration in the README).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

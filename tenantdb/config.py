@@ -118,7 +118,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Build settings from environment variables (names in DESIGN.md), then overrides."""
+        """Build settings from environment variables (see the README), then overrides."""
         env = os.environ if environ is None else environ
         secret = env.get("AWS_SECRET_ACCESS_KEY")
         token = env.get("FLY_API_TOKEN")

@@ -1,6 +1,6 @@
 """The tenant's live SQLite database, from lease to final publish.
 
-``TenantDB`` runs one machine's side of the protocol in DESIGN.md: lock the data
+``TenantDB`` runs one machine's side of the lease protocol: lock the data
 directory, acquire the lease (or wait as a standby), restore or create the database,
 migrate, serve, checkpoint while running, and publish then release at shutdown.
 """
@@ -216,7 +216,7 @@ class TenantDB:
 
     @classmethod
     def from_env(cls, *, migrations: Sequence[Migration] = (), **overrides: Any) -> TenantDB:
-        """Build from the environment (see DESIGN.md), with keyword overrides."""
+        """Build from the environment (see the README), with keyword overrides."""
         return cls(Settings.from_env(**overrides), migrations=migrations)
 
     def __repr__(self) -> str:
