@@ -31,8 +31,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -52,6 +50,7 @@ from starlette.routing import Route
 
 from bench.common import ROOT, alternate, child_env, machine, median
 from example_app.app import MIGRATIONS, healthz, visit
+from tests.support.servers import UvicornProcess
 
 TENANT = "bench"
 PATH = f"/customers/{TENANT}"
@@ -112,56 +111,18 @@ baseline_app = Starlette(
 # -- servers and load --------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
+class Server(UvicornProcess):
     """``uvicorn <app>`` on loopback in its own process, access log off."""
 
     def __init__(self, name: str, app: str, env: dict[str, str], log: Path) -> None:
         self.name = name
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = open(log, "wb")  # noqa: SIM115
-        self.log_path = log
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                app,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--lifespan",
-                "on",
-                "--no-access-log",
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            env=child_env(env),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+        super().__init__(
+            app,
+            child_env(env),
+            log,
+            uvicorn_args=["--no-access-log", "--log-level", "warning"],
+            inherit_environ=False,
         )
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited:\n{self.log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.name} not ready:\n{self.log_path.read_text()}")
 
     def count(self) -> int:
         request = urllib.request.Request(
@@ -169,17 +130,6 @@ class Server:
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             return int(json.load(response)["count"])
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait(10)
-        self._log.close()
-        return code
 
 
 def _ms(value: str, unit: str) -> float:

@@ -103,43 +103,53 @@ class _DataDirLock:
 class ConnectionPool:
     """aiosqlite connections to one file, each lent to one request at a time.
 
-    One shared connection would interleave the transactions of concurrent requests; a
-    pool gives each request its own, while SQLite's WAL lets readers run beside a writer.
+    One shared connection would interleave the transactions of concurrent requests, so
+    each request borrows its own. SQLite has a single writer, though: connections that
+    write at the same time wait for each other in SQLite's busy handler, which sleeps in
+    steps of up to 100 ms. So the pool is elastic: it lends one connection while requests
+    give it back quickly, and opens another (up to ``size``) only when a request has
+    waited ``grow_after`` seconds, as behind a websocket or a slow handler holding one.
+    Idle extra connections are closed when they come back.
     """
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, size: int, *, grow_after: float = 0.1) -> None:
         self.path = path
         self.size = size
-        # None in the queue wakes a waiter when the pool closes.
-        self._idle: asyncio.Queue[aiosqlite.Connection | None] = asyncio.Queue()
+        self.grow_after = grow_after
+        # Last in, first out: the busiest connection stays warm. None wakes a waiter on close.
+        self._idle: asyncio.LifoQueue[aiosqlite.Connection | None] = asyncio.LifoQueue()
         self._opened: list[aiosqlite.Connection] = []
         self._reserved = 0
         self._waiting = 0
         self.closed = False
 
     async def _open(self) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(self.path)
-        await conn.execute("PRAGMA journal_mode=WAL")
-        await conn.execute("PRAGMA synchronous=NORMAL")
-        await conn.execute("PRAGMA busy_timeout=5000")
+        self._reserved += 1
+        try:
+            conn = await aiosqlite.connect(self.path)
+            await conn.execute("PRAGMA journal_mode=WAL")
+            await conn.execute("PRAGMA synchronous=NORMAL")
+            await conn.execute("PRAGMA busy_timeout=5000")
+        except BaseException:
+            self._reserved -= 1
+            raise
+        self._opened.append(conn)
         return conn
 
     async def acquire(self) -> aiosqlite.Connection:
-        """Lend a connection, opening one if the pool is not full, else wait for one."""
+        """Lend a connection: an idle one, a new one if none is open, else wait for one."""
         if self.closed:
             raise self._closed_error()
-        if self._idle.empty() and self._reserved < self.size:
-            self._reserved += 1
-            try:
-                conn = await self._open()
-            except BaseException:
-                self._reserved -= 1
-                raise
-            self._opened.append(conn)
-            return conn
+        if self._idle.empty() and self._reserved == 0:
+            return await self._open()
         self._waiting += 1
         try:
-            lent = await self._idle.get()
+            try:
+                lent = await asyncio.wait_for(self._idle.get(), self.grow_after)
+            except TimeoutError:
+                if self._reserved < self.size and not self.closed:
+                    return await self._open()
+                lent = await self._idle.get()
         finally:
             self._waiting -= 1
         if lent is None:
@@ -155,6 +165,12 @@ class ConnectionPool:
             return
         if conn.in_transaction:
             await conn.rollback()
+        if self._waiting == 0 and not self._idle.empty():
+            # Nobody waits and another connection is idle: shrink back towards one writer.
+            self._opened.remove(conn)
+            self._reserved -= 1
+            await conn.close()
+            return
         self._idle.put_nowait(conn)
 
     @contextlib.asynccontextmanager

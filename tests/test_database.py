@@ -213,3 +213,26 @@ async def test_requests_waiting_for_a_connection_are_told_when_the_pool_closes(
     with pytest.raises(TenantDBError, match="closed"):
         await pool.acquire()
     await pool.release(held)  # a late release after close is harmless
+
+
+async def test_the_pool_lends_one_connection_grows_behind_a_long_holder_then_shrinks(
+    tmp_path: Path,
+) -> None:
+    pool = ConnectionPool(tmp_path / "p.sqlite3", size=3, grow_after=0.05)
+    first = await pool.acquire()
+    await pool.release(first)
+    assert await pool.acquire() is first  # quick requests keep reusing one connection
+
+    # `first` is held (a websocket, say): the next request waits grow_after, then gets another.
+    started = asyncio.get_running_loop().time()
+    second = await pool.acquire()
+    assert second is not first
+    assert asyncio.get_running_loop().time() - started >= 0.04
+    await pool.release(second)
+    await pool.release(first)  # nobody waits and `second` is idle: `first` is closed
+    assert await pool.acquire() is second
+    third = asyncio.create_task(pool.acquire())
+    await asyncio.sleep(0.1)
+    assert third.done()
+    assert third.result() not in (first, second)
+    await pool.close()

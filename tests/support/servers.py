@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,15 +87,25 @@ def serve_in_thread(app: ASGIApp, timeout: float = 10, **options: Any) -> Iterat
 class UvicornProcess:
     """``uvicorn <app>`` in its own process, with its output in a log file."""
 
-    def __init__(self, app: str, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(
+        self,
+        app: str,
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        uvicorn_args: Sequence[str] = (),
+        inherit_environ: bool = True,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115
+        base = os.environ if inherit_environ else {}
+        command = [sys.executable, "-m", "uvicorn", app, "--port", str(self.port), "--lifespan"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", app, "--port", str(self.port), "--lifespan", "on"],
+            [*command, "on", *uvicorn_args],
             cwd=ROOT,
-            env={**os.environ, **env, "PORT": str(self.port)},
+            env={**base, **env, "PORT": str(self.port)},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
