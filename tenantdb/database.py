@@ -140,8 +140,17 @@ class ConnectionPool:
         """Lend a connection: an idle one, a new one if none is open, else wait for one."""
         if self.closed:
             raise self._closed_error()
-        if self._idle.empty() and self._reserved == 0:
+        if not self._idle.empty() and self._waiting == 0:  # waiters go first
+            lent = self._idle.get_nowait()
+        elif self._reserved == 0:
             return await self._open()
+        else:
+            lent = await self._wait_or_grow()
+        if lent is None:
+            raise self._closed_error()
+        return lent
+
+    async def _wait_or_grow(self) -> aiosqlite.Connection | None:
         self._waiting += 1
         try:
             try:
@@ -152,8 +161,6 @@ class ConnectionPool:
                 lent = await self._idle.get()
         finally:
             self._waiting -= 1
-        if lent is None:
-            raise self._closed_error()
         return lent
 
     def _closed_error(self) -> TenantDBError:
