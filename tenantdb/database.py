@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import os
+import re
+import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -32,7 +35,13 @@ from tenantdb.errors import (
     TenantDBError,
 )
 from tenantdb.lease import Lease, LockRecord
-from tenantdb.snapshot import file_sha256, publish_snapshot, restore_snapshot
+from tenantdb.localfiles import remove_database, write_atomically
+from tenantdb.snapshot import (
+    file_sha256,
+    publish_snapshot,
+    remove_stray_temp_files,
+    restore_snapshot,
+)
 from tenantdb.storage import Bucket, open_bucket
 
 __all__ = ["ConnectionPool", "Migration", "TenantDB", "TenantState", "apply_migrations"]
@@ -40,7 +49,30 @@ __all__ = ["ConnectionPool", "Migration", "TenantDB", "TenantState", "apply_migr
 log = logging.getLogger("tenantdb")
 
 Migration = str | Callable[[sqlite3.Connection], None]
-TenantState = Literal["stopped", "starting", "standby", "serving", "fenced", "stopping"]
+TenantState = Literal[
+    "stopped", "starting", "standby", "restoring", "serving", "fenced", "stopping"
+]
+
+# The lifecycle in one place: every state and the states it may move to (straight to
+# "stopped" only when start() fails).
+#   starting   the data directory is locked, the lease is being acquired
+#   standby    another machine holds the lease: wait, replay to it, take over on expiry
+#   restoring  this machine holds the lease (renewed from the moment it was taken) and
+#              makes the local file the newest data; retried while the lease holds
+#   serving    the database is open to requests
+#   fenced     the lease was lost: the database is closed, nothing more is written
+#   stopping   final publish and release
+_MOVES: dict[TenantState, frozenset[TenantState]] = {
+    "stopped": frozenset({"starting"}),
+    "starting": frozenset({"standby", "restoring", "stopping", "stopped"}),
+    "standby": frozenset({"restoring", "stopping"}),
+    "restoring": frozenset({"serving", "fenced", "stopping", "stopped"}),
+    "serving": frozenset({"fenced", "stopping"}),
+    "fenced": frozenset({"standby", "restoring", "stopping", "stopped"}),
+    "stopping": frozenset({"stopped"}),
+}
+# Pauses between attempts to open the tenant after a failed restore, while holding the lease.
+_RECOVERY_PAUSES = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 def apply_migrations(path: Path, migrations: Sequence[Migration]) -> int:
@@ -50,6 +82,8 @@ def apply_migrations(path: Path, migrations: Sequence[Migration]) -> int:
     """
     conn = sqlite3.connect(path, isolation_level=None)
     try:
+        # In WAL mode a migration cut short by a crash leaves no hot rollback journal.
+        conn.execute("PRAGMA journal_mode=WAL")
         version: int = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > len(migrations):
             raise ConfigurationError(
@@ -77,6 +111,9 @@ def apply_migrations(path: Path, migrations: Sequence[Migration]) -> int:
         conn.close()
 
 
+_CLAIM = re.compile(r"[0-9a-f]{32}")
+
+
 class _DataDirLock:
     """An exclusive flock on the data directory: one tenantdb process per directory."""
 
@@ -93,6 +130,21 @@ class _DataDirLock:
             lock_file.close()
             raise DataDirLockedError(str(self.directory.resolve())) from None
         self._file = lock_file
+
+    def claim(self) -> str:
+        """This directory's id, the lease claim of whichever process holds its lock.
+
+        Holding the lock proves every earlier process of this directory is gone, so a lease
+        held under this claim may be taken back at once after a crash.
+        """
+        path = self.directory / ".tenantdb.id"
+        with contextlib.suppress(FileNotFoundError):
+            text = path.read_text().strip()
+            if _CLAIM.fullmatch(text):
+                return text
+        value = secrets.token_hex(16)
+        write_atomically(path, value.encode())
+        return value
 
     def release(self) -> None:
         if self._file is not None:
@@ -127,9 +179,17 @@ class ConnectionPool:
         self._reserved += 1
         try:
             conn = await aiosqlite.connect(self.path)
-            await conn.execute("PRAGMA journal_mode=WAL")
-            await conn.execute("PRAGMA synchronous=NORMAL")
-            await conn.execute("PRAGMA busy_timeout=5000")
+            try:
+                await conn.execute("PRAGMA journal_mode=WAL")
+                await conn.execute("PRAGMA synchronous=NORMAL")
+                await conn.execute("PRAGMA busy_timeout=5000")
+                if self.closed:
+                    # close() ran while this connection was being made: it never saw it,
+                    # and a write on it would land after the final snapshot.
+                    raise self._closed_error()
+            except BaseException:
+                await conn.close()
+                raise
         except BaseException:
             self._reserved -= 1
             raise
@@ -224,6 +284,7 @@ class TenantDB:
         self.path = settings.data_dir / f"{self.tenant}.sqlite3"
         self.state: TenantState = "stopped"
         self.holder: LeaseHeldError | None = None
+        self.problem: str | None = None  # why a held tenant could not be opened, if it failed
         self._bucket = bucket
         self._dir_lock = _DataDirLock(settings.data_dir)
         self._stack = AsyncExitStack()
@@ -290,13 +351,21 @@ class TenantDB:
         self.draining = True
         self._draining_since = time.monotonic()
 
+    def _move(self, to: TenantState) -> None:
+        if to not in _MOVES[self.state]:
+            raise TenantDBError(f"tenant {self.tenant}: no move from {self.state} to {to}")
+        self.state = to
+
     async def start(self, *, standby: bool = True) -> None:
         """Lock the data dir, acquire the lease (or stand by), restore, migrate, open."""
         if self.state != "stopped":
             raise TenantDBError(f"TenantDB already started ({self.state})")
-        self.state = "starting"
+        self._move("starting")
         try:
             self._dir_lock.acquire()
+            claim = await asyncio.to_thread(self._dir_lock.claim)
+            for path in await asyncio.to_thread(remove_stray_temp_files, self.settings.data_dir):
+                log.info("tenant %s: removed %s left by a killed process", self.tenant, path)
             bucket = self._bucket or open_bucket(self.settings)
             if self._bucket is None:
                 await self._stack.enter_async_context(bucket)
@@ -307,6 +376,7 @@ class TenantDB:
                 region=self.settings.fly_region,
                 ttl=self.settings.lease_ttl,
                 prefix=self.settings.prefix,
+                claim=claim,
                 on_lost=self._on_lease_lost,
             )
             try:
@@ -316,10 +386,12 @@ class TenantDB:
                     raise
                 self._enter_standby(held)
                 return
+            self._move("restoring")
+            self._spawn(self._lease.keep_renewed())
             await self._become_holder()
         except BaseException:
             await self._close_resources()
-            self.state = "stopped"
+            self._move("stopped")
             raise
 
     def _spawn(self, coro: Any) -> None:
@@ -328,7 +400,8 @@ class TenantDB:
         task.add_done_callback(self._tasks.discard)
 
     def _enter_standby(self, held: LeaseHeldError | None) -> None:
-        self.state, self.holder = "standby", held
+        self._move("standby")
+        self.holder = held
         log.warning("tenant %s: standing by, %s", self.tenant, held or "lock.json unreadable")
         self._spawn(self._standby_loop())
 
@@ -344,12 +417,33 @@ class TenantDB:
             except TenantDBError as exc:
                 log.warning("tenant %s: standby could not acquire yet: %s", self.tenant, exc)
                 continue
+            await self._recover()
+            return
+
+    async def _recover(self) -> None:
+        """With the lease just taken in the background: open the tenant, retrying failures.
+
+        The lease is renewed meanwhile; if it is lost, ``_on_lease_lost`` cancels this.
+        """
+        self._move("restoring")
+        self._spawn(self.lease.keep_renewed())
+        for attempt in itertools.count():
             try:
                 await self._become_holder()
-            except TenantDBError as exc:
-                log.error("tenant %s: took the lease but could not open: %s", self.tenant, exc)
-                self.state = "fenced"
-            return
+                self.problem = None
+                return
+            except (TenantDBError, OSError, sqlite3.Error) as exc:
+                self.problem = f"{type(exc).__name__}: {exc}"
+                pause = _RECOVERY_PAUSES[min(attempt, len(_RECOVERY_PAUSES) - 1)]
+                log.error(
+                    "tenant %s: holds the lease but could not open the database (%s); "
+                    "retrying in %.0fs",
+                    self.tenant,
+                    self.problem,
+                    pause,
+                )
+                await self._close_database()
+                await asyncio.sleep(pause)
 
     async def _become_holder(self) -> None:
         lease = self.lease
@@ -361,8 +455,12 @@ class TenantDB:
         self._pool = ConnectionPool(self.path, self.settings.pool_size)
         self._source = sqlite3.connect(self.path, check_same_thread=False)
         self._published_version = self._data_version(self._source)
-        self.state, self.holder = "serving", None
-        self._spawn(lease.keep_renewed())
+        if self.state != "restoring":
+            raise LeaseLostError(
+                f"tenant {self.tenant}: the lease was lost while restoring", tenant=self.tenant
+            )
+        self._move("serving")
+        self.holder = None
         if self.settings.checkpoint_interval > 0:
             self._spawn(self._checkpoint_loop())
         log.info(
@@ -371,12 +469,24 @@ class TenantDB:
             lease.record.generation if lease.record else "?",
         )
 
+    @property
+    def _state_file(self) -> Path:
+        return self.path.with_name(f"{self.path.name}.tenantdb.json")
+
+    def _local_generation(self) -> int | None:
+        """The lease generation the local file's data belongs to, if known for certain."""
+        try:
+            generation = json.loads(self._state_file.read_bytes())["generation"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.warning("tenant %s: ignoring unreadable %s: %s", self.tenant, self._state_file, exc)
+            return None
+        return generation if type(generation) is int else None
+
     async def _prepare_local_file(self, previous: LockRecord | None) -> None:
         """Make ``self.path`` hold the tenant's newest data before it is opened."""
-        state_file = self.path.with_name(f"{self.path.name}.tenantdb.json")
-        local_generation = None
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            local_generation = json.loads(state_file.read_text())["generation"]
+        local_generation = await asyncio.to_thread(self._local_generation)
         exists = self.path.exists()
         if previous is None:
             if exists:
@@ -387,9 +497,10 @@ class TenantDB:
                     self.path,
                     aside,
                 )
-                os.replace(self.path, aside)
-                for suffix in ("-wal", "-shm"):
-                    Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+                for suffix in ("", "-wal", "-journal"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+            await asyncio.to_thread(remove_database, self.path)
             self._dirty = True
             log.info("tenant %s: new tenant, creating its database", self.tenant)
         elif (
@@ -402,12 +513,11 @@ class TenantDB:
             log.info("tenant %s: continuing from the local file %s", self.tenant, self.path)
             self._dirty = True
         elif previous.snapshot is None:
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            await asyncio.to_thread(remove_database, self.path)
             log.info("tenant %s: nothing published yet, starting empty", self.tenant)
         elif (
             exists
-            and not Path(f"{self.path}-wal").exists()
+            and not any(Path(f"{self.path}{suffix}").exists() for suffix in ("-wal", "-journal"))
             and await asyncio.to_thread(file_sha256, self.path) == previous.snapshot.sha256
         ):
             log.info("tenant %s: local file matches %s", self.tenant, previous.snapshot.key)
@@ -422,7 +532,8 @@ class TenantDB:
                 time.monotonic() - started,
             )
         record = self.lease.record
-        state_file.write_text(json.dumps({"generation": record.generation if record else 0}))
+        state = json.dumps({"generation": record.generation if record else 0}).encode()
+        await asyncio.to_thread(write_atomically, self._state_file, state)
 
     @staticmethod
     def _data_version(source: sqlite3.Connection) -> int:
@@ -431,15 +542,17 @@ class TenantDB:
         return value
 
     def _on_lease_lost(self, exc: LeaseLostError) -> None:
-        if self.state == "serving":
-            self.state = "fenced"
+        if self.state in ("serving", "restoring"):
+            self._move("fenced")
             self._spawn(self._after_fenced())
 
     async def _after_fenced(self) -> None:
-        # The old holder's renewal and checkpoint loops must not outlive its lease.
+        # The old holder's renewal, checkpoint and restore tasks must not outlive its lease.
         current = asyncio.current_task()
-        for task in [t for t in self._tasks if t is not current]:
+        others = [t for t in self._tasks if t is not current]
+        for task in others:
             task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
         await self._close_database()
         try:
             await self.lease.acquire()
@@ -450,7 +563,7 @@ class TenantDB:
             log.error("tenant %s: fenced, and the lease cannot be read: %s", self.tenant, exc)
             self._enter_standby(None)
             return
-        await self._become_holder()
+        await self._recover()
 
     async def checkpoint(self, *, force: bool = False) -> bool:
         """Publish a snapshot if the database changed since the last one; True if published."""
@@ -488,19 +601,20 @@ class TenantDB:
             return
         started = self._draining_since or time.monotonic()
         was = self.state
-        self.state = "stopping"
+        self._move("stopping")
         try:
             if was == "serving":
                 await self._final_publish(deadline=started + self.settings.kill_timeout * 0.8)
-            elif was == "fenced":
-                log.error(
-                    "tenant %s: fenced; writes since the last publish stay only in %s",
+            elif was == "restoring":
+                log.warning(
+                    "tenant %s: stopped before the database could be opened (%s); nothing "
+                    "was written here, and the lease is left to expire",
                     self.tenant,
-                    self.path,
+                    self.problem or "still restoring",
                 )
         finally:
             await self._close_resources()
-            self.state = "stopped"
+            self._move("stopped")
             took = time.monotonic() - started
             log.info("tenant %s: shutdown took %.2fs", self.tenant, took)
             if took > self.settings.kill_timeout * 0.5:
@@ -527,7 +641,13 @@ class TenantDB:
                     await self.checkpoint()
                 break
             except LeaseLostError:
-                log.error("tenant %s: fenced during the final publish", self.tenant)
+                log.critical(
+                    "tenant %s: FINAL PUBLISH FENCED: another machine took the lease, so "
+                    "writes acknowledged here since the last publish are not in the bucket "
+                    "(they remain only in %s)",
+                    self.tenant,
+                    self.path.resolve(),
+                )
                 return
             except TimeoutError as exc:
                 failure = exc

@@ -8,6 +8,7 @@ Every error tenantdb raises on purpose is a ``TenantDBError``::
     ├── DataDirLockedError            another process holds the data directory
     ├── StorageError                  a bucket operation failed (key, operation)
     │   ├── ObjectNotFoundError       404: the object does not exist
+    │   ├── ObjectTooLargeError       bigger than the reader's limit, left unread (size)
     │   ├── PreconditionFailedError   412: If-Match / If-None-Match did not hold
     │   ├── ConditionalConflictError  409: a concurrent conditional write; retry it
     │   ├── TransientStorageError     5xx, timeouts, resets: retried before surfacing
@@ -46,6 +47,7 @@ __all__ = [
     "MachinesAPIError",
     "NoMachineError",
     "ObjectNotFoundError",
+    "ObjectTooLargeError",
     "PreconditionFailedError",
     "RoutingError",
     "SnapshotError",
@@ -94,6 +96,23 @@ class StorageError(TenantDBError):
 
 class ObjectNotFoundError(StorageError):
     """The object does not exist (HTTP 404)."""
+
+
+class ObjectTooLargeError(StorageError):
+    """The object is larger than the caller's limit, so it was not read (nor retried).
+
+    ``size`` is the size the store declared, or, when it declared none, the bytes received
+    before the limit was crossed (a lower bound).
+    """
+
+    def __init__(self, *, key: str, size: int, limit: int, operation: str = "get") -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"object {key!r} is {size} bytes, over the {limit}-byte limit of this read",
+            key=key,
+            operation=operation,
+        )
 
 
 class PreconditionFailedError(StorageError):

@@ -15,6 +15,7 @@ import logging
 import math
 import re
 import reprlib
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -26,6 +27,7 @@ from tenantdb.errors import (
     LeaseLostError,
     LockFileCorruptError,
     ObjectNotFoundError,
+    ObjectTooLargeError,
     PreconditionFailedError,
     StorageError,
 )
@@ -39,6 +41,8 @@ LOCK_FORMAT = 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # S3's Last-Modified has one-second resolution: a takeover waits this much past the TTL.
 CLOCK_GRANULARITY = 1.0
+# lock.json is a few hundred bytes: anything far larger is not a lock and is not read whole.
+LOCK_MAX_BYTES = 64 * 1024
 # How many times acquire() re-reads lock.json after losing a write race before giving up.
 _ACQUIRE_RACES = 5
 
@@ -67,6 +71,8 @@ class LockRecord:
     ttl_seconds: float
     snapshot: SnapshotRef | None = None
     last_owner: str | None = None
+    # Which process of ``owner`` holds it: a machine id alone cannot tell two processes apart.
+    claim: str | None = None
     format: int = LOCK_FORMAT
 
     def to_json(self) -> bytes:
@@ -107,6 +113,9 @@ class LockRecord:
             value = data[name]
             if not isinstance(value, types) or isinstance(value, bool):
                 raise corrupt(f"field {name!r} has a wrong type")
+        claim = data.get("claim")  # absent in locks written before claims existed
+        if not isinstance(claim, str | None):
+            raise corrupt("field 'claim' has a wrong type")
         try:
             ttl_seconds = float(data["ttl_seconds"])
         except OverflowError:
@@ -133,6 +142,7 @@ class LockRecord:
             ttl_seconds=ttl_seconds,
             snapshot=ref,
             last_owner=data["last_owner"],
+            claim=claim,
         )
 
 
@@ -171,16 +181,31 @@ class ObservedLock:
     record: LockRecord
     info: ObjectInfo
 
-    def expires_in(self) -> float:
-        """Seconds until the lease expires, judged on the bucket's clock."""
-        return self.record.ttl_seconds + CLOCK_GRANULARITY - self.info.age
+
+@dataclass(frozen=True)
+class _Sent:
+    """A write of ``lock.json`` whose outcome this machine has not heard yet."""
+
+    record: LockRecord
+    sent_at: float  # monotonic time before its first attempt left
+
+
+class _EarlierWriteLanded(Exception):
+    """An earlier write whose answer was lost turned out to have landed: derive again."""
 
 
 class Lease:
-    """One machine's hold on one tenant: acquire, renew, publish, release.
+    """One process's hold on one tenant: acquire, renew, publish, release.
 
-    After any 412 on a write the lease is *lost*: ``on_lost`` is called once and every
-    further write raises ``LeaseLostError``.
+    The holder is ``machine_id`` plus ``claim``: two processes of one machine are two
+    claims, and only a restart of the same claim (which the caller must prove dead, as
+    ``TenantDB`` does with the data directory's flock) takes a live lease back at once.
+
+    Every write carries a ``seq`` this process never reuses, so when an answer is lost the
+    write that landed is recognised by its record, and the lease's validity is counted from
+    the moment *that* write was sent. After a 412 that is not one of our own writes the
+    lease is *lost*: ``on_lost`` is called once and every further write raises
+    ``LeaseLostError``.
     """
 
     def __init__(
@@ -192,6 +217,7 @@ class Lease:
         region: str,
         ttl: float,
         prefix: str = "tenants/",
+        claim: str | None = None,
         on_lost: Callable[[LeaseLostError], None] | None = None,
     ) -> None:
         self.bucket = bucket
@@ -199,6 +225,7 @@ class Lease:
         self.machine_id = machine_id
         self.region = region
         self.ttl = ttl
+        self.claim = claim or secrets.token_hex(8)
         self.key = f"{prefix}{tenant}/lock.json"
         self.snapshot_prefix = f"{prefix}{tenant}/snapshots/"
         self.status: LeaseStatus = "unheld"
@@ -206,7 +233,11 @@ class Lease:
         self.previous: LockRecord | None = None
         self._on_lost = on_lost
         self._etag: str | None = None
-        self._renewed_at = 0.0  # monotonic time a successful write was *sent*
+        self._renewed_at = 0.0  # monotonic time the write that landed last was *sent*
+        self._unconfirmed: list[_Sent] = []
+        self._next_seq = 1
+        # Without a server Date header, expiry is timed by watching one ETag stay unchanged.
+        self._watched: tuple[str, float] | None = None
         # Renewals and publishes both CAS on one ETag: interleaved, one would fence the other.
         self._write_lock = asyncio.Lock()
 
@@ -216,11 +247,29 @@ class Lease:
     async def read(self) -> ObservedLock | None:
         """Read ``lock.json``: None only on a definite 404 (a new tenant)."""
         try:
-            obj = await self.bucket.get(self.key)
+            obj = await self.bucket.get(self.key, max_size=LOCK_MAX_BYTES)
         except ObjectNotFoundError:
             return None
+        except ObjectTooLargeError as exc:
+            raise LockFileCorruptError(
+                tenant=self.tenant, key=self.key, reason=f"{exc.size} bytes, not a lock"
+            ) from exc
         record = LockRecord.parse(obj.body, tenant=self.tenant, key=self.key)
         return ObservedLock(record, obj.info)
+
+    def expires_in(self, observed: ObservedLock) -> float:
+        """Seconds until an observed lease expires, judged on the bucket's clock.
+
+        An answer without a ``Date`` header gives no server clock: the lease then counts as
+        expired only once this process has seen the same ETag for a whole TTL.
+        """
+        age = observed.info.server_age
+        if age is None:
+            now = time.monotonic()
+            if self._watched is None or self._watched[0] != observed.info.etag:
+                self._watched = (observed.info.etag, now)
+            age = now - self._watched[1]
+        return observed.record.ttl_seconds + CLOCK_GRANULARITY - age
 
     @property
     def valid_for(self) -> float:
@@ -241,6 +290,9 @@ class Lease:
             f"tenant {self.tenant}: lock.json kept changing while acquiring", tenant=self.tenant
         )
 
+    def _is_own_claim(self, record: LockRecord) -> bool:
+        return record.owner == self.machine_id and record.claim == self.claim
+
     async def _try_acquire(self) -> LockRecord:
         observed = await self.read()
         if observed is None:
@@ -251,13 +303,14 @@ class Lease:
                 generation=1,
                 seq=1,
                 ttl_seconds=self.ttl,
+                claim=self.claim,
             )
             self.previous = None
             async with self._write_lock:
-                return await self._put(record, if_none_match="*")
+                return await self._write(record, if_none_match="*")
         current = observed.record
-        if current.owner not in (None, self.machine_id):
-            expires_in = observed.expires_in()
+        if current.owner is not None and not self._is_own_claim(current):
+            expires_in = self.expires_in(observed)
             if expires_in > 0:
                 raise LeaseHeldError(
                     tenant=self.tenant,
@@ -279,33 +332,32 @@ class Lease:
             seq=current.seq + 1,
             ttl_seconds=self.ttl,
             last_owner=current.owner or current.last_owner,
+            claim=self.claim,
         )
         self.previous = current
         async with self._write_lock:
-            return await self._put(record, if_match=observed.info.etag)
+            return await self._write(record, if_match=observed.info.etag)
 
     async def renew(self) -> LockRecord:
         """Extend the lease by rewriting ``lock.json`` (a new ``seq``)."""
-        return await self._update(lambda current: replace(current, seq=current.seq + 1))
+        return await self._update(lambda current: current)
 
     def next_snapshot_key(self) -> str:
-        """The immutable key the next published snapshot gets: ``<generation>-<seq>``."""
+        """A key no snapshot ever had: ``<generation>-<seq>-<random>``, sortable by age."""
         current = self._held()
-        return f"{self.snapshot_prefix}{current.generation:08d}-{current.seq + 1:08d}.sqlite3"
+        return (
+            f"{self.snapshot_prefix}{current.generation:08d}-{self._next_seq:08d}-"
+            f"{secrets.token_hex(8)}.sqlite3"
+        )
 
     async def publish(self, snapshot: SnapshotRef) -> LockRecord:
         """Point ``lock.json`` at an uploaded snapshot (CAS); 412 means fenced."""
-        return await self._update(
-            lambda current: replace(current, seq=current.seq + 1, snapshot=snapshot)
-        )
+        return await self._update(lambda current: replace(current, snapshot=snapshot))
 
     async def release(self) -> None:
         """Give the lease up after the final publish: ``owner`` becomes null."""
         await self._update(
-            lambda current: replace(
-                current, seq=current.seq + 1, owner=None, last_owner=self.machine_id
-            ),
-            becomes="released",
+            lambda current: replace(current, owner=None, last_owner=self.machine_id, claim=None)
         )
 
     def _held(self) -> LockRecord:
@@ -316,46 +368,68 @@ class Lease:
             )
         return self.record
 
-    async def _update(
-        self, change: Callable[[LockRecord], LockRecord], becomes: LeaseStatus = "held"
-    ) -> LockRecord:
+    async def _update(self, change: Callable[[LockRecord], LockRecord]) -> LockRecord:
         # The new record is derived under the lock, from the ETag the last write returned.
         async with self._write_lock:
-            record = change(self._held())
-            return await self._put(record, if_match=self._etag, becomes=becomes)
+            for _ in range(_ACQUIRE_RACES):
+                record = replace(change(self._held()), seq=self._next_seq)
+                try:
+                    return await self._write(record, if_match=self._etag)
+                except _EarlierWriteLanded:
+                    continue  # adopted an earlier write of ours: apply the change on top of it
+        raise LeaseLostError(
+            f"tenant {self.tenant}: lock.json kept changing under this holder", tenant=self.tenant
+        )
 
-    async def _put(
+    async def _write(
         self,
         record: LockRecord,
         *,
         if_match: str | None = None,
         if_none_match: Literal["*"] | None = None,
-        becomes: LeaseStatus = "held",
     ) -> LockRecord:
-        sent_at = time.monotonic()
-        body = record.to_json()
+        # Registered before sending: a cancelled or unanswered write may still have landed.
+        sent = _Sent(record, time.monotonic())
+        self._unconfirmed.append(sent)
+        self._next_seq = max(self._next_seq, record.seq + 1)
         try:
             info = await self.bucket.put(
-                self.key, body, if_match=if_match, if_none_match=if_none_match
+                self.key, record.to_json(), if_match=if_match, if_none_match=if_none_match
             )
         except PreconditionFailedError as exc:
-            landed = await self._own_write_landed(body)
+            # A read that fails here is no verdict: its StorageError propagates, not fencing.
+            landed = await self._own_write_landed()
             if landed is None:
+                self._unconfirmed.clear()  # the ETag moved on: none of them can land now
                 if self.status != "held":
                     raise  # a lost acquisition race: acquire() re-reads
                 return self._lose(exc)
-            info = landed
-        self.record, self._etag, self.status = record, info.etag, becomes
-        self._renewed_at = sent_at
+            observed, earlier = landed
+            self._confirm(observed.record, observed.info.etag, earlier.sent_at)
+            if earlier is not sent:
+                raise _EarlierWriteLanded from exc
+            return record
+        self._confirm(record, info.etag, sent.sent_at)
         return record
 
-    async def _own_write_landed(self, body: bytes) -> ObjectInfo | None:
-        # A retried PUT whose first attempt landed answers 412: it is ours if the bytes match.
-        try:
-            obj = await self.bucket.get(self.key)
-        except StorageError:
+    def _confirm(self, record: LockRecord, etag: str, sent_at: float) -> None:
+        self.record, self._etag = record, etag
+        self.status = "held" if self._is_own_claim(record) else "released"
+        # Never later than the send of the write that landed: the bucket's clock started then.
+        self._renewed_at = sent_at
+        self._unconfirmed.clear()
+
+    async def _own_write_landed(self) -> tuple[ObservedLock, _Sent] | None:
+        """After a 412: the lock as stored and our write it is, if it is one of ours."""
+        observed = await self.read()
+        if observed is None:
             return None
-        return obj.info if obj.body == body else None
+        for sent in self._unconfirmed:
+            # Whole records, not bytes: the fields that matter (generation, seq, owner,
+            # claim, snapshot) are all compared, and each of our writes has its own seq.
+            if sent.record == observed.record:
+                return observed, sent
+        return None
 
     def _lose(self, exc: PreconditionFailedError) -> LockRecord:
         self.status = "lost"

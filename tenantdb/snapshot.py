@@ -20,8 +20,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tenantdb.errors import LocalDiskError, ObjectNotFoundError, SnapshotError, StorageError
+from tenantdb.errors import (
+    LocalDiskError,
+    ObjectNotFoundError,
+    PreconditionFailedError,
+    SnapshotError,
+    StorageError,
+)
 from tenantdb.lease import Lease, LockRecord, SnapshotRef, now_iso
+from tenantdb.localfiles import fsync_dir, remove_side_files
 from tenantdb.storage.base import Bucket
 
 __all__ = [
@@ -29,6 +36,7 @@ __all__ = [
     "file_sha256",
     "make_snapshot",
     "publish_snapshot",
+    "remove_stray_temp_files",
     "restore_snapshot",
     "verify_database",
 ]
@@ -36,7 +44,10 @@ __all__ = [
 log = logging.getLogger("tenantdb.snapshot")
 
 _CHUNK = 1 << 20
-_SNAPSHOT_NAME = re.compile(r"(\d+)-(\d+)\.sqlite3")
+_TEMP_SNAPSHOT = ".snapshot-"
+_TEMP_RESTORE = ".restore-"
+# <generation>-<seq>[-<random>].sqlite3: the random part makes every key new.
+_SNAPSHOT_NAME = re.compile(r"(\d+)-(\d+)(?:-[0-9a-f]+)?\.sqlite3")
 
 
 @dataclass(frozen=True)
@@ -137,7 +148,7 @@ async def publish_snapshot(
     A 412 on the CAS raises ``LeaseLostError``: the uploaded object is then an orphan.
     """
     key = lease.next_snapshot_key()
-    tmp = work_dir / f".snapshot-{uuid.uuid4().hex}.sqlite3"
+    tmp = work_dir / f"{_TEMP_SNAPSHOT}{uuid.uuid4().hex}.sqlite3"
     try:
         await asyncio.to_thread(_copy_database, source, tmp)
         snap = await _upload_while_checking(bucket, key, tmp)
@@ -149,6 +160,23 @@ async def publish_snapshot(
     return record
 
 
+async def _upload_once(bucket: Bucket, key: str, path: Path) -> None:
+    """Create ``key`` from ``path``; it must not exist, and is never overwritten."""
+    try:
+        await bucket.upload_file(key, path, if_none_match="*")
+    except PreconditionFailedError:
+        # The key is new and random: only a retried attempt of this very upload, whose
+        # answer was lost, can have created it. Its size says whether it is all there.
+        info = await bucket.head(key)
+        size = path.stat().st_size
+        if info.size != size:
+            raise SnapshotError(
+                f"snapshot key {key} exists with {info.size} bytes, expected {size}; "
+                "it is not published and is left alone",
+                key=key,
+            ) from None
+
+
 async def _upload_while_checking(bucket: Bucket, key: str, path: Path) -> SnapshotFile:
     """Upload the copy while a thread runs quick_check and sha256 on it.
 
@@ -158,7 +186,7 @@ async def _upload_while_checking(bucket: Bucket, key: str, path: Path) -> Snapsh
     is deleted, and the ``SnapshotError`` is raised as before.
     """
     check = asyncio.ensure_future(asyncio.to_thread(_check_snapshot, path))
-    upload = asyncio.ensure_future(bucket.upload_file(key, path))
+    upload = asyncio.ensure_future(_upload_once(bucket, key, path))
     try:
         await asyncio.wait({check, upload}, return_when=asyncio.FIRST_EXCEPTION)
     except BaseException:
@@ -178,6 +206,8 @@ async def _upload_while_checking(bucket: Bucket, key: str, path: Path) -> Snapsh
 
 
 async def _delete_unpublished(bucket: Bucket, key: str) -> None:
+    # Called only before the CAS that would publish ``key`` was sent: a key of its own,
+    # never in any lock.json.
     try:
         await bucket.delete(key)
     except StorageError as exc:
@@ -186,6 +216,8 @@ async def _delete_unpublished(bucket: Bucket, key: str) -> None:
 
 async def _prune(lease: Lease, bucket: Bucket, retention: int) -> None:
     # Only the holder prunes, right after its own publish, and never the current snapshot.
+    if lease.status != "held":
+        return
     try:
         objects = await bucket.list(lease.snapshot_prefix)
     except StorageError as exc:
@@ -212,7 +244,7 @@ async def restore_snapshot(bucket: Bucket, ref: SnapshotRef, db_path: Path) -> N
 
     Any failure leaves ``db_path`` as it was and raises an error naming the key.
     """
-    tmp = db_path.with_name(f".{db_path.name}.restore-{uuid.uuid4().hex}")
+    tmp = db_path.with_name(f".{db_path.name}{_TEMP_RESTORE}{uuid.uuid4().hex}")
     try:
         try:
             await bucket.download_file(ref.key, tmp)
@@ -244,12 +276,25 @@ def _check_and_install(ref: SnapshotRef, tmp: Path, db_path: Path) -> None:
     verify_database(tmp, key=ref.key)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
-    # A -wal beside the old file belongs to the old file: it must not replay onto the new one.
-    for suffix in ("-wal", "-shm"):
-        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    # A journal or WAL beside the old file belongs to the old file: replayed onto the new
+    # one, it would corrupt it. They go first, and durably, before the new file goes in.
+    remove_side_files(db_path)
     os.replace(tmp, db_path)
-    fd = os.open(db_path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(db_path.parent)
+
+
+def remove_stray_temp_files(directory: Path) -> list[Path]:
+    """Delete temporary snapshot and restore files a killed process left; return them.
+
+    Only safe while holding the data directory's lock: no live process owns them then.
+    """
+    stray = [
+        path
+        for path in directory.glob(".*")
+        if path.name.startswith(_TEMP_SNAPSHOT)
+        or _TEMP_RESTORE in path.name
+        or path.name.endswith(".tmp")  # write_atomically's
+    ]
+    for path in stray:
+        path.unlink(missing_ok=True)
+    return stray

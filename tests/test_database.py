@@ -141,7 +141,7 @@ class FailingGets:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def get(self, key: str) -> Any:
+    async def get(self, key: str, *, max_size: int | None = None) -> Any:
         self.calls += 1
         raise TransientStorageError("503 SlowDown (injected)", key=key, operation="get")
 
@@ -171,7 +171,7 @@ class FailingUploads:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def upload_file(self, key: str, src: Path) -> ObjectInfo:
+    async def upload_file(self, key: str, src: Path, **conditions: Any) -> ObjectInfo:
         raise TransientStorageError("500 (injected)", key=key, operation="upload")
 
 

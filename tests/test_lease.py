@@ -54,12 +54,25 @@ async def test_release_lets_another_machine_take_over_with_next_generation(
     assert (record.owner, record.generation, record.last_owner) == ("m2", 2, "m1")
 
 
-async def test_same_machine_takes_its_own_lease_back_at_once_after_a_crash(
+async def test_same_claim_takes_its_own_lease_back_at_once_after_a_crash(
     bucket: Bucket,
 ) -> None:
-    await make_lease(bucket, "m1").acquire()  # "crashes": never releases
-    record = await make_lease(bucket, "m1").acquire()
-    assert (record.owner, record.generation) == ("m1", 2)
+    await make_lease(bucket, "m1", claim="dir-a").acquire()  # "crashes": never releases
+    record = await make_lease(bucket, "m1", claim="dir-a").acquire()
+    assert (record.owner, record.generation, record.claim) == ("m1", 2, "dir-a")
+
+
+async def test_another_process_of_the_same_machine_cannot_take_a_live_lease(
+    bucket: Bucket,
+) -> None:
+    first = make_lease(bucket, "m1", claim="dir-a")
+    await first.acquire()
+    with pytest.raises(LeaseHeldError) as held:
+        await make_lease(bucket, "m1", claim="dir-b").acquire()
+    assert held.value.owner == "m1"
+    assert first.valid_for > 0
+    stored = json.loads((await bucket.get(first.key)).body)
+    assert (stored["generation"], stored["claim"]) == (1, "dir-a")
 
 
 async def test_expired_lease_is_taken_over_only_after_the_ttl(bucket: Bucket) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -75,7 +76,9 @@ async def test_publish_then_restore_round_trips_the_data(bucket: Bucket, tmp_pat
     source = sqlite3.connect(tmp_path / "live.sqlite3", check_same_thread=False)
     record = await publish_snapshot(lease, bucket, source, tmp_path, retention=5)
     assert record.snapshot is not None
-    assert record.snapshot.key == "tenants/acme/snapshots/00000001-00000002.sqlite3"
+    assert re.fullmatch(
+        r"tenants/acme/snapshots/00000001-00000002-[0-9a-f]{16}\.sqlite3", record.snapshot.key
+    )
     assert list(tmp_path.glob(".snapshot-*")) == []
 
     restored = tmp_path / "other-machine" / "acme.sqlite3"

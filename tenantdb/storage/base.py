@@ -33,9 +33,21 @@ class ObjectInfo:
 
     @property
     def age(self) -> float:
-        """Seconds since the last write, on the server's clock (the local one if no Date)."""
+        """Seconds since the last write, on the server's clock (the local one if no Date).
+
+        Without a server Date this silently mixes the server's Last-Modified with the local
+        clock, so any skew between the two becomes part of the age: prefer ``server_age``
+        wherever that matters.
+        """
         now = self.server_date or datetime.now(UTC)
         return (now - self.last_modified).total_seconds()
+
+    @property
+    def server_age(self) -> float | None:
+        """Seconds since the last write on the server's clock alone; None if it sent no Date."""
+        if self.server_date is None:
+            return None
+        return (self.server_date - self.last_modified).total_seconds()
 
 
 @dataclass(frozen=True)
@@ -67,8 +79,8 @@ class Bucket(Protocol):
         tb: TracebackType | None,
     ) -> None: ...
 
-    async def get(self, key: str) -> SmallObject:
-        """Read a small object whole."""
+    async def get(self, key: str, *, max_size: int | None = None) -> SmallObject:
+        """Read a small object whole; ObjectTooLargeError, unread, if above ``max_size``."""
         ...
 
     async def put(
@@ -98,8 +110,16 @@ class Bucket(Protocol):
         """Stream an object into ``dest`` (created or truncated) with bounded memory."""
         ...
 
-    async def upload_file(self, key: str, src: Path) -> ObjectInfo:
-        """Stream ``src`` into a new object with bounded memory."""
+    async def upload_file(
+        self, key: str, src: Path, *, if_none_match: Literal["*"] | None = None
+    ) -> ObjectInfo:
+        """Stream ``src`` into a new object with bounded memory, optionally only if absent.
+
+        With ``if_none_match="*"`` an existing object is left alone and the upload fails
+        with PreconditionFailedError. That includes a retried upload whose first attempt
+        landed but whose answer was lost: use a key unique to the upload, so that the
+        caller can tell its own object from someone else's.
+        """
         ...
 
 

@@ -3,13 +3,20 @@
 Layout under the root directory::
 
     .lock              flock: writers exclusive, readers shared (across processes)
-    keys/<key>         a small JSON pointer {"etag", "size", "blob", "last_modified"}
+    keys/<key>         a small JSON pointer {"etag", "size", "blob", "last_modified",
+                       "boot_id", "boottime"}
     blobs/<id>         the object's bytes, immutable once written
 
-A write streams its bytes into a new blob (fsync) outside the lock, then under the
-exclusive lock checks the condition and renames a new pointer into place. The pointer
-rename is the commit point, so a reader never sees half a write and a crash leaves at
-most an orphan blob. Every write gets a fresh random ETag.
+A write streams its bytes into a new blob (fsync, then fsync of blobs/) outside the lock,
+then under the exclusive lock checks the condition and renames a new pointer into place.
+The pointer rename is the commit point, so a reader never sees half a write and a crash
+leaves at most an orphan blob. Every write gets a fresh random ETag.
+
+Ages are measured as S3 measures them, on one clock that all writers share, but here that
+clock is the kernel's CLOCK_BOOTTIME rather than the wall clock, which NTP may step: a
+pointer records the boot id and CLOCK_BOOTTIME of its write, and a reader's
+``server_date`` is the write's wall time plus the CLOCK_BOOTTIME elapsed since. A local
+bucket is one machine's directory, so every writer shares that clock.
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ import fcntl
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from functools import cache
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal, Self, TypeVar
@@ -32,6 +41,7 @@ from tenantdb.errors import (
     BucketConfigurationError,
     LocalDiskError,
     ObjectNotFoundError,
+    ObjectTooLargeError,
     PreconditionFailedError,
     StorageError,
 )
@@ -41,6 +51,9 @@ __all__ = ["LocalBucket"]
 
 T = TypeVar("T")
 _CHUNK = 1 << 20
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+# How old an object written before the last reboot looks: older than any lease.
+_AGE_AFTER_REBOOT = timedelta(days=3650)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -49,6 +62,49 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@cache
+def _boot_id() -> str | None:
+    """The kernel's id of this boot (fixed for a process's lifetime), or None off Linux."""
+    try:
+        return _BOOT_ID.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _boottime() -> float | None:
+    """Seconds on CLOCK_BOOTTIME: never stepped, counts suspend; None where it is missing."""
+    clock: int | None = getattr(time, "CLOCK_BOOTTIME", None)
+    return None if clock is None else time.clock_gettime(clock)
+
+
+def _clock_stamp() -> dict[str, Any]:
+    """The pointer fields that let a reader measure the write's age without the wall clock."""
+    boot_id, boottime = _boot_id(), _boottime()
+    if boot_id is None or boottime is None:
+        return {}
+    return {"boot_id": boot_id, "boottime": boottime}
+
+
+def _server_date(pointer: dict[str, Any], last_modified: datetime) -> datetime:
+    """Now, as the write's wall time plus the time elapsed since on CLOCK_BOOTTIME."""
+    written_boot, written_at = pointer.get("boot_id"), pointer.get("boottime")
+    boot_id, now = _boot_id(), _boottime()
+    if (
+        not isinstance(written_boot, str)
+        or not isinstance(written_at, int | float)
+        or boot_id is None
+        or now is None
+    ):
+        # Written before pointers carried the stamp, or on a kernel without it.
+        return datetime.now(UTC)
+    if written_boot != boot_id:
+        # CLOCK_BOOTTIME restarted at the reboot and cannot measure across it. The reboot
+        # ended every process that could have written this (the bucket is this machine's),
+        # so whatever the object claims, a lease above all, is long dead: make it look so.
+        return max(datetime.now(UTC), last_modified + _AGE_AFTER_REBOOT)
+    return last_modified + timedelta(seconds=now - written_at)
 
 
 class LocalBucket:
@@ -125,12 +181,13 @@ class LocalBucket:
         return pointer
 
     def _info(self, key: str, pointer: dict[str, Any]) -> ObjectInfo:
+        last_modified = datetime.fromtimestamp(pointer["last_modified"], UTC)
         return ObjectInfo(
             key=key,
             etag=pointer["etag"],
             size=pointer["size"],
-            last_modified=datetime.fromtimestamp(pointer["last_modified"], UTC),
-            server_date=datetime.now(UTC),
+            last_modified=last_modified,
+            server_date=_server_date(pointer, last_modified),
         )
 
     def _new_blob(self, write: Callable[[IO[bytes]], object]) -> tuple[str, int]:
@@ -142,6 +199,9 @@ class LocalBucket:
                 f.flush()
                 os.fsync(f.fileno())
                 size = f.tell()
+            # The blob's directory entry must be durable before a pointer names it: else a
+            # crash after the commit could leave a committed pointer to a vanished blob.
+            _fsync_dir(self._blobs)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -154,6 +214,7 @@ class LocalBucket:
         size: int,
         if_match: str | None,
         if_none_match: str | None,
+        operation: str,
     ) -> ObjectInfo:
         pointer_path = self._pointer_path(key)
         with self._locked(exclusive=True):
@@ -163,17 +224,21 @@ class LocalBucket:
                 current = None
             if if_none_match == "*" and current is not None:
                 raise PreconditionFailedError(
-                    f"{key!r} already exists (If-None-Match: *)", key=key, operation="put"
+                    f"{key!r} already exists (If-None-Match: *)", key=key, operation=operation
                 )
             if if_match is not None and (current is None or current["etag"] != if_match):
                 raise PreconditionFailedError(
-                    f"{key!r} changed since it was read (If-Match)", key=key, operation="put"
+                    f"{key!r} changed since it was read (If-Match)",
+                    key=key,
+                    operation=operation,
                 )
             pointer = {
                 "etag": f'"{uuid.uuid4().hex}"',
                 "size": size,
                 "blob": blob_id,
+                # Wall time for display and as the base of ages; the stamp measures them.
                 "last_modified": datetime.now(UTC).timestamp(),
+                **_clock_stamp(),
             }
             pointer_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = pointer_path.with_name(f".{pointer_path.name}.{uuid.uuid4().hex}.tmp")
@@ -193,25 +258,28 @@ class LocalBucket:
         write: Callable[[IO[bytes]], object],
         if_match: str | None = None,
         if_none_match: str | None = None,
+        operation: str = "put",
     ) -> ObjectInfo:
         self._pointer_path(key)  # validate before writing any bytes
         blob_id, size = self._new_blob(write)
         try:
-            return self._commit(key, blob_id, size, if_match, if_none_match)
+            return self._commit(key, blob_id, size, if_match, if_none_match, operation)
         except BaseException:
             (self._blobs / blob_id).unlink(missing_ok=True)
             raise
 
-    def _open_blob(self, key: str) -> tuple[dict[str, Any], IO[bytes]]:
+    def _open_blob(self, key: str, max_size: int | None = None) -> tuple[dict[str, Any], IO[bytes]]:
         with self._locked(exclusive=False):
             pointer = self._read_pointer(key)
+            if max_size is not None and pointer["size"] > max_size:
+                raise ObjectTooLargeError(key=key, size=pointer["size"], limit=max_size)
             return pointer, open(self._blobs / pointer["blob"], "rb")
 
-    async def get(self, key: str) -> SmallObject:
-        """Read a small object whole."""
+    async def get(self, key: str, *, max_size: int | None = None) -> SmallObject:
+        """Read a small object whole; ObjectTooLargeError, unread, if above ``max_size``."""
 
         def read() -> SmallObject:
-            pointer, f = self._open_blob(key)
+            pointer, f = self._open_blob(key, max_size)
             with f:
                 return SmallObject(self._info(key, pointer), f.read())
 
@@ -291,11 +359,17 @@ class LocalBucket:
 
         return await self._run("download", key, download)
 
-    async def upload_file(self, key: str, src: Path) -> ObjectInfo:
-        """Stream ``src`` into a new object with bounded memory."""
+    async def upload_file(
+        self, key: str, src: Path, *, if_none_match: Literal["*"] | None = None
+    ) -> ObjectInfo:
+        """Stream ``src`` into a new object with bounded memory, optionally only if absent."""
 
         def copy(out: IO[bytes]) -> None:
             with open(src, "rb") as f:
                 shutil.copyfileobj(f, out, _CHUNK)
 
-        return await self._run("upload", key, lambda: self._write(key, copy))
+        return await self._run(
+            "upload",
+            key,
+            lambda: self._write(key, copy, if_none_match=if_none_match, operation="upload"),
+        )

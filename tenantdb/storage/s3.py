@@ -55,6 +55,7 @@ from tenantdb.errors import (
     ConfigurationError,
     LocalDiskError,
     ObjectNotFoundError,
+    ObjectTooLargeError,
     PreconditionFailedError,
     StorageError,
     TransientStorageError,
@@ -532,15 +533,19 @@ class S3Bucket:
 
     # -- small objects ------------------------------------------------------------------------
 
-    async def get(self, key: str) -> SmallObject:
-        """Read a small object whole."""
+    async def get(self, key: str, *, max_size: int | None = None) -> SmallObject:
+        """Read a small object whole; ObjectTooLargeError, unread, if above ``max_size``."""
         _check_key(key, "get")
 
         async def get() -> SmallObject:
             response = await self._s3.get_object(Bucket=self.name, Key=key)
             stream = response["Body"]
             try:
-                body: bytes = await stream.read()
+                declared = response.get("ContentLength")
+                if max_size is not None and declared is not None and int(declared) > max_size:
+                    # Closing the unread stream drops the connection instead of draining it.
+                    raise ObjectTooLargeError(key=key, size=int(declared), limit=max_size)
+                body = await _read_whole(stream, max_size, key)
             finally:
                 stream.close()
             return SmallObject(self._info(key, response, len(body)), body)
@@ -766,17 +771,25 @@ class S3Bucket:
         except OSError as exc:
             raise _local_error(exc, path=path, operation=operation, key=key) from exc
 
-    async def upload_file(self, key: str, src: Path) -> ObjectInfo:
-        """Stream ``src`` into a new object with bounded memory.
+    async def upload_file(
+        self, key: str, src: Path, *, if_none_match: Literal["*"] | None = None
+    ) -> ObjectInfo:
+        """Stream ``src`` into a new object with bounded memory, optionally only if absent.
 
         Below the multipart threshold this is one streamed PUT; above it, a multipart upload
         with a few parts in flight, aborted on any failure so no parts are left behind.
+        ``if_none_match="*"`` goes on the PUT or on CompleteMultipartUpload, where S3 checks
+        it atomically; a retry of an attempt that landed unanswered then gets
+        PreconditionFailedError, which is never retried.
         """
         _check_key(key, "upload")
         src = Path(src)
-        return await self._retrying("upload", key, lambda: self._upload(key, src))
+        conditions: dict[str, str] = {}
+        if if_none_match is not None:
+            conditions["IfNoneMatch"] = if_none_match
+        return await self._retrying("upload", key, lambda: self._upload(key, src, conditions))
 
-    async def _upload(self, key: str, src: Path) -> ObjectInfo:
+    async def _upload(self, key: str, src: Path, conditions: dict[str, str]) -> ObjectInfo:
         fd = await self._local("upload", key, src, lambda: os.open(src, os.O_RDONLY))
         try:
             size = await self._local("upload", key, src, lambda: os.fstat(fd).st_size)
@@ -786,10 +799,12 @@ class S3Bucket:
                     key,
                     src,
                     body,
-                    self._s3.put_object(Bucket=self.name, Key=key, Body=body, ContentLength=size),
+                    self._s3.put_object(
+                        Bucket=self.name, Key=key, Body=body, ContentLength=size, **conditions
+                    ),
                 )
                 return self._info(key, response, size)
-            return await self._multipart(key, src, fd, size)
+            return await self._multipart(key, src, fd, size, conditions)
         finally:
             await self._local("upload", key, src, lambda: os.close(fd))
 
@@ -804,9 +819,18 @@ class S3Bucket:
                 raise _local_error(body.error, path=src, operation="upload", key=key) from exc
             raise
 
-    async def _multipart(self, key: str, src: Path, fd: int, size: int) -> ObjectInfo:
+    async def _multipart(
+        self, key: str, src: Path, fd: int, size: int, conditions: dict[str, str]
+    ) -> ObjectInfo:
         part_size = max(self._part_size, -(-size // _MAX_PARTS))
-        created = await self._s3.create_multipart_upload(Bucket=self.name, Key=key)
+        try:
+            created = await self._s3.create_multipart_upload(Bucket=self.name, Key=key)
+        except BaseException as exc:
+            if not _refused(exc):
+                # The server may have created the upload and only its answer was lost;
+                # without its id nothing would ever abort it, and its parts cost money.
+                await asyncio.shield(self._abort_unanswered(key))
+            raise
         upload_id: str = created["UploadId"]
         try:
             etags: dict[int, str] = {}
@@ -840,12 +864,44 @@ class S3Bucket:
                 MultipartUpload={
                     "Parts": [{"ETag": etags[n], "PartNumber": n} for n in sorted(etags)]
                 },
+                **conditions,
             )
         except BaseException:
             # Shielded so that a cancelled upload still cleans up its parts on the server.
             await asyncio.shield(self._abort(key, upload_id))
             raise
         return self._info(key, response, size)
+
+    async def _abort_unanswered(self, key: str) -> None:
+        """Abort every in-progress multipart upload of exactly ``key``, best effort.
+
+        Called when CreateMultipartUpload failed without a refusal: the upload may exist
+        but its id never arrived, so this aborts them all. It would also abort a concurrent
+        upload of the same key by another writer; tenantdb uploads files only to keys new
+        to each upload (snapshots), where no such writer exists.
+        """
+        params: dict[str, Any] = {"Bucket": self.name, "Prefix": key}
+        try:
+            while True:
+                page = await self._s3.list_multipart_uploads(**params)
+                for upload in page.get("Uploads", ()):
+                    # Prefix also matches longer keys, which belong to other uploads.
+                    if upload.get("Key") == key:
+                        await self._abort(key, upload["UploadId"])
+                key_marker = page.get("NextKeyMarker")
+                if not page.get("IsTruncated") or not key_marker:
+                    break
+                params["KeyMarker"] = key_marker
+                if upload_marker := page.get("NextUploadIdMarker"):
+                    params["UploadIdMarker"] = upload_marker
+        except Exception as exc:  # the original failure matters more than the cleanup's
+            log.warning(
+                "could not look for the multipart upload of %r in %r whose creation was "
+                "not answered (%s); a lifecycle rule will have to remove its parts",
+                key,
+                self.name,
+                type(exc).__name__,
+            )
 
     async def _abort(self, key: str, upload_id: str) -> None:
         try:
@@ -858,6 +914,30 @@ class S3Bucket:
                 self.name,
                 type(exc).__name__,
             )
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a request surely did nothing: refused with a 4xx, or never sent."""
+    if isinstance(exc, ParamValidationError | NoCredentialsError | PartialCredentialsError):
+        return True
+    if not isinstance(exc, ClientError):
+        return False
+    status, _code = _status_and_code(exc)
+    return 400 <= status < 500
+
+
+async def _read_whole(stream: Any, limit: int | None, key: str) -> bytes:
+    """Read a body to its end, but never more than ``limit`` bytes (one more to see it)."""
+    if limit is None:
+        body: bytes = await stream.read()
+        return body
+    received = bytearray()
+    # Content-Length was checked already; this bounds a body that declared none.
+    while chunk := await stream.read(limit + 1 - len(received)):
+        received += chunk
+        if len(received) > limit:
+            raise ObjectTooLargeError(key=key, size=len(received), limit=limit)
+    return bytes(received)
 
 
 def _add_tigris_consistent_header(request: Any, **_: Any) -> None:

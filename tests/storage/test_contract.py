@@ -14,11 +14,13 @@ from tenantdb.config import Secret, Settings
 from tenantdb.errors import (
     BucketConfigurationError,
     ObjectNotFoundError,
+    ObjectTooLargeError,
     PreconditionFailedError,
     StorageError,
 )
 from tenantdb.storage import Bucket, LocalBucket, ObjectInfo, open_bucket
 from tenantdb.storage.s3 import S3Bucket
+from tests.support.s3_server import s3_client
 
 MiB = 1 << 20
 # Bigger than the test multipart threshold (6 MiB) and not a multiple of the part size,
@@ -79,6 +81,54 @@ async def test_missing_object_is_not_found(bucket: Bucket, tmp_path: Path) -> No
         await bucket.head("t/missing")
     with pytest.raises(ObjectNotFoundError):
         await bucket.download_file("t/missing", tmp_path / "out")
+
+
+async def test_get_with_a_size_limit(bucket: Bucket) -> None:
+    await bucket.put("t/lock.json", b"0123456789")
+    assert (await bucket.get("t/lock.json", max_size=10)).body == b"0123456789"
+    assert (await bucket.get("t/lock.json", max_size=1000)).body == b"0123456789"
+    with pytest.raises(ObjectTooLargeError) as raised:
+        await bucket.get("t/lock.json", max_size=9)
+    assert (raised.value.key, raised.value.size, raised.value.operation) == (
+        "t/lock.json",
+        10,
+        "get",
+    )
+    for part in ("t/lock.json", "10 bytes", "9-byte"):
+        assert part in str(raised.value)
+    await bucket.put("t/empty", b"")
+    assert (await bucket.get("t/empty", max_size=0)).body == b""
+    with pytest.raises(ObjectNotFoundError):
+        await bucket.get("t/missing", max_size=10)
+
+
+def pending_uploads(bucket: Bucket, key: str) -> list[str]:
+    """The upload ids of the multipart uploads of ``key`` still in progress (S3 only)."""
+    if not isinstance(bucket, S3Bucket):
+        return []
+    assert bucket.endpoint_url is not None
+    client = s3_client(bucket.endpoint_url)
+    try:
+        page = client.list_multipart_uploads(Bucket=bucket.name, Prefix=key)
+    finally:
+        client.close()
+    return [upload["UploadId"] for upload in page.get("Uploads", []) if upload["Key"] == key]
+
+
+@pytest.mark.parametrize("size", [1000, LARGE], ids=["small", "multipart"])
+async def test_create_only_upload(bucket: Bucket, tmp_path: Path, size: int) -> None:
+    src = tmp_path / "src.bin"
+    data = write_file(src, size)
+    first = await bucket.upload_file("t/snap", src, if_none_match="*")
+    write_file(src, size)
+    with pytest.raises(PreconditionFailedError) as raised:
+        await bucket.upload_file("t/snap", src, if_none_match="*")
+    assert not isinstance(raised.value, ObjectNotFoundError)
+    assert (raised.value.key, raised.value.operation) == ("t/snap", "upload")
+    dest = tmp_path / "dest.bin"
+    assert (await bucket.download_file("t/snap", dest)).etag == first.etag
+    assert dest.read_bytes() == data
+    assert pending_uploads(bucket, "t/snap") == []
 
 
 async def test_create_only_put(bucket: Bucket) -> None:

@@ -12,7 +12,8 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,12 +28,14 @@ from tenantdb.errors import (
     ConditionalConflictError,
     LocalDiskError,
     ObjectNotFoundError,
+    ObjectTooLargeError,
     PreconditionFailedError,
     StorageError,
     TransientStorageError,
 )
 from tenantdb.storage import RetryPolicy
 from tenantdb.storage.s3 import S3Bucket
+from tests.support.fault_proxy import Fault, FaultProxy
 from tests.support.s3_server import DUMMY_REGION, s3_client
 
 ATTEMPTS = 3
@@ -149,7 +152,7 @@ def scripted() -> Iterator[Callable[..., ScriptedS3]]:
 def s3_for(endpoint: str, **options: Any) -> S3Bucket:
     options.setdefault("retry", FAST_RETRY)
     return S3Bucket(
-        "scripted",
+        options.pop("name", "scripted"),
         endpoint_url=endpoint,
         region=options.pop("region", DUMMY_REGION),
         access_key_id="AKIDEXAMPLE",
@@ -426,3 +429,145 @@ async def test_failed_multipart_upload_is_aborted(
         await s3_bucket.head("big")
     # A transient failure restarts the whole upload each time: all attempts happened.
     assert parts_sent.count(3) == (1 if failure == "denied" else 4)
+
+
+class BodySpy:
+    """A GetObject body that counts the bytes read from it and whether it was closed."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.read_bytes = 0
+        self.closed = False
+
+    async def read(self, amt: int | None = None) -> bytes:
+        chunk: bytes = await self.inner.read(amt)
+        self.read_bytes += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        self.closed = True
+        self.inner.close()
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "no-content-length"])
+async def test_too_large_object_is_not_read_nor_retried(
+    s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch, declared: bool
+) -> None:
+    await s3_bucket.put("big.json", b"x" * MiB)
+    client = s3_bucket._client
+    real_get_object = client.get_object
+    bodies: list[BodySpy] = []
+
+    async def spying_get_object(**kwargs: Any) -> Any:
+        response = await real_get_object(**kwargs)
+        if not declared:
+            # A store that streams without Content-Length: the read itself must stop.
+            del response["ContentLength"]
+        bodies.append(BodySpy(response["Body"]))
+        response["Body"] = bodies[-1]
+        return response
+
+    monkeypatch.setattr(client, "get_object", spying_get_object)
+    with pytest.raises(ObjectTooLargeError) as raised:
+        await s3_bucket.get("big.json", max_size=1000)
+    assert (raised.value.key, raised.value.limit) == ("big.json", 1000)
+    assert raised.value.size == (MiB if declared else 1001)
+    (body,) = bodies  # not retried
+    assert body.read_bytes == (0 if declared else 1001)
+    assert body.closed
+    # The dropped connection does not hurt the next read.
+    assert (await s3_bucket.get("big.json")).body == b"x" * MiB
+
+
+@pytest.fixture
+async def proxied(s3_endpoint: str) -> AsyncIterator[tuple[S3Bucket, FaultProxy]]:
+    """A fresh moto bucket seen through a fault proxy, with a small multipart threshold."""
+    name = f"test-{uuid.uuid4().hex[:20]}"
+    client = s3_client(s3_endpoint)
+    client.create_bucket(Bucket=name)
+    client.close()
+    with FaultProxy(s3_endpoint) as proxy:
+        bucket = s3_for(
+            proxy.url, name=name, multipart_threshold=6 * MiB, part_size=5 * MiB, read_timeout=5
+        )
+        async with bucket:
+            yield bucket, proxy
+
+
+def uploads_of(endpoint: str, bucket: str, key: str) -> list[str]:
+    """The ids of the in-progress multipart uploads of exactly ``key``, asked directly."""
+    client = s3_client(endpoint)
+    try:
+        page = client.list_multipart_uploads(Bucket=bucket, Prefix=key)
+    finally:
+        client.close()
+    return [upload["UploadId"] for upload in page.get("Uploads", []) if upload["Key"] == key]
+
+
+def read_object(endpoint: str, bucket: str, key: str) -> bytes:
+    client = s3_client(endpoint)
+    try:
+        body: bytes = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    finally:
+        client.close()
+    return body
+
+
+@pytest.mark.parametrize("lost", ["once", "always"])
+async def test_unanswered_create_multipart_upload_is_aborted(
+    s3_endpoint: str,
+    proxied: tuple[S3Bucket, FaultProxy],
+    tmp_path: Path,
+    lost: str,
+) -> None:
+    s3, proxy = proxied
+    # A neighbour the cleanup must leave alone: its key only starts with the uploaded one.
+    client = s3_client(s3_endpoint)
+    neighbour = client.create_multipart_upload(Bucket=s3.name, Key="snap/1.bin.other")
+    client.close()
+    src = tmp_path / "big.bin"
+    data = os.urandom(7 * MiB)  # two parts at the test part size
+    src.write_bytes(data)
+    # The server creates the upload, then its answer is lost: a 500 from a proxy after
+    # the store acted, as far as the client can tell no different from a reset.
+    proxy.add(
+        Fault.error(
+            500,
+            "InternalError",
+            operation="CreateMultipartUpload",
+            after_upstream=True,
+            count=1 if lost == "once" else None,
+        )
+    )
+    if lost == "once":
+        await s3.upload_file("snap/1.bin", src)
+        assert read_object(s3_endpoint, s3.name, "snap/1.bin") == data
+    else:
+        with pytest.raises(TransientStorageError):
+            await s3.upload_file("snap/1.bin", src)
+        assert len(proxy.seen(operation="CreateMultipartUpload")) == ATTEMPTS
+    assert uploads_of(s3_endpoint, s3.name, "snap/1.bin") == []
+    assert uploads_of(s3_endpoint, s3.name, "snap/1.bin.other") == [neighbour["UploadId"]]
+
+
+@pytest.mark.parametrize("size", [1000, 7 * MiB], ids=["put", "multipart"])
+async def test_retried_create_only_upload_that_landed_gets_412(
+    s3_endpoint: str,
+    proxied: tuple[S3Bucket, FaultProxy],
+    tmp_path: Path,
+    size: int,
+) -> None:
+    s3, proxy = proxied
+    src = tmp_path / "snap.bin"
+    data = os.urandom(size)
+    src.write_bytes(data)
+    operation = "PutObject" if size < 6 * MiB else "CompleteMultipartUpload"
+    # The first attempt creates the object and its answer is lost: the retry finds it.
+    proxy.add(Fault.internal_error(operation=operation, after_upstream=True, count=1))
+    with pytest.raises(PreconditionFailedError) as raised:
+        await s3.upload_file("snap/2.bin", src, if_none_match="*")
+    assert (raised.value.key, raised.value.operation) == ("snap/2.bin", "upload")
+    # The landed attempt and the retry; the 412 itself is not retried.
+    assert len(proxy.seen(operation=operation)) == 2
+    assert read_object(s3_endpoint, s3.name, "snap/2.bin") == data
+    assert uploads_of(s3_endpoint, s3.name, "snap/2.bin") == []
