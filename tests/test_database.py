@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 import pytest
 
 from tenantdb.config import Settings
@@ -19,6 +23,7 @@ from tenantdb.errors import (
     TenantDBError,
     TransientStorageError,
 )
+from tenantdb.lease import Lease
 from tenantdb.storage.base import Bucket, ObjectInfo
 from tenantdb.storage.local import LocalBucket
 
@@ -234,3 +239,158 @@ async def test_the_pool_lends_one_connection_grows_behind_a_long_holder_then_shr
     third = await asyncio.wait_for(pool.acquire(), timeout=5)  # grows again behind `second`
     assert third not in (first, second)
     await pool.close()
+
+
+# A process that dies (SIGKILL) in the middle of a big rollback-journal transaction, leaving
+# a hot journal beside its database, as a migration cut short by a crash does.
+HOT_JOURNAL = """
+import os, signal, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA journal_mode=DELETE")
+conn.execute("CREATE TABLE hits (id INTEGER PRIMARY KEY, note TEXT)")
+conn.executemany("INSERT INTO hits (note) VALUES (?)", [("old" * 300,)] * 300)
+conn.execute("PRAGMA cache_size=2")
+conn.execute("BEGIN IMMEDIATE")
+conn.execute("UPDATE hits SET note = 'changed' || note")
+conn.execute("INSERT INTO hits (note) SELECT note FROM hits")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def leave_hot_journal(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, "-c", HOT_JOURNAL, str(path)], check=False)
+    assert done.returncode == -signal.SIGKILL
+    assert Path(f"{path}-journal").stat().st_size > 0
+
+
+async def test_a_leftover_journal_never_rolls_back_into_a_restored_database(
+    tmp_path: Path,
+) -> None:
+    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS) as tdb:
+        await add_hits(tdb, 5)
+    leave_hot_journal(tmp_path / "m2" / "acme.sqlite3")
+    async with TenantDB(settings(tmp_path, "m2"), migrations=MIGRATIONS) as tdb:
+        assert await hits(tdb) == 5
+        async with tdb.connection() as db, db.execute("PRAGMA integrity_check") as cursor:
+            assert await cursor.fetchall() == [("ok",)]
+    assert not Path(tmp_path / "m2" / "acme.sqlite3-journal").exists()
+
+
+async def test_a_second_process_with_the_same_machine_id_never_takes_a_live_lease(
+    tmp_path: Path,
+) -> None:
+    first = TenantDB(settings(tmp_path, "local-host"), migrations=MIGRATIONS)
+    await first.start(standby=False)
+    await add_hits(first, 1)
+    beside = settings(tmp_path, "local-host").with_overrides(data_dir=tmp_path / "script")
+    with pytest.raises(LeaseHeldError):
+        async with TenantDB(beside, migrations=MIGRATIONS):
+            pass
+    standby = TenantDB(beside, migrations=MIGRATIONS)
+    await standby.start()
+    assert standby.state == "standby"
+    assert first.serving
+    await add_hits(first, 1)
+    await first.stop()
+    await standby.stop()
+    async with TenantDB(settings(tmp_path, "m2"), migrations=MIGRATIONS) as tdb:
+        assert await hits(tdb) == 2
+
+
+async def test_a_connection_being_opened_when_the_pool_closes_is_never_lent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connect = aiosqlite.connect
+
+    async def slow_connect(*args: Any, **kwargs: Any) -> aiosqlite.Connection:
+        await asyncio.sleep(0.3)
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite, "connect", slow_connect)
+    pool = ConnectionPool(tmp_path / "p.sqlite3", size=2)
+    late = asyncio.create_task(pool.acquire())
+    await asyncio.sleep(0.05)
+    await pool.close()
+    with pytest.raises(TenantDBError, match="closed"):
+        await late
+    assert pool._opened == []
+
+
+class FlakyDownloads:
+    """A bucket whose first ``failures`` downloads fail, or that downloads slowly."""
+
+    def __init__(self, inner: Bucket, *, failures: int = 0, delay: float = 0.0) -> None:
+        self.inner = inner
+        self.failures = failures
+        self.delay = delay
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def download_file(self, key: str, dest: Path) -> ObjectInfo:
+        await asyncio.sleep(self.delay)
+        if self.failures:
+            self.failures -= 1
+            raise TransientStorageError("503 (injected)", key=key, operation="download")
+        return await self.inner.download_file(key, dest)
+
+
+async def test_a_standby_whose_restore_fails_keeps_the_lease_and_retries_until_it_serves(
+    tmp_path: Path,
+) -> None:
+    async with TenantDB(settings(tmp_path, "m0"), migrations=MIGRATIONS) as tdb:
+        await add_hits(tdb, 3)
+    async with LocalBucket(tmp_path / "bucket") as real:
+        crashed = Lease(real, "acme", machine_id="m1", region="local", ttl=3)
+        await crashed.acquire()  # and never renews
+        standby = TenantDB(
+            settings(tmp_path, "m2"),
+            migrations=MIGRATIONS,
+            bucket=FlakyDownloads(real, failures=2),  # type: ignore[arg-type]
+        )
+        await standby.start()
+        states: set[str] = set()
+        for _ in range(200):
+            states.add(standby.state)
+            if standby.state == "restoring" and standby.problem:
+                assert standby.lease.valid_for > 0  # held and renewed while it retries
+            if standby.serving:
+                break
+            await asyncio.sleep(0.1)
+        assert standby.serving, (standby.state, standby.problem)
+        assert "fenced" not in states
+        assert await hits(standby) == 3
+        await standby.stop()
+
+
+async def test_a_restore_longer_than_the_ttl_keeps_the_lease_it_started_with(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with TenantDB(settings(tmp_path, "m0"), migrations=MIGRATIONS) as tdb:
+        await add_hits(tdb, 3)
+    async with LocalBucket(tmp_path / "bucket") as real:
+        tdb = TenantDB(
+            settings(tmp_path, "m1"),
+            migrations=MIGRATIONS,
+            bucket=FlakyDownloads(real, delay=4.5),  # type: ignore[arg-type]
+        )
+        await tdb.start(standby=False)
+        await asyncio.sleep(1.5)  # past the first renewal after opening
+        assert tdb.serving
+        assert tdb.lease.record is not None
+        assert tdb.lease.record.generation == 2
+        assert "stepping down" not in caplog.text
+        await tdb.stop()
+
+
+async def test_temporary_files_a_killed_process_left_are_removed_at_start(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "m1"
+    data.mkdir()
+    stray = [data / ".snapshot-0123.sqlite3", data / ".acme.sqlite3.restore-4567"]
+    for path in stray:
+        path.write_bytes(b"x" * 1000)
+    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS):
+        assert [path for path in stray if path.exists()] == []
