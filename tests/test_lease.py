@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
+from datetime import timedelta
 from typing import Any, Literal
 
 import pytest
@@ -13,9 +15,10 @@ from tenantdb.errors import (
     LeaseLostError,
     LockFileCorruptError,
     PreconditionFailedError,
+    TransientStorageError,
 )
 from tenantdb.lease import Lease, LockRecord
-from tenantdb.storage.base import Bucket, ObjectInfo
+from tenantdb.storage.base import Bucket, ObjectInfo, SmallObject
 
 TTL = 3.0
 
@@ -190,3 +193,79 @@ def test_lock_record_round_trips_through_json() -> None:
     )
     parsed = LockRecord.parse(record.to_json(), tenant="acme", key="tenants/acme/lock.json")
     assert parsed == record
+
+
+class UnreadableAfter412:
+    """A bucket whose next lock write gets 412 without landing, and whose reads then fail."""
+
+    def __init__(self, inner: Bucket) -> None:
+        self.inner = inner
+        self.broken = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def put(self, key: str, body: bytes, **conditions: Any) -> ObjectInfo:
+        if self.broken:
+            raise PreconditionFailedError("412 (injected)", key=key, operation="put")
+        return await self.inner.put(key, body, **conditions)
+
+    async def get(self, key: str, **options: Any) -> SmallObject:
+        if self.broken:
+            raise TransientStorageError("503 (injected)", key=key, operation="get")
+        return await self.inner.get(key, **options)
+
+
+async def test_a_412_whose_re_read_fails_is_not_taken_for_fencing(local_bucket: Bucket) -> None:
+    flaky = UnreadableAfter412(local_bucket)
+    lost: list[LeaseLostError] = []
+    lease = make_lease(flaky, "m1", on_lost=lost.append)  # type: ignore[arg-type]
+    await lease.acquire()
+    flaky.broken = True
+    with pytest.raises(TransientStorageError):
+        await lease.renew()
+    assert (lease.status, lost) == ("held", [])
+    flaky.broken = False
+    await lease.renew()  # the renewal loop simply tries again
+    assert lease.status == "held"
+
+
+async def test_a_huge_lock_json_is_refused_without_reading_it_whole(bucket: Bucket) -> None:
+    record = LockRecord(tenant="acme", owner=None, region=None, generation=1, seq=1, ttl_seconds=3)
+    padded = json.loads(record.to_json()) | {"padding": "x" * (1 << 20)}
+    await bucket.put("tenants/acme/lock.json", json.dumps(padded).encode())
+    with pytest.raises(LockFileCorruptError, match="bytes"):
+        await make_lease(bucket, "m1").acquire()
+
+
+class NoServerClock:
+    """A store whose answers carry no Date header and whose Last-Modified is far off."""
+
+    def __init__(self, inner: Bucket) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def get(self, key: str, **options: Any) -> SmallObject:
+        obj = await self.inner.get(key, **options)
+        skewed = replace(
+            obj.info, server_date=None, last_modified=obj.info.last_modified - timedelta(hours=1)
+        )
+        return SmallObject(skewed, obj.body)
+
+
+async def test_without_a_server_clock_a_lease_expires_only_after_being_watched_for_a_ttl(
+    local_bucket: Bucket,
+) -> None:
+    holder = make_lease(local_bucket, "m1")
+    await holder.acquire()
+    taker = make_lease(NoServerClock(local_bucket), "m2")  # type: ignore[arg-type]
+    with pytest.raises(LeaseHeldError):
+        await taker.acquire()
+    await asyncio.sleep(TTL / 2)
+    with pytest.raises(LeaseHeldError):
+        await taker.acquire()  # still the same ETag, but not yet watched for a whole TTL
+    await asyncio.sleep(TTL / 2 + 1.2)
+    record = await taker.acquire()
+    assert (record.owner, record.generation) == ("m2", 2)
