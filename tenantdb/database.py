@@ -505,11 +505,13 @@ class TenantDB:
             log.info("tenant %s: new tenant, creating its database", self.tenant)
         elif (
             exists
-            and local_generation == previous.generation
+            and local_generation
+            in (previous.generation, self.lease.record and self.lease.record.generation)
             and self.settings.machine_id in (previous.owner, previous.last_owner)
         ):
-            # Nobody acquired since this machine last held the lease: the local file is the
-            # newest data, including writes a failed final publish never uploaded.
+            # Nobody acquired since this machine last held the lease (or the file was already
+            # taken over in this holding, by an attempt that failed later): the local file is
+            # the newest data, including writes a failed final publish never uploaded.
             log.info("tenant %s: continuing from the local file %s", self.tenant, self.path)
             self._dirty = True
         elif previous.snapshot is None:
@@ -531,9 +533,13 @@ class TenantDB:
                 previous.snapshot.size,
                 time.monotonic() - started,
             )
-        record = self.lease.record
-        state = json.dumps({"generation": record.generation if record else 0}).encode()
+        state = json.dumps({"generation": self._held_generation or 0}).encode()
         await asyncio.to_thread(write_atomically, self._state_file, state)
+
+    @property
+    def _held_generation(self) -> int | None:
+        record = self.lease.record
+        return record.generation if record else None
 
     @staticmethod
     def _data_version(source: sqlite3.Connection) -> int:

@@ -29,7 +29,7 @@ from tenantdb.errors import (
     ObjectNotFoundError,
     ObjectTooLargeError,
     PreconditionFailedError,
-    StorageError,
+    TenantDBError,
 )
 from tenantdb.storage.base import Bucket, ObjectInfo
 
@@ -463,7 +463,7 @@ class Lease:
                 pause = self.ttl / 3
             except LeaseLostError:
                 return
-            except (StorageError, TimeoutError) as exc:
+            except (TenantDBError, TimeoutError) as exc:  # e.g. a damaged lock.json on re-read
                 reason = str(exc) or f"{type(exc).__name__}, bucket did not answer in time"
                 log.warning("tenant %s: lease renewal failed: %s", self.tenant, reason)
                 pause = min(self.ttl / 10, 1.0)

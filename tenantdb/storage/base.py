@@ -7,7 +7,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Protocol, Self, TypeVar
@@ -30,17 +30,6 @@ class ObjectInfo:
     size: int
     last_modified: datetime
     server_date: datetime | None = None
-
-    @property
-    def age(self) -> float:
-        """Seconds since the last write, on the server's clock (the local one if no Date).
-
-        Without a server Date this silently mixes the server's Last-Modified with the local
-        clock, so any skew between the two becomes part of the age: prefer ``server_age``
-        wherever that matters.
-        """
-        now = self.server_date or datetime.now(UTC)
-        return (now - self.last_modified).total_seconds()
 
     @property
     def server_age(self) -> float | None:

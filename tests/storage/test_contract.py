@@ -40,9 +40,9 @@ def assert_fresh(info: ObjectInfo) -> None:
     assert info.server_date is not None
     assert info.server_date.tzinfo is not None
     assert info.last_modified.tzinfo is not None
-    assert info.age is not None
+    assert info.server_age is not None
     # Second resolution on S3: the write may look up to a second "in the future".
-    assert -2 <= info.age < 60
+    assert -2 <= info.server_age < 60
     assert abs(info.server_date - datetime.now(UTC)) < timedelta(minutes=5)
 
 

@@ -56,7 +56,7 @@ async def test_age_ignores_wall_clock_steps(
     await local_bucket.put("t/lock.json", b"{}")
     step_wall_clock(monkeypatch, timedelta(hours=hours))
     for info in (await local_bucket.head("t/lock.json"), *await local_bucket.list("t/")):
-        assert 0 <= info.age < 60
+        assert 0 <= info.server_age < 60
         assert info.server_age is not None
         assert 0 <= info.server_age < 60
 
@@ -68,7 +68,7 @@ async def test_written_during_a_wall_clock_step(
     await local_bucket.put("t/lock.json", b"{}")
     monkeypatch.undo()  # NTP steps the clock back
     info = await local_bucket.head("t/lock.json")
-    assert 0 <= info.age < 60
+    assert 0 <= info.server_age < 60
     # Last-Modified stays the wall time of the write, for display.
     assert info.last_modified > datetime.now(UTC) + timedelta(minutes=50)
 
@@ -77,7 +77,7 @@ async def test_object_from_before_a_reboot_looks_ancient(local_bucket: LocalBuck
     await local_bucket.put("t/lock.json", b"{}")
     edit_pointer(local_bucket, "t/lock.json", boot_id="00000000-0000-0000-0000-000000000000")
     info = await local_bucket.head("t/lock.json")
-    assert info.age > 5 * YEAR
+    assert info.server_age > 5 * YEAR
     assert info.server_date is not None
     assert info.server_date >= datetime.now(UTC) - timedelta(minutes=1)
 
@@ -86,10 +86,10 @@ async def test_pointer_without_a_clock_stamp_uses_the_wall_clock(
     local_bucket: LocalBucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await local_bucket.put("t/lock.json", b"{}")
-    assert 0 <= (await local_bucket.head("t/lock.json")).age < 60
+    assert 0 <= (await local_bucket.head("t/lock.json")).server_age < 60
     edit_pointer(local_bucket, "t/lock.json", boot_id=None, boottime=None)
     step_wall_clock(monkeypatch, timedelta(hours=1))
-    assert 3540 < (await local_bucket.head("t/lock.json")).age < 3660
+    assert 3540 < (await local_bucket.head("t/lock.json")).server_age < 3660
 
 
 async def test_new_blob_is_durable_before_its_pointer_is_committed(

@@ -1,4 +1,4 @@
-"""ObjectInfo's two ages: on the server's clock alone, or with the local clock as fallback."""
+"""ObjectInfo.server_age: the age of an object on the server's clock alone."""
 
 from __future__ import annotations
 
@@ -16,11 +16,8 @@ def info(server_date: datetime | None) -> ObjectInfo:
 def test_ages_with_a_server_date() -> None:
     dated = info(WRITTEN + timedelta(seconds=7))
     assert dated.server_age == 7.0
-    assert dated.age == 7.0
 
 
 def test_server_age_is_none_without_a_server_date() -> None:
     undated = info(None)
     assert undated.server_age is None
-    # ``age`` falls back to the local clock: here, months after the write.
-    assert undated.age > 24 * 3600
