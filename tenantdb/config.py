@@ -93,7 +93,8 @@ class Settings:
     local_bucket_dir: Path = Path(".tenantdb/bucket")
     prefix: str = "tenants/"
     lease_ttl: float = 15.0
-    checkpoint_interval: float = 30.0
+    checkpoint_interval: float = 86400.0
+    sync_interval: float = 1.0
     snapshot_retention: int = 5
     kill_timeout: float = 30.0
     pool_size: int = 8
@@ -110,7 +111,9 @@ class Settings:
         if self.lease_ttl < 3:
             raise ConfigurationError(f"lease TTL {self.lease_ttl}s is too short (minimum 3s)")
         if self.checkpoint_interval < 0:
-            raise ConfigurationError("checkpoint interval must be >= 0 (0 = only at shutdown)")
+            raise ConfigurationError("checkpoint interval must be >= 0 (0 = no periodic snapshot)")
+        if self.sync_interval <= 0:
+            raise ConfigurationError("sync interval must be positive")
         if self.snapshot_retention < 1:
             raise ConfigurationError("snapshot retention must keep at least 1 snapshot")
         if self.prefix and not self.prefix.endswith("/"):
@@ -134,7 +137,8 @@ class Settings:
             "local_bucket_dir": Path(env.get("TENANTDB_LOCAL_BUCKET") or ".tenantdb/bucket"),
             "prefix": env.get("TENANTDB_PREFIX", "tenants/"),
             "lease_ttl": _number(env, "TENANTDB_LEASE_TTL", 15.0, minimum=3),
-            "checkpoint_interval": _number(env, "TENANTDB_CHECKPOINT_INTERVAL", 30.0, minimum=0),
+            "checkpoint_interval": _number(env, "TENANTDB_CHECKPOINT_INTERVAL", 86400.0, minimum=0),
+            "sync_interval": _number(env, "TENANTDB_SYNC_INTERVAL", 1.0, minimum=0.01),
             "snapshot_retention": int(_number(env, "TENANTDB_SNAPSHOT_RETENTION", 5, minimum=1)),
             "kill_timeout": _number(env, "TENANTDB_KILL_TIMEOUT", 30.0, minimum=1),
             "pool_size": int(_number(env, "TENANTDB_POOL_SIZE", 8, minimum=1)),

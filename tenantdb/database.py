@@ -34,14 +34,13 @@ from tenantdb.errors import (
     LeaseLostError,
     TenantDBError,
 )
-from tenantdb.lease import Lease, LockRecord
+from tenantdb.lease import Lease
 from tenantdb.localfiles import remove_database, write_atomically
-from tenantdb.snapshot import (
-    file_sha256,
-    publish_snapshot,
-    remove_stray_temp_files,
-    restore_snapshot,
-)
+from tenantdb.lockfile import LockRecord
+from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
+from tenantdb.replication.restore import restore_database
+from tenantdb.replication.shipper import CONNECTION_PRAGMAS, Shipper
+from tenantdb.snapshot import file_sha256, remove_stray_temp_files
 from tenantdb.storage import Bucket, open_bucket
 
 __all__ = ["ConnectionPool", "Migration", "TenantDB", "TenantState", "apply_migrations"]
@@ -71,6 +70,8 @@ _MOVES: dict[TenantState, frozenset[TenantState]] = {
     "fenced": frozenset({"standby", "restoring", "stopping", "stopped"}),
     "stopping": frozenset({"stopped"}),
 }
+# SQLite's default page size, for a database that has no page yet.
+DEFAULT_PAGE_SIZE = 4096
 # Pauses between attempts to open the tenant after a failed restore, while holding the lease.
 _RECOVERY_PAUSES = (1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -82,8 +83,10 @@ def apply_migrations(path: Path, migrations: Sequence[Migration]) -> int:
     """
     conn = sqlite3.connect(path, isolation_level=None)
     try:
-        # In WAL mode a migration cut short by a crash leaves no hot rollback journal.
-        conn.execute("PRAGMA journal_mode=WAL")
+        # In WAL mode a migration cut short by a crash leaves no hot rollback journal, and
+        # only the log shipper may checkpoint its frames.
+        for pragma in CONNECTION_PRAGMAS:
+            conn.execute(pragma)
         version: int = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > len(migrations):
             raise ConfigurationError(
@@ -180,9 +183,8 @@ class ConnectionPool:
         try:
             conn = await aiosqlite.connect(self.path)
             try:
-                await conn.execute("PRAGMA journal_mode=WAL")
-                await conn.execute("PRAGMA synchronous=NORMAL")
-                await conn.execute("PRAGMA busy_timeout=5000")
+                for pragma in (*CONNECTION_PRAGMAS, "PRAGMA synchronous=NORMAL"):
+                    await conn.execute(pragma)
                 if self.closed:
                     # close() ran while this connection was being made: it never saw it,
                     # and a write on it would land after the final snapshot.
@@ -290,10 +292,7 @@ class TenantDB:
         self._stack = AsyncExitStack()
         self._lease: Lease | None = None
         self._pool: ConnectionPool | None = None
-        self._source: sqlite3.Connection | None = None
-        self._published_version = 0
-        self._dirty = False  # local data the bucket does not have yet
-        self._publish_lock = asyncio.Lock()
+        self._shipper: Shipper | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.draining = False
         self._draining_since: float | None = None
@@ -447,22 +446,31 @@ class TenantDB:
 
     async def _become_holder(self) -> None:
         lease = self.lease
-        await self._prepare_local_file(lease.previous)
+        hashes = await self._prepare_local_file(lease.previous)
+        self._shipper = Shipper(
+            lease,
+            self.path,
+            hashes=hashes,
+            prefix=self.settings.prefix,
+            work_dir=self.settings.data_dir,
+            snapshot_retention=self.settings.snapshot_retention,
+        )
+        # Open before migrating: the shipper's connections keep the WAL (and its unshipped
+        # frames) in place when the migration's connection closes.
+        await self._shipper.open()
         ran = await asyncio.to_thread(apply_migrations, self.path, self.migrations)
         if ran:
-            self._dirty = True
             log.info("tenant %s: applied %d migration(s)", self.tenant, ran)
         self._pool = ConnectionPool(self.path, self.settings.pool_size)
-        self._source = sqlite3.connect(self.path, check_same_thread=False)
-        self._published_version = self._data_version(self._source)
         if self.state != "restoring":
             raise LeaseLostError(
                 f"tenant {self.tenant}: the lease was lost while restoring", tenant=self.tenant
             )
         self._move("serving")
         self.holder = None
-        if self.settings.checkpoint_interval > 0:
-            self._spawn(self._checkpoint_loop())
+        self._spawn(
+            self._shipper.run(self.settings.sync_interval, self.settings.checkpoint_interval)
+        )
         log.info(
             "tenant %s: serving (generation %s)",
             self.tenant,
@@ -484,10 +492,15 @@ class TenantDB:
             return None
         return generation if type(generation) is int else None
 
-    async def _prepare_local_file(self, previous: LockRecord | None) -> None:
-        """Make ``self.path`` hold the tenant's newest data before it is opened."""
+    async def _prepare_local_file(self, previous: LockRecord | None) -> PageHashes | None:
+        """Make ``self.path`` hold the tenant's newest data before it is opened.
+
+        Returns the page hashes of the file when it is what the bucket has, or None when it
+        is newer (writes a failed final publish never shipped): a snapshot is due then.
+        """
         local_generation = await asyncio.to_thread(self._local_generation)
         exists = self.path.exists()
+        hashes: PageHashes | None
         if previous is None:
             if exists:
                 aside = self.path.with_name(f"{self.path.name}.orphaned-{int(time.time())}")
@@ -501,51 +514,54 @@ class TenantDB:
                     with contextlib.suppress(FileNotFoundError):
                         os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
             await asyncio.to_thread(remove_database, self.path)
-            self._dirty = True
+            hashes = PageHashes(DEFAULT_PAGE_SIZE)
             log.info("tenant %s: new tenant, creating its database", self.tenant)
         elif (
             exists
-            and local_generation
-            in (previous.generation, self.lease.record and self.lease.record.generation)
+            and local_generation in (previous.generation, self._held_generation)
             and self.settings.machine_id in (previous.owner, previous.last_owner)
         ):
             # Nobody acquired since this machine last held the lease (or the file was already
             # taken over in this holding, by an attempt that failed later): the local file is
             # the newest data, including writes a failed final publish never uploaded.
             log.info("tenant %s: continuing from the local file %s", self.tenant, self.path)
-            self._dirty = True
-        elif previous.snapshot is None:
+            hashes = None
+        elif previous.snapshot is None and previous.log is None:
             await asyncio.to_thread(remove_database, self.path)
+            hashes = PageHashes(DEFAULT_PAGE_SIZE)
             log.info("tenant %s: nothing published yet, starting empty", self.tenant)
-        elif (
-            exists
-            and not any(Path(f"{self.path}{suffix}").exists() for suffix in ("-wal", "-journal"))
-            and await asyncio.to_thread(file_sha256, self.path) == previous.snapshot.sha256
-        ):
-            log.info("tenant %s: local file matches %s", self.tenant, previous.snapshot.key)
+        elif exists and (hashes := await asyncio.to_thread(self._matching_local, previous)):
+            log.info("tenant %s: the local file is what the bucket has", self.tenant)
         else:
             started = time.monotonic()
-            await restore_snapshot(self.lease.bucket, previous.snapshot, self.path)
+            hashes = await restore_database(
+                self.lease.bucket, previous, self.path, prefix=self.settings.prefix
+            )
             log.info(
-                "tenant %s: restored %s (%d bytes) in %.2fs",
+                "tenant %s: restored %d pages in %.2fs",
                 self.tenant,
-                previous.snapshot.key,
-                previous.snapshot.size,
+                hashes.db_pages,
                 time.monotonic() - started,
             )
         state = json.dumps({"generation": self._held_generation or 0}).encode()
         await asyncio.to_thread(write_atomically, self._state_file, state)
+        return hashes
+
+    def _matching_local(self, previous: LockRecord) -> PageHashes | None:
+        """The local file's page hashes if it is exactly what ``previous`` points at."""
+        if any(Path(f"{self.path}{suffix}").exists() for suffix in ("-wal", "-journal")):
+            return None
+        hashes = PageHashes.of_file(self.path, database_page_size(self.path))
+        if previous.log is not None:
+            wanted = (previous.log.state, previous.log.db_pages)
+            return hashes if (format_state(hashes.state), hashes.db_pages) == wanted else None
+        snapshot = previous.snapshot
+        return hashes if snapshot and file_sha256(self.path) == snapshot.sha256 else None
 
     @property
     def _held_generation(self) -> int | None:
         record = self.lease.record
         return record.generation if record else None
-
-    @staticmethod
-    def _data_version(source: sqlite3.Connection) -> int:
-        # data_version changes when *another* connection (the app's) commits.
-        value: int = source.execute("PRAGMA data_version").fetchone()[0]
-        return value
 
     def _on_lease_lost(self, exc: LeaseLostError) -> None:
         if self.state in ("serving", "restoring"):
@@ -571,35 +587,22 @@ class TenantDB:
             return
         await self._recover()
 
-    async def checkpoint(self, *, force: bool = False) -> bool:
-        """Publish a snapshot if the database changed since the last one; True if published."""
-        async with self._publish_lock:
-            if self._source is None or self.state not in ("serving", "stopping"):
-                return False
-            version = await asyncio.to_thread(self._data_version, self._source)
-            if not (force or self._dirty or version != self._published_version):
-                return False
-            await publish_snapshot(
-                self.lease,
-                self.lease.bucket,
-                self._source,
-                self.settings.data_dir,
-                retention=self.settings.snapshot_retention,
-            )
-            self._published_version, self._dirty = version, False
-            return True
+    async def sync(self) -> None:
+        """Return once everything committed so far is in the bucket (fenced, durable)."""
+        await self._serving_shipper().sync()
 
-    async def _checkpoint_loop(self) -> None:
-        while self.state == "serving" and not self.draining:
-            await asyncio.sleep(self.settings.checkpoint_interval)
-            if self.draining:
-                return  # the final publish follows
-            try:
-                await self.checkpoint()
-            except LeaseLostError:
-                return
-            except TenantDBError as exc:
-                log.warning("tenant %s: checkpoint failed, will retry: %s", self.tenant, exc)
+    async def checkpoint(self) -> None:
+        """Ship what is committed, then publish a full snapshot as the log's new base."""
+        shipper = self._serving_shipper()
+        await shipper.sync()
+        await shipper.snapshot()
+
+    def _serving_shipper(self) -> Shipper:
+        if self._shipper is None or self.state not in ("serving", "stopping"):
+            raise LeaseLostError(
+                f"tenant {self.tenant} is not served here ({self.state})", tenant=self.tenant
+            )
+        return self._shipper
 
     async def stop(self) -> None:
         """Final snapshot, publish, release; keep the local file if publishing fails."""
@@ -626,7 +629,7 @@ class TenantDB:
             if took > self.settings.kill_timeout * 0.5:
                 log.warning(
                     "tenant %s: shutdown took %.1fs of the %.0fs kill timeout; raise "
-                    "kill_timeout in fly.toml or checkpoint more often",
+                    "kill_timeout in fly.toml",
                     self.tenant,
                     took,
                     self.settings.kill_timeout,
@@ -644,7 +647,7 @@ class TenantDB:
                 # can exceed the kill timeout) must not outlast the machine, or the log
                 # below would never be written.
                 async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)):
-                    await self.checkpoint()
+                    await self._serving_shipper().sync()
                 break
             except LeaseLostError:
                 log.critical(
@@ -684,13 +687,12 @@ class TenantDB:
             )
 
     async def _close_database(self) -> None:
-        async with self._publish_lock:
-            if self._pool is not None:
-                await self._pool.close()
-                self._pool = None
-            if self._source is not None:
-                self._source.close()
-                self._source = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        if self._shipper is not None:
+            await self._shipper.close()
+            self._shipper = None
 
     async def _close_resources(self) -> None:
         for task in list(self._tasks):

@@ -20,6 +20,7 @@ Every error tenantdb raises on purpose is a ``TenantDBError``::
     │   ├── LeaseLostError            fenced: a newer holder exists, stop writing
     │   └── LockFileCorruptError      lock.json is not something tenantdb can trust
     ├── SnapshotError                 a snapshot cannot be made or restored (key)
+    ├── ReplicationError              the incremental log cannot be read, written or applied (key)
     └── RoutingError                  finding the machine of another tenant
         ├── DNSLookupError            the DNS server timed out or failed
         ├── MachinesAPIError          the Fly Machines API failed or answered nonsense (status)
@@ -49,6 +50,7 @@ __all__ = [
     "ObjectNotFoundError",
     "ObjectTooLargeError",
     "PreconditionFailedError",
+    "ReplicationError",
     "RoutingError",
     "SnapshotError",
     "StorageError",
@@ -179,6 +181,14 @@ class LockFileCorruptError(LeaseError):
 
 class SnapshotError(TenantDBError):
     """A snapshot could not be made, verified or restored."""
+
+    def __init__(self, message: str, *, key: str = "") -> None:
+        self.key = key
+        super().__init__(message)
+
+
+class ReplicationError(TenantDBError):
+    """The incremental log cannot be read, written or applied."""
 
     def __init__(self, message: str, *, key: str = "") -> None:
         self.key = key

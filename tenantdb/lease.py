@@ -10,17 +10,12 @@ response ``Date``), never on the local one.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
-import re
-import reprlib
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Literal
 
 from tenantdb.errors import (
     LeaseHeldError,
@@ -31,147 +26,19 @@ from tenantdb.errors import (
     PreconditionFailedError,
     TenantDBError,
 )
+from tenantdb.lockfile import LOCK_MAX_BYTES, LockRecord, LogPointer, SnapshotRef
 from tenantdb.storage.base import Bucket, ObjectInfo
 
-__all__ = ["Lease", "LockRecord", "SnapshotRef"]
+__all__ = ["Lease", "ObservedLock"]
 
 log = logging.getLogger("tenantdb.lease")
 
-LOCK_FORMAT = 1
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 # S3's Last-Modified has one-second resolution: a takeover waits this much past the TTL.
 CLOCK_GRANULARITY = 1.0
-# lock.json is a few hundred bytes: anything far larger is not a lock and is not read whole.
-LOCK_MAX_BYTES = 64 * 1024
 # How many times acquire() re-reads lock.json after losing a write race before giving up.
 _ACQUIRE_RACES = 5
 
 LeaseStatus = Literal["unheld", "held", "lost", "released"]
-
-
-@dataclass(frozen=True)
-class SnapshotRef:
-    """The published snapshot a lock points at."""
-
-    key: str
-    sha256: str
-    size: int
-    published_at: str
-
-
-@dataclass(frozen=True)
-class LockRecord:
-    """The parsed content of ``lock.json``."""
-
-    tenant: str
-    owner: str | None
-    region: str | None
-    generation: int
-    seq: int
-    ttl_seconds: float
-    snapshot: SnapshotRef | None = None
-    last_owner: str | None = None
-    # Which process of ``owner`` holds it: a machine id alone cannot tell two processes apart.
-    claim: str | None = None
-    format: int = LOCK_FORMAT
-
-    def to_json(self) -> bytes:
-        """Serialize for the bucket."""
-        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
-
-    @classmethod
-    def parse(cls, body: bytes, *, tenant: str, key: str) -> LockRecord:
-        """Parse and check ``lock.json``; anything unexpected is ``LockFileCorruptError``."""
-
-        def corrupt(reason: str) -> LockFileCorruptError:
-            return LockFileCorruptError(tenant=tenant, key=key, reason=reason)
-
-        try:
-            # NaN and Infinity are not JSON, however Python's parser takes them; a deeply
-            # nested document exhausts the parser's recursion.
-            data = json.loads(body, parse_constant=_refuse_constant)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise corrupt("not valid JSON") from None
-        if not isinstance(data, dict):
-            raise corrupt("not a JSON object")
-        if type(data.get("format")) is not int or data["format"] != LOCK_FORMAT:
-            raise corrupt(f"unknown format {_short(data.get('format'))}, expected {LOCK_FORMAT}")
-        if data.get("tenant") != tenant:
-            raise corrupt(f"it names tenant {_short(data.get('tenant'))}")
-        fields: dict[str, Any] = {
-            "owner": (str, type(None)),
-            "region": (str, type(None)),
-            "last_owner": (str, type(None)),
-            "generation": (int,),
-            "seq": (int,),
-            "ttl_seconds": (int, float),
-        }
-        for name, types in fields.items():
-            if name not in data:
-                # A missing owner is not a released lease: refuse rather than guess.
-                raise corrupt(f"field {name!r} is missing")
-            value = data[name]
-            if not isinstance(value, types) or isinstance(value, bool):
-                raise corrupt(f"field {name!r} has a wrong type")
-        claim = data.get("claim")  # absent in locks written before claims existed
-        if not isinstance(claim, str | None):
-            raise corrupt("field 'claim' has a wrong type")
-        try:
-            ttl_seconds = float(data["ttl_seconds"])
-        except OverflowError:
-            ttl_seconds = math.inf
-        if data["generation"] < 1 or data["seq"] < 1 or not 0 < ttl_seconds < math.inf:
-            raise corrupt("generation, seq and ttl_seconds must be positive (and finite)")
-        snapshot = data.get("snapshot")
-        ref: SnapshotRef | None = None
-        if snapshot is not None:
-            ref = _snapshot_ref(snapshot)
-            if ref is None:
-                raise corrupt("field 'snapshot' is malformed")
-            # Only one plain name below the tenant's snapshots/ prefix: a key that climbs
-            # out of it ("../") must never be downloaded as this tenant's data.
-            name = ref.key.removeprefix(key.rsplit("/", 1)[0] + "/snapshots/")
-            if name == ref.key or name in ("", ".", "..") or "/" in name:
-                raise corrupt("snapshot key is outside the tenant's prefix")
-        return cls(
-            tenant=tenant,
-            owner=data["owner"],
-            region=data["region"],
-            generation=data["generation"],
-            seq=data["seq"],
-            ttl_seconds=ttl_seconds,
-            snapshot=ref,
-            last_owner=data["last_owner"],
-            claim=claim,
-        )
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _short(value: object, limit: int = 60) -> str:
-    """A bounded repr of a value read from lock.json, for error messages."""
-    text = reprlib.repr(value)  # bounded nesting, so no deep recursion either
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _snapshot_ref(snapshot: object) -> SnapshotRef | None:
-    """The snapshot reference tenantdb wrote (key, sha256 hex, size, time), else None."""
-    if not isinstance(snapshot, dict):
-        return None
-    ref_key, sha256, size = snapshot.get("key"), snapshot.get("sha256"), snapshot.get("size")
-    published_at = snapshot.get("published_at")
-    if not (
-        isinstance(ref_key, str)
-        and isinstance(sha256, str)
-        and _SHA256.fullmatch(sha256)
-        and type(size) is int
-        and size >= 0
-        and isinstance(published_at, str)
-    ):
-        return None
-    return SnapshotRef(key=ref_key, sha256=sha256, size=size, published_at=published_at)
 
 
 @dataclass(frozen=True)
@@ -350,9 +217,13 @@ class Lease:
             f"{secrets.token_hex(8)}.sqlite3"
         )
 
-    async def publish(self, snapshot: SnapshotRef) -> LockRecord:
-        """Point ``lock.json`` at an uploaded snapshot (CAS); 412 means fenced."""
-        return await self._update(lambda current: replace(current, snapshot=snapshot))
+    async def publish(self, snapshot: SnapshotRef, log: LogPointer | None) -> LockRecord:
+        """Point ``lock.json`` at an uploaded snapshot and its log (CAS); 412 means fenced."""
+        return await self._update(lambda current: replace(current, snapshot=snapshot, log=log))
+
+    async def advance_log(self, log: LogPointer) -> LockRecord:
+        """Move the log's tail (CAS, also a renewal); 412 means fenced."""
+        return await self._update(lambda current: replace(current, log=log))
 
     async def release(self) -> None:
         """Give the lease up after the final publish: ``owner`` becomes null."""
@@ -476,8 +347,3 @@ class Lease:
             log.error("%s", lost)
             if self._on_lost is not None:
                 self._on_lost(lost)
-
-
-def now_iso() -> str:
-    """The current UTC time as ISO 8601, for ``published_at``."""
-    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -27,21 +27,25 @@ from tenantdb.errors import (
     SnapshotError,
     StorageError,
 )
-from tenantdb.lease import Lease, LockRecord, SnapshotRef, now_iso
+from tenantdb.lease import Lease
 from tenantdb.localfiles import fsync_dir, remove_side_files
+from tenantdb.lockfile import LockRecord, LogPointer, SnapshotRef, now_iso
 from tenantdb.storage.base import Bucket
 
 __all__ = [
     "SnapshotFile",
+    "copy_database",
     "file_sha256",
-    "make_snapshot",
     "publish_snapshot",
     "remove_stray_temp_files",
-    "restore_snapshot",
+    "download_snapshot",
+    "install_database",
+    "temp_restore_path",
+    "temp_snapshot_path",
     "verify_database",
 ]
 
-log = logging.getLogger("tenantdb.snapshot")
+_log = logging.getLogger("tenantdb.snapshot")
 
 _CHUNK = 1 << 20
 _TEMP_SNAPSHOT = ".snapshot-"
@@ -85,16 +89,6 @@ def verify_database(path: Path, *, key: str = "") -> None:
         raise SnapshotError(f"{what} failed PRAGMA quick_check: {problems}", key=key)
 
 
-def make_snapshot(source: sqlite3.Connection, dest: Path) -> SnapshotFile:
-    """Copy the live database behind ``source`` into ``dest`` consistently, then verify it.
-
-    Blocking: run it in a thread. ``dest`` is a single self-contained file (rollback
-    journal mode), so it can be uploaded and opened on its own.
-    """
-    _copy_database(source, dest)
-    return _check_snapshot(dest)
-
-
 @contextlib.contextmanager
 def _snapshot_errors(dest: Path) -> Iterator[None]:
     """Remove a half-made ``dest`` and turn what went wrong into a tenantdb error."""
@@ -114,7 +108,7 @@ def _snapshot_errors(dest: Path) -> Iterator[None]:
         raise
 
 
-def _copy_database(source: sqlite3.Connection, dest: Path) -> None:
+def copy_database(source: sqlite3.Connection, dest: Path) -> None:
     """The consistent copy: SQLite's backup API (WAL rows included), then fsync."""
     with _snapshot_errors(dest):
         target = sqlite3.connect(dest)
@@ -134,28 +128,28 @@ def _check_snapshot(dest: Path) -> SnapshotFile:
         return SnapshotFile(dest, file_sha256(dest), dest.stat().st_size)
 
 
+def temp_snapshot_path(work_dir: Path) -> Path:
+    """A new path for a snapshot copy in ``work_dir``, cleaned up after a crash."""
+    return work_dir / f"{_TEMP_SNAPSHOT}{uuid.uuid4().hex}.sqlite3"
+
+
 async def publish_snapshot(
     lease: Lease,
     bucket: Bucket,
-    source: sqlite3.Connection,
-    work_dir: Path,
+    copy: Path,
     *,
+    log: LogPointer,
     retention: int,
 ) -> LockRecord:
-    """Snapshot, upload to a new immutable key, CAS ``lock.json`` onto it, prune old ones.
+    """Upload a snapshot copy to a new immutable key, CAS ``lock.json`` onto it, prune.
 
-    The source connection must only be used by one thread at a time: the caller serializes.
+    ``log`` is the pointer the snapshot starts: no segments yet, and the state of the copy.
     A 412 on the CAS raises ``LeaseLostError``: the uploaded object is then an orphan.
     """
     key = lease.next_snapshot_key()
-    tmp = work_dir / f"{_TEMP_SNAPSHOT}{uuid.uuid4().hex}.sqlite3"
-    try:
-        await asyncio.to_thread(_copy_database, source, tmp)
-        snap = await _upload_while_checking(bucket, key, tmp)
-    finally:
-        tmp.unlink(missing_ok=True)
-    record = await lease.publish(SnapshotRef(key, snap.sha256, snap.size, now_iso()))
-    log.info("tenant %s: published %s (%d bytes)", lease.tenant, key, snap.size)
+    snap = await _upload_while_checking(bucket, key, copy)
+    record = await lease.publish(SnapshotRef(key, snap.sha256, snap.size, now_iso()), log)
+    _log.info("tenant %s: published snapshot %s (%d bytes)", lease.tenant, key, snap.size)
     await _prune(lease, bucket, retention)
     return record
 
@@ -211,7 +205,7 @@ async def _delete_unpublished(bucket: Bucket, key: str) -> None:
     try:
         await bucket.delete(key)
     except StorageError as exc:
-        log.warning("could not delete the unpublished snapshot %s: %s", key, exc)
+        _log.warning("could not delete the unpublished snapshot %s: %s", key, exc)
 
 
 async def _prune(lease: Lease, bucket: Bucket, retention: int) -> None:
@@ -221,7 +215,7 @@ async def _prune(lease: Lease, bucket: Bucket, retention: int) -> None:
     try:
         objects = await bucket.list(lease.snapshot_prefix)
     except StorageError as exc:
-        log.warning("tenant %s: could not list snapshots to prune: %s", lease.tenant, exc)
+        _log.warning("tenant %s: could not list snapshots to prune: %s", lease.tenant, exc)
         return
     current = lease.record.snapshot.key if lease.record and lease.record.snapshot else None
 
@@ -236,44 +230,46 @@ async def _prune(lease: Lease, bucket: Bucket, retention: int) -> None:
         try:
             await bucket.delete(key)
         except StorageError as exc:
-            log.warning("tenant %s: could not delete old snapshot %s: %s", lease.tenant, key, exc)
+            _log.warning("tenant %s: could not delete old snapshot %s: %s", lease.tenant, key, exc)
 
 
-async def restore_snapshot(bucket: Bucket, ref: SnapshotRef, db_path: Path) -> None:
-    """Download ``ref`` beside ``db_path``, verify size, sha256 and quick_check, rename in.
+def temp_restore_path(db_path: Path) -> Path:
+    """A new path beside ``db_path`` to assemble a restore in, cleaned up after a crash."""
+    return db_path.with_name(f".{db_path.name}{_TEMP_RESTORE}{uuid.uuid4().hex}")
 
-    Any failure leaves ``db_path`` as it was and raises an error naming the key.
-    """
-    tmp = db_path.with_name(f".{db_path.name}{_TEMP_RESTORE}{uuid.uuid4().hex}")
+
+async def download_snapshot(bucket: Bucket, ref: SnapshotRef, dest: Path) -> None:
+    """Download ``ref`` into ``dest`` and check its size and sha256 against ``lock.json``."""
     try:
-        try:
-            await bucket.download_file(ref.key, tmp)
-        except ObjectNotFoundError as exc:
-            raise SnapshotError(
-                f"snapshot {ref.key} named by lock.json is missing from the bucket; "
-                "refusing to start with an empty database",
-                key=ref.key,
-            ) from exc
-        await asyncio.to_thread(_check_and_install, ref, tmp, db_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        await bucket.download_file(ref.key, dest)
+    except ObjectNotFoundError as exc:
+        raise SnapshotError(
+            f"snapshot {ref.key} named by lock.json is missing from the bucket; "
+            "refusing to start with an empty database",
+            key=ref.key,
+        ) from exc
+    await asyncio.to_thread(_check_download, ref, dest)
 
 
-def _check_and_install(ref: SnapshotRef, tmp: Path, db_path: Path) -> None:
-    size = tmp.stat().st_size
+def _check_download(ref: SnapshotRef, dest: Path) -> None:
+    size = dest.stat().st_size
     if size != ref.size:
         raise SnapshotError(
             f"snapshot {ref.key} is {size} bytes, lock.json says {ref.size}: refusing it",
             key=ref.key,
         )
-    digest = file_sha256(tmp)
+    digest = file_sha256(dest)
     if digest != ref.sha256:
         raise SnapshotError(
             f"snapshot {ref.key} is corrupt: sha256 {digest[:12]}… does not match "
             f"lock.json's {ref.sha256[:12]}…; refusing it",
             key=ref.key,
         )
-    verify_database(tmp, key=ref.key)
+
+
+def install_database(tmp: Path, db_path: Path, *, key: str) -> None:
+    """quick_check ``tmp``, then put it in place of ``db_path`` durably (blocking)."""
+    verify_database(tmp, key=key)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     # A journal or WAL beside the old file belongs to the old file: replayed onto the new

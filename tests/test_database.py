@@ -127,13 +127,19 @@ async def test_pooled_connections_keep_concurrent_transactions_apart(tmp_path: P
         assert await hits(tdb) == 10
 
 
-async def test_checkpoint_publishes_only_when_the_database_changed(tmp_path: Path) -> None:
+async def test_sync_ships_a_segment_only_when_the_database_changed(tmp_path: Path) -> None:
     async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS) as tdb:
-        assert await tdb.checkpoint() is True  # the new tenant's first snapshot
-        assert await tdb.checkpoint() is False
+        await tdb.sync()  # the migrations: the new tenant's first segment
+        log = tdb.lease.record.log if tdb.lease.record else None
+        assert log is not None
+        assert (log.base, log.tail) == (1, 1)
+        await tdb.sync()
+        assert tdb.lease.record is not None
+        assert tdb.lease.record.log == log
         await add_hits(tdb, 1)
-        assert await tdb.checkpoint() is True
-        assert await tdb.checkpoint() is False
+        await tdb.sync()
+        assert tdb.lease.record.log is not None
+        assert tdb.lease.record.log.tail == 2
 
 
 class FailingGets:

@@ -10,14 +10,37 @@ import pytest
 
 from tenantdb.errors import SnapshotError
 from tenantdb.lease import Lease
+from tenantdb.lockfile import LockRecord
+from tenantdb.replication.checksum import PageHashes, database_page_size
+from tenantdb.replication.restore import restore_database
+from tenantdb.replication.shipper import empty_log
 from tenantdb.snapshot import (
+    copy_database,
     file_sha256,
-    make_snapshot,
     publish_snapshot,
-    restore_snapshot,
+    temp_snapshot_path,
     verify_database,
 )
 from tenantdb.storage.base import Bucket
+
+
+async def publish(
+    lease: Lease, bucket: Bucket, source: sqlite3.Connection, work_dir: Path, *, retention: int
+) -> LockRecord:
+    """Copy the live database and publish the copy as a snapshot with an empty log."""
+    copy = temp_snapshot_path(work_dir)
+    try:
+        copy_database(source, copy)
+        hashes = PageHashes.of_file(copy, database_page_size(copy))
+        return await publish_snapshot(
+            lease, bucket, copy, log=empty_log(hashes), retention=retention
+        )
+    finally:
+        copy.unlink(missing_ok=True)
+
+
+async def restore(bucket: Bucket, record: LockRecord, target: Path) -> None:
+    await restore_database(bucket, record, target, prefix="tenants/")
 
 
 def live_wal_database(path: Path, rows: int) -> sqlite3.Connection:
@@ -43,16 +66,16 @@ def test_snapshot_contains_rows_still_in_the_wal(tmp_path: Path) -> None:
     writer = live_wal_database(db, 500)
     assert Path(f"{db}-wal").stat().st_size > 0
     source = sqlite3.connect(db)
-    snap = make_snapshot(source, tmp_path / "snap.sqlite3")
+    snap_path = tmp_path / "snap.sqlite3"
+    copy_database(source, snap_path)
+    verify_database(snap_path)
     # A raw copy of the main file would miss the WAL: prove the rows are not there yet.
     raw = tmp_path / "raw.sqlite3"
     raw.write_bytes(db.read_bytes())
     with pytest.raises(sqlite3.OperationalError):
         count_rows(raw)
-    assert count_rows(snap.path) == 500
-    assert snap.sha256 == file_sha256(snap.path)
-    assert snap.size == snap.path.stat().st_size
-    assert not Path(f"{snap.path}-wal").exists()
+    assert count_rows(snap_path) == 500
+    assert not Path(f"{snap_path}-wal").exists()
     writer.close()
     source.close()
 
@@ -74,7 +97,7 @@ async def test_publish_then_restore_round_trips_the_data(bucket: Bucket, tmp_pat
     lease = await held_lease(bucket)
     writer = live_wal_database(tmp_path / "live.sqlite3", 1000)
     source = sqlite3.connect(tmp_path / "live.sqlite3", check_same_thread=False)
-    record = await publish_snapshot(lease, bucket, source, tmp_path, retention=5)
+    record = await publish(lease, bucket, source, tmp_path, retention=5)
     assert record.snapshot is not None
     assert re.fullmatch(
         r"tenants/acme/snapshots/00000001-00000002-[0-9a-f]{16}\.sqlite3", record.snapshot.key
@@ -83,7 +106,7 @@ async def test_publish_then_restore_round_trips_the_data(bucket: Bucket, tmp_pat
 
     restored = tmp_path / "other-machine" / "acme.sqlite3"
     restored.parent.mkdir()
-    await restore_snapshot(bucket, record.snapshot, restored)
+    await restore(bucket, record, restored)
     assert count_rows(restored) == 1000
     assert file_sha256(restored) == record.snapshot.sha256
     writer.close()
@@ -96,7 +119,7 @@ async def test_corrupt_snapshot_is_refused_and_nothing_changes(
     lease = await held_lease(bucket)
     writer = live_wal_database(tmp_path / "live.sqlite3", 200)
     source = sqlite3.connect(tmp_path / "live.sqlite3", check_same_thread=False)
-    record = await publish_snapshot(lease, bucket, source, tmp_path, retention=5)
+    record = await publish(lease, bucket, source, tmp_path, retention=5)
     assert record.snapshot is not None
     key = record.snapshot.key
     original = tmp_path / "original"
@@ -114,7 +137,7 @@ async def test_corrupt_snapshot_is_refused_and_nothing_changes(
     target.parent.mkdir()
     target.write_bytes(b"previous good local file")
     with pytest.raises(SnapshotError, match="corrupt") as error:
-        await restore_snapshot(bucket, record.snapshot, target)
+        await restore(bucket, record, target)
     assert key in str(error.value)
     assert target.read_bytes() == b"previous good local file"
     assert [p.name for p in target.parent.iterdir()] == ["acme.sqlite3"]
@@ -130,11 +153,11 @@ async def test_missing_snapshot_object_is_a_clear_error_naming_the_key(
     lease = await held_lease(bucket)
     writer = live_wal_database(tmp_path / "live.sqlite3", 10)
     source = sqlite3.connect(tmp_path / "live.sqlite3", check_same_thread=False)
-    record = await publish_snapshot(lease, bucket, source, tmp_path, retention=5)
+    record = await publish(lease, bucket, source, tmp_path, retention=5)
     assert record.snapshot is not None
     await bucket.delete(record.snapshot.key)
     with pytest.raises(SnapshotError, match="missing") as error:
-        await restore_snapshot(bucket, record.snapshot, tmp_path / "acme.sqlite3")
+        await restore(bucket, record, tmp_path / "acme.sqlite3")
     assert record.snapshot.key in str(error.value)
     assert not (tmp_path / "acme.sqlite3").exists()
     writer.close()
@@ -148,7 +171,7 @@ async def test_retention_keeps_the_newest_snapshots(bucket: Bucket, tmp_path: Pa
     published = []
     for i in range(5):
         writer.execute("INSERT INTO t (v) VALUES (?)", (f"more {i}",))
-        record = await publish_snapshot(lease, bucket, source, tmp_path, retention=2)
+        record = await publish(lease, bucket, source, tmp_path, retention=2)
         assert record.snapshot is not None
         published.append(record.snapshot.key)
     remaining = [obj.key for obj in await bucket.list(lease.snapshot_prefix)]

@@ -46,7 +46,7 @@ from tenantdb.errors import (
     RoutingError,
     StorageError,
 )
-from tenantdb.lease import LockRecord
+from tenantdb.lockfile import LockRecord
 from tenantdb.responses import send_error, send_response
 from tenantdb.routing.dns import MachineLocator
 from tenantdb.routing.machines_api import MachinesClient, validate_machine_id

@@ -1,0 +1,244 @@
+"""``lock.json``: the record a tenant's lease and data pointer live in, and its checks.
+
+One small JSON object per tenant: who holds the lease (``owner`` and ``claim``), the
+fencing ``generation``, the write counter ``seq``, the published ``snapshot`` and where
+the ``log`` of segments on top of it stands. Anything that does not parse into exactly
+what tenantdb writes is refused with ``LockFileCorruptError``, never guessed at.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import reprlib
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from tenantdb.errors import LockFileCorruptError
+
+__all__ = ["LOCK_MAX_BYTES", "LockRecord", "LogPointer", "SnapshotRef", "now_iso"]
+
+LOCK_FORMAT = 1
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# lock.json is a few hundred bytes: anything far larger is not a lock and is not read whole.
+LOCK_MAX_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class SnapshotRef:
+    """The published snapshot a lock points at."""
+
+    key: str
+    sha256: str
+    size: int
+    published_at: str
+
+
+@dataclass(frozen=True)
+class LogPointer:
+    """Where the tenant's log stands: the segments on top of the snapshot, and their end.
+
+    Segments ``base`` to ``tail`` (inclusive; none when ``tail == base - 1``) apply, in
+    order, on top of the snapshot (or an empty database). ``runs`` says which generation
+    wrote which of them: ``(generation, first index)`` pairs, ascending, so every segment's
+    key can be derived without a LIST. ``state`` and ``db_pages`` describe the database
+    after the tail, for the restore to check its result against.
+    """
+
+    base: int
+    tail: int
+    state: str
+    db_pages: int
+    runs: tuple[tuple[int, int], ...] = ()
+    updated_at: str = ""
+
+    def generation_of(self, index: int) -> int:
+        """The generation whose holder wrote segment ``index``."""
+        for generation, first in reversed(self.runs):
+            if first <= index:
+                return generation
+        raise ValueError(f"segment {index} is not in the log {self.base}..{self.tail}")
+
+    def indices(self) -> range:
+        """The indices of the segments a restore applies."""
+        return range(self.base, self.tail + 1)
+
+    def appended(self, generation: int, state: str, db_pages: int) -> LogPointer:
+        """This pointer with one more segment, written by ``generation``, at its tail."""
+        index = self.tail + 1
+        runs = self.runs
+        if not runs or runs[-1][0] != generation:
+            runs = (*runs, (generation, index))
+        return LogPointer(self.base, index, state, db_pages, runs, now_iso())
+
+
+@dataclass(frozen=True)
+class LockRecord:
+    """The parsed content of ``lock.json``."""
+
+    tenant: str
+    owner: str | None
+    region: str | None
+    generation: int
+    seq: int
+    ttl_seconds: float
+    snapshot: SnapshotRef | None = None
+    log: LogPointer | None = None
+    last_owner: str | None = None
+    # Which process of ``owner`` holds it: a machine id alone cannot tell two processes apart.
+    claim: str | None = None
+    format: int = LOCK_FORMAT
+
+    def to_json(self) -> bytes:
+        """Serialize for the bucket."""
+        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
+
+    @classmethod
+    def parse(cls, body: bytes, *, tenant: str, key: str) -> LockRecord:
+        """Parse and check ``lock.json``; anything unexpected is ``LockFileCorruptError``."""
+
+        def corrupt(reason: str) -> LockFileCorruptError:
+            return LockFileCorruptError(tenant=tenant, key=key, reason=reason)
+
+        try:
+            # NaN and Infinity are not JSON, however Python's parser takes them; a deeply
+            # nested document exhausts the parser's recursion.
+            data = json.loads(body, parse_constant=_refuse_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise corrupt("not valid JSON") from None
+        if not isinstance(data, dict):
+            raise corrupt("not a JSON object")
+        if type(data.get("format")) is not int or data["format"] != LOCK_FORMAT:
+            raise corrupt(f"unknown format {_short(data.get('format'))}, expected {LOCK_FORMAT}")
+        if data.get("tenant") != tenant:
+            raise corrupt(f"it names tenant {_short(data.get('tenant'))}")
+        fields: dict[str, Any] = {
+            "owner": (str, type(None)),
+            "region": (str, type(None)),
+            "last_owner": (str, type(None)),
+            "generation": (int,),
+            "seq": (int,),
+            "ttl_seconds": (int, float),
+        }
+        for name, types in fields.items():
+            if name not in data:
+                # A missing owner is not a released lease: refuse rather than guess.
+                raise corrupt(f"field {name!r} is missing")
+            value = data[name]
+            if not isinstance(value, types) or isinstance(value, bool):
+                raise corrupt(f"field {name!r} has a wrong type")
+        claim = data.get("claim")  # absent in locks written before claims existed
+        if not isinstance(claim, str | None):
+            raise corrupt("field 'claim' has a wrong type")
+        try:
+            ttl_seconds = float(data["ttl_seconds"])
+        except OverflowError:
+            ttl_seconds = math.inf
+        if data["generation"] < 1 or data["seq"] < 1 or not 0 < ttl_seconds < math.inf:
+            raise corrupt("generation, seq and ttl_seconds must be positive (and finite)")
+        snapshot = data.get("snapshot")
+        ref: SnapshotRef | None = None
+        if snapshot is not None:
+            ref = _snapshot_ref(snapshot)
+            if ref is None:
+                raise corrupt("field 'snapshot' is malformed")
+            # Only one plain name below the tenant's snapshots/ prefix: a key that climbs
+            # out of it ("../") must never be downloaded as this tenant's data.
+            name = ref.key.removeprefix(key.rsplit("/", 1)[0] + "/snapshots/")
+            if name == ref.key or name in ("", ".", "..") or "/" in name:
+                raise corrupt("snapshot key is outside the tenant's prefix")
+        log: LogPointer | None = None
+        if data.get("log") is not None:
+            log = _log_pointer(data["log"], generation=data["generation"])
+            if log is None:
+                raise corrupt("field 'log' is malformed")
+        return cls(
+            tenant=tenant,
+            owner=data["owner"],
+            region=data["region"],
+            generation=data["generation"],
+            seq=data["seq"],
+            ttl_seconds=ttl_seconds,
+            snapshot=ref,
+            log=log,
+            last_owner=data["last_owner"],
+            claim=claim,
+        )
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """A bounded repr of a value read from lock.json, for error messages."""
+    text = reprlib.repr(value)  # bounded nesting, so no deep recursion either
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _snapshot_ref(snapshot: object) -> SnapshotRef | None:
+    """The snapshot reference tenantdb wrote (key, sha256 hex, size, time), else None."""
+    if not isinstance(snapshot, dict):
+        return None
+    ref_key, sha256, size = snapshot.get("key"), snapshot.get("sha256"), snapshot.get("size")
+    published_at = snapshot.get("published_at")
+    if not (
+        isinstance(ref_key, str)
+        and isinstance(sha256, str)
+        and _SHA256.fullmatch(sha256)
+        and type(size) is int
+        and size >= 0
+        and isinstance(published_at, str)
+    ):
+        return None
+    return SnapshotRef(key=ref_key, sha256=sha256, size=size, published_at=published_at)
+
+
+_STATE = re.compile(r"[0-9a-f]{16}")
+# A takeover adds a run; a snapshot clears them. More than this is not a lock tenantdb wrote.
+MAX_RUNS = 1000
+
+
+def _int_at_least(value: object, minimum: int) -> int | None:
+    """``value`` if it is an int (not a bool) of at least ``minimum``, else None."""
+    return value if type(value) is int and value >= minimum else None
+
+
+def _log_pointer(value: object, *, generation: int) -> LogPointer | None:
+    """The log pointer tenantdb wrote, else None."""
+    if not isinstance(value, dict):
+        return None
+    base = _int_at_least(value.get("base"), 1)
+    tail = _int_at_least(value.get("tail"), (base or 1) - 1)
+    db_pages = _int_at_least(value.get("db_pages"), 0)
+    state, runs, updated_at = value.get("state"), value.get("runs"), value.get("updated_at")
+    if (
+        base is None
+        or tail is None
+        or db_pages is None
+        or not (isinstance(state, str) and _STATE.fullmatch(state))
+        or not (isinstance(runs, list) and len(runs) <= MAX_RUNS)
+        or not isinstance(updated_at, str)
+    ):
+        return None
+    pairs: list[tuple[int, int]] = []
+    for run in runs:
+        if not (isinstance(run, list) and len(run) == 2):
+            return None
+        run_generation = _int_at_least(run[0], 1)
+        first = _int_at_least(run[1], base)
+        if run_generation is None or first is None or run_generation > generation or first > tail:
+            return None
+        if pairs and (run_generation <= pairs[-1][0] or first <= pairs[-1][1]):
+            return None
+        pairs.append((run_generation, first))
+    if tail >= base and (not pairs or pairs[0][1] != base):
+        return None  # every segment must belong to a run
+    return LogPointer(base, tail, state, db_pages, tuple(pairs), updated_at)
+
+
+def now_iso() -> str:
+    """The current UTC time as ISO 8601, for ``published_at``."""
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -1,0 +1,1 @@
+"""Incremental replication: a log of immutable page segments after each snapshot."""

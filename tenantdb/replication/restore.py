@@ -1,0 +1,146 @@
+"""Restore = the snapshot lock.json names + every segment up to the tail, verified, renamed in.
+
+The segments are downloaded a few at a time ahead of the one being applied, and applied in
+order onto a temporary copy. Each is checked: its trailer hash, that it is the segment the
+pointer names (tenant, generation, index), that it applies to the state reached so far and
+produces the state it claims, and at the end that the result is the state and size
+``lock.json`` records, and passes ``quick_check``. Only then is it renamed over the local
+file. A missing segment (a gap) or a damaged one is an error naming its key: never a
+silently older database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from tenantdb.errors import ObjectNotFoundError, ReplicationError
+from tenantdb.lockfile import LockRecord, LogPointer
+from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
+from tenantdb.replication.segment import Segment, decode_segment, segment_key
+from tenantdb.snapshot import download_snapshot, install_database, temp_restore_path
+from tenantdb.storage.base import Bucket
+
+__all__ = ["restore_database"]
+
+log = logging.getLogger("tenantdb.replication")
+
+# Segments downloaded ahead of the one being applied.
+PREFETCH = 8
+
+
+async def restore_database(
+    bucket: Bucket, record: LockRecord, db_path: Path, *, prefix: str
+) -> PageHashes:
+    """Rebuild ``db_path`` from the bucket as ``record`` describes it; return its page hashes.
+
+    Any failure leaves ``db_path`` as it was and raises an error naming the key.
+    """
+    tmp = temp_restore_path(db_path)
+    try:
+        if record.snapshot is not None:
+            await download_snapshot(bucket, record.snapshot, tmp)
+        else:
+            tmp.touch()
+        hashes = await asyncio.to_thread(_hash_file, tmp)
+        what = record.snapshot.key if record.snapshot else "an empty database"
+        if record.log is not None:
+            hashes = await _apply_log(bucket, record, record.log, tmp, hashes, prefix=prefix)
+            _check_final(record.log, hashes, what=f"{what} + segments {record.log.base}..")
+        await asyncio.to_thread(install_database, tmp, db_path, key=what)
+        return hashes
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _hash_file(path: Path) -> PageHashes:
+    return PageHashes.of_file(path, database_page_size(path))
+
+
+async def _apply_log(
+    bucket: Bucket,
+    record: LockRecord,
+    pointer: LogPointer,
+    tmp: Path,
+    hashes: PageHashes,
+    *,
+    prefix: str,
+) -> PageHashes:
+    keys = [
+        segment_key(prefix, record.tenant, pointer.generation_of(i), i) for i in pointer.indices()
+    ]
+    fetches: list[asyncio.Task[Segment]] = []
+    try:
+        for position, key in enumerate(keys):
+            while len(fetches) < min(position + PREFETCH, len(keys)):
+                fetches.append(asyncio.ensure_future(_fetch(bucket, keys[len(fetches)])))
+            segment = await fetches[position]
+            expected = (record.tenant, pointer.generation_of(pointer.base + position))
+            hashes = await asyncio.to_thread(
+                _apply, segment, key, tmp, hashes, expected, pointer.base + position
+            )
+    finally:
+        for task in fetches:
+            task.cancel()
+        await asyncio.gather(*fetches, return_exceptions=True)
+    return hashes
+
+
+async def _fetch(bucket: Bucket, key: str) -> Segment:
+    try:
+        obj = await bucket.get(key)
+    except ObjectNotFoundError as exc:
+        raise ReplicationError(
+            f"segment {key} named by lock.json is missing from the bucket (a gap in the "
+            "log); refusing to start with an older database",
+            key=key,
+        ) from exc
+    return await asyncio.to_thread(decode_segment, obj.body, key=key)
+
+
+def _apply(
+    segment: Segment,
+    key: str,
+    tmp: Path,
+    hashes: PageHashes,
+    expected: tuple[str, int],
+    index: int,
+) -> PageHashes:
+    """Write one verified segment's pages into ``tmp``; return the hashes after it."""
+    header = segment.header
+    if (header.tenant, header.generation) != expected or header.index != index:
+        raise ReplicationError(
+            f"segment {key} says tenant {header.tenant!r}, generation {header.generation}, "
+            f"index {header.index}: not the segment lock.json names",
+            key=key,
+        )
+    if header.prev_state != hashes.state:
+        raise ReplicationError(
+            f"segment {key} applies to state {format_state(header.prev_state)}, but the "
+            f"database before it is {format_state(hashes.state)}: the log is broken",
+            key=key,
+        )
+    if hashes.db_pages == 0 and hashes.page_size != header.page_size:
+        hashes = PageHashes(header.page_size)
+    after = hashes.copy()
+    after.apply(dict(segment.pages), header.db_pages)
+    if after.state != header.state:
+        raise ReplicationError(f"segment {key} does not produce the state it records", key=key)
+    fd = os.open(tmp, os.O_WRONLY)
+    try:
+        for pgno, data in segment.pages:
+            os.pwrite(fd, data, (pgno - 1) * header.page_size)
+        os.ftruncate(fd, header.db_pages * header.page_size)
+    finally:
+        os.close(fd)
+    return after
+
+
+def _check_final(pointer: LogPointer, hashes: PageHashes, *, what: str) -> None:
+    if format_state(hashes.state) != pointer.state or hashes.db_pages != pointer.db_pages:
+        raise ReplicationError(
+            f"{what} gives state {format_state(hashes.state)} of {hashes.db_pages} pages, "
+            f"lock.json says {pointer.state} of {pointer.db_pages}: refusing it"
+        )

@@ -1,0 +1,341 @@
+"""Ship each commit's changed pages to the bucket as fenced segments; checkpoint what is shipped.
+
+One ``Shipper`` per served tenant. Every ``sync_interval`` it reads the commits added to the
+WAL since the last shipped position, writes the newest image of each changed page as one
+immutable segment (``If-None-Match: *``, a key only this generation writes), then moves
+``lock.json``'s log tail onto it by CAS, which also renews the lease. A segment counts only
+once that CAS landed: a fenced holder's uploads are garbage no restore reads.
+
+tenantdb is the only checkpointer of the databases it opens: every connection has
+``wal_autocheckpoint=0``, and the shipper runs ``wal_checkpoint(PASSIVE)`` only while it
+holds the write lock and every frame in the WAL is shipped. So a WAL restart (new salts)
+can only follow a checkpoint of everything shipped; any other restart, or a WAL that
+cannot be read as expected, falls back to a full snapshot rather than guessing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tenantdb.errors import (
+    LeaseLostError,
+    PreconditionFailedError,
+    ReplicationError,
+    TenantDBError,
+)
+from tenantdb.lease import Lease
+from tenantdb.lockfile import LogPointer, now_iso
+from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
+from tenantdb.replication.segment import Segment, SegmentHeader, encode_segment, segment_key
+from tenantdb.replication.wal import (
+    CommittedPages,
+    WALPosition,
+    WALRestartedError,
+    read_committed,
+    wal_start,
+)
+from tenantdb.snapshot import copy_database, publish_snapshot, temp_snapshot_path
+
+__all__ = ["CONNECTION_PRAGMAS", "Shipper", "empty_log", "open_connection"]
+
+log = logging.getLogger("tenantdb.replication")
+
+# Frames read into one segment at most (a transaction longer than this is shipped whole).
+MAX_FRAMES_PER_SEGMENT = 4096
+# Checkpoint once the WAL holds this much shipped data; it restarts from the top after.
+CHECKPOINT_WAL_BYTES = 4 << 20
+# SQLite truncates the WAL file to this size when it restarts it after a checkpoint.
+JOURNAL_SIZE_LIMIT = 16 << 20
+# A restore applies at most this many segments: past it, the next sync takes a snapshot.
+MAX_SEGMENTS = 64
+
+
+# Every connection tenantdb opens to a tenant database: WAL, and no automatic checkpoint.
+CONNECTION_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA wal_autocheckpoint=0",
+    f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}",
+    "PRAGMA busy_timeout=5000",
+)
+
+
+def open_connection(path: Path) -> sqlite3.Connection:
+    """A connection to a tenant database with tenantdb's pragmas."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    for pragma in CONNECTION_PRAGMAS:
+        conn.execute(pragma)
+    return conn
+
+
+def empty_log(hashes: PageHashes) -> LogPointer:
+    """A log with no segment yet, on top of a database whose pages ``hashes`` describes."""
+    return LogPointer(1, 0, format_state(hashes.state), hashes.db_pages, (), now_iso())
+
+
+@dataclass(frozen=True)
+class _Built:
+    """A segment made from the WAL and not yet published: retried as it is until it is."""
+
+    key: str
+    body: bytes
+    read: CommittedPages
+    hashes: PageHashes
+
+
+class Shipper:
+    """Keeps the bucket's log of one tenant within a sync interval of the local database."""
+
+    def __init__(
+        self,
+        lease: Lease,
+        db_path: Path,
+        *,
+        hashes: PageHashes | None,
+        prefix: str,
+        work_dir: Path,
+        snapshot_retention: int,
+    ) -> None:
+        """``hashes`` describes the database as the bucket has it; None means unknown."""
+        self.lease = lease
+        self.db_path = db_path
+        self.wal_path = Path(f"{db_path}-wal")
+        self.prefix = prefix
+        self.work_dir = work_dir
+        self.snapshot_retention = snapshot_retention
+        self._hashes = hashes
+        # None until the first read: the start of whatever WAL exists then (the database
+        # was just restored or created, so nothing in it can have been checkpointed).
+        self._position: WALPosition | None = None
+        self._built: _Built | None = None
+        # True only right after a checkpoint of everything shipped: then a restarted WAL
+        # lost nothing.
+        self._restart_expected = False
+        self._needs_snapshot = hashes is None
+        self._lock = asyncio.Lock()
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self.shipped_at = self._snapshot_at = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"Shipper(tenant={self.lease.tenant!r}, db={str(self.db_path)!r})"
+
+    async def open(self) -> None:
+        """Open the shipper's two connections; they keep the WAL from being deleted."""
+        self._writer = await asyncio.to_thread(open_connection, self.db_path)
+        self._reader = await asyncio.to_thread(open_connection, self.db_path)
+
+    async def close(self) -> None:
+        """Close the connections (the last one to close folds the WAL into the file)."""
+        async with self._lock:
+            for conn in (self._reader, self._writer):
+                if conn is not None:
+                    await asyncio.to_thread(conn.close)
+            self._reader = self._writer = None
+
+    @property
+    def source(self) -> sqlite3.Connection:
+        """A connection for consistent reads of the whole database (snapshots)."""
+        if self._reader is None:
+            raise ReplicationError(f"{self!r} is not open")
+        return self._reader
+
+    async def sync(self) -> None:
+        """Ship everything committed so far; return once the bucket has it."""
+        while await self.ship_once():
+            pass
+
+    async def ship_once(self) -> bool:
+        """Publish one segment (or the snapshot the log needs); False if nothing was due."""
+        async with self._lock:
+            if self._needs_snapshot:
+                await self._snapshot()
+                return True
+            if self._built is None:
+                try:
+                    self._built = await asyncio.to_thread(self._build)
+                except ReplicationError as exc:
+                    log.warning(
+                        "tenant %s: %s; taking a full snapshot instead", self.lease.tenant, exc
+                    )
+                    self._needs_snapshot = True
+                    return True
+                if self._built is None:
+                    return False
+            await self._publish(self._built)
+            return True
+
+    async def run(self, interval: float, snapshot_interval: float) -> None:
+        """Sync every ``interval`` seconds, checkpoint and snapshot as due, until fenced."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sync()
+                if self._snapshot_due(snapshot_interval):
+                    await self.snapshot()
+                await self._checkpoint_if_large()
+            except LeaseLostError:
+                return
+            except (TenantDBError, OSError, sqlite3.Error) as exc:
+                log.warning(
+                    "tenant %s: log shipping failed, will retry: %s", self.lease.tenant, exc
+                )
+
+    async def snapshot(self) -> None:
+        """Publish a full snapshot now, as the new base of the log."""
+        async with self._lock:
+            await self._snapshot()
+
+    def _snapshot_due(self, every: float) -> bool:
+        pointer = self._log()
+        too_long = pointer.tail - pointer.base + 1 >= MAX_SEGMENTS
+        return too_long or (every > 0 and time.monotonic() - self._snapshot_at >= every)
+
+    def _log(self) -> LogPointer:
+        """The log as lock.json has it; a lock without one gets a log on its snapshot."""
+        record = self.lease.record
+        if record is None or self._hashes is None:
+            raise ReplicationError(f"tenant {self.lease.tenant}: the log has no base yet")
+        return record.log or empty_log(self._hashes)
+
+    # -- segments ------------------------------------------------------------------------
+
+    def _build(self) -> _Built | None:
+        """Read the next commits from the WAL and encode them as the next segment."""
+        hashes = self._hashes
+        if hashes is None:
+            raise ReplicationError("no base state to build a segment on")
+        start = self._position or wal_start(self.wal_path)
+        if start is None:
+            return None  # no WAL yet: nothing was committed since the database was opened
+        try:
+            read = read_committed(self.wal_path, start, max_frames=MAX_FRAMES_PER_SEGMENT)
+        except WALRestartedError as exc:
+            if not self._restart_expected or exc.current is None:
+                raise ReplicationError(
+                    f"{self.wal_path} was restarted by something other than tenantdb"
+                ) from exc
+            read = read_committed(self.wal_path, exc.current, max_frames=MAX_FRAMES_PER_SEGMENT)
+        if not read.commits:
+            self._position = read.end
+            return None
+        if hashes.db_pages == 0 and hashes.page_size != read.end.page_size:
+            hashes = PageHashes(read.end.page_size)  # a new database's first page size
+        after = hashes.copy()
+        after.apply(read.pages, read.db_pages)
+        record = self.lease.record
+        if record is None:
+            raise LeaseLostError("the lease is not held", tenant=self.lease.tenant)
+        index = self._log().tail + 1
+        header = SegmentHeader(
+            tenant=self.lease.tenant,
+            generation=record.generation,
+            index=index,
+            page_size=read.end.page_size,
+            db_pages=read.db_pages,
+            timestamp_ms=int(time.time() * 1000),
+            prev_state=hashes.state,
+            state=after.state,
+            commits=read.commits,
+        )
+        body = encode_segment(Segment(header, tuple(sorted(read.pages.items()))))
+        key = segment_key(self.prefix, self.lease.tenant, record.generation, index)
+        return _Built(key, body, read, after)
+
+    async def _publish(self, built: _Built) -> None:
+        """Upload the segment once, then move the tail onto it (the CAS fences it)."""
+        bucket = self.lease.bucket
+        try:
+            await bucket.put(built.key, built.body, if_none_match="*")
+        except PreconditionFailedError:
+            # Only this generation's holder writes under its prefix, and it retries a built
+            # segment byte for byte: an object there is this upload, landed unheard.
+            info = await bucket.head(built.key)
+            if info.size != len(built.body):
+                raise ReplicationError(
+                    f"segment {built.key} exists with {info.size} bytes, expected "
+                    f"{len(built.body)}; refusing to ship past it",
+                    key=built.key,
+                ) from None
+        record = self.lease.record
+        if record is None:
+            raise LeaseLostError("the lease is not held", tenant=self.lease.tenant)
+        pointer = self._log().appended(
+            record.generation, format_state(built.hashes.state), built.hashes.db_pages
+        )
+        await self.lease.advance_log(pointer)
+        self._position, self._hashes, self._built = built.read.end, built.hashes, None
+        self._restart_expected = False
+        self.shipped_at = time.monotonic()
+
+    # -- checkpoints and snapshots -------------------------------------------------------
+
+    async def _checkpoint_if_large(self) -> None:
+        try:
+            size = self.wal_path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size >= CHECKPOINT_WAL_BYTES:
+            async with self._lock:
+                await asyncio.to_thread(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        """Fold shipped frames into the database file, holding the write lock."""
+        writer, reader = self._writer, self._reader
+        if writer is None or reader is None or self._built is not None or self._needs_snapshot:
+            return
+        writer.execute("BEGIN IMMEDIATE")
+        try:
+            start = self._position or wal_start(self.wal_path)
+            if start is not None and read_committed(self.wal_path, start, max_frames=1).commits:
+                return  # a commit landed since the last sync: ship it first
+            busy, frames, done = reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self._restart_expected = busy == 0 and frames == done
+        finally:
+            writer.execute("ROLLBACK")
+
+    async def _snapshot(self) -> None:
+        """Publish a full snapshot as the log's new base (compaction, or a fallback)."""
+        copy = temp_snapshot_path(self.work_dir)
+        try:
+            position, hashes = await asyncio.to_thread(self._copy, copy)
+            record = self.lease.record
+            index = record.log.tail + 1 if record and record.log else 1
+            pointer = LogPointer(
+                index, index - 1, format_state(hashes.state), hashes.db_pages, (), now_iso()
+            )
+            await publish_snapshot(
+                self.lease,
+                self.lease.bucket,
+                copy,
+                log=pointer,
+                retention=self.snapshot_retention,
+            )
+        finally:
+            copy.unlink(missing_ok=True)
+        self._position, self._hashes, self._built = position, hashes, None
+        self._needs_snapshot = self._restart_expected = False
+        self._snapshot_at = self.shipped_at = time.monotonic()
+
+    def _copy(self, dest: Path) -> tuple[WALPosition | None, PageHashes]:
+        """Copy the database while holding the write lock; return the WAL end it matches."""
+        writer = self._writer
+        if writer is None:
+            raise ReplicationError(f"{self!r} is not open")
+        writer.execute("BEGIN IMMEDIATE")
+        try:
+            copy_database(self.source, dest)
+            # No writer can commit meanwhile: the copy is the state at the end of the WAL.
+            position = wal_start(self.wal_path)
+            while position is not None:
+                read = read_committed(self.wal_path, position, max_frames=MAX_FRAMES_PER_SEGMENT)
+                if read.end == position:
+                    break
+                position = read.end
+        finally:
+            writer.execute("ROLLBACK")
+        return position, PageHashes.of_file(dest, database_page_size(dest))
