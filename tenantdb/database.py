@@ -591,11 +591,12 @@ class TenantDB:
         """Return once everything committed so far is in the bucket (fenced, durable)."""
         await self._serving_shipper().sync()
 
-    async def checkpoint(self) -> None:
-        """Ship what is committed, then publish a full snapshot as the log's new base."""
-        shipper = self._serving_shipper()
-        await shipper.sync()
-        await shipper.snapshot()
+    async def checkpoint(self) -> bool:
+        """Ship what is committed, then make a full snapshot the log's new base.
+
+        Returns False when the newest snapshot already holds everything (no segment since).
+        """
+        return await self._serving_shipper().snapshot()
 
     def _serving_shipper(self) -> Shipper:
         if self._shipper is None or self.state not in ("serving", "stopping"):

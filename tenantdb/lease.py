@@ -24,6 +24,7 @@ from tenantdb.errors import (
     ObjectNotFoundError,
     ObjectTooLargeError,
     PreconditionFailedError,
+    ReplicationError,
     TenantDBError,
 )
 from tenantdb.lockfile import LOCK_MAX_BYTES, LockRecord, LogPointer, SnapshotRef
@@ -221,9 +222,21 @@ class Lease:
         """Point ``lock.json`` at an uploaded snapshot and its log (CAS); 412 means fenced."""
         return await self._update(lambda current: replace(current, snapshot=snapshot, log=log))
 
-    async def advance_log(self, log: LogPointer) -> LockRecord:
-        """Move the log's tail (CAS, also a renewal); 412 means fenced."""
-        return await self._update(lambda current: replace(current, log=log))
+    async def advance_log(self, expected: LogPointer | None, log: LogPointer) -> LockRecord:
+        """Move the log from ``expected`` to ``log`` (CAS, also a renewal); 412: fenced.
+
+        Raises ``ReplicationError`` if the log is no longer ``expected`` (one of this
+        holder's own writes, whose answer was lost, moved it): the segment does not follow.
+        """
+
+        def advance(current: LockRecord) -> LockRecord:
+            if current.log != expected:
+                raise ReplicationError(
+                    f"tenant {self.tenant}: lock.json's log moved under the shipper", key=self.key
+                )
+            return replace(current, log=log)
+
+        return await self._update(advance)
 
     async def release(self) -> None:
         """Give the lease up after the final publish: ``owner`` becomes null."""

@@ -17,7 +17,8 @@ def test_defaults_without_any_environment() -> None:
     assert settings.bucket_name is None  # the embedded local bucket
     assert settings.data_dir == Path(".tenantdb/data")
     assert settings.local_bucket_dir == Path(".tenantdb/bucket")
-    assert (settings.lease_ttl, settings.checkpoint_interval) == (15.0, 30.0)
+    assert (settings.lease_ttl, settings.checkpoint_interval) == (15.0, 86400.0)
+    assert settings.sync_interval == 1.0
     assert settings.metadata_key == "customer_id"
     assert settings.machine_id.startswith("local-")
 

@@ -85,6 +85,9 @@ class _Built:
     body: bytes
     read: CommittedPages
     hashes: PageHashes
+    index: int
+    # lock.json's log when the segment was made (None: none yet): it must still be there.
+    log_before: LogPointer | None
 
 
 class Shipper:
@@ -112,6 +115,8 @@ class Shipper:
         # was just restored or created, so nothing in it can have been checkpointed).
         self._position: WALPosition | None = None
         self._built: _Built | None = None
+        # Segment indices are never reused, even for a segment that was never published.
+        self._next_index: int | None = None
         # True only right after a checkpoint of everything shipped: then a restarted WAL
         # lost nothing.
         self._restart_expected = False
@@ -120,6 +125,7 @@ class Shipper:
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self.shipped_at = self._snapshot_at = time.monotonic()
+        self.snapshots = 0  # published by this shipper
 
     def __repr__(self) -> str:
         return f"Shipper(tenant={self.lease.tenant!r}, db={str(self.db_path)!r})"
@@ -166,7 +172,11 @@ class Shipper:
                     return True
                 if self._built is None:
                     return False
-            await self._publish(self._built)
+            try:
+                await self._publish(self._built)
+            except ReplicationError as exc:
+                log.warning("tenant %s: %s; taking a full snapshot instead", self.lease.tenant, exc)
+                self._built, self._needs_snapshot = None, True
             return True
 
     async def run(self, interval: float, snapshot_interval: float) -> None:
@@ -176,7 +186,8 @@ class Shipper:
             try:
                 await self.sync()
                 if self._snapshot_due(snapshot_interval):
-                    await self.snapshot()
+                    async with self._lock:
+                        await self._snapshot()
                 await self._checkpoint_if_large()
             except LeaseLostError:
                 return
@@ -185,10 +196,18 @@ class Shipper:
                     "tenant %s: log shipping failed, will retry: %s", self.lease.tenant, exc
                 )
 
-    async def snapshot(self) -> None:
-        """Publish a full snapshot now, as the new base of the log."""
+    async def snapshot(self) -> bool:
+        """Ship, then publish a full snapshot as the log's base unless the newest already is.
+
+        Returns whether a snapshot was published (by the sync's fallback or here).
+        """
+        before = self.snapshots
+        await self.sync()
         async with self._lock:
-            await self._snapshot()
+            record = self.lease.record
+            if record is None or record.snapshot is None or self._log().tail >= self._log().base:
+                await self._snapshot()
+        return self.snapshots > before
 
     def _snapshot_due(self, every: float) -> bool:
         pointer = self._log()
@@ -230,7 +249,7 @@ class Shipper:
         record = self.lease.record
         if record is None:
             raise LeaseLostError("the lease is not held", tenant=self.lease.tenant)
-        index = self._log().tail + 1
+        index = self._take_index()
         header = SegmentHeader(
             tenant=self.lease.tenant,
             generation=record.generation,
@@ -244,7 +263,17 @@ class Shipper:
         )
         body = encode_segment(Segment(header, tuple(sorted(read.pages.items()))))
         key = segment_key(self.prefix, self.lease.tenant, record.generation, index)
-        return _Built(key, body, read, after)
+        return _Built(key, body, read, after, index, record.log)
+
+    def _take_index(self) -> int:
+        index = self._peek_index()
+        self._next_index = index + 1
+        return index
+
+    def _peek_index(self) -> int:
+        if self._next_index is None:
+            self._next_index = self._log().tail + 1
+        return self._next_index
 
     async def _publish(self, built: _Built) -> None:
         """Upload the segment once, then move the tail onto it (the CAS fences it)."""
@@ -267,7 +296,9 @@ class Shipper:
         pointer = self._log().appended(
             record.generation, format_state(built.hashes.state), built.hashes.db_pages
         )
-        await self.lease.advance_log(pointer)
+        if pointer.tail != built.index:
+            raise ReplicationError(f"segment {built.key} does not follow the log's tail")
+        await self.lease.advance_log(built.log_before, pointer)
         self._position, self._hashes, self._built = built.read.end, built.hashes, None
         self._restart_expected = False
         self.shipped_at = time.monotonic()
@@ -303,8 +334,10 @@ class Shipper:
         copy = temp_snapshot_path(self.work_dir)
         try:
             position, hashes = await asyncio.to_thread(self._copy, copy)
-            record = self.lease.record
-            index = record.log.tail + 1 if record and record.log else 1
+            # From here the shipper's position is the copy's: until the snapshot is known
+            # to be published, nothing can be shipped on top of either.
+            self._needs_snapshot = True
+            index = self._peek_index()
             pointer = LogPointer(
                 index, index - 1, format_state(hashes.state), hashes.db_pages, (), now_iso()
             )
@@ -320,6 +353,7 @@ class Shipper:
         self._position, self._hashes, self._built = position, hashes, None
         self._needs_snapshot = self._restart_expected = False
         self._snapshot_at = self.shipped_at = time.monotonic()
+        self.snapshots += 1
 
     def _copy(self, dest: Path) -> tuple[WALPosition | None, PageHashes]:
         """Copy the database while holding the write lock; return the WAL end it matches."""

@@ -79,6 +79,7 @@ class ProxiedS3:
             "data_dir": self.tmp_path / machine,
             "lease_ttl": TTL,
             "checkpoint_interval": 0,
+            "sync_interval": 3600,  # the tests decide when to ship: sync(), stop()
             "kill_timeout": 5,
         }
         values.update(overrides)

@@ -95,6 +95,7 @@ async def old_then_new(s3: ProxiedS3, data_dir: Path, new_bytes: int) -> Path:
         await add_blobs(tdb, 1, 1000)
     async with TenantDB(s3.settings("m1"), migrations=MIGRATIONS, bucket=direct) as tdb:
         await add_blobs(tdb, new_bytes // (MiB // 4), MiB // 4)
+        await tdb.checkpoint()
     return data_dir / "acme.sqlite3"
 
 

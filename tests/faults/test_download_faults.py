@@ -31,6 +31,7 @@ async def seed(s3: ProxiedS3, megabytes: int) -> dict[str, Any]:
     direct = await s3.open(proxied=False)
     async with TenantDB(s3.settings("m1"), migrations=MIGRATIONS, bucket=direct) as tdb:
         await add_blobs(tdb, megabytes * 4, MiB // 4)
+        await tdb.checkpoint()
     snapshot: dict[str, Any] = s3.lock()["snapshot"]
     assert snapshot["size"] > megabytes * MiB
     return snapshot

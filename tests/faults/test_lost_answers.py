@@ -84,6 +84,7 @@ async def test_a_publish_whose_answer_was_lost_never_overwrites_the_published_sn
     tdb = TenantDB(s3.settings("m1"), migrations=MIGRATIONS, bucket=bucket)
     await tdb.start(standby=False)
     await add_hits(tdb, 3)
+    await tdb.sync()
     s3.proxy.add(*lost_then_failing(method="PUT", key=LOCK))
     with pytest.raises(TenantDBError):
         await tdb.checkpoint()  # lock.json now points at the snapshot; tdb never heard

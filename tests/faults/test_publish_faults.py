@@ -30,7 +30,7 @@ async def rows_in(tdb: TenantDB) -> int:
 
 
 async def started_with_rows(s3: ProxiedS3, rows: int, **bucket_options: float) -> TenantDB:
-    """Machine m1 serving tenant acme through the proxy, its first snapshot published."""
+    """Machine m1 serving tenant acme through the proxy, a snapshot of its first rows published."""
     bucket = await s3.open(**bucket_options)
     tdb = TenantDB(
         s3.settings("m1", kill_timeout=KILL_TIMEOUT), migrations=MIGRATIONS, bucket=bucket
@@ -43,10 +43,10 @@ async def started_with_rows(s3: ProxiedS3, rows: int, **bucket_options: float) -
 
 
 FAILURES = {
-    "upload-503": [Fault.slow_down(operation="PutObject", key="*/snapshots/*")],
-    "upload-cut-connection": [Fault.reset(operation="PutObject", key="*/snapshots/*")],
+    "upload-503": [Fault.slow_down(operation="PutObject", key="*/log/*")],
+    "upload-cut-connection": [Fault.reset(operation="PutObject", key="*/log/*")],
     "lock-cas-500": [Fault.internal_error(operation="PutObject", key="*/lock.json")],
-    "upload-stalls": [Fault.delay(30, operation="PutObject", key="*/snapshots/*")],
+    "upload-stalls": [Fault.delay(30, operation="PutObject", key="*/log/*")],
 }
 
 
@@ -58,7 +58,7 @@ async def test_a_final_publish_that_keeps_failing_keeps_the_lease_and_the_file(
     # a stalled upload must not hold the shutdown past the kill timeout.
     tdb = await started_with_rows(s3, 15, read_timeout=KILL_TIMEOUT * 2)
     before = s3.lock()
-    snapshots_before = s3.keys("tenants/acme/snapshots/")
+    segments_before = s3.keys("tenants/acme/log/")
     s3.proxy.add(*FAILURES[failure])
     started = time.monotonic()
     with caplog.at_level(logging.INFO, logger="tenantdb"):
@@ -75,18 +75,18 @@ async def test_a_final_publish_that_keeps_failing_keeps_the_lease_and_the_file(
         assert len(attempts) > 5, attempts
     after = s3.lock()
     assert after["owner"] == "m1"  # not released: nobody may start from the older snapshot
-    assert after["snapshot"] == before["snapshot"]
+    assert (after["snapshot"], after["log"]) == (before["snapshot"], before["log"])
     assert after["generation"] == before["generation"]
     assert tdb.path.exists()
     if failure == "lock-cas-500":
-        # The uploaded snapshot is an orphan: lock.json never pointed at it.
-        assert len(s3.keys("tenants/acme/snapshots/")) >= len(snapshots_before)
+        # The uploaded segment is an orphan: lock.json's tail never moved onto it.
+        assert len(s3.keys("tenants/acme/log/")) == len(segments_before) + 1
     else:
-        assert s3.keys("tenants/acme/snapshots/") == snapshots_before
+        assert s3.keys("tenants/acme/log/") == segments_before
     assert not list(tdb.path.parent.glob(".snapshot-*"))  # no temporary snapshot left
 
     # The same machine restarts once the bucket works: it continues from its local file,
-    # which has the 5 rows the failed publish never uploaded, and publishes them.
+    # which has the 5 rows the failed final sync never shipped, and publishes them.
     s3.proxy.clear()
     bucket = await s3.open()
     async with TenantDB(s3.settings("m1"), migrations=MIGRATIONS, bucket=bucket) as again:
@@ -101,12 +101,12 @@ async def test_a_final_publish_succeeds_once_the_bucket_recovers_within_the_kill
 ) -> None:
     tdb = await started_with_rows(s3, 12)
     # More failures than one round of retries: the shutdown must try again, not give up.
-    s3.proxy.add(Fault.slow_down(operation="PutObject", key="*/snapshots/*", count=7))
+    s3.proxy.add(Fault.slow_down(operation="PutObject", key="*/log/*", count=7))
     with caplog.at_level(logging.INFO, logger="tenantdb"):
         await tdb.stop()
     assert "FINAL PUBLISH FAILED" not in caplog.text
     assert "final publish failed, retrying" in caplog.text
-    assert len(s3.proxy.seen(operation="PutObject", key="*/snapshots/*", faulted=True)) == 7
+    assert len(s3.proxy.seen(operation="PutObject", key="*/log/*", faulted=True)) == 7
     lock = s3.lock()
     assert lock["owner"] is None  # published, then released
     assert lock["last_owner"] == "m1"

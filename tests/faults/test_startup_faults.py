@@ -26,11 +26,12 @@ ROWS = 25
 
 
 async def seed(s3: ProxiedS3, tenant: str = "acme", rows: int = ROWS) -> None:
-    """Give ``tenant`` published data: machine m1 writes ``rows`` rows, publishes, releases."""
+    """Give ``tenant`` published data: m1 writes ``rows`` rows, snapshots them, releases."""
     direct = await s3.open(proxied=False)
     settings = s3.settings("m1", tenant)
     async with TenantDB(settings, migrations=MIGRATIONS, bucket=direct) as tdb:
         await add_rows(tdb, rows, "seed")
+        await tdb.checkpoint()  # a snapshot, so that startup must download it
     assert s3.lock(tenant)["owner"] is None
     assert s3.lock(tenant)["snapshot"] is not None
 

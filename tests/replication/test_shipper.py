@@ -166,9 +166,7 @@ async def test_a_segment_upload_whose_answer_was_lost_is_retried_without_a_gap(
         assert await restored_rows(bucket, tmp_path) == await rows(tdb)
 
 
-async def test_a_fenced_holders_segments_are_never_restored(
-    bucket: Bucket, tmp_path: Path
-) -> None:
+async def test_a_fenced_holders_segments_are_never_restored(bucket: Bucket, tmp_path: Path) -> None:
     zombie = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket)
     await zombie.start(standby=False)
     await add(zombie, 5, note="acknowledged and shipped")
@@ -190,9 +188,7 @@ async def test_a_fenced_holders_segments_are_never_restored(
     await zombie.stop()
 
 
-async def test_a_missing_segment_is_an_error_naming_its_key(
-    bucket: Bucket, tmp_path: Path
-) -> None:
+async def test_a_missing_segment_is_an_error_naming_its_key(bucket: Bucket, tmp_path: Path) -> None:
     async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
         await add(tdb, 3)
         await tdb.sync()
@@ -206,9 +202,7 @@ async def test_a_missing_segment_is_an_error_naming_its_key(
     assert not (tmp_path / "restored" / "acme.sqlite3").exists()
 
 
-async def test_a_damaged_segment_is_an_error_naming_its_key(
-    bucket: Bucket, tmp_path: Path
-) -> None:
+async def test_a_damaged_segment_is_an_error_naming_its_key(bucket: Bucket, tmp_path: Path) -> None:
     async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
         await add(tdb, 30)
         await tdb.sync()

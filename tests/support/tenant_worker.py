@@ -7,8 +7,9 @@ and the answer to each command. Commands, one per line on stdin:
 
     inc N        insert N rows into the counter table (acknowledged with the new count)
     count        print the number of rows
-    checkpoint   publish now if the database changed
-    publish      try a forced publish and report the result (used after SIGCONT)
+    sync         ship every commit so far to the bucket's log
+    checkpoint   ship, then publish a snapshot unless the newest one holds everything
+    publish      try a checkpoint and report the result (used after SIGCONT)
     stop         graceful shutdown: final publish and release
 """
 
@@ -65,10 +66,11 @@ async def main() -> None:
                 emit(ok="inc", count=await count(tdb))
             elif command == "count":
                 emit(ok="count", count=await count(tdb))
-            elif command == "checkpoint":
-                emit(ok="checkpoint", published=await tdb.checkpoint())
-            elif command == "publish":
-                emit(ok="publish", published=await tdb.checkpoint(force=True))
+            elif command == "sync":
+                await tdb.sync()
+                emit(ok="sync")
+            elif command in ("checkpoint", "publish"):
+                emit(ok=command, published=await tdb.checkpoint())
             elif command == "stop":
                 break
         except TenantDBError as exc:
