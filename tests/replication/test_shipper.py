@@ -69,7 +69,8 @@ async def test_every_synced_commit_is_restored_exactly_on_another_machine(
         expected = await rows(tdb)
         assert await restored_rows(bucket, tmp_path) == expected
         record = tdb.lease.record
-        assert record is not None and record.log is not None
+        assert record is not None
+        assert record.log is not None
         assert record.snapshot is None  # a new tenant needs no snapshot: the log starts empty
         # One segment per sync; the migrations went with the first batch.
         assert (record.log.base, record.log.tail) == (1, 5)
@@ -90,7 +91,8 @@ async def test_shipping_continues_across_checkpoints_and_wal_restarts(
             await shipper._checkpoint_if_large()  # everything shipped: folds the WAL in
             assert shipper._restart_expected
         record = tdb.lease.record
-        assert record is not None and record.log is not None
+        assert record is not None
+        assert record.log is not None
         assert record.snapshot is None, "a WAL restart after our own checkpoint is expected"
         assert await restored_rows(bucket, tmp_path) == await rows(tdb)
 
@@ -108,7 +110,8 @@ async def test_a_wal_restarted_behind_the_shippers_back_falls_back_to_a_snapshot
         outsider.close()
         await tdb.sync()
         record = tdb.lease.record
-        assert record is not None and record.snapshot is not None
+        assert record is not None
+        assert record.snapshot is not None
         assert await restored_rows(bucket, tmp_path) == await rows(tdb)
         assert len(await rows(tdb)) == 21
 
@@ -125,7 +128,9 @@ async def test_a_long_log_is_compacted_into_a_snapshot(
             await asyncio.sleep(0.1)
         await tdb.sync()
         record = tdb.lease.record
-        assert record is not None and record.log is not None and record.snapshot is not None
+        assert record is not None
+        assert record.log is not None
+        assert record.snapshot is not None
         assert record.log.tail - record.log.base + 1 < 4 + 2
         assert await restored_rows(bucket, tmp_path) == await rows(tdb)
 
@@ -228,7 +233,8 @@ async def test_a_restarted_machine_restores_snapshot_and_log_and_keeps_shipping(
         await add(tdb, 4)
         await tdb.sync()
         record = tdb.lease.record
-        assert record is not None and record.log is not None
+        assert record is not None
+        assert record.log is not None
         assert record.log.runs == ((1, record.log.base), (2, record.log.tail))
         expected = await rows(tdb)
     assert await restored_rows(bucket, tmp_path) == expected
