@@ -73,7 +73,9 @@ async def measure(s3: S3Server, rounds: int, size: int, work: Path) -> list[Oper
     from tenantdb import TenantDB
     from tenantdb.config import Secret, Settings
     from tenantdb.lease import Lease
-    from tenantdb.snapshot import publish_snapshot
+    from tenantdb.replication.checksum import PageHashes, database_page_size
+    from tenantdb.replication.shipper import empty_log
+    from tenantdb.snapshot import copy_database, publish_snapshot
     from tenantdb.storage import open_bucket
 
     ops: dict[str, Operation] = {}
@@ -92,6 +94,9 @@ async def measure(s3: S3Server, rounds: int, size: int, work: Path) -> list[Oper
     source_path = work / "source.sqlite3"
     fill_database(source_path, size)
     source = sqlite3.connect(source_path, check_same_thread=False)
+    copy = work / "copy.sqlite3"
+    copy_database(source, copy)
+    copy_log = empty_log(PageHashes.of_file(copy, database_page_size(copy)))
     settings = Settings(
         bucket_name=BUCKET,
         endpoint_url=s3.endpoint,
@@ -112,7 +117,7 @@ async def measure(s3: S3Server, rounds: int, size: int, work: Path) -> list[Oper
             for publish in range(RETENTION + 1):
 
                 async def publish_once(lease: Lease = lease) -> None:
-                    await publish_snapshot(lease, bucket, source, work, retention=RETENTION)
+                    await publish_snapshot(lease, bucket, copy, log=copy_log, retention=RETENTION)
 
                 uploads, rest = split(await counted(publish_once))
                 snapshot_size = lease.record.snapshot.size if lease.record.snapshot else 0

@@ -272,7 +272,8 @@ class Shipper:
 
     def _peek_index(self) -> int:
         if self._next_index is None:
-            self._next_index = self._log().tail + 1
+            record = self.lease.record
+            self._next_index = record.log.tail + 1 if record and record.log else 1
         return self._next_index
 
     async def _publish(self, built: _Built) -> None:
