@@ -38,6 +38,7 @@ __all__ = [
     "file_sha256",
     "publish_snapshot",
     "remove_stray_temp_files",
+    "check_download",
     "download_snapshot",
     "install_database",
     "temp_restore_path",
@@ -239,7 +240,7 @@ def temp_restore_path(db_path: Path) -> Path:
 
 
 async def download_snapshot(bucket: Bucket, ref: SnapshotRef, dest: Path) -> None:
-    """Download ``ref`` into ``dest`` and check its size and sha256 against ``lock.json``."""
+    """Download ``ref`` into ``dest``; ``check_download`` then verifies it."""
     try:
         await bucket.download_file(ref.key, dest)
     except ObjectNotFoundError as exc:
@@ -248,10 +249,10 @@ async def download_snapshot(bucket: Bucket, ref: SnapshotRef, dest: Path) -> Non
             "refusing to start with an empty database",
             key=ref.key,
         ) from exc
-    await asyncio.to_thread(_check_download, ref, dest)
 
 
-def _check_download(ref: SnapshotRef, dest: Path) -> None:
+def check_download(ref: SnapshotRef, dest: Path) -> None:
+    """Raise ``SnapshotError`` unless ``dest`` has the size and sha256 lock.json records."""
     size = dest.stat().st_size
     if size != ref.size:
         raise SnapshotError(

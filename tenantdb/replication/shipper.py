@@ -117,9 +117,12 @@ class Shipper:
         self._built: _Built | None = None
         # Segment indices are never reused, even for a segment that was never published.
         self._next_index: int | None = None
-        # True only right after a checkpoint of everything shipped: then a restarted WAL
-        # lost nothing.
+        # True while the position is the end of the WAL as seen holding the write lock (a
+        # snapshot's copy, or a checkpoint of everything shipped): a restart then lost
+        # nothing, as SQLite restarts the WAL only before the first frame of a write.
         self._restart_expected = False
+        # The last segment stopped at MAX_FRAMES_PER_SEGMENT: more commits are waiting.
+        self._backlog = False
         self._needs_snapshot = hashes is None
         self._lock = asyncio.Lock()
         self._writer: sqlite3.Connection | None = None
@@ -184,7 +187,9 @@ class Shipper:
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.sync()
+                # One segment per interval, more only while a backlog is being worked off.
+                while await self.ship_once() and self._backlog:
+                    pass
                 if self._snapshot_due(snapshot_interval):
                     async with self._lock:
                         await self._snapshot()
@@ -302,6 +307,7 @@ class Shipper:
         await self.lease.advance_log(built.log_before, pointer)
         self._position, self._hashes, self._built = built.read.end, built.hashes, None
         self._restart_expected = False
+        self._backlog = built.read.frames >= MAX_FRAMES_PER_SEGMENT
         self.shipped_at = time.monotonic()
 
     # -- checkpoints and snapshots -------------------------------------------------------
@@ -325,8 +331,8 @@ class Shipper:
             start = self._position or wal_start(self.wal_path)
             if start is not None and read_committed(self.wal_path, start, max_frames=1).commits:
                 return  # a commit landed since the last sync: ship it first
-            busy, frames, done = reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            self._restart_expected = busy == 0 and frames == done
+            reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self._restart_expected = True
         finally:
             writer.execute("ROLLBACK")
 
@@ -352,7 +358,7 @@ class Shipper:
         finally:
             copy.unlink(missing_ok=True)
         self._position, self._hashes, self._built = position, hashes, None
-        self._needs_snapshot = self._restart_expected = False
+        self._needs_snapshot, self._restart_expected = False, True
         self._snapshot_at = self.shipped_at = time.monotonic()
         self.snapshots += 1
 
