@@ -12,13 +12,13 @@ import json
 import math
 import re
 import reprlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from tenantdb.errors import LockFileCorruptError
 
-__all__ = ["LOCK_MAX_BYTES", "LockRecord", "LogPointer", "SnapshotRef", "now_iso"]
+__all__ = ["LOCK_MAX_BYTES", "LockRecord", "LogChunk", "LogPointer", "SnapshotRef", "now_iso"]
 
 LOCK_FORMAT = 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -37,14 +37,26 @@ class SnapshotRef:
 
 
 @dataclass(frozen=True)
+class LogChunk:
+    """One object of the log: a single segment, or a merged range of them."""
+
+    first: int
+    last: int
+    generation: int
+    merged: bool
+
+
+@dataclass(frozen=True)
 class LogPointer:
     """Where the tenant's log stands: the segments on top of the snapshot, and their end.
 
     Segments ``base`` to ``tail`` (inclusive; none when ``tail == base - 1``) apply, in
-    order, on top of the snapshot (or an empty database). ``runs`` says which generation
-    wrote which of them: ``(generation, first index)`` pairs, ascending, so every segment's
-    key can be derived without a LIST. ``state`` and ``db_pages`` describe the database
-    after the tail, for the restore to check its result against.
+    order, on top of the snapshot (or an empty database). The oldest of them may have been
+    merged: ``merged`` lists ``(first, last, generation)`` ranges, contiguous from ``base``,
+    each one object written by that generation. The segments after them are single ones,
+    and ``runs`` says which generation wrote which: ``(generation, first index)`` pairs,
+    ascending. So every key is derived without a LIST. ``state`` and ``db_pages`` describe
+    the database after the tail, for the restore to check its result against.
     """
 
     base: int
@@ -53,17 +65,30 @@ class LogPointer:
     db_pages: int
     runs: tuple[tuple[int, int], ...] = ()
     updated_at: str = ""
+    merged: tuple[tuple[int, int, int], ...] = ()
+
+    @property
+    def first_single(self) -> int:
+        """The index of the first segment that is not part of a merged range."""
+        return self.merged[-1][1] + 1 if self.merged else self.base
 
     def generation_of(self, index: int) -> int:
-        """The generation whose holder wrote segment ``index``."""
+        """The generation whose holder wrote single segment ``index``."""
         for generation, first in reversed(self.runs):
             if first <= index:
                 return generation
         raise ValueError(f"segment {index} is not in the log {self.base}..{self.tail}")
 
-    def indices(self) -> range:
-        """The indices of the segments a restore applies."""
-        return range(self.base, self.tail + 1)
+    def chunks(self) -> list[LogChunk]:
+        """Every object a restore applies, in order: the merged ranges, then the singles."""
+        singles = range(self.first_single, self.tail + 1)
+        return [
+            *(
+                LogChunk(first, last, generation, merged=True)
+                for first, last, generation in self.merged
+            ),
+            *(LogChunk(i, i, self.generation_of(i), merged=False) for i in singles),
+        ]
 
     def appended(self, generation: int, state: str, db_pages: int) -> LogPointer:
         """This pointer with one more segment, written by ``generation``, at its tail."""
@@ -71,7 +96,18 @@ class LogPointer:
         runs = self.runs
         if not runs or runs[-1][0] != generation:
             runs = (*runs, (generation, index))
-        return LogPointer(self.base, index, state, db_pages, runs, now_iso())
+        return replace(
+            self, tail=index, state=state, db_pages=db_pages, runs=runs, updated_at=now_iso()
+        )
+
+    def with_merged(self, first: int, last: int, generation: int) -> LogPointer:
+        """This pointer with the chunks from ``first`` to ``last`` replaced by one object."""
+        merged = (*(m for m in self.merged if m[1] < first), (first, last, generation))
+        runs = [(g, i) for g, i in self.runs if i > last]
+        # The run the new first single segment belongs to, if it started inside the range.
+        if last < self.tail and (not runs or runs[0][1] != last + 1):
+            runs.insert(0, (self.generation_of(last + 1), last + 1))
+        return replace(self, merged=merged, runs=tuple(runs))
 
 
 @dataclass(frozen=True)
@@ -214,6 +250,7 @@ def _log_pointer(value: object, *, generation: int) -> LogPointer | None:
     tail = _int_at_least(value.get("tail"), (base or 1) - 1)
     db_pages = _int_at_least(value.get("db_pages"), 0)
     state, runs, updated_at = value.get("state"), value.get("runs"), value.get("updated_at")
+    merged = _merged_ranges(value.get("merged", []), base=base, tail=tail, generation=generation)
     if (
         base is None
         or tail is None
@@ -221,22 +258,46 @@ def _log_pointer(value: object, *, generation: int) -> LogPointer | None:
         or not (isinstance(state, str) and _STATE.fullmatch(state))
         or not (isinstance(runs, list) and len(runs) <= MAX_RUNS)
         or not isinstance(updated_at, str)
+        or merged is None
     ):
         return None
+    first_single = merged[-1][1] + 1 if merged else base
     pairs: list[tuple[int, int]] = []
     for run in runs:
         if not (isinstance(run, list) and len(run) == 2):
             return None
         run_generation = _int_at_least(run[0], 1)
-        first = _int_at_least(run[1], base)
+        first = _int_at_least(run[1], first_single)
         if run_generation is None or first is None or run_generation > generation or first > tail:
             return None
         if pairs and (run_generation <= pairs[-1][0] or first <= pairs[-1][1]):
             return None
         pairs.append((run_generation, first))
-    if tail >= base and (not pairs or pairs[0][1] != base):
-        return None  # every segment must belong to a run
-    return LogPointer(base, tail, state, db_pages, tuple(pairs), updated_at)
+    if tail >= first_single and (not pairs or pairs[0][1] != first_single):
+        return None  # every single segment must belong to a run
+    return LogPointer(base, tail, state, db_pages, tuple(pairs), updated_at, merged)
+
+
+def _merged_ranges(
+    value: object, *, base: int | None, tail: int | None, generation: int
+) -> tuple[tuple[int, int, int], ...] | None:
+    """``(first, last, generation)`` ranges, contiguous from ``base`` within the log, else None."""
+    if base is None or tail is None or not isinstance(value, list) or len(value) > MAX_RUNS:
+        return None
+    ranges: list[tuple[int, int, int]] = []
+    expected = base
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 3):
+            return None
+        first, last = _int_at_least(item[0], expected), _int_at_least(item[1], expected)
+        writer = _int_at_least(item[2], 1)
+        if first != expected or last is None or last > tail or writer is None:
+            return None
+        if writer > generation:
+            return None
+        ranges.append((first, last, writer))
+        expected = last + 1
+    return tuple(ranges)
 
 
 def now_iso() -> str:

@@ -17,9 +17,9 @@ import os
 from pathlib import Path
 
 from tenantdb.errors import ObjectNotFoundError, ReplicationError
-from tenantdb.lockfile import LockRecord, LogPointer
+from tenantdb.lockfile import LockRecord, LogChunk, LogPointer
 from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
-from tenantdb.replication.segment import Segment, decode_segment, segment_key
+from tenantdb.replication.segment import Segment, chunk_key, decode_segment
 from tenantdb.snapshot import (
     check_download,
     download_snapshot,
@@ -78,18 +78,16 @@ async def _apply_log(
     *,
     prefix: str,
 ) -> PageHashes:
-    keys = [
-        segment_key(prefix, record.tenant, pointer.generation_of(i), i) for i in pointer.indices()
-    ]
+    chunks = pointer.chunks()
+    keys = [chunk_key(prefix, record.tenant, chunk) for chunk in chunks]
     fetches: list[asyncio.Task[Segment]] = []
     try:
-        for position, key in enumerate(keys):
+        for position, (chunk, key) in enumerate(zip(chunks, keys, strict=True)):
             while len(fetches) < min(position + PREFETCH, len(keys)):
                 fetches.append(asyncio.ensure_future(_fetch(bucket, keys[len(fetches)])))
             segment = await fetches[position]
-            expected = (record.tenant, pointer.generation_of(pointer.base + position))
             hashes = await asyncio.to_thread(
-                _apply, segment, key, tmp, hashes, expected, pointer.base + position
+                _apply, segment, key, tmp, hashes, record.tenant, chunk
             )
     finally:
         for task in fetches:
@@ -111,16 +109,11 @@ async def _fetch(bucket: Bucket, key: str) -> Segment:
 
 
 def _apply(
-    segment: Segment,
-    key: str,
-    tmp: Path,
-    hashes: PageHashes,
-    expected: tuple[str, int],
-    index: int,
+    segment: Segment, key: str, tmp: Path, hashes: PageHashes, tenant: str, chunk: LogChunk
 ) -> PageHashes:
     """Write one verified segment's pages into ``tmp``; return the hashes after it."""
     header = segment.header
-    if (header.tenant, header.generation) != expected or header.index != index:
+    if (header.tenant, header.generation, header.index) != (tenant, chunk.generation, chunk.last):
         raise ReplicationError(
             f"segment {key} says tenant {header.tenant!r}, generation {header.generation}, "
             f"index {header.index}: not the segment lock.json names",

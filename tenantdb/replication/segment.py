@@ -16,9 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tenantdb.errors import ReplicationError
+from tenantdb.lockfile import LogChunk
 from tenantdb.replication.checksum import MAX_PAGE_NUMBER, check_page_size
 
 __all__ = [
+    "chunk_key",
     "FLAG_COMPRESSED",
     "SEGMENT_MAGIC",
     "SEGMENT_VERSION",
@@ -80,6 +82,17 @@ def segment_key(prefix: str, tenant: str, generation: int, index: int) -> str:
     if generation < 1 or index < 1:
         raise ValueError(f"generation {generation} and index {index} must both be at least 1")
     return f"{prefix}{tenant}/log/{generation:08d}/{index:012d}.seg"
+
+
+def chunk_key(prefix: str, tenant: str, chunk: LogChunk) -> str:
+    """The bucket key of a log chunk: a single segment's, or ``<first>-<last>`` if merged."""
+    if not chunk.merged:
+        return segment_key(prefix, tenant, chunk.generation, chunk.first)
+    # A generation merges a range once (a retry sends the same bytes): unique as well.
+    single = segment_key(prefix, tenant, chunk.generation, chunk.last)
+    return (
+        single.removesuffix(f"{chunk.last:012d}.seg") + f"{chunk.first:012d}-{chunk.last:012d}.seg"
+    )
 
 
 def encode_segment(segment: Segment, *, compress: bool = True) -> bytes:

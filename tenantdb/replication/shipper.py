@@ -29,9 +29,16 @@ from tenantdb.errors import (
     TenantDBError,
 )
 from tenantdb.lease import Lease
-from tenantdb.lockfile import LogPointer, now_iso
+from tenantdb.lockfile import LogChunk, LogPointer, now_iso
 from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
-from tenantdb.replication.segment import Segment, SegmentHeader, encode_segment, segment_key
+from tenantdb.replication.segment import (
+    Segment,
+    SegmentHeader,
+    chunk_key,
+    decode_segment,
+    encode_segment,
+    segment_key,
+)
 from tenantdb.replication.wal import (
     CommittedPages,
     WALPosition,
@@ -51,8 +58,12 @@ MAX_FRAMES_PER_SEGMENT = 4096
 CHECKPOINT_WAL_BYTES = 4 << 20
 # SQLite truncates the WAL file to this size when it restarts it after a checkpoint.
 JOURNAL_SIZE_LIMIT = 16 << 20
-# A restore applies at most this many segments: past it, the next sync takes a snapshot.
-MAX_SEGMENTS = 64
+# Single segments are merged into one object once this many follow the merged ones.
+MERGE_SINGLES = 16
+# Merged objects of one level become one of the next level once this many are in a row.
+MERGE_FANOUT = 4
+# A restore applies at most this many objects: past it (compaction failing), a snapshot.
+MAX_CHUNKS = 64
 
 
 # Every connection tenantdb opens to a tenant database: WAL, and no automatic checkpoint.
@@ -190,6 +201,8 @@ class Shipper:
                 # One segment per interval, more only while a backlog is being worked off.
                 while await self.ship_once() and self._backlog:
                     pass
+                async with self._lock:
+                    await self._compact()
                 if self._snapshot_due(snapshot_interval):
                     async with self._lock:
                         await self._snapshot()
@@ -216,7 +229,7 @@ class Shipper:
 
     def _snapshot_due(self, every: float) -> bool:
         pointer = self._log()
-        too_long = pointer.tail - pointer.base + 1 >= MAX_SEGMENTS
+        too_long = len(pointer.chunks()) >= MAX_CHUNKS
         return too_long or (every > 0 and time.monotonic() - self._snapshot_at >= every)
 
     def _log(self) -> LogPointer:
@@ -281,21 +294,25 @@ class Shipper:
             self._next_index = record.log.tail + 1 if record and record.log else 1
         return self._next_index
 
-    async def _publish(self, built: _Built) -> None:
-        """Upload the segment once, then move the tail onto it (the CAS fences it)."""
+    async def _put_once(self, key: str, body: bytes) -> None:
+        """Create an immutable log object; a retry of our own landed upload is accepted."""
         bucket = self.lease.bucket
         try:
-            await bucket.put(built.key, built.body, if_none_match="*")
+            await bucket.put(key, body, if_none_match="*")
         except PreconditionFailedError:
-            # Only this generation's holder writes under its prefix, and it retries a built
-            # segment byte for byte: an object there is this upload, landed unheard.
-            info = await bucket.head(built.key)
-            if info.size != len(built.body):
+            # Only this generation's holder writes under its prefix, and it retries an object
+            # byte for byte: an object there is this upload, landed unheard.
+            info = await bucket.head(key)
+            if info.size != len(body):
                 raise ReplicationError(
-                    f"segment {built.key} exists with {info.size} bytes, expected "
-                    f"{len(built.body)}; refusing to ship past it",
-                    key=built.key,
+                    f"{key} exists with {info.size} bytes, expected {len(body)}; refusing "
+                    "to ship past it",
+                    key=key,
                 ) from None
+
+    async def _publish(self, built: _Built) -> None:
+        """Upload the segment once, then move the tail onto it (the CAS fences it)."""
+        await self._put_once(built.key, built.body)
         record = self.lease.record
         if record is None:
             raise LeaseLostError("the lease is not held", tenant=self.lease.tenant)
@@ -309,6 +326,47 @@ class Shipper:
         self._restart_expected = False
         self._backlog = built.read.frames >= MAX_FRAMES_PER_SEGMENT
         self.shipped_at = time.monotonic()
+
+    # -- compaction ----------------------------------------------------------------------
+
+    async def _compact(self) -> None:
+        """Merge single segments, then merged objects level by level: a restore stays short.
+
+        Each merge uploads only the distinct pages of what it replaces (at most once per
+        level for a page), and a full snapshot is needed only once a day by default.
+        """
+        if self._needs_snapshot or self._built is not None or self._hashes is None:
+            return
+        pointer = self._log()
+        if pointer.tail - pointer.first_single + 1 >= MERGE_SINGLES:
+            await self._merge(pointer, pointer.first_single, pointer.tail)
+        while len((pointer := self._log()).merged) >= MERGE_FANOUT:
+            group = pointer.merged[-MERGE_FANOUT:]
+            if len({_level(first, last) for first, last, _ in group}) != 1:
+                return
+            await self._merge(pointer, group[0][0], group[-1][1])
+
+    async def _merge(self, pointer: LogPointer, first: int, last: int) -> None:
+        """Replace the log objects from ``first`` to ``last`` by one with their newest pages."""
+        record = self.lease.record
+        if record is None:
+            raise LeaseLostError("the lease is not held", tenant=self.lease.tenant)
+        tenant = self.lease.tenant
+        chunks = [c for c in pointer.chunks() if first <= c.first and c.last <= last]
+        keys = [chunk_key(self.prefix, tenant, chunk) for chunk in chunks]
+        bodies = await asyncio.gather(*(self.lease.bucket.get(key) for key in keys))
+        body = await asyncio.to_thread(
+            _merged_body,
+            [(k, b.body) for k, b in zip(keys, bodies, strict=True)],
+            chunks,
+            tenant,
+            record.generation,
+        )
+        merged = LogChunk(first, last, record.generation, merged=True)
+        await self._put_once(chunk_key(self.prefix, tenant, merged), body)
+        await self.lease.advance_log(
+            record.log, pointer.with_merged(first, last, record.generation)
+        )
 
     # -- checkpoints and snapshots -------------------------------------------------------
 
@@ -380,3 +438,49 @@ class Shipper:
         finally:
             writer.execute("ROLLBACK")
         return position, PageHashes.of_file(dest, database_page_size(dest))
+
+
+def _level(first: int, last: int) -> int:
+    """A merged object's level: 0 for about MERGE_SINGLES segments, +1 per MERGE_FANOUT x."""
+    span, level = (last - first + 1) // MERGE_SINGLES, 0
+    while span >= MERGE_FANOUT:
+        span //= MERGE_FANOUT
+        level += 1
+    return level
+
+
+def _merged_body(
+    objects: list[tuple[str, bytes]], chunks: list[LogChunk], tenant: str, generation: int
+) -> bytes:
+    """Decode and check consecutive log objects, and encode their merge (blocking)."""
+    pages: dict[int, bytes] = {}
+    segments = [decode_segment(body, key=key) for key, body in objects]
+    for (key, _), chunk, segment, previous in zip(
+        objects, chunks, segments, [None, *segments[:-1]], strict=True
+    ):
+        header = segment.header
+        if (header.tenant, header.generation, header.index) != (
+            tenant,
+            chunk.generation,
+            chunk.last,
+        ):
+            raise ReplicationError(f"{key} is not the log object lock.json names", key=key)
+        if previous is not None and header.prev_state != previous.header.state:
+            raise ReplicationError(f"{key} does not follow the object before it", key=key)
+        pages.update(segment.pages)
+        # Replayed in order, a truncation drops pages past the end even if written earlier.
+        for pgno in [p for p in pages if p > header.db_pages]:
+            del pages[pgno]
+    head, tail = segments[0].header, segments[-1].header
+    header = SegmentHeader(
+        tenant=tenant,
+        generation=generation,
+        index=tail.index,
+        page_size=tail.page_size,
+        db_pages=tail.db_pages,
+        timestamp_ms=tail.timestamp_ms,
+        prev_state=head.prev_state,
+        state=tail.state,
+        commits=sum(s.header.commits for s in segments),
+    )
+    return encode_segment(Segment(header, tuple(sorted(pages.items()))))
