@@ -48,11 +48,12 @@ WORKLOADS = {
 
 
 def settings(s3: S3Server, work: Path, machine_id: str, **overrides: Any) -> Any:
+    """Settings of one machine; every machine serves a tenant of its own name."""
     from tenantdb.config import Settings
 
     return Settings.from_env(
         s3.settings_env(BUCKET),
-        tenant="bench",
+        tenant=machine_id,
         machine_id=machine_id,
         data_dir=work / machine_id,
         checkpoint_interval=0,
@@ -68,8 +69,8 @@ async def fill(tdb: Any, size: int) -> None:
             await db.commit()
 
 
-async def log_objects(bucket: Any, what: str = "log") -> dict[str, int]:
-    return {o.key: o.size for o in await bucket.list(f"tenants/bench/{what}/")}
+async def log_objects(bucket: Any, tenant: str, what: str = "log") -> dict[str, int]:
+    return {o.key: o.size for o in await bucket.list(f"tenants/{tenant}/{what}/")}
 
 
 async def bytes_uploaded(s3: S3Server, work: Path, size: int, seconds: float, rate: float) -> None:
@@ -84,8 +85,8 @@ async def bytes_uploaded(s3: S3Server, work: Path, size: int, seconds: float, ra
         db_bytes = tdb.path.stat().st_size
         print(f"database: {db_bytes / MiB:.1f} MiB")
         for name, (sql, args) in WORKLOADS.items():
-            before = await log_objects(bucket)
-            snapshots_before = await log_objects(bucket, "snapshots")
+            before = await log_objects(bucket, "bytes")
+            snapshots_before = await log_objects(bucket, "bytes", "snapshots")
             writes, started = 0, time.monotonic()
             while (elapsed := time.monotonic() - started) < seconds:
                 async with tdb.connection() as db:
@@ -95,10 +96,10 @@ async def bytes_uploaded(s3: S3Server, work: Path, size: int, seconds: float, ra
                 await asyncio.sleep(max(0.0, writes / rate - elapsed))
             await tdb.sync()
             minutes = (time.monotonic() - started) / 60
-            new = {k: v for k, v in (await log_objects(bucket)).items() if k not in before}
+            new = {k: v for k, v in (await log_objects(bucket, "bytes")).items() if k not in before}
             snapshots = {
                 k: v
-                for k, v in (await log_objects(bucket, "snapshots")).items()
+                for k, v in (await log_objects(bucket, "bytes", "snapshots")).items()
                 if k not in snapshots_before
             }
             uploaded = sum(new.values()) + sum(snapshots.values())
@@ -159,6 +160,7 @@ async def restore(
     from tenantdb.database import TenantDB
     from tenantdb.lease import Lease
     from tenantdb.replication.restore import restore_database
+    from tenantdb.replication.segment import chunk_key
     from tenantdb.storage import open_bucket
 
     config = settings(s3, work, "restore", sync_interval=3600.0)
@@ -172,16 +174,20 @@ async def restore(
                     await db.execute(FILL, (n % 4 + 1,))
                     await db.commit()
                 await tdb.sync()
-        observed = await Lease(bucket, "bench", machine_id="r", region="x", ttl=15).read()
+                if tdb._shipper is not None:  # compact as the shipper's loop would
+                    async with tdb._shipper._lock:
+                        await tdb._shipper._compact()
+        observed = await Lease(bucket, "restore", machine_id="r", region="x", ttl=15).read()
         assert observed is not None
         assert observed.record.log is not None
         record = observed.record
-        total = (record.snapshot.size if record.snapshot else 0) + sum(
-            (await log_objects(bucket)).values()
-        )
+        sizes = await log_objects(bucket, "restore")
+        named = [chunk_key("tenants/", "restore", c) for c in record.log.chunks()]
+        total = (record.snapshot.size if record.snapshot else 0) + sum(sizes[k] for k in named)
+        segments = record.log.tail - record.log.base + 1
         print(
-            f"restore: snapshot + {record.log.tail - record.log.base + 1} segments, "
-            f"{total / MiB:.1f} MiB in all"
+            f"restore: snapshot + {len(named)} log objects ({segments} segments, merged as "
+            f"the shipper does), {total / MiB:.1f} MiB in all"
         )
         blob = work / "same-bytes.bin"
         write_random_file(blob, total)

@@ -65,6 +65,26 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
     return value
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(env: Mapping[str, str], name: str, default: float) -> float:
+    """Seconds from ``90``, ``90s``, ``15m``, ``24h`` or ``30d``."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    number, unit = (raw[:-1], raw[-1]) if raw[-1] in _UNITS else (raw, "s")
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        raise ConfigurationError(
+            f"{name}={raw!r} is not a duration: a number of seconds, or with s, m, h or d"
+        ) from None
+    if not 0 <= value < float("inf"):
+        raise ConfigurationError(f"{name}={raw!r} must be a finite duration, 0 or more")
+    return value
+
+
 def _dns_server(raw: str | None) -> tuple[str, int] | None:
     if not raw:
         return None
@@ -96,6 +116,7 @@ class Settings:
     checkpoint_interval: float = 86400.0
     sync_interval: float = 1.0
     snapshot_retention: int = 5
+    retention: float = 86400.0
     kill_timeout: float = 30.0
     pool_size: int = 8
     metadata_key: str = "customer_id"
@@ -140,6 +161,7 @@ class Settings:
             "checkpoint_interval": _number(env, "TENANTDB_CHECKPOINT_INTERVAL", 86400.0, minimum=0),
             "sync_interval": _number(env, "TENANTDB_SYNC_INTERVAL", 1.0, minimum=0.01),
             "snapshot_retention": int(_number(env, "TENANTDB_SNAPSHOT_RETENTION", 5, minimum=1)),
+            "retention": _duration(env, "TENANTDB_RETENTION", 86400.0),
             "kill_timeout": _number(env, "TENANTDB_KILL_TIMEOUT", 30.0, minimum=1),
             "pool_size": int(_number(env, "TENANTDB_POOL_SIZE", 8, minimum=1)),
             "metadata_key": env.get("TENANTDB_METADATA_KEY") or "customer_id",

@@ -454,6 +454,7 @@ class TenantDB:
             prefix=self.settings.prefix,
             work_dir=self.settings.data_dir,
             snapshot_retention=self.settings.snapshot_retention,
+            retention=self.settings.retention,
         )
         # Open before migrating: the shipper's connections keep the WAL (and its unshipped
         # frames) in place when the migration's connection closes.

@@ -20,6 +20,7 @@ import logging
 import sqlite3
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tenantdb.errors import (
@@ -62,6 +63,8 @@ JOURNAL_SIZE_LIMIT = 16 << 20
 MERGE_SINGLES = 16
 # Merged objects of one level become one of the next level once this many are in a row.
 MERGE_FANOUT = 4
+# How often the log's objects no restore can use are looked for (a LIST) and deleted.
+GC_INTERVAL = 600.0
 # A restore applies at most this many objects: past it (compaction failing), a snapshot.
 MAX_CHUNKS = 64
 
@@ -113,6 +116,7 @@ class Shipper:
         prefix: str,
         work_dir: Path,
         snapshot_retention: int,
+        retention: float = 86400.0,
     ) -> None:
         """``hashes`` describes the database as the bucket has it; None means unknown."""
         self.lease = lease
@@ -121,6 +125,8 @@ class Shipper:
         self.prefix = prefix
         self.work_dir = work_dir
         self.snapshot_retention = snapshot_retention
+        self.retention = retention
+        self._collected_at = 0.0
         self._hashes = hashes
         # None until the first read: the start of whatever WAL exists then (the database
         # was just restored or created, so nothing in it can have been checkpointed).
@@ -203,6 +209,9 @@ class Shipper:
                     pass
                 async with self._lock:
                     await self._compact()
+                if time.monotonic() - self._collected_at >= GC_INTERVAL:
+                    async with self._lock:  # nothing is uploaded and not yet named meanwhile
+                        await self.collect_garbage()
                 if self._snapshot_due(snapshot_interval):
                     async with self._lock:
                         await self._snapshot()
@@ -367,6 +376,33 @@ class Shipper:
         await self.lease.advance_log(
             record.log, pointer.with_merged(first, last, record.generation)
         )
+
+    async def collect_garbage(self) -> list[str]:
+        """Delete log objects lock.json no longer names, once older than the retention.
+
+        Call it holding the shipper's lock: an object uploaded but not yet named by the CAS
+        that follows must not be taken for garbage.
+
+
+        A merge or a snapshot replaces objects, a fenced holder leaves uploads no restore
+        reads: both are kept for ``retention`` (for point-in-time restores), then deleted.
+        Objects the current lock.json names are never deleted. Returns the deleted keys.
+        """
+        self._collected_at = time.monotonic()
+        tenant, bucket = self.lease.tenant, self.lease.bucket
+        objects = await bucket.list(f"{self.prefix}{tenant}/log/")
+        record = self.lease.record
+        if record is None or self.lease.status != "held":
+            return []
+        log_now = record.log
+        named = {chunk_key(self.prefix, tenant, c) for c in (log_now.chunks() if log_now else [])}
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.retention)
+        deleted = []
+        for info in objects:
+            if info.key not in named and info.last_modified < cutoff:
+                await bucket.delete(info.key)
+                deleted.append(info.key)
+        return deleted
 
     # -- checkpoints and snapshots -------------------------------------------------------
 

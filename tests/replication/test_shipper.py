@@ -269,3 +269,41 @@ async def test_a_restarted_machine_restores_snapshot_and_log_and_keeps_shipping(
         assert record.log.runs == ((1, record.log.base), (2, record.log.tail))
         expected = await rows(tdb)
     assert await restored_rows(bucket, tmp_path) == expected
+
+
+async def test_garbage_collection_deletes_only_what_lock_json_no_longer_names(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shipper_module, "MERGE_SINGLES", 3)
+    async with TenantDB(
+        settings(tmp_path, "m1", retention=0), migrations=MIGRATIONS, bucket=bucket
+    ) as tdb:
+        shipper = tdb._shipper
+        assert shipper is not None
+        for n in range(4):
+            await add(tdb, 1, note=f"row {n}")
+            await tdb.sync()
+        async with shipper._lock:
+            await shipper._compact()
+            before = {o.key for o in await bucket.list("tenants/acme/log/")}
+            deleted = await shipper.collect_garbage()
+        after = {o.key for o in await bucket.list("tenants/acme/log/")}
+        record = tdb.lease.record
+        assert record is not None
+        assert record.log is not None
+        assert record.log.merged
+        assert sorted(deleted) == sorted(before - after)
+        assert len(deleted) == 4  # the four single segments the merge replaced
+        assert await restored_rows(bucket, tmp_path) == await rows(tdb)
+
+
+async def test_garbage_within_the_retention_is_kept(bucket: Bucket, tmp_path: Path) -> None:
+    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
+        await add(tdb, 1)
+        await tdb.sync()
+        await tdb.checkpoint()  # the segment is no longer named, but only seconds old
+        shipper = tdb._shipper
+        assert shipper is not None
+        async with shipper._lock:
+            assert await shipper.collect_garbage() == []
+        assert len(await bucket.list("tenants/acme/log/")) == 1
