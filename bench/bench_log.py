@@ -82,7 +82,11 @@ async def bytes_uploaded(s3: S3Server, work: Path, size: int, seconds: float, ra
     async with open_bucket(config) as bucket, TenantDB(config, migrations=MIGRATIONS) as tdb:
         await fill(tdb, size)
         await tdb.checkpoint()
-        db_bytes = tdb.path.stat().st_size
+        async with tdb.connection() as db:
+            async with db.execute("PRAGMA page_count") as cursor:
+                pages = (await cursor.fetchone())[0]
+            async with db.execute("PRAGMA page_size") as cursor:
+                db_bytes = pages * (await cursor.fetchone())[0]
         print(f"database: {db_bytes / MiB:.1f} MiB")
         for name, (sql, args) in WORKLOADS.items():
             before = await log_objects(bucket, "bytes")
