@@ -45,6 +45,7 @@ from tenantdb.errors import (
     PreconditionFailedError,
     StorageError,
 )
+from tenantdb.localfiles import fsync_dir
 from tenantdb.storage.base import ObjectInfo, SmallObject
 
 __all__ = ["LocalBucket"]
@@ -54,14 +55,6 @@ _CHUNK = 1 << 20
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 # How old an object written before the last reboot looks: older than any lease.
 _AGE_AFTER_REBOOT = timedelta(days=3650)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @cache
@@ -201,7 +194,7 @@ class LocalBucket:
                 size = f.tell()
             # The blob's directory entry must be durable before a pointer names it: else a
             # crash after the commit could leave a committed pointer to a vanished blob.
-            _fsync_dir(self._blobs)
+            fsync_dir(self._blobs)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -247,7 +240,7 @@ class LocalBucket:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, pointer_path)
-            _fsync_dir(pointer_path.parent)
+            fsync_dir(pointer_path.parent)
         if current is not None:
             (self._blobs / current["blob"]).unlink(missing_ok=True)
         return self._info(key, pointer)

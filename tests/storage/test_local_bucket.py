@@ -96,7 +96,7 @@ async def test_new_blob_is_durable_before_its_pointer_is_committed(
     local_bucket: LocalBucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     events: list[str] = []
-    real_fsync_dir = local_module._fsync_dir
+    real_fsync_dir = local_module.fsync_dir
     real_replace = local_module.os.replace
 
     def fsync_dir(path: Path) -> None:
@@ -107,7 +107,7 @@ async def test_new_blob_is_durable_before_its_pointer_is_committed(
         events.append(f"replace {Path(dst).relative_to(local_bucket.root)}")
         real_replace(src, dst)
 
-    monkeypatch.setattr(local_module, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(local_module, "fsync_dir", fsync_dir)
     monkeypatch.setattr(local_module.os, "replace", replace)
     await local_bucket.put("t/lock.json", b"{}")
     assert events == ["fsync blobs", "replace keys/t/lock.json", "fsync keys/t"]
