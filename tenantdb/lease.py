@@ -102,6 +102,8 @@ class Lease:
         self._on_lost = on_lost
         self._etag: str | None = None
         self._renewed_at = 0.0  # monotonic time the write that landed last was *sent*
+        # A release was sent: it may land unheard, so this process no longer counts as holder.
+        self._releasing = False
         self._unconfirmed: list[_Sent] = []
         self._next_seq = 1
         # Without a server Date header, expiry is timed by watching one ETag stay unchanged.
@@ -142,7 +144,7 @@ class Lease:
     @property
     def valid_for(self) -> float:
         """Seconds this machine may still act as holder, by its own conservative clock."""
-        if self.status != "held":
+        if self.status != "held" or self._releasing:
             return 0.0
         return self.ttl - (time.monotonic() - self._renewed_at)
 
@@ -153,6 +155,12 @@ class Lease:
                 return await self._try_acquire()
             except PreconditionFailedError:
                 # Another machine wrote lock.json between our read and our write: re-read it.
+                continue
+            except _EarlierWriteLanded:
+                # One of our own earlier writes (a late acquisition or renewal) landed
+                # between the read and this write: it holds the lease for us, or re-read.
+                if self.status == "held" and self.record is not None:
+                    return self.record
                 continue
         raise LeaseLostError(
             f"tenant {self.tenant}: lock.json kept changing while acquiring", tenant=self.tenant
@@ -240,6 +248,7 @@ class Lease:
 
     async def release(self) -> None:
         """Give the lease up after the final publish: ``owner`` becomes null."""
+        self._releasing = True
         await self._update(
             lambda current: replace(current, owner=None, last_owner=self.machine_id, claim=None)
         )
