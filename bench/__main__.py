@@ -19,8 +19,8 @@ BENCHMARKS = {
     "routing": "bench.bench_routing",
     "overhead": "bench.bench_overhead",
     "restore": "bench.bench_restore",
-    "publish": "bench.bench_publish",
     "lease_ops": "bench.bench_lease_ops",
+    "log": "bench.bench_log",
 }
 
 
