@@ -32,11 +32,11 @@ from tenantdb.errors import (
 from tenantdb.lease import Lease
 from tenantdb.lockfile import LogChunk, LogPointer, now_iso
 from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
+from tenantdb.replication.compaction import merge_segments, next_merge
 from tenantdb.replication.segment import (
     Segment,
     SegmentHeader,
     chunk_key,
-    decode_segment,
     encode_segment,
     segment_key,
 )
@@ -59,10 +59,6 @@ MAX_FRAMES_PER_SEGMENT = 4096
 CHECKPOINT_WAL_BYTES = 4 << 20
 # SQLite truncates the WAL file to this size when it restarts it after a checkpoint.
 JOURNAL_SIZE_LIMIT = 16 << 20
-# Single segments are merged into one object once this many follow the merged ones.
-MERGE_SINGLES = 16
-# Merged objects of one level become one of the next level once this many are in a row.
-MERGE_FANOUT = 4
 # How often the log's objects no restore can use are looked for (a LIST) and deleted.
 GC_INTERVAL = 600.0
 # A restore applies at most this many objects: past it (compaction failing), a snapshot.
@@ -181,20 +177,14 @@ class Shipper:
             if self._needs_snapshot:
                 await self._snapshot()
                 return True
-            if self._built is None:
-                try:
-                    self._built = await asyncio.to_thread(self._build)
-                except ReplicationError as exc:
-                    log.warning(
-                        "tenant %s: %s; taking a full snapshot instead", self.lease.tenant, exc
-                    )
-                    self._needs_snapshot = True
-                    return True
-                if self._built is None:
-                    return False
             try:
+                if self._built is None:
+                    self._built = await asyncio.to_thread(self._build)
+                    if self._built is None:
+                        return False
                 await self._publish(self._built)
             except ReplicationError as exc:
+                # The WAL or the log is not what the shipper expects: never guess.
                 log.warning("tenant %s: %s; taking a full snapshot instead", self.lease.tenant, exc)
                 self._built, self._needs_snapshot = None, True
             return True
@@ -339,21 +329,11 @@ class Shipper:
     # -- compaction ----------------------------------------------------------------------
 
     async def _compact(self) -> None:
-        """Merge single segments, then merged objects level by level: a restore stays short.
-
-        Each merge uploads only the distinct pages of what it replaces (at most once per
-        level for a page), and a full snapshot is needed only once a day by default.
-        """
+        """Merge log objects as ``compaction.next_merge`` plans: a restore stays short."""
         if self._needs_snapshot or self._built is not None or self._hashes is None:
             return
-        pointer = self._log()
-        if pointer.tail - pointer.first_single + 1 >= MERGE_SINGLES:
-            await self._merge(pointer, pointer.first_single, pointer.tail)
-        while len((pointer := self._log()).merged) >= MERGE_FANOUT:
-            group = pointer.merged[-MERGE_FANOUT:]
-            if len({_level(first, last) for first, last, _ in group}) != 1:
-                return
-            await self._merge(pointer, group[0][0], group[-1][1])
+        while (span := next_merge(pointer := self._log())) is not None:
+            await self._merge(pointer, *span)
 
     async def _merge(self, pointer: LogPointer, first: int, last: int) -> None:
         """Replace the log objects from ``first`` to ``last`` by one with their newest pages."""
@@ -365,7 +345,7 @@ class Shipper:
         keys = [chunk_key(self.prefix, tenant, chunk) for chunk in chunks]
         bodies = await asyncio.gather(*(self.lease.bucket.get(key) for key in keys))
         body = await asyncio.to_thread(
-            _merged_body,
+            merge_segments,
             [(k, b.body) for k, b in zip(keys, bodies, strict=True)],
             chunks,
             tenant,
@@ -474,49 +454,3 @@ class Shipper:
         finally:
             writer.execute("ROLLBACK")
         return position, PageHashes.of_file(dest, database_page_size(dest))
-
-
-def _level(first: int, last: int) -> int:
-    """A merged object's level: 0 for about MERGE_SINGLES segments, +1 per MERGE_FANOUT x."""
-    span, level = (last - first + 1) // MERGE_SINGLES, 0
-    while span >= MERGE_FANOUT:
-        span //= MERGE_FANOUT
-        level += 1
-    return level
-
-
-def _merged_body(
-    objects: list[tuple[str, bytes]], chunks: list[LogChunk], tenant: str, generation: int
-) -> bytes:
-    """Decode and check consecutive log objects, and encode their merge (blocking)."""
-    pages: dict[int, bytes] = {}
-    segments = [decode_segment(body, key=key) for key, body in objects]
-    for (key, _), chunk, segment, previous in zip(
-        objects, chunks, segments, [None, *segments[:-1]], strict=True
-    ):
-        header = segment.header
-        if (header.tenant, header.generation, header.index) != (
-            tenant,
-            chunk.generation,
-            chunk.last,
-        ):
-            raise ReplicationError(f"{key} is not the log object lock.json names", key=key)
-        if previous is not None and header.prev_state != previous.header.state:
-            raise ReplicationError(f"{key} does not follow the object before it", key=key)
-        pages.update(segment.pages)
-        # Replayed in order, a truncation drops pages past the end even if written earlier.
-        for pgno in [p for p in pages if p > header.db_pages]:
-            del pages[pgno]
-    head, tail = segments[0].header, segments[-1].header
-    header = SegmentHeader(
-        tenant=tenant,
-        generation=generation,
-        index=tail.index,
-        page_size=tail.page_size,
-        db_pages=tail.db_pages,
-        timestamp_ms=tail.timestamp_ms,
-        prev_state=head.prev_state,
-        state=tail.state,
-        commits=sum(s.header.commits for s in segments),
-    )
-    return encode_segment(Segment(header, tuple(sorted(pages.items()))))

@@ -14,6 +14,7 @@ from tenantdb.config import Settings
 from tenantdb.database import TenantDB
 from tenantdb.errors import LeaseLostError, ReplicationError, TransientStorageError
 from tenantdb.lease import Lease
+from tenantdb.replication import compaction
 from tenantdb.replication import shipper as shipper_module
 from tenantdb.replication.restore import restore_database
 from tenantdb.storage.base import Bucket, ObjectInfo
@@ -119,8 +120,8 @@ async def test_a_wal_restarted_behind_the_shippers_back_falls_back_to_a_snapshot
 async def test_a_long_log_is_merged_level_by_level_and_restores_exactly(
     bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shipper_module, "MERGE_SINGLES", 3)
-    monkeypatch.setattr(shipper_module, "MERGE_FANOUT", 2)
+    monkeypatch.setattr(compaction, "MERGE_SINGLES", 3)
+    monkeypatch.setattr(compaction, "MERGE_FANOUT", 2)
     async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
         shipper = tdb._shipper
         assert shipper is not None
@@ -150,7 +151,7 @@ async def test_too_many_log_objects_fall_back_to_a_snapshot(
     bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(shipper_module, "MAX_CHUNKS", 4)
-    monkeypatch.setattr(shipper_module, "MERGE_SINGLES", 1000)
+    monkeypatch.setattr(compaction, "MERGE_SINGLES", 1000)
     async with TenantDB(
         settings(tmp_path, "m1", sync_interval=0.05), migrations=MIGRATIONS, bucket=bucket
     ) as tdb:
@@ -274,7 +275,7 @@ async def test_a_restarted_machine_restores_snapshot_and_log_and_keeps_shipping(
 async def test_garbage_collection_deletes_only_what_lock_json_no_longer_names(
     bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shipper_module, "MERGE_SINGLES", 3)
+    monkeypatch.setattr(compaction, "MERGE_SINGLES", 3)
     async with TenantDB(
         settings(tmp_path, "m1", retention=0), migrations=MIGRATIONS, bucket=bucket
     ) as tdb:
