@@ -5,7 +5,8 @@ Over HTTP, uvicorn processes serve on loopback (all with ``--no-access-log``):
 - candidates: ``example_app:app``, the counter demo behind ``TenantDBMiddleware`` (this
   machine's tenant, embedded local bucket, default settings), once per ``--pool-sizes``
   entry (``TENANTDB_POOL_SIZE``; default ``8,1``: the default pool, and a single
-  connection). The first one is the figure;
+  connection). The first one is the figure; it runs once more with log shipping off
+  (``TENANTDB_SYNC_INTERVAL`` of a day), for the cost of shipping;
 - baseline: ``bench.bench_overhead:baseline_app``, the same Starlette routes and the same
   ``visit`` handler, with one aiosqlite connection (same PRAGMAs) opened in its lifespan
   and used by one request at a time (an ``asyncio.Lock``: see ``serialized_visit``).
@@ -244,6 +245,8 @@ def candidate_name(pool_size: int) -> str:
 
 
 BASELINE = "own connection"
+# The first candidate again, with log shipping left off (a sync interval of a day).
+NO_SHIPPING = "tenantdb, shipping off"
 
 
 def http_rounds(
@@ -267,6 +270,19 @@ def http_rounds(
                 },
                 work / f"candidate-{size}.log",
             )
+        servers[NO_SHIPPING] = Server(
+            NO_SHIPPING,
+            "example_app:app",
+            {
+                "TENANT_ID": TENANT,
+                "TENANTDB_DATA_DIR": str(work / "data-no-shipping"),
+                "TENANTDB_LOCAL_BUCKET": str(work / "bucket-no-shipping"),
+                "TENANTDB_POOL_SIZE": str(args.pool_sizes[0]),
+                "TENANTDB_SYNC_INTERVAL": "86400",
+                "FLY_MACHINE_ID": "bench-machine",
+            },
+            work / "candidate-no-shipping.log",
+        )
         servers[BASELINE] = Server(
             BASELINE,
             "bench.bench_overhead:baseline_app",
@@ -546,6 +562,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"pool {size}: {medians[candidate_name(size)] / base:.3f}" for size in args.pool_sizes[1:]
     )
     ratio = medians[candidate_name(main_pool)] / base
+    shipping = medians[candidate_name(main_pool)] / medians[NO_SHIPPING]
+    print(f"ratio: shipping on/off requests/s {shipping:.3f} (goal >= 0.95)")
     met = ratio >= GOAL_RATIO and mw_met
     print(
         f"ratio: middleware (pool {main_pool})/own-connection requests/s {ratio:.3f} "

@@ -4,7 +4,8 @@ Three tenants, two machines each (a holder and a standby), under steady load thr
 emulated Fly proxy. Meanwhile one holder is stopped gracefully and later woken, another is
 stopped and woken the other way round, and one holder is killed with SIGKILL. At the end
 every acknowledged increment must be in the final counts, except those the killed holder
-acknowledged after its last checkpoint: the test counts those and reports them.
+acknowledged after its last shipped segment (within one sync interval and one upload of the
+kill): the test counts those and reports them.
 
 ``TENANTDB_SOAK_SECONDS`` sets the length of the load (default 40; try 300 for a long run).
 """
@@ -25,7 +26,7 @@ import pytest
 from tenantdb.dev.cluster import Cluster, ClusterConfig
 
 TENANTS = ("100", "200", "300")
-CHECKPOINT_INTERVAL = 1.0
+SYNC_INTERVAL = 1.0
 SECONDS = float(os.environ.get("TENANTDB_SOAK_SECONDS", "40"))
 # The developer's shell must not point the machines at a real bucket or app.
 pytestmark = pytest.mark.usefixtures("clean_environment")
@@ -62,7 +63,7 @@ async def test_every_acknowledged_increment_survives_stops_wakes_and_a_kill(
         kill_timeout=15,
         env={
             "TENANTDB_LEASE_TTL": "3",
-            "TENANTDB_CHECKPOINT_INTERVAL": str(CHECKPOINT_INTERVAL),
+            "TENANTDB_SYNC_INTERVAL": str(SYNC_INTERVAL),
         },
     )
     acks: list[Ack] = []
@@ -131,15 +132,15 @@ async def test_every_acknowledged_increment_survives_stops_wakes_and_a_kill(
         assert after, "nobody took over the killed holder's tenant"
         restored = min(a.count for a in after) - 1
         lost = [a for a in before if a.count > restored]
-        # Only increments after the killed holder's last checkpoint may be lost.
+        # Only increments after the killed holder's last shipped segment may be lost.
         for ack in lost:
-            assert ack.at > killed_at - (CHECKPOINT_INTERVAL + 1.5), ack
+            assert ack.at > killed_at - (SYNC_INTERVAL + 1.5), ack
         assert sorted(a.count for a in after) == list(
             range(restored + 1, restored + 1 + len(after))
         )
         assert finals[tenant] >= restored + len(after)
     print(
         f"\nsoak {SECONDS:.0f}s: {len(acks)} acknowledged increments, final counts {finals}, "
-        f"lost with the killed holder (after its last checkpoint): {len(lost)}, "
+        f"lost with the killed holder (after its last shipped segment): {len(lost)}, "
         f"non-200 answers by status: {dict(failures)}"
     )

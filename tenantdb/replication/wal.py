@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -37,6 +38,7 @@ __all__ = [
     "WALPosition",
     "WALRestartedError",
     "read_committed",
+    "wal_index_frames",
     "wal_start",
 ]
 
@@ -108,7 +110,11 @@ def wal_start(wal_path: Path) -> WALPosition | None:
 
 
 def read_committed(
-    wal_path: Path, since: WALPosition, *, max_frames: int | None = None
+    wal_path: Path,
+    since: WALPosition,
+    *,
+    max_frames: int | None = None,
+    committed_frames: int | None = None,
 ) -> CommittedPages:
     """Read frames from ``since`` up to the last valid commit frame.
 
@@ -118,6 +124,10 @@ def read_committed(
     or before it, or at the first commit when one transaction is longer (a transaction is
     returned whole). Raises WALRestartedError when the WAL's salts are not ``since``'s, and
     ReplicationError when the file has no valid header or ``since`` does not fit it.
+
+    ``committed_frames`` is the wal-index's count of committed frames (``wal_index_frames``):
+    frames up to it are taken as SQLite's own readers take them, with their salts checked
+    but without recomputing the checksum chain, and none past it are read.
     """
     if max_frames is not None and max_frames < 1:
         raise ConfigurationError(f"max_frames must be at least 1, not {max_frames}")
@@ -133,7 +143,7 @@ def read_committed(
                     current=header,
                 )
             _check_position(f, wal_path, header, since)
-            return _read_frames(f, since, max_frames)
+            return _read_frames(f, since, max_frames, committed_frames, header)
     except FileNotFoundError as exc:
         raise ReplicationError(f"{wal_path} does not exist: no WAL to read") from exc
     except OSError as exc:
@@ -176,7 +186,7 @@ def _check_position(f: BinaryIO, wal_path: Path, header: WALPosition, since: WAL
     if since.offset < _WAL_HEADER_SIZE or (since.offset - _WAL_HEADER_SIZE) % frame_size:
         raise ReplicationError(f"offset {since.offset} is not a frame boundary of {wal_path}")
     if since.offset == _WAL_HEADER_SIZE:
-        expected = header.checksum
+        return  # nothing of this incarnation was read yet: any header with its salts will do
     else:
         # The salts alone could repeat by chance; the commit frame just before the position
         # must also carry the position's checksum. Its own checksum is not rechecked: that
@@ -199,7 +209,13 @@ def _check_position(f: BinaryIO, wal_path: Path, header: WALPosition, since: WAL
         )
 
 
-def _read_frames(f: BinaryIO, since: WALPosition, max_frames: int | None) -> CommittedPages:
+def _read_frames(
+    f: BinaryIO,
+    since: WALPosition,
+    max_frames: int | None,
+    committed_frames: int | None,
+    header: WALPosition,
+) -> CommittedPages:
     """Read valid frames from ``since`` and keep those up to the chosen commit."""
     page_size = since.page_size
     frame_size = _FRAME_HEADER_SIZE + page_size
@@ -210,7 +226,9 @@ def _read_frames(f: BinaryIO, since: WALPosition, max_frames: int | None) -> Com
     pages: dict[int, bytes] = {}
     # Frames after the last commit read: kept apart until their commit frame shows up.
     pending: dict[int, bytes] = {}
-    s0, s1 = since.checksum
+    # Right after the header, the chain starts from the header as it is now: a writer may
+    # rewrite it before its first frame (same salts, another checkpoint sequence number).
+    s0, s1 = header.checksum if since.offset == _WAL_HEADER_SIZE else since.checksum
     offset = since.offset
     frames = commits = db_pages = 0
     end = since
@@ -218,16 +236,23 @@ def _read_frames(f: BinaryIO, since: WALPosition, max_frames: int | None) -> Com
 
     f.seek(offset)
     while max_frames is None or frames < max_frames or commits == 0:
+        if committed_frames is not None and (offset - _WAL_HEADER_SIZE) // frame_size >= (
+            committed_frames
+        ):
+            break  # past what the wal-index says is committed
         frame = f.read(frame_size)
         if len(frame) < frame_size:
             break  # the end of the file, or a frame still being written
         pgno, commit, salt1, salt2, c1, c2 = _FRAME_HEADER.unpack_from(frame)
         if (salt1, salt2) != salts or pgno == 0:
             break  # a stale frame of an older incarnation, or one being rewritten
-        s0, s1 = _checksum(header_words.unpack_from(frame), s0, s1)
-        s0, s1 = _checksum(page_words.unpack_from(frame, _FRAME_HEADER_SIZE), s0, s1)
-        if (s0, s1) != (c1, c2):
-            break  # torn or damaged: nothing after it can be trusted either
+        if committed_frames is None:
+            s0, s1 = _checksum(header_words.unpack_from(frame), s0, s1)
+            s0, s1 = _checksum(page_words.unpack_from(frame, _FRAME_HEADER_SIZE), s0, s1)
+            if (s0, s1) != (c1, c2):
+                break  # torn or damaged: nothing after it can be trusted either
+        else:
+            s0, s1 = c1, c2  # the chain as SQLite wrote it, for the next position check
         frames += 1
         offset += frame_size
         pending[pgno] = frame[_FRAME_HEADER_SIZE:]
@@ -254,6 +279,41 @@ def _read_frames(f: BinaryIO, since: WALPosition, max_frames: int | None) -> Com
         commits=commits,
         frames=end_frames,
     )
+
+
+# The wal-index header (https://sqlite.org/walformat.html): two 48-byte copies in native
+# byte order; the salts are a raw copy of the WAL header's.
+_INDEX_HEADER = struct.Struct("=IIIBBHII8x8s8x")
+_INDEX_COPY = 48
+_INDEX_CHECKSUMMED = 40
+
+
+def wal_index_frames(shm_path: Path, salts: tuple[int, int]) -> int | None:
+    """How many WAL frames are committed, from the wal-index (``-shm``), if it can be trusted.
+
+    SQLite updates the index after the frames are written, and keeps two copies of its
+    header so that a reader can tell a consistent one: both copies must agree, be
+    initialised, pass their checksum and name the WAL incarnation with ``salts``. None when
+    any of that fails (the caller then verifies every frame's checksum instead).
+    """
+    native_big_endian = sys.byteorder == "big"
+    for _ in range(3):  # a copy being rewritten while it was read: read again
+        try:
+            with open(shm_path, "rb") as f:
+                data = f.read(2 * _INDEX_COPY)
+        except OSError:
+            return None
+        if len(data) < 2 * _INDEX_COPY or data[:_INDEX_COPY] != data[_INDEX_COPY:]:
+            continue
+        version, _unused, _change, is_init, _big, _size, frames, _pages, raw_salts = (
+            _INDEX_HEADER.unpack_from(data)
+        )
+        words = _words(native_big_endian, _INDEX_CHECKSUMMED // 4).unpack_from(data)
+        stored = _words(native_big_endian, 2).unpack_from(data, _INDEX_CHECKSUMMED)
+        if version != _FORMAT_VERSION or not is_init or _checksum(words, 0, 0) != stored:
+            return None
+        return frames if struct.unpack(">II", raw_salts) == salts else None
+    return None
 
 
 @functools.lru_cache(maxsize=32)

@@ -32,6 +32,7 @@ from tenantdb.replication.wal import (
     WALRestartedError,
     _checksum,
     read_committed,
+    wal_index_frames,
     wal_start,
 )
 
@@ -558,7 +559,6 @@ def test_position_that_does_not_fit_the_wal(tenant: Tenant) -> None:
         replace(first, offset=first.offset + 8),
         replace(first, offset=0),
         replace(first, checksum=(1, 2)),
-        replace(ends[0], checksum=(1, 2)),
         replace(first, offset=ends[-1].offset + 10 * frame_size),
     ]
     headers = frame_headers(copy)
@@ -570,6 +570,36 @@ def test_position_that_does_not_fit_the_wal(tenant: Tenant) -> None:
             read_committed(copy, position)
         assert not isinstance(info.value, WALRestartedError)
     assert read_committed(copy, first).end == ends[-1]
+
+
+def test_a_header_rewritten_with_the_same_salts_before_the_first_frame_is_followed(
+    tenant: Tenant,
+) -> None:
+    # After a full checkpoint, a transaction that spills frames restarts the WAL (new salts,
+    # a header written by that connection), then rolls back. The next commit, from another
+    # connection, writes the header again with the same salts but its own checkpoint
+    # sequence number: the header's checksum changes under a position at offset 32.
+    tenant.commit_rows([(1, 100)])
+    tenant.checkpoint("PASSIVE")
+    tenant.commit_rows([(1, 0)])  # restarts the WAL from this connection
+    tenant.checkpoint("PASSIVE")
+    spiller = open_live(tenant.db, tenant.page_size, cache_size=2)
+    spiller.execute("BEGIN IMMEDIATE")
+    for k in range(50):
+        tenant.put(100 + k, 3000, spiller)
+    spiller.execute("ROLLBACK")
+    spiller.close()
+    before = wal_start(tenant.copy_wal())
+    assert before is not None
+    tenant.commit_rows([(2, 100)])
+    copy = tenant.copy_wal()
+    after = wal_start(copy)
+    assert after is not None
+    assert (after.salt1, after.salt2) == (before.salt1, before.salt2)
+    assert after.checksum != before.checksum  # the header was written again
+    got = read_committed(copy, before)
+    assert got.commits == 1
+    assert read_committed(copy, got.end).commits == 0
 
 
 # --- damage ------------------------------------------------------------------------------
@@ -743,3 +773,50 @@ def test_big_endian_checksums(tenant: Tenant) -> None:
         assert list(conn.iterdump()) == tenant.live_content()[0]
     finally:
         conn.close()
+
+
+# --- the wal-index ------------------------------------------------------------------------
+
+
+def test_the_wal_index_bounds_reading_to_committed_frames_without_checksums(
+    tenant: Tenant,
+) -> None:
+    for n in range(20):
+        tenant.commit_rows([(n, 500)])
+    shm = Path(f"{tenant.db}-shm")
+    start = wal_start(tenant.wal)
+    assert start is not None
+    committed = wal_index_frames(shm, (start.salt1, start.salt2))
+    verified = read_committed(tenant.wal, start)
+    assert committed == verified.frames
+    indexed = read_committed(tenant.wal, start, committed_frames=committed)
+    assert (indexed.pages, indexed.end, indexed.commits) == (
+        verified.pages,
+        verified.end,
+        verified.commits,
+    )
+    # Fewer committed frames than the file holds (a commit in progress): none past them.
+    first = read_committed(tenant.wal, start, max_frames=1)
+    bounded = read_committed(tenant.wal, start, committed_frames=first.frames)
+    assert bounded.end == first.end
+
+
+def test_a_wal_index_that_cannot_be_trusted_is_not_used(tenant: Tenant) -> None:
+    tenant.commit_rows([(1, 500)])
+    shm = Path(f"{tenant.db}-shm")
+    start = wal_start(tenant.wal)
+    assert start is not None
+    assert wal_index_frames(shm, (start.salt1, start.salt2)) is not None
+    assert wal_index_frames(shm, (start.salt1 + 1, start.salt2)) is None  # another WAL
+    damaged = tenant.directory / "damaged-shm"
+    data = bytearray(shm.read_bytes()[:96])
+    data[16] ^= 0xFF  # mxFrame in both copies: the header checksum no longer holds
+    data[48 + 16] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    assert wal_index_frames(damaged, (start.salt1, start.salt2)) is None
+    torn = tenant.directory / "torn-shm"
+    data = bytearray(shm.read_bytes()[:96])
+    data[16] ^= 0xFF  # the two copies disagree: a header being rewritten
+    torn.write_bytes(bytes(data))
+    assert wal_index_frames(torn, (start.salt1, start.salt2)) is None
+    assert wal_index_frames(tenant.directory / "missing-shm", (start.salt1, start.salt2)) is None
