@@ -60,7 +60,7 @@ MAX_FRAMES_PER_SEGMENT = 4096
 CHECKPOINT_WAL_BYTES = 4 << 20
 # SQLite truncates the WAL file to this size when it restarts it after a checkpoint.
 JOURNAL_SIZE_LIMIT = 16 << 20
-# How often the log's objects no restore can use are looked for (a LIST) and deleted.
+# The shortest pause between two looks (a LIST) for log objects no restore can use.
 GC_INTERVAL = 600.0
 # A restore applies at most this many objects: past it (compaction failing), a snapshot.
 MAX_CHUNKS = 64
@@ -124,7 +124,9 @@ class Shipper:
         self.work_dir = work_dir
         self.snapshot_retention = snapshot_retention
         self.retention = retention
-        self._collected_at = 0.0
+        # When to look for garbage next (monotonic); None: no garbage is known to exist. An
+        # idle tenant costs no LIST: only merges, snapshots and a new holding make garbage.
+        self._next_collection: float | None = time.monotonic()
         self._hashes = hashes
         # None until the first read: the start of whatever WAL exists then (the database
         # was just restored or created, so nothing in it can have been checkpointed).
@@ -201,7 +203,7 @@ class Shipper:
                     pass
                 async with self._lock:
                     await self._compact()
-                if time.monotonic() - self._collected_at >= GC_INTERVAL:
+                if self._next_collection is not None and time.monotonic() >= self._next_collection:
                     async with self._lock:  # nothing is uploaded and not yet named meanwhile
                         await self.collect_garbage()
                 if self._snapshot_due(snapshot_interval):
@@ -370,6 +372,7 @@ class Shipper:
         await self.lease.advance_log(
             record.log, pointer.with_merged(first, last, record.generation)
         )
+        self._garbage_made()
 
     async def collect_garbage(self) -> list[str]:
         """Delete log objects lock.json no longer names, once older than the retention.
@@ -382,7 +385,6 @@ class Shipper:
         reads: both are kept for ``retention`` (for point-in-time restores), then deleted.
         Objects the current lock.json names are never deleted. Returns the deleted keys.
         """
-        self._collected_at = time.monotonic()
         tenant, bucket = self.lease.tenant, self.lease.bucket
         objects = await bucket.list(f"{self.prefix}{tenant}/log/")
         record = self.lease.record
@@ -390,13 +392,28 @@ class Shipper:
             return []
         log_now = record.log
         named = {chunk_key(self.prefix, tenant, c) for c in (log_now.chunks() if log_now else [])}
-        cutoff = datetime.now(UTC) - timedelta(seconds=self.retention)
-        deleted = []
+        now = datetime.now(UTC)
+        cutoff = now - timedelta(seconds=self.retention)
+        deleted, kept = [], []
         for info in objects:
-            if info.key not in named and info.last_modified < cutoff:
+            if info.key in named:
+                continue
+            if info.last_modified < cutoff:
                 await bucket.delete(info.key)
                 deleted.append(info.key)
+            else:
+                kept.append(info.last_modified)
+        self._next_collection = None
+        if kept:  # look again once the youngest garbage is past the retention
+            due = (min(kept) - cutoff).total_seconds()
+            self._next_collection = time.monotonic() + max(due, GC_INTERVAL)
         return deleted
+
+    def _garbage_made(self) -> None:
+        """A merge or a snapshot replaced objects: collect them once the retention is past."""
+        due = time.monotonic() + max(self.retention, GC_INTERVAL)
+        if self._next_collection is None or due < self._next_collection:
+            self._next_collection = due
 
     # -- checkpoints and snapshots -------------------------------------------------------
 
@@ -461,6 +478,7 @@ class Shipper:
         self._needs_snapshot, self._restart_expected = False, True
         self._snapshot_at = self.shipped_at = time.monotonic()
         self.snapshots += 1
+        self._garbage_made()
 
     def _copy(self, dest: Path) -> tuple[WALPosition | None, PageHashes]:
         """Copy the database while holding the write lock; return the WAL end it matches."""

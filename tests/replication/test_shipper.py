@@ -308,3 +308,43 @@ async def test_garbage_within_the_retention_is_kept(bucket: Bucket, tmp_path: Pa
         async with shipper._lock:
             assert await shipper.collect_garbage() == []
         assert len(await bucket.list("tenants/acme/log/")) == 1
+
+
+class CountingLists:
+    """A bucket that counts its LIST requests."""
+
+    def __init__(self, inner: Bucket) -> None:
+        self.inner = inner
+        self.lists = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def list(self, prefix: str) -> Any:
+        self.lists += 1
+        return await self.inner.list(prefix)
+
+
+async def test_an_idle_tenant_lists_nothing_and_garbage_is_collected_when_due(
+    local_bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shipper_module, "GC_INTERVAL", 0.0)
+    counting = CountingLists(local_bucket)
+    async with TenantDB(
+        settings(tmp_path, "m1", sync_interval=0.05, retention=0),
+        migrations=MIGRATIONS,
+        bucket=counting,  # type: ignore[arg-type]
+    ) as tdb:
+        await asyncio.sleep(0.5)
+        assert counting.lists <= 1  # one look at a new holding's start, then none
+        await add(tdb, 1)
+        await tdb.sync()
+        await tdb.checkpoint()  # the snapshot replaces the segment: garbage, due at once
+        for _ in range(40):
+            if not await local_bucket.list("tenants/acme/log/"):
+                break
+            await asyncio.sleep(0.05)
+        assert await local_bucket.list("tenants/acme/log/") == []
+        seen = counting.lists
+        await asyncio.sleep(0.5)
+        assert counting.lists == seen  # nothing left to collect: no more LISTs
