@@ -171,9 +171,33 @@ class Shipper:
         return self._reader
 
     async def sync(self) -> None:
-        """Ship everything committed so far; return once the bucket has it."""
+        """Ship everything committed so far; return once the bucket has it.
+
+        Commits that land meanwhile may be shipped too, but are not waited for: under a
+        steady stream of writes this returns all the same.
+        """
+        target = await asyncio.to_thread(self._committed_now)
         while await self.ship_once():
-            pass
+            if target is not None and self._shipped(*target):
+                return
+
+    def _committed_now(self) -> tuple[tuple[int, int], int] | None:
+        """The current WAL's salts and committed frame count, when the wal-index says."""
+        start = wal_start(self.wal_path)
+        if start is None:
+            return None
+        salts = (start.salt1, start.salt2)
+        frames = wal_index_frames(self.shm_path, salts)
+        return None if frames is None else (salts, frames)
+
+    def _shipped(self, salts: tuple[int, int], frames: int) -> bool:
+        """Whether the position is past ``frames`` frames of the WAL with ``salts``."""
+        position = self._position
+        if position is None or self._needs_snapshot or self._built is not None:
+            return False
+        if (position.salt1, position.salt2) != salts:
+            return True  # restarted since: every frame of that WAL was shipped before
+        return (position.offset - 32) // (position.page_size + 24) >= frames
 
     async def ship_once(self) -> bool:
         """Publish one segment (or the snapshot the log needs); False if nothing was due."""
@@ -457,7 +481,7 @@ class Shipper:
         """Publish a full snapshot as the log's new base (compaction, or a fallback)."""
         copy = temp_snapshot_path(self.work_dir)
         try:
-            position, hashes = await asyncio.to_thread(self._copy, copy)
+            position, hashes, at_end = await asyncio.to_thread(self._copy, copy)
             # From here the shipper's position is the copy's: until the snapshot is known
             # to be published, nothing can be shipped on top of either.
             self._needs_snapshot = True
@@ -475,13 +499,22 @@ class Shipper:
         finally:
             copy.unlink(missing_ok=True)
         self._position, self._hashes, self._built = position, hashes, None
-        self._needs_snapshot, self._restart_expected = False, True
+        self._needs_snapshot, self._restart_expected = False, at_end
         self._snapshot_at = self.shipped_at = time.monotonic()
         self.snapshots += 1
         self._garbage_made()
 
-    def _copy(self, dest: Path) -> tuple[WALPosition | None, PageHashes]:
-        """Copy the database while holding the write lock; return the WAL end it matches."""
+    def _copy(self, dest: Path) -> tuple[WALPosition | None, PageHashes, bool]:
+        """Copy the database consistently; return the WAL end it matches.
+
+        Usually under a pinned read snapshot, so that writers go on: the copy is then the
+        state at the wal-index's committed frame count, read unchanged before and after
+        pinning. If that cannot be established, the copy is made holding the write lock.
+        The flag says whether the position is the WAL's end under the write lock.
+        """
+        pinned = self._copy_pinned(dest)
+        if pinned is not None:
+            return (*pinned, False)
         writer = self._writer
         if writer is None:
             raise ReplicationError(f"{self!r} is not open")
@@ -489,12 +522,44 @@ class Shipper:
         try:
             copy_database(self.source, dest)
             # No writer can commit meanwhile: the copy is the state at the end of the WAL.
-            position = wal_start(self.wal_path)
-            while position is not None:
-                read = self._read(position)
-                if read.end == position:
-                    break
-                position = read.end
+            position = self._read_to(wal_start(self.wal_path), None)
         finally:
             writer.execute("ROLLBACK")
-        return position, PageHashes.of_file(dest, database_page_size(dest))
+        return position, PageHashes.of_file(dest, database_page_size(dest)), True
+
+    def _copy_pinned(self, dest: Path) -> tuple[WALPosition | None, PageHashes] | None:
+        """The copy under a pinned read snapshot, or None if its WAL end is not certain."""
+        reader = self.source
+        for _ in range(5):
+            start = wal_start(self.wal_path)
+            if start is None:
+                return None
+            salts = (start.salt1, start.salt2)
+            before = wal_index_frames(self.shm_path, salts)
+            reader.execute("BEGIN")
+            try:
+                reader.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                if before is None or wal_index_frames(self.shm_path, salts) != before:
+                    continue  # a commit landed while pinning: the snapshot's end is unknown
+                copy_database(reader, dest)
+            finally:
+                reader.execute("ROLLBACK")
+            position = self._read_to(start, before)
+            return position, PageHashes.of_file(dest, database_page_size(dest))
+        return None
+
+    def _read_to(self, position: WALPosition | None, frames: int | None) -> WALPosition | None:
+        """The position after the last commit of the WAL, or after ``frames`` frames of it."""
+        while position is not None:
+            read = read_committed(
+                self.wal_path,
+                position,
+                max_frames=MAX_FRAMES_PER_SEGMENT,
+                committed_frames=frames
+                if frames is not None
+                else wal_index_frames(self.shm_path, (position.salt1, position.salt2)),
+            )
+            if read.end == position:
+                break
+            position = read.end
+        return position

@@ -348,3 +348,31 @@ async def test_an_idle_tenant_lists_nothing_and_garbage_is_collected_when_due(
         seen = counting.lists
         await asyncio.sleep(0.5)
         assert counting.lists == seen  # nothing left to collect: no more LISTs
+
+
+async def test_a_snapshot_taken_while_writes_go_on_loses_none_of_them(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
+        await add(tdb, 2000, note="y" * 100)  # a copy that takes a while
+        await tdb.sync()
+        stop = asyncio.Event()
+
+        async def writer() -> None:
+            n = 0
+            while not stop.is_set():
+                await add(tdb, 1, note=f"during {n}")
+                n += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(writer())
+        for _ in range(3):
+            await tdb.checkpoint()
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+        await tdb.sync()
+        record = tdb.lease.record
+        assert record is not None
+        assert record.snapshot is not None
+        assert await restored_rows(bucket, tmp_path) == await rows(tdb)
