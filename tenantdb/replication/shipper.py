@@ -144,7 +144,7 @@ class Shipper:
         self._lock = asyncio.Lock()
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        self.shipped_at = self._snapshot_at = time.monotonic()
+        self._snapshot_at = time.monotonic()
         self.snapshots = 0  # published by this shipper
 
     def __repr__(self) -> str:
@@ -364,7 +364,6 @@ class Shipper:
         self._position, self._hashes, self._built = built.read.end, built.hashes, None
         self._restart_expected = False
         self._backlog = built.read.frames >= MAX_FRAMES_PER_SEGMENT
-        self.shipped_at = time.monotonic()
 
     # -- compaction ----------------------------------------------------------------------
 
@@ -500,7 +499,7 @@ class Shipper:
             copy.unlink(missing_ok=True)
         self._position, self._hashes, self._built = position, hashes, None
         self._needs_snapshot, self._restart_expected = False, at_end
-        self._snapshot_at = self.shipped_at = time.monotonic()
+        self._snapshot_at = time.monotonic()
         self.snapshots += 1
         self._garbage_made()
 
