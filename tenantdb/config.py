@@ -7,12 +7,16 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from tenantdb.errors import ConfigurationError
 from tenantdb.tenants import validate_tenant
 
-__all__ = ["Secret", "Settings"]
+__all__ = ["Durability", "Secret", "Settings"]
+
+# When a write is acknowledged: once committed locally (and shipped within the sync
+# interval), or once the bucket has it (the output gate holds the response until then).
+Durability = Literal["async", "bucket"]
 
 TIGRIS_HOSTS = ("fly.storage.tigris.dev", "t3.storage.dev")
 # Where request bodies too large for fly-replay are streamed: the machine's 6PN name.
@@ -85,6 +89,15 @@ def _duration(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _durability(raw: str | None) -> Durability:
+    value = (raw or "bucket").strip().lower()
+    if value == "async":
+        return "async"
+    if value == "bucket":
+        return "bucket"
+    raise ConfigurationError(f"TENANTDB_DURABILITY={raw!r} must be 'bucket' or 'async'")
+
+
 def _dns_server(raw: str | None) -> tuple[str, int] | None:
     if not raw:
         return None
@@ -115,6 +128,8 @@ class Settings:
     lease_ttl: float = 15.0
     checkpoint_interval: float = 86400.0
     sync_interval: float = 1.0
+    durability: Durability = "bucket"
+    durability_timeout: float = 10.0
     snapshot_retention: int = 5
     retention: float = 86400.0
     kill_timeout: float = 30.0
@@ -135,6 +150,10 @@ class Settings:
             raise ConfigurationError("checkpoint interval must be >= 0 (0 = no periodic snapshot)")
         if self.sync_interval <= 0:
             raise ConfigurationError("sync interval must be positive")
+        if self.durability not in get_args(Durability):
+            raise ConfigurationError(f"durability {self.durability!r} must be 'bucket' or 'async'")
+        if self.durability_timeout <= 0:
+            raise ConfigurationError("durability timeout must be positive")
         if self.snapshot_retention < 1:
             raise ConfigurationError("snapshot retention must keep at least 1 snapshot")
         if self.prefix and not self.prefix.endswith("/"):
@@ -160,6 +179,8 @@ class Settings:
             "lease_ttl": _number(env, "TENANTDB_LEASE_TTL", 15.0, minimum=3),
             "checkpoint_interval": _number(env, "TENANTDB_CHECKPOINT_INTERVAL", 86400.0, minimum=0),
             "sync_interval": _number(env, "TENANTDB_SYNC_INTERVAL", 1.0, minimum=0.01),
+            "durability": _durability(env.get("TENANTDB_DURABILITY")),
+            "durability_timeout": _number(env, "TENANTDB_DURABILITY_TIMEOUT", 10.0, minimum=0.1),
             "snapshot_retention": int(_number(env, "TENANTDB_SNAPSHOT_RETENTION", 5, minimum=1)),
             "retention": _duration(env, "TENANTDB_RETENTION", 86400.0),
             "kill_timeout": _number(env, "TENANTDB_KILL_TIMEOUT", 30.0, minimum=1),

@@ -18,7 +18,7 @@ import re
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
@@ -37,13 +37,14 @@ from tenantdb.errors import (
 from tenantdb.lease import Lease
 from tenantdb.localfiles import remove_database, write_atomically
 from tenantdb.lockfile import LockRecord
+from tenantdb.pool import ConnectionPool
 from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
 from tenantdb.replication.restore import restore_database
 from tenantdb.replication.shipper import CONNECTION_PRAGMAS, Shipper
 from tenantdb.snapshot import file_sha256, remove_stray_temp_files
 from tenantdb.storage import Bucket, open_bucket
 
-__all__ = ["ConnectionPool", "Migration", "TenantDB", "TenantState", "apply_migrations"]
+__all__ = ["Migration", "TenantDB", "TenantState", "apply_migrations"]
 
 log = logging.getLogger("tenantdb")
 
@@ -153,115 +154,6 @@ class _DataDirLock:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-class ConnectionPool:
-    """aiosqlite connections to one file, each lent to one request at a time.
-
-    One shared connection would interleave the transactions of concurrent requests, so
-    each request borrows its own. SQLite has a single writer, though: connections that
-    write at the same time wait for each other in SQLite's busy handler, which sleeps in
-    steps of up to 100 ms. So the pool is elastic: it lends one connection while requests
-    give it back quickly, and opens another (up to ``size``) only when a request has
-    waited ``grow_after`` seconds, as behind a websocket or a slow handler holding one.
-    Idle extra connections are closed when they come back.
-    """
-
-    def __init__(self, path: Path, size: int, *, grow_after: float = 0.1) -> None:
-        self.path = path
-        self.size = size
-        self.grow_after = grow_after
-        # Last in, first out: the busiest connection stays warm. None wakes a waiter on close.
-        self._idle: asyncio.LifoQueue[aiosqlite.Connection | None] = asyncio.LifoQueue()
-        self._opened: list[aiosqlite.Connection] = []
-        self._reserved = 0
-        self._waiting = 0
-        self.closed = False
-
-    async def _open(self) -> aiosqlite.Connection:
-        self._reserved += 1
-        try:
-            conn = await aiosqlite.connect(self.path)
-            try:
-                for pragma in (*CONNECTION_PRAGMAS, "PRAGMA synchronous=NORMAL"):
-                    await conn.execute(pragma)
-                if self.closed:
-                    # close() ran while this connection was being made: it never saw it,
-                    # and a write on it would land after the final snapshot.
-                    raise self._closed_error()
-            except BaseException:
-                await conn.close()
-                raise
-        except BaseException:
-            self._reserved -= 1
-            raise
-        self._opened.append(conn)
-        return conn
-
-    async def acquire(self) -> aiosqlite.Connection:
-        """Lend a connection: an idle one, a new one if none is open, else wait for one."""
-        if self.closed:
-            raise self._closed_error()
-        if not self._idle.empty() and self._waiting == 0:  # waiters go first
-            lent = self._idle.get_nowait()
-        elif self._reserved == 0:
-            return await self._open()
-        else:
-            lent = await self._wait_or_grow()
-        if lent is None:
-            raise self._closed_error()
-        return lent
-
-    async def _wait_or_grow(self) -> aiosqlite.Connection | None:
-        self._waiting += 1
-        try:
-            try:
-                lent = await asyncio.wait_for(self._idle.get(), self.grow_after)
-            except TimeoutError:
-                if self._reserved < self.size and not self.closed:
-                    return await self._open()
-                lent = await self._idle.get()
-        finally:
-            self._waiting -= 1
-        return lent
-
-    def _closed_error(self) -> TenantDBError:
-        return TenantDBError(f"the database {self.path.name} is closed (shutting down)")
-
-    async def release(self, conn: aiosqlite.Connection) -> None:
-        """Take a connection back; a transaction the request left open is rolled back."""
-        if self.closed:
-            return
-        if conn.in_transaction:
-            await conn.rollback()
-        if self._waiting == 0 and not self._idle.empty():
-            # Nobody waits and another connection is idle: shrink back towards one writer.
-            self._opened.remove(conn)
-            self._reserved -= 1
-            await conn.close()
-            return
-        self._idle.put_nowait(conn)
-
-    @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[aiosqlite.Connection]:
-        """Borrow a connection for the duration of a ``with`` block."""
-        conn = await self.acquire()
-        try:
-            yield conn
-        finally:
-            await self.release(conn)
-
-    async def close(self) -> None:
-        """Close every connection (uncommitted transactions are rolled back).
-
-        Requests still waiting for a connection get a ``TenantDBError``.
-        """
-        self.closed = True
-        for _ in range(self._waiting):
-            self._idle.put_nowait(None)
-        for conn in self._opened:
-            await conn.close()
-        self._opened.clear()
 
 
 class TenantDB:
@@ -462,7 +354,11 @@ class TenantDB:
         ran = await asyncio.to_thread(apply_migrations, self.path, self.migrations)
         if ran:
             log.info("tenant %s: applied %d migration(s)", self.tenant, ran)
-        self._pool = ConnectionPool(self.path, self.settings.pool_size)
+        self._pool = ConnectionPool(
+            self.path,
+            self.settings.pool_size,
+            track_commits=self.settings.durability == "bucket",
+        )
         if self.state != "restoring":
             raise LeaseLostError(
                 f"tenant {self.tenant}: the lease was lost while restoring", tenant=self.tenant

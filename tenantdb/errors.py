@@ -21,6 +21,7 @@ Every error tenantdb raises on purpose is a ``TenantDBError``::
     │   └── LockFileCorruptError      lock.json is not something tenantdb can trust
     ├── SnapshotError                 a snapshot cannot be made or restored (key)
     ├── ReplicationError              the incremental log cannot be read, written or applied (key)
+    ├── DurabilityError               a committed write did not reach the bucket in time (tenant)
     └── RoutingError                  finding the machine of another tenant
         ├── DNSLookupError            the DNS server timed out or failed
         ├── MachinesAPIError          the Fly Machines API failed or answered nonsense (status)
@@ -39,6 +40,7 @@ __all__ = [
     "ConfigurationError",
     "DNSLookupError",
     "DataDirLockedError",
+    "DurabilityError",
     "InvalidTenantError",
     "LeaseError",
     "LeaseHeldError",
@@ -192,6 +194,18 @@ class ReplicationError(TenantDBError):
 
     def __init__(self, message: str, *, key: str = "") -> None:
         self.key = key
+        super().__init__(message)
+
+
+class DurabilityError(TenantDBError):
+    """A committed write could not be made durable in the bucket: its answer is withheld.
+
+    The write may still reach the bucket later (its upload may have landed unheard), as a
+    database's interrupted commit may or may not have happened.
+    """
+
+    def __init__(self, message: str, *, tenant: str) -> None:
+        self.tenant = tenant
         super().__init__(message)
 
 

@@ -12,10 +12,12 @@ import aiosqlite
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tenantdb.config import Settings
+from tenantdb.config import Durability, Settings
 from tenantdb.database import Migration, TenantDB
 from tenantdb.errors import InvalidTenantError, TenantDBError
-from tenantdb.responses import send_error
+from tenantdb.output_gate import OutputGate
+from tenantdb.pool import ConnectionPool
+from tenantdb.responses import RETRY_AFTER, send_error
 from tenantdb.routing.proxy import MachineURL
 from tenantdb.routing.replay import Router
 from tenantdb.storage import open_bucket
@@ -25,8 +27,6 @@ __all__ = ["TenantDBMiddleware", "tenant_db"]
 
 log = logging.getLogger("tenantdb")
 
-RETRY_AFTER = "2"
-
 
 class TenantDBMiddleware:
     """Pure ASGI middleware giving each request of this machine's tenant its database.
@@ -34,7 +34,9 @@ class TenantDBMiddleware:
     Keyword arguments override the environment (``Settings.from_env()``).
     ``proxy_large_bodies=False`` answers 413 to requests for other tenants whose bodies are
     too large for fly-replay instead of streaming them to the tenant's machine, and
-    ``machine_url`` maps a machine id to the base URL they are streamed to. The middleware
+    ``machine_url`` maps a machine id to the base URL they are streamed to.
+    ``durability="bucket"`` (the default) holds the answer of a request that committed a
+    write until the bucket has it; ``"async"`` answers at once (see the README). The middleware
     takes part in the ASGI lifespan: its startup runs before the app's and its shutdown
     (final snapshot, publish, release) after the app's.
     """
@@ -49,6 +51,7 @@ class TenantDBMiddleware:
         tenant: str | None = None,
         lease_ttl: float | None = None,
         checkpoint_interval: float | None = None,
+        durability: Durability | None = None,
         data_dir: str | Path | None = None,
         bucket_name: str | None = None,
         proxy_large_bodies: bool = True,
@@ -61,6 +64,7 @@ class TenantDBMiddleware:
             tenant=tenant,
             lease_ttl=lease_ttl,
             checkpoint_interval=checkpoint_interval,
+            durability=durability,
             data_dir=Path(data_dir) if data_dir is not None else None,
             bucket_name=bucket_name,
         )
@@ -119,13 +123,49 @@ class TenantDBMiddleware:
             try:
                 scope = dict(scope)
                 scope["state"] = {**scope.get("state", {}), "tenant": tdb.tenant, "db": db}
-                await self.app(scope, receive, send)
+                if self.settings.durability == "bucket":
+                    await self._serve_gated(scope, receive, send, tdb, pool, db)
+                else:
+                    await self.app(scope, receive, send)
             finally:
                 await pool.release(db)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+
+    async def _serve_gated(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        tdb: TenantDB,
+        pool: ConnectionPool,
+        db: aiosqlite.Connection,
+    ) -> None:
+        """Run the app behind an output gate: no answer goes out before its writes are durable."""
+        commits = pool.commits(db)
+        commits.take()  # what earlier borrowers committed was theirs to wait for
+
+        async def make_durable() -> None:
+            async with pool.parked():
+                await tdb.sync()
+
+        gate = OutputGate(
+            send,
+            commits,
+            make_durable,
+            timeout=self.settings.durability_timeout,
+            tenant=tdb.tenant,
+        )
+        try:
+            await self.app(scope, receive, gate.send)
+        except Exception:
+            if gate.failure is None:
+                raise
+        if gate.failure is not None:
+            log.error("tenant %s: answer withheld: %s", tdb.tenant, gate.failure)
+            await gate.refuse(scope, receive)
 
     async def _not_serving(self, scope: Scope, receive: Receive, send: Send, tdb: TenantDB) -> None:
         holder = tdb.holder.owner if tdb.holder else ""

@@ -9,7 +9,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
-__all__ = ["send_error", "send_response"]
+__all__ = ["RETRY_AFTER", "send_error", "send_response"]
+
+# Seconds a client is asked to wait before retrying a 503 of this machine's tenant.
+RETRY_AFTER = "2"
 
 # Close codes for websockets whose server lacks the denial-response extension.
 _WS_CLOSE_CODES = {400: 1008, 404: 1008, 413: 1009, 503: 1013}

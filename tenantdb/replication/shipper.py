@@ -19,6 +19,7 @@ import asyncio
 import logging
 import sqlite3
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -88,6 +89,12 @@ def empty_log(hashes: PageHashes) -> LogPointer:
     return LogPointer(1, 0, format_state(hashes.state), hashes.db_pages, (), now_iso())
 
 
+def _retrieve_exception(task: asyncio.Task[bool]) -> None:
+    # Every caller of a shared upload may have given up: its failure is theirs, not a leak.
+    if not task.cancelled():
+        task.exception()
+
+
 @dataclass(frozen=True)
 class _Built:
     """A segment made from the WAL and not yet published: retried as it is until it is."""
@@ -131,6 +138,8 @@ class Shipper:
         # None until the first read: the start of whatever WAL exists then (the database
         # was just restored or created, so nothing in it can have been checkpointed).
         self._position: WALPosition | None = None
+        # Salts of the WALs the position has moved past: every commit in them is shipped.
+        self._passed_wals: deque[tuple[int, int]] = deque(maxlen=16)
         self._built: _Built | None = None
         # Segment indices are never reused, even for a segment that was never published.
         self._next_index: int | None = None
@@ -144,6 +153,9 @@ class Shipper:
         self._lock = asyncio.Lock()
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        # The upload sync() callers are waiting on, shared by all of them.
+        self._flush: asyncio.Task[bool] | None = None
+        self._closed = False
         self._snapshot_at = time.monotonic()
         self.snapshots = 0  # published by this shipper
 
@@ -157,6 +169,7 @@ class Shipper:
 
     async def close(self) -> None:
         """Close the connections (the last one to close folds the WAL into the file)."""
+        self._closed = True
         async with self._lock:
             for conn in (self._reader, self._writer):
                 if conn is not None:
@@ -173,20 +186,32 @@ class Shipper:
     async def sync(self) -> None:
         """Ship everything committed so far; return once the bucket has it.
 
-        Commits that land meanwhile may be shipped too, but are not waited for: under a
-        steady stream of writes this returns all the same.
+        Concurrent callers share uploads (group commit): an upload carries every commit
+        made before it started, and while a caller still waits the next one starts as soon
+        as the previous ends. Commits that land meanwhile are not waited for, so this
+        returns under a steady stream of writes too. A failed upload fails every caller
+        waiting on it; a caller that is cancelled never cancels the upload others share.
         """
         target = await asyncio.to_thread(self._committed_now)
-        while await self.ship_once():
-            if target is not None and self._shipped(*target):
-                return
+        while target is None or not self._shipped(*target):
+            if self._closed:
+                raise LeaseLostError(
+                    f"tenant {self.lease.tenant}: log shipping stopped before this commit "
+                    "was in the bucket",
+                    tenant=self.lease.tenant,
+                )
+            if self._flush is None or self._flush.done():
+                self._flush = asyncio.get_running_loop().create_task(self.ship_once())
+                self._flush.add_done_callback(_retrieve_exception)
+            if not await asyncio.shield(self._flush):
+                return  # nothing was left to ship
 
     def _committed_now(self) -> tuple[tuple[int, int], int] | None:
         """The current WAL's salts and committed frame count, when the wal-index says."""
         start = wal_start(self.wal_path)
         if start is None:
             return None
-        salts = (start.salt1, start.salt2)
+        salts = start.salts
         frames = wal_index_frames(self.shm_path, salts)
         return None if frames is None else (salts, frames)
 
@@ -195,9 +220,16 @@ class Shipper:
         position = self._position
         if position is None or self._needs_snapshot or self._built is not None:
             return False
-        if (position.salt1, position.salt2) != salts:
-            return True  # restarted since: every frame of that WAL was shipped before
-        return (position.offset - 32) // (position.page_size + 24) >= frames
+        if position.salts != salts:
+            return salts in self._passed_wals  # else a newer WAL, not read yet
+        return position.frames >= frames
+
+    def _move_to(self, position: WALPosition | None) -> None:
+        """Make ``position`` the shipped position, remembering a WAL left behind."""
+        old = self._position
+        if old is not None and (position is None or position.salts != old.salts):
+            self._passed_wals.append(old.salts)
+        self._position = position
 
     async def ship_once(self) -> bool:
         """Publish one segment (or the snapshot the log needs); False if nothing was due."""
@@ -228,8 +260,7 @@ class Shipper:
                 async with self._lock:
                     await self._compact()
                 if self._next_collection is not None and time.monotonic() >= self._next_collection:
-                    async with self._lock:  # nothing is uploaded and not yet named meanwhile
-                        await self.collect_garbage()
+                    await self.collect_garbage()
                 if self._snapshot_due(snapshot_interval):
                     async with self._lock:
                         await self._snapshot()
@@ -285,7 +316,7 @@ class Shipper:
                 ) from exc
             read = self._read(exc.current)
         if not read.commits:
-            self._position = read.end
+            self._move_to(read.end)
             return None
         if hashes.db_pages == 0 and hashes.page_size != read.end.page_size:
             hashes = PageHashes(read.end.page_size)  # a new database's first page size
@@ -317,7 +348,7 @@ class Shipper:
         recomputed (pure Python, about 90 µs a 4 KiB page: a tax on every write); without
         a trustworthy index every frame's checksum is verified instead.
         """
-        committed = wal_index_frames(self.shm_path, (start.salt1, start.salt2))
+        committed = wal_index_frames(self.shm_path, start.salts)
         return read_committed(
             self.wal_path, start, max_frames=max_frames, committed_frames=committed
         )
@@ -361,7 +392,8 @@ class Shipper:
         if pointer.tail != built.index:
             raise ReplicationError(f"segment {built.key} does not follow the log's tail")
         await self.lease.advance_log(built.log_before, pointer)
-        self._position, self._hashes, self._built = built.read.end, built.hashes, None
+        self._move_to(built.read.end)
+        self._hashes, self._built = built.hashes, None
         self._restart_expected = False
         self._backlog = built.read.frames >= MAX_FRAMES_PER_SEGMENT
 
@@ -400,14 +432,18 @@ class Shipper:
     async def collect_garbage(self) -> list[str]:
         """Delete log objects lock.json no longer names, once older than the retention.
 
-        Call it holding the shipper's lock: an object uploaded but not yet named by the CAS
-        that follows must not be taken for garbage.
-
-
         A merge or a snapshot replaces objects, a fenced holder leaves uploads no restore
         reads: both are kept for ``retention`` (for point-in-time restores), then deleted.
         Objects the current lock.json names are never deleted. Returns the deleted keys.
         """
+        async with self._lock:  # an object uploaded but not yet named is not garbage
+            garbage = await self._find_garbage()
+        # Deleting takes a request per object: outside the lock, writes keep shipping.
+        for key in garbage:
+            await self.lease.bucket.delete(key)
+        return garbage
+
+    async def _find_garbage(self) -> list[str]:
         tenant, bucket = self.lease.tenant, self.lease.bucket
         objects = await bucket.list(f"{self.prefix}{tenant}/log/")
         record = self.lease.record
@@ -415,22 +451,20 @@ class Shipper:
             return []
         log_now = record.log
         named = {chunk_key(self.prefix, tenant, c) for c in (log_now.chunks() if log_now else [])}
-        now = datetime.now(UTC)
-        cutoff = now - timedelta(seconds=self.retention)
-        deleted, kept = [], []
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.retention)
+        garbage, kept = [], []
         for info in objects:
             if info.key in named:
                 continue
             if info.last_modified < cutoff:
-                await bucket.delete(info.key)
-                deleted.append(info.key)
+                garbage.append(info.key)
             else:
                 kept.append(info.last_modified)
         self._next_collection = None
         if kept:  # look again once the youngest garbage is past the retention
             due = (min(kept) - cutoff).total_seconds()
             self._next_collection = time.monotonic() + max(due, GC_INTERVAL)
-        return deleted
+        return garbage
 
     def _garbage_made(self) -> None:
         """A merge or a snapshot replaced objects: collect them once the retention is past."""
@@ -467,8 +501,8 @@ class Shipper:
         try:
             reader.execute("SELECT count(*) FROM sqlite_master").fetchone()  # pins a snapshot
             # Read after pinning: the snapshot holds at most this many frames.
-            committed = wal_index_frames(self.shm_path, (start.salt1, start.salt2))
-            shipped = (start.offset - 32) // (start.page_size + 24)
+            committed = wal_index_frames(self.shm_path, start.salts)
+            shipped = start.frames
             if committed is None or committed > shipped:
                 return  # a commit landed since the last sync (or the index is unsure)
             _busy, frames, done = checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
@@ -497,7 +531,8 @@ class Shipper:
             )
         finally:
             copy.unlink(missing_ok=True)
-        self._position, self._hashes, self._built = position, hashes, None
+        self._move_to(position)
+        self._hashes, self._built = hashes, None
         self._needs_snapshot, self._restart_expected = False, at_end
         self._snapshot_at = time.monotonic()
         self.snapshots += 1
@@ -533,7 +568,7 @@ class Shipper:
             start = wal_start(self.wal_path)
             if start is None:
                 return None
-            salts = (start.salt1, start.salt2)
+            salts = start.salts
             before = wal_index_frames(self.shm_path, salts)
             reader.execute("BEGIN")
             try:
@@ -556,7 +591,7 @@ class Shipper:
                 max_frames=MAX_FRAMES_PER_SEGMENT,
                 committed_frames=frames
                 if frames is not None
-                else wal_index_frames(self.shm_path, (position.salt1, position.salt2)),
+                else wal_index_frames(self.shm_path, position.salts),
             )
             if read.end == position:
                 break

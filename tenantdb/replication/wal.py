@@ -66,6 +66,16 @@ class WALPosition:
     # Checksum byte order, from the magic number.
     big_endian: bool
 
+    @property
+    def salts(self) -> tuple[int, int]:
+        """The salts that name this WAL incarnation."""
+        return (self.salt1, self.salt2)
+
+    @property
+    def frames(self) -> int:
+        """How many frames of the WAL lie before this position."""
+        return (self.offset - 32) // (self.page_size + 24)
+
 
 @dataclass(frozen=True)
 class CommittedPages:
@@ -136,7 +146,7 @@ def read_committed(
             header = _read_header(f)
             if header is None:
                 raise ReplicationError(f"{wal_path} has no valid WAL header")
-            if (header.salt1, header.salt2) != (since.salt1, since.salt2):
+            if (header.salt1, header.salt2) != since.salts:
                 raise WALRestartedError(
                     f"{wal_path} was restarted: salts {header.salt1:08x}-{header.salt2:08x}, "
                     f"not {since.salt1:08x}-{since.salt2:08x}",
@@ -221,7 +231,7 @@ def _read_frames(
     frame_size = _FRAME_HEADER_SIZE + page_size
     header_words = _words(since.big_endian, 2)
     page_words = _words(since.big_endian, page_size // 4)
-    salts = (since.salt1, since.salt2)
+    salts = since.salts
 
     pages: dict[int, bytes] = {}
     # Frames after the last commit read: kept apart until their commit frame shows up.

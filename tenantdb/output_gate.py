@@ -1,0 +1,107 @@
+"""The output gate: a request's answer waits until the writes before it are in the bucket.
+
+With ``durability="bucket"`` the middleware passes the app an ``OutputGate.send`` in place
+of the server's. Each outgoing message is checked against the request connection's
+``CommitTracker``: if the connection committed since the last message went out, the
+message is held until the bucket has everything committed so far (a group commit shared
+with every other request waiting), and a request that committed nothing is never held.
+
+``http.response.start`` is held until the first body message, so the status goes out
+only once that check passed: when the write cannot be made durable in time, the answer is
+a 503 instead. A streaming response that commits after its first chunk cannot change its
+status any more: the gate then aborts it (the server closes the connection mid-body), so
+the client never receives a complete response for a write that is not durable. A
+websocket is closed with code 1011 instead of sending a message that follows such a write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from starlette.types import Message, Receive, Scope, Send
+from starlette.websockets import WebSocketClose
+
+from tenantdb.commits import CommitTracker
+from tenantdb.errors import DurabilityError, TenantDBError
+from tenantdb.responses import RETRY_AFTER, send_error
+
+__all__ = ["OutputGate"]
+
+
+class OutputGate:
+    """One request's outgoing messages, each released once the commits before it are durable."""
+
+    def __init__(
+        self,
+        send: Send,
+        tracker: CommitTracker,
+        make_durable: Callable[[], Awaitable[None]],
+        *,
+        timeout: float,
+        tenant: str,
+    ) -> None:
+        self._send = send
+        self._tracker = tracker
+        self._make_durable = make_durable
+        self._timeout = timeout
+        self._tenant = tenant
+        self._held_start: Message | None = None
+        self.response_started = False  # the server has a status line (or websocket accept)
+        self.failure: DurabilityError | None = None
+
+    async def send(self, message: Message) -> None:
+        """The ``send`` the app gets: hold, then forward, or refuse once durability failed."""
+        if self.failure is not None:
+            raise self.failure  # nothing may follow a write that is not durable
+        if message["type"] == "http.response.start":
+            self._held_start = message  # released with the first body message
+            return
+        if self._tracker.take():
+            await self._wait_durable()
+        if self._held_start is not None:
+            start, self._held_start = self._held_start, None
+            await self._send(start)
+        self.response_started = True
+        await self._send(message)
+
+    async def _wait_durable(self) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._make_durable()
+        except TimeoutError:
+            reason = f"the bucket did not confirm it within {self._timeout:g}s"
+        except TenantDBError as exc:
+            reason = str(exc)
+        else:
+            return
+        self.failure = DurabilityError(
+            f"tenant {self._tenant}: a write was committed on this machine but is not "
+            f"known to be in the bucket ({reason}); it may or may not be kept: check "
+            "before retrying",
+            tenant=self._tenant,
+        )
+        raise self.failure
+
+    async def refuse(self, scope: Scope, receive: Receive) -> None:
+        """Answer a request whose write failed to become durable, as far as still possible.
+
+        A 503 if no status went out yet, a websocket close with code 1011; otherwise the
+        failure is raised, so that the server aborts the half-sent response.
+        """
+        if self.failure is None:
+            raise ValueError("refuse() without a durability failure")
+        if scope["type"] == "websocket":
+            reason = str(self.failure)[:120]
+            await WebSocketClose(1011, reason)(scope, receive, self._send)
+        elif not self.response_started:
+            await send_error(
+                scope,
+                receive,
+                self._send,
+                503,
+                str(self.failure),
+                headers={"Retry-After": RETRY_AFTER},
+            )
+        else:
+            raise self.failure
