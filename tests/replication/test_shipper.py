@@ -13,11 +13,10 @@ import pytest
 from tenantdb.config import Settings
 from tenantdb.database import TenantDB
 from tenantdb.errors import LeaseLostError, ReplicationError, TransientStorageError
-from tenantdb.lease import Lease
 from tenantdb.replication import compaction
 from tenantdb.replication import shipper as shipper_module
-from tenantdb.replication.restore import restore_database
 from tenantdb.storage.base import Bucket, ObjectInfo
+from tests.support.bucket_view import query_restored
 
 MIGRATIONS = ["CREATE TABLE hits (id INTEGER PRIMARY KEY, note TEXT)"]
 
@@ -47,17 +46,7 @@ async def rows(tdb: TenantDB) -> list[tuple[int, str]]:
 
 async def restored_rows(bucket: Bucket, tmp_path: Path) -> list[tuple[int, str]]:
     """What another machine gets from the bucket: snapshot + log, applied and verified."""
-    lease = Lease(bucket, "acme", machine_id="reader", region="x", ttl=3)
-    observed = await lease.read()
-    assert observed is not None
-    target = tmp_path / "restored" / "acme.sqlite3"
-    target.parent.mkdir(exist_ok=True)
-    await restore_database(bucket, observed.record, target, prefix="tenants/")
-    conn = sqlite3.connect(target)
-    try:
-        return conn.execute("SELECT id, note FROM hits").fetchall()
-    finally:
-        conn.close()
+    return await query_restored(bucket, tmp_path, "SELECT id, note FROM hits")
 
 
 async def test_every_synced_commit_is_restored_exactly_on_another_machine(
