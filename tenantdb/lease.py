@@ -24,7 +24,6 @@ from tenantdb.errors import (
     ObjectNotFoundError,
     ObjectTooLargeError,
     PreconditionFailedError,
-    ReplicationError,
     TenantDBError,
 )
 from tenantdb.lockfile import LOCK_MAX_BYTES, LockRecord, LogPointer, SnapshotRef
@@ -230,21 +229,14 @@ class Lease:
         """Point ``lock.json`` at an uploaded snapshot and its log (CAS); 412 means fenced."""
         return await self._update(lambda current: replace(current, snapshot=snapshot, log=log))
 
-    async def advance_log(self, expected: LogPointer | None, log: LogPointer) -> LockRecord:
-        """Move the log from ``expected`` to ``log`` (CAS, also a renewal); 412: fenced.
+    async def update_log(self, change: Callable[[LogPointer | None], LogPointer]) -> LockRecord:
+        """Replace lock.json's log by ``change(log)`` (CAS, also a renewal); 412: fenced.
 
-        Raises ``ReplicationError`` if the log is no longer ``expected`` (one of this
-        holder's own writes, whose answer was lost, moved it): the segment does not follow.
+        ``change`` is applied to the log as stored, again after adopting an earlier write
+        of ours whose answer was lost (so it must accept its own result); it raises
+        ``ReplicationError`` when it no longer applies.
         """
-
-        def advance(current: LockRecord) -> LockRecord:
-            if current.log != expected:
-                raise ReplicationError(
-                    f"tenant {self.tenant}: lock.json's log moved under the shipper", key=self.key
-                )
-            return replace(current, log=log)
-
-        return await self._update(advance)
+        return await self._update(lambda current: replace(current, log=change(current.log)))
 
     async def release(self) -> None:
         """Give the lease up after the final publish: ``owner`` becomes null."""
@@ -348,6 +340,12 @@ class Lease:
             await asyncio.sleep(pause)
             if self.status != "held":
                 return
+            # Every lock.json write renews: under a stream of log CASes, no extra write is
+            # needed (and none competes with them for the ETag).
+            fresh_for = self.valid_for - self.ttl * 2 / 3
+            if fresh_for > 0:
+                pause = fresh_for
+                continue
             if self.valid_for <= safety:
                 self.step_down("no renewal landed before the lease could expire; stepping down")
                 return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,8 +16,6 @@ from tenantdb.replication.shipper import CONNECTION_PRAGMAS
 
 __all__ = ["ConnectionPool"]
 
-log = logging.getLogger("tenantdb")
-
 
 class ConnectionPool:
     """aiosqlite connections to one file, each lent to one request at a time.
@@ -25,15 +23,15 @@ class ConnectionPool:
     One shared connection would interleave the transactions of concurrent requests, so
     each request borrows its own. SQLite has a single writer, though: connections that
     write at the same time wait for each other in SQLite's busy handler, which sleeps in
-    steps of up to 100 ms. So the pool is elastic: it lends one connection while requests
-    give it back quickly, and opens another (up to ``size``) only when a request has
-    waited ``grow_after`` seconds, as behind a websocket or a slow handler holding one.
+    steps of up to 100 ms. So borrowers take turns: the pool lends while no other borrower
+    is *active*, and lets a borrower go beside an active one (up to ``size`` active) only
+    once it has waited ``grow_after`` seconds, as behind a websocket or a slow handler.
     Idle extra connections are closed when they come back.
 
     A borrower that only waits (for its writes to reach the bucket) *parks* its
-    connection: a parked connection runs no statement, so it does not count against
-    ``size``, and a request arriving meanwhile gets another connection at once (up to
-    ``max_parked`` more). This is what lets a group commit gather many requests.
+    connection: a parked connection runs no statement, so it is not active, and the next
+    borrower's turn comes at once, on another connection (up to ``max_parked`` of them).
+    This is what lets a group commit gather many requests' commits, one after the other.
     With ``track_commits`` each connection has a ``CommitTracker`` (see ``commits``).
     """
 
@@ -51,75 +49,75 @@ class ConnectionPool:
         self.grow_after = grow_after
         self.track_commits = track_commits
         self.max_parked = max_parked
-        # Last in, first out: the busiest connection stays warm. None wakes a waiter on close.
-        self._idle: asyncio.LifoQueue[aiosqlite.Connection | None] = asyncio.LifoQueue()
+        self._idle: list[aiosqlite.Connection] = []  # a stack: the busiest stays warm
         self._opened: list[aiosqlite.Connection] = []
         self._trackers: dict[aiosqlite.Connection, CommitTracker] = {}
-        self._reserved = 0  # connections open or being opened
+        self._active = 0  # lent (or being opened for a borrower) and not parked
         self._parked = 0
-        self._waiting = 0
-        self._openers: set[asyncio.Task[None]] = set()
+        self._turns: deque[asyncio.Future[None]] = deque()  # borrowers waiting, in order
         self.closed = False
 
     async def _open(self) -> aiosqlite.Connection:
-        self._reserved += 1
+        conn = await aiosqlite.connect(self.path)
         try:
-            conn = await aiosqlite.connect(self.path)
-            try:
-                for pragma in (*CONNECTION_PRAGMAS, "PRAGMA synchronous=NORMAL"):
-                    await conn.execute(pragma)
-                if self.track_commits:
-                    tracker = CommitTracker(lambda: conn.in_transaction)
-                    await conn.set_trace_callback(tracker.trace)
-                    self._trackers[conn] = tracker
-                if self.closed:
-                    # close() ran while this connection was being made: it never saw it,
-                    # and a write on it would land after the final snapshot.
-                    raise self._closed_error()
-            except BaseException:
-                self._trackers.pop(conn, None)
-                await conn.close()
-                raise
+            for pragma in (*CONNECTION_PRAGMAS, "PRAGMA synchronous=NORMAL"):
+                await conn.execute(pragma)
+            if self.track_commits:
+                tracker = CommitTracker(lambda: conn.in_transaction)
+                await conn.set_trace_callback(tracker.trace)
+                self._trackers[conn] = tracker
+            if self.closed:
+                # close() ran while this connection was being made: it never saw it,
+                # and a write on it would land after the final snapshot.
+                raise self._closed_error()
         except BaseException:
-            self._reserved -= 1
+            self._trackers.pop(conn, None)
+            await conn.close()
             raise
         self._opened.append(conn)
         return conn
 
-    @property
-    def _active(self) -> int:
-        """Connections open or opening that are not parked."""
-        return self._reserved - self._parked
-
-    def _may_open(self) -> bool:
-        return self._active < self.size and self._reserved < self.size + self.max_parked
-
     async def acquire(self) -> aiosqlite.Connection:
-        """Lend a connection: an idle one, a new one if none is open, else wait for one."""
+        """Lend a connection once it is this borrower's turn (see the class docstring)."""
         if self.closed:
             raise self._closed_error()
-        if not self._idle.empty() and self._waiting == 0:  # waiters go first
-            lent = self._idle.get_nowait()
-        elif self._active == 0 and self._may_open():
-            return await self._open()
-        else:
-            lent = await self._wait_or_grow()
-        if lent is None:
-            raise self._closed_error()
-        return lent
-
-    async def _wait_or_grow(self) -> aiosqlite.Connection | None:
-        self._waiting += 1
+        if self._active > 0 or self._turns:
+            await self._wait_turn()
+        self._active += 1
         try:
-            try:
-                lent = await asyncio.wait_for(self._idle.get(), self.grow_after)
-            except TimeoutError:
-                if self._may_open() and not self.closed:
-                    return await self._open()
-                lent = await self._idle.get()
+            return self._idle.pop() if self._idle else await self._open()
+        except BaseException:
+            self._active -= 1
+            self._next_turn()
+            raise
+
+    async def _wait_turn(self) -> None:
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._turns.append(turn)
+        try:
+            await asyncio.wait({turn}, timeout=self.grow_after)
+            if not turn.done() and self._active >= self.size:
+                await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled():
+                self._next_turn()  # given the turn while leaving: pass it on
+            raise
         finally:
-            self._waiting -= 1
-        return lent
+            if turn in self._turns:
+                self._turns.remove(turn)  # it grew beside an active borrower
+        if self.closed:
+            raise self._closed_error()
+
+    def _next_turn(self) -> None:
+        """Wake the first waiting borrower if nobody is active (or the pool closed)."""
+        if self._active > 0 and not self.closed:
+            return
+        while self._turns:
+            turn = self._turns.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                if not self.closed:
+                    return
 
     def _closed_error(self) -> TenantDBError:
         return TenantDBError(f"the database {self.path.name} is closed (shutting down)")
@@ -133,45 +131,36 @@ class ConnectionPool:
 
     @contextlib.asynccontextmanager
     async def parked(self) -> AsyncIterator[None]:
-        """While a borrower only waits: its connection does not count against ``size``."""
+        """While a borrower only waits, the next borrower's turn comes (see the class)."""
+        if self._parked >= self.max_parked:
+            yield  # enough connections wait already: this one stays counted as active
+            return
         self._parked += 1
-        if (
-            self._waiting > self._idle.qsize() + len(self._openers)
-            and self._may_open()
-            and not self.closed
-        ):
-            # Someone waits behind this borrower: give them a connection now.
-            opener = asyncio.get_running_loop().create_task(self._open_for_waiter())
-            self._openers.add(opener)
-            opener.add_done_callback(self._openers.discard)
+        self._active -= 1
+        self._next_turn()
         try:
             yield
         finally:
             self._parked -= 1
-
-    async def _open_for_waiter(self) -> None:
-        try:
-            conn = await self._open()
-        except (TenantDBError, OSError, aiosqlite.Error) as exc:
-            if not self.closed:
-                log.warning("could not open another connection to %s: %s", self.path.name, exc)
-            return
-        self._idle.put_nowait(conn)
+            self._active += 1
 
     async def release(self, conn: aiosqlite.Connection) -> None:
         """Take a connection back; a transaction the request left open is rolled back."""
         if self.closed:
             return
-        if conn.in_transaction:
-            await conn.rollback()
-        if self._waiting == 0 and self._parked == 0 and not self._idle.empty():
-            # Nobody waits or will soon: shrink back towards one connection.
-            self._opened.remove(conn)
-            self._trackers.pop(conn, None)
-            self._reserved -= 1
-            await conn.close()
-            return
-        self._idle.put_nowait(conn)
+        self._active -= 1
+        try:
+            if conn.in_transaction:
+                await conn.rollback()
+            if not self._turns and self._parked == 0 and self._idle:
+                # Nobody waits or will soon: shrink back towards one connection.
+                self._opened.remove(conn)
+                self._trackers.pop(conn, None)
+                await conn.close()
+            else:
+                self._idle.append(conn)
+        finally:
+            self._next_turn()
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -185,15 +174,12 @@ class ConnectionPool:
     async def close(self) -> None:
         """Close every connection (uncommitted transactions are rolled back).
 
-        Requests still waiting for a connection get a ``TenantDBError``.
+        Borrowers still waiting for their turn get a ``TenantDBError``.
         """
         self.closed = True
-        for opener in list(self._openers):
-            opener.cancel()
-        await asyncio.gather(*self._openers, return_exceptions=True)
-        for _ in range(self._waiting):
-            self._idle.put_nowait(None)
+        self._next_turn()
         for conn in self._opened:
             await conn.close()
         self._opened.clear()
+        self._idle.clear()
         self._trackers.clear()

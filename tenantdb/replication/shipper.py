@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from tenantdb.errors import (
     LeaseLostError,
@@ -89,8 +90,12 @@ def empty_log(hashes: PageHashes) -> LogPointer:
     return LogPointer(1, 0, format_state(hashes.state), hashes.db_pages, (), now_iso())
 
 
-def _retrieve_exception(task: asyncio.Task[bool]) -> None:
-    # Every caller of a shared upload may have given up: its failure is theirs, not a leak.
+def _chunks_within(log: LogPointer, first: int, last: int) -> list[LogChunk]:
+    return [c for c in log.chunks() if first <= c.first and c.last <= last]
+
+
+def _retrieve_exception(task: asyncio.Future[Any]) -> None:
+    # Whoever awaited it may have given up (cancelled): its failure is theirs, not a leak.
     if not task.cancelled():
         task.exception()
 
@@ -102,10 +107,25 @@ class _Built:
     key: str
     body: bytes
     read: CommittedPages
-    hashes: PageHashes
+    hashes: PageHashes  # the database's pages with this segment applied
     index: int
-    # lock.json's log when the segment was made (None: none yet): it must still be there.
-    log_before: LogPointer | None
+    generation: int
+    # The database this segment applies to: lock.json's log must end there.
+    prev_state: str
+    prev_pages: int
+
+    def append_to(self, log: LogPointer | None) -> LogPointer:
+        """``log`` with this segment at its tail; ReplicationError if it does not follow."""
+        state = format_state(self.hashes.state)
+        if log is not None and log.tail == self.index and log.state == state:
+            return log  # our own write of it landed unheard, and was adopted
+        base = log or LogPointer(1, 0, self.prev_state, self.prev_pages, (), now_iso())
+        if base.tail != self.index - 1 or base.state != self.prev_state:
+            raise ReplicationError(
+                f"segment {self.key} does not follow lock.json's log (tail {base.tail})",
+                key=self.key,
+            )
+        return base.appended(self.generation, state, self.hashes.db_pages)
 
 
 class Shipper:
@@ -140,7 +160,10 @@ class Shipper:
         self._position: WALPosition | None = None
         # Salts of the WALs the position has moved past: every commit in them is shipped.
         self._passed_wals: deque[tuple[int, int]] = deque(maxlen=16)
-        self._built: _Built | None = None
+        # Segments made and not yet published, in log order: the first is retried as it
+        # is until it is published; the next may be made and uploaded meanwhile.
+        self._unpublished: deque[_Built] = deque()
+        self._uploaded: set[str] = set()  # keys of unpublished segments the bucket has
         # Segment indices are never reused, even for a segment that was never published.
         self._next_index: int | None = None
         # True while the position is the end of the WAL as seen holding the write lock (a
@@ -192,7 +215,8 @@ class Shipper:
         returns under a steady stream of writes too. A failed upload fails every caller
         waiting on it; a caller that is cancelled never cancels the upload others share.
         """
-        target = await asyncio.to_thread(self._committed_now)
+        # Two small reads of files in the page cache: cheaper inline than in a thread.
+        target = self._committed_now()
         while target is None or not self._shipped(*target):
             if self._closed:
                 raise LeaseLostError(
@@ -201,7 +225,7 @@ class Shipper:
                     tenant=self.lease.tenant,
                 )
             if self._flush is None or self._flush.done():
-                self._flush = asyncio.get_running_loop().create_task(self.ship_once())
+                self._flush = asyncio.get_running_loop().create_task(self.ship_once(pipeline=True))
                 self._flush.add_done_callback(_retrieve_exception)
             if not await asyncio.shield(self._flush):
                 return  # nothing was left to ship
@@ -218,7 +242,7 @@ class Shipper:
     def _shipped(self, salts: tuple[int, int], frames: int) -> bool:
         """Whether the position is past ``frames`` frames of the WAL with ``salts``."""
         position = self._position
-        if position is None or self._needs_snapshot or self._built is not None:
+        if position is None or self._needs_snapshot:
             return False
         if position.salts != salts:
             return salts in self._passed_wals  # else a newer WAL, not read yet
@@ -231,23 +255,64 @@ class Shipper:
             self._passed_wals.append(old.salts)
         self._position = position
 
-    async def ship_once(self) -> bool:
-        """Publish one segment (or the snapshot the log needs); False if nothing was due."""
+    async def ship_once(self, *, pipeline: bool = False) -> bool:
+        """Publish one segment (or the snapshot the log needs); False if nothing was due.
+
+        With ``pipeline``, while the CAS that publishes the segment is in flight, the
+        next segment (the commits made since) is made and uploaded: a caller that
+        publishes again at once then waits for one round trip, not two.
+        """
         async with self._lock:
             if self._needs_snapshot:
                 await self._snapshot()
                 return True
             try:
-                if self._built is None:
-                    self._built = await asyncio.to_thread(self._build)
-                    if self._built is None:
+                if not self._unpublished:
+                    built = await asyncio.to_thread(self._build, None)
+                    if built is None:
                         return False
-                await self._publish(self._built)
+                    self._unpublished.append(built)
+                head = self._unpublished[0]
+                await self._upload(head)
+                if pipeline and len(self._unpublished) == 1:
+                    advancing = asyncio.ensure_future(self._advance(head))
+                    advancing.add_done_callback(_retrieve_exception)
+                    try:
+                        await self._prepare_next(head)
+                    finally:
+                        await asyncio.wait({advancing})  # never leave a CAS running unlocked
+                    advancing.result()
+                else:
+                    await self._advance(head)
             except ReplicationError as exc:
                 # The WAL or the log is not what the shipper expects: never guess.
                 log.warning("tenant %s: %s; taking a full snapshot instead", self.lease.tenant, exc)
-                self._built, self._needs_snapshot = None, True
+                self._forget_unpublished()
+                self._needs_snapshot = True
             return True
+
+    async def _prepare_next(self, head: _Built) -> None:
+        """Make and upload the segment that follows ``head``, if commits are waiting."""
+        try:
+            following = await asyncio.to_thread(self._build, head)
+            if following is not None:
+                self._unpublished.append(following)
+                await self._upload(following)
+        except (TenantDBError, OSError) as exc:
+            # Only a head start: publishing it later makes or uploads it again.
+            log.debug("tenant %s: next segment not prepared: %s", self.lease.tenant, exc)
+
+    async def _drain(self) -> None:
+        """Publish every segment already made (call it holding the lock)."""
+        while self._unpublished:
+            head = self._unpublished[0]
+            await self._upload(head)
+            await self._advance(head)
+
+    def _forget_unpublished(self) -> None:
+        """Drop the segments made but not published (their indices are never reused)."""
+        self._unpublished.clear()
+        self._uploaded.clear()
 
     async def run(self, interval: float, snapshot_interval: float) -> None:
         """Sync every ``interval`` seconds, checkpoint and snapshot as due, until fenced."""
@@ -257,8 +322,7 @@ class Shipper:
                 # One segment per interval, more only while a backlog is being worked off.
                 while await self.ship_once() and self._backlog:
                     pass
-                async with self._lock:
-                    await self._compact()
+                await self._compact()
                 if self._next_collection is not None and time.monotonic() >= self._next_collection:
                     await self.collect_garbage()
                 if self._snapshot_due(snapshot_interval):
@@ -299,29 +363,33 @@ class Shipper:
 
     # -- segments ------------------------------------------------------------------------
 
-    def _build(self) -> _Built | None:
-        """Read the next commits from the WAL and encode them as the next segment."""
-        hashes = self._hashes
+    def _build(self, after: _Built | None) -> _Built | None:
+        """Read the next commits from the WAL and encode them as the next segment.
+
+        The segment follows the published log, or ``after`` (not published yet).
+        """
+        hashes = after.hashes if after else self._hashes
         if hashes is None:
             raise ReplicationError("no base state to build a segment on")
-        start = self._position or wal_start(self.wal_path)
+        start = after.read.end if after else self._position or wal_start(self.wal_path)
         if start is None:
             return None  # no WAL yet: nothing was committed since the database was opened
         try:
             read = self._read(start)
         except WALRestartedError as exc:
-            if not self._restart_expected or exc.current is None:
+            if after or not self._restart_expected or exc.current is None:
                 raise ReplicationError(
                     f"{self.wal_path} was restarted by something other than tenantdb"
                 ) from exc
             read = self._read(exc.current)
         if not read.commits:
-            self._move_to(read.end)
+            if after is None:
+                self._move_to(read.end)
             return None
         if hashes.db_pages == 0 and hashes.page_size != read.end.page_size:
             hashes = PageHashes(read.end.page_size)  # a new database's first page size
-        after = hashes.copy()
-        after.apply(read.pages, read.db_pages)
+        new_hashes = hashes.copy()
+        new_hashes.apply(read.pages, read.db_pages)
         record = self.lease.record
         if record is None:
             raise LeaseLostError("the lease is not held", tenant=self.lease.tenant)
@@ -334,12 +402,21 @@ class Shipper:
             db_pages=read.db_pages,
             timestamp_ms=int(time.time() * 1000),
             prev_state=hashes.state,
-            state=after.state,
+            state=new_hashes.state,
             commits=read.commits,
         )
         body = encode_segment(Segment(header, tuple(sorted(read.pages.items()))))
         key = segment_key(self.prefix, self.lease.tenant, record.generation, index)
-        return _Built(key, body, read, after, index, record.log)
+        return _Built(
+            key,
+            body,
+            read,
+            new_hashes,
+            index,
+            record.generation,
+            format_state(hashes.state),
+            hashes.db_pages,
+        )
 
     def _read(self, start: WALPosition, max_frames: int = MAX_FRAMES_PER_SEGMENT) -> CommittedPages:
         """Read committed frames from ``start``, bounded by the wal-index when it is sound.
@@ -380,39 +457,42 @@ class Shipper:
                     key=key,
                 ) from None
 
-    async def _publish(self, built: _Built) -> None:
-        """Upload the segment once, then move the tail onto it (the CAS fences it)."""
-        await self._put_once(built.key, built.body)
-        record = self.lease.record
-        if record is None:
-            raise LeaseLostError("the lease is not held", tenant=self.lease.tenant)
-        pointer = self._log().appended(
-            record.generation, format_state(built.hashes.state), built.hashes.db_pages
-        )
-        if pointer.tail != built.index:
-            raise ReplicationError(f"segment {built.key} does not follow the log's tail")
-        await self.lease.advance_log(built.log_before, pointer)
+    async def _upload(self, built: _Built) -> None:
+        if built.key not in self._uploaded:
+            await self._put_once(built.key, built.body)
+            self._uploaded.add(built.key)
+
+    async def _advance(self, built: _Built) -> None:
+        """Move the log's tail onto an uploaded segment (the CAS fences it); it is published."""
+        await self.lease.update_log(built.append_to)
+        self._unpublished.popleft()
+        self._uploaded.discard(built.key)
         self._move_to(built.read.end)
-        self._hashes, self._built = built.hashes, None
+        self._hashes = built.hashes
         self._restart_expected = False
         self._backlog = built.read.frames >= MAX_FRAMES_PER_SEGMENT
 
     # -- compaction ----------------------------------------------------------------------
 
     async def _compact(self) -> None:
-        """Merge log objects as ``compaction.next_merge`` plans: a restore stays short."""
-        if self._needs_snapshot or self._built is not None or self._hashes is None:
-            return
-        while (span := next_merge(pointer := self._log())) is not None:
-            await self._merge(pointer, *span)
+        """Merge log objects as ``compaction.next_merge`` plans: a restore stays short.
 
-    async def _merge(self, pointer: LogPointer, first: int, last: int) -> None:
+        Runs beside shipping, not under the shipper's lock: the merge's CAS applies to the
+        log as it is by then, segments appended meanwhile included.
+        """
+        while self._hashes is not None and not self._needs_snapshot:
+            span = next_merge(self._log())
+            if span is None:
+                return
+            await self._merge(*span)
+
+    async def _merge(self, first: int, last: int) -> None:
         """Replace the log objects from ``first`` to ``last`` by one with their newest pages."""
         record = self.lease.record
         if record is None:
             raise LeaseLostError("the lease is not held", tenant=self.lease.tenant)
-        tenant = self.lease.tenant
-        chunks = [c for c in pointer.chunks() if first <= c.first and c.last <= last]
+        tenant, generation = self.lease.tenant, record.generation
+        chunks = _chunks_within(self._log(), first, last)
         keys = [chunk_key(self.prefix, tenant, chunk) for chunk in chunks]
         bodies = await asyncio.gather(*(self.lease.bucket.get(key) for key in keys))
         body = await asyncio.to_thread(
@@ -420,13 +500,19 @@ class Shipper:
             [(k, b.body) for k, b in zip(keys, bodies, strict=True)],
             chunks,
             tenant,
-            record.generation,
+            generation,
         )
-        merged = LogChunk(first, last, record.generation, merged=True)
+        merged = LogChunk(first, last, generation, merged=True)
         await self._put_once(chunk_key(self.prefix, tenant, merged), body)
-        await self.lease.advance_log(
-            record.log, pointer.with_merged(first, last, record.generation)
-        )
+
+        def replace_chunks(log: LogPointer | None) -> LogPointer:
+            if log is not None and merged in log.chunks():
+                return log  # our own write of it landed unheard, and was adopted
+            if log is None or _chunks_within(log, first, last) != chunks:
+                raise ReplicationError(f"the log changed under the merge of {first}..{last}")
+            return log.with_merged(first, last, generation)
+
+        await self.lease.update_log(replace_chunks)
         self._garbage_made()
 
     async def collect_garbage(self) -> list[str]:
@@ -451,6 +537,7 @@ class Shipper:
             return []
         log_now = record.log
         named = {chunk_key(self.prefix, tenant, c) for c in (log_now.chunks() if log_now else [])}
+        named |= self._uploaded  # uploaded under the lock, to be named by the next CAS
         cutoff = datetime.now(UTC) - timedelta(seconds=self.retention)
         garbage, kept = [], []
         for info in objects:
@@ -481,6 +568,7 @@ class Shipper:
             return
         if size >= CHECKPOINT_WAL_BYTES:
             async with self._lock:
+                await self._drain()
                 await asyncio.to_thread(self._checkpoint)
 
     def _checkpoint(self) -> None:
@@ -492,7 +580,7 @@ class Shipper:
         can never drop a frame that was not shipped, and writers go on meanwhile.
         """
         reader, checkpointer = self._reader, self._writer
-        if reader is None or checkpointer is None or self._built or self._needs_snapshot:
+        if reader is None or checkpointer is None or self._unpublished or self._needs_snapshot:
             return
         start = self._position or wal_start(self.wal_path)
         if start is None:
@@ -532,7 +620,8 @@ class Shipper:
         finally:
             copy.unlink(missing_ok=True)
         self._move_to(position)
-        self._hashes, self._built = hashes, None
+        self._hashes = hashes
+        self._forget_unpublished()
         self._needs_snapshot, self._restart_expected = False, at_end
         self._snapshot_at = time.monotonic()
         self.snapshots += 1
