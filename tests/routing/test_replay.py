@@ -697,6 +697,53 @@ def test_replay_src_is_parsed() -> None:
     assert ReplaySource.parse("instance=m1;t=soon") == ReplaySource("m1")
     assert ReplaySource.parse("instance=M1") is None
     assert ReplaySource.parse("") is None
+    # The comma form names the same fields.
+    assert ReplaySource.parse("instance=m1,region=ams,t=5") == ReplaySource("m1", "ams", 5)
+
+
+# --- startup checks ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("stop_timeout", "warned"), [(5_000_000_000, True), ("60s", False)])
+async def test_a_stop_timeout_shorter_than_the_kill_timeout_is_warned_about(
+    dns: DevDNSServer,
+    tmp_path: Path,
+    machines_api: FakeMachinesAPI,
+    caplog: pytest.LogCaptureFixture,
+    stop_timeout: object,
+    warned: bool,
+) -> None:
+    machines_api.add("alpha", machine_id=SELF, stop_timeout=stop_timeout)
+    settings = settings_for(
+        tmp_path,
+        dns,
+        kill_timeout=60.0,
+        fly_api_token=Secret("tok"),
+        machines_api_url=machines_api.base_url,
+    )
+    async with Router(settings, TenantPattern()):
+        pass
+    warnings = [r.getMessage() for r in caplog.records if "TENANTDB_KILL_TIMEOUT" in r.getMessage()]
+    assert bool(warnings) is warned, warnings
+    if warned:
+        assert "5s timeout" in warnings[0]
+        assert "tok" not in warnings[0]
+
+
+async def test_a_missing_flycast_address_is_warned_about(
+    dns: DevDNSServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def flycast_warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "allocate-v6 --private" in r.getMessage()]
+
+    async with Router(settings_for(tmp_path, dns), TenantPattern()):
+        pass
+    assert len(flycast_warnings()) == 1
+    caplog.clear()
+    dns.add_record(f"{APP}.flycast.", "AAAA", "fdaa:0:1:0:1::2")
+    async with Router(settings_for(tmp_path, dns), TenantPattern()):
+        pass
+    assert flycast_warnings() == []
 
 
 # --- hypothesis: arbitrary replay headers never cause an unintended 5xx ------------------
@@ -759,7 +806,9 @@ async def test_replay_headers_never_cause_an_unintended_5xx(
         assert failed is not None or replayed, response.text
     if response.status_code == 204:
         # A stale cached route with nowhere to go is sent back to the app's load balancing.
-        elsewhere = cache_status == "hit" and tenant != "beta"
+        hit = (cache_status or "").strip().lower() == "hit"
+        replayed = src is not None and ReplaySource.parse(src) is not None
+        elsewhere = hit and not replayed and tenant != "beta"
         expected = "elsewhere=true" if elsewhere else "instance=m2beta"
         assert response.headers["fly-replay"] == f"{expected};fallback=prefer_self"
         assert failed is None
