@@ -278,16 +278,25 @@ async def test_machines_api_is_the_last_resort(
     assert "the Machines API lists no machine for it" in response.text
 
 
-async def test_one_cached_app_wide_list_answers_every_tenant(
+@pytest.fixture
+async def zeta_via_api(
     harness_factory: Any, dns: DevDNSServer, tmp_path: Path, machines_api: FakeMachinesAPI
-) -> None:
-    # The API allows about one list per second: unknown tenant ids must not spend it.
+) -> Harness:
+    """A router with a Machines API token; tenant zeta's stopped machine is known to the API."""
     machines_api.add("zeta", state="stopped", machine_id="m9zeta")
     settings = settings_for(
         tmp_path, dns, fly_api_token=Secret("tok"), machines_api_url=machines_api.base_url
     )
-    harness = await harness_factory(settings)
-    machines_api.requests.clear()  # the startup check reads this machine once
+    harness: Harness = await harness_factory(settings)
+    machines_api.requests.clear()  # the startup check read this machine once
+    return harness
+
+
+async def test_one_cached_app_wide_list_answers_every_tenant(
+    zeta_via_api: Harness, machines_api: FakeMachinesAPI
+) -> None:
+    # The API allows about one list per second: unknown tenant ids must not spend it.
+    harness = zeta_via_api
     unknown = await asyncio.gather(*(harness.get(f"/customers/nobody{n}") for n in range(50)))
     assert {r.status_code for r in unknown} == {404}
     assert_replay(await harness.get("/customers/zeta/a"), "m9zeta")
@@ -295,14 +304,9 @@ async def test_one_cached_app_wide_list_answers_every_tenant(
 
 
 async def test_a_429_pauses_the_machines_api_until_retry_after(
-    harness_factory: Any, dns: DevDNSServer, tmp_path: Path, machines_api: FakeMachinesAPI
+    zeta_via_api: Harness, machines_api: FakeMachinesAPI
 ) -> None:
-    machines_api.add("zeta", state="stopped", machine_id="m9zeta")
-    settings = settings_for(
-        tmp_path, dns, fly_api_token=Secret("tok"), machines_api_url=machines_api.base_url
-    )
-    harness = await harness_factory(settings)
-    machines_api.requests.clear()
+    harness = zeta_via_api
     machines_api.fail_next = (429, {"error": "rate limited"})
     machines_api.retry_after = "30"
     assert_503(await harness.get("/customers/zeta"), "HTTP 429")
