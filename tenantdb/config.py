@@ -19,8 +19,12 @@ __all__ = ["Durability", "Secret", "Settings"]
 Durability = Literal["async", "bucket"]
 
 TIGRIS_HOSTS = ("fly.storage.tigris.dev", "t3.storage.dev")
-# Where request bodies too large for fly-replay are streamed: the machine's 6PN name.
-DEFAULT_PROXY_URL = "http://{machine_id}.vm.{app}.internal:{port}"
+# Where request bodies too large for fly-replay are streamed. On Fly, the app's Flycast
+# address: Fly's proxy there honours fly-force-instance-id, starts a stopped machine and
+# reaches apps bound to 0.0.0.0 (https://fly.io/docs/networking/flycast/); a machine's 6PN
+# name reaches running machines listening on it only. Needs `fly ips allocate-v6 --private`.
+FLYCAST_PROXY_URL = "http://{app}.flycast"
+INTERNAL_PROXY_URL = "http://{machine_id}.vm.{app}.internal:{port}"
 
 
 class Secret:
@@ -139,7 +143,8 @@ class Settings:
     fly_api_token: Secret | None = None
     machines_api_url: str = "https://api.machines.dev"
     port: int = 8080
-    proxy_url: str = DEFAULT_PROXY_URL
+    # "" picks the default: Flycast on Fly (FLY_APP_NAME), else the 6PN name.
+    proxy_url: str = ""
 
     def __post_init__(self) -> None:
         if self.tenant is not None:
@@ -158,6 +163,9 @@ class Settings:
             raise ConfigurationError("snapshot retention must keep at least 1 snapshot")
         if self.prefix and not self.prefix.endswith("/"):
             object.__setattr__(self, "prefix", self.prefix + "/")
+        if not self.proxy_url:
+            default = FLYCAST_PROXY_URL if self.app_name else INTERNAL_PROXY_URL
+            object.__setattr__(self, "proxy_url", default)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -190,7 +198,7 @@ class Settings:
             "fly_api_token": Secret(token) if token else None,
             "machines_api_url": env.get("TENANTDB_MACHINES_API_URL") or "https://api.machines.dev",
             "port": int(_number(env, "PORT", 8080, minimum=1)),
-            "proxy_url": env.get("TENANTDB_PROXY_URL") or DEFAULT_PROXY_URL,
+            "proxy_url": env.get("TENANTDB_PROXY_URL") or "",
         }
         if env.get("FLY_MACHINE_ID"):
             values["machine_id"] = env["FLY_MACHINE_ID"]

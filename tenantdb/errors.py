@@ -226,10 +226,19 @@ class MachinesAPIError(RoutingError):
 
     ``status`` is the HTTP status, or None when no usable response arrived (connection
     error, timeout). ``tenant`` is empty for calls that are not about one tenant.
+    ``retry_after`` is the seconds a 429 asked to wait (its ``Retry-After``), else None.
     """
 
-    def __init__(self, message: str, *, status: int | None = None, tenant: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        tenant: str = "",
+        retry_after: float | None = None,
+    ) -> None:
         self.status = status
+        self.retry_after = retry_after
         super().__init__(message, tenant=tenant)
 
 

@@ -49,6 +49,7 @@ from tenantdb.dev.proxy import (
     ReplayRecord,
 )
 from tenantdb.errors import ConfigurationError
+from tenantdb.routing.machines_api import tenant_service
 from tenantdb.tenants import validate_tenant
 
 __all__ = ["Cluster", "ClusterConfig", "MachineStatus", "serve"]
@@ -73,6 +74,12 @@ _MACHINE_LOGGING = {
     },
     "root": {"level": "INFO", "handlers": ["stderr"]},
 }
+# The machines get the HTTP service `tenantdb machines create` gives real ones: whether its
+# port 80 redirects plain HTTP to HTTPS decides it here too, for the public edge and for the
+# Flycast address the body proxy uses alike.
+_FORCE_HTTPS = any(
+    port.get("force_https", False) for port in tenant_service(8080)["ports"] if port["port"] == 80
+)
 # Not handed down from the developer's shell: a real token would let the machines' router
 # fall back to the real Machines API, for an app that only exists on this laptop.
 _NOT_INHERITED = ("FLY_API_TOKEN", "CUSTOMER_ID")
@@ -183,7 +190,7 @@ class Cluster:
     ) -> None:
         self.config = config or ClusterConfig()
         self.dns = DevDNSServer(self.config.app_name, host=_LOOPBACK)
-        self.proxy = FlyProxy(self)
+        self.proxy = FlyProxy(self, force_https=_FORCE_HTTPS)
         self.stopped_cleanly = True
         self._clock = clock
         self._running = False

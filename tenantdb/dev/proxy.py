@@ -13,18 +13,27 @@ runner, or a test double). It follows Fly's documentation
   carries ``fly-replay-src: instance=<id>;region=<region>;t=<µs since epoch>[;state=<s>]``
   (the machine that asked) and ``fly-replay-cache-status: miss``. When a preferred machine
   cannot be used, ``fly-preferred-instance-unavailable: <id>`` tells the one that gets it.
-- At most 1 MiB of a request body is held, so a request with a bigger body cannot be replayed
-  (502); one request is replayed at most 10 times (502 after that).
+- At most 1,000,000 bytes ("1MB") of a request body are held, so a request with a bigger
+  body cannot be replayed (502); one request is replayed at most 10 times (502 after that).
+- A replay to a machine that is stopping fails, as Fly's does with its PM08 error
+  (https://fly.io/docs/reference/error-codes/), and so does one to a failed, unknown or
+  unreachable machine. With ``fallback=force_self`` or ``prefer_self`` on the fly-replay
+  ("Replay timeout and fallback"), the request goes back to the machine that asked (or, for
+  ``prefer_self``, any machine) with a ``fly-replay-failed`` header instead, and cannot be
+  replayed again; without it the client gets the proxy's error.
 - ``fly-replay-cache: [host]/path/*`` with ``fly-replay-cache-ttl-secs`` (>= 10, and no
   ``state``) sends later requests under that path straight to the replay target, with
   ``fly-replay-cache-status: hit`` and no ``fly-replay-src``. ``fly-replay-cache: invalidate``
-  on an answer drops the entries matching its request; ``fly-replay-cache-control: skip`` on
-  a request skips an entry set with ``fly-replay-cache-allow-bypass: yes``.
+  on a fly-replay answer drops the entries matching its request (Fly documents it only
+  there: on any other answer it is ignored); ``fly-replay-cache-control: skip`` on a request
+  skips an entry set with ``fly-replay-cache-allow-bypass: yes``.
+- ``force_https``: plain-HTTP requests are redirected (301) to HTTPS, as a service port with
+  ``force_https`` does, Flycast included (https://fly.io/docs/networking/flycast/).
 
 Every replay, cached ones included, is logged on one line and appended to ``replay_log``.
 Fly documents these limits but not its exact error answers: here 502 means "this replay
 cannot be done" and 503 "no machine can take the request". Not emulated: the JSON replay
-format, replays to other apps, ``timeout``/``fallback``, region aliases other than ``any``.
+format, replays to other apps, the ``timeout`` field, region aliases other than ``any``.
 """
 
 from __future__ import annotations
@@ -58,13 +67,15 @@ __all__ = [
 
 log = logging.getLogger("tenantdb.dev.proxy")
 
-MAX_REPLAY_BODY = 1 << 20
+MAX_REPLAY_BODY = 1_000_000
 MAX_REPLAYS = 10
 MIN_CACHE_TTL = 10
 
 MachineState = Literal["starting", "started", "stopping", "stopped", "failed"]
 ReplayVia = Literal["fly-replay", "cache"]
 _CacheStatus = Literal["miss", "hit", "bypass"]
+Fallback = Literal["force_self", "prefer_self"]
+_FALLBACKS: dict[str, Fallback] = {"force_self": "force_self", "prefer_self": "prefer_self"}
 
 _HOP_BY_HOP = frozenset(
     {
@@ -95,8 +106,9 @@ _NOT_FORWARDED = _HOP_BY_HOP | {
     b"fly-replay-cache-control",
     b"x-forwarded-for",
 }
-# With no started machine to pick, load balancing starts one of these (autostart).
-_STARTABLE: tuple[MachineState, ...] = ("starting", "stopping", "stopped")
+# With no started machine to pick, load balancing starts one of these (autostart). A
+# stopping machine is not one: it takes no requests until it has stopped.
+_STARTABLE: tuple[MachineState, ...] = ("starting", "stopped")
 
 
 @dataclass(frozen=True)
@@ -142,6 +154,7 @@ class ReplayDirective:
     app: str | None = None
     elsewhere: bool = False
     state: str | None = None
+    fallback: Fallback | None = None
 
     @classmethod
     def parse(cls, value: str) -> ReplayDirective:
@@ -157,6 +170,7 @@ class ReplayDirective:
             app=fields.get("app") or None,
             elsewhere=fields.get("elsewhere", "").lower() == "true",
             state=fields.get("state"),
+            fallback=_FALLBACKS.get(fields.get("fallback", "")),
         )
 
 
@@ -195,6 +209,8 @@ class _Hop:
     source: MachineInfo | None = None
     via: ReplayVia = "fly-replay"
     cache_status: _CacheStatus | None = None
+    # Why the replay before this hop failed: the request is on its way back (fallback).
+    failed: str | None = None
 
 
 class _Answer(Exception):
@@ -203,6 +219,10 @@ class _Answer(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class _ReplayFailed(_Answer):
+    """The proxy could not hand the request to its target: a fallback may take it back."""
 
 
 class _RequestBody:
@@ -277,6 +297,7 @@ class FlyProxy:
         *,
         max_replays: int = MAX_REPLAYS,
         max_replay_body: int = MAX_REPLAY_BODY,
+        force_https: bool = False,
         timeout: float = 60.0,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -284,6 +305,7 @@ class FlyProxy:
         self.backends = backends
         self.max_replays = max_replays
         self.max_replay_body = max_replay_body
+        self.force_https = force_https
         self.timeout = timeout
         self.replay_log: list[ReplayRecord] = []
         self._rng = rng or random.Random()
@@ -325,6 +347,9 @@ class FlyProxy:
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.force_https and scope.get("scheme", "http") == "http":
+            await _redirect_to_https(scope, headers, send)
+            return
         target = scope.get("raw_path") or scope["path"].encode()
         if scope.get("query_string"):
             target += b"?" + scope["query_string"]
@@ -347,12 +372,22 @@ class FlyProxy:
         replays = 1 if hop.via == "cache" else 0
         try:
             while True:
-                machine, unavailable = self._choose(hop)
-                if hop.source is not None:
-                    self._record(request, hop.source, machine, hop.via)
-                directive = await self._attempt(request, machine, hop, unavailable, send)
+                try:
+                    machine, unavailable = self._choose(hop)
+                    if hop.source is not None:
+                        self._record(request, hop.source, machine, hop.via)
+                    directive = await self._attempt(request, machine, hop, unavailable, send)
+                except _ReplayFailed as failure:
+                    hop = _fall_back(hop, failure)
+                    continue
                 if directive is None:
                     return
+                if hop.failed is not None:
+                    raise _Answer(
+                        502,
+                        f"machine {machine.machine_id} asked to replay a request that came back "
+                        "through a replay fallback: Fly does not replay it again",
+                    )
                 if not body.replayable:
                     raise _Answer(
                         502,
@@ -403,6 +438,8 @@ class FlyProxy:
             headers.append((b"fly-replay-cache-status", hop.cache_status.encode()))
         if unavailable is not None:
             headers.append((b"fly-preferred-instance-unavailable", unavailable.encode()))
+        if hop.failed is not None:
+            headers.append((b"fly-replay-failed", hop.failed.encode()))
         try:
             async with self.backends.use(machine.machine_id) as base_url:
                 upstream = self._client.build_request(
@@ -413,19 +450,22 @@ class FlyProxy:
                 )
                 response = await self._client.send(upstream, stream=True)
                 try:
-                    if response.headers.get("fly-replay-cache") == "invalidate":
-                        self._invalidate(request.host, request.path)
                     replay = response.headers.get("fly-replay")
                     if replay is None:
                         await _relay(response, send, request.request_id)
                         return None
+                    if response.headers.get("fly-replay-cache") == "invalidate":
+                        self._invalidate(request.host, request.path)
                     directive = ReplayDirective.parse(replay)
                     self._remember(response.headers, request, machine, directive)
                     return directive
                 finally:
                     await response.aclose()
         except MachineUnavailableError as exc:
-            raise _Answer(503, str(exc)) from None
+            raise _ReplayFailed(503, str(exc)) from None
+        except httpx.ConnectError as exc:
+            # No connection was made: the replay failed (a fallback may take it back).
+            raise _ReplayFailed(502, f"machine {machine.machine_id} refused: {exc!r}") from None
         except httpx.TransportError as exc:
             raise _Answer(502, f"machine {machine.machine_id} did not answer: {exc!r}") from None
 
@@ -439,7 +479,11 @@ class FlyProxy:
         if directive.instance is not None:
             machine = machines.get(directive.instance)
             if machine is None:
-                raise _Answer(502, f"no machine {directive.instance} in app {app}")
+                raise _ReplayFailed(502, f"no machine {directive.instance} in app {app}")
+            if machine.state == "stopping":
+                raise _ReplayFailed(
+                    503, f"PM08: machine {machine.machine_id} is stopping and takes no requests"
+                )
             return machine, None
         preferred = directive.prefer_instance
         if preferred is not None:
@@ -539,6 +583,25 @@ class FlyProxy:
         log.warning("ignored fly-replay-cache %r from %s: %s", pattern, source.machine_id, problem)
 
 
+def _fall_back(hop: _Hop, failure: _ReplayFailed) -> _Hop:
+    """The hop back to the machine that asked for a failed replay, if its fallback allows.
+
+    Without a fallback (or on the way back already) ``failure`` is raised: the client gets
+    the proxy's error.
+    """
+    source = hop.source
+    fallback = hop.directive.fallback
+    if source is None or fallback is None or hop.failed is not None or hop.via != "fly-replay":
+        raise failure
+    log.info("replay to failed (%s): back to %s (%s)", failure, source.machine_id, fallback)
+    back = (
+        ReplayDirective(instance=source.machine_id)
+        if fallback == "force_self"
+        else ReplayDirective(prefer_instance=source.machine_id)
+    )
+    return _Hop(back, failed=f"{failure.status} {failure}")
+
+
 def _forward_headers(
     scope: Scope, raw: list[tuple[bytes, bytes]], request_id: str, replayable: bool
 ) -> list[tuple[bytes, bytes]]:
@@ -580,6 +643,22 @@ async def _relay(response: httpx.Response, send: Send, request_id: str) -> None:
         # drop the connection, so the client sees the failure.
         log.warning("request %s: the machine's answer broke off: %r", request_id, exc)
         return
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _redirect_to_https(scope: Scope, headers: dict[str, str], send: Send) -> None:
+    """Answer as a force_https port does: 301 to the same URL over HTTPS, body unread."""
+    host = headers.get("host", "").rsplit(":", 1)[0]
+    target = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+    query = scope.get("query_string", b"").decode("latin-1")
+    location = f"https://{host}{target}" + (f"?{query}" if query else "")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 301,
+            "headers": [(b"location", location.encode("latin-1")), (b"content-length", b"0")],
+        }
+    )
     await send({"type": "http.response.body", "body": b""})
 
 

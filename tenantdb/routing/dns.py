@@ -56,8 +56,11 @@ class MachineLocator:
     """Find the running machine serving a tenant through Fly's internal DNS, with a cache.
 
     Positive answers are cached for ``positive_ttl`` seconds and "no machine" answers for
-    ``negative_ttl``; failures are never cached. Concurrent lookups of one uncached tenant share
-    a single DNS lookup. One instance is meant to be shared by every request of a process.
+    ``negative_ttl``. A failure (timeout, SERVFAIL, REFUSED) makes every lookup, of any
+    tenant, fail at once for ``failure_ttl`` seconds: a DNS server that does not answer costs
+    one timeout per ``failure_ttl``, not one per request. Concurrent lookups of one uncached
+    tenant share a single DNS lookup. One instance is meant to be shared by every request of
+    a process.
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class MachineLocator:
         timeout: float = 1.0,
         positive_ttl: float = 5.0,
         negative_ttl: float = 1.0,
+        failure_ttl: float = 1.0,
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -78,7 +82,7 @@ class MachineLocator:
             raise ConfigurationError(
                 f"metadata key {metadata_key!r} must be 1-63 letters, digits, '_' or '-'"
             )
-        if timeout <= 0 or positive_ttl < 0 or negative_ttl < 0 or max_entries < 1:
+        if timeout <= 0 or min(positive_ttl, negative_ttl, failure_ttl) < 0 or max_entries < 1:
             raise ConfigurationError("DNS timeout must be > 0, TTLs >= 0 and max_entries >= 1")
         self.app_name = app_name
         self.metadata_key = metadata_key
@@ -86,12 +90,15 @@ class MachineLocator:
         self.timeout = timeout
         self.positive_ttl = positive_ttl
         self.negative_ttl = negative_ttl
+        self.failure_ttl = failure_ttl
         self.max_entries = max_entries
         self._clock = clock
         self._resolver = _make_resolver(nameserver, timeout)
         self._vm_suffix = (b"vm", app_name.encode(), b"internal", b"")
         self._cache: dict[str, _CacheEntry] = {}
         self._inflight: dict[str, asyncio.Task[str | None]] = {}
+        # The last failure and until when it answers for the server: (expires_at, error).
+        self._failure: tuple[float, DNSLookupError] | None = None
 
     @classmethod
     def from_settings(
@@ -127,10 +134,19 @@ class MachineLocator:
         """Return the id of a running machine serving ``tenant``, or None if DNS lists none.
 
         Raises ``InvalidTenantError`` for a bad id and ``DNSLookupError`` when the DNS server
-        times out or fails. ``use_cache=False`` skips cached answers (it still joins a lookup
-        already in flight, which is at most ``timeout`` old) and refreshes the cache.
+        times out or fails, or failed less than ``failure_ttl`` ago. ``use_cache=False`` skips
+        cached answers (it still joins a lookup already in flight, which is at most
+        ``timeout`` old) and refreshes the cache.
         """
         validate_tenant(tenant)
+        if self._failure is not None:
+            expires_at, error = self._failure
+            if expires_at > self._clock():
+                raise DNSLookupError(
+                    f"{error} (less than {self.failure_ttl:g}s ago; not asked again yet)",
+                    tenant=tenant,
+                )
+            self._failure = None
         if use_cache:
             entry = self._cache.get(tenant)
             if entry is not None:
@@ -158,12 +174,14 @@ class MachineLocator:
 
     def _finished(self, tenant: str, task: asyncio.Task[str | None]) -> None:
         # Reading the exception marks it retrieved, even when every waiter was cancelled.
-        failed = task.cancelled() or task.exception() is not None
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, DNSLookupError) and self.failure_ttl > 0:
+            self._failure = (self._clock() + self.failure_ttl, error)
         if self._inflight.get(tenant) is not task:
             return  # invalidated while in flight: the answer may predate the invalidation
         del self._inflight[tenant]
-        if failed:
-            return  # errors are not cached: the next request asks again
+        if task.cancelled() or error is not None:
+            return  # not cached per tenant: the failure above answers for the server
         machine_id = task.result()
         ttl = self.positive_ttl if machine_id is not None else self.negative_ttl
         self._cache.pop(tenant, None)  # re-insert at the end: the dict stays oldest-first
@@ -178,21 +196,30 @@ class MachineLocator:
         rrset = await self._query(tenant, name, dns.rdatatype.AAAA, deadline)
         if rrset is None:
             return None
-        # Lowest address first: a stable pick across calls and across machines of the app.
+        # The rule: the lowest machine id among the running machines listed, whatever order
+        # the answers come in and whatever their addresses, so that every machine of the app
+        # picks the same one (a tenant normally has one machine; several are a migration).
         addresses = sorted({ipaddress.IPv6Address(r.address) for r in rrset if isinstance(r, AAAA)})
+        ids: set[str] = set()
         for address in addresses:
             reverse = dns.reversename.from_address(str(address))
             ptrs = await self._query(tenant, reverse, dns.rdatatype.PTR, deadline)
             if ptrs is None:
                 continue  # the machine stopped between the two queries
-            ids = sorted(
+            ids.update(
                 machine_id
                 for r in ptrs
                 if isinstance(r, PTR) and (machine_id := self._machine_id(r.target)) is not None
             )
-            if ids:
-                return ids[0]
-        return None
+        return min(ids, default=None)
+
+    async def has_address(self, name: str) -> bool:
+        """Return True if ``name`` has an AAAA record; raise ``DNSLookupError`` if DNS fails."""
+        deadline = time.monotonic() + self.timeout
+        return (
+            await self._query(name, dns.name.from_text(name), dns.rdatatype.AAAA, deadline)
+            is not None
+        )
 
     def _machine_id(self, target: dns.name.Name) -> str | None:
         """Return the machine id of ``<id>.vm.<app>.internal.``, or None for anything else."""

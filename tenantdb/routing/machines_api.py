@@ -3,14 +3,18 @@
 Only the calls tenantdb needs, over ``httpx.AsyncClient``::
 
     GET    /v1/apps/{app}/machines?metadata.{key}={value}    list (optionally filtered)
+    GET    /v1/apps/{app}/machines/{id}                      one machine (its stop timeout)
     POST   /v1/apps/{app}/machines                           create
     POST   /v1/apps/{app}/machines/{id}/stop                 graceful stop (final snapshot)
     GET    /v1/apps/{app}/machines/{id}/wait?state=stopped   wait for a state
     DELETE /v1/apps/{app}/machines/{id}?force=true           destroy (force kills it first)
 
 Every httpx error and every non-2xx answer becomes a ``MachinesAPIError`` here, at the
-boundary. The API token lives in a ``Secret`` and is revealed only while building the
-``Authorization`` header of a request: it is never part of a message, a log line or a repr.
+boundary; a 429 carries its ``Retry-After``. The API allows about one request per second per
+action, bursting to three (https://fly.io/docs/machines/api/working-with-machines-api/, "Rate
+limits"), so callers that route requests must not call it per request. The API token lives
+in a ``Secret`` and is revealed only while building the ``Authorization`` header of a
+request: it is never part of a message, a log line or a repr.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Generator, Mapping
@@ -38,6 +43,7 @@ __all__ = [
     "Autostop",
     "Machine",
     "MachinesClient",
+    "tenant_service",
     "validate_machine_id",
 ]
 
@@ -62,6 +68,12 @@ _TOKEN_PARTS_RE = re.compile(r"[\s,]+")
 _MIN_PIECE = 8
 # The wait endpoint holds a request at most this long; longer waits are several calls.
 _MAX_WAIT_CALL = 60
+# A 429 without a usable Retry-After still pauses the caller this long (the API refills
+# about one request per second per action).
+_DEFAULT_RETRY_AFTER = 1.0
+# Go duration units, for stop_config.timeout written as a string ("60s", "1m30s").
+_GO_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def _user_agent() -> str:
@@ -89,6 +101,7 @@ class Machine:
     metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     private_ip: str | None = None
     instance_id: str | None = None
+    stop_timeout: float | None = None
 
     def tenant(self, metadata_key: str) -> str | None:
         """Return the tenant named by ``metadata_key``, or None if absent or not a valid id."""
@@ -110,6 +123,7 @@ class Machine:
             "metadata": dict(self.metadata),
             "private_ip": self.private_ip,
             "instance_id": self.instance_id,
+            "stop_timeout": self.stop_timeout,
         }
 
     @classmethod
@@ -132,6 +146,8 @@ class Machine:
         )
         private_ip = data.get("private_ip")
         instance_id = data.get("instance_id")
+        stop_config = config.get("stop_config") if isinstance(config, Mapping) else None
+        raw_timeout = stop_config.get("timeout") if isinstance(stop_config, Mapping) else None
         return cls(
             id=machine_id,
             name=_text(data.get("name")),
@@ -140,7 +156,51 @@ class Machine:
             metadata=MappingProxyType(metadata),
             private_ip=private_ip if isinstance(private_ip, str) and private_ip else None,
             instance_id=instance_id if isinstance(instance_id, str) and instance_id else None,
+            stop_timeout=_seconds(raw_timeout),
         )
+
+
+def _seconds(value: object) -> float | None:
+    """Seconds of an API duration: nanoseconds as a number, or a Go string such as "60s"."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return value / 1e9
+    if not isinstance(value, str) or not value:
+        return None
+    parts = _GO_DURATION_RE.findall(value)
+    if "".join(number + unit for number, unit in parts) != value:
+        return None
+    return sum(float(number) * _GO_UNITS[unit] for number, unit in parts)
+
+
+def tenant_service(
+    internal_port: int,
+    *,
+    autostop: Autostop = "stop",
+    autostart: bool = True,
+    min_machines_running: int = 0,
+) -> dict[str, Any]:
+    """The HTTP service of a tenant machine, as the Machines API takes it (and dev emulates it).
+
+    No ``force_https`` on port 80: bodies too large for fly-replay reach the machine through
+    the app's Flycast address, which is plain HTTP, and a redirect would turn every large
+    upload into a 301 (https://fly.io/docs/networking/flycast/, "Flycast requirements").
+    """
+    return {
+        "protocol": "tcp",
+        "internal_port": internal_port,
+        "ports": [
+            {"port": 443, "handlers": ["tls", "http"]},
+            {"port": 80, "handlers": ["http"]},
+        ],
+        # Explicit, never left to API defaults: an idle tenant machine stops (publishing
+        # its snapshot on the way) and the proxy starts it again on the next request
+        # replayed to it.
+        "autostop": autostop,
+        "autostart": autostart,
+        "min_machines_running": min_machines_running,
+    }
 
 
 def _text(value: object) -> str:
@@ -293,6 +353,11 @@ class MachinesClient:
         machine_env["TENANT_ID"] = tenant
         # The machine's own middleware must look tenants up under the same key.
         machine_env["TENANTDB_METADATA_KEY"] = metadata_key
+        # The app listens on $PORT, which must be the port the service sends traffic to.
+        if machine_env.setdefault("PORT", str(internal_port)) != str(internal_port):
+            raise ConfigurationError(
+                f"env PORT={machine_env['PORT']!r} contradicts internal port {internal_port}"
+            )
         body: dict[str, Any] = {
             "name": name or tenant,
             "config": {
@@ -301,20 +366,12 @@ class MachinesClient:
                 "metadata": {metadata_key: tenant},
                 "guest": {"cpu_kind": cpu_kind, "cpus": cpus, "memory_mb": memory_mb},
                 "services": [
-                    {
-                        "protocol": "tcp",
-                        "internal_port": internal_port,
-                        "ports": [
-                            {"port": 443, "handlers": ["tls", "http"]},
-                            {"port": 80, "handlers": ["http"], "force_https": True},
-                        ],
-                        # Explicit, never left to API defaults: an idle tenant machine
-                        # stops (publishing its snapshot on the way) and the proxy starts
-                        # it again on the next request replayed to it.
-                        "autostop": autostop,
-                        "autostart": autostart,
-                        "min_machines_running": min_machines_running,
-                    }
+                    tenant_service(
+                        internal_port,
+                        autostop=autostop,
+                        autostart=autostart,
+                        min_machines_running=min_machines_running,
+                    )
                 ],
                 "auto_destroy": False,
                 # A clean exit (autostop, scale down) stays down; a crash is retried.
@@ -347,6 +404,15 @@ class MachinesClient:
             )
         log.info("created machine %s for tenant %s in %s", machine.id, tenant, machine.region)
         return machine
+
+    async def get_machine(self, machine_id: str) -> Machine:
+        """Return one machine of the app, as the API describes it now."""
+        path = self._machine_path(machine_id)
+        status, data = await self._request("GET", path)
+        try:
+            return Machine.from_api(data)
+        except ValueError as exc:
+            raise MachinesAPIError(f"GET {path}: unusable machine ({exc})", status=status) from exc
 
     async def stop_machine(self, machine_id: str) -> None:
         """Ask a machine to stop gracefully (its stop signal, then its kill timeout)."""
@@ -433,6 +499,7 @@ class MachinesClient:
                 self._scrub(f"{where}: HTTP {status}{': ' + detail if detail else ''}"),
                 status=status,
                 tenant=tenant,
+                retry_after=_retry_after(response) if status == 429 else None,
             )
         if not response.content.strip():
             return status, None
@@ -454,6 +521,18 @@ class MachinesClient:
         for piece in sorted(filter(None, pieces), key=len, reverse=True):
             message = message.replace(piece, "***")
         return message
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """Seconds a 429 asks to wait: its Retry-After in seconds, else a one-second pause."""
+    raw = response.headers.get("retry-after", "").strip()
+    try:
+        seconds = float(raw)
+    except ValueError:
+        return _DEFAULT_RETRY_AFTER  # absent, or an HTTP date: pause briefly
+    if not math.isfinite(seconds):
+        return _DEFAULT_RETRY_AFTER
+    return min(max(seconds, 0.0), 300.0)
 
 
 def _error_detail(response: httpx.Response, scrub: Callable[[str], str]) -> str:

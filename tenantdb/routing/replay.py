@@ -1,32 +1,29 @@
 """Answering requests for tenants this machine does not serve: fly-replay to the owner.
 
-The owner machine of a tenant is found through, in order: an in-process cache, Fly's internal
-DNS (running machines only), the tenant's ``lock.json`` (``owner``, else ``last_owner``: a
-replay to a stopped machine makes Fly's proxy start it), then the Machines API when a token is
-set. Concurrent requests for one tenant share one resolution.
-
-Fly's proxy semantics this module relies on (https://fly.io/docs/networking/dynamic-request-routing/):
+Which machine that is, ``tenantdb.routing.resolver`` finds (cache, DNS, ``lock.json``, the
+Machines API); this module crafts the answers. Fly's proxy semantics it relies on
+(https://fly.io/docs/networking/dynamic-request-routing/):
 
 - ``fly-replay: instance=<id>`` on a response makes the proxy replay the request to that
-  machine; requests larger than 1MB cannot be replayed, so bigger bodies are streamed to the
-  machine directly (``tenantdb.routing.proxy``).
+  machine. "Requests larger than 1MB cannot be replayed": bodies over 1,000,000 bytes are
+  streamed to the machine directly (``tenantdb.routing.proxy``).
+- ``fallback=prefer_self`` ("Replay timeout and fallback") sends a request whose replay
+  failed (the target is stopping, unreachable, or no candidate is left) back here with a
+  ``fly-replay-failed`` header, instead of the proxy's bare error; it cannot be replayed
+  again, and is answered 503 with ``Retry-After``.
 - A replayed request arrives with ``fly-replay-src: instance=<id>;region=<r>;t=<us>;state=<s>``
   naming the machine that answered fly-replay.
 - ``fly-replay-cache: <path>/*`` with ``fly-replay-cache-ttl-secs`` (at least 10) lets the proxy
   send later requests under that path straight to the target. Such requests carry
-  ``fly-replay-cache-status: hit`` and no ``fly-replay-src``; a target that no longer serves
-  them answers with a fly-replay and ``fly-replay-cache: invalidate``.
-- ``fly-replay-failed`` marks a request routed back after a failed replay; it cannot be
-  replayed again.
+  ``fly-replay-cache-status: hit`` and no ``fly-replay-src``. The documented way for a target
+  to drop a stale entry is a fly-replay back to the app with ``fly-replay-cache: invalidate``;
+  this module answers such requests so, never with an error carrying the header alone.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import re
-import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -39,18 +36,13 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from tenantdb.config import Settings
-from tenantdb.errors import (
-    ConfigurationError,
-    LockFileCorruptError,
-    ObjectNotFoundError,
-    RoutingError,
-    StorageError,
-)
-from tenantdb.lockfile import LockRecord
+from tenantdb.errors import ConfigurationError, RoutingError
 from tenantdb.responses import send_error, send_response
+from tenantdb.routing.checks import check_machine_setup
 from tenantdb.routing.dns import MachineLocator
 from tenantdb.routing.machines_api import MachinesClient, validate_machine_id
 from tenantdb.routing.proxy import PROXIED_BY, BodyProxy, MachineURL
+from tenantdb.routing.resolver import LOOKUP_ERRORS, MachineResolver, Resolution
 from tenantdb.storage import Bucket, open_bucket
 from tenantdb.tenants import TenantPattern
 
@@ -58,8 +50,9 @@ __all__ = ["LOCAL_APP_NAME", "MAX_REPLAY_BODY", "ReplaySource", "Resolution", "R
 
 log = logging.getLogger("tenantdb.routing")
 
-# Fly's docs: "requests larger than 1MB cannot be replayed"; bigger bodies are streamed.
-MAX_REPLAY_BODY = 1 << 20
+# Fly's docs: "requests larger than 1MB cannot be replayed"; a megabyte is 10**6 bytes, and
+# reading it as 1 MiB would send bodies of 1,000,001-1,048,576 bytes to a replay that fails.
+MAX_REPLAY_BODY = 1_000_000
 # The app name of the local emulation when only TENANTDB_DNS_SERVER is set (DevDNSServer's).
 LOCAL_APP_NAME = "tenantdb-dev"
 RETRY_AFTER = "2"
@@ -69,27 +62,13 @@ MIN_REPLAY_CACHE_TTL = 10
 # A fly-replay-cache pattern is a path glob: only plain path characters go into one.
 _CACHE_PATH_RE = re.compile(r"/[A-Za-z0-9/._~%-]*")
 
-Source = Literal["dns", "lock", "api", "none"]
 Arrival = Literal["direct", "replayed", "cache-hit", "failed", "proxied"]
-
-
-@dataclass(frozen=True, slots=True)
-class Resolution:
-    """Where a tenant's requests go: a machine id (None: nowhere) and how it was found.
-
-    ``detail`` is the lock.json field that named the machine, the machine's state in the
-    Machines API, or why nothing was found.
-    """
-
-    machine_id: str | None
-    source: Source
-    detail: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class _Cached:
-    resolution: Resolution
-    expires_at: float
+# A replay that fails comes back to a machine of this app with fly-replay-failed, which
+# tenantdb answers itself (503, Retry-After) instead of the proxy's bare error.
+_FALLBACK = "fallback=prefer_self"
+# Sends a request back to the app's load balancing, minus this machine: the documented
+# carrier of fly-replay-cache: invalidate when there is no machine to replay to.
+_ELSEWHERE = "elsewhere=true"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +76,7 @@ class _Resources:
     """What an open Router uses; set as a whole once everything is open."""
 
     stack: AsyncExitStack
-    locator: MachineLocator
-    bucket: Bucket
-    machines: MachinesClient | None
+    resolver: MachineResolver
     proxy: BodyProxy | None
 
 
@@ -114,9 +91,12 @@ class ReplaySource:
 
     @classmethod
     def parse(cls, value: str) -> ReplaySource | None:
-        """Parse ``instance=<id>;region=<r>;t=<us>;state=<s>``; None if it is malformed."""
+        """Parse ``instance=<id>;region=<r>;t=<us>;state=<s>``; None if it is malformed.
+
+        Commas are accepted as field separators as well as semicolons.
+        """
         fields: dict[str, str] = {}
-        for part in value.split(";"):
+        for part in re.split("[;,]", value):
             key, sep, item = part.partition("=")
             key = key.strip().lower()
             if sep and key and key not in fields:
@@ -180,16 +160,18 @@ class Router:
 
     Built from settings and the tenant path pattern, without I/O; ``async with`` opens the
     DNS resolver, the bucket (for ``lock.json``), the Machines API client (only with
-    ``FLY_API_TOKEN``) and the body proxy's HTTP client. Routing is enabled on Fly
-    (``FLY_APP_NAME``) or, locally, when ``TENANTDB_DNS_SERVER`` names a DNS server (the app
-    name is then ``tenantdb-dev``, as for ``DevDNSServer``).
+    ``FLY_API_TOKEN``) and the body proxy's HTTP client, then runs the startup checks of
+    ``tenantdb.routing.checks`` (warnings only). Routing is enabled on Fly (``FLY_APP_NAME``)
+    or, locally, when ``TENANTDB_DNS_SERVER`` names a DNS server (the app name is then
+    ``tenantdb-dev``, as for ``DevDNSServer``).
 
     Options: ``bucket`` shares an open bucket (else the Router opens its own);
     ``proxy_large_bodies`` streams bodies Fly cannot replay to the owner (False: 413);
     ``machine_url`` maps a machine id to its base URL (default: ``Settings.proxy_url``);
     ``replay_cache_ttl`` is the ``fly-replay-cache-ttl-secs`` sent (0: no replay cache);
-    ``cache_ttl`` / ``negative_cache_ttl`` are how long found / not-found answers are kept;
-    ``dns_timeout`` and ``lookup_timeout`` bound the DNS and the bucket / API steps.
+    ``cache_ttl`` / ``negative_cache_ttl`` / ``failure_ttl`` are how long found / not-found /
+    failed lookups are kept; ``dns_timeout`` and ``lookup_timeout`` bound the DNS and the
+    bucket / API steps.
     """
 
     def __init__(
@@ -203,6 +185,7 @@ class Router:
         replay_cache_ttl: int = 30,
         cache_ttl: float = 5.0,
         negative_cache_ttl: float = 1.0,
+        failure_ttl: float = 1.0,
         dns_timeout: float = 1.0,
         lookup_timeout: float = 5.0,
         max_entries: int = 10_000,
@@ -212,7 +195,7 @@ class Router:
                 f"replay cache TTL {replay_cache_ttl}s: Fly needs at least "
                 f"{MIN_REPLAY_CACHE_TTL}s (0 turns the replay cache off)"
             )
-        if cache_ttl < 0 or negative_cache_ttl < 0 or max_entries < 1:
+        if min(cache_ttl, negative_cache_ttl, failure_ttl) < 0 or max_entries < 1:
             raise ConfigurationError("cache TTLs must be >= 0 and max_entries >= 1")
         if dns_timeout <= 0 or lookup_timeout <= 0:
             raise ConfigurationError("routing timeouts must be positive")
@@ -225,6 +208,7 @@ class Router:
         self.replay_cache_ttl = replay_cache_ttl
         self.cache_ttl = cache_ttl
         self.negative_cache_ttl = negative_cache_ttl
+        self.failure_ttl = failure_ttl
         self.dns_timeout = dns_timeout
         self.lookup_timeout = lookup_timeout
         self.max_entries = max_entries
@@ -232,8 +216,6 @@ class Router:
         # The pattern part before the tenant must be a plain path to go into a cache glob.
         self._cacheable = bool(_CACHE_PATH_RE.fullmatch(pattern.prefix("x")))
         self._resources: _Resources | None = None
-        self._cache: dict[str, _Cached] = {}
-        self._inflight: dict[tuple[str, bool], asyncio.Task[Resolution]] = {}
 
     def _url_from_template(self, template: str) -> MachineURL:
         fields = {"app": self.app_name or LOCAL_APP_NAME, "port": self.settings.port}
@@ -278,6 +260,7 @@ class Router:
                 timeout=self.dns_timeout,
                 positive_ttl=self.cache_ttl,
                 negative_ttl=self.negative_cache_ttl,
+                failure_ttl=self.failure_ttl,
             )
             bucket = self.bucket
             if bucket is None:
@@ -297,7 +280,19 @@ class Router:
                 proxy = await stack.enter_async_context(
                     BodyProxy(self.machine_url, machine_id=self.machine_id)
                 )
-            self._resources = _Resources(stack.pop_all(), locator, bucket, machines, proxy)
+            resolver = MachineResolver(
+                self.settings,
+                locator,
+                bucket,
+                machines,
+                cache_ttl=self.cache_ttl,
+                negative_ttl=self.negative_cache_ttl,
+                failure_ttl=self.failure_ttl,
+                lookup_timeout=self.lookup_timeout,
+                max_entries=self.max_entries,
+            )
+            await check_machine_setup(self.settings, locator, machines)
+            self._resources = _Resources(stack.pop_all(), resolver, proxy)
         return self
 
     async def __aexit__(
@@ -307,99 +302,20 @@ class Router:
         tb: TracebackType | None,
     ) -> None:
         resources, self._resources = self._resources, None
-        self._cache.clear()
-        self._inflight.clear()
         if resources is not None:
+            resources.resolver.clear()
             await resources.stack.aclose()
 
-    # -- resolution -------------------------------------------------------------------------
-
     async def locate(self, tenant: str, *, use_cache: bool = True) -> Resolution:
-        """Find the machine serving ``tenant``: cache, DNS, lock.json, then the Machines API.
-
-        Raises ``RoutingError`` (DNS or API failures), ``StorageError`` and
-        ``LockFileCorruptError`` (lock.json unreadable), or ``TimeoutError``.
-        ``use_cache=False`` forgets what was cached and asks every source again.
-        """
-        resources = self._resources
-        if resources is None:
+        """Find the machine serving ``tenant`` (see ``MachineResolver.locate``)."""
+        if self._resources is None:
             raise RuntimeError("use Router in 'async with' (the ASGI lifespan) before routing")
-        if use_cache:
-            entry = self._cache.get(tenant)
-            if entry is not None:
-                if entry.expires_at > time.monotonic():
-                    return entry.resolution
-                del self._cache[tenant]
-        else:
-            self.invalidate(tenant)
-        key = (tenant, not use_cache)
-        task = self._inflight.get(key)
-        loop = asyncio.get_running_loop()
-        if task is None or task.get_loop() is not loop:
-            task = loop.create_task(self._resolve(resources, tenant, fresh=not use_cache))
-            self._inflight[key] = task
-            task.add_done_callback(functools.partial(self._finished, key))
-        # shield: one client giving up must not cancel the lookup the others wait on.
-        return await asyncio.shield(task)
+        return await self._resources.resolver.locate(tenant, use_cache=use_cache)
 
     def invalidate(self, tenant: str) -> None:
-        """Forget what is cached about ``tenant``, here and in the DNS locator."""
-        self._cache.pop(tenant, None)
-        self._inflight.pop((tenant, False), None)
+        """Forget what is cached about ``tenant``."""
         if self._resources is not None:
-            self._resources.locator.invalidate(tenant)
-
-    def _finished(self, key: tuple[str, bool], task: asyncio.Task[Resolution]) -> None:
-        # Reading the exception marks it retrieved, even when every waiter was cancelled.
-        failed = task.cancelled() or task.exception() is not None
-        if self._inflight.get(key) is not task:
-            return  # invalidated meanwhile: the answer may predate the invalidation
-        del self._inflight[key]
-        if failed:
-            return  # failures are not cached: the next request asks again
-        resolution = task.result()
-        ttl = self.cache_ttl if resolution.machine_id else self.negative_cache_ttl
-        tenant = key[0]
-        self._cache.pop(tenant, None)  # re-insert at the end: the dict stays oldest-first
-        if len(self._cache) >= self.max_entries:
-            del self._cache[next(iter(self._cache))]
-        self._cache[tenant] = _Cached(resolution, time.monotonic() + ttl)
-
-    async def _resolve(self, res: _Resources, tenant: str, *, fresh: bool) -> Resolution:
-        machine_id = await res.locator.lookup(tenant, use_cache=not fresh)
-        if machine_id is not None:
-            return Resolution(machine_id, "dns")
-        reasons = ["DNS lists no running machine for it"]
-        record = await self._read_lock(res.bucket, tenant)
-        if record is None:
-            reasons.append("the bucket has no lock.json for it")
-        else:
-            for field, value in (("owner", record.owner), ("last_owner", record.last_owner)):
-                if value is None:
-                    continue
-                try:
-                    return Resolution(validate_machine_id(value), "lock", field)
-                except ValueError:
-                    log.warning("tenant %s: lock.json %s %r is no machine id", tenant, field, value)
-            reasons.append("its lock.json names no machine")
-        if res.machines is not None:
-            async with asyncio.timeout(self.lookup_timeout):
-                machines = await res.machines.find_tenant_machines(
-                    tenant, self.settings.metadata_key
-                )
-            if machines:
-                return Resolution(machines[0].id, "api", machines[0].state)
-            reasons.append("the Machines API lists no machine for it")
-        return Resolution(None, "none", ", ".join(reasons))
-
-    async def _read_lock(self, bucket: Bucket, tenant: str) -> LockRecord | None:
-        key = f"{self.settings.prefix}{tenant}/lock.json"
-        try:
-            async with asyncio.timeout(self.lookup_timeout):
-                lock = await bucket.get(key)
-        except ObjectNotFoundError:
-            return None
-        return LockRecord.parse(lock.body, tenant=tenant, key=key)
+            self._resources.resolver.invalidate(tenant)
 
     # -- answering --------------------------------------------------------------------------
 
@@ -434,19 +350,15 @@ class Router:
             return
         # A request that was already routed once is not routed again on cached knowledge.
         fresh = arrival.how != "direct"
-        invalidate = {"fly-replay-cache": "invalidate"} if arrival.how == "cache-hit" else {}
         try:
             found = await self.locate(tenant, use_cache=not fresh)
-        except (RoutingError, StorageError, LockFileCorruptError, TimeoutError) as exc:
+        except LOOKUP_ERRORS as exc:
             message = str(exc) or f"the lookup timed out after {self.lookup_timeout:g}s"
             log.warning("routing tenant %s failed: %s", tenant, message)
-            await self._unavailable(
-                scope,
-                receive,
-                send,
-                f"the machine of tenant {tenant} cannot be found right now: {message}",
-                invalidate,
+            problem = Problem(
+                503, f"the machine of tenant {tenant} cannot be found right now: {message}"
             )
+            await self._refuse(scope, receive, send, tenant, arrival, problem)
             return
         target = found.machine_id
         if arrival.how in ("replayed", "proxied") and target in (
@@ -472,38 +384,31 @@ class Router:
             )
             return
         if target is None:
-            await send_error(
-                scope,
-                receive,
-                send,
-                404,
-                f"no machine serves tenant {tenant}: {found.detail}",
-                headers=invalidate,
-            )
+            problem = Problem(404, f"no machine serves tenant {tenant}: {found.detail}")
+            await self._refuse(scope, receive, send, tenant, arrival, problem)
             return
         if target == self.machine_id:
-            await self._unavailable(
-                scope,
-                receive,
-                send,
-                f"routing data names this machine ({self.machine_id}) for tenant {tenant}, but it "
-                f"serves {self.settings.tenant or 'no tenant'}: check the machine's metadata "
+            problem = Problem(
+                503,
+                f"routing data names this machine ({self.machine_id}) for tenant {tenant}, but "
+                f"it serves {self.settings.tenant or 'no tenant'}: check the machine's metadata "
                 f"{self.settings.metadata_key!r} and TENANT_ID",
-                invalidate,
             )
+            await self._refuse(scope, receive, send, tenant, arrival, problem)
             return
         # Only direct requests set a replay cache: Fly looks up its cache one step deep, and
         # only running machines (found in DNS) are worth pinning requests to.
         cacheable = arrival.how == "direct" and found.source == "dns"
         cache = self._cache_pattern(scope, tenant) if cacheable else None
-        await self._deliver(scope, receive, send, tenant, target, cache=cache, extra=invalidate)
+        await self._deliver(
+            scope, receive, send, tenant, target, cache=cache, extra=_invalidation(arrival)
+        )
 
     async def replay_to(
         self, scope: Scope, receive: Receive, send: Send, machine_id: str, tenant: str
     ) -> None:
         """Send a request for this machine's own tenant to ``machine_id``, the lease holder."""
         arrival = _arrival(scope)
-        invalidate = {"fly-replay-cache": "invalidate"} if arrival.how == "cache-hit" else {}
         problem = ""
         if not _is_machine_id(machine_id):
             problem = f"its lease holder {machine_id[:80]!r} is not a Fly machine id"
@@ -517,15 +422,38 @@ class Router:
         elif machine_id == self.machine_id:
             problem = "this machine is named as its lease holder but does not serve it"
         if problem:
-            await self._unavailable(
-                scope,
-                receive,
-                send,
-                f"tenant {tenant} is unavailable here: {problem}; retry shortly",
-                invalidate,
-            )
+            message = f"tenant {tenant} is unavailable here: {problem}; retry shortly"
+            await self._refuse(scope, receive, send, tenant, arrival, Problem(503, message))
             return
-        await self._deliver(scope, receive, send, tenant, machine_id, cache=None, extra=invalidate)
+        await self._deliver(
+            scope, receive, send, tenant, machine_id, cache=None, extra=_invalidation(arrival)
+        )
+
+    async def _refuse(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        tenant: str,
+        arrival: _Arrival,
+        problem: Problem,
+    ) -> None:
+        """Answer ``problem``; a cached route that led here is first sent back to the app.
+
+        The replay cache sent this request here, so Fly would keep sending the tenant's
+        requests here until its TTL runs out: the documented cure is a fly-replay back to the
+        app with ``fly-replay-cache: invalidate``. Another machine then answers afresh.
+        """
+        try:
+            replayable = arrival.how == "cache-hit" and (await _measure(scope, receive)).replayable
+        except ClientDisconnect:
+            return  # nobody is left to answer
+        if replayable:
+            headers = {"fly-replay": f"{_ELSEWHERE};{_FALLBACK}", **_invalidation(arrival)}
+            await send_response(scope, receive, send, Response(b"", 204, headers=headers))
+            return
+        retry = {"Retry-After": RETRY_AFTER} if problem.status == 503 else {}
+        await send_error(scope, receive, send, problem.status, problem.message, headers=retry)
 
     def _cache_pattern(self, scope: Scope, tenant: str) -> str | None:
         """The fly-replay-cache glob for this request, or None when none may be set."""
@@ -548,28 +476,13 @@ class Router:
         extra: Mapping[str, str],
     ) -> None:
         """Replay to ``machine_id``, or stream the request there if its body is too large."""
-        if scope["type"] != "http":
+        try:
+            body = await _measure(scope, receive)
+        except ClientDisconnect:
+            return  # nobody is left to answer
+        if body.replayable:
             await self._replay(scope, receive, send, machine_id, cache, extra)
             return
-        length = Headers(scope=scope).get("content-length", "")
-        if length.isascii() and length.isdigit():
-            if int(length) <= MAX_REPLAY_BODY:
-                await self._replay(scope, receive, send, machine_id, cache, extra)
-                return
-            chunks: list[bytes] = []
-            more = True
-            size = f"a body of {int(length)} bytes"
-        else:
-            # Unknown length (chunked, or HTTP/2 without content-length): read up to the
-            # limit; a body that ends within it is replayed, a longer one is streamed.
-            try:
-                chunks, more = await _read_up_to(receive, MAX_REPLAY_BODY)
-            except ClientDisconnect:
-                return
-            if sum(map(len, chunks)) <= MAX_REPLAY_BODY:
-                await self._replay(scope, receive, send, machine_id, cache, extra)
-                return
-            size = "a streamed body"
         if self._resources is None:
             await self._unavailable(scope, receive, send, _NOT_STARTED)
             return
@@ -580,13 +493,15 @@ class Router:
                 receive,
                 send,
                 413,
-                f"this request for tenant {tenant} has {size} larger than the 1 MiB Fly can "
-                "replay to the tenant's machine, and this app does not forward large bodies "
-                "itself (proxy_large_bodies=False)",
+                f"this request for tenant {tenant} has {body.size} larger than the 1 MB "
+                f"({MAX_REPLAY_BODY} bytes) Fly can replay to the tenant's machine, and this "
+                "app does not forward large bodies itself (proxy_large_bodies=False)",
                 headers=extra,
             )
             return
-        await self._proxy_body(scope, receive, send, proxy, tenant, machine_id, chunks, more)
+        await self._proxy_body(
+            scope, receive, send, proxy, tenant, machine_id, body.chunks, body.more
+        )
 
     async def _replay(
         self,
@@ -597,7 +512,7 @@ class Router:
         cache: str | None,
         extra: Mapping[str, str],
     ) -> None:
-        headers = {"fly-replay": f"instance={machine_id}", **extra}
+        headers = {"fly-replay": f"instance={machine_id};{_FALLBACK}", **extra}
         if cache is not None:
             headers["fly-replay-cache"] = cache
             headers["fly-replay-cache-ttl-secs"] = str(self.replay_cache_ttl)
@@ -651,6 +566,46 @@ class Router:
     ) -> None:
         headers = {"Retry-After": RETRY_AFTER, **(extra or {})}
         await send_error(scope, receive, send, 503, message, headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Why a request cannot be routed: the HTTP status to answer and a readable message."""
+
+    status: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Body:
+    """What was learnt of a request body: whether Fly can replay it, and what was read."""
+
+    replayable: bool
+    chunks: list[bytes]
+    more: bool
+    size: str = ""
+
+
+async def _measure(scope: Scope, receive: Receive) -> _Body:
+    """Find out whether the request's body fits a replay, reading at most the limit of it.
+
+    Raises ``ClientDisconnect`` if the client goes away while its body is read.
+    """
+    if scope["type"] != "http":
+        return _Body(True, [], False)
+    length = Headers(scope=scope).get("content-length", "")
+    if length.isascii() and length.isdigit():
+        size = int(length)
+        return _Body(size <= MAX_REPLAY_BODY, [], True, f"a body of {size} bytes")
+    # Unknown length (chunked, or HTTP/2 without content-length): read up to the limit; a
+    # body that ends within it is replayed, a longer one is streamed.
+    chunks, more = await _read_up_to(receive, MAX_REPLAY_BODY)
+    return _Body(sum(map(len, chunks)) <= MAX_REPLAY_BODY, chunks, more, "a streamed body")
+
+
+def _invalidation(arrival: _Arrival) -> dict[str, str]:
+    """The header that drops the replay cache entry that sent a request here, if one did."""
+    return {"fly-replay-cache": "invalidate"} if arrival.how == "cache-hit" else {}
 
 
 async def _read_up_to(receive: Receive, limit: int) -> tuple[list[bytes], bool]:

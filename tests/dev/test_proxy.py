@@ -22,6 +22,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from tenantdb.dev.cluster import Cluster, ClusterConfig
 from tenantdb.dev.proxy import (
     MAX_REPLAY_BODY,
     MAX_REPLAYS,
@@ -315,8 +316,74 @@ async def test_replay_to_failed_or_unknown_machines(rig: Rig) -> None:
     assert "no machine nowhere" in unknown.text
 
 
+async def test_a_replay_to_a_stopping_machine_fails_like_fly(rig: Rig) -> None:
+    a = rig.add("a", replays("instance=b"))
+    b = rig.add("b", state="stopping")
+    response = await rig.client.get("/customers/200", headers=force("a"))
+    assert response.status_code == 503
+    assert "PM08" in response.text
+    assert b.seen == []
+    assert len(a.seen) == 1
+
+
+@pytest.mark.parametrize("fallback", ["prefer_self", "force_self"])
+async def test_a_failed_replay_falls_back_to_the_machine_that_asked(
+    rig: Rig, fallback: str
+) -> None:
+    def asks_or_explains(request: Request) -> Response:
+        failed = request.headers.get("fly-replay-failed")
+        if failed is None:
+            return Response(b"", 204, headers={"fly-replay": f"instance=b;fallback={fallback}"})
+        return PlainTextResponse(f"a explains: {failed}", 503)
+
+    a = rig.add("a", asks_or_explains)
+    rig.add("b", state="stopping")
+    rig.add("c", replays(f"instance=gone;fallback={fallback}"))
+    response = await rig.client.get("/customers/200", headers=force("a"))
+    assert response.status_code == 503
+    assert response.text.startswith("a explains: 503 PM08")
+    assert "fly-replay-src" not in a.seen[1].headers
+    # A request that came back cannot be replayed again.
+    back = await rig.client.get("/customers/200", headers=force("c"))
+    assert back.status_code == 502
+    assert "replay fallback" in back.text
+
+
+async def test_invalidate_counts_only_on_a_replay(rig: Rig) -> None:
+    rig.add("a", router("b"))
+    b = rig.add("b")
+    prefer_a = {"fly-prefer-instance-id": "a"}
+    await rig.client.get("/customers/100/x", headers=prefer_a)
+    # An error carrying the header is not the documented invalidation: the route stays.
+    b.handler = lambda request: PlainTextResponse(
+        "gone", 404, headers={"fly-replay-cache": "invalidate"}
+    )
+    for _ in range(2):
+        assert (await rig.client.get("/customers/100/x", headers=prefer_a)).status_code == 404
+    assert [r.via for r in rig.proxy.replay_log] == ["fly-replay", "cache", "cache"]
+
+
+async def test_force_https_redirects_plain_http(servers: Servers) -> None:
+    machines = Machines(servers)
+    machines.add("a")
+    async with FlyProxy(machines, force_https=True) as proxy:
+        url = await servers.start(proxy)
+        async with httpx.AsyncClient(base_url=url, trust_env=False) as client:
+            response = await client.post("/customers/1/upload?x=1", content=b"z" * 2_000_000)
+    assert response.status_code == 301
+    assert response.headers["location"].endswith("/customers/1/upload?x=1")
+    assert response.headers["location"].startswith("https://")
+    assert machines.by_id["a"].seen == []
+
+
+def test_dev_machines_get_the_service_of_tenantdb_machines_create() -> None:
+    # Flycast is plain HTTP: a port 80 that forces HTTPS turns every large upload into a 301.
+    assert Cluster(ClusterConfig()).proxy.force_https is False
+
+
 @pytest.mark.parametrize("size", [MAX_REPLAY_BODY, MAX_REPLAY_BODY + 1])
-async def test_bodies_over_1_mib_are_not_replayed(rig: Rig, size: int) -> None:
+async def test_bodies_over_1_mb_are_not_replayed(rig: Rig, size: int) -> None:
+    assert MAX_REPLAY_BODY == 1_000_000  # Fly's limit is "1MB"
     rig.add("a", replays("instance=b"))
     b = rig.add("b")
     response = await rig.client.post("/upload", content=b"z" * size, headers=force("a"))

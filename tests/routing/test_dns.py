@@ -136,13 +136,36 @@ async def test_refused_port_raises() -> None:
         await locator.lookup("acme")
 
 
-async def test_errors_are_not_cached(server: DevDNSServer, locator: MachineLocator) -> None:
+async def test_a_failure_answers_for_every_tenant_for_a_moment(
+    server: DevDNSServer, locator: MachineLocator, clock: FakeClock
+) -> None:
     server.set_machine("m1", {KEY: "acme"})
+    server.set_machine("m2", {KEY: "bravo"})
     server.mode = "servfail"
-    with pytest.raises(DNSLookupError):
+    with pytest.raises(DNSLookupError, match="SERVFAIL"):
         await locator.lookup("acme")
     server.mode = "normal"
+    server.reset_counters()
+    # Within the failure TTL no tenant's lookup reaches the server: a broken or slow
+    # server costs one timeout per TTL, not one per request.
+    clock.now += 0.9
+    for tenant in ("acme", "bravo"):
+        with pytest.raises(DNSLookupError, match="not asked again yet"):
+            await locator.lookup(tenant)
+    assert server.query_count() == 0
+    clock.now += 0.2  # past the 1 s failure TTL
     assert await locator.lookup("acme") == "m1"
+
+
+async def test_the_lowest_machine_id_wins_whatever_the_addresses(
+    server: DevDNSServer, locator: MachineLocator
+) -> None:
+    # The machine with the higher id has the lower address: the pick is by id.
+    server.set_machine("m9", {KEY: "acme"}, address="fdaa:0:1::1")
+    server.set_machine("m1", {KEY: "acme"}, address="fdaa:0:1::9")
+    for _ in range(5):  # the responder shuffles the answers
+        locator.invalidate("acme")
+        assert await locator.lookup("acme") == "m1"
 
 
 async def test_cache_hit_sends_no_query(

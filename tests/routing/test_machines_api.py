@@ -186,6 +186,9 @@ async def test_create_machine_request_body(fake_api: FakeMachinesAPI) -> None:
     assert service["autostart"] is True
     assert service["min_machines_running"] == 0
     assert {p["port"] for p in service["ports"]} == {80, 443}
+    # Flycast is plain HTTP on port 80: forcing HTTPS there breaks every large upload.
+    assert not any(p.get("force_https") for p in service["ports"])
+    assert config["env"]["PORT"] == "8080"
     assert machine.id in fake_api.machines
     assert machine.tenant("customer_id") == "acme"
     assert machine.region == "ams"
@@ -213,6 +216,39 @@ async def test_create_machine_options(fake_api: FakeMachinesAPI) -> None:
         "suspend",
         False,
     )
+    # The app must listen where the service sends traffic.
+    assert body["config"]["env"]["PORT"] == "3000"
+
+
+async def test_env_port_contradicting_the_internal_port_is_refused(
+    fake_api: FakeMachinesAPI,
+) -> None:
+    async with client_for(fake_api) as client:
+        with pytest.raises(ConfigurationError, match="PORT"):
+            await client.create_machine("acme", image="img", internal_port=3000, env={"PORT": "80"})
+    assert fake_api.requests == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [(5_000_000_000, 5.0), ("60s", 60.0), ("1m30s", 90.0), ("500ms", 0.5), ("soon", None)],
+)
+async def test_get_machine_reads_the_stop_timeout(
+    fake_api: FakeMachinesAPI, raw: object, seconds: float | None
+) -> None:
+    machine_id = fake_api.add("acme", stop_timeout=raw)
+    async with client_for(fake_api) as client:
+        machine = await client.get_machine(machine_id)
+    assert machine.stop_timeout == seconds
+
+
+async def test_a_429_carries_its_retry_after(fake_api: FakeMachinesAPI) -> None:
+    fake_api.fail_next = (429, {"error": "rate limit exceeded"})
+    fake_api.retry_after = "7"
+    async with client_for(fake_api) as client:
+        with pytest.raises(MachinesAPIError) as caught:
+            await client.list_machines()
+    assert (caught.value.status, caught.value.retry_after) == (429, 7.0)
 
 
 @pytest.mark.parametrize("tenant", ["Acme", "-acme", "", "a" * 64, "acme/../x", "ac me"])

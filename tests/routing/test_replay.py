@@ -138,7 +138,7 @@ async def router(harness_factory: Any, dns: DevDNSServer, tmp_path: Path) -> Har
 
 def assert_replay(response: httpx.Response, machine_id: str) -> None:
     assert response.status_code == 204, response.text
-    assert response.headers["fly-replay"] == f"instance={machine_id}"
+    assert response.headers["fly-replay"] == f"instance={machine_id};fallback=prefer_self"
     assert response.content == b""
 
 
@@ -273,10 +273,46 @@ async def test_machines_api_is_the_last_resort(
     )
     harness = await harness_factory(settings)
     assert_replay(await harness.get("/customers/zeta/a"), "m9zeta")
-    assert machines_api.queries == [{"metadata.customer_id": "zeta"}]
     response = await harness.get("/customers/nobody")
     assert response.status_code == 404
     assert "the Machines API lists no machine for it" in response.text
+
+
+@pytest.fixture
+async def zeta_via_api(
+    harness_factory: Any, dns: DevDNSServer, tmp_path: Path, machines_api: FakeMachinesAPI
+) -> Harness:
+    """A router with a Machines API token; tenant zeta's stopped machine is known to the API."""
+    machines_api.add("zeta", state="stopped", machine_id="m9zeta")
+    settings = settings_for(
+        tmp_path, dns, fly_api_token=Secret("tok"), machines_api_url=machines_api.base_url
+    )
+    harness: Harness = await harness_factory(settings)
+    machines_api.requests.clear()  # the startup check read this machine once
+    return harness
+
+
+async def test_one_cached_app_wide_list_answers_every_tenant(
+    zeta_via_api: Harness, machines_api: FakeMachinesAPI
+) -> None:
+    # The API allows about one list per second: unknown tenant ids must not spend it.
+    harness = zeta_via_api
+    unknown = await asyncio.gather(*(harness.get(f"/customers/nobody{n}") for n in range(50)))
+    assert {r.status_code for r in unknown} == {404}
+    assert_replay(await harness.get("/customers/zeta/a"), "m9zeta")
+    assert machines_api.queries == [{}]  # one list, unfiltered, for 51 tenants
+
+
+async def test_a_429_pauses_the_machines_api_until_retry_after(
+    zeta_via_api: Harness, machines_api: FakeMachinesAPI
+) -> None:
+    harness = zeta_via_api
+    machines_api.fail_next = (429, {"error": "rate limited"})
+    machines_api.retry_after = "30"
+    assert_503(await harness.get("/customers/zeta"), "HTTP 429")
+    harness.middleware.router.invalidate("zeta")  # not the failure cache: the pause answers
+    assert_503(await harness.get("/customers/zeta"), "not asked again for")
+    assert len(machines_api.requests) == 1
 
 
 async def test_machines_api_failure_is_503(
@@ -305,11 +341,12 @@ async def test_a_burst_for_one_tenant_makes_one_dns_lookup(
     router: Harness, dns: DevDNSServer
 ) -> None:
     dns.set_machine("m2beta", {KEY: "beta"})
+    dns.reset_counters()  # the startup check looked up the Flycast address
     responses = await asyncio.gather(
         *(router.get(f"/customers/beta/item/{n}") for n in range(1000))
     )
     assert {r.status_code for r in responses} == {204}
-    assert {r.headers["fly-replay"] for r in responses} == {"instance=m2beta"}
+    assert {r.headers["fly-replay"] for r in responses} == {"instance=m2beta;fallback=prefer_self"}
     # One AAAA and one PTR query: at most 2 queries for 1,000 requests.
     assert dns.query_count() <= 2
     assert dns.query_count(meta_name("beta"), "AAAA") == 1
@@ -413,8 +450,11 @@ async def test_cached_replay_to_the_wrong_machine_invalidates_the_cache(
     assert_replay(response, "m3beta")
     assert response.headers["fly-replay-cache"] == "invalidate"
     assert "fly-replay-cache-ttl-secs" not in response.headers
+    # No machine to send it to: Fly documents the invalidation on a replay back to the
+    # app, not on an error, so the request goes to another machine, which answers afresh.
     gone = await router.get("/customers/gone/x", **{"fly-replay-cache-status": "hit"})
-    assert gone.status_code == 404
+    assert gone.status_code == 204
+    assert gone.headers["fly-replay"] == "elsewhere=true;fallback=prefer_self"
     assert gone.headers["fly-replay-cache"] == "invalidate"
 
 
@@ -444,10 +484,44 @@ async def test_dns_failure_is_503_with_retry_after(
     assert time.monotonic() - started < 5
     assert_503(response, "cannot be found right now")
     assert response.json()["status"] == 503
-    # Failures are not cached: the next request asks again and succeeds.
+    # The failure is remembered briefly: the next requests do not wait for DNS again.
     dns.mode = "normal"
     dns.set_machine("m2beta", {KEY: "beta"})
-    assert_replay(await router.get("/customers/beta"), "m2beta")
+    dns.reset_counters()
+    started = time.monotonic()
+    assert_503(await router.get("/customers/beta"), "cannot be found right now")
+    assert time.monotonic() - started < 0.5
+    assert dns.query_count() == 0
+    # Then it is asked again, and succeeds.
+    deadline = time.monotonic() + 5
+    while (response := await router.get("/customers/beta")).status_code == 503:
+        assert time.monotonic() < deadline, response.text
+        await asyncio.sleep(0.1)
+    assert_replay(response, "m2beta")
+
+
+@pytest.mark.parametrize("mode", ["silent", "servfail"])
+async def test_dns_failure_falls_back_to_lock_json(
+    harness_factory: Any,
+    dns: DevDNSServer,
+    tmp_path: Path,
+    local_bucket: LocalBucket,
+    mode: Any,
+) -> None:
+    await local_bucket.put("tenants/beta/lock.json", lock_json("beta", "m2beta", None))
+    await local_bucket.put("tenants/gamma/lock.json", lock_json("gamma", None, "m3gamma"))
+    harness = await harness_factory(settings_for(tmp_path, dns, **bucket_settings(local_bucket)))
+    dns.mode = mode
+    assert_replay(await harness.get("/customers/beta"), "m2beta")
+    # A slow or broken DNS server is not asked again for every tenant: the next one costs
+    # no DNS query and no timeout.
+    dns.reset_counters()
+    started = time.monotonic()
+    assert_replay(await harness.get("/customers/gamma"), "m3gamma")
+    assert time.monotonic() - started < 0.5
+    assert dns.query_count() == 0
+    # Nothing else knows the tenant: "no machine" would be a guess, so 503, not 404.
+    assert_503(await harness.get("/customers/delta"), "DNS")
 
 
 # --- large bodies -----------------------------------------------------------------------
@@ -471,7 +545,7 @@ async def test_large_bodies_are_413_when_proxying_is_off(
     harness = await harness_factory(settings_for(tmp_path, dns), proxy_large_bodies=False)
     response = await harness.client.post("/customers/beta/upload", content=b"x" * (3 * MiB))
     assert response.status_code == 413
-    assert f"a body of {3 * MiB} bytes larger than the 1 MiB" in response.text
+    assert f"a body of {3 * MiB} bytes larger than the 1 MB" in response.text
     assert "proxy_large_bodies=False" in response.text
 
     async def body() -> AsyncIterator[bytes]:
@@ -481,9 +555,11 @@ async def test_large_bodies_are_413_when_proxying_is_off(
     response = await harness.client.post("/customers/beta/upload", content=body())
     assert response.status_code == 413
     assert "a streamed body" in response.text
-    # Exactly 1 MiB still fits in a replay.
-    response = await harness.client.post("/customers/beta/upload", content=b"z" * MiB)
+    # Fly's limit is "1MB": 1,000,000 bytes fit in a replay, one more byte does not.
+    response = await harness.client.post("/customers/beta/upload", content=b"z" * 1_000_000)
     assert_replay(response, "m2beta")
+    response = await harness.client.post("/customers/beta/upload", content=b"z" * 1_000_001)
+    assert response.status_code == 413
 
 
 async def test_unreachable_machine_for_a_large_body_is_503(
@@ -574,7 +650,10 @@ def test_bad_options_are_refused(options: dict[str, Any], fragment: str) -> None
 
 def test_proxy_url_template_names_the_machine() -> None:
     router = Router(Settings(app_name=APP, port=8081), TenantPattern())
-    assert router.machine_url("m2beta") == f"http://m2beta.vm.{APP}.internal:8081"
+    # On Fly, Flycast by default: it starts stopped machines and reaches 0.0.0.0 binds.
+    assert router.machine_url("m2beta") == f"http://{APP}.flycast"
+    internal = Router(Settings(dns_server=("127.0.0.1", 53), port=8081), TenantPattern())
+    assert internal.machine_url("m2beta") == f"http://m2beta.vm.{LOCAL_APP_NAME}.internal:8081"
     env = {"TENANTDB_DNS_SERVER": "127.0.0.1:53", "TENANTDB_PROXY_URL": "http://10.0.0.1:{port}"}
     local = Router(Settings.from_env(env), TenantPattern())
     assert local.machine_url("m2beta") == "http://10.0.0.1:8080"
@@ -622,6 +701,53 @@ def test_replay_src_is_parsed() -> None:
     assert ReplaySource.parse("instance=m1;t=soon") == ReplaySource("m1")
     assert ReplaySource.parse("instance=M1") is None
     assert ReplaySource.parse("") is None
+    # The comma form names the same fields.
+    assert ReplaySource.parse("instance=m1,region=ams,t=5") == ReplaySource("m1", "ams", 5)
+
+
+# --- startup checks ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("stop_timeout", "warned"), [(5_000_000_000, True), ("60s", False)])
+async def test_a_stop_timeout_shorter_than_the_kill_timeout_is_warned_about(
+    dns: DevDNSServer,
+    tmp_path: Path,
+    machines_api: FakeMachinesAPI,
+    caplog: pytest.LogCaptureFixture,
+    stop_timeout: object,
+    warned: bool,
+) -> None:
+    machines_api.add("alpha", machine_id=SELF, stop_timeout=stop_timeout)
+    settings = settings_for(
+        tmp_path,
+        dns,
+        kill_timeout=60.0,
+        fly_api_token=Secret("tok"),
+        machines_api_url=machines_api.base_url,
+    )
+    async with Router(settings, TenantPattern()):
+        pass
+    warnings = [r.getMessage() for r in caplog.records if "TENANTDB_KILL_TIMEOUT" in r.getMessage()]
+    assert bool(warnings) is warned, warnings
+    if warned:
+        assert "5s timeout" in warnings[0]
+        assert "tok" not in warnings[0]
+
+
+async def test_a_missing_flycast_address_is_warned_about(
+    dns: DevDNSServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def flycast_warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "allocate-v6 --private" in r.getMessage()]
+
+    async with Router(settings_for(tmp_path, dns), TenantPattern()):
+        pass
+    assert len(flycast_warnings()) == 1
+    caplog.clear()
+    dns.add_record(f"{APP}.flycast.", "AAAA", "fdaa:0:1:0:1::2")
+    async with Router(settings_for(tmp_path, dns), TenantPattern()):
+        pass
+    assert flycast_warnings() == []
 
 
 # --- hypothesis: arbitrary replay headers never cause an unintended 5xx ------------------
@@ -683,5 +809,10 @@ async def test_replay_headers_never_cause_an_unintended_5xx(
         replayed = src is not None and ReplaySource.parse(src) is not None
         assert failed is not None or replayed, response.text
     if response.status_code == 204:
-        assert response.headers["fly-replay"] == "instance=m2beta"
+        # A stale cached route with nowhere to go is sent back to the app's load balancing.
+        hit = (cache_status or "").strip().lower() == "hit"
+        replayed = src is not None and ReplaySource.parse(src) is not None
+        elsewhere = hit and not replayed and tenant != "beta"
+        expected = "elsewhere=true" if elsewhere else "instance=m2beta"
+        assert response.headers["fly-replay"] == f"{expected};fallback=prefer_self"
         assert failed is None

@@ -6,7 +6,8 @@ served fake, ``reset()`` empties it.
 
 Failure injection: ``fail_next`` answers the next request with (status, body) instead;
 ``fail_always`` answers every request so; ``list_override`` replaces the answer to a list
-(bad or unfiltered data); ``delay`` holds every answer that many seconds.
+(bad or unfiltered data); ``delay`` holds every answer that many seconds; ``retry_after``
+is sent as the ``Retry-After`` header of injected failures.
 """
 
 from __future__ import annotations
@@ -54,13 +55,14 @@ class FakeMachinesAPI:
     fail_always: tuple[int, Any] | None = None
     list_override: Any = None
     delay: float = 0.0
+    retry_after: str | None = None
     base_url: str = ""
 
     def reset(self) -> None:
         """Forget every machine, request and planned failure (between tests)."""
         self.machines.clear()
         self.requests.clear()
-        self.fail_next = self.fail_always = self.list_override = None
+        self.fail_next = self.fail_always = self.list_override = self.retry_after = None
         self.delay = 0.0
 
     def add(
@@ -70,6 +72,7 @@ class FakeMachinesAPI:
         state: str = "started",
         key: str = "customer_id",
         machine_id: str | None = None,
+        stop_timeout: Any = None,
     ) -> str:
         """Store a machine for ``tenant`` (None: no tenant metadata) and return its id."""
         machine_id = machine_id or secrets.token_hex(7)
@@ -83,6 +86,8 @@ class FakeMachinesAPI:
             "private_ip": "fdaa:0:1::2",
             "config": {"image": "img:1", "metadata": metadata},
         }
+        if stop_timeout is not None:
+            self.machines[machine_id]["config"]["stop_config"] = {"timeout": stop_timeout}
         return machine_id
 
     def calls(self, method: str) -> list[Recorded]:
@@ -101,6 +106,7 @@ class FakeMachinesAPI:
             routes=[
                 Route(base, self._list, methods=["GET"]),
                 Route(base, self._create, methods=["POST"]),
+                Route(base + "/{id}", self._get, methods=["GET"]),
                 Route(base + "/{id}", self._delete, methods=["DELETE"]),
                 Route(base + "/{id}/stop", self._stop, methods=["POST"]),
                 Route(base + "/{id}/wait", self._wait, methods=["GET"]),
@@ -124,9 +130,10 @@ class FakeMachinesAPI:
         self.fail_next = None
         if failure is not None:
             status, payload = failure
+            headers = {"retry-after": self.retry_after} if self.retry_after else None
             if isinstance(payload, str):
-                return Response(payload, status_code=status)
-            return JSONResponse(payload, status_code=status)
+                return Response(payload, status_code=status, headers=headers)
+            return JSONResponse(payload, status_code=status, headers=headers)
         if self.token is not None and (
             request.headers.get("authorization") != f"Bearer {self.token}"
         ):
@@ -154,6 +161,11 @@ class FakeMachinesAPI:
             if all(m["config"]["metadata"].get(k) == v for k, v in wanted.items())
         ]
         return JSONResponse(found)
+
+    async def _get(self, request: Request) -> Response:
+        if (refused := await self._guard(request)) is not None:
+            return refused
+        return JSONResponse(self.machines[request.path_params["id"]])
 
     async def _create(self, request: Request) -> Response:
         if (refused := await self._guard(request)) is not None:
