@@ -124,7 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratios.append(f"{clients}c {ratio:.2f}")
     writes_32 = table.get(32, {}).get("bucket", {}).get("per_upload")
     if writes_32 is not None:
-        print(f"writes per upload at 32 clients: {writes_32:.1f} (goal {GOAL_WRITES_PER_UPLOAD_32})")
+        print(
+            f"writes per upload at 32 clients: {writes_32:.1f} (goal {GOAL_WRITES_PER_UPLOAD_32})"
+        )
     print("bucket/async throughput: " + ", ".join(ratios))
     return 0
 

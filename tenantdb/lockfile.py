@@ -8,6 +8,8 @@ what tenantdb writes is refused with ``LockFileCorruptError``, never guessed at.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
@@ -18,12 +20,22 @@ from typing import Any
 
 from tenantdb.errors import LockFileCorruptError
 
-__all__ = ["LOCK_MAX_BYTES", "LockRecord", "LogChunk", "LogPointer", "SnapshotRef", "now_iso"]
+__all__ = [
+    "INLINE_MAX_BYTES",
+    "LOCK_MAX_BYTES",
+    "LockRecord",
+    "LogChunk",
+    "LogPointer",
+    "SnapshotRef",
+    "now_iso",
+]
 
 LOCK_FORMAT = 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # lock.json is a few hundred bytes: anything far larger is not a lock and is not read whole.
 LOCK_MAX_BYTES = 64 * 1024
+# The largest tail segment carried inside lock.json (base64 makes it a third larger).
+INLINE_MAX_BYTES = 24 * 1024
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,10 @@ class LogPointer:
     and ``runs`` says which generation wrote which: ``(generation, first index)`` pairs,
     ascending. So every key is derived without a LIST. ``state`` and ``db_pages`` describe
     the database after the tail, for the restore to check its result against.
+
+    ``inline`` may carry the tail segment itself (base64), so that one write of lock.json
+    publishes it: its object may not exist yet, and the restore reads it from here. The
+    write that moves the tail past it is sent only once that object is uploaded.
     """
 
     base: int
@@ -66,6 +82,16 @@ class LogPointer:
     runs: tuple[tuple[int, int], ...] = ()
     updated_at: str = ""
     merged: tuple[tuple[int, int, int], ...] = ()
+    inline: str = ""
+
+    @property
+    def inline_tail(self) -> bytes | None:
+        """The tail segment's bytes when lock.json carries them."""
+        return base64.b64decode(self.inline) if self.inline else None
+
+    def with_inline_tail(self, body: bytes | None) -> LogPointer:
+        """This pointer carrying ``body`` as its tail segment (None: carrying none)."""
+        return replace(self, inline=base64.b64encode(body).decode() if body else "")
 
     @property
     def first_single(self) -> int:
@@ -97,7 +123,13 @@ class LogPointer:
         if not runs or runs[-1][0] != generation:
             runs = (*runs, (generation, index))
         return replace(
-            self, tail=index, state=state, db_pages=db_pages, runs=runs, updated_at=now_iso()
+            self,
+            tail=index,
+            state=state,
+            db_pages=db_pages,
+            runs=runs,
+            updated_at=now_iso(),
+            inline="",
         )
 
     def with_merged(self, first: int, last: int, generation: int) -> LogPointer:
@@ -275,7 +307,21 @@ def _log_pointer(value: object, *, generation: int) -> LogPointer | None:
         pairs.append((run_generation, first))
     if tail >= first_single and (not pairs or pairs[0][1] != first_single):
         return None  # every single segment must belong to a run
-    return LogPointer(base, tail, state, db_pages, tuple(pairs), updated_at, merged)
+    inline = value.get("inline", "")
+    if not isinstance(inline, str) or (inline and not _inline_segment(inline, tail, first_single)):
+        return None
+    return LogPointer(base, tail, state, db_pages, tuple(pairs), updated_at, merged, inline)
+
+
+def _inline_segment(inline: str, tail: int, first_single: int) -> bool:
+    """Whether ``inline`` can be the tail segment: base64 of at most INLINE_MAX_BYTES."""
+    if tail < first_single or len(inline) > (INLINE_MAX_BYTES + 2) // 3 * 4:
+        return False
+    try:
+        base64.b64decode(inline, validate=True)
+    except binascii.Error:
+        return False
+    return True
 
 
 def _merged_ranges(

@@ -22,9 +22,13 @@ MERGE_FANOUT = 4
 
 
 def next_merge(pointer: LogPointer) -> tuple[int, int] | None:
-    """The ``(first, last)`` range to merge next, or None when the log is compact enough."""
-    if pointer.tail - pointer.first_single + 1 >= MERGE_SINGLES:
-        return pointer.first_single, pointer.tail
+    """The ``(first, last)`` range to merge next, or None when the log is compact enough.
+
+    A tail that lock.json carries inline is left out: its object may not exist yet.
+    """
+    last = pointer.tail - 1 if pointer.inline else pointer.tail
+    if last - pointer.first_single + 1 >= MERGE_SINGLES:
+        return pointer.first_single, last
     group = pointer.merged[-MERGE_FANOUT:]
     if len(group) == MERGE_FANOUT and len({_level(first, last) for first, last, _ in group}) == 1:
         return group[0][0], group[-1][1]

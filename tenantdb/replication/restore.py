@@ -84,7 +84,9 @@ async def _apply_log(
     try:
         for position, (chunk, key) in enumerate(zip(chunks, keys, strict=True)):
             while len(fetches) < min(position + PREFETCH, len(keys)):
-                fetches.append(asyncio.ensure_future(_fetch(bucket, keys[len(fetches)])))
+                index = len(fetches)
+                inline = pointer.inline_tail if index == len(keys) - 1 else None
+                fetches.append(asyncio.ensure_future(_fetch(bucket, keys[index], inline)))
             segment = await fetches[position]
             hashes = await asyncio.to_thread(
                 _apply, segment, key, tmp, hashes, record.tenant, chunk
@@ -96,7 +98,10 @@ async def _apply_log(
     return hashes
 
 
-async def _fetch(bucket: Bucket, key: str) -> Segment:
+async def _fetch(bucket: Bucket, key: str, inline: bytes | None) -> Segment:
+    """The segment at ``key``, or the one lock.json carries inline in its place."""
+    if inline is not None:
+        return await asyncio.to_thread(decode_segment, inline, key=f"{key} (inline)")
     try:
         obj = await bucket.get(key)
     except ObjectNotFoundError as exc:

@@ -32,7 +32,7 @@ from tenantdb.errors import (
     TenantDBError,
 )
 from tenantdb.lease import Lease
-from tenantdb.lockfile import LogChunk, LogPointer, now_iso
+from tenantdb.lockfile import INLINE_MAX_BYTES, LogChunk, LogPointer, now_iso
 from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
 from tenantdb.replication.compaction import merge_segments, next_merge
 from tenantdb.replication.segment import (
@@ -117,8 +117,6 @@ class _Built:
     def append_to(self, log: LogPointer | None) -> LogPointer:
         """``log`` with this segment at its tail; ReplicationError if it does not follow."""
         state = format_state(self.hashes.state)
-        if log is not None and log.tail == self.index and log.state == state:
-            return log  # our own write of it landed unheard, and was adopted
         base = log or LogPointer(1, 0, self.prev_state, self.prev_pages, (), now_iso())
         if base.tail != self.index - 1 or base.state != self.prev_state:
             raise ReplicationError(
@@ -164,6 +162,9 @@ class Shipper:
         # is until it is published; the next may be made and uploaded meanwhile.
         self._unpublished: deque[_Built] = deque()
         self._uploaded: set[str] = set()  # keys of unpublished segments the bucket has
+        # The published tail lock.json carries inline, until its own object is uploaded.
+        self._inline_tail: _Built | None = None
+        self._commits_arrived = asyncio.Event()  # set by sync(): commits wait to be shipped
         # Segment indices are never reused, even for a segment that was never published.
         self._next_index: int | None = None
         # True while the position is the end of the WAL as seen holding the write lock (a
@@ -217,6 +218,7 @@ class Shipper:
         """
         # Two small reads of files in the page cache: cheaper inline than in a thread.
         target = self._committed_now()
+        self._commits_arrived.set()
         while target is None or not self._shipped(*target):
             if self._closed:
                 raise LeaseLostError(
@@ -256,11 +258,12 @@ class Shipper:
         self._position = position
 
     async def ship_once(self, *, pipeline: bool = False) -> bool:
-        """Publish one segment (or the snapshot the log needs); False if nothing was due.
+        """Publish the segments made (one made now if none); False if nothing was due.
 
-        With ``pipeline``, while the CAS that publishes the segment is in flight, the
-        next segment (the commits made since) is made and uploaded: a caller that
-        publishes again at once then waits for one round trip, not two.
+        Every segment made is uploaded, then one CAS appends them all to the log. With
+        ``pipeline``, while that CAS is in flight, the commits that keep arriving are
+        made into segments and uploaded, for the next call to publish at once: a stream
+        of callers then waits about one round trip per publication, not two.
         """
         async with self._lock:
             if self._needs_snapshot:
@@ -272,18 +275,17 @@ class Shipper:
                     if built is None:
                         return False
                     self._unpublished.append(built)
-                head = self._unpublished[0]
-                await self._upload(head)
-                if pipeline and len(self._unpublished) == 1:
-                    advancing = asyncio.ensure_future(self._advance(head))
-                    advancing.add_done_callback(_retrieve_exception)
-                    try:
-                        await self._prepare_next(head)
-                    finally:
-                        await asyncio.wait({advancing})  # never leave a CAS running unlocked
-                    advancing.result()
-                else:
-                    await self._advance(head)
+                batch = list(self._unpublished)
+                if not pipeline:
+                    await self._advance(batch)
+                    return True
+                advancing = asyncio.ensure_future(self._advance(batch))
+                advancing.add_done_callback(_retrieve_exception)
+                try:
+                    await self._upload_while(advancing)
+                finally:
+                    await asyncio.wait({advancing})  # never leave a CAS running unlocked
+                advancing.result()
             except ReplicationError as exc:
                 # The WAL or the log is not what the shipper expects: never guess.
                 log.warning("tenant %s: %s; taking a full snapshot instead", self.lease.tenant, exc)
@@ -291,28 +293,36 @@ class Shipper:
                 self._needs_snapshot = True
             return True
 
-    async def _prepare_next(self, head: _Built) -> None:
-        """Make and upload the segment that follows ``head``, if commits are waiting."""
+    async def _upload_while(self, advancing: asyncio.Future[None]) -> None:
+        """Until ``advancing`` is done, upload what the next publication needs: the tail it
+        publishes inline, and segments of the commits that arrive meanwhile."""
         try:
-            following = await asyncio.to_thread(self._build, head)
-            if following is not None:
-                self._unpublished.append(following)
-                await self._upload(following)
+            await self._upload(self._unpublished[-1])
+            while not advancing.done():
+                self._commits_arrived.clear()
+                following = await asyncio.to_thread(self._build, self._unpublished[-1])
+                if following is not None:
+                    self._unpublished.append(following)
+                    await self._upload(following)
+                    continue
+                arrived = asyncio.ensure_future(self._commits_arrived.wait())
+                either: set[asyncio.Future[Any]] = {advancing, arrived}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                arrived.cancel()
         except (TenantDBError, OSError) as exc:
-            # Only a head start: publishing it later makes or uploads it again.
+            # Only a head start: the next publication makes or uploads them again.
             log.debug("tenant %s: next segment not prepared: %s", self.lease.tenant, exc)
 
     async def _drain(self) -> None:
         """Publish every segment already made (call it holding the lock)."""
-        while self._unpublished:
-            head = self._unpublished[0]
-            await self._upload(head)
-            await self._advance(head)
+        if self._unpublished:
+            await self._advance(list(self._unpublished))
 
     def _forget_unpublished(self) -> None:
         """Drop the segments made but not published (their indices are never reused)."""
         self._unpublished.clear()
         self._uploaded.clear()
+        self._inline_tail = None  # a snapshot replaces the log that carries it
 
     async def run(self, interval: float, snapshot_interval: float) -> None:
         """Sync every ``interval`` seconds, checkpoint and snapshot as due, until fenced."""
@@ -462,15 +472,43 @@ class Shipper:
             await self._put_once(built.key, built.body)
             self._uploaded.add(built.key)
 
-    async def _advance(self, built: _Built) -> None:
-        """Move the log's tail onto an uploaded segment (the CAS fences it); it is published."""
-        await self.lease.update_log(built.append_to)
-        self._unpublished.popleft()
-        self._uploaded.discard(built.key)
-        self._move_to(built.read.end)
-        self._hashes = built.hashes
+    async def _advance(self, batch: list[_Built]) -> None:
+        """Append segments to the log in one CAS (it fences them): they are published.
+
+        The last one rides inline in lock.json when small: one write publishes it. Every
+        other segment the new log names, and a tail that was inline until now, is uploaded
+        before the CAS is sent.
+        """
+        last = batch[-1]
+        inline = last.body if len(last.body) <= INLINE_MAX_BYTES else None
+        needed = [*batch[:-1], *([] if inline else [last])]
+        if self._inline_tail is not None:
+            needed.append(self._inline_tail)
+        await asyncio.gather(*(self._upload(built) for built in needed))
+        state = format_state(last.hashes.state)
+
+        def append(log: LogPointer | None) -> LogPointer:
+            if log is not None and log.tail == last.index and log.state == state:
+                return log  # our own write of them landed unheard, and was adopted
+            for built in batch:
+                log = built.append_to(log)
+            if log is None:
+                raise ReplicationError("nothing to append")
+            return log.with_inline_tail(inline)
+
+        await self.lease.update_log(append)
+        for _ in batch:
+            self._unpublished.popleft()
+        if self._inline_tail is not None:
+            self._uploaded.discard(self._inline_tail.key)
+        self._uploaded.difference_update(built.key for built in batch[:-1])
+        if inline is None:
+            self._uploaded.discard(last.key)
+        self._inline_tail = last if inline else None
+        self._move_to(last.read.end)
+        self._hashes = last.hashes
         self._restart_expected = False
-        self._backlog = built.read.frames >= MAX_FRAMES_PER_SEGMENT
+        self._backlog = last.read.frames >= MAX_FRAMES_PER_SEGMENT
 
     # -- compaction ----------------------------------------------------------------------
 
