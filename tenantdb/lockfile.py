@@ -14,6 +14,7 @@ import json
 import math
 import re
 import reprlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -34,7 +35,7 @@ LOCK_FORMAT = 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # lock.json is a few hundred bytes: anything far larger is not a lock and is not read whole.
 LOCK_MAX_BYTES = 64 * 1024
-# The largest tail segment carried inside lock.json (base64 makes it a third larger).
+# The most segment bytes lock.json carries inline (base64 makes them a third larger).
 INLINE_MAX_BYTES = 24 * 1024
 
 
@@ -70,9 +71,10 @@ class LogPointer:
     ascending. So every key is derived without a LIST. ``state`` and ``db_pages`` describe
     the database after the tail, for the restore to check its result against.
 
-    ``inline`` may carry the tail segment itself (base64), so that one write of lock.json
-    publishes it: its object may not exist yet, and the restore reads it from here. The
-    write that moves the tail past it is sent only once that object is uploaded.
+    ``inline`` may carry the newest segments themselves (base64, oldest first, ending at
+    the tail), so that one write of lock.json publishes them: their objects may not exist
+    yet, and a restore reads them from here. A write that stops carrying a segment is
+    sent only once that segment's object is uploaded.
     """
 
     base: int
@@ -82,16 +84,22 @@ class LogPointer:
     runs: tuple[tuple[int, int], ...] = ()
     updated_at: str = ""
     merged: tuple[tuple[int, int, int], ...] = ()
-    inline: str = ""
+    inline: tuple[str, ...] = ()
 
     @property
-    def inline_tail(self) -> bytes | None:
-        """The tail segment's bytes when lock.json carries them."""
-        return base64.b64decode(self.inline) if self.inline else None
+    def inline_from(self) -> int:
+        """The index of the oldest segment lock.json carries inline (tail + 1: none)."""
+        return self.tail - len(self.inline) + 1
 
-    def with_inline_tail(self, body: bytes | None) -> LogPointer:
-        """This pointer carrying ``body`` as its tail segment (None: carrying none)."""
-        return replace(self, inline=base64.b64encode(body).decode() if body else "")
+    def inline_segment(self, index: int) -> bytes | None:
+        """Segment ``index``'s bytes when lock.json carries it inline."""
+        if index < self.inline_from or index > self.tail:
+            return None
+        return base64.b64decode(self.inline[index - self.inline_from])
+
+    def with_inline(self, bodies: Sequence[bytes]) -> LogPointer:
+        """This pointer carrying ``bodies`` as its newest segments, oldest first."""
+        return replace(self, inline=tuple(base64.b64encode(body).decode() for body in bodies))
 
     @property
     def first_single(self) -> int:
@@ -129,7 +137,7 @@ class LogPointer:
             db_pages=db_pages,
             runs=runs,
             updated_at=now_iso(),
-            inline="",
+            inline=(),
         )
 
     def with_merged(self, first: int, last: int, generation: int) -> LogPointer:
@@ -307,21 +315,25 @@ def _log_pointer(value: object, *, generation: int) -> LogPointer | None:
         pairs.append((run_generation, first))
     if tail >= first_single and (not pairs or pairs[0][1] != first_single):
         return None  # every single segment must belong to a run
-    inline = value.get("inline", "")
-    if not isinstance(inline, str) or (inline and not _inline_segment(inline, tail, first_single)):
+    inline = _inline_segments(value.get("inline", []), tail - first_single + 1)
+    if inline is None:
         return None
     return LogPointer(base, tail, state, db_pages, tuple(pairs), updated_at, merged, inline)
 
 
-def _inline_segment(inline: str, tail: int, first_single: int) -> bool:
-    """Whether ``inline`` can be the tail segment: base64 of at most INLINE_MAX_BYTES."""
-    if tail < first_single or len(inline) > (INLINE_MAX_BYTES + 2) // 3 * 4:
-        return False
-    try:
-        base64.b64decode(inline, validate=True)
-    except binascii.Error:
-        return False
-    return True
+def _inline_segments(value: object, singles: int) -> tuple[str, ...] | None:
+    """Base64 segments, at most ``singles`` of them and INLINE_MAX_BYTES in all, else None."""
+    if not isinstance(value, list) or len(value) > singles:
+        return None
+    size = 0
+    for item in value:
+        if not isinstance(item, str):
+            return None
+        try:
+            size += len(base64.b64decode(item, validate=True))
+        except binascii.Error:
+            return None
+    return tuple(value) if size <= INLINE_MAX_BYTES else None
 
 
 def _merged_ranges(

@@ -55,6 +55,8 @@ class ConnectionPool:
         self._active = 0  # lent (or being opened for a borrower) and not parked
         self._parked = 0
         self._turns: deque[asyncio.Future[None]] = deque()  # borrowers waiting, in order
+        self._turn_started = 0.0  # loop time the newest active borrower got its turn
+        self._grow_timer: asyncio.TimerHandle | None = None
         self.closed = False
 
     async def _open(self) -> aiosqlite.Connection:
@@ -81,9 +83,23 @@ class ConnectionPool:
         """Lend a connection once it is this borrower's turn (see the class docstring)."""
         if self.closed:
             raise self._closed_error()
+        loop = asyncio.get_running_loop()
         if self._active > 0 or self._turns:
-            await self._wait_turn()
+            turn: asyncio.Future[None] = loop.create_future()
+            self._turns.append(turn)
+            self._arm_grow_timer()
+            try:
+                await turn
+            except BaseException:
+                if turn.done() and not turn.cancelled():
+                    self._next_turn()  # given the turn while leaving: pass it on
+                elif turn in self._turns:
+                    self._turns.remove(turn)
+                raise
+            if self.closed:
+                raise self._closed_error()
         self._active += 1
+        self._turn_started = loop.time()
         try:
             return self._idle.pop() if self._idle else await self._open()
         except BaseException:
@@ -91,25 +107,8 @@ class ConnectionPool:
             self._next_turn()
             raise
 
-    async def _wait_turn(self) -> None:
-        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._turns.append(turn)
-        try:
-            await asyncio.wait({turn}, timeout=self.grow_after)
-            if not turn.done() and self._active >= self.size:
-                await turn
-        except BaseException:
-            if turn.done() and not turn.cancelled():
-                self._next_turn()  # given the turn while leaving: pass it on
-            raise
-        finally:
-            if turn in self._turns:
-                self._turns.remove(turn)  # it grew beside an active borrower
-        if self.closed:
-            raise self._closed_error()
-
     def _next_turn(self) -> None:
-        """Wake the first waiting borrower if nobody is active (or the pool closed)."""
+        """Wake the first waiting borrower if nobody is active (or all, the pool closed)."""
         if self._active > 0 and not self.closed:
             return
         while self._turns:
@@ -118,6 +117,25 @@ class ConnectionPool:
                 turn.set_result(None)
                 if not self.closed:
                     return
+
+    def _arm_grow_timer(self, delay: float | None = None) -> None:
+        if self._grow_timer is None and self._turns:
+            self._grow_timer = asyncio.get_running_loop().call_later(
+                self.grow_after if delay is None else delay, self._grow
+            )
+
+    def _grow(self) -> None:
+        """The grow timer: if one borrower has held its turn ``grow_after``, go beside it."""
+        self._grow_timer = None
+        if not self._turns:
+            return
+        held_for = asyncio.get_running_loop().time() - self._turn_started
+        if self._active == 0:
+            self._next_turn()
+        elif held_for >= self.grow_after and self._active < self.size:
+            self._turns.popleft().set_result(None)
+            held_for = 0.0
+        self._arm_grow_timer(max(self.grow_after - held_for, 0.001))
 
     def _closed_error(self) -> TenantDBError:
         return TenantDBError(f"the database {self.path.name} is closed (shutting down)")
@@ -177,6 +195,8 @@ class ConnectionPool:
         Borrowers still waiting for their turn get a ``TenantDBError``.
         """
         self.closed = True
+        if self._grow_timer is not None:
+            self._grow_timer.cancel()
         self._next_turn()
         for conn in self._opened:
             await conn.close()

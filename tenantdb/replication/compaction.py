@@ -24,9 +24,9 @@ MERGE_FANOUT = 4
 def next_merge(pointer: LogPointer) -> tuple[int, int] | None:
     """The ``(first, last)`` range to merge next, or None when the log is compact enough.
 
-    A tail that lock.json carries inline is left out: its object may not exist yet.
+    Segments lock.json carries inline are left out: their objects may not exist yet.
     """
-    last = pointer.tail - 1 if pointer.inline else pointer.tail
+    last = pointer.inline_from - 1
     if last - pointer.first_single + 1 >= MERGE_SINGLES:
         return pointer.first_single, last
     group = pointer.merged[-MERGE_FANOUT:]

@@ -84,9 +84,9 @@ async def _apply_log(
     try:
         for position, (chunk, key) in enumerate(zip(chunks, keys, strict=True)):
             while len(fetches) < min(position + PREFETCH, len(keys)):
-                index = len(fetches)
-                inline = pointer.inline_tail if index == len(keys) - 1 else None
-                fetches.append(asyncio.ensure_future(_fetch(bucket, keys[index], inline)))
+                ahead = chunks[len(fetches)]
+                inline = None if ahead.merged else pointer.inline_segment(ahead.last)
+                fetches.append(asyncio.ensure_future(_fetch(bucket, keys[len(fetches)], inline)))
             segment = await fetches[position]
             hashes = await asyncio.to_thread(
                 _apply, segment, key, tmp, hashes, record.tenant, chunk

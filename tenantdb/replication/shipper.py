@@ -23,7 +23,6 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from tenantdb.errors import (
     LeaseLostError,
@@ -32,9 +31,10 @@ from tenantdb.errors import (
     TenantDBError,
 )
 from tenantdb.lease import Lease
-from tenantdb.lockfile import INLINE_MAX_BYTES, LogChunk, LogPointer, now_iso
+from tenantdb.lockfile import INLINE_MAX_BYTES, LockRecord, LogChunk, LogPointer, now_iso
 from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
 from tenantdb.replication.compaction import merge_segments, next_merge
+from tenantdb.replication.group_commit import GroupCommit, retrieve_exception
 from tenantdb.replication.segment import (
     Segment,
     SegmentHeader,
@@ -66,6 +66,9 @@ JOURNAL_SIZE_LIMIT = 16 << 20
 GC_INTERVAL = 600.0
 # A restore applies at most this many objects: past it (compaction failing), a snapshot.
 MAX_CHUNKS = 64
+# Bytes of the log objects this holder wrote kept in memory, so that merges need not
+# download them (a segment is at most MAX_FRAMES_PER_SEGMENT pages).
+RECENT_BYTES = 16 << 20
 
 
 # Every connection tenantdb opens to a tenant database: WAL, and no automatic checkpoint.
@@ -92,12 +95,6 @@ def empty_log(hashes: PageHashes) -> LogPointer:
 
 def _chunks_within(log: LogPointer, first: int, last: int) -> list[LogChunk]:
     return [c for c in log.chunks() if first <= c.first and c.last <= last]
-
-
-def _retrieve_exception(task: asyncio.Future[Any]) -> None:
-    # Whoever awaited it may have given up (cancelled): its failure is theirs, not a leak.
-    if not task.cancelled():
-        task.exception()
 
 
 @dataclass(frozen=True)
@@ -161,10 +158,13 @@ class Shipper:
         # Segments made and not yet published, in log order: the first is retried as it
         # is until it is published; the next may be made and uploaded meanwhile.
         self._unpublished: deque[_Built] = deque()
-        self._uploaded: set[str] = set()  # keys of unpublished segments the bucket has
-        # The published tail lock.json carries inline, until its own object is uploaded.
-        self._inline_tail: _Built | None = None
-        self._commits_arrived = asyncio.Event()  # set by sync(): commits wait to be shipped
+        # Uploads of log objects not yet named by lock.json, or carried inline in it.
+        self._uploads: dict[str, asyncio.Task[None]] = {}
+        # The published segments lock.json carries inline, as (key, body), oldest first;
+        # None until read from the lock this holding started with.
+        self._carried: deque[tuple[str, bytes]] | None = None
+        self._recent: dict[str, bytes] = {}  # see _remember
+        self._recent_bytes = 0
         # Segment indices are never reused, even for a segment that was never published.
         self._next_index: int | None = None
         # True while the position is the end of the WAL as seen holding the write lock (a
@@ -177,9 +177,7 @@ class Shipper:
         self._lock = asyncio.Lock()
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        # The upload sync() callers are waiting on, shared by all of them.
-        self._flush: asyncio.Task[bool] | None = None
-        self._closed = False
+        self._group = GroupCommit(self.ship_once, tenant=lease.tenant)
         self._snapshot_at = time.monotonic()
         self.snapshots = 0  # published by this shipper
 
@@ -193,8 +191,9 @@ class Shipper:
 
     async def close(self) -> None:
         """Close the connections (the last one to close folds the WAL into the file)."""
-        self._closed = True
+        self._group.closed = True
         async with self._lock:
+            self._forget_unpublished()
             for conn in (self._reader, self._writer):
                 if conn is not None:
                     await asyncio.to_thread(conn.close)
@@ -210,27 +209,12 @@ class Shipper:
     async def sync(self) -> None:
         """Ship everything committed so far; return once the bucket has it.
 
-        Concurrent callers share uploads (group commit): an upload carries every commit
-        made before it started, and while a caller still waits the next one starts as soon
-        as the previous ends. Commits that land meanwhile are not waited for, so this
-        returns under a steady stream of writes too. A failed upload fails every caller
-        waiting on it; a caller that is cancelled never cancels the upload others share.
+        Concurrent callers share uploads (see ``GroupCommit``). Commits that land
+        meanwhile are not waited for, so this returns under a steady stream of writes too.
         """
         # Two small reads of files in the page cache: cheaper inline than in a thread.
         target = self._committed_now()
-        self._commits_arrived.set()
-        while target is None or not self._shipped(*target):
-            if self._closed:
-                raise LeaseLostError(
-                    f"tenant {self.lease.tenant}: log shipping stopped before this commit "
-                    "was in the bucket",
-                    tenant=self.lease.tenant,
-                )
-            if self._flush is None or self._flush.done():
-                self._flush = asyncio.get_running_loop().create_task(self.ship_once(pipeline=True))
-                self._flush.add_done_callback(_retrieve_exception)
-            if not await asyncio.shield(self._flush):
-                return  # nothing was left to ship
+        await self._group.wait(lambda: target is not None and self._shipped(*target))
 
     def _committed_now(self) -> tuple[tuple[int, int], int] | None:
         """The current WAL's salts and committed frame count, when the wal-index says."""
@@ -257,13 +241,11 @@ class Shipper:
             self._passed_wals.append(old.salts)
         self._position = position
 
-    async def ship_once(self, *, pipeline: bool = False) -> bool:
-        """Publish the segments made (one made now if none); False if nothing was due.
+    async def ship_once(self) -> bool:
+        """Publish every commit so far in one CAS (or the snapshot the log needs).
 
-        Every segment made is uploaded, then one CAS appends them all to the log. With
-        ``pipeline``, while that CAS is in flight, the commits that keep arriving are
-        made into segments and uploaded, for the next call to publish at once: a stream
-        of callers then waits about one round trip per publication, not two.
+        Returns False if nothing was due. The segments are uploaded in the background:
+        until they are, lock.json carries them (see ``_advance``).
         """
         async with self._lock:
             if self._needs_snapshot:
@@ -275,17 +257,7 @@ class Shipper:
                     if built is None:
                         return False
                     self._unpublished.append(built)
-                batch = list(self._unpublished)
-                if not pipeline:
-                    await self._advance(batch)
-                    return True
-                advancing = asyncio.ensure_future(self._advance(batch))
-                advancing.add_done_callback(_retrieve_exception)
-                try:
-                    await self._upload_while(advancing)
-                finally:
-                    await asyncio.wait({advancing})  # never leave a CAS running unlocked
-                advancing.result()
+                await self._advance(list(self._unpublished))
             except ReplicationError as exc:
                 # The WAL or the log is not what the shipper expects: never guess.
                 log.warning("tenant %s: %s; taking a full snapshot instead", self.lease.tenant, exc)
@@ -293,36 +265,13 @@ class Shipper:
                 self._needs_snapshot = True
             return True
 
-    async def _upload_while(self, advancing: asyncio.Future[None]) -> None:
-        """Until ``advancing`` is done, upload what the next publication needs: the tail it
-        publishes inline, and segments of the commits that arrive meanwhile."""
-        try:
-            await self._upload(self._unpublished[-1])
-            while not advancing.done():
-                self._commits_arrived.clear()
-                following = await asyncio.to_thread(self._build, self._unpublished[-1])
-                if following is not None:
-                    self._unpublished.append(following)
-                    await self._upload(following)
-                    continue
-                arrived = asyncio.ensure_future(self._commits_arrived.wait())
-                either: set[asyncio.Future[Any]] = {advancing, arrived}
-                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                arrived.cancel()
-        except (TenantDBError, OSError) as exc:
-            # Only a head start: the next publication makes or uploads them again.
-            log.debug("tenant %s: next segment not prepared: %s", self.lease.tenant, exc)
-
-    async def _drain(self) -> None:
-        """Publish every segment already made (call it holding the lock)."""
-        if self._unpublished:
-            await self._advance(list(self._unpublished))
-
     def _forget_unpublished(self) -> None:
         """Drop the segments made but not published (their indices are never reused)."""
         self._unpublished.clear()
-        self._uploaded.clear()
-        self._inline_tail = None  # a snapshot replaces the log that carries it
+        for upload in self._uploads.values():
+            upload.cancel()
+        self._uploads.clear()
+        self._carried = deque()  # a snapshot replaces the log that carried them
 
     async def run(self, interval: float, snapshot_interval: float) -> None:
         """Sync every ``interval`` seconds, checkpoint and snapshot as due, until fenced."""
@@ -467,24 +416,44 @@ class Shipper:
                     key=key,
                 ) from None
 
-    async def _upload(self, built: _Built) -> None:
-        if built.key not in self._uploaded:
-            await self._put_once(built.key, built.body)
-            self._uploaded.add(built.key)
+    def _upload(self, key: str, body: bytes) -> asyncio.Task[None]:
+        """The upload of a log object, started now unless running or done."""
+        upload = self._uploads.get(key)
+        if upload is None or (upload.done() and (upload.cancelled() or upload.exception())):
+            upload = asyncio.get_running_loop().create_task(self._put_once(key, body))
+            upload.add_done_callback(retrieve_exception)
+            self._uploads[key] = upload
+        return upload
+
+    def _uploaded(self, key: str) -> bool:
+        upload = self._uploads.get(key)
+        return (
+            upload is not None
+            and upload.done()
+            and not upload.cancelled()
+            and not (upload.exception())
+        )
 
     async def _advance(self, batch: list[_Built]) -> None:
         """Append segments to the log in one CAS (it fences them): they are published.
 
-        The last one rides inline in lock.json when small: one write publishes it. Every
-        other segment the new log names, and a tail that was inline until now, is uploaded
-        before the CAS is sent.
+        Their objects are uploaded in the background. Until a segment's object is known to
+        be in the bucket, lock.json carries the segment itself (the newest ones, up to
+        ``INLINE_MAX_BYTES``), so one write publishes it. A segment stops being carried
+        only in a write sent after its upload finished; past the size limit, the oldest
+        carried ones are waited for.
         """
+        if self._carried is None:
+            self._carried = self._carried_by(self.lease.record)
+        chain = [*self._carried, *((b.key, b.body) for b in batch)]
+        for key, body in chain:
+            self._upload(key, body)
+        start = next((i for i, (key, _) in enumerate(chain) if not self._uploaded(key)), len(chain))
+        while start < len(chain) and sum(len(body) for _, body in chain[start:]) > INLINE_MAX_BYTES:
+            await asyncio.shield(self._upload(*chain[start]))
+            start += 1
+        carried = chain[start:]
         last = batch[-1]
-        inline = last.body if len(last.body) <= INLINE_MAX_BYTES else None
-        needed = [*batch[:-1], *([] if inline else [last])]
-        if self._inline_tail is not None:
-            needed.append(self._inline_tail)
-        await asyncio.gather(*(self._upload(built) for built in needed))
         state = format_state(last.hashes.state)
 
         def append(log: LogPointer | None) -> LogPointer:
@@ -494,21 +463,30 @@ class Shipper:
                 log = built.append_to(log)
             if log is None:
                 raise ReplicationError("nothing to append")
-            return log.with_inline_tail(inline)
+            return log.with_inline([body for _, body in carried])
 
         await self.lease.update_log(append)
-        for _ in batch:
+        for built in batch:
             self._unpublished.popleft()
-        if self._inline_tail is not None:
-            self._uploaded.discard(self._inline_tail.key)
-        self._uploaded.difference_update(built.key for built in batch[:-1])
-        if inline is None:
-            self._uploaded.discard(last.key)
-        self._inline_tail = last if inline else None
+            self._remember(built.key, built.body)
+        for key, _ in chain[:start]:
+            del self._uploads[key]  # uploaded, and named by lock.json from now on
+        self._carried = deque(carried)
         self._move_to(last.read.end)
         self._hashes = last.hashes
         self._restart_expected = False
         self._backlog = last.read.frames >= MAX_FRAMES_PER_SEGMENT
+
+    def _carried_by(self, record: LockRecord | None) -> deque[tuple[str, bytes]]:
+        """The segments a lock.json carries inline, as (key, body): a takeover uploads them."""
+        pointer = record.log if record else None
+        if pointer is None:
+            return deque()
+        return deque(
+            (chunk_key(self.prefix, self.lease.tenant, chunk), body)
+            for chunk in pointer.chunks()
+            if not chunk.merged and (body := pointer.inline_segment(chunk.last)) is not None
+        )
 
     # -- compaction ----------------------------------------------------------------------
 
@@ -532,16 +510,13 @@ class Shipper:
         tenant, generation = self.lease.tenant, record.generation
         chunks = _chunks_within(self._log(), first, last)
         keys = [chunk_key(self.prefix, tenant, chunk) for chunk in chunks]
-        bodies = await asyncio.gather(*(self.lease.bucket.get(key) for key in keys))
+        bodies = await asyncio.gather(*(self._log_object(key) for key in keys))
         body = await asyncio.to_thread(
-            merge_segments,
-            [(k, b.body) for k, b in zip(keys, bodies, strict=True)],
-            chunks,
-            tenant,
-            generation,
+            merge_segments, list(zip(keys, bodies, strict=True)), chunks, tenant, generation
         )
         merged = LogChunk(first, last, generation, merged=True)
-        await self._put_once(chunk_key(self.prefix, tenant, merged), body)
+        merged_key = chunk_key(self.prefix, tenant, merged)
+        await self._put_once(merged_key, body)
 
         def replace_chunks(log: LogPointer | None) -> LogPointer:
             if log is not None and merged in log.chunks():
@@ -551,7 +526,24 @@ class Shipper:
             return log.with_merged(first, last, generation)
 
         await self.lease.update_log(replace_chunks)
+        for key in keys:
+            self._recent_bytes -= len(self._recent.pop(key, b""))
+        self._remember(merged_key, body)
         self._garbage_made()
+
+    async def _log_object(self, key: str) -> bytes:
+        """A log object's bytes: kept from when this holder wrote it, else downloaded."""
+        body = self._recent.get(key)
+        if body is None:
+            body = (await self.lease.bucket.get(key)).body
+        return body
+
+    def _remember(self, key: str, body: bytes) -> None:
+        """Keep a published log object's bytes for the merge that will read it."""
+        self._recent[key] = body
+        self._recent_bytes += len(body)
+        while self._recent_bytes > RECENT_BYTES:
+            self._recent_bytes -= len(self._recent.pop(next(iter(self._recent))))
 
     async def collect_garbage(self) -> list[str]:
         """Delete log objects lock.json no longer names, once older than the retention.
@@ -575,7 +567,7 @@ class Shipper:
             return []
         log_now = record.log
         named = {chunk_key(self.prefix, tenant, c) for c in (log_now.chunks() if log_now else [])}
-        named |= self._uploaded  # uploaded under the lock, to be named by the next CAS
+        named |= self._uploads.keys()  # being uploaded, to be named by a CAS
         cutoff = datetime.now(UTC) - timedelta(seconds=self.retention)
         garbage, kept = [], []
         for info in objects:
@@ -606,7 +598,6 @@ class Shipper:
             return
         if size >= CHECKPOINT_WAL_BYTES:
             async with self._lock:
-                await self._drain()
                 await asyncio.to_thread(self._checkpoint)
 
     def _checkpoint(self) -> None:

@@ -1,0 +1,88 @@
+"""Group commit: many callers wait for their commits to be in the bucket; one upload serves all.
+
+A caller of ``GroupCommit.wait`` joins the publication in flight, or starts the next one
+as soon as the previous ended. Each publication carries every commit made before it
+started, so the number of uploads follows the round trips, not the requests.
+
+Before starting a publication, the first caller waits a moment for the callers the last
+one answered: a client that was just answered usually commits again within a few
+milliseconds, and without the wait its commit would miss the upload that starts at once
+and wait for two round trips instead of one. The wait ends as soon as as many callers
+wait as the last publication served, and never lasts longer than ``GATHER_FRACTION`` of
+the last publication's time (nor ``GATHER_MAX_SECONDS``): a lone writer never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tenantdb.errors import LeaseLostError
+
+__all__ = ["GroupCommit", "retrieve_exception"]
+
+GATHER_FRACTION = 0.25
+GATHER_MAX_SECONDS = 0.01
+
+
+class GroupCommit:
+    """Shares publications among the callers waiting for their commits to be durable."""
+
+    def __init__(self, publish: Callable[[], Awaitable[bool]], *, tenant: str) -> None:
+        """``publish`` publishes every commit so far; it returns False if there was none."""
+        self._publish = publish
+        self._tenant = tenant
+        self._flush: asyncio.Task[bool] | None = None
+        self._waiting = 0
+        self._arrived = asyncio.Event()
+        self._last_group = 0  # callers waiting when the last publication started
+        self._last_took = 0.0  # seconds the last publication took
+        self.closed = False
+
+    async def wait(self, done: Callable[[], bool]) -> None:
+        """Return once ``done()`` holds, publishing (shared with others) until it does.
+
+        A failed publication fails every caller waiting on it; a caller that is cancelled
+        never cancels the publication others share.
+        """
+        self._waiting += 1
+        self._arrived.set()
+        try:
+            while not done():
+                if self.closed:
+                    raise LeaseLostError(
+                        f"tenant {self._tenant}: log shipping stopped before this commit "
+                        "was in the bucket",
+                        tenant=self._tenant,
+                    )
+                if self._flush is None or self._flush.done():
+                    self._flush = asyncio.get_running_loop().create_task(self._gathered())
+                    self._flush.add_done_callback(retrieve_exception)
+                if not await asyncio.shield(self._flush):
+                    return  # nothing was left to publish
+        finally:
+            self._waiting -= 1
+
+    async def _gathered(self) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(self._last_took * GATHER_FRACTION, GATHER_MAX_SECONDS)
+        while self._waiting < self._last_group and (left := deadline - loop.time()) > 0:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                break
+        self._last_group = self._waiting
+        started = loop.time()
+        try:
+            return await self._publish()
+        finally:
+            self._last_took = loop.time() - started
+
+
+def retrieve_exception(task: asyncio.Future[Any]) -> None:
+    """A done callback: mark a task's failure as seen (its waiters may all be gone)."""
+    # Whoever awaited it may have given up (cancelled): its failure is theirs, not a leak.
+    if not task.cancelled():
+        task.exception()
