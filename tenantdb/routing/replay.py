@@ -406,14 +406,19 @@ class Router:
     async def forward(self, scope: Scope, receive: Receive, send: Send, tenant: str) -> None:
         """Route a request for ``tenant``, which this machine does not serve."""
         if not self.enabled:
+            served = (
+                f"this machine serves tenant {self.settings.tenant}"
+                if self.settings.tenant
+                else f"this machine serves no tenant (TENANT_ID={tenant} would serve this one)"
+            )
             await send_error(
                 scope,
                 receive,
                 send,
                 404,
-                f"tenant {tenant} is not served by this machine "
-                f"({self.settings.tenant or 'no tenant'}), and routing other tenants needs "
-                "Fly.io (FLY_APP_NAME) or a DNS server (TENANTDB_DNS_SERVER)",
+                f"tenant {tenant} is not served here: {served}; routing other tenants to "
+                "their machines needs Fly.io (FLY_APP_NAME) or a DNS server "
+                "(TENANTDB_DNS_SERVER, as `tenantdb dev` sets)",
             )
             return
         if self._resources is None:
