@@ -89,10 +89,15 @@ def apply_migrations(path: Path, migrations: Sequence[Migration]) -> int:
             conn.execute(pragma)
         version: int = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > len(migrations):
-            raise ConfigurationError(
-                f"{path} is at schema version {version} but only {len(migrations)} "
-                "migrations are known: is this an older release of the app?"
+            advice = (
+                "no migrations were given: pass the app's list, as in "
+                "TenantDBMiddleware(app, migrations=MIGRATIONS) or "
+                "TenantDB.from_env(migrations=MIGRATIONS)"
+                if not migrations
+                else f"only {len(migrations)} migrations were given: pass the app's whole "
+                "list (an older release of the app cannot open a newer database)"
             )
+            raise ConfigurationError(f"{path} is at schema version {version}, but {advice}")
         for number, migration in enumerate(migrations[version:], start=version + 1):
             try:
                 if isinstance(migration, str):
