@@ -32,6 +32,7 @@ from tenantdb.errors import (
     DataDirLockedError,
     LeaseHeldError,
     LeaseLostError,
+    LocalDiskError,
     TenantDBError,
 )
 from tenantdb.lease import Lease
@@ -130,8 +131,16 @@ class _DataDirLock:
         self._file: IO[bytes] | None = None
 
     def acquire(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        lock_file = open(self.directory / ".tenantdb.lock", "ab")  # noqa: SIM115
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            lock_file = open(self.directory / ".tenantdb.lock", "ab")  # noqa: SIM115
+        except OSError as exc:
+            raise LocalDiskError(
+                f"data directory {str(self.directory.absolute())!r} cannot be used: "
+                f"{exc.filename}: {exc.strerror or exc}; set TENANTDB_DATA_DIR to a "
+                "writable directory",
+                operation="open",
+            ) from exc
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
