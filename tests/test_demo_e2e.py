@@ -226,3 +226,20 @@ def test_dockerignore_sends_only_what_the_image_needs() -> None:
     assert rules[0] == "*"
     allowed = {r for r in rules if r.startswith("!")}
     assert allowed == {"!pyproject.toml", "!tenantdb/", "!example_app/"}
+
+
+def test_make_demo_installs_only_the_package_and_takes_a_port(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    plan = subprocess.run(
+        ["make", "-n", "demo", f"VENV={venv}", "PORT=8081"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    installs = [line for line in plan if "pip install" in line and "--upgrade pip" not in line]
+    assert installs == [f"{venv}/bin/python -m pip install --quiet -e ."]  # no test extras
+    assert plan[-1] == f"{venv}/bin/tenantdb dev --port 8081"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    tools = {"pytest", "moto", "mypy", "hypothesis", "ruff", "fastapi"}
+    assert not {re.split(r"[<>=\[ ]", d)[0] for d in project["dependencies"]} & tools

@@ -607,7 +607,8 @@ def _listen(port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ConfigurationError(
-            f"the proxy cannot listen on {_LOOPBACK}:{port} ({exc.strerror}): choose another port"
+            f"the proxy cannot listen on {_LOOPBACK}:{port} ({exc.strerror}): choose another "
+            "port with `tenantdb dev --port N` (or `make demo PORT=N`)"
         ) from None
     return sock
 
