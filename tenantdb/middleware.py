@@ -23,7 +23,7 @@ from tenantdb.routing.replay import Router
 from tenantdb.storage import open_bucket
 from tenantdb.tenants import TenantPattern, validate_tenant
 
-__all__ = ["TenantDBMiddleware", "tenant_db"]
+__all__ = ["TenantDBMiddleware", "tenant_db", "tenant_db_dependency"]
 
 log = logging.getLogger("tenantdb")
 
@@ -274,8 +274,15 @@ class TenantDBMiddleware:
 
 
 def tenant_db(connection: HTTPConnection) -> aiosqlite.Connection:
-    """The tenant's database connection for a request (use as a FastAPI dependency)."""
+    """The tenant's database connection for a request (in FastAPI: ``tenant_db_dependency``)."""
     db = getattr(connection.state, "db", None)
     if not isinstance(db, aiosqlite.Connection):
         raise TenantDBError("this request is not for this machine's tenant: no database")
     return db
+
+
+async def tenant_db_dependency(connection: HTTPConnection) -> aiosqlite.Connection:
+    """``tenant_db`` as a FastAPI dependency: ``Depends(tenant_db_dependency)``."""
+    # async, so FastAPI calls it on the event loop: a plain function would cost every
+    # request a hop to a worker thread and back.
+    return tenant_db(connection)
