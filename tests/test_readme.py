@@ -151,3 +151,13 @@ def test_every_readme_block_runs_as_written(tmp_path: Path, subprocess_env: dict
     log = reader.log.read_text()
     assert "INFO tenantdb: tenant 100: lease released" in log  # tenantdb's own lines show
     assert "Traceback" not in log
+
+
+def test_the_long_material_is_in_docs_linked_from_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for doc in ("docs/guarantees.md", "docs/performance.md", "docs/development.md"):
+        assert f"]({doc})" in readme
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for link in re.findall(r"\]\(([^)#]+)", page.read_text()):
+            if not link.startswith(("http://", "https://")):
+                assert (page.parent / link).exists(), (page.name, link)
