@@ -151,6 +151,8 @@ def test_every_readme_block_runs_as_written(tmp_path: Path, subprocess_env: dict
     log = reader.log.read_text()
     assert "INFO tenantdb: tenant 100: lease released" in log  # tenantdb's own lines show
     assert "Traceback" not in log
+    assert "uvicorn.access: 127.0.0.1:" in log
+    assert "127.0.0.1:0 " not in log  # the access log shows the proxy's real connection
 
 
 def test_the_long_material_is_in_docs_linked_from_the_readme() -> None:

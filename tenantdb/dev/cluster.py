@@ -430,6 +430,9 @@ class Cluster:
             "on",
             "--log-config",
             str(self._log_config),
+            # As on Fly.io, where the proxy's address is not a trusted forwarder: trusting
+            # the local proxy's X-Forwarded-For would log every client as 127.0.0.1:0.
+            "--no-proxy-headers",
         )
         began = self._clock()
         try:
