@@ -45,7 +45,6 @@ def _fail_at_startup(init: _Init[_P]) -> _Init[_P]:
     def kept(
         self: TenantDBMiddleware, app: ASGIApp, /, *args: _P.args, **kwargs: _P.kwargs
     ) -> None:
-        self.app = app
         try:
             init(self, app, *args, **kwargs)
         except TenantDBError as exc:

@@ -203,7 +203,7 @@ def _status_and_code(exc: ClientError) -> tuple[int, str]:
 
 
 def _translate(
-    exc: BaseException, *, operation: str, key: str, bucket: str, endpoint: str | None = None
+    exc: BaseException, *, operation: str, key: str, bucket: str, endpoint: str | None
 ) -> StorageError:
     """Map one SDK or network exception to the tenantdb error a caller can act on.
 
