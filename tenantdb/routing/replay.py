@@ -241,11 +241,15 @@ class Router:
             template.format(machine_id="m", **fields)
         except (KeyError, IndexError, ValueError) as exc:
             raise ConfigurationError(
-                f"proxy URL template {template!r} is not valid: it may use only "
-                "{machine_id}, {app} and {port}"
+                f"proxy URL template TENANTDB_PROXY_URL={template!r} is not valid: it may use "
+                "only {machine_id}, {app} and {port}",
+                variable="TENANTDB_PROXY_URL",
             ) from exc
         if not template.startswith(("http://", "https://")):
-            raise ConfigurationError(f"proxy URL template {template!r} must be http(s)://...")
+            raise ConfigurationError(
+                f"proxy URL template TENANTDB_PROXY_URL={template!r} must be http(s)://...",
+                variable="TENANTDB_PROXY_URL",
+            )
 
         def url(machine_id: str) -> str:
             return template.format(machine_id=machine_id, **fields)

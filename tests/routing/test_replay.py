@@ -603,8 +603,10 @@ def test_proxy_url_template_names_the_machine() -> None:
 
 @pytest.mark.parametrize("template", ["http://{machine}.x", "ftp://{machine_id}", "http://{0}"])
 def test_bad_proxy_url_template_is_refused(template: str) -> None:
-    with pytest.raises(ConfigurationError, match="proxy URL template"):
+    with pytest.raises(ConfigurationError, match="proxy URL template") as raised:
         Router(Settings(app_name=APP, proxy_url=template), TenantPattern())
+    assert f"TENANTDB_PROXY_URL={template!r}" in str(raised.value)
+    assert raised.value.variable == "TENANTDB_PROXY_URL"
 
 
 async def test_replay_cache_can_be_turned_off(
