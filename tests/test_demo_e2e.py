@@ -233,7 +233,8 @@ def test_dockerignore_sends_only_what_the_image_needs() -> None:
 def test_make_demo_installs_only_the_package_and_takes_a_port(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     plan = subprocess.run(
-        ["make", "-n", "demo", f"VENV={venv}", "PORT=8081"],
+        # --no-print-directory: under `make test`, the inherited MAKELEVEL adds those lines.
+        ["make", "-n", "--no-print-directory", "demo", f"VENV={venv}", "PORT=8081"],
         cwd=ROOT,
         capture_output=True,
         text=True,
