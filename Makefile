@@ -1,21 +1,29 @@
 # `make demo` runs the local multi-tenant demo; `make test` runs lint, types and tests.
-# Each target creates .venv and installs what it needs on first use.
+# Each target creates .venv and installs what it needs on first use: the demo only the
+# package itself, the tests also their tools.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+PORT ?= 8080
 
 .PHONY: install demo test lint bench clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(BIN)/.installed-app: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(BIN)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
 install: $(BIN)/.installed
 
-demo: install
-	$(BIN)/tenantdb dev
+demo: $(BIN)/.installed-app
+	$(BIN)/tenantdb dev --port $(PORT)
 
 lint: install
 	$(BIN)/ruff check .

@@ -19,7 +19,10 @@ turn, the order alternating over the rounds; every request must answer 200 and c
 In process, without HTTP, the middleware's own cost is measured: calling it with a
 prepared scope and a trivial inner app (which only sends a 2-byte response) against
 calling the trivial app directly, in alternating chunks of 1,000 calls, in µs per
-request; and the pool's acquire+release alone. Medians are printed, the ratio line last.
+request; the pool's acquire+release alone; and a FastAPI route taking the connection
+from ``Depends(tenant_db)`` (a plain function, which FastAPI runs in a worker thread)
+against ``Depends(tenant_db_dependency)`` (async, on the event loop). Medians are
+printed, the ratio line last.
 Run: ``python -m bench.bench_overhead``.
 """
 
@@ -442,8 +445,9 @@ def _settings(work: Path, name: str) -> Any:
 
 
 async def in_process(rounds: int, calls: int) -> dict[str, list[float]]:
-    """The middleware's own cost (trivial inner app), and the pool's acquire+release."""
-    from tenantdb import TenantDBMiddleware
+    """The middleware's own cost (trivial inner app), the pool's acquire+release, and the
+    FastAPI dependency's."""
+    from tenantdb import TenantDBMiddleware, tenant_db, tenant_db_dependency
 
     results: dict[str, list[float]] = {}
 
@@ -472,11 +476,44 @@ async def in_process(rounds: int, calls: int) -> dict[str, list[float]]:
             async def borrow() -> None:
                 await pool.release(await pool.acquire())
 
-            ways = {"direct": direct, "through": through, "borrow": borrow}
+            # 2. A FastAPI route taking the connection as a dependency: a plain function
+            # (tenant_db, run in a worker thread) against the async one.
+            db = await pool.acquire()
+            with_db = {**scope, "state": {"db": db}}
+            by_thread = fastapi_app(tenant_db)
+            on_loop = fastapi_app(tenant_db_dependency)
+
+            async def fastapi_thread() -> None:
+                await by_thread(with_db, _receive, _send)
+
+            async def fastapi_loop() -> None:
+                await on_loop(with_db, _receive, _send)
+
+            ways = {
+                "direct": direct,
+                "through": through,
+                "borrow": borrow,
+                "fastapi_thread": fastapi_thread,
+                "fastapi_loop": fastapi_loop,
+            }
             await interleaved(ways, calls // 10, 1000)  # warm-up
             for _ in range(rounds):
                 record(await interleaved(ways, calls, 1000))
+            await pool.release(db)
     return results
+
+
+def fastapi_app(dependency: Callable[..., Any]) -> Any:
+    """A FastAPI app whose one route takes the tenant's connection from ``dependency``."""
+    from fastapi import Depends, FastAPI
+
+    app = FastAPI()
+
+    @app.get(PATH)
+    async def route(db: aiosqlite.Connection = Depends(dependency)) -> Response:  # noqa: B008
+        return Response(b"ok")
+
+    return app
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -537,6 +574,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"in process, median µs/request: trivial app {med['direct']:.2f}, through the "
         f"middleware {med['through']:.2f} -> middleware {mw_us:.2f} µs "
         f"(of which pool acquire+release {med['borrow']:.2f} µs)"
+    )
+    print(
+        f"in process, FastAPI route, median µs/request: Depends(tenant_db) "
+        f"{med['fastapi_thread']:.2f} (a worker thread), Depends(tenant_db_dependency) "
+        f"{med['fastapi_loop']:.2f} (the event loop) -> "
+        f"{med['fastapi_thread'] - med['fastapi_loop']:.2f} µs saved"
     )
     mw_met = mw_us < GOAL_MIDDLEWARE_US
     if args.skip_http:

@@ -10,7 +10,9 @@ import uvicorn
 
 def main() -> None:
     """Serve the demo with uvicorn; SIGINT and SIGTERM shut it down gracefully."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     uvicorn.run(
         "example_app:app",
         host=os.environ.get("HOST", "0.0.0.0"),

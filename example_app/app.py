@@ -21,29 +21,53 @@ MIGRATIONS = [
     """,
 ]
 
+_STYLE = """<style>body{font-family:system-ui,sans-serif;max-width:36rem;margin:4rem auto}
+.count{font-size:4rem;font-weight:700}</style>"""
+
 _PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>tenant {tenant}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:36rem;margin:4rem auto}}
-.count{{font-size:4rem;font-weight:700}}</style></head>
+<html lang="en"><head><meta charset="utf-8"><title>tenant {tenant}</title>{style}</head>
 <body><h1>Tenant {tenant}</h1><p class="count">{count}</p>
 <p>visits, counted in this tenant's own SQLite database on machine
 <code>{machine}</code> in region <code>{region}</code>.</p>
+<p>This request {path}.</p>
 <p><a href="">Reload to count again</a> &middot; <a href="/">Home</a></p></body></html>
 """
 
-_HOME = """tenantdb counter demo
-
-Each tenant has its own SQLite database, served by its own machine.
-Try:
-  curl http://HOST/customers/100        (counts a visit for tenant 100)
-  curl -H 'Accept: application/json' http://HOST/customers/200
-Requests for a tenant that another machine serves are replayed to it (fly-replay).
+_HOME = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>tenantdb counter demo</title>{style}</head>
+<body><h1>tenantdb counter demo</h1>
+<p>Each tenant has its own SQLite database, served by its own machine. A visit to a
+tenant's page lands on any machine; unless that machine serves the tenant, it answers
+with a <code>fly-replay</code> header and the proxy replays the request to the tenant's
+machine, which counts the visit in the tenant's database (shipped to the bucket within a
+second).</p>
+<ul>{links}</ul>
+<p>As JSON: <code>curl -H 'Accept: application/json' {base}customers/{first}</code></p>
+</body></html>
 """
 
 
+def _tenants() -> list[str]:
+    # The demo's own list: `tenantdb dev` runs these by default, and the deploy guide
+    # creates machines for the first two.
+    return [t for t in os.environ.get("DEMO_TENANTS", "100,200,300").split(",") if t]
+
+
 async def home(request: Request) -> Response:
-    """Explain what to try."""
-    return PlainTextResponse(_HOME.replace("HOST", request.url.netloc))
+    """The tenants, with links, and what happens on a visit."""
+    tenants = _tenants()
+    links = "".join(
+        f'<li><a href="/customers/{html.escape(t)}">tenant {html.escape(t)}</a></li>'
+        for t in tenants
+    )
+    return HTMLResponse(
+        _HOME.format(
+            style=_STYLE,
+            links=links,
+            base=html.escape(str(request.base_url)),
+            first=html.escape(tenants[0] if tenants else "100"),
+        )
+    )
 
 
 async def healthz(request: Request) -> Response:
@@ -51,14 +75,30 @@ async def healthz(request: Request) -> Response:
     return PlainTextResponse("ok\n")
 
 
+def _request_path(request: Request, machine: str) -> str:
+    """Which machine received the request first, from Fly's ``fly-replay-src`` header."""
+    fields = dict(
+        part.strip().partition("=")[::2]
+        for part in request.headers.get("fly-replay-src", "").split(";")
+    )
+    source = fields.get("instance")
+    if source and source != machine:
+        return f"was received by machine {source} and replayed to {machine}"
+    return f"was received by machine {machine} itself, which serves this tenant"
+
+
 async def visit(request: Request) -> Response:
-    """Count one visit for the request's tenant and show the count."""
+    """Count one visit for the request's tenant and show the count (HEAD only reads it)."""
     db = tenant_db(request)
-    async with db.execute(
-        "UPDATE counter SET count = count + 1 WHERE id = 1 RETURNING count"
-    ) as cursor:
-        row = await cursor.fetchone()
-    await db.commit()
+    if request.method == "HEAD":  # a HEAD asks about the page; it is not a visit
+        async with db.execute("SELECT count FROM counter WHERE id = 1") as cursor:
+            row = await cursor.fetchone()
+    else:
+        async with db.execute(
+            "UPDATE counter SET count = count + 1 WHERE id = 1 RETURNING count"
+        ) as cursor:
+            row = await cursor.fetchone()
+        await db.commit()
     count = int(row[0]) if row else 0
     tenant = request.state.tenant
     machine = os.environ.get("FLY_MACHINE_ID", "local")
@@ -69,10 +109,12 @@ async def visit(request: Request) -> Response:
         )
     return HTMLResponse(
         _PAGE.format(
+            style=_STYLE,
             tenant=html.escape(tenant),
             count=count,
             machine=html.escape(machine),
             region=html.escape(region),
+            path=html.escape(_request_path(request, machine)),
         )
     )
 

@@ -10,7 +10,7 @@ from tenantdb.errors import (
     StorageError,
     TenantDBError,
 )
-from tenantdb.middleware import TenantDBMiddleware, tenant_db
+from tenantdb.middleware import TenantDBMiddleware, tenant_db, tenant_db_dependency
 from tenantdb.tenants import TenantPattern, validate_tenant
 
 __all__ = [
@@ -28,5 +28,6 @@ __all__ = [
     "TenantPattern",
     "apply_migrations",
     "tenant_db",
+    "tenant_db_dependency",
     "validate_tenant",
 ]

@@ -130,13 +130,21 @@ def _machines_options() -> argparse.ArgumentParser:
     return common
 
 
+_MACHINES_EPILOG = (
+    "Environment: FLY_APP_NAME (or --app) and FLY_API_TOKEN (from `fly tokens create deploy`) "
+    "are required; TENANTDB_METADATA_KEY names the metadata key (default: customer_id)."
+)
+
+
 def _configure_machines(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = _MACHINES_EPILOG
     common = [_machines_options()]
     sub = parser.add_subparsers(dest="machines_command", metavar="SUBCOMMAND", required=True)
 
     create = sub.add_parser(
         "create",
         parents=common,
+        epilog=_MACHINES_EPILOG,
         help="create the machine that serves a tenant",
         description="Create one Fly Machine for TENANT: metadata <key>=TENANT, env "
         "TENANT_ID=TENANT, autostop/autostart on. Refuses if the tenant already has one. "
@@ -175,6 +183,7 @@ def _configure_machines(parser: argparse.ArgumentParser) -> None:
     list_ = sub.add_parser(
         "list",
         parents=common,
+        epilog=_MACHINES_EPILOG,
         help="list the app's machines and the tenants they serve",
         description="List the machines of the Fly app, with the tenant each one serves.",
     )
@@ -185,6 +194,7 @@ def _configure_machines(parser: argparse.ArgumentParser) -> None:
     destroy = sub.add_parser(
         "destroy",
         parents=common,
+        epilog=_MACHINES_EPILOG,
         help="destroy a tenant's machines (its data in the bucket is kept)",
         description="Destroy every machine whose metadata names TENANT. Running machines "
         "are stopped gracefully first so they publish a final snapshot; the tenant's data "
@@ -212,12 +222,20 @@ def _fly_settings(args: argparse.Namespace) -> tuple[Settings, str, Secret]:
     """Return settings with the app name and the token that every Fly call needs."""
     overrides = {"app_name": args.app, "machines_api_url": args.api_url}
     settings = Settings.from_env(**{k: v for k, v in overrides.items() if v})
-    if not settings.app_name:
-        raise ConfigurationError("no Fly app: set FLY_APP_NAME or pass --app")
-    if settings.fly_api_token is None:
-        raise ConfigurationError(
-            "no Fly API token: set FLY_API_TOKEN (for example from `fly tokens create deploy`)"
-        )
+    if not settings.app_name or settings.fly_api_token is None:
+        # Every missing setting at once, so that one fix is enough.
+        missing = [
+            text
+            for text, absent in (
+                ("the Fly app: set FLY_APP_NAME or pass --app", not settings.app_name),
+                (
+                    "a Fly API token: set FLY_API_TOKEN (from `fly tokens create deploy`)",
+                    settings.fly_api_token is None,
+                ),
+            )
+            if absent
+        ]
+        raise ConfigurationError("missing " + "; and ".join(missing))
     return settings, settings.app_name, settings.fly_api_token
 
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from tenantdb.errors import ConfigurationError
-from tenantdb.tenants import validate_tenant
+from tenantdb.errors import ConfigurationError, InvalidTenantError
+from tenantdb.tenants import TENANT_ID_RULE, validate_tenant
 
 __all__ = ["Durability", "Secret", "Settings"]
 
@@ -60,19 +60,33 @@ class Secret:
         return hash(self._value)
 
 
-def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+def _invalid(name: str, raw: str, problem: str, allowed: str) -> ConfigurationError:
+    """The error for a variable's bad value: one line with the name, the value, the rule."""
+    return ConfigurationError(f"{name}={raw[:80]!r} {problem}; allowed: {allowed}", variable=name)
+
+
+def _number(
+    env: Mapping[str, str],
+    name: str,
+    default: float,
+    *,
+    minimum: float,
+    what: str = "a number of seconds",
+) -> float:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
+    allowed = f"{what}, at least {minimum:g}"
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not a number") from None
-    if value < minimum:
-        raise ConfigurationError(f"{name}={raw!r} must be at least {minimum:g}")
+        raise _invalid(name, raw, "is not a number", allowed) from None
+    if not minimum <= value < float("inf"):
+        raise _invalid(name, raw, "is out of range", allowed)
     return value
 
 
+_COUNT = "a whole number"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -82,14 +96,13 @@ def _duration(env: Mapping[str, str], name: str, default: float) -> float:
     if not raw:
         return default
     number, unit = (raw[:-1], raw[-1]) if raw[-1] in _UNITS else (raw, "s")
+    allowed = "a duration of 0 or more: seconds, or a number with s, m, h or d (15m, 24h)"
     try:
         value = float(number) * _UNITS[unit]
     except ValueError:
-        raise ConfigurationError(
-            f"{name}={raw!r} is not a duration: a number of seconds, or with s, m, h or d"
-        ) from None
+        raise _invalid(name, raw, "is not a duration", allowed) from None
     if not 0 <= value < float("inf"):
-        raise ConfigurationError(f"{name}={raw!r} must be a finite duration, 0 or more")
+        raise _invalid(name, raw, "is out of range", allowed)
     return value
 
 
@@ -99,7 +112,7 @@ def _durability(raw: str | None) -> Durability:
         return "async"
     if value == "bucket":
         return "bucket"
-    raise ConfigurationError(f"TENANTDB_DURABILITY={raw!r} must be 'bucket' or 'async'")
+    raise _invalid("TENANTDB_DURABILITY", raw or "", "is not a durability", "'bucket' or 'async'")
 
 
 def _dns_server(raw: str | None) -> tuple[str, int] | None:
@@ -107,10 +120,26 @@ def _dns_server(raw: str | None) -> tuple[str, int] | None:
         return None
     host, sep, port = raw.rpartition(":")
     if not sep or not port.isdigit() or not host:
-        raise ConfigurationError(
-            f"TENANTDB_DNS_SERVER={raw!r} must be host:port (IPv6 as [addr]:port)"
+        raise _invalid(
+            "TENANTDB_DNS_SERVER",
+            raw,
+            "is not host:port",
+            "host:port, such as 127.0.0.1:5353 or [fdaa::3]:53",
         )
     return host.strip("[]"), int(port)
+
+
+def _tenant(env: Mapping[str, str]) -> str | None:
+    for name in ("TENANT_ID", "CUSTOMER_ID"):
+        raw = env.get(name)
+        if raw:
+            try:
+                return validate_tenant(raw)
+            except InvalidTenantError as exc:
+                raise _invalid(
+                    name, raw, f"is not a tenant id ({exc.reason})", TENANT_ID_RULE
+                ) from None
+    return None
 
 
 @dataclass(frozen=True)
@@ -174,7 +203,7 @@ class Settings:
         secret = env.get("AWS_SECRET_ACCESS_KEY")
         token = env.get("FLY_API_TOKEN")
         values: dict[str, Any] = {
-            "tenant": env.get("TENANT_ID") or env.get("CUSTOMER_ID") or None,
+            "tenant": _tenant(env),
             "bucket_name": env.get("BUCKET_NAME") or None,
             "endpoint_url": env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
             "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
@@ -189,15 +218,17 @@ class Settings:
             "sync_interval": _number(env, "TENANTDB_SYNC_INTERVAL", 1.0, minimum=0.01),
             "durability": _durability(env.get("TENANTDB_DURABILITY")),
             "durability_timeout": _number(env, "TENANTDB_DURABILITY_TIMEOUT", 10.0, minimum=0.1),
-            "snapshot_retention": int(_number(env, "TENANTDB_SNAPSHOT_RETENTION", 5, minimum=1)),
+            "snapshot_retention": int(
+                _number(env, "TENANTDB_SNAPSHOT_RETENTION", 5, minimum=1, what=_COUNT)
+            ),
             "retention": _duration(env, "TENANTDB_RETENTION", 86400.0),
             "kill_timeout": _number(env, "TENANTDB_KILL_TIMEOUT", 30.0, minimum=1),
-            "pool_size": int(_number(env, "TENANTDB_POOL_SIZE", 8, minimum=1)),
+            "pool_size": int(_number(env, "TENANTDB_POOL_SIZE", 8, minimum=1, what=_COUNT)),
             "metadata_key": env.get("TENANTDB_METADATA_KEY") or "customer_id",
             "dns_server": _dns_server(env.get("TENANTDB_DNS_SERVER")),
             "fly_api_token": Secret(token) if token else None,
             "machines_api_url": env.get("TENANTDB_MACHINES_API_URL") or "https://api.machines.dev",
-            "port": int(_number(env, "PORT", 8080, minimum=1)),
+            "port": int(_number(env, "PORT", 8080, minimum=1, what="a TCP port")),
             "proxy_url": env.get("TENANTDB_PROXY_URL") or "",
         }
         if env.get("FLY_MACHINE_ID"):

@@ -32,6 +32,7 @@ from tenantdb.errors import (
     DataDirLockedError,
     LeaseHeldError,
     LeaseLostError,
+    LocalDiskError,
     TenantDBError,
 )
 from tenantdb.lease import Lease
@@ -90,10 +91,15 @@ def apply_migrations(path: Path, migrations: Sequence[Migration]) -> int:
             conn.execute(pragma)
         version: int = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > len(migrations):
-            raise ConfigurationError(
-                f"{path} is at schema version {version} but only {len(migrations)} "
-                "migrations are known: is this an older release of the app?"
+            advice = (
+                "no migrations were given: pass the app's list, as in "
+                "TenantDBMiddleware(app, migrations=MIGRATIONS) or "
+                "TenantDB.from_env(migrations=MIGRATIONS)"
+                if not migrations
+                else f"only {len(migrations)} migrations were given: pass the app's whole "
+                "list (an older release of the app cannot open a newer database)"
             )
+            raise ConfigurationError(f"{path} is at schema version {version}, but {advice}")
         for number, migration in enumerate(migrations[version:], start=version + 1):
             try:
                 if isinstance(migration, str):
@@ -126,8 +132,16 @@ class _DataDirLock:
         self._file: IO[bytes] | None = None
 
     def acquire(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        lock_file = open(self.directory / ".tenantdb.lock", "ab")  # noqa: SIM115
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            lock_file = open(self.directory / ".tenantdb.lock", "ab")  # noqa: SIM115
+        except OSError as exc:
+            raise LocalDiskError(
+                f"data directory {str(self.directory.absolute())!r} cannot be used: "
+                f"{exc.filename}: {exc.strerror or exc}; set TENANTDB_DATA_DIR to a "
+                "writable directory",
+                operation="open",
+            ) from exc
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

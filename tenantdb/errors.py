@@ -66,7 +66,14 @@ class TenantDBError(Exception):
 
 
 class ConfigurationError(TenantDBError):
-    """Settings, environment variables or arguments that cannot work."""
+    """Settings, environment variables or arguments that cannot work.
+
+    ``variable`` names the environment variable at fault, when there is one.
+    """
+
+    def __init__(self, message: str, *, variable: str = "") -> None:
+        self.variable = variable
+        super().__init__(message)
 
 
 class InvalidTenantError(TenantDBError):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Concatenate, ParamSpec
 
 import aiosqlite
 from starlette.requests import HTTPConnection
@@ -23,9 +25,32 @@ from tenantdb.routing.replay import Router
 from tenantdb.storage import open_bucket
 from tenantdb.tenants import TenantPattern, validate_tenant
 
-__all__ = ["TenantDBMiddleware", "tenant_db"]
+__all__ = ["TenantDBMiddleware", "tenant_db", "tenant_db_dependency"]
 
 log = logging.getLogger("tenantdb")
+
+_P = ParamSpec("_P")
+_Init = Callable[Concatenate["TenantDBMiddleware", ASGIApp, _P], None]
+
+
+def _fail_at_startup(init: _Init[_P]) -> _Init[_P]:
+    """Keep a configuration error of the constructor, to fail the server's startup with it.
+
+    Starlette builds its middleware stack inside the first ASGI call, the lifespan's: raised
+    there, the error escapes the lifespan handshake, uvicorn's ``--lifespan auto`` takes that
+    for "lifespan unsupported", and the server starts and answers every request with 500.
+    """
+
+    @functools.wraps(init)
+    def kept(
+        self: TenantDBMiddleware, app: ASGIApp, /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> None:
+        try:
+            init(self, app, *args, **kwargs)
+        except TenantDBError as exc:
+            self.startup_error = exc
+
+    return kept
 
 
 class TenantDBMiddleware:
@@ -38,9 +63,13 @@ class TenantDBMiddleware:
     ``durability="bucket"`` (the default) holds the answer of a request that committed a
     write until the bucket has it; ``"async"`` answers at once (see the README). The middleware
     takes part in the ASGI lifespan: its startup runs before the app's and its shutdown
-    (final snapshot, publish, release) after the app's.
+    (final snapshot, publish, release) after the app's. Bad configuration fails the startup
+    (``startup_error``), never a request.
     """
 
+    startup_error: TenantDBError | None = None
+
+    @_fail_at_startup
     def __init__(
         self,
         app: ASGIApp,
@@ -91,6 +120,8 @@ class TenantDBMiddleware:
         if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
             return
+        if self.startup_error is not None:  # a server without lifespan: fail loudly
+            raise self.startup_error
         segment = (
             self.pattern.segment(scope["path"]) if scope["type"] in ("http", "websocket") else None
         )
@@ -202,7 +233,7 @@ class TenantDBMiddleware:
         try:
             await self._startup()
         except Exception as exc:
-            log.error("tenantdb startup failed: %s", exc)
+            # The server prints the message (uvicorn: one ERROR line) and exits.
             await send({"type": "lifespan.startup.failed", "message": f"tenantdb: {exc}"})
             return
         app_started = False
@@ -245,6 +276,16 @@ class TenantDBMiddleware:
             await send({"type": "lifespan.shutdown.complete"})
 
     async def _startup(self) -> None:
+        if self.startup_error is not None:
+            raise self.startup_error
+        if self.tenantdb is None:
+            log.log(
+                logging.INFO if self.router.enabled else logging.WARNING,
+                "tenantdb: TENANT_ID is not set, so this machine serves no tenant%s",
+                ": it routes every tenant's requests to the tenant's machine"
+                if self.router.enabled
+                else "; set TENANT_ID to the tenant this server should serve",
+            )
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(self.bucket)
             await stack.enter_async_context(self.router)
@@ -272,8 +313,15 @@ class TenantDBMiddleware:
 
 
 def tenant_db(connection: HTTPConnection) -> aiosqlite.Connection:
-    """The tenant's database connection for a request (use as a FastAPI dependency)."""
+    """The tenant's database connection for a request (in FastAPI: ``tenant_db_dependency``)."""
     db = getattr(connection.state, "db", None)
     if not isinstance(db, aiosqlite.Connection):
         raise TenantDBError("this request is not for this machine's tenant: no database")
     return db
+
+
+async def tenant_db_dependency(connection: HTTPConnection) -> aiosqlite.Connection:
+    """``tenant_db`` as a FastAPI dependency: ``Depends(tenant_db_dependency)``."""
+    # async, so FastAPI calls it on the event loop: a plain function would cost every
+    # request a hop to a worker thread and back.
+    return tenant_db(connection)

@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 
 from tenantdb.errors import ConfigurationError, InvalidTenantError
 
-__all__ = ["TenantPattern", "validate_tenant"]
+__all__ = ["TENANT_ID_RULE", "TenantPattern", "validate_tenant"]
 
 MAX_TENANT_LENGTH = 63
 _TENANT_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _PLACEHOLDER = "{tenant}"
+# What a valid id looks like, for error messages that say what to use instead.
+TENANT_ID_RULE = "a lowercase DNS label: a-z, 0-9 and inner hyphens, 1 to 63 characters"
 
 
 def validate_tenant(tenant: str) -> str:

@@ -333,6 +333,29 @@ def test_missing_app_fails_without_request(
     assert fly.requests == []
 
 
+def test_every_missing_setting_is_reported_at_once(
+    fly: FakeMachinesAPI, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FLY_APP_NAME")
+    monkeypatch.delenv("FLY_API_TOKEN")
+    code, _, err = run(capsys, "machines", "list")
+    assert code == 1
+    assert "FLY_APP_NAME" in err
+    assert "FLY_API_TOKEN" in err
+    assert err.count("\n") == 1  # one line
+    assert fly.requests == []
+
+
+@pytest.mark.parametrize("subcommand", ["create", "list", "destroy"])
+def test_machines_help_names_the_variables_it_needs(
+    capsys: pytest.CaptureFixture[str], subcommand: str
+) -> None:
+    code, out, _ = run(capsys, "machines", subcommand, "--help")
+    assert code == 0
+    assert "FLY_API_TOKEN" in out
+    assert "FLY_APP_NAME" in out
+
+
 def test_wrong_token_is_a_clean_failure(
     fly: FakeMachinesAPI, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,6 +20,7 @@ from tenantdb.errors import (
     ConfigurationError,
     DataDirLockedError,
     LeaseHeldError,
+    LocalDiskError,
     TenantDBError,
     TransientStorageError,
 )
@@ -82,8 +83,29 @@ def test_a_failing_migration_rolls_back_and_keeps_the_version(tmp_path: Path) ->
 def test_a_database_newer_than_the_code_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "m.sqlite3"
     apply_migrations(db, MIGRATIONS)
-    with pytest.raises(ConfigurationError, match="schema version 2"):
+    with pytest.raises(ConfigurationError, match="schema version 2, but only 1 migrations"):
         apply_migrations(db, MIGRATIONS[:1])
+
+
+def test_opening_a_database_without_migrations_says_to_pass_them(tmp_path: Path) -> None:
+    db = tmp_path / "m.sqlite3"
+    apply_migrations(db, MIGRATIONS)
+    with pytest.raises(ConfigurationError) as raised:
+        apply_migrations(db, [])
+    assert "no migrations were given" in str(raised.value)
+    assert "migrations=MIGRATIONS" in str(raised.value)
+    assert "older release" not in str(raised.value)
+
+
+async def test_a_data_directory_that_cannot_be_made_says_which_variable_moves_it(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "m1").write_text("a file where the data directory should be")
+    with pytest.raises(LocalDiskError) as raised:
+        async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS):
+            pass
+    assert str(tmp_path / "m1") in str(raised.value)
+    assert "set TENANTDB_DATA_DIR to a writable directory" in str(raised.value)
 
 
 async def test_data_survives_a_move_to_another_machine(tmp_path: Path) -> None:

@@ -22,9 +22,11 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.testclient import TestClient
 
-from example_app import app
+from example_app import app, create_app
 from tenantdb.dev.cluster import Cluster, ClusterConfig
+from tests.support.apps import local_acme_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TENANTS = ("100", "200", "300")
@@ -226,3 +228,44 @@ def test_dockerignore_sends_only_what_the_image_needs() -> None:
     assert rules[0] == "*"
     allowed = {r for r in rules if r.startswith("!")}
     assert allowed == {"!pyproject.toml", "!tenantdb/", "!example_app/"}
+
+
+def test_make_demo_installs_only_the_package_and_takes_a_port(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    plan = subprocess.run(
+        # --no-print-directory: under `make test`, the inherited MAKELEVEL adds those lines.
+        ["make", "-n", "--no-print-directory", "demo", f"VENV={venv}", "PORT=8081"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    installs = [line for line in plan if "pip install" in line and "--upgrade pip" not in line]
+    assert installs == [f"{venv}/bin/python -m pip install --quiet -e ."]  # no test extras
+    assert plan[-1] == f"{venv}/bin/tenantdb dev --port 8081"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    tools = {"pytest", "moto", "mypy", "hypothesis", "ruff", "fastapi"}
+    assert not {re.split(r"[<>=\[ ]", d)[0] for d in project["dependencies"]} & tools
+
+
+def test_the_demo_pages_explain_and_head_does_not_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLY_MACHINE_ID", "m1owner")
+    demo = create_app(settings=local_acme_settings(tmp_path))
+    with TestClient(demo) as http:
+        home = http.get("/")
+        assert home.headers["content-type"].startswith("text/html")
+        for tenant in TENANTS:
+            assert f'<a href="/customers/{tenant}">tenant {tenant}</a>' in home.text
+        assert "fly-replay" in home.text  # what happens on a visit
+
+        assert http.head("/customers/acme").status_code == 200
+        assert http.get("/customers/acme", headers=JSON).json()["count"] == 1  # HEAD did not count
+
+        replayed = http.get(
+            "/customers/acme", headers={"fly-replay-src": "instance=m2other;region=ams;t=1"}
+        )
+        assert "was received by machine m2other and replayed to m1owner" in replayed.text
+        direct = http.get("/customers/acme")
+        assert "was received by machine m1owner itself" in direct.text

@@ -142,3 +142,44 @@ def test_a_second_process_on_the_same_data_dir_fails_at_startup(
     second = start_server(machine="m1", ready=False)
     assert second.proc.wait(30) != 0
     assert "locked by another tenantdb process" in second.log()
+
+
+@pytest.mark.parametrize("lifespan", ["auto", "on"])
+@pytest.mark.parametrize(
+    ("variable", "value", "allowed"),
+    [
+        ("TENANT_ID", "Acme", "allowed: a lowercase DNS label"),
+        ("TENANTDB_LEASE_TTL", "abc", "allowed: a number of seconds, at least 3"),
+        ("TENANTDB_LEASE_TTL", "1", "allowed: a number of seconds, at least 3"),
+        ("TENANTDB_DNS_SERVER", "nonsense", "allowed: host:port"),
+    ],
+)
+def test_bad_configuration_stops_the_server_at_startup_with_one_line(
+    tmp_path: Path,
+    subprocess_env: dict[str, str],
+    lifespan: str,
+    variable: str,
+    value: str,
+    allowed: str,
+) -> None:
+    env = {
+        **subprocess_env,
+        "TENANT_ID": "acme",
+        "TENANTDB_DATA_DIR": str(tmp_path / "data"),
+        "TENANTDB_LOCAL_BUCKET": str(tmp_path / "bucket"),
+        variable: value,
+    }
+    server = UvicornProcess(
+        "example_app:app", env, tmp_path / "server.log", inherit_environ=False, lifespan=lifespan
+    )
+    try:
+        code = server.proc.wait(60)
+    finally:
+        server.close()
+    log = server.log()
+    assert code == 3, log  # uvicorn's "startup failed"
+    named = [line for line in log.splitlines() if f"{variable}={value!r}" in line]
+    assert len(named) == 1, log  # printed once
+    assert allowed in named[0], log
+    assert "Traceback" not in log
+    assert not (tmp_path / "data").exists()

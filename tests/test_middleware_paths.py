@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import quote
 
+import aiosqlite
+import fastapi.dependencies.utils
 import pytest
+from fastapi import Depends, FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
@@ -18,7 +22,7 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocket
 
 from example_app import MIGRATIONS, create_app
-from tenantdb import TenantDBMiddleware, tenant_db
+from tenantdb import TenantDBMiddleware, tenant_db, tenant_db_dependency
 from tenantdb.routing.replay import Router
 from tenantdb.tenants import validate_tenant
 from tests.support.apps import local_acme_settings
@@ -147,3 +151,38 @@ def test_websockets_of_this_machines_tenant_get_the_database(tmp_path: Path) -> 
         with pytest.raises(WebSocketDenialResponse) as denied:
             client.websocket_connect("/customers/Acme/ws").__enter__()
         assert denied.value.status_code == 400
+
+
+@pytest.mark.parametrize("route", ["/customers/acme", "/customers/acme/ws"])
+def test_the_fastapi_dependency_runs_on_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    app = FastAPI()
+    app.add_middleware(
+        TenantDBMiddleware, migrations=MIGRATIONS, settings=local_acme_settings(tmp_path)
+    )
+
+    @app.get("/customers/{tenant}")
+    async def count(db: Annotated[aiosqlite.Connection, Depends(tenant_db_dependency)]) -> int:
+        async with db.execute("SELECT count FROM counter") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else -1
+
+    @app.websocket("/customers/{tenant}/ws")
+    async def ws(
+        websocket: WebSocket, db: Annotated[aiosqlite.Connection, Depends(tenant_db_dependency)]
+    ) -> None:
+        await websocket.accept()
+        await websocket.send_json(isinstance(db, aiosqlite.Connection))
+        await websocket.close()
+
+    async def no_threads(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a dependency ran in a worker thread")
+
+    monkeypatch.setattr(fastapi.dependencies.utils, "run_in_threadpool", no_threads)
+    with TestClient(app) as client:
+        if route.endswith("/ws"):
+            with client.websocket_connect(route) as socket:
+                assert socket.receive_json() is True
+        else:
+            assert client.get(route).json() == 0

@@ -437,6 +437,9 @@ class Cluster:
             "on",
             "--log-config",
             str(self._log_config),
+            # As on Fly.io, where the proxy's address is not a trusted forwarder: trusting
+            # the local proxy's X-Forwarded-For would log every client as 127.0.0.1:0.
+            "--no-proxy-headers",
         )
         began = self._clock()
         try:
@@ -614,7 +617,8 @@ def _listen(port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ConfigurationError(
-            f"the proxy cannot listen on {_LOOPBACK}:{port} ({exc.strerror}): choose another port"
+            f"the proxy cannot listen on {_LOOPBACK}:{port} ({exc.strerror}): choose another "
+            "port with `tenantdb dev --port N` (or `make demo PORT=N`)"
         ) from None
     return sock
 

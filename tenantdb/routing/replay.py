@@ -223,11 +223,15 @@ class Router:
             template.format(machine_id="m", **fields)
         except (KeyError, IndexError, ValueError) as exc:
             raise ConfigurationError(
-                f"proxy URL template {template!r} is not valid: it may use only "
-                "{machine_id}, {app} and {port}"
+                f"proxy URL template TENANTDB_PROXY_URL={template!r} is not valid: it may use "
+                "only {machine_id}, {app} and {port}",
+                variable="TENANTDB_PROXY_URL",
             ) from exc
         if not template.startswith(("http://", "https://")):
-            raise ConfigurationError(f"proxy URL template {template!r} must be http(s)://...")
+            raise ConfigurationError(
+                f"proxy URL template TENANTDB_PROXY_URL={template!r} must be http(s)://...",
+                variable="TENANTDB_PROXY_URL",
+            )
 
         def url(machine_id: str) -> str:
             return template.format(machine_id=machine_id, **fields)
@@ -322,14 +326,19 @@ class Router:
     async def forward(self, scope: Scope, receive: Receive, send: Send, tenant: str) -> None:
         """Route a request for ``tenant``, which this machine does not serve."""
         if not self.enabled:
+            served = (
+                f"this machine serves tenant {self.settings.tenant}"
+                if self.settings.tenant
+                else f"this machine serves no tenant (TENANT_ID={tenant} would serve this one)"
+            )
             await send_error(
                 scope,
                 receive,
                 send,
                 404,
-                f"tenant {tenant} is not served by this machine "
-                f"({self.settings.tenant or 'no tenant'}), and routing other tenants needs "
-                "Fly.io (FLY_APP_NAME) or a DNS server (TENANTDB_DNS_SERVER)",
+                f"tenant {tenant} is not served here: {served}; routing other tenants to "
+                "their machines needs Fly.io (FLY_APP_NAME) or a DNS server "
+                "(TENANTDB_DNS_SERVER, as `tenantdb dev` sets)",
             )
             return
         if self._resources is None:

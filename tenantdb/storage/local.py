@@ -100,6 +100,11 @@ def _server_date(pointer: dict[str, Any], last_modified: datetime) -> datetime:
     return last_modified + timedelta(seconds=now - written_at)
 
 
+# What to do about a local bucket the file system refuses.
+_WRITABLE = "set TENANTDB_LOCAL_BUCKET to a writable directory, or BUCKET_NAME for a real bucket"
+_ADVICE = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space"}
+
+
 class LocalBucket:
     """A bucket kept in a local directory, safe to share between processes."""
 
@@ -141,8 +146,11 @@ class LocalBucket:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
                 else (StorageError)
             )
+            what = f"{operation} of {key!r}" if key else operation
             raise kind(
-                f"local bucket {operation} {key!r} failed: {exc.strerror or exc}",
+                f"local bucket {what} failed: {exc.filename or self.root}: "
+                f"{exc.strerror or exc} (the local bucket is the directory "
+                f"{str(self.root.absolute())!r}: {_ADVICE.get(exc.errno or 0, _WRITABLE)})",
                 key=key,
                 operation=operation,
             ) from exc

@@ -202,12 +202,17 @@ def _status_and_code(exc: ClientError) -> tuple[int, str]:
     return status, str(response.get("Error", {}).get("Code") or status)
 
 
-def _translate(exc: BaseException, *, operation: str, key: str, bucket: str) -> StorageError:
+def _translate(
+    exc: BaseException, *, operation: str, key: str, bucket: str, endpoint: str | None
+) -> StorageError:
     """Map one SDK or network exception to the tenantdb error a caller can act on.
 
-    Messages are built from the operation, bucket, key, status and error code only: never
-    from the SDK's own text, which may carry URLs or request details.
+    Messages are built from the operation, bucket, key, endpoint (without credentials),
+    status and error code only: never from the SDK's own text, which may carry URLs or
+    request details.
     """
+    # The S3 endpoint comes from AWS_ENDPOINT_URL_S3; unset, botocore asks AWS itself.
+    url = _safe_url(endpoint) or "AWS S3 (AWS_ENDPOINT_URL_S3 is not set)"
     where = f"S3 {operation} of {key!r} in bucket {bucket!r}" if key else f"S3 {operation}"
     kind: type[StorageError]
     if isinstance(exc, ClientError):
@@ -227,13 +232,17 @@ def _translate(exc: BaseException, *, operation: str, key: str, bucket: str) -> 
         else:
             kind, why = StorageError, f"refused: {code} (HTTP {status})"
     elif isinstance(exc, SSLError):
-        kind, why = BucketConfigurationError, "TLS handshake with the endpoint failed"
+        kind, why = BucketConfigurationError, f"TLS handshake with {url} failed"
     elif isinstance(exc, NoCredentialsError | PartialCredentialsError):
-        kind, why = AccessDeniedError, "no usable S3 credentials were found"
+        kind, why = (
+            AccessDeniedError,
+            "no usable S3 credentials were found: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (on Fly.io, `fly storage create` sets them)",
+        )
     elif isinstance(exc, ParamValidationError):
         kind, why = BucketConfigurationError, "request rejected by parameter validation"
     elif isinstance(exc, _NETWORK_ERRORS):
-        kind, why = TransientStorageError, f"network failure ({type(exc).__name__})"
+        kind, why = TransientStorageError, f"network failure ({type(exc).__name__}) at {url}"
     else:
         kind, why = StorageError, f"failed ({type(exc).__name__})"
     return kind(f"{where}: {why}", key=key, operation=operation)
@@ -494,7 +503,9 @@ class S3Bucket:
         except (ClientError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
             # Local-file OSErrors were already turned into LocalDiskError where they
             # happened, so an OSError reaching this point came from the network.
-            raise _translate(exc, operation=operation, key=key, bucket=self.name) from exc
+            raise _translate(
+                exc, operation=operation, key=key, bucket=self.name, endpoint=self.endpoint_url
+            ) from exc
 
     async def _retrying(self, operation: str, key: str, fn: Callable[[], Awaitable[T]]) -> T:
         return await with_retries(

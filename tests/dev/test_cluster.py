@@ -183,7 +183,9 @@ async def test_a_busy_port_is_reported(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         cluster = Cluster(replace(config(tmp_path), port=busy.getsockname()[1]))
-        with pytest.raises(ConfigurationError, match="choose another port"):
+        with pytest.raises(
+            ConfigurationError, match="choose another port with `tenantdb dev --port N`"
+        ):
             await cluster.start()
     assert [m.state for m in cluster.status()] == ["stopped"]
 

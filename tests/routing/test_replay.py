@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -602,14 +603,30 @@ async def test_replay_to_the_lease_holder(dns: DevDNSServer, tmp_path: Path) -> 
 # --- local mode and construction ---------------------------------------------------------
 
 
-async def test_local_mode_without_dns_is_404_saying_routing_needs_fly(
-    harness_factory: Any, tmp_path: Path
+async def test_local_mode_without_a_tenant_warns_and_its_404_says_which_variable_to_set(
+    harness_factory: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    harness = await harness_factory(settings_for(tmp_path, None, app_name=None))
+    with caplog.at_level(logging.INFO, logger="tenantdb"):
+        harness = await harness_factory(settings_for(tmp_path, None, app_name=None))
     assert not harness.middleware.router.can_replay
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "tenantdb: TENANT_ID is not set, so this machine serves no tenant; "
+        "set TENANT_ID to the tenant this server should serve"
+    ]
     response = await harness.get("/customers/beta")
     assert response.status_code == 404
-    assert "routing other tenants needs Fly.io (FLY_APP_NAME)" in response.text
+    assert "this machine serves no tenant (TENANT_ID=beta would serve this one)" in response.text
+    assert "routing other tenants to their machines needs Fly.io (FLY_APP_NAME)" in response.text
+
+
+async def test_local_mode_with_a_tenant_says_which_one_it_serves(
+    harness_factory: Any, tmp_path: Path
+) -> None:
+    harness = await harness_factory(settings_for(tmp_path, None, app_name=None, tenant="acme"))
+    response = await harness.get("/customers/beta")
+    assert response.status_code == 404
+    assert "tenant beta is not served here: this machine serves tenant acme" in response.text
 
 
 async def test_local_mode_with_a_dns_server_uses_the_dev_app_name(
@@ -665,8 +682,10 @@ def test_proxy_url_template_names_the_machine() -> None:
 
 @pytest.mark.parametrize("template", ["http://{machine}.x", "ftp://{machine_id}", "http://{0}"])
 def test_bad_proxy_url_template_is_refused(template: str) -> None:
-    with pytest.raises(ConfigurationError, match="proxy URL template"):
+    with pytest.raises(ConfigurationError, match="proxy URL template") as raised:
         Router(Settings(app_name=APP, proxy_url=template), TenantPattern())
+    assert f"TENANTDB_PROXY_URL={template!r}" in str(raised.value)
+    assert raised.value.variable == "TENANTDB_PROXY_URL"
 
 
 async def test_replay_cache_can_be_turned_off(

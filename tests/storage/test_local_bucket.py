@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tenantdb.errors import StorageError
 from tenantdb.storage import LocalBucket
 from tenantdb.storage import local as local_module
 
@@ -111,3 +112,26 @@ async def test_new_blob_is_durable_before_its_pointer_is_committed(
     monkeypatch.setattr(local_module.os, "replace", replace)
     await local_bucket.put("t/lock.json", b"{}")
     assert events == ["fsync blobs", "replace keys/t/lock.json", "fsync keys/t"]
+
+
+async def test_a_bucket_directory_that_cannot_be_made_is_named_with_what_to_do(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(StorageError) as raised:
+        async with LocalBucket(tmp_path / "a-file" / "bucket"):
+            pass
+    message = str(raised.value)
+    assert "local bucket open failed" in message
+    assert str(tmp_path / "a-file" / "bucket") in message  # where
+    assert "set TENANTDB_LOCAL_BUCKET to a writable directory" in message  # what to do
+
+
+async def test_a_key_that_cannot_be_written_is_named_with_its_file(tmp_path: Path) -> None:
+    async with LocalBucket(tmp_path / "bucket") as bucket:
+        (bucket.root / "keys" / "tenants").write_text("in the way")
+        with pytest.raises(StorageError) as raised:
+            await bucket.put("tenants/acme/lock.json", b"{}")
+    message = str(raised.value)
+    assert "'tenants/acme/lock.json'" in message
+    assert str(bucket.root / "keys" / "tenants") in message

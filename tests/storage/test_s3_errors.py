@@ -232,8 +232,9 @@ async def test_definite_answers_are_not_retried(
 async def test_connection_reset_is_transient(scripted: Callable[..., ScriptedS3]) -> None:
     server = scripted(Reply(action="reset"))
     async with s3_for(server.endpoint) as s3:
-        with pytest.raises(TransientStorageError, match="network failure"):
+        with pytest.raises(TransientStorageError, match="network failure") as raised:
             await s3.get("k")
+    assert f"at {server.endpoint}" in str(raised.value)  # which endpoint failed
     # aiohttp itself resends an idempotent request once when the server disconnects, so
     # each of our attempts may reach the server once or twice.
     assert ATTEMPTS <= len(server.requests) <= 2 * ATTEMPTS
@@ -571,3 +572,18 @@ async def test_retried_create_only_upload_that_landed_gets_412(
     assert len(proxy.seen(operation=operation)) == 2
     assert read_object(s3_endpoint, s3.name, "snap/2.bin") == data
     assert uploads_of(s3_endpoint, s3.name, "snap/2.bin") == []
+
+
+async def test_missing_credentials_name_the_variables_to_set(
+    monkeypatch: pytest.MonkeyPatch, clean_environment: None, tmp_path: Path
+) -> None:
+    # Nothing for botocore to find: no variables, no files, no instance metadata.
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    async with S3Bucket(
+        "b", endpoint_url="http://127.0.0.1:9", region=DUMMY_REGION, retry=FAST_RETRY
+    ) as s3:
+        with pytest.raises(AccessDeniedError) as raised:
+            await s3.get("k")
+    assert "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in str(raised.value)

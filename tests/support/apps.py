@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from example_app import MIGRATIONS
-from tenantdb import TenantDBMiddleware, tenant_db
+from tenantdb import TenantDBMiddleware, tenant_db, tenant_db_dependency
 from tenantdb.config import Settings
 
 
@@ -74,6 +74,8 @@ async def fastapi_healthz() -> dict[str, str]:
 
 @fastapi_app.get("/customers/{tenant}")
 async def fastapi_visit(
-    tenant: str, db: Annotated[aiosqlite.Connection, Depends(tenant_db)], delay: float = 0
+    tenant: str,
+    db: Annotated[aiosqlite.Connection, Depends(tenant_db_dependency)],
+    delay: float = 0,
 ) -> dict[str, object]:
     return {"tenant": tenant, "count": await increment(db, delay)}

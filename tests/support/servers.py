@@ -95,6 +95,7 @@ class UvicornProcess:
         *,
         uvicorn_args: Sequence[str] = (),
         inherit_environ: bool = True,
+        lifespan: str = "on",
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -103,7 +104,7 @@ class UvicornProcess:
         base = os.environ if inherit_environ else {}
         command = [sys.executable, "-m", "uvicorn", app, "--port", str(self.port), "--lifespan"]
         self.proc = subprocess.Popen(
-            [*command, "on", *uvicorn_args],
+            [*command, lifespan, *uvicorn_args],
             cwd=ROOT,
             env={**base, **env, "PORT": str(self.port)},
             stdout=self._log,

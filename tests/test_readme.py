@@ -1,0 +1,165 @@
+"""Every code block of the README runs as written.
+
+Python blocks start with ``# <file>.py`` and are saved under that name in a fresh working
+directory. Shell blocks are run line by line there, in README order, as a reader would:
+``NAME=value uvicorn module:app`` and ``tenantdb dev ...`` start a server (each stopping
+the one before, gracefully), ``curl`` lines run against it, ``python`` lines run once it
+is stopped, and a ``# ...`` line after
+a command is the output it must print. Only the port differs (a free one, not 8000/8080).
+``fly`` commands need a Fly.io account and are not run; ``tenantdb machines`` commands are
+checked against the CLI's parser.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tenantdb.cli import build_parser
+from tests.support.servers import ROOT, free_port
+
+FENCE_RE = re.compile(r"^```(\w*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+ENV_RE = re.compile(r"[A-Z_][A-Z0-9_]*=\S*")
+README_PORTS = re.compile(r"127\.0\.0\.1:(8000|8080)")
+
+
+def readme_blocks() -> list[tuple[str, str]]:
+    """(language, code) of every fenced block of the README, in order."""
+    text = (ROOT / "README.md").read_text()
+    return [(m[1], m[2]) for m in FENCE_RE.finditer(text)]
+
+
+def commands(code: str) -> Iterator[tuple[str, list[str]]]:
+    """Each command of a shell block (continuation lines joined), with its expected output."""
+    lines = code.replace("\\\n", " ").splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() and not line.startswith("#"):
+            expected = []
+            for after in lines[i + 1 :]:
+                if not after.startswith("# "):
+                    break
+                expected.append(after[2:])
+            yield line, expected
+
+
+class Reader:
+    """Runs the README's shell lines in ``workdir``, one server at a time."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.env = env
+        self.server: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.log = workdir / "servers.log"
+
+    def run(self, line: str, expected: list[str]) -> None:
+        words = shlex.split(line)
+        assignments = {}
+        while words and ENV_RE.fullmatch(words[0]):
+            name, _, value = words.pop(0).partition("=")
+            assignments[name] = value
+        program, *args = words
+        if program == "fly" or line.startswith("export FLY_"):
+            return  # needs a Fly.io account
+        if program == "tenantdb" and args[0] == "machines":
+            build_parser().parse_args(args)  # exits 2 on a usage error
+            return
+        if program == "uvicorn":
+            self.start([sys.executable, "-m", "uvicorn", *args], assignments)
+        elif program == "tenantdb" and args[0] == "dev":
+            self.start([sys.executable, "-m", "tenantdb.cli", *args], assignments)
+        elif program in ("curl", "python"):
+            if program == "python":
+                self.stop()  # the README runs scripts while no server holds the tenant
+            command = [sys.executable, *args] if program == "python" else ["curl", "-sS", *args]
+            command = [README_PORTS.sub(f"127.0.0.1:{self.port}", word) for word in command]
+            done = subprocess.run(
+                command,
+                cwd=self.workdir,
+                env={**self.env, **assignments},
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            output = done.stdout.decode().splitlines()
+            assert done.returncode == 0, (line, done.stderr.decode(), self.log.read_text())
+            assert output == expected, (line, done.stderr.decode(), self.log.read_text())
+        else:
+            pytest.fail(f"the README runs {program!r}, which this test does not know")
+
+    def start(self, command: list[str], assignments: dict[str, str]) -> None:
+        self.stop()
+        self.port = free_port()
+        with self.log.open("ab") as log:
+            self.server = subprocess.Popen(
+                [*command, "--port", str(self.port)],
+                cwd=self.workdir,
+                env={**self.env, **assignments},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.server.poll() is None, self.log.read_text()
+            try:
+                httpx.get(f"http://127.0.0.1:{self.port}/", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        pytest.fail(f"{command} did not start:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        """Ctrl-C, as the reader would: a graceful stop that releases the tenant's lease."""
+        if self.server is not None:
+            self.server.send_signal(signal.SIGINT)
+            code = self.server.wait(60)
+            assert code == 0, self.log.read_text()
+            self.server = None
+
+
+def test_every_block_says_what_it_is() -> None:
+    languages = [language for language, _ in readme_blocks()]
+    assert set(languages) <= {"python", "sh", "text"}, languages
+    assert "python" in languages
+
+
+def test_every_readme_block_runs_as_written(tmp_path: Path, subprocess_env: dict[str, str]) -> None:
+    reader = Reader(tmp_path, subprocess_env)
+    ran = []
+    try:
+        for language, code in readme_blocks():
+            if language == "python":
+                first = code.splitlines()[0]
+                assert re.fullmatch(r"# \w+\.py", first), f"name the file: {first!r}"
+                (tmp_path / first[2:]).write_text(code)
+            elif language == "sh":
+                for line, expected in commands(code):
+                    reader.run(line, expected)
+                    ran.append(line)
+    finally:
+        reader.stop()
+    assert any(line.startswith("TENANT_ID=100 uvicorn") for line in ran)
+    log = reader.log.read_text()
+    assert "INFO tenantdb: tenant 100: lease released" in log  # tenantdb's own lines show
+    assert "Traceback" not in log
+    assert "uvicorn.access: 127.0.0.1:" in log
+    assert "127.0.0.1:0 " not in log  # the access log shows the proxy's real connection
+
+
+def test_the_long_material_is_in_docs_linked_from_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for doc in ("docs/guarantees.md", "docs/performance.md", "docs/development.md"):
+        assert f"]({doc})" in readme
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for link in re.findall(r"\]\(([^)#]+)", page.read_text()):
+            if not link.startswith(("http://", "https://")):
+                assert (page.parent / link).exists(), (page.name, link)
