@@ -15,7 +15,7 @@ import math
 import re
 import reprlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -84,7 +84,7 @@ class LogPointer:
     runs: tuple[tuple[int, int], ...] = ()
     updated_at: str = ""
     merged: tuple[tuple[int, int, int], ...] = ()
-    inline: tuple[str, ...] = ()
+    inline: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def inline_from(self) -> int:
