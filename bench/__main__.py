@@ -21,6 +21,7 @@ BENCHMARKS = {
     "restore": "bench.bench_restore",
     "lease_ops": "bench.bench_lease_ops",
     "log": "bench.bench_log",
+    "durability": "bench.bench_durability",
 }
 
 

@@ -3,7 +3,8 @@
 Over HTTP, uvicorn processes serve on loopback (all with ``--no-access-log``):
 
 - candidates: ``example_app:app``, the counter demo behind ``TenantDBMiddleware`` (this
-  machine's tenant, embedded local bucket, default settings), once per ``--pool-sizes``
+  machine's tenant, embedded local bucket, ``async`` durability: the cost of waiting for
+  the bucket is ``bench_durability``'s subject), once per ``--pool-sizes``
   entry (``TENANTDB_POOL_SIZE``; default ``8,1``: the default pool, and a single
   connection). The first one is the figure; it runs once more with log shipping off
   (``TENANTDB_SYNC_INTERVAL`` of a day), for the cost of shipping;
@@ -270,6 +271,7 @@ def http_rounds(
                     "TENANTDB_LOCAL_BUCKET": str(work / f"bucket-{size}"),
                     "TENANTDB_POOL_SIZE": str(size),
                     "FLY_MACHINE_ID": "bench-machine",
+                    "TENANTDB_DURABILITY": "async",
                 },
                 work / f"candidate-{size}.log",
             )
@@ -283,6 +285,7 @@ def http_rounds(
                 "TENANTDB_POOL_SIZE": str(args.pool_sizes[0]),
                 "TENANTDB_SYNC_INTERVAL": "86400",
                 "FLY_MACHINE_ID": "bench-machine",
+                "TENANTDB_DURABILITY": "async",
             },
             work / "candidate-no-shipping.log",
         )

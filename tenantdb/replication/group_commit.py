@@ -40,6 +40,12 @@ class GroupCommit:
         self._last_took = 0.0  # seconds the last publication took
         self.closed = False
 
+    def close(self) -> None:
+        """Fail the waiting callers, and stop the publication in flight (it may stall)."""
+        self.closed = True
+        if self._flush is not None:
+            self._flush.cancel()
+
     async def wait(self, done: Callable[[], bool]) -> None:
         """Return once ``done()`` holds, publishing (shared with others) until it does.
 
@@ -56,10 +62,12 @@ class GroupCommit:
                         "was in the bucket",
                         tenant=self._tenant,
                     )
-                if self._flush is None or self._flush.done():
-                    self._flush = asyncio.get_running_loop().create_task(self._gathered())
-                    self._flush.add_done_callback(retrieve_exception)
-                if not await asyncio.shield(self._flush):
+                flush = self._flush
+                if flush is None or flush.done():
+                    flush = self._flush = asyncio.get_running_loop().create_task(self._gathered())
+                    flush.add_done_callback(retrieve_exception)
+                await asyncio.wait({flush})  # a waiter's cancellation never cancels it
+                if not flush.cancelled() and not flush.result():
                     return  # nothing was left to publish
         finally:
             self._waiting -= 1

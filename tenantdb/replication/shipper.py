@@ -191,7 +191,7 @@ class Shipper:
 
     async def close(self) -> None:
         """Close the connections (the last one to close folds the WAL into the file)."""
-        self._group.closed = True
+        self._group.close()
         async with self._lock:
             self._forget_unpublished()
             for conn in (self._reader, self._writer):
