@@ -5,11 +5,11 @@ as soon as the previous ended. Each publication carries every commit made before
 started, so the number of uploads follows the round trips, not the requests.
 
 Before starting a publication, the first caller waits a moment for the callers the last
-one answered: a client that was just answered usually commits again within a few
-milliseconds, and without the wait its commit would miss the upload that starts at once
-and wait for two round trips instead of one. The wait ends as soon as as many callers
-wait as the last publication served, and never lasts longer than ``GATHER_FRACTION`` of
-the last publication's time (nor ``GATHER_MAX_SECONDS``): a lone writer never waits.
+one answered: a client that was just answered usually commits again within milliseconds,
+and without the wait its commit would miss the upload that starts at once and wait for
+two round trips instead of one. The wait ends as soon as as many callers wait as were
+waiting when the last publication ended, and never lasts longer than ``GATHER_FRACTION``
+of the last publication's time (nor ``GATHER_MAX_SECONDS``): a lone writer never waits.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from tenantdb.errors import LeaseLostError
 
 __all__ = ["GroupCommit", "retrieve_exception"]
 
-GATHER_FRACTION = 0.25
-GATHER_MAX_SECONDS = 0.01
+GATHER_FRACTION = 0.5
+GATHER_MAX_SECONDS = 0.025
 
 
 class GroupCommit:
@@ -36,7 +36,7 @@ class GroupCommit:
         self._flush: asyncio.Task[bool] | None = None
         self._waiting = 0
         self._arrived = asyncio.Event()
-        self._last_group = 0  # callers waiting when the last publication started
+        self._last_group = 0  # callers waiting when the last publication ended
         self._last_took = 0.0  # seconds the last publication took
         self.closed = False
 
@@ -81,12 +81,13 @@ class GroupCommit:
                 await asyncio.wait_for(self._arrived.wait(), left)
             except TimeoutError:
                 break
-        self._last_group = self._waiting
         started = loop.time()
         try:
             return await self._publish()
         finally:
             self._last_took = loop.time() - started
+            # Those it served and those that came meanwhile: who will wait for the next.
+            self._last_group = self._waiting
 
 
 def retrieve_exception(task: asyncio.Future[Any]) -> None:
