@@ -14,7 +14,7 @@ and the counts must be the same every time:
 - release (minimum: one conditional PUT);
 - acquire of a released tenant (minimum: GET + conditional PUT);
 - whole lifecycles through ``TenantDB``: a new tenant's start + stop (its commit shipped as
-  one segment), and a cold start that restores it + stop.
+  one segment, carried in lock.json), and a cold start that restores it + stop.
 
 The ratio line (counted / minimum, over all operations) is printed last.
 Run: ``python -m bench.bench_lease_ops``.
@@ -146,8 +146,9 @@ async def measure(s3: S3Server, rounds: int, size: int, work: Path) -> list[Oper
                     await db.commit()
                 await tdb.stop()
 
-            # acquire (GET + PUT), then at stop one segment (PUT) and the CAS that moves the
-            # log onto it (PUT), then the release (PUT): a new tenant needs no snapshot.
+            # acquire (GET + PUT), then at stop the CAS that appends the segment, carrying it
+            # (PUT), its object uploaded beside (PUT), then the release (PUT): a new tenant
+            # needs no snapshot.
             requests = await counted(new_tenant_lifecycle)
             record("lifecycle: new tenant start+stop", 2 + 1 + 1 + 1, requests)
             second = TenantDB(
@@ -162,9 +163,10 @@ async def measure(s3: S3Server, rounds: int, size: int, work: Path) -> list[Oper
                 await tdb.start(standby=False)
                 await tdb.stop()  # nothing written: no publish, just the release
 
-            # acquire (GET + PUT) + one GET (the one segment, no snapshot) + release (PUT)
+            # acquire (GET + PUT) + release (PUT): the one segment rides in lock.json, which
+            # the acquire read anyway
             record(
-                "lifecycle: cold start (restore)+stop", 2 + 1 + 1, await counted(restore_lifecycle)
+                "lifecycle: cold start (restore)+stop", 2 + 1, await counted(restore_lifecycle)
             )
     source.close()
     return list(ops.values())

@@ -230,3 +230,18 @@ def test_a_websocket_message_after_a_write_waits_for_the_bucket_or_closes_1011(
             ws.receive_text()
     assert closed.value.code == 1011
     assert "not known to be in the bucket" in closed.value.reason
+
+
+async def test_concurrent_writes_share_their_uploads(s3: ProxiedS3) -> None:
+    with serve(s3) as url:
+        async with httpx.AsyncClient(timeout=30) as client:
+            assert (await client.post(f"{url}/hits")).status_code == 200
+            s3.proxy.add(Fault.delay(0.3, **LOCK_PUTS))
+            s3.proxy.reset_log()
+            answers = await asyncio.gather(*(client.post(f"{url}/hits") for _ in range(20)))
+            cas = s3.proxy.seen(operation="PutObject", key="tenants/acme/lock.json")
+            assert {a.status_code for a in answers} == {200}
+            ids = {a.json()["id"] for a in answers}
+            assert ids <= await in_bucket(s3)
+    # One CAS was in flight when most of them committed; the next carried them all.
+    assert len(cas) <= 3, cas
