@@ -269,6 +269,23 @@ async def test_the_pool_lends_one_connection_grows_behind_a_long_holder_then_shr
     await pool.close()
 
 
+async def test_a_long_queue_of_quick_borrowers_takes_turns_on_one_connection(
+    tmp_path: Path,
+) -> None:
+    pool = ConnectionPool(tmp_path / "p.sqlite3", size=8, grow_after=0.05)
+    seen: set[aiosqlite.Connection] = set()
+
+    async def borrower() -> None:
+        async with pool.connection() as conn:
+            seen.add(conn)
+            await asyncio.sleep(0.005)  # each holds its turn far less than grow_after
+
+    # 40 borrowers wait 0.2 s in all: waiting that long never lets one go beside another.
+    await asyncio.gather(*(borrower() for _ in range(40)))
+    assert len(seen) == 1
+    await pool.close()
+
+
 # A process that dies (SIGKILL) in the middle of a big rollback-journal transaction, leaving
 # a hot journal beside its database, as a migration cut short by a crash does.
 HOT_JOURNAL = """
