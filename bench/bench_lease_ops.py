@@ -165,9 +165,7 @@ async def measure(s3: S3Server, rounds: int, size: int, work: Path) -> list[Oper
 
             # acquire (GET + PUT) + release (PUT): the one segment rides in lock.json, which
             # the acquire read anyway
-            record(
-                "lifecycle: cold start (restore)+stop", 2 + 1, await counted(restore_lifecycle)
-            )
+            record("lifecycle: cold start (restore)+stop", 2 + 1, await counted(restore_lifecycle))
     source.close()
     return list(ops.values())
 

@@ -60,6 +60,9 @@ log = logging.getLogger("tenantdb.replication")
 MAX_FRAMES_PER_SEGMENT = 4096
 # Checkpoint once the WAL holds this much shipped data; it restarts from the top after.
 CHECKPOINT_WAL_BYTES = 4 << 20
+# Past this many times CHECKPOINT_WAL_BYTES, writes are held off for one publication so
+# that a checkpoint can take everything (see Shipper._checkpoint_if_large).
+CHECKPOINT_STALL_FACTOR = 4
 # SQLite truncates the WAL file to this size when it restarts it after a checkpoint.
 JOURNAL_SIZE_LIMIT = 16 << 20
 # The shortest pause between two looks (a LIST) for log objects no restore can use.
@@ -248,22 +251,25 @@ class Shipper:
         until they are, lock.json carries them (see ``_advance``).
         """
         async with self._lock:
-            if self._needs_snapshot:
-                await self._snapshot()
-                return True
-            try:
-                if not self._unpublished:
-                    built = await asyncio.to_thread(self._build, None)
-                    if built is None:
-                        return False
-                    self._unpublished.append(built)
-                await self._advance(list(self._unpublished))
-            except ReplicationError as exc:
-                # The WAL or the log is not what the shipper expects: never guess.
-                log.warning("tenant %s: %s; taking a full snapshot instead", self.lease.tenant, exc)
-                self._forget_unpublished()
-                self._needs_snapshot = True
+            return await self._ship_locked()
+
+    async def _ship_locked(self) -> bool:
+        if self._needs_snapshot:
+            await self._snapshot()
             return True
+        try:
+            if not self._unpublished:
+                built = await asyncio.to_thread(self._build, None)
+                if built is None:
+                    return False
+                self._unpublished.append(built)
+            await self._advance(list(self._unpublished))
+        except ReplicationError as exc:
+            # The WAL or the log is not what the shipper expects: never guess.
+            log.warning("tenant %s: %s; taking a full snapshot instead", self.lease.tenant, exc)
+            self._forget_unpublished()
+            self._needs_snapshot = True
+        return True
 
     def _forget_unpublished(self) -> None:
         """Drop the segments made but not published (their indices are never reused)."""
@@ -592,13 +598,44 @@ class Shipper:
     # -- checkpoints and snapshots -------------------------------------------------------
 
     async def _checkpoint_if_large(self) -> None:
-        try:
-            size = self.wal_path.stat().st_size
-        except FileNotFoundError:
+        """Checkpoint once the WAL holds CHECKPOINT_WAL_BYTES; hold writes off if need be.
+
+        The checkpoint that blocks no writer needs a moment with every commit shipped; under
+        a steady stream of writes that moment may never come, and the WAL would grow without
+        end. Past ``CHECKPOINT_STALL_FACTOR`` times the size, writes are held off for the
+        one publication that ships the rest, and the checkpoint runs then.
+        """
+        size = await asyncio.to_thread(self._wal_bytes)
+        if size < CHECKPOINT_WAL_BYTES:
             return
-        if size >= CHECKPOINT_WAL_BYTES:
-            async with self._lock:
-                await asyncio.to_thread(self._checkpoint)
+        async with self._lock:
+            await asyncio.to_thread(self._checkpoint)
+            if size >= CHECKPOINT_WAL_BYTES * CHECKPOINT_STALL_FACTOR:
+                await self._checkpoint_holding_writes()
+
+    def _wal_bytes(self) -> int:
+        """How many bytes of frames the current WAL holds (its file may be larger)."""
+        start = wal_start(self.wal_path)
+        frames = wal_index_frames(self.shm_path, start.salts) if start else None
+        return 0 if start is None or frames is None else frames * (start.page_size + 24)
+
+    async def _checkpoint_holding_writes(self) -> None:
+        """Take SQLite's write lock, ship everything, checkpoint it all, let writers go."""
+        writer, reader = self._writer, self._reader
+        if writer is None or reader is None or self._needs_snapshot:
+            return
+        await asyncio.to_thread(writer.execute, "BEGIN IMMEDIATE")
+        try:
+            while not self._needs_snapshot and await self._ship_locked():
+                pass  # no commit can land meanwhile: this ends at the WAL's end
+            if self._unpublished or self._needs_snapshot:
+                return
+            _busy, frames, done = await asyncio.to_thread(
+                lambda: reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            )
+            self._restart_expected = frames == done
+        finally:
+            await asyncio.to_thread(writer.execute, "ROLLBACK")
 
     def _checkpoint(self) -> None:
         """Fold shipped frames into the database file, blocking no writer.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from tenantdb.database import TenantDB
 from tenantdb.errors import LeaseLostError, ReplicationError, TransientStorageError
 from tenantdb.replication import compaction
 from tenantdb.replication import shipper as shipper_module
+from tenantdb.replication.wal import wal_start
 from tenantdb.storage.base import Bucket, ObjectInfo
 from tests.support.bucket_view import query_restored
 
@@ -460,4 +462,39 @@ async def test_a_snapshot_taken_while_writes_go_on_loses_none_of_them(
         record = tdb.lease.record
         assert record is not None
         assert record.snapshot is not None
+        assert await restored_rows(bucket, tmp_path) == await rows(tdb)
+
+
+async def test_a_steady_stream_of_writes_cannot_grow_the_wal_without_end(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threshold = 32 << 10
+    monkeypatch.setattr(shipper_module, "CHECKPOINT_WAL_BYTES", threshold)
+    async with TenantDB(
+        settings(tmp_path, "m1", sync_interval=0.05), migrations=MIGRATIONS, bucket=bucket
+    ) as tdb:
+        shipper = tdb._shipper
+        assert shipper is not None
+        wals: set[tuple[int, int]] = set()  # the WAL's incarnations
+        biggest = 0
+        stop = time.monotonic() + 3
+
+        async def write() -> None:  # never a pause with every commit shipped
+            while time.monotonic() < stop:
+                await add(tdb, 1, note="w" * 500)
+
+        async def watch() -> None:
+            nonlocal biggest
+            while time.monotonic() < stop:
+                start = wal_start(shipper.wal_path)
+                if start is not None:
+                    wals.add(start.salts)
+                biggest = max(biggest, shipper._wal_bytes())
+                await asyncio.sleep(0.01)
+
+        await asyncio.gather(write(), write(), watch())
+        await tdb.sync()
+        # Restarted from the top again and again, it stays within a few checkpoints' worth.
+        assert len(wals) >= 3, f"the WAL restarted {len(wals) - 1} times"
+        print(f"{len(wals) - 1} restarts, the WAL held {biggest} bytes at most")
         assert await restored_rows(bucket, tmp_path) == await rows(tdb)
