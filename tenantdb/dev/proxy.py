@@ -7,6 +7,11 @@ runner, or a test double). It follows Fly's documentation
 - Each request goes to a random started machine; when none runs, a stopped one is started
   (``auto_start_machines``). ``fly-force-instance-id: <id>`` sends a request to that machine
   (started if needed, no fallback); ``fly-prefer-instance-id: <id>`` prefers it.
+- A machine whose service has autostart off is never started for a request, replays and
+  forced requests included: "the proxy only routes traffic to Machines that are already
+  running. If no Machines are running, the proxy does not start one and the request will
+  fail" (https://fly.io/docs/reference/fly-proxy-autostop-autostart/, "How Fly Proxy behaves
+  without autostart/autostop"). A replay to such a machine fails like one to a stopping machine.
 - A ``fly-replay`` answer is followed: ``instance=<id>`` (started first if it is stopped),
   ``prefer_instance=<id>``, ``region=`` (comma-separated, ``any``), ``elsewhere=true`` (the
   answering machine sits out the next load balancing), ``state=``. The replayed request
@@ -118,6 +123,8 @@ class MachineInfo:
     machine_id: str
     region: str
     state: MachineState
+    # The autostart flag of the machine's service: off, requests never start the machine.
+    autostart: bool = True
 
 
 class MachineUnavailableError(Exception):
@@ -484,24 +491,34 @@ class FlyProxy:
                 raise _ReplayFailed(
                     503, f"PM08: machine {machine.machine_id} is stopping and takes no requests"
                 )
+            if _held_down(machine):
+                raise _ReplayFailed(
+                    503,
+                    f"machine {machine.machine_id} is {machine.state} and its service has "
+                    "autostart off: the proxy does not start it",
+                )
             return machine, None
         preferred = directive.prefer_instance
         if preferred is not None:
             machine = machines.get(preferred)
-            if machine is not None and machine.state != "failed":
+            if machine is not None and machine.state != "failed" and not _held_down(machine):
                 return machine, None
         regions = set(directive.regions)
         excluded = hop.source.machine_id if directive.elsewhere and hop.source else None
         candidates = [
             m
             for m in machines.values()
-            if (not regions or "any" in regions or m.region in regions) and m.machine_id != excluded
+            if (not regions or "any" in regions or m.region in regions)
+            and m.machine_id != excluded
+            and not _held_down(m)
         ]
         for states in (("started",), _STARTABLE):
             pool = sorted((m for m in candidates if m.state in states), key=lambda m: m.machine_id)
             if pool:
                 return self._rng.choice(pool), preferred
-        raise _Answer(503, f"no machine of app {app} can take the request")
+        held = sum(_held_down(m) for m in machines.values())
+        reason = f" ({held} not started, with autostart off)" if held else ""
+        raise _Answer(503, f"no machine of app {app} can take the request{reason}")
 
     def _record(
         self, request: _Request, source: MachineInfo, target: MachineInfo, via: ReplayVia
@@ -581,6 +598,11 @@ class FlyProxy:
                 log.info("replay cache: %s -> %s for %ss", pattern, directive.instance, ttl)
                 return
         log.warning("ignored fly-replay-cache %r from %s: %s", pattern, source.machine_id, problem)
+
+
+def _held_down(machine: MachineInfo) -> bool:
+    """True when a request may not start ``machine``, which is not running (autostart off)."""
+    return not machine.autostart and machine.state != "started"
 
 
 def _fall_back(hop: _Hop, failure: _ReplayFailed) -> _Hop:

@@ -149,6 +149,30 @@ async def test_idle_machines_stop_and_start_on_the_next_request(tmp_path: Path) 
         assert woken.json()["count"] == 2
 
 
+async def test_with_autostart_off_a_replay_does_not_start_a_stopped_machine(
+    tmp_path: Path,
+) -> None:
+    options = {"tenants": ("100", "200"), "autostart": False}
+    async with (
+        Cluster(config(tmp_path, **options)) as cluster,
+        httpx.AsyncClient(base_url=cluster.url, trust_env=False) as client,
+    ):
+        [asleep] = cluster.machine_ids("100")
+        assert (await client.get("/customers/100", headers=force(asleep))).is_success
+        await cluster.stop_machine(asleep)
+        # The running machine finds the stopped owner in lock.json and replays there; the
+        # proxy does not start it, so the replay falls back to the machine that asked.
+        refused = await client.get("/customers/100", headers=JSON)
+        assert refused.status_code == 503
+        error = refused.json()["error"]
+        assert "fly-replay-failed" in error
+        assert f"machine {asleep} is stopped and its service has autostart off" in error
+        assert refused.headers["retry-after"]
+        assert [m.state for m in cluster.status()] == ["stopped", "started"]
+        await cluster.start_machine(asleep)
+        assert (await client.get("/customers/100", headers=JSON)).json()["count"] == 2
+
+
 async def test_a_machine_that_never_listens_is_killed(tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     script = (
