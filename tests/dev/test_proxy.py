@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
+from httpx_ws import AsyncWebSocketClient, WebSocketUpgradeError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -542,6 +543,17 @@ async def test_replay_cache_with_an_explicit_domain(rig: Rig) -> None:
     other_host = {"fly-prefer-instance-id": "a", "host": "elsewhere.example"}
     await rig.client.get("/customers/100/x", headers=other_host)
     assert len(a.seen) == 2
+
+
+async def test_a_websocket_handshake_no_machine_upgrades_gets_its_answer(rig: Rig) -> None:
+    # The machines here serve HTTP routes only: their server refuses the upgrade (403), and
+    # the proxy hands that answer on as a websocket denial response.
+    rig.add("a")
+    with pytest.raises(WebSocketUpgradeError) as refused:
+        async with AsyncWebSocketClient(rig.client).connect("/ws", headers=force("a")):
+            pass
+    assert refused.value.response.status_code == 403
+    assert "fly-request-id" in refused.value.response.headers
 
 
 # -- parsing ------------------------------------------------------------------------------
