@@ -399,6 +399,13 @@ def _configure_dev(parser: argparse.ArgumentParser) -> None:
         "(default: 0, never)",
     )
     parser.add_argument(
+        "--no-autostart",
+        dest="autostart",
+        action="store_false",
+        help="the machines' service has autostart off, like auto_start_machines = false: "
+        "requests never start a stopped machine",
+    )
+    parser.add_argument(
         "--kill-timeout",
         type=_seconds,
         default=30.0,
@@ -451,6 +458,7 @@ def _dev(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         idle_stop=args.idle_stop,
         kill_timeout=args.kill_timeout,
+        autostart=args.autostart,
         env=dict(args.env),
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -8,7 +8,9 @@
   restart brings the same machines back), ``FLY_REGION``, ``FLY_APP_NAME``, ``TENANT_ID``,
   data directory, ``TENANTDB_DNS_SERVER``, and the embedded bucket ``<state dir>/bucket``
   unless ``BUCKET_NAME`` names an S3 bucket;
-- a ``FlyProxy`` in front, which starts stopped machines when requests need them.
+- a ``FlyProxy`` in front, which starts stopped machines when requests need them, unless the
+  machines' service has autostart off (``ClusterConfig.autostart``, `tenantdb dev
+  --no-autostart`).
 
 Machines idle for ``idle_stop`` seconds are stopped as Fly stops them: ``SIGINT``, then
 ``SIGKILL`` after ``kill_timeout``. Unlike Fly's autostop, which stops one machine per region
@@ -77,8 +79,9 @@ _MACHINE_LOGGING = {
 # The machines get the HTTP service `tenantdb machines create` gives real ones: whether its
 # port 80 redirects plain HTTP to HTTPS decides it here too, for the public edge and for the
 # Flycast address the body proxy uses alike.
+_SERVICE = tenant_service(8080)
 _FORCE_HTTPS = any(
-    port.get("force_https", False) for port in tenant_service(8080)["ports"] if port["port"] == 80
+    port.get("force_https", False) for port in _SERVICE["ports"] if port["port"] == 80
 )
 # Not handed down from the developer's shell: a real token would let the machines' router
 # fall back to the real Machines API, for an app that only exists on this laptop.
@@ -101,6 +104,8 @@ class ClusterConfig:
     kill_timeout: float = 30.0
     start_timeout: float = 30.0
     metadata_key: str = "customer_id"
+    # The service's autostart flag; off, the proxy never starts a stopped machine (as on Fly).
+    autostart: bool = bool(_SERVICE["autostart"])
     env: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -227,7 +232,10 @@ class Cluster:
 
     def machines(self) -> list[MachineInfo]:
         """Return every machine as the proxy sees it."""
-        return [MachineInfo(m.machine_id, m.region, m.state) for m in self._machines.values()]
+        autostart = self.config.autostart
+        return [
+            MachineInfo(m.machine_id, m.region, m.state, autostart) for m in self._machines.values()
+        ]
 
     def status(self) -> list[MachineStatus]:
         """Return every machine with its tenant, state, port and process id."""
@@ -691,7 +699,8 @@ def _summary(cluster: Cluster) -> str:
             for m in cluster.status()
         ),
         f"  idle machines stop: {f'after {config.idle_stop:g}s' if config.idle_stop else 'never'}"
-        f"; kill timeout {config.kill_timeout:g}s",
+        f"; kill timeout {config.kill_timeout:g}s"
+        f"; requests start stopped machines: {'yes' if config.autostart else 'no (autostart off)'}",
         f"Open {cluster.url}/customers/{config.tenants[0]}  (Ctrl-C stops everything)",
     ]
     return "\n".join(lines)

@@ -7,6 +7,11 @@ runner, or a test double). It follows Fly's documentation
 - Each request goes to a random started machine; when none runs, a stopped one is started
   (``auto_start_machines``). ``fly-force-instance-id: <id>`` sends a request to that machine
   (started if needed, no fallback); ``fly-prefer-instance-id: <id>`` prefers it.
+- A machine whose service has autostart off is never started for a request, replays and
+  forced requests included: "the proxy only routes traffic to Machines that are already
+  running. If no Machines are running, the proxy does not start one and the request will
+  fail" (https://fly.io/docs/reference/fly-proxy-autostop-autostart/, "How Fly Proxy behaves
+  without autostart/autostop"). A replay to such a machine fails like one to a stopping machine.
 - A ``fly-replay`` answer is followed: ``instance=<id>`` (started first if it is stopped),
   ``prefer_instance=<id>``, ``region=`` (comma-separated, ``any``), ``elsewhere=true`` (the
   answering machine sits out the next load balancing), ``state=``. The replayed request
@@ -29,6 +34,13 @@ runner, or a test double). It follows Fly's documentation
   skips an entry set with ``fly-replay-cache-allow-bypass: yes``.
 - ``force_https``: plain-HTTP requests are redirected (301) to HTTPS, as a service port with
   ``force_https`` does, Flycast included (https://fly.io/docs/networking/flycast/).
+- A websocket handshake is routed and replayed like any request: the machine that upgrades
+  it gets the connection, and the proxy relays messages both ways until one side closes.
+  Fly's proxy replays upgrade requests too: the "Web Socket Considerations" note that
+  superfly/docs pull request 2238 adds to https://fly.io/docs/networking/dynamic-request-routing/
+  tells an app answering fly-replay not to negotiate the upgrade itself, leaving it to the
+  machine the request is replayed to. A handshake that no machine upgrades gets the answer as
+  a websocket denial response (or a close, where the server lacks that ASGI extension).
 
 Every replay, cached ones included, is logged on one line and appended to ``replay_log``.
 Fly documents these limits but not its exact error answers: here 502 means "this replay
@@ -38,6 +50,8 @@ format, replays to other apps, the ``timeout`` field, region aliases other than 
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
 import logging
 import random
@@ -49,7 +63,9 @@ from types import TracebackType
 from typing import Literal, Protocol, Self
 
 import httpx
-from starlette.types import Receive, Scope, Send
+from httpx_ws import AsyncWebSocketSession, WebSocketDisconnect, WebSocketNetworkError
+from starlette.types import Message, Receive, Scope, Send
+from wsproto.events import BytesMessage, TextMessage
 
 __all__ = [
     "MAX_REPLAYS",
@@ -95,6 +111,13 @@ _HOP_BY_HOP = frozenset(
 # 100-continue was sent to the client when the proxy read the body).
 _NOT_FORWARDED = _HOP_BY_HOP | {
     b"expect",
+    # A websocket handshake's own headers belong to one connection: the proxy makes its own
+    # to the machine (no extensions: it relays whole messages). The subprotocols go through,
+    # from the scope (servers may leave them out of its headers).
+    b"sec-websocket-key",
+    b"sec-websocket-version",
+    b"sec-websocket-extensions",
+    b"sec-websocket-protocol",
     b"fly-replay-src",
     b"fly-replay-failed",
     b"fly-replay-cache-status",
@@ -106,6 +129,7 @@ _NOT_FORWARDED = _HOP_BY_HOP | {
     b"fly-replay-cache-control",
     b"x-forwarded-for",
 }
+_HTTP_SCHEMES = {"http": b"http", "https": b"https", "ws": b"http", "wss": b"https"}
 # With no started machine to pick, load balancing starts one of these (autostart). A
 # stopping machine is not one: it takes no requests until it has stopped.
 _STARTABLE: tuple[MachineState, ...] = ("starting", "stopped")
@@ -118,6 +142,8 @@ class MachineInfo:
     machine_id: str
     region: str
     state: MachineState
+    # The autostart flag of the machine's service: off, requests never start the machine.
+    autostart: bool = True
 
 
 class MachineUnavailableError(Exception):
@@ -239,8 +265,9 @@ class _RequestBody:
     async def load(self) -> None:
         """Read until the body ends or is bigger than the limit."""
         while not self._complete and len(self._buffer) <= self._limit:
+            # A websocket's first message, websocket.connect, reads as an empty body.
             message = await self._receive()
-            if message["type"] == "http.disconnect":
+            if message["type"] in ("http.disconnect", "websocket.disconnect"):
                 self.client_gone = True
                 return
             self._buffer += message.get("body", b"")
@@ -282,6 +309,11 @@ class _Request:
     host: str
     headers: list[tuple[bytes, bytes]]
     body: _RequestBody
+    # A websocket handshake: the client's messages, once upgraded, come from ``receive``.
+    websocket: bool
+    receive: Receive
+    # Sends an HTTP answer (a machine's, or the proxy's error) to the client.
+    answer: Send
 
 
 class FlyProxy:
@@ -339,16 +371,13 @@ class FlyProxy:
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
-        if scope["type"] != "http":
-            # The emulation proxies plain HTTP only.
-            await send({"type": "websocket.close", "code": 1011})
-            return
         await self._handle(scope, receive, send)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.force_https and scope.get("scheme", "http") == "http":
-            await _redirect_to_https(scope, headers, send)
+        answer = _answers(scope, send)
+        if self.force_https and scope.get("scheme", "http") in ("http", "ws"):
+            await _redirect_to_https(scope, headers, answer)
             return
         target = scope.get("raw_path") or scope["path"].encode()
         if scope.get("query_string"):
@@ -360,12 +389,16 @@ class FlyProxy:
         request_id = secrets.token_hex(13)
         request = _Request(
             request_id=request_id,
-            method=scope["method"],
+            # A websocket handshake is a GET.
+            method=scope.get("method", "GET"),
             path=scope["path"],
             target=target.decode("latin-1"),
             host=headers.get("host", "").rsplit(":", 1)[0].lower(),
             headers=_forward_headers(scope, scope["headers"], request_id, body.replayable),
             body=body,
+            websocket=scope["type"] == "websocket",
+            receive=receive,
+            answer=answer,
         )
         hop = self._first_hop(request, headers)
         # A cached route counts as the replay it stands for.
@@ -401,11 +434,11 @@ class FlyProxy:
                 replays += 1
                 status: _CacheStatus = "bypass" if hop.cache_status == "bypass" else "miss"
                 hop = _Hop(directive, source=machine, cache_status=status)
-        except _Answer as answer:
+        except _Answer as error:
             log.warning(
-                "%s %s [%s]: %d %s", request.method, request.path, request_id, answer.status, answer
+                "%s %s [%s]: %d %s", request.method, request.path, request_id, error.status, error
             )
-            await _send_error(send, answer.status, str(answer), request_id)
+            await _send_error(answer, error.status, str(error), request_id)
 
     def _first_hop(self, request: _Request, headers: dict[str, str]) -> _Hop:
         """Where a new request goes: a forced or preferred machine, the cache, or anywhere."""
@@ -440,6 +473,14 @@ class FlyProxy:
             headers.append((b"fly-preferred-instance-unavailable", unavailable.encode()))
         if hop.failed is not None:
             headers.append((b"fly-replay-failed", hop.failed.encode()))
+        if request.websocket:
+            key = base64.b64encode(secrets.token_bytes(16))
+            headers += [
+                (b"connection", b"upgrade"),
+                (b"upgrade", b"websocket"),
+                (b"sec-websocket-key", key),
+                (b"sec-websocket-version", b"13"),
+            ]
         try:
             async with self.backends.use(machine.machine_id) as base_url:
                 upstream = self._client.build_request(
@@ -452,7 +493,10 @@ class FlyProxy:
                 try:
                     replay = response.headers.get("fly-replay")
                     if replay is None:
-                        await _relay(response, send, request.request_id)
+                        if request.websocket and response.status_code == 101:
+                            await _relay_websocket(response, request.receive, send)
+                        else:
+                            await _relay(response, request.answer, request.request_id)
                         return None
                     if response.headers.get("fly-replay-cache") == "invalidate":
                         self._invalidate(request.host, request.path)
@@ -484,24 +528,34 @@ class FlyProxy:
                 raise _ReplayFailed(
                     503, f"PM08: machine {machine.machine_id} is stopping and takes no requests"
                 )
+            if _held_down(machine):
+                raise _ReplayFailed(
+                    503,
+                    f"machine {machine.machine_id} is {machine.state} and its service has "
+                    "autostart off: the proxy does not start it",
+                )
             return machine, None
         preferred = directive.prefer_instance
         if preferred is not None:
             machine = machines.get(preferred)
-            if machine is not None and machine.state != "failed":
+            if machine is not None and machine.state != "failed" and not _held_down(machine):
                 return machine, None
         regions = set(directive.regions)
         excluded = hop.source.machine_id if directive.elsewhere and hop.source else None
         candidates = [
             m
             for m in machines.values()
-            if (not regions or "any" in regions or m.region in regions) and m.machine_id != excluded
+            if (not regions or "any" in regions or m.region in regions)
+            and m.machine_id != excluded
+            and not _held_down(m)
         ]
         for states in (("started",), _STARTABLE):
             pool = sorted((m for m in candidates if m.state in states), key=lambda m: m.machine_id)
             if pool:
                 return self._rng.choice(pool), preferred
-        raise _Answer(503, f"no machine of app {app} can take the request")
+        held = sum(_held_down(m) for m in machines.values())
+        reason = f" ({held} not started, with autostart off)" if held else ""
+        raise _Answer(503, f"no machine of app {app} can take the request{reason}")
 
     def _record(
         self, request: _Request, source: MachineInfo, target: MachineInfo, via: ReplayVia
@@ -583,6 +637,11 @@ class FlyProxy:
         log.warning("ignored fly-replay-cache %r from %s: %s", pattern, source.machine_id, problem)
 
 
+def _held_down(machine: MachineInfo) -> bool:
+    """True when a request may not start ``machine``, which is not running (autostart off)."""
+    return not machine.autostart and machine.state != "started"
+
+
 def _fall_back(hop: _Hop, failure: _ReplayFailed) -> _Hop:
     """The hop back to the machine that asked for a failed replay, if its fallback allows.
 
@@ -615,12 +674,16 @@ def _forward_headers(
         # A held body is sent whole and httpx sets its length; a streamed one keeps it.
         and not (replayable and k == b"content-length")
     ]
+    subprotocols = ", ".join(scope.get("subprotocols", ())).encode()
+    if subprotocols:
+        kept.append((b"sec-websocket-protocol", subprotocols))
     return [
         *kept,
         (b"fly-request-id", request_id.encode()),
         (b"fly-client-ip", client),
         (b"x-forwarded-for", forwarded_for),
-        (b"x-forwarded-proto", scope.get("scheme", "http").encode()),
+        # A websocket's scheme is ws or wss; the handshake itself came over http or https.
+        (b"x-forwarded-proto", _HTTP_SCHEMES.get(scope.get("scheme", "http"), b"http")),
     ]
 
 
@@ -644,6 +707,77 @@ async def _relay(response: httpx.Response, send: Send, request_id: str) -> None:
         log.warning("request %s: the machine's answer broke off: %r", request_id, exc)
         return
     await send({"type": "http.response.body", "body": b""})
+
+
+def _answers(scope: Scope, send: Send) -> Send:
+    """``send`` for HTTP answers: on a websocket, as a denial response, or else a close."""
+    if scope["type"] == "http":
+        return send
+    denial = "websocket.http.response" in scope.get("extensions", {})
+
+    async def answer(message: Message) -> None:
+        if denial:
+            await send({**message, "type": "websocket." + message["type"]})
+        elif message["type"] == "http.response.start":
+            # The server refuses the handshake (403): the status is lost, the code says why.
+            await send({"type": "websocket.close", "code": 1011})
+
+    return answer
+
+
+async def _relay_websocket(response: httpx.Response, receive: Receive, send: Send) -> None:
+    """Accept the client's websocket as the machine accepted it; relay messages until a close."""
+    session = AsyncWebSocketSession(
+        response.extensions["network_stream"],
+        # The client's pings are answered by the server in front of the proxy: none needed here.
+        keepalive_ping_interval_seconds=None,
+        response=response,
+    )
+    async with session:
+        await send({"type": "websocket.accept", "subprotocol": session.subprotocol})
+        directions = {
+            asyncio.create_task(_to_machine(receive, session)),
+            asyncio.create_task(_to_client(session, send)),
+        }
+        try:
+            done, _ = await asyncio.wait(directions, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in directions:
+                task.cancel()
+            await asyncio.gather(*directions, return_exceptions=True)
+        for task in done:
+            task.result()
+
+
+async def _to_machine(receive: Receive, session: AsyncWebSocketSession) -> None:
+    """Send the client's messages to the machine; pass the client's close on."""
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            await session.close(message.get("code", 1000), message.get("reason") or None)
+            return
+        if message.get("text") is not None:
+            await session.send_text(message["text"])
+        else:
+            await session.send_bytes(message.get("bytes") or b"")
+
+
+async def _to_client(session: AsyncWebSocketSession, send: Send) -> None:
+    """Send the machine's messages to the client; pass the machine's close on."""
+    while True:
+        try:
+            event = await session.receive()
+        except WebSocketDisconnect as closed:
+            await session.close(closed.code, closed.reason or None)
+            await send({"type": "websocket.close", "code": closed.code, "reason": closed.reason})
+            return
+        except WebSocketNetworkError:
+            await send({"type": "websocket.close", "code": 1011, "reason": "machine gone"})
+            return
+        if isinstance(event, TextMessage):
+            await send({"type": "websocket.send", "text": event.data})
+        elif isinstance(event, BytesMessage):
+            await send({"type": "websocket.send", "bytes": bytes(event.data)})
 
 
 async def _redirect_to_https(scope: Scope, headers: dict[str, str], send: Send) -> None:

@@ -23,6 +23,7 @@ import dns.message
 import dns.rcode
 import httpx
 import pytest
+from httpx_ws import AsyncWebSocketClient, WebSocketDisconnect
 
 from tenantdb.dev.cluster import Cluster, ClusterConfig
 from tenantdb.dev.proxy import MachineUnavailableError
@@ -147,6 +148,59 @@ async def test_idle_machines_stop_and_start_on_the_next_request(tmp_path: Path) 
         await wait_for(lambda: cluster.status()[0].state == "stopped")
         woken = await client.get("/customers/100", headers=JSON)
         assert woken.json()["count"] == 2
+
+
+async def test_with_autostart_off_a_replay_does_not_start_a_stopped_machine(
+    tmp_path: Path,
+) -> None:
+    options = {"tenants": ("100", "200"), "autostart": False}
+    async with (
+        Cluster(config(tmp_path, **options)) as cluster,
+        httpx.AsyncClient(base_url=cluster.url, trust_env=False) as client,
+    ):
+        [asleep] = cluster.machine_ids("100")
+        assert (await client.get("/customers/100", headers=force(asleep))).is_success
+        await cluster.stop_machine(asleep)
+        # The running machine finds the stopped owner in lock.json and replays there; the
+        # proxy does not start it, so the replay falls back to the machine that asked.
+        refused = await client.get("/customers/100", headers=JSON)
+        assert refused.status_code == 503
+        error = refused.json()["error"]
+        assert "fly-replay-failed" in error
+        assert f"machine {asleep} is stopped and its service has autostart off" in error
+        assert refused.headers["retry-after"]
+        assert [m.state for m in cluster.status()] == ["stopped", "started"]
+        await cluster.start_machine(asleep)
+        assert (await client.get("/customers/100", headers=JSON)).json()["count"] == 2
+
+
+async def test_a_websocket_follows_fly_replay_to_the_tenants_machine(tmp_path: Path) -> None:
+    options = {"tenants": ("100", "200"), "app_module": "tests.support.routing_app:app"}
+    async with (
+        Cluster(config(tmp_path, **options)) as cluster,
+        httpx.AsyncClient(base_url=cluster.url, trust_env=False) as client,
+    ):
+        [asker] = cluster.machine_ids("100")
+        [owner] = cluster.machine_ids("200")
+        connect = AsyncWebSocketClient(client).connect(
+            "/customers/200/ws", subprotocols=["chat"], headers=force(asker)
+        )
+        async with connect as socket:
+            assert socket.subprotocol == "chat"
+            assert await socket.receive_json() == {
+                "tenant": "200",
+                "machine": owner,
+                "replayed_from": f"instance={asker}",
+            }
+            for text in ("one", "two" * 50_000):
+                await socket.send_text(text)
+                assert await socket.receive_text() == f"echo {text}"
+            await socket.send_text("bye")
+            with pytest.raises(WebSocketDisconnect) as closed:
+                await socket.receive_text()
+        assert (closed.value.code, closed.value.reason) == (4000, "bye")
+        last = cluster.replay_log[-1]
+        assert (last.source, last.target, last.path) == (asker, owner, "/customers/200/ws")
 
 
 async def test_a_machine_that_never_listens_is_killed(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
+from httpx_ws import AsyncWebSocketClient, WebSocketUpgradeError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -91,6 +92,7 @@ class Machine:
     handler: Handler
     state: MachineState
     region: str
+    autostart: bool = True
     url: str = ""
     starts: int = 0
     seen: list[Seen] = field(default_factory=list)
@@ -112,13 +114,16 @@ class Machines:
         *,
         state: MachineState = "started",
         region: str = "dev",
+        autostart: bool = True,
     ) -> Machine:
-        machine = Machine(machine_id, handler or serves(machine_id), state, region)
+        machine = Machine(machine_id, handler or serves(machine_id), state, region, autostart)
         self.by_id[machine_id] = machine
         return machine
 
     def machines(self) -> list[MachineInfo]:
-        return [MachineInfo(m.machine_id, m.region, m.state) for m in self.by_id.values()]
+        return [
+            MachineInfo(m.machine_id, m.region, m.state, m.autostart) for m in self.by_id.values()
+        ]
 
     @contextlib.asynccontextmanager
     async def use(self, machine_id: str) -> AsyncIterator[str]:
@@ -164,8 +169,11 @@ class Rig:
         *,
         state: MachineState = "started",
         region: str = "dev",
+        autostart: bool = True,
     ) -> Machine:
-        return self.machines.add(machine_id, handler, state=state, region=region)
+        return self.machines.add(
+            machine_id, handler, state=state, region=region, autostart=autostart
+        )
 
 
 @pytest.fixture
@@ -219,6 +227,23 @@ async def test_a_machine_is_started_when_none_runs(rig: Rig) -> None:
     assert only.starts == 1
     assert (await rig.client.get("/x")).text == "served by a"
     assert only.starts == 1
+
+
+async def test_autostart_off_never_starts_a_machine_for_a_request(rig: Rig) -> None:
+    # "If no Machines are running, the proxy does not start one and the request will fail."
+    asleep = rig.add("a", state="stopped", autostart=False)
+    balanced = await rig.client.get("/x")
+    assert balanced.status_code == 503
+    assert "1 not started, with autostart off" in balanced.text
+    forced = await rig.client.get("/x", headers=force("a"))
+    assert forced.status_code == 503
+    assert "autostart off" in forced.text
+    rig.add("b", replays("instance=a"))
+    replayed = await rig.client.get("/x", headers={"fly-prefer-instance-id": "a"})
+    assert replayed.status_code == 503
+    assert "autostart off" in replayed.text
+    assert asleep.starts == 0
+    assert asleep.seen == []
 
 
 async def test_forced_instance_and_preferred_instance(rig: Rig) -> None:
@@ -518,6 +543,17 @@ async def test_replay_cache_with_an_explicit_domain(rig: Rig) -> None:
     other_host = {"fly-prefer-instance-id": "a", "host": "elsewhere.example"}
     await rig.client.get("/customers/100/x", headers=other_host)
     assert len(a.seen) == 2
+
+
+async def test_a_websocket_handshake_no_machine_upgrades_gets_its_answer(rig: Rig) -> None:
+    # The machines here serve HTTP routes only: their server refuses the upgrade (403), and
+    # the proxy hands that answer on as a websocket denial response.
+    rig.add("a")
+    with pytest.raises(WebSocketUpgradeError) as refused:
+        async with AsyncWebSocketClient(rig.client).connect("/ws", headers=force("a")):
+            pass
+    assert refused.value.response.status_code == 403
+    assert "fly-request-id" in refused.value.response.headers
 
 
 # -- parsing ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""An app for routing tests under real uvicorn: counts visits and echoes uploads.
+"""An app for routing tests under real uvicorn: counts visits, echoes uploads and websockets.
 
 Environment, besides tenantdb's own: ``ROUTING_TEST_MACHINE_URLS`` (JSON object: machine id ->
 base URL, where large bodies are streamed) and ``ROUTING_TEST_PROXY_LARGE_BODIES`` ("0" to
@@ -15,7 +15,8 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from example_app import MIGRATIONS
 from tenantdb import TenantDBMiddleware
@@ -56,9 +57,25 @@ async def upload(request: Request) -> Response:
     )
 
 
+async def echo(websocket: WebSocket) -> None:
+    """Say who serves the socket, echo each message back, close with 4000 on "bye"."""
+    await websocket.accept(subprotocol=websocket.scope["subprotocols"][0])
+    await websocket.send_json(
+        {
+            "tenant": websocket.state.tenant,
+            "machine": os.environ["FLY_MACHINE_ID"],
+            "replayed_from": websocket.headers.get("fly-replay-src", "").partition(";")[0],
+        }
+    )
+    while (text := await websocket.receive_text()) != "bye":
+        await websocket.send_text(f"echo {text}")
+    await websocket.close(4000, "bye")
+
+
 app = Starlette(
     routes=[
         Route("/healthz", healthz),
+        WebSocketRoute("/customers/{tenant}/ws", echo),
         Route("/customers/{tenant}", visit),
         Route("/customers/{tenant}/upload", upload, methods=["POST", "PUT"]),
     ],
