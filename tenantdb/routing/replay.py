@@ -37,7 +37,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from tenantdb.config import Settings
 from tenantdb.errors import ConfigurationError, RoutingError
-from tenantdb.responses import send_error, send_response
+from tenantdb.responses import RETRY_AFTER, send_error, send_response
 from tenantdb.routing.checks import check_machine_setup
 from tenantdb.routing.dns import MachineLocator
 from tenantdb.routing.machines_api import MachinesClient, validate_machine_id
@@ -55,7 +55,6 @@ log = logging.getLogger("tenantdb.routing")
 MAX_REPLAY_BODY = 1_000_000
 # The app name of the local emulation when only TENANTDB_DNS_SERVER is set (DevDNSServer's).
 LOCAL_APP_NAME = "tenantdb-dev"
-RETRY_AFTER = "2"
 _NOT_STARTED = "routing is not started: the server must run the ASGI lifespan"
 # Fly refuses replay-cache TTLs under 10 seconds.
 MIN_REPLAY_CACHE_TTL = 10
