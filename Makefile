@@ -30,7 +30,9 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The dashboard's browser test needs Debian's chromium (Playwright drives it; no download).
 test: lint
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	$(BIN)/pytest
 
 bench: install

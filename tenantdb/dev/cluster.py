@@ -10,7 +10,7 @@
   unless ``BUCKET_NAME`` names an S3 bucket;
 - a ``FlyProxy`` in front, which starts stopped machines when requests need them, unless the
   machines' service has autostart off (``ClusterConfig.autostart``, `tenantdb dev
-  --no-autostart`).
+  --no-autostart`); its port also serves the dashboard at ``/_dev/`` (``DevEdge``).
 
 Machines idle for ``idle_stop`` seconds are stopped as Fly stops them: ``SIGINT``, then
 ``SIGKILL`` after ``kill_timeout``. Unlike Fly's autostop, which stops one machine per region
@@ -42,6 +42,8 @@ from typing import Self
 
 import uvicorn
 
+from tenantdb.config import Settings
+from tenantdb.dev.dashboard import DevEdge
 from tenantdb.dev.dns_server import DevDNSServer
 from tenantdb.dev.proxy import (
     FlyProxy,
@@ -241,6 +243,12 @@ class Cluster:
         """Return every machine with its tenant, state, port and process id."""
         return [m.status() for m in self._machines.values()]
 
+    def bucket_settings(self) -> Settings:
+        """Settings naming the bucket and key prefix the machines use (once started)."""
+        if not self._env:
+            raise RuntimeError("the cluster is not running")
+        return Settings.from_env(self._env)
+
     def machine_ids(self, tenant: str) -> list[str]:
         """Return the ids of ``tenant``'s machines, in creation order."""
         return [m.machine_id for m in self._machines.values() if m.tenant == tenant]
@@ -391,7 +399,7 @@ class Cluster:
 
     async def _serve_proxy(self, sock: socket.socket) -> None:
         config = uvicorn.Config(
-            self.proxy,
+            DevEdge(self),
             lifespan="off",
             log_level="warning",
             access_log=False,
@@ -702,5 +710,6 @@ def _summary(cluster: Cluster) -> str:
         f"; kill timeout {config.kill_timeout:g}s"
         f"; requests start stopped machines: {'yes' if config.autostart else 'no (autostart off)'}",
         f"Open {cluster.url}/customers/{config.tenants[0]}  (Ctrl-C stops everything)",
+        f"Dashboard: {cluster.url}/_dev/  (machines, leases, routes; stop, kill, start)",
     ]
     return "\n".join(lines)

@@ -42,7 +42,8 @@ runner, or a test double). It follows Fly's documentation
   machine the request is replayed to. A handshake that no machine upgrades gets the answer as
   a websocket denial response (or a close, where the server lacks that ASGI extension).
 
-Every replay, cached ones included, is logged on one line and appended to ``replay_log``.
+Every replay, cached ones included, is logged on one line and appended to ``replay_log``;
+the last ``RECENT_ROUTES`` requests, with the machines each went through, are in ``routes``.
 Fly documents these limits but not its exact error answers: here 502 means "this replay
 cannot be done" and 503 "no machine can take the request". Not emulated: the JSON replay
 format, replays to other apps, the ``timeout`` field, region aliases other than ``any``.
@@ -57,8 +58,9 @@ import logging
 import random
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Literal, Protocol, Self
 
@@ -71,6 +73,7 @@ __all__ = [
     "MAX_REPLAYS",
     "MAX_REPLAY_BODY",
     "MIN_CACHE_TTL",
+    "RECENT_ROUTES",
     "Backends",
     "FlyProxy",
     "MachineInfo",
@@ -79,6 +82,9 @@ __all__ = [
     "ReplayDirective",
     "ReplayRecord",
     "ReplayVia",
+    "RouteRecord",
+    "RouteStep",
+    "StepKind",
 ]
 
 log = logging.getLogger("tenantdb.dev.proxy")
@@ -86,9 +92,11 @@ log = logging.getLogger("tenantdb.dev.proxy")
 MAX_REPLAY_BODY = 1_000_000
 MAX_REPLAYS = 10
 MIN_CACHE_TTL = 10
+RECENT_ROUTES = 50
 
 MachineState = Literal["starting", "started", "stopping", "stopped", "failed"]
 ReplayVia = Literal["fly-replay", "cache"]
+StepKind = Literal["direct", "replayed", "cached replay", "fallback"]
 _CacheStatus = Literal["miss", "hit", "bypass"]
 Fallback = Literal["force_self", "prefer_self"]
 _FALLBACKS: dict[str, Fallback] = {"force_self": "force_self", "prefer_self": "prefer_self"}
@@ -210,6 +218,61 @@ class ReplayRecord:
     source: str
     target: str
     via: ReplayVia
+
+
+@dataclass(frozen=True)
+class RouteStep:
+    """One machine a request went to, how the proxy chose it, and whether it had to start it."""
+
+    machine_id: str
+    kind: StepKind
+    woken: bool
+
+
+@dataclass(frozen=True)
+class RouteRecord:
+    """One client request: when, what, its answer's status, and every machine it went to."""
+
+    request_id: str
+    method: str
+    path: str
+    started_at: float
+    status: int | None
+    steps: tuple[RouteStep, ...]
+
+
+@dataclass
+class _Trace:
+    """What ``RouteRecord`` says about a request, gathered while the proxy routes it."""
+
+    started_at: float = field(default_factory=time.time)
+    status: int | None = None
+    steps: list[RouteStep] = field(default_factory=list)
+
+    def add(self, machine: MachineInfo, hop: _Hop) -> None:
+        """Note the machine chosen for ``hop``: started by the request unless already running."""
+        kind: StepKind
+        if hop.via == "cache":
+            kind = "cached replay"
+        elif hop.failed is not None:
+            kind = "fallback"  # back to the machine that asked for a replay that failed
+        elif hop.source is not None:
+            kind = "replayed"
+        else:
+            kind = "direct"
+        self.steps.append(RouteStep(machine.machine_id, kind, machine.state != "started"))
+
+    def watching(self, send: Send) -> Send:
+        """``send``, noting the status of the answer the client gets."""
+
+        async def watched(message: Message) -> None:
+            if message["type"] in ("http.response.start", "websocket.http.response.start"):
+                self.status = message["status"]
+            elif message["type"] == "websocket.accept":
+                self.status = 101
+            await send(message)
+
+        return watched
 
 
 @dataclass(frozen=True)
@@ -340,6 +403,7 @@ class FlyProxy:
         self.force_https = force_https
         self.timeout = timeout
         self.replay_log: list[ReplayRecord] = []
+        self.routes: deque[RouteRecord] = deque(maxlen=RECENT_ROUTES)
         self._rng = rng or random.Random()
         self._clock = clock
         self._cache: dict[tuple[str, str], _CacheEntry] = {}
@@ -375,6 +439,8 @@ class FlyProxy:
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        trace = _Trace()
+        send = trace.watching(send)
         answer = _answers(scope, send)
         if self.force_https and scope.get("scheme", "http") in ("http", "ws"):
             await _redirect_to_https(scope, headers, answer)
@@ -400,6 +466,25 @@ class FlyProxy:
             receive=receive,
             answer=answer,
         )
+        try:
+            await self._route(request, headers, trace, send)
+        finally:
+            self.routes.append(
+                RouteRecord(
+                    request_id,
+                    request.method,
+                    request.path,
+                    trace.started_at,
+                    trace.status,
+                    tuple(trace.steps),
+                )
+            )
+
+    async def _route(
+        self, request: _Request, headers: dict[str, str], trace: _Trace, send: Send
+    ) -> None:
+        """Take the request from machine to machine until one answers, or answer an error."""
+        body = request.body
         hop = self._first_hop(request, headers)
         # A cached route counts as the replay it stands for.
         replays = 1 if hop.via == "cache" else 0
@@ -407,6 +492,7 @@ class FlyProxy:
             while True:
                 try:
                     machine, unavailable = self._choose(hop)
+                    trace.add(machine, hop)
                     if hop.source is not None:
                         self._record(request, hop.source, machine, hop.via)
                     directive = await self._attempt(request, machine, hop, unavailable, send)
@@ -436,9 +522,14 @@ class FlyProxy:
                 hop = _Hop(directive, source=machine, cache_status=status)
         except _Answer as error:
             log.warning(
-                "%s %s [%s]: %d %s", request.method, request.path, request_id, error.status, error
+                "%s %s [%s]: %d %s",
+                request.method,
+                request.path,
+                request.request_id,
+                error.status,
+                error,
             )
-            await _send_error(answer, error.status, str(error), request_id)
+            await _send_error(request.answer, error.status, str(error), request.request_id)
 
     def _first_hop(self, request: _Request, headers: dict[str, str]) -> _Hop:
         """Where a new request goes: a forced or preferred machine, the cache, or anywhere."""

@@ -329,6 +329,25 @@ async def test_replay_starts_a_stopped_machine(rig: Rig) -> None:
     assert (record.source, record.target) == ("a", "b")
 
 
+async def test_routes_list_each_requests_machines_and_how_they_were_chosen(rig: Rig) -> None:
+    rig.add("a", router("b"))
+    rig.add("b", state="stopped")
+    prefer_a = {"fly-prefer-instance-id": "a"}
+    await rig.client.get("/customers/100/x", headers=prefer_a)  # a replays it and b wakes up
+    await rig.client.get("/customers/100/y", headers=prefer_a)  # cached: straight to b
+    await rig.client.get("/customers/300", headers=force("b"))
+    await rig.client.get("/customers/300", headers=force("zz"))  # no such machine
+    assert [
+        (r.path, r.status, [(s.machine_id, s.kind, s.woken) for s in r.steps])
+        for r in rig.proxy.routes
+    ] == [
+        ("/customers/100/x", 200, [("a", "direct", False), ("b", "replayed", True)]),
+        ("/customers/100/y", 200, [("b", "cached replay", False)]),
+        ("/customers/300", 200, [("b", "direct", False)]),
+        ("/customers/300", 502, []),
+    ]
+
+
 async def test_replay_to_failed_or_unknown_machines(rig: Rig) -> None:
     rig.add("a", replays("instance=b"))
     rig.add("b", state="failed")

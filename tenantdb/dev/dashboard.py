@@ -1,0 +1,170 @@
+"""The dashboard of `tenantdb dev`: machines, leases and the last requests, live, at ``/_dev/``.
+
+``DevEdge`` sits in front of the proxy on its port: paths under ``/_dev/`` go to the
+dashboard, every other one to the machines. Tenant ids are DNS labels, so no tenant's path
+can be ``/_dev/...``; an app's own routes there are hidden while it runs under `tenantdb dev`.
+
+The page (``dashboard.html``) polls ``GET /_dev/state``: each machine's process state and
+lease, each tenant's ``lock.json`` (holder, generation, last snapshot, age of the log), and the
+proxy's last routes. ``POST /_dev/machines/<id>/stop|kill|start`` act on a machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from datetime import UTC, datetime
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tenantdb.dev.proxy import MachineUnavailableError, RouteRecord
+from tenantdb.errors import ObjectNotFoundError, TenantDBError
+from tenantdb.lockfile import LockRecord
+from tenantdb.storage import Bucket, open_bucket
+
+if TYPE_CHECKING:
+    from tenantdb.dev.cluster import Cluster
+
+__all__ = ["PREFIX", "DevEdge"]
+
+PREFIX = "/_dev"
+# A cross-site form may POST to a loopback port, but it cannot set a custom header without
+# a CORS preflight, which nothing here answers: the buttons' requests carry this one.
+_ACTION_HEADER = "x-tenantdb-dev"
+
+
+class DevEdge:
+    """The proxy's port: ``/_dev/`` paths go to the dashboard, all others to the machines."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._proxy: ASGIApp = cluster.proxy
+        self._dashboard = _dashboard(cluster)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] == "http" and (path == PREFIX or path.startswith(PREFIX + "/")):
+            await self._dashboard(scope, receive, send)
+        else:
+            await self._proxy(scope, receive, send)
+
+
+def _dashboard(cluster: Cluster) -> Starlette:
+    """The dashboard's Starlette app: the page, its state, and the machine buttons."""
+    actions: dict[str, Callable[[str], Awaitable[None]]] = {
+        "start": cluster.start_machine,
+        "stop": cluster.stop_machine,
+        "kill": cluster.kill_machine,
+    }
+
+    async def page(request: Request) -> Response:
+        html = resources.files("tenantdb.dev").joinpath("dashboard.html").read_text()
+        return HTMLResponse(html, headers={"cache-control": "no-store"})
+
+    async def state(request: Request) -> Response:
+        return JSONResponse(await _state(cluster), headers={"cache-control": "no-store"})
+
+    async def act(request: Request) -> Response:
+        action = actions.get(request.path_params["action"])
+        if action is None:
+            return JSONResponse({"error": "the actions are start, stop and kill"}, 404)
+        if request.headers.get(_ACTION_HEADER) != "1":
+            return JSONResponse({"error": f"the {_ACTION_HEADER} header is missing"}, 403)
+        try:
+            await action(request.path_params["machine_id"])
+        except MachineUnavailableError as exc:
+            return JSONResponse({"error": str(exc)}, 409)
+        return JSONResponse({"ok": True})
+
+    return Starlette(
+        routes=[
+            Route(PREFIX, lambda _: RedirectResponse(PREFIX + "/")),
+            Route(PREFIX + "/", page),
+            Route(PREFIX + "/state", state),
+            Route(PREFIX + "/machines/{machine_id}/{action}", act, methods=["POST"]),
+        ]
+    )
+
+
+async def _state(cluster: Cluster) -> dict[str, Any]:
+    """Everything the page shows, as JSON: machines, tenants, recent requests."""
+    settings = cluster.bucket_settings()
+    tenants = cluster.config.tenants
+    async with open_bucket(settings) as bucket:
+        locks = await asyncio.gather(
+            *(_read_lock(bucket, f"{settings.prefix}{t}/lock.json", t) for t in tenants)
+        )
+    by_tenant = dict(zip(tenants, locks, strict=True))
+    machines = []
+    for m in cluster.status():
+        lock = by_tenant[m.tenant].get("lock") or {}
+        holder = lock.get("holder") == m.machine_id
+        machines.append(
+            {
+                "id": m.machine_id,
+                "tenant": m.tenant,
+                "state": m.state,
+                "pid": m.pid,
+                "lease": "holder" if holder else "standby" if m.state == "started" else "",
+                "generation": lock.get("generation") if holder else None,
+            }
+        )
+    return {
+        "machines": machines,
+        "tenants": locks,
+        "requests": [_route(r) for r in reversed(cluster.proxy.routes)],
+    }
+
+
+async def _read_lock(bucket: Bucket, key: str, tenant: str) -> dict[str, Any]:
+    """A tenant's lease and data pointers from its lock.json, or why they cannot be shown."""
+    try:
+        found = await bucket.get(key)
+        record = LockRecord.parse(found.body, tenant=tenant, key=key)
+    except ObjectNotFoundError:
+        return {"tenant": tenant, "error": "no lock.json yet"}
+    except TenantDBError as exc:
+        return {"tenant": tenant, "error": str(exc)}
+    info = found.info
+    now = datetime.now(UTC)
+    snapshot = record.snapshot
+    log = record.log
+    return {
+        "tenant": tenant,
+        "lock": {
+            "holder": record.owner,
+            "last_owner": record.last_owner,
+            "generation": record.generation,
+            "seq": record.seq,
+            "ttl_seconds": record.ttl_seconds,
+            # Judged on the bucket's clock, as the machines judge expiry.
+            "written_ago": ((info.server_date or now) - info.last_modified).total_seconds(),
+            "snapshot": None if snapshot is None else asdict(snapshot),
+            "log_tail": None if log is None else log.tail,
+            "log_age": _age(log.updated_at, now) if log is not None else None,
+        },
+    }
+
+
+def _age(iso: str, now: datetime) -> float | None:
+    """Seconds since an ISO 8601 time, or None when there is none."""
+    return (now - datetime.fromisoformat(iso)).total_seconds() if iso else None
+
+
+def _route(record: RouteRecord) -> dict[str, Any]:
+    return {
+        "id": record.request_id,
+        "at": datetime.fromtimestamp(record.started_at, UTC).isoformat(timespec="seconds"),
+        "method": record.method,
+        "path": record.path,
+        "status": record.status,
+        "steps": [
+            {"machine": s.machine_id, "kind": s.kind, "woken": s.woken} for s in record.steps
+        ],
+    }
