@@ -26,6 +26,7 @@ from typing import IO, Any, Literal, Self, get_args
 
 import aiosqlite
 
+from tenantdb import logs
 from tenantdb.config import Settings
 from tenantdb.errors import (
     ConfigurationError,
@@ -270,6 +271,7 @@ class TenantDB:
         """Lock the data dir, acquire the lease (or stand by), restore, migrate, open."""
         if self.state != "stopped":
             raise TenantDBError(f"TenantDB already started ({self.state})")
+        logs.follow(self)  # this machine's log lines are about this tenant
         self._move("starting")
         try:
             self._dir_lock.acquire()

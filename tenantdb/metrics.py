@@ -31,8 +31,6 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tenantdb.errors import ConfigurationError
-
 __all__ = ["Metrics", "MetricsServer", "RoutingOutcome", "WatchedTenant"]
 
 log = logging.getLogger("tenantdb")
@@ -232,11 +230,15 @@ class MetricsServer:
                 self.port, self.host, registry=self.metrics.registry
             )
         except OSError as exc:
-            raise ConfigurationError(
-                f"TENANTDB_METRICS_PORT={self.port}: cannot serve metrics there ({exc}); "
-                "allowed: a free TCP port, or 0 to serve no metrics",
-                variable="TENANTDB_METRICS_PORT",
-            ) from None
+            # Metrics are not worth refusing the tenant for: on one computer several
+            # servers share the default port, and only the first one gets it.
+            log.warning(
+                "tenantdb: no metrics: cannot listen on port %d (%s); set "
+                "TENANTDB_METRICS_PORT to a free port, or 0 to serve none",
+                self.port,
+                exc,
+            )
+            return self
         self._server = server
         log.info("tenantdb: metrics on http://%s:%d/metrics", self.host, self.port)
         return self
