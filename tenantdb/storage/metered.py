@@ -71,6 +71,8 @@ class MeteredBucket:
 
     async def get(self, key: str, *, max_size: int | None = None) -> SmallObject:
         """See ``Bucket.get``."""
+        if max_size is None:  # called as the wrapped bucket would be, by the router's lookups
+            return await self._counted(lambda: self.inner.get(key))
         return await self._counted(lambda: self.inner.get(key, max_size=max_size))
 
     async def put(
