@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 import uvicorn
 
+from tenantdb.logs import configure_logging
+
 
 def main() -> None:
     """Serve the demo with uvicorn; SIGINT and SIGTERM shut it down gracefully."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()
     uvicorn.run(
         "example_app:app",
         host=os.environ.get("HOST", "0.0.0.0"),
         port=int(os.environ.get("PORT", "8080")),
         lifespan="on",
         log_level="info",
+        log_config=None,  # uvicorn's lines too go through tenantdb's format
     )
 
 

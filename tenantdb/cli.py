@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tenantdb.config import Secret, Settings
 from tenantdb.errors import ConfigurationError, InvalidTenantError, TenantDBError
+from tenantdb.logs import configure_logging
 from tenantdb.routing.machines_api import MachinesClient
 from tenantdb.tenants import validate_tenant
 
@@ -461,7 +462,7 @@ def _dev(args: argparse.Namespace) -> int:
         autostart=args.autostart,
         env=dict(args.env),
     )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    configure_logging()
     # One line per request from the proxy's HTTP client would drown the replay lines.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:

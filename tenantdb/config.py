@@ -106,6 +106,16 @@ def _duration(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    """A TCP port, or 0 for none."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) > 65535:
+        raise _invalid(name, raw, "is not a port", "a TCP port from 1 to 65535, or 0 for none")
+    return int(raw)
+
+
 def _durability(raw: str | None) -> Durability:
     value = (raw or "bucket").strip().lower()
     if value == "async":
@@ -172,6 +182,7 @@ class Settings:
     fly_api_token: Secret | None = None
     machines_api_url: str = "https://api.machines.dev"
     port: int = 8080
+    metrics_port: int = 9091  # 0: no metrics endpoint
     # "" picks the default: Flycast on Fly (FLY_APP_NAME), else the 6PN name.
     proxy_url: str = ""
 
@@ -190,6 +201,8 @@ class Settings:
             raise ConfigurationError("durability timeout must be positive")
         if self.snapshot_retention < 1:
             raise ConfigurationError("snapshot retention must keep at least 1 snapshot")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigurationError(f"metrics port {self.metrics_port} is not a TCP port or 0")
         if self.prefix and not self.prefix.endswith("/"):
             object.__setattr__(self, "prefix", self.prefix + "/")
         if not self.proxy_url:
@@ -230,6 +243,7 @@ class Settings:
             "machines_api_url": env.get("TENANTDB_MACHINES_API_URL") or "https://api.machines.dev",
             "port": int(_number(env, "PORT", 8080, minimum=1, what="a TCP port")),
             "proxy_url": env.get("TENANTDB_PROXY_URL") or "",
+            "metrics_port": _port(env, "TENANTDB_METRICS_PORT", 9091),
         }
         if env.get("FLY_MACHINE_ID"):
             values["machine_id"] = env["FLY_MACHINE_ID"]

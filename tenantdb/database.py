@@ -22,10 +22,11 @@ from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal, Self
+from typing import IO, Any, Literal, Self, get_args
 
 import aiosqlite
 
+from tenantdb import logs
 from tenantdb.config import Settings
 from tenantdb.errors import (
     ConfigurationError,
@@ -38,6 +39,7 @@ from tenantdb.errors import (
 from tenantdb.lease import Lease
 from tenantdb.localfiles import remove_database, write_atomically
 from tenantdb.lockfile import LockRecord
+from tenantdb.metrics import Metrics
 from tenantdb.pool import ConnectionPool
 from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
 from tenantdb.replication.restore import restore_database
@@ -183,7 +185,9 @@ class TenantDB:
         *,
         migrations: Sequence[Migration] = (),
         bucket: Bucket | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        """``metrics`` receives the tenant's figures (a registry of its own if omitted)."""
         if settings.tenant is None:
             raise ConfigurationError("no tenant to serve: set TENANT_ID (or CUSTOMER_ID)")
         self.settings = settings
@@ -202,6 +206,8 @@ class TenantDB:
         self._tasks: set[asyncio.Task[None]] = set()
         self.draining = False
         self._draining_since: float | None = None
+        self.metrics = metrics or Metrics()
+        self.metrics.watch(self, get_args(TenantState))
 
     @classmethod
     def from_env(cls, *, migrations: Sequence[Migration] = (), **overrides: Any) -> TenantDB:
@@ -265,6 +271,7 @@ class TenantDB:
         """Lock the data dir, acquire the lease (or stand by), restore, migrate, open."""
         if self.state != "stopped":
             raise TenantDBError(f"TenantDB already started ({self.state})")
+        logs.follow(self)  # this machine's log lines are about this tenant
         self._move("starting")
         try:
             self._dir_lock.acquire()
@@ -361,6 +368,7 @@ class TenantDB:
             work_dir=self.settings.data_dir,
             snapshot_retention=self.settings.snapshot_retention,
             retention=self.settings.retention,
+            metrics=self.metrics,
         )
         # Open before migrating: the shipper's connections keep the WAL (and its unshipped
         # frames) in place when the migration's connection closes.
@@ -445,9 +453,10 @@ class TenantDB:
             log.info("tenant %s: the local file is what the bucket has", self.tenant)
         else:
             started = time.monotonic()
-            hashes = await restore_database(
-                self.lease.bucket, previous, self.path, prefix=self.settings.prefix
-            )
+            with self.metrics.timing("restore"):
+                hashes = await restore_database(
+                    self.lease.bucket, previous, self.path, prefix=self.settings.prefix
+                )
             log.info(
                 "tenant %s: restored %d pages in %.2fs",
                 self.tenant,
@@ -468,6 +477,15 @@ class TenantDB:
             return hashes if (format_state(hashes.state), hashes.db_pages) == wanted else None
         snapshot = previous.snapshot
         return hashes if snapshot and file_sha256(self.path) == snapshot.sha256 else None
+
+    def generation(self) -> int:
+        """The generation of the lease this machine holds or last held; 0 before any."""
+        record = self._lease.record if self._lease is not None else None
+        return record.generation if record else 0
+
+    def log_lag(self) -> float:
+        """Seconds the oldest commit not yet in the bucket has waited; 0 when none."""
+        return self._shipper.lag() if self._shipper is not None else 0.0
 
     @property
     def _held_generation(self) -> int | None:

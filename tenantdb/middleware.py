@@ -17,12 +17,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tenantdb.config import Durability, Settings
 from tenantdb.database import Migration, TenantDB
 from tenantdb.errors import InvalidTenantError, TenantDBError
+from tenantdb.metrics import Metrics, MetricsServer
 from tenantdb.output_gate import OutputGate
 from tenantdb.pool import ConnectionPool
 from tenantdb.responses import RETRY_AFTER, send_error
 from tenantdb.routing.proxy import MachineURL
 from tenantdb.routing.replay import Router
 from tenantdb.storage import open_bucket
+from tenantdb.storage.metered import MeteredBucket
 from tenantdb.tenants import TenantPattern, validate_tenant
 
 __all__ = ["TenantDBMiddleware", "tenant_db", "tenant_db_dependency"]
@@ -97,10 +99,11 @@ class TenantDBMiddleware:
             data_dir=Path(data_dir) if data_dir is not None else None,
             bucket_name=bucket_name,
         )
+        self.metrics = Metrics()  # this middleware's own registry, served at startup
         # One bucket client per process, shared by the tenant's database and the router.
-        self.bucket = open_bucket(self.settings)
+        self.bucket = MeteredBucket(open_bucket(self.settings), self.metrics)
         self.tenantdb = (
-            TenantDB(self.settings, migrations=migrations, bucket=self.bucket)
+            TenantDB(self.settings, migrations=migrations, bucket=self.bucket, metrics=self.metrics)
             if self.settings.tenant
             else None
         )
@@ -110,6 +113,7 @@ class TenantDBMiddleware:
             bucket=self.bucket,
             proxy_large_bodies=proxy_large_bodies,
             machine_url=machine_url,
+            metrics=self.metrics,
         )
         self._resources = AsyncExitStack()  # what the lifespan opened, closed at shutdown
         self._in_flight = 0
@@ -142,6 +146,7 @@ class TenantDBMiddleware:
         if not tdb.serving:
             await self._not_serving(scope, receive, send, tdb)
             return
+        self.metrics.routed("local")
         pool = tdb.pool
         self._in_flight += 1
         self._idle.clear()
@@ -188,6 +193,7 @@ class TenantDBMiddleware:
             make_durable,
             timeout=self.settings.durability_timeout,
             tenant=tdb.tenant,
+            metrics=self.metrics,
         )
         try:
             await self.app(scope, receive, gate.send)
@@ -218,6 +224,7 @@ class TenantDBMiddleware:
             "stopping": "this machine is shutting down",
             "serving": "this machine's lease is about to expire",
         }
+        self.metrics.routed("503")
         await send_error(
             scope,
             receive,
@@ -287,6 +294,9 @@ class TenantDBMiddleware:
                 else "; set TENANT_ID to the tenant this server should serve",
             )
         async with AsyncExitStack() as stack:
+            if self.settings.metrics_port:
+                server = MetricsServer(self.metrics, self.settings.metrics_port)
+                await stack.enter_async_context(server)
             await stack.enter_async_context(self.bucket)
             await stack.enter_async_context(self.router)
             if self.tenantdb is not None:

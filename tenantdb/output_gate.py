@@ -24,6 +24,7 @@ from starlette.websockets import WebSocketClose
 
 from tenantdb.commits import CommitTracker
 from tenantdb.errors import DurabilityError, TenantDBError
+from tenantdb.metrics import Metrics
 from tenantdb.responses import RETRY_AFTER, send_error
 
 __all__ = ["OutputGate"]
@@ -40,12 +41,14 @@ class OutputGate:
         *,
         timeout: float,
         tenant: str,
+        metrics: Metrics,
     ) -> None:
         self._send = send
         self._tracker = tracker
         self._make_durable = make_durable
         self._timeout = timeout
         self._tenant = tenant
+        self._metrics = metrics
         self._held_start: Message | None = None
         self.response_started = False  # the server has a status line (or websocket accept)
         self.failure: DurabilityError | None = None
@@ -58,7 +61,8 @@ class OutputGate:
             self._held_start = message  # released with the first body message
             return
         if self._tracker.take():
-            await self._wait_durable()
+            with self._metrics.gate_holding():
+                await self._wait_durable()
         if self._held_start is not None:
             start, self._held_start = self._held_start, None
             await self._send(start)
@@ -74,7 +78,9 @@ class OutputGate:
         except TenantDBError as exc:
             reason = str(exc)
         else:
+            self._metrics.gate_outcome(durable=True)
             return
+        self._metrics.gate_outcome(durable=False)
         self.failure = DurabilityError(
             f"tenant {self._tenant}: a write was committed on this machine but is not "
             f"known to be in the bucket ({reason}); it may or may not be kept: check "

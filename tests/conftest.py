@@ -42,6 +42,10 @@ TEST_PART_SIZE = 5 * MiB  # the smallest part S3 accepts
 TEST_MULTIPART_THRESHOLD = 6 * MiB
 TEST_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
 
+# Many servers run at once in the tests (and in their subprocesses, which inherit this): the
+# tests that scrape metrics choose a free port of their own.
+os.environ.setdefault("TENANTDB_METRICS_PORT", "0")
+
 BUCKET_BACKENDS = ["local", "s3"]
 
 

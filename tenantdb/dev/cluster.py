@@ -68,7 +68,8 @@ _LOOPBACK = "127.0.0.1"
 _MACHINE_LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(levelname)s %(name)s: %(message)s"}},
+    # The format of TENANTDB_LOG_FORMAT (key=value, or JSON), as on Fly.
+    "formatters": {"plain": {"()": "tenantdb.logs.formatter"}},
     "handlers": {
         "stderr": {
             "class": "logging.StreamHandler",

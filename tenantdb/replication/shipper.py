@@ -32,6 +32,7 @@ from tenantdb.errors import (
 )
 from tenantdb.lease import Lease
 from tenantdb.lockfile import INLINE_MAX_BYTES, LockRecord, LogChunk, LogPointer, now_iso
+from tenantdb.metrics import Metrics
 from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
 from tenantdb.replication.compaction import merge_segments, next_merge
 from tenantdb.replication.group_commit import GroupCommit, retrieve_exception
@@ -139,8 +140,12 @@ class Shipper:
         work_dir: Path,
         snapshot_retention: int,
         retention: float = 86400.0,
+        metrics: Metrics | None = None,
     ) -> None:
         """``hashes`` describes the database as the bucket has it; None means unknown."""
+        self.metrics = metrics or Metrics()
+        # Since when (monotonic) a commit is known to wait for the bucket: the log lag.
+        self._unshipped_since: float | None = None
         self.lease = lease
         self.db_path = db_path
         self.wal_path = Path(f"{db_path}-wal")
@@ -217,6 +222,7 @@ class Shipper:
         """
         # Two small reads of files in the page cache: cheaper inline than in a thread.
         target = self._committed_now()
+        self._note_unshipped(target)
         await self._group.wait(lambda: target is not None and self._shipped(*target))
 
     def _committed_now(self) -> tuple[tuple[int, int], int] | None:
@@ -251,7 +257,26 @@ class Shipper:
         until they are, lock.json carries them (see ``_advance``).
         """
         async with self._lock:
-            return await self._ship_locked()
+            self._note_unshipped(self._committed_now())
+            shipped = await self._ship_locked()
+            self._note_unshipped(self._committed_now())
+            return shipped
+
+    def _note_unshipped(self, target: tuple[tuple[int, int], int] | None) -> None:
+        """Start the log lag's clock at the first sight of an unshipped commit; stop it at none.
+
+        Commits are seen when a request waits for one or at each sync interval, so the lag
+        reads low by up to one interval, never high.
+        """
+        if target is None or self._shipped(*target):
+            self._unshipped_since = None
+        elif self._unshipped_since is None:
+            self._unshipped_since = time.monotonic()
+
+    def lag(self) -> float:
+        """Seconds the oldest commit not yet in the bucket has waited; 0 when none."""
+        since = self._unshipped_since
+        return 0.0 if since is None else time.monotonic() - since
 
     async def _ship_locked(self) -> bool:
         if self._needs_snapshot:
@@ -472,6 +497,7 @@ class Shipper:
             return log.with_inline([body for _, body in carried])
 
         await self.lease.update_log(append)
+        self.metrics.shipped(sum(len(built.body) for built in batch), len(batch))
         for built in batch:
             self._unpublished.popleft()
             self._remember(built.key, built.body)
@@ -666,6 +692,10 @@ class Shipper:
 
     async def _snapshot(self) -> None:
         """Publish a full snapshot as the log's new base (compaction, or a fallback)."""
+        with self.metrics.timing("checkpoint"):
+            await self._publish_snapshot()
+
+    async def _publish_snapshot(self) -> None:
         copy = temp_snapshot_path(self.work_dir)
         try:
             position, hashes, at_end = await asyncio.to_thread(self._copy, copy)

@@ -37,6 +37,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from tenantdb.config import Settings
 from tenantdb.errors import ConfigurationError, RoutingError
+from tenantdb.metrics import Metrics, RoutingOutcome
 from tenantdb.responses import RETRY_AFTER, send_error, send_response
 from tenantdb.routing.checks import check_machine_setup
 from tenantdb.routing.dns import MachineLocator
@@ -188,6 +189,7 @@ class Router:
         dns_timeout: float = 1.0,
         lookup_timeout: float = 5.0,
         max_entries: int = 10_000,
+        metrics: Metrics | None = None,
     ) -> None:
         if replay_cache_ttl != 0 and replay_cache_ttl < MIN_REPLAY_CACHE_TTL:
             raise ConfigurationError(
@@ -211,6 +213,7 @@ class Router:
         self.dns_timeout = dns_timeout
         self.lookup_timeout = lookup_timeout
         self.max_entries = max_entries
+        self.metrics = metrics or Metrics()
         self.machine_url: MachineURL = machine_url or self._url_from_template(settings.proxy_url)
         # The pattern part before the tenant must be a plain path to go into a cache glob.
         self._cacheable = bool(_CACHE_PATH_RE.fullmatch(pattern.prefix("x")))
@@ -293,6 +296,7 @@ class Router:
                 failure_ttl=self.failure_ttl,
                 lookup_timeout=self.lookup_timeout,
                 max_entries=self.max_entries,
+                metrics=self.metrics,
             )
             await check_machine_setup(self.settings, locator, machines)
             self._resources = _Resources(stack.pop_all(), resolver, proxy)
@@ -330,6 +334,7 @@ class Router:
                 if self.settings.tenant
                 else f"this machine serves no tenant (TENANT_ID={tenant} would serve this one)"
             )
+            self.metrics.routed("404")
             await send_error(
                 scope,
                 receive,
@@ -456,6 +461,10 @@ class Router:
             replayable = arrival.how == "cache-hit" and (await _measure(scope, receive)).replayable
         except ClientDisconnect:
             return  # nobody is left to answer
+        outcome: RoutingOutcome = (
+            "replay" if replayable else "404" if problem.status == 404 else "503"
+        )
+        self.metrics.routed(outcome)
         if replayable:
             headers = {"fly-replay": f"{_ELSEWHERE};{_FALLBACK}", **_invalidation(arrival)}
             await send_response(scope, receive, send, Response(b"", 204, headers=headers))
@@ -496,6 +505,7 @@ class Router:
             return
         proxy = self._resources.proxy
         if proxy is None:
+            self.metrics.routed("413")
             await send_error(
                 scope,
                 receive,
@@ -521,6 +531,7 @@ class Router:
         extra: Mapping[str, str],
     ) -> None:
         headers = {"fly-replay": f"instance={machine_id};{_FALLBACK}", **extra}
+        self.metrics.routed("replay" if cache is None else "cached_replay")
         if cache is not None:
             headers["fly-replay-cache"] = cache
             headers["fly-replay-cache-ttl-secs"] = str(self.replay_cache_ttl)
@@ -538,6 +549,7 @@ class Router:
         more: bool,
     ) -> None:
         started = False
+        self.metrics.routed("proxied_body")
 
         async def observed_send(message: Message) -> None:
             nonlocal started
@@ -573,6 +585,7 @@ class Router:
         extra: Mapping[str, str] | None = None,
     ) -> None:
         headers = {"Retry-After": RETRY_AFTER, **(extra or {})}
+        self.metrics.routed("503")
         await send_error(scope, receive, send, 503, message, headers=headers)
 
 

@@ -41,6 +41,7 @@ from tenantdb.errors import (
     StorageError,
 )
 from tenantdb.lockfile import LockRecord
+from tenantdb.metrics import Metrics
 from tenantdb.routing.dns import MachineLocator
 from tenantdb.routing.machines_api import Machine, MachinesClient, validate_machine_id
 from tenantdb.storage import Bucket
@@ -141,6 +142,7 @@ class MachineResolver:
         failure_ttl: float,
         lookup_timeout: float,
         max_entries: int,
+        metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
@@ -153,6 +155,7 @@ class MachineResolver:
         self.lookup_timeout = lookup_timeout
         self.max_entries = max_entries
         self._clock = clock
+        self.metrics = metrics
         self._cache: dict[str, _Cached] = {}
         self._lookups: _SingleFlight[tuple[str, bool], Resolution] = _SingleFlight(self._store)
         self._api_list: _MachineList | None = None
@@ -196,7 +199,8 @@ class MachineResolver:
     async def _resolve(self, tenant: str, fresh: bool) -> Resolution:
         dns_error: DNSLookupError | None = None
         try:
-            machine_id = await self.locator.lookup(tenant, use_cache=not fresh)
+            with self.metrics.lookup("dns"):
+                machine_id = await self.locator.lookup(tenant, use_cache=not fresh)
         except DNSLookupError as exc:
             dns_error = exc
             log.warning("tenant %s: %s; asking lock.json and the Machines API", tenant, exc)
@@ -252,8 +256,9 @@ class MachineResolver:
                 status=429,
             )
         try:
-            async with asyncio.timeout(self.lookup_timeout):
-                machines = await self.machines.list_machines()
+            with self.metrics.lookup("api"):
+                async with asyncio.timeout(self.lookup_timeout):
+                    machines = await self.machines.list_machines()
         except MachinesAPIError as exc:
             if exc.retry_after is not None:
                 self._api_paused_until = self._clock() + exc.retry_after

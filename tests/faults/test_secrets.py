@@ -30,7 +30,10 @@ from tenantdb.config import Secret, Settings
 from tenantdb.database import TenantDB
 from tenantdb.dev.dns_server import DevDNSServer
 from tenantdb.errors import MachinesAPIError, StorageError
+from tenantdb.logs import JSONFormatter, KeyValueFormatter
+from tenantdb.metrics import Metrics
 from tenantdb.routing.machines_api import MachinesClient
+from tenantdb.storage.metered import MeteredBucket
 from tenantdb.storage.s3 import S3Bucket
 from tests.faults.conftest import ProxiedS3
 from tests.support.fault_proxy import Fault
@@ -158,15 +161,17 @@ async def test_machines_api_errors_never_carry_the_token(echoing_api: EchoingAPI
 async def test_tenantdb_with_a_failing_bucket_logs_no_secret_even_at_debug(
     s3: ProxiedS3, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """...nor in its log lines in either format, nor in its metrics."""
     caplog.set_level(logging.DEBUG)  # every logger: tenantdb, botocore, aiobotocore...
-    bucket = bucket_with_the_secret(s3, read_timeout=1)
+    metrics = Metrics()
+    bucket = MeteredBucket(bucket_with_the_secret(s3, read_timeout=1), metrics)
     s3.proxy.add(
         Fault.slow_down(probability=0.3),
         Fault.error(403, "SignatureDoesNotMatch", operation="PutObject", key="*/snapshots/*"),
     )
     errors: list[BaseException] = []
     async with bucket:
-        tdb = TenantDB(s3.settings("m1", kill_timeout=2), bucket=bucket)
+        tdb = TenantDB(s3.settings("m1", kill_timeout=2), bucket=bucket, metrics=metrics)
         try:
             await tdb.start(standby=False)
         except StorageError as exc:
@@ -183,6 +188,11 @@ async def test_tenantdb_with_a_failing_bucket_logs_no_secret_even_at_debug(
     assert any(r.name.startswith("tenantdb") and r.levelno >= logging.WARNING for r in records)
     text = caplog.text + "".join(f"{e!s}{e!r}{e.__cause__!s}{e.__cause__!r}" for e in errors)
     assert leaks(text) == []
+    lines = [f.format(r) for r in records for f in (KeyValueFormatter(), JSONFormatter())]
+    assert leaks("\n".join(lines)) == []
+    scraped = metrics.text()
+    assert 'tenantdb_bucket_errors_total{kind="' in scraped  # the failures were counted
+    assert leaks(scraped) == []
 
 
 # -- the demo app, as a process ----------------------------------------------------------------

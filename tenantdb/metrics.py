@@ -1,0 +1,251 @@
+"""Prometheus metrics: every tenantdb metric, in a registry of the middleware's own.
+
+The only module that imports ``prometheus_client``. The rest of tenantdb calls the small
+methods of ``Metrics`` (a counter here, a timer there); gauges that describe a state (the
+lease, the log lag) are read from the tenant's ``TenantDB`` when scraped, so they cannot go
+stale. Labels take bounded values only: ``tenant`` (one per machine), an outcome, a state,
+an object kind or an exception class name.
+
+Served by ``serve()`` on its own port (``TENANTDB_METRICS_PORT``), which Fly scrapes when
+``fly.toml`` declares it in ``[metrics]`` (https://fly.io/docs/monitoring/metrics/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Literal, Protocol
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["Metrics", "MetricsServer", "RoutingOutcome", "WatchedTenant"]
+
+log = logging.getLogger("tenantdb")
+
+RoutingOutcome = Literal["local", "replay", "cached_replay", "proxied_body", "404", "413", "503"]
+Lookup = Literal["dns", "api"]
+Uploaded = Literal["segment", "snapshot"]
+
+# From a local-disk round trip to a slow S3 upload or restore.
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class WatchedTenant(Protocol):
+    """What the scrape reads from the tenant's database (``TenantDB`` is one)."""
+
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    def generation(self) -> int: ...
+    def log_lag(self) -> float: ...
+
+
+class _TenantCollector(Collector):
+    """Lease state, generation and log lag, read at scrape time."""
+
+    def __init__(self, tdb: WatchedTenant, states: Sequence[str]) -> None:
+        self._tdb = tdb
+        self._states = states
+
+    def collect(self) -> Iterable[Metric]:
+        tdb = self._tdb
+        state = GaugeMetricFamily(
+            "tenantdb_lease_state",
+            "1 for the state the tenant is in on this machine, 0 for the others",
+            labels=["tenant", "state"],
+        )
+        for name in self._states:
+            state.add_metric([tdb.tenant, name], 1.0 if tdb.state == name else 0.0)
+        yield state
+        generation = GaugeMetricFamily(
+            "tenantdb_lease_generation",
+            "generation (fencing token) of the lease this machine holds or last held, 0 if none",
+            labels=["tenant"],
+        )
+        generation.add_metric([tdb.tenant], float(tdb.generation()))
+        yield generation
+        lag = GaugeMetricFamily(
+            "tenantdb_log_lag_seconds",
+            "age of the oldest commit not yet published in the bucket, 0 when none",
+            labels=["tenant"],
+        )
+        lag.add_metric([tdb.tenant], tdb.log_lag())
+        yield lag
+
+
+class Metrics:
+    """tenantdb's metrics for one middleware (or one ``TenantDB``); no I/O until ``serve``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._shipped_bytes = Counter(
+            "tenantdb_shipped_bytes", "bytes of log segments published", registry=r
+        )
+        self._shipped_segments = Counter(
+            "tenantdb_shipped_segments", "log segments published", registry=r
+        )
+        self._publish = Histogram(
+            "tenantdb_publish_seconds",
+            "duration of each conditional write (CAS) of lock.json",
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self._upload = Histogram(
+            "tenantdb_upload_seconds",
+            "duration of each upload of a log segment or a snapshot",
+            ["object"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self._restore = Histogram(
+            "tenantdb_restore_seconds", "duration of each restore", buckets=_BUCKETS, registry=r
+        )
+        self._checkpoint = Histogram(
+            "tenantdb_checkpoint_seconds",
+            "duration of each checkpoint (full snapshot published as the log's base)",
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self._held = Gauge(
+            "tenantdb_gate_held_responses",
+            "responses held by the output gate until their writes are in the bucket",
+            registry=r,
+        )
+        self._gate_wait = Histogram(
+            "tenantdb_gate_wait_seconds",
+            "how long the output gate held a response",
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self._gate_outcomes = Counter(
+            "tenantdb_gate_responses",
+            "responses held by the output gate, by outcome (durable or 503)",
+            ["outcome"],
+            registry=r,
+        )
+        self._routing = Counter(
+            "tenantdb_routing_decisions",
+            "requests for a tenant path, by what the middleware did with them",
+            ["outcome"],
+            registry=r,
+        )
+        self._lookup = Histogram(
+            "tenantdb_lookup_seconds",
+            "duration of each lookup of a tenant's machine, by source (dns, api)",
+            ["source"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self._bucket_errors = Counter(
+            "tenantdb_bucket_errors",
+            "failed bucket requests, by error class",
+            ["kind"],
+            registry=r,
+        )
+
+    def watch(self, tdb: WatchedTenant, states: Sequence[str]) -> None:
+        """Report ``tdb``'s lease state (one of ``states``), generation and log lag."""
+        self.registry.register(_TenantCollector(tdb, states))
+
+    def text(self) -> str:
+        """The metrics in Prometheus's text format (what a scrape gets)."""
+        return generate_latest(self.registry).decode()
+
+    def shipped(self, size: int, segments: int) -> None:
+        """Count segments (and their bytes) that a CAS of lock.json published."""
+        self._shipped_bytes.inc(size)
+        self._shipped_segments.inc(segments)
+
+    @contextmanager
+    def timing(
+        self, what: Literal["publish", "restore", "checkpoint"] | Uploaded
+    ) -> Iterator[None]:
+        """Time a publication, an upload, a restore or a checkpoint (failed ones too)."""
+        histogram = {
+            "publish": self._publish,
+            "restore": self._restore,
+            "checkpoint": self._checkpoint,
+        }.get(what)
+        timer = (histogram or self._upload.labels(what)).time()
+        with timer:
+            yield
+
+    @contextmanager
+    def lookup(self, source: Lookup) -> Iterator[None]:
+        """Time a lookup of a tenant's machine."""
+        with self._lookup.labels(source).time():
+            yield
+
+    @contextmanager
+    def gate_holding(self) -> Iterator[None]:
+        """Count a response as held (and time it) while the output gate waits."""
+        self._held.inc()
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self._held.dec()
+            self._gate_wait.observe(time.monotonic() - started)
+
+    def gate_outcome(self, durable: bool) -> None:
+        """Count a held response released (durable) or refused (503)."""
+        self._gate_outcomes.labels("durable" if durable else "503").inc()
+
+    def routed(self, outcome: RoutingOutcome) -> None:
+        """Count a routing decision."""
+        self._routing.labels(outcome).inc()
+
+    def bucket_error(self, exc: BaseException) -> None:
+        """Count a failed bucket request by its ``StorageError`` subclass."""
+        self._bucket_errors.labels(type(exc).__name__).inc()
+
+
+class MetricsServer:
+    """The metrics endpoint (``GET /metrics``) on its own port, in a thread of its own."""
+
+    def __init__(self, metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:
+        self.metrics = metrics
+        self.port = port
+        self.host = host
+        self._server: WSGIServer | None = None
+
+    async def __aenter__(self) -> MetricsServer:
+        try:
+            server, _thread = start_http_server(
+                self.port, self.host, registry=self.metrics.registry
+            )
+        except OSError as exc:
+            # Metrics are not worth refusing the tenant for: on one computer several
+            # servers share the default port, and only the first one gets it.
+            log.warning(
+                "tenantdb: no metrics: cannot listen on port %d (%s); set "
+                "TENANTDB_METRICS_PORT to a free port, or 0 to serve none",
+                self.port,
+                exc,
+            )
+            return self
+        self._server = server
+        log.info("tenantdb: metrics on http://%s:%d/metrics", self.host, self.port)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            # shutdown() waits for the serving thread's next poll (up to half a second).
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()

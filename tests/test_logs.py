@@ -1,0 +1,89 @@
+"""Log lines: key=value (quoted where needed) or JSON, one per event, tenant and generation on
+every line of the tenantdb loggers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from tenantdb.errors import ConfigurationError
+from tenantdb.logs import JSONFormatter, KeyValueFormatter, follow, formatter
+
+# key=value pairs: a bare word or a JSON string.
+PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^\s"=\\]*)(?: |$)')
+
+
+def parse_key_values(line: str) -> dict[str, str]:
+    """The pairs of one key=value line (and nothing else in it)."""
+    pairs = PAIR.findall(line)
+    assert "".join(f"{k}={v} " for k, v in pairs).rstrip() == line
+    return {k: json.loads(v) if v.startswith('"') else v for k, v in pairs}
+
+
+@dataclass
+class Held:
+    tenant: str = "acme"
+    state: str = "serving"
+
+    def generation(self) -> int:
+        return 7
+
+    def log_lag(self) -> float:
+        return 0.0
+
+
+def record(
+    message: str, *args: object, name: str = "tenantdb", **extra: object
+) -> logging.LogRecord:
+    made = logging.LogRecord(name, logging.WARNING, __file__, 1, message, args, None)
+    made.__dict__.update(extra)
+    return made
+
+
+@pytest.fixture(autouse=True)
+def followed() -> object:
+    follow(Held())
+    yield
+    follow(None)
+
+
+def test_key_value_lines_quote_what_needs_it_and_carry_tenant_and_generation() -> None:
+    line = KeyValueFormatter().format(record('tenant %s: "lease" lost\nfor=good', "acme"))
+    assert "\n" not in line
+    fields = parse_key_values(line)
+    assert fields["event"] == 'tenant acme: "lease" lost\nfor=good'
+    assert (fields["level"], fields["logger"]) == ("warning", "tenantdb")
+    assert (fields["tenant"], fields["generation"]) == ("acme", "7")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", fields["time"])
+
+
+def test_json_lines_parse_and_carry_tenant_and_generation() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = record("publish failed")
+        failed.exc_info = sys.exc_info()
+    line = JSONFormatter().format(failed)
+    assert "\n" not in line
+    fields = json.loads(line)
+    assert (fields["tenant"], fields["generation"]) == ("acme", "7")
+    assert fields["event"].startswith("publish failed\nTraceback")
+
+
+def test_a_record_about_another_tenant_says_so() -> None:
+    fields = json.loads(JSONFormatter().format(record("routing failed", tenant="beta")))
+    assert (fields["tenant"], fields["generation"]) == ("beta", "")
+    other = parse_key_values(KeyValueFormatter().format(record("GET /", name="uvicorn")))
+    assert (other["tenant"], other["generation"]) == ("", "")
+
+
+def test_the_format_is_chosen_by_the_environment() -> None:
+    assert isinstance(formatter({}), KeyValueFormatter)
+    assert isinstance(formatter({"TENANTDB_LOG_FORMAT": "JSON"}), JSONFormatter)
+    with pytest.raises(ConfigurationError, match="TENANTDB_LOG_FORMAT='xml'"):
+        formatter({"TENANTDB_LOG_FORMAT": "xml"})
