@@ -463,6 +463,12 @@ def _dev(args: argparse.Namespace) -> int:
         env=dict(args.env),
     )
     configure_logging()
+    # The machines' lines are formatted already: shown as they are, after the machine's name.
+    relay = logging.StreamHandler()
+    relay.setFormatter(logging.Formatter("%(message)s"))
+    machine_lines = logging.getLogger("tenantdb.dev.machine")
+    machine_lines.addHandler(relay)
+    machine_lines.propagate = False
     # One line per request from the proxy's HTTP client would drown the replay lines.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:

@@ -100,7 +100,11 @@ def formatter(env: Mapping[str, str] | None = None) -> logging.Formatter:
 
 
 def configure_logging(level: int = logging.INFO, env: Mapping[str, str] | None = None) -> None:
-    """Send the root logger's records to stderr, one line each in the chosen format."""
+    """Send the root logger's records to stderr, one line each in the chosen format.
+
+    Does nothing if the root logger has handlers already: the application (or whoever ran
+    it, at DEBUG say) configured logging itself.
+    """
     handler = logging.StreamHandler()
     handler.setFormatter(formatter(env))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[handler])
