@@ -86,6 +86,11 @@ class LogPointer:
     merged: tuple[tuple[int, int, int], ...] = ()
     inline: tuple[str, ...] = field(default=(), repr=False)
 
+    @classmethod
+    def empty(cls, base: int, state: str, db_pages: int) -> LogPointer:
+        """A log with no segment yet (the next is ``base``) on a database in ``state``."""
+        return cls(base, base - 1, state, db_pages, (), now_iso())
+
     @property
     def inline_from(self) -> int:
         """The index of the oldest segment lock.json carries inline (tail + 1: none)."""

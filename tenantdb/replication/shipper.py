@@ -31,7 +31,7 @@ from tenantdb.errors import (
     TenantDBError,
 )
 from tenantdb.lease import Lease
-from tenantdb.lockfile import INLINE_MAX_BYTES, LockRecord, LogChunk, LogPointer, now_iso
+from tenantdb.lockfile import INLINE_MAX_BYTES, LockRecord, LogChunk, LogPointer
 from tenantdb.metrics import Metrics
 from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
 from tenantdb.replication.compaction import merge_segments, next_merge
@@ -94,7 +94,11 @@ def open_connection(path: Path) -> sqlite3.Connection:
 
 def empty_log(hashes: PageHashes) -> LogPointer:
     """A log with no segment yet, on top of a database whose pages ``hashes`` describes."""
-    return LogPointer(1, 0, format_state(hashes.state), hashes.db_pages, (), now_iso())
+    return LogPointer.empty(1, format_state(hashes.state), hashes.db_pages)
+
+
+def _succeeded(task: asyncio.Task[None]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
 
 
 def _chunks_within(log: LogPointer, first: int, last: int) -> list[LogChunk]:
@@ -118,7 +122,7 @@ class _Built:
     def append_to(self, log: LogPointer | None) -> LogPointer:
         """``log`` with this segment at its tail; ReplicationError if it does not follow."""
         state = format_state(self.hashes.state)
-        base = log or LogPointer(1, 0, self.prev_state, self.prev_pages, (), now_iso())
+        base = log or LogPointer.empty(1, self.prev_state, self.prev_pages)
         if base.tail != self.index - 1 or base.state != self.prev_state:
             raise ReplicationError(
                 f"segment {self.key} does not follow lock.json's log (tail {base.tail})",
@@ -450,7 +454,7 @@ class Shipper:
     def _upload(self, key: str, body: bytes) -> asyncio.Task[None]:
         """The upload of a log object, started now unless running or done."""
         upload = self._uploads.get(key)
-        if upload is None or (upload.done() and (upload.cancelled() or upload.exception())):
+        if upload is None or (upload.done() and not _succeeded(upload)):
             upload = asyncio.get_running_loop().create_task(self._put_once(key, body))
             upload.add_done_callback(retrieve_exception)
             self._uploads[key] = upload
@@ -458,12 +462,7 @@ class Shipper:
 
     def _uploaded(self, key: str) -> bool:
         upload = self._uploads.get(key)
-        return (
-            upload is not None
-            and upload.done()
-            and not upload.cancelled()
-            and not (upload.exception())
-        )
+        return upload is not None and _succeeded(upload)
 
     async def _advance(self, batch: list[_Built]) -> None:
         """Append segments to the log in one CAS (it fences them): they are published.
@@ -703,9 +702,7 @@ class Shipper:
             # to be published, nothing can be shipped on top of either.
             self._needs_snapshot = True
             index = self._peek_index()
-            pointer = LogPointer(
-                index, index - 1, format_state(hashes.state), hashes.db_pages, (), now_iso()
-            )
+            pointer = LogPointer.empty(index, format_state(hashes.state), hashes.db_pages)
             await publish_snapshot(
                 self.lease,
                 self.lease.bucket,
