@@ -31,7 +31,7 @@ from tenantdb.replication.checksum import PageHashes, database_page_size, format
 from tenantdb.replication.history import Base, History, SegmentEntry, read_history
 from tenantdb.replication.restore import apply_segment, fetch_segment, restore_database
 from tenantdb.replication.segment import Segment, chunk_key
-from tenantdb.snapshot import install_database, temp_restore_path
+from tenantdb.snapshot import check_download, install_database, temp_restore_path
 from tenantdb.storage.base import Bucket
 
 __all__ = ["Progress", "RestoredPoint", "restore_at"]
@@ -204,6 +204,11 @@ class _Walk:
             info = await self.bucket.download_file(key, tmp)
         if info.size != size or tmp.stat().st_size != size:
             raise ReplicationError(f"snapshot {key} changed size while being read", key=key)
+        record = self.history.record
+        if record is not None and record.snapshot is not None and record.snapshot.key == key:
+            # Only lock.json records a sha256, of its current snapshot; the pages of any
+            # snapshot are checked by the first segment's prev_state and by quick_check.
+            await asyncio.to_thread(check_download, record.snapshot, tmp)
         self._advance(size)
 
     def _advance(self, size: int) -> None:
