@@ -25,7 +25,8 @@ Every error tenantdb raises on purpose is a ``TenantDBError``::
     └── RoutingError                  finding the machine of another tenant
         ├── DNSLookupError            the DNS server timed out or failed
         ├── MachinesAPIError          the Fly Machines API failed or answered nonsense (status)
-        └── NoMachineError            nothing anywhere serves the tenant
+        ├── NoMachineError            nothing anywhere serves the tenant
+        └── MoveError                 a tenant's move to another region stopped (kept machines)
 
 Messages never contain credentials: tenantdb builds them from keys, tenant ids and
 status codes only.
@@ -48,6 +49,7 @@ __all__ = [
     "LocalDiskError",
     "LockFileCorruptError",
     "MachinesAPIError",
+    "MoveError",
     "NoMachineError",
     "ObjectNotFoundError",
     "ObjectTooLargeError",
@@ -251,3 +253,16 @@ class MachinesAPIError(RoutingError):
 
 class NoMachineError(RoutingError):
     """No machine serves the tenant, running or stopped."""
+
+
+class MoveError(RoutingError):
+    """Moving a tenant to another machine stopped part way; no machine was destroyed.
+
+    ``kept`` lists the ids of the tenant's machines left in place, ``step`` the step that
+    failed, and the message what to do next.
+    """
+
+    def __init__(self, message: str, *, tenant: str, step: str, kept: tuple[str, ...]) -> None:
+        self.step = step
+        self.kept = kept
+        super().__init__(message, tenant=tenant)
