@@ -142,7 +142,18 @@ async def move_tenant(
     Raises ``MoveError`` (both machines kept) when a step fails.
     """
     report(f"creating a copy of machine {old.id} in {region} ...")
-    new = await client.copy_machine(old.id, region=region, name=f"{tenant}-{region}")
+    try:
+        new = await client.copy_machine(old.id, region=region, name=f"{tenant}-{region}")
+    except MachinesAPIError as exc:
+        raise MoveError(
+            f"move of tenant {tenant} stopped: creating the copy failed ({exc}). Machine "
+            f"{old.id} still serves the tenant. A copy may exist all the same (an answer "
+            f"can be lost): check `tenantdb machines list --tenant {tenant}` and destroy "
+            "any new machine before trying again.",
+            tenant=tenant,
+            step="create",
+            kept=(old.id,),
+        ) from exc
     kept = (old.id, new.id)
 
     def failed(step: str, problem: str, advice: str) -> MoveError:

@@ -30,7 +30,7 @@ from tenantdb.cli_common import (
     tenant_arg,
 )
 from tenantdb.config import Settings
-from tenantdb.errors import TenantDBError
+from tenantdb.errors import InvalidTenantError, TenantDBError
 from tenantdb.lease import Lease, ObservedLock
 from tenantdb.replication.restore import restore_database
 from tenantdb.storage import Bucket, open_bucket
@@ -142,19 +142,24 @@ class TenantStatus:
 _STATUS_HEADER = ("TENANT", "HOLDER", "REGION", "GEN", "LEASE", "TAIL", "LOG AGE", "SNAPSHOT")
 
 
-def _settings() -> Settings:
-    return Settings.from_env()
-
-
 async def list_tenants(bucket: Bucket, prefix: str) -> list[str]:
     """Every tenant with a lock.json under ``prefix``, sorted (one LIST of the prefix)."""
     pattern = re.compile(re.escape(prefix) + r"([^/]+)/lock\.json")
     tenants = []
     for info in await bucket.list(prefix):
         match = pattern.fullmatch(info.key)
-        if match is not None:
+        # A directory that is not a tenant id was not written by tenantdb: not a tenant.
+        if match is not None and _is_tenant(match.group(1)):
             tenants.append(match.group(1))
     return sorted(tenants)
+
+
+def _is_tenant(name: str) -> bool:
+    try:
+        validate_tenant(name)
+    except InvalidTenantError:
+        return False
+    return True
 
 
 async def read_status(bucket: Bucket, tenant: str, *, prefix: str) -> TenantStatus | None:
@@ -183,7 +188,7 @@ def _configure_status(parser: argparse.ArgumentParser) -> None:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = Settings.from_env()
     prefix = settings.prefix
     async with open_bucket(settings) as bucket:
         tenants = args.tenants or await list_tenants(bucket, prefix)
@@ -196,7 +201,7 @@ async def _status(args: argparse.Namespace) -> int:
                 except TenantDBError as exc:
                     return exc
 
-        results = await asyncio.gather(*(one(validate_tenant(t)) for t in tenants))
+        results = await asyncio.gather(*(one(t) for t in tenants))
     code = EXIT_OK
     found: list[TenantStatus] = []
     for tenant, result in zip(tenants, results, strict=True):
@@ -242,7 +247,7 @@ async def _restore(args: argparse.Namespace) -> int:
     if not dest.parent.is_dir():
         err(f"error: directory {dest.parent} does not exist")
         return EXIT_FAILURE
-    settings = _settings()
+    settings = Settings.from_env()
     async with open_bucket(settings) as bucket:
         await _restore_latest(bucket, args.tenant, dest, prefix=settings.prefix)
     err(f"restored tenant {args.tenant} to {dest} ({format_size(dest.stat().st_size)})")
@@ -267,7 +272,7 @@ def _configure_verify(parser: argparse.ArgumentParser) -> None:
 
 
 async def _verify(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = Settings.from_env()
     with tempfile.TemporaryDirectory(prefix="tenantdb-verify-") as scratch:
         dest = Path(scratch) / f"{args.tenant}.sqlite3"
         async with open_bucket(settings) as bucket:

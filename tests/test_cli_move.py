@@ -253,3 +253,22 @@ def test_move_refuses_the_region_it_is_in(
     assert main(["machines", "move", "acme", "--region", "ams"]) == 1
     assert f"machine {machine} of tenant acme is in ams already" in capsys.readouterr().err
     assert fly.calls("POST") == []
+
+
+def test_a_failed_copy_stops_the_move_before_anything_else(
+    fly: FakeMachinesAPI, operator: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = fly.add("acme")
+
+    def on_create(fake: FakeMachinesAPI, machine: dict[str, Any]) -> None:
+        raise RuntimeError("the create landed, its answer is a 500")
+
+    fly.on_create = on_create
+    assert main(["machines", "move", "acme", "--region", "fra"]) == 1
+    err = capsys.readouterr().err
+    assert "creating the copy failed" in err
+    assert "HTTP 500" in err
+    assert f"Machine {old} still serves the tenant" in err
+    assert "tenantdb machines list --tenant acme" in err
+    assert [r for r in fly.requests if r.path.endswith("/stop")] == []
+    assert fly.calls("DELETE") == []
