@@ -42,6 +42,7 @@ from tenantdb.lockfile import LockRecord
 from tenantdb.metrics import Metrics
 from tenantdb.pool import ConnectionPool
 from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
+from tenantdb.replication.history import record_takeover
 from tenantdb.replication.restore import restore_database
 from tenantdb.replication.shipper import CONNECTION_PRAGMAS, Shipper
 from tenantdb.snapshot import file_sha256, remove_stray_temp_files
@@ -359,6 +360,9 @@ class TenantDB:
 
     async def _become_holder(self) -> None:
         lease = self.lease
+        # Before anything of this generation is uploaded: it tells point-in-time restores
+        # which of the earlier generations' uploads were published.
+        await record_takeover(lease)
         hashes = await self._prepare_local_file(lease.previous)
         self._shipper = Shipper(
             lease,

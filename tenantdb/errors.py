@@ -21,6 +21,7 @@ Every error tenantdb raises on purpose is a ``TenantDBError``::
     │   └── LockFileCorruptError      lock.json is not something tenantdb can trust
     ├── SnapshotError                 a snapshot cannot be made or restored (key)
     ├── ReplicationError              the incremental log cannot be read, written or applied (key)
+    │   └── PointInTimeError          that moment cannot be restored exactly (at, earliest)
     ├── DurabilityError               a committed write did not reach the bucket in time (tenant)
     └── RoutingError                  finding the machine of another tenant
         ├── DNSLookupError            the DNS server timed out or failed
@@ -33,6 +34,8 @@ status codes only.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 __all__ = [
     "AccessDeniedError",
@@ -53,6 +56,7 @@ __all__ = [
     "NoMachineError",
     "ObjectNotFoundError",
     "ObjectTooLargeError",
+    "PointInTimeError",
     "PreconditionFailedError",
     "ReplicationError",
     "RoutingError",
@@ -204,6 +208,20 @@ class ReplicationError(TenantDBError):
     def __init__(self, message: str, *, key: str = "") -> None:
         self.key = key
         super().__init__(message)
+
+
+class PointInTimeError(ReplicationError):
+    """The database as it was at ``at`` cannot be restored exactly.
+
+    ``earliest`` is the oldest moment the bucket's history can restore (None: none).
+    """
+
+    def __init__(
+        self, message: str, *, at: datetime, earliest: datetime | None, key: str = ""
+    ) -> None:
+        self.at = at
+        self.earliest = earliest
+        super().__init__(message, key=key)
 
 
 class DurabilityError(TenantDBError):

@@ -26,10 +26,10 @@ from tenantdb.errors import (
     PreconditionFailedError,
     TenantDBError,
 )
-from tenantdb.lockfile import LOCK_MAX_BYTES, LockRecord, LogPointer, SnapshotRef
+from tenantdb.lockfile import LOCK_MAX_BYTES, LockRecord, LogPointer, SnapshotName, SnapshotRef
 from tenantdb.storage.base import Bucket, ObjectInfo
 
-__all__ = ["Lease", "ObservedLock"]
+__all__ = ["Lease", "ObservedLock", "read_lock"]
 
 log = logging.getLogger("tenantdb.lease")
 
@@ -47,6 +47,19 @@ class ObservedLock:
 
     record: LockRecord
     info: ObjectInfo
+
+
+async def read_lock(bucket: Bucket, tenant: str, key: str) -> ObservedLock | None:
+    """Read and check ``lock.json`` at ``key``: None only on a definite 404 (a new tenant)."""
+    try:
+        obj = await bucket.get(key, max_size=LOCK_MAX_BYTES)
+    except ObjectNotFoundError:
+        return None
+    except ObjectTooLargeError as exc:
+        raise LockFileCorruptError(
+            tenant=tenant, key=key, reason=f"{exc.size} bytes, not a lock"
+        ) from exc
+    return ObservedLock(LockRecord.parse(obj.body, tenant=tenant, key=key), obj.info)
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,7 @@ class Lease:
         self.region = region
         self.ttl = ttl
         self.claim = claim or secrets.token_hex(8)
+        self.prefix = prefix
         self.key = f"{prefix}{tenant}/lock.json"
         self.snapshot_prefix = f"{prefix}{tenant}/snapshots/"
         self.status: LeaseStatus = "unheld"
@@ -115,16 +129,7 @@ class Lease:
 
     async def read(self) -> ObservedLock | None:
         """Read ``lock.json``: None only on a definite 404 (a new tenant)."""
-        try:
-            obj = await self.bucket.get(self.key, max_size=LOCK_MAX_BYTES)
-        except ObjectNotFoundError:
-            return None
-        except ObjectTooLargeError as exc:
-            raise LockFileCorruptError(
-                tenant=self.tenant, key=self.key, reason=f"{exc.size} bytes, not a lock"
-            ) from exc
-        record = LockRecord.parse(obj.body, tenant=self.tenant, key=self.key)
-        return ObservedLock(record, obj.info)
+        return await read_lock(self.bucket, self.tenant, self.key)
 
     def expires_in(self, observed: ObservedLock) -> float:
         """Seconds until an observed lease expires, judged on the bucket's clock.
@@ -217,13 +222,10 @@ class Lease:
         """Extend the lease by rewriting ``lock.json`` (a new ``seq``)."""
         return await self._update(lambda current: current)
 
-    def next_snapshot_key(self) -> str:
-        """A key no snapshot ever had: ``<generation>-<seq>-<random>``, sortable by age."""
-        current = self._held()
-        return (
-            f"{self.snapshot_prefix}{current.generation:08d}-{self._next_seq:08d}-"
-            f"{secrets.token_hex(8)}.sqlite3"
-        )
+    def next_snapshot_key(self, *, base: int, taken_ms: int) -> str:
+        """A key no snapshot ever had, sortable by age (see ``SnapshotName``)."""
+        name = SnapshotName(self._held().generation, self._next_seq, base, taken_ms)
+        return name.key(self.snapshot_prefix, secrets.token_hex(8))
 
     async def publish(self, snapshot: SnapshotRef, log: LogPointer | None) -> LockRecord:
         """Point ``lock.json`` at an uploaded snapshot and its log (CAS); 412 means fenced."""
@@ -238,11 +240,16 @@ class Lease:
         """
         return await self._update(lambda current: replace(current, log=change(current.log)))
 
-    async def release(self) -> None:
-        """Give the lease up after the final publish: ``owner`` becomes null."""
+    async def release(self, *, last_owner: str | None = None) -> None:
+        """Give the lease up after the final publish: ``owner`` becomes null.
+
+        ``last_owner`` (a routing hint for the tenant's stopped machine) is this machine,
+        unless another is named: a holder that is not a machine of the app names one.
+        """
         self._releasing = True
+        hint = last_owner or self.machine_id
         await self._update(
-            lambda current: replace(current, owner=None, last_owner=self.machine_id, claim=None)
+            lambda current: replace(current, owner=None, last_owner=hint, claim=None)
         )
 
     def _held(self) -> LockRecord:

@@ -27,6 +27,7 @@ __all__ = [
     "LockRecord",
     "LogChunk",
     "LogPointer",
+    "SnapshotName",
     "SnapshotRef",
     "now_iso",
 ]
@@ -47,6 +48,49 @@ class SnapshotRef:
     sha256: str
     size: int
     published_at: str
+
+
+# <generation>-<seq>[-<base>-<taken_ms>][-<random>].sqlite3 (keys made before point-in-time
+# restores existed have no base and time).
+_SNAPSHOT_NAME = re.compile(
+    r"(\d{1,12})-(\d{1,12})(?:-(\d{1,15})-(\d{1,15}))?-([0-9a-f]{1,64})\.sqlite3"
+)
+
+
+@dataclass(frozen=True)
+class SnapshotName:
+    """What a snapshot's key says: who made it, when, and where the log goes on from it."""
+
+    generation: int
+    # lock.json's seq when the key was made: a holder's later snapshots have higher ones.
+    seq: int
+    # The index of the first segment that applies on top of the snapshot.
+    base: int | None = None
+    # Unix milliseconds once the copy was made: it holds every commit before this.
+    taken_ms: int | None = None
+
+    def key(self, snapshot_prefix: str, unique: str) -> str:
+        """The bucket key for this name under ``snapshot_prefix``; ``unique`` is random hex."""
+        if self.base is None or self.taken_ms is None:
+            raise ValueError("new snapshot keys carry their base and time")
+        return (
+            f"{snapshot_prefix}{self.generation:08d}-{self.seq:08d}-"
+            f"{self.base:012d}-{self.taken_ms:013d}-{unique}.sqlite3"
+        )
+
+    @classmethod
+    def parse(cls, key: str) -> SnapshotName | None:
+        """The name in a snapshot key, or None if tenantdb did not make it."""
+        match = _SNAPSHOT_NAME.fullmatch(key.rsplit("/", 1)[-1])
+        if match is None:
+            return None
+        base, taken = match[3], match[4]
+        return cls(
+            int(match[1]),
+            int(match[2]),
+            None if base is None else int(base),
+            None if taken is None else int(taken),
+        )
 
 
 @dataclass(frozen=True)

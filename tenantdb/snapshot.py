@@ -1,4 +1,4 @@
-"""Consistent SQLite snapshots: make, verify, upload, publish, restore, prune.
+"""Consistent SQLite snapshots: make, verify, upload, publish, restore.
 
 A snapshot is made with SQLite's online backup API from a connection to the live
 database, so rows still in the WAL are included and writers are never blocked. It is
@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import sqlite3
 import uuid
 from collections.abc import Iterator
@@ -51,8 +50,6 @@ _log = logging.getLogger("tenantdb.snapshot")
 _CHUNK = 1 << 20
 _TEMP_SNAPSHOT = ".snapshot-"
 _TEMP_RESTORE = ".restore-"
-# <generation>-<seq>[-<random>].sqlite3: the random part makes every key new.
-_SNAPSHOT_NAME = re.compile(r"(\d+)-(\d+)(?:-[0-9a-f]+)?\.sqlite3")
 
 
 @dataclass(frozen=True)
@@ -140,18 +137,19 @@ async def publish_snapshot(
     copy: Path,
     *,
     log: LogPointer,
-    retention: int,
+    taken_ms: int,
 ) -> LockRecord:
-    """Upload a snapshot copy to a new immutable key, CAS ``lock.json`` onto it, prune.
+    """Upload a snapshot copy to a new immutable key, then CAS ``lock.json`` onto it.
 
-    ``log`` is the pointer the snapshot starts: no segments yet, and the state of the copy.
-    A 412 on the CAS raises ``LeaseLostError``: the uploaded object is then an orphan.
+    ``log`` is the pointer the snapshot starts: no segments yet, and the state of the copy;
+    ``taken_ms`` is when the copy was made (Unix ms), after every commit it holds. A 412 on
+    the CAS raises ``LeaseLostError``: the uploaded object is then an orphan. Old snapshots
+    are the garbage collector's (see ``replication.history``).
     """
-    key = lease.next_snapshot_key()
+    key = lease.next_snapshot_key(base=log.base, taken_ms=taken_ms)
     snap = await _upload_while_checking(bucket, key, copy)
     record = await lease.publish(SnapshotRef(key, snap.sha256, snap.size, now_iso()), log)
     _log.info("tenant %s: published snapshot %s (%d bytes)", lease.tenant, key, snap.size)
-    await _prune(lease, bucket, retention)
     return record
 
 
@@ -207,31 +205,6 @@ async def _delete_unpublished(bucket: Bucket, key: str) -> None:
         await bucket.delete(key)
     except StorageError as exc:
         _log.warning("could not delete the unpublished snapshot %s: %s", key, exc)
-
-
-async def _prune(lease: Lease, bucket: Bucket, retention: int) -> None:
-    # Only the holder prunes, right after its own publish, and never the current snapshot.
-    if lease.status != "held":
-        return
-    try:
-        objects = await bucket.list(lease.snapshot_prefix)
-    except StorageError as exc:
-        _log.warning("tenant %s: could not list snapshots to prune: %s", lease.tenant, exc)
-        return
-    current = lease.record.snapshot.key if lease.record and lease.record.snapshot else None
-
-    def order(key: str) -> tuple[int, int]:
-        match = _SNAPSHOT_NAME.fullmatch(key.rsplit("/", 1)[-1])
-        return (int(match[1]), int(match[2])) if match else (0, 0)
-
-    keys = sorted((obj.key for obj in objects), key=order)
-    for key in keys[: max(0, len(keys) - retention)]:
-        if key == current:
-            continue
-        try:
-            await bucket.delete(key)
-        except StorageError as exc:
-            _log.warning("tenant %s: could not delete old snapshot %s: %s", lease.tenant, key, exc)
 
 
 def temp_restore_path(db_path: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -24,17 +25,20 @@ from tenantdb.snapshot import (
 from tenantdb.storage.base import Bucket
 
 
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 async def publish(
-    lease: Lease, bucket: Bucket, source: sqlite3.Connection, work_dir: Path, *, retention: int
+    lease: Lease, bucket: Bucket, source: sqlite3.Connection, work_dir: Path
 ) -> LockRecord:
     """Copy the live database and publish the copy as a snapshot with an empty log."""
     copy = temp_snapshot_path(work_dir)
     try:
         copy_database(source, copy)
         hashes = PageHashes.of_file(copy, database_page_size(copy))
-        return await publish_snapshot(
-            lease, bucket, copy, log=empty_log(hashes), retention=retention
-        )
+        log = empty_log(hashes)
+        return await publish_snapshot(lease, bucket, copy, log=log, taken_ms=now_ms())
     finally:
         copy.unlink(missing_ok=True)
 
@@ -97,10 +101,11 @@ async def test_publish_then_restore_round_trips_the_data(bucket: Bucket, tmp_pat
     lease = await held_lease(bucket)
     writer = live_wal_database(tmp_path / "live.sqlite3", 1000)
     source = sqlite3.connect(tmp_path / "live.sqlite3", check_same_thread=False)
-    record = await publish(lease, bucket, source, tmp_path, retention=5)
+    record = await publish(lease, bucket, source, tmp_path)
     assert record.snapshot is not None
     assert re.fullmatch(
-        r"tenants/acme/snapshots/00000001-00000002-[0-9a-f]{16}\.sqlite3", record.snapshot.key
+        r"tenants/acme/snapshots/00000001-00000002-000000000001-\d{13}-[0-9a-f]{16}\.sqlite3",
+        record.snapshot.key,
     )
     assert list(tmp_path.glob(".snapshot-*")) == []
 
@@ -119,7 +124,7 @@ async def test_corrupt_snapshot_is_refused_and_nothing_changes(
     lease = await held_lease(bucket)
     writer = live_wal_database(tmp_path / "live.sqlite3", 200)
     source = sqlite3.connect(tmp_path / "live.sqlite3", check_same_thread=False)
-    record = await publish(lease, bucket, source, tmp_path, retention=5)
+    record = await publish(lease, bucket, source, tmp_path)
     assert record.snapshot is not None
     key = record.snapshot.key
     original = tmp_path / "original"
@@ -153,28 +158,12 @@ async def test_missing_snapshot_object_is_a_clear_error_naming_the_key(
     lease = await held_lease(bucket)
     writer = live_wal_database(tmp_path / "live.sqlite3", 10)
     source = sqlite3.connect(tmp_path / "live.sqlite3", check_same_thread=False)
-    record = await publish(lease, bucket, source, tmp_path, retention=5)
+    record = await publish(lease, bucket, source, tmp_path)
     assert record.snapshot is not None
     await bucket.delete(record.snapshot.key)
     with pytest.raises(SnapshotError, match="missing") as error:
         await restore(bucket, record, tmp_path / "acme.sqlite3")
     assert record.snapshot.key in str(error.value)
     assert not (tmp_path / "acme.sqlite3").exists()
-    writer.close()
-    source.close()
-
-
-async def test_retention_keeps_the_newest_snapshots(bucket: Bucket, tmp_path: Path) -> None:
-    lease = await held_lease(bucket)
-    writer = live_wal_database(tmp_path / "live.sqlite3", 1)
-    source = sqlite3.connect(tmp_path / "live.sqlite3", check_same_thread=False)
-    published = []
-    for i in range(5):
-        writer.execute("INSERT INTO t (v) VALUES (?)", (f"more {i}",))
-        record = await publish(lease, bucket, source, tmp_path, retention=2)
-        assert record.snapshot is not None
-        published.append(record.snapshot.key)
-    remaining = [obj.key for obj in await bucket.list(lease.snapshot_prefix)]
-    assert remaining == published[-2:]
     writer.close()
     source.close()

@@ -28,7 +28,7 @@ from tenantdb.snapshot import (
 )
 from tenantdb.storage.base import Bucket
 
-__all__ = ["restore_database"]
+__all__ = ["apply_segment", "fetch_segment", "restore_database"]
 
 log = logging.getLogger("tenantdb.replication")
 
@@ -86,10 +86,12 @@ async def _apply_log(
             while len(fetches) < min(position + PREFETCH, len(keys)):
                 ahead = chunks[len(fetches)]
                 inline = None if ahead.merged else pointer.inline_segment(ahead.last)
-                fetches.append(asyncio.ensure_future(_fetch(bucket, keys[len(fetches)], inline)))
+                fetches.append(
+                    asyncio.ensure_future(fetch_segment(bucket, keys[len(fetches)], inline))
+                )
             segment = await fetches[position]
             hashes = await asyncio.to_thread(
-                _apply, segment, key, tmp, hashes, record.tenant, chunk
+                apply_segment, segment, key, tmp, hashes, record.tenant, chunk
             )
     finally:
         for task in fetches:
@@ -98,7 +100,7 @@ async def _apply_log(
     return hashes
 
 
-async def _fetch(bucket: Bucket, key: str, inline: bytes | None) -> Segment:
+async def fetch_segment(bucket: Bucket, key: str, inline: bytes | None) -> Segment:
     """The segment at ``key``, or the one lock.json carries inline in its place."""
     if inline is not None:
         return await asyncio.to_thread(decode_segment, inline, key=f"{key} (inline)")
@@ -113,7 +115,7 @@ async def _fetch(bucket: Bucket, key: str, inline: bytes | None) -> Segment:
     return await asyncio.to_thread(decode_segment, obj.body, key=key)
 
 
-def _apply(
+def apply_segment(
     segment: Segment, key: str, tmp: Path, hashes: PageHashes, tenant: str, chunk: LogChunk
 ) -> PageHashes:
     """Write one verified segment's pages into ``tmp``; return the hashes after it."""

@@ -10,6 +10,7 @@ module is its only reader and writer, and ``decode_segment`` trusts nothing it r
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -28,6 +29,7 @@ __all__ = [
     "SegmentHeader",
     "decode_segment",
     "encode_segment",
+    "parse_chunk_key",
     "segment_key",
 ]
 
@@ -93,6 +95,21 @@ def chunk_key(prefix: str, tenant: str, chunk: LogChunk) -> str:
     return (
         single.removesuffix(f"{chunk.last:012d}.seg") + f"{chunk.first:012d}-{chunk.last:012d}.seg"
     )
+
+
+_CHUNK_NAME = re.compile(r"log/(\d{8,})/(?:(\d{12,})-)?(\d{12,})\.seg")
+
+
+def parse_chunk_key(key: str) -> LogChunk | None:
+    """The log chunk a bucket key names (see ``chunk_key``), or None for any other key."""
+    match = _CHUNK_NAME.search(key)
+    if match is None or match.end() != len(key):
+        return None
+    generation, last = int(match[1]), int(match[3])
+    first = last if match[2] is None else int(match[2])
+    if generation < 1 or not 1 <= first <= last:
+        return None
+    return LogChunk(first, last, generation, merged=match[2] is not None)
 
 
 def encode_segment(segment: Segment, *, compress: bool = True) -> bytes:

@@ -36,6 +36,7 @@ from tenantdb.metrics import Metrics
 from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
 from tenantdb.replication.compaction import merge_segments, next_merge
 from tenantdb.replication.group_commit import GroupCommit, retrieve_exception
+from tenantdb.replication.history import SegmentEntry, SnapshotEntry, read_history
 from tenantdb.replication.segment import (
     Segment,
     SegmentHeader,
@@ -577,11 +578,11 @@ class Shipper:
             self._recent_bytes -= len(self._recent.pop(next(iter(self._recent))))
 
     async def collect_garbage(self) -> list[str]:
-        """Delete log objects lock.json no longer names, once older than the retention.
+        """Delete the objects no restore within the retention needs; return their keys.
 
         A merge or a snapshot replaces objects, a fenced holder leaves uploads no restore
-        reads: both are kept for ``retention`` (for point-in-time restores), then deleted.
-        Objects the current lock.json names are never deleted. Returns the deleted keys.
+        reads: ``History.expendable`` decides, keeping whatever a point-in-time restore to
+        any moment within ``retention`` uses and everything lock.json names.
         """
         async with self._lock:  # an object uploaded but not yet named is not garbage
             garbage = await self._find_garbage()
@@ -591,26 +592,21 @@ class Shipper:
         return garbage
 
     async def _find_garbage(self) -> list[str]:
-        tenant, bucket = self.lease.tenant, self.lease.bucket
-        objects = await bucket.list(f"{self.prefix}{tenant}/log/")
-        record = self.lease.record
-        if record is None or self.lease.status != "held":
+        if self.lease.record is None or self.lease.status != "held":
             return []
-        log_now = record.log
-        named = {chunk_key(self.prefix, tenant, c) for c in (log_now.chunks() if log_now else [])}
-        named |= self._uploads.keys()  # being uploaded, to be named by a CAS
+        history = await read_history(self.lease.bucket, self.lease.tenant, prefix=self.prefix)
         cutoff = datetime.now(UTC) - timedelta(seconds=self.retention)
-        garbage, kept = [], []
-        for info in objects:
-            if info.key in named:
-                continue
-            if info.last_modified < cutoff:
-                garbage.append(info.key)
-            else:
-                kept.append(info.last_modified)
+        garbage = [
+            key
+            for key in history.expendable(cutoff, keep_snapshots=self.snapshot_retention)
+            if key not in self._uploads  # being uploaded, to be named by a CAS
+        ]
         self._next_collection = None
-        if kept:  # look again once the youngest garbage is past the retention
-            due = (min(kept) - cutoff).total_seconds()
+        settled = history.named() | set(garbage)
+        objects: list[SnapshotEntry | SegmentEntry] = [*history.snapshots, *history.segments]
+        waiting = [o.last_modified for o in objects if o.key not in settled]
+        if waiting:  # look again once the oldest of them is past the retention
+            due = (min(waiting) - cutoff).total_seconds()
             self._next_collection = time.monotonic() + max(due, GC_INTERVAL)
         return garbage
 
@@ -698,6 +694,7 @@ class Shipper:
         copy = temp_snapshot_path(self.work_dir)
         try:
             position, hashes, at_end = await asyncio.to_thread(self._copy, copy)
+            taken_ms = int(time.time() * 1000)  # after the copy: every commit it holds
             # From here the shipper's position is the copy's: until the snapshot is known
             # to be published, nothing can be shipped on top of either.
             self._needs_snapshot = True
@@ -708,7 +705,7 @@ class Shipper:
                 self.lease.bucket,
                 copy,
                 log=pointer,
-                retention=self.snapshot_retention,
+                taken_ms=taken_ms,
             )
         finally:
             copy.unlink(missing_ok=True)

@@ -1,0 +1,415 @@
+"""A tenant's history in the bucket: what was published, when, and what retention may delete.
+
+``lock.json`` only says where the tenant stands now. Going back in time needs the immutable
+objects (snapshots, segments, merged segments) and which of them were ever published: a
+fenced holder leaves uploads that no ``lock.json`` ever named. Each holder therefore writes
+one *takeover record* (``history/<generation>.json``, ``If-None-Match: *``) right after it
+acquires the lease and before it uploads anything: the log tail and the snapshot of the lock
+it took over. Every object a generation wrote past the next takeover's tail (or a snapshot
+newer than the one that takeover found) was never published; everything else was, because a
+holder publishes in order and is only ever cut short at its end. The current generation is
+judged against ``lock.json`` itself.
+
+From this the module answers: which objects make up the history (``read_history``), from
+when a point-in-time restore can start (``History.restorable_from``), which objects a restore
+at a given time uses (``History.bases``), and which objects retention may delete
+(``History.expendable``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
+
+from tenantdb.errors import PreconditionFailedError, ReplicationError
+from tenantdb.lease import Lease, ObservedLock, read_lock
+from tenantdb.lockfile import LOCK_MAX_BYTES, LockRecord, SnapshotName
+from tenantdb.replication.segment import chunk_key, parse_chunk_key
+from tenantdb.storage.base import Bucket, ObjectInfo
+
+__all__ = [
+    "Base",
+    "History",
+    "SegmentEntry",
+    "SnapshotEntry",
+    "Takeover",
+    "read_history",
+    "record_takeover",
+    "takeover_key",
+]
+
+log = logging.getLogger("tenantdb.replication")
+
+# Takeover records read at once.
+_READ_AHEAD = 8
+_EPOCH = datetime.fromtimestamp(0, UTC)
+_CLOCK_SLACK = timedelta(seconds=1)
+
+
+def takeover_key(prefix: str, tenant: str, generation: int) -> str:
+    """The key of the takeover record of ``generation``."""
+    return f"{prefix}{tenant}/history/{generation:08d}.json"
+
+
+@dataclass(frozen=True)
+class Takeover:
+    """One acquisition of the lease: who took it, when, and where the log stood then."""
+
+    generation: int
+    owner: str | None
+    region: str | None
+    at: datetime
+    # The log tail and snapshot key of the lock.json this generation took over.
+    tail: int
+    snapshot: str | None
+    claim: str | None = None
+
+    def to_json(self) -> bytes:
+        """Serialize for the bucket."""
+        return json.dumps(
+            {
+                "generation": self.generation,
+                "owner": self.owner,
+                "region": self.region,
+                "at": self.at.isoformat(timespec="milliseconds"),
+                "tail": self.tail,
+                "snapshot": self.snapshot,
+                "claim": self.claim,
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def parse(cls, body: bytes, *, key: str) -> Takeover:
+        """Parse a takeover record; ``ReplicationError`` naming ``key`` if it is not one."""
+        try:
+            data = json.loads(body)
+            takeover = cls(
+                generation=data["generation"],
+                owner=data["owner"],
+                region=data["region"],
+                at=datetime.fromisoformat(data["at"]),
+                tail=data["tail"],
+                snapshot=data["snapshot"],
+                claim=data.get("claim"),
+            )
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+            raise ReplicationError(f"takeover record {key} is unreadable: {exc}", key=key) from exc
+        if not (
+            type(takeover.generation) is int
+            and type(takeover.tail) is int
+            and isinstance(takeover.snapshot, str | None)
+            and takeover.at.tzinfo is not None
+        ):
+            raise ReplicationError(f"takeover record {key} has fields of wrong types", key=key)
+        return takeover
+
+
+async def record_takeover(lease: Lease) -> Takeover:
+    """Write the takeover record of the generation ``lease`` holds; before any upload of it.
+
+    Idempotent for its holder: a record of this generation with this holder's claim (an
+    earlier attempt whose answer was lost) is accepted as it is.
+    """
+    record = lease.record
+    if record is None or lease.status != "held":
+        raise ReplicationError(f"tenant {lease.tenant}: no lease held to record")
+    previous = lease.previous
+    takeover = Takeover(
+        generation=record.generation,
+        owner=record.owner,
+        region=record.region,
+        at=datetime.now(UTC),
+        tail=previous.log.tail if previous and previous.log else 0,
+        snapshot=previous.snapshot.key if previous and previous.snapshot else None,
+        claim=record.claim,
+    )
+    key = takeover_key(lease.prefix, lease.tenant, record.generation)
+    try:
+        await lease.bucket.put(key, takeover.to_json(), if_none_match="*")
+    except PreconditionFailedError:
+        existing = Takeover.parse((await lease.bucket.get(key)).body, key=key)
+        if (existing.claim, existing.tail) != (takeover.claim, takeover.tail):
+            raise ReplicationError(
+                f"{key} exists and was not written by this holder: two holders of "
+                f"generation {record.generation}? Refusing to write under it",
+                key=key,
+            ) from None
+        return existing
+    return takeover
+
+
+@dataclass(frozen=True)
+class SnapshotEntry:
+    """A snapshot object in the bucket."""
+
+    key: str
+    size: int
+    last_modified: datetime
+    generation: int
+    seq: int
+    # The first segment index that applies on top of it, and when its copy was made: None
+    # for snapshots made before point-in-time restores existed.
+    base: int | None
+    taken_at: datetime | None
+    published: bool
+
+
+@dataclass(frozen=True)
+class SegmentEntry:
+    """A log object in the bucket: one segment, or a merged range ``first..last``."""
+
+    key: str
+    size: int
+    last_modified: datetime
+    generation: int
+    first: int
+    last: int
+    merged: bool
+    published: bool
+
+
+@dataclass(frozen=True)
+class Base:
+    """Where a restore can start: a snapshot (or an empty database) and the next index."""
+
+    snapshot: SnapshotEntry | None
+    index: int
+    taken_at: datetime
+
+
+@dataclass(frozen=True)
+class History:
+    """Everything the bucket holds of one tenant, each object marked published or not."""
+
+    tenant: str
+    prefix: str
+    lock: ObservedLock | None
+    snapshots: tuple[SnapshotEntry, ...]
+    segments: tuple[SegmentEntry, ...]
+    takeovers: tuple[Takeover, ...]
+
+    @property
+    def record(self) -> LockRecord | None:
+        """The current lock.json, if any."""
+        return self.lock.record if self.lock else None
+
+    def bases(self) -> list[Base]:
+        """Every published starting point of a restore, oldest first."""
+        found = [
+            Base(s, s.base, s.taken_at)
+            for s in self.snapshots
+            if s.published and s.base is not None and s.taken_at is not None
+        ]
+        # A tenant's log starts from an empty database: usable while segment 1 is kept.
+        if any(s.published and s.first == 1 for s in self.segments) or self._inline_from() == 1:
+            first = min((t.at for t in self.takeovers), default=_EPOCH)
+            found.append(Base(None, 1, first))
+        return sorted(found, key=lambda b: (b.taken_at, b.index))
+
+    def base_at(self, at: datetime) -> Base | None:
+        """The newest starting point made at or before ``at``."""
+        usable = [b for b in self.bases() if b.taken_at <= at]
+        return usable[-1] if usable else None
+
+    def restorable_from(self) -> datetime | None:
+        """The earliest time a point-in-time restore accepts (None: nothing restorable)."""
+        bases = self.bases()
+        return bases[0].taken_at if bases else None
+
+    def _inline_from(self) -> int | None:
+        record = self.record
+        if record is None or record.log is None or not record.log.inline:
+            return None
+        return record.log.inline_from
+
+    def named(self) -> set[str]:
+        """The keys the current lock.json names: never deleted."""
+        record = self.record
+        named: set[str] = set()
+        if record is not None:
+            if record.snapshot is not None:
+                named.add(record.snapshot.key)
+            if record.log is not None:
+                named |= {chunk_key(self.prefix, self.tenant, c) for c in record.log.chunks()}
+        return named
+
+    @cached_property
+    def _published_at(self) -> dict[int, list[SegmentEntry]]:
+        by_first: dict[int, list[SegmentEntry]] = {}
+        for entry in self.segments:
+            if entry.published:
+                by_first.setdefault(entry.first, []).append(entry)
+        return by_first
+
+    def pick(
+        self, index: int, at: datetime, *, avoid: frozenset[str] = frozenset()
+    ) -> SegmentEntry | None:
+        """The published object a restore as of ``at`` applies at ``index``, if any.
+
+        A merged object written by ``at`` (so every commit in it is older, as far as the
+        bucket's clock tells: the longest), else the single segment, else a merged object
+        written later. Keys in ``avoid`` are passed over.
+        """
+        entries = [e for e in self._published_at.get(index, []) if e.key not in avoid]
+        merged = sorted((e for e in entries if e.merged), key=lambda e: e.last, reverse=True)
+        early = [e for e in merged if e.last_modified <= at]
+        singles = sorted((e for e in entries if not e.merged), key=lambda e: e.generation)
+        if early:
+            return early[0]
+        if singles:
+            return singles[-1]
+        return merged[0] if merged else None
+
+    def expendable(self, cutoff: datetime, *, keep_snapshots: int) -> list[str]:
+        """Keys retention may delete: nothing any restore as of ``cutoff`` or later reads.
+
+        The newest published snapshot made at or before ``cutoff`` (the anchor) is kept,
+        with every object a restore from it reads at ``cutoff``: later restores read the
+        same ones or younger ones. Also kept: the ``keep_snapshots`` newest snapshots,
+        whatever lock.json names, and every object younger than ``cutoff``.
+        """
+        record = self.record
+        named = self.named()
+        anchor = self.base_at(cutoff)
+        # Last-Modified may be a second behind the write: count merges as a second younger.
+        needed = self._path(anchor.index if anchor else 1, cutoff - _CLOCK_SLACK)
+        newest = {
+            s.key
+            for s in sorted(
+                (s for s in self.snapshots if s.published),
+                key=lambda s: (s.generation, s.seq),
+            )[-keep_snapshots:]
+        }
+        if anchor is not None and anchor.snapshot is not None:
+            newest.add(anchor.snapshot.key)
+        gone: list[str] = []
+        kept_generations: list[int] = []
+        for snap in self.snapshots:
+            young = snap.last_modified >= cutoff
+            if snap.key in named or snap.key in newest or young:
+                kept_generations.append(snap.generation)
+            else:
+                gone.append(snap.key)  # unpublished, older than the anchor, or in between
+        for seg in self.segments:
+            if seg.key in named or seg.key in needed or seg.last_modified >= cutoff:
+                kept_generations.append(seg.generation)
+            else:
+                gone.append(seg.key)
+        # A takeover record classifies the objects of later generations: kept while any is.
+        oldest = min(kept_generations, default=record.generation if record else 0)
+        gone += [
+            takeover_key(self.prefix, self.tenant, t.generation)
+            for t in self.takeovers
+            if t.generation < oldest and t.at < cutoff
+        ]
+        return gone
+
+    def _path(self, index: int, at: datetime) -> set[str]:
+        """The keys a restore as of ``at`` from ``index`` reads, followed to the log's end."""
+        end = max((e.last for e in self.segments if e.published), default=0)
+        keys: set[str] = set()
+        while index <= end:
+            entry = self.pick(index, at)
+            if entry is None:
+                index += 1  # an index never published: a snapshot follows
+                continue
+            keys.add(entry.key)
+            index = entry.last + 1
+        return keys
+
+
+async def read_history(bucket: Bucket, tenant: str, *, prefix: str) -> History:
+    """List the tenant's objects, read its lock and takeover records, classify everything."""
+    root = f"{prefix}{tenant}/"
+    lock_key = f"{root}lock.json"
+    observed, objects = await asyncio.gather(read_lock(bucket, tenant, lock_key), bucket.list(root))
+    records = [o for o in objects if o.key.startswith(f"{root}history/")]
+    takeovers = tuple(sorted(await _read_takeovers(bucket, records), key=lambda t: t.generation))
+    limits = _Limits(takeovers, observed.record if observed else None)
+    snapshots: list[SnapshotEntry] = []
+    segments: list[SegmentEntry] = []
+    for info in objects:
+        rest = info.key.removeprefix(root)
+        if rest.startswith("snapshots/"):
+            if (entry := _snapshot_entry(info, limits)) is not None:
+                snapshots.append(entry)
+        elif rest.startswith("log/") and (chunk := parse_chunk_key(rest)) is not None:
+            published = chunk.last <= limits.tail(chunk.generation)
+            segments.append(
+                SegmentEntry(
+                    info.key,
+                    info.size,
+                    info.last_modified,
+                    chunk.generation,
+                    chunk.first,
+                    chunk.last,
+                    chunk.merged,
+                    published,
+                )
+            )
+    snapshots.sort(key=lambda s: (s.generation, s.seq, s.key))
+    segments.sort(key=lambda s: (s.first, s.last, s.generation))
+    return History(tenant, prefix, observed, tuple(snapshots), tuple(segments), takeovers)
+
+
+async def _read_takeovers(bucket: Bucket, infos: Sequence[ObjectInfo]) -> list[Takeover]:
+    gate = asyncio.Semaphore(_READ_AHEAD)
+
+    async def read(key: str) -> Takeover:
+        async with gate:
+            return Takeover.parse((await bucket.get(key, max_size=LOCK_MAX_BYTES)).body, key=key)
+
+    return list(await asyncio.gather(*(read(info.key) for info in infos)))
+
+
+class _Limits:
+    """What each generation published: up to where the next takeover (or lock.json) found."""
+
+    def __init__(self, takeovers: Sequence[Takeover], record: LockRecord | None) -> None:
+        self._takeovers = takeovers
+        self._record = record
+
+    def _limit(self, generation: int) -> tuple[int, str | None] | None:
+        for takeover in self._takeovers:
+            if takeover.generation > generation:
+                return takeover.tail, takeover.snapshot
+        record = self._record
+        if record is None or generation > record.generation:
+            return None
+        tail = record.log.tail if record.log else 0
+        return tail, record.snapshot.key if record.snapshot else None
+
+    def tail(self, generation: int) -> int:
+        """The highest log index ``generation`` published (-1: none can be known)."""
+        limit = self._limit(generation)
+        return limit[0] if limit else -1
+
+    def published_snapshot(self, name: SnapshotName) -> bool:
+        """Whether the snapshot named ``name`` was ever named by lock.json."""
+        limit = self._limit(name.generation)
+        found = SnapshotName.parse(limit[1]) if limit and limit[1] else None
+        # A holder publishes its snapshots in order: all up to the last one published.
+        return found is not None and found.generation == name.generation and name.seq <= found.seq
+
+
+def _snapshot_entry(info: ObjectInfo, limits: _Limits) -> SnapshotEntry | None:
+    name = SnapshotName.parse(info.key)
+    if name is None:
+        return None
+    taken = None if name.taken_ms is None else datetime.fromtimestamp(name.taken_ms / 1000, UTC)
+    return SnapshotEntry(
+        info.key,
+        info.size,
+        info.last_modified,
+        name.generation,
+        name.seq,
+        name.base,
+        taken,
+        limits.published_snapshot(name),
+    )

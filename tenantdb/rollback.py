@@ -1,0 +1,113 @@
+"""Roll a tenant back: publish its database as of an earlier moment as a new generation.
+
+The one operator action that changes a tenant. It takes the lease like any machine (so it
+is refused while a live machine holds it, unless asked to wait), records its takeover,
+restores the moment with ``restore_at``, publishes the result as a new snapshot whose log
+continues after the current tail, and releases the lease. Nothing is deleted: the history
+after that moment stays restorable until retention removes it, and the next machine to
+start restores the rolled-back state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from tenantdb.config import Settings
+from tenantdb.errors import ConfigurationError, LeaseHeldError, LeaseLostError
+from tenantdb.lease import Lease
+from tenantdb.lockfile import LogPointer
+from tenantdb.replication.history import record_takeover
+from tenantdb.replication.pitr import Progress, RestoredPoint, restore_at
+from tenantdb.snapshot import publish_snapshot, temp_snapshot_path
+from tenantdb.storage.base import Bucket
+
+__all__ = ["RollbackResult", "rollback"]
+
+log = logging.getLogger("tenantdb")
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    """What a rollback published."""
+
+    generation: int
+    restored: RestoredPoint
+    snapshot: str
+
+
+async def rollback(
+    settings: Settings,
+    bucket: Bucket,
+    to: datetime,
+    *,
+    wait: bool = False,
+    progress: Progress | None = None,
+    work_dir: Path | None = None,
+) -> RollbackResult:
+    """Publish ``settings.tenant``'s database as of ``to`` as its newest state.
+
+    Raises ``LeaseHeldError`` while another machine holds the lease, unless ``wait``: then
+    it waits for the lease to be released or to expire.
+    """
+    tenant = settings.tenant
+    if tenant is None:
+        raise ConfigurationError("no tenant to roll back: name one", variable="TENANT_ID")
+    lease = Lease(
+        bucket,
+        tenant,
+        machine_id=f"rollback@{socket.gethostname()}",
+        region=settings.fly_region,
+        ttl=settings.lease_ttl,
+        prefix=settings.prefix,
+    )
+    await _acquire(lease, wait=wait)
+    renewing = asyncio.get_running_loop().create_task(lease.keep_renewed())
+    directory = work_dir or Path.cwd()
+    copy = temp_snapshot_path(directory)
+    try:
+        await record_takeover(lease)
+        restored = await restore_at(bucket, tenant, copy, prefix=settings.prefix, at=to)
+        previous = lease.previous
+        # The log goes on after every index used so far: the history past ``to`` stays.
+        base = previous.log.tail + 1 if previous and previous.log else 1
+        pointer = LogPointer.empty(base, restored.state, restored.db_pages)
+        record = await publish_snapshot(
+            lease, bucket, copy, log=pointer, taken_ms=int(time.time() * 1000)
+        )
+        # Routing keeps pointing at the tenant's machine, not at this command.
+        hint = (previous.last_owner or previous.owner) if previous else None
+        await lease.release(last_owner=hint)
+    finally:
+        renewing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewing
+        copy.unlink(missing_ok=True)
+    if record.snapshot is None:
+        raise LeaseLostError(f"tenant {tenant}: the rollback was not published", tenant=tenant)
+    log.info(
+        "tenant %s: rolled back to %s as generation %d (%s)",
+        tenant,
+        restored.at,
+        record.generation,
+        record.snapshot.key,
+    )
+    return RollbackResult(record.generation, restored, record.snapshot.key)
+
+
+async def _acquire(lease: Lease, *, wait: bool) -> None:
+    while True:
+        try:
+            await lease.acquire()
+            return
+        except LeaseHeldError as held:
+            if not wait:
+                raise
+            log.info("tenant %s: waiting for %s to give up the lease", lease.tenant, held.owner)
+            await asyncio.sleep(min(max(held.expires_in, 0.2), lease.ttl / 3))
