@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import io
 import json
+import os
+import pty
 import sqlite3
 import subprocess
 import sys
@@ -271,3 +273,235 @@ def test_times_parse_to_utc(text: str, expected: datetime) -> None:
 def test_bad_times_are_usage_errors(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         time_arg(text)
+
+
+# --- point in time: restore --at, history, rollback ---
+
+
+async def two_batches(bucket: Bucket, tmp_path: Path) -> datetime:
+    """50 rows, then (after the returned moment) 50 more, by a stopped machine m1."""
+    async with tenant(tmp_path, bucket) as tdb:
+        await write(tdb, 1)
+        await asyncio.sleep(0.05)
+        between = datetime.now(UTC)
+        await asyncio.sleep(0.05)
+        await write(tdb, 1)
+    return between
+
+
+async def test_restore_at_a_past_moment(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    between = await two_batches(bucket, tmp_path)
+    then, now = tmp_path / "then.sqlite3", tmp_path / "now.sqlite3"
+    code, _, err = await run("restore", "acme", "-o", str(then), "--at", between.isoformat())
+    assert code == 0, err
+    assert rows_in(then) == 50
+    code, _, _ = await run("restore", "acme", "-o", str(now))
+    assert rows_in(now) == 100
+    code, _, err = await run("restore", "acme", "-o", str(tmp_path / "x.sqlite3"), "--at", "1d")
+    assert code == 1
+    assert "cannot be restored as of" in err
+    assert "its history starts at" in err
+    assert not (tmp_path / "x.sqlite3").exists()
+
+
+@pytest.mark.parametrize(
+    "verb",
+    [
+        ["restore", "acme", "-o", "x.sqlite3", "--at"],
+        ["verify", "acme", "--at"],
+        ["rollback", "acme", "-y", "--to"],
+    ],
+)
+async def test_a_bad_time_is_a_usage_error(
+    bucket: Bucket, cli_env: dict[str, str], verb: list[str]
+) -> None:
+    before = await snapshot_of_bucket(bucket)
+    code, out, err = await run(*verb, "last tuesday")
+    assert code == 2
+    assert out == ""
+    assert "'last tuesday' is not a time" in err
+    assert await snapshot_of_bucket(bucket) == before
+
+
+async def test_history_lists_snapshots_segments_and_takeovers(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    async with tenant(tmp_path, bucket, machine="m1") as tdb:
+        await write(tdb, 2)
+        await tdb.checkpoint()
+        await write(tdb, 1)
+    async with tenant(tmp_path, bucket, machine="m2") as tdb:
+        await write(tdb, 2)
+    code, out, _ = await run("history", "acme", "--json")
+    assert code == 0
+    history = json.loads(out)
+    assert [(t["generation"], t["owner"]) for t in history["takeovers"]] == [(1, "m1"), (2, "m2")]
+    assert {s["generation"] for s in history["segments"]} == {1, 2}
+    assert all(s["published"] for s in history["segments"])
+    assert any(s["published"] and s["base"] for s in history["snapshots"])
+    assert all(s["key"].startswith("tenants/acme/") for s in history["segments"])
+    assert datetime.fromisoformat(history["restorable_from"]) <= datetime.now(UTC)
+    code, out, _ = await run("history", "acme")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("tenant acme: restorable from 20")
+    for title in ("snapshots:", "log segments:", "takeovers:"):
+        assert title in lines
+    assert any(line.startswith("log/00000002/") for line in lines)
+    code, out, _ = await run("status", "acme", "--json")
+    [status] = json.loads(out)
+    assert status["restorable_from"] == history["restorable_from"]
+
+
+async def test_history_of_a_missing_tenant_fails(bucket: Bucket, cli_env: dict[str, str]) -> None:
+    code, _, err = await run("history", "acme")
+    assert code == 1
+    assert "nothing under tenants/acme/" in err
+
+
+async def rows_served(bucket: Bucket, tmp_path: Path, machine: str) -> int:
+    """The rows a machine that starts now serves."""
+    async with (
+        tenant(tmp_path, bucket, machine=machine) as tdb,
+        tdb.connection() as db,
+        db.execute("SELECT count(*) FROM hits") as cursor,
+    ):
+        row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_rollback_publishes_the_past_as_the_newest_state(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    between = await two_batches(bucket, tmp_path)
+    after = datetime.now(UTC)
+    code, out, err = await run("rollback", "acme", "--to", between.isoformat(), "-y")
+    assert code == 0, err
+    assert out.startswith("rolled tenant acme back as of ")
+    assert "generation 2" in out
+    assert await rows_served(bucket, tmp_path, "m3") == 50
+    # Nothing was deleted: the moment after the second batch is still restorable.
+    later = tmp_path / "later.sqlite3"
+    code, _, _ = await run("restore", "acme", "-o", str(later), "--at", after.isoformat())
+    assert code == 0
+    assert rows_in(later) == 100
+
+
+async def test_rollback_refuses_while_a_machine_holds_the_lease(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    between = await two_batches(bucket, tmp_path)
+    async with tenant(tmp_path, bucket, machine="m2") as tdb:
+        before = await snapshot_of_bucket(bucket)
+        code, out, err = await run("rollback", "acme", "--to", between.isoformat(), "--yes")
+        assert code == 1
+        assert out == ""
+        assert "held by machine m2" in err
+        assert "--wait" in err
+        assert await snapshot_of_bucket(bucket) == before
+        assert tdb.serving
+
+
+async def test_rollback_with_wait_takes_over_once_the_holder_stops(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    between = await two_batches(bucket, tmp_path)
+    tdb = tenant(tmp_path, bucket, machine="m2")
+    await tdb.start(standby=False)
+    err = io.StringIO()
+
+    def roll_back() -> int:
+        with contextlib.redirect_stderr(err):
+            return main(["rollback", "acme", "--to", between.isoformat(), "-y", "--wait"])
+
+    rolling = asyncio.ensure_future(asyncio.to_thread(roll_back))
+    for _ in range(200):
+        if "waiting for machine m2" in err.getvalue():
+            break
+        await asyncio.sleep(0.05)
+    assert "waiting for machine m2 to release the lease" in err.getvalue()
+    assert not rolling.done()
+    await tdb.stop()  # a graceful stop releases the lease: the rollback takes it at once
+    assert await asyncio.wait_for(rolling, 30) == 0, err.getvalue()
+    assert await rows_served(bucket, tmp_path, "m3") == 50
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("stdin", "answer"), [(io.StringIO, ""), (_Terminal, "n\n")])
+async def test_rollback_asks_first(
+    bucket: Bucket,
+    cli_env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stdin: type[io.StringIO],
+    answer: str,
+) -> None:
+    between = await two_batches(bucket, tmp_path)
+    monkeypatch.setattr(sys, "stdin", stdin(answer))
+    before = await snapshot_of_bucket(bucket)
+    code, out, err = await run("rollback", "acme", "--to", between.isoformat())
+    assert code == 1
+    assert out == ""
+    if stdin is _Terminal:
+        assert "Roll tenant acme back to " in err
+        assert "aborted" in err
+    else:
+        assert "pass --yes" in err
+    assert await snapshot_of_bucket(bucket) == before
+
+
+# --- progress bars ---
+
+
+def run_with_stderr_on_a_terminal(argv: list[str], env: dict[str, str]) -> tuple[int, bytes]:
+    """Run ``argv`` with its stderr on a pseudo-terminal; its exit code and what it drew."""
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary
+    )
+    os.close(secondary)
+    drawn = bytearray()
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # EIO: every writer of the terminal is gone
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(primary)
+    return proc.wait(60), bytes(drawn)
+
+
+async def test_a_restore_draws_a_progress_bar_on_a_terminal_only(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    async with tenant(tmp_path, bucket) as tdb:
+        await write(tdb, 5, rows=400)
+    env = {**subprocess_env, **cli_env}
+    command = [sys.executable, "-m", "tenantdb.cli", "restore", "acme", "-o"]
+    code, drawn = await asyncio.to_thread(
+        run_with_stderr_on_a_terminal, [*command, str(tmp_path / "tty.sqlite3")], env
+    )
+    assert code == 0, drawn
+    assert b"restoring acme" in drawn
+    assert b"\x1b[" in drawn  # drawn, then erased: a terminal's control sequences
+    piped = await asyncio.to_thread(
+        subprocess.run,
+        [*command, str(tmp_path / "pipe.sqlite3")],
+        env=env,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert piped.returncode == 0
+    assert piped.stdout == b""
+    [line] = piped.stderr.decode().splitlines()
+    assert line.startswith("tenantdb: restored tenant acme as of ")
+    assert "\x1b" not in piped.stderr.decode()
