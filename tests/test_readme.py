@@ -32,7 +32,7 @@ FENCE_RE = re.compile(r"^```(\w*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 ENV_RE = re.compile(r"[A-Z_][A-Z0-9_]*=\S*")
 README_PORTS = re.compile(r"127\.0\.0\.1:(8000|8080)")
 # tenantdb commands that only read the bucket: run against the README's own tenants.
-BUCKET_READERS = ("status", "restore", "verify")
+BUCKET_READERS = ("status", "history", "restore", "verify")
 
 
 def readme_blocks() -> list[tuple[str, str]]:
