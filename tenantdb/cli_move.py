@@ -17,8 +17,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tenantdb.cli_common import EXIT_FAILURE, EXIT_OK, err, fly_settings, out, positive_int
-from tenantdb.cli_common import tenant_arg as _tenant_arg
+from tenantdb.cli_common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    err,
+    fly_settings,
+    out,
+    positive_int,
+    tenant_arg,
+)
 from tenantdb.cli_tenants import TenantStatus, read_status
 from tenantdb.errors import MachinesAPIError, MoveError, TenantDBError
 from tenantdb.routing.machines_api import Machine, MachinesClient
@@ -68,7 +75,7 @@ def configure_move(
         "machines are kept and the error says what to do. Needs the bucket's settings "
         "(BUCKET_NAME and the AWS_* variables) besides the Fly ones.",
     )
-    move.add_argument("tenant", type=_tenant_arg, metavar="TENANT", help="tenant id")
+    move.add_argument("tenant", type=tenant_arg, metavar="TENANT", help="tenant id")
     move.add_argument("--region", type=_region, required=True, help="the Fly region to move to")
     move.add_argument(
         "--start-timeout",

@@ -14,7 +14,6 @@ import re
 import sqlite3
 import sys
 import tempfile
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +35,12 @@ from tenantdb.cli_common import (
 )
 from tenantdb.cli_progress import transfer_progress
 from tenantdb.config import Settings
-from tenantdb.errors import InvalidTenantError, LeaseHeldError, TenantDBError
+from tenantdb.errors import (
+    IntegrityCheckError,
+    InvalidTenantError,
+    LeaseHeldError,
+    TenantDBError,
+)
 from tenantdb.lease import Lease, ObservedLock, read_lock
 from tenantdb.replication.history import History, read_history
 from tenantdb.replication.pitr import RestoredPoint, restore_at
@@ -47,7 +51,6 @@ from tenantdb.tenants import validate_tenant
 __all__ = [
     "TENANT_COMMANDS",
     "TenantStatus",
-    "VerifyFailedError",
     "list_tenants",
     "read_status",
 ]
@@ -56,18 +59,6 @@ __all__ = [
 # stay far below any bucket's request rate limits.
 _PARALLEL_READS = 8
 LeaseState = Literal["held", "expired", "released"]
-
-
-class VerifyFailedError(TenantDBError):
-    """A restored tenant failed SQLite's ``PRAGMA integrity_check``."""
-
-    def __init__(self, *, tenant: str, problems: Sequence[str]) -> None:
-        self.tenant = tenant
-        self.problems = tuple(problems)
-        super().__init__(
-            f"tenant {tenant}: integrity_check found {len(problems)} problem(s): "
-            + "; ".join(problems[:5])
-        )
 
 
 @dataclass(frozen=True)
@@ -462,7 +453,7 @@ async def _verify(args: argparse.Namespace) -> int:
             return EXIT_FAILURE
         problems = await asyncio.to_thread(_integrity_problems, dest)
     if problems:
-        raise VerifyFailedError(tenant=args.tenant, problems=problems)
+        raise IntegrityCheckError(tenant=args.tenant, problems=problems)
     err(f"tenant {args.tenant}: ok {_as_of(point)}, integrity_check passed")
     return EXIT_OK
 

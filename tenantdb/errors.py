@@ -20,6 +20,7 @@ Every error tenantdb raises on purpose is a ``TenantDBError``::
     │   ├── LeaseLostError            fenced: a newer holder exists, stop writing
     │   └── LockFileCorruptError      lock.json is not something tenantdb can trust
     ├── SnapshotError                 a snapshot cannot be made or restored (key)
+    ├── IntegrityCheckError           a restored database fails PRAGMA integrity_check (problems)
     ├── ReplicationError              the incremental log cannot be read, written or applied (key)
     │   └── PointInTimeError          that moment cannot be restored exactly (at, earliest)
     ├── DurabilityError               a committed write did not reach the bucket in time (tenant)
@@ -35,6 +36,7 @@ status codes only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "DNSLookupError",
     "DataDirLockedError",
     "DurabilityError",
+    "IntegrityCheckError",
     "InvalidTenantError",
     "LeaseError",
     "LeaseHeldError",
@@ -200,6 +203,21 @@ class SnapshotError(TenantDBError):
     def __init__(self, message: str, *, key: str = "") -> None:
         self.key = key
         super().__init__(message)
+
+
+class IntegrityCheckError(TenantDBError):
+    """A tenant's restored database fails SQLite's ``PRAGMA integrity_check``.
+
+    ``problems`` are the check's own lines (the first five are in the message).
+    """
+
+    def __init__(self, *, tenant: str, problems: Sequence[str]) -> None:
+        self.tenant = tenant
+        self.problems = tuple(problems)
+        super().__init__(
+            f"tenant {tenant}: integrity_check found {len(self.problems)} problem(s): "
+            + "; ".join(self.problems[:5])
+        )
 
 
 class ReplicationError(TenantDBError):

@@ -236,6 +236,29 @@ async def test_verify_names_a_damaged_segment(
     assert err.startswith("tenantdb: error: verify acme:")
 
 
+async def test_verify_runs_the_full_integrity_check(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    async with tenant(tmp_path, bucket) as tdb:
+        await write(tdb, 1)
+        async with tdb.connection() as db:
+            # An index declared in the other order than it was built: quick_check (which
+            # every restore runs) passes, integrity_check finds every row missing from it.
+            await db.execute("CREATE INDEX hits_note ON hits (note)")
+            await db.execute("PRAGMA writable_schema = ON")
+            await db.execute(
+                "UPDATE sqlite_master SET sql = 'CREATE INDEX hits_note ON hits (note DESC)' "
+                "WHERE name = 'hits_note'"
+            )
+            await db.commit()
+        await tdb.sync()
+    code, out, err = await run("verify", "acme")
+    assert code == 1
+    assert out == ""
+    assert err.startswith("tenantdb: error: tenant acme: integrity_check found ")
+    assert "row 1 missing from index hits_note" in err
+
+
 async def test_verify_of_a_missing_tenant_fails(
     bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
