@@ -115,6 +115,10 @@ async def _move(args: argparse.Namespace) -> int:
         if old.region == args.region:
             err(f"error: machine {old.id} of tenant {args.tenant} is in {args.region} already")
             return EXIT_FAILURE
+        problem = await _lock_problem(bucket, args.tenant, old, settings.prefix)
+        if problem:
+            err(f"error: {problem}; nothing was changed")
+            return EXIT_FAILURE
         started = time.monotonic()
         new = await move_tenant(
             client,
@@ -131,6 +135,27 @@ async def _move(args: argparse.Namespace) -> int:
         f"{new.id} ({new.region or args.region}) in {time.monotonic() - started:.1f}s"
     )
     return EXIT_OK
+
+
+async def _lock_problem(bucket: Bucket, tenant: str, old: Machine, prefix: str) -> str:
+    """Why the bucket cannot show this move's handoff ("" if it can).
+
+    Checked before anything changes: a move watched in the wrong bucket would stop the old
+    machine and then wait in vain.
+    """
+    status = await read_status(bucket, tenant, prefix=prefix)
+    if status is None:
+        return (
+            f"the {bucket.kind} bucket has no {prefix}{tenant}/lock.json: set BUCKET_NAME and "
+            "the AWS_* variables to the app's bucket (`fly storage list`)"
+        )
+    owner = status.observed.record.owner
+    if owner not in (None, old.id):
+        return (
+            f"{prefix}{tenant}/lock.json names machine {owner} as holder, not {old.id}: "
+            "is this the app's bucket, and TENANTDB_PREFIX its prefix?"
+        )
+    return ""
 
 
 async def move_tenant(

@@ -163,10 +163,35 @@ def operator(
     return env
 
 
+def holder_settings(tmp_path: Path, machine: str) -> Settings:
+    """Settings of machine ``machine`` of tenant acme on the operator's local bucket."""
+    return Settings(
+        tenant="acme",
+        machine_id=machine,
+        data_dir=tmp_path / machine,
+        local_bucket_dir=tmp_path / "bucket",
+        lease_ttl=30,
+    )
+
+
+def released_by(tmp_path: Path, machine: str) -> None:
+    """Give tenant acme a lock.json, released by ``machine`` (which the fake then stops)."""
+
+    async def start_and_stop() -> None:
+        async with TenantDB(holder_settings(tmp_path, machine)):
+            pass
+
+    asyncio.run(start_and_stop())
+
+
 def test_a_machine_that_does_not_start_leaves_both_machines(
-    fly: FakeMachinesAPI, operator: dict[str, str], capsys: pytest.CaptureFixture[str]
+    fly: FakeMachinesAPI,
+    operator: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    old = fly.add("acme")  # no on_create: the copy stays "created"
+    released_by(tmp_path, "oldmachine")
+    old = fly.add("acme", machine_id="oldmachine")  # no on_create: the copy stays "created"
     code = main(["machines", "move", "acme", "--region", "fra", "--start-timeout", "2"])
     out, err = capsys.readouterr()
     assert code == 1
@@ -186,21 +211,13 @@ async def test_a_lease_that_does_not_move_leaves_both_machines(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    settings = Settings(
-        tenant="acme",
-        machine_id="oldmachine",
-        data_dir=tmp_path / "old",
-        local_bucket_dir=tmp_path / "bucket",
-        lease_ttl=30,
-    )
-
     def on_create(fake: FakeMachinesAPI, machine: dict[str, Any]) -> None:
         machine["state"] = "started"
 
     fly.on_create = on_create
     fly.on_stop = lambda fake, machine_id: None  # the stop never reaches the holder
     fly.add("acme", machine_id="oldmachine")
-    async with TenantDB(settings):
+    async with TenantDB(holder_settings(tmp_path, "oldmachine")):
         argv = ["machines", "move", "acme", "--region", "fra", "--handoff-timeout", "2"]
         code = await asyncio.to_thread(main, argv)
     _, err = capsys.readouterr()
@@ -256,9 +273,13 @@ def test_move_refuses_the_region_it_is_in(
 
 
 def test_a_failed_copy_stops_the_move_before_anything_else(
-    fly: FakeMachinesAPI, operator: dict[str, str], capsys: pytest.CaptureFixture[str]
+    fly: FakeMachinesAPI,
+    operator: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    old = fly.add("acme")
+    released_by(tmp_path, "oldmachine")
+    old = fly.add("acme", machine_id="oldmachine")
 
     def on_create(fake: FakeMachinesAPI, machine: dict[str, Any]) -> None:
         raise RuntimeError("the create landed, its answer is a 500")
@@ -272,3 +293,29 @@ def test_a_failed_copy_stops_the_move_before_anything_else(
     assert "tenantdb machines list --tenant acme" in err
     assert [r for r in fly.requests if r.path.endswith("/stop")] == []
     assert fly.calls("DELETE") == []
+
+
+def test_move_refuses_a_bucket_without_the_tenant_before_changing_anything(
+    fly: FakeMachinesAPI, operator: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fly.add("acme")
+    assert main(["machines", "move", "acme", "--region", "fra"]) == 1
+    err = capsys.readouterr().err
+    assert "the local bucket has no tenants/acme/lock.json: set BUCKET_NAME" in err
+    assert "nothing was changed" in err
+    assert [r.method for r in fly.requests] == ["GET"]
+
+
+async def test_move_refuses_a_bucket_whose_holder_is_another_machine(
+    fly: FakeMachinesAPI,
+    operator: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fly.add("acme", machine_id="oldmachine")
+    async with TenantDB(holder_settings(tmp_path, "elsewhere")):
+        code = await asyncio.to_thread(main, ["machines", "move", "acme", "--region", "fra"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "names machine elsewhere as holder, not oldmachine" in err
+    assert [r.method for r in fly.requests] == ["GET"]
