@@ -27,6 +27,7 @@ import asyncio
 import collections
 import sqlite3
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,6 @@ from bench.common import MiB, Request, S3Server, fill_database, machine
 BUCKET = "bench-lease-ops"
 PART = 8 * MiB  # S3Bucket's default part size
 THRESHOLD = 16 * MiB  # S3Bucket's default multipart threshold
-RETENTION = 2
 
 
 @dataclass
@@ -105,7 +105,6 @@ async def measure(s3: S3Server, rounds: int, size: int, work: Path) -> list[Oper
         secret_access_key=Secret("testing"),
         machine_id="bench-machine",
         checkpoint_interval=0,
-        snapshot_retention=RETENTION,
     )
     async with open_bucket(settings) as bucket:
         await bucket.put("warm-up", b"x")  # the client's first connection, outside the counts
@@ -114,18 +113,19 @@ async def measure(s3: S3Server, rounds: int, size: int, work: Path) -> list[Oper
             record("acquire (new tenant)", 2, await counted(lease.acquire))
             record("renew", 1, await counted(lease.renew))
             snapshot_size = 0
-            for publish in range(RETENTION + 1):
+            for publish in range(2):
 
                 async def publish_once(lease: Lease = lease) -> None:
-                    await publish_snapshot(lease, bucket, copy, log=copy_log, retention=RETENTION)
+                    await publish_snapshot(
+                        lease, bucket, copy, log=copy_log, taken_ms=int(time.time() * 1000)
+                    )
 
                 uploads, rest = split(await counted(publish_once))
                 snapshot_size = lease.record.snapshot.size if lease.record.snapshot else 0
                 if publish == 0:
                     record("publish: snapshot upload", upload_minimum(snapshot_size), uploads)
-                    record("publish: lease + retention (first)", 2, rest)
-                elif publish == RETENTION:
-                    record("publish: lease + retention (pruning 1)", 3, rest)
+                # Old snapshots are the garbage collector's, not the publisher's.
+                record(f"publish: lease CAS ({'first' if publish == 0 else 'again'})", 1, rest)
             record("release", 1, await counted(lease.release))
             again = Lease(bucket, lease.tenant, machine_id="m2", region="local", ttl=15)
             record("acquire (released tenant)", 2, await counted(again.acquire))
@@ -146,11 +146,11 @@ async def measure(s3: S3Server, rounds: int, size: int, work: Path) -> list[Oper
                     await db.commit()
                 await tdb.stop()
 
-            # acquire (GET + PUT), then at stop the CAS that appends the segment, carrying it
-            # (PUT), its object uploaded beside (PUT), then the release (PUT): a new tenant
-            # needs no snapshot.
+            # acquire (GET + PUT), the takeover record (PUT), then at stop the CAS that
+            # appends the segment, carrying it (PUT), its object uploaded beside (PUT), then
+            # the release (PUT): a new tenant needs no snapshot.
             requests = await counted(new_tenant_lifecycle)
-            record("lifecycle: new tenant start+stop", 2 + 1 + 1 + 1, requests)
+            record("lifecycle: new tenant start+stop", 2 + 1 + 1 + 1 + 1, requests)
             second = TenantDB(
                 settings.with_overrides(
                     tenant=tenant, data_dir=work / f"m2-{n}", machine_id="bench-machine-2"
@@ -163,9 +163,11 @@ async def measure(s3: S3Server, rounds: int, size: int, work: Path) -> list[Oper
                 await tdb.start(standby=False)
                 await tdb.stop()  # nothing written: no publish, just the release
 
-            # acquire (GET + PUT) + release (PUT): the one segment rides in lock.json, which
-            # the acquire read anyway
-            record("lifecycle: cold start (restore)+stop", 2 + 1, await counted(restore_lifecycle))
+            # acquire (GET + PUT), the takeover record (PUT), release (PUT): the one segment
+            # rides in lock.json, which the acquire read anyway
+            record(
+                "lifecycle: cold start (restore)+stop", 2 + 1 + 1, await counted(restore_lifecycle)
+            )
     source.close()
     return list(ops.values())
 

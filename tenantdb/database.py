@@ -360,10 +360,16 @@ class TenantDB:
 
     async def _become_holder(self) -> None:
         lease = self.lease
-        # Before anything of this generation is uploaded: it tells point-in-time restores
-        # which of the earlier generations' uploads were published.
-        await record_takeover(lease)
-        hashes = await self._prepare_local_file(lease.previous)
+        # Before anything of this generation is uploaded (preparing the file uploads
+        # nothing): it tells point-in-time restores which earlier uploads were published.
+        recording = asyncio.ensure_future(record_takeover(lease))
+        try:
+            hashes = await self._prepare_local_file(lease.previous)
+        except BaseException:
+            recording.cancel()
+            await asyncio.gather(recording, return_exceptions=True)
+            raise
+        await recording
         self._shipper = Shipper(
             lease,
             self.path,

@@ -83,7 +83,6 @@ TENANT = "acme"
 PREFIX = "tenants/"
 LOCK_KEY = f"{PREFIX}{TENANT}/lock.json"
 TTL = 0.5
-RETENTION = 2
 # Past the holder's own TTL, short of the bucket's expiry (TTL plus a one-second margin).
 SHORT_PAUSE = TTL + 0.1
 # Past the bucket's expiry. S3's Last-Modified and Date have one-second resolution: an age
@@ -632,7 +631,7 @@ class World:
                 holder.bucket,
                 copy,
                 log=empty_log(hashes),
-                retention=RETENTION,
+                taken_ms=int(time.time() * 1000),
             )
         finally:
             copy.unlink(missing_ok=True)

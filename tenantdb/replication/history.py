@@ -270,15 +270,18 @@ class History:
         """Keys retention may delete: nothing any restore as of ``cutoff`` or later reads.
 
         The newest published snapshot made at or before ``cutoff`` (the anchor) is kept,
-        with every object a restore from it reads at ``cutoff``: later restores read the
-        same ones or younger ones. Also kept: the ``keep_snapshots`` newest snapshots,
-        whatever lock.json names, and every object younger than ``cutoff``.
+        with every object a restore from it reads, so that every moment from the anchor's
+        on stays restorable (``restorable_from``). Also kept: the ``keep_snapshots`` newest
+        snapshots, whatever lock.json names, and every object younger than ``cutoff``.
         """
         record = self.record
         named = self.named()
         anchor = self.base_at(cutoff)
-        # Last-Modified may be a second behind the write: count merges as a second younger.
-        needed = self._path(anchor.index if anchor else 1, cutoff - _CLOCK_SLACK)
+        start = anchor.index if anchor else 1
+        # Restores from the anchor's own time on read single segments; later ones read the
+        # merges made by then (Last-Modified may be a second early: count them a second late).
+        needed = self._path(start, (anchor.taken_at if anchor else _EPOCH) - _CLOCK_SLACK)
+        needed |= self._path(start, cutoff - _CLOCK_SLACK)
         newest = {
             s.key
             for s in sorted(

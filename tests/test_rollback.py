@@ -1,0 +1,79 @@
+"""Rollback: an earlier moment published as the tenant's newest state, history kept."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tenantdb.config import Settings
+from tenantdb.database import TenantDB
+from tenantdb.errors import LeaseHeldError
+from tenantdb.lease import read_lock
+from tenantdb.replication.pitr import restore_at
+from tenantdb.rollback import rollback
+from tenantdb.storage.base import Bucket
+from tests.replication.test_pitr import MIGRATIONS, PREFIX, Recorder, read_rows, settings
+
+
+def operator(tmp_path: Path) -> Settings:
+    return Settings(tenant="acme", data_dir=tmp_path / "operator", lease_ttl=3)
+
+
+async def rows_of(tdb: TenantDB) -> list[tuple[int, str]]:
+    async with tdb.connection() as db, db.execute("SELECT id, note FROM items ORDER BY id") as c:
+        return [tuple(row) for row in await c.fetchall()]  # type: ignore[misc]
+
+
+async def test_rollback_refuses_a_live_holder_then_the_next_machine_starts_from_it(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    recorder = Recorder()
+    rng = random.Random(21)
+    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
+        for _ in range(4):
+            await recorder.change(tdb, rng)
+        then, rows_then = datetime.now(UTC), list(recorder.rows)
+        for _ in range(4):
+            await recorder.change(tdb, rng)
+        later, rows_later = datetime.now(UTC), list(recorder.rows)
+        with pytest.raises(LeaseHeldError):
+            await rollback(operator(tmp_path), bucket, then, work_dir=tmp_path)
+        generation = tdb.generation()
+    result = await rollback(operator(tmp_path), bucket, then, work_dir=tmp_path)
+    assert result.generation == generation + 1
+    assert result.restored.at is not None
+    assert result.restored.at <= then
+    observed = await read_lock(bucket, "acme", f"{PREFIX}acme/lock.json")
+    assert observed is not None
+    assert observed.record.owner is None
+    assert observed.record.last_owner == "m1"  # routing still names the tenant's machine
+    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
+        assert await rows_of(tdb) == rows_then
+        await recorder.change(tdb, rng)  # writes go on from the rolled-back state
+    # The history past the moment rolled back to is kept.
+    out = tmp_path / "later.sqlite3"
+    await restore_at(bucket, "acme", out, prefix=PREFIX, at=later)
+    assert read_rows(out) == rows_later
+    assert rows_later != rows_then
+
+
+async def test_rollback_with_wait_takes_over_once_the_holder_is_gone(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    recorder = Recorder()
+    rng = random.Random(22)
+    tdb = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket)
+    await tdb.start(standby=False)
+    await recorder.change(tdb, rng)
+    then, rows_then = datetime.now(UTC), list(recorder.rows)
+    await recorder.change(tdb, rng)
+    # The holder vanishes without releasing (its renewals stop): the lease expires.
+    await tdb._close_resources()
+    result = await rollback(operator(tmp_path), bucket, then, wait=True, work_dir=tmp_path)
+    assert result.generation == 2
+    out = tmp_path / "now.sqlite3"
+    await restore_at(bucket, "acme", out, prefix=PREFIX)
+    assert read_rows(out) == rows_then
