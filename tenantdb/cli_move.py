@@ -176,6 +176,12 @@ async def move_tenant(
     report(f"creating a copy of machine {old.id} in {region} ...")
     try:
         new = await client.copy_machine(old.id, region=region, name=f"{tenant}-{region}")
+    except asyncio.CancelledError:
+        report(
+            f"interrupted while creating the copy: machine {old.id} still serves the tenant; "
+            f"a copy may exist: check `tenantdb machines list --tenant {tenant}`"
+        )
+        raise
     except MachinesAPIError as exc:
         raise MoveError(
             f"move of tenant {tenant} stopped: creating the copy failed ({exc}). Machine "
@@ -186,6 +192,33 @@ async def move_tenant(
             step="create",
             kept=(old.id,),
         ) from exc
+    try:
+        await _hand_over(
+            client, bucket, old, new, tenant=tenant, prefix=prefix, timeouts=timeouts, report=report
+        )
+    except asyncio.CancelledError:
+        # Ctrl-C: the machines stay as they are, and the operator learns which they are.
+        report(
+            f"interrupted: both machines are kept (old {old.id}, new {new.id}); see "
+            f"`tenantdb status {tenant}` for which holds the lease, and `tenantdb machines "
+            f"list --tenant {tenant}`"
+        )
+        raise
+    return new
+
+
+async def _hand_over(
+    client: MachinesClient,
+    bucket: Bucket,
+    old: Machine,
+    new: Machine,
+    *,
+    tenant: str,
+    prefix: str,
+    timeouts: MoveTimeouts,
+    report: Report,
+) -> None:
+    """Start ``new``, stop ``old``, watch the lease move to ``new``, destroy ``old``."""
     kept = (old.id, new.id)
 
     def failed(step: str, problem: str, advice: str) -> MoveError:
@@ -249,7 +282,6 @@ async def move_tenant(
             f"`fly machine destroy {old.id} --force`.",
         ) from exc
     report(f"destroyed machine {old.id}")
-    return new
 
 
 async def _wait_for_owner(

@@ -319,3 +319,42 @@ async def test_move_refuses_a_bucket_whose_holder_is_another_machine(
     err = capsys.readouterr().err
     assert "names machine elsewhere as holder, not oldmachine" in err
     assert [r.method for r in fly.requests] == ["GET"]
+
+
+async def test_ctrl_c_during_the_handoff_says_which_machines_are_kept(
+    fly: FakeMachinesAPI, tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    def on_create(fake: FakeMachinesAPI, machine: dict[str, Any]) -> None:
+        machine["state"] = "started"
+
+    fly.on_create = on_create
+    fly.on_stop = lambda fake, machine_id: None  # the holder never lets go
+    fly.add("acme", machine_id="oldmachine")
+    env = {**subprocess_env, **fly_env(fly), "TENANTDB_LOCAL_BUCKET": str(tmp_path / "bucket")}
+    async with TenantDB(holder_settings(tmp_path, "oldmachine")):
+        mover = subprocess.Popen(
+            [sys.executable, "-m", "tenantdb.cli", "machines", "move", "acme", "--region", "fra"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            lines: list[str] = []
+            assert mover.stderr is not None
+            while not any("lock.json: owner oldmachine" in line for line in lines):
+                line = await asyncio.to_thread(mover.stderr.readline)
+                assert line, f"the move ended early: {lines}"
+                lines.append(line)
+            mover.send_signal(signal.SIGINT)
+            rest = await asyncio.to_thread(mover.stderr.read)
+            code = await asyncio.to_thread(mover.wait, 30)
+        finally:
+            if mover.poll() is None:
+                mover.kill()
+    [new] = [m for m in fly.machines if m != "oldmachine"]
+    assert code == 130
+    assert f"interrupted: both machines are kept (old oldmachine, new {new})" in rest
+    assert "tenantdb status acme" in rest
+    assert fly.calls("DELETE") == []
