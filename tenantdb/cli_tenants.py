@@ -55,8 +55,8 @@ __all__ = [
     "read_status",
 ]
 
-# lock.json reads of several tenants at once: enough to hide round trips, few enough to
-# stay far below any bucket's request rate limits.
+# Tenants read at once (lock.json and a LIST each): enough to hide round trips, few enough
+# to stay far below any bucket's request rate limits.
 _PARALLEL_READS = 8
 LeaseState = Literal["held", "expired", "released"]
 
@@ -219,8 +219,8 @@ def _configure_status(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Show each tenant's lease (holder, region, generation, seconds left on the bucket's "
         "clock), log tail and its age, newest snapshot, and the earliest moment a "
-        "point-in-time restore accepts. Without TENANT, every tenant under the prefix "
-        "(one LIST of the bucket)."
+        "point-in-time restore accepts (a LIST of the tenant's objects). Without TENANT, "
+        "every tenant under the prefix."
     )
     parser.add_argument("tenants", nargs="*", type=tenant_arg, metavar="TENANT")
     parser.add_argument("--json", action="store_true", help="print a JSON array")

@@ -146,6 +146,20 @@ async def test_status_of_a_missing_tenant_fails_and_shows_the_others(
     assert "tenants/nosuch/lock.json" in err
 
 
+async def test_status_names_a_damaged_lock_and_shows_the_others(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    async with tenant(tmp_path, bucket) as tdb:
+        await write(tdb, 1)
+    await bucket.put("tenants/globex/lock.json", b'{"format": 1, "tenant": "globex"')
+    await bucket.put("tenants/Not_A_Tenant/lock.json", b"{}")  # not tenantdb's: not listed
+    code, out, err = await run("status", "--json")
+    assert code == 1
+    assert [s["tenant"] for s in json.loads(out)] == ["acme"]
+    assert "tenant globex: tenants/globex/lock.json is damaged (not valid JSON)" in err
+    assert "Not_A_Tenant" not in err
+
+
 async def test_status_in_a_subprocess(
     bucket: Bucket, cli_env: dict[str, str], tmp_path: Path, subprocess_env: dict[str, str]
 ) -> None:
