@@ -401,13 +401,20 @@ def _configure_restore(parser: argparse.ArgumentParser) -> None:
 
 async def _restore(args: argparse.Namespace) -> int:
     dest: Path = args.output
+    if dest.is_dir():
+        err(f"error: {dest} is a directory; name the file to write")
+        return EXIT_FAILURE
     if dest.exists() and not args.force:
         err(f"error: {dest} exists; pass --force to overwrite it")
         return EXIT_FAILURE
     if not dest.parent.is_dir():
         err(f"error: directory {dest.parent} does not exist")
         return EXIT_FAILURE
-    point = await _restore_to(args.tenant, dest, at=args.at)
+    try:
+        point = await _restore_to(args.tenant, dest, at=args.at)
+    except OSError as exc:  # the local side: a full disk, a read-only directory
+        err(f"error: cannot write {dest}: {exc.strerror or exc}")
+        return EXIT_FAILURE
     size = format_size(dest.stat().st_size)
     err(f"restored tenant {args.tenant} {_as_of(point)} to {dest} ({size})")
     return EXIT_OK

@@ -215,6 +215,24 @@ async def test_restore_writes_the_tenant_while_it_is_served_and_changes_nothing(
     assert rows_in(dest) == 200
 
 
+# /proc refuses new files even to root, as a full or read-only disk would.
+@pytest.mark.parametrize("where", ["directory", "/proc/tenantdb-restore-test.sqlite3"])
+async def test_restore_to_a_place_it_cannot_write_fails_cleanly(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path, where: str
+) -> None:
+    async with tenant(tmp_path, bucket) as tdb:
+        await write(tdb, 1)
+    dest = tmp_path if where == "directory" else Path(where)
+    code, out, err = await run("restore", "acme", "-o", str(dest), "--force")
+    assert code == 1
+    assert out == ""
+    assert err.startswith(
+        f"tenantdb: error: {dest} is a directory"
+        if where == "directory"
+        else f"tenantdb: error: cannot write {dest}: "
+    )
+
+
 async def test_verify_passes_on_a_sound_tenant(
     bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
