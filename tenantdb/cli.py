@@ -19,23 +19,31 @@ import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from tenantdb.config import Secret, Settings
-from tenantdb.errors import ConfigurationError, InvalidTenantError, TenantDBError
+from tenantdb.cli_common import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    PROG,
+    Command,
+    print_table,
+)
+from tenantdb.cli_common import confirm as _confirm
+from tenantdb.cli_common import err as _err
+from tenantdb.cli_common import fly_settings as _fly_settings
+from tenantdb.cli_common import out as _out
+from tenantdb.cli_common import positive_int as _positive_int
+from tenantdb.cli_common import tenant_arg as _tenant_arg
+from tenantdb.cli_move import configure_move
+from tenantdb.cli_tenants import TENANT_COMMANDS
+from tenantdb.errors import TenantDBError
 from tenantdb.logs import configure_logging
 from tenantdb.routing.machines_api import MachinesClient
-from tenantdb.tenants import validate_tenant
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
-
-PROG = "tenantdb"
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -45,14 +53,6 @@ _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _QUIET_STATES = frozenset({"stopped", "created", "destroyed", "destroying"})
 
 
-@dataclass(frozen=True)
-class Command:
-    """A top-level subcommand: its one-line help and the function that fills its parser."""
-
-    help: str
-    configure: Callable[[argparse.ArgumentParser], None]
-
-
 def _version() -> str:
     try:
         return version("tenantdb")
@@ -60,23 +60,7 @@ def _version() -> str:
         return "unknown"
 
 
-def _out(text: str) -> None:
-    # sys.stdout is looked up per call so redirections (and pytest's capsys) apply.
-    print(text, file=sys.stdout)
-
-
-def _err(text: str) -> None:
-    print(f"{PROG}: {text}", file=sys.stderr)
-
-
 # --- argument types: raise ArgumentTypeError so argparse reports a usage error (exit 2) ---
-
-
-def _tenant_arg(value: str) -> str:
-    try:
-        return validate_tenant(value)
-    except InvalidTenantError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _env_pair(value: str) -> tuple[str, str]:
@@ -94,16 +78,6 @@ def _memory_mb(value: str) -> int:
     # Fly allocates memory in 256 MB steps.
     if number < 256 or number % 256:
         raise argparse.ArgumentTypeError(f"{number} MB: use a multiple of 256 (256, 512, ...)")
-    return number
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{number} must be at least 1")
     return number
 
 
@@ -218,26 +192,7 @@ def _configure_machines(parser: argparse.ArgumentParser) -> None:
     )
     destroy.set_defaults(handler=_machines_destroy)
 
-
-def _fly_settings(args: argparse.Namespace) -> tuple[Settings, str, Secret]:
-    """Return settings with the app name and the token that every Fly call needs."""
-    overrides = {"app_name": args.app, "machines_api_url": args.api_url}
-    settings = Settings.from_env(**{k: v for k, v in overrides.items() if v})
-    if not settings.app_name or settings.fly_api_token is None:
-        # Every missing setting at once, so that one fix is enough.
-        missing = [
-            text
-            for text, absent in (
-                ("the Fly app: set FLY_APP_NAME or pass --app", not settings.app_name),
-                (
-                    "a Fly API token: set FLY_API_TOKEN (from `fly tokens create deploy`)",
-                    settings.fly_api_token is None,
-                ),
-            )
-            if absent
-        ]
-        raise ConfigurationError("missing " + "; and ".join(missing))
-    return settings, settings.app_name, settings.fly_api_token
+    configure_move(sub, parents=common, epilog=_MACHINES_EPILOG)
 
 
 def _machines_create(args: argparse.Namespace) -> int:
@@ -293,21 +248,12 @@ async def _list(args: argparse.Namespace) -> int:
         return EXIT_OK
     table = [("ID", "TENANT", "STATE", "REGION", "NAME")]
     table += [(m.id, m.tenant(key) or "-", m.state, m.region, m.name) for m in machines]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        _out("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    print_table(table)
     return EXIT_OK
 
 
 def _machines_destroy(args: argparse.Namespace) -> int:
     return asyncio.run(_destroy(args))
-
-
-def _confirm(question: str) -> bool:
-    # The question goes to stderr so that stdout stays clean for scripts.
-    sys.stderr.write(f"{question} [y/N] ")
-    sys.stderr.flush()
-    return sys.stdin.readline().strip().lower() in {"y", "yes"}
 
 
 async def _destroy(args: argparse.Namespace) -> int:
@@ -482,13 +428,14 @@ def _dev(args: argparse.Namespace) -> int:
 # Top-level subcommands.
 COMMANDS: dict[str, Command] = {
     "machines": Command(
-        help="create, list and destroy tenant machines (Fly Machines API)",
+        help="create, list, move and destroy tenant machines (Fly Machines API)",
         configure=_configure_machines,
     ),
     "dev": Command(
         help="run the tenants' machines locally behind a Fly-like proxy (no cloud account)",
         configure=_configure_dev,
     ),
+    **TENANT_COMMANDS,
 }
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 from tenantdb.errors import ConfigurationError, InvalidTenantError
 from tenantdb.tenants import TENANT_ID_RULE, validate_tenant
 
-__all__ = ["Durability", "Secret", "Settings"]
+__all__ = ["Durability", "Secret", "Settings", "parse_duration"]
 
 # When a write is acknowledged: once committed locally (and shipped within the sync
 # interval), or once the bucket has it (the output gate holds the response until then).
@@ -95,14 +95,23 @@ def _duration(env: Mapping[str, str], name: str, default: float) -> float:
     raw = (env.get(name) or "").strip()
     if not raw:
         return default
-    number, unit = (raw[:-1], raw[-1]) if raw[-1] in _UNITS else (raw, "s")
     allowed = "a duration of 0 or more: seconds, or a number with s, m, h or d (15m, 24h)"
+    try:
+        return parse_duration(raw)
+    except ValueError as exc:
+        raise _invalid(name, raw, str(exc), allowed) from None
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``15m``, ``24h`` or ``30d``; ValueError otherwise."""
+    raw = text.strip()
+    number, unit = (raw[:-1], raw[-1]) if raw[-1:] in _UNITS else (raw, "s")
     try:
         value = float(number) * _UNITS[unit]
     except ValueError:
-        raise _invalid(name, raw, "is not a duration", allowed) from None
+        raise ValueError("is not a duration") from None
     if not 0 <= value < float("inf"):
-        raise _invalid(name, raw, "is out of range", allowed)
+        raise ValueError("is out of range")
     return value
 
 

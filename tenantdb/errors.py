@@ -20,13 +20,15 @@ Every error tenantdb raises on purpose is a ``TenantDBError``::
     │   ├── LeaseLostError            fenced: a newer holder exists, stop writing
     │   └── LockFileCorruptError      lock.json is not something tenantdb can trust
     ├── SnapshotError                 a snapshot cannot be made or restored (key)
+    ├── IntegrityCheckError           a restored database fails PRAGMA integrity_check (problems)
     ├── ReplicationError              the incremental log cannot be read, written or applied (key)
     │   └── PointInTimeError          that moment cannot be restored exactly (at, earliest)
     ├── DurabilityError               a committed write did not reach the bucket in time (tenant)
     └── RoutingError                  finding the machine of another tenant
         ├── DNSLookupError            the DNS server timed out or failed
         ├── MachinesAPIError          the Fly Machines API failed or answered nonsense (status)
-        └── NoMachineError            nothing anywhere serves the tenant
+        ├── NoMachineError            nothing anywhere serves the tenant
+        └── MoveError                 a tenant's move to another region stopped (kept machines)
 
 Messages never contain credentials: tenantdb builds them from keys, tenant ids and
 status codes only.
@@ -34,6 +36,7 @@ status codes only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "DNSLookupError",
     "DataDirLockedError",
     "DurabilityError",
+    "IntegrityCheckError",
     "InvalidTenantError",
     "LeaseError",
     "LeaseHeldError",
@@ -51,6 +55,7 @@ __all__ = [
     "LocalDiskError",
     "LockFileCorruptError",
     "MachinesAPIError",
+    "MoveError",
     "NoMachineError",
     "ObjectNotFoundError",
     "ObjectTooLargeError",
@@ -200,6 +205,21 @@ class SnapshotError(TenantDBError):
         super().__init__(message)
 
 
+class IntegrityCheckError(TenantDBError):
+    """A tenant's restored database fails SQLite's ``PRAGMA integrity_check``.
+
+    ``problems`` are the check's own lines (the first five are in the message).
+    """
+
+    def __init__(self, *, tenant: str, problems: Sequence[str]) -> None:
+        self.tenant = tenant
+        self.problems = tuple(problems)
+        super().__init__(
+            f"tenant {tenant}: integrity_check found {len(self.problems)} problem(s): "
+            + "; ".join(self.problems[:5])
+        )
+
+
 class ReplicationError(TenantDBError):
     """The incremental log cannot be read, written or applied."""
 
@@ -269,3 +289,16 @@ class MachinesAPIError(RoutingError):
 
 class NoMachineError(RoutingError):
     """No machine serves the tenant, running or stopped."""
+
+
+class MoveError(RoutingError):
+    """Moving a tenant to another machine stopped part way; no machine was destroyed.
+
+    ``kept`` lists the ids of the tenant's machines left in place, ``step`` the step that
+    failed, and the message what to do next.
+    """
+
+    def __init__(self, message: str, *, tenant: str, step: str, kept: tuple[str, ...]) -> None:
+        self.step = step
+        self.kept = kept
+        super().__init__(message, tenant=tenant)

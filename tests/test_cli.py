@@ -99,7 +99,15 @@ def test_usage_errors_exit_2_without_requests(
 
 def test_parser_is_built_from_commands() -> None:
     parser = build_parser()
-    assert set(COMMANDS) == {"dev", "machines"}
+    assert set(COMMANDS) == {
+        "dev",
+        "history",
+        "machines",
+        "restore",
+        "rollback",
+        "status",
+        "verify",
+    }
     args = parser.parse_args(["machines", "list", "--json"])
     assert callable(args.handler)
     assert args.json is True

@@ -3,10 +3,10 @@
 Only the calls tenantdb needs, over ``httpx.AsyncClient``::
 
     GET    /v1/apps/{app}/machines?metadata.{key}={value}    list (optionally filtered)
-    GET    /v1/apps/{app}/machines/{id}                      one machine (its stop timeout)
-    POST   /v1/apps/{app}/machines                           create
+    GET    /v1/apps/{app}/machines/{id}                      one machine (stop timeout, config)
+    POST   /v1/apps/{app}/machines                           create (or copy to another region)
     POST   /v1/apps/{app}/machines/{id}/stop                 graceful stop (final snapshot)
-    GET    /v1/apps/{app}/machines/{id}/wait?state=stopped   wait for a state
+    GET    /v1/apps/{app}/machines/{id}/wait?state=S         wait for started/stopped
     DELETE /v1/apps/{app}/machines/{id}?force=true           destroy (force kills it first)
 
 Every httpx error and every non-2xx answer becomes a ``MachinesAPIError`` here, at the
@@ -403,6 +403,31 @@ class MachinesClient:
                 tenant=tenant,
             )
         log.info("created machine %s for tenant %s in %s", machine.id, tenant, machine.region)
+        return machine
+
+    async def copy_machine(self, machine_id: str, *, region: str, name: str) -> Machine:
+        """Create and start a machine in ``region`` with ``machine_id``'s whole config.
+
+        Image, env, services, guest, stop config and metadata are the source's, as
+        ``fly machine clone`` makes them; only the region and the name are new.
+        """
+        source = self._machine_path(machine_id)
+        status, data = await self._request("GET", source)
+        config = data.get("config") if isinstance(data, Mapping) else None
+        if not isinstance(config, Mapping):
+            raise MachinesAPIError(f"GET {source}: the machine has no config", status=status)
+        path = self._machines_path()
+        body = {"name": name, "region": region, "config": dict(config)}
+        status, created = await self._request("POST", path, json_body=body)
+        try:
+            machine = Machine.from_api(created)
+        except ValueError as exc:
+            raise MachinesAPIError(
+                f"POST {path}: unusable machine in the answer ({exc}); a machine may have "
+                f"been created, check with `tenantdb machines list`",
+                status=status,
+            ) from exc
+        log.info("created machine %s in %s as a copy of %s", machine.id, region, machine_id)
         return machine
 
     async def get_machine(self, machine_id: str) -> Machine:

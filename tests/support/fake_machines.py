@@ -8,6 +8,12 @@ Failure injection: ``fail_next`` answers the next request with (status, body) in
 ``fail_always`` answers every request so; ``list_override`` replaces the answer to a list
 (bad or unfiltered data); ``delay`` holds every answer that many seconds; ``retry_after``
 is sent as the ``Retry-After`` header of injected failures.
+
+Machines as processes: ``on_create(fake, machine)`` runs when a machine is created (start
+its process and set its state, as Fly launches it), ``on_stop(fake, machine_id)`` when one
+is asked to stop (send its stop signal; set its state once it has exited). Without them a
+created machine stays ``created`` and a stop is instant. Both run on the fake's event loop:
+they must not block.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,12 +63,15 @@ class FakeMachinesAPI:
     delay: float = 0.0
     retry_after: str | None = None
     base_url: str = ""
+    on_create: Callable[[FakeMachinesAPI, dict[str, Any]], None] | None = None
+    on_stop: Callable[[FakeMachinesAPI, str], None] | None = None
 
     def reset(self) -> None:
         """Forget every machine, request and planned failure (between tests)."""
         self.machines.clear()
         self.requests.clear()
         self.fail_next = self.fail_always = self.list_override = self.retry_after = None
+        self.on_create = self.on_stop = None
         self.delay = 0.0
 
     def add(
@@ -182,12 +191,17 @@ class FakeMachinesAPI:
             "config": body["config"],
         }
         self.machines[machine_id] = machine
+        if self.on_create is not None:
+            self.on_create(self, machine)
         return JSONResponse(machine)
 
     async def _stop(self, request: Request) -> Response:
         if (refused := await self._guard(request)) is not None:
             return refused
-        self.machines[request.path_params["id"]]["state"] = "stopped"
+        if self.on_stop is not None:
+            self.on_stop(self, request.path_params["id"])
+        else:
+            self.machines[request.path_params["id"]]["state"] = "stopped"
         return JSONResponse({"ok": True})
 
     async def _wait(self, request: Request) -> Response:

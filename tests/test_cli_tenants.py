@@ -1,0 +1,562 @@
+"""`tenantdb status / restore / verify` on tenants written by a real TenantDB, both buckets."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import pty
+import sqlite3
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tenantdb.cli import main
+from tenantdb.cli_common import parse_time, time_arg
+from tenantdb.config import Settings
+from tenantdb.database import TenantDB
+from tenantdb.lease import Lease
+from tenantdb.replication.segment import chunk_key
+from tenantdb.storage import Bucket
+from tests.support.s3_server import s3_env
+
+pytestmark = pytest.mark.usefixtures("clean_environment")
+
+MIGRATIONS = ["CREATE TABLE hits (id INTEGER PRIMARY KEY, note TEXT)"]
+
+
+@pytest.fixture
+def cli_env(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> dict[str, str]:
+    """Variables that point the command at ``bucket``, set in this process's environment."""
+    if bucket.kind == "local":
+        env = {"TENANTDB_LOCAL_BUCKET": str(tmp_path / "local-bucket")}
+    else:
+        env = s3_env(bucket.name, request.getfixturevalue("s3_endpoint"))  # type: ignore[attr-defined]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+def tenant(tmp_path: Path, bucket: Bucket, name: str = "acme", machine: str = "m1") -> TenantDB:
+    """A TenantDB of ``name`` on ``bucket``, not started."""
+    settings = Settings(
+        tenant=name,
+        machine_id=machine,
+        fly_region="ams",
+        data_dir=tmp_path / f"{name}-{machine}",
+        lease_ttl=3,
+        checkpoint_interval=0,
+    )
+    return TenantDB(settings, migrations=MIGRATIONS, bucket=bucket)
+
+
+async def write(tdb: TenantDB, batches: int, rows: int = 50) -> None:
+    """``batches`` commits of ``rows`` rows, each shipped to the bucket as its own segment."""
+    for batch in range(batches):
+        async with tdb.connection() as db:
+            await db.executemany(
+                "INSERT INTO hits (note) VALUES (?)", [(f"{batch}-{i}" * 20,) for i in range(rows)]
+            )
+            await db.commit()
+        await tdb.sync()
+
+
+async def run(*argv: str) -> tuple[int, str, str]:
+    """``tenantdb argv`` in a thread (it runs its own event loop); exit code, stdout, stderr."""
+    return await asyncio.to_thread(_run, list(argv))
+
+
+def _run(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    assert "Traceback" not in err.getvalue()
+    return code, out.getvalue(), err.getvalue()
+
+
+async def snapshot_of_bucket(bucket: Bucket) -> list[tuple[str, str]]:
+    """Every object's key and ETag: equal before and after means nothing was written."""
+    return [(info.key, info.etag) for info in await bucket.list("")]
+
+
+# --- status ---
+
+
+async def test_status_of_a_held_then_released_tenant(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    tdb = tenant(tmp_path, bucket)
+    async with tdb:
+        await write(tdb, 2)
+        code, out, err = await run("status", "acme", "--json")
+        assert (code, err) == (0, "")
+        [held] = json.loads(out)
+        assert (held["tenant"], held["owner"], held["region"]) == ("acme", "m1", "ams")
+        assert (held["lease"], held["generation"]) == ("held", 1)
+        assert 0 < held["expires_in"] <= 3 + 1
+        assert held["log"]["tail"] >= 2
+        assert 0 <= held["log"]["age_seconds"] < 30
+        code, out, _ = await run("status", "acme")
+        header, row = out.splitlines()
+        assert header.split()[:5] == ["TENANT", "HOLDER", "REGION", "GEN", "LEASE"]
+        assert row.split()[:4] == ["acme", "m1", "ams", "1"]
+        assert "s left" in row
+    code, out, _ = await run("status", "acme", "--json")
+    [released] = json.loads(out)
+    assert (released["owner"], released["lease"], released["expires_in"]) == (
+        None,
+        "released",
+        None,
+    )
+    assert released["last_owner"] == "m1"
+    code, out, _ = await run("status", "acme")
+    assert "released" in out.splitlines()[1]
+
+
+async def test_status_without_tenants_lists_every_tenant(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    for name in ("globex", "acme"):
+        tdb = tenant(tmp_path, bucket, name)
+        async with tdb:
+            await write(tdb, 1)
+    code, out, _ = await run("status", "--json")
+    assert code == 0
+    assert [s["tenant"] for s in json.loads(out)] == ["acme", "globex"]
+    code, out, _ = await run("status")
+    assert [line.split()[0] for line in out.splitlines()] == ["TENANT", "acme", "globex"]
+
+
+async def test_status_of_a_missing_tenant_fails_and_shows_the_others(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    async with tenant(tmp_path, bucket) as tdb:
+        await write(tdb, 1)
+    code, out, err = await run("status", "nosuch", "acme", "--json")
+    assert code == 1
+    assert [s["tenant"] for s in json.loads(out)] == ["acme"]
+    assert "tenants/nosuch/lock.json" in err
+
+
+async def test_status_names_a_damaged_lock_and_shows_the_others(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    async with tenant(tmp_path, bucket) as tdb:
+        await write(tdb, 1)
+    await bucket.put("tenants/globex/lock.json", b'{"format": 1, "tenant": "globex"')
+    await bucket.put("tenants/Not_A_Tenant/lock.json", b"{}")  # not tenantdb's: not listed
+    code, out, err = await run("status", "--json")
+    assert code == 1
+    assert [s["tenant"] for s in json.loads(out)] == ["acme"]
+    assert "tenant globex: tenants/globex/lock.json is damaged (not valid JSON)" in err
+    assert "Not_A_Tenant" not in err
+
+
+async def test_status_in_a_subprocess(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    async with tenant(tmp_path, bucket) as tdb:
+        await write(tdb, 1)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tenantdb.cli", "status", "--json"],
+        env={**subprocess_env, **cli_env},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    [status] = json.loads(done.stdout)
+    assert (status["tenant"], status["lease"]) == ("acme", "released")
+    assert done.stderr == ""
+
+
+# --- restore and verify ---
+
+
+def rows_in(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        (count,) = conn.execute("SELECT count(*) FROM hits").fetchone()
+    finally:
+        conn.close()
+    return int(count)
+
+
+async def test_restore_writes_the_tenant_while_it_is_served_and_changes_nothing(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    dest = tmp_path / "out.sqlite3"
+    tdb = tenant(tmp_path, bucket)
+    async with tdb:
+        await write(tdb, 3)
+        before = await snapshot_of_bucket(bucket)
+        code, out, err = await run("restore", "acme", "-o", str(dest))
+        assert (code, out) == (0, "")
+        assert "restored tenant acme as of " in err
+        assert f"(log index 3) to {dest}" in err
+        assert rows_in(dest) == 150
+        assert await snapshot_of_bucket(bucket) == before  # no lease taken, nothing written
+        assert tdb.serving
+        await write(tdb, 1)
+    code, _, err = await run("restore", "acme", "-o", str(dest))
+    assert code == 1
+    assert "--force" in err
+    assert rows_in(dest) == 150
+    code, _, _ = await run("restore", "acme", "-o", str(dest), "--force")
+    assert code == 0
+    assert rows_in(dest) == 200
+
+
+# /proc refuses new files even to root, as a full or read-only disk would.
+@pytest.mark.parametrize("where", ["directory", "/proc/tenantdb-restore-test.sqlite3"])
+async def test_restore_to_a_place_it_cannot_write_fails_cleanly(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path, where: str
+) -> None:
+    async with tenant(tmp_path, bucket) as tdb:
+        await write(tdb, 1)
+    dest = tmp_path if where == "directory" else Path(where)
+    code, out, err = await run("restore", "acme", "-o", str(dest), "--force")
+    assert code == 1
+    assert out == ""
+    assert err.startswith(
+        f"tenantdb: error: {dest} is a directory"
+        if where == "directory"
+        else f"tenantdb: error: cannot write {dest}: "
+    )
+
+
+async def test_verify_passes_on_a_sound_tenant(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    async with tenant(tmp_path, bucket) as tdb:
+        await write(tdb, 3)
+    before = await snapshot_of_bucket(bucket)
+    code, out, err = await run("verify", "acme")
+    assert (code, out) == (0, "")
+    assert "integrity_check passed" in err
+    assert await snapshot_of_bucket(bucket) == before
+
+
+async def test_verify_names_a_damaged_segment(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    async with tenant(tmp_path, bucket) as tdb:
+        await write(tdb, 5)
+    observed = await Lease(bucket, "acme", machine_id="t", region="", ttl=3).read()
+    assert observed is not None
+    pointer = observed.record.log
+    assert pointer is not None
+    # A segment a restore reads from the bucket, not from lock.json's inline copies.
+    stored = [c for c in pointer.chunks() if c.last < pointer.inline_from]
+    assert stored, f"every segment is inline: {pointer}"
+    key = chunk_key("tenants/", "acme", stored[0])
+    body = bytearray((await bucket.get(key)).body)
+    body[len(body) // 2] ^= 0x01
+    await bucket.put(key, bytes(body))
+    code, out, err = await run("verify", "acme")
+    assert code == 1
+    assert out == ""
+    assert key in err
+    assert err.startswith("tenantdb: error: verify acme:")
+
+
+async def test_verify_runs_the_full_integrity_check(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    async with tenant(tmp_path, bucket) as tdb:
+        await write(tdb, 1)
+        async with tdb.connection() as db:
+            # An index declared in the other order than it was built: quick_check (which
+            # every restore runs) passes, integrity_check finds every row missing from it.
+            await db.execute("CREATE INDEX hits_note ON hits (note)")
+            await db.execute("PRAGMA writable_schema = ON")
+            await db.execute(
+                "UPDATE sqlite_master SET sql = 'CREATE INDEX hits_note ON hits (note DESC)' "
+                "WHERE name = 'hits_note'"
+            )
+            await db.commit()
+        await tdb.sync()
+    code, out, err = await run("verify", "acme")
+    assert code == 1
+    assert out == ""
+    assert err.startswith("tenantdb: error: tenant acme: integrity_check found ")
+    assert "row 1 missing from index hits_note" in err
+
+
+async def test_verify_of_a_missing_tenant_fails(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    code, _, err = await run("verify", "acme")
+    assert code == 1
+    assert "tenants/acme/lock.json" in err
+
+
+# --- TIME arguments ---
+
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-11-29T10:00:00Z", datetime(2026, 11, 29, 10, tzinfo=UTC)),
+        ("2026-11-29T10:00:00", datetime(2026, 11, 29, 10, tzinfo=UTC)),  # naive is UTC
+        ("2026-11-29T11:00:00+01:00", datetime(2026, 11, 29, 10, tzinfo=UTC)),
+        ("2026-11-29", datetime(2026, 11, 29, tzinfo=UTC)),
+        ("90s", NOW - timedelta(seconds=90)),
+        ("10m", NOW - timedelta(minutes=10)),
+        ("2h", NOW - timedelta(hours=2)),
+        ("1d", NOW - timedelta(days=1)),
+        ("1.5h", NOW - timedelta(minutes=90)),
+    ],
+)
+def test_times_parse_to_utc(text: str, expected: datetime) -> None:
+    parsed = parse_time(text, now=NOW)
+    assert parsed == expected
+    assert parsed.tzinfo == UTC
+
+
+@pytest.mark.parametrize("text", ["yesterday", "10", "10x", "-5m", "2026-13-01", "", "99999999d"])
+def test_bad_times_are_usage_errors(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        time_arg(text)
+
+
+# --- point in time: restore --at, history, rollback ---
+
+
+async def two_batches(bucket: Bucket, tmp_path: Path) -> datetime:
+    """50 rows, then (after the returned moment) 50 more, by a stopped machine m1."""
+    async with tenant(tmp_path, bucket) as tdb:
+        await write(tdb, 1)
+        await asyncio.sleep(0.05)
+        between = datetime.now(UTC)
+        await asyncio.sleep(0.05)
+        await write(tdb, 1)
+    return between
+
+
+async def test_restore_at_a_past_moment(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    between = await two_batches(bucket, tmp_path)
+    then, now = tmp_path / "then.sqlite3", tmp_path / "now.sqlite3"
+    code, _, err = await run("restore", "acme", "-o", str(then), "--at", between.isoformat())
+    assert code == 0, err
+    assert rows_in(then) == 50
+    code, _, _ = await run("restore", "acme", "-o", str(now))
+    assert rows_in(now) == 100
+    code, _, err = await run("restore", "acme", "-o", str(tmp_path / "x.sqlite3"), "--at", "1d")
+    assert code == 1
+    assert "cannot be restored as of" in err
+    assert "its history starts at" in err
+    assert not (tmp_path / "x.sqlite3").exists()
+
+
+@pytest.mark.parametrize(
+    "verb",
+    [
+        ["restore", "acme", "-o", "x.sqlite3", "--at"],
+        ["verify", "acme", "--at"],
+        ["rollback", "acme", "-y", "--to"],
+    ],
+)
+async def test_a_bad_time_is_a_usage_error(
+    bucket: Bucket, cli_env: dict[str, str], verb: list[str]
+) -> None:
+    before = await snapshot_of_bucket(bucket)
+    code, out, err = await run(*verb, "last tuesday")
+    assert code == 2
+    assert out == ""
+    assert "'last tuesday' is not a time" in err
+    assert await snapshot_of_bucket(bucket) == before
+
+
+async def test_history_lists_snapshots_segments_and_takeovers(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    async with tenant(tmp_path, bucket, machine="m1") as tdb:
+        await write(tdb, 2)
+        await tdb.checkpoint()
+        await write(tdb, 1)
+    async with tenant(tmp_path, bucket, machine="m2") as tdb:
+        await write(tdb, 2)
+    code, out, _ = await run("history", "acme", "--json")
+    assert code == 0
+    history = json.loads(out)
+    assert [(t["generation"], t["owner"]) for t in history["takeovers"]] == [(1, "m1"), (2, "m2")]
+    assert {s["generation"] for s in history["segments"]} == {1, 2}
+    assert all(s["published"] for s in history["segments"])
+    assert any(s["published"] and s["base"] for s in history["snapshots"])
+    assert all(s["key"].startswith("tenants/acme/") for s in history["segments"])
+    assert datetime.fromisoformat(history["restorable_from"]) <= datetime.now(UTC)
+    code, out, _ = await run("history", "acme")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("tenant acme: restorable from 20")
+    for title in ("snapshots:", "log segments:", "takeovers:"):
+        assert title in lines
+    assert any(line.startswith("log/00000002/") for line in lines)
+    code, out, _ = await run("status", "acme", "--json")
+    [status] = json.loads(out)
+    assert status["restorable_from"] == history["restorable_from"]
+
+
+async def test_history_of_a_missing_tenant_fails(bucket: Bucket, cli_env: dict[str, str]) -> None:
+    code, _, err = await run("history", "acme")
+    assert code == 1
+    assert "nothing under tenants/acme/" in err
+
+
+async def rows_served(bucket: Bucket, tmp_path: Path, machine: str) -> int:
+    """The rows a machine that starts now serves."""
+    async with (
+        tenant(tmp_path, bucket, machine=machine) as tdb,
+        tdb.connection() as db,
+        db.execute("SELECT count(*) FROM hits") as cursor,
+    ):
+        row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_rollback_publishes_the_past_as_the_newest_state(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    between = await two_batches(bucket, tmp_path)
+    after = datetime.now(UTC)
+    code, out, err = await run("rollback", "acme", "--to", between.isoformat(), "-y")
+    assert code == 0, err
+    assert out.startswith("rolled tenant acme back as of ")
+    assert "generation 2" in out
+    assert await rows_served(bucket, tmp_path, "m3") == 50
+    # Nothing was deleted: the moment after the second batch is still restorable.
+    later = tmp_path / "later.sqlite3"
+    code, _, _ = await run("restore", "acme", "-o", str(later), "--at", after.isoformat())
+    assert code == 0
+    assert rows_in(later) == 100
+
+
+async def test_rollback_refuses_while_a_machine_holds_the_lease(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    between = await two_batches(bucket, tmp_path)
+    async with tenant(tmp_path, bucket, machine="m2") as tdb:
+        before = await snapshot_of_bucket(bucket)
+        code, out, err = await run("rollback", "acme", "--to", between.isoformat(), "--yes")
+        assert code == 1
+        assert out == ""
+        assert "held by machine m2" in err
+        assert "--wait" in err
+        assert await snapshot_of_bucket(bucket) == before
+        assert tdb.serving
+
+
+async def test_rollback_with_wait_takes_over_once_the_holder_stops(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    between = await two_batches(bucket, tmp_path)
+    tdb = tenant(tmp_path, bucket, machine="m2")
+    await tdb.start(standby=False)
+    err = io.StringIO()
+
+    def roll_back() -> int:
+        with contextlib.redirect_stderr(err):
+            return main(["rollback", "acme", "--to", between.isoformat(), "-y", "--wait"])
+
+    rolling = asyncio.ensure_future(asyncio.to_thread(roll_back))
+    for _ in range(200):
+        if "waiting for machine m2" in err.getvalue():
+            break
+        await asyncio.sleep(0.05)
+    assert "waiting for machine m2 to release the lease" in err.getvalue()
+    assert not rolling.done()
+    await tdb.stop()  # a graceful stop releases the lease: the rollback takes it at once
+    assert await asyncio.wait_for(rolling, 30) == 0, err.getvalue()
+    assert await rows_served(bucket, tmp_path, "m3") == 50
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("stdin", "answer"), [(io.StringIO, ""), (_Terminal, "n\n")])
+async def test_rollback_asks_first(
+    bucket: Bucket,
+    cli_env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stdin: type[io.StringIO],
+    answer: str,
+) -> None:
+    between = await two_batches(bucket, tmp_path)
+    monkeypatch.setattr(sys, "stdin", stdin(answer))
+    before = await snapshot_of_bucket(bucket)
+    code, out, err = await run("rollback", "acme", "--to", between.isoformat())
+    assert code == 1
+    assert out == ""
+    if stdin is _Terminal:
+        assert "Roll tenant acme back to " in err
+        assert "aborted" in err
+    else:
+        assert "pass --yes" in err
+    assert await snapshot_of_bucket(bucket) == before
+
+
+# --- progress bars ---
+
+
+def run_with_stderr_on_a_terminal(argv: list[str], env: dict[str, str]) -> tuple[int, bytes]:
+    """Run ``argv`` with its stderr on a pseudo-terminal; its exit code and what it drew."""
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary
+    )
+    os.close(secondary)
+    drawn = bytearray()
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # EIO: every writer of the terminal is gone
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(primary)
+    return proc.wait(60), bytes(drawn)
+
+
+async def test_a_restore_draws_a_progress_bar_on_a_terminal_only(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    async with tenant(tmp_path, bucket) as tdb:
+        await write(tdb, 5, rows=400)
+    env = {**subprocess_env, **cli_env}
+    command = [sys.executable, "-m", "tenantdb.cli", "restore", "acme", "-o"]
+    code, drawn = await asyncio.to_thread(
+        run_with_stderr_on_a_terminal, [*command, str(tmp_path / "tty.sqlite3")], env
+    )
+    assert code == 0, drawn
+    assert b"restoring acme" in drawn
+    assert b"\x1b[" in drawn  # drawn, then erased: a terminal's control sequences
+    piped = await asyncio.to_thread(
+        subprocess.run,
+        [*command, str(tmp_path / "pipe.sqlite3")],
+        env=env,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert piped.returncode == 0
+    assert piped.stdout == b""
+    [line] = piped.stderr.decode().splitlines()
+    assert line.startswith("tenantdb: restored tenant acme as of ")
+    assert "\x1b" not in piped.stderr.decode()
