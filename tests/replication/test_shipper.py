@@ -359,7 +359,7 @@ async def test_a_restarted_machine_restores_snapshot_and_log_and_keeps_shipping(
     assert await restored_rows(bucket, tmp_path) == expected
 
 
-async def test_garbage_collection_deletes_only_what_lock_json_no_longer_names(
+async def test_garbage_collection_deletes_only_what_no_restore_since_the_cutoff_reads(
     bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(compaction, "MERGE_SINGLES", 3)
@@ -374,15 +374,23 @@ async def test_garbage_collection_deletes_only_what_lock_json_no_longer_names(
             await settled(tdb)
         await ship_past(tdb, 4)
         await shipper._compact()
-        before = {o.key for o in await bucket.list("tenants/acme/log/")}
-        deleted = await shipper.collect_garbage()
-        after = {o.key for o in await bucket.list("tenants/acme/log/")}
         record = tdb.lease.record
         assert record is not None
         assert record.log is not None
         assert record.log.merged
+        # With no snapshot yet, every moment since the tenant began is restored from the
+        # single segments: the merge replaced them in lock.json, not in the history.
+        assert [key for key in await shipper.collect_garbage() if "/log/" in key] == []
+        await tdb.checkpoint()  # a snapshot made before the cutoff: nothing before it is read
+        before = {o.key for o in await bucket.list("tenants/acme/")}
+        deleted = await shipper.collect_garbage()
+        after = {o.key for o in await bucket.list("tenants/acme/")}
         assert sorted(deleted) == sorted(before - after)
-        assert len(deleted) >= 4  # the single segments the merge replaced
+        assert len([key for key in deleted if "/log/" in key]) >= 5  # singles and the merge
+        record = tdb.lease.record
+        assert record is not None
+        assert record.snapshot is not None
+        assert record.snapshot.key in after
         assert await restored_rows(bucket, tmp_path) == await rows(tdb)
 
 
