@@ -65,6 +65,7 @@ def settings_for(tmp_path: Path, dns: DevDNSServer | None, **overrides: Any) -> 
         "dns_server": dns.address if dns is not None else None,
         "local_bucket_dir": tmp_path / "bucket",
         "data_dir": tmp_path / "data",
+        "metrics_port": 0,  # 9091 may be taken by another server on this machine
     }
     values.update(overrides)
     return Settings(**values)
