@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from tenantdb.lease import read_lock
 from tenantdb.replication.pitr import restore_at
 from tenantdb.rollback import rollback
 from tenantdb.storage.base import Bucket
-from tests.replication.test_pitr import MIGRATIONS, PREFIX, Recorder, read_rows, settings
+from tests.replication.test_pitr import PREFIX, Recorder, machine, read_rows
 
 
 def operator(tmp_path: Path) -> Settings:
@@ -30,14 +29,11 @@ async def rows_of(tdb: TenantDB) -> list[tuple[int, str]]:
 async def test_rollback_refuses_a_live_holder_then_the_next_machine_starts_from_it(
     bucket: Bucket, tmp_path: Path
 ) -> None:
-    recorder = Recorder()
-    rng = random.Random(21)
-    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
-        for _ in range(4):
-            await recorder.change(tdb, rng)
+    recorder = Recorder(21)
+    async with machine(bucket, tmp_path, "m1") as tdb:
+        await recorder.changes(tdb, 4)
         then, rows_then = datetime.now(UTC), list(recorder.rows)
-        for _ in range(4):
-            await recorder.change(tdb, rng)
+        await recorder.changes(tdb, 4)
         later, rows_later = datetime.now(UTC), list(recorder.rows)
         with pytest.raises(LeaseHeldError):
             await rollback(operator(tmp_path), bucket, then, work_dir=tmp_path)
@@ -50,9 +46,9 @@ async def test_rollback_refuses_a_live_holder_then_the_next_machine_starts_from_
     assert observed is not None
     assert observed.record.owner is None
     assert observed.record.last_owner == "m1"  # routing still names the tenant's machine
-    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
+    async with machine(bucket, tmp_path, "m1") as tdb:
         assert await rows_of(tdb) == rows_then
-        await recorder.change(tdb, rng)  # writes go on from the rolled-back state
+        await recorder.changes(tdb, 1)  # writes go on from the rolled-back state
     # The history past the moment rolled back to is kept.
     out = tmp_path / "later.sqlite3"
     await restore_at(bucket, "acme", out, prefix=PREFIX, at=later)
@@ -63,13 +59,12 @@ async def test_rollback_refuses_a_live_holder_then_the_next_machine_starts_from_
 async def test_rollback_with_wait_takes_over_once_the_holder_is_gone(
     bucket: Bucket, tmp_path: Path
 ) -> None:
-    recorder = Recorder()
-    rng = random.Random(22)
-    tdb = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket)
+    recorder = Recorder(22)
+    tdb = machine(bucket, tmp_path, "m1")
     await tdb.start(standby=False)
-    await recorder.change(tdb, rng)
+    await recorder.changes(tdb, 1)
     then, rows_then = datetime.now(UTC), list(recorder.rows)
-    await recorder.change(tdb, rng)
+    await recorder.changes(tdb, 1)
     # The holder vanishes without releasing (its renewals stop): the lease expires.
     await tdb._close_resources()
     result = await rollback(operator(tmp_path), bucket, then, wait=True, work_dir=tmp_path)

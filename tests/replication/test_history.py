@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import shutil
 import sqlite3
 import time
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from tenantdb.database import TenantDB
 from tenantdb.errors import PointInTimeError
 from tenantdb.replication import compaction
 from tenantdb.replication.checksum import PageHashes, database_page_size
@@ -19,7 +17,7 @@ from tenantdb.replication.history import read_history, takeover_key
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.segment import Segment, SegmentHeader, encode_segment, segment_key
 from tenantdb.storage.base import Bucket
-from tests.replication.test_pitr import MIGRATIONS, PREFIX, Recorder, read_rows, settings
+from tests.replication.test_pitr import PREFIX, Recorder, machine, read_rows
 
 
 def orphan_segment(before: Path, after: Path, *, generation: int, index: int) -> bytes:
@@ -48,11 +46,9 @@ def orphan_segment(before: Path, after: Path, *, generation: int, index: int) ->
 async def test_a_fenced_generations_last_upload_is_never_restored(
     bucket: Bucket, tmp_path: Path
 ) -> None:
-    recorder = Recorder()
-    rng = random.Random(5)
-    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
-        for _ in range(3):
-            await recorder.change(tdb, rng)
+    recorder = Recorder(5)
+    async with machine(bucket, tmp_path, "m1") as tdb:
+        await recorder.changes(tdb, 3)
         tail = tdb.lease.record.log.tail  # type: ignore[union-attr]
     # Generation 1 made one more segment whose CAS never landed: an orphan in the bucket.
     published = tmp_path / "published.sqlite3"
@@ -68,7 +64,7 @@ async def test_a_fenced_generations_last_upload_is_never_restored(
     body = orphan_segment(published, unpublished, generation=1, index=tail + 1)
     await bucket.put(orphan, body, if_none_match="*")
     # Generation 2 takes over at that tail and publishes nothing of its own.
-    async with TenantDB(settings(tmp_path, "m2"), migrations=MIGRATIONS, bucket=bucket):
+    async with machine(bucket, tmp_path, "m2"):
         pass
     history = await read_history(bucket, "acme", prefix=PREFIX)
     entry = next(s for s in history.segments if s.key == orphan)
@@ -83,19 +79,15 @@ async def test_retention_keeps_every_moment_after_the_cutoff_restorable(
     bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(compaction, "MERGE_SINGLES", 4)
-    recorder = Recorder()
-    rng = random.Random(11)
-    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
-        for _ in range(10):
-            await recorder.change(tdb, rng)
+    recorder = Recorder(11)
+    async with machine(bucket, tmp_path, "m1") as tdb:
+        await recorder.changes(tdb, 10)
         await tdb.checkpoint()
-        for _ in range(10):
-            await recorder.change(tdb, rng)
+        await recorder.changes(tdb, 10)
         time.sleep(1.1)  # Last-Modified has whole seconds: the cutoff is clear of both sides
         cutoff = datetime.now(UTC)
         time.sleep(1.1)
-        for _ in range(10):
-            await recorder.change(tdb, rng)
+        await recorder.changes(tdb, 10)
         shipper = tdb._shipper
         assert shipper is not None
         shipper.retention = (datetime.now(UTC) - cutoff).total_seconds()

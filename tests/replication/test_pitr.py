@@ -58,10 +58,16 @@ def read_rows(path: Path) -> Rows:
         conn.close()
 
 
+def machine(bucket: Bucket, tmp_path: Path, name: str) -> TenantDB:
+    """A machine serving the tenant ``acme`` (``async with`` it)."""
+    return TenantDB(settings(tmp_path, name), migrations=MIGRATIONS, bucket=bucket)
+
+
 class Recorder:
     """Changes the database through a TenantDB and notes what it was between changes."""
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
         self.rows: Rows = []
         self.quiet: list[Quiet] = []
         self._since: datetime | None = None
@@ -72,8 +78,14 @@ class Recorder:
             self.quiet.append(Quiet(self._since, now(), list(self.rows)))
             self._since = None
 
-    async def change(self, tdb: TenantDB, rng: random.Random) -> None:
+    async def changes(self, tdb: TenantDB, count: int) -> None:
+        """Make ``count`` random changes (insert, update, delete), each synced."""
+        for _ in range(count):
+            await self._change(tdb)
+
+    async def _change(self, tdb: TenantDB) -> None:
         self._close_stretch()
+        rng = self.rng
         async with tdb.connection() as db:
             if self.rows and rng.random() < 0.3:
                 victim = rng.choice(self.rows)
@@ -82,16 +94,14 @@ class Recorder:
             elif self.rows and rng.random() < 0.3:
                 index = rng.randrange(len(self.rows))
                 note = f"updated {rng.random():.6f}"
-                await db.execute(
-                    "UPDATE items SET note = ? WHERE id = ?", (note, self.rows[index][0])
-                )
+                row_id = self.rows[index][0]
+                await db.execute("UPDATE items SET note = ? WHERE id = ?", (note, row_id))
                 self.rows[index] = (self.rows[index][0], note)
             else:
                 note = "x" * rng.randrange(10, 3000)
-                await db.execute(
-                    "INSERT INTO items (id, note) VALUES (?, ?)", (self._next_id, note)
-                )
-                self.rows.append((self._next_id, note))
+                row = (self._next_id, note)
+                await db.execute("INSERT INTO items (id, note) VALUES (?, ?)", row)
+                self.rows.append(row)
                 self._next_id += 1
             await db.commit()
         await tdb.sync()  # from here on the change is in the bucket
@@ -99,21 +109,19 @@ class Recorder:
         await asyncio.sleep(0.02)
 
     def stop(self) -> None:
+        """End the last quiet stretch now."""
         self._close_stretch()
 
 
-async def record_history(bucket: Bucket, tmp_path: Path, rng: random.Random) -> Recorder:
+async def record_history(bucket: Bucket, tmp_path: Path, seed: int) -> Recorder:
     """Two generations of changes, with merges, a snapshot and a handover in between."""
-    recorder = Recorder()
-    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
-        for _ in range(14):
-            await recorder.change(tdb, rng)
+    recorder = Recorder(seed)
+    async with machine(bucket, tmp_path, "m1") as tdb:
+        await recorder.changes(tdb, 14)
         await tdb.checkpoint()
-        for _ in range(8):
-            await recorder.change(tdb, rng)
-    async with TenantDB(settings(tmp_path, "m2"), migrations=MIGRATIONS, bucket=bucket) as tdb:
-        for _ in range(14):
-            await recorder.change(tdb, rng)
+        await recorder.changes(tdb, 8)
+    async with machine(bucket, tmp_path, "m2") as tdb:
+        await recorder.changes(tdb, 14)
         recorder.stop()
     return recorder
 
@@ -122,8 +130,8 @@ async def test_a_restore_at_ten_random_moments_gives_the_database_as_it_was_then
     bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(compaction, "MERGE_SINGLES", 4)
+    recorder = await record_history(bucket, tmp_path, 1429)
     rng = random.Random(1429)
-    recorder = await record_history(bucket, tmp_path, rng)
     history = await read_history(bucket, "acme", prefix=PREFIX)
     assert any(s.merged for s in history.segments), "the history should include merges"
     assert len({s.generation for s in history.segments}) == 2
@@ -141,11 +149,9 @@ async def test_a_restore_at_ten_random_moments_gives_the_database_as_it_was_then
 async def test_the_current_state_and_a_restore_as_of_now_agree(
     bucket: Bucket, tmp_path: Path
 ) -> None:
-    recorder = Recorder()
-    rng = random.Random(7)
-    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
-        for _ in range(5):
-            await recorder.change(tdb, rng)
+    recorder = Recorder(7)
+    async with machine(bucket, tmp_path, "m1") as tdb:
+        await recorder.changes(tdb, 5)
         # Still held: the newest segments are carried inline in lock.json.
         current = await restore_at(bucket, "acme", tmp_path / "current.sqlite3", prefix=PREFIX)
         as_of_now = await restore_at(
@@ -159,8 +165,8 @@ async def test_the_current_state_and_a_restore_as_of_now_agree(
 async def test_a_moment_before_the_history_is_refused_naming_the_earliest(
     bucket: Bucket, tmp_path: Path
 ) -> None:
-    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
-        await Recorder().change(tdb, random.Random(1))
+    async with machine(bucket, tmp_path, "m1") as tdb:
+        await Recorder(1).changes(tdb, 1)
     out = tmp_path / "out.sqlite3"
     with pytest.raises(PointInTimeError) as error:
         await restore_at(bucket, "acme", out, prefix=PREFIX, at=now() - timedelta(days=3))
@@ -173,11 +179,9 @@ async def test_a_moment_before_the_history_is_refused_naming_the_earliest(
 async def test_a_missing_segment_is_a_gap_named_not_an_older_database(
     bucket: Bucket, tmp_path: Path
 ) -> None:
-    recorder = Recorder()
-    rng = random.Random(3)
-    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
-        for _ in range(6):
-            await recorder.change(tdb, rng)
+    recorder = Recorder(3)
+    async with machine(bucket, tmp_path, "m1") as tdb:
+        await recorder.changes(tdb, 6)
     history = await read_history(bucket, "acme", prefix=PREFIX)
     singles = [s for s in history.segments if not s.merged]
     await bucket.delete(singles[2].key)
