@@ -12,8 +12,10 @@ silently older database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 from tenantdb.errors import ObjectNotFoundError, ReplicationError
@@ -28,7 +30,14 @@ from tenantdb.snapshot import (
 )
 from tenantdb.storage.base import Bucket
 
-__all__ = ["restore_database"]
+__all__ = [
+    "apply_log",
+    "apply_segment",
+    "check_final",
+    "fetch_segment",
+    "hash_file",
+    "restore_database",
+]
 
 log = logging.getLogger("tenantdb.replication")
 
@@ -50,55 +59,70 @@ async def restore_database(
             # Both read the same (cached) file: side by side, the page hashes cost no time.
             _, hashes = await asyncio.gather(
                 asyncio.to_thread(check_download, record.snapshot, tmp),
-                asyncio.to_thread(_hash_file, tmp),
+                asyncio.to_thread(hash_file, tmp),
             )
         else:
             tmp.touch()
-            hashes = await asyncio.to_thread(_hash_file, tmp)
+            hashes = await asyncio.to_thread(hash_file, tmp)
         what = record.snapshot.key if record.snapshot else "an empty database"
         if record.log is not None:
-            hashes = await _apply_log(bucket, record, record.log, tmp, hashes, prefix=prefix)
-            _check_final(record.log, hashes, what=f"{what} + segments {record.log.base}..")
+            chunks = record.log.chunks()
+            async with contextlib.aclosing(
+                apply_log(bucket, record.tenant, record.log, chunks, tmp, hashes, prefix=prefix)
+            ) as applied:
+                async for _chunk, after in applied:
+                    hashes = after
+            check_final(record.log, hashes, what=f"{what} + segments {record.log.base}..")
         await asyncio.to_thread(install_database, tmp, db_path, key=what)
         return hashes
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _hash_file(path: Path) -> PageHashes:
+def hash_file(path: Path) -> PageHashes:
+    """The page hashes of the database file at ``path`` (blocking)."""
     return PageHashes.of_file(path, database_page_size(path))
 
 
-async def _apply_log(
+async def apply_log(
     bucket: Bucket,
-    record: LockRecord,
+    tenant: str,
     pointer: LogPointer,
-    tmp: Path,
+    chunks: Sequence[LogChunk],
+    path: Path,
     hashes: PageHashes,
     *,
     prefix: str,
-) -> PageHashes:
-    chunks = pointer.chunks()
-    keys = [chunk_key(prefix, record.tenant, chunk) for chunk in chunks]
+) -> AsyncGenerator[tuple[LogChunk, PageHashes]]:
+    """Apply ``chunks`` of ``pointer`` in order onto ``path``, whose pages ``hashes`` describes.
+
+    Yields each chunk once it is written, with the hashes after it. A chunk that fails
+    its checks raises ``ReplicationError`` naming its key before anything of it is written,
+    so the file is then at the state last yielded. Use it under ``contextlib.aclosing``:
+    the downloads running ahead are cancelled when it closes.
+    """
+    keys = [chunk_key(prefix, tenant, chunk) for chunk in chunks]
     fetches: list[asyncio.Task[Segment]] = []
     try:
         for position, (chunk, key) in enumerate(zip(chunks, keys, strict=True)):
             while len(fetches) < min(position + PREFETCH, len(keys)):
                 ahead = chunks[len(fetches)]
                 inline = None if ahead.merged else pointer.inline_segment(ahead.last)
-                fetches.append(asyncio.ensure_future(_fetch(bucket, keys[len(fetches)], inline)))
+                fetches.append(
+                    asyncio.ensure_future(fetch_segment(bucket, keys[len(fetches)], inline))
+                )
             segment = await fetches[position]
             hashes = await asyncio.to_thread(
-                _apply, segment, key, tmp, hashes, record.tenant, chunk
+                apply_segment, segment, key, path, hashes, tenant, chunk
             )
+            yield chunk, hashes
     finally:
         for task in fetches:
             task.cancel()
         await asyncio.gather(*fetches, return_exceptions=True)
-    return hashes
 
 
-async def _fetch(bucket: Bucket, key: str, inline: bytes | None) -> Segment:
+async def fetch_segment(bucket: Bucket, key: str, inline: bytes | None) -> Segment:
     """The segment at ``key``, or the one lock.json carries inline in its place."""
     if inline is not None:
         return await asyncio.to_thread(decode_segment, inline, key=f"{key} (inline)")
@@ -113,10 +137,13 @@ async def _fetch(bucket: Bucket, key: str, inline: bytes | None) -> Segment:
     return await asyncio.to_thread(decode_segment, obj.body, key=key)
 
 
-def _apply(
-    segment: Segment, key: str, tmp: Path, hashes: PageHashes, tenant: str, chunk: LogChunk
+def apply_segment(
+    segment: Segment, key: str, path: Path, hashes: PageHashes, tenant: str, chunk: LogChunk
 ) -> PageHashes:
-    """Write one verified segment's pages into ``tmp``; return the hashes after it."""
+    """Write one verified segment's pages into ``path``; return the hashes after it.
+
+    Every check comes before the first write: a ``ReplicationError`` leaves ``path`` as it was.
+    """
     header = segment.header
     if (header.tenant, header.generation, header.index) != (tenant, chunk.generation, chunk.last):
         raise ReplicationError(
@@ -136,7 +163,7 @@ def _apply(
     after.apply(dict(segment.pages), header.db_pages)
     if after.state != header.state:
         raise ReplicationError(f"segment {key} does not produce the state it records", key=key)
-    fd = os.open(tmp, os.O_WRONLY)
+    fd = os.open(path, os.O_WRONLY)
     try:
         for pgno, data in segment.pages:
             os.pwrite(fd, data, (pgno - 1) * header.page_size)
@@ -146,7 +173,8 @@ def _apply(
     return after
 
 
-def _check_final(pointer: LogPointer, hashes: PageHashes, *, what: str) -> None:
+def check_final(pointer: LogPointer, hashes: PageHashes, *, what: str) -> None:
+    """Refuse a result whose state or size is not what ``pointer`` records."""
     if format_state(hashes.state) != pointer.state or hashes.db_pages != pointer.db_pages:
         raise ReplicationError(
             f"{what} gives state {format_state(hashes.state)} of {hashes.db_pages} pages, "

@@ -79,9 +79,7 @@ class MeteredBucket:
         self, key: str, etag: str, *, max_size: int | None = None
     ) -> SmallObject | None:
         """See ``Bucket.get_if_changed``."""
-        return await self._counted(
-            lambda: self.inner.get_if_changed(key, etag, max_size=max_size)
-        )
+        return await self._counted(lambda: self.inner.get_if_changed(key, etag, max_size=max_size))
 
     async def put(
         self,
