@@ -4,9 +4,11 @@ A ``Follower`` restores the tenant once, then applies the segments each newer ``
 adds, with the restore's own verified fetch and apply. It writes its file only that way:
 only the objects the pointer names (its runs and merged ranges, so a fenced generation's
 uploads are never read), each checked against the state reached so far before a byte of
-it is written. When the pointer moved past anything it can chain onto (a new snapshot over
-a state it does not have, segments merged across its position, a broken chain), it
-restores from scratch.
+it is written. When the pointer moved past anything it can chain onto (a new snapshot,
+segments merged across its position, a broken chain), it restores from scratch: a standby
+downloads the whole database once per snapshot the holder publishes
+(``TENANTDB_CHECKPOINT_INTERVAL``, or when the log grows too long), and only segments
+in between.
 
 What the copy holds is known only in memory: the follower forgets it before any write and
 learns it again only once the write is done, so a takeover trusts the copy (``hashes``)
@@ -111,11 +113,9 @@ class Follower:
             position = copy.tail
         elif copy.base is None and copy.snapshot == snapshot:
             position = pointer.base - 1  # a log started on the snapshot the copy is
-        elif copy.tail == pointer.base - 1:
-            # A new snapshot of exactly the state the copy reached: its first segment's
-            # previous state (or the pointer's own state) proves it, or the plan fails.
-            position = copy.tail
         else:
+            # A new snapshot: its pages differ from the copy's even when the data does not
+            # (a backup rewrites the header), so no segment of its log chains onto the copy.
             return None
         if position > pointer.tail:
             return None
@@ -128,10 +128,7 @@ class Follower:
         pointer = record.log
         snapshot = record.snapshot.key if record.snapshot else None
         if pointer is None or not chunks:
-            # Nothing to write: adopt the record's position if the state says it is the same.
-            adopted = _Copy(snapshot, pointer.base if pointer else None, _tail(record), copy.hashes)
-            self._copy = adopted
-            return adopted
+            return copy  # nothing to write: the same snapshot and log position
         hashes = copy.hashes
         self._copy = None  # from here until the last chunk is written, the file is in flux
         try:
