@@ -92,7 +92,8 @@ async def test_restores_once_then_applies_only_the_new_segments(
         for round_number in range(3):
             await write(tdb, 3, size=BIG if round_number == 1 else 10)
         record = await lock(bucket)
-        assert record.log is not None and first.log is not None
+        assert record.log is not None
+        assert first.log is not None
         new_segments = record.log.tail - first.log.tail
         assert new_segments >= 3
         assert follower.hashes(record) is None  # behind: not yet what lock.json names
@@ -114,7 +115,8 @@ async def test_a_segment_of_a_fenced_generation_is_never_applied(
     async with TenantDB(settings(tmp_path, "m2"), migrations=MIGRATIONS, bucket=bucket) as tdb:
         follower = new_follower(bucket, tmp_path)
         record = await lock(bucket)
-        assert record.generation == 2 and record.log is not None
+        assert record.generation == 2
+        assert record.log is not None
         await follower.catch_up(record)
         before = follower.path.read_bytes()
         applied = follower.applied
@@ -150,7 +152,8 @@ async def test_a_segment_of_a_fenced_generation_is_never_applied(
         # The holder's own segment at that index is the one applied, chained on the copy.
         await write(tdb, 2)
         record = await lock(bucket)
-        assert record.log is not None and record.log.generation_of(tail + 1) == 2
+        assert record.log is not None
+        assert record.log.generation_of(tail + 1) == 2
         await follower.catch_up(record)
         assert follower.restores == 1, "the copy had to be rebuilt: it did not chain"
         assert rows(follower.path) == 6
@@ -194,7 +197,8 @@ async def test_a_missing_or_damaged_segment_is_an_error_naming_it_and_is_not_app
         await write(tdb, 1, size=BIG)
         await write(tdb, 1, size=BIG)
         record = await lock(bucket)
-        assert record.log is not None and known.log is not None
+        assert record.log is not None
+        assert known.log is not None
         broken = record.log.chunks()[known.log.tail]  # the first segment the copy lacks
         assert record.log.inline_segment(broken.last) is None
         key = chunk_key(PREFIX, "acme", broken)
@@ -237,7 +241,7 @@ async def test_a_copy_written_half_way_is_not_trusted(
             return real_pwrite(fd, data, offset)
 
         monkeypatch.setattr(os, "pwrite", failing_pwrite)
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="injected"):
             await follower.catch_up(record)
         monkeypatch.undo()
         assert calls > 2
