@@ -71,7 +71,8 @@ async def test_stopping_the_holder_under_load_fails_no_request_and_loses_no_writ
         stopped_at = time.monotonic()
         await cluster.stop_machine(holder)
         # Keep writing until the standby has answered a good number of requests itself.
-        while sum(1 for a in answers if a[3] == standby) < 50:
+        deadline = time.monotonic() + 20
+        while sum(1 for a in answers if a[3] == standby) < 50 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         done.set()
         await asyncio.gather(*writers)
