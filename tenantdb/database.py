@@ -353,8 +353,7 @@ class TenantDB:
     async def _standby_loop(self) -> None:
         """Poll lock.json (conditional GETs), keep the warm copy current, take over in time."""
         interval = self.settings.follow_interval
-        # The copy is written by the follower from here: never "the newest data" of a holding.
-        await asyncio.to_thread(write_atomically, self._state_file, b'{"generation": 0}')
+        local_generation = await asyncio.to_thread(self._local_generation)
         failures, retry_at = 0, 0.0
         while self.state == "standby":
             try:
@@ -365,8 +364,19 @@ class TenantDB:
                 continue
             self._observed = observed
             if observed is not None and self._still_held(observed):
-                if time.monotonic() >= retry_at and not self._copy_current(observed.record):
+                # While lock.json is still at the generation the local file was written in,
+                # that file may hold this machine's unpublished writes: the takeover's rules
+                # decide about it, the follower leaves it alone.
+                follow = observed.record.generation != local_generation
+                if follow and time.monotonic() >= retry_at and not self._copy_current(observed):
                     try:
+                        if local_generation != 0:
+                            # The follower writes the file from here: never again "the
+                            # newest data" of a holding of this machine.
+                            await asyncio.to_thread(
+                                write_atomically, self._state_file, b'{"generation": 0}'
+                            )
+                            local_generation = 0
                         await self._follow(observed.record)
                         failures = 0
                     except (TenantDBError, OSError, sqlite3.Error) as exc:
@@ -400,6 +410,8 @@ class TenantDB:
         record = observed.record
         if record.owner is None or self.lease.expires_in(observed) <= 0:
             return False
+        if (record.owner, record.claim) == (self.settings.machine_id, self.lease.claim):
+            return False  # this very process's holding (it was fenced): acquire() takes it back
         if self.holder is None or self.holder.owner != record.owner:
             self.holder = LeaseHeldError(
                 tenant=self.tenant,
@@ -409,8 +421,8 @@ class TenantDB:
             )
         return True
 
-    def _copy_current(self, record: LockRecord) -> bool:
-        return self._follower is None or self._follower.hashes(record) is not None
+    def _copy_current(self, observed: ObservedLock) -> bool:
+        return self._follower is None or self._follower.hashes(observed.record) is not None
 
     async def _follow(self, record: LockRecord) -> None:
         if self._follower is not None:

@@ -13,12 +13,16 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tenantdb.config import Settings
+from tenantdb.database import TenantDB
+from tenantdb.errors import TransientStorageError
 from tenantdb.lockfile import LockRecord
-from tenantdb.storage import open_bucket
+from tenantdb.storage import Bucket, open_bucket
+from tenantdb.storage.base import SmallObject
 from tests.support.workers import Worker
 
 TTL = 3
@@ -135,3 +139,71 @@ def test_a_warm_standby_takes_the_lease_as_soon_as_the_holder_releases_it(
     print(f"takeover after a graceful stop: {took:.2f}s")
     assert took < 2.5
     assert standby.command("count")["count"] == shipped
+
+
+class LockReadsFail:
+    """A bucket whose reads of lock.json fail while ``failing`` is set."""
+
+    def __init__(self, inner: Bucket) -> None:
+        self.inner = inner
+        self.failing = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def _check(self, key: str) -> None:
+        if self.failing and key.endswith("lock.json"):
+            raise TransientStorageError("503 SlowDown (injected)", key=key, operation="get")
+
+    async def get(self, key: str, **options: Any) -> SmallObject:
+        self._check(key)
+        return await self.inner.get(key, **options)
+
+    async def get_if_changed(self, key: str, etag: str, **options: Any) -> SmallObject | None:
+        self._check(key)
+        return await self.inner.get_if_changed(key, etag, **options)
+
+
+async def test_a_holder_fenced_into_standby_keeps_its_unpublished_writes(
+    tmp_path: Path, local_bucket: Bucket
+) -> None:
+    """A holder that steps down while lock.json cannot be read stands by, with writes the
+    bucket does not have in its file. The lease is still its own: the standby takes it
+    back without following (a follower would overwrite the file with the bucket's data)."""
+    bucket = LockReadsFail(local_bucket)
+    settings = Settings(
+        tenant="acme",
+        machine_id="m1",
+        data_dir=tmp_path / "m1",
+        lease_ttl=3,
+        checkpoint_interval=0,
+        sync_interval=3600,
+    )
+    migrations = ["CREATE TABLE hits (id INTEGER PRIMARY KEY)"]
+    tdb = TenantDB(settings, migrations=migrations, bucket=bucket)  # type: ignore[arg-type]
+    await tdb.start()
+    try:
+        async with tdb.connection() as db:
+            await db.executemany("INSERT INTO hits DEFAULT VALUES", [()] * 5)
+            await db.commit()
+        await tdb.sync()
+        async with tdb.connection() as db:
+            await db.executemany("INSERT INTO hits DEFAULT VALUES", [()] * 3)  # not shipped
+            await db.commit()
+        bucket.failing = True
+        tdb.lease.step_down("renewals failed (injected)")
+        await poll(lambda: tdb.state == "standby")
+        bucket.failing = False
+        await poll(lambda: tdb.state == "serving")
+        async with tdb.connection() as db, db.execute("SELECT count(*) FROM hits") as cursor:
+            row = await cursor.fetchone()
+        assert row == (8,)
+    finally:
+        await tdb.stop()
+
+
+async def poll(condition: Callable[[], bool], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)

@@ -71,10 +71,6 @@ class Follower:
             return None
         return copy.hashes if _matches(copy.hashes, record) else None
 
-    def forget(self) -> None:
-        """Stop vouching for the copy (someone else is about to use the file)."""
-        self._copy = None
-
     async def catch_up(self, record: LockRecord) -> PageHashes:
         """Make the copy what ``record`` names, applying only what it lacks; its hashes.
 
@@ -82,7 +78,7 @@ class Follower:
         and a restore cannot do without it; the copy is then left as it was.
         """
         copy = self._copy
-        chunks = self._plan(copy, record) if copy is not None else None
+        chunks = self._plan(copy, record)
         if copy is not None and chunks is not None:
             try:
                 copy = await self._apply(copy, record, chunks)
@@ -129,16 +125,20 @@ class Follower:
         snapshot = record.snapshot.key if record.snapshot else None
         if pointer is None or not chunks:
             return copy  # nothing to write: the same snapshot and log position
-        hashes = copy.hashes
         self._copy = None  # from here until the last chunk is written, the file is in flux
         try:
             async with contextlib.aclosing(
                 apply_log(
-                    self.bucket, self.tenant, pointer, chunks, self.path, hashes, prefix=self.prefix
+                    self.bucket,
+                    self.tenant,
+                    pointer,
+                    chunks,
+                    self.path,
+                    copy.hashes,
+                    prefix=self.prefix,
                 )
             ) as applied:
                 async for chunk, after in applied:
-                    hashes = after
                     copy = _Copy(snapshot, pointer.base, chunk.last, after)
                     self.applied += 1
         except TenantDBError:
