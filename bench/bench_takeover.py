@@ -131,7 +131,39 @@ def wait_for_file(path: Path, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-def takeover_rounds(machines: Machines, rounds: int) -> tuple[list[float], list[float]]:
+def settle(s3: S3Server, standby_file: Path, quiet: float = 3.0, timeout: float = 300) -> None:
+    """Wait until the lease and the standby's copy stay put for ``quiet`` seconds.
+
+    On this one-threaded S3 server the standby's download can hold up the holder's
+    renewals past a short lease: the holder steps down, takes its own lease back and
+    publishes a snapshot, which the standby then restores again. Measured takeovers start
+    from a standby that is following, not restoring.
+    """
+    client = s3.client()
+    deadline = time.monotonic() + timeout
+
+    def looks() -> tuple[int, str, int]:
+        body = client.get_object(Bucket=BUCKET, Key=f"tenants/{TENANT}/lock.json")["Body"].read()
+        record = LockRecord.parse(body, tenant=TENANT, key=f"tenants/{TENANT}/lock.json")
+        key = record.snapshot.key if record.snapshot else ""
+        return record.generation, key, standby_file.stat().st_ino
+
+    try:
+        seen, since = looks(), time.monotonic()
+        while time.monotonic() - since < quiet:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the lease or the standby's copy never settled")
+            time.sleep(0.2)
+            now = looks()
+            if now != seen:
+                seen, since = now, time.monotonic()
+    finally:
+        client.close()
+
+
+def takeover_rounds(
+    machines: Machines, s3: S3Server, rounds: int
+) -> tuple[list[float], list[float]]:
     """Alternate warm and cold takeovers; their seconds from the kill to the first 200."""
     warm: list[float] = []
     cold: list[float] = []
@@ -140,9 +172,7 @@ def takeover_rounds(machines: Machines, rounds: int) -> tuple[list[float], list[
     for n in range(1, rounds + 1):
         standby, standby_file = machines.start()
         wait_for_file(standby_file)
-        # On this one-threaded S3 server the standby's download can hold up the holder's
-        # renewals past a short lease: it steps down and takes its own lease back. The
-        # visits below wait for it.
+        settle(s3, standby_file)
         write(holder, 50)
         time.sleep(1.0)  # the standby's next polls apply the last segments
         holder.proc.kill()
@@ -198,7 +228,10 @@ async def handoff(work: Path, env: dict[str, str], writers: int) -> dict[str, An
         stopped = time.monotonic()
         await cluster.stop_machine(holder)
         took_stop = time.monotonic() - stopped
+        deadline = time.monotonic() + 60
         while sum(1 for a in answers if a[3] == standby) < 100:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the standby did not take over after the holder stopped")
             await asyncio.sleep(0.05)
         done.set()
         await asyncio.gather(*tasks)
@@ -236,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = s3.settings_env(BUCKET)
         machines = Machines(work, env, args.ttl)
         try:
-            warm, cold = takeover_rounds(machines, args.rounds)
+            warm, cold = takeover_rounds(machines, s3, args.rounds)
         finally:
             machines.close()
         stalls = asyncio.run(handoff(work, child_env(env), args.writers))

@@ -36,7 +36,7 @@ from tenantdb.errors import (
     LocalDiskError,
     TenantDBError,
 )
-from tenantdb.lease import Lease, ObservedLock
+from tenantdb.lease import CLOCK_GRANULARITY, Lease, ObservedLock
 from tenantdb.localfiles import remove_database, write_atomically
 from tenantdb.lockfile import LockRecord
 from tenantdb.metrics import Metrics
@@ -209,6 +209,7 @@ class TenantDB:
         # A standby's warm copy of the tenant and its last view of lock.json.
         self._follower: Follower | None = None
         self._observed: ObservedLock | None = None
+        self._confirmed_at = 0.0  # monotonic time lock.json was last seen (changed or not)
         self._serving_now = asyncio.Event()  # set exactly while the state is "serving"
         self.draining = False
         self._draining_since: float | None = None
@@ -285,6 +286,8 @@ class TenantDB:
         observed = self._observed
         if self.state != "standby" or observed is None or self._lease is None:
             return False
+        if time.monotonic() - self._confirmed_at > 2 * self.settings.follow_interval + 1:
+            return False  # not polled lately (restoring the copy): nothing is known
         if observed.record.owner is None:
             return True
         return self._lease.expires_in(observed) <= self.settings.handoff_wait
@@ -356,13 +359,19 @@ class TenantDB:
         local_generation = await asyncio.to_thread(self._local_generation)
         failures, retry_at = 0, 0.0
         while self.state == "standby":
+            # In the last second before the expiry the standby estimates, every poll reads
+            # the lock whole, for a fresh server Date: the takeover is not late by S3's
+            # one-second Last-Modified.
+            since = self._observed
+            if since is not None and self.lease.expires_in(since) <= CLOCK_GRANULARITY:
+                since = None
             try:
-                observed = await self.lease.read(since=self._observed)
+                observed = await self.lease.read(since=since)
             except TenantDBError as exc:
                 log.warning("tenant %s: standby could not read lock.json: %s", self.tenant, exc)
                 await asyncio.sleep(interval)
                 continue
-            self._observed = observed
+            self._observed, self._confirmed_at = observed, time.monotonic()
             if observed is not None and self._still_held(observed):
                 # While lock.json is still at the generation the local file was written in,
                 # that file may hold this machine's unpublished writes: the takeover's rules

@@ -4,8 +4,10 @@ A ``Follower`` restores the tenant once, then applies the segments each newer ``
 adds, with the restore's own verified fetch and apply. It writes its file only that way:
 only the objects the pointer names (its runs and merged ranges, so a fenced generation's
 uploads are never read), each checked against the state reached so far before a byte of
-it is written. When the pointer moved past anything it can chain onto (a new snapshot,
-segments merged across its position, a broken chain), it restores from scratch: a standby
+it is written. A merged object that covers segments the copy has and segments it lacks
+is applied on top (it holds the newest image of every page its range changed) and checked
+by the state it produces. When the pointer moved past anything it can chain onto (a new
+snapshot, a broken chain), it restores from scratch: a standby
 downloads the whole database once per snapshot the holder publishes
 (``TENANTDB_CHECKPOINT_INTERVAL``, or when the log grows too long), and only segments
 in between.
@@ -67,7 +69,7 @@ class Follower:
     def hashes(self, record: LockRecord) -> PageHashes | None:
         """The copy's page hashes if it is exactly what ``record`` names, else None."""
         copy = self._copy
-        if copy is None or self._plan(copy, record) != []:
+        if copy is None or self._plan(copy, record) != ([], False):
             return None
         return copy.hashes if _matches(copy.hashes, record) else None
 
@@ -78,10 +80,10 @@ class Follower:
         and a restore cannot do without it; the copy is then left as it was.
         """
         copy = self._copy
-        chunks = self._plan(copy, record)
-        if copy is not None and chunks is not None:
+        plan = self._plan(copy, record)
+        if copy is not None and plan is not None:
             try:
-                copy = await self._apply(copy, record, chunks)
+                copy = await self._apply(copy, record, *plan)
                 if _matches(copy.hashes, record):
                     return copy.hashes
                 log.warning(
@@ -95,16 +97,22 @@ class Follower:
                     self.tenant,
                     exc,
                 )
+        elif copy is not None:
+            log.info(
+                "tenant %s: lock.json moved past the standby's copy (a new snapshot): restoring it",
+                self.tenant,
+            )
         return await self._restore(record)
 
-    def _plan(self, copy: _Copy | None, record: LockRecord) -> list[LogChunk] | None:
-        """The log objects to apply onto ``copy`` to reach ``record``; None: restore instead."""
+    def _plan(self, copy: _Copy | None, record: LockRecord) -> tuple[list[LogChunk], bool] | None:
+        """The log objects to apply onto ``copy`` to reach ``record``, and whether the first
+        is a merged one the copy holds part of; None: restore instead."""
         if copy is None:
             return None
         pointer = record.log
         snapshot = record.snapshot.key if record.snapshot else None
         if pointer is None:
-            return [] if copy.base is None and copy.snapshot == snapshot else None
+            return ([], False) if copy.base is None and copy.snapshot == snapshot else None
         if copy.base == pointer.base and copy.snapshot == snapshot:
             position = copy.tail
         elif copy.base is None and copy.snapshot == snapshot:
@@ -116,11 +124,13 @@ class Follower:
         if position > pointer.tail:
             return None
         chunks = [chunk for chunk in pointer.chunks() if chunk.last > position]
-        if chunks and chunks[0].first != position + 1:
-            return None  # merged across the copy's position: nothing chains onto it
-        return chunks
+        # A merge across the copy's position (segments it has and segments it lacks): the
+        # merged object goes on top, checked by the state it produces.
+        return chunks, bool(chunks) and chunks[0].first <= position
 
-    async def _apply(self, copy: _Copy, record: LockRecord, chunks: list[LogChunk]) -> _Copy:
+    async def _apply(
+        self, copy: _Copy, record: LockRecord, chunks: list[LogChunk], overlap: bool
+    ) -> _Copy:
         pointer = record.log
         snapshot = record.snapshot.key if record.snapshot else None
         if pointer is None or not chunks:
@@ -136,6 +146,7 @@ class Follower:
                     self.path,
                     copy.hashes,
                     prefix=self.prefix,
+                    overlap=overlap,
                 )
             ) as applied:
                 async for chunk, after in applied:

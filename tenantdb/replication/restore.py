@@ -93,8 +93,12 @@ async def apply_log(
     hashes: PageHashes,
     *,
     prefix: str,
+    overlap: bool = False,
 ) -> AsyncGenerator[tuple[LogChunk, PageHashes]]:
     """Apply ``chunks`` of ``pointer`` in order onto ``path``, whose pages ``hashes`` describes.
+
+    ``overlap``: the first chunk is a merged one that the file already holds a part of
+    (see ``apply_segment``).
 
     Yields each chunk once it is written, with the hashes after it. A chunk that fails
     its checks raises ``ReplicationError`` naming its key before anything of it is written,
@@ -113,7 +117,7 @@ async def apply_log(
                 )
             segment = await fetches[position]
             hashes = await asyncio.to_thread(
-                apply_segment, segment, key, path, hashes, tenant, chunk
+                apply_segment, segment, key, path, hashes, tenant, chunk, overlap and not position
             )
             yield chunk, hashes
     finally:
@@ -138,11 +142,21 @@ async def fetch_segment(bucket: Bucket, key: str, inline: bytes | None) -> Segme
 
 
 def apply_segment(
-    segment: Segment, key: str, path: Path, hashes: PageHashes, tenant: str, chunk: LogChunk
+    segment: Segment,
+    key: str,
+    path: Path,
+    hashes: PageHashes,
+    tenant: str,
+    chunk: LogChunk,
+    overlap: bool = False,
 ) -> PageHashes:
     """Write one verified segment's pages into ``path``; return the hashes after it.
 
     Every check comes before the first write: a ``ReplicationError`` leaves ``path`` as it was.
+    With ``overlap`` the file is already past the start of this merged chunk (a follower's
+    copy at one of its segments): the chunk holds the newest image of every page changed
+    in its range, so applied on top of any state within the range it gives the same result.
+    The state it applies to is then not checked; the state it produces still is.
     """
     header = segment.header
     if (header.tenant, header.generation, header.index) != (tenant, chunk.generation, chunk.last):
@@ -151,7 +165,7 @@ def apply_segment(
             f"index {header.index}: not the segment lock.json names",
             key=key,
         )
-    if header.prev_state != hashes.state:
+    if not overlap and header.prev_state != hashes.state:
         raise ReplicationError(
             f"segment {key} applies to state {format_state(header.prev_state)}, but the "
             f"database before it is {format_state(hashes.state)}: the log is broken",

@@ -183,6 +183,37 @@ async def test_a_snapshot_that_moves_the_base_makes_the_follower_restore_anew(
         await assert_equals_restore(follower.path, bucket, record)
 
 
+async def test_a_merge_across_the_copys_position_is_applied_on_top_without_a_restore(
+    local_bucket: Bucket, tmp_path: Path
+) -> None:
+    """The holder merges its first single segments into one object while the copy is in
+    the middle of them: the merged object goes on top of the copy, checked by its result."""
+    bucket = local_bucket
+    fast = replace(settings(tmp_path, "m1"), sync_interval=0.05)  # its loop compacts
+    async with TenantDB(fast, migrations=MIGRATIONS, bucket=bucket) as tdb:
+        for _ in range(6):
+            await write(tdb, 1)
+        follower = new_follower(bucket, tmp_path)
+        first = await lock(bucket)
+        assert first.log is not None
+        assert not first.log.merged
+        await follower.catch_up(first)
+        position = first.log.tail
+        record = first
+        for _ in range(200):
+            await write(tdb, 1)
+            record = await lock(bucket)
+            assert record.log is not None
+            if record.log.merged:
+                break
+        assert record.log is not None
+        merged_first, merged_last, _ = record.log.merged[0]
+        assert merged_first <= position < merged_last, (position, record.log.merged)
+        await follower.catch_up(record)
+        assert follower.restores == 1
+        await assert_equals_restore(follower.path, bucket, record)
+
+
 @pytest.mark.parametrize("damage", ["missing", "damaged"])
 async def test_a_missing_or_damaged_segment_is_an_error_naming_it_and_is_not_applied(
     bucket: Bucket, tmp_path: Path, damage: str, caplog: Any
