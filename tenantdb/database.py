@@ -279,8 +279,8 @@ class TenantDB:
             self._serving_now.clear()
 
     def handoff_expected(self) -> bool:
-        """True when this machine should serve within ``handoff_wait``: it has taken the
-        lease and is opening the tenant, or the holder released it or lets it expire soon."""
+        """True when the lease is coming to this machine: it has taken the lease and is
+        opening the tenant, or, as last seen, the holder released it or let it expire."""
         if self.state == "restoring":
             return True
         observed = self._observed
@@ -288,9 +288,9 @@ class TenantDB:
             return False
         if time.monotonic() - self._confirmed_at > 2 * self.settings.follow_interval + 1:
             return False  # not polled lately (restoring the copy): nothing is known
-        if observed.record.owner is None:
-            return True
-        return self._lease.expires_in(observed) <= self.settings.handoff_wait
+        # Not "expires within handoff_wait": a live holder's lease always looks that close
+        # when the TTL is short, since it is renewed only every TTL/3.
+        return observed.record.owner is None or self._lease.expires_in(observed) <= 0
 
     async def wait_serving(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for this machine to serve; whether it does."""

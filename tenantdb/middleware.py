@@ -243,8 +243,8 @@ class TenantDBMiddleware:
 
         During a handoff the holder stops taking requests before this standby can: a
         request it cannot take (its replay failed, or it sent the request here) or one
-        that arrives when the lease is released or about to be taken waits up to
-        ``handoff_wait`` seconds here instead of failing.
+        that arrives when the lease is released, expired or just taken here waits up to
+        ``handoff_wait`` seconds instead of failing.
         """
         if tdb.state not in ("standby", "restoring") or not self.settings.handoff_wait:
             return False
