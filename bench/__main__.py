@@ -22,6 +22,7 @@ BENCHMARKS = {
     "lease_ops": "bench.bench_lease_ops",
     "log": "bench.bench_log",
     "durability": "bench.bench_durability",
+    "takeover": "bench.bench_takeover",
 }
 
 

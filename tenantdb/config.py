@@ -185,6 +185,10 @@ class Settings:
     snapshot_retention: int = 5
     retention: float = 86400.0
     kill_timeout: float = 30.0
+    # A standby's poll of lock.json (a conditional GET): how soon it sees a release.
+    follow_interval: float = 0.5
+    # How long a standby holds a request for its tenant while the lease changes hands.
+    handoff_wait: float = 5.0
     pool_size: int = 8
     metadata_key: str = "customer_id"
     dns_server: tuple[str, int] | None = None
@@ -208,6 +212,10 @@ class Settings:
             raise ConfigurationError(f"durability {self.durability!r} must be 'bucket' or 'async'")
         if self.durability_timeout <= 0:
             raise ConfigurationError("durability timeout must be positive")
+        if self.follow_interval <= 0:
+            raise ConfigurationError("follow interval must be positive")
+        if self.handoff_wait < 0:
+            raise ConfigurationError("handoff wait must be >= 0 (0 = never hold a request)")
         if self.snapshot_retention < 1:
             raise ConfigurationError("snapshot retention must keep at least 1 snapshot")
         if not 0 <= self.metrics_port <= 65535:
@@ -245,6 +253,8 @@ class Settings:
             ),
             "retention": _duration(env, "TENANTDB_RETENTION", 86400.0),
             "kill_timeout": _number(env, "TENANTDB_KILL_TIMEOUT", 30.0, minimum=1),
+            "follow_interval": _number(env, "TENANTDB_FOLLOW_INTERVAL", 0.5, minimum=0.05),
+            "handoff_wait": _number(env, "TENANTDB_HANDOFF_WAIT", 5.0, minimum=0),
             "pool_size": int(_number(env, "TENANTDB_POOL_SIZE", 8, minimum=1, what=_COUNT)),
             "metadata_key": env.get("TENANTDB_METADATA_KEY") or "customer_id",
             "dns_server": _dns_server(env.get("TENANTDB_DNS_SERVER")),

@@ -36,12 +36,13 @@ from tenantdb.errors import (
     LocalDiskError,
     TenantDBError,
 )
-from tenantdb.lease import Lease
+from tenantdb.lease import CLOCK_GRANULARITY, Lease, ObservedLock
 from tenantdb.localfiles import remove_database, write_atomically
 from tenantdb.lockfile import LockRecord
 from tenantdb.metrics import Metrics
 from tenantdb.pool import ConnectionPool
 from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
+from tenantdb.replication.follower import Follower
 from tenantdb.replication.history import record_takeover
 from tenantdb.replication.restore import restore_database
 from tenantdb.replication.shipper import CONNECTION_PRAGMAS, Shipper
@@ -60,7 +61,8 @@ TenantState = Literal[
 # The lifecycle in one place: every state and the states it may move to (straight to
 # "stopped" only when start() fails).
 #   starting   the data directory is locked, the lease is being acquired
-#   standby    another machine holds the lease: wait, replay to it, take over on expiry
+#   standby    another machine holds the lease: follow its log (a warm copy), replay
+#              requests to it, take over when it releases the lease or the lease expires
 #   restoring  this machine holds the lease (renewed from the moment it was taken) and
 #              makes the local file the newest data; retried while the lease holds
 #   serving    the database is open to requests
@@ -205,6 +207,11 @@ class TenantDB:
         self._pool: ConnectionPool | None = None
         self._shipper: Shipper | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # A standby's warm copy of the tenant and its last view of lock.json.
+        self._follower: Follower | None = None
+        self._observed: ObservedLock | None = None
+        self._confirmed_at = 0.0  # monotonic time lock.json was last seen (changed or not)
+        self._serving_now = asyncio.Event()  # set exactly while the state is "serving"
         self.draining = False
         self._draining_since: float | None = None
         self.metrics = metrics or Metrics()
@@ -267,6 +274,31 @@ class TenantDB:
         if to not in _MOVES[self.state]:
             raise TenantDBError(f"tenant {self.tenant}: no move from {self.state} to {to}")
         self.state = to
+        if to == "serving":
+            self._serving_now.set()
+        else:
+            self._serving_now.clear()
+
+    def handoff_expected(self) -> bool:
+        """True when the lease is coming to this machine: it has taken the lease and is
+        opening the tenant, or, as last seen, the holder released it or let it expire."""
+        if self.state == "restoring":
+            return True
+        observed = self._observed
+        if self.state != "standby" or observed is None or self._lease is None:
+            return False
+        if time.monotonic() - self._confirmed_at > 2 * self.settings.follow_interval + 1:
+            return False  # not polled lately (restoring the copy): nothing is known
+        # Not "expires within handoff_wait": a live holder's lease always looks that close
+        # when the TTL is short, since it is renewed only every TTL/3.
+        return observed.record.owner is None or self._lease.expires_in(observed) <= 0
+
+    async def wait_serving(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for this machine to serve; whether it does."""
+        if not self.serving:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._serving_now.wait(), timeout)
+        return self.serving
 
     async def start(self, *, standby: bool = True) -> None:
         """Lock the data dir, acquire the lease (or stand by), restore, migrate, open."""
@@ -315,23 +347,96 @@ class TenantDB:
     def _enter_standby(self, held: LeaseHeldError | None) -> None:
         self._move("standby")
         self.holder = held
+        self._observed = None
+        self._follower = Follower(
+            self.lease.bucket, self.tenant, self.path, prefix=self.settings.prefix
+        )
         log.warning("tenant %s: standing by, %s", self.tenant, held or "lock.json unreadable")
         self._spawn(self._standby_loop())
 
     async def _standby_loop(self) -> None:
+        """Poll lock.json (conditional GETs), keep the warm copy current, take over in time."""
+        interval = self.settings.follow_interval
+        local_generation = await asyncio.to_thread(self._local_generation)
+        failures, retry_at = 0, 0.0
         while self.state == "standby":
-            wait = self.holder.expires_in if self.holder else 0.0
-            await asyncio.sleep(min(max(wait, 0.5), self.settings.lease_ttl / 3))
+            # In the last second before the expiry the standby estimates, every poll reads
+            # the lock whole, for a fresh server Date: the takeover is not late by S3's
+            # one-second Last-Modified.
+            since = self._observed
+            if since is not None and self.lease.expires_in(since) <= CLOCK_GRANULARITY:
+                since = None
+            try:
+                observed = await self.lease.read(since=since)
+            except TenantDBError as exc:
+                log.warning("tenant %s: standby could not read lock.json: %s", self.tenant, exc)
+                await asyncio.sleep(interval)
+                continue
+            self._observed, self._confirmed_at = observed, time.monotonic()
+            if observed is not None and self._still_held(observed):
+                # While lock.json is still at the generation the local file was written in,
+                # that file may hold this machine's unpublished writes: the takeover's rules
+                # decide about it, the follower leaves it alone.
+                follow = observed.record.generation != local_generation
+                if follow and time.monotonic() >= retry_at and not self._copy_current(observed):
+                    try:
+                        if local_generation != 0:
+                            # The follower writes the file from here: never again "the
+                            # newest data" of a holding of this machine.
+                            await asyncio.to_thread(
+                                write_atomically, self._state_file, b'{"generation": 0}'
+                            )
+                            local_generation = 0
+                        await self._follow(observed.record)
+                        failures = 0
+                    except (TenantDBError, OSError, sqlite3.Error) as exc:
+                        pause = _RECOVERY_PAUSES[min(failures, len(_RECOVERY_PAUSES) - 1)]
+                        failures, retry_at = failures + 1, time.monotonic() + pause
+                        log.error(
+                            "tenant %s: the standby could not follow the log (%s); retrying "
+                            "in %.0fs",
+                            self.tenant,
+                            exc,
+                            pause,
+                        )
+                await asyncio.sleep(interval)
+                continue
+            # Released, expired or gone: take the lease now (acquire judges it afresh).
             try:
                 await self.lease.acquire()
             except LeaseHeldError as held:
                 self.holder = held
+                self._observed = None
+                await asyncio.sleep(interval)
                 continue
             except TenantDBError as exc:
                 log.warning("tenant %s: standby could not acquire yet: %s", self.tenant, exc)
+                await asyncio.sleep(interval)
                 continue
             await self._recover()
             return
+
+    def _still_held(self, observed: ObservedLock) -> bool:
+        record = observed.record
+        if record.owner is None or self.lease.expires_in(observed) <= 0:
+            return False
+        if (record.owner, record.claim) == (self.settings.machine_id, self.lease.claim):
+            return False  # this very process's holding (it was fenced): acquire() takes it back
+        if self.holder is None or self.holder.owner != record.owner:
+            self.holder = LeaseHeldError(
+                tenant=self.tenant,
+                owner=record.owner,
+                region=record.region or "",
+                expires_in=self.lease.expires_in(observed),
+            )
+        return True
+
+    def _copy_current(self, observed: ObservedLock) -> bool:
+        return self._follower is None or self._follower.hashes(observed.record) is not None
+
+    async def _follow(self, record: LockRecord) -> None:
+        if self._follower is not None:
+            await self._follower.catch_up(record)
 
     async def _recover(self) -> None:
         """With the lease just taken in the background: open the tenant, retrying failures.
@@ -428,6 +533,8 @@ class TenantDB:
         is newer (writes a failed final publish never shipped): a snapshot is due then.
         """
         local_generation = await asyncio.to_thread(self._local_generation)
+        # The warm copy of a standby that just took over; the file is the holder's after this.
+        follower, self._follower = self._follower, None
         exists = self.path.exists()
         hashes: PageHashes | None
         if previous is None:
@@ -459,6 +566,14 @@ class TenantDB:
             await asyncio.to_thread(remove_database, self.path)
             hashes = PageHashes(DEFAULT_PAGE_SIZE)
             log.info("tenant %s: nothing published yet, starting empty", self.tenant)
+        elif follower is not None and (hashes := await self._caught_up(follower, previous)):
+            log.info(
+                "tenant %s: took over with the standby's copy (%d log objects applied while "
+                "following, %d restore(s))",
+                self.tenant,
+                follower.applied,
+                follower.restores,
+            )
         elif exists and (hashes := await asyncio.to_thread(self._matching_local, previous)):
             log.info("tenant %s: the local file is what the bucket has", self.tenant)
         else:
@@ -476,6 +591,19 @@ class TenantDB:
         state = json.dumps({"generation": self._held_generation or 0}).encode()
         await asyncio.to_thread(write_atomically, self._state_file, state)
         return hashes
+
+    async def _caught_up(self, follower: Follower, previous: LockRecord) -> PageHashes | None:
+        """The standby's copy brought to ``previous`` (the segments it lacks), or None.
+
+        Only a copy the follower vouches for is used: its in-memory page hashes are those of
+        what it wrote, and they must be what ``previous`` records.
+        """
+        try:
+            await follower.catch_up(previous)
+        except TenantDBError as exc:
+            log.warning("tenant %s: the standby's copy cannot be used: %s", self.tenant, exc)
+            return None
+        return follower.hashes(previous)
 
     def _matching_local(self, previous: LockRecord) -> PageHashes | None:
         """The local file's page hashes if it is exactly what ``previous`` points at."""

@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from tenantdb.errors import (
@@ -43,16 +43,28 @@ LeaseStatus = Literal["unheld", "held", "lost", "released"]
 
 @dataclass(frozen=True)
 class ObservedLock:
-    """A lock record with what the bucket said about it when it was read."""
+    """A lock record with what the bucket said about it when it was read, and when."""
 
     record: LockRecord
     info: ObjectInfo
+    read_at: float = field(default_factory=time.monotonic)  # when the answer arrived
 
 
-async def read_lock(bucket: Bucket, tenant: str, key: str) -> ObservedLock | None:
-    """Read and check ``lock.json`` at ``key``: None only on a definite 404 (a new tenant)."""
+async def read_lock(
+    bucket: Bucket, tenant: str, key: str, *, since: ObservedLock | None = None
+) -> ObservedLock | None:
+    """Read and check ``lock.json`` at ``key``: None only on a definite 404 (a new tenant).
+
+    With ``since``, a conditional GET that returns ``since`` while the object is unchanged.
+    """
     try:
-        obj = await bucket.get(key, max_size=LOCK_MAX_BYTES)
+        if since is None:
+            obj = await bucket.get(key, max_size=LOCK_MAX_BYTES)
+        else:
+            changed = await bucket.get_if_changed(key, since.info.etag, max_size=LOCK_MAX_BYTES)
+            if changed is None:
+                return since
+            obj = changed
     except ObjectNotFoundError:
         return None
     except ObjectTooLargeError as exc:
@@ -127,9 +139,13 @@ class Lease:
     def __repr__(self) -> str:
         return f"Lease(tenant={self.tenant!r}, machine={self.machine_id!r}, {self.status})"
 
-    async def read(self) -> ObservedLock | None:
-        """Read ``lock.json``: None only on a definite 404 (a new tenant)."""
-        return await read_lock(self.bucket, self.tenant, self.key)
+    async def read(self, since: ObservedLock | None = None) -> ObservedLock | None:
+        """Read ``lock.json``: None only on a definite 404 (a new tenant).
+
+        With ``since``, a conditional GET: ``since`` itself while lock.json is unchanged,
+        which costs no body (a standby polls this way).
+        """
+        return await read_lock(self.bucket, self.tenant, self.key, since=since)
 
     def expires_in(self, observed: ObservedLock) -> float:
         """Seconds until an observed lease expires, judged on the bucket's clock.
@@ -137,12 +153,15 @@ class Lease:
         An answer without a ``Date`` header gives no server clock: the lease then counts as
         expired only once this process has seen the same ETag for a whole TTL.
         """
+        now = time.monotonic()
         age = observed.info.server_age
         if age is None:
-            now = time.monotonic()
             if self._watched is None or self._watched[0] != observed.info.etag:
                 self._watched = (observed.info.etag, now)
             age = now - self._watched[1]
+        else:
+            # The bucket's clock at the read, plus the time elapsed since on the local one.
+            age += now - observed.read_at
         return observed.record.ttl_seconds + CLOCK_GRANULARITY - age
 
     @property

@@ -206,6 +206,9 @@ class TenantDBMiddleware:
 
     async def _not_serving(self, scope: Scope, receive: Receive, send: Send, tdb: TenantDB) -> None:
         holder = tdb.holder.owner if tdb.holder else ""
+        if await self._held_for_handoff(scope, tdb, holder):
+            await self._serve_own(scope, receive, send, tdb)
+            return
         if (
             tdb.state in ("standby", "fenced")
             and holder
@@ -234,6 +237,20 @@ class TenantDBMiddleware:
             f"{reasons['stopping' if tdb.draining else tdb.state]}; retry shortly",
             headers={"Retry-After": RETRY_AFTER},
         )
+
+    async def _held_for_handoff(self, scope: Scope, tdb: TenantDB, holder: str) -> bool:
+        """Hold a request while the lease comes to this machine; whether it now serves.
+
+        During a handoff the holder stops taking requests before this standby can: a
+        request it cannot take (its replay failed, or it sent the request here) or one
+        that arrives when the lease is released, expired or just taken here waits up to
+        ``handoff_wait`` seconds instead of failing.
+        """
+        if tdb.state not in ("standby", "restoring") or not self.settings.handoff_wait:
+            return False
+        if not (tdb.handoff_expected() or self.router.handed_back(scope, holder or None)):
+            return False
+        return await tdb.wait_serving(self.settings.handoff_wait)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         startup: Message | None = await receive()

@@ -254,6 +254,10 @@ class NoServerClock:
         )
         return SmallObject(skewed, obj.body)
 
+    async def get_if_changed(self, key: str, etag: str, **options: Any) -> SmallObject | None:
+        obj = await self.inner.get_if_changed(key, etag, **options)
+        return None if obj is None else await self.get(key, **options)
+
 
 async def test_without_a_server_clock_a_lease_expires_only_after_being_watched_for_a_ttl(
     local_bucket: Bucket,

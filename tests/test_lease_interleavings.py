@@ -435,6 +435,13 @@ class FaultyBucket:
         target: Target = "lock_get" if key.endswith("lock.json") else "download"
         return await self._call(target, key, lambda: self.inner.get(key, max_size=max_size))
 
+    async def get_if_changed(
+        self, key: str, etag: str, *, max_size: int | None = None
+    ) -> SmallObject | None:
+        return await self._call(
+            "lock_get", key, lambda: self.inner.get_if_changed(key, etag, max_size=max_size)
+        )
+
     async def put(
         self,
         key: str,

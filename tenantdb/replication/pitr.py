@@ -27,9 +27,14 @@ from pathlib import Path
 from tenantdb.errors import PointInTimeError, ReplicationError
 from tenantdb.lease import read_lock
 from tenantdb.lockfile import LogChunk
-from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
+from tenantdb.replication.checksum import PageHashes, format_state
 from tenantdb.replication.history import Base, History, SegmentEntry, read_history
-from tenantdb.replication.restore import apply_segment, fetch_segment, restore_database
+from tenantdb.replication.restore import (
+    apply_segment,
+    fetch_segment,
+    hash_file,
+    restore_database,
+)
 from tenantdb.replication.segment import Segment, chunk_key
 from tenantdb.snapshot import check_download, install_database, temp_restore_path
 from tenantdb.storage.base import Bucket
@@ -183,7 +188,7 @@ class _Walk:
                 await self._download(snapshot.key, snapshot.size, tmp)
             else:
                 tmp.touch()
-            hashes = await asyncio.to_thread(_hash_file, tmp)
+            hashes = await asyncio.to_thread(hash_file, tmp)
             hashes, index, last_at = await self._apply_log(tmp, hashes)
             what = f"{snapshot.key if snapshot else 'an empty database'} + segments to {index}"
             await asyncio.to_thread(install_database, tmp, dest, key=what)
@@ -328,7 +333,3 @@ async def _fetching_ahead(
         for _, task in pending:
             task.cancel()
         await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
-
-
-def _hash_file(path: Path) -> PageHashes:
-    return PageHashes.of_file(path, database_page_size(path))

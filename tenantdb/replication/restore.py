@@ -12,8 +12,10 @@ silently older database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 from tenantdb.errors import ObjectNotFoundError, ReplicationError
@@ -28,7 +30,14 @@ from tenantdb.snapshot import (
 )
 from tenantdb.storage.base import Bucket
 
-__all__ = ["apply_segment", "fetch_segment", "restore_database"]
+__all__ = [
+    "apply_log",
+    "apply_segment",
+    "check_final",
+    "fetch_segment",
+    "hash_file",
+    "restore_database",
+]
 
 log = logging.getLogger("tenantdb.replication")
 
@@ -50,36 +59,53 @@ async def restore_database(
             # Both read the same (cached) file: side by side, the page hashes cost no time.
             _, hashes = await asyncio.gather(
                 asyncio.to_thread(check_download, record.snapshot, tmp),
-                asyncio.to_thread(_hash_file, tmp),
+                asyncio.to_thread(hash_file, tmp),
             )
         else:
             tmp.touch()
-            hashes = await asyncio.to_thread(_hash_file, tmp)
+            hashes = await asyncio.to_thread(hash_file, tmp)
         what = record.snapshot.key if record.snapshot else "an empty database"
         if record.log is not None:
-            hashes = await _apply_log(bucket, record, record.log, tmp, hashes, prefix=prefix)
-            _check_final(record.log, hashes, what=f"{what} + segments {record.log.base}..")
+            chunks = record.log.chunks()
+            async with contextlib.aclosing(
+                apply_log(bucket, record.tenant, record.log, chunks, tmp, hashes, prefix=prefix)
+            ) as applied:
+                async for _chunk, after in applied:
+                    hashes = after
+            check_final(record.log, hashes, what=f"{what} + segments {record.log.base}..")
         await asyncio.to_thread(install_database, tmp, db_path, key=what)
         return hashes
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _hash_file(path: Path) -> PageHashes:
+def hash_file(path: Path) -> PageHashes:
+    """The page hashes of the database file at ``path`` (blocking)."""
     return PageHashes.of_file(path, database_page_size(path))
 
 
-async def _apply_log(
+async def apply_log(
     bucket: Bucket,
-    record: LockRecord,
+    tenant: str,
     pointer: LogPointer,
-    tmp: Path,
+    chunks: Sequence[LogChunk],
+    path: Path,
     hashes: PageHashes,
     *,
     prefix: str,
-) -> PageHashes:
-    chunks = pointer.chunks()
-    keys = [chunk_key(prefix, record.tenant, chunk) for chunk in chunks]
+    overlap: bool = False,
+) -> AsyncGenerator[tuple[LogChunk, PageHashes]]:
+    """Apply ``chunks`` of ``pointer`` in order onto ``path``, whose pages ``hashes`` describes.
+
+    ``overlap``: the first chunk is a merged one that the file already holds a part of
+    (see ``apply_segment``).
+
+    Yields each chunk once it is written, with the hashes after it. A chunk that fails
+    its checks raises ``ReplicationError`` naming its key before anything of it is written,
+    so the file is then at the state last yielded. Use it under ``contextlib.aclosing``:
+    the downloads running ahead are cancelled when it closes.
+    """
+    keys = [chunk_key(prefix, tenant, chunk) for chunk in chunks]
     fetches: list[asyncio.Task[Segment]] = []
     try:
         for position, (chunk, key) in enumerate(zip(chunks, keys, strict=True)):
@@ -91,13 +117,13 @@ async def _apply_log(
                 )
             segment = await fetches[position]
             hashes = await asyncio.to_thread(
-                apply_segment, segment, key, tmp, hashes, record.tenant, chunk
+                apply_segment, segment, key, path, hashes, tenant, chunk, overlap and not position
             )
+            yield chunk, hashes
     finally:
         for task in fetches:
             task.cancel()
         await asyncio.gather(*fetches, return_exceptions=True)
-    return hashes
 
 
 async def fetch_segment(bucket: Bucket, key: str, inline: bytes | None) -> Segment:
@@ -116,9 +142,22 @@ async def fetch_segment(bucket: Bucket, key: str, inline: bytes | None) -> Segme
 
 
 def apply_segment(
-    segment: Segment, key: str, tmp: Path, hashes: PageHashes, tenant: str, chunk: LogChunk
+    segment: Segment,
+    key: str,
+    path: Path,
+    hashes: PageHashes,
+    tenant: str,
+    chunk: LogChunk,
+    overlap: bool = False,
 ) -> PageHashes:
-    """Write one verified segment's pages into ``tmp``; return the hashes after it."""
+    """Write one verified segment's pages into ``path``; return the hashes after it.
+
+    Every check comes before the first write: a ``ReplicationError`` leaves ``path`` as it was.
+    With ``overlap`` the file is already past the start of this merged chunk (a follower's
+    copy at one of its segments): the chunk holds the newest image of every page changed
+    in its range, so applied on top of any state within the range it gives the same result.
+    The state it applies to is then not checked; the state it produces still is.
+    """
     header = segment.header
     if (header.tenant, header.generation, header.index) != (tenant, chunk.generation, chunk.last):
         raise ReplicationError(
@@ -126,7 +165,7 @@ def apply_segment(
             f"index {header.index}: not the segment lock.json names",
             key=key,
         )
-    if header.prev_state != hashes.state:
+    if not overlap and header.prev_state != hashes.state:
         raise ReplicationError(
             f"segment {key} applies to state {format_state(header.prev_state)}, but the "
             f"database before it is {format_state(hashes.state)}: the log is broken",
@@ -138,7 +177,7 @@ def apply_segment(
     after.apply(dict(segment.pages), header.db_pages)
     if after.state != header.state:
         raise ReplicationError(f"segment {key} does not produce the state it records", key=key)
-    fd = os.open(tmp, os.O_WRONLY)
+    fd = os.open(path, os.O_WRONLY)
     try:
         for pgno, data in segment.pages:
             os.pwrite(fd, data, (pgno - 1) * header.page_size)
@@ -148,7 +187,8 @@ def apply_segment(
     return after
 
 
-def _check_final(pointer: LogPointer, hashes: PageHashes, *, what: str) -> None:
+def check_final(pointer: LogPointer, hashes: PageHashes, *, what: str) -> None:
+    """Refuse a result whose state or size is not what ``pointer`` records."""
     if format_state(hashes.state) != pointer.state or hashes.db_pages != pointer.db_pages:
         raise ReplicationError(
             f"{what} gives state {format_state(hashes.state)} of {hashes.db_pages} pages, "

@@ -417,6 +417,18 @@ class Router:
             scope, receive, send, tenant, target, cache=cache, extra=_invalidation(arrival)
         )
 
+    def handed_back(self, scope: Scope, holder: str | None) -> bool:
+        """True when the lease holder did not take this request: a replay to it failed
+        (``fly-replay-failed``: it is stopping, say) or it sent the request here itself."""
+        arrival = _arrival(scope)
+        if arrival.how == "failed":
+            return True
+        return (
+            arrival.how in ("replayed", "proxied")
+            and holder is not None
+            and (arrival.source == holder)
+        )
+
     async def replay_to(
         self, scope: Scope, receive: Receive, send: Send, machine_id: str, tenant: str
     ) -> None:

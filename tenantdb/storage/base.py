@@ -72,6 +72,16 @@ class Bucket(Protocol):
         """Read a small object whole; ObjectTooLargeError, unread, if above ``max_size``."""
         ...
 
+    async def get_if_changed(
+        self, key: str, etag: str, *, max_size: int | None = None
+    ) -> SmallObject | None:
+        """Read a small object whole unless its ETag is still ``etag``: None then, no body.
+
+        A conditional GET (``If-None-Match: <etag>``, answered 304 by S3): polling an
+        unchanged object costs a request but no transfer. Errors as ``get``.
+        """
+        ...
+
     async def put(
         self,
         key: str,

@@ -286,6 +286,23 @@ class LocalBucket:
 
         return await self._run("get", key, read)
 
+    async def get_if_changed(
+        self, key: str, etag: str, *, max_size: int | None = None
+    ) -> SmallObject | None:
+        """Read a small object whole unless its ETag is still ``etag``: None then, no body."""
+
+        def read() -> SmallObject | None:
+            with self._locked(exclusive=False):
+                pointer = self._read_pointer(key)
+                if pointer["etag"] == etag:
+                    return None
+            # Changed: read it whole (it may change again meanwhile; then that version).
+            pointer, f = self._open_blob(key, max_size)
+            with f:
+                return SmallObject(self._info(key, pointer), f.read())
+
+        return await self._run("get", key, read)
+
     async def put(
         self,
         key: str,

@@ -75,6 +75,12 @@ class MeteredBucket:
             return await self._counted(lambda: self.inner.get(key))
         return await self._counted(lambda: self.inner.get(key, max_size=max_size))
 
+    async def get_if_changed(
+        self, key: str, etag: str, *, max_size: int | None = None
+    ) -> SmallObject | None:
+        """See ``Bucket.get_if_changed``."""
+        return await self._counted(lambda: self.inner.get_if_changed(key, etag, max_size=max_size))
+
     async def put(
         self,
         key: str,

@@ -544,22 +544,45 @@ class S3Bucket:
 
     # -- small objects ------------------------------------------------------------------------
 
+    async def _read_small(
+        self, key: str, response: dict[str, Any], max_size: int | None
+    ) -> SmallObject:
+        stream = response["Body"]
+        try:
+            declared = response.get("ContentLength")
+            if max_size is not None and declared is not None and int(declared) > max_size:
+                # Closing the unread stream drops the connection instead of draining it.
+                raise ObjectTooLargeError(key=key, size=int(declared), limit=max_size)
+            body = await _read_whole(stream, max_size, key)
+        finally:
+            stream.close()
+        return SmallObject(self._info(key, response, len(body)), body)
+
     async def get(self, key: str, *, max_size: int | None = None) -> SmallObject:
         """Read a small object whole; ObjectTooLargeError, unread, if above ``max_size``."""
         _check_key(key, "get")
 
         async def get() -> SmallObject:
             response = await self._s3.get_object(Bucket=self.name, Key=key)
-            stream = response["Body"]
+            return await self._read_small(key, response, max_size)
+
+        return await self._retrying("get", key, get)
+
+    async def get_if_changed(
+        self, key: str, etag: str, *, max_size: int | None = None
+    ) -> SmallObject | None:
+        """Read a small object whole unless its ETag is still ``etag``: None then, no body."""
+        _check_key(key, "get")
+
+        async def get() -> SmallObject | None:
             try:
-                declared = response.get("ContentLength")
-                if max_size is not None and declared is not None and int(declared) > max_size:
-                    # Closing the unread stream drops the connection instead of draining it.
-                    raise ObjectTooLargeError(key=key, size=int(declared), limit=max_size)
-                body = await _read_whole(stream, max_size, key)
-            finally:
-                stream.close()
-            return SmallObject(self._info(key, response, len(body)), body)
+                response = await self._s3.get_object(Bucket=self.name, Key=key, IfNoneMatch=etag)
+            except ClientError as exc:
+                # botocore raises the bodiless 304 Not Modified as an error (code "304").
+                if _status_and_code(exc)[0] == 304:
+                    return None
+                raise
+            return await self._read_small(key, response, max_size)
 
         return await self._retrying("get", key, get)
 

@@ -83,6 +83,24 @@ async def test_missing_object_is_not_found(bucket: Bucket, tmp_path: Path) -> No
         await bucket.download_file("t/missing", tmp_path / "out")
 
 
+async def test_conditional_get_answers_none_while_the_etag_holds(bucket: Bucket) -> None:
+    first = await bucket.put("t/lock.json", b'{"seq": 1}')
+    assert await bucket.get_if_changed("t/lock.json", first.etag) is None
+    assert await bucket.get_if_changed("t/lock.json", first.etag, max_size=64) is None
+    second = await bucket.put("t/lock.json", b'{"seq": 2}', if_match=first.etag)
+    changed = await bucket.get_if_changed("t/lock.json", first.etag)
+    assert changed is not None
+    assert changed.body == b'{"seq": 2}'
+    assert changed.info.etag == second.etag
+    assert_fresh(changed.info)
+    assert await bucket.get_if_changed("t/lock.json", second.etag) is None
+    with pytest.raises(ObjectTooLargeError):
+        await bucket.get_if_changed("t/lock.json", first.etag, max_size=4)
+    await bucket.delete("t/lock.json")
+    with pytest.raises(ObjectNotFoundError):
+        await bucket.get_if_changed("t/lock.json", second.etag)
+
+
 async def test_get_with_a_size_limit(bucket: Bucket) -> None:
     await bucket.put("t/lock.json", b"0123456789")
     assert (await bucket.get("t/lock.json", max_size=10)).body == b"0123456789"
