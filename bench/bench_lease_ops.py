@@ -27,7 +27,6 @@ import asyncio
 import collections
 import sqlite3
 import tempfile
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +72,7 @@ async def measure(s3: S3Server, rounds: int, size: int, work: Path) -> list[Oper
     from tenantdb import TenantDB
     from tenantdb.config import Secret, Settings
     from tenantdb.lease import Lease
+    from tenantdb.lockfile import now_ms
     from tenantdb.replication.checksum import PageHashes, database_page_size
     from tenantdb.replication.shipper import empty_log
     from tenantdb.snapshot import copy_database, publish_snapshot
@@ -116,9 +116,7 @@ async def measure(s3: S3Server, rounds: int, size: int, work: Path) -> list[Oper
             for publish in range(2):
 
                 async def publish_once(lease: Lease = lease) -> None:
-                    await publish_snapshot(
-                        lease, bucket, copy, log=copy_log, taken_ms=int(time.time() * 1000)
-                    )
+                    await publish_snapshot(lease, bucket, copy, log=copy_log, taken_ms=now_ms())
 
                 uploads, rest = split(await counted(publish_once))
                 snapshot_size = lease.record.snapshot.size if lease.record.snapshot else 0

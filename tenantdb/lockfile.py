@@ -14,6 +14,7 @@ import json
 import math
 import re
 import reprlib
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -30,6 +31,7 @@ __all__ = [
     "SnapshotName",
     "SnapshotRef",
     "now_iso",
+    "now_ms",
 ]
 
 LOCK_FORMAT = 1
@@ -405,6 +407,15 @@ def _merged_ranges(
         ranges.append((first, last, writer))
         expected = last + 1
     return tuple(ranges)
+
+
+def now_ms() -> int:
+    """The current Unix time in milliseconds, rounded up: never before this moment.
+
+    A segment's or snapshot's time must not precede the commits it holds, or a
+    point-in-time restore to just before a commit could include it.
+    """
+    return math.ceil(time.time() * 1000)
 
 
 def now_iso() -> str:

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 from tenantdb.config import Settings
 from tenantdb.errors import ConfigurationError, LeaseHeldError, LeaseLostError
 from tenantdb.lease import Lease
-from tenantdb.lockfile import LogPointer
+from tenantdb.lockfile import LogPointer, now_ms
 from tenantdb.replication.history import record_takeover
 from tenantdb.replication.pitr import Progress, RestoredPoint, restore_at
 from tenantdb.snapshot import publish_snapshot, temp_snapshot_path
@@ -78,9 +77,7 @@ async def rollback(
         # The log goes on after every index used so far: the history past ``to`` stays.
         base = previous.log.tail + 1 if previous and previous.log else 1
         pointer = LogPointer.empty(base, restored.state, restored.db_pages)
-        record = await publish_snapshot(
-            lease, bucket, copy, log=pointer, taken_ms=int(time.time() * 1000)
-        )
+        record = await publish_snapshot(lease, bucket, copy, log=pointer, taken_ms=now_ms())
         # Routing keeps pointing at the tenant's machine, not at this command.
         hint = (previous.last_owner or previous.owner) if previous else None
         await lease.release(last_owner=hint)

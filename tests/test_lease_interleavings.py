@@ -62,7 +62,7 @@ from tenantdb.config import Secret
 from tenantdb.errors import ObjectNotFoundError, StorageError, TenantDBError, TransientStorageError
 from tenantdb.lease import Lease
 from tenantdb.localfiles import remove_database
-from tenantdb.lockfile import LockRecord
+from tenantdb.lockfile import LockRecord, now_ms
 from tenantdb.replication.checksum import PageHashes, database_page_size
 from tenantdb.replication.restore import restore_database
 from tenantdb.replication.shipper import empty_log
@@ -638,7 +638,7 @@ class World:
                 holder.bucket,
                 copy,
                 log=empty_log(hashes),
-                taken_ms=int(time.time() * 1000),
+                taken_ms=now_ms(),
             )
         finally:
             copy.unlink(missing_ok=True)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import re
 import sqlite3
-import time
 from pathlib import Path
 
 import pytest
 
 from tenantdb.errors import SnapshotError
 from tenantdb.lease import Lease
-from tenantdb.lockfile import LockRecord
+from tenantdb.lockfile import LockRecord, now_ms
 from tenantdb.replication.checksum import PageHashes, database_page_size
 from tenantdb.replication.restore import restore_database
 from tenantdb.replication.shipper import empty_log
@@ -23,10 +22,6 @@ from tenantdb.snapshot import (
     verify_database,
 )
 from tenantdb.storage.base import Bucket
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 async def publish(

@@ -31,7 +31,7 @@ from tenantdb.errors import (
     TenantDBError,
 )
 from tenantdb.lease import Lease
-from tenantdb.lockfile import INLINE_MAX_BYTES, LockRecord, LogChunk, LogPointer
+from tenantdb.lockfile import INLINE_MAX_BYTES, LockRecord, LogChunk, LogPointer, now_ms
 from tenantdb.metrics import Metrics
 from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
 from tenantdb.replication.compaction import merge_segments, next_merge
@@ -395,7 +395,7 @@ class Shipper:
             index=index,
             page_size=read.end.page_size,
             db_pages=read.db_pages,
-            timestamp_ms=int(time.time() * 1000),
+            timestamp_ms=now_ms(),
             prev_state=hashes.state,
             state=new_hashes.state,
             commits=read.commits,
@@ -694,7 +694,7 @@ class Shipper:
         copy = temp_snapshot_path(self.work_dir)
         try:
             position, hashes, at_end = await asyncio.to_thread(self._copy, copy)
-            taken_ms = int(time.time() * 1000)  # after the copy: every commit it holds
+            taken_ms = now_ms()  # after the copy: every commit it holds
             # From here the shipper's position is the copy's: until the snapshot is known
             # to be published, nothing can be shipped on top of either.
             self._needs_snapshot = True

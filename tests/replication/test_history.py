@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tenantdb.errors import PointInTimeError
+from tenantdb.lockfile import now_ms
 from tenantdb.replication import compaction
 from tenantdb.replication.checksum import PageHashes, database_page_size
 from tenantdb.replication.history import read_history, takeover_key
@@ -35,7 +36,7 @@ def orphan_segment(before: Path, after: Path, *, generation: int, index: int) ->
         index=index,
         page_size=page_size,
         db_pages=len(new) // page_size,
-        timestamp_ms=int(time.time() * 1000),
+        timestamp_ms=now_ms(),
         prev_state=PageHashes.of_file(before, page_size).state,
         state=PageHashes.of_file(after, page_size).state,
         commits=1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from tenantdb.errors import PointInTimeError, ReplicationError
 from tenantdb.replication import compaction
 from tenantdb.replication.history import read_history
 from tenantdb.replication.pitr import restore_at
+from tenantdb.replication.restore import fetch_segment
 from tenantdb.storage.base import Bucket
 
 MIGRATIONS = ["CREATE TABLE items (id INTEGER PRIMARY KEY, note TEXT)"]
@@ -191,3 +193,19 @@ async def test_a_missing_segment_is_a_gap_named_not_an_older_database(
     assert f"/log/*/{singles[2].first:012d}.seg" in str(error.value)
     assert error.value.key.endswith(f"{singles[2].first:012d}.seg")
     assert not out.exists()
+
+
+async def test_a_segment_is_never_timed_before_the_moment_its_commits_were_read(
+    local_bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A moment within a millisecond before a commit: a time rounded down would put the
+    # commit's segment at or before it, and a restore as of the moment would include it.
+    async with machine(local_bucket, tmp_path, "m1") as tdb:
+        frozen = 1795966389.4430741
+        monkeypatch.setattr(time, "time", lambda: frozen)
+        await Recorder(1).changes(tdb, 1)
+        monkeypatch.undo()
+    history = await read_history(local_bucket, "acme", prefix=PREFIX)
+    newest = max(history.segments, key=lambda s: s.last)
+    segment = await fetch_segment(local_bucket, newest.key, None)
+    assert segment.header.timestamp_ms >= frozen * 1000
