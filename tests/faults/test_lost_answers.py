@@ -149,3 +149,16 @@ async def test_a_takeover_whose_answer_was_lost_is_recognised_by_its_claim(
     )
     record = await again.acquire()
     assert (record.generation, json.loads(s3.get(LOCK))["claim"]) == (3, taker.claim)
+
+
+async def test_a_takeover_record_whose_answer_was_lost_is_taken_as_written(
+    s3: ProxiedS3,
+) -> None:
+    record_key = "tenants/acme/history/00000001.json"
+    # It lands; the answer is lost; the retry finds the key taken (412) by this very write.
+    s3.proxy.add(Fault.error(503, "SlowDown", after_upstream=True, count=1, key=record_key))
+    async with TenantDB(s3.settings("m1"), migrations=MIGRATIONS, bucket=await s3.open()) as tdb:
+        await add_hits(tdb, 1)
+        assert await hits(tdb) == 1
+        written = json.loads(s3.get(record_key))
+        assert (written["generation"], written["claim"]) == (1, tdb.lease.claim)
