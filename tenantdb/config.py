@@ -196,6 +196,8 @@ class Settings:
     machines_api_url: str = "https://api.machines.dev"
     port: int = 8080
     metrics_port: int = 9091  # 0: no metrics endpoint
+    # The metrics' interface: the app's own (HOST) unless TENANTDB_METRICS_HOST says otherwise.
+    metrics_host: str = "127.0.0.1"
     # "" picks the default: Flycast on Fly (FLY_APP_NAME), else the 6PN name.
     proxy_url: str = ""
 
@@ -220,6 +222,8 @@ class Settings:
             raise ConfigurationError("snapshot retention must keep at least 1 snapshot")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigurationError(f"metrics port {self.metrics_port} is not a TCP port or 0")
+        if not self.metrics_host or any(c.isspace() for c in self.metrics_host):
+            raise ConfigurationError(f"metrics host {self.metrics_host!r} is not an address")
         if self.prefix and not self.prefix.endswith("/"):
             object.__setattr__(self, "prefix", self.prefix + "/")
         if not self.proxy_url:
@@ -263,6 +267,9 @@ class Settings:
             "port": int(_number(env, "PORT", 8080, minimum=1, what="a TCP port")),
             "proxy_url": env.get("TENANTDB_PROXY_URL") or "",
             "metrics_port": _port(env, "TENANTDB_METRICS_PORT", 9091),
+            "metrics_host": (
+                env.get("TENANTDB_METRICS_HOST") or env.get("HOST") or "127.0.0.1"
+            ).strip(),
         }
         if env.get("FLY_MACHINE_ID"):
             values["machine_id"] = env["FLY_MACHINE_ID"]

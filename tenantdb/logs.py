@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Literal
@@ -102,9 +103,16 @@ def formatter(env: Mapping[str, str] | None = None) -> logging.Formatter:
 def configure_logging(level: int = logging.INFO, env: Mapping[str, str] | None = None) -> None:
     """Send the root logger's records to stderr, one line each in the chosen format.
 
-    Does nothing if the root logger has handlers already: the application (or whoever ran
-    it, at DEBUG say) configured logging itself.
+    It replaces any handler of the root logger that already writes to stderr (a
+    ``logging.basicConfig()`` run by an imported module, or an earlier call), so that each
+    event is printed once, in this format; handlers that write elsewhere stay.
     """
     handler = logging.StreamHandler()
     handler.setFormatter(formatter(env))
-    logging.basicConfig(level=level, handlers=[handler])
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if type(old) is logging.StreamHandler and old.stream in (sys.stderr, sys.__stderr__):
+            root.removeHandler(old)
+            old.close()
+    root.addHandler(handler)
+    root.setLevel(level)

@@ -6,8 +6,9 @@ lease, the log lag) are read from the tenant's ``TenantDB`` when scraped, so the
 stale. Labels take bounded values only: ``tenant`` (one per machine), an outcome, a state,
 an object kind or an exception class name.
 
-Served by ``serve()`` on its own port (``TENANTDB_METRICS_PORT``), which Fly scrapes when
-``fly.toml`` declares it in ``[metrics]`` (https://fly.io/docs/monitoring/metrics/).
+Served by ``MetricsServer`` on its own port (``TENANTDB_METRICS_PORT``) and the app's interface
+(``TENANTDB_METRICS_HOST``, else ``HOST``, else loopback), which Fly scrapes when ``fly.toml``
+declares it in ``[metrics]`` (https://fly.io/docs/monitoring/metrics/).
 """
 
 from __future__ import annotations
@@ -218,11 +219,17 @@ class Metrics:
 class MetricsServer:
     """The metrics endpoint (``GET /metrics``) on its own port, in a thread of its own."""
 
-    def __init__(self, metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:
+    def __init__(self, metrics: Metrics, port: int, host: str = "127.0.0.1") -> None:
         self.metrics = metrics
         self.port = port
         self.host = host
         self._server: WSGIServer | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as a URL writes it (an IPv6 address in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
     async def __aenter__(self) -> MetricsServer:
         try:
@@ -233,14 +240,14 @@ class MetricsServer:
             # Metrics are not worth refusing the tenant for: on one computer several
             # servers share the default port, and only the first one gets it.
             log.warning(
-                "tenantdb: no metrics: cannot listen on port %d (%s); set "
-                "TENANTDB_METRICS_PORT to a free port, or 0 to serve none",
-                self.port,
-                exc,
+                "no metrics: cannot listen on %s (%s); set TENANTDB_METRICS_PORT to a free "
+                "port, or 0 to serve none",
+                self.address,
+                exc.strerror or exc,
             )
             return self
         self._server = server
-        log.info("tenantdb: metrics on http://%s:%d/metrics", self.host, self.port)
+        log.info("metrics on http://%s/metrics", self.address)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

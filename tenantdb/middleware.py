@@ -305,14 +305,16 @@ class TenantDBMiddleware:
         if self.tenantdb is None:
             log.log(
                 logging.INFO if self.router.enabled else logging.WARNING,
-                "tenantdb: TENANT_ID is not set, so this machine serves no tenant%s",
+                "TENANT_ID is not set, so this machine serves no tenant%s",
                 ": it routes every tenant's requests to the tenant's machine"
                 if self.router.enabled
                 else "; set TENANT_ID to the tenant this server should serve",
             )
         async with AsyncExitStack() as stack:
             if self.settings.metrics_port:
-                server = MetricsServer(self.metrics, self.settings.metrics_port)
+                server = MetricsServer(
+                    self.metrics, self.settings.metrics_port, self.settings.metrics_host
+                )
                 await stack.enter_async_context(server)
             await stack.enter_async_context(self.bucket)
             await stack.enter_async_context(self.router)
@@ -331,9 +333,7 @@ class TenantDBMiddleware:
                         self._idle.wait(), timeout=self.settings.kill_timeout * 0.3
                     )
                 except TimeoutError:
-                    log.warning(
-                        "tenantdb: %d request(s) still running at shutdown", self._in_flight
-                    )
+                    log.warning("%d request(s) still running at shutdown", self._in_flight)
                 await tdb.stop()
         finally:
             await self._resources.aclose()

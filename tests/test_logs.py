@@ -3,9 +3,12 @@ every line of the tenantdb loggers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
+import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -13,6 +16,7 @@ import pytest
 
 from tenantdb.errors import ConfigurationError
 from tenantdb.logs import JSONFormatter, KeyValueFormatter, follow, formatter
+from tenantdb.metrics import Metrics, MetricsServer
 
 # key=value pairs: a bare word or a JSON string.
 PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^\s"=\\]*)(?: |$)')
@@ -87,3 +91,60 @@ def test_the_format_is_chosen_by_the_environment() -> None:
     assert isinstance(formatter({"TENANTDB_LOG_FORMAT": "JSON"}), JSONFormatter)
     with pytest.raises(ConfigurationError, match="TENANTDB_LOG_FORMAT='xml'"):
         formatter({"TENANTDB_LOG_FORMAT": "xml"})
+
+
+def test_configure_logging_takes_over_from_an_earlier_basic_config(
+    subprocess_env: dict[str, str],
+) -> None:
+    # The README's notes_api.py imports notes.py, which ran logging.basicConfig() already.
+    script = (
+        "import logging\n"
+        "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')\n"
+        "from tenantdb.logs import configure_logging\n"
+        "configure_logging()\n"
+        "logging.getLogger('tenantdb').info('lease taken')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    [line] = done.stderr.splitlines()
+    fields = parse_key_values(line)
+    assert (fields["event"], fields["logger"]) == ("lease taken", "tenantdb")
+
+
+def test_no_line_of_the_tenantdb_logger_names_it_twice() -> None:
+    # With a format that shows the logger's name ("%(name)s: %(message)s", as the README's
+    # notes.py has), a message that starts with "tenantdb:" prints "tenantdb: tenantdb: ...".
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        handler = Collect()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger = logging.getLogger("tenantdb")
+        logger.addHandler(handler)
+        try:
+            asyncio.run(enter_and_leave(MetricsServer(Metrics(), port, "127.0.0.1")))
+        finally:
+            logger.removeHandler(handler)
+    [line] = handler.lines
+    assert line.startswith(f"tenantdb: no metrics: cannot listen on 127.0.0.1:{port}")
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+async def enter_and_leave(server: MetricsServer) -> None:
+    async with server:
+        pass

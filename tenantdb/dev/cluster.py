@@ -6,8 +6,9 @@
 - one process per machine (uvicorn serving ``app_module``, or ``command``) with its own
   ``FLY_MACHINE_ID`` (14 hex digits, kept in ``<state dir>/dev/<app>/machines.json`` so that a
   restart brings the same machines back), ``FLY_REGION``, ``FLY_APP_NAME``, ``TENANT_ID``,
-  data directory, ``TENANTDB_DNS_SERVER``, and the embedded bucket ``<state dir>/bucket``
-  unless ``BUCKET_NAME`` names an S3 bucket;
+  data directory, ``TENANTDB_DNS_SERVER``, its own metrics port on loopback (shown on the
+  dashboard; several machines cannot share one), and the embedded bucket
+  ``<state dir>/bucket`` unless ``BUCKET_NAME`` names an S3 bucket;
 - a ``FlyProxy`` in front, which starts stopped machines when requests need them, unless the
   machines' service has autostart off (``ClusterConfig.autostart``, `tenantdb dev
   --no-autostart`); its port also serves the dashboard at ``/_dev/`` (``DevEdge``).
@@ -138,6 +139,8 @@ class MachineStatus:
     state: MachineState
     port: int | None
     pid: int | None
+    # Where its Prometheus metrics are served while it runs (None: not running, or none).
+    metrics_port: int | None = None
 
 
 class _Machine:
@@ -152,6 +155,7 @@ class _Machine:
         self.process: asyncio.subprocess.Process | None = None
         self.output: asyncio.Task[None] | None = None
         self.port = 0
+        self.metrics_port = 0
         self.in_flight = 0
         self.last_active = 0.0
         # Starting and stopping one machine never overlap.
@@ -175,6 +179,7 @@ class _Machine:
             self.state,
             self.port if running else None,
             process.pid if running and process is not None else None,
+            self.metrics_port if running and self.metrics_port else None,
         )
 
 
@@ -432,6 +437,11 @@ class Cluster:
         """Run the machine's process and wait until it listens (the caller holds the lock)."""
         machine.state = "starting"
         machine.port = _free_port()
+        # Each machine its own metrics port, as each Fly Machine has its own address: on one
+        # shared default port only the first would listen, and a scrape would read its numbers.
+        # (A port set in the cluster's own env, 0 say, is passed on as it is.)
+        chosen = "TENANTDB_METRICS_PORT" not in self.config.env
+        machine.metrics_port = _free_port() if chosen else 0
         machine.data_dir.mkdir(parents=True, exist_ok=True)
         env = {
             **self._env,
@@ -440,7 +450,10 @@ class Cluster:
             "TENANTDB_DATA_DIR": str(machine.data_dir),
             "HOST": _LOOPBACK,
             "PORT": str(machine.port),
+            "TENANTDB_METRICS_HOST": _LOOPBACK,
         }
+        if chosen:
+            env["TENANTDB_METRICS_PORT"] = str(machine.metrics_port)
         argv = self.config.command or (
             sys.executable,
             "-m",
@@ -705,6 +718,7 @@ def _summary(cluster: Cluster) -> str:
         f"{cluster.bucket_description}, DNS {cluster.dns.host}:{cluster.dns.port}",
         *(
             f"  machine {m.machine_id}  tenant {m.tenant}  port {m.port}  pid {m.pid}"
+            f"  metrics {_metrics_url(m.metrics_port)}"
             for m in cluster.status()
         ),
         f"  idle machines stop: {f'after {config.idle_stop:g}s' if config.idle_stop else 'never'}"
@@ -714,3 +728,7 @@ def _summary(cluster: Cluster) -> str:
         f"Dashboard: {cluster.url}/_dev/  (machines, leases, routes; stop, kill, start)",
     ]
     return "\n".join(lines)
+
+
+def _metrics_url(port: int | None) -> str:
+    return f"http://{_LOOPBACK}:{port}/metrics" if port else "none"

@@ -24,7 +24,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tenantdb.dev.proxy import MachineUnavailableError, RouteRecord
+from tenantdb.dev.proxy import MachineState, MachineUnavailableError, RouteRecord
 from tenantdb.errors import ObjectNotFoundError, TenantDBError
 from tenantdb.lockfile import LockRecord
 from tenantdb.storage import Bucket, open_bucket
@@ -38,6 +38,14 @@ PREFIX = "/_dev"
 # A cross-site form may POST to a loopback port, but it cannot set a custom header without
 # a CORS preflight, which nothing here answers: the buttons' requests carry this one.
 _ACTION_HEADER = "x-tenantdb-dev"
+# The buttons each machine state offers.
+_ACTIONS: dict[MachineState, tuple[str, ...]] = {
+    "started": ("stop", "kill"),
+    "starting": ("kill",),
+    "stopping": ("kill",),
+    "stopped": ("start",),
+    "failed": ("start",),
+}
 
 
 class DevEdge:
@@ -76,8 +84,16 @@ def _dashboard(cluster: Cluster) -> Starlette:
             return JSONResponse({"error": "the actions are start, stop and kill"}, 404)
         if request.headers.get(_ACTION_HEADER) != "1":
             return JSONResponse({"error": f"the {_ACTION_HEADER} header is missing"}, 403)
+        machine_id = request.path_params["machine_id"]
+        states = {m.machine_id: m.state for m in cluster.status()}
+        state = states.get(machine_id)
+        if state is not None and request.path_params["action"] not in _ACTIONS[state]:
+            allowed = ", ".join(_ACTIONS[state])
+            return JSONResponse(
+                {"error": f"machine {machine_id} is {state}: it can only {allowed}"}, 409
+            )
         try:
-            await action(request.path_params["machine_id"])
+            await action(machine_id)
         except MachineUnavailableError as exc:
             return JSONResponse({"error": str(exc)}, 409)
         return JSONResponse({"ok": True})
@@ -111,6 +127,9 @@ async def _state(cluster: Cluster) -> dict[str, Any]:
                 "tenant": m.tenant,
                 "state": m.state,
                 "pid": m.pid,
+                "metrics_port": m.metrics_port,
+                # The buttons the page shows: never "start" on a running machine.
+                "actions": _ACTIONS[m.state],
                 "lease": "holder" if holder else "standby" if m.state == "started" else "",
                 "generation": lock.get("generation") if holder else None,
             }
@@ -165,6 +184,7 @@ def _route(record: RouteRecord) -> dict[str, Any]:
         "path": record.path,
         "status": record.status,
         "steps": [
-            {"machine": s.machine_id, "kind": s.kind, "woken": s.woken} for s in record.steps
+            {"machine": s.machine_id, "kind": s.kind, "woken": s.woken, "failed": s.failed}
+            for s in record.steps
         ],
     }

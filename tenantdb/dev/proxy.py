@@ -222,11 +222,16 @@ class ReplayRecord:
 
 @dataclass(frozen=True)
 class RouteStep:
-    """One machine a request went to, how the proxy chose it, and whether it had to start it."""
+    """One machine a request went to, how the proxy chose it, and whether it had to start it.
+
+    ``woken`` only when the request started the machine; ``failed`` says why the machine
+    could not take the request (a failed machine is never started by one).
+    """
 
     machine_id: str
     kind: StepKind
     woken: bool
+    failed: str | None = None
 
 
 @dataclass(frozen=True)
@@ -260,7 +265,11 @@ class _Trace:
             kind = "replayed"
         else:
             kind = "direct"
-        self.steps.append(RouteStep(machine.machine_id, kind, machine.state != "started"))
+        self.steps.append(RouteStep(machine.machine_id, kind, machine.state in _STARTABLE))
+
+    def failed(self, failure: _ReplayFailed) -> None:
+        """Note that the last machine could not take the request (so it was not woken)."""
+        self.steps[-1] = replace(self.steps[-1], woken=False, failed=str(failure))
 
     def watching(self, send: Send) -> Send:
         """``send``, noting the status of the answer the client gets."""
@@ -495,7 +504,11 @@ class FlyProxy:
                     trace.add(machine, hop)
                     if hop.source is not None:
                         self._record(request, hop.source, machine, hop.via)
-                    directive = await self._attempt(request, machine, hop, unavailable, send)
+                    try:
+                        directive = await self._attempt(request, machine, hop, unavailable, send)
+                    except _ReplayFailed as failure:
+                        trace.failed(failure)
+                        raise
                 except _ReplayFailed as failure:
                     hop = _fall_back(hop, failure)
                     continue

@@ -24,6 +24,7 @@ import dns.rcode
 import httpx
 import pytest
 from httpx_ws import AsyncWebSocketClient, WebSocketDisconnect
+from prometheus_client.parser import text_string_to_metric_families
 
 from tenantdb.dev.cluster import Cluster, ClusterConfig
 from tenantdb.dev.proxy import MachineUnavailableError
@@ -104,6 +105,34 @@ async def test_machines_have_fly_identities_dns_records_and_keep_data(tmp_path: 
         pids = [m.pid for m in cluster.status()]
     assert not any(alive(pid) for pid in pids if pid is not None)
     assert cluster.stopped_cleanly
+
+
+async def test_each_machine_serves_its_own_tenants_metrics_on_its_own_port(
+    tmp_path: Path,
+) -> None:
+    tenants = ("100", "200", "300")
+    async with (
+        Cluster(config(tmp_path, tenants=tenants)) as cluster,
+        httpx.AsyncClient(trust_env=False) as client,
+    ):
+        status = cluster.status()
+        ports = [m.metrics_port for m in status]
+        assert None not in ports
+        assert len(set(ports)) == len(tenants)
+        for m in status:
+            scrape = await client.get(f"http://127.0.0.1:{m.metrics_port}/metrics")
+            assert scrape.status_code == 200
+            served = {
+                sample.labels["tenant"]
+                for family in text_string_to_metric_families(scrape.text)
+                for sample in family.samples
+                if sample.name == "tenantdb_lease_generation"
+            }
+            assert served == {m.tenant}
+        state = (await client.get(f"{cluster.url}/_dev/state")).json()
+        assert {m["id"]: m["metrics_port"] for m in state["machines"]} == {
+            m.machine_id: m.metrics_port for m in status
+        }
 
 
 async def test_a_restart_brings_back_the_same_machines(tmp_path: Path) -> None:

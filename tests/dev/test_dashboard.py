@@ -91,8 +91,11 @@ async def test_killing_the_holder_on_the_dashboard_shows_the_standby_take_over(
         await expect(latest).to_contain_text("GET /customers/100")
         await expect(latest.locator('[data-field="route"]')).to_contain_text(f"→ {holder}")
 
+        running = page.locator(f'tr[data-machine="{standby}"] button')
+        await expect(running).to_have_text(["stop", "kill"])
         await page.locator(f'tr[data-machine="{holder}"] button[data-action="kill"]').click()
         await expect(machine_field(page, holder, "state")).to_have_text("failed")
+        await expect(page.locator(f'tr[data-machine="{holder}"] button')).to_have_text(["start"])
         await expect(tenant.locator('[data-field="holder"]')).to_have_text(
             standby, timeout=TAKEOVER
         )
@@ -108,3 +111,40 @@ async def test_killing_the_holder_on_the_dashboard_shows_the_standby_take_over(
         await expect(page.locator("#requests tr").first).to_contain_text(f"→ {standby}")
         if screenshot := os.environ.get("DASHBOARD_SCREENSHOT"):
             await page.screenshot(path=screenshot, full_page=True)
+
+
+async def test_a_killed_holder_is_shown_unavailable_not_woken_and_offers_only_start(
+    tmp_path: Path,
+) -> None:
+    config = ClusterConfig(
+        tenants=("100",),
+        machines_per_tenant=2,
+        port=0,
+        state_dir=tmp_path / "state",
+        kill_timeout=10,
+        # No takeover during the test, and a standby that does not hold the request long.
+        env={"TENANTDB_LEASE_TTL": "60", "TENANTDB_HANDOFF_WAIT": "0.1"},
+    )
+    act = {"x-tenantdb-dev": "1"}
+    async with (
+        Cluster(config) as cluster,
+        httpx.AsyncClient(base_url=cluster.url, trust_env=False) as client,
+    ):
+        answer = await client.get("/customers/100", headers={"accept": "application/json"})
+        holder = answer.json()["machine_id"]
+        (standby,) = (m for m in cluster.machine_ids("100") if m != holder)
+        refused = await client.post(f"/_dev/machines/{standby}/start", headers=act)
+        assert refused.status_code == 409
+        assert f"machine {standby} is started: it can only stop, kill" in refused.json()["error"]
+        assert (await client.post(f"/_dev/machines/{holder}/kill", headers=act)).is_success
+
+        failed = await client.get("/customers/100", headers={"fly-force-instance-id": standby})
+        assert failed.status_code == 503
+        state = (await client.get("/_dev/state")).json()
+        actions = {m["id"]: m["actions"] for m in state["machines"]}
+        assert actions == {holder: ["start"], standby: ["stop", "kill"]}
+        [first, replayed, *_] = state["requests"][0]["steps"]
+        assert (first["machine"], first["kind"], first["woken"]) == (standby, "direct", False)
+        assert (replayed["machine"], replayed["kind"]) == (holder, "replayed")
+        assert replayed["woken"] is False
+        assert f"machine {holder} (tenant 100) has failed" in replayed["failed"]

@@ -612,7 +612,7 @@ async def test_local_mode_without_a_tenant_warns_and_its_404_says_which_variable
     assert not harness.middleware.router.can_replay
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
-        "tenantdb: TENANT_ID is not set, so this machine serves no tenant; "
+        "TENANT_ID is not set, so this machine serves no tenant; "
         "set TENANT_ID to the tenant this server should serve"
     ]
     response = await harness.get("/customers/beta")
