@@ -1,8 +1,9 @@
 """The operator's verbs on tenants' data in the bucket: status, history, restore, verify, rollback.
 
 Each opens the bucket the environment names (``BUCKET_NAME`` for S3, else the embedded
-local bucket directory). All but ``rollback`` only read it: they take no lease and write
-no object. ``rollback`` takes the lease as a machine would and publishes a new state.
+local bucket directory), which must exist: none of them creates one. All but ``rollback``
+only read it: they take no lease and write no object. ``rollback`` takes the lease as a
+machine would and publishes a new state.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from tenantdb.lease import Lease, ObservedLock, read_lock
 from tenantdb.replication.history import History, read_history
 from tenantdb.replication.pitr import RestoredPoint, restore_at
 from tenantdb.rollback import rollback
-from tenantdb.storage import Bucket, open_bucket
+from tenantdb.storage import Bucket, describe_bucket, open_bucket
 from tenantdb.tenants import validate_tenant
 
 __all__ = [
@@ -229,8 +230,8 @@ def _configure_status(parser: argparse.ArgumentParser) -> None:
 
 async def _status(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    prefix = settings.prefix
-    async with open_bucket(settings) as bucket:
+    prefix, bucket_name = settings.prefix, describe_bucket(settings)
+    async with open_bucket(settings, create=False) as bucket:
         tenants = args.tenants or await list_tenants(bucket, prefix)
         limit = asyncio.Semaphore(_PARALLEL_READS)
 
@@ -250,7 +251,7 @@ async def _status(args: argparse.Namespace) -> int:
             continue
         code = EXIT_FAILURE
         if result is None:
-            err(f"error: tenant {tenant}: no {prefix}{tenant}/lock.json in the bucket")
+            err(f"error: tenant {tenant}: no {prefix}{tenant}/lock.json in the {bucket_name}")
         else:
             err(f"error: tenant {tenant}: {result}")
     if args.json:
@@ -258,7 +259,7 @@ async def _status(args: argparse.Namespace) -> int:
     elif found:
         print_table([_STATUS_HEADER, *(s.row() for s in found)])
     elif not tenants:
-        err(f"no tenants under {prefix!r} in the bucket")
+        err(f"no tenants under {prefix!r} in the {bucket_name}")
     return code
 
 
@@ -278,10 +279,13 @@ def _configure_history(parser: argparse.ArgumentParser) -> None:
 
 async def _history(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    async with open_bucket(settings) as bucket:
+    async with open_bucket(settings, create=False) as bucket:
         history = await read_history(bucket, args.tenant, prefix=settings.prefix)
     if history.lock is None and not (history.snapshots or history.segments or history.takeovers):
-        err(f"error: tenant {args.tenant}: nothing under {settings.prefix}{args.tenant}/")
+        err(
+            f"error: tenant {args.tenant}: nothing under {settings.prefix}{args.tenant}/ in the "
+            f"{describe_bucket(settings)}"
+        )
         return EXIT_FAILURE
     if args.json:
         out(json.dumps(_history_json(history), indent=2))
@@ -423,7 +427,7 @@ async def _restore(args: argparse.Namespace) -> int:
 async def _restore_to(tenant: str, dest: Path, *, at: datetime | None) -> RestoredPoint:
     """Restore ``tenant`` as of ``at`` into ``dest``, with a progress bar on a terminal."""
     settings = Settings.from_env()
-    async with open_bucket(settings) as bucket:
+    async with open_bucket(settings, create=False) as bucket:
         with transfer_progress(f"restoring {tenant}") as progress:
             return await restore_at(
                 bucket, tenant, dest, prefix=settings.prefix, at=at, progress=progress
@@ -499,7 +503,7 @@ async def _rollback(args: argparse.Namespace) -> int:
             err("aborted")
             return EXIT_FAILURE
     settings = Settings.from_env(tenant=tenant)
-    async with open_bucket(settings) as bucket:
+    async with open_bucket(settings, create=False) as bucket:
         status = await read_status(bucket, tenant, prefix=settings.prefix)
         if args.wait and status is not None and status.lease == "held":
             err(f"waiting for machine {status.observed.record.owner} to release the lease ...")

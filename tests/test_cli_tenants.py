@@ -23,7 +23,7 @@ from tenantdb.config import Settings
 from tenantdb.database import TenantDB
 from tenantdb.lease import Lease
 from tenantdb.replication.segment import chunk_key
-from tenantdb.storage import Bucket
+from tenantdb.storage import Bucket, LocalBucket
 from tests.support.s3_server import s3_env
 
 pytestmark = pytest.mark.usefixtures("clean_environment")
@@ -414,6 +414,38 @@ async def test_history_of_a_missing_tenant_fails(bucket: Bucket, cli_env: dict[s
     code, _, err = await run("history", "acme")
     assert code == 1
     assert "nothing under tenants/acme/" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["status"],
+        ["status", "acme"],
+        ["history", "acme"],
+        ["restore", "acme", "-o", "out.sqlite3"],
+        ["verify", "acme"],
+    ],
+)
+async def test_a_read_only_verb_in_a_directory_without_a_bucket_names_it_and_creates_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = await run(*argv)
+    assert (code, out) == (1, "")
+    assert f"no local bucket at '{tmp_path / '.tenantdb' / 'bucket'}'" in err
+    assert "TENANTDB_LOCAL_BUCKET" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_status_of_an_empty_bucket_says_which_bucket_it_read(
+    local_bucket: LocalBucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TENANTDB_LOCAL_BUCKET", str(local_bucket.root))
+    code, out, err = await run("status")
+    assert (code, out) == (0, "")
+    assert err.strip() == (
+        f"tenantdb: no tenants under 'tenants/' in the local bucket {local_bucket.root}"
+    )
 
 
 async def rows_served(bucket: Bucket, tmp_path: Path, machine: str) -> int:

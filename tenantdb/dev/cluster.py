@@ -55,6 +55,7 @@ from tenantdb.dev.proxy import (
 )
 from tenantdb.errors import ConfigurationError
 from tenantdb.routing.machines_api import tenant_service
+from tenantdb.storage import describe_bucket
 from tenantdb.tenants import validate_tenant
 
 __all__ = ["Cluster", "ClusterConfig", "MachineStatus", "serve"]
@@ -306,7 +307,7 @@ class Cluster:
             await self.dns.start()
             self._socket = sock = _listen(self.config.port)
             self._env = self._base_env(root, sock.getsockname()[1])
-            self.bucket_description = _describe_bucket(self._env)
+            self.bucket_description = describe_bucket(Settings.from_env(self._env))
             await self.proxy.__aenter__()
             atexit.register(self.kill_all)
             # Every start runs to its end (success or failure) before anything is undone.
@@ -651,12 +652,6 @@ def _listen(port: int) -> socket.socket:
             "port with `tenantdb dev --port N` (or `make demo PORT=N`)"
         ) from None
     return sock
-
-
-def _describe_bucket(env: Mapping[str, str]) -> str:
-    if env.get("BUCKET_NAME"):
-        return f"S3 bucket {env['BUCKET_NAME']} at {env.get('AWS_ENDPOINT_URL_S3', 'AWS')}"
-    return f"local bucket {env['TENANTDB_LOCAL_BUCKET']}"
 
 
 def _free_port() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from tenantdb.storage.base import Bucket, ObjectInfo, RetryPolicy, SmallObject
 from tenantdb.storage.local import LocalBucket
@@ -10,17 +11,36 @@ from tenantdb.storage.local import LocalBucket
 if TYPE_CHECKING:
     from tenantdb.config import Settings
 
-__all__ = ["Bucket", "LocalBucket", "ObjectInfo", "RetryPolicy", "SmallObject", "open_bucket"]
+__all__ = [
+    "Bucket",
+    "LocalBucket",
+    "ObjectInfo",
+    "RetryPolicy",
+    "SmallObject",
+    "describe_bucket",
+    "open_bucket",
+]
 
 
-def open_bucket(settings: Settings) -> Bucket:
+def open_bucket(settings: Settings, *, create: bool = True) -> Bucket:
     """Return the bucket the settings name: S3 when BUCKET_NAME is set, else the local one.
 
-    The bucket is not opened yet: use it with ``async with``.
+    The bucket is not opened yet: use it with ``async with``. With ``create=False`` a
+    missing local bucket directory is an error when it opens, not a new empty bucket.
     """
     if settings.bucket_name:
         # Imported here so that importing tenantdb never imports aioboto3 for local use.
         from tenantdb.storage.s3 import S3Bucket
 
         return S3Bucket.from_settings(settings)
-    return LocalBucket(settings.local_bucket_dir)
+    return LocalBucket(settings.local_bucket_dir, create=create)
+
+
+def describe_bucket(settings: Settings) -> str:
+    """The bucket the settings name, for people: which S3 bucket where, or which directory."""
+    if settings.bucket_name:
+        # Scheme, host and port only: a URL may carry a user and password.
+        url = urlsplit(settings.endpoint_url or "")
+        where = f"{url.scheme}://{url.hostname}{f':{url.port}' if url.port else ''}"
+        return f"S3 bucket {settings.bucket_name} at {where if url.hostname else 'AWS'}"
+    return f"local bucket {settings.local_bucket_dir.absolute()}"

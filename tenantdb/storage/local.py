@@ -110,8 +110,10 @@ class LocalBucket:
 
     kind: Literal["local"] = "local"
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
         self.root = Path(root)
+        # A reader (``tenantdb status`` in the wrong directory, say) must not create one.
+        self.create = create
         self._keys = self.root / "keys"
         self._blobs = self.root / "blobs"
 
@@ -119,7 +121,7 @@ class LocalBucket:
         return f"LocalBucket({str(self.root)!r})"
 
     async def __aenter__(self) -> Self:
-        await self._run("open", "", self._create_dirs)
+        await self._run("open", "", self._create_dirs if self.create else self._check_exists)
         return self
 
     async def __aexit__(
@@ -129,6 +131,15 @@ class LocalBucket:
         tb: TracebackType | None,
     ) -> None:
         return None
+
+    def _check_exists(self) -> None:
+        if not (self._keys.is_dir() and (self.root / ".lock").is_file()):
+            raise BucketConfigurationError(
+                f"no local bucket at {str(self.root.absolute())!r}: run this where your app "
+                "runs (its working directory holds .tenantdb/bucket), or set "
+                "TENANTDB_LOCAL_BUCKET to the bucket's directory, or BUCKET_NAME for S3",
+                operation="open",
+            )
 
     def _create_dirs(self) -> None:
         for directory in (self._keys, self._blobs):
