@@ -105,7 +105,8 @@ def configure_logging(level: int = logging.INFO, env: Mapping[str, str] | None =
 
     It replaces any handler of the root logger that already writes to stderr (a
     ``logging.basicConfig()`` run by an imported module, or an earlier call), so that each
-    event is printed once, in this format; handlers that write elsewhere stay.
+    event is printed once, in this format; handlers that write elsewhere stay. The root
+    logger's level becomes ``level`` unless it was set lower (DEBUG, say) already.
     """
     handler = logging.StreamHandler()
     handler.setFormatter(formatter(env))
@@ -115,4 +116,4 @@ def configure_logging(level: int = logging.INFO, env: Mapping[str, str] | None =
             root.removeHandler(old)
             old.close()
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(min(level, root.level) if root.level != logging.NOTSET else level)

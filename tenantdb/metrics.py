@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "MetricsServer", "RoutingOutcome", "WatchedTenant"]
+__all__ = ["Metrics", "MetricsServer", "RoutingOutcome", "WatchedTenant", "error_kind"]
 
 log = logging.getLogger("tenantdb")
 
@@ -154,7 +155,8 @@ class Metrics:
         )
         self._bucket_errors = Counter(
             "tenantdb_bucket_errors",
-            "failed bucket requests, by error class",
+            "failed bucket requests, by kind of error (a missing lock.json is no error: it is "
+            "how a tenant that never ran looks)",
             ["kind"],
             registry=r,
         )
@@ -212,8 +214,14 @@ class Metrics:
         self._routing.labels(outcome).inc()
 
     def bucket_error(self, exc: BaseException) -> None:
-        """Count a failed bucket request by its ``StorageError`` subclass."""
-        self._bucket_errors.labels(type(exc).__name__).inc()
+        """Count a failed bucket request by its ``StorageError`` subclass, in snake case."""
+        self._bucket_errors.labels(error_kind(exc)).inc()
+
+
+def error_kind(exc: BaseException) -> str:
+    """``TransientStorageError`` -> ``transient_storage``: labels are snake case, as the others."""
+    name = type(exc).__name__.removesuffix("Error") or "error"
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 class MetricsServer:

@@ -16,7 +16,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tenantdb.dev.dns_server import DevDNSServer
+from tenantdb.errors import ObjectNotFoundError
 from tenantdb.metrics import Metrics
+from tenantdb.storage import LocalBucket
+from tenantdb.storage.metered import MeteredBucket
 from tests.support.servers import MachineProcesses, UvicornProcess, free_port
 
 APP = "tests.support.apps:starlette_app"
@@ -127,3 +130,24 @@ def test_each_middleware_has_a_registry_of_its_own() -> None:
     first.routed("local")
     assert 'tenantdb_routing_decisions_total{outcome="local"} 1.0' in first.text()
     assert "outcome=" not in second.text()
+
+
+def test_a_new_tenants_first_start_and_lookups_of_unknown_tenants_are_no_bucket_errors(
+    machines: tuple[UvicornProcess, int],
+) -> None:
+    # acme never ran before: its first start found no lock.json, as does the lookup of a
+    # tenant that has none. Both are answers, not failures of the bucket.
+    m1, port = machines
+    assert httpx.get(f"{m1.url}/customers/nobody", timeout=10).status_code == 404
+    errors = {k: v for k, v in scrape(port).items() if k[0] == "tenantdb_bucket_errors_total"}
+    assert errors == {}
+
+
+async def test_a_missing_object_other_than_lock_json_is_a_bucket_error(tmp_path: Path) -> None:
+    metrics = Metrics()
+    async with MeteredBucket(LocalBucket(tmp_path / "bucket"), metrics) as bucket:
+        with pytest.raises(ObjectNotFoundError):
+            await bucket.get("tenants/acme/lock.json")
+        with pytest.raises(ObjectNotFoundError):
+            await bucket.get("tenants/acme/log/00000001/1.seg")
+    assert 'tenantdb_bucket_errors_total{kind="object_not_found"} 1.0' in metrics.text()

@@ -13,13 +13,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self, TypeVar
 
-from tenantdb.errors import StorageError
+from tenantdb.errors import ObjectNotFoundError, StorageError
 from tenantdb.metrics import Metrics
 from tenantdb.storage.base import Bucket, ObjectInfo, SmallObject
 
 __all__ = ["MeteredBucket"]
 
 T = TypeVar("T")
+_LOCK = "/lock.json"
 
 
 class MeteredBucket:
@@ -50,7 +51,7 @@ class MeteredBucket:
         await self.inner.__aexit__(exc_type, exc, tb)
 
     def _timer(self, key: str) -> AbstractContextManager[None]:
-        if key.endswith("/lock.json"):
+        if key.endswith(_LOCK):
             return self.metrics.timing("publish")
         if key.endswith(".seg"):
             return self.metrics.timing("segment")
@@ -58,28 +59,37 @@ class MeteredBucket:
             return self.metrics.timing("snapshot")
         return nullcontext()
 
-    async def _counted(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _counted(self, key: str, call: Callable[[], Awaitable[T]]) -> T:
         try:
             return await call()
+        except ObjectNotFoundError as exc:
+            # A tenant that never ran has no lock.json: its first start and every lookup of
+            # it get this answer, which is no failure of the bucket. Any other object
+            # missing (a segment or snapshot lock.json names) is one.
+            if not key.endswith(_LOCK):
+                self.metrics.bucket_error(exc)
+            raise
         except StorageError as exc:
             self.metrics.bucket_error(exc)
             raise
 
     async def _written(self, key: str, call: Callable[[], Awaitable[T]]) -> T:
         with self._timer(key):
-            return await self._counted(call)
+            return await self._counted(key, call)
 
     async def get(self, key: str, *, max_size: int | None = None) -> SmallObject:
         """See ``Bucket.get``."""
         if max_size is None:  # called as the wrapped bucket would be, by the router's lookups
-            return await self._counted(lambda: self.inner.get(key))
-        return await self._counted(lambda: self.inner.get(key, max_size=max_size))
+            return await self._counted(key, lambda: self.inner.get(key))
+        return await self._counted(key, lambda: self.inner.get(key, max_size=max_size))
 
     async def get_if_changed(
         self, key: str, etag: str, *, max_size: int | None = None
     ) -> SmallObject | None:
         """See ``Bucket.get_if_changed``."""
-        return await self._counted(lambda: self.inner.get_if_changed(key, etag, max_size=max_size))
+        return await self._counted(
+            key, lambda: self.inner.get_if_changed(key, etag, max_size=max_size)
+        )
 
     async def put(
         self,
@@ -97,19 +107,19 @@ class MeteredBucket:
 
     async def head(self, key: str) -> ObjectInfo:
         """See ``Bucket.head``."""
-        return await self._counted(lambda: self.inner.head(key))
+        return await self._counted(key, lambda: self.inner.head(key))
 
     async def delete(self, key: str, *, if_match: str | None = None) -> None:
         """See ``Bucket.delete``."""
-        await self._counted(lambda: self.inner.delete(key, if_match=if_match))
+        await self._counted(key, lambda: self.inner.delete(key, if_match=if_match))
 
     async def list(self, prefix: str) -> list[ObjectInfo]:
         """See ``Bucket.list``."""
-        return await self._counted(lambda: self.inner.list(prefix))
+        return await self._counted(prefix, lambda: self.inner.list(prefix))
 
     async def download_file(self, key: str, dest: Path) -> ObjectInfo:
         """See ``Bucket.download_file``."""
-        return await self._counted(lambda: self.inner.download_file(key, dest))
+        return await self._counted(key, lambda: self.inner.download_file(key, dest))
 
     async def upload_file(
         self, key: str, src: Path, *, if_none_match: Literal["*"] | None = None

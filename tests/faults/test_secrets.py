@@ -258,8 +258,9 @@ def test_the_demo_app_prints_no_secret_with_debug_logging_and_failures(
     output = log_path.read_text(errors="replace")
     # The run did what it should: DEBUG from botocore and httpx, tenantdb errors, and the
     # Machines API was asked about tenant 300 (which DNS and the bucket do not know).
-    assert "DEBUG:botocore" in output
-    assert "DEBUG:httpx" in output or "DEBUG:httpcore" in output
+    # configure_logging() kept the DEBUG level of the basicConfig() it took over from.
+    assert "level=debug logger=botocore" in output
+    assert "level=debug logger=httpx" in output or "level=debug logger=httpcore" in output
     assert "FINAL PUBLISH FAILED" in output
     assert echoing_api.calls >= 1
     assert "credentials" in " ".join(answers) + output  # the API's error text got through
