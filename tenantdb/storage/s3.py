@@ -217,7 +217,16 @@ def _translate(
     kind: type[StorageError]
     if isinstance(exc, ClientError):
         status, code = _status_and_code(exc)
-        if code in _BUCKET_CODES or status == 301:
+        if code == "NoSuchBucket":
+            # tenantdb never creates buckets: the first start is where a missing one shows.
+            kind, why = (
+                BucketConfigurationError,
+                f"NoSuchBucket (HTTP {status}): there is no bucket {bucket!r} at {url}. "
+                "tenantdb does not create buckets: create it first (on Fly.io, `fly storage "
+                "create`; elsewhere with your provider's console or CLI), or set BUCKET_NAME "
+                "to one that exists",
+            )
+        elif code in _BUCKET_CODES or status == 301:
             kind, why = BucketConfigurationError, f"{code} (HTTP {status})"
         elif status == 404 or code in _NOT_FOUND_CODES:
             kind, why = ObjectNotFoundError, "no such object (HTTP 404)"

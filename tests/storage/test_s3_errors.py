@@ -347,6 +347,17 @@ async def test_no_such_bucket(s3_endpoint: str) -> None:
             await s3.put("k", b"x")
 
 
+async def test_a_missing_bucket_is_named_with_how_to_create_it(s3_endpoint: str) -> None:
+    async with s3_for(s3_endpoint) as s3:  # "scripted" was never created on moto
+        for operation in (lambda: s3.get("tenants/acme/lock.json"), lambda: s3.list("tenants/")):
+            with pytest.raises(BucketConfigurationError) as raised:
+                await operation()
+            message = str(raised.value)
+            assert f"there is no bucket 'scripted' at {s3_endpoint}" in message
+            assert "tenantdb does not create buckets: create it first" in message
+            assert "fly storage create" in message
+
+
 async def test_download_to_a_full_disk_is_a_local_disk_error(s3_bucket: S3Bucket) -> None:
     await s3_bucket.put("k", b"x" * 1000)
     with pytest.raises(LocalDiskError) as raised:
