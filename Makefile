@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test chromium lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +31,19 @@ lint: install
 	$(BIN)/mypy
 
 # The dashboard's browser test needs Debian's chromium (Playwright drives it; no download).
-test: lint
-	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+# It is checked first, before a minute of lint: installing it takes apt-get, so root.
+test: chromium lint
 	$(BIN)/pytest
+
+chromium:
+	@command -v chromium >/dev/null || { \
+	  echo "make test: the dashboard's browser test needs chromium: installing Debian's with apt-get"; \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "make test: apt-get needs root: run 'sudo apt-get install chromium' first" >&2; \
+	    exit 1; \
+	  fi; \
+	  apt-get update -qq && apt-get install -y -qq chromium; \
+	}
 
 bench: install
 	command -v dig >/dev/null || (apt-get update -qq && apt-get install -y -qq dnsutils)

@@ -17,6 +17,7 @@ few MiB, and a fast retry policy so that failure tests do not sleep.
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
@@ -47,6 +48,23 @@ TEST_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
 os.environ.setdefault("TENANTDB_METRICS_PORT", "0")
 
 BUCKET_BACKENDS = ["local", "s3"]
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Make Ctrl-C stop the run.
+
+    pytest-asyncio runs each async test in an ``asyncio.Runner``, which, while SIGINT has
+    Python's default handler, turns Ctrl-C into a cancellation of the test's task. A test
+    whose code absorbs that cancellation (a shutdown that finishes what it started, say)
+    simply ends, and the next test starts with a fresh count: the run went on however often
+    one pressed. With a handler of its own in place, the Runner leaves SIGINT alone, and the
+    KeyboardInterrupt stops pytest wherever it lands.
+    """
+    signal.signal(signal.SIGINT, _interrupt)
 
 
 def new_bucket_name() -> str:
