@@ -1,25 +1,13 @@
-"""``python -m example_app``: serve the counter demo on $PORT (default 8080)."""
+"""``python -m example_app``: serve the counter demo on $HOST:$PORT (default 127.0.0.1:8080)."""
 
 from __future__ import annotations
 
-import os
-
-import uvicorn
-
-from tenantdb.logs import configure_logging
+from tenantdb.cli_deploy import serve_app
 
 
 def main() -> None:
-    """Serve the demo with uvicorn; SIGINT and SIGTERM shut it down gracefully."""
-    configure_logging()
-    uvicorn.run(
-        "example_app:app",
-        host=os.environ.get("HOST", "0.0.0.0"),
-        port=int(os.environ.get("PORT", "8080")),
-        lifespan="on",
-        log_level="info",
-        log_config=None,  # uvicorn's lines too go through tenantdb's format
-    )
+    """Serve the demo as ``tenantdb serve`` would; SIGINT and SIGTERM stop it gracefully."""
+    serve_app("example_app:app")
 
 
 if __name__ == "__main__":

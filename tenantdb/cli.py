@@ -37,6 +37,7 @@ from tenantdb.cli_common import fly_settings as _fly_settings
 from tenantdb.cli_common import out as _out
 from tenantdb.cli_common import positive_int as _positive_int
 from tenantdb.cli_common import tenant_arg as _tenant_arg
+from tenantdb.cli_deploy import DEPLOY_COMMANDS
 from tenantdb.cli_move import configure_move
 from tenantdb.cli_tenants import TENANT_COMMANDS
 from tenantdb.errors import TenantDBError
@@ -436,6 +437,7 @@ COMMANDS: dict[str, Command] = {
         configure=_configure_dev,
     ),
     **TENANT_COMMANDS,
+    **DEPLOY_COMMANDS,
 }
 
 

@@ -102,9 +102,11 @@ def test_parser_is_built_from_commands() -> None:
     assert set(COMMANDS) == {
         "dev",
         "history",
+        "init",
         "machines",
         "restore",
         "rollback",
+        "serve",
         "status",
         "verify",
     }

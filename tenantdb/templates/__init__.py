@@ -1,0 +1,1 @@
+"""Files `tenantdb init` writes into a project: Dockerfile, fly.toml, .dockerignore."""
