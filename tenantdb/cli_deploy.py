@@ -134,6 +134,29 @@ def _digest(body: bytes) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(body).digest()).rstrip(b"=").decode()
 
 
+def _health_path(value: str) -> str:
+    if not re.fullmatch(r"/[\w./~-]*", value):
+        raise argparse.ArgumentTypeError(f"{value[:80]!r} is not a path: e.g. /healthz")
+    return value
+
+
+def _health_check(path: str | None) -> str:
+    """fly.toml's check of ``path``, or a note on how to add one (a 404 would fail it)."""
+    if path is None:
+        return (
+            "  # No health check: your app has no route known to answer 200. Add one with\n"
+            "  # `tenantdb init --health-path /healthz --force` once it has one.\n"
+        )
+    return (
+        "  [[http_service.checks]]\n"
+        '    grace_period = "10s"\n'
+        '    interval = "30s"\n'
+        '    method = "GET"\n'
+        f'    path = "{path}"\n'
+        '    timeout = "5s"\n'
+    )
+
+
 def _template(name: str) -> str:
     return resources.files("tenantdb.templates").joinpath(name).read_text()
 
@@ -153,6 +176,13 @@ def _configure_init(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dir", type=Path, default=Path(), help="the project directory (default: here)"
+    )
+    parser.add_argument(
+        "--health-path",
+        type=_health_path,
+        metavar="PATH",
+        help="a route of your app that answers 200 while it is healthy (e.g. /healthz): "
+        "fly.toml gets an HTTP health check on it (default: no check)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
     parser.set_defaults(handler=_init)
@@ -174,7 +204,9 @@ def _init(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     files = {
         "Dockerfile": _template("Dockerfile").replace("@APP@", args.app),
-        "fly.toml": _template("fly.toml").replace("@NAME@", name),
+        "fly.toml": _template("fly.toml")
+        .replace("@NAME@", name)
+        .replace("@CHECKS@", _health_check(args.health_path)),
         ".dockerignore": _template("dockerignore"),
     }
     existing = [f for f in files if (project / f).exists()]

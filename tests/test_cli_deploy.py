@@ -106,6 +106,7 @@ def test_init_writes_a_dockerfile_serving_the_app_and_a_matching_fly_toml(projec
         "RUN pip install --requirement requirements.txt",
         "COPY . .",
     ]
+    assert "checks" not in fly["http_service"]  # no route known to answer it: no check
     ignored = (project / ".dockerignore").read_text().splitlines()
     assert {".tenantdb", ".venv", ".env"} <= set(ignored)
 
@@ -205,8 +206,11 @@ def test_init_keeps_existing_files_and_needs_the_apps_module(
     assert main(["init", "--app", "notes:app", "--dir", str(project)]) == 1
     assert "Dockerfile exist(s)" in capsys.readouterr().err
     assert (project / "Dockerfile").read_text() == "FROM scratch\n"
-    assert main(["init", "--app", "notes:app", "--dir", str(project), "--force"]) == 0
+    forced = ["init", "--app", "notes:app", "--dir", str(project), "--force"]
+    assert main([*forced, "--health-path", "/up"]) == 0
     assert "tenantdb serve" in (project / "Dockerfile").read_text()
+    [check] = tomllib.loads((project / "fly.toml").read_text())["http_service"]["checks"]
+    assert (check["path"], check["method"]) == ("/up", "GET")
     assert main(["init", "--app", "not an app", "--dir", str(project)]) == 2
 
 

@@ -8,7 +8,7 @@ is stopped, and a ``# ...`` line after
 a command is the output it must print. Only the port differs (a free one, not 8000/8080).
 ``fly`` commands need a Fly.io account and are not run; ``tenantdb machines`` commands are
 checked against the CLI's parser; ``tenantdb`` commands that read the bucket run (their
-output is compared only where the README shows it).
+output is compared only where the README shows it), and so does ``tenantdb init``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ ENV_RE = re.compile(r"[A-Z_][A-Z0-9_]*=\S*")
 README_PORTS = re.compile(r"127\.0\.0\.1:(8000|8080)")
 # tenantdb commands that only read the bucket: run against the README's own tenants.
 BUCKET_READERS = ("status", "history", "restore", "verify")
+# tenantdb commands that write files into the reader's project: run there.
+PROJECT_WRITERS = ("init",)
 
 
 def readme_blocks() -> list[tuple[str, str]]:
@@ -77,11 +79,12 @@ class Reader:
             build_parser().parse_args(args)  # exits 2 on a usage error
             return
         reads_bucket = program == "tenantdb" and args[0] in BUCKET_READERS
+        writes_project = program == "tenantdb" and args[0] in PROJECT_WRITERS
         if program == "uvicorn":
             self.start([sys.executable, "-m", "uvicorn", *args], assignments)
         elif program == "tenantdb" and args[0] == "dev":
             self.start([sys.executable, "-m", "tenantdb.cli", *args], assignments)
-        elif program in ("curl", "python") or reads_bucket:
+        elif program in ("curl", "python") or reads_bucket or writes_project:
             if program == "python":
                 self.stop()  # the README runs scripts while no server holds the tenant
             command = {
@@ -157,6 +160,8 @@ def test_every_readme_block_runs_as_written(tmp_path: Path, subprocess_env: dict
     finally:
         reader.stop()
     assert any(line.startswith("TENANT_ID=100 uvicorn") for line in ran)
+    # `tenantdb init` packaged the README's own notes.py.
+    assert "TENANTDB_APP=notes:app" in (tmp_path / "Dockerfile").read_text()
     log = reader.log.read_text()
     assert "INFO tenantdb: tenant 100: lease released" in log  # tenantdb's own lines show
     assert "Traceback" not in log
