@@ -39,7 +39,9 @@ _HOME = """<!doctype html>
 <p>Each tenant has its own SQLite database, served by its own machine. A visit to a
 tenant's page lands on any machine; unless that machine serves the tenant, it answers
 with a <code>fly-replay</code> header and the proxy replays the request to the tenant's
-machine, which counts the visit in the tenant's database (shipped to the bucket within a
+machine, which counts the visit in the tenant's database. The page is sent once the bucket
+has the visit (<code>TENANTDB_DURABILITY=bucket</code>, the default; with
+<code>async</code> it is sent at once, and the visit reaches the bucket within a
 second).</p>
 <ul>{links}</ul>
 <p>As JSON: <code>curl -H 'Accept: application/json' {base}customers/{first}</code></p>

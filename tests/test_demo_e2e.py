@@ -259,6 +259,8 @@ def test_the_demo_pages_explain_and_head_does_not_count(
         for tenant in TENANTS:
             assert f'<a href="/customers/{tenant}">tenant {tenant}</a>' in home.text
         assert "fly-replay" in home.text  # what happens on a visit
+        # ...and when it is answered, as the default durability does it.
+        assert "The page is sent once the bucket\nhas the visit" in home.text
 
         assert http.head("/customers/acme").status_code == 200
         assert http.get("/customers/acme", headers=JSON).json()["count"] == 1  # HEAD did not count
