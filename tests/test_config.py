@@ -96,3 +96,10 @@ def test_secrets_never_show_and_cannot_be_pickled() -> None:
     assert settings.secret_access_key == Secret("s3cr3t-key-value")
     with pytest.raises(TypeError, match="cannot be pickled"):
         pickle.dumps(settings.fly_api_token)
+
+
+def test_metrics_listen_on_the_apps_interface_unless_told() -> None:
+    assert Settings.from_env({}).metrics_host == "127.0.0.1"  # `uvicorn notes:app` is loopback
+    assert Settings.from_env({"HOST": "::"}).metrics_host == "::"  # the app's family and host
+    told = {"HOST": "0.0.0.0", "TENANTDB_METRICS_HOST": "127.0.0.1"}
+    assert Settings.from_env(told).metrics_host == "127.0.0.1"

@@ -7,6 +7,7 @@ the dev DNS responder tells m1 where beta is, as Fly's internal DNS would.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tenantdb.dev.dns_server import DevDNSServer
 from tenantdb.errors import ObjectNotFoundError
-from tenantdb.metrics import Metrics
+from tenantdb.metrics import Metrics, MetricsServer
 from tenantdb.storage import LocalBucket
 from tenantdb.storage.metered import MeteredBucket
 from tests.support.servers import MachineProcesses, UvicornProcess, free_port
@@ -151,3 +152,20 @@ async def test_a_missing_object_other_than_lock_json_is_a_bucket_error(tmp_path:
         with pytest.raises(ObjectNotFoundError):
             await bucket.get("tenants/acme/log/00000001/1.seg")
     assert 'tenantdb_bucket_errors_total{kind="object_not_found"} 1.0' in metrics.text()
+
+
+async def test_the_metrics_server_listens_on_loopback_unless_given_a_host() -> None:
+    port = free_port()
+    async with MetricsServer(Metrics(), port) as server:
+        assert server.address == f"127.0.0.1:{port}"
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 200
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://{outward_address()}:{port}/metrics", timeout=5)
+
+
+def outward_address() -> str:
+    """This computer's address on its way out (no packet is sent), which is not loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))
+        address: str = probe.getsockname()[0]
+    return address
