@@ -196,7 +196,8 @@ class Settings:
     machines_api_url: str = "https://api.machines.dev"
     port: int = 8080
     metrics_port: int = 9091  # 0: no metrics endpoint
-    # The metrics' interface: the app's own (HOST) unless TENANTDB_METRICS_HOST says otherwise.
+    # The metrics' interface: TENANTDB_METRICS_HOST, else the app's own (HOST), else loopback
+    # (0.0.0.0 on Fly).
     metrics_host: str = "127.0.0.1"
     # "" picks the default: Flycast on Fly (FLY_APP_NAME), else the 6PN name.
     proxy_url: str = ""
@@ -267,8 +268,12 @@ class Settings:
             "port": int(_number(env, "PORT", 8080, minimum=1, what="a TCP port")),
             "proxy_url": env.get("TENANTDB_PROXY_URL") or "",
             "metrics_port": _port(env, "TENANTDB_METRICS_PORT", 9091),
+            # On Fly, where nothing says otherwise, 0.0.0.0: Fly scrapes metrics there
+            # (https://fly.io/docs/monitoring/metrics/, "Instrumentation").
             "metrics_host": (
-                env.get("TENANTDB_METRICS_HOST") or env.get("HOST") or "127.0.0.1"
+                env.get("TENANTDB_METRICS_HOST")
+                or env.get("HOST")
+                or ("0.0.0.0" if env.get("FLY_APP_NAME") else "127.0.0.1")
             ).strip(),
         }
         if env.get("FLY_MACHINE_ID"):

@@ -4,7 +4,7 @@ The only module that imports ``prometheus_client``. The rest of tenantdb calls t
 methods of ``Metrics`` (a counter here, a timer there); gauges that describe a state (the
 lease, the log lag) are read from the tenant's ``TenantDB`` when scraped, so they cannot go
 stale. Labels take bounded values only: ``tenant`` (one per machine), an outcome, a state,
-an object kind or an exception class name.
+an object kind or a kind of error (``error_kind``).
 
 Served by ``MetricsServer`` on its own port (``TENANTDB_METRICS_PORT``) and the app's interface
 (``TENANTDB_METRICS_HOST``, else ``HOST``, else loopback), which Fly scrapes when ``fly.toml``

@@ -101,5 +101,7 @@ def test_secrets_never_show_and_cannot_be_pickled() -> None:
 def test_metrics_listen_on_the_apps_interface_unless_told() -> None:
     assert Settings.from_env({}).metrics_host == "127.0.0.1"  # `uvicorn notes:app` is loopback
     assert Settings.from_env({"HOST": "::"}).metrics_host == "::"  # the app's family and host
+    # On Fly, Fly's scraper reaches 0.0.0.0 (its docs say to listen there).
+    assert Settings.from_env({"FLY_APP_NAME": "notes"}).metrics_host == "0.0.0.0"
     told = {"HOST": "0.0.0.0", "TENANTDB_METRICS_HOST": "127.0.0.1"}
     assert Settings.from_env(told).metrics_host == "127.0.0.1"
