@@ -183,6 +183,7 @@ def _route(record: RouteRecord) -> dict[str, Any]:
         "method": record.method,
         "path": record.path,
         "status": record.status,
+        "answered_after": record.answered_after,
         "steps": [
             {"machine": s.machine_id, "kind": s.kind, "woken": s.woken, "failed": s.failed}
             for s in record.steps

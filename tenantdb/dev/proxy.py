@@ -244,6 +244,8 @@ class RouteRecord:
     started_at: float
     status: int | None
     steps: tuple[RouteStep, ...]
+    # Seconds until the answer started (a machine holding a request shows here), if any.
+    answered_after: float | None = None
 
 
 @dataclass
@@ -252,6 +254,7 @@ class _Trace:
 
     started_at: float = field(default_factory=time.time)
     status: int | None = None
+    answered_at: float | None = None
     steps: list[RouteStep] = field(default_factory=list)
 
     def add(self, machine: MachineInfo, hop: _Hop) -> None:
@@ -279,6 +282,8 @@ class _Trace:
                 self.status = message["status"]
             elif message["type"] == "websocket.accept":
                 self.status = 101
+            if self.status is not None and self.answered_at is None:
+                self.answered_at = time.time()
             await send(message)
 
         return watched
@@ -486,6 +491,7 @@ class FlyProxy:
                     trace.started_at,
                     trace.status,
                     tuple(trace.steps),
+                    None if trace.answered_at is None else trace.answered_at - trace.started_at,
                 )
             )
 

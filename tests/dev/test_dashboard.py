@@ -143,7 +143,10 @@ async def test_a_killed_holder_is_shown_unavailable_not_woken_and_offers_only_st
         state = (await client.get("/_dev/state")).json()
         actions = {m["id"]: m["actions"] for m in state["machines"]}
         assert actions == {holder: ["start"], standby: ["stop", "kill"]}
-        [first, replayed, *_] = state["requests"][0]["steps"]
+        latest = state["requests"][0]
+        assert latest["status"] == 503
+        assert latest["answered_after"] >= 0.1  # the standby held it (TENANTDB_HANDOFF_WAIT)
+        [first, replayed, *_] = latest["steps"]
         assert (first["machine"], first["kind"], first["woken"]) == (standby, "direct", False)
         assert (replayed["machine"], replayed["kind"]) == (holder, "replayed")
         assert replayed["woken"] is False
