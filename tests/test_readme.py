@@ -164,6 +164,8 @@ def test_every_readme_block_runs_as_written(tmp_path: Path, subprocess_env: dict
     assert "TENANTDB_APP=notes:app" in (tmp_path / "Dockerfile").read_text()
     log = reader.log.read_text()
     assert "INFO tenantdb: tenant 100: lease released" in log  # tenantdb's own lines show
+    # notes_api.py's configure_logging() took over from the basicConfig() of notes.py.
+    assert re.search(r"^time=\S+ level=info logger=tenantdb event=", log, re.MULTILINE)
     assert "Traceback" not in log
     assert 'logger=uvicorn.access event="127.0.0.1:' in log  # a machine's line, as it is
     assert "127.0.0.1:0 " not in log  # the access log shows the proxy's real connection
