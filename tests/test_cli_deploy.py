@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tenantdb.cli import main
-from tests.support.servers import free_port
+from tests.support.servers import ROOT, free_port
 
 pytestmark = pytest.mark.usefixtures("clean_environment")
 
@@ -217,3 +217,12 @@ def test_init_keeps_existing_files_and_needs_the_apps_module(
 def test_serve_without_an_app_says_what_to_set(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve"]) == 1
     assert "set TENANTDB_APP" in capsys.readouterr().err
+
+
+def test_the_fly_toml_of_init_is_the_demos_own(tmp_path: Path) -> None:
+    # One configuration, two copies: the repository's (the demo) and the template's.
+    (tmp_path / "example_app").mkdir()
+    argv = ["init", "--app", "example_app:app", "--dir", str(tmp_path)]
+    assert main([*argv, "--name", "tenantdb-demo", "--health-path", "/healthz"]) == 0
+    written = tomllib.loads((tmp_path / "fly.toml").read_text())
+    assert written == tomllib.loads((ROOT / "fly.toml").read_text())
