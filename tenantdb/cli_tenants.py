@@ -258,6 +258,7 @@ async def _status(args: argparse.Namespace) -> int:
         out(json.dumps([s.to_json() for s in found], indent=2))
     elif found:
         print_table([_STATUS_HEADER, *(s.row() for s in found)])
+        err(f"(read from the {bucket_name})")
     elif not tenants:
         err(f"no tenants under {prefix!r} in the {bucket_name}")
     return code

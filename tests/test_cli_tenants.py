@@ -23,7 +23,7 @@ from tenantdb.config import Settings
 from tenantdb.database import TenantDB
 from tenantdb.lease import Lease
 from tenantdb.replication.segment import chunk_key
-from tenantdb.storage import Bucket, LocalBucket
+from tenantdb.storage import Bucket, LocalBucket, describe_bucket
 from tests.support.s3_server import s3_env
 
 pytestmark = pytest.mark.usefixtures("clean_environment")
@@ -104,7 +104,8 @@ async def test_status_of_a_held_then_released_tenant(
         assert 0 < held["expires_in"] <= 3 + 1
         assert held["log"]["tail"] >= 2
         assert 0 <= held["log"]["age_seconds"] < 30
-        code, out, _ = await run("status", "acme")
+        code, out, err = await run("status", "acme")
+        assert err == f"tenantdb: (read from the {describe_bucket(Settings.from_env())})\n"
         header, row = out.splitlines()
         assert header.split()[:5] == ["TENANT", "HOLDER", "REGION", "GEN", "LEASE"]
         assert row.split()[:4] == ["acme", "m1", "ams", "1"]
