@@ -1,4 +1,4 @@
-"""``python -m example_app``: serve the counter demo on $HOST:$PORT (default 127.0.0.1:8080)."""
+"""``python -m example_app``: serve the counter demo on $HOST:$PORT, as ``tenantdb serve`` does."""
 
 from __future__ import annotations
 
