@@ -1,4 +1,5 @@
 # The counter demo (example_app) with tenantdb, for Fly.io: see "Deploy to Fly.io" in README.md.
+# For your own app, `tenantdb init --app module:app` writes one (README, "Deploy your own app").
 FROM python:3.12-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
