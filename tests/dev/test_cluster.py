@@ -330,6 +330,9 @@ def test_tenantdb_dev_serves_and_stops_every_machine(
             assert output[-1].startswith(f"Open http://127.0.0.1:{port}/customers/100")
             pids = [int(p) for p in re.findall(r"pid (\d+)", "".join(output))]
             assert len(pids) == 2
+            # Each machine's own metrics, named in the summary.
+            metrics = re.findall(r"metrics (http://127\.0\.0\.1:\d+/metrics)", "".join(output))
+            assert len(set(metrics)) == 2
             answers = [
                 httpx.get(f"http://127.0.0.1:{port}/customers/200", headers=JSON, trust_env=False)
                 for _ in range(12)

@@ -87,6 +87,11 @@ async def test_killing_the_holder_on_the_dashboard_shows_the_standby_take_over(
         generation = int(await tenant.locator('[data-field="generation"]').inner_text())
         await expect(machine_field(page, holder, "lease")).to_have_text("holder")
         await expect(machine_field(page, standby, "lease")).to_have_text("standby")
+        [status] = (m for m in cluster.status() if m.machine_id == standby)
+        metrics = machine_field(page, standby, "metrics").locator("a")
+        await expect(metrics).to_have_attribute(
+            "href", f"http://127.0.0.1:{status.metrics_port}/metrics"
+        )
         latest = page.locator("#requests tr").first
         await expect(latest).to_contain_text("GET /customers/100")
         await expect(latest.locator('[data-field="route"]')).to_contain_text(f"→ {holder}")
