@@ -189,7 +189,8 @@ class LogPointer:
             yield LogChunk(first, last, generation, merged=True)
         # Each run covers the indices up to the next run's first (the last, up to the tail).
         ends = [first - 1 for _, first in self.runs[1:]] + [self.tail]
-        for (generation, first), end in zip(self.runs, ends, strict=True):
+        # No runs: no single segments (then ``ends`` holds the tail alone, unused).
+        for (generation, first), end in zip(self.runs, ends, strict=False):
             for index in range(max(first, self.first_single), end + 1):
                 yield LogChunk(index, index, generation, merged=False)
 
