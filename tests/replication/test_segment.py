@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import random
 import struct
+import tracemalloc
 import zlib
 
 import pytest
@@ -24,6 +25,7 @@ from tenantdb.replication.segment import (
 )
 
 KEY = "tenants/acme/log/00000003/000000000042.seg"
+MiB = 1 << 20
 HEADER = SegmentHeader(
     tenant="acme",
     generation=3,
@@ -371,3 +373,28 @@ def test_segment_keys_list_in_log_order() -> None:
 def test_segment_key_refuses_numbers_below_one(generation: int, index: int) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         segment_key("tenants/", "acme", generation, index)
+
+
+def test_inflate_bomb_is_refused_within_bounded_memory() -> None:
+    # 64 MiB of zeros in about 64 KiB, under a header claiming 1000 pages of 64 KiB: the
+    # header's size must not be what the inflater may allocate.
+    bomb = zlib.compressobj(9)
+    stream = b"".join(bomb.compress(b"\x00" * (1 << 20)) for _ in range(64)) + bomb.flush()
+    data = raw_segment(page_size=65536, db_pages=1000, page_count=1000, flags=1, area=stream)
+    tracemalloc.start()
+    try:
+        refused(data, "page number 0 after 0")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MiB, f"decoding the bomb took {peak / MiB:.1f} MiB"
+
+
+def test_a_long_compressed_segment_inflates_record_by_record() -> None:
+    # More than one feed of compressed input, pages that do not compress: every page back.
+    rng = random.Random(7)
+    pages = tuple((n, rng.randbytes(4096)) for n in range(1, 65))
+    header = dataclasses.replace(HEADER, page_size=4096, db_pages=64)
+    data = encode_segment(Segment(header, pages))
+    assert len(data) > 3 * 64 * 1024
+    assert decode_segment(data, key=KEY).pages == pages
