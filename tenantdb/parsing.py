@@ -17,6 +17,7 @@ __all__ = [
     "MAX_COUNTER",
     "MAX_JSON_DEPTH",
     "MAX_TEXT",
+    "MAX_TIME_MS",
     "Malformed",
     "bounded_int",
     "bounded_text",

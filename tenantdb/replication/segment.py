@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from tenantdb.errors import ReplicationError
 from tenantdb.lockfile import LogChunk
+from tenantdb.parsing import MAX_COUNTER, MAX_TIME_MS
 from tenantdb.replication.checksum import MAX_PAGE_NUMBER, check_page_size
 
 __all__ = [
@@ -105,11 +106,12 @@ _CHUNK_NAME = re.compile(r"log/(\d{8,})/(?:(\d{12,})-)?(\d{12,})\.seg")
 def parse_chunk_key(key: str) -> LogChunk | None:
     """The log chunk a bucket key names (see ``chunk_key``), or None for any other key."""
     match = _CHUNK_NAME.search(key)
-    if match is None or match.end() != len(key):
+    # A number longer than MAX_COUNTER's 16 digits is not one tenantdb wrote.
+    if match is None or match.end() != len(key) or any(len(n or "") > 16 for n in match.groups()):
         return None
     generation, last = int(match[1]), int(match[3])
     first = last if match[2] is None else int(match[2])
-    if generation < 1 or not 1 <= first <= last:
+    if not 1 <= generation <= MAX_COUNTER or not 1 <= first <= last <= MAX_COUNTER:
         return None
     return LogChunk(first, last, generation, merged=match[2] is not None)
 
@@ -209,6 +211,8 @@ def decode_segment(data: bytes, *, key: str) -> Segment:
         raise refuse(reason)
     if generation < 1 or index < 1:
         raise refuse(f"generation {generation} and index {index} must both be at least 1")
+    if timestamp_ms > MAX_TIME_MS:
+        raise refuse(f"its time {timestamp_ms} ms is past the year 9000")
     # Pages are distinct and within 1..db_pages: this bounds page_count before any use of it.
     if page_count > db_pages:
         raise refuse(f"{page_count} pages cannot be distinct pages of a {db_pages}-page database")
@@ -315,7 +319,7 @@ def _header_problem(h: SegmentHeader, tenant: bytes) -> str | None:
     if not 0 <= h.db_pages <= MAX_PAGE_NUMBER:
         return f"database size {h.db_pages} pages is outside 0..{MAX_PAGE_NUMBER}"
     for name, value, top in (
-        ("timestamp_ms", h.timestamp_ms, _U64),
+        ("timestamp_ms", h.timestamp_ms, MAX_TIME_MS),
         ("prev_state", h.prev_state, _U64),
         ("state", h.state, _U64),
         ("commits", h.commits, _U32),

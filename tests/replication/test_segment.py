@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tenantdb.errors import ReplicationError
+from tenantdb.parsing import MAX_TIME_MS
 from tenantdb.replication.segment import (
     SEGMENT_MAGIC,
     SEGMENT_VERSION,
@@ -21,6 +22,7 @@ from tenantdb.replication.segment import (
     SegmentHeader,
     decode_segment,
     encode_segment,
+    parse_chunk_key,
     segment_key,
 )
 
@@ -135,7 +137,7 @@ def test_extreme_field_values_round_trip() -> None:
         index=2**64 - 1,
         page_size=65536,
         db_pages=2**32 - 1,
-        timestamp_ms=2**64 - 1,
+        timestamp_ms=MAX_TIME_MS,  # the year 9000: a datetime still
         prev_state=2**64 - 1,
         state=0,
         commits=2**32 - 1,
@@ -168,7 +170,7 @@ def segments(draw: st.DrawFn) -> Segment:
         index=draw(st.integers(1, 2**64 - 1)),
         page_size=page_size,
         db_pages=db_pages,
-        timestamp_ms=draw(st.integers(0, 2**64 - 1)),
+        timestamp_ms=draw(st.integers(0, MAX_TIME_MS)),
         prev_state=draw(st.integers(0, 2**64 - 1)),
         state=draw(st.integers(0, 2**64 - 1)),
         commits=draw(st.integers(0, 2**32 - 1)),
@@ -398,3 +400,13 @@ def test_a_long_compressed_segment_inflates_record_by_record() -> None:
     data = encode_segment(Segment(header, pages))
     assert len(data) > 3 * 64 * 1024
     assert decode_segment(data, key=KEY).pages == pages
+
+
+def test_a_segment_time_past_the_year_9000_is_refused() -> None:
+    # A point-in-time restore turns it into a datetime: 2^64 - 1 ms is out of its range.
+    refused(raw_segment(timestamp_ms=2**64 - 1), "past the year 9000")
+
+
+def test_a_chunk_key_with_an_absurd_number_is_not_tenantdbs() -> None:
+    assert parse_chunk_key("tenants/acme/log/00000001/" + "9" * 40 + ".seg") is None
+    assert parse_chunk_key("tenants/acme/log/00000001/000999999999.seg") is not None
