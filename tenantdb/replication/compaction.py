@@ -44,13 +44,6 @@ def _level(first: int, last: int) -> int:
     return level
 
 
-def _grows_past_its_pages(before: int, segment: Segment) -> bool:
-    """Whether ``segment`` claims more new pages than it holds (see ``PageHashes.apply``)."""
-    added = sum(1 for pgno, _ in segment.pages if before < pgno <= segment.header.db_pages)
-    # One page of slack: SQLite's lock-byte page is never written.
-    return segment.header.db_pages - before > added + 1
-
-
 def merge_segments(
     objects: list[tuple[str, bytes]], chunks: list[LogChunk], tenant: str, generation: int
 ) -> bytes:
@@ -69,8 +62,6 @@ def merge_segments(
             raise ReplicationError(f"{key} is not the log object lock.json names", key=key)
         if previous is not None and header.prev_state != previous.header.state:
             raise ReplicationError(f"{key} does not follow the object before it", key=key)
-        if previous is not None and _grows_past_its_pages(previous.header.db_pages, segment):
-            raise ReplicationError(f"{key} grows the database past the pages it holds", key=key)
         pages.update(segment.pages)
         # Replayed in order, a truncation drops pages past the end even if written earlier.
         for pgno in [p for p in pages if p > header.db_pages]:

@@ -280,12 +280,13 @@ def _inflated_records(
     try:
         for produced in range(0, expected, record):
             while len(buffer) < record:
+                # Past the stream's end the inflater takes input and gives nothing.
+                if inflate.eof or (not pending and offset >= len(area)):
+                    raise refuse(
+                        f"truncated: the page area inflates to {produced + len(buffer)} "
+                        f"bytes, {count} pages of {page_size} bytes take {expected}"
+                    )
                 if not pending:
-                    if inflate.eof or offset >= len(area):
-                        raise refuse(
-                            f"truncated: the page area inflates to {produced + len(buffer)} "
-                            f"bytes, {count} pages of {page_size} bytes take {expected}"
-                        )
                     pending = area[offset : offset + _FEED_BYTES]
                     offset += _FEED_BYTES
                 buffer += inflate.decompress(pending, record - len(buffer))

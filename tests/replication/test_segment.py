@@ -410,3 +410,9 @@ def test_a_segment_time_past_the_year_9000_is_refused() -> None:
 def test_a_chunk_key_with_an_absurd_number_is_not_tenantdbs() -> None:
     assert parse_chunk_key("tenants/acme/log/00000001/" + "9" * 40 + ".seg") is None
     assert parse_chunk_key("tenants/acme/log/00000001/000999999999.seg") is not None
+
+
+def test_a_zlib_stream_ending_between_records_with_bytes_after_it() -> None:
+    one = b"".join(p.to_bytes(4, "big") + d for p, d in PAGES[:1])
+    stream = zlib.compress(one) + b"junk" * 100
+    refused(raw_segment(flags=1, area=stream), "truncated: the page area inflates to 516")
