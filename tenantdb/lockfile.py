@@ -44,8 +44,9 @@ __all__ = [
 ]
 
 LOCK_FORMAT = 1
-# A lease longer than a day is not one tenantdb wrote (and its expiry arithmetic stays small).
-_MAX_TTL_SECONDS = 86400
+# Far above any lease tenantdb is configured with (TENANTDB_LEASE_TTL has no maximum), and
+# small enough that expiry arithmetic stays exact.
+_MAX_TTL_SECONDS = 2**31
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # lock.json is a few hundred bytes: anything far larger is not a lock and is not read whole.
 LOCK_MAX_BYTES = 64 * 1024
