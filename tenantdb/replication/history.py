@@ -439,20 +439,21 @@ def _trusted(
     lock.json has now (a log's tail never goes back): such a record is refused, naming it.
     """
     replaced = {t.replaces for t in takeovers if t.replaces is not None}
-    current = record.generation if record else 0
-    tail = record.log.tail if record and record.log else 0
-    kept: list[Takeover] = []
-    for takeover in sorted(takeovers, key=lambda t: t.generation):
-        if takeover.generation in replaced or takeover.generation > current:
-            continue
+    kept = sorted(
+        (t for t in takeovers if t.generation not in replaced), key=lambda t: t.generation
+    )
+    if record is None:
+        return tuple(kept)  # no lock.json to judge them by (removed by hand?): as they are
+    tail = record.log.tail if record.log else 0
+    kept = [t for t in kept if t.generation <= record.generation]
+    for takeover in kept:
         if takeover.tail > tail:
-            key = takeover_key(prefix, record.tenant if record else "", takeover.generation)
+            key = takeover_key(prefix, record.tenant, takeover.generation)
             raise ReplicationError(
                 f"takeover record {key} says the log reached {takeover.tail}, past lock.json's "
                 f"tail {tail}: refusing to classify anything by it; remove it by hand",
                 key=key,
             )
-        kept.append(takeover)
     return tuple(kept)
 
 
