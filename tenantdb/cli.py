@@ -5,8 +5,8 @@ top-level subcommands (name -> ``Command``). Each command fills in its own parse
 ``handler`` (a function of the parsed arguments returning an exit code) on every leaf.
 A new top-level command (for example ``tenantdb dev``) is one more ``COMMANDS`` entry.
 
-Exit codes: 0 success, 1 failure (a ``TenantDBError``, printed without a traceback),
-2 usage error (argparse), 130 interrupted.
+Exit codes: 0 success, 1 failure (a ``TenantDBError``, or any other error, printed as one
+line without a traceback), 2 usage error (argparse), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -475,6 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: still one line and exit 1, never a traceback
+        _err(f"error: unexpected {type(exc).__name__}: {str(exc)[:500]} (a bug in tenantdb)")
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

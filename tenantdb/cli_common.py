@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 from tenantdb.config import Secret, Settings, parse_duration
 from tenantdb.errors import ConfigurationError, InvalidTenantError
+from tenantdb.parsing import printable
 from tenantdb.tenants import validate_tenant
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "parse_time",
     "positive_int",
     "print_table",
+    "safe",
     "tenant_arg",
     "time_arg",
 ]
@@ -59,15 +61,24 @@ class Command:
     configure: Callable[[argparse.ArgumentParser], None]
 
 
+def safe(text: str) -> str:
+    """``text`` with every non-printable character but newlines escaped (``\\x1b``).
+
+    Owners, regions, keys and error messages may come from bucket objects anyone with
+    credentials can write: raw, an escape sequence would reach the operator's terminal.
+    """
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
 def out(text: str) -> None:
-    """Print data to stdout."""
+    """Print data to stdout, escaped (see ``safe``)."""
     # sys.stdout is looked up per call so redirections (and pytest's capsys) apply.
-    print(text, file=sys.stdout)
+    print(safe(text), file=sys.stdout)
 
 
 def err(text: str) -> None:
-    """Print a message for a person to stderr, after the command's name."""
-    print(f"{PROG}: {text}", file=sys.stderr)
+    """Print a message for a person to stderr, after the command's name, escaped."""
+    print(f"{PROG}: {safe(text)}", file=sys.stderr)
 
 
 def confirm(question: str) -> bool:
@@ -79,7 +90,8 @@ def confirm(question: str) -> bool:
 
 
 def print_table(rows: Sequence[Sequence[str]]) -> None:
-    """Print rows (the first is the header) to stdout in left-aligned columns."""
+    """Print rows (the first is the header) to stdout in left-aligned columns, escaped."""
+    rows = [[safe(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         out("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

@@ -235,12 +235,14 @@ async def _status(args: argparse.Namespace) -> int:
         tenants = args.tenants or await list_tenants(bucket, prefix)
         limit = asyncio.Semaphore(_PARALLEL_READS)
 
-        async def one(tenant: str) -> TenantStatus | TenantDBError | None:
+        async def one(tenant: str) -> TenantStatus | Exception | None:
             async with limit:
                 try:
                     return await _read_full_status(bucket, tenant, prefix=prefix)
                 except TenantDBError as exc:
                     return exc
+                except Exception as exc:  # a bug: the other tenants are still shown
+                    return RuntimeError(f"unexpected {type(exc).__name__}: {str(exc)[:500]}")
 
         results = await asyncio.gather(*(one(t) for t in tenants))
     code = EXIT_OK

@@ -241,6 +241,12 @@ class Lease:
         """Extend the lease by rewriting ``lock.json`` (a new ``seq``)."""
         return await self._update(lambda current: current)
 
+    async def advance(self) -> LockRecord:
+        """Move the held lease to the next generation (CAS), as if taken over by itself."""
+        return await self._update(
+            lambda current: replace(current, generation=current.generation + 1)
+        )
+
     def next_snapshot_key(self, *, base: int, taken_ms: int) -> str:
         """A key no snapshot ever had, sortable by age (see ``SnapshotName``)."""
         name = SnapshotName(self._held().generation, self._next_seq, base, taken_ms)

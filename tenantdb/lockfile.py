@@ -9,22 +9,31 @@ what tenantdb writes is refused with ``LockFileCorruptError``, never guessed at.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import math
 import re
 import reprlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
 
 from tenantdb.errors import LockFileCorruptError
+from tenantdb.parsing import (
+    MAX_COUNTER,
+    MAX_TEXT,
+    MAX_TIME_MS,
+    Malformed,
+    bounded_int,
+    bounded_text,
+    load_json,
+    parse_iso_time,
+)
 
 __all__ = [
     "INLINE_MAX_BYTES",
     "LOCK_MAX_BYTES",
+    "MAX_LOG_SINGLES",
     "LockRecord",
     "LogChunk",
     "LogPointer",
@@ -35,11 +44,18 @@ __all__ = [
 ]
 
 LOCK_FORMAT = 1
+# Far above any lease tenantdb is configured with (TENANTDB_LEASE_TTL has no maximum), and
+# small enough that expiry arithmetic stays exact.
+_MAX_TTL_SECONDS = 2**31
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # lock.json is a few hundred bytes: anything far larger is not a lock and is not read whole.
 LOCK_MAX_BYTES = 64 * 1024
 # The most segment bytes lock.json carries inline (base64 makes them a third larger).
 INLINE_MAX_BYTES = 24 * 1024
+# The most single (unmerged) segments a log may have: a holder merges every MERGE_SINGLES
+# and snapshots at MAX_CHUNKS objects, so far more is not a log tenantdb wrote; it bounds
+# what ``LogPointer.chunks`` yields whatever ``tail`` says.
+MAX_LOG_SINGLES = 100_000
 
 
 @dataclass(frozen=True)
@@ -86,13 +102,12 @@ class SnapshotName:
         match = _SNAPSHOT_NAME.fullmatch(key.rsplit("/", 1)[-1])
         if match is None:
             return None
-        base, taken = match[3], match[4]
-        return cls(
-            int(match[1]),
-            int(match[2]),
-            None if base is None else int(base),
-            None if taken is None else int(taken),
-        )
+        base = None if match[3] is None else int(match[3])
+        taken_ms = None if match[4] is None else int(match[4])
+        # A time past MAX_TIME_MS (15 digits allow the year 33658) is not one tenantdb wrote.
+        if int(match[1]) < 1 or (taken_ms is not None and taken_ms > MAX_TIME_MS):
+            return None
+        return cls(int(match[1]), int(match[2]), base, taken_ms)
 
 
 @dataclass(frozen=True)
@@ -146,7 +161,8 @@ class LogPointer:
         """Segment ``index``'s bytes when lock.json carries it inline."""
         if index < self.inline_from or index > self.tail:
             return None
-        return base64.b64decode(self.inline[index - self.inline_from])
+        # Checked by LockRecord.parse (and made by b64encode otherwise): valid base64.
+        return base64.b64decode(self.inline[index - self.inline_from], validate=True)
 
     def with_inline(self, bodies: Sequence[bytes]) -> LogPointer:
         """This pointer carrying ``bodies`` as its newest segments, oldest first."""
@@ -166,14 +182,18 @@ class LogPointer:
 
     def chunks(self) -> list[LogChunk]:
         """Every object a restore applies, in order: the merged ranges, then the singles."""
-        singles = range(self.first_single, self.tail + 1)
-        return [
-            *(
-                LogChunk(first, last, generation, merged=True)
-                for first, last, generation in self.merged
-            ),
-            *(LogChunk(i, i, self.generation_of(i), merged=False) for i in singles),
-        ]
+        return list(self.iter_chunks())
+
+    def iter_chunks(self) -> Iterator[LogChunk]:
+        """``chunks``, one at a time (at most len(merged) + MAX_LOG_SINGLES of them)."""
+        for first, last, generation in self.merged:
+            yield LogChunk(first, last, generation, merged=True)
+        # Each run covers the indices up to the next run's first (the last, up to the tail).
+        ends = [first - 1 for _, first in self.runs[1:]] + [self.tail]
+        # No runs: no single segments (then ``ends`` holds the tail alone, unused).
+        for (generation, first), end in zip(self.runs, ends, strict=False):
+            for index in range(max(first, self.first_single), end + 1):
+                yield LogChunk(index, index, generation, merged=False)
 
     def appended(self, generation: int, state: str, db_pages: int) -> LogPointer:
         """This pointer with one more segment, written by ``generation``, at its tail."""
@@ -230,41 +250,38 @@ class LockRecord:
             return LockFileCorruptError(tenant=tenant, key=key, reason=reason)
 
         try:
-            # NaN and Infinity are not JSON, however Python's parser takes them; a deeply
-            # nested document exhausts the parser's recursion.
-            data = json.loads(body, parse_constant=_refuse_constant)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise corrupt("not valid JSON") from None
+            data = load_json(body)
+        except Malformed as exc:
+            raise corrupt(exc.reason) from None
         if not isinstance(data, dict):
             raise corrupt("not a JSON object")
         if type(data.get("format")) is not int or data["format"] != LOCK_FORMAT:
             raise corrupt(f"unknown format {_short(data.get('format'))}, expected {LOCK_FORMAT}")
         if data.get("tenant") != tenant:
             raise corrupt(f"it names tenant {_short(data.get('tenant'))}")
-        fields: dict[str, Any] = {
-            "owner": (str, type(None)),
-            "region": (str, type(None)),
-            "last_owner": (str, type(None)),
-            "generation": (int,),
-            "seq": (int,),
-            "ttl_seconds": (int, float),
-        }
-        for name, types in fields.items():
+        for name in ("owner", "region", "last_owner", "generation", "seq", "ttl_seconds"):
             if name not in data:
                 # A missing owner is not a released lease: refuse rather than guess.
                 raise corrupt(f"field {name!r} is missing")
-            value = data[name]
-            if not isinstance(value, types) or isinstance(value, bool):
+        for name in ("owner", "region", "last_owner", "claim"):
+            # Shown to operators and compared, never interpreted: printable and short.
+            # (claim is absent in locks written before claims existed.)
+            value = data.get(name)
+            if not isinstance(value, str | None):
                 raise corrupt(f"field {name!r} has a wrong type")
-        claim = data.get("claim")  # absent in locks written before claims existed
-        if not isinstance(claim, str | None):
-            raise corrupt("field 'claim' has a wrong type")
-        try:
-            ttl_seconds = float(data["ttl_seconds"])
-        except OverflowError:
-            ttl_seconds = math.inf
-        if data["generation"] < 1 or data["seq"] < 1 or not 0 < ttl_seconds < math.inf:
-            raise corrupt("generation, seq and ttl_seconds must be positive (and finite)")
+            if value is not None and bounded_text(value) is None:
+                raise corrupt(f"field {name!r} is not printable or over {MAX_TEXT} characters")
+        for name in ("generation", "seq"):
+            if type(data[name]) is not int:
+                raise corrupt(f"field {name!r} has a wrong type")
+            if bounded_int(data[name], 1) is None:
+                raise corrupt(f"field {name!r} is not a whole number within 1..{MAX_COUNTER}")
+        ttl = data["ttl_seconds"]
+        if not (isinstance(ttl, int | float) and not isinstance(ttl, bool)):
+            raise corrupt("field 'ttl_seconds' has a wrong type")
+        if not 0 < ttl <= _MAX_TTL_SECONDS:
+            raise corrupt(f"ttl_seconds must be positive and at most {_MAX_TTL_SECONDS}")
+        ttl_seconds = float(ttl)
         snapshot = data.get("snapshot")
         ref: SnapshotRef | None = None
         if snapshot is not None:
@@ -291,12 +308,8 @@ class LockRecord:
             snapshot=ref,
             log=log,
             last_owner=data["last_owner"],
-            claim=claim,
+            claim=data.get("claim"),
         )
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _short(value: object, limit: int = 60) -> str:
@@ -309,28 +322,30 @@ def _snapshot_ref(snapshot: object) -> SnapshotRef | None:
     """The snapshot reference tenantdb wrote (key, sha256 hex, size, time), else None."""
     if not isinstance(snapshot, dict):
         return None
-    ref_key, sha256, size = snapshot.get("key"), snapshot.get("sha256"), snapshot.get("size")
-    published_at = snapshot.get("published_at")
+    ref_key, sha256 = bounded_text(snapshot.get("key")), snapshot.get("sha256")
+    size, published_at = bounded_int(snapshot.get("size"), 0), snapshot.get("published_at")
     if not (
-        isinstance(ref_key, str)
+        ref_key is not None
         and isinstance(sha256, str)
         and _SHA256.fullmatch(sha256)
-        and type(size) is int
-        and size >= 0
+        and size is not None
         and isinstance(published_at, str)
+        and parse_iso_time(published_at) is not None
     ):
         return None
     return SnapshotRef(key=ref_key, sha256=sha256, size=size, published_at=published_at)
 
 
 _STATE = re.compile(r"[0-9a-f]{16}")
+# SQLite page numbers are 32-bit (checksum.MAX_PAGE_NUMBER).
+_MAX_DB_PAGES = 0xFFFFFFFF
 # A takeover adds a run; a snapshot clears them. More than this is not a lock tenantdb wrote.
 MAX_RUNS = 1000
 
 
 def _int_at_least(value: object, minimum: int) -> int | None:
-    """``value`` if it is an int (not a bool) of at least ``minimum``, else None."""
-    return value if type(value) is int and value >= minimum else None
+    """``value`` if it is an int (not a bool) within ``minimum..MAX_COUNTER``, else None."""
+    return bounded_int(value, minimum)
 
 
 def _log_pointer(value: object, *, generation: int) -> LogPointer | None:
@@ -339,7 +354,7 @@ def _log_pointer(value: object, *, generation: int) -> LogPointer | None:
         return None
     base = _int_at_least(value.get("base"), 1)
     tail = _int_at_least(value.get("tail"), (base or 1) - 1)
-    db_pages = _int_at_least(value.get("db_pages"), 0)
+    db_pages = bounded_int(value.get("db_pages"), 0, _MAX_DB_PAGES)
     state, runs, updated_at = value.get("state"), value.get("runs"), value.get("updated_at")
     merged = _merged_ranges(value.get("merged", []), base=base, tail=tail, generation=generation)
     if (
@@ -349,10 +364,13 @@ def _log_pointer(value: object, *, generation: int) -> LogPointer | None:
         or not (isinstance(state, str) and _STATE.fullmatch(state))
         or not (isinstance(runs, list) and len(runs) <= MAX_RUNS)
         or not isinstance(updated_at, str)
+        or (updated_at != "" and parse_iso_time(updated_at) is None)
         or merged is None
     ):
         return None
     first_single = merged[-1][1] + 1 if merged else base
+    if tail - first_single + 1 > MAX_LOG_SINGLES:
+        return None
     pairs: list[tuple[int, int]] = []
     for run in runs:
         if not (isinstance(run, list) and len(run) == 2):
@@ -378,11 +396,13 @@ def _inline_segments(value: object, singles: int) -> tuple[str, ...] | None:
         return None
     size = 0
     for item in value:
-        if not isinstance(item, str):
+        # Checked for size before decoding: base64 is 4 characters per 3 bytes.
+        if not isinstance(item, str) or len(item) > INLINE_MAX_BYTES * 4 // 3 + 4:
             return None
         try:
+            # Not ASCII raises a plain ValueError, bad base64 binascii.Error (a ValueError).
             size += len(base64.b64decode(item, validate=True))
-        except binascii.Error:
+        except ValueError:
             return None
     return tuple(value) if size <= INLINE_MAX_BYTES else None
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from tenantdb import cli_tenants
 from tenantdb.cli import main
-from tenantdb.cli_common import parse_time, time_arg
+from tenantdb.cli_common import err, parse_time, print_table, time_arg
 from tenantdb.config import Settings
 from tenantdb.database import TenantDB
 from tenantdb.lease import Lease
@@ -593,3 +594,115 @@ async def test_a_restore_draws_a_progress_bar_on_a_terminal_only(
     [line] = piped.stderr.decode().splitlines()
     assert line.startswith("tenantdb: restored tenant acme as of ")
     assert "\x1b" not in piped.stderr.decode()
+
+
+# --- hostile objects in the bucket: a clear error for that tenant, never a traceback ---
+
+
+async def tamper_lock(bucket: Bucket, change: dict[str, object], log: dict[str, object]) -> None:
+    """Rewrite acme's lock.json with fields changed, as anyone with bucket credentials can."""
+    key = "tenants/acme/lock.json"
+    data = json.loads((await bucket.get(key)).body)
+    data.update(change)
+    data["log"].update(log)
+    await bucket.put(key, json.dumps(data).encode())
+
+
+async def two_tenants(bucket: Bucket, tmp_path: Path) -> None:
+    for name in ("acme", "globex"):
+        async with tenant(tmp_path, bucket, name) as tdb:
+            await write(tdb, 1)
+
+
+async def test_status_with_free_form_times_prints_error_not_traceback(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    await two_tenants(bucket, tmp_path)
+    await tamper_lock(bucket, {}, {"updated_at": "yesterday"})
+    code, out, err = await run("status", "--json")  # run() fails on any traceback
+    assert code == 1
+    assert [s["tenant"] for s in json.loads(out)] == ["globex"]
+    assert "tenant acme: tenants/acme/lock.json is damaged" in err
+    code, out, err = await run("status")
+    assert code == 1
+    assert [line.split()[0] for line in out.splitlines()] == ["TENANT", "globex"]
+
+
+async def test_restore_and_verify_with_free_form_times_fail_before_writing(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    await two_tenants(bucket, tmp_path)
+    await tamper_lock(bucket, {}, {"updated_at": "2026-12-01 10:00 CET"})
+    dest = tmp_path / "out.sqlite3"
+    code, _, err = await run("restore", "acme", "-o", str(dest))
+    assert code == 1
+    assert err.startswith("tenantdb: error: ")
+    assert "tenants/acme/lock.json" in err
+    assert not dest.exists()
+    code, _, err = await run("verify", "acme")
+    assert code == 1
+    assert "tenants/acme/lock.json" in err
+
+
+async def test_status_escapes_control_characters(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    await two_tenants(bucket, tmp_path)
+    await tamper_lock(bucket, {"owner": "\x1b]0;pwned\x07m1", "region": "\x1b[2Jams"}, {})
+    for argv in (["status"], ["status", "--json"], ["status", "acme"], ["history", "acme"]):
+        code, out, err = await run(*argv)
+        assert "\x1b" not in out + err
+        assert "\x07" not in out + err
+    code, _, err = await run("status", "acme")
+    assert code == 1
+    assert "tenants/acme/lock.json is damaged" in err
+
+
+def test_printed_text_is_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    print_table([("KEY",), ("snap\x1b[31m\r",)])
+    err("bad key tenants/acme/\x1b]0;x\x07")
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ["KEY", "snap\\x1b[31m\\r"]
+    assert captured.err == "tenantdb: bad key tenants/acme/\\x1b]0;x\\x07\n"
+
+
+async def test_status_and_history_survive_a_snapshot_key_with_15_digit_time(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    await two_tenants(bucket, tmp_path)
+    odd = "tenants/acme/snapshots/00000001-00000001-000000000001-999999999999999-ab.sqlite3"
+    await bucket.put(odd, b"")
+    code, out, _ = await run("status", "--json")
+    assert code == 0
+    assert [s["tenant"] for s in json.loads(out)] == ["acme", "globex"]
+    code, out, _ = await run("history", "acme")
+    assert code == 0
+    assert "999999999999999" not in out  # not a key tenantdb made: not listed as a snapshot
+
+
+async def test_status_survives_a_deeply_nested_takeover_record(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    await two_tenants(bucket, tmp_path)
+    key = "tenants/acme/history/00000002.json"
+    await bucket.put(key, b"[" * 60_000)
+    code, out, err = await run("status", "--json")
+    assert code == 1
+    assert [s["tenant"] for s in json.loads(out)] == ["globex"]
+    assert f"takeover record {key} is unusable" in err
+    code, _, err = await run("history", "acme")
+    assert (code, err.startswith("tenantdb: error: ")) == (1, True)
+
+
+def test_an_unexpected_error_is_one_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def broken(_: argparse.Namespace) -> int:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(cli_tenants, "_status", broken)
+    assert main(["status"]) == 1
+    assert capsys.readouterr().err == (
+        "tenantdb: error: unexpected RecursionError: maximum recursion depth exceeded "
+        "(a bug in tenantdb)\n"
+    )

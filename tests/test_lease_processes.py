@@ -165,3 +165,37 @@ def test_a_paused_zombie_is_fenced_and_never_clobbers_the_new_holders_data(
     assert after["snapshot"] == record["snapshot"]
     assert read_bucket(bucket_env, after["snapshot"]["key"]) == snapshot_bytes
     assert successor.command("count")["count"] == 12
+
+
+def write_bucket(env: dict[str, str], key: str, body: bytes) -> None:
+    async def write() -> None:
+        async with open_bucket(Settings.from_env(env)) as bucket:
+            await bucket.put(key, body)
+
+    asyncio.run(write())
+
+
+def test_a_forged_takeover_record_at_the_next_generation_does_not_stop_the_next_holder(
+    start_worker: StartWorker, bucket_env: dict[str, str]
+) -> None:
+    first = start_worker("m1")
+    assert settled(first)["state"] == "serving"
+    assert first.command("inc 5")["count"] == 5
+    first.stop()
+    # At the generation the next holder takes: before, its start failed on it, every time.
+    forged = {
+        "generation": 2,
+        "owner": "forged",
+        "region": "ams",
+        "at": "2026-12-01T10:00:00.000+00:00",
+        "tail": 10**12,
+        "snapshot": None,
+        "claim": "forged",
+    }
+    write_bucket(bucket_env, "tenants/acme/history/00000002.json", json.dumps(forged).encode())
+    second = start_worker("m2")
+    event = settled(second)
+    assert (event["state"], event.get("generation")) == ("serving", 3), event
+    assert second.command("inc 1")["count"] == 6
+    record = json.loads(read_bucket(bucket_env, "tenants/acme/history/00000003.json"))
+    assert (record["generation"], record["replaces"]) == (3, 2)

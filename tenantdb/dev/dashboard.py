@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tenantdb.dev.proxy import MachineState, MachineUnavailableError, RouteRecord
 from tenantdb.errors import ObjectNotFoundError, TenantDBError
 from tenantdb.lockfile import LockRecord
+from tenantdb.parsing import parse_iso_time
 from tenantdb.storage import Bucket, open_bucket
 
 if TYPE_CHECKING:
@@ -172,8 +173,9 @@ async def _read_lock(bucket: Bucket, key: str, tenant: str) -> dict[str, Any]:
 
 
 def _age(iso: str, now: datetime) -> float | None:
-    """Seconds since an ISO 8601 time, or None when there is none."""
-    return (now - datetime.fromisoformat(iso)).total_seconds() if iso else None
+    """Seconds since an ISO 8601 time, or None when there is none (or it is not one)."""
+    moment = parse_iso_time(iso)
+    return (now - moment).total_seconds() if moment else None
 
 
 def _route(record: RouteRecord) -> dict[str, Any]:

@@ -28,6 +28,8 @@ __all__ = ["database_page_size", "PageHashes", "check_page_size", "format_state"
 
 # SQLite page numbers are 32-bit and start at 1.
 MAX_PAGE_NUMBER = 0xFFFFFFFF
+# SQLite's lock-byte page starts here (1 GiB): it is part of the file, never written.
+_LOCK_BYTE_OFFSET = 0x40000000
 # A multiple of every page size, so that no page straddles two reads.
 _READ_BYTES = 1 << 20
 
@@ -126,11 +128,24 @@ class PageHashes:
         size and a larger ``db_pages`` that are not in ``pages`` count as absent (hash 0):
         SQLite writes every page it adds to a growing database, so a real WAL never leaves
         such a gap, but the result stays well-defined if something does.
+        Growth is bounded by the pages given: a database grows by at most the new pages
+        it is given (plus SQLite's lock-byte page, never written), so a claimed size costs
+        no more memory than the pages that come with it.
         """
         if not 0 <= db_pages <= MAX_PAGE_NUMBER:
             raise ReplicationError(
                 f"database size {db_pages} pages is outside 0..{MAX_PAGE_NUMBER}"
             )
+        old_pages = len(self._hashes)
+        if db_pages > old_pages:
+            added = sum(1 for pgno in pages if old_pages < pgno <= db_pages)
+            lock_page = _LOCK_BYTE_OFFSET // self._page_size + 1
+            added += old_pages < lock_page <= db_pages
+            if db_pages - old_pages > added:
+                raise ReplicationError(
+                    f"the database would grow from {old_pages} to {db_pages} pages with "
+                    f"{added} new page(s): a database grows only by the pages written to it"
+                )
         for pgno, data in pages.items():
             if not 1 <= pgno <= MAX_PAGE_NUMBER:
                 raise ReplicationError(f"page number {pgno} is outside 1..{MAX_PAGE_NUMBER}")

@@ -19,6 +19,7 @@ at a given time uses (``History.bases``), and which objects retention may delete
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 from collections.abc import Sequence
@@ -26,9 +27,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
-from tenantdb.errors import PreconditionFailedError, ReplicationError
+from tenantdb.errors import ObjectTooLargeError, PreconditionFailedError, ReplicationError
 from tenantdb.lease import Lease, ObservedLock, read_lock
 from tenantdb.lockfile import LOCK_MAX_BYTES, LockRecord, SnapshotName
+from tenantdb.parsing import (
+    Malformed,
+    bounded_int,
+    bounded_text,
+    load_json,
+    parse_iso_time,
+    time_of_ms,
+)
 from tenantdb.replication.segment import chunk_key, parse_chunk_key
 from tenantdb.storage.base import Bucket, ObjectInfo
 
@@ -47,6 +56,8 @@ log = logging.getLogger("tenantdb.replication")
 
 # Takeover records read at once.
 _READ_AHEAD = 8
+# Generations a holder moves past when their takeover keys hold records it did not write.
+_TAKEOVER_ATTEMPTS = 3
 _EPOCH = datetime.fromtimestamp(0, UTC)
 _CLOCK_SLACK = timedelta(seconds=1)
 
@@ -68,80 +79,124 @@ class Takeover:
     tail: int
     snapshot: str | None
     claim: str | None = None
+    # A generation this holder held first and left unused, because a record it did not
+    # write already sat at that generation's key: that record is to be ignored.
+    replaces: int | None = None
 
     def to_json(self) -> bytes:
         """Serialize for the bucket."""
-        return json.dumps(
-            {
-                "generation": self.generation,
-                "owner": self.owner,
-                "region": self.region,
-                "at": self.at.isoformat(timespec="milliseconds"),
-                "tail": self.tail,
-                "snapshot": self.snapshot,
-                "claim": self.claim,
-            },
-            sort_keys=True,
-        ).encode()
+        fields = {
+            "generation": self.generation,
+            "owner": self.owner,
+            "region": self.region,
+            "at": self.at.isoformat(timespec="milliseconds"),
+            "tail": self.tail,
+            "snapshot": self.snapshot,
+            "claim": self.claim,
+        }
+        if self.replaces is not None:
+            fields["replaces"] = self.replaces
+        return json.dumps(fields, sort_keys=True).encode()
 
     @classmethod
     def parse(cls, body: bytes, *, key: str) -> Takeover:
         """Parse a takeover record; ``ReplicationError`` naming ``key`` if it is not one."""
+
+        def refuse(reason: str) -> ReplicationError:
+            return ReplicationError(f"takeover record {key} is unusable: {reason}", key=key)
+
         try:
-            data = json.loads(body)
-            takeover = cls(
-                generation=data["generation"],
-                owner=data["owner"],
-                region=data["region"],
-                at=datetime.fromisoformat(data["at"]),
-                tail=data["tail"],
-                snapshot=data["snapshot"],
-                claim=data.get("claim"),
-            )
-        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
-            raise ReplicationError(f"takeover record {key} is unreadable: {exc}", key=key) from exc
-        if not (
-            type(takeover.generation) is int
-            and type(takeover.tail) is int
-            and isinstance(takeover.snapshot, str | None)
-            and takeover.at.tzinfo is not None
-        ):
-            raise ReplicationError(f"takeover record {key} has fields of wrong types", key=key)
-        return takeover
+            data = load_json(body)
+        except Malformed as exc:
+            raise refuse(exc.reason) from None
+        if not isinstance(data, dict):
+            raise refuse("not a JSON object")
+        generation = bounded_int(data.get("generation"), 1)
+        tail = bounded_int(data.get("tail"), 0)
+        at = parse_iso_time(data.get("at"))
+        texts = {name: data.get(name) for name in ("owner", "region", "snapshot", "claim")}
+        if generation is None or tail is None or at is None:
+            raise refuse("its generation, tail or time is missing, of a wrong type or out of range")
+        if any(v is not None and bounded_text(v) is None for v in texts.values()):
+            raise refuse("owner, region, snapshot and claim must be short printable strings")
+        if any(name not in data for name in ("owner", "region", "snapshot")):
+            raise refuse("owner, region or snapshot is missing")
+        if not key.endswith(takeover_key("", "", generation)):
+            raise refuse(f"it says generation {generation}, not the one its key names")
+        replaces = data.get("replaces")
+        if replaces is not None and bounded_int(replaces, 1, generation - 1) is None:
+            raise refuse("field 'replaces' is not an earlier generation")
+        return cls(
+            generation=generation,
+            owner=texts["owner"],
+            region=texts["region"],
+            at=at,
+            tail=tail,
+            snapshot=texts["snapshot"],
+            claim=texts["claim"],
+            replaces=replaces,
+        )
 
 
 async def record_takeover(lease: Lease) -> Takeover:
     """Write the takeover record of the generation ``lease`` holds; before any upload of it.
 
     Idempotent for its holder: a record of this generation with this holder's claim (an
-    earlier attempt whose answer was lost) is accepted as it is.
+    earlier attempt whose answer was lost) is accepted as it is. A record this holder did
+    not write (damaged or forged: only one holder ever has a generation) cannot be
+    replaced, as no object is overwritten: the lease moves on to the next generation,
+    whose record says it ``replaces`` the one left unused, so that readers ignore the
+    foreign record. Refused after a few such moves (``ReplicationError``).
     """
-    record = lease.record
-    if record is None or lease.status != "held":
-        raise ReplicationError(f"tenant {lease.tenant}: no lease held to record")
-    previous = lease.previous
-    takeover = Takeover(
-        generation=record.generation,
-        owner=record.owner,
-        region=record.region,
-        at=datetime.now(UTC),
-        tail=previous.log.tail if previous and previous.log else 0,
-        snapshot=previous.snapshot.key if previous and previous.snapshot else None,
-        claim=record.claim,
+    replaces: int | None = None
+    for _ in range(_TAKEOVER_ATTEMPTS):
+        record = lease.record
+        if record is None or lease.status != "held":
+            raise ReplicationError(f"tenant {lease.tenant}: no lease held to record")
+        previous = lease.previous
+        takeover = Takeover(
+            generation=record.generation,
+            owner=record.owner,
+            region=record.region,
+            at=datetime.now(UTC),
+            tail=previous.log.tail if previous and previous.log else 0,
+            snapshot=previous.snapshot.key if previous and previous.snapshot else None,
+            claim=record.claim,
+            replaces=replaces,
+        )
+        key = takeover_key(lease.prefix, lease.tenant, record.generation)
+        try:
+            await lease.bucket.put(key, takeover.to_json(), if_none_match="*")
+            return takeover
+        except PreconditionFailedError:
+            pass
+        try:
+            existing: Takeover | str = Takeover.parse(
+                (await lease.bucket.get(key, max_size=LOCK_MAX_BYTES)).body, key=key
+            )
+        except (ReplicationError, ObjectTooLargeError) as exc:
+            existing = str(exc)
+        if isinstance(existing, Takeover) and (existing.claim, existing.tail) == (
+            takeover.claim,
+            takeover.tail,
+        ):
+            return existing
+        log.error(
+            "tenant %s: %s exists and was not written by this holder (%s); leaving "
+            "generation %d unused and moving the lease to the next one",
+            lease.tenant,
+            key,
+            "unreadable" if isinstance(existing, str) else "another claim or tail",
+            record.generation,
+        )
+        await lease.advance()
+        replaces = record.generation
+    raise ReplicationError(
+        f"tenant {lease.tenant}: takeover records not written by this holder sit at "
+        f"{_TAKEOVER_ATTEMPTS} generations in a row; remove them from "
+        f"{takeover_key(lease.prefix, lease.tenant, 1).rsplit('/', 1)[0]}/",
+        key=key,
     )
-    key = takeover_key(lease.prefix, lease.tenant, record.generation)
-    try:
-        await lease.bucket.put(key, takeover.to_json(), if_none_match="*")
-    except PreconditionFailedError:
-        existing = Takeover.parse((await lease.bucket.get(key)).body, key=key)
-        if (existing.claim, existing.tail) != (takeover.claim, takeover.tail):
-            raise ReplicationError(
-                f"{key} exists and was not written by this holder: two holders of "
-                f"generation {record.generation}? Refusing to write under it",
-                key=key,
-            ) from None
-        return existing
-    return takeover
 
 
 @dataclass(frozen=True)
@@ -315,13 +370,14 @@ class History:
 
     def _path(self, index: int, at: datetime) -> set[str]:
         """The keys a restore as of ``at`` from ``index`` reads, followed to the log's end."""
-        end = max((e.last for e in self.segments if e.published), default=0)
+        # From one published object to the next: never index by index (an index is a
+        # number from a key, as large as the key says).
+        firsts = sorted(self._published_at)
         keys: set[str] = set()
-        while index <= end:
-            entry = self.pick(index, at)
-            if entry is None:
-                index += 1  # an index never published: a snapshot follows
-                continue
+        while (position := bisect.bisect_left(firsts, index)) < len(firsts):
+            entry = self.pick(firsts[position], at)
+            if entry is None:  # pragma: no cover - every first has a published entry
+                break
             keys.add(entry.key)
             index = entry.last + 1
         return keys
@@ -333,8 +389,9 @@ async def read_history(bucket: Bucket, tenant: str, *, prefix: str) -> History:
     lock_key = f"{root}lock.json"
     observed, objects = await asyncio.gather(read_lock(bucket, tenant, lock_key), bucket.list(root))
     records = [o for o in objects if o.key.startswith(f"{root}history/")]
-    takeovers = tuple(sorted(await _read_takeovers(bucket, records), key=lambda t: t.generation))
-    limits = _Limits(takeovers, observed.record if observed else None)
+    record = observed.record if observed else None
+    takeovers = _trusted(await _read_takeovers(bucket, records), record, prefix=prefix)
+    limits = _Limits(takeovers, record)
     snapshots: list[SnapshotEntry] = []
     segments: list[SegmentEntry] = []
     for info in objects:
@@ -371,6 +428,35 @@ async def _read_takeovers(bucket: Bucket, infos: Sequence[ObjectInfo]) -> list[T
     return list(await asyncio.gather(*(read(info.key) for info in infos)))
 
 
+def _trusted(
+    takeovers: Sequence[Takeover], record: LockRecord | None, *, prefix: str
+) -> tuple[Takeover, ...]:
+    """The records that classify objects, by generation; ``ReplicationError`` for a forged one.
+
+    Left out: records a later one ``replaces`` (they sat at a generation its holder left
+    unused), and records newer than the lock.json read (taken over since: the lock read
+    judges the current generation). A record cannot have found a longer log than the one
+    lock.json has now (a log's tail never goes back): such a record is refused, naming it.
+    """
+    replaced = {t.replaces for t in takeovers if t.replaces is not None}
+    kept = sorted(
+        (t for t in takeovers if t.generation not in replaced), key=lambda t: t.generation
+    )
+    if record is None:
+        return tuple(kept)  # no lock.json to judge them by (removed by hand?): as they are
+    tail = record.log.tail if record.log else 0
+    kept = [t for t in kept if t.generation <= record.generation]
+    for takeover in kept:
+        if takeover.tail > tail:
+            key = takeover_key(prefix, record.tenant, takeover.generation)
+            raise ReplicationError(
+                f"takeover record {key} says the log reached {takeover.tail}, past lock.json's "
+                f"tail {tail}: refusing to classify anything by it; remove it by hand",
+                key=key,
+            )
+    return tuple(kept)
+
+
 class _Limits:
     """What each generation published: up to where the next takeover (or lock.json) found."""
 
@@ -405,7 +491,8 @@ def _snapshot_entry(info: ObjectInfo, limits: _Limits) -> SnapshotEntry | None:
     name = SnapshotName.parse(info.key)
     if name is None:
         return None
-    taken = None if name.taken_ms is None else datetime.fromtimestamp(name.taken_ms / 1000, UTC)
+    # SnapshotName.parse bounds the time: within datetime's range.
+    taken = None if name.taken_ms is None else time_of_ms(name.taken_ms)
     return SnapshotEntry(
         info.key,
         info.size,

@@ -173,8 +173,17 @@ def apply_segment(
         )
     if hashes.db_pages == 0 and hashes.page_size != header.page_size:
         hashes = PageHashes(header.page_size)
+    if hashes.page_size != header.page_size:
+        raise ReplicationError(
+            f"segment {key} has {header.page_size}-byte pages, the database "
+            f"{hashes.page_size}-byte ones",
+            key=key,
+        )
     after = hashes.copy()
-    after.apply(dict(segment.pages), header.db_pages)
+    try:
+        after.apply(dict(segment.pages), header.db_pages)
+    except ReplicationError as exc:
+        raise ReplicationError(f"segment {key} cannot apply: {exc}", key=key) from exc
     if after.state != header.state:
         raise ReplicationError(f"segment {key} does not produce the state it records", key=key)
     fd = os.open(path, os.O_WRONLY)

@@ -13,11 +13,12 @@ import hashlib
 import re
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from tenantdb.errors import ReplicationError
 from tenantdb.lockfile import LogChunk
+from tenantdb.parsing import MAX_COUNTER, MAX_TIME_MS
 from tenantdb.replication.checksum import MAX_PAGE_NUMBER, check_page_size
 
 __all__ = [
@@ -47,6 +48,8 @@ _TRAILER_SIZE = hashlib.sha256().digest_size
 _U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
+# Compressed bytes handed to the inflater at a time.
+_FEED_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -103,11 +106,12 @@ _CHUNK_NAME = re.compile(r"log/(\d{8,})/(?:(\d{12,})-)?(\d{12,})\.seg")
 def parse_chunk_key(key: str) -> LogChunk | None:
     """The log chunk a bucket key names (see ``chunk_key``), or None for any other key."""
     match = _CHUNK_NAME.search(key)
-    if match is None or match.end() != len(key):
+    # A number longer than MAX_COUNTER's 16 digits is not one tenantdb wrote.
+    if match is None or match.end() != len(key) or any(len(n or "") > 16 for n in match.groups()):
         return None
     generation, last = int(match[1]), int(match[3])
     first = last if match[2] is None else int(match[2])
-    if generation < 1 or not 1 <= first <= last:
+    if not 1 <= generation <= MAX_COUNTER or not 1 <= first <= last <= MAX_COUNTER:
         return None
     return LogChunk(first, last, generation, merged=match[2] is not None)
 
@@ -207,6 +211,8 @@ def decode_segment(data: bytes, *, key: str) -> Segment:
         raise refuse(reason)
     if generation < 1 or index < 1:
         raise refuse(f"generation {generation} and index {index} must both be at least 1")
+    if timestamp_ms > MAX_TIME_MS:
+        raise refuse(f"its time {timestamp_ms} ms is past the year 9000")
     # Pages are distinct and within 1..db_pages: this bounds page_count before any use of it.
     if page_count > db_pages:
         raise refuse(f"{page_count} pages cannot be distinct pages of a {db_pages}-page database")
@@ -217,26 +223,30 @@ def decode_segment(data: bytes, *, key: str) -> Segment:
         tenant = str(body[_HEADER.size : tenant_end], "utf-8")
     except UnicodeDecodeError as exc:
         raise refuse(f"the tenant name is not valid UTF-8 ({exc.reason})") from None
-    area: bytes | memoryview = body[tenant_end:]
-    expected = page_count * (4 + page_size)
-    compressed = bool(flags & FLAG_COMPRESSED)
-    if compressed:
-        area = _inflate(area, expected, refuse)
-    if len(area) != expected:
-        what = "truncated" if len(area) < expected else "over-long"
-        raise refuse(
-            f"{what}: the page area {'inflates to' if compressed else 'is'} {len(area)} bytes, "
-            f"{page_count} pages of {page_size} bytes take {expected}"
-        )
+    area = body[tenant_end:]
+    records: Iterator[bytes | memoryview]
+    record = 4 + page_size
+    if flags & FLAG_COMPRESSED:
+        records = _inflated_records(area, page_size, page_count, refuse)
+    else:
+        if len(area) != page_count * record:
+            what = "truncated" if len(area) < page_count * record else "over-long"
+            raise refuse(
+                f"{what}: the page area is {len(area)} bytes, {page_count} pages of "
+                f"{page_size} bytes take {page_count * record}"
+            )
+        records = (area[i : i + record] for i in range(0, page_count * record, record))
     pages: list[tuple[int, bytes]] = []
     previous = 0
-    for offset in range(0, expected, 4 + page_size):
-        pgno = int.from_bytes(area[offset : offset + 4], "big")
+    # Each page number is checked as its record arrives: a stream of nonsense stops at
+    # its first record, whatever page_count claims.
+    for item in records:
+        pgno = int.from_bytes(item[:4], "big")
         if not previous < pgno <= db_pages:
             raise refuse(
                 f"page number {pgno} after {previous} is not increasing within 1..{db_pages}"
             )
-        pages.append((pgno, bytes(area[offset + 4 : offset + 4 + page_size])))
+        pages.append((pgno, bytes(item[4:])))
         previous = pgno
     header = SegmentHeader(
         tenant=tenant,
@@ -252,25 +262,51 @@ def decode_segment(data: bytes, *, key: str) -> Segment:
     return Segment(header=header, pages=tuple(pages))
 
 
-def _inflate(
-    area: bytes | memoryview, expected: int, refuse: Callable[[str], ReplicationError]
-) -> bytes:
-    """Decompress a page area that must inflate to exactly ``expected`` bytes, no more."""
+def _inflated_records(
+    area: memoryview, page_size: int, count: int, refuse: Callable[[str], ReplicationError]
+) -> Iterator[bytes]:
+    """Inflate a page area record by record: ``count`` records of 4 + ``page_size`` bytes.
+
+    The input is fed ``_FEED_BYTES`` at a time and the output asked for one record at a
+    time, so the inflater holds at most one record and one feed, whatever the header or
+    the stream claim (a zip bomb stops at its first bad record or after ``count``).
+    """
+    record = 4 + page_size
+    expected = count * record
     inflate = zlib.decompressobj()
+    offset = 0
+    pending: bytes | memoryview = b""
+    buffer = bytearray()
     try:
-        # max_length bounds the output (a zip bomb stops here); 0 would mean "no limit".
-        out = inflate.decompress(area, expected) if expected else b""
-        pending = inflate.unconsumed_tail if expected else area
-        # At the limit, the stream must end without producing one byte more.
-        if not inflate.eof and inflate.decompress(pending, 1):
-            raise refuse(f"the page area inflates to more than the {expected} bytes its pages take")
+        for produced in range(0, expected, record):
+            while len(buffer) < record:
+                # Past the stream's end the inflater takes input and gives nothing.
+                if inflate.eof or (not pending and offset >= len(area)):
+                    raise refuse(
+                        f"truncated: the page area inflates to {produced + len(buffer)} "
+                        f"bytes, {count} pages of {page_size} bytes take {expected}"
+                    )
+                if not pending:
+                    pending = area[offset : offset + _FEED_BYTES]
+                    offset += _FEED_BYTES
+                buffer += inflate.decompress(pending, record - len(buffer))
+                pending = inflate.unconsumed_tail
+            yield bytes(buffer)
+            buffer.clear()
+        # After the last record the stream must end without producing one byte more.
+        if not inflate.eof:
+            rest, offset = bytes(pending) + bytes(area[offset:]), len(area)
+            if inflate.decompress(rest, 1):
+                raise refuse(
+                    f"the page area inflates to more than the {expected} bytes its pages take"
+                )
     except zlib.error as exc:
         raise refuse(f"the compressed page area is damaged: {exc}") from None
     if not inflate.eof:
         raise refuse("truncated: the compressed page area ends before its zlib stream does")
-    if inflate.unused_data:
-        raise refuse(f"over-long: {len(inflate.unused_data)} bytes follow the zlib stream")
-    return out
+    # Past the end of the stream: what the inflater set aside, and what it was never fed.
+    if extra := len(inflate.unused_data) + (len(area) - offset if offset < len(area) else 0):
+        raise refuse(f"over-long: {extra} bytes follow the zlib stream")
 
 
 def _header_problem(h: SegmentHeader, tenant: bytes) -> str | None:
@@ -284,7 +320,7 @@ def _header_problem(h: SegmentHeader, tenant: bytes) -> str | None:
     if not 0 <= h.db_pages <= MAX_PAGE_NUMBER:
         return f"database size {h.db_pages} pages is outside 0..{MAX_PAGE_NUMBER}"
     for name, value, top in (
-        ("timestamp_ms", h.timestamp_ms, _U64),
+        ("timestamp_ms", h.timestamp_ms, MAX_TIME_MS),
         ("prev_state", h.prev_state, _U64),
         ("state", h.state, _U64),
         ("commits", h.commits, _U32),

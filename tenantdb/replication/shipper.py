@@ -596,9 +596,13 @@ class Shipper:
             return []
         history = await read_history(self.lease.bucket, self.lease.tenant, prefix=self.prefix)
         cutoff = datetime.now(UTC) - timedelta(seconds=self.retention)
+        # Planning is linear in the objects listed, which may be many: off the event loop.
+        expendable = await asyncio.to_thread(
+            history.expendable, cutoff, keep_snapshots=self.snapshot_retention
+        )
         garbage = [
             key
-            for key in history.expendable(cutoff, keep_snapshots=self.snapshot_retention)
+            for key in expendable
             if key not in self._uploads  # being uploaded, to be named by a CAS
         ]
         self._next_collection = None

@@ -182,15 +182,27 @@ def test_pages_past_the_new_size_are_dropped_even_if_given() -> None:
     assert hashes.state == xor_of_pages({n: pages[n] for n in (1, 2, 3)})
 
 
-def test_pages_a_growth_skips_count_as_absent() -> None:
+def test_a_growth_past_the_pages_given_is_refused_and_leaves_the_hashes_intact() -> None:
     hashes = PageHashes(512)
     hashes.apply({1: b"\x01" * 512}, 1)
-    hashes.apply({4: b"\x04" * 512}, 6)
-    assert hashes.db_pages == 6
-    assert hashes.state == xor_of_pages({1: b"\x01" * 512, 4: b"\x04" * 512})
-    # A later write of a skipped page counts normally.
-    hashes.apply({2: b"\x02" * 512}, 6)
-    assert hashes.state == xor_of_pages({1: b"\x01" * 512, 2: b"\x02" * 512, 4: b"\x04" * 512})
+    with pytest.raises(ReplicationError, match="grow from 1 to 6 pages with 1 new page"):
+        hashes.apply({4: b"\x04" * 512}, 6)
+    # The db_pages bomb: no page at all, 2^32 - 1 claimed; refused before any allocation.
+    with pytest.raises(ReplicationError, match="grow from 1 to 4294967295 pages"):
+        hashes.apply({}, 0xFFFFFFFF)
+    assert (hashes.db_pages, hashes.state) == (1, xor_of_pages({1: b"\x01" * 512}))
+
+
+def test_the_lock_byte_page_is_the_one_page_a_growth_may_skip() -> None:
+    # SQLite never writes the page holding the lock bytes at 1 GiB: here page 2**21 + 1.
+    lock_page = (1 << 30) // 512 + 1
+    grown = PageHashes(512)
+    # A database just under 1 GiB, without writing 2 million pages (their hashes are 0).
+    grown._hashes.frombytes(bytes(8 * (lock_page - 1)))
+    grown.apply({lock_page + 1: b"\x01" * 512}, lock_page + 1)
+    assert grown.db_pages == lock_page + 1
+    with pytest.raises(ReplicationError, match="new page"):
+        grown.apply({}, lock_page + 3)
 
 
 @pytest.mark.parametrize(
@@ -240,6 +252,14 @@ def test_any_sequence_of_applies_equals_the_xor_of_the_resulting_pages(
     hashes = PageHashes(512)
     model: dict[int, bytes] = {}  # absent pages are simply missing
     for pages, db_pages in steps:
+        before = (hashes.state, hashes.db_pages)
+        new = sum(1 for pgno in pages if hashes.db_pages < pgno <= db_pages)
+        if db_pages - hashes.db_pages > new:
+            # A growth past the pages given is refused, leaving everything as it was.
+            with pytest.raises(ReplicationError, match="grows only by the pages"):
+                hashes.apply(pages, db_pages)
+            assert (hashes.state, hashes.db_pages) == before
+            continue
         model.update(pages)
         model = {pgno: data for pgno, data in model.items() if pgno <= db_pages}
         hashes.apply(pages, db_pages)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tenantdb.errors import PointInTimeError
+from tenantdb.errors import PointInTimeError, ReplicationError
 from tenantdb.lockfile import now_ms
 from tenantdb.replication import compaction
 from tenantdb.replication.checksum import PageHashes, database_page_size
-from tenantdb.replication.history import read_history, takeover_key
+from tenantdb.replication.history import Takeover, read_history, takeover_key
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.segment import Segment, SegmentHeader, encode_segment, segment_key
 from tenantdb.storage.base import Bucket
@@ -118,3 +121,128 @@ async def test_retention_keeps_every_moment_after_the_cutoff_restorable(
     assert checked >= 20
     with pytest.raises(PointInTimeError):
         await restore_at(bucket, "acme", tmp_path / "x", prefix=PREFIX, at=earliest - timedelta(1))
+
+
+# --- hostile objects: any bytes under the tenant's prefix -------------------------------------
+
+
+def test_takeover_record_of_deep_nesting_is_a_typed_error() -> None:
+    key = takeover_key(PREFIX, "acme", 2)
+    with pytest.raises(ReplicationError) as info:
+        Takeover.parse(b"[" * 60_000, key=key)
+    assert info.value.key == key
+    assert key in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"at": "2026-12-01 10:00"},
+        {"at": "99999-01-01T00:00:00+00:00"},
+        {"tail": 10**400},
+        {"tail": -1},
+        {"owner": "m\x1b[2J"},
+        {"generation": 3},  # not the generation its key names
+        {"replaces": 2},  # not an earlier generation
+    ],
+)
+def test_takeover_record_with_a_bad_field_is_a_typed_error(record: dict[str, Any]) -> None:
+    key = takeover_key(PREFIX, "acme", 2)
+    valid = {
+        "generation": 2,
+        "owner": "m2",
+        "region": "ams",
+        "at": "2026-12-01T10:00:00.000+00:00",
+        "tail": 4,
+        "snapshot": None,
+        "claim": "c",
+    }
+    assert Takeover.parse(json.dumps(valid).encode(), key=key).tail == 4
+    with pytest.raises(ReplicationError) as info:
+        Takeover.parse(json.dumps(valid | record).encode(), key=key)
+    assert info.value.key == key
+
+
+async def test_gc_survives_snapshot_key_with_15_digit_time(bucket: Bucket, tmp_path: Path) -> None:
+    odd = f"{PREFIX}acme/snapshots/00000001-00000001-000000000001-999999999999999-ab.sqlite3"
+    async with machine(bucket, tmp_path, "m1") as tdb:
+        await Recorder(3).changes(tdb, 2)
+        await bucket.put(odd, b"")
+        shipper = tdb._shipper
+        assert shipper is not None
+        await shipper.collect_garbage()  # a ValueError from fromtimestamp before
+        history = await read_history(bucket, "acme", prefix=PREFIX)
+        assert odd not in {s.key for s in history.snapshots}  # not a key tenantdb made
+    assert odd in {info.key for info in await bucket.list(PREFIX)}  # nor deleted as one
+
+
+def _forge_takeover(generation: int, tail: int) -> bytes:
+    return json.dumps(
+        {
+            "generation": generation,
+            "owner": "forged",
+            "region": "ams",
+            "at": "2026-12-01T10:00:00.000+00:00",
+            "tail": tail,
+            "snapshot": None,
+            "claim": "forged",
+        }
+    ).encode()
+
+
+async def test_history_with_forged_huge_tail_plans_without_hanging(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    async with machine(bucket, tmp_path, "m1") as tdb:
+        await Recorder(4).changes(tdb, 2)
+    # A record at the generation the next holder will take, and one empty key far away.
+    await bucket.put(takeover_key(PREFIX, "acme", 2), _forge_takeover(2, 10**12))
+    await bucket.put(f"{PREFIX}acme/log/00000001/000999999999.seg", b"")
+    history = await read_history(bucket, "acme", prefix=PREFIX)
+    result: list[list[str]] = []
+    # In a daemon thread: a loop of 10^9 steps must not keep the test process alive.
+    planner = threading.Thread(
+        target=lambda: result.append(history.expendable(datetime.now(UTC), keep_snapshots=1)),
+        daemon=True,
+    )
+    planner.start()
+    planner.join(timeout=5)
+    assert not planner.is_alive(), "retention planning hangs on a forged takeover record"
+    [expendable] = result
+    assert not history.named() & set(expendable)
+    far = f"{PREFIX}acme/log/00000001/000999999999.seg"
+    assert far not in {s.key for s in history.segments if s.published}
+
+
+async def test_a_takeover_record_past_the_log_is_refused_naming_it(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    async with machine(bucket, tmp_path, "m1") as tdb:
+        await Recorder(5).changes(tdb, 2)
+    async with machine(bucket, tmp_path, "m2"):
+        pass
+    key = takeover_key(PREFIX, "acme", 2)
+    await bucket.put(key, _forge_takeover(2, 10**12))  # overwritten by hand
+    with pytest.raises(ReplicationError) as info:
+        await read_history(bucket, "acme", prefix=PREFIX)
+    assert info.value.key == key
+
+
+async def test_next_holder_moves_past_a_forged_takeover_record_at_its_generation(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    recorder = Recorder(6)
+    async with machine(bucket, tmp_path, "m1") as tdb:
+        await recorder.changes(tdb, 2)
+    forged = takeover_key(PREFIX, "acme", 2)
+    await bucket.put(forged, _forge_takeover(2, 10**12))
+    # Before, every start of the next holder failed on this record (exit 3 in a process).
+    async with machine(bucket, tmp_path, "m2") as tdb:
+        assert tdb.lease.record is not None
+        assert tdb.lease.record.generation == 3
+        await recorder.changes(tdb, 1)
+    history = await read_history(bucket, "acme", prefix=PREFIX)
+    assert [(t.generation, t.replaces) for t in history.takeovers] == [(1, None), (3, 2)]
+    out = tmp_path / "out.sqlite3"
+    await restore_at(bucket, "acme", out, prefix=PREFIX, at=datetime.now(UTC))
+    assert read_rows(out) == recorder.rows

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import random
 import struct
+import tracemalloc
 import zlib
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tenantdb.errors import ReplicationError
+from tenantdb.parsing import MAX_TIME_MS
 from tenantdb.replication.segment import (
     SEGMENT_MAGIC,
     SEGMENT_VERSION,
@@ -20,10 +22,12 @@ from tenantdb.replication.segment import (
     SegmentHeader,
     decode_segment,
     encode_segment,
+    parse_chunk_key,
     segment_key,
 )
 
 KEY = "tenants/acme/log/00000003/000000000042.seg"
+MiB = 1 << 20
 HEADER = SegmentHeader(
     tenant="acme",
     generation=3,
@@ -133,7 +137,7 @@ def test_extreme_field_values_round_trip() -> None:
         index=2**64 - 1,
         page_size=65536,
         db_pages=2**32 - 1,
-        timestamp_ms=2**64 - 1,
+        timestamp_ms=MAX_TIME_MS,  # the year 9000: a datetime still
         prev_state=2**64 - 1,
         state=0,
         commits=2**32 - 1,
@@ -166,7 +170,7 @@ def segments(draw: st.DrawFn) -> Segment:
         index=draw(st.integers(1, 2**64 - 1)),
         page_size=page_size,
         db_pages=db_pages,
-        timestamp_ms=draw(st.integers(0, 2**64 - 1)),
+        timestamp_ms=draw(st.integers(0, MAX_TIME_MS)),
         prev_state=draw(st.integers(0, 2**64 - 1)),
         state=draw(st.integers(0, 2**64 - 1)),
         commits=draw(st.integers(0, 2**32 - 1)),
@@ -272,7 +276,8 @@ def test_a_page_of_the_wrong_size(compress: bool) -> None:
     area = "inflates to" if compress else "is"
     refused(raw_segment(pages=short, compress=compress), f"truncated: the page area {area} 1031")
     long = ((1, b"\x00" * 513), (2, b"\x00" * 512))
-    refused(raw_segment(pages=long, compress=compress), r"over-long|inflates to more")
+    # Compressed, records are checked as they arrive: the misaligned second one first.
+    refused(raw_segment(pages=long, compress=compress), r"over-long|page number 0 after 1")
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -311,9 +316,10 @@ def test_a_decompression_bomb_stops_at_the_declared_size(page_count: int) -> Non
     bomb = zlib.compressobj(9)
     stream = b"".join(bomb.compress(b"\x00" * (1 << 20)) for _ in range(64)) + bomb.flush()
     assert len(stream) < 1 << 17
+    # Record by record: the first record's page number (0) already stops it.
     refused(
         raw_segment(page_count=page_count, flags=1, area=stream),
-        f"inflates to more than the {page_count * 516} bytes its pages take",
+        f"inflates to more than the {page_count * 516} bytes its pages take|page number 0 after 0",
     )
 
 
@@ -369,3 +375,44 @@ def test_segment_keys_list_in_log_order() -> None:
 def test_segment_key_refuses_numbers_below_one(generation: int, index: int) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         segment_key("tenants/", "acme", generation, index)
+
+
+def test_inflate_bomb_is_refused_within_bounded_memory() -> None:
+    # 64 MiB of zeros in about 64 KiB, under a header claiming 1000 pages of 64 KiB: the
+    # header's size must not be what the inflater may allocate.
+    bomb = zlib.compressobj(9)
+    stream = b"".join(bomb.compress(b"\x00" * (1 << 20)) for _ in range(64)) + bomb.flush()
+    data = raw_segment(page_size=65536, db_pages=1000, page_count=1000, flags=1, area=stream)
+    tracemalloc.start()
+    try:
+        refused(data, None)  # its first record already: page number 0
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MiB, f"decoding the bomb took {peak / MiB:.1f} MiB"
+
+
+def test_a_long_compressed_segment_inflates_record_by_record() -> None:
+    # More than one feed of compressed input, pages that do not compress: every page back.
+    rng = random.Random(7)
+    pages = tuple((n, rng.randbytes(4096)) for n in range(1, 65))
+    header = dataclasses.replace(HEADER, page_size=4096, db_pages=64)
+    data = encode_segment(Segment(header, pages))
+    assert len(data) > 3 * 64 * 1024
+    assert decode_segment(data, key=KEY).pages == pages
+
+
+def test_a_segment_time_past_the_year_9000_is_refused() -> None:
+    # A point-in-time restore turns it into a datetime: 2^64 - 1 ms is out of its range.
+    refused(raw_segment(timestamp_ms=2**64 - 1), "past the year 9000")
+
+
+def test_a_chunk_key_with_an_absurd_number_is_not_tenantdbs() -> None:
+    assert parse_chunk_key("tenants/acme/log/00000001/" + "9" * 40 + ".seg") is None
+    assert parse_chunk_key("tenants/acme/log/00000001/000999999999.seg") is not None
+
+
+def test_a_zlib_stream_ending_between_records_with_bytes_after_it() -> None:
+    one = b"".join(p.to_bytes(4, "big") + d for p, d in PAGES[:1])
+    stream = zlib.compress(one) + b"junk" * 100
+    refused(raw_segment(flags=1, area=stream), "truncated: the page area inflates to 516")

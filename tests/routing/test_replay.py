@@ -230,6 +230,35 @@ async def test_damaged_lock_json_is_503(
     assert_503(await harness.get("/customers/beta"), "tenants/beta/lock.json is damaged")
 
 
+@pytest.mark.parametrize(
+    "log",
+    [
+        {"inline": ["é"]},  # not ASCII: a plain ValueError from b64decode, a 500 before
+        {"updated_at": "yesterday"},
+    ],
+)
+async def test_a_lock_json_with_a_bad_log_field_is_503_not_500(
+    harness_factory: Any,
+    dns: DevDNSServer,
+    tmp_path: Path,
+    local_bucket: LocalBucket,
+    log: dict[str, Any],
+) -> None:
+    data = json.loads(lock_json("beta", "m2beta", None))
+    data["log"] = {
+        "base": 1,
+        "tail": 1,
+        "state": "0" * 16,
+        "db_pages": 1,
+        "runs": [[3, 1]],
+        "updated_at": "2026-12-01T10:00:00+00:00",
+        **log,
+    }
+    await local_bucket.put("tenants/beta/lock.json", json.dumps(data).encode())
+    harness = await harness_factory(settings_for(tmp_path, dns, **bucket_settings(local_bucket)))
+    assert_503(await harness.get("/customers/beta"), "tenants/beta/lock.json is damaged")
+
+
 async def test_lock_json_naming_no_usable_machine_is_404(
     harness_factory: Any, dns: DevDNSServer, tmp_path: Path, local_bucket: LocalBucket
 ) -> None:

@@ -1,0 +1,113 @@
+"""lock.json parsed from anything: every field checked, every bound from the reader."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tenantdb.errors import LockFileCorruptError
+from tenantdb.lockfile import MAX_LOG_SINGLES, LockRecord, SnapshotName
+
+KEY = "tenants/acme/lock.json"
+STATE = "0123456789abcdef"
+
+
+def lock(**log: Any) -> dict[str, Any]:
+    """A valid lock of generation 2 with a one-segment log, ``log`` fields overridden."""
+    return {
+        "format": 1,
+        "tenant": "acme",
+        "owner": "m1",
+        "region": "ams",
+        "last_owner": None,
+        "claim": "c1",
+        "generation": 2,
+        "seq": 5,
+        "ttl_seconds": 15,
+        "snapshot": None,
+        "log": {
+            "base": 1,
+            "tail": 1,
+            "state": STATE,
+            "db_pages": 2,
+            "runs": [[2, 1]],
+            "updated_at": "2026-12-01T10:00:00+00:00",
+            "merged": [],
+            "inline": [],
+            **log,
+        },
+    }
+
+
+def parse(data: dict[str, Any]) -> LockRecord:
+    return LockRecord.parse(json.dumps(data).encode(), tenant="acme", key=KEY)
+
+
+def refused(data: dict[str, Any] | bytes) -> LockFileCorruptError:
+    body = data if isinstance(data, bytes) else json.dumps(data).encode()
+    with pytest.raises(LockFileCorruptError) as info:
+        LockRecord.parse(body, tenant="acme", key=KEY)
+    assert info.value.key == KEY
+    assert KEY in str(info.value)
+    return info.value
+
+
+def test_a_valid_lock_parses() -> None:
+    record = parse(lock())
+    assert record.log is not None
+    assert [c.first for c in record.log.chunks()] == [1]
+
+
+def test_inline_segment_with_non_base64_is_a_typed_error_naming_the_key() -> None:
+    # "é" is not ASCII: b64decode raises a plain ValueError, not binascii.Error.
+    refused(lock(inline=["é"]))
+    refused(lock(inline=["not base64!"]))
+
+
+def test_lock_tail_beyond_bound_is_refused() -> None:
+    refused(lock(tail=10**9))
+    refused(lock(tail=MAX_LOG_SINGLES + 1))
+    # At the bound, the chunks are generated without trouble.
+    record = parse(lock(tail=MAX_LOG_SINGLES))
+    assert record.log is not None
+    assert len(record.log.chunks()) == MAX_LOG_SINGLES
+
+
+@pytest.mark.parametrize(
+    "when", ["yesterday", "2026-12-01 10:00", "2026-12-01T10:00:00", "99999-01-01T00:00:00+00:00"]
+)
+def test_free_form_times_are_refused(when: str) -> None:
+    refused(lock(updated_at=when))
+    snapshot = {
+        "key": "tenants/acme/snapshots/00000002-00000001.sqlite3",
+        "sha256": "0" * 64,
+        "size": 8192,
+        "published_at": when,
+    }
+    refused({**lock(), "snapshot": snapshot})
+
+
+@pytest.mark.parametrize("field", ["owner", "region", "last_owner", "claim"])
+def test_names_with_control_characters_are_refused(field: str) -> None:
+    refused({**lock(), field: "m1\x1b]0;pwned\x07"})
+    refused({**lock(), field: "m" * 5000})
+
+
+def test_huge_numbers_are_refused() -> None:
+    refused({**lock(), "generation": 10**400})
+    refused(lock(db_pages=2**32))
+    refused({**lock(), "ttl_seconds": 1e308})
+
+
+def test_deep_nesting_is_refused_before_parsing() -> None:
+    error = refused(b"[" * 60_000 + b"]" * 60_000)
+    assert "nested" in str(error)
+
+
+def test_a_snapshot_key_with_a_time_past_the_year_9000_is_not_tenantdbs() -> None:
+    assert SnapshotName.parse("s/00000001-00000001-000000000001-999999999999999-ab.sqlite3") is None
+    name = SnapshotName.parse("s/00000001-00000001-000000000001-1764583200000-ab.sqlite3")
+    assert name is not None
+    assert name.taken_ms == 1764583200000
