@@ -8,17 +8,43 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
 
 from tenantdb.errors import ConfigurationError, InvalidTenantError
 from tenantdb.tenants import TENANT_ID_RULE, validate_tenant
 
-__all__ = ["Durability", "Secret", "Settings", "parse_duration"]
+__all__ = [
+    "Addressing",
+    "BucketConsistency",
+    "Durability",
+    "Secret",
+    "Settings",
+    "is_tigris_endpoint",
+    "parse_duration",
+]
 
 # When a write is acknowledged: once committed locally (and shipped within the sync
 # interval), or once the bucket has it (the output gate holds the response until then).
 Durability = Literal["async", "bucket"]
+# How S3 requests name the bucket: "auto" picks virtual-hosted style for Tigris and path
+# style for every other endpoint (https://www.tigrisdata.com/docs/sdks/s3/aws-python-sdk/).
+Addressing = Literal["auto", "virtual", "path"]
+# What the operator declares about the bucket's consistency across regions: "regional"
+# (Tigris's Global and Dual-region location types: strong only within a region) or "strong"
+# (Single-region, Multi-region, or a store that is strongly consistent everywhere).
+BucketConsistency = Literal["regional", "strong"]
 
+# Tigris's S3 endpoints: Fly's name for it, and Tigris's own (every region behind one name).
 TIGRIS_HOSTS = ("fly.storage.tigris.dev", "t3.storage.dev")
+TIGRIS_DOMAINS = ("tigris.dev", "storage.dev")
+
+
+def is_tigris_endpoint(endpoint_url: str | None) -> bool:
+    """True when ``endpoint_url`` is one of Tigris's S3 endpoints (by host name, not substring)."""
+    host = (urlsplit(endpoint_url).hostname or "").lower() if endpoint_url else ""
+    return host in TIGRIS_HOSTS or any(host.endswith("." + d) for d in TIGRIS_DOMAINS)
+
+
 # Where request bodies too large for fly-replay are streamed. On Fly, the app's Flycast
 # address: Fly's proxy there honours fly-force-instance-id, starts a stopped machine and
 # reaches apps bound to 0.0.0.0 (https://fly.io/docs/networking/flycast/); a machine's 6PN
@@ -134,6 +160,15 @@ def _durability(raw: str | None) -> Durability:
     raise _invalid("TENANTDB_DURABILITY", raw or "", "is not a durability", "'bucket' or 'async'")
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    if raw.lower() not in choices:
+        raise _invalid(name, raw, "is not a choice", " or ".join(repr(c) for c in choices))
+    return raw.lower()
+
+
 def _dns_server(raw: str | None) -> tuple[str, int] | None:
     if not raw:
         return None
@@ -196,6 +231,10 @@ class Settings:
     machines_api_url: str = "https://api.machines.dev"
     port: int = 8080
     metrics_port: int = 9091  # 0: no metrics endpoint
+    s3_addressing: Addressing = "auto"
+    # A lease is taken from another region than its last holder's only on a bucket declared
+    # "strong" (see tenantdb.lease): Tigris's default location type is consistent per region.
+    bucket_consistency: BucketConsistency = "regional"
     # "" picks the default: Flycast on Fly (FLY_APP_NAME), else the 6PN name.
     proxy_url: str = ""
 
@@ -220,6 +259,12 @@ class Settings:
             raise ConfigurationError("snapshot retention must keep at least 1 snapshot")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigurationError(f"metrics port {self.metrics_port} is not a TCP port or 0")
+        if self.s3_addressing not in get_args(Addressing):
+            raise ConfigurationError(f"S3 addressing {self.s3_addressing!r}: auto, virtual or path")
+        if self.bucket_consistency not in get_args(BucketConsistency):
+            raise ConfigurationError(
+                f"bucket consistency {self.bucket_consistency!r} must be 'regional' or 'strong'"
+            )
         if self.prefix and not self.prefix.endswith("/"):
             object.__setattr__(self, "prefix", self.prefix + "/")
         if not self.proxy_url:
@@ -263,6 +308,10 @@ class Settings:
             "port": int(_number(env, "PORT", 8080, minimum=1, what="a TCP port")),
             "proxy_url": env.get("TENANTDB_PROXY_URL") or "",
             "metrics_port": _port(env, "TENANTDB_METRICS_PORT", 9091),
+            "s3_addressing": _choice(env, "TENANTDB_S3_ADDRESSING", get_args(Addressing), "auto"),
+            "bucket_consistency": _choice(
+                env, "TENANTDB_BUCKET_CONSISTENCY", get_args(BucketConsistency), "regional"
+            ),
         }
         if env.get("FLY_MACHINE_ID"):
             values["machine_id"] = env["FLY_MACHINE_ID"]
@@ -278,4 +327,4 @@ class Settings:
     @property
     def is_tigris(self) -> bool:
         """True when the bucket endpoint is Tigris (lease writes ask for consistency)."""
-        return any(host in (self.endpoint_url or "") for host in TIGRIS_HOSTS)
+        return is_tigris_endpoint(self.endpoint_url)

@@ -48,6 +48,7 @@ from botocore.exceptions import (
 from botocore.handlers import add_expect_header
 from botocore.loaders import Loader, create_loader
 
+from tenantdb.config import Addressing, is_tigris_endpoint
 from tenantdb.errors import (
     AccessDeniedError,
     BucketConfigurationError,
@@ -344,10 +345,8 @@ def _new_session() -> Any:
     return aioboto3.Session(botocore_session=core)
 
 
-def _path_style(endpoint_url: str | None) -> bool:
+def _loopback_or_ip(endpoint_url: str) -> bool:
     """Whether the endpoint cannot do virtual-hosted buckets (an IP address or localhost)."""
-    if not endpoint_url:
-        return False
     host = urlsplit(endpoint_url).hostname or ""
     if host == "localhost" or "." not in host:
         return True
@@ -356,6 +355,24 @@ def _path_style(endpoint_url: str | None) -> bool:
     except ValueError:
         return False
     return True
+
+
+def addressing_style(endpoint_url: str | None, choice: Addressing = "auto") -> str:
+    """The botocore ``addressing_style`` for an endpoint: ``choice``, or what suits it.
+
+    Tigris documents virtual-hosted style and tells boto3 users to set it
+    (https://www.tigrisdata.com/docs/sdks/s3/aws-python-sdk/); botocore's own "auto" sends
+    path style to every custom endpoint. Local servers (localhost, an IP address) cannot
+    take a bucket in the host name, and other stores keep the path style they all accept;
+    AWS itself (no endpoint) keeps botocore's choice.
+    """
+    if choice != "auto":
+        return choice
+    if not endpoint_url:
+        return "auto"
+    if is_tigris_endpoint(endpoint_url) and not _loopback_or_ip(endpoint_url):
+        return "virtual"
+    return "path"
 
 
 class S3Bucket:
@@ -372,6 +389,7 @@ class S3Bucket:
         access_key_id: str | None = None,
         secret_access_key: Secret | None = None,
         tigris: bool = False,
+        addressing: Addressing = "auto",
         retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen, so sharing it is safe
         multipart_threshold: int = 16 * MiB,
         part_size: int = 8 * MiB,
@@ -387,9 +405,12 @@ class S3Bucket:
             raise ConfigurationError("multipart threshold and concurrency must be positive")
         self.name = name
         self.endpoint_url = endpoint_url
-        # botocore ignores AWS_REGION, so the region always arrives here explicitly.
-        self.region = region or "us-east-1"
+        # botocore ignores AWS_REGION, so the region always arrives here explicitly. Tigris
+        # serves every region behind one endpoint and says to set the region to "auto"
+        # (https://www.tigrisdata.com/docs/concepts/regions/).
+        self.region = region or ("auto" if tigris else "us-east-1")
         self.tigris = tigris
+        self.addressing_style = addressing_style(endpoint_url, addressing)
         self._access_key_id = access_key_id
         self._secret_access_key = secret_access_key
         self._retry = retry
@@ -415,13 +436,17 @@ class S3Bucket:
             access_key_id=settings.access_key_id,
             secret_access_key=settings.secret_access_key,
             tigris=settings.is_tigris,
+            addressing=settings.s3_addressing,
             **options,
         )
 
     def __repr__(self) -> str:
         url = _safe_url(self.endpoint_url)
         endpoint = f", endpoint_url={url!r}" if url else ""
-        return f"S3Bucket({self.name!r}{endpoint}, region={self.region!r})"
+        return (
+            f"S3Bucket({self.name!r}{endpoint}, region={self.region!r}, "
+            f"addressing={self.addressing_style!r})"
+        )
 
     async def __aenter__(self) -> Self:
         if self._client is not None:
@@ -437,7 +462,7 @@ class S3Bucket:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             max_pool_connections=max(16, 2 * self._concurrency),
-            s3={"addressing_style": "path" if _path_style(self.endpoint_url) else "auto"},
+            s3={"addressing_style": self.addressing_style},
         )
         stack = AsyncExitStack()
         try:
