@@ -25,7 +25,13 @@ runner, or a test double). It follows Fly's documentation
   unreachable machine. With ``fallback=force_self`` or ``prefer_self`` on the fly-replay
   ("Replay timeout and fallback"), the request goes back to the machine that asked (or, for
   ``prefer_self``, any machine) with a ``fly-replay-failed`` header instead, and cannot be
-  replayed again; without it the client gets the proxy's error.
+  replayed again; without it the client gets the proxy's error. With ``timeout=<d>`` the
+  proxy keeps trying to reach a stopping target (it starts it once stopped, if it may) and
+  fails the replay with reason ``timeout`` when the time runs out.
+- A fly-replay that sets ``fly-replay-cache`` with a ``timeout`` or ``fallback`` field, or
+  whose ``timeout`` is no duration, is answered ``PA03`` (invalid fly-replay, 502): "The
+  ``timeout`` and ``fallback`` fields cannot be set in the ``fly-replay`` intended to be
+  cached" (the same page, "Requirements and Limitations").
 - ``fly-replay-cache: [host]/path/*`` with ``fly-replay-cache-ttl-secs`` (>= 10, and no
   ``state``) sends later requests under that path straight to the replay target, with
   ``fly-replay-cache-status: hit`` and no ``fly-replay-src``. ``fly-replay-cache: invalidate``
@@ -46,7 +52,7 @@ Every replay, cached ones included, is logged on one line and appended to ``repl
 the last ``RECENT_ROUTES`` requests, with the machines each went through, are in ``routes``.
 Fly documents these limits but not its exact error answers: here 502 means "this replay
 cannot be done" and 503 "no machine can take the request". Not emulated: the JSON replay
-format, replays to other apps, the ``timeout`` field, region aliases other than ``any``.
+format, replays to other apps, region aliases other than ``any``.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ import base64
 import contextlib
 import logging
 import random
+import re
 import secrets
 import time
 from collections import deque
@@ -141,6 +148,10 @@ _HTTP_SCHEMES = {"http": b"http", "https": b"https", "ws": b"http", "wss": b"htt
 # With no started machine to pick, load balancing starts one of these (autostart). A
 # stopping machine is not one: it takes no requests until it has stopped.
 _STARTABLE: tuple[MachineState, ...] = ("starting", "stopped")
+# How often a replay with a timeout looks again at a target that is stopping.
+_STOPPING_POLL = 0.05
+_DURATION_RE = re.compile(r"(?P<number>\d+(?:\.\d+)?)(?P<unit>ms|s|m)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0}
 
 
 @dataclass(frozen=True)
@@ -189,15 +200,22 @@ class ReplayDirective:
     elsewhere: bool = False
     state: str | None = None
     fallback: Fallback | None = None
+    # Seconds the proxy tries to reach the target before the replay fails (None: no bound).
+    timeout: float | None = None
 
     @classmethod
     def parse(cls, value: str) -> ReplayDirective:
-        """Parse ``field=value;field=value``; values may be quoted, unknown fields are ignored."""
+        """Parse ``field=value;field=value``; values may be quoted, unknown fields are ignored.
+
+        Raises ``ValueError`` for a ``timeout`` that is no duration (``10s``, ``800ms``).
+        """
         fields: dict[str, str] = {}
         for part in value.split(";"):
             name, _, raw = part.partition("=")
             fields[name.strip().lower()] = raw.strip().strip('"')
+        timeout = fields.get("timeout")
         return cls(
+            timeout=None if timeout is None else _duration(timeout),
             instance=fields.get("instance") or None,
             prefer_instance=fields.get("prefer_instance") or None,
             regions=tuple(r.strip() for r in fields.get("region", "").split(",") if r.strip()),
@@ -573,7 +591,8 @@ class FlyProxy:
                 (b"sec-websocket-version", b"13"),
             ]
         try:
-            async with self.backends.use(machine.machine_id) as base_url:
+            async with contextlib.AsyncExitStack() as stack:
+                base_url = await self._reach(stack, machine, hop.directive.timeout)
                 upstream = self._client.build_request(
                     request.method,
                     base_url + request.target,
@@ -591,7 +610,7 @@ class FlyProxy:
                         return None
                     if response.headers.get("fly-replay-cache") == "invalidate":
                         self._invalidate(request.host, request.path)
-                    directive = ReplayDirective.parse(replay)
+                    directive = _valid_replay(replay, response.headers, machine)
                     self._remember(response.headers, request, machine, directive)
                     return directive
                 finally:
@@ -604,6 +623,32 @@ class FlyProxy:
         except httpx.TransportError as exc:
             raise _Answer(502, f"machine {machine.machine_id} did not answer: {exc!r}") from None
 
+    async def _reach(
+        self, stack: contextlib.AsyncExitStack, machine: MachineInfo, timeout: float | None
+    ) -> str:
+        """Hold ``machine`` for the request (starting it if needed) within the replay timeout.
+
+        Fly: "timeout sets how long the proxy tries to reach the replay target"; a target
+        that is still stopping when it runs out fails the replay with reason ``timeout``.
+        """
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                while self._state_of(machine.machine_id) == "stopping":
+                    await asyncio.sleep(_STOPPING_POLL)
+                return await stack.enter_async_context(self.backends.use(machine.machine_id))
+        except TimeoutError:
+            elapsed = round((time.monotonic() - started) * 1000)
+            raise _ReplayFailed(
+                504,
+                f"reason=timeout: machine {machine.machine_id} was not reached within the "
+                f"replay timeout ({elapsed} ms)",
+            ) from None
+
+    def _state_of(self, machine_id: str) -> MachineState | None:
+        found = [m.state for m in self.backends.machines() if m.machine_id == machine_id]
+        return found[0] if found else None
+
     def _choose(self, hop: _Hop) -> tuple[MachineInfo, str | None]:
         """Pick the next machine as Fly's load balancer would, and a preferred one passed over."""
         machines = {m.machine_id: m for m in self.backends.machines()}
@@ -615,7 +660,7 @@ class FlyProxy:
             machine = machines.get(directive.instance)
             if machine is None:
                 raise _ReplayFailed(502, f"no machine {directive.instance} in app {app}")
-            if machine.state == "stopping":
+            if machine.state == "stopping" and directive.timeout is None:
                 raise _ReplayFailed(
                     503, f"PM08: machine {machine.machine_id} is stopping and takes no requests"
                 )
@@ -726,6 +771,35 @@ class FlyProxy:
                 log.info("replay cache: %s -> %s for %ss", pattern, directive.instance, ttl)
                 return
         log.warning("ignored fly-replay-cache %r from %s: %s", pattern, source.machine_id, problem)
+
+
+def _duration(text: str) -> float:
+    """Seconds of a fly-replay ``timeout`` such as ``10s`` or ``800ms``; ValueError otherwise."""
+    match = _DURATION_RE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"timeout {text[:40]!r} is not a duration such as 10s or 800ms")
+    return float(match["number"]) * _DURATION_UNITS[match["unit"]]
+
+
+def _valid_replay(value: str, headers: httpx.Headers, machine: MachineInfo) -> ReplayDirective:
+    """The fly-replay of ``machine``'s answer, or PA03 as Fly answers an invalid one.
+
+    "The ``timeout`` and ``fallback`` fields cannot be set in the ``fly-replay`` intended to
+    be cached" (https://fly.io/docs/networking/dynamic-request-routing/, "Requirements and
+    Limitations"); PA03 is "Invalid fly-replay" (https://fly.io/docs/reference/error-codes/).
+    """
+    try:
+        directive = ReplayDirective.parse(value)
+    except ValueError as exc:
+        raise _Answer(502, f"PA03: invalid fly-replay from {machine.machine_id}: {exc}") from None
+    cached = headers.get("fly-replay-cache", "invalidate") != "invalidate"
+    if cached and (directive.timeout is not None or directive.fallback is not None):
+        raise _Answer(
+            502,
+            f"PA03: invalid fly-replay from {machine.machine_id}: timeout and fallback cannot "
+            "be set on a fly-replay with fly-replay-cache",
+        )
+    return directive
 
 
 def _held_down(machine: MachineInfo) -> bool:

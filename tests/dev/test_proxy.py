@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import random
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -391,6 +392,73 @@ async def test_a_failed_replay_falls_back_to_the_machine_that_asked(
     back = await rig.client.get("/customers/200", headers=force("c"))
     assert back.status_code == 502
     assert "replay fallback" in back.text
+
+
+async def test_a_replay_with_a_timeout_falls_back_when_the_stopping_target_stays_stopping(
+    rig: Rig,
+) -> None:
+    def asks_or_explains(request: Request) -> Response:
+        failed = request.headers.get("fly-replay-failed")
+        if failed is None:
+            replay = "instance=b;timeout=200ms;fallback=prefer_self"
+            return Response(b"", 204, headers={"fly-replay": replay})
+        return PlainTextResponse(f"a explains: {failed}", 503)
+
+    rig.add("a", asks_or_explains)
+    b = rig.add("b", state="stopping")
+    sent = time.monotonic()
+    response = await rig.client.get("/customers/200", headers=force("a"))
+    took = time.monotonic() - sent
+    assert response.status_code == 503
+    assert "reason=timeout" in response.text
+    assert b.seen == []
+    assert 0.2 <= took < 5
+
+
+async def test_a_replay_with_a_timeout_reaches_a_target_that_stops_in_time(rig: Rig) -> None:
+    rig.add("a", replays("instance=b;timeout=5s;fallback=prefer_self"))
+    b = rig.add("b", state="stopping")
+
+    async def stopped_soon() -> None:
+        await asyncio.sleep(0.2)
+        b.state = "stopped"
+
+    stopping = asyncio.create_task(stopped_soon())
+    response = await rig.client.get("/customers/200", headers=force("a"))
+    await stopping
+    assert response.text == "served by b"
+    assert b.starts == 1
+
+
+@pytest.mark.parametrize(
+    "replay",
+    [
+        "instance=b;fallback=prefer_self",
+        "instance=b;timeout=2s",
+        "instance=b;timeout=2s;fallback=force_self",
+    ],
+)
+async def test_a_cached_replay_with_a_timeout_or_fallback_is_refused_like_fly(
+    rig: Rig, replay: str
+) -> None:
+    cache = {"fly-replay-cache": "/customers/100/*", "fly-replay-cache-ttl-secs": "30"}
+    rig.add("a", replays(replay, **cache))
+    b = rig.add("b")
+    response = await rig.client.get("/customers/100/x", headers=force("a"))
+    assert response.status_code == 502
+    assert "PA03" in response.text
+    assert b.seen == []
+    # Nothing was cached either: the next request goes to a again.
+    again = await rig.client.get("/customers/100/y", headers={"fly-prefer-instance-id": "a"})
+    assert "PA03" in again.text
+
+
+async def test_a_replay_timeout_that_is_no_duration_is_refused_like_fly(rig: Rig) -> None:
+    rig.add("a", replays("instance=b;timeout=soon;fallback=prefer_self"))
+    rig.add("b")
+    response = await rig.client.get("/", headers=force("a"))
+    assert response.status_code == 502
+    assert "PA03" in response.text
 
 
 async def test_invalidate_counts_only_on_a_replay(rig: Rig) -> None:
