@@ -219,6 +219,7 @@ async def _create(args: argparse.Namespace) -> int:
             memory_mb=args.memory_mb,
             cpus=args.cpus,
             kill_timeout=settings.kill_timeout,
+            metrics_port=settings.metrics_port,
         )
     _out(
         f"created machine {machine.id} for tenant {args.tenant} "

@@ -30,9 +30,10 @@ Durability = Literal["async", "bucket"]
 # style for every other endpoint (https://www.tigrisdata.com/docs/sdks/s3/aws-python-sdk/).
 Addressing = Literal["auto", "virtual", "path"]
 # What the operator declares about the bucket's consistency across regions: "regional"
-# (Tigris's Global and Dual-region location types: strong only within a region) or "strong"
-# (Single-region, Multi-region, or a store that is strongly consistent everywhere).
-BucketConsistency = Literal["regional", "strong"]
+# (Tigris's Global and Dual-region location types: strong only within a region), "strong"
+# (Single-region, Multi-region, or a store that is strongly consistent everywhere, as S3 is),
+# or "auto": regional for a Tigris endpoint, strong for any other.
+BucketConsistency = Literal["auto", "regional", "strong"]
 
 # Tigris's S3 endpoints: Fly's name for it, and Tigris's own (every region behind one name).
 TIGRIS_HOSTS = ("fly.storage.tigris.dev", "t3.storage.dev")
@@ -232,9 +233,9 @@ class Settings:
     port: int = 8080
     metrics_port: int = 9091  # 0: no metrics endpoint
     s3_addressing: Addressing = "auto"
-    # A lease is taken from another region than its last holder's only on a bucket declared
-    # "strong" (see tenantdb.lease): Tigris's default location type is consistent per region.
-    bucket_consistency: BucketConsistency = "regional"
+    # A lease is taken from another region than its last holder's only on a bucket that is
+    # consistent across regions (see tenantdb.lease): Tigris's default location type is not.
+    bucket_consistency: BucketConsistency = "auto"
     # "" picks the default: Flycast on Fly (FLY_APP_NAME), else the 6PN name.
     proxy_url: str = ""
 
@@ -263,7 +264,7 @@ class Settings:
             raise ConfigurationError(f"S3 addressing {self.s3_addressing!r}: auto, virtual or path")
         if self.bucket_consistency not in get_args(BucketConsistency):
             raise ConfigurationError(
-                f"bucket consistency {self.bucket_consistency!r} must be 'regional' or 'strong'"
+                f"bucket consistency {self.bucket_consistency!r}: auto, regional or strong"
             )
         if self.prefix and not self.prefix.endswith("/"):
             object.__setattr__(self, "prefix", self.prefix + "/")
@@ -310,7 +311,7 @@ class Settings:
             "metrics_port": _port(env, "TENANTDB_METRICS_PORT", 9091),
             "s3_addressing": _choice(env, "TENANTDB_S3_ADDRESSING", get_args(Addressing), "auto"),
             "bucket_consistency": _choice(
-                env, "TENANTDB_BUCKET_CONSISTENCY", get_args(BucketConsistency), "regional"
+                env, "TENANTDB_BUCKET_CONSISTENCY", get_args(BucketConsistency), "auto"
             ),
         }
         if env.get("FLY_MACHINE_ID"):
@@ -323,6 +324,13 @@ class Settings:
     def with_overrides(self, **overrides: Any) -> Settings:
         """Return a copy with some fields replaced (None values are ignored)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def consistent_across_regions(self) -> bool:
+        """Whether the lease may move between regions (TENANTDB_BUCKET_CONSISTENCY)."""
+        if self.bucket_consistency == "auto":
+            return not self.is_tigris
+        return self.bucket_consistency == "strong"
 
     @property
     def is_tigris(self) -> bool:

@@ -25,9 +25,11 @@ runner, or a test double). It follows Fly's documentation
   unreachable machine. With ``fallback=force_self`` or ``prefer_self`` on the fly-replay
   ("Replay timeout and fallback"), the request goes back to the machine that asked (or, for
   ``prefer_self``, any machine) with a ``fly-replay-failed`` header instead, and cannot be
-  replayed again; without it the client gets the proxy's error. With ``timeout=<d>`` the
-  proxy keeps trying to reach a stopping target (it starts it once stopped, if it may) and
-  fails the replay with reason ``timeout`` when the time runs out.
+  replayed again; without it the client gets the proxy's error. With ``timeout=<d>``, a
+  target that does not start within it fails the replay with reason ``timeout``. Fly
+  documents the fallback for a timeout, exhausted retries or no candidate, not for PM08:
+  here PM08 takes the fallback too, and tenantdb sets a timeout so that it does not depend
+  on that.
 - A fly-replay that sets ``fly-replay-cache`` with a ``timeout`` or ``fallback`` field, or
   whose ``timeout`` is no duration, is answered ``PA03`` (invalid fly-replay, 502): "The
   ``timeout`` and ``fallback`` fields cannot be set in the ``fly-replay`` intended to be
@@ -148,8 +150,6 @@ _HTTP_SCHEMES = {"http": b"http", "https": b"https", "ws": b"http", "wss": b"htt
 # With no started machine to pick, load balancing starts one of these (autostart). A
 # stopping machine is not one: it takes no requests until it has stopped.
 _STARTABLE: tuple[MachineState, ...] = ("starting", "stopped")
-# How often a replay with a timeout looks again at a target that is stopping.
-_STOPPING_POLL = 0.05
 _DURATION_RE = re.compile(r"(?P<number>\d+(?:\.\d+)?)(?P<unit>ms|s|m)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0}
 
@@ -629,13 +629,11 @@ class FlyProxy:
         """Hold ``machine`` for the request (starting it if needed) within the replay timeout.
 
         Fly: "timeout sets how long the proxy tries to reach the replay target"; a target
-        that is still stopping when it runs out fails the replay with reason ``timeout``.
+        that does not start in time fails the replay with reason ``timeout``.
         """
         started = time.monotonic()
         try:
             async with asyncio.timeout(timeout):
-                while self._state_of(machine.machine_id) == "stopping":
-                    await asyncio.sleep(_STOPPING_POLL)
                 return await stack.enter_async_context(self.backends.use(machine.machine_id))
         except TimeoutError:
             elapsed = round((time.monotonic() - started) * 1000)
@@ -644,10 +642,6 @@ class FlyProxy:
                 f"reason=timeout: machine {machine.machine_id} was not reached within the "
                 f"replay timeout ({elapsed} ms)",
             ) from None
-
-    def _state_of(self, machine_id: str) -> MachineState | None:
-        found = [m.state for m in self.backends.machines() if m.machine_id == machine_id]
-        return found[0] if found else None
 
     def _choose(self, hop: _Hop) -> tuple[MachineInfo, str | None]:
         """Pick the next machine as Fly's load balancer would, and a preferred one passed over."""
@@ -660,7 +654,7 @@ class FlyProxy:
             machine = machines.get(directive.instance)
             if machine is None:
                 raise _ReplayFailed(502, f"no machine {directive.instance} in app {app}")
-            if machine.state == "stopping" and directive.timeout is None:
+            if machine.state == "stopping":
                 raise _ReplayFailed(
                     503, f"PM08: machine {machine.machine_id} is stopping and takes no requests"
                 )
