@@ -355,7 +355,7 @@ async def test_a_burst_for_one_tenant_makes_one_dns_lookup(
     )
     assert {r.status_code for r in responses} == {204}
     assert {r.headers["fly-replay"] for r in responses} == {"instance=m2beta"}
-    # One AAAA and one PTR query: at most 2 queries for 1,000 requests.
+    # One AAAA and one TXT query: at most 2 queries for 1,000 requests.
     assert dns.query_count() <= 2
     assert dns.query_count(meta_name("beta"), "AAAA") == 1
 
