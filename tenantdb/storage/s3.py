@@ -837,8 +837,13 @@ class S3Bucket:
 
         Below the multipart threshold this is one streamed PUT; above it, a multipart upload
         with a few parts in flight, aborted on any failure so no parts are left behind.
-        ``if_none_match="*"`` goes on the PUT or on CompleteMultipartUpload, where S3 checks
-        it atomically; a retry of an attempt that landed unanswered then gets
+        ``if_none_match="*"`` goes on the PUT, where the store checks it atomically. A
+        multipart upload checks with a HEAD before it starts instead: S3 takes
+        If-None-Match on CompleteMultipartUpload, but Tigris documents conditional headers
+        for PUT, GET, HEAD and DELETE only, so write-once must not depend on it there. The
+        HEAD is enough because tenantdb uploads files only to keys that never repeat
+        (snapshots): the one writer that can have created the key is an earlier attempt of
+        this very upload whose answer was lost. Either way an existing object gives
         PreconditionFailedError, which is never retried.
         """
         _check_key(key, "upload")
@@ -863,7 +868,9 @@ class S3Bucket:
                     ),
                 )
                 return self._info(key, response, size)
-            return await self._multipart(key, src, fd, size, conditions)
+            if conditions:
+                await self._absent(key)
+            return await self._multipart(key, src, fd, size)
         finally:
             await self._local("upload", key, src, lambda: os.close(fd))
 
@@ -878,9 +885,22 @@ class S3Bucket:
                 raise _local_error(body.error, path=src, operation="upload", key=key) from exc
             raise
 
-    async def _multipart(
-        self, key: str, src: Path, fd: int, size: int, conditions: dict[str, str]
-    ) -> ObjectInfo:
+    async def _absent(self, key: str) -> None:
+        """Raise PreconditionFailedError, as a refused If-None-Match would, if ``key`` exists."""
+        try:
+            await self._s3.head_object(Bucket=self.name, Key=key)
+        except ClientError as exc:
+            if _status_and_code(exc)[0] == 404:
+                return
+            raise
+        raise PreconditionFailedError(
+            f"S3 upload of {key!r} in bucket {self.name!r}: the object exists already "
+            "(If-None-Match, checked with a HEAD before a multipart upload)",
+            key=key,
+            operation="upload",
+        )
+
+    async def _multipart(self, key: str, src: Path, fd: int, size: int) -> ObjectInfo:
         part_size = max(self._part_size, -(-size // _MAX_PARTS))
         try:
             created = await self._s3.create_multipart_upload(Bucket=self.name, Key=key)
@@ -923,7 +943,6 @@ class S3Bucket:
                 MultipartUpload={
                     "Parts": [{"ETag": etags[n], "PartNumber": n} for n in sorted(etags)]
                 },
-                **conditions,
             )
         except BaseException:
             # Shielded so that a cancelled upload still cleans up its parts on the server.

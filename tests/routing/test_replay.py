@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -321,6 +322,32 @@ async def test_a_429_pauses_the_machines_api_until_retry_after(
     harness.middleware.router.invalidate("zeta")  # not the failure cache: the pause answers
     assert_503(await harness.get("/customers/zeta"), "not asked again for")
     assert len(machines_api.requests) == 1
+
+
+async def test_machines_that_fall_through_together_pause_for_different_times_after_a_429(
+    harness_factory: Any, dns: DevDNSServer, tmp_path: Path, machines_api: FakeMachinesAPI
+) -> None:
+    machines_api.add("zeta", state="stopped", machine_id="m9zeta")
+    pauses = []
+    for n in range(3):
+        settings = settings_for(
+            tmp_path / f"m{n}",
+            dns,
+            fly_api_token=Secret("tok"),
+            machines_api_url=machines_api.base_url,
+        )
+        harness = await harness_factory(settings)
+        machines_api.fail_next = (429, {"error": "rate limited"})
+        machines_api.retry_after = "30"
+        assert_503(await harness.get("/customers/zeta"), "HTTP 429")
+        harness.middleware.router.invalidate("zeta")
+        paused = await harness.get("/customers/zeta")
+        match = re.search(r"not asked again for ([0-9.]+)s", paused.text)
+        assert match is not None, paused.text
+        pauses.append(float(match[1]))
+    # Retry-After, plus up to half as long again, different on each machine.
+    assert all(29 <= p <= 45 for p in pauses), pauses
+    assert len(set(pauses)) == 3, pauses
 
 
 async def test_machines_api_failure_is_503(
