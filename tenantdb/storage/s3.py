@@ -839,8 +839,9 @@ class S3Bucket:
         with a few parts in flight, aborted on any failure so no parts are left behind.
         ``if_none_match="*"`` goes on the PUT, where the store checks it atomically. A
         multipart upload checks with a HEAD before it starts instead: S3 takes
-        If-None-Match on CompleteMultipartUpload, but Tigris documents conditional headers
-        for PUT, GET, HEAD and DELETE only, so write-once must not depend on it there. The
+        If-None-Match on CompleteMultipartUpload, but Tigris's page on conditional
+        operations (https://www.tigrisdata.com/docs/objects/conditionals/) does not say it
+        does, so write-once must not depend on it there. The
         HEAD is enough because tenantdb uploads files only to keys that never repeat
         (snapshots): the one writer that can have created the key is an earlier attempt of
         this very upload whose answer was lost. Either way an existing object gives
