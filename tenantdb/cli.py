@@ -37,6 +37,7 @@ from tenantdb.cli_common import fly_settings as _fly_settings
 from tenantdb.cli_common import out as _out
 from tenantdb.cli_common import positive_int as _positive_int
 from tenantdb.cli_common import tenant_arg as _tenant_arg
+from tenantdb.cli_doctor import DOCTOR_COMMANDS
 from tenantdb.cli_move import configure_move
 from tenantdb.cli_tenants import TENANT_COMMANDS
 from tenantdb.errors import TenantDBError
@@ -437,6 +438,7 @@ COMMANDS: dict[str, Command] = {
         configure=_configure_dev,
     ),
     **TENANT_COMMANDS,
+    **DOCTOR_COMMANDS,
 }
 
 

@@ -101,6 +101,7 @@ def test_parser_is_built_from_commands() -> None:
     parser = build_parser()
     assert set(COMMANDS) == {
         "dev",
+        "doctor",
         "history",
         "machines",
         "restore",
