@@ -11,6 +11,7 @@ import pytest
 
 from tenantdb.cli import main
 from tenantdb.config import Settings
+from tenantdb.dev.dns_server import DevDNSServer
 from tenantdb.doctor import check_consistency
 from tests.conftest import create_s3_bucket
 from tests.support.careless_s3 import careless_s3
@@ -201,3 +202,21 @@ def test_consistency_is_judged_by_the_regions_in_use(
     assert result.status == status, result
     if status in ("fail", "warn"):
         assert "Single-region or Multi-region" in result.fix
+
+
+@pytest.mark.parametrize("allocated", [True, False])
+def test_flycast_is_checked_where_fly_dns_answers(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    moto_env: dict[str, str],
+    allocated: bool,
+) -> None:
+    with DevDNSServer(APP).run_in_thread() as dns:
+        if allocated:
+            dns.add_record(f"{APP}.flycast.", "AAAA", "fdaa:0:1::ff")
+        env = {**moto_env, "FLY_APP_NAME": APP, "TENANTDB_DNS_SERVER": "{}:{}".format(*dns.address)}
+        code, checks, _ = doctor(capsys, monkeypatch, env)
+    assert checks["flycast"]["status"] == ("pass" if allocated else "fail")
+    assert code == (0 if allocated else 1)
+    if not allocated:
+        assert "fly ips allocate-v6 --private" in checks["flycast"]["fix"]
