@@ -7,7 +7,8 @@
    request);
 2. Fly's internal DNS, which lists running machines only
    (https://fly.io/docs/networking/private-networking/). A DNS failure (timeout, SERVFAIL,
-   REFUSED, a failing `_instances.internal` TXT) is not the end of the chain: the next sources are asked;
+   REFUSED, of the AAAA or the ``_instances.internal`` TXT query) is not the end of the
+   chain: the next sources are asked;
 3. the tenant's ``lock.json``: ``owner``, else ``last_owner`` (a replay to a stopped machine
    makes Fly's proxy start it);
 4. the Machines API, when a token is set: one app-wide list, shared by every tenant, cached
