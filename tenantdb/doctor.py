@@ -86,32 +86,31 @@ async def _bucket_checks(
 
 
 async def _reachable(bucket: Bucket, settings: Settings) -> CheckResult:
-    style = getattr(bucket, "addressing_style", None)
-    how = f" ({style} addressing)" if style else ""
+    # The repr names the bucket, the endpoint and (for S3) the addressing style.
     try:
         # A GET, not a HEAD: a HEAD's 404 has no body to tell NoSuchBucket from NoSuchKey.
         await bucket.get(f"{settings.prefix}{PROBE_DIRECTORY}/reachable", max_size=1024)
     except (ObjectNotFoundError, ObjectTooLargeError):
-        return CheckResult("bucket", "pass", f"{bucket!r} answers{how}")
+        return CheckResult("bucket", "pass", f"{bucket!r} answers")
     except AccessDeniedError as exc:
         fix = (
             "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (on Fly, `fly storage create` "
             "sets them as secrets) and that the key may read and write the bucket"
         )
-        return CheckResult("bucket", "fail", f"{bucket!r}{how}: {exc}", fix)
+        return CheckResult("bucket", "fail", f"{bucket!r}: {exc}", fix)
     except BucketConfigurationError as exc:
         fix = (
             "check BUCKET_NAME and AWS_ENDPOINT_URL_S3; on plain S3 the bucket must exist "
             "already; Tigris buckets need virtual-hosted addressing "
             "(TENANTDB_S3_ADDRESSING=auto or virtual)"
         )
-        return CheckResult("bucket", "fail", f"{bucket!r}{how}: {exc}", fix)
+        return CheckResult("bucket", "fail", f"{bucket!r}: {exc}", fix)
     except StorageError as exc:
         transient = isinstance(exc, TransientStorageError)
         fix = "check the endpoint and the network" if transient else "see the error"
-        return CheckResult("bucket", "fail", f"{bucket!r}{how}: {exc}", fix)
+        return CheckResult("bucket", "fail", f"{bucket!r}: {exc}", fix)
     # Someone put an object there: harmless, and the bucket answered.
-    return CheckResult("bucket", "pass", f"{bucket!r} answers{how}")
+    return CheckResult("bucket", "pass", f"{bucket!r} answers")
 
 
 async def _conditional_writes(bucket: Bucket, settings: Settings) -> CheckResult:

@@ -81,7 +81,7 @@ def test_a_healthy_bucket_passes_and_fly_checks_say_why_they_were_skipped(
     code, checks, text = doctor(capsys, monkeypatch, moto_env)
     assert code == 0
     assert checks["bucket"]["status"] == "pass"
-    assert "path addressing" in checks["bucket"]["detail"]
+    assert "addressing='path'" in checks["bucket"]["detail"]
     assert checks["conditional writes"]["status"] == "pass"
     assert checks["consistency"]["status"] == "pass"
     for name in ("stop timeout", "metrics", "images", "flycast"):
