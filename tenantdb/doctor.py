@@ -146,7 +146,14 @@ def check_consistency(settings: Settings, regions_in_use: set[str] | None) -> Ch
             )
         return CheckResult("consistency", "pass", "declared regional: leases stay in their region")
     if regions_in_use is None:
-        return CheckResult("consistency", "skip", f"the regions in use are unknown: {_NEEDS_API}")
+        return CheckResult(
+            "consistency",
+            "warn",
+            f"a Tigris bucket; the regions the machines run in are unknown ({_NEEDS_API})",
+            "if the machines run in more than one region, check in the Tigris dashboard that "
+            "the bucket's location type is Single-region or Multi-region and set "
+            "TENANTDB_BUCKET_CONSISTENCY=strong",
+        )
     regions = sorted(r for r in regions_in_use if r)
     where = ", ".join(regions) or "no region"
     if settings.consistent_across_regions:
