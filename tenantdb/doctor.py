@@ -10,7 +10,7 @@ metadata key, images), then the Flycast address (from inside Fly only).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -81,8 +81,21 @@ async def _bucket_checks(
         return [
             reachable,
             await _conditional_writes(bucket, settings),
-            check_consistency(settings, None if machines is None else {m.region for m in machines}),
+            check_consistency(settings, _tenant_regions(settings, machines)),
         ]
+
+
+def _tenant_regions(
+    settings: Settings, machines: Sequence[Machine] | None
+) -> dict[str, set[str]] | None:
+    if machines is None:
+        return None
+    regions: dict[str, set[str]] = {}
+    for machine in machines:
+        tenant = machine.tenant(settings.metadata_key)
+        if tenant is not None and machine.region:
+            regions.setdefault(tenant, set()).add(machine.region)
+    return regions
 
 
 async def _reachable(bucket: Bucket, settings: Settings) -> CheckResult:
@@ -132,9 +145,11 @@ async def _conditional_writes(bucket: Bucket, settings: Settings) -> CheckResult
     )
 
 
-def check_consistency(settings: Settings, regions_in_use: set[str] | None) -> CheckResult:
-    """Whether the bucket is consistent enough for the regions the machines run in (None:
-    unknown)."""
+def check_consistency(
+    settings: Settings, tenant_regions: Mapping[str, set[str]] | None
+) -> CheckResult:
+    """Whether the bucket is consistent enough for the regions each tenant's machines run in
+    (``tenant_regions``: tenant -> regions; None: unknown)."""
     declared = settings.bucket_consistency
     if not settings.is_tigris:
         if settings.consistent_across_regions:
@@ -145,37 +160,39 @@ def check_consistency(settings: Settings, regions_in_use: set[str] | None) -> Ch
                 f"(TENANTDB_BUCKET_CONSISTENCY={declared})",
             )
         return CheckResult("consistency", "pass", "declared regional: leases stay in their region")
-    if regions_in_use is None:
+    if tenant_regions is None:
         return CheckResult(
             "consistency",
             "warn",
             f"a Tigris bucket; the regions the machines run in are unknown ({_NEEDS_API})",
-            "if the machines run in more than one region, check in the Tigris dashboard that "
-            "the bucket's location type is Single-region or Multi-region and set "
+            "if a tenant's machines run in more than one region, check in the Tigris dashboard "
+            "that the bucket's location type is Single-region or Multi-region and set "
             "TENANTDB_BUCKET_CONSISTENCY=strong",
         )
-    regions = sorted(r for r in regions_in_use if r)
-    where = ", ".join(regions) or "no region"
+    spread = {
+        tenant: sorted(regions) for tenant, regions in tenant_regions.items() if len(regions) > 1
+    }
     if settings.consistent_across_regions:
         return CheckResult(
             "consistency",
             "warn",
-            f"machines in {where}; the bucket is declared strongly consistent "
-            "(TENANTDB_BUCKET_CONSISTENCY=strong), which the S3 API cannot confirm",
+            "the bucket is declared strongly consistent (TENANTDB_BUCKET_CONSISTENCY=strong), "
+            "which the S3 API cannot confirm",
             "check in the Tigris dashboard that the bucket's location type is Single-region "
             "or Multi-region (Global and Dual-region are strong only within a region)",
         )
-    if len(regions) <= 1:
+    if not spread:
         return CheckResult(
             "consistency",
             "pass",
-            f"machines in {where} only: Tigris is strongly consistent within a region",
+            "each tenant's machines are in one region: Tigris is strongly consistent within one",
         )
+    where = "; ".join(f"{t} in {', '.join(r)}" for t, r in sorted(spread.items()))
     return CheckResult(
         "consistency",
         "fail",
-        f"machines in {where} on a Tigris bucket not declared strongly consistent: a lease "
-        "last held in another region is refused",
+        f"tenants with machines in several regions on a Tigris bucket not declared strongly "
+        f"consistent ({where}): a lease last held in another region is refused",
         "use a Single-region or Multi-region bucket and set TENANTDB_BUCKET_CONSISTENCY=strong, "
         "or keep each tenant's machines in one region",
     )

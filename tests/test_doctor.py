@@ -188,15 +188,20 @@ TIGRIS = {"AWS_ENDPOINT_URL_S3": "https://fly.storage.tigris.dev"}
 @pytest.mark.parametrize(
     ("env", "regions", "status"),
     [
-        (TIGRIS, {"ams"}, "pass"),
-        (TIGRIS, {"ams", "iad"}, "fail"),
-        ({**TIGRIS, "TENANTDB_BUCKET_CONSISTENCY": "strong"}, {"ams", "iad"}, "warn"),
+        # Tenants each in one region, different ones: each lease stays where it is written.
+        (TIGRIS, {"acme": {"ams"}, "globex": {"iad"}}, "pass"),
+        (TIGRIS, {"acme": {"ams", "iad"}}, "fail"),
+        ({**TIGRIS, "TENANTDB_BUCKET_CONSISTENCY": "strong"}, {"acme": {"ams", "iad"}}, "warn"),
         (TIGRIS, None, "warn"),
-        ({"AWS_ENDPOINT_URL_S3": "https://s3.eu-west-3.amazonaws.com"}, {"ams", "iad"}, "pass"),
+        (
+            {"AWS_ENDPOINT_URL_S3": "https://s3.eu-west-3.amazonaws.com"},
+            {"acme": {"ams", "iad"}},
+            "pass",
+        ),
     ],
 )
-def test_consistency_is_judged_by_the_regions_in_use(
-    env: dict[str, str], regions: set[str] | None, status: str
+def test_consistency_is_judged_by_the_regions_of_each_tenant(
+    env: dict[str, str], regions: dict[str, set[str]] | None, status: str
 ) -> None:
     result = check_consistency(Settings.from_env(env), regions)
     assert result.status == status, result
