@@ -24,7 +24,8 @@ runner, or a test double). It follows Fly's documentation
   (https://fly.io/docs/reference/error-codes/), and so does one to a failed, unknown or
   unreachable machine. With ``fallback=force_self`` or ``prefer_self`` on the fly-replay
   ("Replay timeout and fallback"), the request goes back to the machine that asked (or, for
-  ``prefer_self``, any machine) with a ``fly-replay-failed`` header instead, and cannot be
+  ``prefer_self``, any machine) with a ``fly-replay-failed`` header instead
+  (``instance=..;app=..;region=..;replay_source=..;reason=..;elapsed_ms=..``), and cannot be
   replayed again; without it the client gets the proxy's error. With ``timeout=<d>``, a
   target that does not start within it fails the replay with reason ``timeout``. Fly
   documents the fallback for a timeout, exhausted retries or no candidate, not for PM08:
@@ -108,6 +109,8 @@ ReplayVia = Literal["fly-replay", "cache"]
 StepKind = Literal["direct", "replayed", "cached replay", "fallback"]
 _CacheStatus = Literal["miss", "hit", "bypass"]
 Fallback = Literal["force_self", "prefer_self"]
+# Why a replay failed, in fly-replay-failed: the reasons Fly documents.
+FailReason = Literal["timeout", "retries_exhausted", "no_candidate"]
 _FALLBACKS: dict[str, Fallback] = {"force_self": "force_self", "prefer_self": "prefer_self"}
 
 _HOP_BY_HOP = frozenset(
@@ -329,7 +332,23 @@ class _Answer(Exception):
 
 
 class _ReplayFailed(_Answer):
-    """The proxy could not hand the request to its target: a fallback may take it back."""
+    """The proxy could not hand the request to its target: a fallback may take it back.
+
+    ``reason`` is one of the three Fly documents for ``fly-replay-failed``; ``target`` and
+    ``region`` name the machine the replay was for, when there is one.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        reason: FailReason = "no_candidate",
+        target: MachineInfo | None = None,
+    ) -> None:
+        super().__init__(status, message)
+        self.reason: FailReason = reason
+        self.target = target
 
 
 class _RequestBody:
@@ -508,6 +527,7 @@ class FlyProxy:
         replays = 1 if hop.via == "cache" else 0
         try:
             while True:
+                attempt_started = time.monotonic()
                 try:
                     machine, unavailable = self._choose(hop)
                     trace.add(machine, hop)
@@ -515,7 +535,8 @@ class FlyProxy:
                         self._record(request, hop.source, machine, hop.via)
                     directive = await self._attempt(request, machine, hop, unavailable, send)
                 except _ReplayFailed as failure:
-                    hop = _fall_back(hop, failure)
+                    elapsed = time.monotonic() - attempt_started
+                    hop = _fall_back(hop, failure, self.backends.app_name, elapsed)
                     continue
                 if directive is None:
                     return
@@ -616,10 +637,15 @@ class FlyProxy:
                 finally:
                     await response.aclose()
         except MachineUnavailableError as exc:
-            raise _ReplayFailed(503, str(exc)) from None
+            raise _ReplayFailed(503, str(exc), target=machine) from None
         except httpx.ConnectError as exc:
             # No connection was made: the replay failed (a fallback may take it back).
-            raise _ReplayFailed(502, f"machine {machine.machine_id} refused: {exc!r}") from None
+            raise _ReplayFailed(
+                502,
+                f"machine {machine.machine_id} refused: {exc!r}",
+                reason="retries_exhausted",
+                target=machine,
+            ) from None
         except httpx.TransportError as exc:
             raise _Answer(502, f"machine {machine.machine_id} did not answer: {exc!r}") from None
 
@@ -639,8 +665,10 @@ class FlyProxy:
             elapsed = round((time.monotonic() - started) * 1000)
             raise _ReplayFailed(
                 504,
-                f"reason=timeout: machine {machine.machine_id} was not reached within the "
-                f"replay timeout ({elapsed} ms)",
+                f"machine {machine.machine_id} was not reached within the replay timeout "
+                f"({elapsed} ms)",
+                reason="timeout",
+                target=machine,
             ) from None
 
     def _choose(self, hop: _Hop) -> tuple[MachineInfo, str | None]:
@@ -656,13 +684,16 @@ class FlyProxy:
                 raise _ReplayFailed(502, f"no machine {directive.instance} in app {app}")
             if machine.state == "stopping":
                 raise _ReplayFailed(
-                    503, f"PM08: machine {machine.machine_id} is stopping and takes no requests"
+                    503,
+                    f"PM08: machine {machine.machine_id} is stopping and takes no requests",
+                    target=machine,
                 )
             if _held_down(machine):
                 raise _ReplayFailed(
                     503,
                     f"machine {machine.machine_id} is {machine.state} and its service has "
                     "autostart off: the proxy does not start it",
+                    target=machine,
                 )
             return machine, None
         preferred = directive.prefer_instance
@@ -801,11 +832,13 @@ def _held_down(machine: MachineInfo) -> bool:
     return not machine.autostart and machine.state != "started"
 
 
-def _fall_back(hop: _Hop, failure: _ReplayFailed) -> _Hop:
+def _fall_back(hop: _Hop, failure: _ReplayFailed, app: str, elapsed: float) -> _Hop:
     """The hop back to the machine that asked for a failed replay, if its fallback allows.
 
     Without a fallback (or on the way back already) ``failure`` is raised: the client gets
-    the proxy's error.
+    the proxy's error. The hop carries ``fly-replay-failed`` as Fly writes it:
+    ``instance=..;app=..;region=..;replay_source=..;reason=..;elapsed_ms=..``
+    (https://fly.io/docs/networking/dynamic-request-routing/, "The fly-replay-failed Header").
     """
     source = hop.source
     fallback = hop.directive.fallback
@@ -817,7 +850,17 @@ def _fall_back(hop: _Hop, failure: _ReplayFailed) -> _Hop:
         if fallback == "force_self"
         else ReplayDirective(prefer_instance=source.machine_id)
     )
-    return _Hop(back, failed=f"{failure.status} {failure}")
+    target = failure.target
+    fields = {
+        "instance": target.machine_id if target else hop.directive.instance,
+        "app": app,
+        "region": target.region if target else None,
+        "replay_source": source.machine_id,
+        "reason": failure.reason,
+        "elapsed_ms": str(round(elapsed * 1000)),
+    }
+    failed = ";".join(f"{name}={value}" for name, value in fields.items() if value)
+    return _Hop(back, failed=failed)
 
 
 def _forward_headers(
