@@ -123,7 +123,9 @@ def _configure_machines(parser: argparse.ArgumentParser) -> None:
         epilog=_MACHINES_EPILOG,
         help="create the machine that serves a tenant",
         description="Create one Fly Machine for TENANT: metadata <key>=TENANT, env "
-        "TENANT_ID=TENANT, autostop/autostart on. Refuses if the tenant already has one. "
+        "TENANT_ID=TENANT, autostop/autostart on, the stop timeout of TENANTDB_KILL_TIMEOUT "
+        "and config.metrics on TENANTDB_METRICS_PORT (so Fly scrapes it). Refuses if the "
+        "tenant already has one. "
         "Put secrets in `fly secrets`, not --env: env values are visible in the machine config.",
     )
     create.add_argument("tenant", type=_tenant_arg, help="tenant id (a lowercase DNS label)")
