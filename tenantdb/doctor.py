@@ -68,21 +68,37 @@ async def run_checks(settings: Settings) -> list[CheckResult]:
 async def _bucket_checks(
     settings: Settings, machines: Sequence[Machine] | None
 ) -> list[CheckResult]:
+    if not settings.bucket_name:
+        # The embedded local bucket serves one computer: no deployment runs on it, and
+        # opening it here would create its directory.
+        missing = CheckResult(
+            "bucket",
+            "fail",
+            "BUCKET_NAME is not set: machines would use the embedded local bucket "
+            f"({settings.local_bucket_dir}), which serves one computer only",
+            "on Fly, `fly storage create` sets BUCKET_NAME and the AWS_* secrets; elsewhere "
+            "set BUCKET_NAME, AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+        )
+        return _without_bucket(missing)
     bucket = open_bucket(settings)
     async with bucket:
         reachable = await _reachable(bucket, settings)
         if reachable.status != "pass":
-            why = "the bucket is not reachable"
-            return [
-                reachable,
-                CheckResult("conditional writes", "skip", why),
-                CheckResult("consistency", "skip", why),
-            ]
+            return _without_bucket(reachable)
         return [
             reachable,
             await _conditional_writes(bucket, settings),
             check_consistency(settings, _tenant_regions(settings, machines)),
         ]
+
+
+def _without_bucket(failed: CheckResult) -> list[CheckResult]:
+    why = "the bucket is not reachable"
+    return [
+        failed,
+        CheckResult("conditional writes", "skip", why),
+        CheckResult("consistency", "skip", why),
+    ]
 
 
 def _tenant_regions(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -115,6 +116,19 @@ def test_a_missing_bucket_fails_and_the_checks_that_need_it_are_skipped(
     assert "the bucket must exist" in checks["bucket"]["fix"]
     assert checks["conditional writes"]["status"] == "skip"
     assert checks["consistency"]["status"] == "skip"
+
+
+def test_without_bucket_name_the_bucket_check_fails_and_nothing_is_created(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, checks, _ = doctor(capsys, monkeypatch, {})
+    assert code == 1
+    assert checks["bucket"]["status"] == "fail"
+    assert "BUCKET_NAME is not set" in checks["bucket"]["detail"]
+    assert "fly storage create" in checks["bucket"]["fix"]
+    assert checks["conditional writes"]["status"] == "skip"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_well_configured_machines_pass_every_machine_check(
