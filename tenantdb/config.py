@@ -37,7 +37,7 @@ BucketConsistency = Literal["auto", "regional", "strong"]
 
 # Tigris's S3 endpoints: Fly's name for it, and Tigris's own (every region behind one name).
 TIGRIS_HOSTS = ("fly.storage.tigris.dev", "t3.storage.dev")
-TIGRIS_DOMAINS = ("tigris.dev", "storage.dev")
+TIGRIS_DOMAINS = ("tigris.dev", "t3.storage.dev")
 
 
 def is_tigris_endpoint(endpoint_url: str | None) -> bool:
