@@ -4,7 +4,9 @@ All three ask the dev DNS responder on loopback (running in a background thread)
 served by one machine each:
 
 - cached:   ``MachineLocator.lookup`` answered from its in-process cache;
-- uncached: ``MachineLocator.lookup(use_cache=False)``, an AAAA and a PTR query over UDP;
+- uncached: ``MachineLocator.lookup(use_cache=False)``, an AAAA query over UDP (the
+            ``_instances.internal`` TXT list that maps its address to a machine id is shared
+            by every tenant and fetched again only when stale or missing the address);
 - naive:    what a Node demo does per request, two ``dig`` subprocesses
             (``dig AAAA <name> +short`` then ``dig -x <address> +short``).
 

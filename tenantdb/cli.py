@@ -38,6 +38,7 @@ from tenantdb.cli_common import out as _out
 from tenantdb.cli_common import positive_int as _positive_int
 from tenantdb.cli_common import tenant_arg as _tenant_arg
 from tenantdb.cli_deploy import DEPLOY_COMMANDS
+from tenantdb.cli_doctor import DOCTOR_COMMANDS
 from tenantdb.cli_move import configure_move
 from tenantdb.cli_tenants import TENANT_COMMANDS
 from tenantdb.errors import TenantDBError
@@ -123,7 +124,9 @@ def _configure_machines(parser: argparse.ArgumentParser) -> None:
         epilog=_MACHINES_EPILOG,
         help="create the machine that serves a tenant",
         description="Create one Fly Machine for TENANT: metadata <key>=TENANT, env "
-        "TENANT_ID=TENANT, autostop/autostart on. Refuses if the tenant already has one. "
+        "TENANT_ID=TENANT, autostop/autostart on, the stop timeout of TENANTDB_KILL_TIMEOUT "
+        "and config.metrics on TENANTDB_METRICS_PORT (so Fly scrapes it). Refuses if the "
+        "tenant already has one. "
         "Put secrets in `fly secrets`, not --env: env values are visible in the machine config.",
     )
     create.add_argument("tenant", type=_tenant_arg, help="tenant id (a lowercase DNS label)")
@@ -220,6 +223,7 @@ async def _create(args: argparse.Namespace) -> int:
             memory_mb=args.memory_mb,
             cpus=args.cpus,
             kill_timeout=settings.kill_timeout,
+            metrics_port=settings.metrics_port,
         )
     _out(
         f"created machine {machine.id} for tenant {args.tenant} "
@@ -438,6 +442,7 @@ COMMANDS: dict[str, Command] = {
     ),
     **TENANT_COMMANDS,
     **DEPLOY_COMMANDS,
+    **DOCTOR_COMMANDS,
 }
 
 

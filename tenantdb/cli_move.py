@@ -115,6 +115,15 @@ async def _move(args: argparse.Namespace) -> int:
         if old.region == args.region:
             err(f"error: machine {old.id} of tenant {args.tenant} is in {args.region} already")
             return EXIT_FAILURE
+        if not settings.consistent_across_regions:
+            err(
+                f"error: the bucket is not declared strongly consistent across regions "
+                f"(TENANTDB_BUCKET_CONSISTENCY={settings.bucket_consistency}), so a machine in "
+                f"{args.region} would refuse the lease last held in {old.region or 'its region'}; "
+                "make the bucket Single-region or Multi-region and set "
+                "TENANTDB_BUCKET_CONSISTENCY=strong; nothing was changed"
+            )
+            return EXIT_FAILURE
         problem = await _lock_problem(bucket, args.tenant, old, settings.prefix)
         if problem:
             err(f"error: {problem}; nothing was changed")

@@ -8,17 +8,44 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
 
 from tenantdb.errors import ConfigurationError, InvalidTenantError
 from tenantdb.tenants import TENANT_ID_RULE, validate_tenant
 
-__all__ = ["Durability", "Secret", "Settings", "parse_duration"]
+__all__ = [
+    "Addressing",
+    "BucketConsistency",
+    "Durability",
+    "Secret",
+    "Settings",
+    "is_tigris_endpoint",
+    "parse_duration",
+]
 
 # When a write is acknowledged: once committed locally (and shipped within the sync
 # interval), or once the bucket has it (the output gate holds the response until then).
 Durability = Literal["async", "bucket"]
+# How S3 requests name the bucket: "auto" picks virtual-hosted style for Tigris and path
+# style for every other endpoint (https://www.tigrisdata.com/docs/sdks/s3/aws-python-sdk/).
+Addressing = Literal["auto", "virtual", "path"]
+# What the operator declares about the bucket's consistency across regions: "regional"
+# (Tigris's Global and Dual-region location types: strong only within a region), "strong"
+# (Single-region, Multi-region, or a store that is strongly consistent everywhere, as S3 is),
+# or "auto": regional for a Tigris endpoint, strong for any other.
+BucketConsistency = Literal["auto", "regional", "strong"]
 
+# Tigris's S3 endpoints: Fly's name for it, and Tigris's own (every region behind one name).
 TIGRIS_HOSTS = ("fly.storage.tigris.dev", "t3.storage.dev")
+TIGRIS_DOMAINS = ("tigris.dev", "t3.storage.dev")
+
+
+def is_tigris_endpoint(endpoint_url: str | None) -> bool:
+    """True when ``endpoint_url`` is one of Tigris's S3 endpoints (by host name, not substring)."""
+    host = (urlsplit(endpoint_url).hostname or "").lower() if endpoint_url else ""
+    return host in TIGRIS_HOSTS or any(host.endswith("." + d) for d in TIGRIS_DOMAINS)
+
+
 # Where request bodies too large for fly-replay are streamed. On Fly, the app's Flycast
 # address: Fly's proxy there honours fly-force-instance-id, starts a stopped machine and
 # reaches apps bound to 0.0.0.0 (https://fly.io/docs/networking/flycast/); a machine's 6PN
@@ -134,6 +161,15 @@ def _durability(raw: str | None) -> Durability:
     raise _invalid("TENANTDB_DURABILITY", raw or "", "is not a durability", "'bucket' or 'async'")
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    if raw.lower() not in choices:
+        raise _invalid(name, raw, "is not a choice", " or ".join(repr(c) for c in choices))
+    return raw.lower()
+
+
 def _dns_server(raw: str | None) -> tuple[str, int] | None:
     if not raw:
         return None
@@ -199,6 +235,10 @@ class Settings:
     # The metrics' interface: TENANTDB_METRICS_HOST, else the app's own (HOST), else loopback
     # (0.0.0.0 on Fly).
     metrics_host: str = "127.0.0.1"
+    s3_addressing: Addressing = "auto"
+    # A lease is taken from another region than its last holder's only on a bucket that is
+    # consistent across regions (see tenantdb.lease): Tigris's default location type is not.
+    bucket_consistency: BucketConsistency = "auto"
     # "" picks the default: Flycast on Fly (FLY_APP_NAME), else the 6PN name.
     proxy_url: str = ""
 
@@ -225,6 +265,12 @@ class Settings:
             raise ConfigurationError(f"metrics port {self.metrics_port} is not a TCP port or 0")
         if not self.metrics_host or any(c.isspace() for c in self.metrics_host):
             raise ConfigurationError(f"metrics host {self.metrics_host!r} is not an address")
+        if self.s3_addressing not in get_args(Addressing):
+            raise ConfigurationError(f"S3 addressing {self.s3_addressing!r}: auto, virtual or path")
+        if self.bucket_consistency not in get_args(BucketConsistency):
+            raise ConfigurationError(
+                f"bucket consistency {self.bucket_consistency!r}: auto, regional or strong"
+            )
         if self.prefix and not self.prefix.endswith("/"):
             object.__setattr__(self, "prefix", self.prefix + "/")
         if not self.proxy_url:
@@ -275,6 +321,10 @@ class Settings:
                 or env.get("HOST")
                 or ("0.0.0.0" if env.get("FLY_APP_NAME") else "127.0.0.1")
             ).strip(),
+            "s3_addressing": _choice(env, "TENANTDB_S3_ADDRESSING", get_args(Addressing), "auto"),
+            "bucket_consistency": _choice(
+                env, "TENANTDB_BUCKET_CONSISTENCY", get_args(BucketConsistency), "auto"
+            ),
         }
         if env.get("FLY_MACHINE_ID"):
             values["machine_id"] = env["FLY_MACHINE_ID"]
@@ -288,6 +338,13 @@ class Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     @property
+    def consistent_across_regions(self) -> bool:
+        """Whether the lease may move between regions (TENANTDB_BUCKET_CONSISTENCY)."""
+        if self.bucket_consistency == "auto":
+            return not self.is_tigris
+        return self.bucket_consistency == "strong"
+
+    @property
     def is_tigris(self) -> bool:
         """True when the bucket endpoint is Tigris (lease writes ask for consistency)."""
-        return any(host in (self.endpoint_url or "") for host in TIGRIS_HOSTS)
+        return is_tigris_endpoint(self.endpoint_url)

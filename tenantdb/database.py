@@ -323,6 +323,7 @@ class TenantDB:
                 prefix=self.settings.prefix,
                 claim=claim,
                 on_lost=self._on_lease_lost,
+                cross_region=self.settings.consistent_across_regions,
             )
             try:
                 await self._lease.acquire()

@@ -14,10 +14,12 @@ Every error tenantdb raises on purpose is a ``TenantDBError``::
     │   ├── TransientStorageError     5xx, timeouts, resets: retried before surfacing
     │   ├── AccessDeniedError         403: credentials or policy
     │   ├── BucketConfigurationError  no such bucket, bad endpoint, bad key name
+    │   │   └── ConditionalWritesIgnoredError  the bucket ignores If-Match / If-None-Match
     │   └── LocalDiskError            the local disk refused a write (full, read-only)
     ├── LeaseError                    the tenant lease protocol
     │   ├── LeaseHeldError            a live other machine holds the lease
     │   ├── LeaseLostError            fenced: a newer holder exists, stop writing
+    │   ├── CrossRegionLeaseError     taking over from another region on a regional bucket
     │   └── LockFileCorruptError      lock.json is not something tenantdb can trust
     ├── SnapshotError                 a snapshot cannot be made or restored (key)
     ├── IntegrityCheckError           a restored database fails PRAGMA integrity_check (problems)
@@ -43,7 +45,9 @@ __all__ = [
     "AccessDeniedError",
     "BucketConfigurationError",
     "ConditionalConflictError",
+    "ConditionalWritesIgnoredError",
     "ConfigurationError",
+    "CrossRegionLeaseError",
     "DNSLookupError",
     "DataDirLockedError",
     "DurabilityError",
@@ -155,6 +159,14 @@ class BucketConfigurationError(StorageError):
     """The bucket, endpoint or key cannot work: no such bucket, bad name, bad URL."""
 
 
+class ConditionalWritesIgnoredError(BucketConfigurationError):
+    """The bucket accepted a write whose If-Match or If-None-Match did not hold.
+
+    On such a store two machines can both believe they hold a lease: tenantdb must not
+    serve from it.
+    """
+
+
 class LocalDiskError(StorageError):
     """The local file system refused a write: disk full, read-only, permissions."""
 
@@ -183,6 +195,27 @@ class LeaseHeldError(LeaseError):
 
 class LeaseLostError(LeaseError):
     """The lease was taken by a newer holder: this machine is fenced."""
+
+
+class CrossRegionLeaseError(LeaseError):
+    """The lease was last held in another region, on a bucket not declared strongly consistent.
+
+    On a bucket consistent only within a region (Tigris's default Global location type),
+    a machine in another region may read an older lock.json and its conditional writes are
+    not checked against the holder's: two machines could hold the lease at once.
+    """
+
+    def __init__(self, *, tenant: str, region: str, holder_region: str) -> None:
+        self.region = region
+        self.holder_region = holder_region
+        super().__init__(
+            f"tenant {tenant} was last held in region {holder_region}, not {region}: the "
+            "bucket is not declared strongly consistent across regions, so taking the lease "
+            "here could make two holders. Use a Single-region or Multi-region Tigris bucket "
+            "and set TENANTDB_BUCKET_CONSISTENCY=strong, or run the tenant's machines in "
+            f"{holder_region}",
+            tenant=tenant,
+        )
 
 
 class LockFileCorruptError(LeaseError):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from tenantdb.errors import (
+    CrossRegionLeaseError,
     LeaseHeldError,
     LeaseLostError,
     LockFileCorruptError,
@@ -111,12 +112,16 @@ class Lease:
         prefix: str = "tenants/",
         claim: str | None = None,
         on_lost: Callable[[LeaseLostError], None] | None = None,
+        cross_region: bool = False,
     ) -> None:
         self.bucket = bucket
         self.tenant = tenant
         self.machine_id = machine_id
         self.region = region
         self.ttl = ttl
+        # Whether the bucket is strongly consistent across regions, so that the lease may
+        # move between regions (TENANTDB_BUCKET_CONSISTENCY=strong).
+        self.cross_region = cross_region
         self.claim = claim or secrets.token_hex(8)
         self.prefix = prefix
         self.key = f"{prefix}{tenant}/lock.json"
@@ -223,6 +228,7 @@ class Lease:
                 current.owner,
                 -expires_in,
             )
+        self._check_region(current)
         record = replace(
             current,
             owner=self.machine_id,
@@ -236,6 +242,21 @@ class Lease:
         self.previous = current
         async with self._write_lock:
             return await self._write(record, if_match=observed.info.etag)
+
+    def _check_region(self, current: LockRecord) -> None:
+        """Refuse to take over from another region unless the bucket is consistent across them.
+
+        Tigris: Global and Dual-region buckets are strongly consistent only within a region;
+        Single-region and Multi-region ones everywhere, and those are the ones to use for
+        conditional operations that span regions
+        (https://www.tigrisdata.com/docs/concepts/consistency/).
+        """
+        if self.cross_region or not current.region or not self.region:
+            return
+        if current.region != self.region:
+            raise CrossRegionLeaseError(
+                tenant=self.tenant, region=self.region, holder_region=current.region
+            )
 
     async def renew(self) -> LockRecord:
         """Extend the lease by rewriting ``lock.json`` (a new ``seq``)."""

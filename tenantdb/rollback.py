@@ -65,6 +65,7 @@ async def rollback(
         region=settings.fly_region,
         ttl=settings.lease_ttl,
         prefix=settings.prefix,
+        cross_region=settings.consistent_across_regions,
     )
     await _acquire(lease, wait=wait)
     renewing = asyncio.get_running_loop().create_task(lease.keep_renewed())

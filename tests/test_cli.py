@@ -101,6 +101,7 @@ def test_parser_is_built_from_commands() -> None:
     parser = build_parser()
     assert set(COMMANDS) == {
         "dev",
+        "doctor",
         "history",
         "init",
         "machines",
@@ -166,6 +167,15 @@ def test_create_uses_metadata_key_and_kill_timeout_from_env(
     config = fly.calls("POST")[0].body["config"]
     assert config["metadata"] == {"tenant": "acme"}
     assert config["stop_config"] == {"timeout": 45_000_000_000}
+
+
+def test_create_gives_the_machine_a_metrics_config_for_fly_to_scrape(
+    fly: FakeMachinesAPI, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TENANTDB_METRICS_PORT", "9300")
+    code, _, _ = run(capsys, "machines", "create", "acme", "--image", "img")
+    assert code == 0
+    assert fly.calls("POST")[0].body["config"]["metrics"] == {"port": 9300, "path": "/metrics"}
 
 
 def test_create_refuses_a_second_machine(

@@ -272,6 +272,21 @@ def test_move_refuses_the_region_it_is_in(
     assert fly.calls("POST") == []
 
 
+def test_move_to_another_region_is_refused_on_a_bucket_consistent_only_per_region(
+    fly: FakeMachinesAPI,
+    operator: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fly.add("acme")  # in ams
+    monkeypatch.setenv("TENANTDB_BUCKET_CONSISTENCY", "regional")
+    assert main(["machines", "move", "acme", "--region", "fra"]) == 1
+    err = capsys.readouterr().err
+    assert "would refuse the lease last held in ams" in err
+    assert "TENANTDB_BUCKET_CONSISTENCY=strong" in err
+    assert fly.calls("POST") == []
+
+
 def test_a_failed_copy_stops_the_move_before_anything_else(
     fly: FakeMachinesAPI,
     operator: dict[str, str],

@@ -10,7 +10,9 @@ from typing import Any, Literal
 
 import pytest
 
+from tenantdb.config import Settings
 from tenantdb.errors import (
+    CrossRegionLeaseError,
     LeaseHeldError,
     LeaseLostError,
     LockFileCorruptError,
@@ -273,3 +275,67 @@ async def test_without_a_server_clock_a_lease_expires_only_after_being_watched_f
     await asyncio.sleep(TTL / 2 + 1.2)
     record = await taker.acquire()
     assert (record.owner, record.generation) == ("m2", 2)
+
+
+# --- regions ---------------------------------------------------------------------------------
+
+
+async def test_a_released_lease_is_not_taken_from_another_region_on_a_regional_bucket(
+    bucket: Bucket,
+) -> None:
+    first = make_lease(bucket, "m1")  # in ams
+    await first.acquire()
+    await first.release()
+    elsewhere = Lease(bucket, "acme", machine_id="m2", region="iad", ttl=TTL)
+    with pytest.raises(CrossRegionLeaseError) as refused:
+        await elsewhere.acquire()
+    assert (refused.value.region, refused.value.holder_region) == ("iad", "ams")
+    assert "TENANTDB_BUCKET_CONSISTENCY=strong" in str(refused.value)
+    # Nothing was written: the record still names ams, owner null.
+    stored = json.loads((await bucket.get("tenants/acme/lock.json")).body)
+    assert (stored["owner"], stored["region"]) == (None, "ams")
+
+
+async def test_a_live_lease_in_another_region_is_reported_as_held(bucket: Bucket) -> None:
+    await make_lease(bucket, "m1").acquire()
+    elsewhere = Lease(bucket, "acme", machine_id="m2", region="iad", ttl=TTL)
+    with pytest.raises(LeaseHeldError):
+        await elsewhere.acquire()
+
+
+async def test_a_strongly_consistent_bucket_lets_the_lease_move_between_regions(
+    bucket: Bucket,
+) -> None:
+    first = make_lease(bucket, "m1")
+    await first.acquire()
+    await first.release()
+    moved = Lease(bucket, "acme", machine_id="m2", region="iad", ttl=TTL, cross_region=True)
+    record = await moved.acquire()
+    assert (record.owner, record.region, record.generation) == ("m2", "iad", 2)
+
+
+@pytest.mark.parametrize(
+    ("env", "across"),
+    [
+        ({"AWS_ENDPOINT_URL_S3": "https://fly.storage.tigris.dev"}, False),
+        (
+            {
+                "AWS_ENDPOINT_URL_S3": "https://fly.storage.tigris.dev",
+                "TENANTDB_BUCKET_CONSISTENCY": "strong",
+            },
+            True,
+        ),
+        ({"AWS_ENDPOINT_URL_S3": "https://s3.eu-west-3.amazonaws.com"}, True),
+        (
+            {
+                "AWS_ENDPOINT_URL_S3": "https://minio.example.com",
+                "TENANTDB_BUCKET_CONSISTENCY": "regional",
+            },
+            False,
+        ),
+    ],
+)
+def test_bucket_consistency_defaults_to_regional_for_tigris_only(
+    env: dict[str, str], across: bool
+) -> None:
+    assert Settings.from_env(env).consistent_across_regions is across

@@ -203,7 +203,7 @@ class Cluster:
         self, config: ClusterConfig | None = None, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.config = config or ClusterConfig()
-        self.dns = DevDNSServer(self.config.app_name, host=_LOOPBACK)
+        self.dns = DevDNSServer(self.config.app_name, host=_LOOPBACK, region=self.config.region)
         self.proxy = FlyProxy(self, force_https=_FORCE_HTTPS)
         self.stopped_cleanly = True
         self._clock = clock

@@ -6,6 +6,15 @@ It serves, for the running machines of its registry::
     AAAA <machine_id>.vm.<app>.internal              the machine's address
     AAAA <app>.internal                              every running machine
     PTR  <reverse name of an address>                <machine_id>.vm.<app>.internal.
+    TXT  _instances.internal                         instance=<id>,app=<app>,ip=<address>,
+                                                     region=<region>;... (every running one)
+
+``_instances.internal`` is documented (https://fly.io/docs/networking/private-networking/,
+"comma-separated list of Machine ID, app name, 6PN address, and region for all started
+Machines"); its entries are separated by ``;`` and the text is cut into strings of 255
+bytes, as a TXT record must be. PTR is answered as Fly's DNS does, though Fly does not
+document it. A UDP answer larger than the query's EDNS payload (512 bytes without EDNS) is
+truncated (TC): this server has no TCP, so a resolver that cannot use EDNS fails.
 
 and NXDOMAIN for every other name. Addresses are ``fdaa:0:1::<n>``, stable per machine id.
 Test hooks: ``mode`` ("normal", "silent" never answers, "servfail"), extra raw records
@@ -36,6 +45,7 @@ import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
+import dns.rdtypes.ANY.TXT
 import dns.reversename
 import dns.rrset
 
@@ -45,6 +55,7 @@ Mode = Literal["normal", "silent", "servfail"]
 
 _NETWORK = ipaddress.IPv6Address("fdaa:0:1::")
 _MACHINE_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_INSTANCES = dns.name.from_text("_instances.internal.")
 
 _RecordKey = tuple[dns.name.Name, dns.rdatatype.RdataType]
 
@@ -84,8 +95,10 @@ class DevDNSServer:
         host: str = "127.0.0.1",
         port: int = 0,
         ttl: int = 5,
+        region: str = "dev",
     ) -> None:
         self.app_name = app_name
+        self.region = region
         self.host = host
         self.ttl = ttl
         self._requested_port = port
@@ -168,9 +181,14 @@ class DevDNSServer:
             records.setdefault((name, rdtype), []).append(rdata)
 
         aaaa, ptr = dns.rdatatype.AAAA, dns.rdatatype.PTR
+        instances: list[str] = []
         for machine in sorted(self._machines.values(), key=lambda m: m.machine_id):
             if not machine.running:
                 continue  # like Fly: DNS only lists running machines
+            instances.append(
+                f"instance={machine.machine_id},app={self.app_name},ip={machine.address},"
+                f"region={self.region}"
+            )
             vm = dns.name.from_text(f"{machine.machine_id}.vm", origin=app)
             add(vm, aaaa, machine.address)
             add(app, aaaa, machine.address)
@@ -181,6 +199,12 @@ class DevDNSServer:
                 except dns.exception.DNSException:
                     continue  # a value that is no DNS name cannot be looked up by name
                 add(name, aaaa, machine.address)
+        if instances:
+            text = ";".join(instances).encode()
+            strings = [text[i : i + 255] for i in range(0, len(text), 255)]
+            records[(_INSTANCES, dns.rdatatype.TXT)] = [
+                dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, strings)
+            ]
         for record_key, rdatas in self._extra.items():
             records.setdefault(record_key, []).extend(rdatas)
         self._records = records

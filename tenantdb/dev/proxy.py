@@ -24,8 +24,17 @@ runner, or a test double). It follows Fly's documentation
   (https://fly.io/docs/reference/error-codes/), and so does one to a failed, unknown or
   unreachable machine. With ``fallback=force_self`` or ``prefer_self`` on the fly-replay
   ("Replay timeout and fallback"), the request goes back to the machine that asked (or, for
-  ``prefer_self``, any machine) with a ``fly-replay-failed`` header instead, and cannot be
-  replayed again; without it the client gets the proxy's error.
+  ``prefer_self``, any machine) with a ``fly-replay-failed`` header instead
+  (``instance=..;app=..;region=..;replay_source=..;reason=..;elapsed_ms=..``), and cannot be
+  replayed again; without it the client gets the proxy's error. With ``timeout=<d>``, a
+  target that does not start within it fails the replay with reason ``timeout``. Fly
+  documents the fallback for a timeout, exhausted retries or no candidate, not for PM08:
+  here PM08 takes the fallback too, and tenantdb sets a timeout so that it does not depend
+  on that.
+- A fly-replay that sets ``fly-replay-cache`` with a ``timeout`` or ``fallback`` field, or
+  whose ``timeout`` is no duration, is answered ``PA03`` (invalid fly-replay, 502): "The
+  ``timeout`` and ``fallback`` fields cannot be set in the ``fly-replay`` intended to be
+  cached" (the same page, "Requirements and Limitations").
 - ``fly-replay-cache: [host]/path/*`` with ``fly-replay-cache-ttl-secs`` (>= 10, and no
   ``state``) sends later requests under that path straight to the replay target, with
   ``fly-replay-cache-status: hit`` and no ``fly-replay-src``. ``fly-replay-cache: invalidate``
@@ -46,7 +55,7 @@ Every replay, cached ones included, is logged on one line and appended to ``repl
 the last ``RECENT_ROUTES`` requests, with the machines each went through, are in ``routes``.
 Fly documents these limits but not its exact error answers: here 502 means "this replay
 cannot be done" and 503 "no machine can take the request". Not emulated: the JSON replay
-format, replays to other apps, the ``timeout`` field, region aliases other than ``any``.
+format, replays to other apps, region aliases other than ``any``.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ import base64
 import contextlib
 import logging
 import random
+import re
 import secrets
 import time
 from collections import deque
@@ -99,6 +109,8 @@ ReplayVia = Literal["fly-replay", "cache"]
 StepKind = Literal["direct", "replayed", "cached replay", "fallback"]
 _CacheStatus = Literal["miss", "hit", "bypass"]
 Fallback = Literal["force_self", "prefer_self"]
+# Why a replay failed, in fly-replay-failed: the reasons Fly documents.
+FailReason = Literal["timeout", "retries_exhausted", "no_candidate"]
 _FALLBACKS: dict[str, Fallback] = {"force_self": "force_self", "prefer_self": "prefer_self"}
 
 _HOP_BY_HOP = frozenset(
@@ -141,6 +153,8 @@ _HTTP_SCHEMES = {"http": b"http", "https": b"https", "ws": b"http", "wss": b"htt
 # With no started machine to pick, load balancing starts one of these (autostart). A
 # stopping machine is not one: it takes no requests until it has stopped.
 _STARTABLE: tuple[MachineState, ...] = ("starting", "stopped")
+_DURATION_RE = re.compile(r"(?P<number>\d+(?:\.\d+)?)(?P<unit>ms|s|m)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0}
 
 
 @dataclass(frozen=True)
@@ -189,15 +203,22 @@ class ReplayDirective:
     elsewhere: bool = False
     state: str | None = None
     fallback: Fallback | None = None
+    # Seconds the proxy tries to reach the target before the replay fails (None: no bound).
+    timeout: float | None = None
 
     @classmethod
     def parse(cls, value: str) -> ReplayDirective:
-        """Parse ``field=value;field=value``; values may be quoted, unknown fields are ignored."""
+        """Parse ``field=value;field=value``; values may be quoted, unknown fields are ignored.
+
+        Raises ``ValueError`` for a ``timeout`` that is no duration (``10s``, ``800ms``).
+        """
         fields: dict[str, str] = {}
         for part in value.split(";"):
             name, _, raw = part.partition("=")
             fields[name.strip().lower()] = raw.strip().strip('"')
+        timeout = fields.get("timeout")
         return cls(
+            timeout=None if timeout is None else _duration(timeout),
             instance=fields.get("instance") or None,
             prefer_instance=fields.get("prefer_instance") or None,
             regions=tuple(r.strip() for r in fields.get("region", "").split(",") if r.strip()),
@@ -325,7 +346,23 @@ class _Answer(Exception):
 
 
 class _ReplayFailed(_Answer):
-    """The proxy could not hand the request to its target: a fallback may take it back."""
+    """The proxy could not hand the request to its target: a fallback may take it back.
+
+    ``reason`` is one of the three Fly documents for ``fly-replay-failed``; ``target`` and
+    ``region`` name the machine the replay was for, when there is one.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        reason: FailReason = "no_candidate",
+        target: MachineInfo | None = None,
+    ) -> None:
+        super().__init__(status, message)
+        self.reason: FailReason = reason
+        self.target = target
 
 
 class _RequestBody:
@@ -505,6 +542,7 @@ class FlyProxy:
         replays = 1 if hop.via == "cache" else 0
         try:
             while True:
+                attempt_started = time.monotonic()
                 try:
                     machine, unavailable = self._choose(hop)
                     trace.add(machine, hop)
@@ -516,7 +554,8 @@ class FlyProxy:
                         trace.failed(failure)
                         raise
                 except _ReplayFailed as failure:
-                    hop = _fall_back(hop, failure)
+                    elapsed = time.monotonic() - attempt_started
+                    hop = _fall_back(hop, failure, self.backends.app_name, elapsed)
                     continue
                 if directive is None:
                     return
@@ -592,7 +631,8 @@ class FlyProxy:
                 (b"sec-websocket-version", b"13"),
             ]
         try:
-            async with self.backends.use(machine.machine_id) as base_url:
+            async with contextlib.AsyncExitStack() as stack:
+                base_url = await self._reach(stack, machine, hop.directive.timeout)
                 upstream = self._client.build_request(
                     request.method,
                     base_url + request.target,
@@ -610,18 +650,45 @@ class FlyProxy:
                         return None
                     if response.headers.get("fly-replay-cache") == "invalidate":
                         self._invalidate(request.host, request.path)
-                    directive = ReplayDirective.parse(replay)
+                    directive = _valid_replay(replay, response.headers, machine)
                     self._remember(response.headers, request, machine, directive)
                     return directive
                 finally:
                     await response.aclose()
         except MachineUnavailableError as exc:
-            raise _ReplayFailed(503, str(exc)) from None
+            raise _ReplayFailed(503, str(exc), target=machine) from None
         except httpx.ConnectError as exc:
             # No connection was made: the replay failed (a fallback may take it back).
-            raise _ReplayFailed(502, f"machine {machine.machine_id} refused: {exc!r}") from None
+            raise _ReplayFailed(
+                502,
+                f"machine {machine.machine_id} refused: {exc!r}",
+                reason="retries_exhausted",
+                target=machine,
+            ) from None
         except httpx.TransportError as exc:
             raise _Answer(502, f"machine {machine.machine_id} did not answer: {exc!r}") from None
+
+    async def _reach(
+        self, stack: contextlib.AsyncExitStack, machine: MachineInfo, timeout: float | None
+    ) -> str:
+        """Hold ``machine`` for the request (starting it if needed) within the replay timeout.
+
+        Fly: "timeout sets how long the proxy tries to reach the replay target"; a target
+        that does not start in time fails the replay with reason ``timeout``.
+        """
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                return await stack.enter_async_context(self.backends.use(machine.machine_id))
+        except TimeoutError:
+            elapsed = round((time.monotonic() - started) * 1000)
+            raise _ReplayFailed(
+                504,
+                f"machine {machine.machine_id} was not reached within the replay timeout "
+                f"({elapsed} ms)",
+                reason="timeout",
+                target=machine,
+            ) from None
 
     def _choose(self, hop: _Hop) -> tuple[MachineInfo, str | None]:
         """Pick the next machine as Fly's load balancer would, and a preferred one passed over."""
@@ -636,13 +703,16 @@ class FlyProxy:
                 raise _ReplayFailed(502, f"no machine {directive.instance} in app {app}")
             if machine.state == "stopping":
                 raise _ReplayFailed(
-                    503, f"PM08: machine {machine.machine_id} is stopping and takes no requests"
+                    503,
+                    f"PM08: machine {machine.machine_id} is stopping and takes no requests",
+                    target=machine,
                 )
             if _held_down(machine):
                 raise _ReplayFailed(
                     503,
                     f"machine {machine.machine_id} is {machine.state} and its service has "
                     "autostart off: the proxy does not start it",
+                    target=machine,
                 )
             return machine, None
         preferred = directive.prefer_instance
@@ -747,16 +817,47 @@ class FlyProxy:
         log.warning("ignored fly-replay-cache %r from %s: %s", pattern, source.machine_id, problem)
 
 
+def _duration(text: str) -> float:
+    """Seconds of a fly-replay ``timeout`` such as ``10s`` or ``800ms``; ValueError otherwise."""
+    match = _DURATION_RE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"timeout {text[:40]!r} is not a duration such as 10s or 800ms")
+    return float(match["number"]) * _DURATION_UNITS[match["unit"]]
+
+
+def _valid_replay(value: str, headers: httpx.Headers, machine: MachineInfo) -> ReplayDirective:
+    """The fly-replay of ``machine``'s answer, or PA03 as Fly answers an invalid one.
+
+    "The ``timeout`` and ``fallback`` fields cannot be set in the ``fly-replay`` intended to
+    be cached" (https://fly.io/docs/networking/dynamic-request-routing/, "Requirements and
+    Limitations"); PA03 is "Invalid fly-replay" (https://fly.io/docs/reference/error-codes/).
+    """
+    try:
+        directive = ReplayDirective.parse(value)
+    except ValueError as exc:
+        raise _Answer(502, f"PA03: invalid fly-replay from {machine.machine_id}: {exc}") from None
+    cached = headers.get("fly-replay-cache", "invalidate") != "invalidate"
+    if cached and (directive.timeout is not None or directive.fallback is not None):
+        raise _Answer(
+            502,
+            f"PA03: invalid fly-replay from {machine.machine_id}: timeout and fallback cannot "
+            "be set on a fly-replay with fly-replay-cache",
+        )
+    return directive
+
+
 def _held_down(machine: MachineInfo) -> bool:
     """True when a request may not start ``machine``, which is not running (autostart off)."""
     return not machine.autostart and machine.state != "started"
 
 
-def _fall_back(hop: _Hop, failure: _ReplayFailed) -> _Hop:
+def _fall_back(hop: _Hop, failure: _ReplayFailed, app: str, elapsed: float) -> _Hop:
     """The hop back to the machine that asked for a failed replay, if its fallback allows.
 
     Without a fallback (or on the way back already) ``failure`` is raised: the client gets
-    the proxy's error.
+    the proxy's error. The hop carries ``fly-replay-failed`` as Fly writes it:
+    ``instance=..;app=..;region=..;replay_source=..;reason=..;elapsed_ms=..``
+    (https://fly.io/docs/networking/dynamic-request-routing/, "The fly-replay-failed Header").
     """
     source = hop.source
     fallback = hop.directive.fallback
@@ -768,7 +869,17 @@ def _fall_back(hop: _Hop, failure: _ReplayFailed) -> _Hop:
         if fallback == "force_self"
         else ReplayDirective(prefer_instance=source.machine_id)
     )
-    return _Hop(back, failed=f"{failure.status} {failure}")
+    target = failure.target
+    fields = {
+        "instance": target.machine_id if target else hop.directive.instance,
+        "app": app,
+        "region": target.region if target else None,
+        "replay_source": source.machine_id,
+        "reason": failure.reason,
+        "elapsed_ms": str(round(elapsed * 1000)),
+    }
+    failed = ";".join(f"{name}={value}" for name, value in fields.items() if value)
+    return _Hop(back, failed=failed)
 
 
 def _forward_headers(

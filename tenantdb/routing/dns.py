@@ -1,9 +1,20 @@
 """Fly internal DNS lookups of the machine serving a tenant, with a small cache.
 
-Fly's internal DNS answers two questions that together route a foreign tenant::
+Fly's internal DNS answers two questions that together route a foreign tenant
+(https://fly.io/docs/networking/private-networking/, the tables of ``.internal`` names)::
 
     AAAA <tenant>.<metadata key>.kv._metadata.<app>.internal   6PN addresses of running machines
-    PTR  <reverse name of one of those addresses>              <machine_id>.vm.<app>.internal.
+    TXT  _instances.internal                                   "instance=<id>,app=<app>,
+                                                                ip=<6PN>,region=<r>;..." for
+                                                                every started machine of the org
+
+The address of a tenant's machine is matched to its id through ``_instances.internal``, the
+documented record (reverse DNS, PTR, answers too but is not documented). Its cost: the
+record lists every started machine of the organisation, about 90 bytes each, so it is
+fetched once for all tenants and kept ``positive_ttl`` seconds; it is fetched again at once
+when an address is missing from it (a machine that just started). A large answer goes over
+EDNS (4096 bytes, about 45 machines) and beyond that over TCP, which dnspython switches to
+on a truncated answer.
 
 This is the only module of tenantdb proper that imports dnspython.
 """
@@ -24,9 +35,8 @@ import dns.exception
 import dns.name
 import dns.rdatatype
 import dns.resolver
-import dns.reversename
 import dns.rrset
-from dns.rdtypes.ANY.PTR import PTR
+from dns.rdtypes.ANY.TXT import TXT
 from dns.rdtypes.IN.AAAA import AAAA
 
 from tenantdb.errors import ConfigurationError, DNSLookupError
@@ -39,9 +49,20 @@ __all__ = ["MachineLocator"]
 
 # Fly machine ids are 14 lowercase hex digits; local emulation ids such as "m100a" also pass.
 # Anything outside this alphabet could smuggle bytes into a fly-replay header, so it is dropped.
-_MACHINE_ID_RE = re.compile(rb"[a-z0-9][a-z0-9-]{0,62}")
+_MACHINE_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_INSTANCES = dns.name.from_text("_instances.internal.")
+# EDNS lets a UDP answer carry about 45 machines of _instances.internal instead of 5.
+_EDNS_PAYLOAD = 4096
 _APP_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Instances:
+    """The machines of this app in ``_instances.internal``: address to machine id."""
+
+    ids: dict[ipaddress.IPv6Address, str]
+    expires_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +115,8 @@ class MachineLocator:
         self.max_entries = max_entries
         self._clock = clock
         self._resolver = _make_resolver(nameserver, timeout)
-        self._vm_suffix = (b"vm", app_name.encode(), b"internal", b"")
+        self._instances: _Instances | None = None
+        self._instances_inflight: asyncio.Task[_Instances] | None = None
         self._cache: dict[str, _CacheEntry] = {}
         self._inflight: dict[str, asyncio.Task[str | None]] = {}
         # The last failure and until when it answers for the server: (expires_at, error).
@@ -171,6 +193,7 @@ class MachineLocator:
         """Forget every cached answer."""
         self._cache.clear()
         self._inflight.clear()
+        self._instances = None
 
     def _finished(self, tenant: str, task: asyncio.Task[str | None]) -> None:
         # Reading the exception marks it retrieved, even when every waiter was cancelled.
@@ -199,19 +222,59 @@ class MachineLocator:
         # The rule: the lowest machine id among the running machines listed, whatever order
         # the answers come in and whatever their addresses, so that every machine of the app
         # picks the same one (a tenant normally has one machine; several are a migration).
-        addresses = sorted({ipaddress.IPv6Address(r.address) for r in rrset if isinstance(r, AAAA)})
-        ids: set[str] = set()
-        for address in addresses:
-            reverse = dns.reversename.from_address(str(address))
-            ptrs = await self._query(tenant, reverse, dns.rdatatype.PTR, deadline)
-            if ptrs is None:
-                continue  # the machine stopped between the two queries
-            ids.update(
-                machine_id
-                for r in ptrs
-                if isinstance(r, PTR) and (machine_id := self._machine_id(r.target)) is not None
-            )
-        return min(ids, default=None)
+        addresses = {ipaddress.IPv6Address(r.address) for r in rrset if isinstance(r, AAAA)}
+        instances = self._instances
+        if (
+            instances is None
+            or instances.expires_at <= self._clock()
+            or not addresses <= instances.ids.keys()
+        ):
+            # Expired, or missing a machine newer than the list: ask again.
+            instances = await self._fetch_shared(tenant, deadline)
+        # A machine that stopped between the two queries is in neither: it is skipped.
+        return min((instances.ids[a] for a in addresses if a in instances.ids), default=None)
+
+    async def _fetch_shared(self, tenant: str, deadline: float) -> _Instances:
+        """Fetch ``_instances.internal``, or join the fetch already in flight."""
+        loop = asyncio.get_running_loop()
+        task = self._instances_inflight
+        if task is None or task.done() or task.get_loop() is not loop:
+            task = loop.create_task(self._fetch_instances(tenant, deadline))
+            # Read the outcome even when every waiter gave up, so it is never "unretrieved".
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())
+            self._instances_inflight = task
+        # shield: one caller giving up must not cancel the query the other callers wait on.
+        return await asyncio.shield(task)
+
+    async def _fetch_instances(self, tenant: str, deadline: float) -> _Instances:
+        rrset = await self._query(tenant, _INSTANCES, dns.rdatatype.TXT, deadline)
+        ids: dict[ipaddress.IPv6Address, str] = {}
+        for rdata in rrset if rrset is not None else ():
+            if isinstance(rdata, TXT):
+                # A long record comes as several strings of at most 255 bytes: one text.
+                ids.update(self._parse_instances(b"".join(rdata.strings)))
+        instances = _Instances(ids, self._clock() + self.positive_ttl)
+        self._instances = instances
+        return instances
+
+    def _parse_instances(self, text: bytes) -> dict[ipaddress.IPv6Address, str]:
+        """This app's ``ip -> machine id`` from ``instance=..,app=..,ip=..,region=..;...``.
+
+        Entries that are malformed, of other apps or with an id that could smuggle bytes
+        into a fly-replay header are skipped.
+        """
+        found: dict[ipaddress.IPv6Address, str] = {}
+        for entry in text.decode("ascii", "replace").split(";"):
+            fields = dict(part.partition("=")[::2] for part in entry.strip().split(","))
+            machine_id, ip = fields.get("instance", "").lower(), fields.get("ip", "")
+            app = fields.get("app", "").lower()
+            if app != self.app_name or not _MACHINE_ID_RE.fullmatch(machine_id):
+                continue
+            try:
+                found[ipaddress.IPv6Address(ip)] = machine_id
+            except ValueError:
+                continue
+        return found
 
     async def has_address(self, name: str) -> bool:
         """Return True if ``name`` has an AAAA record; raise ``DNSLookupError`` if DNS fails."""
@@ -220,15 +283,6 @@ class MachineLocator:
             await self._query(name, dns.name.from_text(name), dns.rdatatype.AAAA, deadline)
             is not None
         )
-
-    def _machine_id(self, target: dns.name.Name) -> str | None:
-        """Return the machine id of ``<id>.vm.<app>.internal.``, or None for anything else."""
-        labels = tuple(label.lower() for label in target.labels)
-        if len(labels) != 5 or labels[1:] != self._vm_suffix:
-            return None
-        if not _MACHINE_ID_RE.fullmatch(labels[0]):
-            return None
-        return labels[0].decode("ascii")
 
     async def _query(
         self,
@@ -295,4 +349,5 @@ def _make_resolver(
     resolver.timeout = timeout / 3
     resolver.lifetime = timeout
     resolver.cache = None
+    resolver.use_edns(0, 0, _EDNS_PAYLOAD)
     return resolver

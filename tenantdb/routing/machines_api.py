@@ -43,6 +43,7 @@ __all__ = [
     "Autostop",
     "Machine",
     "MachinesClient",
+    "MetricsConfig",
     "tenant_service",
     "validate_machine_id",
 ]
@@ -102,6 +103,11 @@ class Machine:
     private_ip: str | None = None
     instance_id: str | None = None
     stop_timeout: float | None = None
+    # From the machine's config, for the checks of tenantdb.routing.checks and doctor.
+    image: str | None = None
+    autostop: tuple[str, ...] = ()  # each service's autostop ("off", "stop", "suspend")
+    metrics: MetricsConfig | None = None
+    restart_policy: str | None = None
 
     def tenant(self, metadata_key: str) -> str | None:
         """Return the tenant named by ``metadata_key``, or None if absent or not a valid id."""
@@ -124,6 +130,10 @@ class Machine:
             "private_ip": self.private_ip,
             "instance_id": self.instance_id,
             "stop_timeout": self.stop_timeout,
+            "image": self.image,
+            "autostop": list(self.autostop),
+            "metrics": None if self.metrics is None else self.metrics.to_json(),
+            "restart_policy": self.restart_policy,
         }
 
     @classmethod
@@ -146,8 +156,12 @@ class Machine:
         )
         private_ip = data.get("private_ip")
         instance_id = data.get("instance_id")
-        stop_config = config.get("stop_config") if isinstance(config, Mapping) else None
+        config = config if isinstance(config, Mapping) else {}
+        stop_config = config.get("stop_config")
         raw_timeout = stop_config.get("timeout") if isinstance(stop_config, Mapping) else None
+        services = config.get("services")
+        restart = config.get("restart")
+        image = config.get("image")
         return cls(
             id=machine_id,
             name=_text(data.get("name")),
@@ -157,7 +171,48 @@ class Machine:
             private_ip=private_ip if isinstance(private_ip, str) and private_ip else None,
             instance_id=instance_id if isinstance(instance_id, str) and instance_id else None,
             stop_timeout=_seconds(raw_timeout),
+            image=image if isinstance(image, str) and image else None,
+            autostop=tuple(
+                _autostop(service.get("autostop"))
+                for service in (services if isinstance(services, list) else [])
+                if isinstance(service, Mapping)
+            ),
+            metrics=MetricsConfig.from_api(config.get("metrics")),
+            restart_policy=(
+                _text(restart.get("policy")) or None if isinstance(restart, Mapping) else None
+            ),
         )
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """A machine's ``config.metrics``: where Fly's Prometheus scrapes it."""
+
+    port: int
+    path: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The object the Machines API takes."""
+        return {"port": self.port, "path": self.path}
+
+    @classmethod
+    def from_api(cls, value: object) -> MetricsConfig | None:
+        """The metrics config of an API object, or None when absent or unusable."""
+        if not isinstance(value, Mapping):
+            return None
+        port, path = value.get("port"), value.get("path")
+        if isinstance(port, bool) or not isinstance(port, int) or not isinstance(path, str):
+            return None
+        return cls(port, path)
+
+
+def _autostop(value: object) -> str:
+    """A service's autostop as one word: the API takes ``true``/``false`` for stop/off."""
+    if value is True:
+        return "stop"
+    if value is False or value is None:
+        return "off"
+    return value if isinstance(value, str) else "off"
 
 
 def _seconds(value: object) -> float | None:
@@ -330,10 +385,23 @@ class MachinesClient:
         autostart: bool = True,
         min_machines_running: int = 0,
         kill_timeout: float = 30.0,
+        metrics_port: int = 9091,
         name: str | None = None,
     ) -> Machine:
-        """Create the machine that serves ``tenant``: metadata and TENANT_ID name it."""
+        """Create the machine that serves ``tenant``: metadata and TENANT_ID name it.
+
+        Its ``config.metrics`` names the port of its metrics endpoint (``TENANTDB_METRICS_PORT``
+        in ``env``, else ``metrics_port``; 0: none): ``[metrics]`` in fly.toml reaches only
+        the machines ``fly deploy`` makes (https://fly.io/docs/monitoring/metrics/).
+        """
         validate_tenant(tenant)
+        if autostop == "suspend":
+            # A resumed machine carries on from its memory as if no time had passed: its
+            # lease may have expired and been taken meanwhile, and nothing re-validates it.
+            raise ConfigurationError(
+                "autostop 'suspend' is not supported: a machine resumed from a suspend would "
+                "serve on a lease that may have expired meanwhile; use 'stop' (the default)"
+            )
         if not image.strip():
             raise ConfigurationError("a machine image is required")
         if not metadata_key:
@@ -358,6 +426,7 @@ class MachinesClient:
             raise ConfigurationError(
                 f"env PORT={machine_env['PORT']!r} contradicts internal port {internal_port}"
             )
+        metrics = _metrics_config(machine_env, metrics_port)
         body: dict[str, Any] = {
             "name": name or tenant,
             "config": {
@@ -382,6 +451,8 @@ class MachinesClient:
                 "stop_config": {"timeout": int(kill_timeout * 1_000_000_000)},
             },
         }
+        if metrics is not None:
+            body["config"]["metrics"] = metrics.to_json()
         if region:
             body["region"] = region
         path = self._machines_path()
@@ -546,6 +617,17 @@ class MachinesClient:
         for piece in sorted(filter(None, pieces), key=len, reverse=True):
             message = message.replace(piece, "***")
         return message
+
+
+def _metrics_config(env: Mapping[str, str], default_port: int) -> MetricsConfig | None:
+    """Where a machine with ``env`` serves its metrics, or None when it serves none."""
+    raw = env.get("TENANTDB_METRICS_PORT", "").strip()
+    if raw and (not raw.isdigit() or int(raw) > 65535):
+        raise ConfigurationError(f"env TENANTDB_METRICS_PORT={raw[:20]!r} is not a port")
+    port = int(raw) if raw else default_port
+    if not 0 <= port <= 65535:
+        raise ConfigurationError(f"metrics port {port} is not a TCP port or 0")
+    return MetricsConfig(port, "/metrics") if port else None
 
 
 def _retry_after(response: httpx.Response) -> float:

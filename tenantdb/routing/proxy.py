@@ -1,10 +1,15 @@
 """Streaming requests whose bodies are too large for fly-replay to the tenant's machine.
 
-Fly's proxy cannot replay a request with a body over 1 MiB, so such a request is sent to the
-owner machine directly (by default ``http://<machine_id>.vm.<app>.internal:<port>`` over the
-private network) and its response is streamed back. Neither body is ever held whole in memory.
+"Requests larger than 1MB cannot be replayed" (1,000,000 bytes,
+https://fly.io/docs/networking/dynamic-request-routing/), so such a request is streamed to
+the owner machine and its response streamed back; neither body is ever held whole in memory.
+It goes to ``Settings.proxy_url``: on Fly, by default, the app's Flycast address
+``http://<app>.flycast`` with ``fly-force-instance-id: <machine_id>``, where Fly's proxy
+starts a stopped machine (https://fly.io/docs/networking/flycast/); off Fly, the machine's
+private name ``http://<machine_id>.vm.<app>.internal:<port>``.
 
-This module and ``machines_api.py`` are the only ones of tenantdb that import httpx.
+This module and ``machines_api.py`` are the only ones of tenantdb proper that import httpx
+(``tenantdb dev``'s proxy has its own client).
 """
 
 from __future__ import annotations

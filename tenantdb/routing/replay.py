@@ -7,10 +7,18 @@ Machines API); this module crafts the answers. Fly's proxy semantics it relies o
 - ``fly-replay: instance=<id>`` on a response makes the proxy replay the request to that
   machine. "Requests larger than 1MB cannot be replayed": bodies over 1,000,000 bytes are
   streamed to the machine directly (``tenantdb.routing.proxy``).
-- ``fallback=prefer_self`` ("Replay timeout and fallback") sends a request whose replay
-  failed (the target is stopping, unreachable, or no candidate is left) back here with a
-  ``fly-replay-failed`` header, instead of the proxy's bare error; it cannot be replayed
-  again, and is answered 503 with ``Retry-After``.
+- ``timeout=<d>;fallback=prefer_self`` ("Replay timeout and fallback") sends a request whose
+  replay failed back here with a ``fly-replay-failed`` header, instead of the proxy's bare
+  error; it cannot be replayed again, and is answered 503 with ``Retry-After`` (or, for
+  this machine's own tenant, held for the handoff). Fly documents three reasons for a
+  fallback: ``timeout``, ``retries_exhausted`` and ``no_candidate``; the timeout is what
+  bounds a replay to a machine that is stopping. Fly may instead answer the client itself
+  with its PM08 error ("non-startable machine state", a 503 from the proxy): the client
+  then retries, like after any 503.
+- A replay that sets ``fly-replay-cache`` carries neither field: "The ``timeout`` and
+  ``fallback`` fields cannot be set in the ``fly-replay`` intended to be cached" (the same
+  page, "Requirements and Limitations"). Each replay is therefore either cached (a direct
+  request for a tenant whose machine DNS lists as running) or has the fallback.
 - A replayed request arrives with ``fly-replay-src: instance=<id>;region=<r>;t=<us>;state=<s>``
   naming the machine that answered fly-replay.
 - ``fly-replay-cache: <path>/*`` with ``fly-replay-cache-ttl-secs`` (at least 10) lets the proxy
@@ -66,6 +74,8 @@ Arrival = Literal["direct", "replayed", "cache-hit", "failed", "proxied"]
 # A replay that fails comes back to a machine of this app with fly-replay-failed, which
 # tenantdb answers itself (503, Retry-After) instead of the proxy's bare error.
 _FALLBACK = "fallback=prefer_self"
+# How long Fly tries to reach the target of an uncached replay before the fallback.
+DEFAULT_REPLAY_TIMEOUT = 2.0
 # Sends a request back to the app's load balancing, minus this machine: the documented
 # carrier of fly-replay-cache: invalidate when there is no machine to replay to.
 _ELSEWHERE = "elsewhere=true"
@@ -169,6 +179,8 @@ class Router:
     ``proxy_large_bodies`` streams bodies Fly cannot replay to the owner (False: 413);
     ``machine_url`` maps a machine id to its base URL (default: ``Settings.proxy_url``);
     ``replay_cache_ttl`` is the ``fly-replay-cache-ttl-secs`` sent (0: no replay cache);
+    ``replay_timeout`` the ``timeout`` of uncached replays (how long Fly tries to reach a
+    target, a stopping one included, before it sends the request back here);
     ``cache_ttl`` / ``negative_cache_ttl`` / ``failure_ttl`` are how long found / not-found /
     failed lookups are kept; ``dns_timeout`` and ``lookup_timeout`` bound the DNS and the
     bucket / API steps.
@@ -183,6 +195,7 @@ class Router:
         proxy_large_bodies: bool = True,
         machine_url: MachineURL | None = None,
         replay_cache_ttl: int = 30,
+        replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
         cache_ttl: float = 5.0,
         negative_cache_ttl: float = 1.0,
         failure_ttl: float = 1.0,
@@ -198,8 +211,8 @@ class Router:
             )
         if min(cache_ttl, negative_cache_ttl, failure_ttl) < 0 or max_entries < 1:
             raise ConfigurationError("cache TTLs must be >= 0 and max_entries >= 1")
-        if dns_timeout <= 0 or lookup_timeout <= 0:
-            raise ConfigurationError("routing timeouts must be positive")
+        if dns_timeout <= 0 or lookup_timeout <= 0 or replay_timeout < 0.001:
+            raise ConfigurationError("routing timeouts must be positive (replays: at least 1ms)")
         self.settings = settings
         self.pattern = pattern
         self.machine_id = settings.machine_id
@@ -207,6 +220,8 @@ class Router:
         self.bucket = bucket
         self.proxy_large_bodies = proxy_large_bodies
         self.replay_cache_ttl = replay_cache_ttl
+        self.replay_timeout = replay_timeout
+        self._fallback = f"timeout={_fly_duration(replay_timeout)};{_FALLBACK}"
         self.cache_ttl = cache_ttl
         self.negative_cache_ttl = negative_cache_ttl
         self.failure_ttl = failure_ttl
@@ -410,7 +425,9 @@ class Router:
             await self._refuse(scope, receive, send, tenant, arrival, problem)
             return
         # Only direct requests set a replay cache: Fly looks up its cache one step deep, and
-        # only running machines (found in DNS) are worth pinning requests to.
+        # only running machines (found in DNS) are worth pinning requests to. A cached
+        # replay gives up the fallback, which later requests through the cache never have
+        # anyway; it only matters if the machine stops in the moment after the lookup.
         cacheable = arrival.how == "direct" and found.source == "dns"
         cache = self._cache_pattern(scope, tenant) if cacheable else None
         await self._deliver(
@@ -478,7 +495,7 @@ class Router:
         )
         self.metrics.routed(outcome)
         if replayable:
-            headers = {"fly-replay": f"{_ELSEWHERE};{_FALLBACK}", **_invalidation(arrival)}
+            headers = {"fly-replay": f"{_ELSEWHERE};{self._fallback}", **_invalidation(arrival)}
             await send_response(scope, receive, send, Response(b"", 204, headers=headers))
             return
         retry = {"Retry-After": RETRY_AFTER} if problem.status == 503 else {}
@@ -542,9 +559,12 @@ class Router:
         cache: str | None,
         extra: Mapping[str, str],
     ) -> None:
-        headers = {"fly-replay": f"instance={machine_id};{_FALLBACK}", **extra}
         self.metrics.routed("replay" if cache is None else "cached_replay")
-        if cache is not None:
+        if cache is None:
+            headers = {"fly-replay": f"instance={machine_id};{self._fallback}", **extra}
+        else:
+            # Fly refuses timeout and fallback on a replay it is asked to cache.
+            headers = {"fly-replay": f"instance={machine_id}", **extra}
             headers["fly-replay-cache"] = cache
             headers["fly-replay-cache-ttl-secs"] = str(self.replay_cache_ttl)
         await send_response(scope, receive, send, Response(b"", 204, headers=headers))
@@ -634,6 +654,12 @@ async def _measure(scope: Scope, receive: Receive) -> _Body:
     # body that ends within it is replayed, a longer one is streamed.
     chunks, more = await _read_up_to(receive, MAX_REPLAY_BODY)
     return _Body(sum(map(len, chunks)) <= MAX_REPLAY_BODY, chunks, more, "a streamed body")
+
+
+def _fly_duration(seconds: float) -> str:
+    """A fly-replay ``timeout`` value, as Fly's examples write them (``10s``, ``800ms``)."""
+    millis = round(seconds * 1000)
+    return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
 
 
 def _invalidation(arrival: _Arrival) -> dict[str, str]:

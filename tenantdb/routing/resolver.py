@@ -7,13 +7,16 @@
    request);
 2. Fly's internal DNS, which lists running machines only
    (https://fly.io/docs/networking/private-networking/). A DNS failure (timeout, SERVFAIL,
-   REFUSED, a failing PTR) is not the end of the chain: the next sources are asked;
+   REFUSED, of the AAAA or the ``_instances.internal`` TXT query) is not the end of the
+   chain: the next sources are asked;
 3. the tenant's ``lock.json``: ``owner``, else ``last_owner`` (a replay to a stopped machine
    makes Fly's proxy start it);
 4. the Machines API, when a token is set: one app-wide list, shared by every tenant, cached
    for ``cache_ttl`` and fetched by one request at a time, because the API allows about one
    list request per second (https://fly.io/docs/machines/api/working-with-machines-api/).
-   A 429 stops the asking until its ``Retry-After`` has passed.
+   A 429 stops the asking, for every tenant of the process, until its ``Retry-After`` has
+   passed plus a random part of up to half as long again: machines that fell through to
+   the API together (a DNS outage, a deploy) must not all come back in the same second.
 
 Nothing found: ``Resolution(None, "none", why)``; but when DNS failed and nothing else named a
 machine, the DNS error is raised: "no machine" would be a guess. Concurrent lookups of one
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -144,6 +148,7 @@ class MachineResolver:
         max_entries: int,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
         self.locator = locator
@@ -161,6 +166,7 @@ class MachineResolver:
         self._api_list: _MachineList | None = None
         self._api_fetch: _SingleFlight[None, _MachineList] = _SingleFlight(self._keep_list)
         self._api_paused_until = 0.0
+        self._rng = rng or random.Random()
 
     async def locate(self, tenant: str, *, use_cache: bool = True) -> Resolution:
         """Find the machine serving ``tenant``; raise one of ``LOOKUP_ERRORS`` if that fails.
@@ -261,7 +267,8 @@ class MachineResolver:
                     machines = await self.machines.list_machines()
         except MachinesAPIError as exc:
             if exc.retry_after is not None:
-                self._api_paused_until = self._clock() + exc.retry_after
+                jitter = self._rng.uniform(0, max(exc.retry_after, 1.0) / 2)
+                self._api_paused_until = self._clock() + exc.retry_after + jitter
             raise
         key = self.settings.metadata_key
         by_tenant: dict[str, Machine] = {}

@@ -48,6 +48,7 @@ from botocore.exceptions import (
 from botocore.handlers import add_expect_header
 from botocore.loaders import Loader, create_loader
 
+from tenantdb.config import Addressing, is_tigris_endpoint
 from tenantdb.errors import (
     AccessDeniedError,
     BucketConfigurationError,
@@ -353,10 +354,8 @@ def _new_session() -> Any:
     return aioboto3.Session(botocore_session=core)
 
 
-def _path_style(endpoint_url: str | None) -> bool:
+def _loopback_or_ip(endpoint_url: str) -> bool:
     """Whether the endpoint cannot do virtual-hosted buckets (an IP address or localhost)."""
-    if not endpoint_url:
-        return False
     host = urlsplit(endpoint_url).hostname or ""
     if host == "localhost" or "." not in host:
         return True
@@ -365,6 +364,24 @@ def _path_style(endpoint_url: str | None) -> bool:
     except ValueError:
         return False
     return True
+
+
+def addressing_style(endpoint_url: str | None, choice: Addressing = "auto") -> str:
+    """The botocore ``addressing_style`` for an endpoint: ``choice``, or what suits it.
+
+    Tigris documents virtual-hosted style and tells boto3 users to set it
+    (https://www.tigrisdata.com/docs/sdks/s3/aws-python-sdk/); botocore's own "auto" sends
+    path style to every custom endpoint. Local servers (localhost, an IP address) cannot
+    take a bucket in the host name, and other stores keep the path style they all accept;
+    AWS itself (no endpoint) keeps botocore's choice.
+    """
+    if choice != "auto":
+        return choice
+    if not endpoint_url:
+        return "auto"
+    if is_tigris_endpoint(endpoint_url) and not _loopback_or_ip(endpoint_url):
+        return "virtual"
+    return "path"
 
 
 class S3Bucket:
@@ -381,6 +398,7 @@ class S3Bucket:
         access_key_id: str | None = None,
         secret_access_key: Secret | None = None,
         tigris: bool = False,
+        addressing: Addressing = "auto",
         retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen, so sharing it is safe
         multipart_threshold: int = 16 * MiB,
         part_size: int = 8 * MiB,
@@ -396,9 +414,12 @@ class S3Bucket:
             raise ConfigurationError("multipart threshold and concurrency must be positive")
         self.name = name
         self.endpoint_url = endpoint_url
-        # botocore ignores AWS_REGION, so the region always arrives here explicitly.
-        self.region = region or "us-east-1"
+        # botocore ignores AWS_REGION, so the region always arrives here explicitly. Tigris
+        # serves every region behind one endpoint and says to set the region to "auto"
+        # (https://www.tigrisdata.com/docs/concepts/regions/).
+        self.region = region or ("auto" if tigris else "us-east-1")
         self.tigris = tigris
+        self.addressing_style = addressing_style(endpoint_url, addressing)
         self._access_key_id = access_key_id
         self._secret_access_key = secret_access_key
         self._retry = retry
@@ -424,13 +445,17 @@ class S3Bucket:
             access_key_id=settings.access_key_id,
             secret_access_key=settings.secret_access_key,
             tigris=settings.is_tigris,
+            addressing=settings.s3_addressing,
             **options,
         )
 
     def __repr__(self) -> str:
         url = _safe_url(self.endpoint_url)
         endpoint = f", endpoint_url={url!r}" if url else ""
-        return f"S3Bucket({self.name!r}{endpoint}, region={self.region!r})"
+        return (
+            f"S3Bucket({self.name!r}{endpoint}, region={self.region!r}, "
+            f"addressing={self.addressing_style!r})"
+        )
 
     async def __aenter__(self) -> Self:
         if self._client is not None:
@@ -446,7 +471,7 @@ class S3Bucket:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             max_pool_connections=max(16, 2 * self._concurrency),
-            s3={"addressing_style": "path" if _path_style(self.endpoint_url) else "auto"},
+            s3={"addressing_style": self.addressing_style},
         )
         stack = AsyncExitStack()
         try:
@@ -821,8 +846,14 @@ class S3Bucket:
 
         Below the multipart threshold this is one streamed PUT; above it, a multipart upload
         with a few parts in flight, aborted on any failure so no parts are left behind.
-        ``if_none_match="*"`` goes on the PUT or on CompleteMultipartUpload, where S3 checks
-        it atomically; a retry of an attempt that landed unanswered then gets
+        ``if_none_match="*"`` goes on the PUT, where the store checks it atomically. A
+        multipart upload checks with a HEAD before it starts instead: S3 takes
+        If-None-Match on CompleteMultipartUpload, but Tigris's page on conditional
+        operations (https://www.tigrisdata.com/docs/objects/conditionals/) does not say it
+        does, so write-once must not depend on it there. The
+        HEAD is enough because tenantdb uploads files only to keys that never repeat
+        (snapshots): the one writer that can have created the key is an earlier attempt of
+        this very upload whose answer was lost. Either way an existing object gives
         PreconditionFailedError, which is never retried.
         """
         _check_key(key, "upload")
@@ -847,7 +878,9 @@ class S3Bucket:
                     ),
                 )
                 return self._info(key, response, size)
-            return await self._multipart(key, src, fd, size, conditions)
+            if conditions:
+                await self._absent(key)
+            return await self._multipart(key, src, fd, size)
         finally:
             await self._local("upload", key, src, lambda: os.close(fd))
 
@@ -862,9 +895,22 @@ class S3Bucket:
                 raise _local_error(body.error, path=src, operation="upload", key=key) from exc
             raise
 
-    async def _multipart(
-        self, key: str, src: Path, fd: int, size: int, conditions: dict[str, str]
-    ) -> ObjectInfo:
+    async def _absent(self, key: str) -> None:
+        """Raise PreconditionFailedError, as a refused If-None-Match would, if ``key`` exists."""
+        try:
+            await self._s3.head_object(Bucket=self.name, Key=key)
+        except ClientError as exc:
+            if _status_and_code(exc)[0] == 404:
+                return
+            raise
+        raise PreconditionFailedError(
+            f"S3 upload of {key!r} in bucket {self.name!r}: the object exists already "
+            "(If-None-Match, checked with a HEAD before a multipart upload)",
+            key=key,
+            operation="upload",
+        )
+
+    async def _multipart(self, key: str, src: Path, fd: int, size: int) -> ObjectInfo:
         part_size = max(self._part_size, -(-size // _MAX_PARTS))
         try:
             created = await self._s3.create_multipart_upload(Bucket=self.name, Key=key)
@@ -907,7 +953,6 @@ class S3Bucket:
                 MultipartUpload={
                     "Parts": [{"ETag": etags[n], "PartNumber": n} for n in sorted(etags)]
                 },
-                **conditions,
             )
         except BaseException:
             # Shielded so that a cancelled upload still cleans up its parts on the server.

@@ -62,6 +62,31 @@ async def test_ptr_and_vm_names(server: DevDNSServer) -> None:
     assert texts(app) == [address]
 
 
+async def test_instances_txt_lists_running_machines_as_fly_does(server: DevDNSServer) -> None:
+    server.set_machine("e784079b449483", {"customer_id": "acme"})
+    server.set_machine("m2", {"customer_id": "beta"})
+    server.set_machine("m3", {"customer_id": "gamma"}, running=False)
+    response = await ask(server, "_instances.internal.", "TXT")
+    [rrset] = response.answer
+    [rdata] = rrset
+    text = b"".join(rdata.strings).decode()
+    assert text.split(";") == [
+        f"instance=e784079b449483,app=myapp,ip={server.address_of('e784079b449483')},region=dev",
+        f"instance=m2,app=myapp,ip={server.address_of('m2')},region=dev",
+    ]
+
+
+async def test_a_long_instances_record_is_cut_into_255_byte_strings(server: DevDNSServer) -> None:
+    for n in range(10):
+        server.set_machine(f"m{n}", {"customer_id": f"t{n}"})
+    query = dns.message.make_query("_instances.internal.", "TXT", use_edns=0, payload=4096)
+    response = await dns.asyncquery.udp(query, server.host, timeout=2, port=server.port)
+    [rdata] = response.answer[0]
+    assert len(rdata.strings) > 1
+    assert all(len(piece) <= 255 for piece in rdata.strings)
+    assert b"".join(rdata.strings).count(b"instance=") == 10
+
+
 async def test_unknown_names_are_nxdomain(server: DevDNSServer) -> None:
     server.set_machine("m1", {"customer_id": "acme"})
     for name, rdtype in [

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import random
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -96,6 +97,7 @@ class Machine:
     url: str = ""
     starts: int = 0
     seen: list[Seen] = field(default_factory=list)
+    start_delay: float = 0.0  # how long a start takes
 
 
 class Machines:
@@ -132,6 +134,7 @@ class Machines:
             raise MachineUnavailableError(f"machine {machine_id} has failed")
         if machine.state != "started":
             machine.starts += 1
+            await asyncio.sleep(machine.start_delay)
         if not machine.url:
             machine.url = await self.servers.start(self._app(machine))
         machine.state = "started"
@@ -385,12 +388,83 @@ async def test_a_failed_replay_falls_back_to_the_machine_that_asked(
     rig.add("c", replays(f"instance=gone;fallback={fallback}"))
     response = await rig.client.get("/customers/200", headers=force("a"))
     assert response.status_code == 503
-    assert response.text.startswith("a explains: 503 PM08")
+    # Fly's format ("The fly-replay-failed Header"): which replay failed, and why.
+    assert re.fullmatch(
+        r"a explains: instance=b;app=testapp;region=dev;replay_source=a;"
+        r"reason=no_candidate;elapsed_ms=\d+",
+        response.text,
+    )
     assert "fly-replay-src" not in a.seen[1].headers
     # A request that came back cannot be replayed again.
     back = await rig.client.get("/customers/200", headers=force("c"))
     assert back.status_code == 502
     assert "replay fallback" in back.text
+
+
+async def test_a_replay_with_a_timeout_falls_back_when_the_target_does_not_start_in_time(
+    rig: Rig,
+) -> None:
+    def asks_or_explains(request: Request) -> Response:
+        failed = request.headers.get("fly-replay-failed")
+        if failed is None:
+            replay = "instance=b;timeout=200ms;fallback=prefer_self"
+            return Response(b"", 204, headers={"fly-replay": replay})
+        return PlainTextResponse(f"a explains: {failed}", 503)
+
+    rig.add("a", asks_or_explains)
+    b = rig.add("b", state="stopped")
+    b.start_delay = 30.0
+    sent = time.monotonic()
+    response = await rig.client.get("/customers/200", headers=force("a"))
+    took = time.monotonic() - sent
+    assert response.status_code == 503
+    failed = re.fullmatch(
+        r"a explains: instance=b;.*;reason=timeout;elapsed_ms=(\d+)", response.text
+    )
+    assert failed is not None, response.text
+    assert int(failed[1]) >= 200
+    assert b.seen == []
+    assert 0.2 <= took < 5
+
+
+async def test_a_replay_within_its_timeout_reaches_a_slow_starting_target(rig: Rig) -> None:
+    rig.add("a", replays("instance=b;timeout=5s;fallback=prefer_self"))
+    b = rig.add("b", state="stopped")
+    b.start_delay = 0.2
+    response = await rig.client.get("/customers/200", headers=force("a"))
+    assert response.text == "served by b"
+    assert b.starts == 1
+
+
+@pytest.mark.parametrize(
+    "replay",
+    [
+        "instance=b;fallback=prefer_self",
+        "instance=b;timeout=2s",
+        "instance=b;timeout=2s;fallback=force_self",
+    ],
+)
+async def test_a_cached_replay_with_a_timeout_or_fallback_is_refused_like_fly(
+    rig: Rig, replay: str
+) -> None:
+    cache = {"fly-replay-cache": "/customers/100/*", "fly-replay-cache-ttl-secs": "30"}
+    rig.add("a", replays(replay, **cache))
+    b = rig.add("b")
+    response = await rig.client.get("/customers/100/x", headers=force("a"))
+    assert response.status_code == 502
+    assert "PA03" in response.text
+    assert b.seen == []
+    # Nothing was cached either: the next request goes to a again.
+    again = await rig.client.get("/customers/100/y", headers={"fly-prefer-instance-id": "a"})
+    assert "PA03" in again.text
+
+
+async def test_a_replay_timeout_that_is_no_duration_is_refused_like_fly(rig: Rig) -> None:
+    rig.add("a", replays("instance=b;timeout=soon;fallback=prefer_self"))
+    rig.add("b")
+    response = await rig.client.get("/", headers=force("a"))
+    assert response.status_code == 502
+    assert "PA03" in response.text
 
 
 async def test_invalidate_counts_only_on_a_replay(rig: Rig) -> None:

@@ -8,7 +8,6 @@ import socket
 import time
 from collections.abc import AsyncIterator
 
-import dns.reversename
 import pytest
 
 from tenantdb.config import Settings
@@ -63,10 +62,22 @@ async def test_running_machine_is_found(server: DevDNSServer, locator: MachineLo
     server.set_machine("m100b", {KEY: "other"})
     assert await locator.lookup("acme") == "e784079b449483"
     assert await locator.lookup("other") == "m100b"
-    # One lookup is exactly one AAAA query and one PTR query.
+    # One AAAA query per tenant; one _instances.internal TXT query serves both (cached).
+    # Reverse DNS, which Fly does not document, is never asked.
     assert server.query_count(meta_name("acme"), "AAAA") == 1
-    assert server.query_count(rdtype="PTR") == 2
-    assert server.query_count() == 4
+    assert server.query_count("_instances.internal.", "TXT") == 1
+    assert server.query_count(rdtype="PTR") == 0
+    assert server.query_count() == 3
+
+
+async def test_a_machine_newer_than_the_cached_instances_list_is_found_at_once(
+    server: DevDNSServer, locator: MachineLocator
+) -> None:
+    server.set_machine("m1", {KEY: "acme"})
+    assert await locator.lookup("acme") == "m1"
+    server.set_machine("m2", {KEY: "beta"})  # started after the list was fetched
+    assert await locator.lookup("beta") == "m2"
+    assert server.query_count("_instances.internal.", "TXT") == 2
 
 
 async def test_unknown_tenant_is_none(server: DevDNSServer, locator: MachineLocator) -> None:
@@ -233,7 +244,7 @@ async def test_burst_of_concurrent_misses_makes_one_lookup(
 ) -> None:
     """1,000 concurrent lookups of one uncached tenant: at most 2 DNS queries in total.
 
-    One lookup is an AAAA query plus a PTR query, so "one shared lookup" is exactly 2 queries
+    One lookup is an AAAA query plus a TXT query, so "one shared lookup" is exactly 2 queries
     counted at the responder; without single-flight it would be 2,000.
     """
     server.set_machine("m1", {KEY: "acme"})
@@ -268,44 +279,59 @@ async def test_cancelled_caller_does_not_cancel_others(
     assert server.query_count() == 2
 
 
+def instances_entry(machine_id: str, ip: str = "fdaa:0:1::99", app: str = APP) -> str:
+    """One ``_instances.internal`` TXT record, quoted for ``add_record``."""
+    return f'"instance={machine_id},app={app},ip={ip},region=ams"'
+
+
 @pytest.mark.parametrize(
-    "target",
+    "entry",
     [
-        "evil\\013\\010set-cookie:x.vm.myapp.internal.",  # header injection attempt
-        "m1.vm.otherapp.internal.",  # another app's machine
-        "a.m1.vm.myapp.internal.",  # one label too many
-        "vm.myapp.internal.",  # no machine id at all
-        "-m1.vm.myapp.internal.",  # not a valid id shape
-        "m_1.vm.myapp.internal.",
-        "m1.example.com.",
+        instances_entry("evil\\013\\010set-cookie:x"),  # header injection attempt
+        instances_entry("m1", app="otherapp"),  # another app's machine
+        instances_entry("-m1"),  # not a valid id shape
+        instances_entry("m_1"),
+        instances_entry("m1", ip="not-an-address"),
+        '"instance=m1,app=myapp,region=ams"',  # no address at all
+        '"garbage"',
     ],
 )
-async def test_bad_ptr_answers_are_ignored(
-    server: DevDNSServer, locator: MachineLocator, target: str
+async def test_bad_instances_entries_are_ignored(
+    server: DevDNSServer, locator: MachineLocator, entry: str
 ) -> None:
-    address = "fdaa:0:1::99"
-    server.add_record(meta_name("acme"), "AAAA", address)
-    server.add_record(dns.reversename.from_address(address).to_text(), "PTR", target)
+    server.add_record(meta_name("acme"), "AAAA", "fdaa:0:1::99")
+    server.add_record("_instances.internal.", "TXT", entry)
     assert await locator.lookup("acme") is None
 
 
-async def test_bad_ptr_falls_back_to_next_address(
+async def test_a_bad_entry_falls_back_to_the_next_address(
     server: DevDNSServer, locator: MachineLocator
 ) -> None:
-    bad = "fdaa:0:1::1"  # the lowest address, so it is tried first
+    bad = "fdaa:0:1::1"  # the lowest address
     server.add_record(meta_name("acme"), "AAAA", bad)
-    server.add_record(dns.reversename.from_address(bad).to_text(), "PTR", "x.example.com.")
+    server.add_record("_instances.internal.", "TXT", instances_entry("m1", ip=bad, app="other"))
     server.set_machine("m9", {KEY: "acme"}, address="fdaa:0:1::9")
     assert await locator.lookup("acme") == "m9"
 
 
-async def test_ptr_case_is_normalised(server: DevDNSServer, locator: MachineLocator) -> None:
+async def test_instances_entry_case_is_normalised(
+    server: DevDNSServer, locator: MachineLocator
+) -> None:
     address = "fdaa:0:1::42"
     server.add_record(meta_name("acme"), "AAAA", address)
     server.add_record(
-        dns.reversename.from_address(address).to_text(), "PTR", "E784079B449483.VM.MyApp.Internal."
+        "_instances.internal.", "TXT", instances_entry("E784079B449483", ip=address, app="MyApp")
     )
     assert await locator.lookup("acme") == "e784079b449483"
+
+
+async def test_an_organisation_of_many_machines_is_read_from_one_long_record(
+    server: DevDNSServer, locator: MachineLocator
+) -> None:
+    # 40 machines: about 3 KB of text in 255-byte strings, over the 512 bytes of plain UDP.
+    for n in range(40):
+        server.set_machine(f"m{n:02d}", {KEY: f"t{n:02d}"})
+    assert await locator.lookup("t37") == "m37"
 
 
 @pytest.mark.parametrize("tenant", ["", "Acme", "a.b", "-x", "x" * 64, "acme\r\n"])

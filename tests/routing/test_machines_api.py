@@ -79,6 +79,7 @@ async def test_machine_fields_are_parsed(fake_api: FakeMachinesAPI) -> None:
         metadata={"customer_id": "acme"},
         private_ip="fdaa:0:1::2",
         instance_id=f"01INST{machine_id.upper()}",
+        image="img:1",
     )
     assert machine.tenant("customer_id") == "acme"
     assert machine.tenant("other_key") is None
@@ -189,6 +190,8 @@ async def test_create_machine_request_body(fake_api: FakeMachinesAPI) -> None:
     # Flycast is plain HTTP on port 80: forcing HTTPS there breaks every large upload.
     assert not any(p.get("force_https") for p in service["ports"])
     assert config["env"]["PORT"] == "8080"
+    # Fly's Prometheus scrapes a Machines API machine only where config.metrics says.
+    assert config["metrics"] == {"port": 9091, "path": "/metrics"}
     assert machine.id in fake_api.machines
     assert machine.tenant("customer_id") == "acme"
     assert machine.region == "ams"
@@ -201,9 +204,10 @@ async def test_create_machine_options(fake_api: FakeMachinesAPI) -> None:
             image="img",
             metadata_key="tenant",
             internal_port=3000,
-            autostop="suspend",
+            autostop="off",
             autostart=False,
             kill_timeout=5,
+            env={"TENANTDB_METRICS_PORT": "9100"},
         )
     body = fake_api.requests[0].body
     assert "region" not in body  # Fly picks one
@@ -213,11 +217,27 @@ async def test_create_machine_options(fake_api: FakeMachinesAPI) -> None:
     [service] = body["config"]["services"]
     assert (service["internal_port"], service["autostop"], service["autostart"]) == (
         3000,
-        "suspend",
+        "off",
         False,
     )
+    # Scraped where the machine's own TENANTDB_METRICS_PORT says it serves its metrics.
+    assert body["config"]["metrics"] == {"port": 9100, "path": "/metrics"}
     # The app must listen where the service sends traffic.
     assert body["config"]["env"]["PORT"] == "3000"
+
+
+async def test_a_machine_without_metrics_has_no_metrics_config(fake_api: FakeMachinesAPI) -> None:
+    async with client_for(fake_api) as client:
+        await client.create_machine("acme", image="img", env={"TENANTDB_METRICS_PORT": "0"})
+        await client.create_machine("globex", image="img", metrics_port=0)
+    assert all("metrics" not in r.body["config"] for r in fake_api.requests)
+
+
+async def test_autostop_suspend_is_refused_before_any_request(fake_api: FakeMachinesAPI) -> None:
+    async with client_for(fake_api) as client:
+        with pytest.raises(ConfigurationError, match=r"suspend.*lease"):
+            await client.create_machine("acme", image="img", autostop="suspend")
+    assert fake_api.requests == []
 
 
 async def test_env_port_contradicting_the_internal_port_is_refused(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -139,8 +140,14 @@ async def router(harness_factory: Any, dns: DevDNSServer, tmp_path: Path) -> Har
 
 
 def assert_replay(response: httpx.Response, machine_id: str) -> None:
+    """A replay to ``machine_id``: cached (no timeout, no fallback) or with the fallback."""
     assert response.status_code == 204, response.text
-    assert response.headers["fly-replay"] == f"instance={machine_id};fallback=prefer_self"
+    if response.headers.get("fly-replay-cache", "invalidate") != "invalidate":
+        assert response.headers["fly-replay"] == f"instance={machine_id}"
+    else:
+        assert response.headers["fly-replay"] == (
+            f"instance={machine_id};timeout=2s;fallback=prefer_self"
+        )
     assert response.content == b""
 
 
@@ -346,6 +353,32 @@ async def test_a_429_pauses_the_machines_api_until_retry_after(
     assert len(machines_api.requests) == 1
 
 
+async def test_machines_that_fall_through_together_pause_for_different_times_after_a_429(
+    harness_factory: Any, dns: DevDNSServer, tmp_path: Path, machines_api: FakeMachinesAPI
+) -> None:
+    machines_api.add("zeta", state="stopped", machine_id="m9zeta")
+    pauses = []
+    for n in range(3):
+        settings = settings_for(
+            tmp_path / f"m{n}",
+            dns,
+            fly_api_token=Secret("tok"),
+            machines_api_url=machines_api.base_url,
+        )
+        harness = await harness_factory(settings)
+        machines_api.fail_next = (429, {"error": "rate limited"})
+        machines_api.retry_after = "30"
+        assert_503(await harness.get("/customers/zeta"), "HTTP 429")
+        harness.middleware.router.invalidate("zeta")
+        paused = await harness.get("/customers/zeta")
+        match = re.search(r"not asked again for ([0-9.]+)s", paused.text)
+        assert match is not None, paused.text
+        pauses.append(float(match[1]))
+    # Retry-After, plus up to half as long again, different on each machine.
+    assert all(29 <= p <= 45 for p in pauses), pauses
+    assert len(set(pauses)) == 3, pauses
+
+
 async def test_machines_api_failure_is_503(
     harness_factory: Any, dns: DevDNSServer, tmp_path: Path, machines_api: FakeMachinesAPI
 ) -> None:
@@ -377,8 +410,8 @@ async def test_a_burst_for_one_tenant_makes_one_dns_lookup(
         *(router.get(f"/customers/beta/item/{n}") for n in range(1000))
     )
     assert {r.status_code for r in responses} == {204}
-    assert {r.headers["fly-replay"] for r in responses} == {"instance=m2beta;fallback=prefer_self"}
-    # One AAAA and one PTR query: at most 2 queries for 1,000 requests.
+    assert {r.headers["fly-replay"] for r in responses} == {"instance=m2beta"}
+    # One AAAA and one TXT query: at most 2 queries for 1,000 requests.
     assert dns.query_count() <= 2
     assert dns.query_count(meta_name("beta"), "AAAA") == 1
 
@@ -485,7 +518,7 @@ async def test_cached_replay_to_the_wrong_machine_invalidates_the_cache(
     # app, not on an error, so the request goes to another machine, which answers afresh.
     gone = await router.get("/customers/gone/x", **{"fly-replay-cache-status": "hit"})
     assert gone.status_code == 204
-    assert gone.headers["fly-replay"] == "elsewhere=true;fallback=prefer_self"
+    assert gone.headers["fly-replay"] == "elsewhere=true;timeout=2s;fallback=prefer_self"
     assert gone.headers["fly-replay-cache"] == "invalidate"
 
 
@@ -863,5 +896,25 @@ async def test_replay_headers_never_cause_an_unintended_5xx(
         replayed = src is not None and ReplaySource.parse(src) is not None
         elsewhere = hit and not replayed and tenant != "beta"
         expected = "elsewhere=true" if elsewhere else "instance=m2beta"
-        assert response.headers["fly-replay"] == f"{expected};fallback=prefer_self"
+        cached = response.headers.get("fly-replay-cache", "invalidate") != "invalidate"
+        suffix = "" if cached else ";timeout=2s;fallback=prefer_self"
+        assert response.headers["fly-replay"] == f"{expected}{suffix}"
         assert failed is None
+
+
+# --- cached replays and fallbacks ----------------------------------------------------------
+
+
+async def test_a_replay_is_either_cached_or_has_a_timeout_and_fallback(
+    router: Harness, dns: DevDNSServer
+) -> None:
+    # Fly: "The timeout and fallback fields cannot be set in the fly-replay intended to be
+    # cached"; tenantdb dev's proxy answers such a replay with PA03.
+    dns.set_machine("m2beta", {KEY: "beta"})
+    cached = await router.get("/customers/beta/orders")
+    assert cached.headers["fly-replay-cache"] == "/customers/beta/*"
+    assert cached.headers["fly-replay"] == "instance=m2beta"
+    # The bare tenant path cannot be matched by a cache glob: uncached, with the fallback.
+    uncached = await router.get("/customers/beta")
+    assert "fly-replay-cache" not in uncached.headers
+    assert uncached.headers["fly-replay"] == "instance=m2beta;timeout=2s;fallback=prefer_self"
