@@ -124,8 +124,9 @@ async def _history_end_ms(lease: Lease, prefix: str) -> int:
     history = await read_history(lease.bucket, tenant, prefix=prefix)
     # Not our own takeover record's ``at``: that is the operator's clock again.
     times = [t.at for t in history.takeovers if t.generation < record.generation]
-    times += [e.last_modified for e in (*history.snapshots, *history.segments)]
+    times += [s.last_modified for s in history.snapshots]
     times += [s.taken_at for s in history.snapshots if s.taken_at is not None]
+    times += [e.last_modified for e in history.segments]
     return max(bucket_now, *(math.ceil(t.timestamp() * 1000) + 1 for t in times))
 
 
