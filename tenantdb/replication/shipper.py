@@ -9,8 +9,10 @@ once that CAS landed: a fenced holder's uploads are garbage no restore reads.
 tenantdb is the only checkpointer of the databases it opens: every connection has
 ``wal_autocheckpoint=0``, and the shipper runs ``wal_checkpoint(PASSIVE)`` only while it
 holds the write lock and every frame in the WAL is shipped. So a WAL restart (new salts)
-can only follow a checkpoint of everything shipped; any other restart, or a WAL that
-cannot be read as expected, falls back to a full snapshot rather than guessing.
+is followed only after such a checkpoint, and only when salt-1 proves it is exactly one
+restart (an app's own checkpoint may add another, whose WAL nobody read); any other
+restart, or a WAL that cannot be read as expected, falls back to a full snapshot rather
+than guessing.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from tenantdb.replication.wal import (
     WALPosition,
     WALRestartedError,
     read_committed,
+    restarted_once,
     wal_index_frames,
     wal_start,
 )
@@ -432,6 +435,13 @@ class Shipper:
             if after or not self._restart_expected or exc.current is None:
                 raise ReplicationError(
                     f"{self.wal_path} was restarted by something other than tenantdb"
+                ) from exc
+            if not restarted_once(start, exc.current):
+                # Another checkpoint and restart came between: the commits of the WAL
+                # in between were never read, and the database file holds them.
+                raise ReplicationError(
+                    f"{self.wal_path} was restarted more than once since the position "
+                    f"(salt-1 {start.salt1:08x}, now {exc.current.salt1:08x})"
                 ) from exc
             read = self._read(exc.current)
         if not read.commits:

@@ -38,6 +38,7 @@ __all__ = [
     "WALPosition",
     "WALRestartedError",
     "read_committed",
+    "restarted_once",
     "wal_index_frames",
     "wal_start",
 ]
@@ -102,6 +103,17 @@ class WALRestartedError(ReplicationError):
         # The start of the WAL that replaced it, when known.
         self.current = current
         super().__init__(message, key=key)
+
+
+def restarted_once(old: WALPosition, new: WALPosition) -> bool:
+    """Whether the WAL ``new`` starts is exactly the next restart of the one ``old`` is in.
+
+    A restart increments salt-1 by one (SQLite's ``walRestartHdr``), whoever restarts it;
+    salt-2 is random. So salt-1 counts the restarts between two headers, and only a count
+    of one proves that no whole WAL came and went unread in between. (The header's
+    checkpoint sequence cannot count them: each connection keeps its own.)
+    """
+    return new.salt1 == (old.salt1 + 1) & _MASK
 
 
 def wal_start(wal_path: Path) -> WALPosition | None:
