@@ -96,3 +96,13 @@ def test_secrets_never_show_and_cannot_be_pickled() -> None:
     assert settings.secret_access_key == Secret("s3cr3t-key-value")
     with pytest.raises(TypeError, match="cannot be pickled"):
         pickle.dumps(settings.fly_api_token)
+
+
+@pytest.mark.parametrize("retention", ["0", "59s"])
+def test_retention_below_floor_is_refused_or_raised(retention: str) -> None:
+    # 4 lease TTLs of 15 s: a resumed old holder's GC could delete a new holder's uploads.
+    with pytest.raises(ConfigurationError) as raised:
+        Settings.from_env({"TENANTDB_RETENTION": retention, "TENANTDB_LEASE_TTL": "15"})
+    assert "floor of 60s" in str(raised.value)
+    assert raised.value.variable == "TENANTDB_RETENTION"
+    assert Settings.from_env({"TENANTDB_RETENTION": "60s"}).retention == 60
