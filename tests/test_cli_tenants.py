@@ -560,3 +560,16 @@ async def test_a_restore_draws_a_progress_bar_on_a_terminal_only(
     [line] = piped.stderr.decode().splitlines()
     assert line.startswith("tenantdb: restored tenant acme as of ")
     assert "\x1b" not in piped.stderr.decode()
+
+
+async def test_restore_at_future_time_is_refused_naming_newest_moment(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    await two_batches(bucket, tmp_path)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    dest = tmp_path / "future.sqlite3"
+    code, _, err = await run("restore", "acme", "-o", str(dest), "--at", later.isoformat())
+    assert code == 1
+    assert "that is in the future" in err
+    assert "the newest moment it can be restored as of is now, " in err
+    assert not dest.exists()

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tenantdb.errors import PointInTimeError, ReplicationError
@@ -83,6 +84,18 @@ async def restore_at(
     if at.tzinfo is None:
         raise ValueError("the moment to restore must be timezone-aware")
     history = await read_history(bucket, tenant, prefix=prefix)
+    newest = _bucket_now(history)
+    if at > newest:
+        # What the database will hold then is not written yet: answering with today's
+        # state would be a guess presented as a fact.
+        raise PointInTimeError(
+            f"tenant {tenant} cannot be restored as of {at.isoformat(timespec='seconds')}: "
+            "that is in the future; the newest moment it can be restored as of is now, "
+            f"{newest.isoformat(timespec='seconds')} on the bucket's clock (omit the time "
+            "for the newest state)",
+            at=at,
+            earliest=history.restorable_from(),
+        )
     base = history.base_at(at)
     if base is None:
         earliest = history.restorable_from()
@@ -98,6 +111,19 @@ async def restore_at(
             earliest=earliest,
         )
     return await _Walk(bucket, history, base, at, progress).run(dest)
+
+
+def _bucket_now(history: History) -> datetime:
+    """The present on the bucket's clock, read with lock.json (its Date, and time since).
+
+    An HTTP date names a whole second: the present is taken as that second's end, so a
+    moment the bucket has reached is never refused as future.
+    """
+    lock = history.lock
+    if lock is None or lock.info.server_date is None:
+        return datetime.now(UTC)  # an embedded bucket: this machine's clock is its clock
+    since = time.monotonic() - lock.read_at
+    return lock.info.server_date + timedelta(seconds=1 + since)
 
 
 async def _restore_current(
