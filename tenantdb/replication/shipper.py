@@ -51,6 +51,7 @@ from tenantdb.replication.wal import (
     WALPosition,
     WALRestartedError,
     read_committed,
+    restart_dropped_frames,
     restarted_once,
     wal_index_frames,
     wal_start,
@@ -442,6 +443,12 @@ class Shipper:
                 raise ReplicationError(
                     f"{self.wal_path} was restarted more than once since the position "
                     f"(salt-1 {start.salt1:08x}, now {exc.current.salt1:08x})"
+                ) from exc
+            if restart_dropped_frames(self.wal_path, start, exc.current):
+                # A commit reached the old WAL after the position (a reader held the
+                # restart off), and an app's checkpoint let the restart drop it.
+                raise ReplicationError(
+                    f"{self.wal_path} was restarted after frames the shipper never read"
                 ) from exc
             read = self._read(exc.current)
         if not read.commits:
