@@ -17,6 +17,8 @@ from tenantdb.replication.pitr import restore_at
 from tenantdb.rollback import rollback
 from tenantdb.storage.base import Bucket
 from tests.replication.test_pitr import PREFIX, Recorder, machine, read_rows
+from tests.replication.test_pitr_completeness import LogUploadsFail, count, insert
+from tests.replication.test_pitr_completeness import machine as completeness_machine
 
 
 def operator(tmp_path: Path) -> Settings:
@@ -101,3 +103,26 @@ async def test_rollback_stamps_bucket_time_not_operator_clock(
     after = tmp_path / "after.sqlite3"
     await restore_at(local_bucket, "acme", after, prefix=PREFIX, at=datetime.now(UTC))
     assert read_rows(after) == rows_then
+
+
+async def test_rollback_uploads_carried_segments_before_dropping_them(
+    local_bucket: Bucket, tmp_path: Path
+) -> None:
+    bucket = LogUploadsFail(local_bucket)
+    async with completeness_machine(bucket, tmp_path) as tdb:  # type: ignore[arg-type]
+        await insert(tdb, 1, 2)
+        then = datetime.now(UTC)
+        await asyncio.sleep(0.02)
+        await insert(tdb, 3, 3)
+        bucket.failing = True
+        await insert(tdb, 4, 6)  # published by lock.json alone: carried inline
+        moment = datetime.now(UTC)
+        await asyncio.sleep(0.02)
+    # The machine stopped and released the lease with the segments still carried.
+    await rollback(operator(tmp_path), local_bucket, then, work_dir=tmp_path)
+    out = tmp_path / "moment.sqlite3"
+    await restore_at(local_bucket, "acme", out, prefix=PREFIX, at=moment)
+    assert count(out) == 6
+    rolled = tmp_path / "rolled.sqlite3"
+    await restore_at(local_bucket, "acme", rolled, prefix=PREFIX)
+    assert count(rolled) == 2
