@@ -5,9 +5,9 @@ is refused while a live machine holds it, unless asked to wait), records its tak
 restores the moment with ``restore_at``, publishes the result as a new snapshot whose log
 continues after the current tail, and releases the lease. The snapshot is stamped on the
 bucket's clock, after every time the history holds, never on the operator's: a restore as
-of any moment before the rollback returns what was there then. Nothing is deleted: the history
-after that moment stays restorable until retention removes it, and the next machine to
-start restores the rolled-back state.
+of any moment before the rollback returns what was there then. Nothing is deleted: the
+history after that moment stays restorable until retention removes it, and the next
+machine to start restores the rolled-back state.
 """
 
 from __future__ import annotations

@@ -348,12 +348,12 @@ class Shipper:
         """Drop the segments made but not published (their indices are never reused).
 
         The uploads of carried segments go on: lock.json publishes them, and only a write
-        sent after their objects exist may stop carrying them (see ``_upload_carried``).
+        sent after their objects exist may stop carrying them (see ``_upload_carried``,
+        which also restarts any that lock.json turns out to carry).
         """
-        carried = {key for key, _ in self._carried or ()}
         for built in self._unpublished:
             upload = self._uploads.pop(built.key, None)
-            if upload is not None and built.key not in carried:
+            if upload is not None:
                 upload.cancel()
         self._unpublished.clear()
 
