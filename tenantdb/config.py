@@ -227,8 +227,9 @@ class Settings:
             # Garbage collection judges an object unnamed by lock.json as garbage once it
             # is older than the retention. A holder paused past its lease (SIGSTOP, a
             # stalled VM) and resumed still acts on a view up to a lease old: with a short
-            # retention it deletes the next holder's fresh uploads before their CAS names
-            # them. Uploads are named within a lease TTL, so a few TTLs keep them safe.
+            # retention (0 takes everything unnamed) it deletes the next holder's fresh
+            # uploads before their CAS names them. A segment is named by the CAS that
+            # follows its upload at once, so a few TTLs keep every such upload out of reach.
             raise ConfigurationError(
                 f"retention {self.retention:g}s is below its floor of {floor:g}s "
                 f"({RETENTION_FLOOR_LEASES} lease TTLs of {self.lease_ttl:g}s): a holder "
