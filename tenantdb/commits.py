@@ -20,6 +20,7 @@ no row, no schema and no header field made while another connection also commits
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import aiosqlite
@@ -58,8 +59,11 @@ class CommitTracker:
         wal = self._wal_mark()
         if wal is not None and wal == self._wal:
             return False  # nobody committed anything
-        async with self._conn.execute(_COUNTERS) as cursor:
-            row = await cursor.fetchone()
+        try:
+            async with self._conn.execute(_COUNTERS) as cursor:
+                row = await cursor.fetchone()
+        except sqlite3.Error:
+            row = None  # the counters cannot be read: assume a commit, and wait
         counters = tuple(int(value) for value in row) if row else None
         # Read after the counters: a commit by another connection in between counts as
         # this one's (a wait), never the other way round.
