@@ -741,6 +741,13 @@ class Shipper:
             await self._publish_snapshot()
 
     async def _publish_snapshot(self) -> None:
+        if self._unpublished and not self._needs_snapshot:
+            # Publish them first: a snapshot would skip their indices, and a restore
+            # cannot tell a skipped index from a lost one (it refuses moments there).
+            try:
+                await self._advance(list(self._unpublished))
+            except ReplicationError:
+                self._forget_unpublished()
         uploaded = await self._upload_carried()
         copy = temp_snapshot_path(self.work_dir)
         try:

@@ -16,6 +16,7 @@ from tenantdb.database import TenantDB
 from tenantdb.errors import PointInTimeError, StorageError
 from tenantdb.replication.history import read_history
 from tenantdb.replication.pitr import restore_at
+from tenantdb.replication.shipper import Shipper
 from tenantdb.storage.base import Bucket, ObjectInfo
 
 MIGRATIONS = ["CREATE TABLE items (id INTEGER PRIMARY KEY)"]
@@ -143,3 +144,46 @@ async def test_pitr_refuses_a_lost_segment_before_a_later_snapshot_naming_its_in
         await restore_at(local_bucket, "acme", dest, prefix=PREFIX, at=moment)
     assert f"{newest - 1:012d}" in str(raised.value)
     assert not dest.exists()
+
+
+class LockWritesFail(LogUploadsFail):
+    """Log object uploads fail while ``failing``; so do the next ``failures`` lock.json writes."""
+
+    def __init__(self, inner: Bucket) -> None:
+        super().__init__(inner)
+        self.failures = 0
+
+    async def put(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: Literal["*"] | None = None,
+    ) -> ObjectInfo:
+        if self.failures and key.endswith("/lock.json"):
+            self.failures -= 1
+            raise StorageError(f"injected: PUT {key} failed", key=key, operation="put")
+        return await super().put(key, body, if_match=if_match, if_none_match=if_none_match)
+
+
+async def test_a_scheduled_snapshot_publishes_a_pending_segment_instead_of_skipping_it(
+    local_bucket: Bucket, tmp_path: Path
+) -> None:
+    bucket = LockWritesFail(local_bucket)
+    async with machine(bucket, tmp_path) as tdb:  # type: ignore[arg-type]
+        await insert(tdb, 1, 2)
+        bucket.failing, bucket.failures = True, 1
+        with pytest.raises(StorageError):
+            await insert(tdb, 3, 3)  # made into a segment: its object and its CAS failed
+        bucket.failing = False
+        moment = datetime.now(UTC)
+        await asyncio.sleep(0.02)
+        shipper = tdb._shipper
+        assert isinstance(shipper, Shipper)
+        async with shipper._lock:  # the run loop's scheduled snapshot
+            await shipper._snapshot()
+    dest = tmp_path / "restored.sqlite3"
+    # Had the snapshot skipped segment 3's index, no record could tell it from a lost one.
+    await restore_at(local_bucket, "acme", dest, prefix=PREFIX, at=moment)
+    assert count(dest) == 3
