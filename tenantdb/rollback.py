@@ -119,8 +119,11 @@ async def _history_end_ms(lease: Lease, prefix: str) -> int:
     if record is None:
         raise LeaseLostError(f"tenant {tenant}: the rollback lost the lease", tenant=tenant)
     info = await lease.bucket.head(takeover_key(prefix, tenant, record.generation))
-    # HTTP dates name whole seconds: the bucket's time is before the end of that second.
-    bucket_now = (math.floor((info.server_date or info.last_modified).timestamp()) + 1) * 1000
+    clock = info.server_date or info.last_modified
+    bucket_now = math.ceil(clock.timestamp() * 1000)
+    if clock.microsecond == 0:
+        # An HTTP date names a whole second: the bucket's time is before that second's end.
+        bucket_now = (math.floor(clock.timestamp()) + 1) * 1000
     history = await read_history(lease.bucket, tenant, prefix=prefix)
     # Not our own takeover record's ``at``: that is the operator's clock again.
     times = [t.at for t in history.takeovers if t.generation < record.generation]
