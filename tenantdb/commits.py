@@ -1,70 +1,82 @@
-"""Tell whether a connection committed a change, from the statements SQLite runs on it.
+"""Tell whether a connection committed a change, from SQLite's own counters.
 
 The output gate holds a response only if its request's connection committed something.
-Python's sqlite3 exposes no commit hook, but its trace callback sees every statement a
-connection steps, the implicit ``BEGIN`` and ``COMMIT`` of the ``sqlite3`` module and each
-statement of ``executescript`` included. Each statement is sorted by its first keyword: a
-read, a transaction boundary, or (anything else, to be safe) a write. A write outside a
-transaction commits when it completes; inside one, it counts once the transaction commits.
-Doubt always falls on the side of "committed": it costs a wait, never an acknowledged
-write that is not durable.
+Python's sqlite3 has no commit hook, and reading the statements a connection runs (its
+trace callback) means parsing SQL, which SQLite's grammar outruns (``ROLLBACK /* c */ TO``)
+and which an app's own ``set_trace_callback`` silently switches off. So the tracker asks
+SQLite instead, at each look:
+
+- the wal-index's committed frame count and the WAL's salts: every commit in WAL mode
+  moves them, whoever makes it; a rolled-back transaction does not;
+- the connection's ``data_version``: it moves only when *another* connection committed.
+
+The WAL moved and ``data_version`` did not: this connection committed. Both moved: others
+did, and this connection did too if its ``total_changes()`` (rows it changed, rolled back
+or not) or the schema or header counters (``schema_version``, ``user_version``,
+``application_id``) moved. Doubt falls on the side of "committed": it costs a wait, never
+an acknowledged write that is not durable. What remains unseen is a commit that changes
+no row, no schema and no header field made while another connection also commits.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+
+from tenantdb.replication.wal import wal_index_frames, wal_start
 
 __all__ = ["CommitTracker"]
 
-# Comments and whitespace before a statement's first keyword, then the keyword.
-_FIRST_WORD = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*([A-Za-z]*)", re.DOTALL)
-_READS = frozenset({"SELECT", "VALUES", "EXPLAIN", "BEGIN", "SAVEPOINT"})
-_COMMITS = frozenset({"COMMIT", "END", "RELEASE"})
-# A WITH statement (a common table expression) writes only if its last part does.
-_WRITE_VERB = re.compile(r"\b(?:INSERT|UPDATE|DELETE|REPLACE)\b", re.IGNORECASE)
-_ROLLBACK_TO = re.compile(r"ROLLBACK\s+(?:TRANSACTION\s+)?TO\b", re.IGNORECASE)
+# One read of the connection's counters (each PRAGMA here reads, and writes nothing).
+_COUNTERS = (
+    "SELECT d.data_version, total_changes(), s.schema_version, u.user_version, "
+    "a.application_id FROM pragma_data_version AS d, pragma_schema_version AS s, "
+    "pragma_user_version AS u, pragma_application_id AS a"
+)
+
+# (salts, committed frames) of the WAL; None: a wal-index that cannot be trusted.
+_WALMark = tuple[tuple[int, int], int] | None
+_NO_WAL: _WALMark = ((0, 0), 0)
 
 
 class CommitTracker:
-    """Follows one connection's statements; ``take()`` says whether it committed since."""
+    """Follows one connection; ``take()`` says whether it committed since the last call."""
 
-    __slots__ = ("_committed", "_in_transaction", "_pending")
+    __slots__ = ("_conn", "_counters", "_shm_path", "_wal", "_wal_path")
 
-    def __init__(self, in_transaction: Callable[[], bool]) -> None:
-        """``in_transaction`` reads the traced connection's state (called while tracing)."""
-        self._in_transaction = in_transaction
-        self._pending = False  # a write of the open transaction, not committed yet
-        self._committed = False
+    def __init__(self, conn: aiosqlite.Connection, db_path: Path) -> None:
+        """``conn`` is the tracked connection to the database at ``db_path``."""
+        self._conn = conn
+        self._wal_path = Path(f"{db_path}-wal")
+        self._shm_path = Path(f"{db_path}-shm")
+        self._wal: _WALMark = None
+        self._counters: tuple[int, ...] | None = None  # None: never read, assume a commit
 
-    def take(self) -> bool:
-        """Whether a commit with changes ran since the last call (and reset that)."""
-        committed, self._committed = self._committed, False
-        return committed
+    async def take(self) -> bool:
+        """Whether the connection committed a change since the last call (and reset that)."""
+        wal = self._wal_mark()
+        if wal is not None and wal == self._wal:
+            return False  # nobody committed anything
+        try:
+            async with self._conn.execute(_COUNTERS) as cursor:
+                row = await cursor.fetchone()
+        except sqlite3.Error:
+            row = None  # the counters cannot be read: assume a commit, and wait
+        counters = tuple(int(value) for value in row) if row else None
+        # Read after the counters: a commit by another connection in between counts as
+        # this one's (a wait), never the other way round.
+        wal = self._wal_mark()
+        before, self._counters, self._wal = self._counters, counters, wal
+        if before is None or counters is None:
+            return True
+        others_committed = counters[0] != before[0]
+        return not others_committed or counters[1:] != before[1:]
 
-    def trace(self, statement: str) -> None:
-        """The connection's trace callback: called as each statement starts."""
-        match = _FIRST_WORD.match(statement)
-        word = match.group(1).upper() if match else ""
-        if word in _READS:
-            return
-        if word == "PRAGMA":
-            # PRAGMA x = v and PRAGMA x(v) may set something (user_version, say).
-            if "=" in statement or "(" in statement:
-                self._wrote()
-        elif word in _COMMITS:
-            # RELEASE commits only when it ends the outermost savepoint: assume it does.
-            self._committed = self._committed or self._pending
-            if word != "RELEASE":
-                self._pending = False
-        elif word == "ROLLBACK":
-            if not (match and _ROLLBACK_TO.match(statement, match.start(1))):
-                self._pending = False
-        elif word != "WITH" or _WRITE_VERB.search(statement):
-            self._wrote()
-
-    def _wrote(self) -> None:
-        if self._in_transaction():
-            self._pending = True
-        else:
-            self._committed = True  # autocommit: the statement commits as it completes
+    def _wal_mark(self) -> _WALMark:
+        start = wal_start(self._wal_path)
+        if start is None:
+            return _NO_WAL  # a commit would have written a WAL header
+        frames = wal_index_frames(self._shm_path, start.salts)
+        return None if frames is None else (start.salts, frames)

@@ -14,6 +14,7 @@ from tenantdb.errors import ConfigurationError, InvalidTenantError
 from tenantdb.tenants import TENANT_ID_RULE, validate_tenant
 
 __all__ = [
+    "RETENTION_FLOOR_LEASES",
     "Addressing",
     "BucketConsistency",
     "Durability",
@@ -197,6 +198,10 @@ def _tenant(env: Mapping[str, str]) -> str | None:
     return None
 
 
+# The shortest retention, in lease TTLs (see the check in Settings.__post_init__).
+RETENTION_FLOOR_LEASES = 4
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything tenantdb needs to know about its surroundings, validated once."""
@@ -261,6 +266,20 @@ class Settings:
             raise ConfigurationError("handoff wait must be >= 0 (0 = never hold a request)")
         if self.snapshot_retention < 1:
             raise ConfigurationError("snapshot retention must keep at least 1 snapshot")
+        floor = RETENTION_FLOOR_LEASES * self.lease_ttl
+        if self.retention < floor:
+            # Garbage collection judges an object unnamed by lock.json as garbage once it
+            # is older than the retention. A holder paused past its lease (SIGSTOP, a
+            # stalled VM) and resumed still acts on a view up to a lease old: with a short
+            # retention (0 takes everything unnamed) it deletes the next holder's fresh
+            # uploads before their CAS names them. A segment is named by the CAS that
+            # follows its upload at once, so a few TTLs keep every such upload out of reach.
+            raise ConfigurationError(
+                f"retention {self.retention:g}s is below its floor of {floor:g}s "
+                f"({RETENTION_FLOOR_LEASES} lease TTLs of {self.lease_ttl:g}s): a holder "
+                "resumed after a pause could delete the next holder's fresh uploads",
+                variable="TENANTDB_RETENTION",
+            )
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigurationError(f"metrics port {self.metrics_port} is not a TCP port or 0")
         if not self.metrics_host or any(c.isspace() for c in self.metrics_host):

@@ -181,7 +181,7 @@ class TenantDBMiddleware:
     ) -> None:
         """Run the app behind an output gate: no answer goes out before its writes are durable."""
         commits = pool.commits(db)
-        commits.take()  # what earlier borrowers committed was theirs to wait for
+        await commits.take()  # what earlier borrowers committed was theirs to wait for
 
         async def make_durable() -> None:
             async with pool.parked():

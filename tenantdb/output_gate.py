@@ -60,7 +60,7 @@ class OutputGate:
         if message["type"] == "http.response.start":
             self._held_start = message  # released with the first body message
             return
-        if self._tracker.take():
+        if await self._tracker.take():
             with self._metrics.gate_holding():
                 await self._wait_durable()
         if self._held_start is not None:

@@ -65,9 +65,7 @@ class ConnectionPool:
             for pragma in (*CONNECTION_PRAGMAS, "PRAGMA synchronous=NORMAL"):
                 await conn.execute(pragma)
             if self.track_commits:
-                tracker = CommitTracker(lambda: conn.in_transaction)
-                await conn.set_trace_callback(tracker.trace)
-                self._trackers[conn] = tracker
+                self._trackers[conn] = CommitTracker(conn, self.path)
             if self.closed:
                 # close() ran while this connection was being made: it never saw it,
                 # and a write on it would land after the final snapshot.

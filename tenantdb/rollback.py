@@ -3,9 +3,11 @@
 The one operator action that changes a tenant. It takes the lease like any machine (so it
 is refused while a live machine holds it, unless asked to wait), records its takeover,
 restores the moment with ``restore_at``, publishes the result as a new snapshot whose log
-continues after the current tail, and releases the lease. Nothing is deleted: the history
-after that moment stays restorable until retention removes it, and the next machine to
-start restores the rolled-back state.
+continues after the current tail, and releases the lease. The snapshot is stamped on the
+bucket's clock, after every time the history holds, never on the operator's: a restore as
+of any moment before the rollback returns what was there then. Nothing is deleted: the
+history after that moment stays restorable until retention removes it, and the next
+machine to start restores the rolled-back state.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,9 +24,10 @@ from pathlib import Path
 from tenantdb.config import Settings
 from tenantdb.errors import ConfigurationError, LeaseHeldError, LeaseLostError
 from tenantdb.lease import Lease
-from tenantdb.lockfile import LogPointer, now_ms
-from tenantdb.replication.history import record_takeover
+from tenantdb.lockfile import LogPointer
+from tenantdb.replication.history import read_history, record_takeover, takeover_key
 from tenantdb.replication.pitr import Progress, RestoredPoint, restore_at
+from tenantdb.replication.shipper import carried_segments, put_log_object
 from tenantdb.snapshot import publish_snapshot, temp_snapshot_path
 from tenantdb.storage.base import Bucket
 
@@ -78,7 +82,11 @@ async def rollback(
         # The log goes on after every index used so far: the history past ``to`` stays.
         base = previous.log.tail + 1 if previous and previous.log else 1
         pointer = LogPointer.empty(base, restored.state, restored.db_pages)
-        record = await publish_snapshot(lease, bucket, copy, log=pointer, taken_ms=now_ms())
+        # The new log drops what lock.json carries inline: their objects first.
+        for key, body in carried_segments(lease.record, prefix=settings.prefix):
+            await put_log_object(bucket, key, body)
+        taken_ms = await _history_end_ms(lease, settings.prefix)
+        record = await publish_snapshot(lease, bucket, copy, log=pointer, taken_ms=taken_ms)
         # Routing keeps pointing at the tenant's machine, not at this command.
         hint = (previous.last_owner or previous.owner) if previous else None
         await lease.release(last_owner=hint)
@@ -97,6 +105,33 @@ async def rollback(
         record.snapshot.key,
     )
     return RollbackResult(record.generation, restored, record.snapshot.key)
+
+
+async def _history_end_ms(lease: Lease, prefix: str) -> int:
+    """When the rollback takes effect (Unix ms): on the bucket's clock, after all history.
+
+    The operator's clock may be behind the machines' and the bucket's: a rollback stamped
+    by it would start before commits it undoes, and a restore as of a moment before the
+    rollback would return the rolled-back state. The bucket's clock (its Date, else the
+    Last-Modified of the takeover record just written) is read instead, and the time is
+    moved past every time the history already holds.
+    """
+    tenant, record = lease.tenant, lease.record
+    if record is None:
+        raise LeaseLostError(f"tenant {tenant}: the rollback lost the lease", tenant=tenant)
+    info = await lease.bucket.head(takeover_key(prefix, tenant, record.generation))
+    clock = info.server_date or info.last_modified
+    bucket_now = math.ceil(clock.timestamp() * 1000)
+    if clock.microsecond == 0:
+        # An HTTP date names a whole second: the bucket's time is before that second's end.
+        bucket_now = (math.floor(clock.timestamp()) + 1) * 1000
+    history = await read_history(lease.bucket, tenant, prefix=prefix)
+    # Not our own takeover record's ``at``: that is the operator's clock again.
+    times = [t.at for t in history.takeovers if t.generation < record.generation]
+    times += [s.last_modified for s in history.snapshots]
+    times += [s.taken_at for s in history.snapshots if s.taken_at is not None]
+    times += [e.last_modified for e in history.segments]
+    return max(bucket_now, *(math.ceil(t.timestamp() * 1000) + 1 for t in times))
 
 
 async def _acquire(lease: Lease, *, wait: bool) -> None:

@@ -706,3 +706,16 @@ def test_an_unexpected_error_is_one_line_not_a_traceback(
         "tenantdb: error: unexpected RecursionError: maximum recursion depth exceeded "
         "(a bug in tenantdb)\n"
     )
+
+
+async def test_restore_at_future_time_is_refused_naming_newest_moment(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    await two_batches(bucket, tmp_path)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    dest = tmp_path / "future.sqlite3"
+    code, _, err = await run("restore", "acme", "-o", str(dest), "--at", later.isoformat())
+    assert code == 1
+    assert "that is in the future" in err
+    assert "the newest moment it can be restored as of is now, " in err
+    assert not dest.exists()

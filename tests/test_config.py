@@ -105,3 +105,13 @@ def test_metrics_listen_on_the_apps_interface_unless_told() -> None:
     assert Settings.from_env({"FLY_APP_NAME": "notes"}).metrics_host == "0.0.0.0"
     told = {"HOST": "0.0.0.0", "TENANTDB_METRICS_HOST": "127.0.0.1"}
     assert Settings.from_env(told).metrics_host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("retention", ["0", "59s"])
+def test_retention_below_floor_is_refused_or_raised(retention: str) -> None:
+    # 4 lease TTLs of 15 s: a resumed old holder's GC could delete a new holder's uploads.
+    with pytest.raises(ConfigurationError) as raised:
+        Settings.from_env({"TENANTDB_RETENTION": retention, "TENANTDB_LEASE_TTL": "15"})
+    assert "floor of 60s" in str(raised.value)
+    assert raised.value.variable == "TENANTDB_RETENTION"
+    assert Settings.from_env({"TENANTDB_RETENTION": "60s"}).retention == 60

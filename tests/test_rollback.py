@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from tenantdb.replication.pitr import restore_at
 from tenantdb.rollback import rollback
 from tenantdb.storage.base import Bucket
 from tests.replication.test_pitr import PREFIX, Recorder, machine, read_rows
+from tests.replication.test_pitr_completeness import LogUploadsFail, count, insert
+from tests.replication.test_pitr_completeness import machine as completeness_machine
 
 
 def operator(tmp_path: Path) -> Settings:
@@ -72,3 +76,53 @@ async def test_rollback_with_wait_takes_over_once_the_holder_is_gone(
     out = tmp_path / "now.sqlite3"
     await restore_at(bucket, "acme", out, prefix=PREFIX)
     assert read_rows(out) == rows_then
+
+
+async def test_rollback_stamps_bucket_time_not_operator_clock(
+    local_bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = Recorder(5)
+    async with machine(local_bucket, tmp_path, "m1") as tdb:
+        await recorder.changes(tdb, 2)
+        then, rows_then = datetime.now(UTC), list(recorder.rows)
+        await recorder.changes(tdb, 3)
+    rows_before = list(recorder.rows)
+    await asyncio.sleep(0.05)
+    before_rollback = datetime.now(UTC)
+    await asyncio.sleep(0.05)
+    # The operator's laptop runs 5 s behind the bucket and the machines.
+    behind = lambda: int(time.time() * 1000) - 5000  # noqa: E731
+    monkeypatch.setattr("tenantdb.rollback.now_ms", behind, raising=False)
+    monkeypatch.setattr("tenantdb.lockfile.now_ms", behind)
+    await rollback(operator(tmp_path), local_bucket, then, work_dir=tmp_path)
+    monkeypatch.undo()
+    out = tmp_path / "before.sqlite3"
+    await restore_at(local_bucket, "acme", out, prefix=PREFIX, at=before_rollback)
+    assert read_rows(out) == rows_before  # not the rolled-back rows_then
+    assert rows_before != rows_then
+    after = tmp_path / "after.sqlite3"
+    await restore_at(local_bucket, "acme", after, prefix=PREFIX, at=datetime.now(UTC))
+    assert read_rows(after) == rows_then
+
+
+async def test_rollback_uploads_carried_segments_before_dropping_them(
+    local_bucket: Bucket, tmp_path: Path
+) -> None:
+    bucket = LogUploadsFail(local_bucket)
+    async with completeness_machine(bucket, tmp_path) as tdb:  # type: ignore[arg-type]
+        await insert(tdb, 1, 2)
+        then = datetime.now(UTC)
+        await asyncio.sleep(0.02)
+        await insert(tdb, 3, 3)
+        bucket.failing = True
+        await insert(tdb, 4, 6)  # published by lock.json alone: carried inline
+        moment = datetime.now(UTC)
+        await asyncio.sleep(0.02)
+    # The machine stopped and released the lease with the segments still carried.
+    await rollback(operator(tmp_path), local_bucket, then, work_dir=tmp_path)
+    out = tmp_path / "moment.sqlite3"
+    await restore_at(local_bucket, "acme", out, prefix=PREFIX, at=moment)
+    assert count(out) == 6
+    rolled = tmp_path / "rolled.sqlite3"
+    await restore_at(local_bucket, "acme", rolled, prefix=PREFIX)
+    assert count(rolled) == 2

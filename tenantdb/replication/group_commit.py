@@ -33,7 +33,8 @@ class GroupCommit:
         """``publish`` publishes every commit so far; it returns False if there was none."""
         self._publish = publish
         self._tenant = tenant
-        self._flush: asyncio.Task[bool] | None = None
+        self._flush: asyncio.Task[tuple[int, bool]] | None = None
+        self._begun = 0  # publications that have begun reading what to publish
         self._waiting = 0
         self._arrived = asyncio.Event()
         self._last_group = 0  # callers waiting when the last publication ended
@@ -49,11 +50,15 @@ class GroupCommit:
     async def wait(self, done: Callable[[], bool]) -> None:
         """Return once ``done()`` holds, publishing (shared with others) until it does.
 
-        A failed publication fails every caller waiting on it; a caller that is cancelled
-        never cancels the publication others share.
+        Also returns once a publication that began after the call found nothing left to
+        publish: everything committed before the call was shipped by then. One that began
+        earlier proves nothing about the caller's commit, however it ended. A failed
+        publication fails every caller waiting on it; a caller that is cancelled never
+        cancels the publication others share.
         """
         self._waiting += 1
         self._arrived.set()
+        arrived = self._begun
         try:
             while not done():
                 if self.closed:
@@ -67,12 +72,15 @@ class GroupCommit:
                     flush = self._flush = asyncio.get_running_loop().create_task(self._gathered())
                     flush.add_done_callback(retrieve_exception)
                 await asyncio.wait({flush})  # a waiter's cancellation never cancels it
-                if not flush.cancelled() and not flush.result():
-                    return  # nothing was left to publish
+                if flush.cancelled():
+                    continue
+                begun, published = flush.result()
+                if begun > arrived and not published:
+                    return  # read after this caller's commit, and nothing was left
         finally:
             self._waiting -= 1
 
-    async def _gathered(self) -> bool:
+    async def _gathered(self) -> tuple[int, bool]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(self._last_took * GATHER_FRACTION, GATHER_MAX_SECONDS)
         while self._waiting < self._last_group and (left := deadline - loop.time()) > 0:
@@ -82,8 +90,10 @@ class GroupCommit:
             except TimeoutError:
                 break
         started = loop.time()
+        self._begun += 1
+        begun = self._begun
         try:
-            return await self._publish()
+            return begun, await self._publish()
         finally:
             self._last_took = loop.time() - started
             # Those it served and those that came meanwhile: who will wait for the next.

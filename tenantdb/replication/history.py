@@ -387,7 +387,11 @@ async def read_history(bucket: Bucket, tenant: str, *, prefix: str) -> History:
     """List the tenant's objects, read its lock and takeover records, classify everything."""
     root = f"{prefix}{tenant}/"
     lock_key = f"{root}lock.json"
-    observed, objects = await asyncio.gather(read_lock(bucket, tenant, lock_key), bucket.list(root))
+    # The lock first, then the LIST: every object the lock names and does not carry was
+    # uploaded before the lock was written, so the LIST has it, and a restore can take a
+    # named index missing from it for what it is (lost), never for the log's end.
+    observed = await read_lock(bucket, tenant, lock_key)
+    objects = await bucket.list(root)
     records = [o for o in objects if o.key.startswith(f"{root}history/")]
     record = observed.record if observed else None
     takeovers = _trusted(await _read_takeovers(bucket, records), record, prefix=prefix)

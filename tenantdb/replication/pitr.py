@@ -4,9 +4,10 @@ A restore at moment T starts from the newest published snapshot made at or befor
 from an empty database while segment 1 is kept: see ``History.bases``) and applies the
 published segments that follow it, in order, while each one's last commit was read at or
 before T. Merged objects stand in for runs of segments when they were written before T
-(then every commit in them is older). The walk stops at the first segment past T, at the
-end of the log, or where a later snapshot takes over; any other missing index is a gap,
-and a gap is an error naming it, never a silently older database. Every segment is
+(then every commit in them is older). The walk stops at the first segment past T, at
+lock.json's log tail, or exactly where a later published snapshot's log starts; a missing
+index is never taken for the end (a published segment can be lost): it is an error naming
+it, never a silently older database. Every segment is
 checked as a restore checks it (its hash, its place in the log, the state chain), and
 the result passes ``quick_check`` before the atomic rename onto the destination.
 
@@ -19,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tenantdb.errors import PointInTimeError, ReplicationError
@@ -82,6 +84,18 @@ async def restore_at(
     if at.tzinfo is None:
         raise ValueError("the moment to restore must be timezone-aware")
     history = await read_history(bucket, tenant, prefix=prefix)
+    newest = _bucket_now(history)
+    if at > newest:
+        # What the database will hold then is not written yet: answering with today's
+        # state would be a guess presented as a fact.
+        raise PointInTimeError(
+            f"tenant {tenant} cannot be restored as of {at.isoformat(timespec='seconds')}: "
+            "that is in the future; the newest moment it can be restored as of is now, "
+            f"{newest.isoformat(timespec='seconds')} on the bucket's clock (omit the time "
+            "for the newest state)",
+            at=at,
+            earliest=history.restorable_from(),
+        )
     base = history.base_at(at)
     if base is None:
         earliest = history.restorable_from()
@@ -97,6 +111,19 @@ async def restore_at(
             earliest=earliest,
         )
     return await _Walk(bucket, history, base, at, progress).run(dest)
+
+
+def _bucket_now(history: History) -> datetime:
+    """The present on the bucket's clock, read with lock.json (its Date, and time since).
+
+    An HTTP date names a whole second: the present is taken as that second's end, so a
+    moment the bucket has reached is never refused as future.
+    """
+    lock = history.lock
+    if lock is None or lock.info.server_date is None:
+        return datetime.now(UTC)  # an embedded bucket: this machine's clock is its clock
+    since = time.monotonic() - lock.read_at
+    return lock.info.server_date + timedelta(seconds=1 + since)
 
 
 async def _restore_current(
@@ -271,22 +298,30 @@ class _Walk:
                 return
 
     def _check_end(self, index: int, avoid: frozenset[str]) -> None:
-        """No object starts at ``index``: the end of the log, a later snapshot, or a gap."""
+        """No object starts at ``index``: prove it is where the log ended, or fail naming it.
+
+        Absence proves nothing (an object can be lost, or a segment carried in lock.json
+        dropped unuploaded), so only two records end a walk: lock.json's log tail (the
+        walk reached the end of the current log), or a published snapshot whose log starts
+        exactly at ``index`` (everything before it was applied). Anything else is a segment
+        that may have been published and cannot be read: an error naming it.
+        """
         for entry in self.history.segments:
             if entry.first == index and entry.key in avoid:
                 raise self._inside_merge(entry)
-        later = [e.first for e in self.history.segments if e.published and e.first > index]
-        if not later:
-            return  # the end of the log
-        if any(
-            s.published and s.base is not None and index <= s.base <= min(later)
-            for s in self.history.snapshots
-        ):
-            return  # unused indices end at a snapshot made after the moment
+        record = self.history.record
+        pointer = record.log if record else None
+        if pointer is not None and pointer.base <= index == pointer.tail + 1:
+            return  # the end of the log as lock.json has it
+        start = self.base.snapshot.key if self.base.snapshot else None
+        if any(s.published and s.base == index and s.key != start for s in self.history.snapshots):
+            return  # a later snapshot takes over where the applied segments end
         key = f"{self.history.prefix}{self.tenant}/log/*/{index:012d}.seg"
+        later = [e.first for e in self.history.segments if e.published and e.first > index]
+        where = f"a gap in the log before segment {min(later)}" if later else "not in the bucket"
         raise PointInTimeError(
-            f"tenant {self.tenant}: segment {index} ({key}) is missing from the bucket, a gap "
-            f"in the log before segment {min(later)}: the database as of "
+            f"tenant {self.tenant}: segment {index} ({key}) is missing ({where}) and no "
+            "record shows the log ended before it: the database as of "
             f"{self.at.isoformat(timespec='seconds')} cannot be restored exactly",
             at=self.at,
             earliest=self.history.restorable_from(),

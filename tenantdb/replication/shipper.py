@@ -9,8 +9,10 @@ once that CAS landed: a fenced holder's uploads are garbage no restore reads.
 tenantdb is the only checkpointer of the databases it opens: every connection has
 ``wal_autocheckpoint=0``, and the shipper runs ``wal_checkpoint(PASSIVE)`` only while it
 holds the write lock and every frame in the WAL is shipped. So a WAL restart (new salts)
-can only follow a checkpoint of everything shipped; any other restart, or a WAL that
-cannot be read as expected, falls back to a full snapshot rather than guessing.
+is followed only after such a checkpoint, and only when salt-1 proves it is exactly one
+restart (an app's own checkpoint may add another, whose WAL nobody read); any other
+restart, or a WAL that cannot be read as expected, falls back to a full snapshot rather
+than guessing.
 """
 
 from __future__ import annotations
@@ -49,12 +51,22 @@ from tenantdb.replication.wal import (
     WALPosition,
     WALRestartedError,
     read_committed,
+    restart_dropped_frames,
+    restarted_once,
     wal_index_frames,
     wal_start,
 )
 from tenantdb.snapshot import copy_database, publish_snapshot, temp_snapshot_path
+from tenantdb.storage.base import Bucket
 
-__all__ = ["CONNECTION_PRAGMAS", "Shipper", "empty_log", "open_connection"]
+__all__ = [
+    "CONNECTION_PRAGMAS",
+    "Shipper",
+    "carried_segments",
+    "empty_log",
+    "open_connection",
+    "put_log_object",
+]
 
 log = logging.getLogger("tenantdb.replication")
 
@@ -104,6 +116,34 @@ def _succeeded(task: asyncio.Task[None]) -> bool:
 
 def _chunks_within(log: LogPointer, first: int, last: int) -> list[LogChunk]:
     return [c for c in log.chunks() if first <= c.first and c.last <= last]
+
+
+def carried_segments(record: LockRecord | None, *, prefix: str) -> list[tuple[str, bytes]]:
+    """The segments a lock.json carries inline, as (key, body), oldest first."""
+    pointer = record.log if record else None
+    if record is None or pointer is None:
+        return []
+    return [
+        (chunk_key(prefix, record.tenant, chunk), body)
+        for chunk in pointer.chunks()
+        if not chunk.merged and (body := pointer.inline_segment(chunk.last)) is not None
+    ]
+
+
+async def put_log_object(bucket: Bucket, key: str, body: bytes) -> None:
+    """Create an immutable log object; a retry of our own landed upload is accepted."""
+    try:
+        await bucket.put(key, body, if_none_match="*")
+    except PreconditionFailedError:
+        # Only this generation's holder writes under its prefix, and it retries an object
+        # byte for byte: an object there is this upload, landed unheard.
+        info = await bucket.head(key)
+        if info.size != len(body):
+            raise ReplicationError(
+                f"{key} exists with {info.size} bytes, expected {len(body)}; refusing "
+                "to ship past it",
+                key=key,
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -207,6 +247,9 @@ class Shipper:
         self._group.close()
         async with self._lock:
             self._forget_unpublished()
+            for upload in self._uploads.values():
+                upload.cancel()  # lock.json carries what they were for: the next holder's
+            self._uploads.clear()
             for conn in (self._reader, self._writer):
                 if conn is not None:
                     await asyncio.to_thread(conn.close)
@@ -302,12 +345,30 @@ class Shipper:
         return True
 
     def _forget_unpublished(self) -> None:
-        """Drop the segments made but not published (their indices are never reused)."""
+        """Drop the segments made but not published (their indices are never reused).
+
+        The uploads of carried segments go on: lock.json publishes them, and only a write
+        sent after their objects exist may stop carrying them (see ``_upload_carried``,
+        which also restarts any that lock.json turns out to carry).
+        """
+        for built in self._unpublished:
+            upload = self._uploads.pop(built.key, None)
+            if upload is not None:
+                upload.cancel()
         self._unpublished.clear()
-        for upload in self._uploads.values():
-            upload.cancel()
-        self._uploads.clear()
-        self._carried = deque()  # a snapshot replaces the log that carried them
+
+    async def _upload_carried(self) -> list[str]:
+        """Put every segment lock.json carries into its object: before a CAS drops them.
+
+        A snapshot's CAS replaces the log, inline segments and all; a carried segment whose
+        object did not exist then would be published and lost, and a point-in-time restore
+        into it could only fail. So the snapshot waits for them, and fails with them.
+        Returns their keys.
+        """
+        carried = carried_segments(self.lease.record, prefix=self.prefix)
+        for key, body in carried:
+            await asyncio.shield(self._upload(key, body))
+        return [key for key, _ in carried]
 
     async def run(self, interval: float, snapshot_interval: float) -> None:
         """Sync every ``interval`` seconds, checkpoint and snapshot as due, until fenced."""
@@ -376,6 +437,19 @@ class Shipper:
                 raise ReplicationError(
                     f"{self.wal_path} was restarted by something other than tenantdb"
                 ) from exc
+            if not restarted_once(start, exc.current):
+                # Another checkpoint and restart came between: the commits of the WAL
+                # in between were never read, and the database file holds them.
+                raise ReplicationError(
+                    f"{self.wal_path} was restarted more than once since the position "
+                    f"(salt-1 {start.salt1:08x}, now {exc.current.salt1:08x})"
+                ) from exc
+            if restart_dropped_frames(self.wal_path, start, exc.current):
+                # A commit reached the old WAL after the position (a reader held the
+                # restart off), and an app's checkpoint let the restart drop it.
+                raise ReplicationError(
+                    f"{self.wal_path} was restarted after frames the shipper never read"
+                ) from exc
             read = self._read(exc.current)
         if not read.commits:
             if after is None:
@@ -437,20 +511,7 @@ class Shipper:
         return self._next_index
 
     async def _put_once(self, key: str, body: bytes) -> None:
-        """Create an immutable log object; a retry of our own landed upload is accepted."""
-        bucket = self.lease.bucket
-        try:
-            await bucket.put(key, body, if_none_match="*")
-        except PreconditionFailedError:
-            # Only this generation's holder writes under its prefix, and it retries an object
-            # byte for byte: an object there is this upload, landed unheard.
-            info = await bucket.head(key)
-            if info.size != len(body):
-                raise ReplicationError(
-                    f"{key} exists with {info.size} bytes, expected {len(body)}; refusing "
-                    "to ship past it",
-                    key=key,
-                ) from None
+        await put_log_object(self.lease.bucket, key, body)
 
     def _upload(self, key: str, body: bytes) -> asyncio.Task[None]:
         """The upload of a log object, started now unless running or done."""
@@ -475,7 +536,7 @@ class Shipper:
         carried ones are waited for.
         """
         if self._carried is None:
-            self._carried = self._carried_by(self.lease.record)
+            self._carried = deque(carried_segments(self.lease.record, prefix=self.prefix))
         chain = [*self._carried, *((b.key, b.body) for b in batch)]
         for key, body in chain:
             self._upload(key, body)
@@ -508,17 +569,6 @@ class Shipper:
         self._hashes = last.hashes
         self._restart_expected = False
         self._backlog = last.read.frames >= MAX_FRAMES_PER_SEGMENT
-
-    def _carried_by(self, record: LockRecord | None) -> deque[tuple[str, bytes]]:
-        """The segments a lock.json carries inline, as (key, body): a takeover uploads them."""
-        pointer = record.log if record else None
-        if pointer is None:
-            return deque()
-        return deque(
-            (chunk_key(self.prefix, self.lease.tenant, chunk), body)
-            for chunk in pointer.chunks()
-            if not chunk.merged and (body := pointer.inline_segment(chunk.last)) is not None
-        )
 
     # -- compaction ----------------------------------------------------------------------
 
@@ -695,6 +745,14 @@ class Shipper:
             await self._publish_snapshot()
 
     async def _publish_snapshot(self) -> None:
+        if self._unpublished and not self._needs_snapshot:
+            # Publish them first: a snapshot would skip their indices, and a restore
+            # cannot tell a skipped index from a lost one (it refuses moments there).
+            try:
+                await self._advance(list(self._unpublished))
+            except ReplicationError:
+                self._forget_unpublished()
+        uploaded = await self._upload_carried()
         copy = temp_snapshot_path(self.work_dir)
         try:
             position, hashes, at_end = await asyncio.to_thread(self._copy, copy)
@@ -716,6 +774,9 @@ class Shipper:
         self._move_to(position)
         self._hashes = hashes
         self._forget_unpublished()
+        for key in uploaded:
+            self._uploads.pop(key, None)  # in the bucket, and carried no more
+        self._carried = deque()  # the snapshot replaced the log that carried them
         self._needs_snapshot, self._restart_expected = False, at_end
         self._snapshot_at = time.monotonic()
         self.snapshots += 1

@@ -38,6 +38,8 @@ __all__ = [
     "WALPosition",
     "WALRestartedError",
     "read_committed",
+    "restart_dropped_frames",
+    "restarted_once",
     "wal_index_frames",
     "wal_start",
 ]
@@ -102,6 +104,42 @@ class WALRestartedError(ReplicationError):
         # The start of the WAL that replaced it, when known.
         self.current = current
         super().__init__(message, key=key)
+
+
+def restarted_once(old: WALPosition, new: WALPosition) -> bool:
+    """Whether the WAL ``new`` starts is exactly the next restart of the one ``old`` is in.
+
+    A restart increments salt-1 by one (SQLite's ``walRestartHdr``), whoever restarts it;
+    salt-2 is random. So salt-1 counts the restarts between two headers, and only a count
+    of one proves that no whole WAL came and went unread in between. (The header's
+    checkpoint sequence cannot count them: each connection keeps its own.)
+    """
+    return new.salt1 == (old.salt1 + 1) & _MASK
+
+
+def restart_dropped_frames(wal_path: Path, position: WALPosition, current: WALPosition) -> bool:
+    """Whether the restart from ``position``'s WAL to ``current`` may have dropped frames.
+
+    A restart overwrites the WAL from its start and leaves the rest of the file alone, so
+    a frame the old incarnation got after ``position`` is still there, with the old salts,
+    unless the new incarnation reached that far or the file was truncated. Only a file that
+    ends at ``position``, or a frame there with neither incarnation's salts, proves none
+    was written.
+    """
+    try:
+        with open(wal_path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            if size <= position.offset:
+                return size != position.offset  # shorter: truncated, frames may be gone
+            f.seek(position.offset)
+            data = f.read(_FRAME_HEADER_SIZE)
+    except OSError as exc:
+        raise ReplicationError(f"cannot read {wal_path}: {exc.strerror or exc}") from exc
+    if len(data) < _FRAME_HEADER_SIZE:
+        return True
+    _pgno, _commit, salt1, salt2, _c1, _c2 = _FRAME_HEADER.unpack(data)
+    return (salt1, salt2) in (position.salts, current.salts)
 
 
 def wal_start(wal_path: Path) -> WALPosition | None:

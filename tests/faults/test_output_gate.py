@@ -82,8 +82,28 @@ async def socket(websocket: WebSocket) -> None:
         await websocket.send_text(str(row[0] if row else None))
 
 
+async def add_after_rollback_to(request: Request) -> Response:
+    # Valid SQLite: a comment between ROLLBACK and TO. The transaction still commits a row.
+    await tenant_db(request).executescript(
+        "BEGIN; INSERT INTO hits DEFAULT VALUES; SAVEPOINT sp; INSERT INTO hits DEFAULT "
+        "VALUES; ROLLBACK /* c */ TO sp; COMMIT;"
+    )
+    return JSONResponse({"added": 1})
+
+
+async def add_traced(request: Request) -> Response:
+    db = tenant_db(request)
+    statements: list[str] = []
+    await db.set_trace_callback(statements.append)  # the app's own tracing
+    await db.execute("INSERT INTO hits DEFAULT VALUES")
+    await db.commit()
+    return JSONResponse({"traced": len(statements)})
+
+
 APP = Starlette(
     routes=[
+        Route("/customers/acme/savepoint", add_after_rollback_to, methods=["POST"]),
+        Route("/customers/acme/traced", add_traced, methods=["POST"]),
         Route("/customers/acme/hits", add_hit, methods=["POST"]),
         Route("/customers/acme/hits", count, methods=["GET"]),
         Route("/customers/acme/rollback", add_then_roll_back, methods=["POST"]),
@@ -245,3 +265,24 @@ async def test_concurrent_writes_share_their_uploads(s3: ProxiedS3) -> None:
             assert ids <= await in_bucket(s3)
     # One CAS was in flight when most of them committed; the next carried them all.
     assert len(cas) <= 3, cas
+
+
+async def answer_while_uploads_fail(s3: ProxiedS3, path: str) -> httpx.Response:
+    """POST ``path`` once lock.json's writes (which make commits durable) all fail."""
+    with serve(s3, durability_timeout=1.0) as url:
+        async with httpx.AsyncClient(timeout=30) as client:
+            assert (await client.post(f"{url}/hits")).status_code == 200
+            s3.proxy.add(Fault.slow_down(**LOCK_PUTS))
+            return await client.post(f"{url}{path}")
+
+
+async def test_gate_sees_commit_after_rollback_with_comment_before_to(s3: ProxiedS3) -> None:
+    answer = await answer_while_uploads_fail(s3, "/savepoint")
+    assert answer.status_code == 503, answer.text  # never a 200 for a write not durable
+    assert "not known to be in the bucket" in answer.text
+
+
+async def test_gate_survives_app_trace_callback(s3: ProxiedS3) -> None:
+    answer = await answer_while_uploads_fail(s3, "/traced")
+    assert answer.status_code == 503, answer.text
+    assert "not known to be in the bucket" in answer.text
