@@ -66,6 +66,12 @@ async def insert(tdb: TenantDB, first: int, last: int) -> None:
         await tdb.sync()
 
 
+async def moment_after_commits() -> datetime:
+    """Now, once past the millisecond of the last commit (segment times are rounded up)."""
+    await asyncio.sleep(0.002)
+    return datetime.now(UTC)
+
+
 def count(path: Path) -> int:
     conn = sqlite3.connect(path)
     try:
@@ -82,7 +88,7 @@ async def test_pitr_inside_carried_segments_after_snapshot_is_exact_or_error(
         await insert(tdb, 1, 3)
         bucket.failing = True
         await insert(tdb, 4, 6)  # published by lock.json alone: carried inline
-        moment = datetime.now(UTC)
+        moment = await moment_after_commits()
         await asyncio.sleep(0.02)
         # A snapshot would drop the carried segments from lock.json: it must not while
         # their objects cannot be written.
@@ -113,7 +119,7 @@ async def test_snapshot_waits_for_carried_segments_to_reach_their_objects(
         assert record.log.inline
         bucket.failing = False
         assert await tdb.checkpoint()
-        moment = datetime.now(UTC)
+        moment = await moment_after_commits()
     history = await read_history(local_bucket, "acme", prefix=PREFIX)
     present = {(e.first, e.last) for e in history.segments if e.published}
     assert all((i, i) in present or any(a <= i <= b for a, b in present) for i in range(1, 5))
@@ -129,7 +135,7 @@ async def test_pitr_refuses_a_lost_segment_before_a_later_snapshot_naming_its_in
         await insert(tdb, 1, 3)
         await tdb.checkpoint()
         await insert(tdb, 4, 6)
-        moment = datetime.now(UTC)
+        moment = await moment_after_commits()
         await asyncio.sleep(0.02)
         await insert(tdb, 7, 7)
         await tdb.checkpoint()
@@ -177,7 +183,7 @@ async def test_a_scheduled_snapshot_publishes_a_pending_segment_instead_of_skipp
         with pytest.raises(StorageError):
             await insert(tdb, 3, 3)  # made into a segment: its object and its CAS failed
         bucket.failing = False
-        moment = datetime.now(UTC)
+        moment = await moment_after_commits()
         await asyncio.sleep(0.02)
         shipper = tdb._shipper
         assert isinstance(shipper, Shipper)

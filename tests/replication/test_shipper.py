@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tenantdb import config
 from tenantdb.config import Settings
 from tenantdb.database import TenantDB
 from tenantdb.errors import LeaseLostError, ReplicationError, TransientStorageError
@@ -98,8 +99,11 @@ async def test_shipping_continues_across_checkpoints_and_wal_restarts(
     async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
         shipper = tdb._shipper
         assert shipper is not None
+        # Each batch is smaller than the last: a new WAL that stays within the old one's
+        # length proves no frame of the old was dropped (a longer one overwrites the proof,
+        # and costs a snapshot: see wal.restart_dropped_frames).
         for n in range(5):
-            await add(tdb, 50, note="y" * 200 + str(n))
+            await add(tdb, 50 - 8 * n, note="y" * 200 + str(n))
             await tdb.sync()
             await shipper._checkpoint_if_large()  # everything shipped: folds the WAL in
             assert shipper._restart_expected
@@ -363,6 +367,7 @@ async def test_garbage_collection_deletes_only_what_no_restore_since_the_cutoff_
     bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(compaction, "MERGE_SINGLES", 3)
+    monkeypatch.setattr(config, "RETENTION_FLOOR_LEASES", 0)  # what GC picks, not when
     async with TenantDB(
         settings(tmp_path, "m1", retention=0), migrations=MIGRATIONS, bucket=bucket
     ) as tdb:
@@ -424,6 +429,7 @@ async def test_an_idle_tenant_lists_nothing_and_garbage_is_collected_when_due(
     local_bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(shipper_module, "GC_INTERVAL", 0.0)
+    monkeypatch.setattr(config, "RETENTION_FLOOR_LEASES", 0)  # garbage due at once
     counting = CountingLists(local_bucket)
     async with TenantDB(
         settings(tmp_path, "m1", sync_interval=0.05, retention=0),
