@@ -220,8 +220,9 @@ class TenantDBMiddleware:
         reasons = {
             "stopped": "tenantdb is not started: the server must run the ASGI lifespan",
             "starting": "the tenant's database is starting",
+            # Never tdb.problem: it names the bucket, keys and local paths. The log has it.
             "restoring": "the tenant's database is being restored"
-            + (f" (last attempt failed: {tdb.problem})" if tdb.problem else ""),
+            + (" (the last attempt failed; retrying)" if tdb.problem else ""),
             "standby": f"machine {holder or 'another machine'} holds the tenant's lease",
             "fenced": "this machine lost the tenant's lease",
             "stopping": "this machine is shutting down",
