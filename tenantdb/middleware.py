@@ -132,6 +132,18 @@ class TenantDBMiddleware:
         if segment is None:
             await self.app(scope, receive, send)
             return
+        if _has_dot_segment(scope["path"]):
+            # Clients and proxies on the way (httpx among them) may resolve "..": the tenant
+            # would be decided on one path and the request received on another.
+            await send_error(
+                scope,
+                receive,
+                send,
+                400,
+                "the path has '.' or '..' segments, which are not resolved here: send the "
+                "path it stands for",
+            )
+            return
         try:
             tenant = validate_tenant(segment)
         except InvalidTenantError as exc:
@@ -338,6 +350,10 @@ class TenantDBMiddleware:
                 await tdb.stop()
         finally:
             await self._resources.aclose()
+
+
+def _has_dot_segment(path: str) -> bool:
+    return any(part in (".", "..") for part in path.split("/"))
 
 
 def tenant_db(connection: HTTPConnection) -> aiosqlite.Connection:

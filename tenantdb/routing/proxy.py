@@ -121,7 +121,8 @@ class BodyProxy:
     ) -> None:
         """Send the request of ``scope`` with ``body`` to ``machine_id``; stream the answer back.
 
-        Raises ``RoutingError`` when the machine cannot be reached or breaks off; whatever
+        Raises ``RoutingError`` when the machine cannot be reached or breaks off, or when the
+        request would reach it under another path than ``scope``'s; whatever
         ``body`` raises (a client disconnect) propagates unchanged.
         """
         if self._client is None:
@@ -140,6 +141,14 @@ class BodyProxy:
             request = self._client.build_request(
                 scope["method"], url, headers=headers, content=body
             )
+            if request.url.path != scope["path"]:
+                # httpx resolves dot segments: the machine would get another path than the
+                # one its tenant was decided on.
+                raise RoutingError(
+                    f"the path {scope['path']!r} would reach machine {machine_id} as "
+                    f"{request.url.path!r}: not sent",
+                    tenant=tenant,
+                )
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise RoutingError(
