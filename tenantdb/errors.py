@@ -24,6 +24,7 @@ Every error tenantdb raises on purpose is a ``TenantDBError``::
     ├── ReplicationError              the incremental log cannot be read, written or applied (key)
     │   └── PointInTimeError          that moment cannot be restored exactly (at, earliest)
     ├── DurabilityError               a committed write did not reach the bucket in time (tenant)
+    ├── PoolBusyError                 no database connection could be lent in time (held)
     └── RoutingError                  finding the machine of another tenant
         ├── DNSLookupError            the DNS server timed out or failed
         ├── MachinesAPIError          the Fly Machines API failed or answered nonsense (status)
@@ -60,6 +61,7 @@ __all__ = [
     "ObjectNotFoundError",
     "ObjectTooLargeError",
     "PointInTimeError",
+    "PoolBusyError",
     "PreconditionFailedError",
     "ReplicationError",
     "RoutingError",
@@ -251,6 +253,17 @@ class DurabilityError(TenantDBError):
 
     def __init__(self, message: str, *, tenant: str) -> None:
         self.tenant = tenant
+        super().__init__(message)
+
+
+class PoolBusyError(TenantDBError):
+    """No connection of the pool came free within its bound: every one is held.
+
+    ``held`` is how many connections were lent, none of them for a short turn.
+    """
+
+    def __init__(self, message: str, *, held: int) -> None:
+        self.held = held
         super().__init__(message)
 
 

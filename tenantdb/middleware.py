@@ -17,9 +17,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tenantdb.config import Durability, Settings
 from tenantdb.database import Migration, TenantDB
 from tenantdb.errors import InvalidTenantError, TenantDBError
+from tenantdb.lending import RequestConnection
 from tenantdb.metrics import Metrics, MetricsServer
 from tenantdb.output_gate import OutputGate
-from tenantdb.pool import ConnectionPool
 from tenantdb.responses import RETRY_AFTER, send_error
 from tenantdb.routing.proxy import MachineURL
 from tenantdb.routing.replay import Router
@@ -159,56 +159,79 @@ class TenantDBMiddleware:
             await self._not_serving(scope, receive, send, tdb)
             return
         self.metrics.routed("local")
-        pool = tdb.pool
+        gated = self.settings.durability == "bucket"
+        # Lent lazily and set aside while the request waits on its client (see lending.py).
+        db = RequestConnection(tdb.pool, track_commits=gated)
+        scope = dict(scope)
+        scope["state"] = {**scope.get("state", {}), "tenant": tdb.tenant, "db": db}
+        answered = False
+
+        async def receive_aside() -> Message:
+            await db.set_aside()
+            return await receive()
+
+        async def to_client(message: Message) -> None:
+            nonlocal answered
+            answered = True
+            await send(message)
+
         self._in_flight += 1
         self._idle.clear()
         try:
-            try:
-                db = await pool.acquire()
-            except TenantDBError:  # the pool closed while this request waited for it
-                await self._not_serving(scope, receive, send, tdb)
-                return
-            try:
-                scope = dict(scope)
-                scope["state"] = {**scope.get("state", {}), "tenant": tdb.tenant, "db": db}
-                if self.settings.durability == "bucket":
-                    await self._serve_gated(scope, receive, send, tdb, pool, db)
-                else:
-                    await self.app(scope, receive, send)
-            finally:
-                await pool.release(db)
+            if gated:
+                await self._serve_gated(scope, receive_aside, to_client, tdb, db)
+            else:
+
+                async def send_aside(message: Message) -> None:
+                    await db.set_aside()
+                    await to_client(message)
+
+                await self.app(scope, receive_aside, send_aside)
+        except TenantDBError as exc:
+            if exc is not db.refusal or answered:
+                raise
+            # The pool lent nothing in time (or closed): a 503 the client can retry.
+            log.warning("tenant %s: %s", tdb.tenant, exc)
+            self.metrics.routed("503")
+            await send_error(
+                scope,
+                receive,
+                send,
+                503,
+                f"tenant {tdb.tenant} is too busy here: no database connection came free in "
+                "time; retry shortly",
+                headers={"Retry-After": RETRY_AFTER},
+            )
         finally:
+            await db.end()
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
 
     async def _serve_gated(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        tdb: TenantDB,
-        pool: ConnectionPool,
-        db: aiosqlite.Connection,
+        self, scope: Scope, receive: Receive, send: Send, tdb: TenantDB, db: RequestConnection
     ) -> None:
         """Run the app behind an output gate: no answer goes out before its writes are durable."""
-        commits = pool.commits(db)
-        commits.take()  # what earlier borrowers committed was theirs to wait for
 
         async def make_durable() -> None:
-            async with pool.parked():
+            async with db.waiting():
                 await tdb.sync()
 
         gate = OutputGate(
             send,
-            commits,
+            db,
             make_durable,
             timeout=self.settings.durability_timeout,
             tenant=tdb.tenant,
             metrics=self.metrics,
         )
+
+        async def send_aside(message: Message) -> None:
+            await db.set_aside()
+            await gate.send(message)
+
         try:
-            await self.app(scope, receive, gate.send)
+            await self.app(scope, receive, send_aside)
         except Exception:
             if gate.failure is None:
                 raise
