@@ -24,7 +24,8 @@ Every error tenantdb raises on purpose is a ``TenantDBError``::
     ├── ReplicationError              the incremental log cannot be read, written or applied (key)
     │   └── PointInTimeError          that moment cannot be restored exactly (at, earliest)
     ├── DurabilityError               a committed write did not reach the bucket in time (tenant)
-    ├── PoolBusyError                 no database connection could be lent in time (held)
+    ├── ConnectionUnavailableError    no database connection for a request (503)
+    │   └── PoolBusyError             none came free in time (held)
     └── RoutingError                  finding the machine of another tenant
         ├── DNSLookupError            the DNS server timed out or failed
         ├── MachinesAPIError          the Fly Machines API failed or answered nonsense (status)
@@ -40,11 +41,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
+from starlette.exceptions import HTTPException
+
 __all__ = [
     "AccessDeniedError",
     "BucketConfigurationError",
     "ConditionalConflictError",
     "ConfigurationError",
+    "ConnectionUnavailableError",
     "DNSLookupError",
     "DataDirLockedError",
     "DurabilityError",
@@ -256,7 +260,23 @@ class DurabilityError(TenantDBError):
         super().__init__(message)
 
 
-class PoolBusyError(TenantDBError):
+class ConnectionUnavailableError(TenantDBError, HTTPException):
+    """The tenant's database lends no connection to a request: it is answered 503.
+
+    Also a Starlette ``HTTPException``, so that Starlette and FastAPI answer a handler that
+    raises it with its short ``detail`` (and ``Retry-After``) instead of a 500; ``str()``
+    is the whole reason, for the log.
+    """
+
+    def __init__(self, message: str, *, detail: str) -> None:
+        HTTPException.__init__(self, 503, f"{detail}; retry shortly", {"Retry-After": "2"})
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class PoolBusyError(ConnectionUnavailableError):
     """No connection of the pool came free within its bound: every one is held.
 
     ``held`` is how many connections were lent, none of them for a short turn.
@@ -264,7 +284,7 @@ class PoolBusyError(TenantDBError):
 
     def __init__(self, message: str, *, held: int) -> None:
         self.held = held
-        super().__init__(message)
+        super().__init__(message, detail="the tenant's database is busy")
 
 
 class RoutingError(TenantDBError):

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tenantdb.config import Durability, Settings
 from tenantdb.database import Migration, TenantDB
-from tenantdb.errors import InvalidTenantError, TenantDBError
+from tenantdb.errors import ConnectionUnavailableError, InvalidTenantError, TenantDBError
 from tenantdb.lending import RequestConnection
 from tenantdb.metrics import Metrics, MetricsServer
 from tenantdb.output_gate import OutputGate
@@ -187,22 +187,15 @@ class TenantDBMiddleware:
                     await to_client(message)
 
                 await self.app(scope, receive_aside, send_aside)
-        except TenantDBError as exc:
-            if exc is not db.refusal or answered:
+        except ConnectionUnavailableError as exc:
+            if answered:
                 raise
-            # The pool lent nothing in time (or closed): a 503 the client can retry.
-            log.warning("tenant %s: %s", tdb.tenant, exc)
+            # The pool lent nothing in time (or closed), and the app let the error through.
             self.metrics.routed("503")
-            await send_error(
-                scope,
-                receive,
-                send,
-                503,
-                f"tenant {tdb.tenant} is too busy here: no database connection came free in "
-                "time; retry shortly",
-                headers={"Retry-After": RETRY_AFTER},
-            )
+            await send_error(scope, receive, send, 503, exc.detail, headers=exc.headers)
         finally:
+            if db.refusal is not None:
+                log.warning("tenant %s: request refused: %s", tdb.tenant, db.refusal)
             await db.end()
             self._in_flight -= 1
             if self._in_flight == 0:

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiosqlite
 
 from tenantdb.commits import CommitTracker
-from tenantdb.errors import PoolBusyError, TenantDBError
+from tenantdb.errors import ConnectionUnavailableError, PoolBusyError, TenantDBError
 from tenantdb.replication.shipper import CONNECTION_PRAGMAS
 
 __all__ = ["ConnectionPool"]
@@ -197,8 +197,11 @@ class ConnectionPool:
             return None
         return reason
 
-    def _closed_error(self) -> TenantDBError:
-        return TenantDBError(f"the database {self.path.name} is closed (shutting down)")
+    def _closed_error(self) -> ConnectionUnavailableError:
+        return ConnectionUnavailableError(
+            f"the database {self.path.name} is closed (shutting down)",
+            detail="this machine is shutting down",
+        )
 
     def commits(self, conn: aiosqlite.Connection) -> CommitTracker:
         """The commit tracker of a connection this pool lent (with ``track_commits``)."""

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from httpx_ws import aconnect_ws
 from starlette.applications import Starlette
-from starlette.routing import Route
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from example_app import MIGRATIONS
-from tenantdb import TenantDBMiddleware
+from tenantdb import TenantDBMiddleware, tenant_db
 from tenantdb.config import Settings
 from tenantdb.database import TenantDB
 from tenantdb.lease import Lease
@@ -83,3 +89,127 @@ def test_the_503_while_restoring_keeps_bucket_keys_and_local_paths_out_of_the_an
         assert secret not in answer.text
     # The operator still gets the whole reason, in the log.
     assert any("tenants/acme" in r.getMessage() for r in caplog.records), caplog.text
+
+
+# -- slow clients hold no connection ---------------------------------------------------------
+
+
+async def upload(request: Request) -> Response:
+    body = await request.body()  # a slow client: the request waits here
+    db = tenant_db(request)
+    await db.execute("UPDATE counter SET count = count + ?", [len(body)])
+    await db.commit()
+    return PlainTextResponse("stored")
+
+
+async def upload_in_a_transaction(request: Request) -> Response:
+    db = tenant_db(request)
+    await db.execute("BEGIN IMMEDIATE")  # the app's own choice: it holds the connection
+    body = await request.body()
+    await db.execute("UPDATE counter SET count = count + ?", [len(body)])
+    await db.commit()
+    return PlainTextResponse("stored")
+
+
+async def idle_socket(websocket: WebSocket) -> None:
+    await websocket.accept()
+    db = tenant_db(websocket)
+    async with db.execute("SELECT count FROM counter") as cursor:
+        row = await cursor.fetchone()
+    await websocket.send_json({"count": row[0] if row else None})
+    with contextlib.suppress(WebSocketDisconnect):
+        while True:
+            await websocket.receive_text()  # an idle client: the socket waits here
+
+
+CLIENTS_APP = Starlette(
+    routes=[
+        Route("/customers/{tenant}", starlette_visit),
+        Route("/customers/{tenant}/upload", upload, methods=["POST"]),
+        Route("/customers/{tenant}/held", upload_in_a_transaction, methods=["POST"]),
+        WebSocketRoute("/customers/{tenant}/ws", idle_socket),
+    ]
+)
+
+
+def serving_app(root: Path, **overrides: Any) -> TenantDBMiddleware:
+    return TenantDBMiddleware(
+        CLIENTS_APP,
+        migrations=MIGRATIONS,
+        settings=Settings(
+            tenant="acme",
+            machine_id="m1",
+            data_dir=root / "data",
+            local_bucket_dir=root / "bucket",
+            checkpoint_interval=0,
+            kill_timeout=2,
+            **overrides,
+        ),
+    )
+
+
+async def settled(app: TenantDBMiddleware) -> None:
+    """Wait (bounded) for the requests of closed clients to end, so the server stops at once."""
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if app._in_flight == 0:
+            return
+
+
+async def start_slow_upload(url: str, path: str) -> asyncio.StreamWriter:
+    """A POST whose body never finishes arriving: headers and 10 of its 1,000 bytes."""
+    host, port = url.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n".encode())
+    writer.write(b"x" * 10)
+    await writer.drain()
+    return writer
+
+
+async def test_eight_slow_uploads_and_eight_idle_websockets_leave_the_tenant_serving(
+    tmp_path: Path,
+) -> None:
+    app = serving_app(tmp_path, durability="async")  # 8 connections at most, the default
+    with serve_in_thread(app, lifespan="on") as url:
+        async with contextlib.AsyncExitStack() as stack, httpx.AsyncClient(timeout=10) as client:
+            uploads = [await start_slow_upload(url, "/customers/acme/upload") for _ in range(8)]
+            for writer in uploads:
+                stack.callback(writer.close)
+            ws_url = url.replace("http://", "ws://") + "/customers/acme/ws"
+            for _ in range(8):
+                socket = await stack.enter_async_context(aconnect_ws(ws_url))
+                assert (await socket.receive_json())["count"] >= 0  # it used the database
+            await asyncio.sleep(0.3)  # every borrower has held its turn long by now
+            # 16 clients wait on their side; the tenant still answers everyone else.
+            answers = await asyncio.wait_for(
+                asyncio.gather(*(client.get(f"{url}/customers/acme") for _ in range(20))), 8
+            )
+            assert [a.status_code for a in answers] == [200] * 20
+            health = app.tenantdb.pool.stalled() if app.tenantdb else "no tenant"
+            assert health is None
+        await settled(app)
+
+
+async def test_a_request_that_gets_no_connection_in_time_is_503_and_the_pool_says_stalled(
+    tmp_path: Path,
+) -> None:
+    app = serving_app(tmp_path, durability="async", pool_size=1)
+    with serve_in_thread(app, lifespan="on") as url:
+        assert app.tenantdb is not None
+        pool = app.tenantdb.pool
+        pool.lend_timeout = 0.3
+        holder = await start_slow_upload(url, "/customers/acme/held")  # holds the one connection
+        try:
+            await asyncio.sleep(0.2)
+            async with httpx.AsyncClient(timeout=10) as client:
+                answer = await client.get(f"{url}/customers/acme")
+            assert answer.status_code == 503, answer.text
+            assert answer.headers["retry-after"].isdigit()
+            assert "retry shortly" in answer.text
+            assert str(tmp_path) not in answer.text
+            reason = pool.stalled()
+            assert reason is not None
+            assert "within 0.3s" in reason
+        finally:
+            holder.close()
+        await settled(app)
