@@ -31,6 +31,9 @@ __all__ = ["TenantDBMiddleware", "tenant_db", "tenant_db_dependency"]
 
 log = logging.getLogger("tenantdb")
 
+# Requests a standby holds at once on their word that the holder handed them back.
+MAX_HANDED_BACK_HOLDS = 64
+
 _P = ParamSpec("_P")
 _Init = Callable[Concatenate["TenantDBMiddleware", ASGIApp, _P], None]
 
@@ -117,6 +120,7 @@ class TenantDBMiddleware:
         )
         self._resources = AsyncExitStack()  # what the lifespan opened, closed at shutdown
         self._in_flight = 0
+        self._handed_back_holds = 0  # requests held on their word that they were handed back
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -277,9 +281,19 @@ class TenantDBMiddleware:
         """
         if tdb.state not in ("standby", "restoring") or not self.settings.handoff_wait:
             return False
-        if not (tdb.handoff_expected() or self.router.handed_back(scope, holder or None)):
+        if tdb.handoff_expected():
+            return await tdb.wait_serving(self.settings.handoff_wait)
+        # Only the request's headers say the holder handed it back, and a client can send
+        # them: hold a bounded number of such requests at a time.
+        if self._handed_back_holds >= MAX_HANDED_BACK_HOLDS or not self.router.handed_back(
+            scope, holder or None
+        ):
             return False
-        return await tdb.wait_serving(self.settings.handoff_wait)
+        self._handed_back_holds += 1
+        try:
+            return await tdb.wait_serving(self.settings.handoff_wait)
+        finally:
+            self._handed_back_holds -= 1
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         startup: Message | None = await receive()
