@@ -92,10 +92,10 @@ class RequestConnection(aiosqlite.Connection):
         self._pool = pool
         self._track = track_commits
         self._lent: aiosqlite.Connection | None = None
-        self._lending = asyncio.Lock()
+        self._lending: asyncio.Lock | None = None  # made on the first borrow (most need none)
         self._busy = 0  # calls running on the lent connection
         self._pinned = False
-        self._cursors: weakref.WeakSet[sqlite3.Cursor] = weakref.WeakSet()
+        self._cursors: weakref.WeakSet[sqlite3.Cursor] | None = None  # open ones, if any
         self._settings: dict[str, Any] = {}
         self._committed = False
         self.refusal: TenantDBError | None = None  # why the pool lent nothing, if it did not
@@ -120,16 +120,22 @@ class RequestConnection(aiosqlite.Connection):
             name = getattr(fn, "__name__", "")
             if name in _PINNING:
                 self._pinned = True
-            elif name == "close" and isinstance(getattr(fn, "__self__", None), sqlite3.Cursor):
-                self._cursors.discard(fn.__self__)
+            elif name == "close" and self._cursors is not None:
+                cursor = getattr(fn, "__self__", None)
+                if isinstance(cursor, sqlite3.Cursor):
+                    self._cursors.discard(cursor)
             result = await lent._execute(fn, *args, **kwargs)  # type: ignore[no-untyped-call]
         finally:
             self._busy -= 1
         if isinstance(result, sqlite3.Cursor):
+            if self._cursors is None:
+                self._cursors = weakref.WeakSet()
             self._cursors.add(result)
         return result
 
     async def _borrow(self) -> aiosqlite.Connection:
+        if self._lending is None:
+            self._lending = asyncio.Lock()
         async with self._lending:  # two tasks of one request: one connection
             if self._lent is None:
                 try:
@@ -160,10 +166,15 @@ class RequestConnection(aiosqlite.Connection):
         if self._lent is not None and not self._busy:
             await self._give_back(self._lent)
 
+    @property
+    def holding(self) -> bool:
+        """Whether a pooled connection is lent to this request right now."""
+        return self._lent is not None
+
     async def set_aside(self) -> None:
         """Give the connection back while the request waits, if nothing is open on it."""
         conn = self._lent
-        if conn is None or self._busy or self._pinned or conn.in_transaction or len(self._cursors):
+        if conn is None or self._busy or self._pinned or conn.in_transaction or self._cursors:
             return
         await self._give_back(conn)
 
@@ -194,7 +205,7 @@ class RequestConnection(aiosqlite.Connection):
     async def _give_back(self, conn: aiosqlite.Connection) -> None:
         self._lent = None
         self._pinned = False
-        self._cursors = weakref.WeakSet()
+        self._cursors = None
         if self._track and self._pool.commits(conn).take():
             self._committed = True
         for name in self._settings:

@@ -171,7 +171,8 @@ class TenantDBMiddleware:
         answered = False
 
         async def receive_aside() -> Message:
-            await db.set_aside()
+            if db.holding:
+                await db.set_aside()
             return await receive()
 
         async def to_client(message: Message) -> None:
@@ -187,7 +188,8 @@ class TenantDBMiddleware:
             else:
 
                 async def send_aside(message: Message) -> None:
-                    await db.set_aside()
+                    if db.holding:
+                        await db.set_aside()
                     await to_client(message)
 
                 await self.app(scope, receive_aside, send_aside)
@@ -200,7 +202,8 @@ class TenantDBMiddleware:
         finally:
             if db.refusal is not None:
                 log.warning("tenant %s: request refused: %s", tdb.tenant, db.refusal)
-            await db.end()
+            if db.holding:
+                await db.end()
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
@@ -224,7 +227,8 @@ class TenantDBMiddleware:
         )
 
         async def send_aside(message: Message) -> None:
-            await db.set_aside()
+            if db.holding:
+                await db.set_aside()
             await gate.send(message)
 
         try:
