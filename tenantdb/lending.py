@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiosqlite
+from aiosqlite.context import contextmanager as _result
 
 from tenantdb.errors import TenantDBError
 from tenantdb.pool import ConnectionPool
@@ -95,7 +95,7 @@ class RequestConnection(aiosqlite.Connection):
         self._lending: asyncio.Lock | None = None  # made on the first borrow (most need none)
         self._busy = 0  # calls running on the lent connection
         self._pinned = False
-        self._cursors: weakref.WeakSet[sqlite3.Cursor] | None = None  # open ones, if any
+        self._cursors: weakref.WeakSet[aiosqlite.Cursor] | None = None  # open ones, if any
         self._settings: dict[str, Any] = {}
         self._committed = False
         self.refusal: TenantDBError | None = None  # why the pool lent nothing, if it did not
@@ -120,18 +120,41 @@ class RequestConnection(aiosqlite.Connection):
             name = getattr(fn, "__name__", "")
             if name in _PINNING:
                 self._pinned = True
-            elif name == "close" and self._cursors is not None:
-                cursor = getattr(fn, "__self__", None)
-                if isinstance(cursor, sqlite3.Cursor):
+            elif name == "close" and self._cursors:
+                closing = getattr(fn, "__self__", None)
+                for cursor in [c for c in self._cursors if c._cursor is closing]:
                     self._cursors.discard(cursor)
-            result = await lent._execute(fn, *args, **kwargs)  # type: ignore[no-untyped-call]
+            return await lent._execute(fn, *args, **kwargs)  # type: ignore[no-untyped-call]
         finally:
             self._busy -= 1
-        if isinstance(result, sqlite3.Cursor):
-            if self._cursors is None:
-                self._cursors = weakref.WeakSet()
-            self._cursors.add(result)
-        return result
+
+    def _opened(self, cursor: aiosqlite.Cursor) -> aiosqlite.Cursor:
+        """Note a cursor the request may still read from: it keeps the connection lent
+        until it is closed or dropped (its statement runs on that connection)."""
+        if self._cursors is None:
+            self._cursors = weakref.WeakSet()
+        self._cursors.add(cursor)
+        return cursor
+
+    @_result
+    async def execute(self, sql: str, parameters: Any = None) -> aiosqlite.Cursor:
+        """See ``aiosqlite.Connection.execute``."""
+        return self._opened(await super().execute(sql, parameters))
+
+    @_result
+    async def executemany(self, sql: str, parameters: Any) -> aiosqlite.Cursor:
+        """See ``aiosqlite.Connection.executemany``."""
+        return self._opened(await super().executemany(sql, parameters))
+
+    @_result
+    async def executescript(self, sql_script: str) -> aiosqlite.Cursor:
+        """See ``aiosqlite.Connection.executescript``."""
+        return self._opened(await super().executescript(sql_script))
+
+    @_result
+    async def cursor(self) -> aiosqlite.Cursor:
+        """See ``aiosqlite.Connection.cursor``."""
+        return self._opened(await super().cursor())
 
     async def _borrow(self) -> aiosqlite.Connection:
         if self._lending is None:
