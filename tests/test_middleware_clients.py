@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from httpx_ws import aconnect_ws
+from httpx_ws import AsyncWebSocketSession, aconnect_ws
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -23,6 +24,7 @@ from tenantdb import TenantDBMiddleware, tenant_db
 from tenantdb.config import Settings
 from tenantdb.database import TenantDB
 from tenantdb.lease import Lease
+from tenantdb.middleware import MAX_HANDED_BACK_HOLDS
 from tenantdb.storage import LocalBucket
 from tests.support.apps import starlette_visit
 from tests.support.servers import serve_in_thread
@@ -177,7 +179,7 @@ async def test_eight_slow_uploads_and_eight_idle_websockets_leave_the_tenant_ser
                 stack.callback(writer.close)
             ws_url = url.replace("http://", "ws://") + "/customers/acme/ws"
             for _ in range(8):
-                socket = await stack.enter_async_context(aconnect_ws(ws_url))
+                socket: AsyncWebSocketSession = await stack.enter_async_context(aconnect_ws(ws_url))
                 assert (await socket.receive_json())["count"] >= 0  # it used the database
             await asyncio.sleep(0.3)  # every borrower has held its turn long by now
             # 16 clients wait on their side; the tenant still answers everyone else.
@@ -213,3 +215,36 @@ async def test_a_request_that_gets_no_connection_in_time_is_503_and_the_pool_say
         finally:
             holder.close()
         await settled(app)
+
+
+async def test_a_standby_holds_only_a_bounded_number_of_requests_that_say_they_were_handed_back(
+    tmp_path: Path,
+) -> None:
+    """``fly-replay-failed`` is a header any client can send: it cannot make a standby hold
+    every request of a flood for TENANTDB_HANDOFF_WAIT."""
+    wait = 3.0
+    async with TenantDB(machine_settings(tmp_path, "m1"), migrations=MIGRATIONS):
+        standby = TenantDBMiddleware(
+            CLIENTS_APP,
+            migrations=MIGRATIONS,
+            settings=replace(machine_settings(tmp_path, "m2"), handoff_wait=wait, kill_timeout=2),
+        )
+        with serve_in_thread(standby, lifespan="on") as url:
+            assert standby.tenantdb is not None
+            assert standby.tenantdb.state == "standby"
+            flood = MAX_HANDED_BACK_HOLDS + 16
+            limits = httpx.Limits(max_connections=flood)
+            async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+
+                async def forged() -> float:
+                    started = time.monotonic()
+                    answer = await client.get(
+                        f"{url}/customers/acme", headers={"fly-replay-failed": "forged"}
+                    )
+                    assert answer.status_code == 503, answer.text
+                    return time.monotonic() - started
+
+                took = await asyncio.gather(*(forged() for _ in range(flood)))
+            quick = sum(1 for seconds in took if seconds < wait / 2)
+            # Before, all of them were held for the whole wait.
+            assert quick >= flood - MAX_HANDED_BACK_HOLDS, sorted(took)
