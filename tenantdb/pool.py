@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -117,7 +118,7 @@ class ConnectionPool:
                 elif turn in self._turns:
                     self._turns.remove(turn)
                 if isinstance(exc, TimeoutError):
-                    raise self._stalled_error(loop.time()) from None
+                    raise self._stalled_error() from None
                 raise
             if self.closed:
                 raise self._closed_error()
@@ -174,13 +175,13 @@ class ConnectionPool:
         self._grow_timer = None
         self._next_turn()
 
-    def _stalled_error(self, now: float) -> PoolBusyError:
+    def _stalled_error(self) -> PoolBusyError:
         held = len(self._since) + self._parked
         reason = (
             f"no connection to {self.path.name} came free within {self.lend_timeout:g}s "
             f"({held} lent, at most {self.size} at work at once)"
         )
-        self._stall = (now, reason)
+        self._stall = (time.monotonic(), reason)
         return PoolBusyError(f"the database is busy: {reason}", held=held)
 
     def stalled(self) -> str | None:
@@ -192,7 +193,7 @@ class ConnectionPool:
         if self._stall is None:
             return None
         at, reason = self._stall
-        if asyncio.get_running_loop().time() - at > STALL_MEMORY:
+        if time.monotonic() - at > STALL_MEMORY:
             self._stall = None
             return None
         return reason
