@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tenantdb.dev.proxy import MachineUnavailableError, RouteRecord
 from tenantdb.errors import ObjectNotFoundError, TenantDBError
-from tenantdb.lockfile import LockRecord
+from tenantdb.lockfile import LOCK_MAX_BYTES, LockRecord
 from tenantdb.storage import Bucket, open_bucket
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ async def _state(cluster: Cluster) -> dict[str, Any]:
 async def _read_lock(bucket: Bucket, key: str, tenant: str) -> dict[str, Any]:
     """A tenant's lease and data pointers from its lock.json, or why they cannot be shown."""
     try:
-        found = await bucket.get(key)
+        found = await bucket.get(key, max_size=LOCK_MAX_BYTES)
         record = LockRecord.parse(found.body, tenant=tenant, key=key)
     except ObjectNotFoundError:
         return {"tenant": tenant, "error": "no lock.json yet"}

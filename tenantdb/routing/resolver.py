@@ -40,7 +40,7 @@ from tenantdb.errors import (
     RoutingError,
     StorageError,
 )
-from tenantdb.lockfile import LockRecord
+from tenantdb.lockfile import LOCK_MAX_BYTES, LockRecord
 from tenantdb.metrics import Metrics
 from tenantdb.routing.dns import MachineLocator
 from tenantdb.routing.machines_api import Machine, MachinesClient, validate_machine_id
@@ -249,7 +249,7 @@ class MachineResolver:
         key = f"{self.settings.prefix}{tenant}/lock.json"
         try:
             async with asyncio.timeout(self.lookup_timeout):
-                lock = await self.bucket.get(key)
+                lock = await self.bucket.get(key, max_size=LOCK_MAX_BYTES)
         except ObjectNotFoundError:
             reasons.append("the bucket has no lock.json for it")
             return None

@@ -364,10 +364,10 @@ async def test_a_burst_for_a_stopped_tenant_reads_lock_json_once(
     router = harness.middleware.router
     original = LocalBucket.get
 
-    async def counting_get(self: LocalBucket, key: str) -> Any:
+    async def counting_get(self: LocalBucket, key: str, **options: Any) -> Any:
         nonlocal reads
         reads += 1
-        return await original(self, key)
+        return await original(self, key, **options)
 
     LocalBucket.get = counting_get  # type: ignore[method-assign]
     try:

@@ -4,6 +4,7 @@ and ``tenantdb-proxied-by`` counts only when signed with the app's key."""
 from __future__ import annotations
 
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,20 @@ async def test_proxied_by_counts_only_signed_with_the_app_key(
     signed = sign_proxied_by(key, "m2beta", "GET", "/customers/beta", time.time())
     response = await harness.get("/customers/beta", **{PROXIED_BY: signed})
     assert_503(response, "through the tenantdb body proxy")
+
+
+async def test_an_oversized_lock_json_is_refused_unread_by_the_router(
+    harness_factory: Any, dns: DevDNSServer, tmp_path: Path, local_bucket: LocalBucket
+) -> None:
+    await local_bucket.put("tenants/delta/lock.json", b" " * (16 << 20))
+    harness: Harness = await harness_factory(
+        settings_for(tmp_path, dns, **bucket_settings(local_bucket))
+    )
+    tracemalloc.start()
+    try:
+        response = await harness.get("/customers/delta/x")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert_503(response, "over the 65536-byte limit")
+    assert peak < 4 << 20, f"{peak >> 20} MiB allocated to refuse it"
