@@ -60,10 +60,10 @@ class _TimedBucket:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._bucket, name)
 
-    async def download_file(self, key: str, dest: Path) -> Any:
+    async def download_file(self, key: str, dest: Path, *, max_size: int | None = None) -> Any:
         started = time.perf_counter()
         try:
-            return await self._bucket.download_file(key, dest)
+            return await self._bucket.download_file(key, dest, max_size=max_size)
         finally:
             self.download_seconds += time.perf_counter() - started
 

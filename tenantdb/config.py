@@ -246,6 +246,9 @@ class Settings:
     bucket_consistency: BucketConsistency = "auto"
     # "" picks the default: Flycast on Fly (FLY_APP_NAME), else the 6PN name.
     proxy_url: str = ""
+    # Signs the body proxy's tenantdb-proxied-by header (default: derived from the bucket's
+    # secret access key, which every machine of the app has and no client does).
+    proxy_secret: Secret | None = None
 
     def __post_init__(self) -> None:
         if self.tenant is not None:
@@ -302,6 +305,7 @@ class Settings:
         env = os.environ if environ is None else environ
         secret = env.get("AWS_SECRET_ACCESS_KEY")
         token = env.get("FLY_API_TOKEN")
+        proxy_secret = env.get("TENANTDB_PROXY_SECRET")
         values: dict[str, Any] = {
             "tenant": _tenant(env),
             "bucket_name": env.get("BUCKET_NAME") or None,
@@ -332,6 +336,7 @@ class Settings:
             "machines_api_url": env.get("TENANTDB_MACHINES_API_URL") or "https://api.machines.dev",
             "port": int(_number(env, "PORT", 8080, minimum=1, what="a TCP port")),
             "proxy_url": env.get("TENANTDB_PROXY_URL") or "",
+            "proxy_secret": Secret(proxy_secret) if proxy_secret else None,
             "metrics_port": _port(env, "TENANTDB_METRICS_PORT", 9091),
             # On Fly, where nothing says otherwise, 0.0.0.0: Fly scrapes metrics there
             # (https://fly.io/docs/monitoring/metrics/, "Instrumentation").

@@ -26,6 +26,8 @@ Every error tenantdb raises on purpose is a ``TenantDBError``::
     ├── ReplicationError              the incremental log cannot be read, written or applied (key)
     │   └── PointInTimeError          that moment cannot be restored exactly (at, earliest)
     ├── DurabilityError               a committed write did not reach the bucket in time (tenant)
+    ├── ConnectionUnavailableError    no database connection for a request (503)
+    │   └── PoolBusyError             none came free in time (held)
     └── RoutingError                  finding the machine of another tenant
         ├── DNSLookupError            the DNS server timed out or failed
         ├── MachinesAPIError          the Fly Machines API failed or answered nonsense (status)
@@ -41,12 +43,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
+from starlette.exceptions import HTTPException
+
 __all__ = [
     "AccessDeniedError",
     "BucketConfigurationError",
     "ConditionalConflictError",
     "ConditionalWritesIgnoredError",
     "ConfigurationError",
+    "ConnectionUnavailableError",
     "CrossRegionLeaseError",
     "DNSLookupError",
     "DataDirLockedError",
@@ -64,6 +69,7 @@ __all__ = [
     "ObjectNotFoundError",
     "ObjectTooLargeError",
     "PointInTimeError",
+    "PoolBusyError",
     "PreconditionFailedError",
     "ReplicationError",
     "RoutingError",
@@ -285,6 +291,33 @@ class DurabilityError(TenantDBError):
     def __init__(self, message: str, *, tenant: str) -> None:
         self.tenant = tenant
         super().__init__(message)
+
+
+class ConnectionUnavailableError(TenantDBError, HTTPException):
+    """The tenant's database lends no connection to a request: it is answered 503.
+
+    Also a Starlette ``HTTPException``, so that Starlette and FastAPI answer a handler that
+    raises it with its short ``detail`` (and ``Retry-After``) instead of a 500; ``str()``
+    is the whole reason, for the log.
+    """
+
+    def __init__(self, message: str, *, detail: str) -> None:
+        HTTPException.__init__(self, 503, f"{detail}; retry shortly", {"Retry-After": "2"})
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class PoolBusyError(ConnectionUnavailableError):
+    """No connection of the pool came free within its bound: every one is held.
+
+    ``held`` is how many connections were lent, none of them for a short turn.
+    """
+
+    def __init__(self, message: str, *, held: int) -> None:
+        self.held = held
+        super().__init__(message, detail="the tenant's database is busy")
 
 
 class RoutingError(TenantDBError):

@@ -16,10 +16,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tenantdb.config import Durability, Settings
 from tenantdb.database import Migration, TenantDB
-from tenantdb.errors import InvalidTenantError, TenantDBError
+from tenantdb.errors import ConnectionUnavailableError, InvalidTenantError, TenantDBError
+from tenantdb.lending import RequestConnection
 from tenantdb.metrics import Metrics, MetricsServer
 from tenantdb.output_gate import OutputGate
-from tenantdb.pool import ConnectionPool
 from tenantdb.responses import RETRY_AFTER, send_error
 from tenantdb.routing.proxy import MachineURL
 from tenantdb.routing.replay import Router
@@ -30,6 +30,9 @@ from tenantdb.tenants import TenantPattern, validate_tenant
 __all__ = ["TenantDBMiddleware", "tenant_db", "tenant_db_dependency"]
 
 log = logging.getLogger("tenantdb")
+
+# Requests a standby holds at once on their word that the holder handed them back.
+MAX_HANDED_BACK_HOLDS = 64
 
 _P = ParamSpec("_P")
 _Init = Callable[Concatenate["TenantDBMiddleware", ASGIApp, _P], None]
@@ -117,6 +120,7 @@ class TenantDBMiddleware:
         )
         self._resources = AsyncExitStack()  # what the lifespan opened, closed at shutdown
         self._in_flight = 0
+        self._handed_back_holds = 0  # requests held on their word that they were handed back
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -131,6 +135,18 @@ class TenantDBMiddleware:
         )
         if segment is None:
             await self.app(scope, receive, send)
+            return
+        if _has_dot_segment(scope["path"]):
+            # Clients and proxies on the way (httpx among them) may resolve "..": the tenant
+            # would be decided on one path and the request received on another.
+            await send_error(
+                scope,
+                receive,
+                send,
+                400,
+                "the path has '.' or '..' segments, which are not resolved here: send the "
+                "path it stands for",
+            )
             return
         try:
             tenant = validate_tenant(segment)
@@ -147,56 +163,76 @@ class TenantDBMiddleware:
             await self._not_serving(scope, receive, send, tdb)
             return
         self.metrics.routed("local")
-        pool = tdb.pool
+        gated = self.settings.durability == "bucket"
+        # Lent lazily and set aside while the request waits on its client (see lending.py).
+        db = RequestConnection(tdb.pool, track_commits=gated)
+        scope = dict(scope)
+        scope["state"] = {**scope.get("state", {}), "tenant": tdb.tenant, "db": db}
+        answered = False
+
+        async def receive_aside() -> Message:
+            if db.holding:
+                await db.set_aside()
+            return await receive()
+
+        async def to_client(message: Message) -> None:
+            nonlocal answered
+            answered = True
+            await send(message)
+
         self._in_flight += 1
         self._idle.clear()
         try:
-            try:
-                db = await pool.acquire()
-            except TenantDBError:  # the pool closed while this request waited for it
-                await self._not_serving(scope, receive, send, tdb)
-                return
-            try:
-                scope = dict(scope)
-                scope["state"] = {**scope.get("state", {}), "tenant": tdb.tenant, "db": db}
-                if self.settings.durability == "bucket":
-                    await self._serve_gated(scope, receive, send, tdb, pool, db)
-                else:
-                    await self.app(scope, receive, send)
-            finally:
-                await pool.release(db)
+            if gated:
+                await self._serve_gated(scope, receive_aside, to_client, tdb, db)
+            else:
+
+                async def send_aside(message: Message) -> None:
+                    if db.holding:
+                        await db.set_aside()
+                    await to_client(message)
+
+                await self.app(scope, receive_aside, send_aside)
+        except ConnectionUnavailableError as exc:
+            if answered:
+                raise
+            # The pool lent nothing in time (or closed), and the app let the error through.
+            self.metrics.routed("503")
+            await send_error(scope, receive, send, 503, exc.detail, headers=exc.headers)
         finally:
+            if db.refusal is not None:
+                log.warning("tenant %s: request refused: %s", tdb.tenant, db.refusal)
+            if db.holding:
+                await db.end()
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
 
     async def _serve_gated(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        tdb: TenantDB,
-        pool: ConnectionPool,
-        db: aiosqlite.Connection,
+        self, scope: Scope, receive: Receive, send: Send, tdb: TenantDB, db: RequestConnection
     ) -> None:
         """Run the app behind an output gate: no answer goes out before its writes are durable."""
-        commits = pool.commits(db)
-        await commits.take()  # what earlier borrowers committed was theirs to wait for
 
         async def make_durable() -> None:
-            async with pool.parked():
+            async with db.waiting():
                 await tdb.sync()
 
         gate = OutputGate(
             send,
-            commits,
+            db,
             make_durable,
             timeout=self.settings.durability_timeout,
             tenant=tdb.tenant,
             metrics=self.metrics,
         )
+
+        async def send_aside(message: Message) -> None:
+            if db.holding:
+                await db.set_aside()
+            await gate.send(message)
+
         try:
-            await self.app(scope, receive, gate.send)
+            await self.app(scope, receive, send_aside)
         except Exception:
             if gate.failure is None:
                 raise
@@ -220,8 +256,9 @@ class TenantDBMiddleware:
         reasons = {
             "stopped": "tenantdb is not started: the server must run the ASGI lifespan",
             "starting": "the tenant's database is starting",
+            # Never tdb.problem: it names the bucket, keys and local paths. The log has it.
             "restoring": "the tenant's database is being restored"
-            + (f" (last attempt failed: {tdb.problem})" if tdb.problem else ""),
+            + (" (the last attempt failed; retrying)" if tdb.problem else ""),
             "standby": f"machine {holder or 'another machine'} holds the tenant's lease",
             "fenced": "this machine lost the tenant's lease",
             "stopping": "this machine is shutting down",
@@ -248,9 +285,19 @@ class TenantDBMiddleware:
         """
         if tdb.state not in ("standby", "restoring") or not self.settings.handoff_wait:
             return False
-        if not (tdb.handoff_expected() or self.router.handed_back(scope, holder or None)):
+        if tdb.handoff_expected():
+            return await tdb.wait_serving(self.settings.handoff_wait)
+        # Only the request's headers say the holder handed it back, and a client can send
+        # them: hold a bounded number of such requests at a time.
+        if self._handed_back_holds >= MAX_HANDED_BACK_HOLDS or not self.router.handed_back(
+            scope, holder or None
+        ):
             return False
-        return await tdb.wait_serving(self.settings.handoff_wait)
+        self._handed_back_holds += 1
+        try:
+            return await tdb.wait_serving(self.settings.handoff_wait)
+        finally:
+            self._handed_back_holds -= 1
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         startup: Message | None = await receive()
@@ -337,6 +384,10 @@ class TenantDBMiddleware:
                 await tdb.stop()
         finally:
             await self._resources.aclose()
+
+
+def _has_dot_segment(path: str) -> bool:
+    return any(part in (".", "..") for part in path.split("/"))
 
 
 def tenant_db(connection: HTTPConnection) -> aiosqlite.Connection:

@@ -18,16 +18,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
-from tenantdb.commits import CommitTracker
 from tenantdb.errors import DurabilityError, TenantDBError
 from tenantdb.metrics import Metrics
 from tenantdb.responses import RETRY_AFTER, send_error
 
-__all__ = ["OutputGate"]
+__all__ = ["Commits", "OutputGate"]
+
+
+class Commits(Protocol):
+    """What the gate asks of a request's connection: did it commit since it last asked?"""
+
+    async def take(self) -> bool:
+        """Whether a commit with changes ran since the last call (and reset that)."""
+        ...
 
 
 class OutputGate:
@@ -36,7 +44,7 @@ class OutputGate:
     def __init__(
         self,
         send: Send,
-        tracker: CommitTracker,
+        tracker: Commits,
         make_durable: Callable[[], Awaitable[None]],
         *,
         timeout: float,

@@ -1,9 +1,10 @@
-"""ConnectionPool: the aiosqlite connections that requests borrow, one request each."""
+"""ConnectionPool: the aiosqlite connections that requests borrow, one borrower each."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,22 +12,33 @@ from pathlib import Path
 import aiosqlite
 
 from tenantdb.commits import CommitTracker
-from tenantdb.errors import TenantDBError
+from tenantdb.errors import ConnectionUnavailableError, PoolBusyError, TenantDBError
 from tenantdb.replication.shipper import CONNECTION_PRAGMAS
 
 __all__ = ["ConnectionPool"]
 
 
+# Seconds a stall (a borrower that could not be lent a connection in time) keeps the
+# pool reported stalled, unless a connection is lent meanwhile: long enough for a health
+# check to see it, short enough that an idle machine does not stay red for nothing.
+STALL_MEMORY = 30.0
+
+
 class ConnectionPool:
-    """aiosqlite connections to one file, each lent to one request at a time.
+    """aiosqlite connections to one file, each lent to one borrower at a time.
 
     One shared connection would interleave the transactions of concurrent requests, so
-    each request borrows its own. SQLite has a single writer, though: connections that
+    each borrower gets its own. SQLite has a single writer, though: connections that
     write at the same time wait for each other in SQLite's busy handler, which sleeps in
-    steps of up to 100 ms. So borrowers take turns: the pool lends while no other borrower
-    is *active*, and lets a borrower go beside an active one (up to ``size`` active) only
-    once it has waited ``grow_after`` seconds, as behind a websocket or a slow handler.
-    Idle extra connections are closed when they come back.
+    steps of up to 100 ms. So borrowers take turns: a borrower is lent a connection at once
+    while no other borrower had its turn for less than ``grow_after`` seconds (up to
+    ``size`` lent at once); beside a *young* borrower it waits for that one to finish, or
+    to hold its turn ``grow_after`` seconds, as a websocket or a slow handler does. A
+    long holder therefore costs the others nothing. Idle extra connections are closed
+    when they come back.
+
+    A borrower that waits longer than ``lend_timeout`` gets ``PoolBusyError`` (the
+    middleware answers 503), and ``stalled()`` reports it for a while (health turns red).
 
     A borrower that only waits (for its writes to reach the bucket) *parks* its
     connection: a parked connection runs no statement, so it is not active, and the next
@@ -41,22 +53,26 @@ class ConnectionPool:
         size: int,
         *,
         grow_after: float = 0.1,
+        lend_timeout: float = 5.0,
         track_commits: bool = False,
         max_parked: int = 256,
     ) -> None:
         self.path = path
         self.size = size
         self.grow_after = grow_after
+        self.lend_timeout = lend_timeout
         self.track_commits = track_commits
         self.max_parked = max_parked
         self._idle: list[aiosqlite.Connection] = []  # a stack: the busiest stays warm
         self._opened: list[aiosqlite.Connection] = []
         self._trackers: dict[aiosqlite.Connection, CommitTracker] = {}
-        self._active = 0  # lent (or being opened for a borrower) and not parked
+        # Active borrowers (lent, or being lent, and not parked), by connection or by the
+        # turn that lets them in until they have one: the loop time their turn began.
+        self._since: dict[object, float] = {}
         self._parked = 0
         self._turns: deque[asyncio.Future[None]] = deque()  # borrowers waiting, in order
-        self._turn_started = 0.0  # loop time the newest active borrower got its turn
         self._grow_timer: asyncio.TimerHandle | None = None
+        self._stall: tuple[float, str] | None = None  # when a borrower gave up, and why
         self.closed = False
 
     async def _open(self) -> aiosqlite.Connection:
@@ -78,65 +94,113 @@ class ConnectionPool:
         return conn
 
     async def acquire(self) -> aiosqlite.Connection:
-        """Lend a connection once it is this borrower's turn (see the class docstring)."""
+        """Lend a connection once it is this borrower's turn (see the class docstring).
+
+        Raises ``PoolBusyError`` after ``lend_timeout`` seconds without one.
+        """
         if self.closed:
             raise self._closed_error()
         loop = asyncio.get_running_loop()
-        if self._active > 0 or self._turns:
+        ticket: object
+        if self._turns or not self._may_lend(loop.time()):
             turn: asyncio.Future[None] = loop.create_future()
             self._turns.append(turn)
             self._arm_grow_timer()
             try:
-                await turn
-            except BaseException:
+                async with asyncio.timeout(self.lend_timeout):
+                    await turn
+            except BaseException as exc:
                 if turn.done() and not turn.cancelled():
+                    self._since.pop(turn, None)
                     self._next_turn()  # given the turn while leaving: pass it on
                 elif turn in self._turns:
                     self._turns.remove(turn)
+                if isinstance(exc, TimeoutError):
+                    raise self._stalled_error() from None
                 raise
             if self.closed:
                 raise self._closed_error()
-        self._active += 1
-        self._turn_started = loop.time()
+            ticket = turn  # _next_turn counted it as active from the moment it woke it
+        else:
+            ticket = object()
+            self._since[ticket] = loop.time()
+        self._stall = None  # lent within the bound: whatever stalled has cleared
         try:
-            return self._idle.pop() if self._idle else await self._open()
+            conn = self._idle.pop() if self._idle else await self._open()
         except BaseException:
-            self._active -= 1
+            self._since.pop(ticket, None)
             self._next_turn()
             raise
+        self._since[conn] = self._since.pop(ticket)
+        return conn
+
+    def _may_lend(self, now: float) -> bool:
+        """Whether a borrower may be lent a connection now: nobody is active, or every
+        active borrower has held its turn ``grow_after`` and the pool is not full."""
+        since = self._since
+        if not since:
+            return True
+        return len(since) < self.size and now - max(since.values()) >= self.grow_after
 
     def _next_turn(self) -> None:
-        """Wake the first waiting borrower if nobody is active (or all, the pool closed)."""
-        if self._active > 0 and not self.closed:
+        """Wake the first waiting borrower if it may be lent one now (or all, once closed)."""
+        if self.closed:
+            while self._turns:
+                turn = self._turns.popleft()
+                if not turn.done():
+                    turn.set_result(None)
             return
-        while self._turns:
+        now = asyncio.get_running_loop().time()
+        while self._turns and self._may_lend(now):
             turn = self._turns.popleft()
             if not turn.done():
+                self._since[turn] = now
                 turn.set_result(None)
-                if not self.closed:
-                    return
+                break
+        self._arm_grow_timer()
 
-    def _arm_grow_timer(self, delay: float | None = None) -> None:
-        if self._grow_timer is None and self._turns:
-            self._grow_timer = asyncio.get_running_loop().call_later(
-                self.grow_after if delay is None else delay, self._grow
-            )
+    def _arm_grow_timer(self) -> None:
+        """Wake the queue once the youngest active borrower has held its turn ``grow_after``."""
+        if self._grow_timer is not None or not self._turns or not self._since:
+            return
+        if len(self._since) >= self.size:
+            return  # full: only a connection coming back lets the next borrower in
+        loop = asyncio.get_running_loop()
+        delay = max(self._since.values()) + self.grow_after - loop.time()
+        self._grow_timer = loop.call_later(max(delay, 0.001), self._grow)
 
     def _grow(self) -> None:
-        """The grow timer: if one borrower has held its turn ``grow_after``, go beside it."""
         self._grow_timer = None
-        if not self._turns:
-            return
-        held_for = asyncio.get_running_loop().time() - self._turn_started
-        if self._active == 0:
-            self._next_turn()
-        elif held_for >= self.grow_after and self._active < self.size:
-            self._turns.popleft().set_result(None)
-            held_for = 0.0
-        self._arm_grow_timer(max(self.grow_after - held_for, 0.001))
+        self._next_turn()
 
-    def _closed_error(self) -> TenantDBError:
-        return TenantDBError(f"the database {self.path.name} is closed (shutting down)")
+    def _stalled_error(self) -> PoolBusyError:
+        held = len(self._since) + self._parked
+        reason = (
+            f"no connection to {self.path.name} came free within {self.lend_timeout:g}s "
+            f"({held} lent, at most {self.size} at work at once)"
+        )
+        self._stall = (time.monotonic(), reason)
+        return PoolBusyError(f"the database is busy: {reason}", held=held)
+
+    def stalled(self) -> str | None:
+        """Why a borrower could not be lent a connection in time lately, if one could not.
+
+        A stall is reported until a connection is lent again, or for ``STALL_MEMORY``
+        seconds; the health check reads it.
+        """
+        if self._stall is None:
+            return None
+        at, reason = self._stall
+        if time.monotonic() - at > STALL_MEMORY:
+            self._stall = None
+            return None
+        return reason
+
+    def _closed_error(self) -> ConnectionUnavailableError:
+        return ConnectionUnavailableError(
+            f"the database {self.path.name} is closed (shutting down)",
+            detail="this machine is shutting down",
+        )
 
     def commits(self, conn: aiosqlite.Connection) -> CommitTracker:
         """The commit tracker of a connection this pool lent (with ``track_commits``)."""
@@ -146,25 +210,26 @@ class ConnectionPool:
             raise TenantDBError("this connection's commits are not tracked") from None
 
     @contextlib.asynccontextmanager
-    async def parked(self) -> AsyncIterator[None]:
-        """While a borrower only waits, the next borrower's turn comes (see the class)."""
-        if self._parked >= self.max_parked:
+    async def parked(self, conn: aiosqlite.Connection) -> AsyncIterator[None]:
+        """While ``conn``'s borrower only waits, the next borrower's turn comes (see the class)."""
+        if self._parked >= self.max_parked or conn not in self._since:
             yield  # enough connections wait already: this one stays counted as active
             return
         self._parked += 1
-        self._active -= 1
+        since = self._since.pop(conn)
         self._next_turn()
         try:
             yield
         finally:
             self._parked -= 1
-            self._active += 1
+            if not self.closed:
+                self._since[conn] = since
 
     async def release(self, conn: aiosqlite.Connection) -> None:
         """Take a connection back; a transaction the request left open is rolled back."""
         if self.closed:
             return
-        self._active -= 1
+        self._since.pop(conn, None)
         try:
             if conn.in_transaction:
                 await conn.rollback()

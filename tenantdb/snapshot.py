@@ -22,6 +22,7 @@ from pathlib import Path
 from tenantdb.errors import (
     LocalDiskError,
     ObjectNotFoundError,
+    ObjectTooLargeError,
     PreconditionFailedError,
     SnapshotError,
     StorageError,
@@ -213,9 +214,19 @@ def temp_restore_path(db_path: Path) -> Path:
 
 
 async def download_snapshot(bucket: Bucket, ref: SnapshotRef, dest: Path) -> None:
-    """Download ``ref`` into ``dest``; ``check_download`` then verifies it."""
+    """Download ``ref`` into ``dest``; ``check_download`` then verifies it.
+
+    Never more than the size lock.json records is written: an object that says it is larger
+    is refused before ``dest`` is opened.
+    """
     try:
-        await bucket.download_file(ref.key, dest)
+        await bucket.download_file(ref.key, dest, max_size=ref.size)
+    except ObjectTooLargeError as exc:
+        raise SnapshotError(
+            f"snapshot {ref.key} is {exc.size} bytes, lock.json says {ref.size}: refusing it "
+            "unread",
+            key=ref.key,
+        ) from exc
     except ObjectNotFoundError as exc:
         raise SnapshotError(
             f"snapshot {ref.key} named by lock.json is missing from the bucket; "

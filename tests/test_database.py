@@ -375,12 +375,14 @@ class FlakyDownloads:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def download_file(self, key: str, dest: Path) -> ObjectInfo:
+    async def download_file(
+        self, key: str, dest: Path, *, max_size: int | None = None
+    ) -> ObjectInfo:
         await asyncio.sleep(self.delay)
         if self.failures:
             self.failures -= 1
             raise TransientStorageError("503 (injected)", key=key, operation="download")
-        return await self.inner.download_file(key, dest)
+        return await self.inner.download_file(key, dest, max_size=max_size)
 
 
 async def test_a_standby_whose_restore_fails_keeps_the_lease_and_retries_until_it_serves(

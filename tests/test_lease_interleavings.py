@@ -467,8 +467,12 @@ class FaultyBucket:
     async def list(self, prefix: str) -> list[ObjectInfo]:
         return await self._call("list", prefix, lambda: self.inner.list(prefix))
 
-    async def download_file(self, key: str, dest: Path) -> ObjectInfo:
-        return await self._call("download", key, lambda: self.inner.download_file(key, dest))
+    async def download_file(
+        self, key: str, dest: Path, *, max_size: int | None = None
+    ) -> ObjectInfo:
+        return await self._call(
+            "download", key, lambda: self.inner.download_file(key, dest, max_size=max_size)
+        )
 
     async def upload_file(
         self, key: str, src: Path, *, if_none_match: Literal["*"] | None = None

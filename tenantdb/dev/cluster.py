@@ -394,6 +394,9 @@ class Cluster:
                 # Bodies too big for fly-replay go to the owner through the proxy, which
                 # honours fly-force-instance-id as Fly's does for Flycast addresses.
                 "TENANTDB_PROXY_URL": f"http://{_LOOPBACK}:{proxy_port}",
+                # Signs the body proxy's tenantdb-proxied-by (a local bucket has no secret
+                # key to derive it from): shared by this run's machines only.
+                "TENANTDB_PROXY_SECRET": secrets.token_hex(16),
                 "TENANTDB_METADATA_KEY": self.config.metadata_key,
                 "TENANTDB_KILL_TIMEOUT": f"{self.config.kill_timeout:g}",
                 "PYTHONUNBUFFERED": "1",

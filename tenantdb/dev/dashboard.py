@@ -6,7 +6,9 @@ can be ``/_dev/...``; an app's own routes there are hidden while it runs under `
 
 The page (``dashboard.html``) polls ``GET /_dev/state``: each machine's process state and
 lease, each tenant's ``lock.json`` (holder, generation, last snapshot, age of the log), and the
-proxy's last routes. ``POST /_dev/machines/<id>/stop|kill|start`` act on a machine.
+proxy's last routes. ``POST /_dev/machines/<id>/stop|kill|start`` act on a machine. The
+dashboard answers only requests for ``127.0.0.1:<port>`` or ``localhost:<port>``, and a POST
+only from those origins (DNS rebinding would otherwise let any web page press the buttons).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -26,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tenantdb.dev.proxy import MachineState, MachineUnavailableError, RouteRecord
 from tenantdb.errors import ObjectNotFoundError, TenantDBError
-from tenantdb.lockfile import LockRecord
+from tenantdb.lockfile import LOCK_MAX_BYTES, LockRecord
 from tenantdb.parsing import parse_iso_time
 from tenantdb.storage import Bucket, open_bucket
 
@@ -59,9 +62,32 @@ class DevEdge:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
         if scope["type"] == "http" and (path == PREFIX or path.startswith(PREFIX + "/")):
-            await self._dashboard(scope, receive, send)
+            refusal = _foreign_origin(scope)
+            if refusal is None:
+                await self._dashboard(scope, receive, send)
+            else:
+                await JSONResponse({"error": refusal}, 403)(scope, receive, send)
         else:
             await self._proxy(scope, receive, send)
+
+
+def _foreign_origin(scope: Scope) -> str | None:
+    """Why a dashboard request does not come from this computer's own browser, if it does not.
+
+    A page of any site can resolve its name to 127.0.0.1 (DNS rebinding) and so reach this
+    port as the same origin: only the loopback names themselves are answered, and a POST
+    that names an origin must name one of them.
+    """
+    port = (scope.get("server") or ("", 0))[1]
+    allowed = {f"127.0.0.1:{port}", f"localhost:{port}"}
+    headers = Headers(scope=scope)
+    if headers.get("host", "").lower() not in allowed:
+        return f"the dashboard answers only at http://127.0.0.1:{port}/_dev/"
+    origin = headers.get("origin")
+    origins = {f"http://{host}" for host in allowed}
+    if scope["method"] != "GET" and origin is not None and origin.lower() not in origins:
+        return f"the dashboard's actions are taken only from http://127.0.0.1:{port}"
+    return None
 
 
 def _dashboard(cluster: Cluster) -> Starlette:
@@ -145,7 +171,7 @@ async def _state(cluster: Cluster) -> dict[str, Any]:
 async def _read_lock(bucket: Bucket, key: str, tenant: str) -> dict[str, Any]:
     """A tenant's lease and data pointers from its lock.json, or why they cannot be shown."""
     try:
-        found = await bucket.get(key)
+        found = await bucket.get(key, max_size=LOCK_MAX_BYTES)
         record = LockRecord.parse(found.body, tenant=tenant, key=key)
     except ObjectNotFoundError:
         return {"tenant": tenant, "error": "no lock.json yet"}

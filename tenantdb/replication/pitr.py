@@ -233,7 +233,7 @@ class _Walk:
 
     async def _download(self, key: str, size: int, tmp: Path) -> None:
         with _watching(lambda: tmp.stat().st_size, self._expected, self.progress):
-            info = await self.bucket.download_file(key, tmp)
+            info = await self.bucket.download_file(key, tmp, max_size=size)
         if info.size != size or tmp.stat().st_size != size:
             raise ReplicationError(f"snapshot {key} changed size while being read", key=key)
         record = self.history.record

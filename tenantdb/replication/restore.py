@@ -21,7 +21,7 @@ from pathlib import Path
 from tenantdb.errors import ObjectNotFoundError, ReplicationError
 from tenantdb.lockfile import LockRecord, LogChunk, LogPointer
 from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
-from tenantdb.replication.segment import Segment, chunk_key, decode_segment
+from tenantdb.replication.segment import SEGMENT_MAX_BYTES, Segment, chunk_key, decode_segment
 from tenantdb.snapshot import (
     check_download,
     download_snapshot,
@@ -127,11 +127,14 @@ async def apply_log(
 
 
 async def fetch_segment(bucket: Bucket, key: str, inline: bytes | None) -> Segment:
-    """The segment at ``key``, or the one lock.json carries inline in its place."""
+    """The segment at ``key``, or the one lock.json carries inline in its place.
+
+    An object the bucket says is over ``SEGMENT_MAX_BYTES`` is refused unread.
+    """
     if inline is not None:
         return await asyncio.to_thread(decode_segment, inline, key=f"{key} (inline)")
     try:
-        obj = await bucket.get(key)
+        obj = await bucket.get(key, max_size=SEGMENT_MAX_BYTES)
     except ObjectNotFoundError as exc:
         raise ReplicationError(
             f"segment {key} named by lock.json is missing from the bucket (a gap in the "

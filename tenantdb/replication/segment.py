@@ -25,6 +25,7 @@ __all__ = [
     "chunk_key",
     "FLAG_COMPRESSED",
     "SEGMENT_MAGIC",
+    "SEGMENT_MAX_BYTES",
     "SEGMENT_VERSION",
     "Segment",
     "SegmentHeader",
@@ -36,6 +37,10 @@ __all__ = [
 
 SEGMENT_MAGIC = b"TDBSEG\r\n"
 SEGMENT_VERSION = 1
+# The largest segment object: readers refuse a larger one unread (restores fetch a few ahead,
+# each held whole), so writers publish a snapshot instead of a segment whose page area
+# could exceed it.
+SEGMENT_MAX_BYTES = 32 << 20
 FLAG_COMPRESSED = 0x0001
 _KNOWN_FLAGS = FLAG_COMPRESSED
 # zlib level 1: on SQLite pages, 92% of the ratio of level 6 at 1.6-1.9 times its speed.

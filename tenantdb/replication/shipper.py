@@ -40,6 +40,7 @@ from tenantdb.replication.compaction import merge_segments, next_merge
 from tenantdb.replication.group_commit import GroupCommit, retrieve_exception
 from tenantdb.replication.history import SegmentEntry, SnapshotEntry, read_history
 from tenantdb.replication.segment import (
+    SEGMENT_MAX_BYTES,
     Segment,
     SegmentHeader,
     chunk_key,
@@ -455,6 +456,11 @@ class Shipper:
             if after is None:
                 self._move_to(read.end)
             return None
+        if len(read.pages) * (4 + read.end.page_size) > SEGMENT_MAX_BYTES:
+            # Readers refuse a larger object unread: ship these commits in a snapshot.
+            raise ReplicationError(
+                f"{len(read.pages)} pages changed, more than one segment may carry"
+            )
         if hashes.db_pages == 0 and hashes.page_size != read.end.page_size:
             hashes = PageHashes(read.end.page_size)  # a new database's first page size
         new_hashes = hashes.copy()

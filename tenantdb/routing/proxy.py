@@ -14,7 +14,10 @@ This module and ``machines_api.py`` are the only ones of tenantdb proper that im
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import time
 from collections.abc import AsyncIterable, Callable
 from types import TracebackType
 from typing import Self
@@ -23,9 +26,17 @@ from urllib.parse import quote
 import httpx
 from starlette.types import Scope, Send
 
+from tenantdb.config import Settings
 from tenantdb.errors import ConfigurationError, RoutingError
 
-__all__ = ["PROXIED_BY", "BodyProxy", "MachineURL"]
+__all__ = [
+    "PROXIED_BY",
+    "BodyProxy",
+    "MachineURL",
+    "proxy_key",
+    "sign_proxied_by",
+    "verify_proxied_by",
+]
 
 log = logging.getLogger("tenantdb.routing")
 
@@ -33,8 +44,48 @@ MachineURL = Callable[[str], str]
 """Returns the base URL (``http://host:port``) of a machine, given its id."""
 
 # Names the machine that proxied a request: the receiver's loop guard reads it, the way a
-# replayed request carries fly-replay-src.
+# replayed request carries fly-replay-src. Signed (``sign_proxied_by``): a client that sends
+# it itself must not pass for another machine (it would switch the routing cache off).
 PROXIED_BY = "tenantdb-proxied-by"
+# How far a signature's time may be from the receiver's clock (Fly machines run NTP).
+PROXIED_BY_WINDOW = 60.0
+
+
+def proxy_key(settings: Settings) -> bytes | None:
+    """The key that signs ``tenantdb-proxied-by``: from TENANTDB_PROXY_SECRET, else from the
+    bucket's secret access key (every machine of the app has it, no client does); None
+    without either (the header is then never trusted)."""
+    secret = settings.proxy_secret or settings.secret_access_key
+    if secret is None:
+        return None
+    return hmac.new(b"tenantdb-proxied-by", secret.reveal().encode(), hashlib.sha256).digest()
+
+
+def _mac(key: bytes, machine_id: str, t: int, method: str, path: str) -> str:
+    message = f"{machine_id}\n{t}\n{method}\n{path}".encode("utf-8", "surrogateescape")
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def sign_proxied_by(key: bytes, machine_id: str, method: str, path: str, now: float) -> str:
+    """The header value naming ``machine_id`` as the proxy of this one request."""
+    t = int(now)
+    return f"{machine_id};t={t};sig={_mac(key, machine_id, t, method, path)}"
+
+
+def verify_proxied_by(
+    key: bytes | None, value: str, method: str, path: str, now: float
+) -> str | None:
+    """The machine a signed, current ``tenantdb-proxied-by`` names; None for any other value."""
+    parts = [part.strip() for part in value.split(";")]
+    if key is None or len(parts) != 3:
+        return None
+    machine_id, t, sig = parts[0], parts[1].removeprefix("t="), parts[2].removeprefix("sig=")
+    if not (t.isascii() and t.isdigit() and len(t) <= 12) or abs(now - int(t)) > PROXIED_BY_WINDOW:
+        return None
+    if not hmac.compare_digest(sig.encode(), _mac(key, machine_id, int(t), method, path).encode()):
+        return None
+    return machine_id
+
 
 # Headers that describe one connection, not the request or response (RFC 9110 section 7.6.1),
 # plus the ones this hop sets itself. "expect" goes too: 100-continue was already answered
@@ -76,6 +127,8 @@ class BodyProxy:
     """Stream HTTP requests to another machine and its responses back (pure ASGI).
 
     Use it as ``async with BodyProxy(...)``: the httpx client lives between enter and exit.
+    With ``key`` (``proxy_key``), each request names this machine in a signed
+    ``tenantdb-proxied-by``.
     """
 
     def __init__(
@@ -83,6 +136,7 @@ class BodyProxy:
         machine_url: MachineURL,
         *,
         machine_id: str,
+        key: bytes | None = None,
         connect_timeout: float = 5.0,
         timeout: float = 60.0,
     ) -> None:
@@ -90,6 +144,7 @@ class BodyProxy:
             raise ConfigurationError("proxy timeouts must be positive")
         self.machine_url = machine_url
         self.machine_id = machine_id
+        self._key = key
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self._client: httpx.AsyncClient | None = None
@@ -126,7 +181,8 @@ class BodyProxy:
     ) -> None:
         """Send the request of ``scope`` with ``body`` to ``machine_id``; stream the answer back.
 
-        Raises ``RoutingError`` when the machine cannot be reached or breaks off; whatever
+        Raises ``RoutingError`` when the machine cannot be reached or breaks off, or when the
+        request would reach it under another path than ``scope``'s; whatever
         ``body`` raises (a client disconnect) propagates unchanged.
         """
         if self._client is None:
@@ -136,7 +192,11 @@ class BodyProxy:
         query: bytes = scope.get("query_string", b"")
         url = base + raw_path.decode("latin-1") + (f"?{query.decode('latin-1')}" if query else "")
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _REQUEST_DROP]
-        headers.append((PROXIED_BY.encode(), self.machine_id.encode()))
+        if self._key is not None:  # without a key no receiver would trust it
+            signed = sign_proxied_by(
+                self._key, self.machine_id, scope["method"], scope["path"], time.time()
+            )
+            headers.append((PROXIED_BY.encode(), signed.encode()))
         # Honoured by Fly's proxy when the URL points at it (Flycast), which then starts the
         # machine if it is stopped; a machine's own server ignores it.
         headers.append((b"fly-force-instance-id", machine_id.encode()))
@@ -145,6 +205,14 @@ class BodyProxy:
             request = self._client.build_request(
                 scope["method"], url, headers=headers, content=body
             )
+            if request.url.path != scope["path"]:
+                # httpx resolves dot segments: the machine would get another path than the
+                # one its tenant was decided on.
+                raise RoutingError(
+                    f"the path {scope['path']!r} would reach machine {machine_id} as "
+                    f"{request.url.path!r}: not sent",
+                    tenant=tenant,
+                )
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise RoutingError(

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -50,7 +51,13 @@ from tenantdb.responses import RETRY_AFTER, send_error, send_response
 from tenantdb.routing.checks import check_machine_setup
 from tenantdb.routing.dns import MachineLocator
 from tenantdb.routing.machines_api import MachinesClient, validate_machine_id
-from tenantdb.routing.proxy import PROXIED_BY, BodyProxy, MachineURL
+from tenantdb.routing.proxy import (
+    PROXIED_BY,
+    BodyProxy,
+    MachineURL,
+    proxy_key,
+    verify_proxied_by,
+)
 from tenantdb.routing.resolver import LOOKUP_ERRORS, MachineResolver, Resolution
 from tenantdb.storage import Bucket, open_bucket
 from tenantdb.tenants import TenantPattern
@@ -133,14 +140,23 @@ class _Arrival:
     detail: str = ""
 
 
-def _arrival(scope: Scope) -> _Arrival:
+def _arrival(scope: Scope, proxy_key: bytes | None) -> _Arrival:
+    """How the request says it arrived. Only ``tenantdb-proxied-by`` is authenticated: Fly's
+    proxy appends ``fly-replay-src`` and sets ``fly-replay-failed``, but documents nothing
+    about removing a client's own (https://fly.io/docs/networking/dynamic-request-routing/),
+    so what they trigger (a fresh lookup, a forgotten route) is rate-limited per tenant."""
     headers = Headers(scope=scope)
     failed = headers.get("fly-replay-failed")
     if failed is not None:
         return _Arrival("failed", detail=_printable(failed))
-    proxied = headers.get(PROXIED_BY, "").strip()
-    if _is_machine_id(proxied):
-        return _Arrival("proxied", proxied)
+    proxied = headers.get(PROXIED_BY)
+    if proxied is not None:
+        proxy = verify_proxied_by(
+            proxy_key, proxied, scope.get("method", ""), scope["path"], time.time()
+        )
+        if proxy is not None and _is_machine_id(proxy):
+            return _Arrival("proxied", proxy)
+        log.debug("ignoring an unsigned or stale %s header", PROXIED_BY)
     raw_source = headers.get("fly-replay-src")
     if raw_source is not None:
         source = ReplaySource.parse(raw_source)
@@ -216,6 +232,7 @@ class Router:
         self.settings = settings
         self.pattern = pattern
         self.machine_id = settings.machine_id
+        self._proxy_key = proxy_key(settings)
         self.app_name = settings.app_name or (LOCAL_APP_NAME if settings.dns_server else None)
         self.bucket = bucket
         self.proxy_large_bodies = proxy_large_bodies
@@ -299,7 +316,7 @@ class Router:
             proxy = None
             if self.proxy_large_bodies:
                 proxy = await stack.enter_async_context(
-                    BodyProxy(self.machine_url, machine_id=self.machine_id)
+                    BodyProxy(self.machine_url, machine_id=self.machine_id, key=self._proxy_key)
                 )
             resolver = MachineResolver(
                 self.settings,
@@ -363,11 +380,13 @@ class Router:
         if self._resources is None:
             await self._unavailable(scope, receive, send, _NOT_STARTED)
             return
-        arrival = _arrival(scope)
+        arrival = _arrival(scope, self._proxy_key)
         if arrival.how == "failed":
             # Fly does not replay a request that came back through a replay fallback; the
-            # stale answer goes, so the client's retry is resolved afresh.
-            self.invalidate(tenant)
+            # stale answer goes (once a second at most: a client can send the header), so
+            # the client's retry is resolved afresh.
+            if self._resources is not None:
+                self._resources.resolver.invalidate(tenant, limited=True)
             await self._unavailable(
                 scope,
                 receive,
@@ -437,7 +456,7 @@ class Router:
     def handed_back(self, scope: Scope, holder: str | None) -> bool:
         """True when the lease holder did not take this request: a replay to it failed
         (``fly-replay-failed``: it is stopping, say) or it sent the request here itself."""
-        arrival = _arrival(scope)
+        arrival = _arrival(scope, self._proxy_key)
         if arrival.how == "failed":
             return True
         return (
@@ -450,7 +469,7 @@ class Router:
         self, scope: Scope, receive: Receive, send: Send, machine_id: str, tenant: str
     ) -> None:
         """Send a request for this machine's own tenant to ``machine_id``, the lease holder."""
-        arrival = _arrival(scope)
+        arrival = _arrival(scope, self._proxy_key)
         problem = ""
         if not _is_machine_id(machine_id):
             problem = f"its lease holder {machine_id[:80]!r} is not a Fly machine id"

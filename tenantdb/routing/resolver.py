@@ -44,7 +44,7 @@ from tenantdb.errors import (
     RoutingError,
     StorageError,
 )
-from tenantdb.lockfile import LockRecord
+from tenantdb.lockfile import LOCK_MAX_BYTES, LockRecord
 from tenantdb.metrics import Metrics
 from tenantdb.routing.dns import MachineLocator
 from tenantdb.routing.machines_api import Machine, MachinesClient, validate_machine_id
@@ -58,6 +58,8 @@ Source = Literal["dns", "lock", "api", "none"]
 
 # What a failed lookup raises; each is answered 503 "retry shortly".
 LOOKUP_ERRORS = (RoutingError, StorageError, LockFileCorruptError, TimeoutError)
+# The shortest time between two fresh lookups of one tenant asked for by requests.
+REFRESH_INTERVAL = 1.0
 # Machines in these states serve nothing and never will again.
 _GONE_STATES = frozenset({"destroying", "destroyed"})
 
@@ -167,6 +169,8 @@ class MachineResolver:
         self._api_fetch: _SingleFlight[None, _MachineList] = _SingleFlight(self._keep_list)
         self._api_paused_until = 0.0
         self._rng = rng or random.Random()
+        self.refresh_interval = REFRESH_INTERVAL
+        self._refreshed: dict[str, float] = {}  # when each tenant was last looked up afresh
 
     async def locate(self, tenant: str, *, use_cache: bool = True) -> Resolution:
         """Find the machine serving ``tenant``; raise one of ``LOOKUP_ERRORS`` if that fails.
@@ -175,7 +179,10 @@ class MachineResolver:
         again (the app-wide Machines API list is still reused while fresh).
         """
         if not use_cache:
-            self.invalidate(tenant)
+            if self._refresh_due(tenant):
+                self.invalidate(tenant)
+            else:
+                use_cache = True  # looked up afresh less than a second ago: that answer holds
         entry = self._cache.get(tenant)
         if entry is not None:
             if entry.expires_at > self._clock():
@@ -187,8 +194,28 @@ class MachineResolver:
         fresh = not use_cache
         return await self._lookups.run((tenant, fresh), lambda: self._resolve(tenant, fresh))
 
-    def invalidate(self, tenant: str) -> None:
-        """Forget what is cached about ``tenant``, here and in the DNS locator."""
+    def _refresh_due(self, tenant: str) -> bool:
+        """Whether ``tenant`` may be looked up afresh now; at most once per ``refresh_interval``.
+
+        Requests ask for fresh lookups through headers any client can send (fly-replay-src,
+        fly-replay-failed): without this, each such request would cost a DNS query and a
+        lock.json GET.
+        """
+        now = self._clock()
+        last = self._refreshed.get(tenant)
+        if last is not None and now - last < self.refresh_interval:
+            return False
+        self._refreshed.pop(tenant, None)
+        if len(self._refreshed) >= self.max_entries:
+            del self._refreshed[next(iter(self._refreshed))]  # the oldest
+        self._refreshed[tenant] = now
+        return True
+
+    def invalidate(self, tenant: str, *, limited: bool = False) -> None:
+        """Forget what is cached about ``tenant``, here and in the DNS locator; with
+        ``limited`` (a request asks for it), only if it was not refreshed a moment ago."""
+        if limited and not self._refresh_due(tenant):
+            return
         self._cache.pop(tenant, None)
         self._lookups.forget((tenant, False))
         self.locator.invalidate(tenant)
@@ -228,7 +255,7 @@ class MachineResolver:
         key = f"{self.settings.prefix}{tenant}/lock.json"
         try:
             async with asyncio.timeout(self.lookup_timeout):
-                lock = await self.bucket.get(key)
+                lock = await self.bucket.get(key, max_size=LOCK_MAX_BYTES)
         except ObjectNotFoundError:
             reasons.append("the bucket has no lock.json for it")
             return None

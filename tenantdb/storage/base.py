@@ -105,8 +105,14 @@ class Bucket(Protocol):
         """List the objects whose keys start with ``prefix``, sorted by key."""
         ...
 
-    async def download_file(self, key: str, dest: Path) -> ObjectInfo:
-        """Stream an object into ``dest`` (created or truncated) with bounded memory."""
+    async def download_file(
+        self, key: str, dest: Path, *, max_size: int | None = None
+    ) -> ObjectInfo:
+        """Stream an object into ``dest`` (created or truncated) with bounded memory.
+
+        With ``max_size``, an object the store says is larger raises ``ObjectTooLargeError``
+        before ``dest`` is opened, and no more than ``max_size`` bytes are ever written.
+        """
         ...
 
     async def upload_file(

@@ -280,12 +280,40 @@ class LocalBucket:
             (self._blobs / blob_id).unlink(missing_ok=True)
             raise
 
-    def _open_blob(self, key: str, max_size: int | None = None) -> tuple[dict[str, Any], IO[bytes]]:
+    def _open_blob(
+        self, key: str, max_size: int | None = None, operation: str = "get"
+    ) -> tuple[dict[str, Any], IO[bytes]]:
+        """The object's pointer and its open blob; ObjectTooLargeError before opening it if
+        the pointer's size (what this bucket announces, as S3 its Content-Length) is over."""
         with self._locked(exclusive=False):
             pointer = self._read_pointer(key)
             if max_size is not None and pointer["size"] > max_size:
-                raise ObjectTooLargeError(key=key, size=pointer["size"], limit=max_size)
+                raise ObjectTooLargeError(
+                    key=key, size=pointer["size"], limit=max_size, operation=operation
+                )
             return pointer, open(self._blobs / pointer["blob"], "rb")
+
+    @staticmethod
+    def _copy_capped(
+        src: IO[bytes], out: IO[bytes], key: str, limit: int | None, operation: str
+    ) -> None:
+        """Copy ``src`` into ``out``, never more than ``limit`` bytes: the blob may have
+        grown past its pointer's size, which was checked already."""
+        copied = 0
+        while chunk := src.read(_CHUNK if limit is None else min(_CHUNK, limit + 1 - copied)):
+            copied += len(chunk)
+            if limit is not None and copied > limit:
+                raise ObjectTooLargeError(key=key, size=copied, limit=limit, operation=operation)
+            out.write(chunk)
+
+    def _read_small(
+        self, key: str, pointer: dict[str, Any], f: IO[bytes], limit: int | None
+    ) -> SmallObject:
+        # One byte more than the limit at most: the blob may have outgrown its pointer.
+        body = f.read() if limit is None else f.read(limit + 1)
+        if limit is not None and len(body) > limit:
+            raise ObjectTooLargeError(key=key, size=len(body), limit=limit)
+        return SmallObject(self._info(key, pointer), body)
 
     async def get(self, key: str, *, max_size: int | None = None) -> SmallObject:
         """Read a small object whole; ObjectTooLargeError, unread, if above ``max_size``."""
@@ -293,7 +321,7 @@ class LocalBucket:
         def read() -> SmallObject:
             pointer, f = self._open_blob(key, max_size)
             with f:
-                return SmallObject(self._info(key, pointer), f.read())
+                return self._read_small(key, pointer, f, max_size)
 
         return await self._run("get", key, read)
 
@@ -310,7 +338,7 @@ class LocalBucket:
             # Changed: read it whole (it may change again meanwhile; then that version).
             pointer, f = self._open_blob(key, max_size)
             with f:
-                return SmallObject(self._info(key, pointer), f.read())
+                return self._read_small(key, pointer, f, max_size)
 
         return await self._run("get", key, read)
 
@@ -377,13 +405,16 @@ class LocalBucket:
 
         return await self._run("list", prefix, list_keys)
 
-    async def download_file(self, key: str, dest: Path) -> ObjectInfo:
-        """Stream an object into ``dest`` (created or truncated) with bounded memory."""
+    async def download_file(
+        self, key: str, dest: Path, *, max_size: int | None = None
+    ) -> ObjectInfo:
+        """Stream an object into ``dest`` (created or truncated) with bounded memory; see
+        ``Bucket.download_file`` for ``max_size``."""
 
         def download() -> ObjectInfo:
-            pointer, src = self._open_blob(key)
+            pointer, src = self._open_blob(key, max_size, "download")
             with src, open(dest, "wb") as out:
-                shutil.copyfileobj(src, out, _CHUNK)
+                self._copy_capped(src, out, key, max_size, "download")
             return self._info(key, pointer)
 
         return await self._run("download", key, download)

@@ -117,9 +117,13 @@ class MeteredBucket:
         """See ``Bucket.list``."""
         return await self._counted(prefix, lambda: self.inner.list(prefix))
 
-    async def download_file(self, key: str, dest: Path) -> ObjectInfo:
+    async def download_file(
+        self, key: str, dest: Path, *, max_size: int | None = None
+    ) -> ObjectInfo:
         """See ``Bucket.download_file``."""
-        return await self._counted(key, lambda: self.inner.download_file(key, dest))
+        return await self._counted(
+            key, lambda: self.inner.download_file(key, dest, max_size=max_size)
+        )
 
     async def upload_file(
         self, key: str, src: Path, *, if_none_match: Literal["*"] | None = None

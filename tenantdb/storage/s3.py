@@ -726,31 +726,38 @@ class S3Bucket:
 
     # -- files --------------------------------------------------------------------------------
 
-    async def download_file(self, key: str, dest: Path) -> ObjectInfo:
+    async def download_file(
+        self, key: str, dest: Path, *, max_size: int | None = None
+    ) -> ObjectInfo:
         """Stream an object into ``dest`` (created or truncated) with bounded memory.
 
         The first ranged GET learns the size and ETag; the other ranges are fetched a few at
         a time with ``If-Match`` on that ETag, so an object replaced mid-download fails with
         ``PreconditionFailedError`` instead of mixing two versions in one file. After a
         failure ``dest`` holds partial data: download to a temporary name, then rename.
+        With ``max_size``, the size the first answer announces is checked before ``dest``
+        is opened, and no range writes more than it asked for.
         """
         _check_key(key, "download")
         dest = Path(dest)
-        return await self._retrying("download", key, lambda: self._download(key, dest))
+        return await self._retrying("download", key, lambda: self._download(key, dest, max_size))
 
-    async def _download(self, key: str, dest: Path) -> ObjectInfo:
+    async def _download(self, key: str, dest: Path, max_size: int | None) -> ObjectInfo:
         first = await self._get_range(key, 0, self._part_size - 1, etag=None)
         if first is None:
             # 416: a zero-byte object has no byte 0 to ask for; fetch it plainly.
             first = await self._s3.get_object(Bucket=self.name, Key=key)
         total = _total_size(first)
+        if max_size is not None and total > max_size:
+            first["Body"].close()  # unread: drops the connection instead of draining it
+            raise ObjectTooLargeError(key=key, size=total, limit=max_size, operation="download")
         info = self._info(key, first, total)
         fd = await self._local(
             "download", key, dest, lambda: os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         )
         try:
             await self._local("download", key, dest, lambda: _preallocate(fd, total))
-            written = await self._drain(first, fd, 0, key, dest)
+            written = await self._drain(first, fd, 0, key, dest, min(total, self._part_size))
             ranges = [
                 (start, min(start + self._part_size, total) - 1)
                 for start in range(written, total, self._part_size)
@@ -766,7 +773,7 @@ class S3Bucket:
                             key=key,
                             operation="download",
                         )
-                    got = await self._drain(response, fd, start, key, dest)
+                    got = await self._drain(response, fd, start, key, dest, end - start + 1)
                     if got != end - start + 1:
                         raise TransientStorageError(
                             f"S3 download of {key!r}: range {start}-{end} returned {got} bytes",
@@ -803,18 +810,22 @@ class S3Bucket:
         return response
 
     async def _drain(
-        self, response: dict[str, Any], fd: int, offset: int, key: str, dest: Path
+        self, response: dict[str, Any], fd: int, offset: int, key: str, dest: Path, limit: int
     ) -> int:
         """Copy a response body to ``fd`` at ``offset``; return the number of bytes written.
 
         aiohttp hands out whatever it has buffered (often 64 KiB); gathering up to 1 MiB
         before each write keeps thread hops few while memory stays bounded per stream.
+        A body longer than the ``limit`` bytes asked for is cut off there: the caller sees
+        a short count, never bytes past the range it asked for.
         """
         stream = response["Body"]
         written = 0
         pending = bytearray()
         try:
-            while chunk := await stream.read(_READ_CHUNK):
+            while written + len(pending) < limit and (
+                chunk := await stream.read(min(_READ_CHUNK, limit - written - len(pending)))
+            ):
                 pending += chunk
                 if len(pending) >= _READ_CHUNK:
                     data, pending = bytes(pending), bytearray()

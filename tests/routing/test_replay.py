@@ -28,6 +28,7 @@ from tenantdb import TenantDBMiddleware
 from tenantdb.config import Secret, Settings
 from tenantdb.dev.dns_server import DevDNSServer
 from tenantdb.errors import ConfigurationError
+from tenantdb.routing.proxy import proxy_key, sign_proxied_by
 from tenantdb.routing.replay import LOCAL_APP_NAME, ReplaySource, Router
 from tenantdb.storage import Bucket, LocalBucket
 from tenantdb.storage.s3 import S3Bucket
@@ -425,10 +426,10 @@ async def test_a_burst_for_a_stopped_tenant_reads_lock_json_once(
     router = harness.middleware.router
     original = LocalBucket.get
 
-    async def counting_get(self: LocalBucket, key: str) -> Any:
+    async def counting_get(self: LocalBucket, key: str, **options: Any) -> Any:
         nonlocal reads
         reads += 1
-        return await original(self, key)
+        return await original(self, key, **options)
 
     LocalBucket.get = counting_get  # type: ignore[method-assign]
     try:
@@ -529,9 +530,16 @@ async def test_a_cache_miss_is_an_ordinary_replay(router: Harness, dns: DevDNSSe
     assert response.headers["fly-replay-cache"] == "/customers/beta/*"
 
 
-async def test_proxied_request_is_not_proxied_back(router: Harness, dns: DevDNSServer) -> None:
+async def test_proxied_request_is_not_proxied_back(
+    harness_factory: Any, dns: DevDNSServer, tmp_path: Path
+) -> None:
     dns.set_machine("m2beta", {KEY: "beta"})
-    response = await router.get("/customers/beta", **{"tenantdb-proxied-by": "m2beta"})
+    settings = settings_for(tmp_path, dns, proxy_secret=Secret("app secret"))
+    router = await harness_factory(settings)
+    key = proxy_key(settings)
+    assert key is not None
+    signed = sign_proxied_by(key, "m2beta", "GET", "/customers/beta", time.time())
+    response = await router.get("/customers/beta", **{"tenantdb-proxied-by": signed})
     assert_503(response, "through the tenantdb body proxy")
 
 

@@ -48,6 +48,7 @@ def start(tmp_path: Path, dns: DevDNSServer, subprocess_env: dict[str, str]) -> 
                 "TENANTDB_LOCAL_BUCKET": str(tmp_path / "bucket"),
                 "TENANTDB_LEASE_TTL": "3",
                 "ROUTING_TEST_MACHINE_URLS": json.dumps(urls or {}),
+                "TENANTDB_PROXY_SECRET": "routing test",  # a local bucket has no secret key
             }
             server = machines.start(APP, machine, tenant, {**base, **env})
             dns.set_machine(machine, {KEY: tenant})

@@ -49,7 +49,8 @@ async def upload(request: Request) -> Response:
             "machine": os.environ["FLY_MACHINE_ID"],
             "size": size,
             "sha256": digest.hexdigest(),
-            "proxied_by": request.headers.get("tenantdb-proxied-by"),
+            # The machine the signed header names (its signature is checked by tenantdb).
+            "proxied_by": request.headers.get("tenantdb-proxied-by", "").partition(";")[0] or None,
             "query": request.url.query,
             "host": request.headers.get("host"),
         },

@@ -1,0 +1,44 @@
+"""RequestConnection: borrowed at the first statement, set aside only with nothing open."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+
+from tenantdb.lending import RequestConnection
+from tenantdb.pool import ConnectionPool
+
+
+async def test_a_request_connection_borrows_only_while_something_is_open(tmp_path: Path) -> None:
+    pool = ConnectionPool(tmp_path / "p.sqlite3", size=2, track_commits=True)
+    db = RequestConnection(pool, track_commits=True)
+    assert isinstance(db, aiosqlite.Connection)
+    assert not db.holding  # nothing borrowed before the first statement
+    await db.execute("CREATE TABLE t (x INTEGER)")
+    assert db.holding
+    assert await db.take()  # the DDL committed (autocommit)
+    await db.set_aside()
+    assert not db.holding
+
+    await db.execute("INSERT INTO t VALUES (1)")  # opens a transaction
+    await db.set_aside()
+    assert db.holding, "set aside with a transaction open"
+    await db.commit()
+    async with db.execute("SELECT x FROM t") as cursor:
+        await db.set_aside()
+        assert db.holding, "set aside with a cursor open"
+        assert await cursor.fetchall() == [(1,)]
+    await db.set_aside()  # the cursor was closed at the block's end
+    assert not db.holding
+    assert await db.take()  # the insert's commit, gathered across the borrow that ended
+
+    db.row_factory = sqlite3.Row  # a setting follows the request to its next connection
+    rows = await db.execute_fetchall("SELECT x FROM t")
+    assert [row["x"] for row in rows] == [1]
+    lent = db._lent
+    await db.end()
+    assert lent is not None
+    assert lent.row_factory is None  # the pool's connection is reset
+    await pool.close()
