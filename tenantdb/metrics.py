@@ -157,6 +157,12 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self._task_failures = Counter(
+            "tenantdb_task_failures",
+            "background tasks ended by an unexpected exception, by task (see supervisor.py)",
+            ["task"],
+            registry=r,
+        )
 
     def watch(self, tdb: WatchedTenant, states: Sequence[str]) -> None:
         """Report ``tdb``'s lease state (one of ``states``), generation and log lag."""
@@ -213,6 +219,10 @@ class Metrics:
     def bucket_error(self, exc: BaseException) -> None:
         """Count a failed bucket request by its ``StorageError`` subclass."""
         self._bucket_errors.labels(type(exc).__name__).inc()
+
+    def task_failed(self, task: str) -> None:
+        """Count a background task ended by an unexpected exception."""
+        self._task_failures.labels(task).inc()
 
 
 class MetricsServer:
