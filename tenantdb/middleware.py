@@ -359,7 +359,7 @@ class TenantDBMiddleware:
     async def _stop_server_on_failure(self, tdb: TenantDB) -> None:
         """Once the machine has failed stop, shut the server down so the process exits."""
         reason = await tdb.failed()
-        if not self.exit_on_failure or threading.current_thread() is not threading.main_thread():
+        if not (self.exit_on_failure and _server_handles_sigterm()):
             # An embedding program (a test, a server in a thread) restarts it, not Fly.
             log.critical(
                 "tenantdb: this machine failed (%s); it answers 503 until restarted", reason
@@ -400,6 +400,14 @@ class TenantDBMiddleware:
                 await tdb.stop()
         finally:
             await self._resources.aclose()
+
+
+def _server_handles_sigterm() -> bool:
+    """True on the main thread of a server that shuts down gracefully on SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():
+        return False  # the signal would reach the main thread, not this server
+    # Without a handler (the default action), SIGTERM would kill the process on the spot.
+    return callable(signal.getsignal(signal.SIGTERM))
 
 
 def _exit_process(code: int) -> None:

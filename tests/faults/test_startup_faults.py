@@ -124,7 +124,7 @@ async def test_startup_fails_clearly_when_the_bucket_keeps_failing(
     s3.proxy.add(Fault.slow_down(operation=operation, key=key))
     tdb = TenantDB(s3.settings("m2"), migrations=MIGRATIONS, bucket=bucket)
     with pytest.raises(TransientStorageError) as raised:
-        await tdb.start(standby=True)
+        await tdb.start(standby=False)
     message = str(raised.value)
     assert "SlowDown (HTTP 503)" in message
     assert raised.value.key.startswith("tenants/acme/"), message
@@ -202,7 +202,7 @@ async def test_a_machine_with_an_old_local_file_never_serves_it_when_restore_fai
     s3.proxy.add(Fault.cut(0.3, operation="GetObject", key="tenants/acme/snapshots/*"))
     tdb = TenantDB(s3.settings("m2"), migrations=MIGRATIONS, bucket=bucket)
     with pytest.raises(TransientStorageError, match="snapshots/"):
-        await tdb.start(standby=True)
+        await tdb.start(standby=False)
     assert stale.read_bytes() == stale_bytes  # untouched, and not served either
     assert tdb.state == "stopped"
     s3.proxy.clear()
@@ -231,7 +231,7 @@ async def test_an_endpoint_that_never_answers_fails_startup_within_the_timeouts(
     started = time.monotonic()
     with pytest.raises(TransientStorageError, match="ReadTimeout"):
         # Five attempts of 0.3 s each, and some backoff: far below this bound.
-        await asyncio.wait_for(tdb.start(standby=True), timeout=10)
+        await asyncio.wait_for(tdb.start(standby=False), timeout=10)
     assert time.monotonic() - started < 5
     assert len(s3.proxy.seen(operation=operation, key=key, faulted=True)) == 5
     assert not tdb.path.exists()
