@@ -75,7 +75,7 @@ TenantState = Literal[
 _MOVES: dict[TenantState, frozenset[TenantState]] = {
     "stopped": frozenset({"starting"}),
     "starting": frozenset({"standby", "restoring", "stopping", "stopped"}),
-    "standby": frozenset({"restoring", "failed", "stopping"}),
+    "standby": frozenset({"restoring", "stopping"}),
     "restoring": frozenset({"serving", "fenced", "failed", "stopping", "stopped"}),
     "serving": frozenset({"fenced", "failed", "stopping"}),
     "fenced": frozenset({"standby", "restoring", "failed", "stopping", "stopped"}),
@@ -745,7 +745,7 @@ class TenantDB:
 
     def _fail_stop(self, reason: str) -> None:
         """A task this machine cannot run without died: stop serving now, then stop the rest."""
-        if self.state not in ("standby", "restoring", "serving", "fenced"):
+        if self.state not in ("restoring", "serving", "fenced"):
             return  # already failed, or stopping anyway
         self.failure = reason
         self._move("failed")
