@@ -82,11 +82,12 @@ _MOVES: dict[TenantState, frozenset[TenantState]] = {
     "failed": frozenset({"stopping"}),
     "stopping": frozenset({"stopped"}),
 }
-# The tasks a machine cannot be healthy without, in each state (see supervisor.py).
+# The tasks a machine cannot be healthy without, in each state (see supervisor.py). Not
+# garbage collection: a red check would take a tenant that serves and ships off the proxy.
 _REQUIRED_TASKS: dict[TenantState, tuple[str, ...]] = {
     "standby": ("standby",),
     "restoring": ("renewal",),
-    "serving": ("renewal", "shipper", "gc"),
+    "serving": ("renewal", "shipper"),
     "fenced": ("fenced",),
 }
 # SQLite's default page size, for a database that has no page yet.
@@ -783,10 +784,12 @@ class TenantDB:
         try:
             async with asyncio.timeout(max(min(lease.valid_for, _RELEASE_TIMEOUT), 0.5)):
                 await lease.release()
-        except (TenantDBError, TimeoutError) as exc:
+        except Exception as exc:  # a machine giving up must get to its exit whatever this does
             log.error(
-                "tenant %s: could not release the lease (%s); other machines wait for it to expire",
+                "tenant %s: could not release the lease (%s: %s); other machines wait for it "
+                "to expire",
                 self.tenant,
+                type(exc).__name__,
                 str(exc) or "timed out",
             )
             return

@@ -304,3 +304,39 @@ def test_a_uvicorn_server_whose_loop_dies_exits_non_zero_with_the_lease_released
     assert f"shutting the server down, exit code {FAIL_STOP_EXIT_CODE}" in log
     lock = asyncio.run(lock_json(tmp_path))
     assert lock["owner"] is None, lock
+
+
+async def test_a_snapshot_key_gc_cannot_read_never_stops_log_shipping(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The issue's case: a 15-digit time in a snapshot key once killed the shipper via GC."""
+    tdb = TenantDB(settings(tmp_path, "m1", durability="async"), migrations=MIGRATIONS)
+    await tdb.start()
+    try:
+        async with LocalBucket(tmp_path / "bucket") as bucket:
+            await bucket.put(
+                "tenants/acme/snapshots/00000001-00000099-000000000000-999999999999999-ab.sqlite3",
+                b"",
+            )
+        shipper = tdb._shipper
+        assert shipper is not None
+        shipper._next_collection = time.monotonic()  # garbage collection is due now
+        await asyncio.sleep(0.5)  # a collection ran into the key (and may have died of it)
+        before = (await lock_json(tmp_path))["log"]
+        async with tdb.connection() as db:
+            await db.execute("INSERT INTO hits DEFAULT VALUES")
+            await db.commit()
+        # async durability: only the shipper's own loop can ship this commit
+        for _ in range(100):
+            after = (await lock_json(tmp_path))["log"]
+            if after != before:
+                break
+            await asyncio.sleep(0.05)
+        assert after != before, "nothing was shipped after the garbage collection"
+        assert tdb.state == "serving"
+        assert tdb.health().ok, tdb.health()
+        # Whether the key still kills a collection (then restarted) is the parser's business.
+        assert len(died(caplog, "gc")) == failures(tdb.metrics, "gc")
+        assert not died(caplog, "shipper")
+    finally:
+        await tdb.stop()
