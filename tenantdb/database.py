@@ -354,6 +354,8 @@ class TenantDB:
         if self.state != "stopped":
             raise TenantDBError(f"TenantDB already started ({self.state})")
         logs.follow(self)  # this machine's log lines are about this tenant
+        self.failure = None
+        self._failed.clear()
         self._move("starting")
         try:
             self._dir_lock.acquire()
@@ -387,8 +389,8 @@ class TenantDB:
             except ConfigurationError:
                 raise  # the app's own mistake (a migration): trying again cannot help
             except Exception as exc:
-                if not standby:
-                    raise
+                if not standby or self.lease.status != "held":
+                    raise  # a script, or fenced meanwhile
                 # One behaviour for a tenant that cannot be opened, at startup as after a
                 # takeover: keep the lease, answer 503, red health, retry with backoff.
                 await self._opening_failed(exc, 0)
