@@ -378,6 +378,7 @@ class TenantDBMiddleware:
     def _exit_if_failed(self) -> None:
         """After the lifespan's shutdown of a failed machine: end the process, non-zero."""
         if self._exit_code is not None:
+            log.critical("tenantdb: shutdown complete, exiting with code %d", self._exit_code)
             # Scheduled before the server hears that the shutdown is complete, so it runs
             # before uvicorn re-raises the SIGTERM it captured (which would end the process
             # by the signal instead of this exit code).

@@ -302,6 +302,7 @@ def test_a_uvicorn_server_whose_loop_dies_exits_non_zero_with_the_lease_released
     assert log.count(f"the {task} task died ({error}); this machine fails stop") == 1, log
     assert "Traceback (most recent call last)" in log
     assert f"shutting the server down, exit code {FAIL_STOP_EXIT_CODE}" in log
+    assert log.rstrip().endswith(f"shutdown complete, exiting with code {FAIL_STOP_EXIT_CODE}")
     lock = asyncio.run(lock_json(tmp_path))
     assert lock["owner"] is None, lock
 
