@@ -76,8 +76,6 @@ class Supervisor:
         pauses: Sequence[float] = RESTART_PAUSES,
     ) -> None:
         """``on_fail_stop(reason)`` is called (on the event loop) when a fail-stop task dies."""
-        if not pauses:
-            raise ValueError("at least one restart pause is needed")
         self.tenant = tenant
         self._failures = failures
         self._on_fail_stop = on_fail_stop
