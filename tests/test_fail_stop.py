@@ -341,3 +341,22 @@ async def test_a_snapshot_key_gc_cannot_read_never_stops_log_shipping(
         assert not died(caplog, "shipper")
     finally:
         await tdb.stop()
+
+
+async def test_a_server_stopped_while_it_cannot_open_the_tenant_releases_the_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Port in use, a deploy: a server that never served gives the lease back at once."""
+    first = TenantDB(settings(tmp_path, "m0"), migrations=MIGRATIONS)
+    async with first, first.connection() as db:
+        await db.execute("INSERT INTO hits DEFAULT VALUES")
+        await db.commit()
+    monkeypatch.setattr(tenantdb.database, "restore_database", raising(ReplicationError))
+    tdb = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
+    await tdb.start(standby=True)
+    assert tdb.state == "restoring"
+    assert (await lock_json(tmp_path))["owner"] == "m1"
+    await tdb.stop()
+    lock = await lock_json(tmp_path)
+    assert lock["owner"] is None, lock
+    assert lock["generation"] == 2  # m1's, released: the next holder takes generation 3
