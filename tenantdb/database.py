@@ -758,16 +758,17 @@ class TenantDB:
         """Cancel every task, close the database, release the lease unless that loses data."""
         try:
             await self._supervisor.cancel()
-            # With async durability, commits answered but not shipped are only in the local
-            # file: the lease is kept for this machine's restart (same data directory, same
-            # claim), which takes it back at once and publishes them.
-            unshipped = self.settings.durability == "async" and self.log_lag() > 0
             await self._close_database()
-            if unshipped:
+            if self.settings.durability == "async":
+                # Commits answered but maybe not shipped (the dead shipper cannot say) are
+                # only in the local file: the lease is kept for this machine's restart on
+                # its data directory (same claim), which takes it back at once and publishes
+                # them; without a volume, a standby takes over at the lease's expiry.
                 log.error(
-                    "tenant %s: the lease is left to expire: commits answered here are not in "
-                    "the bucket yet; restart this machine on its data directory to publish them",
+                    "tenant %s: the lease is left to expire: with async durability, commits "
+                    "answered here may be only in %s",
                     self.tenant,
+                    self.path.resolve(),
                 )
             else:
                 await self._release_now()

@@ -360,3 +360,31 @@ async def test_a_server_stopped_while_it_cannot_open_the_tenant_releases_the_lea
     lock = await lock_json(tmp_path)
     assert lock["owner"] is None, lock
     assert lock["generation"] == 2  # m1's, released: the next holder takes generation 3
+
+
+async def test_with_async_durability_a_failed_machine_keeps_the_lease_for_its_own_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answered commit the dead shipper never shipped is published by the restart."""
+    tdb = TenantDB(settings(tmp_path, "m1", durability="async"), migrations=MIGRATIONS)
+    await tdb.start()
+    monkeypatch.setattr(Shipper, "ship_once", raising(ValueError))
+    async with tdb.connection() as db:
+        await db.execute("INSERT INTO hits DEFAULT VALUES")
+        await db.commit()  # answered at once: async durability
+    assert await asyncio.wait_for(tdb.failed(), 5) == "the shipper task died (ValueError)"
+    await tdb.stop()
+    assert (await lock_json(tmp_path))["owner"] == "m1"  # kept, not released
+    monkeypatch.undo()
+    again = TenantDB(settings(tmp_path, "m1", durability="async"), migrations=MIGRATIONS)
+    await again.start(standby=False)  # the same data directory takes it back at once
+    async with again.connection() as db, db.execute("SELECT count(*) FROM hits") as cursor:
+        assert await cursor.fetchone() == (1,)
+    await again.stop()  # publishes it
+    elsewhere = TenantDB(settings(tmp_path, "m2"), migrations=MIGRATIONS)
+    async with (
+        elsewhere,
+        elsewhere.connection() as db,
+        db.execute("SELECT count(*) FROM hits") as c,
+    ):
+        assert await c.fetchone() == (1,)
