@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -372,8 +373,18 @@ class TenantDBMiddleware:
         )
         self._exit_code = FAIL_STOP_EXIT_CODE
         # Servers take SIGTERM for a graceful shutdown: requests in flight end, then the
-        # lifespan's shutdown runs (the app's, then ours), then _exit_if_failed.
+        # lifespan's shutdown runs (the app's, then ours, which cancels this task), then
+        # _exit_if_failed.
         signal.raise_signal(signal.SIGTERM)
+        # A connection that never ends (a websocket, a stream, a stuck handler) would hold
+        # that shutdown, and the half-alive process, forever.
+        await asyncio.sleep(self.settings.kill_timeout)
+        log.critical(
+            "tenantdb: the server did not shut down within %gs; exiting with code %d",
+            self.settings.kill_timeout,
+            FAIL_STOP_EXIT_CODE,
+        )
+        os._exit(FAIL_STOP_EXIT_CODE)
 
     def _exit_if_failed(self) -> None:
         """After the lifespan's shutdown of a failed machine: end the process, non-zero."""

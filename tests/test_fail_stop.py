@@ -8,11 +8,13 @@ bucket; the exit code is that of a real uvicorn process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -268,15 +270,8 @@ async def test_a_restore_failing_at_startup_keeps_the_server_up_and_retries_with
         await tdb.stop()
 
 
-@pytest.mark.parametrize(
-    ("fault", "task", "error"),
-    [("shipper", "shipper", "ValueError"), ("renewal", "renewal", "RecursionError")],
-)
-def test_a_uvicorn_server_whose_loop_dies_exits_non_zero_with_the_lease_released(
-    tmp_path: Path, subprocess_env: dict[str, str], fault: str, task: str, error: str
-) -> None:
-    marker = tmp_path / "fault"
-    env = {
+def fault_env(tmp_path: Path, subprocess_env: dict[str, str], fault: str) -> dict[str, str]:
+    return {
         **subprocess_env,
         "TENANT_ID": "acme",
         "FLY_MACHINE_ID": "m1",
@@ -285,15 +280,25 @@ def test_a_uvicorn_server_whose_loop_dies_exits_non_zero_with_the_lease_released
         "TENANTDB_LEASE_TTL": "3",
         "TENANTDB_METRICS_PORT": "0",
         "TENANTDB_TEST_FAULT": fault,
-        "TENANTDB_TEST_FAULT_FILE": str(marker),
+        "TENANTDB_TEST_FAULT_FILE": str(tmp_path / "fault"),
     }
+
+
+@pytest.mark.parametrize(
+    ("fault", "task", "error"),
+    [("shipper", "shipper", "ValueError"), ("renewal", "renewal", "RecursionError")],
+)
+def test_a_uvicorn_server_whose_loop_dies_exits_non_zero_with_the_lease_released(
+    tmp_path: Path, subprocess_env: dict[str, str], fault: str, task: str, error: str
+) -> None:
+    env = fault_env(tmp_path, subprocess_env, fault)
     server = UvicornProcess(
         "tests.support.faulty_app:app", env, tmp_path / "server.log", inherit_environ=False
     )
     try:
         server.wait_ready()
         assert httpx.get(f"{server.url}/customers/acme", timeout=10).status_code == 200
-        marker.touch()
+        (tmp_path / "fault").touch()
         code = server.proc.wait(30)
     finally:
         server.close()
@@ -388,3 +393,31 @@ async def test_with_async_durability_a_failed_machine_keeps_the_lease_for_its_ow
         db.execute("SELECT count(*) FROM hits") as c,
     ):
         assert await c.fetchone() == (1,)
+
+
+def test_a_failed_server_held_open_by_a_request_still_exits_within_the_kill_timeout(
+    tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    env = {**fault_env(tmp_path, subprocess_env, "shipper"), "TENANTDB_KILL_TIMEOUT": "2"}
+    server = UvicornProcess(
+        "tests.support.faulty_app:app", env, tmp_path / "server.log", inherit_environ=False
+    )
+    try:
+        server.wait_ready()
+        with ThreadPoolExecutor(1) as pool:
+            # In the handler for a minute: the graceful shutdown would wait for it.
+            held = pool.submit(httpx.get, f"{server.url}/customers/acme?delay=60", timeout=90)
+            time.sleep(0.5)
+            (tmp_path / "fault").touch()
+            started = time.monotonic()
+            code = server.proc.wait(30)
+            took = time.monotonic() - started
+            with contextlib.suppress(httpx.HTTPError):
+                held.result()
+    finally:
+        server.close()
+    log = server.log()
+    assert code == FAIL_STOP_EXIT_CODE, log
+    assert "the server did not shut down within 2s; exiting with code 70" in log
+    assert took < 15, log
+    assert asyncio.run(lock_json(tmp_path))["owner"] is None
