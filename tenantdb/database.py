@@ -758,7 +758,15 @@ class TenantDB:
         """Cancel every task, close the database, release the lease unless that loses data."""
         try:
             await self._supervisor.cancel()
-            await self._close_database()
+            try:
+                await self._close_database()
+            except Exception as exc:  # the exit must come whatever the database does
+                log.error(
+                    "tenant %s: closing the failed machine's database: %s: %s",
+                    self.tenant,
+                    type(exc).__name__,
+                    exc,
+                )
             if self.settings.durability == "async":
                 # Commits answered but maybe not shipped (the dead shipper cannot say) are
                 # only in the local file: the lease is kept for this machine's restart on
