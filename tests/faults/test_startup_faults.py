@@ -43,9 +43,12 @@ async def add_rows(tdb: TenantDB, n: int, note: str) -> None:
 
 
 async def start_or_error(tdb: TenantDB) -> TenantDBError | None:
-    """Start ``tdb`` as a server would; return the startup error instead of raising it."""
+    """Start ``tdb`` as a script would; return the startup error instead of raising it.
+
+    (A server that holds the lease keeps retrying instead: ``tests/test_fail_stop.py``.)
+    """
     try:
-        await tdb.start(standby=True)
+        await tdb.start(standby=False)
     except TenantDBError as exc:
         return exc
     return None
