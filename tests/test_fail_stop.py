@@ -63,7 +63,7 @@ async def lock_json(tmp_path: Path) -> dict[str, Any]:
     return lock
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+async def eventually(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -116,7 +116,8 @@ async def test_a_required_loop_dying_fails_the_machine_stop_and_releases_the_lea
         assert tdb.health().ok, tdb.health()
         monkeypatch.setattr(owner, method, raising(error))
         assert await eventually(lambda: tdb.state == "failed"), tdb.state
-        assert await asyncio.wait_for(tdb.failed(), 5) == f"the {task} task died ({error.__name__})"
+        reason = await asyncio.wait_for(tdb.failed(), 15)
+        assert reason == f"the {task} task died ({error.__name__})"
         assert not tdb.serving
         with pytest.raises(LeaseLostError):
             tdb.connection()
@@ -165,7 +166,7 @@ async def test_a_failed_machine_answers_503_with_the_reason_and_a_red_health_che
         assert (healthy.status_code, healthy.text) == (200, "ok\n")
         assert (await client.get("/customers/acme")).status_code == 200
         monkeypatch.setattr(Shipper, "ship_once", raising(ValueError))
-        for _ in range(250):
+        for _ in range(750):
             health = await client.get("/healthz")
             if health.status_code != 200:
                 break
@@ -210,7 +211,7 @@ async def test_a_standby_loop_dying_is_restarted_and_the_standby_still_takes_ove
         assert record.exc_info[0] is ValueError
         assert await eventually(lambda: standby.health().ok), standby.health()
         await holder.stop()  # releases the lease: the restarted loop takes it
-        assert await eventually(lambda: standby.serving, 10), (standby.state, standby.problem)
+        assert await eventually(lambda: standby.serving), (standby.state, standby.problem)
         async with standby.connection() as db, db.execute("SELECT count(*) FROM hits") as cur:
             assert await cur.fetchone() == (3,)
     finally:
@@ -262,7 +263,7 @@ async def test_a_restore_failing_at_startup_keeps_the_server_up_and_retries_with
         assert "is damaged (injected)" in (tdb.problem or "")
         assert tdb.health().reasons == ("the tenant's database cannot be opened (retrying)",)
         assert (await lock_json(tmp_path))["owner"] == "m1"  # kept while it retries
-        assert await eventually(lambda: tdb.serving, 5), (tdb.state, tdb.problem)
+        assert await eventually(lambda: tdb.serving), (tdb.state, tdb.problem)
         assert calls == 2
         assert tdb.problem is None
         assert tdb.health().ok
@@ -377,7 +378,7 @@ async def test_with_async_durability_a_failed_machine_keeps_the_lease_for_its_ow
     async with tdb.connection() as db:
         await db.execute("INSERT INTO hits DEFAULT VALUES")
         await db.commit()  # answered at once: async durability
-    assert await asyncio.wait_for(tdb.failed(), 5) == "the shipper task died (ValueError)"
+    assert await asyncio.wait_for(tdb.failed(), 15) == "the shipper task died (ValueError)"
     await tdb.stop()
     assert (await lock_json(tmp_path))["owner"] == "m1"  # kept, not released
     monkeypatch.undo()
