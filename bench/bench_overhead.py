@@ -52,11 +52,11 @@ from typing import Any
 import aiosqlite
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from bench.common import ROOT, alternate, child_env, machine, median
-from example_app.app import MIGRATIONS, healthz, visit
+from example_app.app import MIGRATIONS, visit
 from tests.support.servers import UvicornProcess
 
 TENANT = "bench"
@@ -109,6 +109,11 @@ async def serialized_visit(request: Request) -> Response:
     """
     async with request.state.lock:
         return await visit(request)
+
+
+async def healthz(request: Request) -> Response:
+    """What the middleware answers at /healthz, for the baseline without it."""
+    return PlainTextResponse("ok\n")
 
 
 baseline_app = Starlette(

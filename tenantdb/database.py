@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import itertools
 import json
 import logging
@@ -48,14 +49,15 @@ from tenantdb.replication.restore import restore_database
 from tenantdb.replication.shipper import CONNECTION_PRAGMAS, Shipper
 from tenantdb.snapshot import file_sha256, remove_stray_temp_files
 from tenantdb.storage import Bucket, open_bucket
+from tenantdb.supervisor import Health, HealthCheck, Supervisor
 
-__all__ = ["Migration", "TenantDB", "TenantState", "apply_migrations"]
+__all__ = ["Health", "Migration", "TenantDB", "TenantState", "apply_migrations"]
 
 log = logging.getLogger("tenantdb")
 
 Migration = str | Callable[[sqlite3.Connection], None]
 TenantState = Literal[
-    "stopped", "starting", "standby", "restoring", "serving", "fenced", "stopping"
+    "stopped", "starting", "standby", "restoring", "serving", "fenced", "failed", "stopping"
 ]
 
 # The lifecycle in one place: every state and the states it may move to (straight to
@@ -67,20 +69,33 @@ TenantState = Literal[
 #              makes the local file the newest data; retried while the lease holds
 #   serving    the database is open to requests
 #   fenced     the lease was lost: the database is closed, nothing more is written
+#   failed     a task the machine cannot run without died (``failure`` says which): the
+#              database is closed, the lease released if it can be; the server exits
 #   stopping   final publish and release
 _MOVES: dict[TenantState, frozenset[TenantState]] = {
     "stopped": frozenset({"starting"}),
     "starting": frozenset({"standby", "restoring", "stopping", "stopped"}),
     "standby": frozenset({"restoring", "stopping"}),
-    "restoring": frozenset({"serving", "fenced", "stopping", "stopped"}),
-    "serving": frozenset({"fenced", "stopping"}),
-    "fenced": frozenset({"standby", "restoring", "stopping", "stopped"}),
+    "restoring": frozenset({"serving", "fenced", "failed", "stopping", "stopped"}),
+    "serving": frozenset({"fenced", "failed", "stopping"}),
+    "fenced": frozenset({"standby", "restoring", "failed", "stopping", "stopped"}),
+    "failed": frozenset({"stopping"}),
     "stopping": frozenset({"stopped"}),
+}
+# The tasks a machine cannot be healthy without, in each state (see supervisor.py). Not
+# garbage collection: a red check would take a tenant that serves and ships off the proxy.
+_REQUIRED_TASKS: dict[TenantState, tuple[str, ...]] = {
+    "standby": ("standby",),
+    "restoring": ("renewal",),
+    "serving": ("renewal", "shipper"),
+    "fenced": ("fenced",),
 }
 # SQLite's default page size, for a database that has no page yet.
 DEFAULT_PAGE_SIZE = 4096
 # Pauses between attempts to open the tenant after a failed restore, while holding the lease.
 _RECOVERY_PAUSES = (1.0, 2.0, 5.0, 10.0, 30.0)
+# The longest wait for the release of the lease of a machine that cannot go on.
+_RELEASE_TIMEOUT = 5.0
 
 
 def apply_migrations(path: Path, migrations: Sequence[Migration]) -> int:
@@ -200,13 +215,13 @@ class TenantDB:
         self.state: TenantState = "stopped"
         self.holder: LeaseHeldError | None = None
         self.problem: str | None = None  # why a held tenant could not be opened, if it failed
+        self.failure: str | None = None  # why the machine failed stop (state "failed")
         self._bucket = bucket
         self._dir_lock = _DataDirLock(settings.data_dir)
         self._stack = AsyncExitStack()
         self._lease: Lease | None = None
         self._pool: ConnectionPool | None = None
         self._shipper: Shipper | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         # A standby's warm copy of the tenant and its last view of lock.json.
         self._follower: Follower | None = None
         self._observed: ObservedLock | None = None
@@ -216,6 +231,12 @@ class TenantDB:
         self._draining_since: float | None = None
         self.metrics = metrics or Metrics()
         self.metrics.watch(self, get_args(TenantState))
+        self._supervisor = Supervisor(
+            self.tenant, failures=self.metrics, on_fail_stop=self._fail_stop
+        )
+        self._health_checks: list[HealthCheck] = [self._pool_stalled]
+        self._failing: asyncio.Task[None] | None = None  # stopping what a failure left running
+        self._failed = asyncio.Event()  # set once the failed machine has stopped everything
 
     @classmethod
     def from_env(cls, *, migrations: Sequence[Migration] = (), **overrides: Any) -> TenantDB:
@@ -293,6 +314,40 @@ class TenantDB:
         # when the TTL is short, since it is renewed only every TTL/3.
         return observed.record.owner is None or self._lease.expires_in(observed) <= 0
 
+    def _pool_stalled(self) -> str | None:
+        """Why requests could not be lent a connection in time lately (the pool is new for
+        each holding, so it is looked up on each check)."""
+        pool = self._pool
+        return pool.stalled() if pool is not None and self.state == "serving" else None
+
+    def add_health_check(self, check: HealthCheck) -> None:
+        """Make ``health()`` red whenever ``check()`` returns a reason (None: all is well)."""
+        self._health_checks.append(check)
+
+    def health(self) -> Health:
+        """Red while this machine cannot do its part: a task its state needs is not running
+        (ended, or waiting to restart), it failed, it cannot open a held tenant, or an added
+        check says so. A standby that follows the holder is healthy."""
+        reasons: list[str] = []
+        if self.state == "failed":
+            reasons.append(f"this machine failed: {self.failure}")
+        elif self.state in ("stopped", "starting", "stopping"):
+            reasons.append(f"the tenant's database is {self.state}")
+        reasons.extend(
+            f"the {name} task is not running"
+            for name in _REQUIRED_TASKS.get(self.state, ())
+            if not self._supervisor.running(name)
+        )
+        if self.state == "restoring" and self.problem:
+            reasons.append("the tenant's database cannot be opened (retrying)")
+        reasons.extend(reason for check in self._health_checks if (reason := check()))
+        return Health(tuple(reasons))
+
+    async def failed(self) -> str:
+        """Wait until this machine has failed stop and released what it could; the reason."""
+        await self._failed.wait()
+        return self.failure or "failed"
+
     async def wait_serving(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for this machine to serve; whether it does."""
         if not self.serving:
@@ -305,6 +360,8 @@ class TenantDB:
         if self.state != "stopped":
             raise TenantDBError(f"TenantDB already started ({self.state})")
         logs.follow(self)  # this machine's log lines are about this tenant
+        self.failure = None
+        self._failed.clear()
         self._move("starting")
         try:
             self._dir_lock.acquire()
@@ -333,17 +390,28 @@ class TenantDB:
                 self._enter_standby(held)
                 return
             self._move("restoring")
-            self._spawn(self._lease.keep_renewed())
-            await self._become_holder()
+            self._supervisor.spawn("renewal", self._lease.keep_renewed, "fail_stop")
+            try:
+                await self._become_holder()
+            except ConfigurationError:
+                raise  # the app's own mistake (a migration): trying again cannot help
+            except Exception as exc:
+                if not standby or self.lease.status != "held":
+                    raise  # a script, or fenced meanwhile
+                # One behaviour for a tenant that cannot be opened, at startup as after a
+                # takeover: keep the lease, answer 503, red health, retry with backoff.
+                await self._opening_failed(exc, 0)
+                self._supervisor.spawn(
+                    "recovery", functools.partial(self._keep_opening, 1), "restart"
+                )
         except BaseException:
+            # A startup that fails gives the lease it took back at once, not at its expiry.
+            await self._supervisor.cancel()
+            await self._close_database()
+            await self._release_now()
             await self._close_resources()
             self._move("stopped")
             raise
-
-    def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _enter_standby(self, held: LeaseHeldError | None) -> None:
         self._move("standby")
@@ -353,7 +421,8 @@ class TenantDB:
             self.lease.bucket, self.tenant, self.path, prefix=self.settings.prefix
         )
         log.warning("tenant %s: standing by, %s", self.tenant, held or "lock.json unreadable")
-        self._spawn(self._standby_loop())
+        # Restarted when it dies: it only reads, and follows into a copy it vouches for.
+        self._supervisor.spawn("standby", self._standby_loop, "restart")
 
     async def _standby_loop(self) -> None:
         """Poll lock.json (conditional GETs), keep the warm copy current, take over in time."""
@@ -414,7 +483,7 @@ class TenantDB:
                 log.warning("tenant %s: standby could not acquire yet: %s", self.tenant, exc)
                 await asyncio.sleep(interval)
                 continue
-            await self._recover()
+            self._take_hold()
             return
 
     def _still_held(self, observed: ObservedLock) -> bool:
@@ -439,30 +508,44 @@ class TenantDB:
         if self._follower is not None:
             await self._follower.catch_up(record)
 
-    async def _recover(self) -> None:
-        """With the lease just taken in the background: open the tenant, retrying failures.
+    def _take_hold(self) -> None:
+        """With the lease just taken in the background: renew it, open the tenant."""
+        self._move("restoring")
+        self._supervisor.spawn("renewal", self.lease.keep_renewed, "fail_stop")
+        self._supervisor.spawn("recovery", self._keep_opening, "restart")
+
+    async def _keep_opening(self, failed: int = 0) -> None:
+        """Open the held tenant, retrying failures with backoff (``failed`` so far).
 
         The lease is renewed meanwhile; if it is lost, ``_on_lease_lost`` cancels this.
         """
-        self._move("restoring")
-        self._spawn(self.lease.keep_renewed())
-        for attempt in itertools.count():
+        for attempt in itertools.count(failed):
+            if attempt:
+                await asyncio.sleep(_RECOVERY_PAUSES[min(attempt - 1, len(_RECOVERY_PAUSES) - 1)])
             try:
                 await self._become_holder()
-                self.problem = None
-                return
-            except (TenantDBError, OSError, sqlite3.Error) as exc:
-                self.problem = f"{type(exc).__name__}: {exc}"
-                pause = _RECOVERY_PAUSES[min(attempt, len(_RECOVERY_PAUSES) - 1)]
-                log.error(
-                    "tenant %s: holds the lease but could not open the database (%s); "
-                    "retrying in %.0fs",
-                    self.tenant,
-                    self.problem,
-                    pause,
-                )
-                await self._close_database()
-                await asyncio.sleep(pause)
+            except Exception as exc:
+                await self._opening_failed(exc, attempt)
+                continue
+            self.problem = None
+            return
+
+    async def _opening_failed(self, exc: Exception, attempt: int) -> None:
+        """Note why the held tenant could not be opened (attempt ``attempt``) and close it."""
+        self.problem = f"{type(exc).__name__}: {exc}"
+        pause = _RECOVERY_PAUSES[min(attempt, len(_RECOVERY_PAUSES) - 1)]
+        expected = isinstance(exc, (TenantDBError, OSError, sqlite3.Error))
+        if not expected:
+            self.metrics.task_failed("recovery")
+        log.log(
+            logging.ERROR if expected else logging.CRITICAL,
+            "tenant %s: holds the lease but could not open the database (%s); retrying in %.0fs",
+            self.tenant,
+            self.problem,
+            pause,
+            exc_info=None if expected else exc,
+        )
+        await self._close_database()
 
     async def _become_holder(self) -> None:
         lease = self.lease
@@ -489,7 +572,14 @@ class TenantDB:
         # Open before migrating: the shipper's connections keep the WAL (and its unshipped
         # frames) in place when the migration's connection closes.
         await self._shipper.open()
-        ran = await asyncio.to_thread(apply_migrations, self.path, self.migrations)
+        try:
+            ran = await asyncio.to_thread(apply_migrations, self.path, self.migrations)
+        except ConfigurationError:
+            raise
+        except Exception as exc:
+            raise ConfigurationError(
+                f"tenant {self.tenant}: a migration failed: {type(exc).__name__}: {exc}"
+            ) from exc
         if ran:
             log.info("tenant %s: applied %d migration(s)", self.tenant, ran)
         self._pool = ConnectionPool(
@@ -503,8 +593,20 @@ class TenantDB:
             )
         self._move("serving")
         self.holder = None
-        self._spawn(
-            self._shipper.run(self.settings.sync_interval, self.settings.checkpoint_interval)
+        shipper = self._shipper
+        # Fail stop in both durabilities: after an unexpected exception its position and
+        # page hashes cannot be trusted, and a segment built on them could be wrong.
+        self._supervisor.spawn(
+            "shipper",
+            functools.partial(
+                shipper.run, self.settings.sync_interval, self.settings.checkpoint_interval
+            ),
+            "fail_stop",
+        )
+        self._supervisor.spawn(
+            "gc",
+            functools.partial(shipper.collect_garbage_when_due, self.settings.sync_interval),
+            "restart",
         )
         log.info(
             "tenant %s: serving (generation %s)",
@@ -634,15 +736,11 @@ class TenantDB:
     def _on_lease_lost(self, exc: LeaseLostError) -> None:
         if self.state in ("serving", "restoring"):
             self._move("fenced")
-            self._spawn(self._after_fenced())
+            self._supervisor.spawn("fenced", self._after_fenced, "fail_stop")
 
     async def _after_fenced(self) -> None:
         # The old holder's renewal, checkpoint and restore tasks must not outlive its lease.
-        current = asyncio.current_task()
-        others = [t for t in self._tasks if t is not current]
-        for task in others:
-            task.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
+        await self._supervisor.cancel(keep=asyncio.current_task())
         await self._close_database()
         try:
             await self.lease.acquire()
@@ -653,7 +751,67 @@ class TenantDB:
             log.error("tenant %s: fenced, and the lease cannot be read: %s", self.tenant, exc)
             self._enter_standby(None)
             return
-        await self._recover()
+        self._take_hold()
+
+    def _fail_stop(self, reason: str) -> None:
+        """A task this machine cannot run without died: stop serving now, then stop the rest."""
+        if self.state not in ("restoring", "serving", "fenced"):
+            return  # already failed, or stopping anyway
+        self.failure = reason
+        self._move("failed")
+        self._failing = asyncio.get_running_loop().create_task(self._after_failure())
+
+    async def _after_failure(self) -> None:
+        """Cancel every task, close the database, release the lease unless that loses data."""
+        try:
+            await self._supervisor.cancel()
+            try:
+                await self._close_database()
+            except Exception as exc:  # the exit must come whatever the database does
+                log.error(
+                    "tenant %s: closing the failed machine's database: %s: %s",
+                    self.tenant,
+                    type(exc).__name__,
+                    exc,
+                )
+            if self.settings.durability == "async":
+                # Commits answered but maybe not shipped (the dead shipper cannot say) are
+                # only in the local file: the lease is kept for this machine's restart on
+                # its data directory (same claim), which takes it back at once and publishes
+                # them; without a volume, a standby takes over at the lease's expiry.
+                log.error(
+                    "tenant %s: the lease is left to expire: with async durability, commits "
+                    "answered here may be only in %s",
+                    self.tenant,
+                    self.path.resolve(),
+                )
+            else:
+                await self._release_now()
+        finally:
+            self._failed.set()
+
+    async def _release_now(self) -> None:
+        """Give the lease up without a final publish, within a bound.
+
+        A conditional write on this holding's own ETag: it never releases a lease another
+        machine has taken since (that is a 412, and this machine counts as fenced).
+        """
+        lease = self._lease
+        if lease is None or lease.status != "held":
+            return
+        try:
+            async with asyncio.timeout(max(min(lease.valid_for, _RELEASE_TIMEOUT), 0.5)):
+                await lease.release()
+        except Exception as exc:  # a machine giving up must get to its exit whatever this does
+            log.error(
+                "tenant %s: could not release the lease (%s: %s); other machines wait for it "
+                "to expire",
+                self.tenant,
+                type(exc).__name__,
+                str(exc) or "timed out",
+            )
+            return
+        log.warning("tenant %s: lease released without a final publish", self.tenant)
 
     async def sync(self) -> None:
         """Return once everything committed so far is in the bucket (fenced, durable)."""
@@ -686,10 +844,15 @@ class TenantDB:
             elif was == "restoring":
                 log.warning(
                     "tenant %s: stopped before the database could be opened (%s); nothing "
-                    "was written here, and the lease is left to expire",
+                    "was published here, and the lease is released",
                     self.tenant,
                     self.problem or "still restoring",
                 )
+                await self._supervisor.cancel()
+                await self._close_database()
+                await self._release_now()
+            elif was == "failed":
+                await self._failed.wait()
         finally:
             await self._close_resources()
             self._move("stopped")
@@ -764,9 +927,7 @@ class TenantDB:
             self._shipper = None
 
     async def _close_resources(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._supervisor.cancel()
         await self._close_database()
         await self._stack.aclose()
         self._dir_lock.release()

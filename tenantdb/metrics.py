@@ -160,6 +160,12 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self._task_failures = Counter(
+            "tenantdb_task_failures",
+            "background tasks ended by an unexpected exception, by task (see supervisor.py)",
+            ["task"],
+            registry=r,
+        )
 
     def watch(self, tdb: WatchedTenant, states: Sequence[str]) -> None:
         """Report ``tdb``'s lease state (one of ``states``), generation and log lag."""
@@ -216,6 +222,10 @@ class Metrics:
     def bucket_error(self, exc: BaseException) -> None:
         """Count a failed bucket request by its ``StorageError`` subclass, in snake case."""
         self._bucket_errors.labels(error_kind(exc)).inc()
+
+    def task_failed(self, task: str) -> None:
+        """Count a background task ended by an unexpected exception."""
+        self._task_failures.labels(task).inc()
 
 
 def error_kind(exc: BaseException) -> str:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -12,19 +15,27 @@ from typing import Concatenate, ParamSpec
 
 import aiosqlite
 from starlette.requests import HTTPConnection
+from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tenantdb.config import Durability, Settings
 from tenantdb.database import Migration, TenantDB
-from tenantdb.errors import ConnectionUnavailableError, InvalidTenantError, TenantDBError
+from tenantdb.errors import (
+    ConfigurationError,
+    ConnectionUnavailableError,
+    InvalidTenantError,
+    TenantDBError,
+)
 from tenantdb.lending import RequestConnection
 from tenantdb.metrics import Metrics, MetricsServer
 from tenantdb.output_gate import OutputGate
-from tenantdb.responses import RETRY_AFTER, send_error
+from tenantdb.responses import RETRY_AFTER, send_error, send_response
 from tenantdb.routing.proxy import MachineURL
 from tenantdb.routing.replay import Router
 from tenantdb.storage import open_bucket
 from tenantdb.storage.metered import MeteredBucket
+from tenantdb.storage.probe import check_conditional_writes
+from tenantdb.supervisor import FAIL_STOP_EXIT_CODE, Health
 from tenantdb.tenants import TenantPattern, validate_tenant
 
 __all__ = ["TenantDBMiddleware", "tenant_db", "tenant_db_dependency"]
@@ -70,6 +81,12 @@ class TenantDBMiddleware:
     takes part in the ASGI lifespan: its startup runs before the app's and its shutdown
     (final snapshot, publish, release) after the app's. Bad configuration fails the startup
     (``startup_error``), never a request.
+
+    ``health_path`` (``None``: off) answers the platform's health check before the app:
+    ``200 ok`` or ``503`` with the reasons of ``health()``. When a task the machine cannot
+    run without dies, the machine fails stop: with ``exit_on_failure`` (and a server on the
+    main thread) the middleware asks the server to shut down (SIGTERM) and, after the
+    lifespan's shutdown, the process exits with ``FAIL_STOP_EXIT_CODE`` (70).
     """
 
     startup_error: TenantDBError | None = None
@@ -90,8 +107,15 @@ class TenantDBMiddleware:
         bucket_name: str | None = None,
         proxy_large_bodies: bool = True,
         machine_url: MachineURL | None = None,
+        health_path: str | None = "/healthz",
+        exit_on_failure: bool = True,
     ) -> None:
         self.app = app
+        if health_path is not None and not health_path.startswith("/"):
+            raise ConfigurationError(f"health_path {health_path!r} must start with /")
+        self.health_path = health_path
+        self.exit_on_failure = exit_on_failure
+        self._exit_code: int | None = None  # set when the process must end failed
         self.pattern = TenantPattern(path_pattern)
         base = settings if settings is not None else Settings.from_env()
         self.settings = base.with_overrides(
@@ -130,6 +154,9 @@ class TenantDBMiddleware:
             return
         if self.startup_error is not None:  # a server without lifespan: fail loudly
             raise self.startup_error
+        if scope["type"] == "http" and scope["path"] == self.health_path:
+            await self._answer_health(scope, receive, send)
+            return
         segment = (
             self.pattern.segment(scope["path"]) if scope["type"] in ("http", "websocket") else None
         )
@@ -240,6 +267,17 @@ class TenantDBMiddleware:
             log.error("tenant %s: answer withheld: %s", tdb.tenant, gate.failure)
             await gate.refuse(scope, receive)
 
+    def health(self) -> Health:
+        """This machine's health: its tenant's (``TenantDB.health``); green without one."""
+        return self.tenantdb.health() if self.tenantdb is not None else Health()
+
+    async def _answer_health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        health = self.health()
+        if health.ok:
+            await send_response(scope, receive, send, PlainTextResponse("ok\n"))
+        else:
+            await send_error(scope, receive, send, 503, "; ".join(health.reasons))
+
     async def _not_serving(self, scope: Scope, receive: Receive, send: Send, tdb: TenantDB) -> None:
         holder = tdb.holder.owner if tdb.holder else ""
         if await self._held_for_handoff(scope, tdb, holder):
@@ -261,6 +299,7 @@ class TenantDBMiddleware:
             + (" (the last attempt failed; retrying)" if tdb.problem else ""),
             "standby": f"machine {holder or 'another machine'} holds the tenant's lease",
             "fenced": "this machine lost the tenant's lease",
+            "failed": f"this machine failed ({tdb.failure}) and is restarting",
             "stopping": "this machine is shutting down",
             "serving": "this machine's lease is about to expire",
         }
@@ -330,6 +369,7 @@ class TenantDBMiddleware:
             ):
                 app_finished = True
                 await self._shutdown()
+                self._exit_if_failed()
             await send(message)
 
         try:
@@ -344,6 +384,7 @@ class TenantDBMiddleware:
             while (await receive())["type"] != "lifespan.shutdown":
                 pass
             await self._shutdown()
+            self._exit_if_failed()
             await send({"type": "lifespan.shutdown.complete"})
 
     async def _startup(self) -> None:
@@ -366,8 +407,52 @@ class TenantDBMiddleware:
             await stack.enter_async_context(self.bucket)
             await stack.enter_async_context(self.router)
             if self.tenantdb is not None:
+                if self.settings.bucket_name:
+                    # A store that ignores If-None-Match or If-Match would let two machines
+                    # hold the lease: refuse to serve from it (the embedded bucket is ours).
+                    await check_conditional_writes(self.bucket, self.settings.prefix)
                 await self.tenantdb.start(standby=True)
+                watcher = asyncio.create_task(self._stop_server_on_failure(self.tenantdb))
+                stack.callback(watcher.cancel)
             self._resources = stack.pop_all()
+
+    async def _stop_server_on_failure(self, tdb: TenantDB) -> None:
+        """Once the machine has failed stop, shut the server down so the process exits."""
+        reason = await tdb.failed()
+        if not (self.exit_on_failure and _server_handles_sigterm()):
+            # An embedding program (a test, a server in a thread) restarts it, not Fly.
+            log.critical(
+                "tenantdb: this machine failed (%s); it answers 503 until restarted", reason
+            )
+            return
+        log.critical(
+            "tenantdb: this machine failed (%s); shutting the server down, exit code %d",
+            reason,
+            FAIL_STOP_EXIT_CODE,
+        )
+        self._exit_code = FAIL_STOP_EXIT_CODE
+        # Servers take SIGTERM for a graceful shutdown: requests in flight end, then the
+        # lifespan's shutdown runs (the app's, then ours, which cancels this task), then
+        # _exit_if_failed.
+        signal.raise_signal(signal.SIGTERM)
+        # A connection that never ends (a websocket, a stream, a stuck handler) would hold
+        # that shutdown, and the half-alive process, forever.
+        await asyncio.sleep(self.settings.kill_timeout)
+        log.critical(
+            "tenantdb: the server did not shut down within %gs; exiting with code %d",
+            self.settings.kill_timeout,
+            FAIL_STOP_EXIT_CODE,
+        )
+        os._exit(FAIL_STOP_EXIT_CODE)
+
+    def _exit_if_failed(self) -> None:
+        """After the lifespan's shutdown of a failed machine: end the process, non-zero."""
+        if self._exit_code is not None:
+            log.critical("tenantdb: shutdown complete, exiting with code %d", self._exit_code)
+            # Scheduled before the server hears that the shutdown is complete, so it runs
+            # before uvicorn re-raises the SIGTERM it captured (which would end the process
+            # by the signal instead of this exit code).
+            asyncio.get_running_loop().call_soon(_exit_process, self._exit_code)
 
     async def _shutdown(self) -> None:
         tdb = self.tenantdb
@@ -388,6 +473,21 @@ class TenantDBMiddleware:
 
 def _has_dot_segment(path: str) -> bool:
     return any(part in (".", "..") for part in path.split("/"))
+
+
+def _server_handles_sigterm() -> bool:
+    """True on the main thread of a server that shuts down gracefully on SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():
+        return False  # the signal would reach the main thread, not this server
+    # Without a handler (the default action), SIGTERM would kill the process on the spot.
+    return callable(signal.getsignal(signal.SIGTERM))
+
+
+def _exit_process(code: int) -> None:
+    # Raised in a callback of the event loop, SystemExit leaves the loop (and the server's
+    # asyncio.run) and the interpreter exits with ``code``; raised in the lifespan, the
+    # server would catch it as an error of the lifespan protocol.
+    raise SystemExit(code)
 
 
 def tenant_db(connection: HTTPConnection) -> aiosqlite.Connection:

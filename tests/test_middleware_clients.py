@@ -212,6 +212,10 @@ async def test_a_request_that_gets_no_connection_in_time_is_503_and_the_pool_say
             reason = pool.stalled()
             assert reason is not None
             assert "within 0.3s" in reason
+            async with httpx.AsyncClient(timeout=10) as client:
+                health = await client.get(f"{url}/healthz")
+            assert health.status_code == 503  # Fly stops sending it requests, and says why
+            assert "within 0.3s" in health.text
         finally:
             holder.close()
         await settled(app)

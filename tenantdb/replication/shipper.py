@@ -380,8 +380,6 @@ class Shipper:
                 while await self.ship_once() and self._backlog:
                     pass
                 await self._compact()
-                if self._next_collection is not None and time.monotonic() >= self._next_collection:
-                    await self.collect_garbage()
                 if self._snapshot_due(snapshot_interval):
                     async with self._lock:
                         await self._snapshot()
@@ -632,6 +630,25 @@ class Shipper:
         self._recent_bytes += len(body)
         while self._recent_bytes > RECENT_BYTES:
             self._recent_bytes -= len(self._recent.pop(next(iter(self._recent))))
+
+    async def collect_garbage_when_due(self, interval: float) -> None:
+        """Look every ``interval`` seconds whether garbage is due, collect it, until fenced.
+
+        A loop of its own, apart from ``run``: deleting is safe to retry, so its failure
+        restarts it (see supervisor.py) while shipping goes on.
+        """
+        while self.lease.status == "held":
+            await asyncio.sleep(interval)
+            if self._next_collection is None or time.monotonic() < self._next_collection:
+                continue
+            try:
+                await self.collect_garbage()
+            except LeaseLostError:
+                return
+            except (TenantDBError, OSError) as exc:
+                log.warning(
+                    "tenant %s: garbage collection failed, will retry: %s", self.lease.tenant, exc
+                )
 
     async def collect_garbage(self) -> list[str]:
         """Delete the objects no restore within the retention needs; return their keys.

@@ -255,6 +255,19 @@ def tenant_service(
         "autostop": autostop,
         "autostart": autostart,
         "min_machines_running": min_machines_running,
+        # The middleware's health path: red while a loop the machine needs is not running,
+        # so the proxy routes around it (Fly restarts a machine on a non-zero exit, never
+        # on a failing check: https://fly.io/docs/reference/health-checks/).
+        "checks": [
+            {
+                "type": "http",
+                "method": "GET",
+                "path": "/healthz",
+                "interval": "15s",
+                "timeout": "5s",
+                "grace_period": "10s",
+            }
+        ],
     }
 
 

@@ -81,4 +81,5 @@ async def _refused(
 
 def _name(bucket: Bucket) -> str:
     """The bucket's name for a message (its repr carries no credentials)."""
-    return repr(getattr(bucket, "name", None) or bucket)
+    inner = getattr(bucket, "inner", bucket)  # through a MeteredBucket
+    return repr(getattr(inner, "name", None) or inner)

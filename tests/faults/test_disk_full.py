@@ -120,7 +120,7 @@ async def test_restore_onto_a_full_tmpfs_fails_clearly_and_keeps_the_old_file(
     bucket = await s3.open(proxied=False)
     tdb = TenantDB(s3.settings("m2", data_dir=disk / "data"), migrations=MIGRATIONS, bucket=bucket)
     with pytest.raises(StorageError) as raised:
-        await tdb.start(standby=True)
+        await tdb.start(standby=False)
     assert_clear_disk_error(raised.value, key=bucket_before.snapshot["key"])
     assert old_file.read_bytes() == old_bytes
     assert blob_bytes(old_file) == 1000
@@ -154,7 +154,7 @@ async def test_restore_with_the_disk_filling_up_mid_download_keeps_the_old_file(
     monkeypatch.setattr(os, "pwrite", pwrite_until_full)
     tdb = TenantDB(s3.settings("m2"), migrations=MIGRATIONS, bucket=bucket)
     with pytest.raises(LocalDiskError) as raised:
-        await tdb.start(standby=True)
+        await tdb.start(standby=False)
     monkeypatch.undo()
     assert written >= MiB  # the failure came mid-download
     assert_clear_disk_error(raised.value, key=bucket_before.snapshot["key"])
@@ -177,7 +177,7 @@ async def test_restore_refused_by_fallocate_keeps_the_old_file(
     monkeypatch.setattr(os, "posix_fallocate", full)
     tdb = TenantDB(s3.settings("m2"), migrations=MIGRATIONS, bucket=bucket)
     with pytest.raises(LocalDiskError) as raised:
-        await tdb.start(standby=True)
+        await tdb.start(standby=False)
     monkeypatch.undo()
     assert_clear_disk_error(raised.value, key=bucket_before.snapshot["key"])
     assert old_file.read_bytes() == old_bytes

@@ -92,7 +92,7 @@ async def test_a_download_cut_every_time_fails_and_leaves_nothing_behind(
     spy = open_spy(snapshot["sha256"])
     tdb = TenantDB(s3.settings("m2"), migrations=MIGRATIONS, bucket=bucket)
     with pytest.raises(TransientStorageError) as raised:
-        await tdb.start(standby=True)
+        await tdb.start(standby=False)
     assert raised.value.key == snapshot["key"]
     assert snapshot["key"] in str(raised.value)
     assert len(s3.proxy.seen(operation="GetObject", key=SNAPSHOTS, faulted=True)) == 5
@@ -133,7 +133,7 @@ async def test_a_cut_in_a_later_range_of_a_large_snapshot_fails_without_touching
     spy = open_spy(snapshot["sha256"])
     tdb = TenantDB(s3.settings("m2"), migrations=MIGRATIONS, bucket=bucket)
     with pytest.raises(TransientStorageError, match="snapshots/"):
-        await tdb.start(standby=True)
+        await tdb.start(standby=False)
     seen = s3.proxy.seen(operation="GetObject", key=SNAPSHOTS)
     assert [s.fault for s in seen[:2]] == [None, "cut"]  # the first range passed, then a cut
     assert old_file.read_bytes() == old_bytes

@@ -42,7 +42,7 @@ async def test_shipping_and_restoring_through_30_percent_failures_gives_the_exac
             failed_syncs += 1
     async with tdb.connection() as db, db.execute("SELECT id, note FROM hits") as cursor:
         expected = [tuple(row) for row in await cursor.fetchall()]
-    for task in list(tdb._tasks):  # the holder dies: no final publish, no release
+    for task in list(tdb._supervisor.tasks):  # the holder dies: no final publish, no release
         task.cancel()
     await tdb._close_database()
     tdb._dir_lock.release()

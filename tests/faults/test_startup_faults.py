@@ -4,12 +4,17 @@ starts a tenant that had data with a new, empty database."""
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from starlette.applications import Starlette
 
+from tenantdb import TenantDBMiddleware
+from tenantdb.config import Settings
 from tenantdb.database import TenantDB
 from tenantdb.errors import (
     LeaseLostError,
@@ -19,7 +24,10 @@ from tenantdb.errors import (
     TransientStorageError,
 )
 from tests.faults.conftest import ProxiedS3
+from tests.support.careless_s3 import careless_s3
 from tests.support.fault_proxy import Fault, transient_mix
+from tests.support.lifespan import lifespan
+from tests.support.s3_server import s3_env
 
 MIGRATIONS = ["CREATE TABLE hits (id INTEGER PRIMARY KEY, note TEXT)"]
 ROWS = 25
@@ -43,9 +51,12 @@ async def add_rows(tdb: TenantDB, n: int, note: str) -> None:
 
 
 async def start_or_error(tdb: TenantDB) -> TenantDBError | None:
-    """Start ``tdb`` as a server would; return the startup error instead of raising it."""
+    """Start ``tdb`` as a script would; return the startup error instead of raising it.
+
+    (A server that holds the lease keeps retrying instead: ``tests/test_fail_stop.py``.)
+    """
     try:
-        await tdb.start(standby=True)
+        await tdb.start(standby=False)
     except TenantDBError as exc:
         return exc
     return None
@@ -124,7 +135,7 @@ async def test_startup_fails_clearly_when_the_bucket_keeps_failing(
     s3.proxy.add(Fault.slow_down(operation=operation, key=key))
     tdb = TenantDB(s3.settings("m2"), migrations=MIGRATIONS, bucket=bucket)
     with pytest.raises(TransientStorageError) as raised:
-        await tdb.start(standby=True)
+        await tdb.start(standby=False)
     message = str(raised.value)
     assert "SlowDown (HTTP 503)" in message
     assert raised.value.key.startswith("tenants/acme/"), message
@@ -202,7 +213,7 @@ async def test_a_machine_with_an_old_local_file_never_serves_it_when_restore_fai
     s3.proxy.add(Fault.cut(0.3, operation="GetObject", key="tenants/acme/snapshots/*"))
     tdb = TenantDB(s3.settings("m2"), migrations=MIGRATIONS, bucket=bucket)
     with pytest.raises(TransientStorageError, match="snapshots/"):
-        await tdb.start(standby=True)
+        await tdb.start(standby=False)
     assert stale.read_bytes() == stale_bytes  # untouched, and not served either
     assert tdb.state == "stopped"
     s3.proxy.clear()
@@ -231,7 +242,27 @@ async def test_an_endpoint_that_never_answers_fails_startup_within_the_timeouts(
     started = time.monotonic()
     with pytest.raises(TransientStorageError, match="ReadTimeout"):
         # Five attempts of 0.3 s each, and some backoff: far below this bound.
-        await asyncio.wait_for(tdb.start(standby=True), timeout=10)
+        await asyncio.wait_for(tdb.start(standby=False), timeout=10)
     assert time.monotonic() - started < 5
     assert len(s3.proxy.seen(operation=operation, key=key, faulted=True)) == 5
     assert not tdb.path.exists()
+
+
+@pytest.mark.parametrize(
+    ("ignored", "named"), [("if-none-match", "If-None-Match: *"), ("if-match", "If-Match")]
+)
+async def test_a_server_refuses_to_serve_from_a_bucket_that_ignores_conditional_writes(
+    tmp_path: Path, ignored: str, named: str
+) -> None:
+    """Such a store lets two machines hold one lease: the server fails its startup, named."""
+    with careless_s3(ignores={ignored}) as endpoint:
+        env = {**s3_env("careless", endpoint), "TENANT_ID": "acme"}
+        settings = replace(
+            Settings.from_env(env), data_dir=tmp_path / "m1", metrics_port=0, machine_id="m1"
+        )
+        app = TenantDBMiddleware(Starlette(), settings=settings)
+        with pytest.raises(RuntimeError, match=f"bucket 'careless' ignores {re.escape(named)}"):
+            async with lifespan(app):
+                pass
+    assert app.tenantdb is not None
+    assert app.tenantdb.state == "stopped"  # it never took the lease

@@ -254,7 +254,7 @@ async def test_segments_whose_uploads_fail_are_published_in_lock_json_and_restor
     assert await restored_rows(bucket, tmp_path) == expected
     # The holder dies. The next one takes over from lock.json, and uploads what it carries
     # before its own first publication stops carrying it.
-    for task in list(tdb._tasks):
+    for task in list(tdb._supervisor.tasks):
         task.cancel()
     await tdb._close_database()
     tdb._dir_lock.release()
@@ -299,7 +299,7 @@ async def test_a_fenced_holders_segments_are_never_restored(bucket: Bucket, tmp_
     await zombie.start(standby=False)
     await add(zombie, 5, note="acknowledged and shipped")
     await zombie.sync()
-    for task in list(zombie._tasks):  # paused: no renewal, no shipping
+    for task in list(zombie._supervisor.tasks):  # paused: no renewal, no shipping
         task.cancel()
     await asyncio.sleep(3 + 1.5)
     async with TenantDB(settings(tmp_path, "m2"), migrations=MIGRATIONS, bucket=bucket) as new:

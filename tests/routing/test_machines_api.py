@@ -187,6 +187,8 @@ async def test_create_machine_request_body(fake_api: FakeMachinesAPI) -> None:
     assert service["autostart"] is True
     assert service["min_machines_running"] == 0
     assert {p["port"] for p in service["ports"]} == {80, 443}
+    [check] = service["checks"]  # the middleware's health: red when a needed loop died
+    assert (check["type"], check["method"], check["path"]) == ("http", "GET", "/healthz")
     # Flycast is plain HTTP on port 80: forcing HTTPS there breaks every large upload.
     assert not any(p.get("force_https") for p in service["ports"])
     assert config["env"]["PORT"] == "8080"
