@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
+# pytest-xdist workers for `make test`. The tests mostly wait (on leases, servers, sockets),
+# not compute, so more workers than cores pays: 4 on two cores. `make test PYTEST_WORKERS=0`
+# runs the suite in one process.
+PYTEST_WORKERS ?= 4
 
 .PHONY: install demo test lint bench clean
 
@@ -33,7 +37,7 @@ lint: install
 # The dashboard's browser test needs Debian's chromium (Playwright drives it; no download).
 test: lint
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 bench: install
 	command -v dig >/dev/null || (apt-get update -qq && apt-get install -y -qq dnsutils)
