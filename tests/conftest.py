@@ -10,6 +10,9 @@
 - ``subprocess_env``: a clean copy of the environment for child processes.
 - ``clean_environment``: the same variables removed from this process's own environment.
 
+Tests marked ``@pytest.mark.long`` (tens of seconds of wall time) are collected first: a
+parallel run (``make test``: pytest-xdist) starts them at once instead of ending on them.
+
 Test S3 buckets use the small part sizes below so that multipart code runs on objects of a
 few MiB, and a fast retry policy so that failure tests do not sleep.
 """
@@ -47,6 +50,11 @@ TEST_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
 os.environ.setdefault("TENANTDB_METRICS_PORT", "0")
 
 BUCKET_BACKENDS = ["local", "s3"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Move the long tests to the front, keeping the order within both parts."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 
 def new_bucket_name() -> str:
