@@ -10,7 +10,7 @@
 - ``subprocess_env``: a clean copy of the environment for child processes.
 - ``clean_environment``: the same variables removed from this process's own environment.
 
-Tests marked ``@pytest.mark.long`` (tens of seconds of wall time) are collected first: a
+Tests marked ``@pytest.mark.long`` (ten seconds or more of wall time) are collected first: a
 parallel run (``make test``: pytest-xdist) starts them at once instead of ending on them.
 
 Test S3 buckets use the small part sizes below so that multipart code runs on objects of a
