@@ -10,6 +10,9 @@
 - ``subprocess_env``: a clean copy of the environment for child processes.
 - ``clean_environment``: the same variables removed from this process's own environment.
 
+Tests marked ``@pytest.mark.long`` (ten seconds or more of wall time) are collected first: a
+parallel run (``make test``: pytest-xdist) starts them at once instead of ending on them.
+
 Test S3 buckets use the small part sizes below so that multipart code runs on objects of a
 few MiB, and a fast retry policy so that failure tests do not sleep.
 """
@@ -65,6 +68,11 @@ def pytest_configure(config: pytest.Config) -> None:
     KeyboardInterrupt stops pytest wherever it lands.
     """
     signal.signal(signal.SIGINT, _interrupt)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Move the long tests to the front, keeping the order within both parts."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 
 def new_bucket_name() -> str:

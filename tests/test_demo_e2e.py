@@ -47,6 +47,7 @@ async def visit(http: httpx.AsyncClient, tenant: str, **headers: str) -> httpx.R
     return await http.get(f"/customers/{tenant}", headers=headers)
 
 
+@pytest.mark.long
 async def test_600_requests_each_counted_once_by_their_tenants_machine(tmp_path: Path) -> None:
     rng = random.Random(600)
     plan = [rng.choice(TENANTS) for _ in range(600)]

@@ -784,6 +784,7 @@ PROPERTY = settings(
 )
 
 
+@pytest.mark.long
 @PROPERTY
 @given(data=st.data())
 def test_random_interleavings_on_the_local_bucket_keep_one_holder_and_every_published_row(
@@ -792,6 +793,7 @@ def test_random_interleavings_on_the_local_bucket_keep_one_holder_and_every_publ
     run(Drawn(data), None, note)
 
 
+@pytest.mark.long
 @PROPERTY
 @given(data=st.data())
 def test_random_interleavings_on_s3_keep_one_holder_and_every_published_row(

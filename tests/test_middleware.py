@@ -85,6 +85,7 @@ def test_count_survives_a_graceful_restart(
     assert count_of(restarted) == 200
 
 
+@pytest.mark.long
 def test_sigterm_under_load_keeps_every_acknowledged_increment(
     start_server: StartServer,
 ) -> None:

@@ -144,6 +144,7 @@ def test_every_block_says_what_it_is() -> None:
     assert "python" in languages
 
 
+@pytest.mark.long
 def test_every_readme_block_runs_as_written(tmp_path: Path, subprocess_env: dict[str, str]) -> None:
     reader = Reader(tmp_path, subprocess_env)
     ran = []

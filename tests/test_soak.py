@@ -53,6 +53,7 @@ async def final_count(http: httpx.AsyncClient, tenant: str) -> int:
     raise TimeoutError(f"tenant {tenant} is not served again")
 
 
+@pytest.mark.long
 async def test_every_acknowledged_increment_survives_stops_wakes_and_a_kill(
     tmp_path: Path,
 ) -> None:

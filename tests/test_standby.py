@@ -88,6 +88,7 @@ def write_for(worker: Worker, seconds: float) -> int:
     return int(worker.command("count")["count"])
 
 
+@pytest.mark.long
 def test_a_warm_standby_serves_within_ttl_plus_2s_of_a_kill_with_every_shipped_segment(
     start_worker: StartWorker, bucket_env: dict[str, str]
 ) -> None:

@@ -56,6 +56,7 @@ def machine_field(page: Page, machine_id: str, field: str) -> Locator:
     return page.locator(f'tr[data-machine="{machine_id}"] td[data-field="{field}"]')
 
 
+@pytest.mark.long
 async def test_killing_the_holder_on_the_dashboard_shows_the_standby_take_over(
     tmp_path: Path, browser: BrowserContext
 ) -> None:

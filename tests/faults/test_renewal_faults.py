@@ -64,6 +64,7 @@ def wait_for_status(
     raise TimeoutError(f"{[r.status_code for r in before][-20:]}\n{server.log()}")
 
 
+@pytest.mark.long
 def test_renewals_failing_past_the_ttl_step_down_then_take_the_lease_back(
     start_server: StartServer, s3: ProxiedS3
 ) -> None:
@@ -115,6 +116,7 @@ def test_renewals_failing_past_the_ttl_step_down_then_take_the_lease_back(
     assert visit(other).json()["count"] == acknowledged + 2
 
 
+@pytest.mark.long
 def test_a_holder_cut_off_past_the_ttl_does_not_come_back_over_a_new_holder(
     start_server: StartServer, s3: ProxiedS3
 ) -> None:

@@ -64,6 +64,7 @@ def serving(worker: Worker) -> None:
     assert event["state"] == "serving", event
 
 
+@pytest.mark.long
 def test_killed_holders_lose_at_most_one_sync_interval_and_never_invent_rows(
     start_worker: StartWorker,
 ) -> None:
@@ -137,6 +138,7 @@ def write_at_full_speed(url: str, seconds: float, writers: int) -> list[tuple[fl
     return acknowledged
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("durability", ["bucket", "async"])
 def test_a_killed_server_under_concurrent_writers_keeps_what_its_durability_promises(
     durability: str, tmp_path: Path, subprocess_env: dict[str, str], s3_settings_env: dict[str, str]

@@ -44,6 +44,7 @@ def run_probe(direction: str, work: Path, env: dict[str, str], size_mib: int = S
     return figures
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("backend", ["local", "s3"])
 def test_large_transfers_have_bounded_memory(
     backend: str,
