@@ -11,10 +11,12 @@ from tenantdb.errors import (
     TenantDBError,
 )
 from tenantdb.middleware import TenantDBMiddleware, tenant_db, tenant_db_dependency
+from tenantdb.supervisor import Health
 from tenantdb.tenants import TenantPattern, validate_tenant
 
 __all__ = [
     "ConfigurationError",
+    "Health",
     "InvalidTenantError",
     "LeaseError",
     "Migration",

@@ -142,13 +142,8 @@ def _health_path(value: str) -> str:
     return value
 
 
-def _health_check(path: str | None) -> str:
-    """fly.toml's check of ``path``, or a note on how to add one (a 404 would fail it)."""
-    if path is None:
-        return (
-            "  # No health check: your app has no route known to answer 200. Add one with\n"
-            "  # `tenantdb init --health-path /healthz --force` once it has one.\n"
-        )
+def _health_check(path: str) -> str:
+    """fly.toml's HTTP check of ``path``."""
     return (
         "  [[http_service.checks]]\n"
         '    grace_period = "10s"\n'
@@ -183,8 +178,10 @@ def _configure_init(parser: argparse.ArgumentParser) -> None:
         "--health-path",
         type=_health_path,
         metavar="PATH",
-        help="a route of your app that answers 200 while it is healthy (e.g. /healthz): "
-        "fly.toml gets an HTTP health check on it (default: no check)",
+        default="/healthz",
+        help="the path of fly.toml's HTTP health check (default: /healthz, which "
+        "TenantDBMiddleware answers: red while the machine cannot do its part; give the "
+        "middleware's health_path if you moved it)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
     parser.set_defaults(handler=_init)

@@ -106,7 +106,8 @@ def test_init_writes_a_dockerfile_serving_the_app_and_a_matching_fly_toml(projec
         "RUN pip install --requirement requirements.txt",
         "COPY . .",
     ]
-    assert "checks" not in fly["http_service"]  # no route known to answer it: no check
+    [check] = fly["http_service"]["checks"]
+    assert check["path"] == "/healthz"  # answered by TenantDBMiddleware itself
     ignored = (project / ".dockerignore").read_text().splitlines()
     assert {".tenantdb", ".venv", ".env"} <= set(ignored)
 
@@ -223,6 +224,6 @@ def test_the_fly_toml_of_init_is_the_demos_own(tmp_path: Path) -> None:
     # One configuration, two copies: the repository's (the demo) and the template's.
     (tmp_path / "example_app").mkdir()
     argv = ["init", "--app", "example_app:app", "--dir", str(tmp_path)]
-    assert main([*argv, "--name", "tenantdb-demo", "--health-path", "/healthz"]) == 0
+    assert main([*argv, "--name", "tenantdb-demo"]) == 0  # the middleware's /healthz
     written = tomllib.loads((tmp_path / "fly.toml").read_text())
     assert written == tomllib.loads((ROOT / "fly.toml").read_text())

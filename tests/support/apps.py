@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from example_app import MIGRATIONS
@@ -54,22 +54,13 @@ async def starlette_visit(request: Request) -> Response:
     return JSONResponse({"tenant": request.state.tenant, "count": count})
 
 
-async def healthz(request: Request) -> Response:
-    return PlainTextResponse("ok")
-
-
 starlette_app = Starlette(
-    routes=[Route("/healthz", healthz), Route("/customers/{tenant}", starlette_visit)],
+    routes=[Route("/customers/{tenant}", starlette_visit)],
     middleware=[Middleware(TenantDBMiddleware, migrations=MIGRATIONS)],
 )
 
 fastapi_app = FastAPI()
 fastapi_app.add_middleware(TenantDBMiddleware, migrations=MIGRATIONS)
-
-
-@fastapi_app.get("/healthz")
-async def fastapi_healthz() -> dict[str, str]:
-    return {"status": "ok"}
 
 
 @fastapi_app.get("/customers/{tenant}")

@@ -14,7 +14,7 @@ import os
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
@@ -27,10 +27,6 @@ URLS: dict[str, str] = json.loads(os.environ.get("ROUTING_TEST_MACHINE_URLS", "{
 def machine_url(machine_id: str) -> str:
     """Return the test URL of a machine (an unknown id gets a port nothing listens on)."""
     return URLS.get(machine_id, "http://127.0.0.1:9")
-
-
-async def healthz(request: Request) -> Response:
-    return PlainTextResponse("ok")
 
 
 async def visit(request: Request) -> Response:
@@ -75,7 +71,6 @@ async def echo(websocket: WebSocket) -> None:
 
 app = Starlette(
     routes=[
-        Route("/healthz", healthz),
         WebSocketRoute("/customers/{tenant}/ws", echo),
         Route("/customers/{tenant}", visit),
         Route("/customers/{tenant}/upload", upload, methods=["POST", "PUT"]),
