@@ -454,7 +454,9 @@ async def test_an_idle_tenant_lists_nothing_and_garbage_is_collected_when_due(
 async def test_a_snapshot_taken_while_writes_go_on_loses_none_of_them(
     bucket: Bucket, tmp_path: Path
 ) -> None:
-    async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
+    # A TTL that a loaded machine's slow renewal cannot outlast: the snapshot is under test.
+    machine = settings(tmp_path, "m1", lease_ttl=15)
+    async with TenantDB(machine, migrations=MIGRATIONS, bucket=bucket) as tdb:
         await add(tdb, 2000, note="y" * 100)  # a copy that takes a while
         await tdb.sync()
         stop = asyncio.Event()
