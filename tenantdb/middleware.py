@@ -128,7 +128,9 @@ class TenantDBMiddleware:
         )
         self.metrics = Metrics()  # this middleware's own registry, served at startup
         # One bucket client per process, shared by the tenant's database and the router.
-        self.bucket = MeteredBucket(open_bucket(self.settings), self.metrics)
+        self.bucket = MeteredBucket(
+            open_bucket(self.settings), self.metrics, tenant=self.settings.tenant or ""
+        )
         self.tenantdb = (
             TenantDB(self.settings, migrations=migrations, bucket=self.bucket, metrics=self.metrics)
             if self.settings.tenant
