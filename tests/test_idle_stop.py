@@ -16,7 +16,9 @@ import httpx
 
 from tenantdb.config import Settings
 from tenantdb.database import TenantDB
+from tenantdb.metrics import Metrics
 from tenantdb.storage.local import LocalBucket
+from tenantdb.storage.metered import MeteredBucket
 from tests.support.servers import MachineProcesses
 
 APP = "tests.support.apps:starlette_app"
@@ -180,3 +182,38 @@ async def test_idle_stop_0_never_idles(tmp_path: Path) -> None:
     finally:
         await tdb.stop()
     assert (await read_lock(tmp_path))["released"] is None
+
+
+async def test_an_idle_holder_renews_once_per_third_of_its_ttl_and_asks_nothing_else(
+    tmp_path: Path,
+) -> None:
+    metrics = Metrics()
+    bucket = MeteredBucket(LocalBucket(tmp_path / "bucket"), metrics, tenant="acme")
+    tdb = TenantDB(
+        settings(tmp_path, idle_stop=0, sync_interval=0.05),
+        migrations=MIGRATIONS,
+        bucket=bucket,
+        metrics=metrics,
+    )
+    async with bucket:
+        await tdb.start(standby=False)
+        try:
+            await asyncio.sleep(1.5)  # past the start's own writes
+            before = requests(metrics)
+            await asyncio.sleep(4)  # 4 renewals at most, one per TTL/3 (1 s)
+            after = requests(metrics)
+        finally:
+            await tdb.stop()
+    made = {kind: after[kind] - before[kind] for kind in after}
+    assert 3 <= made["A"] <= 5, made  # renewals, each a CAS of lock.json
+    assert (made["B"], made["free"]) == (0, 0), made  # no read, list or delete while idle
+
+
+def requests(metrics: Metrics) -> dict[str, float]:
+    return {
+        kind: metrics.registry.get_sample_value(
+            "tenantdb_bucket_requests_total", {"tenant": "acme", "class": kind}
+        )
+        or 0.0
+        for kind in ("A", "B", "free")
+    }
