@@ -728,6 +728,11 @@ class TenantDB:
             # the newest data, including writes a failed final publish never uploaded.
             log.info("tenant %s: continuing from the local file %s", self.tenant, self.path)
             hashes = None
+            if previous.released == "idle":
+                # An idle stop published everything before it released: the file should be
+                # exactly what the bucket has. Checked page by page (a local read), so that
+                # waking does not upload the whole database as a new snapshot every time.
+                hashes = await asyncio.to_thread(self._matching_local, previous)
         elif previous.snapshot is None and previous.log is None:
             await asyncio.to_thread(remove_database, self.path)
             hashes = PageHashes(DEFAULT_PAGE_SIZE)
