@@ -188,6 +188,12 @@ async def test_idle_machines_stop_themselves_with_exit_0_and_start_on_the_next_r
         # The machine ended itself, as on Fly (restart policy on-failure keeps it stopped).
         assert cluster.status()[0].exit_code == 0
         assert (await lock_json(cluster, "100"))["released"] == "idle"
+        shown = (await client.get("/_dev/state")).json()  # what the dashboard shows
+        assert (shown["machines"][0]["state"], shown["machines"][0]["exit_code"]) == (
+            "stopped",
+            0,
+        )
+        assert shown["tenants"][0]["lock"]["released"] == "idle"
         woken = await client.get("/customers/100", headers=JSON)
         assert woken.json()["count"] == 2
         assert cluster.status()[0].state == "started"
