@@ -520,10 +520,12 @@ class TenantDB:
             return
 
     def _holder_stopped_idle(self, record: LockRecord) -> bool:
-        """True (and ``idle()`` returns) when the holder released the lease for idleness
-        and no request for the tenant runs here."""
+        """True (and ``idle()`` returns) when the holder released the lease for idleness,
+        no request for the tenant runs here and this machine stops when idle at all."""
         if record.owner is not None or record.released != "idle" or self._requests:
             return False
+        if not self.settings.idle_stop:
+            return False  # TENANTDB_IDLE_STOP=0 here: never stop, so take the tenant over
         if not self._idle.is_set():
             log.info(
                 "tenant %s: the holder stopped for idleness; this standby stops too",

@@ -246,3 +246,23 @@ async def test_a_machine_woken_after_an_idle_stop_uploads_no_new_snapshot(
         assert [o.key for o in await bucket.list("tenants/acme/snapshots/")] == (
             [first["key"]] if first else []
         )
+
+
+async def test_a_standby_with_idle_stop_0_takes_over_an_idle_release(tmp_path: Path) -> None:
+    holder = TenantDB(settings(tmp_path), migrations=MIGRATIONS)
+    standby = TenantDB(
+        settings(
+            tmp_path, machine_id="m2", data_dir=tmp_path / "m2", idle_stop=0, follow_interval=0.1
+        ),
+        migrations=MIGRATIONS,
+    )
+    await holder.start(standby=False)
+    await standby.start(standby=True)
+    try:
+        assert standby.state == "standby"
+        await asyncio.wait_for(holder.idle(), 5)
+        await holder.stop()
+        assert await standby.wait_serving(10)  # "never idle" here: it takes the tenant
+        assert not standby._idle.is_set()
+    finally:
+        await standby.stop()
