@@ -4,11 +4,11 @@ Wrapping the bucket measures every request where it is made, for the lease, the 
 and the router alike, without a timer in each of them. What an object is follows from its
 key (see the bucket layout in the README).
 
-Requests are counted one per call, in the class Tigris bills the call's request in
-(https://www.tigrisdata.com/docs/pricing/); a listing as one request per page of 1,000
-keys. The wrapped bucket's own retries and the parts of a multipart upload (files above
-16 MiB, snapshots only) or of a ranged download are not seen here: the count is a floor
-under faults and for very large snapshots, exact otherwise.
+Requests are counted in the class Tigris bills them in
+(https://www.tigrisdata.com/docs/pricing/): one per call, a listing one per page of 1,000
+keys, and a file's transfer as many as the bucket says it makes (the parts of a multipart
+upload or of a ranged download). Retries inside the wrapped bucket are not seen here: under
+faults the count is a floor.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self, TypeVar
+from typing import Literal, Protocol, Self, TypeVar, runtime_checkable
 
 from tenantdb.errors import (
     AccessDeniedError,
@@ -43,6 +43,14 @@ _UNBILLED = (
     AccessDeniedError,
     BucketConfigurationError,
 )
+
+
+@runtime_checkable
+class _Transfers(Protocol):
+    """A bucket that splits a file's transfer into several requests (``S3Bucket``)."""
+
+    def upload_requests(self, size: int, *, conditional: bool) -> tuple[int, int]: ...
+    def download_requests(self, size: int) -> int: ...
 
 
 class MeteredBucket:
@@ -119,9 +127,20 @@ class MeteredBucket:
         self.metrics.bucket_request(self.tenant, *(billed(result) if billed else (price_class, 1)))
         return result
 
-    async def _written(self, key: str, call: Callable[[], Awaitable[ObjectInfo]]) -> ObjectInfo:
+    async def _written(
+        self,
+        key: str,
+        call: Callable[[], Awaitable[ObjectInfo]],
+        *,
+        requests: Callable[[int], tuple[int, int]] = lambda _: (1, 0),
+    ) -> ObjectInfo:
+        """Run a write and count it: ``requests(size)`` is its (writes, reads) if it lands."""
         with self._timer(key):
-            info = await self._counted(key, "A", call)
+            info = await self._counted(
+                key, "A", call, billed=lambda info: ("A", requests(info.size)[0])
+            )
+        if reads := requests(info.size)[1]:
+            self.metrics.bucket_request(self.tenant, "B", reads)
         self.metrics.bucket_bytes(self.tenant, "in", info.size)
         return info
 
@@ -187,8 +206,15 @@ class MeteredBucket:
         self, key: str, dest: Path, *, max_size: int | None = None
     ) -> ObjectInfo:
         """See ``Bucket.download_file``."""
+        inner = self.inner
         info = await self._counted(
-            key, "B", lambda: self.inner.download_file(key, dest, max_size=max_size)
+            key,
+            "B",
+            lambda: inner.download_file(key, dest, max_size=max_size),
+            billed=lambda info: (
+                "B",
+                inner.download_requests(info.size) if isinstance(inner, _Transfers) else 1,
+            ),
         )
         self._read(info.size)
         return info
@@ -197,6 +223,15 @@ class MeteredBucket:
         self, key: str, src: Path, *, if_none_match: Literal["*"] | None = None
     ) -> ObjectInfo:
         """See ``Bucket.upload_file``."""
+        inner = self.inner
+
+        def requests(size: int) -> tuple[int, int]:
+            if not isinstance(inner, _Transfers):
+                return 1, 0
+            return inner.upload_requests(size, conditional=if_none_match is not None)
+
         return await self._written(
-            key, lambda: self.inner.upload_file(key, src, if_none_match=if_none_match)
+            key,
+            lambda: inner.upload_file(key, src, if_none_match=if_none_match),
+            requests=requests,
         )

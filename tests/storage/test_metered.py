@@ -6,15 +6,22 @@ billed as must not depend on the backend (https://www.tigrisdata.com/docs/pricin
 
 from __future__ import annotations
 
+import collections
+import os
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tenantdb.config import Secret
 from tenantdb.errors import ObjectNotFoundError, PreconditionFailedError
 from tenantdb.metrics import Metrics
 from tenantdb.storage.base import Bucket
 from tenantdb.storage.metered import MeteredBucket
+from tenantdb.storage.s3 import S3Bucket
+from tests.conftest import TEST_MULTIPART_THRESHOLD, TEST_PART_SIZE, create_s3_bucket
+from tests.support.fault_proxy import FaultProxy
+from tests.support.s3_server import DUMMY_ACCESS_KEY_ID, DUMMY_REGION, DUMMY_SECRET_ACCESS_KEY
 
 LOCK = "tenants/acme/lock.json"
 
@@ -88,3 +95,44 @@ async def test_a_listing_is_billed_per_page_of_a_thousand_keys(bucket: Bucket) -
         await bucket.put(f"tenants/acme/log/{n}.seg", b"s")  # unmetered
     await metered.list("tenants/acme/")
     assert counts(metrics) == {("requests", "A"): 2.0}
+
+
+# What Tigris bills each S3 operation tenantdb uses as (https://www.tigrisdata.com/docs/pricing/).
+OPERATION_CLASS = {
+    "PutObject": "A",
+    "CreateMultipartUpload": "A",
+    "UploadPart": "A",
+    "CompleteMultipartUpload": "A",
+    "ListObjectsV2": "A",
+    "GetObject": "B",
+    "HeadObject": "B",
+}
+
+
+async def test_a_multipart_upload_and_a_ranged_download_count_every_request_they_make(
+    s3_endpoint: str, tmp_path: Path
+) -> None:
+    # Counted by a proxy in front of moto, request by request, against the meter.
+    name = create_s3_bucket(s3_endpoint)
+    with FaultProxy(s3_endpoint) as proxy:
+        inner = S3Bucket(
+            name,
+            endpoint_url=proxy.url,
+            region=DUMMY_REGION,
+            access_key_id=DUMMY_ACCESS_KEY_ID,
+            secret_access_key=Secret(DUMMY_SECRET_ACCESS_KEY),
+            multipart_threshold=TEST_MULTIPART_THRESHOLD,
+            part_size=TEST_PART_SIZE,
+        )
+        metrics = Metrics()
+        src = tmp_path / "snapshot"
+        src.write_bytes(os.urandom(2 * TEST_PART_SIZE + 1000))  # three parts
+        async with MeteredBucket(inner, metrics, tenant="acme") as metered:
+            key = "tenants/acme/snapshots/s.sqlite3"
+            await metered.upload_file(key, src, if_none_match="*")
+            await metered.download_file(key, tmp_path / "copy")
+        seen = collections.Counter(OPERATION_CLASS[s.operation] for s in proxy.seen())
+    assert seen == {"A": 5, "B": 4}  # HEAD, create, 3 parts, complete; 3 ranged GETs
+    counted = counts(metrics)
+    assert (counted["requests", "A"], counted["requests", "B"]) == (seen["A"], seen["B"])
+    assert counted["bytes", "in"] == counted["bytes", "out"] == src.stat().st_size
