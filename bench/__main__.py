@@ -23,6 +23,7 @@ BENCHMARKS = {
     "log": "bench.bench_log",
     "durability": "bench.bench_durability",
     "takeover": "bench.bench_takeover",
+    "idle": "bench.bench_idle",
 }
 
 

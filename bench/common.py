@@ -56,6 +56,7 @@ class Request:
     path: str
     query: str
     body_bytes: int
+    status: int = 0  # the HTTP status moto answered (0: not known)
 
     @property
     def kind(self) -> str:
@@ -102,15 +103,20 @@ class _CountingApp:
                 [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
             )
             return [body]
-        self.requests.append(
-            {
-                "method": environ.get("REQUEST_METHOD", ""),
-                "path": path,
-                "query": environ.get("QUERY_STRING", ""),
-                "body_bytes": int(environ.get("CONTENT_LENGTH") or 0),
-            }
-        )
-        return self.app(environ, start_response)
+        request = {
+            "method": environ.get("REQUEST_METHOD", ""),
+            "path": path,
+            "query": environ.get("QUERY_STRING", ""),
+            "body_bytes": int(environ.get("CONTENT_LENGTH") or 0),
+            "status": 0,
+        }
+        self.requests.append(request)
+
+        def recording(status: str, headers: Any, *exc_info: Any) -> Any:
+            request["status"] = int(status.split(" ", 1)[0])
+            return start_response(status, headers, *exc_info)
+
+        return self.app(environ, recording)
 
 
 def serve_s3(port: int = 0) -> None:

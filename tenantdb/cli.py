@@ -345,10 +345,11 @@ def _configure_dev(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--idle-stop",
         type=_seconds,
-        default=0.0,
+        default=None,
         metavar="SECONDS",
-        help="stop a machine after this long without requests, like auto_stop_machines "
-        "(default: 0, never)",
+        help="TENANTDB_IDLE_STOP of every machine: after this long without requests a "
+        "machine releases its tenant and exits 0, and is stopped until the next request "
+        "(default: the machines' own setting, 300; 0: never)",
     )
     parser.add_argument(
         "--no-autostart",

@@ -99,6 +99,7 @@ class TenantStatus:
             "last_owner": record.last_owner,
             "generation": record.generation,
             "lease": self.lease,
+            "released": record.released,
             "expires_in": round(self.expires_in, 1) if self.lease != "released" else None,
             "log": None
             if log is None
@@ -123,7 +124,8 @@ class TenantStatus:
         """This status as a row of the ``tenantdb status`` table."""
         record = self.observed.record
         if self.lease == "released":
-            lease = "released"
+            # "idle": the tenant's machines stopped themselves; the next request wakes one.
+            lease = f"released ({record.released})" if record.released else "released"
         elif self.lease == "held":
             lease = f"{self.expires_in:.0f}s left"
         else:

@@ -230,6 +230,9 @@ class Settings:
     follow_interval: float = 0.5
     # How long a standby holds a request for its tenant while the lease changes hands.
     handoff_wait: float = 5.0
+    # Seconds without a request after which a holder releases the lease ("idle") and its
+    # server exits 0, so that the platform stops the machine; 0 = never.
+    idle_stop: float = 300.0
     pool_size: int = 8
     metadata_key: str = "customer_id"
     dns_server: tuple[str, int] | None = None
@@ -267,6 +270,8 @@ class Settings:
             raise ConfigurationError("follow interval must be positive")
         if self.handoff_wait < 0:
             raise ConfigurationError("handoff wait must be >= 0 (0 = never hold a request)")
+        if self.idle_stop < 0:
+            raise ConfigurationError("idle stop must be >= 0 (0 = never)")
         if self.snapshot_retention < 1:
             raise ConfigurationError("snapshot retention must keep at least 1 snapshot")
         floor = RETENTION_FLOOR_LEASES * self.lease_ttl
@@ -329,6 +334,7 @@ class Settings:
             "kill_timeout": _number(env, "TENANTDB_KILL_TIMEOUT", 30.0, minimum=1),
             "follow_interval": _number(env, "TENANTDB_FOLLOW_INTERVAL", 0.5, minimum=0.05),
             "handoff_wait": _number(env, "TENANTDB_HANDOFF_WAIT", 5.0, minimum=0),
+            "idle_stop": _number(env, "TENANTDB_IDLE_STOP", 300.0, minimum=0),
             "pool_size": int(_number(env, "TENANTDB_POOL_SIZE", 8, minimum=1, what=_COUNT)),
             "metadata_key": env.get("TENANTDB_METADATA_KEY") or "customer_id",
             "dns_server": _dns_server(env.get("TENANTDB_DNS_SERVER")),

@@ -19,7 +19,7 @@ import re
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
@@ -39,7 +39,7 @@ from tenantdb.errors import (
 )
 from tenantdb.lease import CLOCK_GRANULARITY, Lease, ObservedLock
 from tenantdb.localfiles import remove_database, write_atomically
-from tenantdb.lockfile import LockRecord
+from tenantdb.lockfile import LockRecord, ReleaseReason
 from tenantdb.metrics import Metrics
 from tenantdb.pool import ConnectionPool
 from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
@@ -237,6 +237,10 @@ class TenantDB:
         self._health_checks: list[HealthCheck] = [self._pool_stalled]
         self._failing: asyncio.Task[None] | None = None  # stopping what a failure left running
         self._failed = asyncio.Event()  # set once the failed machine has stopped everything
+        # Requests for the tenant, for the idle stop (TENANTDB_IDLE_STOP).
+        self._requests = 0
+        self._last_request = time.monotonic()
+        self._idle = asyncio.Event()  # set when this machine should stop for idleness
 
     @classmethod
     def from_env(cls, *, migrations: Sequence[Migration] = (), **overrides: Any) -> TenantDB:
@@ -347,6 +351,30 @@ class TenantDB:
         """Wait until this machine has failed stop and released what it could; the reason."""
         await self._failed.wait()
         return self.failure or "failed"
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Mark a request for the tenant as running (the idle stop counts from the last)."""
+        self._requests += 1
+        try:
+            yield
+        finally:
+            self._requests -= 1
+            self._last_request = time.monotonic()
+
+    def idle_for(self) -> float:
+        """Seconds since the last request for the tenant ended; 0 while one runs."""
+        return 0.0 if self._requests else time.monotonic() - self._last_request
+
+    async def idle(self) -> None:
+        """Wait until this machine should stop for idleness (``TENANTDB_IDLE_STOP``).
+
+        A holder: no request for ``idle_stop`` seconds. A standby: its holder released the
+        lease for idleness and no request is running here. Stopping is the caller's to do
+        (the middleware ends the server, exit code 0); ``stop()`` then releases the lease
+        saying "idle" if the tenant is still idle by then.
+        """
+        await self._idle.wait()
 
     async def wait_serving(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for this machine to serve; whether it does."""
@@ -471,6 +499,11 @@ class TenantDB:
                         )
                 await asyncio.sleep(interval)
                 continue
+            if observed is not None and self._holder_stopped_idle(observed.record):
+                # Taking over would keep a tenant nobody uses awake: stop too, unless a
+                # request waits here (then this machine serves it).
+                await asyncio.sleep(interval)
+                continue
             # Released, expired or gone: take the lease now (acquire judges it afresh).
             try:
                 await self.lease.acquire()
@@ -485,6 +518,21 @@ class TenantDB:
                 continue
             self._take_hold()
             return
+
+    def _holder_stopped_idle(self, record: LockRecord) -> bool:
+        """True (and ``idle()`` returns) when the holder released the lease for idleness,
+        no request for the tenant runs here and this machine stops when idle at all."""
+        if record.owner is not None or record.released != "idle" or self._requests:
+            return False
+        if not self.settings.idle_stop:
+            return False  # TENANTDB_IDLE_STOP=0 here: never stop, so take the tenant over
+        if not self._idle.is_set():
+            log.info(
+                "tenant %s: the holder stopped for idleness; this standby stops too",
+                self.tenant,
+            )
+            self._idle.set()
+        return True
 
     def _still_held(self, observed: ObservedLock) -> bool:
         record = observed.record
@@ -608,11 +656,28 @@ class TenantDB:
             functools.partial(shipper.collect_garbage_when_due, self.settings.sync_interval),
             "restart",
         )
+        if self.settings.idle_stop > 0:
+            # Restarted if it dies: it holds no state, and without it the tenant stays awake.
+            self._last_request = time.monotonic()  # the idle time counts from here
+            self._supervisor.spawn("idle", self._watch_idle, "restart")
         log.info(
             "tenant %s: serving (generation %s)",
             self.tenant,
             lease.record.generation if lease.record else "?",
         )
+
+    async def _watch_idle(self) -> None:
+        """Set ``_idle`` once no request has come for ``idle_stop`` seconds."""
+        limit = self.settings.idle_stop
+        while (idle_for := self.idle_for()) < limit:
+            # While requests run, look again after a whole period: one may end meanwhile.
+            await asyncio.sleep(limit - idle_for)
+        log.info(
+            "tenant %s: no request for %gs; stopping this machine (TENANTDB_IDLE_STOP)",
+            self.tenant,
+            limit,
+        )
+        self._idle.set()
 
     @property
     def _state_file(self) -> Path:
@@ -665,6 +730,11 @@ class TenantDB:
             # the newest data, including writes a failed final publish never uploaded.
             log.info("tenant %s: continuing from the local file %s", self.tenant, self.path)
             hashes = None
+            if previous.released == "idle":
+                # An idle stop published everything before it released: the file should be
+                # exactly what the bucket has. Checked page by page (a local read), so that
+                # waking does not upload the whole database as a new snapshot every time.
+                hashes = await asyncio.to_thread(self._matching_local, previous)
         elif previous.snapshot is None and previous.log is None:
             await asyncio.to_thread(remove_database, self.path)
             hashes = PageHashes(DEFAULT_PAGE_SIZE)
@@ -906,10 +976,13 @@ class TenantDB:
                 return
             log.warning("tenant %s: final publish failed, retrying: %s", self.tenant, reason)
             await asyncio.sleep(min(2.0, attempt * 0.5))
+        # "idle" only if still so now: a stop that interrupts requests is a handoff.
+        limit = self.settings.idle_stop
+        why: ReleaseReason | None = "idle" if 0 < limit <= self.idle_for() else None
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.5)):
-                await self.lease.release()
-            log.info("tenant %s: lease released", self.tenant)
+                await self.lease.release(reason=why)
+            log.info("tenant %s: lease released%s", self.tenant, " (idle)" if why else "")
         except (TenantDBError, TimeoutError) as exc:
             log.error(
                 "tenant %s: published, but could not release the lease (%s); other machines "

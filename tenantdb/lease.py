@@ -27,7 +27,14 @@ from tenantdb.errors import (
     PreconditionFailedError,
     TenantDBError,
 )
-from tenantdb.lockfile import LOCK_MAX_BYTES, LockRecord, LogPointer, SnapshotName, SnapshotRef
+from tenantdb.lockfile import (
+    LOCK_MAX_BYTES,
+    LockRecord,
+    LogPointer,
+    ReleaseReason,
+    SnapshotName,
+    SnapshotRef,
+)
 from tenantdb.storage.base import Bucket, ObjectInfo
 
 __all__ = ["Lease", "ObservedLock", "read_lock"]
@@ -238,6 +245,7 @@ class Lease:
             ttl_seconds=self.ttl,
             last_owner=current.owner or current.last_owner,
             claim=self.claim,
+            released=None,
         )
         self.previous = current
         async with self._write_lock:
@@ -286,16 +294,21 @@ class Lease:
         """
         return await self._update(lambda current: replace(current, log=change(current.log)))
 
-    async def release(self, *, last_owner: str | None = None) -> None:
+    async def release(
+        self, *, last_owner: str | None = None, reason: ReleaseReason | None = None
+    ) -> None:
         """Give the lease up after the final publish: ``owner`` becomes null.
 
         ``last_owner`` (a routing hint for the tenant's stopped machine) is this machine,
         unless another is named: a holder that is not a machine of the app names one.
+        ``reason`` tells the standbys why (``"idle"``: stop, do not take over).
         """
         self._releasing = True
         hint = last_owner or self.machine_id
         await self._update(
-            lambda current: replace(current, owner=None, last_owner=hint, claim=None)
+            lambda current: replace(
+                current, owner=None, last_owner=hint, claim=None, released=reason
+            )
         )
 
     def _held(self) -> LockRecord:

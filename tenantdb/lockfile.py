@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Literal, get_args
 
 from tenantdb.errors import LockFileCorruptError
 from tenantdb.parsing import (
@@ -37,6 +38,7 @@ __all__ = [
     "LockRecord",
     "LogChunk",
     "LogPointer",
+    "ReleaseReason",
     "SnapshotName",
     "SnapshotRef",
     "now_iso",
@@ -44,6 +46,10 @@ __all__ = [
 ]
 
 LOCK_FORMAT = 1
+# Why a holder released the lease, when that matters to the other machines: "idle" means
+# nobody used the tenant for TENANTDB_IDLE_STOP seconds, so a standby stops too instead of
+# taking over (which would keep the tenant awake and costing). A handoff says nothing.
+ReleaseReason = Literal["idle"]
 # Far above any lease tenantdb is configured with (TENANTDB_LEASE_TTL has no maximum), and
 # small enough that expiry arithmetic stays exact.
 _MAX_TTL_SECONDS = 2**31
@@ -236,6 +242,8 @@ class LockRecord:
     last_owner: str | None = None
     # Which process of ``owner`` holds it: a machine id alone cannot tell two processes apart.
     claim: str | None = None
+    # Set only with no owner: why the last holder released (see ReleaseReason).
+    released: ReleaseReason | None = None
     format: int = LOCK_FORMAT
 
     def to_json(self) -> bytes:
@@ -282,6 +290,12 @@ class LockRecord:
         if not 0 < ttl <= _MAX_TTL_SECONDS:
             raise corrupt(f"ttl_seconds must be positive and at most {_MAX_TTL_SECONDS}")
         ttl_seconds = float(ttl)
+        # Absent in locks written before release reasons existed: nothing said.
+        released = data.get("released")
+        if released is not None and released not in get_args(ReleaseReason):
+            raise corrupt(f"field 'released' is {_short(released)}, not a known reason")
+        if released is not None and data["owner"] is not None:
+            raise corrupt("field 'released' is set on a held lease")
         snapshot = data.get("snapshot")
         ref: SnapshotRef | None = None
         if snapshot is not None:
@@ -309,6 +323,7 @@ class LockRecord:
             log=log,
             last_owner=data["last_owner"],
             claim=data.get("claim"),
+            released=released,
         )
 
 

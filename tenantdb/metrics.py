@@ -33,13 +33,26 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "MetricsServer", "RoutingOutcome", "WatchedTenant", "error_kind"]
+__all__ = [
+    "Direction",
+    "Metrics",
+    "MetricsServer",
+    "RequestClass",
+    "RoutingOutcome",
+    "WatchedTenant",
+    "error_kind",
+]
 
 log = logging.getLogger("tenantdb")
 
 RoutingOutcome = Literal["local", "replay", "cached_replay", "proxied_body", "404", "413", "503"]
 Lookup = Literal["dns", "api"]
 Uploaded = Literal["segment", "snapshot"]
+# Tigris bills requests in two classes (https://www.tigrisdata.com/docs/pricing/): A for
+# PUT, COPY, POST, LIST (and multipart uploads), B for GET, HEAD and the rest; DELETE is
+# free, and so are refused or unchanged answers (304, 400, 403, 409, 412).
+RequestClass = Literal["A", "B", "free"]
+Direction = Literal["in", "out"]
 
 # From a local-disk round trip to a slow S3 upload or restore.
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -160,6 +173,20 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self._bucket_requests = Counter(
+            "tenantdb_bucket_requests",
+            "bucket requests this machine made, by the tenant it serves and Tigris's price "
+            "class (A: writes and lists, B: reads, free: deletes and refused or unchanged "
+            "answers)",
+            ["tenant", "class"],
+            registry=r,
+        )
+        self._bucket_bytes = Counter(
+            "tenantdb_bucket_bytes",
+            "object bytes this machine sent to the bucket (in) or read from it (out)",
+            ["tenant", "direction"],
+            registry=r,
+        )
         self._task_failures = Counter(
             "tenantdb_task_failures",
             "background tasks ended by an unexpected exception, by task (see supervisor.py)",
@@ -222,6 +249,14 @@ class Metrics:
     def bucket_error(self, exc: BaseException) -> None:
         """Count a failed bucket request by its ``StorageError`` subclass, in snake case."""
         self._bucket_errors.labels(error_kind(exc)).inc()
+
+    def bucket_request(self, tenant: str, price_class: RequestClass, requests: int = 1) -> None:
+        """Count requests to the bucket by the price class they are billed in."""
+        self._bucket_requests.labels(tenant, price_class).inc(requests)
+
+    def bucket_bytes(self, tenant: str, direction: Direction, size: int) -> None:
+        """Count object bytes sent to the bucket (in) or read from it (out)."""
+        self._bucket_bytes.labels(tenant, direction).inc(size)
 
     def task_failed(self, task: str) -> None:
         """Count a background task ended by an unexpected exception."""

@@ -86,7 +86,9 @@ class TenantDBMiddleware:
     ``200 ok`` or ``503`` with the reasons of ``health()``. When a task the machine cannot
     run without dies, the machine fails stop: with ``exit_on_failure`` (and a server on the
     main thread) the middleware asks the server to shut down (SIGTERM) and, after the
-    lifespan's shutdown, the process exits with ``FAIL_STOP_EXIT_CODE`` (70).
+    lifespan's shutdown, the process exits with ``FAIL_STOP_EXIT_CODE`` (70). The same way,
+    a tenant without requests for ``TENANTDB_IDLE_STOP`` seconds ends the process with code 0
+    (its lease released as "idle"), and so does its standby.
     """
 
     startup_error: TenantDBError | None = None
@@ -115,7 +117,7 @@ class TenantDBMiddleware:
             raise ConfigurationError(f"health_path {health_path!r} must start with /")
         self.health_path = health_path
         self.exit_on_failure = exit_on_failure
-        self._exit_code: int | None = None  # set when the process must end failed
+        self._exit_code: int | None = None  # set when the process must end (failed or idle)
         self.pattern = TenantPattern(path_pattern)
         base = settings if settings is not None else Settings.from_env()
         self.settings = base.with_overrides(
@@ -128,7 +130,9 @@ class TenantDBMiddleware:
         )
         self.metrics = Metrics()  # this middleware's own registry, served at startup
         # One bucket client per process, shared by the tenant's database and the router.
-        self.bucket = MeteredBucket(open_bucket(self.settings), self.metrics)
+        self.bucket = MeteredBucket(
+            open_bucket(self.settings), self.metrics, tenant=self.settings.tenant or ""
+        )
         self.tenantdb = (
             TenantDB(self.settings, migrations=migrations, bucket=self.bucket, metrics=self.metrics)
             if self.settings.tenant
@@ -183,7 +187,8 @@ class TenantDBMiddleware:
         if tenant != self.settings.tenant or self.tenantdb is None:
             await self.router.forward(scope, receive, send, tenant)
             return
-        await self._serve_own(scope, receive, send, self.tenantdb)
+        with self.tenantdb.request():  # keeps the tenant awake (TENANTDB_IDLE_STOP)
+            await self._serve_own(scope, receive, send, self.tenantdb)
 
     async def _serve_own(self, scope: Scope, receive: Receive, send: Send, tdb: TenantDB) -> None:
         if not tdb.serving:
@@ -369,7 +374,7 @@ class TenantDBMiddleware:
             ):
                 app_finished = True
                 await self._shutdown()
-                self._exit_if_failed()
+                self._exit_if_asked()
             await send(message)
 
         try:
@@ -384,7 +389,7 @@ class TenantDBMiddleware:
             while (await receive())["type"] != "lifespan.shutdown":
                 pass
             await self._shutdown()
-            self._exit_if_failed()
+            self._exit_if_asked()
             await send({"type": "lifespan.shutdown.complete"})
 
     async def _startup(self) -> None:
@@ -412,14 +417,15 @@ class TenantDBMiddleware:
                     # hold the lease: refuse to serve from it (the embedded bucket is ours).
                     await check_conditional_writes(self.bucket, self.settings.prefix)
                 await self.tenantdb.start(standby=True)
-                watcher = asyncio.create_task(self._stop_server_on_failure(self.tenantdb))
-                stack.callback(watcher.cancel)
+                for watch in (self._stop_server_on_failure, self._stop_server_when_idle):
+                    watcher = asyncio.create_task(watch(self.tenantdb))
+                    stack.callback(watcher.cancel)
             self._resources = stack.pop_all()
 
     async def _stop_server_on_failure(self, tdb: TenantDB) -> None:
         """Once the machine has failed stop, shut the server down so the process exits."""
         reason = await tdb.failed()
-        if not (self.exit_on_failure and _server_handles_sigterm()):
+        if not self._can_exit():
             # An embedding program (a test, a server in a thread) restarts it, not Fly.
             log.critical(
                 "tenantdb: this machine failed (%s); it answers 503 until restarted", reason
@@ -430,10 +436,34 @@ class TenantDBMiddleware:
             reason,
             FAIL_STOP_EXIT_CODE,
         )
-        self._exit_code = FAIL_STOP_EXIT_CODE
+        await self._end_process(FAIL_STOP_EXIT_CODE)
+
+    async def _stop_server_when_idle(self, tdb: TenantDB) -> None:
+        """Once the tenant is idle (``TENANTDB_IDLE_STOP``), end the process with code 0.
+
+        Fly's restart policy ``on-failure`` leaves a machine that exited 0 stopped, and its
+        proxy starts it again on the next request (autostart): an idle tenant costs nothing.
+        """
+        await tdb.idle()
+        if not self._can_exit():
+            log.info("tenantdb: the tenant is idle, but the server runs in a thread: it goes on")
+            return
+        log.info("tenantdb: the tenant is idle; shutting the server down, exit code 0")
+        await self._end_process(0)
+
+    def _can_exit(self) -> bool:
+        return self.exit_on_failure and _server_handles_sigterm()
+
+    async def _end_process(self, code: int) -> None:
+        """Shut the server down gracefully, then exit with ``code``."""
+        if self._exit_code is not None:
+            # Already shutting down (idle, then failed): a failure still shows in the code.
+            self._exit_code = max(self._exit_code, code)
+            return
+        self._exit_code = code
         # Servers take SIGTERM for a graceful shutdown: requests in flight end, then the
-        # lifespan's shutdown runs (the app's, then ours, which cancels this task), then
-        # _exit_if_failed.
+        # lifespan's shutdown runs (the app's, then ours: final publish and release, and
+        # the cancelling of this task), then _exit_if_asked.
         signal.raise_signal(signal.SIGTERM)
         # A connection that never ends (a websocket, a stream, a stuck handler) would hold
         # that shutdown, and the half-alive process, forever.
@@ -441,14 +471,18 @@ class TenantDBMiddleware:
         log.critical(
             "tenantdb: the server did not shut down within %gs; exiting with code %d",
             self.settings.kill_timeout,
-            FAIL_STOP_EXIT_CODE,
+            self._exit_code,
         )
-        os._exit(FAIL_STOP_EXIT_CODE)
+        os._exit(self._exit_code)
 
-    def _exit_if_failed(self) -> None:
-        """After the lifespan's shutdown of a failed machine: end the process, non-zero."""
+    def _exit_if_asked(self) -> None:
+        """After the lifespan's shutdown of a machine that ends itself: exit with its code."""
         if self._exit_code is not None:
-            log.critical("tenantdb: shutdown complete, exiting with code %d", self._exit_code)
+            log.log(
+                logging.CRITICAL if self._exit_code else logging.INFO,
+                "tenantdb: shutdown complete, exiting with code %d",
+                self._exit_code,
+            )
             # Scheduled before the server hears that the shutdown is complete, so it runs
             # before uvicorn re-raises the SIGTERM it captured (which would end the process
             # by the signal instead of this exit code).

@@ -121,6 +121,20 @@ async def test_status_of_a_held_then_released_tenant(
     assert released["last_owner"] == "m1"
     code, out, _ = await run("status", "acme")
     assert "released" in out.splitlines()[1]
+    assert released["released"] is None  # a handoff, not an idle stop
+
+
+async def test_status_says_when_a_tenant_stopped_itself_for_idleness(
+    bucket: Bucket, cli_env: dict[str, str]
+) -> None:
+    lease = Lease(bucket, "acme", machine_id="m1", region="ams", ttl=3)
+    await lease.acquire()
+    await lease.release(reason="idle")
+    code, out, _ = await run("status", "acme", "--json")
+    [status] = json.loads(out)
+    assert (code, status["lease"], status["released"]) == (0, "released", "idle")
+    code, out, _ = await run("status", "acme")
+    assert "released (idle)" in out.splitlines()[1]
 
 
 async def test_status_without_tenants_lists_every_tenant(

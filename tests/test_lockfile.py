@@ -111,3 +111,24 @@ def test_a_snapshot_key_with_a_time_past_the_year_9000_is_not_tenantdbs() -> Non
     name = SnapshotName.parse("s/00000001-00000001-000000000001-1764583200000-ab.sqlite3")
     assert name is not None
     assert name.taken_ms == 1764583200000
+
+
+def released(reason: object) -> dict[str, Any]:
+    return {**lock(), "owner": None, "claim": None, "last_owner": "m1", "released": reason}
+
+
+def test_an_idle_release_round_trips_and_an_older_lock_without_the_field_says_nothing() -> None:
+    record = parse(released("idle"))
+    assert (record.owner, record.released) == (None, "idle")
+    assert LockRecord.parse(record.to_json(), tenant="acme", key=KEY) == record
+    assert parse(lock()).released is None  # written before release reasons existed
+
+
+@pytest.mark.parametrize("reason", ["sleepy", "", 1, True, ["idle"], {"idle": 1}])
+def test_an_unknown_release_reason_is_refused(reason: object) -> None:
+    assert "released" in refused(released(reason)).reason
+
+
+def test_a_release_reason_on_a_held_lease_is_refused() -> None:
+    # "idle" with an owner would make standbys stop while a holder serves.
+    assert "held lease" in refused({**lock(), "released": "idle"}).reason

@@ -13,9 +13,12 @@
   machines' service has autostart off (``ClusterConfig.autostart``, `tenantdb dev
   --no-autostart`); its port also serves the dashboard at ``/_dev/`` (``DevEdge``).
 
-Machines idle for ``idle_stop`` seconds are stopped as Fly stops them: ``SIGINT``, then
-``SIGKILL`` after ``kill_timeout``. Unlike Fly's autostop, which stops one machine per region
-every few minutes, each idle machine is stopped as soon as it has been idle long enough.
+A machine stops itself as on Fly: after ``TENANTDB_IDLE_STOP`` seconds without a request
+(``idle_stop`` sets it for every machine; None leaves each machine's own, 300 by default)
+its server releases the lease and exits 0, and the machine is shown stopped until a request
+starts it again (autostart). Fly's restart policy ``on-failure`` leaves a machine that
+exited 0 stopped (https://fly.io/docs/machines/guides-examples/machine-restart-policy/).
+``stop_machine`` stops one as Fly does: ``SIGINT``, then ``SIGKILL`` after ``kill_timeout``.
 
 Every machine runs in its own process group. ``stop()`` (also run when ``start()`` fails)
 stops them all gracefully, and an ``atexit`` hook kills whatever a crash left behind.
@@ -105,7 +108,8 @@ class ClusterConfig:
     app_module: str = "example_app:app"
     command: tuple[str, ...] = ()
     state_dir: Path = Path(".tenantdb")
-    idle_stop: float = 0.0
+    # TENANTDB_IDLE_STOP of every machine (0: never); None: the machines' own setting.
+    idle_stop: float | None = None
     kill_timeout: float = 30.0
     start_timeout: float = 30.0
     metadata_key: str = "customer_id"
@@ -126,7 +130,7 @@ class ClusterConfig:
             raise ConfigurationError(f"app name {self.app_name!r} is not a lowercase DNS label")
         if not 0 <= self.port <= 65535:
             raise ConfigurationError(f"port {self.port} is not a TCP port (0 = any free port)")
-        if self.idle_stop < 0 or self.kill_timeout <= 0 or self.start_timeout <= 0:
+        if (self.idle_stop or 0) < 0 or self.kill_timeout <= 0 or self.start_timeout <= 0:
             raise ConfigurationError("idle stop must be >= 0 (0 = never), timeouts > 0")
 
 
@@ -142,6 +146,8 @@ class MachineStatus:
     pid: int | None
     # Where its Prometheus metrics are served while it runs (None: not running, or none).
     metrics_port: int | None = None
+    # How its last process ended (None: it runs, or never ended on its own).
+    exit_code: int | None = None
 
 
 class _Machine:
@@ -157,8 +163,7 @@ class _Machine:
         self.output: asyncio.Task[None] | None = None
         self.port = 0
         self.metrics_port = 0
-        self.in_flight = 0
-        self.last_active = 0.0
+        self.exit_code: int | None = None
         # Starting and stopping one machine never overlap.
         self.lock = asyncio.Lock()
 
@@ -181,6 +186,7 @@ class _Machine:
             self.port if running else None,
             process.pid if running and process is not None else None,
             self.metrics_port if running and self.metrics_port else None,
+            self.exit_code,
         )
 
 
@@ -211,8 +217,6 @@ class Cluster:
         self._machines: dict[str, _Machine] = {}
         self._server: _ProxyServer | None = None
         self._serving: asyncio.Task[None] | None = None
-        self._idle_watch: asyncio.Task[None] | None = None
-        self._stopping: set[asyncio.Task[None]] = set()
         self._port = 0
         self._env: dict[str, str] = {}
         self._log_config = Path()
@@ -271,13 +275,7 @@ class Cluster:
                 )
             log.info("autostart: machine %s is %s, starting it", machine.label, machine.state)
             await self._start(machine)
-        # No await between the start and this count: an idle stop cannot slip in between.
-        machine.in_flight += 1
-        try:
-            yield machine.url
-        finally:
-            machine.in_flight -= 1
-            machine.last_active = self._clock()
+        yield machine.url
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -319,18 +317,12 @@ class Cluster:
                 if isinstance(result, BaseException):
                     raise result
             await self._serve_proxy(sock)
-            if self.config.idle_stop > 0:
-                self._idle_watch = asyncio.create_task(self._stop_idle_machines())
         except BaseException:
             await self.stop()
             raise
 
     async def stop(self) -> None:
         """Stop the proxy, then every machine gracefully (in parallel), then the DNS responder."""
-        if self._idle_watch is not None:
-            self._idle_watch.cancel()
-            await asyncio.gather(self._idle_watch, return_exceptions=True)
-            self._idle_watch = None
         if self._server is not None and self._serving is not None:
             self._server.should_exit = True
             await asyncio.gather(self._serving, return_exceptions=True)
@@ -339,7 +331,6 @@ class Cluster:
             self._socket.close()  # already closed if the proxy served on it
             self._socket = None
         self._port = 0
-        await asyncio.gather(*self._stopping, return_exceptions=True)
         await asyncio.gather(
             *(self._stop(m, reason="the cluster is stopping") for m in self._machines.values()),
             return_exceptions=True,
@@ -402,6 +393,8 @@ class Cluster:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if self.config.idle_stop is not None:
+            env["TENANTDB_IDLE_STOP"] = f"{self.config.idle_stop:g}"
         env.update(self.config.env)
         if not env.get("BUCKET_NAME"):
             env.setdefault("TENANTDB_LOCAL_BUCKET", str(root / "bucket"))
@@ -440,6 +433,7 @@ class Cluster:
     async def _spawn(self, machine: _Machine) -> None:
         """Run the machine's process and wait until it listens (the caller holds the lock)."""
         machine.state = "starting"
+        machine.exit_code = None
         machine.port = _free_port()
         # Each machine its own metrics port, as each Fly Machine has its own address: on one
         # shared default port only the first would listen, and a scrape would read its numbers.
@@ -502,7 +496,6 @@ class Cluster:
             machine.state = "stopped"
             raise
         machine.state = "started"
-        machine.last_active = self._clock()
         self._announce_dns(machine)
         log.info(
             "machine %s started on port %d (pid %d) in %.1fs",
@@ -548,16 +541,19 @@ class Cluster:
             machine_log.info("%s %s | %s", machine.tenant, machine.machine_id, line)
         code = await process.wait()
         if machine.process is process and machine.state == "started":
-            # A crash: Fly marks the machine stopped, and the next request starts it again.
+            # Stopped by itself (idle: exit 0) or crashed: Fly marks the machine stopped,
+            # and the next request starts it again.
             machine.state = "stopped"
+            machine.exit_code = code
             self._announce_dns(machine)
-            log.warning("machine %s exited on its own with code %s", machine.label, code)
+            if code == 0:
+                log.info("machine %s stopped itself (exit code 0)", machine.label)
+            else:
+                log.warning("machine %s exited on its own with code %s", machine.label, code)
 
-    async def _stop(self, machine: _Machine, *, reason: str, only_if_idle: bool = False) -> None:
+    async def _stop(self, machine: _Machine, *, reason: str) -> None:
         async with machine.lock:
             if machine.state != "started" or machine.process is None:
-                return
-            if only_if_idle and not self._idle(machine):
                 return
             process = machine.process
             machine.state = "stopping"
@@ -593,23 +589,6 @@ class Cluster:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(machine.output), 5)
         machine.process = None
-
-    def _idle(self, machine: _Machine) -> bool:
-        return (
-            machine.in_flight == 0 and self._clock() - machine.last_active >= self.config.idle_stop
-        )
-
-    async def _stop_idle_machines(self) -> None:
-        idle = self.config.idle_stop
-        while True:
-            await asyncio.sleep(min(1.0, idle / 4))
-            for machine in self._machines.values():
-                if machine.state == "started" and self._idle(machine):
-                    task = asyncio.create_task(
-                        self._stop(machine, reason=f"idle for {idle:g}s", only_if_idle=True)
-                    )
-                    self._stopping.add(task)
-                    task.add_done_callback(self._stopping.discard)
 
     def _announce_dns(self, machine: _Machine) -> None:
         """Tell the DNS responder whether the machine runs (Fly DNS lists running ones only)."""
@@ -719,13 +698,19 @@ def _summary(cluster: Cluster) -> str:
             f"  metrics {_metrics_url(m.metrics_port)}"
             for m in cluster.status()
         ),
-        f"  idle machines stop: {f'after {config.idle_stop:g}s' if config.idle_stop else 'never'}"
+        f"  idle machines stop themselves: {_idle_stop(config.idle_stop)}"
         f"; kill timeout {config.kill_timeout:g}s"
         f"; requests start stopped machines: {'yes' if config.autostart else 'no (autostart off)'}",
         f"Open {cluster.url}/customers/{config.tenants[0]}  (Ctrl-C stops everything)",
         f"Dashboard: {cluster.url}/_dev/  (machines, leases, routes; stop, kill, start)",
     ]
     return "\n".join(lines)
+
+
+def _idle_stop(seconds: float | None) -> str:
+    if seconds is None:
+        return "as TENANTDB_IDLE_STOP says (default: after 300s)"
+    return f"after {seconds:g}s" if seconds else "never"
 
 
 def _metrics_url(port: int | None) -> str:

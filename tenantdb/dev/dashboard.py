@@ -153,6 +153,8 @@ async def _state(cluster: Cluster) -> dict[str, Any]:
                 "id": m.machine_id,
                 "tenant": m.tenant,
                 "state": m.state,
+                # How it last ended on its own: 0 is an idle stop (TENANTDB_IDLE_STOP).
+                "exit_code": m.exit_code,
                 "pid": m.pid,
                 "metrics_port": m.metrics_port,
                 # The buttons the page shows: never "start" on a running machine.
@@ -186,6 +188,7 @@ async def _read_lock(bucket: Bucket, key: str, tenant: str) -> dict[str, Any]:
         "lock": {
             "holder": record.owner,
             "last_owner": record.last_owner,
+            "released": record.released,
             "generation": record.generation,
             "seq": record.seq,
             "ttl_seconds": record.ttl_seconds,

@@ -456,7 +456,9 @@ class MachinesClient:
                     )
                 ],
                 "auto_destroy": False,
-                # A clean exit (autostop, scale down) stays down; a crash is retried.
+                # A clean exit (the idle stop's exit 0, autostop) stays down and the proxy
+                # starts it on the next request; a crash is retried up to 10 times
+                # (https://fly.io/docs/machines/guides-examples/machine-restart-policy/).
                 "restart": {"policy": "on-failure", "max_retries": 10},
                 # Fly's default grace is 5s; shutdown publishes the final snapshot and
                 # releases the lease, which must not be cut short by a SIGKILL.

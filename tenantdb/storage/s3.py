@@ -433,6 +433,21 @@ class S3Bucket:
         # S3's own maximum; tests lower it to exercise pagination with a handful of keys.
         self._list_page_size = 1000
 
+    def upload_requests(self, size: int, *, conditional: bool) -> tuple[int, int]:
+        """The (writes, reads) an ``upload_file`` of ``size`` bytes makes when nothing fails.
+
+        One PUT below the multipart threshold; above it CreateMultipartUpload, one UploadPart
+        per part and CompleteMultipartUpload, after a HEAD when it is conditional.
+        """
+        if size < self._multipart_threshold:
+            return 1, 0
+        parts = -(-size // max(self._part_size, -(-size // _MAX_PARTS)))
+        return parts + 2, 1 if conditional else 0
+
+    def download_requests(self, size: int) -> int:
+        """The GETs a ``download_file`` of ``size`` bytes makes: one per part-sized range."""
+        return max(1, -(-size // self._part_size))
+
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> S3Bucket:
         """Build the bucket named by ``settings`` (BUCKET_NAME, AWS_* variables)."""

@@ -4,6 +4,7 @@ idle stops, failures that leave nothing behind, and `tenantdb dev` itself."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import queue
 import re
@@ -29,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tenantdb.dev.cluster import Cluster, ClusterConfig
 from tenantdb.dev.proxy import MachineUnavailableError
 from tenantdb.errors import ConfigurationError, TenantDBError
+from tenantdb.storage.local import LocalBucket
 from tests.support.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -168,15 +170,50 @@ async def test_a_killed_machine_has_failed_until_started_again(tmp_path: Path) -
         assert (await client.get("/customers/100", headers=JSON)).json()["count"] == 2
 
 
-async def test_idle_machines_stop_and_start_on_the_next_request(tmp_path: Path) -> None:
+async def lock_json(cluster: Cluster, tenant: str) -> dict[str, Any]:
+    async with LocalBucket(cluster.bucket_settings().local_bucket_dir) as bucket:
+        lock: dict[str, Any] = json.loads((await bucket.get(f"tenants/{tenant}/lock.json")).body)
+    return lock
+
+
+async def test_idle_machines_stop_themselves_with_exit_0_and_start_on_the_next_request(
+    tmp_path: Path,
+) -> None:
     async with (
         Cluster(config(tmp_path, idle_stop=0.5)) as cluster,
         httpx.AsyncClient(base_url=cluster.url, trust_env=False) as client,
     ):
         assert (await client.get("/customers/100", headers=JSON)).json()["count"] == 1
         await wait_for(lambda: cluster.status()[0].state == "stopped")
+        # The machine ended itself, as on Fly (restart policy on-failure keeps it stopped).
+        assert cluster.status()[0].exit_code == 0
+        assert (await lock_json(cluster, "100"))["released"] == "idle"
+        shown = (await client.get("/_dev/state")).json()  # what the dashboard shows
+        assert (shown["machines"][0]["state"], shown["machines"][0]["exit_code"]) == (
+            "stopped",
+            0,
+        )
+        assert shown["tenants"][0]["lock"]["released"] == "idle"
         woken = await client.get("/customers/100", headers=JSON)
         assert woken.json()["count"] == 2
+        assert cluster.status()[0].state == "started"
+
+
+async def test_an_idle_tenants_standby_stops_too_and_a_request_wakes_one_machine(
+    tmp_path: Path,
+) -> None:
+    async with (
+        Cluster(config(tmp_path, idle_stop=1.5, machines_per_tenant=2)) as cluster,
+        httpx.AsyncClient(base_url=cluster.url, trust_env=False) as client,
+    ):
+        assert (await client.get("/customers/100", headers=JSON)).json()["count"] == 1
+        await wait_for(lambda: all(m.state == "stopped" for m in cluster.status()))
+        assert [m.exit_code for m in cluster.status()] == [0, 0]
+        lock = await lock_json(cluster, "100")
+        assert (lock["owner"], lock["released"]) == (None, "idle")
+        woken = await client.get("/customers/100", headers=JSON)
+        assert woken.json()["count"] == 2
+        assert sorted(m.state for m in cluster.status()) == ["started", "stopped"]
 
 
 async def test_with_autostart_off_a_replay_does_not_start_a_stopped_machine(

@@ -161,7 +161,14 @@ class MachineProcesses:
             server.close()
 
     def start(
-        self, app: str, machine: str, tenant: str, env: Mapping[str, str], *, ready: bool = True
+        self,
+        app: str,
+        machine: str,
+        tenant: str,
+        env: Mapping[str, str],
+        *,
+        ready: bool = True,
+        uvicorn_args: Sequence[str] = (),
     ) -> UvicornProcess:
         """Serve ``app`` as machine ``machine`` of ``tenant``, with ``env`` on top; unless
         ``ready=False``, wait until it answers."""
@@ -174,6 +181,7 @@ class MachineProcesses:
                 **env,
             },
             self.root / f"{machine}-{len(self.started)}.log",
+            uvicorn_args=uvicorn_args,
         )
         self.started.append(server)
         if ready:
