@@ -198,8 +198,8 @@ def takeover_record_of_60000_brackets(bucket: Bucket) -> list[str]:
 
 
 def takeover_record_with_a_huge_tail_and_a_far_segment(bucket: Bucket) -> list[str]:
-    # At the generation the next holder takes: a planner stepping index by index to 10**12
-    # would block the loop; a record past the log must be refused.
+    # Near the generations the next holders take: a planner stepping index by index to
+    # 10**12 would block the loop; a record past the log must be refused.
     generation = bucket.lock()["generation"] + 2
     record = {
         "generation": generation,
@@ -362,6 +362,24 @@ def test_the_holder_keeps_serving_and_shipping_past(cluster: Cluster, crafted: s
     cluster.placed.extend(keys)
     settle(cluster.holder, cluster.standby)
     assert_keeps_serving(cluster, keys)
+
+
+@pytest.mark.long
+@pytest.mark.xdist_group("hostile-processes")
+def test_after_them_the_standby_takes_over_and_serves(cluster: Cluster) -> None:
+    """The new holder's takeover, restore and garbage collection meet every object above
+    (its takeover record's key is the one the 60,000 [ took) and it serves all the same."""
+    count = count_of(cluster.holder.visit())
+    cluster.holder.server.stop()  # a deploy: SIGTERM, a final publish, the lease released
+    standby = cluster.standby
+    eventually("the standby serves", lambda: standby.visit().status_code == 200, standby)
+    assert count_of(standby.visit()) == count + 2
+    assert standby.health().status_code == 200
+    lock = cluster.bucket.lock()
+    assert lock["owner"] == "m2"
+    out = cluster.root / "restored-after-takeover.sqlite3"
+    assert restored_count(cluster.env, out) == count + 2
+    assert_status_lists_globex(cluster.env)
 
 
 # ---------------------------------------------------------------------------------------
