@@ -5,15 +5,23 @@ holder and a standby of tenant ``acme``, and tenant ``globex``. Each crafted obj
 issue 22 is placed in the bucket while they run (an attacker with the bucket's credentials:
 unconditional writes), and the test asserts the one outcome the code chooses for it:
 
-- **keeps serving**: a write is answered 200, ``lock.json``'s log tail advances, a restore
-  (``tenantdb restore``, a subprocess) has every acknowledged write, the standby stays green;
-- **refuses loudly, stays up**: the tenant's requests get 503 with a short reason, /healthz
-  is 503, the log names the object's key, and the process does not exit (Fly would only
-  restart it into the same object; docs/guarantees.md: a held tenant that cannot be opened
-  is retried with backoff).
+- **keeps serving** (a snapshot key with a 15-digit time, a takeover record of 60,000 ``[``,
+  one with tail 10**12 beside an empty far segment key, a db_pages bomb carried inline by
+  lock.json): writes are answered 200, ``lock.json``'s log tail advances, a restore
+  (``tenantdb restore``, a subprocess) has every acknowledged write, the standby stays
+  green; and after them all the standby takes over and serves;
+- **refuses loudly, stays up** (lock.json damaged in any field): 503 saying the tenant's
+  lock.json is damaged, both machines red, the log naming the key, no exit (a restart would
+  meet the same lock.json; docs/guarantees.md), and serving again once it is repaired;
+- **serves, but red** (a foreign segment at the key the holder uploads next): commits stay
+  durable inline in lock.json, but the health check turns red and the log names the key;
+- **serves, restores refuse** (a published segment replaced by an oversized one): restores
+  fail naming the key, never older.
 
-Throughout, /healthz answers within 2 s (the event loop is never blocked), a green /healthz
-never comes with a dead loop, and ``tenantdb status --json`` exits and lists globex.
+Throughout, /healthz answers within 2 s (the event loop is never blocked), never green with
+a dead or stuck loop, and ``tenantdb status --json`` exits and lists globex, naming acme's
+damaged object on stderr when it cannot read it. No case fails stop (exit 70): none kills a
+loop with an exception it does not expect (tests/test_fail_stop.py injects those).
 """
 
 from __future__ import annotations
@@ -290,7 +298,7 @@ KEEPS_SERVING = {
     ),
 }
 
-REFUSED = {
+DAMAGED_LOCKS = {
     'lock.json with "inline": ["é"]': inline_not_base64,
     'lock.json with "tail": 10**9': tail_of_a_billion,
     "lock.json with a free-form updated_at": free_form_updated_at,
@@ -299,8 +307,18 @@ REFUSED = {
 
 
 # ---------------------------------------------------------------------------------------
-# Keep serving: one holder, one standby and globex shared by the cases (in one xdist group,
-# in order).
+# Keep serving: one holder, one standby and globex meet every object in turn. (One test, not
+# one per object: the cases share the machines, in order, and xdist_group does not hold them
+# on one worker with pytest 9.)
+
+
+@contextlib.contextmanager
+def scenario(name: str) -> Iterator[None]:
+    """Name the crafted object in any failure of the block."""
+    try:
+        yield
+    except (AssertionError, pytest.fail.Exception) as exc:
+        raise AssertionError(f"with {name}: {exc}") from exc
 
 
 @dataclass
@@ -314,11 +332,11 @@ class Cluster:
     placed: list[str] = field(default_factory=list)  # the keys of the cases so far
 
 
-@pytest.fixture(scope="module")
-def cluster(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    root = tmp_path_factory.mktemp("hostile")
-    name = create_s3_bucket(s3_endpoint)
-    env = clean_env(s3_endpoint, name)
+@contextlib.contextmanager
+def cluster_of(endpoint: str, root: Path) -> Iterator[Cluster]:
+    """A new bucket, a holder (m1) and a standby (m2) of acme, and globex (g1)."""
+    name = create_s3_bucket(endpoint)
+    env = clean_env(endpoint, name)
     machines: list[Machine] = []
     try:
         for tenant, machine_id in [("acme", "m1"), ("acme", "m2"), ("globex", "g1")]:
@@ -327,14 +345,14 @@ def cluster(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         holder, standby, globex = machines
         count_of(holder.visit())
         count_of(globex.visit("globex"))
-        assert json.loads(Bucket(s3_endpoint, name).get(LOCK))["owner"] == "m1"
-        yield Cluster(Bucket(s3_endpoint, name), env, holder, standby, globex, root)
+        assert json.loads(Bucket(endpoint, name).get(LOCK))["owner"] == "m1"
+        yield Cluster(Bucket(endpoint, name), env, holder, standby, globex, root)
     finally:
         for machine in machines:
             machine.close()
 
 
-def assert_keeps_serving(cluster: Cluster, keys: list[str]) -> None:
+def assert_keeps_serving(cluster: Cluster) -> None:
     holder, standby = cluster.holder, cluster.standby
     tail = cluster.bucket.lock()["log"]["tail"]
     for _ in range(3):
@@ -355,31 +373,27 @@ def assert_keeps_serving(cluster: Cluster, keys: list[str]) -> None:
 
 
 @pytest.mark.long
-@pytest.mark.xdist_group("hostile-processes")
-@pytest.mark.parametrize("crafted", list(KEEPS_SERVING))
-def test_the_holder_keeps_serving_and_shipping_past(cluster: Cluster, crafted: str) -> None:
-    keys = KEEPS_SERVING[crafted](cluster.bucket)
-    cluster.placed.extend(keys)
-    settle(cluster.holder, cluster.standby)
-    assert_keeps_serving(cluster, keys)
-
-
-@pytest.mark.long
-@pytest.mark.xdist_group("hostile-processes")
-def test_after_them_the_standby_takes_over_and_serves(cluster: Cluster) -> None:
-    """The new holder's takeover, restore and garbage collection meet every object above
-    (its takeover record's key is the one the 60,000 [ took) and it serves all the same."""
-    count = count_of(cluster.holder.visit())
-    cluster.holder.server.stop()  # a deploy: SIGTERM, a final publish, the lease released
-    standby = cluster.standby
-    eventually("the standby serves", lambda: standby.visit().status_code == 200, standby)
-    assert count_of(standby.visit()) == count + 2
-    assert standby.health().status_code == 200
-    lock = cluster.bucket.lock()
-    assert lock["owner"] == "m2"
-    out = cluster.root / "restored-after-takeover.sqlite3"
-    assert restored_count(cluster.env, out) == count + 2
-    assert_status_lists_globex(cluster.env)
+def test_the_holder_keeps_serving_past_each_object_then_the_standby_takes_over(
+    s3_endpoint: str, tmp_path: Path
+) -> None:
+    """After the objects, the new holder's takeover, restore and garbage collection meet them
+    all (its takeover record's key is one a crafted record took) and it serves all the same."""
+    with cluster_of(s3_endpoint, tmp_path) as cluster:
+        for crafted, place in KEEPS_SERVING.items():
+            with scenario(crafted):
+                cluster.placed.extend(place(cluster.bucket))
+                settle(cluster.holder, cluster.standby)
+                assert_keeps_serving(cluster)
+        count = count_of(cluster.holder.visit())
+        cluster.holder.server.stop()  # a deploy: SIGTERM, a final publish, lease released
+        standby = cluster.standby
+        eventually("the standby serves", lambda: standby.visit().status_code == 200, standby)
+        assert count_of(standby.visit()) == count + 2
+        assert standby.health().status_code == 200
+        assert cluster.bucket.lock()["owner"] == "m2"
+        out = tmp_path / "restored-after-takeover.sqlite3"
+        assert restored_count(cluster.env, out) == count + 2
+        assert_status_lists_globex(cluster.env)
 
 
 # ---------------------------------------------------------------------------------------
@@ -416,6 +430,7 @@ class Pair:
     env: dict[str, str]
     holder: Machine
     standby: Machine
+    root: Path
 
 
 @contextlib.contextmanager
@@ -429,33 +444,18 @@ def fresh_pair(endpoint: str, root: Path, **env: str) -> Iterator[Pair]:
         for machine_id in ("m1", "m2"):  # one after the other: m1 takes the lease
             machines.append(Machine(root, env, "acme", machine_id))
             machines[-1].server.wait_ready()
-        yield Pair(Bucket(endpoint, name), env, *machines)
+        holder, standby = machines
+        yield Pair(Bucket(endpoint, name), env, holder, standby, root)
     finally:
         for machine in machines:
             machine.close()
 
 
-@pytest.fixture(scope="module")
-def lock_pair(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    """One pair for the damaged lock.json cases: each repairs what it damaged."""
-    with fresh_pair(s3_endpoint, tmp_path_factory.mktemp("lock")) as pair:
-        yield pair
-
-
-@pytest.mark.long
-@pytest.mark.xdist_group("hostile-processes-lock")
-@pytest.mark.parametrize("crafted", list(REFUSED))
-def test_a_damaged_lock_json_turns_both_machines_red_until_it_is_repaired(
-    lock_pair: Pair, tmp_path: Path, crafted: str
-) -> None:
-    """The holder cannot renew past it: it steps down (no exit: a restart would meet the same
-    lock.json, and a repair must find it ready), answers 503 saying why and is red, as is the
-    standby, which cannot take over; repaired, the holder takes its lease back."""
-    pair = lock_pair
+def assert_refused_until_repaired(pair: Pair, place: Callable[[Bucket], None]) -> None:
     holder, standby = pair.holder, pair.standby
     count_of(holder.visit())
     original = pair.bucket.get(LOCK)
-    REFUSED[crafted](pair.bucket)
+    place(pair.bucket)
     # Its CAS cannot land on a lock it did not write: never a 200.
     assert holder.visit().status_code == 503
     reason = "the tenant's lock.json is damaged"
@@ -483,13 +483,28 @@ def test_a_damaged_lock_json_turns_both_machines_red_until_it_is_repaired(
     pair.bucket.put(LOCK, original)
     eventually("acme is served again", lambda: holder.visit().status_code == 200, holder)
     count = count_of(holder.visit())
-    assert restored_count(pair.env, tmp_path / "restored.sqlite3") == count
+    out = pair.root / f"restored-{uuid.uuid4().hex}.sqlite3"
+    assert restored_count(pair.env, out) == count
     eventually(
         "both machines are green again",
         lambda: all(m.health().status_code == 200 for m in (holder, standby)),
         holder,
         standby,
     )
+
+
+@pytest.mark.long
+def test_a_damaged_lock_json_turns_both_machines_red_until_it_is_repaired(
+    s3_endpoint: str, tmp_path: Path
+) -> None:
+    """The holder cannot renew past it: it steps down (no exit: a restart would meet the same
+    lock.json, and a repair must find it ready), answers 503 saying why and is red, as is the
+    standby, which cannot take over; repaired, the holder takes its lease back. Each damage
+    in turn, on the same machines."""
+    with fresh_pair(s3_endpoint, tmp_path) as pair:
+        for crafted, place in DAMAGED_LOCKS.items():
+            with scenario(crafted):
+                assert_refused_until_repaired(pair, place)
 
 
 @pytest.mark.long
