@@ -35,6 +35,7 @@ from tenantdb.errors import (
     LeaseHeldError,
     LeaseLostError,
     LocalDiskError,
+    LockFileCorruptError,
     TenantDBError,
 )
 from tenantdb.lease import CLOCK_GRANULARITY, Lease, ObservedLock
@@ -216,6 +217,9 @@ class TenantDB:
         self.holder: LeaseHeldError | None = None
         self.problem: str | None = None  # why a held tenant could not be opened, if it failed
         self.failure: str | None = None  # why the machine failed stop (state "failed")
+        # A standby's last read of lock.json found it damaged: it can neither follow nor take
+        # over until someone repairs it, so it must not look like a healthy standby.
+        self.lock_damaged = False
         self._bucket = bucket
         self._dir_lock = _DataDirLock(settings.data_dir)
         self._stack = AsyncExitStack()
@@ -234,7 +238,7 @@ class TenantDB:
         self._supervisor = Supervisor(
             self.tenant, failures=self.metrics, on_fail_stop=self._fail_stop
         )
-        self._health_checks: list[HealthCheck] = [self._pool_stalled]
+        self._health_checks: list[HealthCheck] = [self._pool_stalled, self._shipping_stuck]
         self._failing: asyncio.Task[None] | None = None  # stopping what a failure left running
         self._failed = asyncio.Event()  # set once the failed machine has stopped everything
         # Requests for the tenant, for the idle stop (TENANTDB_IDLE_STOP).
@@ -324,6 +328,18 @@ class TenantDB:
         pool = self._pool
         return pool.stalled() if pool is not None and self.state == "serving" else None
 
+    def _shipping_stuck(self) -> str | None:
+        """Why the holder is red although its shipper runs: for longer than the durability
+        timeout, a commit has waited or a log object's upload has failed (a failure it
+        retries but cannot get past, such as a foreign object at the key)."""
+        shipper = self._shipper
+        if self.state != "serving" or shipper is None:
+            return None
+        stuck = max(shipper.lag(), shipper.upload_failing_for())
+        if stuck <= self.settings.durability_timeout:
+            return None
+        return f"log shipping has been stuck for {stuck:.0f}s (see the log)"
+
     def add_health_check(self, check: HealthCheck) -> None:
         """Make ``health()`` red whenever ``check()`` returns a reason (None: all is well)."""
         self._health_checks.append(check)
@@ -344,6 +360,8 @@ class TenantDB:
         )
         if self.state == "restoring" and self.problem:
             reasons.append("the tenant's database cannot be opened (retrying)")
+        if self.state == "standby" and self.lock_damaged:
+            reasons.append("the tenant's lock.json is damaged: no machine can hold the tenant")
         reasons.extend(reason for check in self._health_checks if (reason := check()))
         return Health(tuple(reasons))
 
@@ -467,9 +485,11 @@ class TenantDB:
             try:
                 observed = await self.lease.read(since=since)
             except TenantDBError as exc:
+                self.lock_damaged = isinstance(exc, LockFileCorruptError)
                 log.warning("tenant %s: standby could not read lock.json: %s", self.tenant, exc)
                 await asyncio.sleep(interval)
                 continue
+            self.lock_damaged = False
             self._observed, self._confirmed_at = observed, time.monotonic()
             if observed is not None and self._still_held(observed):
                 # While lock.json is still at the generation the local file was written in,

@@ -302,7 +302,9 @@ class TenantDBMiddleware:
             # Never tdb.problem: it names the bucket, keys and local paths. The log has it.
             "restoring": "the tenant's database is being restored"
             + (" (the last attempt failed; retrying)" if tdb.problem else ""),
-            "standby": f"machine {holder or 'another machine'} holds the tenant's lease",
+            "standby": "the tenant's lock.json is damaged"
+            if tdb.lock_damaged
+            else f"machine {holder or 'another machine'} holds the tenant's lease",
             "fenced": "this machine lost the tenant's lease",
             "failed": f"this machine failed ({tdb.failure}) and is restarting",
             "stopping": "this machine is shutting down",

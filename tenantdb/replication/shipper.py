@@ -18,6 +18,7 @@ than guessing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 import time
@@ -214,6 +215,8 @@ class Shipper:
         self._unpublished: deque[_Built] = deque()
         # Uploads of log objects not yet named by lock.json, or carried inline in it.
         self._uploads: dict[str, asyncio.Task[None]] = {}
+        # When each log object's upload first failed, until one of its retries succeeds.
+        self._upload_failed_at: dict[str, float] = {}
         # The published segments lock.json carries inline, as (key, body), oldest first;
         # None until read from the lock this holding started with.
         self._carried: deque[tuple[str, bytes]] | None = None
@@ -327,6 +330,12 @@ class Shipper:
         since = self._unshipped_since
         return 0.0 if since is None else time.monotonic() - since
 
+    def upload_failing_for(self) -> float:
+        """Seconds the upload of a log object has been failing (lock.json carries it
+        meanwhile); 0 when none is."""
+        failed = [at for key, at in self._upload_failed_at.items() if key in self._uploads]
+        return time.monotonic() - min(failed) if failed else 0.0
+
     async def _ship_locked(self) -> bool:
         if self._needs_snapshot:
             await self._snapshot()
@@ -375,6 +384,8 @@ class Shipper:
         """Sync every ``interval`` seconds, checkpoint and snapshot as due, until fenced."""
         while True:
             await asyncio.sleep(interval)
+            for key, body in self._carried or ():
+                self._upload(key, body)  # a failed upload is retried, commits or not
             try:
                 # One segment per interval, more only while a backlog is being worked off.
                 while await self.ship_once() and self._backlog:
@@ -523,8 +534,21 @@ class Shipper:
         if upload is None or (upload.done() and not _succeeded(upload)):
             upload = asyncio.get_running_loop().create_task(self._put_once(key, body))
             upload.add_done_callback(retrieve_exception)
+            upload.add_done_callback(functools.partial(self._note_upload, key))
             self._uploads[key] = upload
         return upload
+
+    def _note_upload(self, key: str, upload: asyncio.Task[None]) -> None:
+        if _succeeded(upload):
+            self._upload_failed_at.pop(key, None)
+        elif not upload.cancelled() and key not in self._upload_failed_at:
+            self._upload_failed_at[key] = time.monotonic()
+            log.warning(
+                "tenant %s: uploading %s failed, retrying (lock.json carries it meanwhile): %s",
+                self.lease.tenant,
+                key,
+                upload.exception(),
+            )
 
     def _uploaded(self, key: str) -> bool:
         upload = self._uploads.get(key)
