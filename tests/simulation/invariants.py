@@ -66,7 +66,13 @@ def restore_matches_model(
     required: set[str], forbidden: set[str], found: set[str], where: str
 ) -> None:
     """(2) A restore as of T holds every write acknowledged by T, and none begun after T."""
-    acknowledged_writes_survive(required, found, where)
+    missing = sorted(required - found)
+    if missing:
+        raise InvariantViolated(
+            "restore_matches_model",
+            f"{where} is older than its moment: it lacks {len(missing)} write(s) "
+            f"acknowledged by then: {missing[:5]}",
+        )
     extra = sorted(forbidden & found)
     if extra:
         raise InvariantViolated(
