@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first", type=int, default=1, help="the first of --seeds")
     parser.add_argument("--steps", type=int, default=12, help="steps per schedule")
     parser.add_argument("--verbose", action="store_true", help="show tenantdb's log")
+    parser.add_argument(
+        "--keep-going", action="store_true", help="run every seed; list the failed ones"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.CRITICAL + 1,
@@ -36,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [args.seed] if args.seed is not None else range(args.first, args.first + args.seeds)
     steps, faults, checks, events = 0, Counter[str](), Counter[str](), Counter[str]()
     writes = acked = 0
+    failed_seeds: list[int] = []
     started = time.monotonic()
     for seed in seeds:
         schedule = make_schedule(seed, args.steps)
@@ -44,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
                 outcome = asyncio.run(run_schedule(schedule, Path(root)))
             except SimulationFailed as failed:
                 print(failed, file=sys.stderr)
-                return 1
+                if not args.keep_going:
+                    return 1
+                failed_seeds.append(seed)
+                continue
         steps += len(outcome.steps)
         faults.update(outcome.faults)
         checks.update(outcome.checks)
@@ -58,13 +65,14 @@ def main(argv: list[str] | None = None) -> int:
             for number, line in enumerate(outcome.steps):
                 print(f"  {number:>3} {line}")
     took = time.monotonic() - started
-    print(f"seeds: {len(seeds)} ({seeds[0]}..{seeds[-1]}), all passed")
+    verdict = f"FAILED: {failed_seeds}" if failed_seeds else "all passed"
+    print(f"seeds: {len(seeds)} ({seeds[0]}..{seeds[-1]}), {verdict}")
     print(f"steps: {steps}; writes: {acked}/{writes} acknowledged")
     print(f"faults injected: {dict(sorted(faults.items()))}")
     print(f"events: {dict(sorted(events.items()))}")
     print(f"invariants checked: {dict(sorted(checks.items()))}")
     print(f"time: {took:.1f}s, {len(seeds) / took:.2f} schedules/s")
-    return 0
+    return 1 if failed_seeds else 0
 
 
 if __name__ == "__main__":

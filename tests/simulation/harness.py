@@ -348,8 +348,11 @@ class Simulation:
             key = takeover_key(PREFIX, TENANT, record.generation + 1)
             self.sim.plant(key, b'{"generation": "not a number"}')
         elif choice == 1:
+            # The size of the newest segment: the next ones of a steady workload match it.
+            segments = [k for k in self.sim.objects if k.endswith(".seg")]
+            size = len(self.sim.objects[max(segments)].body) if segments else 64
             key = segment_key(PREFIX, TENANT, record.generation, tail + 3)
-            self.sim.plant(key, rng.randbytes(64))
+            self.sim.plant(key, rng.randbytes(size))
         else:
             key = f"{PREFIX}{TENANT}/log/{record.generation:08d}/junk"
             self.sim.plant(key, b"\xff" * 32)

@@ -161,8 +161,14 @@ def only_holders_publish(
     """(3) Every object the published lock.json names was written by the machine that held
     the generation in its key (``writers``: key -> client; ``holders``: generation -> owner)."""
     keys: list[tuple[str, int]] = []
-    if record.log is not None:
-        keys += [(chunk_key(prefix, record.tenant, c), c.generation) for c in record.log.chunks()]
+    if (log := record.log) is not None:
+        # A segment lock.json carries inline is published by lock.json itself, whatever
+        # sits at its key (its upload may still be under way, or refused).
+        keys += [
+            (chunk_key(prefix, record.tenant, c), c.generation)
+            for c in log.chunks()
+            if c.merged or log.inline_segment(c.first) is None
+        ]
     if record.snapshot is not None and (m := _SNAPSHOT_GENERATION.search(record.snapshot.key)):
         keys.append((record.snapshot.key, int(m[1])))
     for key, generation in keys:
