@@ -228,6 +228,8 @@ class Simulation:
         match step.kind:
             case "write":
                 return await self._write_step(step.count)
+            case "checkpoint":
+                return await self._checkpoint()
             case "start":
                 return await self.machines[step.machine % len(self.machines)].start()
             case "stop":
@@ -263,6 +265,19 @@ class Simulation:
             *(self.write(serving[n % len(serving)]) for n in range(count))
         )
         return f"{sum(answers)}/{count} acknowledged on {', '.join(m.name for m in serving)}"
+
+    async def _checkpoint(self) -> str:
+        """A full snapshot on a machine that serves: the log's new base."""
+        for machine in self.serving():
+            assert machine.tdb is not None
+            try:
+                async with asyncio.timeout(WRITE_TIMEOUT):
+                    made = await machine.tdb.checkpoint()
+            except (TenantDBError, sqlite3.Error, TimeoutError) as exc:
+                self.outcome.events[f"checkpoint refused: {type(exc).__name__}"] += 1
+                return f"refused on {machine.name}: {type(exc).__name__}: {exc}"
+            return f"{'snapshot' if made else 'nothing new'} on {machine.name}"
+        return "no machine serves"
 
     async def write(self, machine: Machine) -> bool:
         """One client write with a unique token: commit, then ``sync()``; True if answered."""

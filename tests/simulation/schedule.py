@@ -12,7 +12,16 @@ from tests.simulation.bucket import FaultPlan
 __all__ = ["Schedule", "Step", "StepKind", "make_schedule"]
 
 StepKind = Literal[
-    "write", "stop", "start", "crash", "pause", "restore_at", "restore_now", "faults", "hostile"
+    "write",
+    "checkpoint",
+    "stop",
+    "start",
+    "crash",
+    "pause",
+    "restore_at",
+    "restore_now",
+    "faults",
+    "hostile",
 ]
 
 
@@ -37,7 +46,7 @@ class Step:
                 return f"restore_at {self.fraction:.2f} of the run so far"
             case "faults":
                 return f"faults {self.plan}"
-            case "restore_now" | "hostile":
+            case "restore_now" | "hostile" | "checkpoint":
                 return self.kind
             case _:
                 return f"{self.kind} m{self.machine + 1}"
@@ -61,6 +70,7 @@ class Schedule:
 # (kind, weight): writes dominate, as in a real tenant's life.
 _WEIGHTS: tuple[tuple[StepKind, int], ...] = (
     ("write", 10),
+    ("checkpoint", 2),
     ("stop", 2),
     ("start", 3),
     ("crash", 2),
@@ -73,28 +83,29 @@ _WEIGHTS: tuple[tuple[StepKind, int], ...] = (
 
 
 def _plan(rng: random.Random) -> FaultPlan:
-    if rng.random() < 0.3:
+    if rng.random() < 0.2:
         return FaultPlan()
     return FaultPlan(
-        fail_before=rng.choice((0.0, 0.02, 0.05)),
-        slow_down=rng.choice((0.0, 0.02, 0.05)),
-        lose_answer=rng.choice((0.0, 0.02, 0.05)),
+        fail_before=rng.choice((0.0, 0.03, 0.1)),
+        slow_down=rng.choice((0.0, 0.03, 0.1)),
+        lose_answer=rng.choice((0.0, 0.03, 0.1)),
         delay=rng.choice((0.0, 0.1, 0.3)),
         max_delay=rng.choice((0.01, 0.05)),
     )
 
 
 def make_schedule(seed: int, steps: int = 12) -> Schedule:
-    """The schedule of ``seed``: 2 or 3 machines, ``steps`` steps after the first start."""
+    """The schedule of ``seed``: 2 or 3 machines, the first faults and two starts, then
+    ``steps`` steps."""
     rng = random.Random(seed)
     machines = rng.choice((2, 3))
     skew = timedelta(seconds=round(rng.uniform(-1.5, 1.5), 3))
     kinds, weights = zip(*_WEIGHTS, strict=True)
-    chosen: list[Step] = [Step("start", machine=0), Step("start", machine=1)]
+    chosen = [Step("faults", plan=_plan(rng)), Step("start", machine=0), Step("start", machine=1)]
     # Which machines the schedule means to be running: stops and crashes pick one of them,
     # starts one of the others, and a schedule never stays without a machine for long.
     running = {0, 1}
-    while len(chosen) < steps + 2:
+    while len(chosen) < steps + 3:
         kind: StepKind = rng.choices(kinds, weights)[0]
         if not running or (kind == "start" and len(running) == machines):
             kind = "start" if not running else "write"
