@@ -30,6 +30,7 @@ from tenantdb.lockfile import LockRecord
 from tenantdb.replication import pitr
 from tenantdb.replication.history import takeover_key
 from tenantdb.replication.segment import segment_key
+from tenantdb.replication.shipper import carried_segments
 from tests.simulation import invariants
 from tests.simulation.bucket import BucketView, SimBucket
 from tests.simulation.invariants import InvariantViolated
@@ -195,6 +196,7 @@ class Simulation:
         self._tokens = itertools.count(1)
         self._restores = itertools.count(1)
         self._seen_landed = 0
+        self._carried_segments: dict[str, bytes] = {}
 
     async def run(self) -> Outcome:
         """Run every step, check after each; SimulationFailed on the first violation."""
@@ -375,6 +377,14 @@ class Simulation:
 
     # --- invariants ------------------------------------------------------------------------
 
+    def _carried(self) -> dict[str, bytes]:
+        """Every segment any landed lock.json carried inline, by key (parsed once each)."""
+        for write in self.sim.landed[self._seen_landed :]:
+            if write.key == LOCK_KEY and write.body is not None:
+                self._carried_segments.update(_carried_by(write.body))
+        self._seen_landed = len(self.sim.landed)
+        return self._carried_segments
+
     async def check(self, where: str) -> None:
         """Every invariant, on the state now."""
         checks = self.outcome.checks
@@ -390,8 +400,8 @@ class Simulation:
                 for version in versions:
                     if version.owner is not None:
                         holders.setdefault(version.generation, version.owner)
-                writers = {w.key: w.client for w in self.sim.landed if w.body is not None}
-                invariants.only_holders_publish(record, writers, holders, PREFIX)
+                writers = {w.key: w for w in self.sim.landed if w.body is not None}
+                invariants.only_holders_publish(record, writers, holders, self._carried(), PREFIX)
                 checks["only_holders_publish"] += 1
 
         invariants.serving_has_its_loops(
@@ -409,6 +419,15 @@ class Simulation:
                 acked = self.acked_by(time.time())
                 invariants.acknowledged_writes_survive(acked, found, f"{machine.name} {where}")
                 checks["acknowledged_writes_survive"] += 1
+
+
+def _carried_by(body: bytes) -> dict[str, bytes]:
+    """The segments one landed lock.json carried inline, by key."""
+    try:
+        record = LockRecord.parse(body, tenant=TENANT, key=LOCK_KEY)
+    except TenantDBError:
+        return {}
+    return dict(carried_segments(record, prefix=PREFIX))
 
 
 def _generation(body: bytes) -> int | None:

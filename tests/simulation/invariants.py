@@ -154,12 +154,15 @@ def one_live_lease_at_a_time(versions: list[LockVersion]) -> None:
 
 def only_holders_publish(
     record: LockRecord,
-    writers: Mapping[str, str],
+    writers: Mapping[str, LandedWrite],
     holders: Mapping[int, str],
+    carried: Mapping[str, bytes],
     prefix: str,
 ) -> None:
     """(3) Every object the published lock.json names was written by the machine that held
-    the generation in its key (``writers``: key -> client; ``holders``: generation -> owner)."""
+    the generation in its key, or is, byte for byte, a segment an earlier lock.json carried
+    inline (a later holder uploads those). ``writers``: key -> its last landed write;
+    ``holders``: generation -> owner; ``carried``: key -> the bytes lock.json carried."""
     keys: list[tuple[str, int]] = []
     if (log := record.log) is not None:
         # A segment lock.json carries inline is published by lock.json itself, whatever
@@ -172,15 +175,19 @@ def only_holders_publish(
     if record.snapshot is not None and (m := _SNAPSHOT_GENERATION.search(record.snapshot.key)):
         keys.append((record.snapshot.key, int(m[1])))
     for key, generation in keys:
-        writer = writers.get(key)
-        if writer is None:
-            continue  # inline in lock.json, not uploaded yet (or collected)
-        if writer != holders.get(generation):
-            raise InvariantViolated(
-                "only_holders_publish",
-                f"lock.json (generation {record.generation}) names {key}, written by "
-                f"{writer}, but generation {generation} was held by {holders.get(generation)}",
-            )
+        landed = writers.get(key)
+        if landed is None:
+            continue  # collected, or never uploaded (then a restore names it)
+        if landed.client == holders.get(generation):
+            continue
+        if landed.body is not None and carried.get(key) == landed.body:
+            continue
+        raise InvariantViolated(
+            "only_holders_publish",
+            f"lock.json (generation {record.generation}) names {key}, written by "
+            f"{landed.client}, but generation {generation} was held by "
+            f"{holders.get(generation)} and no lock.json carried these bytes",
+        )
 
 
 def serving_has_its_loops(machines: Mapping[str, tuple[str, Health]]) -> None:
