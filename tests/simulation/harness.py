@@ -353,14 +353,20 @@ class Simulation:
         return f"{len(found)} tokens, {len(required)} required, {len(forbidden)} forbidden"
 
     def _hostile(self) -> str:
-        """Plant a hostile object where the protocol will look, or damage a stored one."""
+        """Plant a hostile object where the protocol will look, or damage a segment."""
         rng = random.Random(f"hostile:{self.schedule.seed}:{len(self.outcome.steps)}")
         lock = self.sim.objects.get(LOCK_KEY)
         if lock is None:
             return "no lock.json yet"
         record = LockRecord.parse(lock.body, tenant=TENANT, key=LOCK_KEY)
         tail = record.log.tail if record.log is not None else 0
-        choice = rng.randrange(3)
+        choice = rng.randrange(4)
+        uploaded = sorted(k for k, w in self._last_writers().items() if k.endswith(".seg"))
+        if choice == 3 and uploaded:
+            # Rot at rest: restores and takeovers that need it must fail naming it.
+            key = rng.choice(uploaded)
+            self.sim.damage(key)
+            return f"damaged {key}"
         if choice == 0:
             key = takeover_key(PREFIX, TENANT, record.generation + 1)
             self.sim.plant(key, b'{"generation": "not a number"}')
@@ -376,6 +382,11 @@ class Simulation:
         return f"planted {key}"
 
     # --- invariants ------------------------------------------------------------------------
+
+    def _last_writers(self) -> dict[str, str]:
+        """The machine (or "hostile") whose write of each stored key landed last."""
+        stored = self.sim.objects
+        return {w.key: w.client for w in self.sim.landed if w.key in stored}
 
     def _carried(self) -> dict[str, bytes]:
         """Every segment any landed lock.json carried inline, by key (parsed once each)."""

@@ -99,3 +99,15 @@ async def test_skew_moves_the_bucket_clock() -> None:
     assert info.server_date is not None
     assert info.server_date - info.last_modified < timedelta(seconds=2)
     assert info.last_modified > sim.now() - timedelta(minutes=1)
+
+
+async def test_damage_rots_the_bytes_and_keeps_the_etag() -> None:
+    sim = SimBucket()
+    view = sim.view("m1")
+    written = await view.put("t/a", b"0123456789")
+    sim.damage("t/a")
+    read = await view.get("t/a")
+    assert read.body != b"0123456789"
+    assert len(read.body) == 10
+    assert read.info.etag == written.etag
+    assert sim.faults["damage"] == 1
