@@ -237,7 +237,7 @@ class Simulation:
             case "stop":
                 return await self.machines[step.machine % len(self.machines)].stop()
             case "crash":
-                return await self.machines[step.machine % len(self.machines)].crash()
+                return await self._crash(self.machines[step.machine % len(self.machines)], step)
             case "pause":
                 return await self._pause(self.machines[step.machine % len(self.machines)], step)
             case "restore_at":
@@ -300,6 +300,16 @@ class Simulation:
         write.acked = time.time()
         self.outcome.acked += 1
         return True
+
+    async def _crash(self, machine: Machine, step: Step) -> str:
+        """Crash the machine, ``step.seconds`` into ``step.count`` writes on it if it serves."""
+        if not step.count or machine.tdb is None or not machine.tdb.serving:
+            return await machine.crash()
+        writing = asyncio.gather(*(self.write(machine) for _ in range(step.count)))
+        await asyncio.sleep(step.seconds)
+        crashed = await machine.crash()
+        answered = sum(await writing)
+        return f"{crashed} with {answered}/{step.count} writes acknowledged"
 
     async def _pause(self, machine: Machine, step: Step) -> str:
         """Hold the machine's bucket calls (a process stopped mid-request); writes go on."""

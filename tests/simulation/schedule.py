@@ -31,8 +31,8 @@ class Step:
 
     kind: StepKind
     machine: int = 0  # index into the schedule's machines
-    count: int = 0  # writes in a ``write`` step
-    seconds: float = 0.0  # a pause's length
+    count: int = 0  # writes in a ``write`` step, or during a ``crash``
+    seconds: float = 0.0  # a pause's length; how far into its writes a crash lands
     fraction: float = 0.0  # where in the run so far a point-in-time restore looks
     plan: FaultPlan | None = None  # the faults from a ``faults`` step on
 
@@ -46,6 +46,11 @@ class Step:
                 return f"restore_at {self.fraction:.2f} of the run so far"
             case "faults":
                 return f"faults {self.plan}"
+            case "crash" if self.count:
+                return (
+                    f"crash m{self.machine + 1} {self.seconds * 1000:.1f}ms into "
+                    f"{self.count} writes"
+                )
             case "restore_now" | "hostile" | "checkpoint":
                 return self.kind
             case _:
@@ -125,7 +130,13 @@ def make_schedule(seed: int, steps: int = 12) -> Schedule:
             case "start":
                 running.add(machine)
                 chosen.append(Step(kind, machine=machine))
-            case "stop" | "crash":
+            case "crash":
+                # Often in the middle of client writes: SIGKILL lands at any await.
+                running.discard(machine)
+                count = rng.choice((0, 2, 4))
+                delay = round(rng.uniform(0, 0.03), 4)
+                chosen.append(Step(kind, machine=machine, count=count, seconds=delay))
+            case "stop":
                 running.discard(machine)
                 chosen.append(Step(kind, machine=machine))
             case _:
