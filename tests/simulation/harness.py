@@ -331,6 +331,7 @@ class Simulation:
     async def _restore(self, at: datetime | None, where: str) -> set[str] | str:
         dest = self.root / "restores" / f"{next(self._restores)}.sqlite3"
         dest.parent.mkdir(exist_ok=True)
+        self.outcome.checks["published_objects_present"] += 1
         try:
             await pitr.restore_at(self.sim.view("operator"), TENANT, dest, prefix=PREFIX, at=at)
         except Exception as exc:
@@ -357,6 +358,14 @@ class Simulation:
         where = f"restore as of +{moment - self.began:.3f}s"
         found = await self._restore(datetime.fromtimestamp(moment, UTC), where)
         if isinstance(found, str):
+            if found.startswith("refused_before_history") and required:
+                # No retention passes in a simulation: history that held acknowledged
+                # writes at that moment can only have been lost.
+                raise InvariantViolated(
+                    "published_objects_present",
+                    f"{where} is refused, though {len(required)} write(s) were acknowledged "
+                    f"by then: {found}",
+                )
             return found
         self.outcome.checks["restore_matches_model"] += 1
         invariants.restore_matches_model(required, forbidden, found, where)

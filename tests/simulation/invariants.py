@@ -34,6 +34,7 @@ INVARIANTS = (
     "one_live_lease_at_a_time",
     "only_holders_publish",
     "serving_has_its_loops",
+    "published_objects_present",
 )
 # A lock.json write lands a little after the standby judged the old lease expired; the
 # bucket's clock and this one are the same clock here, so only scheduling jitter is allowed.
@@ -84,6 +85,12 @@ def restore_failure_is_named(exc: BaseException, where: str) -> str:
     """(2) A restore that fails does so with a TenantDBError naming a key or an index, or
     refuses a moment outside the history (before its start, or one the bucket's clock has
     not reached); the kind of failure."""
+    if isinstance(exc, TenantDBError) and "is missing" in str(exc):
+        # Nothing in a simulation deletes objects (no retention passes, no step deletes):
+        # an object a restore needs and cannot find was published, then never uploaded.
+        raise InvariantViolated(
+            "published_objects_present", f"{where} needs an object the bucket lacks: {exc}"
+        ) from exc
     if isinstance(exc, PointInTimeError):
         if "future" in str(exc):
             return "refused_future"

@@ -80,7 +80,7 @@ _WEIGHTS: tuple[tuple[StepKind, int], ...] = (
     ("start", 3),
     ("crash", 2),
     ("pause", 1),
-    ("restore_at", 2),
+    ("restore_at", 3),
     ("restore_now", 2),
     ("faults", 2),
     ("hostile", 1),
@@ -95,7 +95,7 @@ def _plan(rng: random.Random) -> FaultPlan:
         slow_down=rng.choice((0.0, 0.03, 0.1)),
         lose_answer=rng.choice((0.0, 0.03, 0.1)),
         delay=rng.choice((0.0, 0.1, 0.3)),
-        max_delay=rng.choice((0.01, 0.05)),
+        max_delay=rng.choice((0.01, 0.05, 0.3)),
     )
 
 

@@ -64,6 +64,16 @@ def serve_with_a_dead_shipper(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TenantDB, "_fail_stop", lambda self, reason: None)
 
 
+def publish_without_uploading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Log objects are reported uploaded without being written: lock.json stops carrying
+    segments whose objects never reach the bucket."""
+
+    async def skipped(self: Shipper, key: str, body: bytes) -> None:
+        return None
+
+    monkeypatch.setattr(Shipper, "_put_once", skipped)
+
+
 CASES = {
     "acknowledged_writes_survive": (
         acknowledge_before_shipping,
@@ -83,6 +93,16 @@ CASES = {
     "one_live_lease_at_a_time": (
         ignore_a_live_lease,
         schedule(*START_BOTH, Step("write", count=2), Step("write", count=2)),
+    ),
+    "published_objects_present": (
+        publish_without_uploading,
+        schedule(
+            *START_BOTH,
+            Step("write", count=2),
+            Step("pause", machine=1, seconds=0.4),  # the standby's: time passes
+            Step("checkpoint"),
+            Step("restore_at", fraction=0.8),
+        ),
     ),
     "serving_has_its_loops": (
         serve_with_a_dead_shipper,
