@@ -241,7 +241,7 @@ class Simulation:
             case "pause":
                 return await self._pause(self.machines[step.machine % len(self.machines)], step)
             case "restore_at":
-                return await self._restore_at(step.fraction)
+                return await self._restore_at(step)
             case "restore_now":
                 return await self._restore_now(f"restore {next(self._restores)}")
             case "faults":
@@ -350,8 +350,11 @@ class Simulation:
         invariants.acknowledged_writes_survive(required, found, where)
         return f"{len(found)} tokens, {len(required)} required"
 
-    async def _restore_at(self, fraction: float) -> str:
-        moment = self.began + fraction * (time.time() - self.began)
+    async def _restore_at(self, step: Step) -> str:
+        now = time.time()
+        moment = (
+            now - step.seconds if step.seconds else self.began + step.fraction * (now - self.began)
+        )
         # Segment times are rounded up to the millisecond: allow that much either way.
         required = self.acked_by(moment - 0.002)
         forbidden = {w.token for w in self.writes if w.started > moment + 0.002}

@@ -33,7 +33,8 @@ class Step:
     machine: int = 0  # index into the schedule's machines
     count: int = 0  # writes in a ``write`` step, or during a ``crash``
     seconds: float = 0.0  # a pause's length; how far into its writes a crash lands
-    fraction: float = 0.0  # where in the run so far a point-in-time restore looks
+    fraction: float = 0.0  # where in the run so far a point-in-time restore looks...
+    # ``seconds``, if set, says instead how many seconds ago (for hand-written schedules)
     plan: FaultPlan | None = None  # the faults from a ``faults`` step on
 
     def __str__(self) -> str:
@@ -42,6 +43,8 @@ class Step:
                 return f"write x{self.count} (on any machine that says it serves)"
             case "pause":
                 return f"pause m{self.machine + 1}'s bucket calls {self.seconds:.2f}s"
+            case "restore_at" if self.seconds:
+                return f"restore_at {self.seconds:.2f}s ago"
             case "restore_at":
                 return f"restore_at {self.fraction:.2f} of the run so far"
             case "faults":

@@ -87,7 +87,8 @@ CASES = {
             *START_BOTH,
             Step("write", count=3),
             Step("write", count=2),
-            Step("restore_at", fraction=0.99),
+            Step("pause", machine=1, seconds=0.5),  # the standby's: time passes
+            Step("restore_at", seconds=0.2),
         ),
     ),
     "one_live_lease_at_a_time": (
@@ -99,9 +100,10 @@ CASES = {
         schedule(
             *START_BOTH,
             Step("write", count=2),
-            Step("pause", machine=1, seconds=0.4),  # the standby's: time passes
+            Step("pause", machine=1, seconds=0.6),  # the standby's: time passes
             Step("checkpoint"),
-            Step("restore_at", fraction=0.8),
+            Step("pause", machine=1, seconds=0.6),
+            Step("restore_at", seconds=0.9),  # between the writes and the snapshot
         ),
     ),
     "serving_has_its_loops": (
