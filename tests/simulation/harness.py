@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 import random
 import sqlite3
 import time
@@ -37,8 +36,6 @@ from tests.simulation.invariants import InvariantViolated
 from tests.simulation.schedule import Schedule, Step
 
 __all__ = ["Outcome", "Simulation", "SimulationFailed", "run_schedule"]
-
-log = logging.getLogger("tests.simulation")
 
 TENANT = "acme"
 PREFIX = "tenants/"
