@@ -40,6 +40,8 @@ INVARIANTS = (
 # bucket's clock and this one are the same clock here, so only scheduling jitter is allowed.
 _ORDER_SLACK = 0.05
 _SEGMENT_GENERATION = re.compile(r"/log/(\d{8})/")
+# How restore.py and pitr.py name a segment they need and cannot find.
+_MISSING_SEGMENT = re.compile(r"\bsegment \S+ .*?\bis missing\b")
 _SNAPSHOT_GENERATION = re.compile(r"/(\d{1,12})-\d{1,12}-[^/]*\.sqlite3$")
 
 
@@ -85,7 +87,7 @@ def restore_failure_is_named(exc: BaseException, where: str) -> str:
     """(2) A restore that fails does so with a TenantDBError naming a key or an index, or
     refuses a moment outside the history (before its start, or one the bucket's clock has
     not reached); the kind of failure."""
-    if isinstance(exc, TenantDBError) and "is missing" in str(exc):
+    if isinstance(exc, TenantDBError) and _MISSING_SEGMENT.search(str(exc)):
         # Nothing in a simulation deletes objects (no retention passes, no step deletes):
         # an object a restore needs and cannot find was published, then never uploaded.
         raise InvariantViolated(
