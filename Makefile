@@ -1,6 +1,7 @@
 # `make demo` runs the local multi-tenant demo; `make test` runs lint, types and tests.
 # Each target creates .venv and installs what it needs on first use: the demo only the
 # package itself, the tests also their tools.
+# `make simulate SEEDS=N` runs N seeded fault schedules of the simulation (tests/simulation).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,8 +10,11 @@ PORT ?= 8080
 # not compute, so more workers than cores pays: 4 on two cores. `make test PYTEST_WORKERS=0`
 # runs the suite in one process.
 PYTEST_WORKERS ?= 4
+# Seeded schedules of `make simulate` (FIRST_SEED onwards).
+SEEDS ?= 100
+FIRST_SEED ?= 1
 
-.PHONY: install demo test chromium lint bench clean
+.PHONY: install demo test chromium lint bench simulate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +58,9 @@ bench: install
 	command -v dig >/dev/null || (apt-get update -qq && apt-get install -y -qq dnsutils)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python -m bench
+
+simulate: install
+	$(BIN)/python -m tests.simulation --seeds $(SEEDS) --first $(FIRST_SEED)
 
 clean:
 	rm -rf $(VENV) .tenantdb .pytest_cache .mypy_cache .ruff_cache

@@ -394,7 +394,8 @@ async def read_history(bucket: Bucket, tenant: str, *, prefix: str) -> History:
     objects = await bucket.list(root)
     records = [o for o in objects if o.key.startswith(f"{root}history/")]
     record = observed.record if observed else None
-    takeovers = _trusted(await _read_takeovers(bucket, records), record, prefix=prefix)
+    read = await _read_takeovers(bucket, records)
+    takeovers = _trusted(read, record, tenant=tenant, prefix=prefix)
     limits = _Limits(takeovers, record)
     snapshots: list[SnapshotEntry] = []
     segments: list[SegmentEntry] = []
@@ -422,27 +423,44 @@ async def read_history(bucket: Bucket, tenant: str, *, prefix: str) -> History:
     return History(tenant, prefix, observed, tuple(snapshots), tuple(segments), takeovers)
 
 
-async def _read_takeovers(bucket: Bucket, infos: Sequence[ObjectInfo]) -> list[Takeover]:
+async def _read_takeovers(
+    bucket: Bucket, infos: Sequence[ObjectInfo]
+) -> list[Takeover | ReplicationError]:
+    """Every takeover record, parsed, or the error that names it as unusable."""
     gate = asyncio.Semaphore(_READ_AHEAD)
 
-    async def read(key: str) -> Takeover:
+    async def read(key: str) -> Takeover | ReplicationError:
         async with gate:
-            return Takeover.parse((await bucket.get(key, max_size=LOCK_MAX_BYTES)).body, key=key)
+            body = (await bucket.get(key, max_size=LOCK_MAX_BYTES)).body
+        try:
+            return Takeover.parse(body, key=key)
+        except ReplicationError as exc:
+            return exc
 
     return list(await asyncio.gather(*(read(info.key) for info in infos)))
 
 
 def _trusted(
-    takeovers: Sequence[Takeover], record: LockRecord | None, *, prefix: str
+    read: Sequence[Takeover | ReplicationError],
+    record: LockRecord | None,
+    *,
+    tenant: str,
+    prefix: str,
 ) -> tuple[Takeover, ...]:
     """The records that classify objects, by generation; ``ReplicationError`` for a forged one.
 
     Left out: records a later one ``replaces`` (they sat at a generation its holder left
-    unused), and records newer than the lock.json read (taken over since: the lock read
-    judges the current generation). A record cannot have found a longer log than the one
-    lock.json has now (a log's tail never goes back): such a record is refused, naming it.
+    unused), unusable ones included, and records newer than the lock.json read (taken over
+    since: the lock read judges the current generation). A record cannot have found a
+    longer log than the one lock.json has now (a log's tail never goes back): such a
+    record is refused, naming it. So is an unusable record no later one replaces.
     """
+    takeovers = [t for t in read if isinstance(t, Takeover)]
     replaced = {t.replaces for t in takeovers if t.replaces is not None}
+    ignored = {takeover_key(prefix, tenant, generation) for generation in replaced}
+    for unusable in read:
+        if isinstance(unusable, ReplicationError) and unusable.key not in ignored:
+            raise unusable
     kept = sorted(
         (t for t in takeovers if t.generation not in replaced), key=lambda t: t.generation
     )

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from tenantdb.errors import (
     LeaseLostError,
+    ObjectTooLargeError,
     PreconditionFailedError,
     ReplicationError,
     TenantDBError,
@@ -137,13 +138,17 @@ async def put_log_object(bucket: Bucket, key: str, body: bytes) -> None:
     try:
         await bucket.put(key, body, if_none_match="*")
     except PreconditionFailedError:
-        # Only this generation's holder writes under its prefix, and it retries an object
-        # byte for byte: an object there is this upload, landed unheard.
-        info = await bucket.head(key)
-        if info.size != len(body):
+        # An object there is this upload, landed unheard, or a carried segment another
+        # holder uploaded: the same bytes either way, so compare them. Anything else
+        # (even of the same size) must not be published as ours.
+        try:
+            existing: bytes | None = (await bucket.get(key, max_size=len(body))).body
+        except ObjectTooLargeError:
+            existing = None
+        if existing != body:
             raise ReplicationError(
-                f"{key} exists with {info.size} bytes, expected {len(body)}; refusing "
-                "to ship past it",
+                f"{key} exists with other bytes than the {len(body)} of this upload; "
+                "refusing to ship past it",
                 key=key,
             ) from None
 

@@ -1,0 +1,79 @@
+"""Run simulation schedules: ``python -m tests.simulation --seeds N`` or ``--seed S``.
+
+Prints each seed's result, then the totals: steps, faults injected by kind, invariant
+checks, and schedules per second. Exits 1 on the first failing seed, with its replay line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from tests.simulation.harness import SimulationFailed, run_schedule
+from tests.simulation.schedule import make_schedule
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments, run the schedules, print the summary; the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m tests.simulation")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--seed", type=int, help="replay this one seed, step by step")
+    which.add_argument("--seeds", type=int, default=10, help="run this many seeds")
+    parser.add_argument("--first", type=int, default=1, help="the first of --seeds")
+    parser.add_argument("--steps", type=int, default=12, help="steps per schedule")
+    parser.add_argument("--verbose", action="store_true", help="show tenantdb's log")
+    parser.add_argument(
+        "--keep-going", action="store_true", help="run every seed; list the failed ones"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.CRITICAL + 1,
+        format="%(asctime)s %(name)s %(message)s",
+    )
+    seeds = [args.seed] if args.seed is not None else range(args.first, args.first + args.seeds)
+    steps, faults, checks, events = 0, Counter[str](), Counter[str](), Counter[str]()
+    writes = acked = 0
+    failed_seeds: list[int] = []
+    started = time.monotonic()
+    for seed in seeds:
+        schedule = make_schedule(seed, args.steps)
+        with tempfile.TemporaryDirectory(prefix=f"tenantdb-sim-{seed}-") as root:
+            try:
+                outcome = asyncio.run(run_schedule(schedule, Path(root)))
+            except SimulationFailed as failed:
+                print(failed, file=sys.stderr)
+                if not args.keep_going:
+                    return 1
+                failed_seeds.append(seed)
+                continue
+        steps += len(outcome.steps)
+        faults.update(outcome.faults)
+        checks.update(outcome.checks)
+        events.update(outcome.events)
+        writes, acked = writes + outcome.writes, acked + outcome.acked
+        print(
+            f"seed {seed}: ok, {schedule.machines} machines, {len(outcome.steps)} steps, "
+            f"{outcome.acked}/{outcome.writes} writes acknowledged"
+        )
+        if args.seed is not None:
+            for number, line in enumerate(outcome.steps):
+                print(f"  {number:>3} {line}")
+    took = time.monotonic() - started
+    verdict = f"FAILED: {failed_seeds}" if failed_seeds else "all passed"
+    print(f"seeds: {len(seeds)} ({seeds[0]}..{seeds[-1]}), {verdict}")
+    print(f"steps: {steps}; writes: {acked}/{writes} acknowledged")
+    print(f"faults injected: {dict(sorted(faults.items()))}")
+    print(f"events: {dict(sorted(events.items()))}")
+    print(f"invariants checked: {dict(sorted(checks.items()))}")
+    print(f"time: {took:.1f}s, {len(seeds) / took:.2f} schedules/s")
+    return 1 if failed_seeds else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

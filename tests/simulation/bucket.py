@@ -1,0 +1,352 @@
+"""The simulated bucket: S3's conditional-write semantics in memory, with seeded faults.
+
+One ``SimBucket`` holds the objects; each machine talks to it through its own
+``BucketView`` (the Bucket protocol), so that one machine's calls can be paused (a pause
+past the TTL) or cut off (a crash) while the others go on, and so that every landed write
+is recorded with the machine that sent it.
+
+Each attempt of a call may, as the current ``FaultPlan`` draws it from a seeded
+``random.Random``: fail before it lands (503), be refused with SlowDown (503), land and
+lose its answer (the write is applied, then a transient error is raised), or be delayed.
+Transient errors are retried inside the view as the real backends retry them
+(``with_retries``), so a retried write meets its own landed first attempt, as on S3.
+The bucket's clock (``Date`` and ``Last-Modified``) is this process's wall clock plus a
+skew the schedule sets. Objects can be damaged at rest or planted (hostile objects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Self, TypeVar
+
+from tenantdb.errors import (
+    BucketConfigurationError,
+    ObjectNotFoundError,
+    ObjectTooLargeError,
+    PreconditionFailedError,
+    StorageError,
+    TransientStorageError,
+)
+from tenantdb.storage.base import ObjectInfo, RetryPolicy, SmallObject, with_retries
+
+__all__ = ["BucketView", "FaultPlan", "LandedWrite", "SimBucket"]
+
+T = TypeVar("T")
+FaultKind = Literal["fail_before", "slow_down", "lose_answer", "delay"]
+FAULT_KINDS: tuple[FaultKind, ...] = ("fail_before", "slow_down", "lose_answer", "delay")
+# Fast retries: the simulation's time is real time.
+SIM_RETRY = RetryPolicy(attempts=6, base_delay=0.005, max_delay=0.05)
+_WRITES = frozenset({"put", "upload", "delete"})
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """The chance of each fault per attempt; ``delay`` answers wait up to ``max_delay``."""
+
+    fail_before: float = 0.0
+    slow_down: float = 0.0
+    lose_answer: float = 0.0
+    delay: float = 0.0
+    max_delay: float = 0.05
+
+    def draw(self, rng: random.Random, operation: str) -> FaultKind | None:
+        """The fault for one attempt of ``operation`` (lost answers only for writes)."""
+        roll = rng.random()
+        for kind in FAULT_KINDS:
+            if kind == "lose_answer" and operation not in _WRITES:
+                continue
+            chance: float = getattr(self, kind)
+            if roll < chance:
+                return kind
+            roll -= chance
+        return None
+
+
+NO_FAULTS = FaultPlan()
+
+
+@dataclass
+class _Object:
+    body: bytes
+    etag: str
+    last_modified: datetime
+
+
+@dataclass(frozen=True)
+class LandedWrite:
+    """A write the bucket applied: who sent it, when (bucket clock), and what it was."""
+
+    client: str
+    operation: str
+    key: str
+    etag: str | None  # None for a delete
+    at: datetime
+    body: bytes | None
+
+
+@dataclass
+class SimBucket:
+    """The objects and their history, shared by every machine's view."""
+
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+    plan: FaultPlan = NO_FAULTS
+    skew: timedelta = timedelta(0)
+    objects: dict[str, _Object] = field(default_factory=dict)
+    landed: list[LandedWrite] = field(default_factory=list)
+    faults: Counter[str] = field(default_factory=Counter)
+    requests: int = 0
+    _etags: int = 0
+
+    def now(self) -> datetime:
+        """The bucket's clock: what it sends as ``Date`` and stamps as ``Last-Modified``."""
+        return datetime.now(UTC) + self.skew
+
+    def view(self, client: str) -> BucketView:
+        """A Bucket for one machine (or tool) named ``client``."""
+        return BucketView(self, client)
+
+    def damage(self, key: str) -> None:
+        """Flip a byte of a stored object in place, as a disk that rots would (same ETag)."""
+        obj = self.objects[key]
+        body = bytearray(obj.body or b"\0")
+        body[len(body) // 2] ^= 0x5A
+        obj.body = bytes(body)
+        self.faults["damage"] += 1
+
+    def plant(self, key: str, body: bytes) -> None:
+        """Store a hostile object written by no machine."""
+        self._store("hostile", "put", key, body)
+        self.faults["hostile"] += 1
+
+    def _info(self, key: str, obj: _Object) -> ObjectInfo:
+        return ObjectInfo(
+            key=key,
+            etag=obj.etag,
+            size=len(obj.body),
+            last_modified=obj.last_modified,
+            server_date=self.now(),
+        )
+
+    def _store(self, client: str, operation: str, key: str, body: bytes) -> ObjectInfo:
+        self._etags += 1
+        digest = hashlib.md5(body + self._etags.to_bytes(8, "big")).hexdigest()
+        # S3 stamps Last-Modified to the second, which the lease's granularity allows for.
+        stamp = self.now().replace(microsecond=0)
+        obj = self.objects[key] = _Object(body, f'"{digest}"', stamp)
+        self.landed.append(LandedWrite(client, operation, key, obj.etag, stamp, body))
+        return self._info(key, obj)
+
+    def _get(self, key: str, operation: str) -> _Object:
+        obj = self.objects.get(key)
+        if obj is None:
+            raise ObjectNotFoundError(f"no object {key!r}", key=key, operation=operation)
+        return obj
+
+    def _check_size(self, key: str, obj: _Object, limit: int | None, operation: str) -> None:
+        if limit is not None and len(obj.body) > limit:
+            raise ObjectTooLargeError(key=key, size=len(obj.body), limit=limit, operation=operation)
+
+    def _put(
+        self,
+        client: str,
+        operation: str,
+        key: str,
+        body: bytes,
+        if_match: str | None,
+        if_none_match: str | None,
+    ) -> ObjectInfo:
+        current = self.objects.get(key)
+        if if_none_match == "*" and current is not None:
+            raise PreconditionFailedError(
+                f"{key!r} already exists (If-None-Match: *)", key=key, operation=operation
+            )
+        if if_match is not None and (current is None or current.etag != if_match):
+            raise PreconditionFailedError(
+                f"{key!r} changed since it was read (If-Match)", key=key, operation=operation
+            )
+        return self._store(client, operation, key, body)
+
+    def _delete(self, client: str, key: str, if_match: str | None) -> None:
+        current = self.objects.get(key)
+        if if_match is not None and (current is None or current.etag != if_match):
+            raise PreconditionFailedError(
+                f"{key!r} does not exist or changed (If-Match)", key=key, operation="delete"
+            )
+        if current is not None:
+            del self.objects[key]
+            self.landed.append(LandedWrite(client, "delete", key, None, self.now(), None))
+
+
+def _check_key(key: str) -> None:
+    # The keys S3 and the local bucket both accept; tenantdb never makes any other.
+    if not key or "\x00" in key or any(p in ("", ".", "..") for p in key.split("/")):
+        raise BucketConfigurationError(f"invalid object key {key!r}", key=key)
+
+
+class BucketView:
+    """One machine's connection to the simulated bucket: the Bucket protocol."""
+
+    kind: Literal["local"] = "local"  # no multipart ETags, no HTTP dates to the second
+
+    def __init__(self, sim: SimBucket, client: str) -> None:
+        self.sim = sim
+        self.client = client
+        self.retry = SIM_RETRY
+        self._running = asyncio.Event()
+        self._running.set()
+        self.cut_off = False
+
+    def __repr__(self) -> str:
+        return f"BucketView({self.client!r})"
+
+    def pause(self) -> None:
+        """Hold every call of this machine before it reaches the bucket, until ``resume``."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        """Let held calls go on (they then reach the bucket, late)."""
+        self._running.set()
+
+    def cut(self) -> None:
+        """The machine is gone: none of its calls reaches the bucket any more."""
+        self.cut_off = True
+        self._running.set()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    async def _call(self, operation: str, key: str, apply: Callable[[], T]) -> T:
+        if operation != "list":
+            _check_key(key)
+        return await with_retries(
+            lambda: self._attempt(operation, key, apply),
+            policy=self.retry,
+            what=f"{self.client} {operation} {key}",
+        )
+
+    async def _attempt(self, operation: str, key: str, apply: Callable[[], T]) -> T:
+        await self._running.wait()
+        if self.cut_off:
+            raise StorageError(f"{self.client} is gone", key=key, operation=operation)
+        sim = self.sim
+        sim.requests += 1
+        fault = sim.plan.draw(sim.rng, operation)
+        if fault is not None:
+            sim.faults[fault] += 1
+        if fault == "delay":
+            await asyncio.sleep(sim.rng.uniform(0, sim.plan.max_delay))
+            await self._running.wait()  # paused while the answer was on its way
+            if self.cut_off:
+                raise StorageError(f"{self.client} is gone", key=key, operation=operation)
+        if fault in ("fail_before", "slow_down"):
+            reason = "503 SlowDown" if fault == "slow_down" else "503 Service Unavailable"
+            raise TransientStorageError(f"{reason} ({operation} {key!r})", key=key)
+        result = apply()
+        if fault == "lose_answer":
+            raise TransientStorageError(
+                f"connection reset after the {operation} of {key!r} landed", key=key
+            )
+        return result
+
+    async def get(self, key: str, *, max_size: int | None = None) -> SmallObject:
+        """Read a small object whole; ObjectTooLargeError, unread, if above ``max_size``."""
+
+        def read() -> SmallObject:
+            obj = self.sim._get(key, "get")
+            self.sim._check_size(key, obj, max_size, "get")
+            return SmallObject(self.sim._info(key, obj), obj.body)
+
+        return await self._call("get", key, read)
+
+    async def get_if_changed(
+        self, key: str, etag: str, *, max_size: int | None = None
+    ) -> SmallObject | None:
+        """Read a small object whole unless its ETag is still ``etag``: None then, no body."""
+
+        def read() -> SmallObject | None:
+            obj = self.sim._get(key, "get")
+            if obj.etag == etag:
+                return None
+            self.sim._check_size(key, obj, max_size, "get")
+            return SmallObject(self.sim._info(key, obj), obj.body)
+
+        return await self._call("get", key, read)
+
+    async def put(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: Literal["*"] | None = None,
+    ) -> ObjectInfo:
+        """Write a small object, optionally only if its ETag matches or it does not exist."""
+        return await self._call(
+            "put",
+            key,
+            lambda: self.sim._put(self.client, "put", key, body, if_match, if_none_match),
+        )
+
+    async def head(self, key: str) -> ObjectInfo:
+        """Describe an object without reading it."""
+        return await self._call(
+            "head", key, lambda: self.sim._info(key, self.sim._get(key, "head"))
+        )
+
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Delete an object; deleting a missing object is not an error."""
+        await self._call("delete", key, lambda: self.sim._delete(self.client, key, if_match))
+
+    async def list(self, prefix: str) -> list[ObjectInfo]:
+        """List the objects whose keys start with ``prefix``, sorted by key."""
+        return await self._call(
+            "list",
+            prefix,
+            lambda: [
+                self.sim._info(key, obj)
+                for key, obj in sorted(self.sim.objects.items())
+                if key.startswith(prefix)
+            ],
+        )
+
+    async def download_file(
+        self, key: str, dest: Path, *, max_size: int | None = None
+    ) -> ObjectInfo:
+        """Write an object into ``dest``; ObjectTooLargeError before opening it if too big."""
+
+        def download() -> tuple[ObjectInfo, bytes]:
+            obj = self.sim._get(key, "download")
+            self.sim._check_size(key, obj, max_size, "download")
+            return self.sim._info(key, obj), obj.body
+
+        info, body = await self._call("download", key, download)
+        await asyncio.to_thread(dest.write_bytes, body)
+        return info
+
+    async def upload_file(
+        self, key: str, src: Path, *, if_none_match: Literal["*"] | None = None
+    ) -> ObjectInfo:
+        """Store the bytes of ``src`` as a new object, optionally only if absent."""
+        _check_key(key)
+        body = await asyncio.to_thread(src.read_bytes)
+        return await self._call(
+            "upload",
+            key,
+            lambda: self.sim._put(self.client, "upload", key, body, None, if_none_match),
+        )

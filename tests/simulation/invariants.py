@@ -1,0 +1,209 @@
+"""The simulation's invariants: each a named function that raises ``InvariantViolated``."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from tenantdb.errors import PointInTimeError, TenantDBError
+from tenantdb.lockfile import LockRecord
+from tenantdb.replication.segment import chunk_key
+from tenantdb.supervisor import Health
+from tests.simulation.bucket import LandedWrite
+
+__all__ = [
+    "INVARIANTS",
+    "InvariantViolated",
+    "LockVersion",
+    "acknowledged_writes_survive",
+    "lock_versions",
+    "one_live_lease_at_a_time",
+    "only_holders_publish",
+    "restore_failure_is_named",
+    "restore_matches_model",
+    "serving_has_its_loops",
+]
+
+INVARIANTS = (
+    "acknowledged_writes_survive",
+    "restore_matches_model",
+    "one_live_lease_at_a_time",
+    "only_holders_publish",
+    "serving_has_its_loops",
+    "published_objects_present",
+)
+# A lock.json write lands a little after the standby judged the old lease expired; the
+# bucket's clock and this one are the same clock here, so only scheduling jitter is allowed.
+_ORDER_SLACK = 0.05
+_SEGMENT_GENERATION = re.compile(r"/log/(\d{8})/")
+# How restore.py and pitr.py name a segment they need and cannot find.
+_MISSING_SEGMENT = re.compile(r"\bsegment \S+ .*?\bis missing\b")
+_SNAPSHOT_GENERATION = re.compile(r"/(\d{1,12})-\d{1,12}-[^/]*\.sqlite3$")
+
+
+class InvariantViolated(AssertionError):
+    """An invariant does not hold: which one, and what was seen."""
+
+    def __init__(self, invariant: str, detail: str) -> None:
+        self.invariant = invariant
+        self.detail = detail
+        super().__init__(f"{invariant}: {detail}")
+
+
+def acknowledged_writes_survive(acked: Iterable[str], found: set[str], where: str) -> None:
+    """(1) Every write acknowledged (its ``sync()`` returned) is in ``found``, the tokens of
+    a later holder's database or of a restore."""
+    missing = sorted(set(acked) - found)
+    if missing:
+        raise InvariantViolated(
+            "acknowledged_writes_survive",
+            f"{where} lacks {len(missing)} acknowledged write(s): {missing[:5]}",
+        )
+
+
+def restore_matches_model(
+    required: set[str], forbidden: set[str], found: set[str], where: str
+) -> None:
+    """(2) A restore as of T holds every write acknowledged by T, and none begun after T."""
+    missing = sorted(required - found)
+    if missing:
+        raise InvariantViolated(
+            "restore_matches_model",
+            f"{where} is older than its moment: it lacks {len(missing)} write(s) "
+            f"acknowledged by then: {missing[:5]}",
+        )
+    extra = sorted(forbidden & found)
+    if extra:
+        raise InvariantViolated(
+            "restore_matches_model", f"{where} holds writes begun after its moment: {extra[:5]}"
+        )
+
+
+def restore_failure_is_named(exc: BaseException, where: str) -> str:
+    """(2) A restore that fails does so with a TenantDBError naming a key or an index, or
+    refuses a moment outside the history (before its start, or one the bucket's clock has
+    not reached); the kind of failure."""
+    if isinstance(exc, TenantDBError) and _MISSING_SEGMENT.search(str(exc)):
+        # Nothing in a simulation deletes objects (no retention passes, no step deletes):
+        # an object a restore needs and cannot find was published, then never uploaded.
+        raise InvariantViolated(
+            "published_objects_present", f"{where} needs an object the bucket lacks: {exc}"
+        ) from exc
+    if isinstance(exc, PointInTimeError):
+        if "future" in str(exc):
+            return "refused_future"
+        if exc.earliest is None or exc.at < exc.earliest:
+            return "refused_before_history"
+    if isinstance(exc, TenantDBError):
+        text = str(exc)
+        if getattr(exc, "key", "") or "/" in text or "index" in text or "segment" in text:
+            return "failed_named"
+    raise InvariantViolated(
+        "restore_matches_model",
+        f"{where} failed without naming a key or index: {type(exc).__name__}: {exc}",
+    ) from exc
+
+
+@dataclass(frozen=True)
+class LockVersion:
+    """One landed write of lock.json: who it names as holder, and when it landed."""
+
+    client: str
+    owner: str | None
+    claim: str | None
+    generation: int
+    ttl: float
+    at: datetime
+
+
+def lock_versions(landed: Iterable[LandedWrite], key: str) -> list[LockVersion]:
+    """The versions of lock.json in landing order (deletes and unparsable bodies skipped)."""
+    versions = []
+    for write in landed:
+        if write.key != key or write.body is None:
+            continue
+        try:
+            data = json.loads(write.body)
+            versions.append(
+                LockVersion(
+                    write.client,
+                    data["owner"],
+                    data.get("claim"),
+                    int(data["generation"]),
+                    float(data["ttl_seconds"]),
+                    write.at,
+                )
+            )
+        except (ValueError, KeyError, TypeError):
+            continue
+    return versions
+
+
+def one_live_lease_at_a_time(versions: list[LockVersion]) -> None:
+    """(3) lock.json never names a new holder while the previous holder's lease is live on
+    the bucket's clock (a release, owner None, ends it at once)."""
+    for before, after in itertools.pairwise(versions):
+        if before.owner is None or (before.owner, before.claim) == (after.owner, after.claim):
+            continue
+        if after.owner is None and after.client == before.owner:
+            continue  # the holder's own release
+        held_for = (after.at - before.at).total_seconds()
+        if held_for < before.ttl - _ORDER_SLACK:
+            raise InvariantViolated(
+                "one_live_lease_at_a_time",
+                f"{after.client} wrote lock.json naming {after.owner} (generation "
+                f"{after.generation}) {held_for:.2f}s after {before.owner}'s lease of "
+                f"{before.ttl:g}s was renewed (generation {before.generation})",
+            )
+
+
+def only_holders_publish(
+    record: LockRecord,
+    writers: Mapping[str, LandedWrite],
+    holders: Mapping[int, str],
+    carried: Mapping[str, bytes],
+    prefix: str,
+) -> None:
+    """(3) Every object the published lock.json names was written by the machine that held
+    the generation in its key, or is, byte for byte, a segment an earlier lock.json carried
+    inline (a later holder uploads those). ``writers``: key -> its last landed write;
+    ``holders``: generation -> owner; ``carried``: key -> the bytes lock.json carried."""
+    keys: list[tuple[str, int]] = []
+    if (log := record.log) is not None:
+        # A segment lock.json carries inline is published by lock.json itself, whatever
+        # sits at its key (its upload may still be under way, or refused).
+        keys += [
+            (chunk_key(prefix, record.tenant, c), c.generation)
+            for c in log.chunks()
+            if c.merged or log.inline_segment(c.first) is None
+        ]
+    if record.snapshot is not None and (m := _SNAPSHOT_GENERATION.search(record.snapshot.key)):
+        keys.append((record.snapshot.key, int(m[1])))
+    for key, generation in keys:
+        landed = writers.get(key)
+        if landed is None:
+            continue  # collected, or never uploaded (then a restore names it)
+        if landed.client == holders.get(generation):
+            continue
+        if landed.body is not None and carried.get(key) == landed.body:
+            continue
+        raise InvariantViolated(
+            "only_holders_publish",
+            f"lock.json (generation {record.generation}) names {key}, written by "
+            f"{landed.client}, but generation {generation} was held by "
+            f"{holders.get(generation)} and no lock.json carried these bytes",
+        )
+
+
+def serving_has_its_loops(machines: Mapping[str, tuple[str, Health]]) -> None:
+    """(4) A machine in state ``serving`` has every task that state needs running."""
+    for name, (state, health) in machines.items():
+        if state != "serving":
+            continue
+        dead = [r for r in health.reasons if "task is not running" in r]
+        if dead:
+            raise InvariantViolated("serving_has_its_loops", f"{name} serves, but {dead}")

@@ -1,0 +1,78 @@
+"""Bugs the simulation found in tenantdb, each as the short schedule that showed it."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from tenantdb.replication.history import takeover_key
+from tests.simulation import bucket as sim_bucket
+from tests.simulation.harness import PREFIX, TENANT, Simulation, run_schedule
+from tests.simulation.schedule import Schedule, Step
+
+
+async def test_a_foreign_object_of_the_same_size_at_a_segment_key_is_never_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile writer puts random bytes, exactly as long as segment 4, at its key just
+    before the holder's upload. The holder took any object of the right size there for its
+    own landed upload, stopped carrying the segment in lock.json, and published the
+    foreign bytes: after the holder's crash, no machine could open the tenant and no
+    restore could read it, with five writes acknowledged."""
+    planted: list[str] = []
+    put = sim_bucket.SimBucket._put
+
+    def front_run(
+        self: sim_bucket.SimBucket,
+        client: str,
+        operation: str,
+        key: str,
+        body: bytes,
+        if_match: str | None,
+        if_none_match: str | None,
+    ) -> object:
+        if key.endswith("/000000000004.seg") and not planted:
+            planted.append(key)
+            self.plant(key, random.Random(0).randbytes(len(body)))
+        return put(self, client, operation, key, body, if_match, if_none_match)
+
+    monkeypatch.setattr(sim_bucket.SimBucket, "_put", front_run)
+    writes = [Step("write", count=1) for _ in range(5)]
+    steps = (
+        Step("start", machine=0),
+        Step("start", machine=1),
+        *writes,
+        Step("restore_now"),
+        Step("crash", machine=0),
+        Step("write", count=1),
+        Step("restore_now"),
+    )
+    outcome = await run_schedule(Schedule(0, 2, timedelta(0), steps), tmp_path)
+    assert planted
+    assert outcome.acked == outcome.writes == 6
+    assert "failed" not in outcome.steps[-1]
+
+
+async def test_a_junk_takeover_record_a_later_one_replaces_does_not_stop_restores(
+    tmp_path: Path,
+) -> None:
+    """Seed 6: junk planted at the next generation's takeover record. The next holder moved
+    on to the generation after, whose record says it ``replaces`` the junk one, yet every
+    point-in-time restore (and every garbage collection) kept failing on the junk."""
+    sim = Simulation(Schedule(0, 2, timedelta(0), ()), tmp_path)
+    m1, m2 = sim.machines
+    assert await m1.start() == "serving"
+    assert await m2.start() == "standby"
+    sim.sim.plant(takeover_key(PREFIX, TENANT, 2), b'{"generation": "not a number"}')
+    assert await sim.write(m1)
+    assert await m1.stop() == "stopped"
+    assert "acknowledged on m2" in await sim._write_step(1)
+    assert sim.sim.objects[takeover_key(PREFIX, TENANT, 3)].body.count(b'"replaces": 2') == 1
+    await asyncio.sleep(0.3)
+    found = await sim._restore_at(Step("restore_at", seconds=0.1))
+    assert found.startswith("2 tokens"), found
+    await m2.stop()

@@ -1,0 +1,135 @@
+"""Each invariant is honest: a deliberately broken protocol violates it in a short
+schedule, and the same schedule passes on the intact code."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tenantdb.database import TenantDB
+from tenantdb.lease import Lease
+from tenantdb.replication import pitr
+from tenantdb.replication.shipper import Shipper
+from tests.simulation.harness import SimulationFailed, run_schedule
+from tests.simulation.schedule import Schedule, Step
+
+
+def schedule(*steps: Step) -> Schedule:
+    return Schedule(seed=0, machines=2, skew=timedelta(0), steps=steps)
+
+
+START_BOTH = (Step("start", machine=0), Step("start", machine=1))
+
+
+def acknowledge_before_shipping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sync() answers at once, and the shipper never ships: acks before the bucket has it."""
+
+    async def sync(self: TenantDB) -> None:
+        return None
+
+    async def idle(self: Shipper, interval: float, snapshot_interval: float) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(TenantDB, "sync", sync)
+    monkeypatch.setattr(Shipper, "run", idle)
+
+
+def restore_an_older_moment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The point-in-time walk compares segment times with a moment a minute too early."""
+    init = pitr._Walk.__init__
+
+    def early(self: Any, *args: Any) -> None:
+        init(self, *args)
+        self.at -= timedelta(minutes=1)
+
+    monkeypatch.setattr(pitr._Walk, "__init__", early)
+
+
+def ignore_a_live_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A standby judges every lease it reads expired, and takes it."""
+    monkeypatch.setattr(Lease, "expires_in", lambda self, observed: -1.0)
+
+
+def serve_with_a_dead_shipper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipper dies, and the machine does not fail stop."""
+
+    async def dies(self: Shipper, interval: float, snapshot_interval: float) -> None:
+        raise RuntimeError("the shipper died")
+
+    monkeypatch.setattr(Shipper, "run", dies)
+    monkeypatch.setattr(TenantDB, "_fail_stop", lambda self, reason: None)
+
+
+def publish_without_uploading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Log objects are reported uploaded without being written: lock.json stops carrying
+    segments whose objects never reach the bucket."""
+
+    async def skipped(self: Shipper, key: str, body: bytes) -> None:
+        return None
+
+    monkeypatch.setattr(Shipper, "_put_once", skipped)
+
+
+CASES = {
+    "acknowledged_writes_survive": (
+        acknowledge_before_shipping,
+        schedule(
+            *START_BOTH, Step("write", count=3), Step("crash", machine=0), Step("write", count=1)
+        ),
+    ),
+    "restore_matches_model": (
+        restore_an_older_moment,
+        schedule(
+            *START_BOTH,
+            Step("write", count=3),
+            Step("write", count=2),
+            Step("pause", machine=1, seconds=0.5),  # the standby's: time passes
+            Step("restore_at", seconds=0.2),
+        ),
+    ),
+    "one_live_lease_at_a_time": (
+        ignore_a_live_lease,
+        schedule(*START_BOTH, Step("write", count=2), Step("write", count=2)),
+    ),
+    "published_objects_present": (
+        publish_without_uploading,
+        schedule(
+            *START_BOTH,
+            Step("write", count=2),
+            Step("pause", machine=1, seconds=0.6),  # the standby's: time passes
+            Step("checkpoint"),
+            Step("pause", machine=1, seconds=0.6),
+            Step("restore_at", seconds=0.9),  # between the writes and the snapshot
+        ),
+    ),
+    "serving_has_its_loops": (
+        serve_with_a_dead_shipper,
+        schedule(Step("start", machine=0), Step("write", count=1)),
+    ),
+}
+
+
+@pytest.mark.parametrize("invariant", sorted(CASES))
+async def test_a_broken_protocol_violates_the_invariant(
+    invariant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    breaks, steps = CASES[invariant]
+    breaks(monkeypatch)
+    with pytest.raises(SimulationFailed) as failed:
+        await run_schedule(steps, tmp_path)
+    assert getattr(failed.value.cause, "invariant", None) == invariant, failed.value
+    assert "--seed 0" in str(failed.value)
+
+
+@pytest.mark.parametrize("invariant", sorted(CASES))
+async def test_the_same_schedule_passes_on_the_intact_protocol(
+    invariant: str, tmp_path: Path
+) -> None:
+    _breaks, steps = CASES[invariant]
+    outcome = await run_schedule(steps, tmp_path)
+    assert outcome.checks[invariant] > 0
+    assert outcome.acked == outcome.writes > 0
