@@ -23,7 +23,7 @@ from typing import Protocol
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
-from tenantdb.errors import DurabilityError, TenantDBError
+from tenantdb.errors import DurabilityError, LeaseLostError, TenantDBError
 from tenantdb.metrics import Metrics
 from tenantdb.responses import RETRY_AFTER, send_error
 
@@ -60,6 +60,7 @@ class OutputGate:
         self._held_start: Message | None = None
         self.response_started = False  # the server has a status line (or websocket accept)
         self.failure: DurabilityError | None = None
+        self._answer = ""  # what the client is told of the failure (the log has the rest)
 
     async def send(self, message: Message) -> None:
         """The ``send`` the app gets: hold, then forward, or refuse once durability failed."""
@@ -82,19 +83,18 @@ class OutputGate:
             async with asyncio.timeout(self._timeout):
                 await self._make_durable()
         except TimeoutError:
-            reason = f"the bucket did not confirm it within {self._timeout:g}s"
+            reason = public = f"the bucket did not confirm it within {self._timeout:g}s"
+        except LeaseLostError as exc:
+            reason, public = str(exc), "this machine lost the tenant's lease"
         except TenantDBError as exc:
-            reason = str(exc)
+            # The error names bucket keys and local paths: the log has it, a client does not.
+            reason, public = str(exc), "the bucket did not confirm it"
         else:
             self._metrics.gate_outcome(durable=True)
             return
         self._metrics.gate_outcome(durable=False)
-        self.failure = DurabilityError(
-            f"tenant {self._tenant}: a write was committed on this machine but is not "
-            f"known to be in the bucket ({reason}); it may or may not be kept: check "
-            "before retrying",
-            tenant=self._tenant,
-        )
+        self.failure = DurabilityError(_withheld(self._tenant, reason), tenant=self._tenant)
+        self._answer = _withheld(self._tenant, public)
         raise self.failure
 
     async def refuse(self, scope: Scope, receive: Receive) -> None:
@@ -106,16 +106,22 @@ class OutputGate:
         if self.failure is None:
             raise ValueError("refuse() without a durability failure")
         if scope["type"] == "websocket":
-            reason = str(self.failure)[:120]
-            await WebSocketClose(1011, reason)(scope, receive, self._send)
+            await WebSocketClose(1011, self._answer[:120])(scope, receive, self._send)
         elif not self.response_started:
             await send_error(
                 scope,
                 receive,
                 self._send,
                 503,
-                str(self.failure),
+                self._answer,
                 headers={"Retry-After": RETRY_AFTER},
             )
         else:
             raise self.failure
+
+
+def _withheld(tenant: str, reason: str) -> str:
+    return (
+        f"tenant {tenant}: a write was committed on this machine but is not known to be in "
+        f"the bucket ({reason}); it may or may not be kept: check before retrying"
+    )

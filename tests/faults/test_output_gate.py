@@ -286,3 +286,20 @@ async def test_gate_survives_app_trace_callback(s3: ProxiedS3) -> None:
     answer = await answer_while_uploads_fail(s3, "/traced")
     assert answer.status_code == 503, answer.text
     assert "not known to be in the bucket" in answer.text
+
+
+async def test_a_write_the_bucket_refuses_is_503_without_bucket_keys_in_the_answer(
+    s3: ProxiedS3, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client learns that its write may not be kept; which key failed is the log's."""
+    with serve(s3) as url:
+        async with httpx.AsyncClient(timeout=30) as client:
+            assert (await client.post(f"{url}/hits")).status_code == 200
+            s3.proxy.add(Fault.error(403, "AccessDenied", **LOCK_PUTS))
+            answer = await client.post(f"{url}/hits")
+            s3.proxy.clear()
+    assert answer.status_code == 503, answer.text
+    assert "not known to be in the bucket (the bucket did not confirm it)" in answer.text
+    assert "tenants/acme" not in answer.text
+    assert "lock.json" not in answer.text
+    assert "tenants/acme/lock.json" in caplog.text  # the log names it
