@@ -8,6 +8,7 @@ holder shipped, having downloaded the database once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import signal
 import time
@@ -208,3 +209,36 @@ async def poll(condition: Callable[[], bool], timeout: float = 15) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.02)
+
+
+async def test_a_standby_that_cannot_read_lock_json_says_so_once_not_at_every_poll(
+    tmp_path: Path, local_bucket: Bucket, caplog: pytest.LogCaptureFixture
+) -> None:
+    def machine(name: str, bucket: Any) -> TenantDB:
+        settings = Settings(
+            tenant="acme",
+            machine_id=name,
+            data_dir=tmp_path / name,
+            lease_ttl=30,
+            follow_interval=0.02,
+        )
+        return TenantDB(settings, bucket=bucket)
+
+    caplog.set_level(logging.INFO, logger="tenantdb")
+    unreadable = LockReadsFail(local_bucket)
+    async with machine("m1", local_bucket):
+        standby = machine("m2", unreadable)
+        await standby.start()
+        try:
+            assert standby.state == "standby"
+            unreadable.failing = True
+            polls = 0
+            while polls < 20:  # twenty failed polls at least
+                await asyncio.sleep(0.02)
+                polls += 1
+            unreadable.failing = False
+            await poll(lambda: "standby reads lock.json again" in caplog.text)
+        finally:
+            await standby.stop()
+    warnings = caplog.text.count("standby could not read lock.json")
+    assert warnings == 1, caplog.text
