@@ -475,7 +475,8 @@ class TenantDB:
         interval = self.settings.follow_interval
         local_generation = await asyncio.to_thread(self._local_generation)
         failures, retry_at = 0, 0.0
-        unread: tuple[str, float] | None = None  # the last read's problem, when last logged
+        # Polled every interval: each problem is logged once, not at every poll.
+        unread, unacquired = logs.RecurringProblem(log), logs.RecurringProblem(log)
         while self.state == "standby":
             # In the last second before the expiry the standby estimates, every poll reads
             # the lock whole, for a fresh server Date: the takeover is not late by S3's
@@ -487,15 +488,11 @@ class TenantDB:
                 observed = await self.lease.read(since=since)
             except TenantDBError as exc:
                 self.lock_damaged = isinstance(exc, LockFileCorruptError)
-                # Once per problem, then once a minute: every poll would flood the log.
-                if unread is None or unread[0] != str(exc) or time.monotonic() - unread[1] > 60:
-                    log.warning("tenant %s: standby could not read lock.json: %s", self.tenant, exc)
-                    unread = (str(exc), time.monotonic())
+                unread.warn("tenant %s: standby could not read lock.json: %s", self.tenant, exc)
                 await asyncio.sleep(interval)
                 continue
-            if unread is not None:
+            if unread.clear():
                 log.info("tenant %s: standby reads lock.json again", self.tenant)
-                unread = None
             self.lock_damaged = False
             self._observed, self._confirmed_at = observed, time.monotonic()
             if observed is not None and self._still_held(observed):
@@ -537,10 +534,11 @@ class TenantDB:
             except LeaseHeldError as held:
                 self.holder = held
                 self._observed = None
+                unacquired.clear()
                 await asyncio.sleep(interval)
                 continue
             except TenantDBError as exc:
-                log.warning("tenant %s: standby could not acquire yet: %s", self.tenant, exc)
+                unacquired.warn("tenant %s: standby could not acquire yet: %s", self.tenant, exc)
                 await asyncio.sleep(interval)
                 continue
             self._take_hold()

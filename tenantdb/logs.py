@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Literal
@@ -27,6 +28,7 @@ __all__ = [
     "JSONFormatter",
     "KeyValueFormatter",
     "LogFormat",
+    "RecurringProblem",
     "configure_logging",
     "follow",
     "formatter",
@@ -117,3 +119,26 @@ def configure_logging(level: int = logging.INFO, env: Mapping[str, str] | None =
             old.close()
     root.addHandler(handler)
     root.setLevel(min(level, root.level) if root.level != logging.NOTSET else level)
+
+
+class RecurringProblem:
+    """One warning per problem while it recurs (then one a minute), not one per attempt."""
+
+    REPEAT_AFTER = 60.0
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._last: tuple[str, float] | None = None  # the problem, when it was last logged
+
+    def warn(self, message: str, *args: object) -> None:
+        """Log ``message % args`` unless that same line was logged within a minute."""
+        text = message % args if args else message
+        now = time.monotonic()
+        if self._last is None or self._last[0] != text or now - self._last[1] > self.REPEAT_AFTER:
+            self._logger.warning(text)
+            self._last = (text, now)
+
+    def clear(self) -> bool:
+        """The problem is gone; whether one had been logged."""
+        was, self._last = self._last is not None, None
+        return was

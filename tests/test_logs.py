@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from tenantdb.errors import ConfigurationError
-from tenantdb.logs import JSONFormatter, KeyValueFormatter, follow, formatter
+from tenantdb.logs import JSONFormatter, KeyValueFormatter, RecurringProblem, follow, formatter
 from tenantdb.metrics import Metrics, MetricsServer
 
 # key=value pairs: a bare word or a JSON string.
@@ -148,3 +148,21 @@ class Collect(logging.Handler):
 async def enter_and_leave(server: MetricsServer) -> None:
     async with server:
         pass
+
+
+def test_a_recurring_problem_is_logged_once_until_it_changes_or_a_minute_passes(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    problem = RecurringProblem(logging.getLogger("tenantdb"))
+    for _ in range(50):
+        problem.warn("tenant %s: cannot read %s", "acme", "lock.json")
+    problem.warn("tenant %s: cannot read %s", "acme", "history")  # another problem
+    monkeypatch.setattr(RecurringProblem, "REPEAT_AFTER", -1.0)
+    problem.warn("tenant %s: cannot read %s", "acme", "history")  # a minute later, as it were
+    assert [r.getMessage() for r in caplog.records] == [
+        "tenant acme: cannot read lock.json",
+        "tenant acme: cannot read history",
+        "tenant acme: cannot read history",
+    ]
+    assert problem.clear()
+    assert not problem.clear()
