@@ -118,6 +118,7 @@ class TenantDBMiddleware:
         self.health_path = health_path
         self.exit_on_failure = exit_on_failure
         self._exit_code: int | None = None  # set when the process must end (failed or idle)
+        self._watchdog: threading.Timer | None = None  # ends a shutdown that overruns
         self.pattern = TenantPattern(path_pattern)
         base = settings if settings is not None else Settings.from_env()
         self.settings = base.with_overrides(
@@ -463,23 +464,32 @@ class TenantDBMiddleware:
             self._exit_code = max(self._exit_code, code)
             return
         self._exit_code = code
-        # Servers take SIGTERM for a graceful shutdown: requests in flight end, then the
-        # lifespan's shutdown runs (the app's, then ours: final publish and release, and
-        # the cancelling of this task), then _exit_if_asked.
-        signal.raise_signal(signal.SIGTERM)
         # A connection that never ends (a websocket, a stream, a stuck handler) would hold
-        # that shutdown, and the half-alive process, forever.
-        await asyncio.sleep(self.settings.kill_timeout)
+        # the shutdown, and the half-alive process, forever. The deadline is kept by a
+        # thread, not the event loop: a failed machine's loop may be what is stuck.
+        self._watchdog = threading.Timer(self.settings.kill_timeout, self._exit_now)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+        # Servers take SIGTERM for a graceful shutdown: requests in flight end, then the
+        # lifespan's shutdown runs (the app's, then ours: final publish and release), then
+        # _exit_if_asked.
+        signal.raise_signal(signal.SIGTERM)
+
+    def _exit_now(self) -> None:
+        """The watchdog's end of a shutdown that did not finish within the kill timeout."""
+        code = self._exit_code or 0
         log.critical(
             "tenantdb: the server did not shut down within %gs; exiting with code %d",
             self.settings.kill_timeout,
-            self._exit_code,
+            code,
         )
-        os._exit(self._exit_code)
+        os._exit(code)
 
     def _exit_if_asked(self) -> None:
         """After the lifespan's shutdown of a machine that ends itself: exit with its code."""
         if self._exit_code is not None:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             log.log(
                 logging.CRITICAL if self._exit_code else logging.INFO,
                 "tenantdb: shutdown complete, exiting with code %d",

@@ -46,14 +46,16 @@ def cli_env(
     return env
 
 
-def tenant(tmp_path: Path, bucket: Bucket, name: str = "acme", machine: str = "m1") -> TenantDB:
+def tenant(
+    tmp_path: Path, bucket: Bucket, name: str = "acme", machine: str = "m1", lease_ttl: float = 3
+) -> TenantDB:
     """A TenantDB of ``name`` on ``bucket``, not started."""
     settings = Settings(
         tenant=name,
         machine_id=machine,
         fly_region="ams",
         data_dir=tmp_path / f"{name}-{machine}",
-        lease_ttl=3,
+        lease_ttl=lease_ttl,
         checkpoint_interval=0,
     )
     return TenantDB(settings, migrations=MIGRATIONS, bucket=bucket)
@@ -210,9 +212,12 @@ async def test_restore_writes_the_tenant_while_it_is_served_and_changes_nothing(
     bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
     dest = tmp_path / "out.sqlite3"
-    tdb = tenant(tmp_path, bucket)
+    # No renewal (every TTL/3) between the two looks at the bucket, however slow the restore.
+    tdb = tenant(tmp_path, bucket, lease_ttl=60)
     async with tdb:
         await write(tdb, 3)
+        assert tdb._shipper is not None  # segment objects go up behind the answers: let them
+        await asyncio.gather(*tdb._shipper._uploads.values(), return_exceptions=True)
         before = await snapshot_of_bucket(bucket)
         code, out, err = await run("restore", "acme", "-o", str(dest))
         assert (code, out) == (0, "")
