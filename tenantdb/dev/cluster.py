@@ -49,6 +49,7 @@ import uvicorn
 from tenantdb.config import Settings
 from tenantdb.dev.dashboard import DevEdge
 from tenantdb.dev.dns_server import DevDNSServer
+from tenantdb.dev.ports import free_port
 from tenantdb.dev.proxy import (
     FlyProxy,
     MachineInfo,
@@ -434,12 +435,12 @@ class Cluster:
         """Run the machine's process and wait until it listens (the caller holds the lock)."""
         machine.state = "starting"
         machine.exit_code = None
-        machine.port = _free_port()
+        machine.port = free_port()
         # Each machine its own metrics port, as each Fly Machine has its own address: on one
         # shared default port only the first would listen, and a scrape would read its numbers.
         # (A port set in the cluster's own env, 0 say, is passed on as it is.)
         chosen = "TENANTDB_METRICS_PORT" not in self.config.env
-        machine.metrics_port = _free_port() if chosen else 0
+        machine.metrics_port = free_port() if chosen else 0
         machine.data_dir.mkdir(parents=True, exist_ok=True)
         env = {
             **self._env,
@@ -634,13 +635,6 @@ def _listen(port: int) -> socket.socket:
             "port with `tenantdb dev --port N` (or `make demo PORT=N`)"
         ) from None
     return sock
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((_LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _signal_group(process: asyncio.subprocess.Process, sig: signal.Signals) -> None:

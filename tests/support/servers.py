@@ -25,14 +25,9 @@ import httpx
 import uvicorn
 from starlette.types import ASGIApp
 
+from tenantdb.dev.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A loopback port that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def loopback_socket() -> socket.socket:
