@@ -422,6 +422,7 @@ class TenantDBMiddleware:
                 await self.tenantdb.start(standby=True)
                 for watch in (self._stop_server_on_failure, self._stop_server_when_idle):
                     watcher = asyncio.create_task(watch(self.tenantdb))
+                    watcher.add_done_callback(self._watcher_ended)
                     stack.callback(watcher.cancel)
             self._resources = stack.pop_all()
 
@@ -453,6 +454,15 @@ class TenantDBMiddleware:
             return
         log.info("tenantdb: the tenant is idle; shutting the server down, exit code 0")
         await self._end_process(0)
+
+    def _watcher_ended(self, watcher: asyncio.Task[None]) -> None:
+        """A watcher that dies could never end the process: that machine would be
+        half-alive, so it ends here, loudly."""
+        if watcher.cancelled() or (exc := watcher.exception()) is None:
+            return
+        log.critical("tenantdb: a watcher of this machine died", exc_info=exc)
+        if self._can_exit():
+            os._exit(FAIL_STOP_EXIT_CODE)
 
     def _can_exit(self) -> bool:
         return self.exit_on_failure and _server_handles_sigterm()

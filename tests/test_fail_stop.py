@@ -422,3 +422,21 @@ def test_a_failed_server_held_open_by_a_request_still_exits_within_the_kill_time
     assert "the server did not shut down within 2s; exiting with code 70" in log
     assert took < 15, log
     assert asyncio.run(lock_json(tmp_path))["owner"] is None
+
+
+async def test_a_watcher_that_dies_is_logged_at_critical_not_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The task that ends a failed machine's process could itself die of a bug: loudly."""
+    app = TenantDBMiddleware(Starlette(), settings=settings(tmp_path, "m1"))
+
+    async def broken() -> None:
+        raise ValueError("injected into a watcher")
+
+    watcher = asyncio.create_task(broken())
+    with contextlib.suppress(ValueError):
+        await watcher
+    app._watcher_ended(watcher)
+    [record] = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert record.getMessage() == "tenantdb: a watcher of this machine died"
+    assert record.exc_info is not None
