@@ -71,11 +71,11 @@ async def measure(s3: S3Server, rounds: int, size: int, work: Path) -> list[Oper
     from example_app import MIGRATIONS
     from tenantdb import TenantDB
     from tenantdb.config import Secret, Settings
-    from tenantdb.lease import Lease
-    from tenantdb.lockfile import now_ms
+    from tenantdb.protocol.lease import Lease
+    from tenantdb.protocol.lockfile import now_ms
+    from tenantdb.protocol.snapshot import copy_database, publish_snapshot
     from tenantdb.replication.checksum import PageHashes, database_page_size
     from tenantdb.replication.shipper import empty_log
-    from tenantdb.snapshot import copy_database, publish_snapshot
     from tenantdb.storage import open_bucket
 
     ops: dict[str, Operation] = {}

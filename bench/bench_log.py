@@ -74,7 +74,7 @@ async def log_objects(bucket: Any, tenant: str, what: str = "log") -> dict[str, 
 
 
 async def bytes_uploaded(s3: S3Server, work: Path, size: int, seconds: float, rate: float) -> None:
-    from tenantdb.database import TenantDB
+    from tenantdb.machine.database import TenantDB
     from tenantdb.replication.segment import decode_segment
     from tenantdb.storage import open_bucket
 
@@ -126,7 +126,7 @@ async def bytes_uploaded(s3: S3Server, work: Path, size: int, seconds: float, ra
 
 
 async def shutdown(s3: S3Server, work: Path, size: int, rounds: int) -> tuple[float, float, float]:
-    from tenantdb.database import TenantDB
+    from tenantdb.machine.database import TenantDB
 
     client = s3.client()
     candidate: list[float] = []
@@ -169,8 +169,8 @@ async def shutdown(s3: S3Server, work: Path, size: int, rounds: int) -> tuple[fl
 async def restore(
     s3: S3Server, work: Path, size: int, segments: int, rounds: int
 ) -> tuple[float, float]:
-    from tenantdb.database import TenantDB
-    from tenantdb.lease import Lease
+    from tenantdb.machine.database import TenantDB
+    from tenantdb.protocol.lease import Lease
     from tenantdb.replication.restore import restore_database
     from tenantdb.replication.segment import chunk_key
     from tenantdb.storage import open_bucket

@@ -460,7 +460,7 @@ async def in_process(rounds: int, calls: int) -> dict[str, list[float]]:
     """The middleware's own cost (trivial inner app), the pool's acquire+release, and the
     FastAPI dependency's."""
     from tenantdb import TenantDBMiddleware, tenant_db, tenant_db_dependency
-    from tenantdb.lending import RequestConnection
+    from tenantdb.asgi.lending import RequestConnection
 
     results: dict[str, list[float]] = {}
 

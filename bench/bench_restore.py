@@ -70,7 +70,7 @@ class _TimedBucket:
 
 async def _candidate(ref: dict[str, Any], work: Path) -> dict[str, Any]:
     from tenantdb.config import Settings
-    from tenantdb.lockfile import LockRecord, SnapshotRef
+    from tenantdb.protocol.lockfile import LockRecord, SnapshotRef
     from tenantdb.replication.restore import restore_database
     from tenantdb.storage import open_bucket
 

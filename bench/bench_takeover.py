@@ -33,7 +33,7 @@ import httpx
 
 from bench.common import MiB, S3Server, child_env, fill_database, machine, median
 from tenantdb.dev.cluster import Cluster, ClusterConfig
-from tenantdb.lockfile import LockRecord, SnapshotRef, now_iso
+from tenantdb.protocol.lockfile import LockRecord, SnapshotRef, now_iso
 from tests.support.servers import UvicornProcess
 
 BUCKET = "bench-takeover"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tenantdb.cli_deploy import serve_app
+from tenantdb.cli.deploy import serve_app
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """tenantdb: one SQLite database per tenant, one Fly Machine per tenant."""
 
+from tenantdb.asgi.middleware import TenantDBMiddleware, tenant_db, tenant_db_dependency
 from tenantdb.config import Secret, Settings
-from tenantdb.database import Migration, TenantDB, apply_migrations
 from tenantdb.errors import (
     ConfigurationError,
     InvalidTenantError,
@@ -10,8 +10,8 @@ from tenantdb.errors import (
     StorageError,
     TenantDBError,
 )
-from tenantdb.middleware import TenantDBMiddleware, tenant_db, tenant_db_dependency
-from tenantdb.supervisor import Health
+from tenantdb.machine.database import Migration, TenantDB, apply_migrations
+from tenantdb.machine.supervisor import Health
 from tenantdb.tenants import TenantPattern, validate_tenant
 
 __all__ = [

@@ -245,7 +245,7 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     s3_addressing: Addressing = "auto"
     # A lease is taken from another region than its last holder's only on a bucket that is
-    # consistent across regions (see tenantdb.lease): Tigris's default location type is not.
+    # consistent across regions (see tenantdb.protocol.lease): not Tigris's default location.
     bucket_consistency: BucketConsistency = "auto"
     # "" picks the default: Flycast on Fly (FLY_APP_NAME), else the 6PN name.
     proxy_url: str = ""

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tenantdb.cli import COMMANDS, build_parser, main
+from tenantdb.cli.main import COMMANDS, build_parser, main
 from tests.support.fake_machines import FakeMachinesAPI, serve_fake_machines
 from tests.support.servers import free_port
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tenantdb.cli import main
+from tenantdb.cli.main import main
 from tests.support.servers import ROOT, free_port
 
 pytestmark = pytest.mark.usefixtures("clean_environment")
@@ -125,7 +125,7 @@ def test_the_wheel_init_writes_installs_tenantdb_with_its_dependencies(
         requires = [
             line for line in archive.read(meta).decode().splitlines() if "Requires-Dist" in line
         ]
-    assert "tenantdb/cli_deploy.py" in names
+    assert "tenantdb/cli/deploy.py" in names
     assert "tenantdb/templates/Dockerfile" in names
     assert "Requires-Dist: uvicorn>=0.30" in requires
     target = tmp_path / "site"
@@ -137,7 +137,7 @@ def test_the_wheel_init_writes_installs_tenantdb_with_its_dependencies(
         check=True,
         timeout=120,
     )
-    assert (target / "tenantdb" / "middleware.py").is_file()
+    assert (target / "tenantdb" / "asgi" / "middleware.py").is_file()
     assert (target / "bin" / "tenantdb").is_file()
 
 

@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tenantdb.cli import main
-from tenantdb.cli_tenants import read_status
+from tenantdb.cli.main import main
+from tenantdb.cli.tenants import read_status
 from tenantdb.config import Settings
-from tenantdb.database import TenantDB
+from tenantdb.machine.database import TenantDB
 from tenantdb.storage import open_bucket
 from tests.support.fake_machines import FakeMachinesAPI, serve_fake_machines
 from tests.support.servers import MachineProcesses, UvicornProcess

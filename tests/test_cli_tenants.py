@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tenantdb import cli_tenants
-from tenantdb.cli import main
-from tenantdb.cli_common import err, parse_time, print_table, time_arg
+from tenantdb.cli import tenants as cli_tenants
+from tenantdb.cli.common import err, parse_time, print_table, time_arg
+from tenantdb.cli.main import main
 from tenantdb.config import Settings
-from tenantdb.database import TenantDB
-from tenantdb.lease import Lease
+from tenantdb.machine.database import TenantDB
+from tenantdb.protocol.lease import Lease
 from tenantdb.replication.segment import chunk_key
 from tenantdb.storage import Bucket, LocalBucket, describe_bucket
 from tests.support.s3_server import s3_env

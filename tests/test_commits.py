@@ -9,7 +9,7 @@ from pathlib import Path
 import aiosqlite
 import pytest
 
-from tenantdb.commits import CommitTracker
+from tenantdb.connections.commits import CommitTracker
 from tenantdb.replication.shipper import CONNECTION_PRAGMAS
 
 Body = Callable[[aiosqlite.Connection], Awaitable[object]]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tenantdb.config import BucketConsistency, Settings
-from tenantdb.database import TenantDB
 from tenantdb.errors import CrossRegionLeaseError
+from tenantdb.machine.database import TenantDB
 
 
 def machine(

@@ -15,7 +15,6 @@ import aiosqlite
 import pytest
 
 from tenantdb.config import Settings
-from tenantdb.database import ConnectionPool, TenantDB, apply_migrations
 from tenantdb.errors import (
     ConfigurationError,
     DataDirLockedError,
@@ -24,7 +23,8 @@ from tenantdb.errors import (
     TenantDBError,
     TransientStorageError,
 )
-from tenantdb.lease import Lease
+from tenantdb.machine.database import ConnectionPool, TenantDB, apply_migrations
+from tenantdb.protocol.lease import Lease
 from tenantdb.storage.base import Bucket, ObjectInfo
 from tenantdb.storage.local import LocalBucket
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from tenantdb.cli import main
+from tenantdb.cli.checks import check_consistency
+from tenantdb.cli.main import main
 from tenantdb.config import Settings
 from tenantdb.dev.dns_server import DevDNSServer
-from tenantdb.doctor import check_consistency
 from tests.conftest import create_s3_bucket
 from tests.support.careless_s3 import careless_s3
 from tests.support.fake_machines import FakeMachinesAPI, serve_fake_machines

@@ -26,16 +26,16 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-import tenantdb.database
+import tenantdb.machine.database
 from tenantdb import TenantDBMiddleware, tenant_db
 from tenantdb.config import Settings
-from tenantdb.database import TenantDB
 from tenantdb.errors import ConfigurationError, LeaseLostError, ReplicationError
-from tenantdb.lease import Lease
+from tenantdb.machine.database import TenantDB
+from tenantdb.machine.supervisor import FAIL_STOP_EXIT_CODE
 from tenantdb.metrics import Metrics
+from tenantdb.protocol.lease import Lease
 from tenantdb.replication.shipper import Shipper
 from tenantdb.storage.local import LocalBucket
-from tenantdb.supervisor import FAIL_STOP_EXIT_CODE
 from tests.support.lifespan import lifespan
 from tests.support.servers import UvicornProcess
 
@@ -245,7 +245,7 @@ async def test_a_restore_failing_at_startup_keeps_the_server_up_and_retries_with
     async with first, first.connection() as db:
         await db.execute("INSERT INTO hits DEFAULT VALUES")
         await db.commit()
-    restore = tenantdb.database.restore_database
+    restore = tenantdb.machine.database.restore_database
     calls = 0
 
     async def damaged_once(*args: Any, **kwargs: Any) -> Any:
@@ -255,7 +255,7 @@ async def test_a_restore_failing_at_startup_keeps_the_server_up_and_retries_with
             raise ReplicationError("tenants/acme/log/2/000000000001.seg is damaged (injected)")
         return await restore(*args, **kwargs)
 
-    monkeypatch.setattr(tenantdb.database, "restore_database", damaged_once)
+    monkeypatch.setattr(tenantdb.machine.database, "restore_database", damaged_once)
     tdb = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
     await tdb.start(standby=True)  # no exception: the server stays up
     try:
@@ -357,7 +357,7 @@ async def test_a_server_stopped_while_it_cannot_open_the_tenant_releases_the_lea
     async with first, first.connection() as db:
         await db.execute("INSERT INTO hits DEFAULT VALUES")
         await db.commit()
-    monkeypatch.setattr(tenantdb.database, "restore_database", raising(ReplicationError))
+    monkeypatch.setattr(tenantdb.machine.database, "restore_database", raising(ReplicationError))
     tdb = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
     await tdb.start(standby=True)
     assert tdb.state == "restoring"

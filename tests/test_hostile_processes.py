@@ -46,7 +46,7 @@ import pytest
 
 from example_app import MIGRATIONS
 from tenantdb.config import Secret, Settings
-from tenantdb.database import TenantDB
+from tenantdb.machine.database import TenantDB
 from tenantdb.replication.segment import SEGMENT_MAX_BYTES
 from tests.conftest import create_s3_bucket
 from tests.replication.test_segment import raw_segment

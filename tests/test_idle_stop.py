@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from tenantdb.config import Settings
-from tenantdb.database import TenantDB
+from tenantdb.machine.database import TenantDB
 from tenantdb.metrics import Metrics
 from tenantdb.storage.local import LocalBucket
 from tenantdb.storage.metered import MeteredBucket

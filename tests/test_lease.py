@@ -19,7 +19,7 @@ from tenantdb.errors import (
     PreconditionFailedError,
     TransientStorageError,
 )
-from tenantdb.lease import Lease, LockRecord
+from tenantdb.protocol.lease import Lease, LockRecord
 from tenantdb.storage.base import Bucket, ObjectInfo, SmallObject
 
 TTL = 3.0

@@ -60,13 +60,13 @@ from hypothesis import strategies as st
 
 from tenantdb.config import Secret
 from tenantdb.errors import ObjectNotFoundError, StorageError, TenantDBError, TransientStorageError
-from tenantdb.lease import Lease
 from tenantdb.localfiles import remove_database
-from tenantdb.lockfile import LockRecord, now_ms
+from tenantdb.protocol.lease import Lease
+from tenantdb.protocol.lockfile import LockRecord, now_ms
+from tenantdb.protocol.snapshot import copy_database, publish_snapshot, temp_snapshot_path
 from tenantdb.replication.checksum import PageHashes, database_page_size
 from tenantdb.replication.restore import restore_database
 from tenantdb.replication.shipper import empty_log
-from tenantdb.snapshot import copy_database, publish_snapshot, temp_snapshot_path
 from tenantdb.storage import Bucket, LocalBucket, RetryPolicy
 from tenantdb.storage.base import ObjectInfo, SmallObject
 from tenantdb.storage.s3 import S3Bucket

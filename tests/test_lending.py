@@ -7,8 +7,8 @@ from pathlib import Path
 
 import aiosqlite
 
-from tenantdb.lending import RequestConnection
-from tenantdb.pool import ConnectionPool
+from tenantdb.asgi.lending import RequestConnection
+from tenantdb.connections.pool import ConnectionPool
 
 
 async def test_a_request_connection_borrows_only_while_something_is_open(tmp_path: Path) -> None:

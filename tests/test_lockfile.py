@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tenantdb.errors import LockFileCorruptError
-from tenantdb.lockfile import MAX_LOG_SINGLES, LockRecord, SnapshotName
+from tenantdb.protocol.lockfile import MAX_LOG_SINGLES, LockRecord, SnapshotName
 
 KEY = "tenants/acme/lock.json"
 STATE = "0123456789abcdef"

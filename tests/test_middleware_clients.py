@@ -21,10 +21,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from example_app import MIGRATIONS
 from tenantdb import TenantDBMiddleware, tenant_db
+from tenantdb.asgi.middleware import MAX_HANDED_BACK_HOLDS
 from tenantdb.config import Settings
-from tenantdb.database import TenantDB
-from tenantdb.lease import Lease
-from tenantdb.middleware import MAX_HANDED_BACK_HOLDS
+from tenantdb.machine.database import TenantDB
+from tenantdb.protocol.lease import Lease
 from tenantdb.storage import LocalBucket
 from tests.support.apps import starlette_visit
 from tests.support.servers import serve_in_thread

@@ -10,8 +10,8 @@ from pathlib import Path
 import aiosqlite
 import pytest
 
+from tenantdb.connections.pool import ConnectionPool
 from tenantdb.errors import PoolBusyError
-from tenantdb.pool import ConnectionPool
 
 
 async def test_one_long_held_connection_adds_no_wait_to_other_borrowers(tmp_path: Path) -> None:

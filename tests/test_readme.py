@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tenantdb.cli import build_parser
+from tenantdb.cli.main import build_parser
 from tests.support.servers import ROOT, free_port
 
 FENCE_RE = re.compile(r"^```(\w*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)

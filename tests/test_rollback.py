@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from tenantdb.config import Settings
-from tenantdb.database import TenantDB
 from tenantdb.errors import LeaseHeldError
-from tenantdb.lease import read_lock
+from tenantdb.machine.database import TenantDB
+from tenantdb.protocol.lease import read_lock
 from tenantdb.replication.pitr import restore_at
-from tenantdb.rollback import rollback
+from tenantdb.replication.rollback import rollback
 from tenantdb.storage.base import Bucket
 from tests.replication.test_pitr import PREFIX, Recorder, machine, read_rows
 from tests.replication.test_pitr_completeness import LogUploadsFail, count, insert
@@ -92,8 +92,8 @@ async def test_rollback_stamps_bucket_time_not_operator_clock(
     await asyncio.sleep(0.05)
     # The operator's laptop runs 5 s behind the bucket and the machines.
     behind = lambda: int(time.time() * 1000) - 5000  # noqa: E731
-    monkeypatch.setattr("tenantdb.rollback.now_ms", behind, raising=False)
-    monkeypatch.setattr("tenantdb.lockfile.now_ms", behind)
+    monkeypatch.setattr("tenantdb.replication.rollback.now_ms", behind, raising=False)
+    monkeypatch.setattr("tenantdb.protocol.lockfile.now_ms", behind)
     await rollback(operator(tmp_path), local_bucket, then, work_dir=tmp_path)
     monkeypatch.undo()
     out = tmp_path / "before.sqlite3"

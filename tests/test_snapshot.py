@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 
 from tenantdb.errors import SnapshotError
-from tenantdb.lease import Lease
-from tenantdb.lockfile import LockRecord, now_ms
-from tenantdb.replication.checksum import PageHashes, database_page_size
-from tenantdb.replication.restore import restore_database
-from tenantdb.replication.shipper import empty_log
-from tenantdb.snapshot import (
+from tenantdb.protocol.lease import Lease
+from tenantdb.protocol.lockfile import LockRecord, now_ms
+from tenantdb.protocol.snapshot import (
     copy_database,
     file_sha256,
     publish_snapshot,
     temp_snapshot_path,
     verify_database,
 )
+from tenantdb.replication.checksum import PageHashes, database_page_size
+from tenantdb.replication.restore import restore_database
+from tenantdb.replication.shipper import empty_log
 from tenantdb.storage.base import Bucket
 
 

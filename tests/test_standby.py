@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from tenantdb.config import Settings
-from tenantdb.database import TenantDB
 from tenantdb.errors import TransientStorageError
-from tenantdb.lockfile import LockRecord
+from tenantdb.machine.database import TenantDB
+from tenantdb.protocol.lockfile import LockRecord
 from tenantdb.storage import Bucket, open_bucket
 from tenantdb.storage.base import SmallObject
 from tests.support.workers import Worker

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from tenantdb.supervisor import Supervisor
+from tenantdb.machine.supervisor import Supervisor
 
 
 class Counted:

@@ -29,8 +29,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tenantdb.dev.proxy import MachineState, MachineUnavailableError, RouteRecord
 from tenantdb.errors import ObjectNotFoundError, TenantDBError
-from tenantdb.lockfile import LOCK_MAX_BYTES, LockRecord
 from tenantdb.parsing import parse_iso_time
+from tenantdb.protocol.lockfile import LOCK_MAX_BYTES, LockRecord
 from tenantdb.storage import Bucket, open_bucket
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ objects, and each merge uploads only the distinct pages of what it replaces.
 from __future__ import annotations
 
 from tenantdb.errors import ReplicationError
-from tenantdb.lockfile import LogChunk, LogPointer
+from tenantdb.protocol.lockfile import LogChunk, LogPointer
 from tenantdb.replication.segment import Segment, SegmentHeader, decode_segment, encode_segment
 
 __all__ = ["MERGE_FANOUT", "MERGE_SINGLES", "merge_segments", "next_merge"]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tenantdb.errors import ReplicationError, TenantDBError
-from tenantdb.lockfile import LockRecord, LogChunk
+from tenantdb.protocol.lockfile import LockRecord, LogChunk
 from tenantdb.replication.checksum import PageHashes
 from tenantdb.replication.restore import apply_log, check_final, restore_database
 from tenantdb.storage.base import Bucket

@@ -28,8 +28,6 @@ from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
 from tenantdb.errors import ObjectTooLargeError, PreconditionFailedError, ReplicationError
-from tenantdb.lease import Lease, ObservedLock, read_lock
-from tenantdb.lockfile import LOCK_MAX_BYTES, LockRecord, SnapshotName
 from tenantdb.parsing import (
     Malformed,
     bounded_int,
@@ -38,6 +36,8 @@ from tenantdb.parsing import (
     parse_iso_time,
     time_of_ms,
 )
+from tenantdb.protocol.lease import Lease, ObservedLock, read_lock
+from tenantdb.protocol.lockfile import LOCK_MAX_BYTES, LockRecord, SnapshotName
 from tenantdb.replication.segment import chunk_key, parse_chunk_key
 from tenantdb.storage.base import Bucket, ObjectInfo
 

@@ -27,8 +27,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tenantdb.errors import PointInTimeError, ReplicationError
-from tenantdb.lease import read_lock
-from tenantdb.lockfile import LogChunk
+from tenantdb.protocol.lease import read_lock
+from tenantdb.protocol.lockfile import LogChunk
+from tenantdb.protocol.snapshot import check_download, install_database, temp_restore_path
 from tenantdb.replication.checksum import PageHashes, format_state
 from tenantdb.replication.history import Base, History, SegmentEntry, read_history
 from tenantdb.replication.restore import (
@@ -38,7 +39,6 @@ from tenantdb.replication.restore import (
     restore_database,
 )
 from tenantdb.replication.segment import Segment, chunk_key
-from tenantdb.snapshot import check_download, install_database, temp_restore_path
 from tenantdb.storage.base import Bucket
 
 __all__ = ["Progress", "RestoredPoint", "restore_at"]

@@ -19,15 +19,15 @@ from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 from tenantdb.errors import ObjectNotFoundError, ReplicationError
-from tenantdb.lockfile import LockRecord, LogChunk, LogPointer
-from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
-from tenantdb.replication.segment import SEGMENT_MAX_BYTES, Segment, chunk_key, decode_segment
-from tenantdb.snapshot import (
+from tenantdb.protocol.lockfile import LockRecord, LogChunk, LogPointer
+from tenantdb.protocol.snapshot import (
     check_download,
     download_snapshot,
     install_database,
     temp_restore_path,
 )
+from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
+from tenantdb.replication.segment import SEGMENT_MAX_BYTES, Segment, chunk_key, decode_segment
 from tenantdb.storage.base import Bucket
 
 __all__ = [

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from tenantdb.errors import ReplicationError
-from tenantdb.lockfile import LogChunk
 from tenantdb.parsing import MAX_COUNTER, MAX_TIME_MS
+from tenantdb.protocol.lockfile import LogChunk
 from tenantdb.replication.checksum import MAX_PAGE_NUMBER, check_page_size
 
 __all__ = [

@@ -34,9 +34,10 @@ from tenantdb.errors import (
     ReplicationError,
     TenantDBError,
 )
-from tenantdb.lease import Lease
-from tenantdb.lockfile import INLINE_MAX_BYTES, LockRecord, LogChunk, LogPointer, now_ms
 from tenantdb.metrics import Metrics
+from tenantdb.protocol.lease import Lease
+from tenantdb.protocol.lockfile import INLINE_MAX_BYTES, LockRecord, LogChunk, LogPointer, now_ms
+from tenantdb.protocol.snapshot import copy_database, publish_snapshot, temp_snapshot_path
 from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
 from tenantdb.replication.compaction import merge_segments, next_merge
 from tenantdb.replication.group_commit import GroupCommit, retrieve_exception
@@ -59,7 +60,6 @@ from tenantdb.replication.wal import (
     wal_index_frames,
     wal_start,
 )
-from tenantdb.snapshot import copy_database, publish_snapshot, temp_snapshot_path
 from tenantdb.storage.base import Bucket
 
 __all__ = [

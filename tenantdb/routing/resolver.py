@@ -44,8 +44,8 @@ from tenantdb.errors import (
     RoutingError,
     StorageError,
 )
-from tenantdb.lockfile import LOCK_MAX_BYTES, LockRecord
 from tenantdb.metrics import Metrics
+from tenantdb.protocol.lockfile import LOCK_MAX_BYTES, LockRecord
 from tenantdb.routing.dns import MachineLocator
 from tenantdb.routing.machines_api import Machine, MachinesClient, validate_machine_id
 from tenantdb.storage import Bucket

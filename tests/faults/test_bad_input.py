@@ -25,12 +25,12 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from example_app import create_app
+from tenantdb.asgi.middleware import TenantDBMiddleware
 from tenantdb.config import Settings
-from tenantdb.database import TenantDB
 from tenantdb.dev.dns_server import DevDNSServer
 from tenantdb.errors import InvalidTenantError, LockFileCorruptError
-from tenantdb.lease import LockRecord
-from tenantdb.middleware import TenantDBMiddleware
+from tenantdb.machine.database import TenantDB
+from tenantdb.protocol.lease import LockRecord
 from tenantdb.routing.replay import Router
 from tenantdb.storage.local import LocalBucket
 from tenantdb.tenants import validate_tenant

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from tenantdb.database import TenantDB
 from tenantdb.errors import LocalDiskError, SnapshotError, StorageError
+from tenantdb.machine.database import TenantDB
 from tests.faults.conftest import MiB, ProxiedS3
 
 MIGRATIONS = ["CREATE TABLE blobs (id INTEGER PRIMARY KEY, data BLOB NOT NULL)"]

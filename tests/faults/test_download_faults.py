@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from tenantdb.database import TenantDB
 from tenantdb.errors import TransientStorageError
+from tenantdb.machine.database import TenantDB
 from tests.faults.conftest import MiB, ProxiedS3
 from tests.support.fault_proxy import Fault
 

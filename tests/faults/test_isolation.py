@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from example_app import MIGRATIONS
-from tenantdb.database import TenantDB
+from tenantdb.machine.database import TenantDB
 from tests.faults.conftest import ProxiedS3
 from tests.support.servers import MachineProcesses, UvicornProcess
 

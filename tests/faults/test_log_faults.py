@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 
-from tenantdb.database import TenantDB
 from tenantdb.errors import TenantDBError
+from tenantdb.machine.database import TenantDB
 from tests.faults.conftest import ProxiedS3
 from tests.support.fault_proxy import transient_mix
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tenantdb.database import TenantDB
 from tenantdb.errors import LeaseHeldError, StorageError, TenantDBError
-from tenantdb.lease import Lease
+from tenantdb.machine.database import TenantDB
+from tenantdb.protocol.lease import Lease
 from tests.faults.conftest import FAST_RETRY, TTL, ProxiedS3
 from tests.support.fault_proxy import Fault
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tenantdb.database import TenantDB
+from tenantdb.machine.database import TenantDB
 from tests.faults.conftest import ProxiedS3
 from tests.support.fault_proxy import Fault
 

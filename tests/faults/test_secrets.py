@@ -27,10 +27,10 @@ import httpx
 import pytest
 
 from tenantdb.config import Secret, Settings
-from tenantdb.database import TenantDB
 from tenantdb.dev.dns_server import DevDNSServer
 from tenantdb.errors import MachinesAPIError, StorageError
 from tenantdb.logs import JSONFormatter, KeyValueFormatter
+from tenantdb.machine.database import TenantDB
 from tenantdb.metrics import Metrics
 from tenantdb.routing.machines_api import MachinesClient
 from tenantdb.storage.metered import MeteredBucket

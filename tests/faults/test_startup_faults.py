@@ -15,7 +15,6 @@ from starlette.applications import Starlette
 
 from tenantdb import TenantDBMiddleware
 from tenantdb.config import Settings
-from tenantdb.database import TenantDB
 from tenantdb.errors import (
     LeaseLostError,
     SnapshotError,
@@ -23,6 +22,7 @@ from tenantdb.errors import (
     TenantDBError,
     TransientStorageError,
 )
+from tenantdb.machine.database import TenantDB
 from tests.faults.conftest import ProxiedS3
 from tests.support.careless_s3 import careless_s3
 from tests.support.fault_proxy import Fault, transient_mix

@@ -24,12 +24,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tenantdb.errors import LockFileCorruptError, ReplicationError, SnapshotError, TenantDBError
-from tenantdb.lockfile import LockRecord, SnapshotName
 from tenantdb.parsing import time_of_ms
+from tenantdb.protocol.lockfile import LockRecord, SnapshotName
+from tenantdb.protocol.snapshot import verify_database
 from tenantdb.replication.checksum import PageHashes, database_page_size
 from tenantdb.replication.history import Takeover, takeover_key
 from tenantdb.replication.segment import SEGMENT_MAGIC, decode_segment, parse_chunk_key
-from tenantdb.snapshot import verify_database
 
 T = TypeVar("T")
 MiB = 1 << 20

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from tenantdb.config import Settings
-from tenantdb.database import TenantDB
 from tenantdb.errors import ReplicationError
-from tenantdb.lease import Lease
-from tenantdb.lockfile import LockRecord
+from tenantdb.machine.database import TenantDB
+from tenantdb.protocol.lease import Lease
+from tenantdb.protocol.lockfile import LockRecord
 from tenantdb.replication.checksum import format_state
 from tenantdb.replication.follower import Follower
 from tenantdb.replication.restore import fetch_segment, hash_file, restore_database

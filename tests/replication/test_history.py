@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tenantdb.errors import PointInTimeError, ReplicationError
-from tenantdb.lockfile import now_ms
+from tenantdb.protocol.lockfile import now_ms
 from tenantdb.replication import compaction
 from tenantdb.replication.checksum import PageHashes, database_page_size
 from tenantdb.replication.history import Takeover, read_history, takeover_key

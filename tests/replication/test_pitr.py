@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from tenantdb.config import Settings
-from tenantdb.database import TenantDB
 from tenantdb.errors import PointInTimeError, ReplicationError
+from tenantdb.machine.database import TenantDB
 from tenantdb.replication import compaction
 from tenantdb.replication.history import read_history
 from tenantdb.replication.pitr import restore_at

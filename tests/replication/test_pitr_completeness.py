@@ -12,8 +12,8 @@ from typing import Any, Literal
 import pytest
 
 from tenantdb.config import Settings
-from tenantdb.database import TenantDB
 from tenantdb.errors import PointInTimeError, StorageError
+from tenantdb.machine.database import TenantDB
 from tenantdb.replication.history import read_history
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.shipper import Shipper

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tenantdb.errors import ReplicationError
-from tenantdb.lockfile import LogChunk
+from tenantdb.protocol.lockfile import LogChunk
 from tenantdb.replication.checksum import PageHashes
 from tenantdb.replication.restore import apply_segment
 from tenantdb.replication.segment import Segment, SegmentHeader, decode_segment, encode_segment

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tenantdb.config import Settings
-from tenantdb.database import TenantDB
+from tenantdb.machine.database import TenantDB
 from tenantdb.replication.segment import SEGMENT_MAX_BYTES
 from tenantdb.storage import LocalBucket
 

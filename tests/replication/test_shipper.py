@@ -14,8 +14,8 @@ import pytest
 
 from tenantdb import config
 from tenantdb.config import Settings
-from tenantdb.database import TenantDB
 from tenantdb.errors import LeaseLostError, ReplicationError, TransientStorageError
+from tenantdb.machine.database import TenantDB
 from tenantdb.replication import compaction
 from tenantdb.replication import shipper as shipper_module
 from tenantdb.replication.wal import wal_start

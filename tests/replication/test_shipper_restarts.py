@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 from tenantdb.config import Settings
-from tenantdb.database import TenantDB
+from tenantdb.machine.database import TenantDB
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.shipper import Shipper
 from tenantdb.storage.base import Bucket

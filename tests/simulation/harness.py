@@ -23,9 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tenantdb.config import Settings
-from tenantdb.database import TenantDB
 from tenantdb.errors import TenantDBError
-from tenantdb.lockfile import LockRecord
+from tenantdb.machine.database import TenantDB
+from tenantdb.protocol.lockfile import LockRecord
 from tenantdb.replication import pitr
 from tenantdb.replication.history import takeover_key
 from tenantdb.replication.segment import segment_key

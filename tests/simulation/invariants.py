@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from tenantdb.errors import PointInTimeError, TenantDBError
-from tenantdb.lockfile import LockRecord
+from tenantdb.machine.supervisor import Health
+from tenantdb.protocol.lockfile import LockRecord
 from tenantdb.replication.segment import chunk_key
-from tenantdb.supervisor import Health
 from tests.simulation.bucket import LandedWrite
 
 __all__ = [

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tenantdb.database import TenantDB
-from tenantdb.lease import Lease
+from tenantdb.machine.database import TenantDB
+from tenantdb.protocol.lease import Lease
 from tenantdb.replication import pitr
 from tenantdb.replication.shipper import Shipper
 from tests.simulation.harness import SimulationFailed, run_schedule

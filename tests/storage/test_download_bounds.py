@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from tenantdb.errors import ObjectTooLargeError, ReplicationError, SnapshotError
-from tenantdb.lockfile import SnapshotRef
+from tenantdb.protocol.lockfile import SnapshotRef
+from tenantdb.protocol.snapshot import download_snapshot
 from tenantdb.replication.restore import fetch_segment
 from tenantdb.replication.segment import SEGMENT_MAX_BYTES
-from tenantdb.snapshot import download_snapshot
 from tenantdb.storage import Bucket, LocalBucket
 
 MiB = 1 << 20

@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tenantdb.lease import Lease
+from tenantdb.protocol.lease import Lease
 from tenantdb.replication.restore import restore_database
 from tenantdb.storage import Bucket
 

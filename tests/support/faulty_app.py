@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tenantdb.lease import Lease
+from tenantdb.protocol.lease import Lease
 from tenantdb.replication.shipper import Shipper
 from tests.support.apps import starlette_app
 

@@ -20,8 +20,8 @@ import json
 import logging
 import sys
 
-from tenantdb.database import TenantDB
 from tenantdb.errors import TenantDBError
+from tenantdb.machine.database import TenantDB
 
 MIGRATIONS = ["CREATE TABLE hits (id INTEGER PRIMARY KEY, at TEXT DEFAULT CURRENT_TIMESTAMP)"]
 

@@ -18,24 +18,24 @@ from starlette.requests import HTTPConnection
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tenantdb.asgi.lending import RequestConnection
+from tenantdb.asgi.output_gate import OutputGate
 from tenantdb.config import Durability, Settings
-from tenantdb.database import Migration, TenantDB
 from tenantdb.errors import (
     ConfigurationError,
     ConnectionUnavailableError,
     InvalidTenantError,
     TenantDBError,
 )
-from tenantdb.lending import RequestConnection
+from tenantdb.machine.database import Migration, TenantDB
+from tenantdb.machine.supervisor import FAIL_STOP_EXIT_CODE, Health
 from tenantdb.metrics import Metrics, MetricsServer
-from tenantdb.output_gate import OutputGate
 from tenantdb.responses import RETRY_AFTER, send_error, send_response
 from tenantdb.routing.proxy import MachineURL
 from tenantdb.routing.replay import Router
 from tenantdb.storage import open_bucket
 from tenantdb.storage.metered import MeteredBucket
 from tenantdb.storage.probe import check_conditional_writes
-from tenantdb.supervisor import FAIL_STOP_EXIT_CODE, Health
 from tenantdb.tenants import TenantPattern, validate_tenant
 
 __all__ = ["TenantDBMiddleware", "tenant_db", "tenant_db_dependency"]

@@ -25,7 +25,7 @@ from pathlib import Path
 import uvicorn
 
 import tenantdb
-from tenantdb.cli_common import EXIT_FAILURE, EXIT_OK, Command, err
+from tenantdb.cli.common import EXIT_FAILURE, EXIT_OK, Command, err
 from tenantdb.config import Settings
 from tenantdb.errors import ConfigurationError
 from tenantdb.logs import configure_logging
@@ -121,7 +121,7 @@ def write_wheel(dest_dir: Path) -> Path:
     files[f"{info}/WHEEL"] = (
         b"Wheel-Version: 1.0\nGenerator: tenantdb init\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
     )
-    files[f"{info}/entry_points.txt"] = b"[console_scripts]\ntenantdb = tenantdb.cli:main\n"
+    files[f"{info}/entry_points.txt"] = b"[console_scripts]\ntenantdb = tenantdb.cli.main:main\n"
     record = [f"{name},sha256={_digest(body)},{len(body)}" for name, body in files.items()]
     files[f"{info}/RECORD"] = ("\n".join([*record, f"{info}/RECORD,,"]) + "\n").encode()
     dest_dir.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from tenantdb.errors import (
     PreconditionFailedError,
     TenantDBError,
 )
-from tenantdb.lockfile import (
+from tenantdb.protocol.lockfile import (
     LOCK_MAX_BYTES,
     LockRecord,
     LogPointer,

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tenantdb.cli_common import (
+from tenantdb.cli.common import (
     EXIT_FAILURE,
     EXIT_OK,
     err,
@@ -26,7 +26,7 @@ from tenantdb.cli_common import (
     positive_int,
     tenant_arg,
 )
-from tenantdb.cli_tenants import TenantStatus, read_status
+from tenantdb.cli.tenants import TenantStatus, read_status
 from tenantdb.errors import MachinesAPIError, MoveError, TenantDBError
 from tenantdb.routing.machines_api import Machine, MachinesClient
 from tenantdb.storage import Bucket, open_bucket

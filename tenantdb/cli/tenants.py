@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from tenantdb.cli_common import (
+from tenantdb.cli.common import (
     EXIT_FAILURE,
     EXIT_OK,
     TIME_HELP,
@@ -34,7 +34,7 @@ from tenantdb.cli_common import (
     tenant_arg,
     time_arg,
 )
-from tenantdb.cli_progress import transfer_progress
+from tenantdb.cli.progress import transfer_progress
 from tenantdb.config import Settings
 from tenantdb.errors import (
     IntegrityCheckError,
@@ -42,10 +42,10 @@ from tenantdb.errors import (
     LeaseHeldError,
     TenantDBError,
 )
-from tenantdb.lease import Lease, ObservedLock, read_lock
+from tenantdb.protocol.lease import Lease, ObservedLock, read_lock
 from tenantdb.replication.history import History, read_history
 from tenantdb.replication.pitr import RestoredPoint, restore_at
-from tenantdb.rollback import rollback
+from tenantdb.replication.rollback import rollback
 from tenantdb.storage import Bucket, describe_bucket, open_bucket
 from tenantdb.tenants import validate_tenant
 

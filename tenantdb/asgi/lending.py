@@ -27,8 +27,8 @@ from typing import Any
 import aiosqlite
 from aiosqlite.context import contextmanager as _result
 
+from tenantdb.connections.pool import ConnectionPool
 from tenantdb.errors import TenantDBError
-from tenantdb.pool import ConnectionPool
 
 __all__ = ["RequestConnection"]
 

@@ -23,12 +23,12 @@ from pathlib import Path
 
 from tenantdb.config import Settings
 from tenantdb.errors import ConfigurationError, LeaseHeldError, LeaseLostError
-from tenantdb.lease import Lease
-from tenantdb.lockfile import LogPointer
+from tenantdb.protocol.lease import Lease
+from tenantdb.protocol.lockfile import LogPointer
+from tenantdb.protocol.snapshot import publish_snapshot, temp_snapshot_path
 from tenantdb.replication.history import read_history, record_takeover, takeover_key
 from tenantdb.replication.pitr import Progress, RestoredPoint, restore_at
 from tenantdb.replication.shipper import carried_segments, put_log_object
-from tenantdb.snapshot import publish_snapshot, temp_snapshot_path
 from tenantdb.storage.base import Bucket
 
 __all__ = ["RollbackResult", "rollback"]

@@ -27,9 +27,9 @@ from tenantdb.errors import (
     SnapshotError,
     StorageError,
 )
-from tenantdb.lease import Lease
 from tenantdb.localfiles import fsync_dir, remove_side_files
-from tenantdb.lockfile import LockRecord, LogPointer, SnapshotRef, now_iso
+from tenantdb.protocol.lease import Lease
+from tenantdb.protocol.lockfile import LockRecord, LogPointer, SnapshotRef, now_iso
 from tenantdb.storage.base import Bucket
 
 __all__ = [

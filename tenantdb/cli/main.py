@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from tenantdb.cli_common import (
+from tenantdb.cli.common import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -31,16 +31,16 @@ from tenantdb.cli_common import (
     Command,
     print_table,
 )
-from tenantdb.cli_common import confirm as _confirm
-from tenantdb.cli_common import err as _err
-from tenantdb.cli_common import fly_settings as _fly_settings
-from tenantdb.cli_common import out as _out
-from tenantdb.cli_common import positive_int as _positive_int
-from tenantdb.cli_common import tenant_arg as _tenant_arg
-from tenantdb.cli_deploy import DEPLOY_COMMANDS
-from tenantdb.cli_doctor import DOCTOR_COMMANDS
-from tenantdb.cli_move import configure_move
-from tenantdb.cli_tenants import TENANT_COMMANDS
+from tenantdb.cli.common import confirm as _confirm
+from tenantdb.cli.common import err as _err
+from tenantdb.cli.common import fly_settings as _fly_settings
+from tenantdb.cli.common import out as _out
+from tenantdb.cli.common import positive_int as _positive_int
+from tenantdb.cli.common import tenant_arg as _tenant_arg
+from tenantdb.cli.deploy import DEPLOY_COMMANDS
+from tenantdb.cli.doctor import DOCTOR_COMMANDS
+from tenantdb.cli.move import configure_move
+from tenantdb.cli.tenants import TENANT_COMMANDS
 from tenantdb.errors import TenantDBError
 from tenantdb.logs import configure_logging
 from tenantdb.routing.machines_api import MachinesClient
@@ -484,7 +484,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line and exit 1, never a traceback
         _err(f"error: unexpected {type(exc).__name__}: {str(exc)[:500]} (a bug in tenantdb)")
         return EXIT_FAILURE
-
-
-if __name__ == "__main__":
-    sys.exit(main())

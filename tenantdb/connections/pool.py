@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from tenantdb.commits import CommitTracker
+from tenantdb.connections.commits import CommitTracker
 from tenantdb.errors import ConnectionUnavailableError, PoolBusyError, TenantDBError
 from tenantdb.replication.shipper import CONNECTION_PRAGMAS
 

@@ -1,4 +1,4 @@
-"""``tenantdb doctor``: check a deployment before and after deploying (see tenantdb.doctor)."""
+"""``tenantdb doctor``: check a deployment before and after deploying (see tenantdb.cli.checks)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import argparse
 import asyncio
 import json
 
-from tenantdb.cli_common import EXIT_FAILURE, EXIT_OK, Command, out
+from tenantdb.cli.checks import CheckResult, run_checks
+from tenantdb.cli.common import EXIT_FAILURE, EXIT_OK, Command, out
 from tenantdb.config import Settings
-from tenantdb.doctor import CheckResult, run_checks
 
 __all__ = ["DOCTOR_COMMANDS"]
 

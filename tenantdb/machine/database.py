@@ -29,6 +29,7 @@ import aiosqlite
 
 from tenantdb import logs
 from tenantdb.config import Settings
+from tenantdb.connections.pool import ConnectionPool
 from tenantdb.errors import (
     ConfigurationError,
     DataDirLockedError,
@@ -38,19 +39,18 @@ from tenantdb.errors import (
     LockFileCorruptError,
     TenantDBError,
 )
-from tenantdb.lease import CLOCK_GRANULARITY, Lease, ObservedLock
 from tenantdb.localfiles import remove_database, write_atomically
-from tenantdb.lockfile import LockRecord, ReleaseReason
+from tenantdb.machine.supervisor import Health, HealthCheck, Supervisor
 from tenantdb.metrics import Metrics
-from tenantdb.pool import ConnectionPool
+from tenantdb.protocol.lease import CLOCK_GRANULARITY, Lease, ObservedLock
+from tenantdb.protocol.lockfile import LockRecord, ReleaseReason
+from tenantdb.protocol.snapshot import file_sha256, remove_stray_temp_files
 from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
 from tenantdb.replication.follower import Follower
 from tenantdb.replication.history import record_takeover
 from tenantdb.replication.restore import restore_database
 from tenantdb.replication.shipper import CONNECTION_PRAGMAS, Shipper
-from tenantdb.snapshot import file_sha256, remove_stray_temp_files
 from tenantdb.storage import Bucket, open_bucket
-from tenantdb.supervisor import Health, HealthCheck, Supervisor
 
 __all__ = ["Health", "Migration", "TenantDB", "TenantState", "apply_migrations"]
 

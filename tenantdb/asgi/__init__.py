@@ -1,0 +1,5 @@
+"""The request path: the ASGI middleware, the connection lent to a request, the output gate.
+
+Modules here may import everything below them (machine, routing, connections, storage); only
+the CLI, dev and the package's public API import them.
+"""
