@@ -15,6 +15,7 @@ import aiosqlite
 import pytest
 
 from tenantdb.config import Settings
+from tenantdb.connections.pool import ConnectionPool
 from tenantdb.errors import (
     ConfigurationError,
     DataDirLockedError,
@@ -23,7 +24,7 @@ from tenantdb.errors import (
     TenantDBError,
     TransientStorageError,
 )
-from tenantdb.machine.database import ConnectionPool, TenantDB, apply_migrations
+from tenantdb.machine.database import TenantDB, apply_migrations
 from tenantdb.protocol.lease import Lease
 from tenantdb.storage.base import Bucket, ObjectInfo
 from tenantdb.storage.local import LocalBucket

@@ -26,11 +26,12 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-import tenantdb.machine.database
+import tenantdb.machine.local_data
 from tenantdb import TenantDBMiddleware, tenant_db
 from tenantdb.config import Settings
 from tenantdb.errors import ConfigurationError, LeaseLostError, ReplicationError
 from tenantdb.machine.database import TenantDB
+from tenantdb.machine.standby import Standby
 from tenantdb.machine.supervisor import FAIL_STOP_EXIT_CODE
 from tenantdb.metrics import Metrics
 from tenantdb.protocol.lease import Lease
@@ -189,17 +190,17 @@ async def test_a_standby_loop_dying_is_restarted_and_the_standby_still_takes_ove
         await db.commit()
     await holder.sync()
     standby = TenantDB(settings(tmp_path, "m2"), migrations=MIGRATIONS)
-    follow = standby._follow
+    follow = Standby._follow
     calls = 0
 
-    async def follow_broken_once(record: Any) -> None:
+    async def follow_broken_once(role: Standby, record: Any) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise ValueError("injected")
-        await follow(record)
+        await follow(role, record)
 
-    monkeypatch.setattr(standby, "_follow", follow_broken_once)
+    monkeypatch.setattr(Standby, "_follow", follow_broken_once)
     try:
         await standby.start()
         assert standby.state == "standby"
@@ -245,7 +246,7 @@ async def test_a_restore_failing_at_startup_keeps_the_server_up_and_retries_with
     async with first, first.connection() as db:
         await db.execute("INSERT INTO hits DEFAULT VALUES")
         await db.commit()
-    restore = tenantdb.machine.database.restore_database
+    restore = tenantdb.machine.local_data.restore_database
     calls = 0
 
     async def damaged_once(*args: Any, **kwargs: Any) -> Any:
@@ -255,7 +256,7 @@ async def test_a_restore_failing_at_startup_keeps_the_server_up_and_retries_with
             raise ReplicationError("tenants/acme/log/2/000000000001.seg is damaged (injected)")
         return await restore(*args, **kwargs)
 
-    monkeypatch.setattr(tenantdb.machine.database, "restore_database", damaged_once)
+    monkeypatch.setattr(tenantdb.machine.local_data, "restore_database", damaged_once)
     tdb = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
     await tdb.start(standby=True)  # no exception: the server stays up
     try:
@@ -357,7 +358,7 @@ async def test_a_server_stopped_while_it_cannot_open_the_tenant_releases_the_lea
     async with first, first.connection() as db:
         await db.execute("INSERT INTO hits DEFAULT VALUES")
         await db.commit()
-    monkeypatch.setattr(tenantdb.machine.database, "restore_database", raising(ReplicationError))
+    monkeypatch.setattr(tenantdb.machine.local_data, "restore_database", raising(ReplicationError))
     tdb = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
     await tdb.start(standby=True)
     assert tdb.state == "restoring"

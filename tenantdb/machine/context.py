@@ -1,0 +1,137 @@
+"""What every role of one machine shares for its tenant: files, lease, open database, requests.
+
+The roles (mover.py) hand the tenant to each other through one ``Machine``: the data
+directory's lock, the bucket, the lease, the shipper and pool while a holder has them open,
+and the requests that keep the tenant awake (``Activity``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import AsyncExitStack
+
+from tenantdb.config import Settings
+from tenantdb.connections.pool import ConnectionPool
+from tenantdb.errors import LeaseHeldError, TenantDBError
+from tenantdb.machine.datadir import DataDirLock
+from tenantdb.machine.migrations import Migration
+from tenantdb.machine.mover import Mover
+from tenantdb.metrics import Metrics
+from tenantdb.protocol.lease import Lease
+from tenantdb.replication.shipper import Shipper
+from tenantdb.storage import Bucket
+
+__all__ = ["Activity", "Machine"]
+
+log = logging.getLogger("tenantdb")
+
+# The longest wait for the release of the lease of a machine that cannot go on.
+_RELEASE_TIMEOUT = 5.0
+
+
+class Activity:
+    """Requests for the tenant on this machine, for the idle stop (TENANTDB_IDLE_STOP)."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self._last = time.monotonic()
+        self.idle = asyncio.Event()  # set when this machine should stop for idleness
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Mark a request for the tenant as running (the idle time counts from the last)."""
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self._last = time.monotonic()
+
+    def idle_for(self) -> float:
+        """Seconds since the last request for the tenant ended; 0 while one runs."""
+        return 0.0 if self.running else time.monotonic() - self._last
+
+    def count_from_now(self) -> None:
+        """Start counting the idle time afresh (a machine that just began to serve)."""
+        self._last = time.monotonic()
+
+
+class Machine:
+    """One tenant on this machine, as all its roles see it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        tenant: str,
+        *,
+        migrations: Sequence[Migration],
+        bucket: Bucket | None,
+        metrics: Metrics,
+        mover: Mover,
+    ) -> None:
+        self.settings = settings
+        self.tenant = tenant
+        self.migrations = tuple(migrations)
+        self.path = settings.data_dir / f"{tenant}.sqlite3"
+        self.bucket = bucket  # given by the caller; else opened at start, closed at stop
+        self.metrics = metrics
+        self.mover = mover
+        self.dir_lock = DataDirLock(settings.data_dir)
+        self.stack = AsyncExitStack()
+        self.lease_or_none: Lease | None = None  # made at start
+        # Another machine's holding as last seen by a standby (None once this one serves).
+        self.holder: LeaseHeldError | None = None
+        # While a holder has the tenant open (restoring opens them, the roles after close).
+        self.shipper: Shipper | None = None
+        self.pool: ConnectionPool | None = None
+        self.activity = Activity()
+
+    @property
+    def lease(self) -> Lease:
+        """The lease, once the machine has started."""
+        if self.lease_or_none is None:
+            raise TenantDBError("TenantDB has not been started")
+        return self.lease_or_none
+
+    async def close_database(self) -> None:
+        """Close the pool and the shipper, if open."""
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+        if self.shipper is not None:
+            await self.shipper.close()
+            self.shipper = None
+
+    async def release_now(self) -> None:
+        """Give the lease up without a final publish, within a bound.
+
+        A conditional write on this holding's own ETag: it never releases a lease another
+        machine has taken since (that is a 412, and this machine counts as fenced).
+        """
+        lease = self.lease_or_none
+        if lease is None or lease.status != "held":
+            return
+        try:
+            async with asyncio.timeout(max(min(lease.valid_for, _RELEASE_TIMEOUT), 0.5)):
+                await lease.release()
+        except Exception as exc:  # a machine giving up must get to its exit whatever this does
+            log.error(
+                "tenant %s: could not release the lease (%s: %s); other machines wait for it "
+                "to expire",
+                self.tenant,
+                type(exc).__name__,
+                str(exc) or "timed out",
+            )
+            return
+        log.warning("tenant %s: lease released without a final publish", self.tenant)
+
+    async def close_resources(self) -> None:
+        """Cancel every loop, close the database and the bucket, unlock the data directory."""
+        await self.mover.supervisor.cancel()
+        await self.close_database()
+        await self.stack.aclose()
+        self.dir_lock.release()

@@ -1,0 +1,181 @@
+"""The standby: another machine holds the lease; follow its log, take over in time.
+
+A standby polls lock.json with conditional GETs, keeps a warm copy of the tenant current
+(replication/follower.py), and takes the lease when its holder releases it or lets it
+expire, handing the copy to the restoring role. Its holder stopping for idleness stops it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Iterator
+
+from tenantdb import logs
+from tenantdb.errors import LeaseHeldError, LockFileCorruptError, TenantDBError
+from tenantdb.machine.context import Machine
+from tenantdb.machine.local_data import local_generation, mark_generation
+from tenantdb.machine.mover import Role
+from tenantdb.machine.restoring import RECOVERY_PAUSES, Restoring
+from tenantdb.protocol.lease import CLOCK_GRANULARITY, ObservedLock
+from tenantdb.protocol.lockfile import LockRecord
+from tenantdb.replication.follower import Follower
+
+__all__ = ["Standby"]
+
+log = logging.getLogger("tenantdb")
+
+
+class Standby(Role):
+    """Follows the holder named by lock.json; takes the lease when it is free."""
+
+    state = "standby"
+    required = ("standby",)
+
+    def __init__(self, machine: Machine, held: LeaseHeldError | None) -> None:
+        super().__init__(machine.mover)
+        self.machine = machine
+        self._held = held
+        self.follower = Follower(
+            machine.lease.bucket, machine.tenant, machine.path, prefix=machine.settings.prefix
+        )
+        self._observed: ObservedLock | None = None  # the last view of lock.json
+        self._confirmed_at = 0.0  # monotonic time lock.json was last seen (changed or not)
+        # The last read of lock.json found it damaged: this machine can neither follow nor
+        # take over until someone repairs it, so it must not look like a healthy standby.
+        self.lock_damaged = False
+
+    def enter(self) -> None:
+        self.machine.holder = self._held
+        log.warning(
+            "tenant %s: standing by, %s", self.machine.tenant, self._held or "lock.json unreadable"
+        )
+        # Restarted when it dies: it only reads, and follows into a copy it vouches for.
+        self.spawn("standby", self._standby_loop, "restart")
+
+    def reasons(self) -> Iterator[str]:
+        if self.lock_damaged:
+            yield "the tenant's lock.json is damaged: no machine can hold the tenant"
+
+    def handoff_expected(self) -> bool:
+        """True when, as last seen, the holder released the lease or let it expire."""
+        observed = self._observed
+        if observed is None:
+            return False
+        if time.monotonic() - self._confirmed_at > 2 * self.machine.settings.follow_interval + 1:
+            return False  # not polled lately (restoring the copy): nothing is known
+        # Not "expires within handoff_wait": a live holder's lease always looks that close
+        # when the TTL is short, since it is renewed only every TTL/3.
+        return observed.record.owner is None or self.machine.lease.expires_in(observed) <= 0
+
+    async def _standby_loop(self) -> None:
+        """Poll lock.json (conditional GETs), keep the warm copy current, take over in time."""
+        machine, lease, tenant = self.machine, self.machine.lease, self.machine.tenant
+        interval = machine.settings.follow_interval
+        generation = await asyncio.to_thread(local_generation, tenant, machine.path)
+        failures, retry_at = 0, 0.0
+        # Polled every interval: each problem is logged once, not at every poll.
+        unread, unacquired = logs.RecurringProblem(log), logs.RecurringProblem(log)
+        while self.mover.role is self:
+            # In the last second before the expiry the standby estimates, every poll reads
+            # the lock whole, for a fresh server Date: the takeover is not late by S3's
+            # one-second Last-Modified.
+            since = self._observed
+            if since is not None and lease.expires_in(since) <= CLOCK_GRANULARITY:
+                since = None
+            try:
+                observed = await lease.read(since=since)
+            except TenantDBError as exc:
+                self.lock_damaged = isinstance(exc, LockFileCorruptError)
+                unread.warn("tenant %s: standby could not read lock.json: %s", tenant, exc)
+                await asyncio.sleep(interval)
+                continue
+            if unread.clear():
+                log.info("tenant %s: standby reads lock.json again", tenant)
+            self.lock_damaged = False
+            self._observed, self._confirmed_at = observed, time.monotonic()
+            if observed is not None and self._still_held(observed):
+                # While lock.json is still at the generation the local file was written in,
+                # that file may hold this machine's unpublished writes: the takeover's rules
+                # decide about it, the follower leaves it alone.
+                follow = observed.record.generation != generation
+                if follow and time.monotonic() >= retry_at and not self._copy_current(observed):
+                    try:
+                        if generation != 0:
+                            # The follower writes the file from here: never again "the
+                            # newest data" of a holding of this machine.
+                            await asyncio.to_thread(mark_generation, machine.path, 0)
+                            generation = 0
+                        await self._follow(observed.record)
+                        failures = 0
+                    except (TenantDBError, OSError, sqlite3.Error) as exc:
+                        pause = RECOVERY_PAUSES[min(failures, len(RECOVERY_PAUSES) - 1)]
+                        failures, retry_at = failures + 1, time.monotonic() + pause
+                        log.error(
+                            "tenant %s: the standby could not follow the log (%s); retrying "
+                            "in %.0fs",
+                            tenant,
+                            exc,
+                            pause,
+                        )
+                await asyncio.sleep(interval)
+                continue
+            if observed is not None and self._holder_stopped_idle(observed.record):
+                # Taking over would keep a tenant nobody uses awake: stop too, unless a
+                # request waits here (then this machine serves it).
+                await asyncio.sleep(interval)
+                continue
+            # Released, expired or gone: take the lease now (acquire judges it afresh).
+            try:
+                await lease.acquire()
+            except LeaseHeldError as held:
+                machine.holder = held
+                self._observed = None
+                unacquired.clear()
+                await asyncio.sleep(interval)
+                continue
+            except TenantDBError as exc:
+                unacquired.warn("tenant %s: standby could not acquire yet: %s", tenant, exc)
+                await asyncio.sleep(interval)
+                continue
+            self.mover.move(Restoring(machine, follower=self.follower))
+            return
+
+    def _holder_stopped_idle(self, record: LockRecord) -> bool:
+        """True (and ``idle()`` returns) when the holder released the lease for idleness,
+        no request for the tenant runs here and this machine stops when idle at all."""
+        activity = self.machine.activity
+        if record.owner is not None or record.released != "idle" or activity.running:
+            return False
+        if not self.machine.settings.idle_stop:
+            return False  # TENANTDB_IDLE_STOP=0 here: never stop, so take the tenant over
+        if not activity.idle.is_set():
+            log.info(
+                "tenant %s: the holder stopped for idleness; this standby stops too",
+                self.machine.tenant,
+            )
+            activity.idle.set()
+        return True
+
+    def _still_held(self, observed: ObservedLock) -> bool:
+        machine, lease, record = self.machine, self.machine.lease, observed.record
+        if record.owner is None or lease.expires_in(observed) <= 0:
+            return False
+        if (record.owner, record.claim) == (machine.settings.machine_id, lease.claim):
+            return False  # this very process's holding (it was fenced): acquire() takes it back
+        if machine.holder is None or machine.holder.owner != record.owner:
+            machine.holder = LeaseHeldError(
+                tenant=machine.tenant,
+                owner=record.owner,
+                region=record.region or "",
+                expires_in=lease.expires_in(observed),
+            )
+        return True
+
+    def _copy_current(self, observed: ObservedLock) -> bool:
+        return self.follower.hashes(observed.record) is not None
+
+    async def _follow(self, record: LockRecord) -> None:
+        await self.follower.catch_up(record)
