@@ -2,10 +2,10 @@
 
 Every background loop of a ``TenantDB`` (lease renewal, log shipping, garbage collection,
 the standby's polling, opening a held tenant, the fenced machine's recovery) runs under one
-``Supervisor``. A loop handles the failures it expects (a bucket error, a busy database)
-itself; anything else escaping it (a ``ValueError`` from a parser, ``RecursionError``,
-``MemoryError``, a bug) is logged once at CRITICAL with its traceback, counted in
-``tenantdb_task_failures_total{task=...}``, and then, by the task's policy:
+``Supervisor``, its mover's (mover.py). A loop handles the failures it expects (a bucket
+error, a busy database) itself; anything else escaping it (a ``ValueError`` from a parser,
+``RecursionError``, ``MemoryError``, a bug) is logged once at CRITICAL with its traceback,
+counted in ``tenantdb_task_failures_total{task=...}``, and then, by the task's policy:
 
 - ``restart``: run the loop again after a pause (0.5, 1, 2, 5, 10, 30 s; back to the first
   after a minute without failing). For loops that hold no state a failure could leave half
@@ -27,7 +27,15 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-__all__ = ["FAIL_STOP_EXIT_CODE", "Health", "HealthCheck", "Policy", "Supervisor", "TaskFailures"]
+__all__ = [
+    "FAIL_STOP_EXIT_CODE",
+    "Health",
+    "HealthCheck",
+    "Loop",
+    "Policy",
+    "Supervisor",
+    "TaskFailures",
+]
 
 log = logging.getLogger("tenantdb")
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tenantdb.machine.database import TenantDB
+from tenantdb.machine.mover import Mover
 from tenantdb.protocol.lease import Lease
 from tenantdb.replication import pitr
 from tenantdb.replication.shipper import Shipper
@@ -61,7 +62,7 @@ def serve_with_a_dead_shipper(monkeypatch: pytest.MonkeyPatch) -> None:
         raise RuntimeError("the shipper died")
 
     monkeypatch.setattr(Shipper, "run", dies)
-    monkeypatch.setattr(TenantDB, "_fail_stop", lambda self, reason: None)
+    monkeypatch.setattr(Mover, "fail_stop", lambda self, reason: None)
 
 
 def publish_without_uploading(monkeypatch: pytest.MonkeyPatch) -> None:
