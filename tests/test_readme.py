@@ -174,7 +174,12 @@ def test_every_readme_block_runs_as_written(tmp_path: Path, subprocess_env: dict
 
 def test_the_long_material_is_in_docs_linked_from_the_readme() -> None:
     readme = (ROOT / "README.md").read_text()
-    for doc in ("docs/guarantees.md", "docs/performance.md", "docs/development.md"):
+    for doc in (
+        "docs/architecture.md",
+        "docs/guarantees.md",
+        "docs/performance.md",
+        "docs/development.md",
+    ):
         assert f"]({doc})" in readme
     for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
         for link in re.findall(r"\]\(([^)#]+)", page.read_text()):
