@@ -19,13 +19,13 @@ from tenantdb.connections.pool import ConnectionPool
 from tenantdb.errors import LeaseHeldError, TenantDBError
 from tenantdb.machine.datadir import DataDirLock
 from tenantdb.machine.migrations import Migration
-from tenantdb.machine.mover import Mover
+from tenantdb.machine.mover import Mover, Role
 from tenantdb.metrics import Metrics
 from tenantdb.protocol.lease import Lease
 from tenantdb.replication.shipper import Shipper
 from tenantdb.storage import Bucket
 
-__all__ = ["Activity", "Machine"]
+__all__ = ["Activity", "Machine", "MachineRole"]
 
 log = logging.getLogger("tenantdb")
 
@@ -97,6 +97,12 @@ class Machine:
             raise TenantDBError("TenantDB has not been started")
         return self.lease_or_none
 
+    def open_shipper(self, role: Role) -> Shipper:
+        """The shipper, to ``role`` (one that may ship), while it is open."""
+        if self.shipper is None:
+            raise role.not_served()
+        return self.shipper
+
     async def close_database(self) -> None:
         """Close the pool and the shipper, if open."""
         if self.pool is not None:
@@ -135,3 +141,11 @@ class Machine:
         await self.close_database()
         await self.stack.aclose()
         self.dir_lock.release()
+
+
+class MachineRole(Role):
+    """A role ``machine`` plays (every one but the stopped machine's)."""
+
+    def __init__(self, machine: Machine) -> None:
+        super().__init__(machine.mover)
+        self.machine = machine

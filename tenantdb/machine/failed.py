@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from tenantdb.machine.context import Machine
+from tenantdb.machine.context import Machine, MachineRole
 from tenantdb.machine.mover import Failing
 
 __all__ = ["Failed"]
@@ -18,14 +18,13 @@ __all__ = ["Failed"]
 log = logging.getLogger("tenantdb")
 
 
-class Failed(Failing):
+class Failed(MachineRole, Failing):
     """Says why the machine failed until it stops; ``finish`` winds it down."""
 
     state = "failed"
 
     def __init__(self, machine: Machine, reason: str) -> None:
-        super().__init__(machine.mover)
-        self.machine = machine
+        super().__init__(machine)
         self.reason = reason
 
     def reasons(self) -> Iterator[str]:

@@ -10,8 +10,7 @@ import asyncio
 import logging
 
 from tenantdb.errors import LeaseHeldError, LeaseLostError, TenantDBError
-from tenantdb.machine.context import Machine
-from tenantdb.machine.mover import Role
+from tenantdb.machine.context import Machine, MachineRole
 from tenantdb.machine.restoring import Restoring
 from tenantdb.machine.standby import Standby
 
@@ -26,15 +25,11 @@ def fence(machine: Machine, lost: LeaseLostError) -> None:
         machine.mover.move(Fenced(machine))
 
 
-class Fenced(Role):
+class Fenced(MachineRole):
     """Winds the lost holding down, then finds out who holds the tenant now."""
 
     state = "fenced"
     required = ("fenced",)
-
-    def __init__(self, machine: Machine) -> None:
-        super().__init__(machine.mover)
-        self.machine = machine
 
     def enter(self) -> None:
         self.spawn("fenced", self._after_fenced, "fail_stop")

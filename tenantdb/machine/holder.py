@@ -13,8 +13,7 @@ import logging
 from collections.abc import Iterator
 
 from tenantdb.connections.pool import ConnectionPool
-from tenantdb.machine.context import Machine
-from tenantdb.machine.mover import Role
+from tenantdb.machine.context import MachineRole
 from tenantdb.machine.stopping import final_publish
 from tenantdb.replication.shipper import Shipper
 
@@ -23,15 +22,11 @@ __all__ = ["Holder"]
 log = logging.getLogger("tenantdb")
 
 
-class Holder(Role):
+class Holder(MachineRole):
     """Serves requests from the pool that restoring opened, and ships what they commit."""
 
     state = "serving"
     required = ("renewal", "shipper")
-
-    def __init__(self, machine: Machine) -> None:
-        super().__init__(machine.mover)
-        self.machine = machine
 
     def inherits(self, task: str) -> bool:
         return task == "renewal"  # the lease is renewed from the moment it was taken
@@ -69,9 +64,7 @@ class Holder(Role):
         return self.machine.pool
 
     def shipper(self) -> Shipper:
-        if self.machine.shipper is None:
-            raise self.not_served()
-        return self.machine.shipper
+        return self.machine.open_shipper(self)
 
     def reasons(self) -> Iterator[str]:
         # Requests could not be lent a connection in time lately.

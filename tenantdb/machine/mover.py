@@ -26,7 +26,6 @@ __all__ = [
     "Role",
     "Stopped",
     "TenantState",
-    "Transient",
 ]
 
 TenantState = Literal[
@@ -72,6 +71,8 @@ class Role:
     # The loops a machine in this role is not healthy without (see supervisor.py). Not
     # garbage collection: a red check would take a tenant that serves and ships off the proxy.
     required: ClassVar[tuple[str, ...]] = ()
+    # The machine does not do its part in this role, yet or any more: its health says so.
+    down: ClassVar[bool] = False
 
     def __init__(self, mover: Mover) -> None:
         self.mover = mover
@@ -93,7 +94,8 @@ class Role:
 
     def reasons(self) -> Iterator[str]:
         """Why this machine cannot do its part in this role (its loops aside), if it cannot."""
-        return iter(())
+        if self.down:
+            yield f"the tenant's database is {self.state}"
 
     def handoff_expected(self) -> bool:
         """True when the lease is coming to this machine (see ``TenantDB.handoff_expected``)."""
@@ -116,17 +118,11 @@ class Role:
         return LeaseLostError(f"tenant {tenant} is not served here ({self.state})", tenant=tenant)
 
 
-class Transient(Role):
-    """A role in which the machine does not do its part yet or any more (health says so)."""
-
-    def reasons(self) -> Iterator[str]:
-        yield f"the tenant's database is {self.state}"
-
-
-class Stopped(Transient):
+class Stopped(Role):
     """Nothing runs: before ``start()`` and after ``stop()``."""
 
     state = "stopped"
+    down = True
 
 
 class Failing(Role):

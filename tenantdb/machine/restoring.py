@@ -17,11 +17,10 @@ from collections.abc import Iterator
 
 from tenantdb.connections.pool import ConnectionPool
 from tenantdb.errors import ConfigurationError, LeaseLostError, TenantDBError
-from tenantdb.machine.context import Machine
+from tenantdb.machine.context import Machine, MachineRole
 from tenantdb.machine.holder import Holder
 from tenantdb.machine.local_data import prepare_local_file
 from tenantdb.machine.migrations import apply_migrations
-from tenantdb.machine.mover import Role
 from tenantdb.replication.follower import Follower
 from tenantdb.replication.history import record_takeover
 from tenantdb.replication.shipper import Shipper
@@ -34,7 +33,7 @@ log = logging.getLogger("tenantdb")
 RECOVERY_PAUSES = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
-class Restoring(Role):
+class Restoring(MachineRole):
     """Holds the lease, renews it, and opens the tenant until it serves.
 
     ``follower`` is the warm copy of the standby that took the lease, if it did. With
@@ -48,8 +47,7 @@ class Restoring(Role):
     def __init__(
         self, machine: Machine, *, follower: Follower | None = None, in_background: bool = True
     ) -> None:
-        super().__init__(machine.mover)
-        self.machine = machine
+        super().__init__(machine)
         self.follower = follower
         self._in_background = in_background
         self.problem: str | None = None  # why the tenant could not be opened, if it failed

@@ -15,9 +15,8 @@ from collections.abc import Iterator
 
 from tenantdb import logs
 from tenantdb.errors import LeaseHeldError, LockFileCorruptError, TenantDBError
-from tenantdb.machine.context import Machine
+from tenantdb.machine.context import Machine, MachineRole
 from tenantdb.machine.local_data import local_generation, mark_generation
-from tenantdb.machine.mover import Role
 from tenantdb.machine.restoring import RECOVERY_PAUSES, Restoring
 from tenantdb.protocol.lease import CLOCK_GRANULARITY, ObservedLock
 from tenantdb.protocol.lockfile import LockRecord
@@ -28,15 +27,14 @@ __all__ = ["Standby"]
 log = logging.getLogger("tenantdb")
 
 
-class Standby(Role):
+class Standby(MachineRole):
     """Follows the holder named by lock.json; takes the lease when it is free."""
 
     state = "standby"
     required = ("standby",)
 
     def __init__(self, machine: Machine, held: LeaseHeldError | None) -> None:
-        super().__init__(machine.mover)
-        self.machine = machine
+        super().__init__(machine)
         self._held = held
         self.follower = Follower(
             machine.lease.bucket, machine.tenant, machine.path, prefix=machine.settings.prefix

@@ -12,9 +12,9 @@ import functools
 import logging
 
 from tenantdb.errors import ConfigurationError, LeaseHeldError
-from tenantdb.machine.context import Machine
+from tenantdb.machine.context import MachineRole
 from tenantdb.machine.fenced import fence
-from tenantdb.machine.mover import Stopped, Transient
+from tenantdb.machine.mover import Stopped
 from tenantdb.machine.restoring import Restoring
 from tenantdb.machine.standby import Standby
 from tenantdb.protocol.lease import Lease
@@ -26,14 +26,11 @@ __all__ = ["Starting"]
 log = logging.getLogger("tenantdb")
 
 
-class Starting(Transient):
+class Starting(MachineRole):
     """Runs a machine's startup in the caller's task (``TenantDB.start``)."""
 
     state = "starting"
-
-    def __init__(self, machine: Machine) -> None:
-        super().__init__(machine.mover)
-        self.machine = machine
+    down = True
 
     async def run(self, *, standby: bool) -> None:
         """Start; with ``standby``, wait as a standby when another machine holds the lease

@@ -11,8 +11,8 @@ import logging
 import time
 
 from tenantdb.errors import LeaseLostError, TenantDBError
-from tenantdb.machine.context import Machine
-from tenantdb.machine.mover import Role, Transient
+from tenantdb.machine.context import Machine, MachineRole
+from tenantdb.machine.mover import Role
 from tenantdb.protocol.lockfile import ReleaseReason
 from tenantdb.replication.shipper import Shipper
 
@@ -21,23 +21,21 @@ __all__ = ["Stopping", "final_publish"]
 log = logging.getLogger("tenantdb")
 
 
-class Stopping(Transient):
+class Stopping(MachineRole):
     """Winds ``previous`` (the role the machine stops from) down."""
 
     state = "stopping"
+    down = True
 
     def __init__(self, machine: Machine, previous: Role) -> None:
-        super().__init__(machine.mover)
-        self.machine = machine
+        super().__init__(machine)
         self.previous = previous
 
     def inherits(self, task: str) -> bool:
         return True  # the role before winds down with its loops running
 
     def shipper(self) -> Shipper:
-        if self.machine.shipper is None:
-            raise self.not_served()
-        return self.machine.shipper
+        return self.machine.open_shipper(self)
 
     async def wind_down(self, deadline: float) -> None:
         """Let the role before finish its work by the monotonic ``deadline``."""
