@@ -200,6 +200,9 @@ def _tenant(env: Mapping[str, str]) -> str | None:
 
 # The shortest retention, in lease TTLs (see the check in Settings.__post_init__).
 RETENTION_FLOOR_LEASES = 4
+# The longest lease: a holder that dies unannounced keeps its tenant unserved for one TTL, so
+# a TTL of hours is a mistake (a unit slip, say), not a choice.
+MAX_LEASE_TTL = 3600.0
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,11 @@ class Settings:
             validate_tenant(self.tenant)
         if self.lease_ttl < 3:
             raise ConfigurationError(f"lease TTL {self.lease_ttl}s is too short (minimum 3s)")
+        if self.lease_ttl > MAX_LEASE_TTL:
+            raise ConfigurationError(
+                f"lease TTL {self.lease_ttl:g}s is too long (maximum {MAX_LEASE_TTL:g}s): after a "
+                "crash the tenant waits one TTL before another machine may serve it"
+            )
         if self.checkpoint_interval < 0:
             raise ConfigurationError("checkpoint interval must be >= 0 (0 = no periodic snapshot)")
         if self.sync_interval <= 0:

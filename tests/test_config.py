@@ -115,3 +115,9 @@ def test_retention_below_floor_is_refused_or_raised(retention: str) -> None:
     assert "floor of 60s" in str(raised.value)
     assert raised.value.variable == "TENANTDB_RETENTION"
     assert Settings.from_env({"TENANTDB_RETENTION": "60s"}).retention == 60
+
+
+def test_a_lease_ttl_of_hours_is_refused_as_a_slip() -> None:
+    with pytest.raises(ConfigurationError, match=r"lease TTL 86400s is too long \(maximum 3600s\)"):
+        Settings.from_env({"TENANTDB_LEASE_TTL": "86400"})
+    assert Settings.from_env({"TENANTDB_LEASE_TTL": "3600"}).lease_ttl == 3600.0

@@ -50,7 +50,7 @@ LOCK_FORMAT = 1
 # nobody used the tenant for TENANTDB_IDLE_STOP seconds, so a standby stops too instead of
 # taking over (which would keep the tenant awake and costing). A handoff says nothing.
 ReleaseReason = Literal["idle"]
-# Far above any lease tenantdb is configured with (TENANTDB_LEASE_TTL has no maximum), and
+# Far above any lease tenantdb is configured with (config.MAX_LEASE_TTL), and
 # small enough that expiry arithmetic stays exact.
 _MAX_TTL_SECONDS = 2**31
 _SHA256 = re.compile(r"[0-9a-f]{64}")
