@@ -58,7 +58,7 @@ from tenantdb.dev.proxy import (
     ReplayRecord,
 )
 from tenantdb.errors import ConfigurationError
-from tenantdb.routing.machines_api import tenant_service
+from tenantdb.routing.machines import tenant_service
 from tenantdb.storage import describe_bucket
 from tenantdb.tenants import validate_tenant
 

@@ -16,7 +16,7 @@ from typing import Literal
 from starlette.datastructures import Headers
 from starlette.types import Scope
 
-from tenantdb.routing.machines_api import validate_machine_id
+from tenantdb.routing.machines import validate_machine_id
 from tenantdb.routing.proxy import PROXIED_BY, verify_proxied_by
 
 __all__ = [
