@@ -19,8 +19,8 @@ CHECK_TESTS ?= \
 	tests/test_logs.py tests/test_pool.py tests/test_lending.py \
 	tests/replication/test_segment.py tests/replication/test_segment_limit.py \
 	tests/replication/test_checksum.py tests/replication/test_wal.py \
-	tests/routing/test_dns.py tests/routing/test_machines_api.py \
-	tests/routing/test_replay_headers.py tests/routing/test_checks.py \
+	tests/routing/test_dns.py tests/routing/test_machines_api.py tests/routing/test_machines.py \
+	tests/routing/test_arrival.py tests/routing/test_replay_headers.py tests/routing/test_checks.py \
 	tests/storage/test_local_bucket.py tests/storage/test_object_info.py \
 	tests/storage/test_s3_addressing.py tests/storage/test_download_bounds.py \
 	tests/dev/test_dns_server.py tests/dev/test_ports.py tests/dev/test_dashboard_state.py \
