@@ -33,14 +33,12 @@ import contextlib
 import json
 import logging
 import os
-import re
 import secrets
 import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -49,6 +47,7 @@ import uvicorn
 
 from tenantdb.config import Settings
 from tenantdb.dev.backends import MachineInfo, MachineUnavailableError
+from tenantdb.dev.cluster_config import FORCE_HTTPS, ClusterConfig
 from tenantdb.dev.dashboard import DevEdge
 from tenantdb.dev.dns_server import DevDNSServer
 from tenantdb.dev.ports import free_port
@@ -61,15 +60,12 @@ from tenantdb.dev.processes import (
 )
 from tenantdb.dev.proxy import FlyProxy, ReplayRecord
 from tenantdb.errors import ConfigurationError
-from tenantdb.routing.machines import tenant_service
 from tenantdb.storage import describe_bucket
-from tenantdb.tenants import validate_tenant
 
 __all__ = ["Cluster", "ClusterConfig", "MachineStatus", "serve"]
 
 log = logging.getLogger("tenantdb.dev")
 
-_APP_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 # For machines run with uvicorn: tenantdb's own INFO lines (lease, restore, publish) are what
 # the demo is about, and uvicorn alone would show only its own loggers.
 _MACHINE_LOGGING = {
@@ -86,54 +82,9 @@ _MACHINE_LOGGING = {
     },
     "root": {"level": "INFO", "handlers": ["stderr"]},
 }
-# The machines get the HTTP service `tenantdb machines create` gives real ones: whether its
-# port 80 redirects plain HTTP to HTTPS decides it here too, for the public edge and for the
-# Flycast address the body proxy uses alike.
-_SERVICE = tenant_service(8080)
-_FORCE_HTTPS = any(
-    port.get("force_https", False) for port in _SERVICE["ports"] if port["port"] == 80
-)
 # Not handed down from the developer's shell: a real token would let the machines' router
 # fall back to the real Machines API, for an app that only exists on this laptop.
 _NOT_INHERITED = ("FLY_API_TOKEN", "CUSTOMER_ID")
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    """What to run: tenants and machines, the app, the proxy's port, and Fly's timings."""
-
-    tenants: tuple[str, ...] = ("100", "200", "300")
-    machines_per_tenant: int = 1
-    app_name: str = "tenantdb-dev"
-    region: str = "dev"
-    port: int = 8080
-    app_module: str = "example_app:app"
-    command: tuple[str, ...] = ()
-    state_dir: Path = Path(".tenantdb")
-    # TENANTDB_IDLE_STOP of every machine (0: never); None: the machines' own setting.
-    idle_stop: float | None = None
-    kill_timeout: float = 30.0
-    start_timeout: float = 30.0
-    metadata_key: str = "customer_id"
-    # The service's autostart flag; off, the proxy never starts a stopped machine (as on Fly).
-    autostart: bool = bool(_SERVICE["autostart"])
-    env: Mapping[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.tenants:
-            raise ConfigurationError("at least one tenant is needed")
-        for tenant in self.tenants:
-            validate_tenant(tenant)
-        if len(set(self.tenants)) != len(self.tenants):
-            raise ConfigurationError(f"tenants repeat: {', '.join(self.tenants)}")
-        if self.machines_per_tenant < 1:
-            raise ConfigurationError("each tenant needs at least one machine")
-        if not _APP_RE.fullmatch(self.app_name):
-            raise ConfigurationError(f"app name {self.app_name!r} is not a lowercase DNS label")
-        if not 0 <= self.port <= 65535:
-            raise ConfigurationError(f"port {self.port} is not a TCP port (0 = any free port)")
-        if (self.idle_stop or 0) < 0 or self.kill_timeout <= 0 or self.start_timeout <= 0:
-            raise ConfigurationError("idle stop must be >= 0 (0 = never), timeouts > 0")
 
 
 class _ProxyServer(uvicorn.Server):
@@ -149,6 +100,9 @@ class Cluster:
 
     ``async with Cluster(config) as cluster:`` starts everything and stops it all at the end.
     The proxy calls ``machines()`` and ``use()``; tests may stop, start and kill machines.
+
+    Why ~300 lines: it is the one place that decides when a machine starts or stops (the
+    lock, DNS and the proxy follow from it); the processes themselves are ``dev.processes``'.
     """
 
     def __init__(
@@ -156,7 +110,7 @@ class Cluster:
     ) -> None:
         self.config = config or ClusterConfig()
         self.dns = DevDNSServer(self.config.app_name, host=LOOPBACK, region=self.config.region)
-        self.proxy = FlyProxy(self, force_https=_FORCE_HTTPS)
+        self.proxy = FlyProxy(self, force_https=FORCE_HTTPS)
         self.stopped_cleanly = True
         self._clock = clock
         self._running = False

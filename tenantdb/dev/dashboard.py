@@ -30,7 +30,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tenantdb.config import Settings
 from tenantdb.dev.backends import MachineState, MachineUnavailableError
 from tenantdb.dev.processes import MachineStatus
-from tenantdb.dev.proxy import FlyProxy, RouteRecord
+from tenantdb.dev.proxy import FlyProxy
+from tenantdb.dev.routes import RouteRecord
 from tenantdb.errors import ObjectNotFoundError, TenantDBError
 from tenantdb.parsing import parse_iso_time
 from tenantdb.protocol.lockfile import LOCK_MAX_BYTES, LockRecord

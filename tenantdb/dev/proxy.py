@@ -73,15 +73,14 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Literal, Self
+from typing import Self
 
 import httpx
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from tenantdb.dev.backends import (
-    STARTABLE,
     Backends,
     MachineInfo,
     MachineState,
@@ -109,11 +108,12 @@ from tenantdb.dev.replays import (
     replay_src,
     valid_replay,
 )
+from tenantdb.dev.routes import ReplayRecord, RouteRecord, RouteStep, StepKind, Trace
 from tenantdb.dev.websocket_relay import answers, relay_websocket
 
-# Backends, MachineInfo, MachineState, MachineUnavailableError (dev.backends) and
-# MAX_REPLAYS, MIN_CACHE_TTL, ReplayDirective, ReplayVia (dev.replays) are named here too,
-# where callers have always found them.
+# Backends, MachineInfo, MachineState, MachineUnavailableError (dev.backends), MAX_REPLAYS,
+# MIN_CACHE_TTL, ReplayDirective, ReplayVia (dev.replays) and ReplayRecord, RouteRecord,
+# RouteStep, StepKind (dev.routes) are named here too, where callers have always found them.
 __all__ = [
     "MAX_REPLAYS",
     "MAX_REPLAY_BODY",
@@ -136,89 +136,6 @@ log = logging.getLogger("tenantdb.dev.proxy")
 
 MAX_REPLAY_BODY = 1_000_000
 RECENT_ROUTES = 50
-
-StepKind = Literal["direct", "replayed", "cached replay", "fallback"]
-
-
-@dataclass(frozen=True)
-class ReplayRecord:
-    """One replay: which request, the machine that asked for it, the machine it went to."""
-
-    request_id: str
-    method: str
-    path: str
-    source: str
-    target: str
-    via: ReplayVia
-
-
-@dataclass(frozen=True)
-class RouteStep:
-    """One machine a request went to, how the proxy chose it, and whether it had to start it.
-
-    ``woken`` only when the request started the machine; ``failed`` says why the machine
-    could not take the request (a failed machine is never started by one).
-    """
-
-    machine_id: str
-    kind: StepKind
-    woken: bool
-    failed: str | None = None
-
-
-@dataclass(frozen=True)
-class RouteRecord:
-    """One client request: when, what, its answer's status, and every machine it went to."""
-
-    request_id: str
-    method: str
-    path: str
-    started_at: float
-    status: int | None
-    steps: tuple[RouteStep, ...]
-    # Seconds until the answer started (a machine holding a request shows here), if any.
-    answered_after: float | None = None
-
-
-@dataclass
-class _Trace:
-    """What ``RouteRecord`` says about a request, gathered while the proxy routes it."""
-
-    started_at: float = field(default_factory=time.time)
-    status: int | None = None
-    answered_at: float | None = None
-    steps: list[RouteStep] = field(default_factory=list)
-
-    def add(self, machine: MachineInfo, hop: Hop) -> None:
-        """Note the machine chosen for ``hop``: started by the request unless already running."""
-        kind: StepKind
-        if hop.via == "cache":
-            kind = "cached replay"
-        elif hop.failed is not None:
-            kind = "fallback"  # back to the machine that asked for a replay that failed
-        elif hop.source is not None:
-            kind = "replayed"
-        else:
-            kind = "direct"
-        self.steps.append(RouteStep(machine.machine_id, kind, machine.state in STARTABLE))
-
-    def failed(self, failure: ReplayFailed) -> None:
-        """Note that the last machine could not take the request (so it was not woken)."""
-        self.steps[-1] = replace(self.steps[-1], woken=False, failed=str(failure))
-
-    def watching(self, send: Send) -> Send:
-        """``send``, noting the status of the answer the client gets."""
-
-        async def watched(message: Message) -> None:
-            if message["type"] in ("http.response.start", "websocket.http.response.start"):
-                self.status = message["status"]
-            elif message["type"] == "websocket.accept":
-                self.status = 101
-            if self.status is not None and self.answered_at is None:
-                self.answered_at = time.time()
-            await send(message)
-
-        return watched
 
 
 @dataclass(frozen=True)
@@ -301,7 +218,7 @@ class FlyProxy:
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        trace = _Trace()
+        trace = Trace()
         send = trace.watching(send)
         answer = answers(scope, send)
         if self.force_https and scope.get("scheme", "http") in ("http", "ws"):
@@ -344,7 +261,7 @@ class FlyProxy:
             )
 
     async def _route(
-        self, request: _Request, headers: dict[str, str], trace: _Trace, send: Send
+        self, request: _Request, headers: dict[str, str], trace: Trace, send: Send
     ) -> None:
         """Take the request from machine to machine until one answers, or answer an error."""
         body = request.body
