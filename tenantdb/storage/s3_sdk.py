@@ -8,7 +8,7 @@ the S3 backend takes the client, ``ClientError`` (to read an answer's status) an
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
@@ -173,19 +173,20 @@ async def open_client(
         max_pool_connections=max_pool_connections,
         s3={"addressing_style": addressing_style},
     )
-    try:
-        context = _new_session().client(
-            "s3",
-            endpoint_url=endpoint_url,
-            region_name=region,
-            aws_access_key_id=access_key_id,
-            aws_secret_access_key=secret_access_key,
-            config=config,
-        )
-        client = await context.__aenter__()
-    except (ValueError, BotoCoreError) as exc:
-        raise ClientSetupError(type(exc).__name__) from exc
-    try:
+    async with AsyncExitStack() as stack:
+        try:
+            client = await stack.enter_async_context(
+                _new_session().client(
+                    "s3",
+                    endpoint_url=endpoint_url,
+                    region_name=region,
+                    aws_access_key_id=access_key_id,
+                    aws_secret_access_key=secret_access_key,
+                    config=config,
+                )
+            )
+        except (ValueError, BotoCoreError) as exc:
+            raise ClientSetupError(type(exc).__name__) from exc
         # botocore sends "Expect: 100-continue" with every PUT body, and aiohttp arms no
         # read timeout while it waits for the "100 Continue": an endpoint that accepts
         # the connection and never answers (a hung load balancer) would hold a lease write
@@ -197,5 +198,3 @@ async def open_client(
                     f"before-sign.s3.{operation}", _add_tigris_consistent_header
                 )
         yield client
-    finally:
-        await context.__aexit__(None, None, None)
