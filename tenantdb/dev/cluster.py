@@ -20,8 +20,9 @@ starts it again (autostart). Fly's restart policy ``on-failure`` leaves a machin
 exited 0 stopped (https://fly.io/docs/machines/guides-examples/machine-restart-policy/).
 ``stop_machine`` stops one as Fly does: ``SIGINT``, then ``SIGKILL`` after ``kill_timeout``.
 
-Every machine runs in its own process group. ``stop()`` (also run when ``start()`` fails)
-stops them all gracefully, and an ``atexit`` hook kills whatever a crash left behind.
+Every machine runs in its own process group (``dev.processes``). ``stop()`` (also run when
+``start()`` fails) stops them all gracefully, and an ``atexit`` hook kills whatever a crash
+left behind.
 """
 
 from __future__ import annotations
@@ -32,14 +33,12 @@ import contextlib
 import json
 import logging
 import os
-import re
 import secrets
 import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -47,28 +46,26 @@ from typing import Self
 import uvicorn
 
 from tenantdb.config import Settings
+from tenantdb.dev.backends import MachineInfo, MachineUnavailableError
+from tenantdb.dev.cluster_config import FORCE_HTTPS, ClusterConfig
 from tenantdb.dev.dashboard import DevEdge
 from tenantdb.dev.dns_server import DevDNSServer
 from tenantdb.dev.ports import free_port
-from tenantdb.dev.proxy import (
-    FlyProxy,
-    MachineInfo,
-    MachineState,
-    MachineUnavailableError,
-    ReplayRecord,
+from tenantdb.dev.processes import (
+    LOOPBACK,
+    DevMachine,
+    MachineStatus,
+    load_machines,
+    signal_group,
 )
+from tenantdb.dev.proxy import FlyProxy, ReplayRecord
 from tenantdb.errors import ConfigurationError
-from tenantdb.routing.machines_api import tenant_service
 from tenantdb.storage import describe_bucket
-from tenantdb.tenants import validate_tenant
 
 __all__ = ["Cluster", "ClusterConfig", "MachineStatus", "serve"]
 
 log = logging.getLogger("tenantdb.dev")
-machine_log = logging.getLogger("tenantdb.dev.machine")
 
-_APP_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-_LOOPBACK = "127.0.0.1"
 # For machines run with uvicorn: tenantdb's own INFO lines (lease, restore, publish) are what
 # the demo is about, and uvicorn alone would show only its own loggers.
 _MACHINE_LOGGING = {
@@ -85,110 +82,9 @@ _MACHINE_LOGGING = {
     },
     "root": {"level": "INFO", "handlers": ["stderr"]},
 }
-# The machines get the HTTP service `tenantdb machines create` gives real ones: whether its
-# port 80 redirects plain HTTP to HTTPS decides it here too, for the public edge and for the
-# Flycast address the body proxy uses alike.
-_SERVICE = tenant_service(8080)
-_FORCE_HTTPS = any(
-    port.get("force_https", False) for port in _SERVICE["ports"] if port["port"] == 80
-)
 # Not handed down from the developer's shell: a real token would let the machines' router
 # fall back to the real Machines API, for an app that only exists on this laptop.
 _NOT_INHERITED = ("FLY_API_TOKEN", "CUSTOMER_ID")
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    """What to run: tenants and machines, the app, the proxy's port, and Fly's timings."""
-
-    tenants: tuple[str, ...] = ("100", "200", "300")
-    machines_per_tenant: int = 1
-    app_name: str = "tenantdb-dev"
-    region: str = "dev"
-    port: int = 8080
-    app_module: str = "example_app:app"
-    command: tuple[str, ...] = ()
-    state_dir: Path = Path(".tenantdb")
-    # TENANTDB_IDLE_STOP of every machine (0: never); None: the machines' own setting.
-    idle_stop: float | None = None
-    kill_timeout: float = 30.0
-    start_timeout: float = 30.0
-    metadata_key: str = "customer_id"
-    # The service's autostart flag; off, the proxy never starts a stopped machine (as on Fly).
-    autostart: bool = bool(_SERVICE["autostart"])
-    env: Mapping[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.tenants:
-            raise ConfigurationError("at least one tenant is needed")
-        for tenant in self.tenants:
-            validate_tenant(tenant)
-        if len(set(self.tenants)) != len(self.tenants):
-            raise ConfigurationError(f"tenants repeat: {', '.join(self.tenants)}")
-        if self.machines_per_tenant < 1:
-            raise ConfigurationError("each tenant needs at least one machine")
-        if not _APP_RE.fullmatch(self.app_name):
-            raise ConfigurationError(f"app name {self.app_name!r} is not a lowercase DNS label")
-        if not 0 <= self.port <= 65535:
-            raise ConfigurationError(f"port {self.port} is not a TCP port (0 = any free port)")
-        if (self.idle_stop or 0) < 0 or self.kill_timeout <= 0 or self.start_timeout <= 0:
-            raise ConfigurationError("idle stop must be >= 0 (0 = never), timeouts > 0")
-
-
-@dataclass(frozen=True)
-class MachineStatus:
-    """One machine of the cluster: who it serves, its state, and its process while it runs."""
-
-    machine_id: str
-    tenant: str
-    region: str
-    state: MachineState
-    port: int | None
-    pid: int | None
-    # Where its Prometheus metrics are served while it runs (None: not running, or none).
-    metrics_port: int | None = None
-    # How its last process ended (None: it runs, or never ended on its own).
-    exit_code: int | None = None
-
-
-class _Machine:
-    """One emulated machine: identity, state, and its process while it runs."""
-
-    def __init__(self, machine_id: str, tenant: str, region: str, data_dir: Path) -> None:
-        self.machine_id = machine_id
-        self.tenant = tenant
-        self.region = region
-        self.data_dir = data_dir
-        self.state: MachineState = "stopped"
-        self.process: asyncio.subprocess.Process | None = None
-        self.output: asyncio.Task[None] | None = None
-        self.port = 0
-        self.metrics_port = 0
-        self.exit_code: int | None = None
-        # Starting and stopping one machine never overlap.
-        self.lock = asyncio.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://{_LOOPBACK}:{self.port}"
-
-    @property
-    def label(self) -> str:
-        return f"{self.machine_id} (tenant {self.tenant})"
-
-    def status(self) -> MachineStatus:
-        process = self.process
-        running = process is not None and process.returncode is None
-        return MachineStatus(
-            self.machine_id,
-            self.tenant,
-            self.region,
-            self.state,
-            self.port if running else None,
-            process.pid if running and process is not None else None,
-            self.metrics_port if running and self.metrics_port else None,
-            self.exit_code,
-        )
 
 
 class _ProxyServer(uvicorn.Server):
@@ -204,18 +100,21 @@ class Cluster:
 
     ``async with Cluster(config) as cluster:`` starts everything and stops it all at the end.
     The proxy calls ``machines()`` and ``use()``; tests may stop, start and kill machines.
+
+    Why ~300 lines: it is the one place that decides when a machine starts or stops (the
+    lock, DNS and the proxy follow from it); the processes themselves are ``dev.processes``'.
     """
 
     def __init__(
         self, config: ClusterConfig | None = None, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.config = config or ClusterConfig()
-        self.dns = DevDNSServer(self.config.app_name, host=_LOOPBACK, region=self.config.region)
-        self.proxy = FlyProxy(self, force_https=_FORCE_HTTPS)
+        self.dns = DevDNSServer(self.config.app_name, host=LOOPBACK, region=self.config.region)
+        self.proxy = FlyProxy(self, force_https=FORCE_HTTPS)
         self.stopped_cleanly = True
         self._clock = clock
         self._running = False
-        self._machines: dict[str, _Machine] = {}
+        self._machines: dict[str, DevMachine] = {}
         self._server: _ProxyServer | None = None
         self._serving: asyncio.Task[None] | None = None
         self._port = 0
@@ -237,7 +136,7 @@ class Cluster:
         """The proxy's base URL, where clients send requests."""
         if not self._port:
             raise RuntimeError("the cluster is not running")
-        return f"http://{_LOOPBACK}:{self._port}"
+        return f"http://{LOOPBACK}:{self._port}"
 
     @property
     def replay_log(self) -> list[ReplayRecord]:
@@ -250,6 +149,11 @@ class Cluster:
         return [
             MachineInfo(m.machine_id, m.region, m.state, autostart) for m in self._machines.values()
         ]
+
+    @property
+    def tenants(self) -> tuple[str, ...]:
+        """The tenants the machines serve."""
+        return self.config.tenants
 
     def status(self) -> list[MachineStatus]:
         """Return every machine with its tenant, state, port and process id."""
@@ -300,7 +204,9 @@ class Cluster:
         try:
             root = self.config.state_dir.resolve()
             home = root / "dev" / self.config.app_name
-            self._machines = _load_machines(self.config, home)
+            self._machines = load_machines(
+                self.config.tenants, self.config.machines_per_tenant, self.config.region, home
+            )
             self._log_config = home / "logging.json"
             self._log_config.write_text(json.dumps(_MACHINE_LOGGING, indent=2) + "\n")
             await self.dns.start()
@@ -357,19 +263,18 @@ class Cluster:
             machine.state = "failed"
             self._announce_dns(machine)
             if machine.process is not None:
-                _signal_group(machine.process, signal.SIGKILL)
-                await self._reap(machine, machine.process)
+                signal_group(machine.process, signal.SIGKILL)
+                await machine.reap(machine.process)
             log.warning("machine %s killed (SIGKILL): failed", machine.label)
 
     def kill_all(self) -> None:
         """SIGKILL every machine process group at once: the last resort, writes may be lost."""
         for machine in self._machines.values():
-            if machine.process is not None and machine.process.returncode is None:
-                _signal_group(machine.process, signal.SIGKILL)
+            machine.kill_now()
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _machine(self, machine_id: str) -> _Machine:
+    def _machine(self, machine_id: str) -> DevMachine:
         machine = self._machines.get(machine_id)
         if machine is None:
             raise MachineUnavailableError(f"no machine {machine_id} in app {self.app_name}")
@@ -385,7 +290,7 @@ class Cluster:
                 "TENANTDB_DNS_SERVER": "{}:{}".format(*self.dns.address),
                 # Bodies too big for fly-replay go to the owner through the proxy, which
                 # honours fly-force-instance-id as Fly's does for Flycast addresses.
-                "TENANTDB_PROXY_URL": f"http://{_LOOPBACK}:{proxy_port}",
+                "TENANTDB_PROXY_URL": f"http://{LOOPBACK}:{proxy_port}",
                 # Signs the body proxy's tenantdb-proxied-by (a local bucket has no secret
                 # key to derive it from): shared by this run's machines only.
                 "TENANTDB_PROXY_SECRET": secrets.token_hex(16),
@@ -423,7 +328,7 @@ class Cluster:
             await asyncio.sleep(0.01)
         self._port = sock.getsockname()[1]
 
-    async def _start(self, machine: _Machine, *, explicit: bool = False) -> None:
+    async def _start(self, machine: DevMachine, *, explicit: bool = False) -> None:
         async with machine.lock:
             if machine.state == "started":
                 return
@@ -431,7 +336,7 @@ class Cluster:
                 raise MachineUnavailableError(f"machine {machine.label} has failed")
             await self._spawn(machine)
 
-    async def _spawn(self, machine: _Machine) -> None:
+    async def _spawn(self, machine: DevMachine) -> None:
         """Run the machine's process and wait until it listens (the caller holds the lock)."""
         machine.state = "starting"
         machine.exit_code = None
@@ -447,9 +352,9 @@ class Cluster:
             "FLY_MACHINE_ID": machine.machine_id,
             "TENANT_ID": machine.tenant,
             "TENANTDB_DATA_DIR": str(machine.data_dir),
-            "HOST": _LOOPBACK,
+            "HOST": LOOPBACK,
             "PORT": str(machine.port),
-            "TENANTDB_METRICS_HOST": _LOOPBACK,
+            "TENANTDB_METRICS_HOST": LOOPBACK,
         }
         if chosen:
             env["TENANTDB_METRICS_PORT"] = str(machine.metrics_port)
@@ -459,7 +364,7 @@ class Cluster:
             "uvicorn",
             self.config.app_module,
             "--host",
-            _LOOPBACK,
+            LOOPBACK,
             "--port",
             str(machine.port),
             "--lifespan",
@@ -470,89 +375,16 @@ class Cluster:
             # the local proxy's X-Forwarded-For would log every client as 127.0.0.1:0.
             "--no-proxy-headers",
         )
-        began = self._clock()
-        try:
-            # Its own session, so a Ctrl-C in the terminal reaches the cluster alone, and
-            # one killpg() reaches everything the machine started.
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            machine.state = "stopped"
-            raise MachineUnavailableError(
-                f"machine {machine.label}: cannot run {argv[0]}: {exc}"
-            ) from None
-        machine.process = process
-        machine.output = asyncio.create_task(self._pump(machine, process))
-        try:
-            await self._wait_listening(machine, process)
-        except BaseException:
-            _signal_group(process, signal.SIGKILL)
-            await self._reap(machine, process)
-            machine.state = "stopped"
-            raise
-        machine.state = "started"
-        self._announce_dns(machine)
-        log.info(
-            "machine %s started on port %d (pid %d) in %.1fs",
-            machine.label,
-            machine.port,
-            process.pid,
-            self._clock() - began,
+        await machine.run(
+            argv,
+            env,
+            start_timeout=self.config.start_timeout,
+            clock=self._clock,
+            on_exit=self._announce_dns,
         )
+        self._announce_dns(machine)
 
-    async def _wait_listening(self, machine: _Machine, process: asyncio.subprocess.Process) -> None:
-        deadline = self._clock() + self.config.start_timeout
-        while True:
-            if process.returncode is not None:
-                raise MachineUnavailableError(
-                    f"machine {machine.label} exited with code {process.returncode} while "
-                    "starting (its output is in the log above)"
-                )
-            try:
-                _, writer = await asyncio.open_connection(_LOOPBACK, machine.port)
-            except OSError:
-                if self._clock() > deadline:
-                    raise MachineUnavailableError(
-                        f"machine {machine.label} did not listen on port {machine.port} "
-                        f"within {self.config.start_timeout:g}s"
-                    ) from None
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            return
-
-    async def _pump(self, machine: _Machine, process: asyncio.subprocess.Process) -> None:
-        """Log the machine's output line by line; notice when it exits on its own."""
-        assert process.stdout is not None
-        while True:
-            try:
-                raw = await process.stdout.readline()
-            except ValueError:
-                raw = b"(a line too long to show)"  # readline() has dropped it already
-            if not raw:
-                break
-            line = raw.decode(errors="replace").rstrip()
-            machine_log.info("%s %s | %s", machine.tenant, machine.machine_id, line)
-        code = await process.wait()
-        if machine.process is process and machine.state == "started":
-            # Stopped by itself (idle: exit 0) or crashed: Fly marks the machine stopped,
-            # and the next request starts it again.
-            machine.state = "stopped"
-            machine.exit_code = code
-            self._announce_dns(machine)
-            if code == 0:
-                log.info("machine %s stopped itself (exit code 0)", machine.label)
-            else:
-                log.warning("machine %s exited on its own with code %s", machine.label, code)
-
-    async def _stop(self, machine: _Machine, *, reason: str) -> None:
+    async def _stop(self, machine: DevMachine, *, reason: str) -> None:
         async with machine.lock:
             if machine.state != "started" or machine.process is None:
                 return
@@ -561,18 +393,8 @@ class Cluster:
             self._announce_dns(machine)
             log.info("stopping machine %s: %s", machine.label, reason)
             began = self._clock()
-            _signal_group(process, signal.SIGINT)
-            try:
-                await asyncio.wait_for(process.wait(), self.config.kill_timeout)
-            except TimeoutError:
+            if not await machine.interrupt(process, self.config.kill_timeout):
                 self.stopped_cleanly = False
-                log.error(
-                    "machine %s still running after the %gs kill timeout: SIGKILL",
-                    machine.label,
-                    self.config.kill_timeout,
-                )
-                _signal_group(process, signal.SIGKILL)
-            await self._reap(machine, process)
             machine.state = "stopped"
             log.info(
                 "machine %s stopped in %.1fs (exit code %s)",
@@ -581,17 +403,7 @@ class Cluster:
                 process.returncode,
             )
 
-    async def _reap(self, machine: _Machine, process: asyncio.subprocess.Process) -> None:
-        """Wait for the process, kill what is left of its group, drain its output."""
-        await process.wait()
-        _signal_group(process, signal.SIGKILL)
-        if machine.output is not None:
-            # Output ends when the last holder of the pipe is gone: bounded, just in case.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(machine.output), 5)
-        machine.process = None
-
-    def _announce_dns(self, machine: _Machine) -> None:
+    def _announce_dns(self, machine: DevMachine) -> None:
         """Tell the DNS responder whether the machine runs (Fly DNS lists running ones only)."""
         self.dns.set_machine(
             machine.machine_id,
@@ -600,47 +412,20 @@ class Cluster:
         )
 
 
-def _load_machines(config: ClusterConfig, root: Path) -> dict[str, _Machine]:
-    """Reuse the machines of earlier runs (same ids, same data dirs), create the missing ones."""
-    registry = root / "machines.json"
-    known: list[dict[str, str]] = []
-    if registry.exists():
-        known = json.loads(registry.read_text())["machines"]
-    machines: dict[str, _Machine] = {}
-    for tenant in config.tenants:
-        ids = [m["machine_id"] for m in known if m["tenant"] == tenant]
-        while len(ids) < config.machines_per_tenant:
-            # Fly machine ids are 14 hex digits, and DNS labels.
-            ids.append(secrets.token_hex(7))
-            known.append({"machine_id": ids[-1], "tenant": tenant})
-        for machine_id in ids[: config.machines_per_tenant]:
-            data_dir = root / machine_id / "data"
-            machines[machine_id] = _Machine(machine_id, tenant, config.region, data_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    registry.write_text(json.dumps({"machines": known}, indent=2) + "\n")
-    return machines
-
-
 def _listen(port: int) -> socket.socket:
     # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY on accepted connections only when the
     # listening socket says so, and without it every response waits out a delayed ACK.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((_LOOPBACK, port))
+        sock.bind((LOOPBACK, port))
     except OSError as exc:
         sock.close()
         raise ConfigurationError(
-            f"the proxy cannot listen on {_LOOPBACK}:{port} ({exc.strerror}): choose another "
+            f"the proxy cannot listen on {LOOPBACK}:{port} ({exc.strerror}): choose another "
             "port with `tenantdb dev --port N` (or `make demo PORT=N`)"
         ) from None
     return sock
-
-
-def _signal_group(process: asyncio.subprocess.Process, sig: signal.Signals) -> None:
-    # The process leads its own group (start_new_session), so its pid is the group id.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, sig)
 
 
 async def serve(config: ClusterConfig, *, announce: Callable[[str], None]) -> bool:
@@ -708,4 +493,4 @@ def _idle_stop(seconds: float | None) -> str:
 
 
 def _metrics_url(port: int | None) -> str:
-    return f"http://{_LOOPBACK}:{port}/metrics" if port else "none"
+    return f"http://{LOOPBACK}:{port}/metrics" if port else "none"

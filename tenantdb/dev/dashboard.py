@@ -14,11 +14,11 @@ only from those origins (DNS rebinding would otherwise let any web page press th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -27,16 +27,17 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tenantdb.dev.proxy import MachineState, MachineUnavailableError, RouteRecord
+from tenantdb.config import Settings
+from tenantdb.dev.backends import MachineState, MachineUnavailableError
+from tenantdb.dev.processes import MachineStatus
+from tenantdb.dev.proxy import FlyProxy
+from tenantdb.dev.routes import RouteRecord
 from tenantdb.errors import ObjectNotFoundError, TenantDBError
 from tenantdb.parsing import parse_iso_time
 from tenantdb.protocol.lockfile import LOCK_MAX_BYTES, LockRecord
 from tenantdb.storage import Bucket, open_bucket
 
-if TYPE_CHECKING:
-    from tenantdb.dev.cluster import Cluster
-
-__all__ = ["PREFIX", "DevEdge"]
+__all__ = ["PREFIX", "ClusterView", "DevEdge"]
 
 PREFIX = "/_dev"
 # A cross-site form may POST to a loopback port, but it cannot set a custom header without
@@ -52,10 +53,44 @@ _ACTIONS: dict[MachineState, tuple[str, ...]] = {
 }
 
 
+class ClusterView(Protocol):
+    """The cluster as the dashboard reads and drives it (``dev.cluster.Cluster`` is one)."""
+
+    @property
+    def proxy(self) -> FlyProxy:
+        """The proxy in front of the machines: requests go there, its routes are shown."""
+        ...
+
+    @property
+    def tenants(self) -> Sequence[str]:
+        """The tenants whose leases are shown."""
+        ...
+
+    def status(self) -> Sequence[MachineStatus]:
+        """Every machine with its tenant, state and process."""
+        ...
+
+    def bucket_settings(self) -> Settings:
+        """Settings naming the bucket the machines use."""
+        ...
+
+    async def start_machine(self, machine_id: str) -> None:
+        """Start a stopped or failed machine."""
+        ...
+
+    async def stop_machine(self, machine_id: str) -> None:
+        """Stop a machine gracefully."""
+        ...
+
+    async def kill_machine(self, machine_id: str) -> None:
+        """SIGKILL a machine."""
+        ...
+
+
 class DevEdge:
     """The proxy's port: ``/_dev/`` paths go to the dashboard, all others to the machines."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: ClusterView) -> None:
         self._proxy: ASGIApp = cluster.proxy
         self._dashboard = _dashboard(cluster)
 
@@ -90,7 +125,7 @@ def _foreign_origin(scope: Scope) -> str | None:
     return None
 
 
-def _dashboard(cluster: Cluster) -> Starlette:
+def _dashboard(cluster: ClusterView) -> Starlette:
     """The dashboard's Starlette app: the page, its state, and the machine buttons."""
     actions: dict[str, Callable[[str], Awaitable[None]]] = {
         "start": cluster.start_machine,
@@ -135,10 +170,10 @@ def _dashboard(cluster: Cluster) -> Starlette:
     )
 
 
-async def _state(cluster: Cluster) -> dict[str, Any]:
+async def _state(cluster: ClusterView) -> dict[str, Any]:
     """Everything the page shows, as JSON: machines, tenants, recent requests."""
     settings = cluster.bucket_settings()
-    tenants = cluster.config.tenants
+    tenants = cluster.tenants
     async with open_bucket(settings) as bucket:
         locks = await asyncio.gather(
             *(_read_lock(bucket, f"{settings.prefix}{t}/lock.json", t) for t in tenants)

@@ -86,7 +86,11 @@ class _Protocol(asyncio.DatagramProtocol):
 
 
 class DevDNSServer:
-    """A Fly-style internal DNS responder on loopback UDP, fed from a registry of machines."""
+    """A Fly-style internal DNS responder on loopback UDP, fed from a registry of machines.
+
+    Why ~280 lines: the registry, the answers to each name Fly documents and the failure
+    modes tests switch on (silent, SERVFAIL) share one lock and one socket.
+    """
 
     def __init__(
         self,

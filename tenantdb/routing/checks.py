@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from tenantdb.config import Settings
 from tenantdb.errors import RoutingError
 from tenantdb.routing.dns import MachineLocator
-from tenantdb.routing.machines_api import Machine, MachinesClient
+from tenantdb.routing.machines import Machine
+from tenantdb.routing.machines_api import MachinesClient
 
 __all__ = ["Finding", "check_flycast", "check_machine_config", "check_machine_setup"]
 

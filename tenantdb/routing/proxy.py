@@ -33,6 +33,7 @@ __all__ = [
     "PROXIED_BY",
     "BodyProxy",
     "MachineURL",
+    "machine_urls",
     "proxy_key",
     "sign_proxied_by",
     "verify_proxied_by",
@@ -42,6 +43,30 @@ log = logging.getLogger("tenantdb.routing")
 
 MachineURL = Callable[[str], str]
 """Returns the base URL (``http://host:port``) of a machine, given its id."""
+
+
+def machine_urls(template: str, *, app: str, port: int) -> MachineURL:
+    """The machine URLs of a ``TENANTDB_PROXY_URL`` template ({machine_id}, {app}, {port})."""
+    fields = {"app": app, "port": port}
+    try:
+        template.format(machine_id="m", **fields)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigurationError(
+            f"proxy URL template TENANTDB_PROXY_URL={template!r} is not valid: it may use "
+            "only {machine_id}, {app} and {port}",
+            variable="TENANTDB_PROXY_URL",
+        ) from exc
+    if not template.startswith(("http://", "https://")):
+        raise ConfigurationError(
+            f"proxy URL template TENANTDB_PROXY_URL={template!r} must be http(s)://...",
+            variable="TENANTDB_PROXY_URL",
+        )
+
+    def url(machine_id: str) -> str:
+        return template.format(machine_id=machine_id, **fields)
+
+    return url
+
 
 # Names the machine that proxied a request: the receiver's loop guard reads it, the way a
 # replayed request carries fly-replay-src. Signed (``sign_proxied_by``): a client that sends

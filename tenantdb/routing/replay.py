@@ -32,43 +32,41 @@ from __future__ import annotations
 
 import logging
 import re
-import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal, Self
+from typing import Self
 
-from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
-from starlette.responses import Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from tenantdb.config import Settings
-from tenantdb.errors import ConfigurationError, RoutingError
-from tenantdb.metrics import Metrics, RoutingOutcome
-from tenantdb.responses import RETRY_AFTER, send_error, send_response
+from tenantdb.errors import ConfigurationError
+from tenantdb.metrics import Metrics
+from tenantdb.responses import send_error
+from tenantdb.routing.answers import Answers, Problem
+from tenantdb.routing.arrival import ReplaySource, arrival_of, invalidation, is_machine_id
+from tenantdb.routing.bodies import MAX_REPLAY_BODY, measure
 from tenantdb.routing.checks import check_machine_setup
 from tenantdb.routing.dns import MachineLocator
-from tenantdb.routing.machines_api import MachinesClient, validate_machine_id
+from tenantdb.routing.machines_api import MachinesClient
 from tenantdb.routing.proxy import (
-    PROXIED_BY,
     BodyProxy,
     MachineURL,
+    machine_urls,
     proxy_key,
-    verify_proxied_by,
 )
 from tenantdb.routing.resolver import LOOKUP_ERRORS, MachineResolver, Resolution
 from tenantdb.storage import Bucket, open_bucket
 from tenantdb.tenants import TenantPattern
 
+# MAX_REPLAY_BODY and ReplaySource live in routing.bodies and routing.arrival; they are
+# named here too, where callers have always found them.
 __all__ = ["LOCAL_APP_NAME", "MAX_REPLAY_BODY", "ReplaySource", "Resolution", "Router"]
 
 log = logging.getLogger("tenantdb.routing")
 
-# Fly's docs: "requests larger than 1MB cannot be replayed"; a megabyte is 10**6 bytes, and
-# reading it as 1 MiB would send bodies of 1,000,001-1,048,576 bytes to a replay that fails.
-MAX_REPLAY_BODY = 1_000_000
 # The app name of the local emulation when only TENANTDB_DNS_SERVER is set (DevDNSServer's).
 LOCAL_APP_NAME = "tenantdb-dev"
 _NOT_STARTED = "routing is not started: the server must run the ASGI lifespan"
@@ -77,15 +75,8 @@ MIN_REPLAY_CACHE_TTL = 10
 # A fly-replay-cache pattern is a path glob: only plain path characters go into one.
 _CACHE_PATH_RE = re.compile(r"/[A-Za-z0-9/._~%-]*")
 
-Arrival = Literal["direct", "replayed", "cache-hit", "failed", "proxied"]
-# A replay that fails comes back to a machine of this app with fly-replay-failed, which
-# tenantdb answers itself (503, Retry-After) instead of the proxy's bare error.
-_FALLBACK = "fallback=prefer_self"
 # How long Fly tries to reach the target of an uncached replay before the fallback.
 DEFAULT_REPLAY_TIMEOUT = 2.0
-# Sends a request back to the app's load balancing, minus this machine: the documented
-# carrier of fly-replay-cache: invalidate when there is no machine to replay to.
-_ELSEWHERE = "elsewhere=true"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,92 +88,13 @@ class _Resources:
     proxy: BodyProxy | None
 
 
-@dataclass(frozen=True, slots=True)
-class ReplaySource:
-    """The ``fly-replay-src`` request header: which machine replayed this request here."""
-
-    instance: str
-    region: str | None = None
-    t: int | None = None
-    state: str | None = None
-
-    @classmethod
-    def parse(cls, value: str) -> ReplaySource | None:
-        """Parse ``instance=<id>;region=<r>;t=<us>;state=<s>``; None if it is malformed.
-
-        Commas are accepted as field separators as well as semicolons.
-        """
-        fields: dict[str, str] = {}
-        for part in re.split("[;,]", value):
-            key, sep, item = part.partition("=")
-            key = key.strip().lower()
-            if sep and key and key not in fields:
-                fields[key] = item.strip()
-        try:
-            instance = validate_machine_id(fields.get("instance", ""))
-        except ValueError:
-            return None
-        t = fields.get("t", "")
-        return cls(
-            instance=instance,
-            region=fields.get("region") or None,
-            t=int(t) if t.isascii() and t.isdigit() else None,
-            state=fields.get("state"),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class _Arrival:
-    """How a request reached this machine, and from which machine when that is known."""
-
-    how: Arrival
-    source: str | None = None
-    detail: str = ""
-
-
-def _arrival(scope: Scope, proxy_key: bytes | None) -> _Arrival:
-    """How the request says it arrived. Only ``tenantdb-proxied-by`` is authenticated: Fly's
-    proxy appends ``fly-replay-src`` and sets ``fly-replay-failed``, but documents nothing
-    about removing a client's own (https://fly.io/docs/networking/dynamic-request-routing/),
-    so what they trigger (a fresh lookup, a forgotten route) is rate-limited per tenant."""
-    headers = Headers(scope=scope)
-    failed = headers.get("fly-replay-failed")
-    if failed is not None:
-        return _Arrival("failed", detail=_printable(failed))
-    proxied = headers.get(PROXIED_BY)
-    if proxied is not None:
-        proxy = verify_proxied_by(
-            proxy_key, proxied, scope.get("method", ""), scope["path"], time.time()
-        )
-        if proxy is not None and _is_machine_id(proxy):
-            return _Arrival("proxied", proxy)
-        log.debug("ignoring an unsigned or stale %s header", PROXIED_BY)
-    raw_source = headers.get("fly-replay-src")
-    if raw_source is not None:
-        source = ReplaySource.parse(raw_source)
-        if source is not None:
-            return _Arrival("replayed", source.instance)
-        log.debug("ignoring malformed fly-replay-src header %r", raw_source[:80])
-    if headers.get("fly-replay-cache-status", "").strip().lower() == "hit":
-        return _Arrival("cache-hit")
-    return _Arrival("direct")
-
-
-def _is_machine_id(value: str) -> bool:
-    try:
-        validate_machine_id(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _printable(value: str, limit: int = 120) -> str:
-    text = "".join(c if c.isprintable() and c.isascii() else "?" for c in value)
-    return text[:limit] + ("..." if len(text) > limit else "")
-
-
 class Router:
     """Sends requests for other tenants to the machine that serves them.
+
+    Why one class of ~330 lines: its three decisions (``forward``, ``replay_to``,
+    ``handed_back``) read the same arrival, lookup and options, and half of it is the
+    options' validation and documentation; how a request arrived (``routing.arrival``), its
+    body (``routing.bodies``) and the answers (``routing.answers``) live in their own modules.
 
     Built from settings and the tenant path pattern, without I/O; ``async with`` opens the
     DNS resolver, the bucket (for ``lock.json``), the Machines API client (only with
@@ -238,7 +150,6 @@ class Router:
         self.proxy_large_bodies = proxy_large_bodies
         self.replay_cache_ttl = replay_cache_ttl
         self.replay_timeout = replay_timeout
-        self._fallback = f"timeout={_fly_duration(replay_timeout)};{_FALLBACK}"
         self.cache_ttl = cache_ttl
         self.negative_cache_ttl = negative_cache_ttl
         self.failure_ttl = failure_ttl
@@ -246,31 +157,15 @@ class Router:
         self.lookup_timeout = lookup_timeout
         self.max_entries = max_entries
         self.metrics = metrics or Metrics()
-        self.machine_url: MachineURL = machine_url or self._url_from_template(settings.proxy_url)
+        self._answers = Answers(
+            self.metrics, replay_timeout=replay_timeout, replay_cache_ttl=replay_cache_ttl
+        )
+        self.machine_url: MachineURL = machine_url or machine_urls(
+            settings.proxy_url, app=self.app_name or LOCAL_APP_NAME, port=settings.port
+        )
         # The pattern part before the tenant must be a plain path to go into a cache glob.
         self._cacheable = bool(_CACHE_PATH_RE.fullmatch(pattern.prefix("x")))
         self._resources: _Resources | None = None
-
-    def _url_from_template(self, template: str) -> MachineURL:
-        fields = {"app": self.app_name or LOCAL_APP_NAME, "port": self.settings.port}
-        try:
-            template.format(machine_id="m", **fields)
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ConfigurationError(
-                f"proxy URL template TENANTDB_PROXY_URL={template!r} is not valid: it may use "
-                "only {machine_id}, {app} and {port}",
-                variable="TENANTDB_PROXY_URL",
-            ) from exc
-        if not template.startswith(("http://", "https://")):
-            raise ConfigurationError(
-                f"proxy URL template TENANTDB_PROXY_URL={template!r} must be http(s)://...",
-                variable="TENANTDB_PROXY_URL",
-            )
-
-        def url(machine_id: str) -> str:
-            return template.format(machine_id=machine_id, **fields)
-
-        return url
 
     def __repr__(self) -> str:
         return f"Router(app={self.app_name!r}, machine={self.machine_id!r})"
@@ -378,16 +273,16 @@ class Router:
             )
             return
         if self._resources is None:
-            await self._unavailable(scope, receive, send, _NOT_STARTED)
+            await self._answers.unavailable(scope, receive, send, _NOT_STARTED)
             return
-        arrival = _arrival(scope, self._proxy_key)
+        arrival = arrival_of(scope, self._proxy_key)
         if arrival.how == "failed":
             # Fly does not replay a request that came back through a replay fallback; the
             # stale answer goes (once a second at most: a client can send the header), so
             # the client's retry is resolved afresh.
             if self._resources is not None:
                 self._resources.resolver.invalidate(tenant, limited=True)
-            await self._unavailable(
+            await self._answers.unavailable(
                 scope,
                 receive,
                 send,
@@ -405,7 +300,7 @@ class Router:
             problem = Problem(
                 503, f"the machine of tenant {tenant} cannot be found right now: {message}"
             )
-            await self._refuse(scope, receive, send, tenant, arrival, problem)
+            await self._answers.refuse(scope, receive, send, arrival, problem)
             return
         target = found.machine_id
         if arrival.how in ("replayed", "proxied") and target in (
@@ -420,7 +315,7 @@ class Router:
             else:
                 points = f"machine {target} again"
             via = "fly-replay" if arrival.how == "replayed" else "the tenantdb body proxy"
-            await self._unavailable(
+            await self._answers.unavailable(
                 scope,
                 receive,
                 send,
@@ -432,7 +327,7 @@ class Router:
             return
         if target is None:
             problem = Problem(404, f"no machine serves tenant {tenant}: {found.detail}")
-            await self._refuse(scope, receive, send, tenant, arrival, problem)
+            await self._answers.refuse(scope, receive, send, arrival, problem)
             return
         if target == self.machine_id:
             problem = Problem(
@@ -441,7 +336,7 @@ class Router:
                 f"it serves {self.settings.tenant or 'no tenant'}: check the machine's metadata "
                 f"{self.settings.metadata_key!r} and TENANT_ID",
             )
-            await self._refuse(scope, receive, send, tenant, arrival, problem)
+            await self._answers.refuse(scope, receive, send, arrival, problem)
             return
         # Only direct requests set a replay cache: Fly looks up its cache one step deep, and
         # only running machines (found in DNS) are worth pinning requests to. A cached
@@ -450,13 +345,13 @@ class Router:
         cacheable = arrival.how == "direct" and found.source == "dns"
         cache = self._cache_pattern(scope, tenant) if cacheable else None
         await self._deliver(
-            scope, receive, send, tenant, target, cache=cache, extra=_invalidation(arrival)
+            scope, receive, send, tenant, target, cache=cache, extra=invalidation(arrival)
         )
 
     def handed_back(self, scope: Scope, holder: str | None) -> bool:
         """True when the lease holder did not take this request: a replay to it failed
         (``fly-replay-failed``: it is stopping, say) or it sent the request here itself."""
-        arrival = _arrival(scope, self._proxy_key)
+        arrival = arrival_of(scope, self._proxy_key)
         if arrival.how == "failed":
             return True
         return (
@@ -469,9 +364,9 @@ class Router:
         self, scope: Scope, receive: Receive, send: Send, machine_id: str, tenant: str
     ) -> None:
         """Send a request for this machine's own tenant to ``machine_id``, the lease holder."""
-        arrival = _arrival(scope, self._proxy_key)
+        arrival = arrival_of(scope, self._proxy_key)
         problem = ""
-        if not _is_machine_id(machine_id):
+        if not is_machine_id(machine_id):
             problem = f"its lease holder {machine_id[:80]!r} is not a Fly machine id"
         elif arrival.how == "failed":
             problem = f"Fly could not deliver it to machine {machine_id} ({arrival.detail})"
@@ -484,41 +379,11 @@ class Router:
             problem = "this machine is named as its lease holder but does not serve it"
         if problem:
             message = f"tenant {tenant} is unavailable here: {problem}; retry shortly"
-            await self._refuse(scope, receive, send, tenant, arrival, Problem(503, message))
+            await self._answers.refuse(scope, receive, send, arrival, Problem(503, message))
             return
         await self._deliver(
-            scope, receive, send, tenant, machine_id, cache=None, extra=_invalidation(arrival)
+            scope, receive, send, tenant, machine_id, cache=None, extra=invalidation(arrival)
         )
-
-    async def _refuse(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        tenant: str,
-        arrival: _Arrival,
-        problem: Problem,
-    ) -> None:
-        """Answer ``problem``; a cached route that led here is first sent back to the app.
-
-        The replay cache sent this request here, so Fly would keep sending the tenant's
-        requests here until its TTL runs out: the documented cure is a fly-replay back to the
-        app with ``fly-replay-cache: invalidate``. Another machine then answers afresh.
-        """
-        try:
-            replayable = arrival.how == "cache-hit" and (await _measure(scope, receive)).replayable
-        except ClientDisconnect:
-            return  # nobody is left to answer
-        outcome: RoutingOutcome = (
-            "replay" if replayable else "404" if problem.status == 404 else "503"
-        )
-        self.metrics.routed(outcome)
-        if replayable:
-            headers = {"fly-replay": f"{_ELSEWHERE};{self._fallback}", **_invalidation(arrival)}
-            await send_response(scope, receive, send, Response(b"", 204, headers=headers))
-            return
-        retry = {"Retry-After": RETRY_AFTER} if problem.status == 503 else {}
-        await send_error(scope, receive, send, problem.status, problem.message, headers=retry)
 
     def _cache_pattern(self, scope: Scope, tenant: str) -> str | None:
         """The fly-replay-cache glob for this request, or None when none may be set."""
@@ -542,175 +407,19 @@ class Router:
     ) -> None:
         """Replay to ``machine_id``, or stream the request there if its body is too large."""
         try:
-            body = await _measure(scope, receive)
+            body = await measure(scope, receive)
         except ClientDisconnect:
             return  # nobody is left to answer
         if body.replayable:
-            await self._replay(scope, receive, send, machine_id, cache, extra)
+            await self._answers.replay(scope, receive, send, machine_id, cache, extra)
             return
         if self._resources is None:
-            await self._unavailable(scope, receive, send, _NOT_STARTED)
+            await self._answers.unavailable(scope, receive, send, _NOT_STARTED)
             return
         proxy = self._resources.proxy
         if proxy is None:
-            self.metrics.routed("413")
-            await send_error(
-                scope,
-                receive,
-                send,
-                413,
-                f"this request for tenant {tenant} has {body.size} larger than the 1 MB "
-                f"({MAX_REPLAY_BODY} bytes) Fly can replay to the tenant's machine, and this "
-                "app does not forward large bodies itself (proxy_large_bodies=False)",
-                headers=extra,
-            )
+            await self._answers.too_large(scope, receive, send, tenant, body, extra)
             return
-        await self._proxy_body(
-            scope, receive, send, proxy, tenant, machine_id, body.chunks, body.more
+        await self._answers.proxy_body(
+            scope, receive, send, proxy, tenant, machine_id, body, self.invalidate
         )
-
-    async def _replay(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        machine_id: str,
-        cache: str | None,
-        extra: Mapping[str, str],
-    ) -> None:
-        self.metrics.routed("replay" if cache is None else "cached_replay")
-        if cache is None:
-            headers = {"fly-replay": f"instance={machine_id};{self._fallback}", **extra}
-        else:
-            # Fly refuses timeout and fallback on a replay it is asked to cache.
-            headers = {"fly-replay": f"instance={machine_id}", **extra}
-            headers["fly-replay-cache"] = cache
-            headers["fly-replay-cache-ttl-secs"] = str(self.replay_cache_ttl)
-        await send_response(scope, receive, send, Response(b"", 204, headers=headers))
-
-    async def _proxy_body(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        proxy: BodyProxy,
-        tenant: str,
-        machine_id: str,
-        chunks: list[bytes],
-        more: bool,
-    ) -> None:
-        started = False
-        self.metrics.routed("proxied_body")
-
-        async def observed_send(message: Message) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
-        try:
-            await proxy.forward(
-                scope, _body(chunks, receive, more), observed_send, machine_id, tenant=tenant
-            )
-        except ClientDisconnect:
-            return  # the client went away mid-upload: nobody is left to answer
-        except RoutingError as exc:
-            if started:
-                raise
-            log.warning("tenant %s: %s", tenant, exc)
-            self.invalidate(tenant)
-            await self._unavailable(
-                scope,
-                receive,
-                send,
-                f"the machine of tenant {tenant} did not take this request (its body is too "
-                f"large for fly-replay, so it goes to machine {machine_id} directly, which "
-                "does not start a stopped machine); retry shortly",
-            )
-
-    async def _unavailable(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        message: str,
-        extra: Mapping[str, str] | None = None,
-    ) -> None:
-        headers = {"Retry-After": RETRY_AFTER, **(extra or {})}
-        self.metrics.routed("503")
-        await send_error(scope, receive, send, 503, message, headers=headers)
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """Why a request cannot be routed: the HTTP status to answer and a readable message."""
-
-    status: int
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Body:
-    """What was learnt of a request body: whether Fly can replay it, and what was read."""
-
-    replayable: bool
-    chunks: list[bytes]
-    more: bool
-    size: str = ""
-
-
-async def _measure(scope: Scope, receive: Receive) -> _Body:
-    """Find out whether the request's body fits a replay, reading at most the limit of it.
-
-    Raises ``ClientDisconnect`` if the client goes away while its body is read.
-    """
-    if scope["type"] != "http":
-        return _Body(True, [], False)
-    length = Headers(scope=scope).get("content-length", "")
-    if length.isascii() and length.isdigit():
-        size = int(length)
-        return _Body(size <= MAX_REPLAY_BODY, [], True, f"a body of {size} bytes")
-    # Unknown length (chunked, or HTTP/2 without content-length): read up to the limit; a
-    # body that ends within it is replayed, a longer one is streamed.
-    chunks, more = await _read_up_to(receive, MAX_REPLAY_BODY)
-    return _Body(sum(map(len, chunks)) <= MAX_REPLAY_BODY, chunks, more, "a streamed body")
-
-
-def _fly_duration(seconds: float) -> str:
-    """A fly-replay ``timeout`` value, as Fly's examples write them (``10s``, ``800ms``)."""
-    millis = round(seconds * 1000)
-    return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
-
-
-def _invalidation(arrival: _Arrival) -> dict[str, str]:
-    """The header that drops the replay cache entry that sent a request here, if one did."""
-    return {"fly-replay-cache": "invalidate"} if arrival.how == "cache-hit" else {}
-
-
-async def _read_up_to(receive: Receive, limit: int) -> tuple[list[bytes], bool]:
-    """Read body chunks until the body ends or passes ``limit``; return them and "more"."""
-    chunks: list[bytes] = []
-    size = 0
-    more = True
-    while more and size <= limit:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk: bytes = message.get("body", b"")
-        chunks.append(chunk)
-        size += len(chunk)
-        more = bool(message.get("more_body", False))
-    return chunks, more
-
-
-async def _body(chunks: list[bytes], receive: Receive, more: bool) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        if chunk:
-            yield chunk
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        if chunk:
-            yield chunk
-        more = bool(message.get("more_body", False))

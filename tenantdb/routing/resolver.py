@@ -47,7 +47,8 @@ from tenantdb.errors import (
 from tenantdb.metrics import Metrics
 from tenantdb.protocol.lockfile import LOCK_MAX_BYTES, LockRecord
 from tenantdb.routing.dns import MachineLocator
-from tenantdb.routing.machines_api import Machine, MachinesClient, validate_machine_id
+from tenantdb.routing.machines import Machine, validate_machine_id
+from tenantdb.routing.machines_api import MachinesClient
 from tenantdb.storage import Bucket
 
 __all__ = ["LOOKUP_ERRORS", "MachineResolver", "Resolution", "Source"]

@@ -1,4 +1,9 @@
-"""Buckets: one Protocol, an S3 backend and an embedded local-directory backend."""
+"""Buckets: one Protocol (``base``), the S3 backend (``s3`` and its ``s3_*`` parts, the SDK in
+``s3_sdk`` alone), the embedded local-directory backend (``local``), and metering.
+
+Modules here may import only the foundation modules (errors, config, metrics, localfiles);
+every other package builds on this one.
+"""
 
 from __future__ import annotations
 

@@ -106,7 +106,11 @@ _ADVICE = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk s
 
 
 class LocalBucket:
-    """A bucket kept in a local directory, safe to share between processes."""
+    """A bucket kept in a local directory, safe to share between processes.
+
+    Why ~330 lines: it is the whole Bucket protocol, each operation with the file locking and
+    atomic renames that make a directory behave like S3's conditional writes.
+    """
 
     kind: Literal["local"] = "local"
 

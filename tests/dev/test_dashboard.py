@@ -37,7 +37,11 @@ TAKEOVER = 30_000  # ms: the lease (3 s) expires, then the standby's next poll t
 @pytest.fixture
 async def browser(tmp_path: Path) -> AsyncIterator[BrowserContext]:
     if CHROMIUM is None:
-        pytest.skip("no chromium on PATH: `make test` installs Debian's (apt-get install chromium)")
+        pytest.skip(
+            "the dashboard's browser test needs chromium on PATH (Debian's package, driven by "
+            "Playwright): `make chromium` installs it as root, else `sudo apt-get install "
+            "chromium`"
+        )
     async with async_playwright() as playwright:
         context = await playwright.chromium.launch_persistent_context(
             tmp_path / "chromium-profile",

@@ -15,7 +15,7 @@ from tenantdb.errors import (
     MachinesAPIError,
     RoutingError,
 )
-from tenantdb.routing.machines_api import Machine, MachinesClient, validate_machine_id
+from tenantdb.routing.machines_api import Machine, MachinesClient
 from tests.support.fake_machines import FakeMachinesAPI, serve_fake_machines
 from tests.support.servers import free_port
 
@@ -495,10 +495,3 @@ async def test_calls_outside_async_with_are_refused() -> None:
     client = MachinesClient(APP, Secret(TOKEN))
     with pytest.raises(RuntimeError, match="async with"):
         await client.list_machines()
-
-
-def test_validate_machine_id() -> None:
-    assert validate_machine_id("3d8d413b29d089") == "3d8d413b29d089"
-    for bad in ["", "3D8D", "a.b", "a/b", "-ab", "x" * 64]:
-        with pytest.raises(ValueError, match="machine id"):
-            validate_machine_id(bad)

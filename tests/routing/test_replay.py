@@ -28,8 +28,9 @@ from tenantdb import TenantDBMiddleware
 from tenantdb.config import Secret, Settings
 from tenantdb.dev.dns_server import DevDNSServer
 from tenantdb.errors import ConfigurationError
+from tenantdb.routing.arrival import ReplaySource
 from tenantdb.routing.proxy import proxy_key, sign_proxied_by
-from tenantdb.routing.replay import LOCAL_APP_NAME, ReplaySource, Router
+from tenantdb.routing.replay import LOCAL_APP_NAME, Router
 from tenantdb.storage import Bucket, LocalBucket
 from tenantdb.storage.s3 import S3Bucket
 from tenantdb.tenants import TenantPattern
@@ -781,20 +782,6 @@ async def test_not_started_router_is_503(dns: DevDNSServer, tmp_path: Path) -> N
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         response = await client.get("/customers/beta")
     assert_503(response, "must run the ASGI lifespan")
-
-
-# --- fly-replay-src parsing --------------------------------------------------------------
-
-
-def test_replay_src_is_parsed() -> None:
-    source = ReplaySource.parse("instance=e784079b449483;region=ams;t=1700000000123456;state=x=y")
-    assert source == ReplaySource("e784079b449483", "ams", 1700000000123456, "x=y")
-    assert ReplaySource.parse("region=ams; instance=m1") == ReplaySource("m1", "ams")
-    assert ReplaySource.parse("instance=m1;t=soon") == ReplaySource("m1")
-    assert ReplaySource.parse("instance=M1") is None
-    assert ReplaySource.parse("") is None
-    # The comma form names the same fields.
-    assert ReplaySource.parse("instance=m1,region=ams,t=5") == ReplaySource("m1", "ams", 5)
 
 
 # --- startup checks ---------------------------------------------------------------------

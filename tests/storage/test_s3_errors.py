@@ -382,7 +382,7 @@ async def test_download_fails_if_the_object_is_replaced_midway(
     s3: S3Bucket = await make_s3_bucket(concurrency=1)
     size = 3 * 5 * MiB  # three ranges of the 5 MiB test part size
     await s3.put("snap", os.urandom(size))
-    original = s3._get_range
+    original = s3._downloads._get_range
     calls = 0
 
     async def replace_after_first_range(key: str, start: int, end: int, *, etag: Any) -> Any:
@@ -393,7 +393,7 @@ async def test_download_fails_if_the_object_is_replaced_midway(
             await s3.put("snap", os.urandom(size))
         return await original(key, start, end, etag=etag)
 
-    monkeypatch.setattr(s3, "_get_range", replace_after_first_range)
+    monkeypatch.setattr(s3._downloads, "_get_range", replace_after_first_range)
     with pytest.raises(PreconditionFailedError, match="replaced"):
         await s3.download_file("snap", tmp_path / "out")
     assert calls == 2  # not retried: a replaced object is not a transient failure
