@@ -115,6 +115,18 @@ class Bucket(Protocol):
         """
         ...
 
+    async def copy(
+        self, src: str, dst: str, *, if_none_match: Literal["*"] | None = None
+    ) -> ObjectInfo:
+        """Copy object ``src`` to ``dst`` inside the bucket (S3 CopyObject): no bytes pass
+        through this machine. Returns what the bucket says about ``dst``.
+
+        ``ObjectNotFoundError`` if ``src`` is missing; with ``if_none_match="*"``,
+        ``PreconditionFailedError`` if ``dst`` exists (a retried copy whose first attempt
+        landed included: use a key unique to the copy, as for ``upload_file``).
+        """
+        ...
+
     async def upload_file(
         self, key: str, src: Path, *, if_none_match: Literal["*"] | None = None
     ) -> ObjectInfo:

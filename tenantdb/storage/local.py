@@ -433,3 +433,20 @@ class LocalBucket:
             key,
             lambda: self._write(key, copy, if_none_match=if_none_match, operation="upload"),
         )
+
+    async def copy(
+        self, src: str, dst: str, *, if_none_match: Literal["*"] | None = None
+    ) -> ObjectInfo:
+        """Copy ``src`` to ``dst``: a new blob, so the two objects never share bytes."""
+
+        def copy() -> ObjectInfo:
+            _pointer, source = self._open_blob(src, operation="copy")
+            with source:
+                return self._write(
+                    dst,
+                    lambda out: shutil.copyfileobj(source, out, _CHUNK),
+                    if_none_match=if_none_match,
+                    operation="copy",
+                )
+
+        return await self._run("copy", dst, copy)

@@ -235,3 +235,12 @@ class MeteredBucket:
             lambda: inner.upload_file(key, src, if_none_match=if_none_match),
             requests=requests,
         )
+
+    async def copy(
+        self, src: str, dst: str, *, if_none_match: Literal["*"] | None = None
+    ) -> ObjectInfo:
+        """See ``Bucket.copy``: one class A request (COPY), no bytes sent."""
+        with self._timer(dst):
+            return await self._counted(
+                dst, "A", lambda: self.inner.copy(src, dst, if_none_match=if_none_match)
+            )

@@ -936,6 +936,29 @@ class S3Bucket:
             operation="upload",
         )
 
+    async def copy(
+        self, src: str, dst: str, *, if_none_match: Literal["*"] | None = None
+    ) -> ObjectInfo:
+        """Copy ``src`` to ``dst`` server-side (CopyObject, objects up to 5 GiB).
+
+        ``If-None-Match: *`` is sent (S3 honours it on CopyObject); a HEAD of ``dst`` first
+        also refuses an existing object on stores that ignore it. Then a HEAD of ``dst``
+        describes the copy (CopyObject's answer carries no size).
+        """
+        _check_key(src, "copy")
+        _check_key(dst, "copy")
+        conditions = {"IfNoneMatch": if_none_match} if if_none_match is not None else {}
+
+        async def copy() -> ObjectInfo:
+            if if_none_match is not None:
+                await self._absent(dst)
+            source = {"Bucket": self.name, "Key": src}
+            await self._s3.copy_object(Bucket=self.name, Key=dst, CopySource=source, **conditions)
+            response = await self._s3.head_object(Bucket=self.name, Key=dst)
+            return self._info(dst, response, int(response["ContentLength"]))
+
+        return await self._retrying("copy", dst, copy)
+
     async def _multipart(self, key: str, src: Path, fd: int, size: int) -> ObjectInfo:
         part_size = max(self._part_size, -(-size // _MAX_PARTS))
         try:
