@@ -105,10 +105,12 @@ def test_parser_is_built_from_commands() -> None:
         "history",
         "init",
         "machines",
+        "query",
         "restore",
         "rollback",
         "serve",
         "status",
+        "tenants",
         "verify",
     }
     args = parser.parse_args(["machines", "list", "--json"])

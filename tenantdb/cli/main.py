@@ -40,7 +40,10 @@ from tenantdb.cli.common import tenant_arg as _tenant_arg
 from tenantdb.cli.deploy import DEPLOY_COMMANDS
 from tenantdb.cli.doctor import DOCTOR_COMMANDS
 from tenantdb.cli.move import configure_move
-from tenantdb.cli.tenants import TENANT_COMMANDS
+from tenantdb.cli.query import QUERY_COMMANDS
+from tenantdb.cli.restore import RESTORE_COMMANDS
+from tenantdb.cli.status import STATUS_COMMANDS
+from tenantdb.cli.tenants import TENANTS_COMMANDS
 from tenantdb.errors import TenantDBError
 from tenantdb.logs import configure_logging
 from tenantdb.routing.machines_api import MachinesClient
@@ -441,7 +444,10 @@ COMMANDS: dict[str, Command] = {
         help="run the tenants' machines locally behind a Fly-like proxy (no cloud account)",
         configure=_configure_dev,
     ),
-    **TENANT_COMMANDS,
+    **STATUS_COMMANDS,
+    **RESTORE_COMMANDS,
+    **TENANTS_COMMANDS,
+    **QUERY_COMMANDS,
     **DEPLOY_COMMANDS,
     **DOCTOR_COMMANDS,
 }
