@@ -118,6 +118,7 @@ async def create_tenant(
     if at is not None and source is None:
         raise FleetError(f"tenant {tenant}: a moment needs a tenant to fork from", tenant=tenant)
     await _check_absent(bucket, tenant, prefix)
+    origin = None if source is None else await _read_source(bucket, source, prefix)
     claim = secrets.token_hex(8)
     # Claims generation 1 before anything else is written: a second create stops here.
     takeover = Takeover(
@@ -129,18 +130,21 @@ async def create_tenant(
         snapshot=None,
         claim=claim,
     )
+    takeover_at = takeover_key(prefix, tenant, 1)
     try:
-        written = await bucket.put(
-            takeover_key(prefix, tenant, 1), takeover.to_json(), if_none_match="*"
-        )
+        written = await bucket.put(takeover_at, takeover.to_json(), if_none_match="*")
     except PreconditionFailedError:
         raise _exists(tenant, prefix, "another create or a machine took it meanwhile") from None
-    taken_ms = _bucket_ms(written, takeover.at)
     data = _Data(None, None, (), 0, 0)
-    if source is not None:
-        data = await _fork(
-            bucket, tenant, source, prefix=prefix, at=at, taken_ms=taken_ms, progress=progress
-        )
+    try:
+        if origin is not None:
+            taken_ms = _bucket_ms(written, takeover.at)
+            data = await _fork(
+                bucket, tenant, origin, prefix=prefix, at=at, taken_ms=taken_ms, progress=progress
+            )
+    except Exception:
+        await _remove(bucket, [takeover_at])
+        raise
     record = LockRecord(
         tenant=tenant,
         owner=None,
@@ -152,7 +156,7 @@ async def create_tenant(
         log=data.log,
         last_owner=None,
     )
-    await _publish(bucket, record, prefix=prefix, keys=data.keys)
+    await _publish(bucket, record, prefix=prefix, keys=(*data.keys, takeover_at))
     return CreatedTenant(
         tenant=tenant,
         source=source,
@@ -198,25 +202,30 @@ def _bucket_ms(info: ObjectInfo, floor: datetime) -> int:
     return max(ms, math.ceil(floor.timestamp() * 1000) + 1)
 
 
-async def _fork(
-    bucket: Bucket,
-    tenant: str,
-    source: str,
-    *,
-    prefix: str,
-    at: datetime | None,
-    taken_ms: int,
-    progress: Progress | None,
-) -> _Data:
+async def _read_source(bucket: Bucket, source: str, prefix: str) -> LockRecord:
+    """The lock.json of the tenant to fork; ``UnknownTenantError`` if it has none."""
     lock_key = f"{prefix}{source}/lock.json"
     observed = await read_lock(bucket, source, lock_key)
     if observed is None:
         raise UnknownTenantError(
             f"no tenant {source} to fork from: no {lock_key} in the bucket", tenant=source
         )
+    return observed.record
+
+
+async def _fork(
+    bucket: Bucket,
+    tenant: str,
+    record: LockRecord,
+    *,
+    prefix: str,
+    at: datetime | None,
+    taken_ms: int,
+    progress: Progress | None,
+) -> _Data:
+    source = record.tenant
     name = SnapshotName(1, 1, _FORK_BASE, taken_ms)
     snapshot_key = name.key(f"{prefix}{tenant}/snapshots/", secrets.token_hex(8))
-    record = observed.record
     if at is None and await _log_size(bucket, record, prefix) <= _MERGE_MAX_BYTES:
         try:
             return await _copy_current(bucket, tenant, record, prefix=prefix, key=snapshot_key)
