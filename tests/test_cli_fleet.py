@@ -1,0 +1,214 @@
+"""`tenantdb tenants create/export/delete/schema` and `tenantdb query`, on both buckets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tenantdb.cli.main import main
+from tenantdb.config import Settings
+from tenantdb.machine.database import TenantDB
+from tenantdb.storage import Bucket
+from tests.support.s3_server import s3_env
+
+pytestmark = pytest.mark.usefixtures("clean_environment")
+
+MIGRATIONS = ["CREATE TABLE hits (id INTEGER PRIMARY KEY, note TEXT)"]
+
+
+@pytest.fixture
+def cli_env(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> dict[str, str]:
+    """Variables that point the command at ``bucket``, set in this process's environment."""
+    if bucket.kind == "local":
+        env = {"TENANTDB_LOCAL_BUCKET": str(tmp_path / "local-bucket")}
+    else:
+        env = s3_env(bucket.name, request.getfixturevalue("s3_endpoint"))  # type: ignore[attr-defined]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+def machine(tmp_path: Path, bucket: Bucket, name: str, node: str = "m1") -> TenantDB:
+    settings = Settings(
+        tenant=name,
+        machine_id=node,
+        fly_region="ams",
+        data_dir=tmp_path / f"{name}-{node}",
+        lease_ttl=3,
+        checkpoint_interval=0,
+    )
+    return TenantDB(settings, migrations=MIGRATIONS, bucket=bucket)
+
+
+async def write(tdb: TenantDB, count: int) -> None:
+    for i in range(count):
+        async with tdb.connection() as db:
+            await db.execute("INSERT INTO hits (note) VALUES (?)", [f"note {i}"])
+            await db.commit()
+        await tdb.sync()
+
+
+async def run(*argv: str) -> tuple[int, str, str]:
+    """``tenantdb argv`` in a thread (it runs its own event loop); exit code, stdout, stderr."""
+    return await asyncio.to_thread(_run, list(argv))
+
+
+def _run(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    assert "Traceback" not in err.getvalue()
+    return code, out.getvalue(), err.getvalue()
+
+
+def rows_in(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        (count,) = conn.execute("SELECT count(*) FROM hits").fetchone()
+    return int(count)
+
+
+@pytest.fixture
+async def acme(bucket: Bucket, cli_env: dict[str, str], tmp_path: Path) -> None:
+    """Tenant acme with 3 rows, a snapshot and a log, its machine stopped."""
+    async with machine(tmp_path, bucket, "acme") as tdb:
+        await write(tdb, 2)
+        await tdb.checkpoint()
+        await write(tdb, 1)
+
+
+async def test_create_fork_export_query_and_purge(
+    bucket: Bucket, acme: None, tmp_path: Path
+) -> None:
+    code, out, err = await run("tenants", "create", "fresh")
+    assert (code, out, err) == (0, "created tenant fresh (empty)\n", "")
+    code, out, err = await run("tenants", "create", "fork", "--from", "acme")
+    assert code == 0, err
+    assert out.startswith("created tenant fork from acme as it is now: 1 object(s) copied")
+
+    code, out, err = await run("tenants", "create", "fork")
+    assert (code, out) == (1, "")
+    assert err.startswith("tenantdb: error: tenant fork already exists")
+    assert err.count("\n") == 1
+
+    dump = tmp_path / "fork.sql"
+    code, _, err = await run("tenants", "export", "fork", "-o", str(dump), "--format", "sql")
+    assert code == 0, err
+    assert "SQL dump" in err
+    assert "INSERT INTO \"hits\" VALUES(3,'note 0');" in dump.read_text()
+    exported = tmp_path / "fork.sqlite3"
+    code, _, err = await run("tenants", "export", "fork", "-o", str(exported))
+    assert code == 0, err
+    assert rows_in(exported) == 3
+    code, _, err = await run("tenants", "export", "fork", "-o", str(exported))
+    assert (code, err) == (1, f"tenantdb: error: {exported} exists; pass --force to overwrite it\n")
+
+    cache = str(tmp_path / "cache")
+    sql = "SELECT count(*) AS n FROM hits"
+    code, out, err = await run("query", sql, "--all", "--format", "csv", "--cache-dir", cache)
+    assert code == 1  # tenant fresh has no table hits
+    assert "error: tenant fresh: no such table: hits" in err
+    lines = list(csv.reader(io.StringIO(out)))
+    assert lines[0] == ["tenant", "n"]
+    assert sorted(lines[1:]) == [["acme", "3"], ["fork", "3"]]
+    code, out, err = await run(
+        "query", sql, "acme", "fork", "--format", "json", "--cache-dir", cache
+    )
+    assert code == 0, err
+    assert sorted(out.splitlines()) == [
+        json.dumps({"tenant": "acme", "n": 3}),
+        json.dumps({"tenant": "fork", "n": 3}),
+    ]
+    code, out, err = await run("query", sql, "fork", "acme", "--cache-dir", cache)
+    assert (code, out.split()) == (0, ["tenant", "n", "acme", "3", "fork", "3"])
+
+    code, out, err = await run("tenants", "schema", "--all", "--json", "--cache-dir", cache)
+    assert code == 0, err
+    assert json.loads(out) == {
+        "tenants": {"acme": 1, "fork": 1, "fresh": 0},
+        "versions": {"0": 1, "1": 2},
+    }
+
+    code, out, err = await run("tenants", "delete", "fork", "--purge", "--yes", "--json")
+    assert code == 0, err
+    receipt = json.loads(out)
+    assert receipt["tenant"] == "fork"
+    assert receipt["keys"] >= 4  # snapshot, segment, takeover record, lock.json
+    assert await bucket.list("tenants/fork/") == []
+    code, _, err = await run("tenants", "delete", "fork", "--purge", "--yes")
+    assert code == 1
+    assert "no tenant fork: nothing under tenants/fork/" in err
+    code, out, _ = await run("tenants", "create", "fork", "--from", "acme", "--at", "1h")
+    assert code == 1  # acme's history does not go back an hour
+
+
+async def test_delete_is_refused_while_a_machine_holds_the_lease(
+    bucket: Bucket, acme: None, tmp_path: Path
+) -> None:
+    async with machine(tmp_path, bucket, "acme", "m2") as tdb:
+        before = [(i.key, i.etag) for i in await bucket.list("")]
+        code, out, err = await run("tenants", "delete", "acme", "--purge", "-y")
+        assert (code, out) == (1, "")
+        assert "tenant acme is held by machine m2 (ams), lease expires in" in err
+        assert "nothing was deleted" in err
+        assert [(i.key, i.etag) for i in await bucket.list("")] == before
+        assert tdb.serving
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["tenants", "delete", "acme"], 2, "the following arguments are required: --purge"),
+        (["tenants", "delete", "acme", "--purge"], 1, "without confirmation: pass --yes"),
+        (["tenants", "create", "x", "--at", "1h"], 1, "--at needs --from"),
+        (["tenants", "create", "x", "--from", "x"], 1, "cannot be forked from itself"),
+        (["tenants", "create", "Bad_Id"], 2, "usage: tenantdb"),
+        (["query", "SELECT 1"], 1, "name the tenants to query, or pass --all"),
+        (["query", "SELECT 1", "acme", "--all"], 1, "name the tenants to query, or pass --all"),
+    ],
+)
+async def test_bad_requests_change_nothing(
+    bucket: Bucket, acme: None, argv: list[str], code: int, message: str
+) -> None:
+    before = [(i.key, i.etag) for i in await bucket.list("")]
+    got, out, err = await run(*argv)
+    assert (got, out) == (code, "")
+    assert message in err
+    assert [(i.key, i.etag) for i in await bucket.list("")] == before
+
+
+async def test_the_verbs_through_the_installed_command(
+    bucket: Bucket,
+    acme: None,
+    cli_env: dict[str, str],
+    tmp_path: Path,
+    subprocess_env: dict[str, str],
+) -> None:
+    command = Path(sys.executable).with_name("tenantdb")
+    env = {**subprocess_env, **cli_env, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+
+    def tenantdb(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(command), *argv], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    done = await asyncio.to_thread(tenantdb, "tenants", "create", "copy", "--from", "acme")
+    assert done.returncode == 0, done.stderr
+    done = await asyncio.to_thread(tenantdb, "query", "SELECT max(id) FROM hits", "copy")
+    assert (done.returncode, done.stdout.split()) == (0, ["tenant", "max(id)", "copy", "3"])
+    assert list((tmp_path / "xdg" / "tenantdb" / "query").glob("*/copy.sqlite3"))
+    done = await asyncio.to_thread(tenantdb, "tenants", "delete", "copy", "--purge", "-y")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("purged tenant copy: ")
+    assert "nothing is left under tenants/copy/" in done.stdout
+    assert await bucket.list("tenants/copy/") == []
