@@ -16,6 +16,7 @@ import pytest
 
 from tenantdb.cli.main import main
 from tenantdb.config import Settings
+from tenantdb.fleet import purge_tenant
 from tenantdb.machine.database import TenantDB
 from tenantdb.storage import Bucket
 from tests.support.s3_server import s3_env
@@ -163,6 +164,41 @@ async def test_delete_is_refused_while_a_machine_holds_the_lease(
         assert "nothing was deleted" in err
         assert [(i.key, i.etag) for i in await bucket.list("")] == before
         assert tdb.serving
+
+
+class Interrupted(Exception):
+    pass
+
+
+class DiesAtFirstDelete:
+    """``bucket`` whose process 'dies' at its first delete: the purge stops after its mark."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self._bucket = bucket
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._bucket, name)
+
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
+        raise Interrupted(key)
+
+
+async def test_status_shows_an_interrupted_purge_and_delete_resumes_it(
+    bucket: Bucket, acme: None
+) -> None:
+    with pytest.raises(Interrupted):
+        await purge_tenant(DiesAtFirstDelete(bucket), "acme", prefix="tenants/")  # type: ignore[arg-type]
+    code, out, err = await run("status", "acme", "--json")
+    assert code == 0, err
+    [status] = json.loads(out)
+    assert (status["lease"], status["expires_in"]) == ("purging", None)
+    assert status["owner"].startswith("purge@")
+    code, out, _ = await run("status", "acme")
+    assert out.splitlines()[1].split()[4] == "purging"
+    code, out, err = await run("tenants", "delete", "acme", "--purge", "-y")
+    assert code == 0, err
+    assert out.startswith("purged tenant acme (resumed an interrupted purge): ")
+    assert await bucket.list("tenants/acme/") == []
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ from tenantdb.cli.common import (
 )
 from tenantdb.config import Settings
 from tenantdb.errors import InvalidTenantError, TenantDBError
+from tenantdb.fleet.purge import is_purge_mark
 from tenantdb.protocol.lease import Lease, ObservedLock, read_lock
 from tenantdb.replication.history import History, read_history
 from tenantdb.storage import Bucket, describe_bucket, open_bucket
@@ -44,7 +45,7 @@ __all__ = [
 # Tenants read at once (lock.json and a LIST each): enough to hide round trips, few enough
 # to stay far below any bucket's request rate limits.
 _PARALLEL_READS = 8
-LeaseState = Literal["held", "expired", "released"]
+LeaseState = Literal["held", "expired", "released", "purging"]
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,11 @@ class TenantStatus:
 
     @property
     def lease(self) -> LeaseState:
-        """Whether a machine holds the lease now."""
+        """Whether a machine holds the lease now, or a purge is deleting the tenant."""
         if self.observed.record.owner is None:
             return "released"
+        if is_purge_mark(self.observed.record):
+            return "purging"
         return "held" if self.expires_in > 0 else "expired"
 
     @property
@@ -85,7 +88,7 @@ class TenantStatus:
             "generation": record.generation,
             "lease": self.lease,
             "released": record.released,
-            "expires_in": round(self.expires_in, 1) if self.lease != "released" else None,
+            "expires_in": round(self.expires_in, 1) if self.lease in ("held", "expired") else None,
             "log": None
             if log is None
             else {
@@ -111,6 +114,9 @@ class TenantStatus:
         if self.lease == "released":
             # "idle": the tenant's machines stopped themselves; the next request wakes one.
             lease = f"released ({record.released})" if record.released else "released"
+        elif self.lease == "purging":
+            # Until `tenants delete --purge` is run again and finishes: no machine takes it.
+            lease = "purging"
         elif self.lease == "held":
             lease = f"{self.expires_in:.0f}s left"
         else:
