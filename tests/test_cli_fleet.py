@@ -19,6 +19,7 @@ from tenantdb.config import Settings
 from tenantdb.fleet import purge_tenant
 from tenantdb.machine.database import TenantDB
 from tenantdb.storage import Bucket
+from tests.support.fake_machines import serve_fake_machines
 from tests.support.s3_server import s3_env
 
 pytestmark = pytest.mark.usefixtures("clean_environment")
@@ -248,3 +249,23 @@ async def test_the_verbs_through_the_installed_command(
     assert done.stdout.startswith("purged tenant copy: ")
     assert "nothing is left under tenants/copy/" in done.stdout
     assert await bucket.list("tenants/copy/") == []
+
+
+async def test_delete_with_a_fly_token_destroys_the_tenants_machines_first(
+    bucket: Bucket, acme: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with serve_fake_machines("fleet-app", "fo1_token") as fly:
+        running, other = fly.add("acme"), fly.add("globex")
+        monkeypatch.setenv("FLY_API_TOKEN", "fo1_token")
+        monkeypatch.setenv("FLY_APP_NAME", "fleet-app")
+        monkeypatch.setenv("TENANTDB_MACHINES_API_URL", fly.base_url)
+        code, out, err = await run("tenants", "delete", "acme", "--purge", "-y")
+        assert code == 0, err
+        lines = out.splitlines()
+        assert lines[:2] == [
+            f"stopping machine {running} (started) ...",
+            f"destroyed machine {running} of tenant acme",
+        ]
+        assert lines[2].startswith("purged tenant acme: ")
+        assert list(fly.machines) == [other]
+    assert await bucket.list("tenants/acme/") == []

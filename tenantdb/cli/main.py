@@ -43,6 +43,7 @@ from tenantdb.cli.move import configure_move
 from tenantdb.cli.query import QUERY_COMMANDS
 from tenantdb.cli.restore import RESTORE_COMMANDS
 from tenantdb.cli.status import STATUS_COMMANDS
+from tenantdb.cli.teardown import destroy_machines
 from tenantdb.cli.tenants import TENANTS_COMMANDS
 from tenantdb.errors import TenantDBError
 from tenantdb.logs import configure_logging
@@ -53,9 +54,6 @@ __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 Handler = Callable[[argparse.Namespace], int]
 
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# States in which a machine's process may still hold the tenant's lease and unpublished
-# writes; anything else can be destroyed without a graceful stop first.
-_QUIET_STATES = frozenset({"stopped", "created", "destroyed", "destroying"})
 
 
 def _version() -> str:
@@ -282,20 +280,9 @@ async def _destroy(args: argparse.Namespace) -> int:
             if not _confirm(f"Destroy machine(s) {ids} of tenant {args.tenant} in app {app}?"):
                 _err("aborted")
                 return EXIT_FAILURE
-        for machine in machines:
-            if not args.force and machine.state not in _QUIET_STATES:
-                # A graceful stop lets the machine publish its last snapshot and release
-                # the lease before it is destroyed.
-                _out(f"stopping machine {machine.id} ({machine.state}) ...")
-                await client.stop_machine(machine.id)
-                await client.wait_for_state(
-                    machine.id,
-                    "stopped",
-                    instance_id=machine.instance_id,
-                    timeout=args.stop_timeout,
-                )
-            await client.destroy_machine(machine.id, force=True)
-            _out(f"destroyed machine {machine.id} of tenant {args.tenant}")
+        await destroy_machines(
+            client, machines, args.tenant, force=args.force, stop_timeout=args.stop_timeout
+        )
     return EXIT_OK
 
 

@@ -28,11 +28,13 @@ from tenantdb.cli.common import (
 from tenantdb.cli.progress import transfer_progress
 from tenantdb.cli.query import configure_schema
 from tenantdb.cli.restore import add_at, as_of
+from tenantdb.cli.teardown import destroy_machines
 from tenantdb.config import Settings
 from tenantdb.errors import LeaseHeldError
 from tenantdb.fleet.create import create_tenant
 from tenantdb.fleet.export import export_tenant
 from tenantdb.fleet.purge import purge_tenant
+from tenantdb.routing.machines_api import MachinesClient
 from tenantdb.storage import open_bucket
 
 __all__ = ["TENANTS_COMMANDS"]
@@ -86,8 +88,9 @@ def _configure_tenants(parser: argparse.ArgumentParser) -> None:
         "delete",
         help="delete every object of a tenant from the bucket, history included",
         description="Delete every object under TENANT's prefix (snapshots, log, history, "
-        "lock.json), check that nothing is left and print a receipt. Refused while a "
-        "machine holds the tenant's lease: stop or destroy its machines first. An "
+        "lock.json), check that nothing is left and print a receipt. With FLY_API_TOKEN "
+        "and FLY_APP_NAME, the tenant's machines are stopped gracefully and destroyed "
+        "first. Refused while a machine holds the tenant's lease. An "
         "interrupted purge is resumed by running it again; meanwhile lock.json marks the "
         "tenant as being purged, so no machine takes it.",
     )
@@ -187,12 +190,16 @@ async def _delete(args: argparse.Namespace) -> int:
         if not sys.stdin.isatty():
             err(f"error: refusing to purge tenant {tenant} without confirmation: pass --yes")
             return EXIT_FAILURE
-        question = f"Delete every object of tenant {tenant}, its history included, for good?"
+        question = (
+            f"Destroy tenant {tenant}'s machines (with a Fly token) and delete every object "
+            "of it, its history included, for good?"
+        )
         if not confirm(question):
             err("aborted")
             return EXIT_FAILURE
     settings = Settings.from_env()
     async with open_bucket(settings, create=False) as bucket:
+        await _destroy_machines(settings, tenant)
         try:
             receipt = await purge_tenant(bucket, tenant, prefix=settings.prefix)
         except LeaseHeldError as exc:
@@ -218,6 +225,22 @@ async def _delete(args: argparse.Namespace) -> int:
             f"nothing is left under {settings.prefix}{tenant}/"
         )
     return EXIT_OK
+
+
+async def _destroy_machines(settings: Settings, tenant: str) -> None:
+    """With a Fly token, the tenant's machines go first: stopped gracefully (releasing the
+    lease), then destroyed, so that none recreates the tenant after the purge."""
+    app, token = settings.app_name, settings.fly_api_token
+    if not app or token is None:
+        if settings.bucket_name:  # a deployment's bucket: its machines are worth a word
+            err(
+                "note: FLY_API_TOKEN or FLY_APP_NAME is unset: the tenant's machines, if "
+                "any, are left alone (a machine that starts later creates the tenant anew)"
+            )
+        return
+    async with MachinesClient(app, token, settings.machines_api_url) as client:
+        machines = await client.find_tenant_machines(tenant, settings.metadata_key)
+        await destroy_machines(client, machines, tenant)
 
 
 TENANTS_COMMANDS: dict[str, Command] = {
