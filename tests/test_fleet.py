@@ -12,8 +12,14 @@ from typing import Any
 import pytest
 
 from tenantdb.config import Settings
-from tenantdb.errors import LeaseHeldError, PointInTimeError
+from tenantdb.errors import (
+    InvalidTenantError,
+    LeaseHeldError,
+    PointInTimeError,
+    PreconditionFailedError,
+)
 from tenantdb.fleet import (
+    FleetError,
     TenantExistsError,
     UnknownTenantError,
     create_tenant,
@@ -26,7 +32,7 @@ from tenantdb.machine.database import TenantDB
 from tenantdb.protocol.lease import read_lock
 from tenantdb.replication.history import read_history
 from tenantdb.replication.pitr import restore_at
-from tenantdb.storage import Bucket
+from tenantdb.storage import Bucket, ObjectInfo
 
 PREFIX = "tenants/"
 MIGRATIONS = ["CREATE TABLE hits (id INTEGER PRIMARY KEY, note TEXT)"]
@@ -399,3 +405,63 @@ async def test_a_query_cannot_write(
     assert (cache / "ro.sqlite3").read_bytes() == copy
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".sqlite3") == []
     assert await collect(bucket, ["ro"], "SELECT note FROM hits", cache) == {"ro": (("x",),)}
+
+
+class LosesAnswers:
+    """``bucket`` whose every PUT lands but answers 412, as a retry after a lost answer does."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self._bucket = bucket
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bucket, name)
+
+    async def put(self, key: str, body: bytes, **conditions: Any) -> Any:
+        await self._bucket.put(key, body, **conditions)
+        raise PreconditionFailedError(f"{key!r} already exists (a retry)", key=key)
+
+
+async def test_a_create_whose_answers_were_lost_recognises_its_own_writes(
+    bucket: Bucket, tmp_path: Path, source: datetime
+) -> None:
+    lossy: Any = LosesAnswers(bucket)
+    await create_tenant(lossy, "fresh", prefix=PREFIX, lease_ttl=3)
+    await create_tenant(lossy, "fork", prefix=PREFIX, lease_ttl=3, source="src")
+    assert await served(tmp_path, bucket, "fork", "m9") == ["a", "b", "c", "d", "e"]
+    assert await served(tmp_path, bucket, "fresh", "m9") == []
+
+
+class ListsAStranger:
+    """``bucket`` whose listings also name a key of another tenant."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self._bucket = bucket
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bucket, name)
+
+    async def list(self, prefix: str) -> list[ObjectInfo]:
+        found = await self._bucket.list(prefix)
+        stranger = await self._bucket.head(f"{PREFIX}other/lock.json")
+        return [*found, stranger]
+
+
+async def test_a_purge_deletes_nothing_a_listing_names_outside_the_tenant(
+    bucket: Bucket, source: datetime
+) -> None:
+    await create_tenant(bucket, "other", prefix=PREFIX, lease_ttl=3)
+    before = await objects(bucket)
+    with pytest.raises(FleetError, match="outside it: deleting nothing"):
+        await purge_tenant(ListsAStranger(bucket), "src", prefix=PREFIX)  # type: ignore[arg-type]
+    # Only the purge mark was written; every object of both tenants is there.
+    assert [key for key, _ in await objects(bucket)] == [key for key, _ in before]
+    assert await keys(bucket, "other") != []
+
+
+@pytest.mark.parametrize("bad", ["../x", "UPPER", "a/b", ""])
+async def test_the_api_refuses_a_tenant_id_that_is_not_one(bucket: Bucket, bad: str) -> None:
+    with pytest.raises(InvalidTenantError):
+        await create_tenant(bucket, bad, prefix=PREFIX, lease_ttl=3)
+    with pytest.raises(InvalidTenantError):
+        await purge_tenant(bucket, bad, prefix=PREFIX)
+    assert await bucket.list("") == []

@@ -59,6 +59,7 @@ from tenantdb.replication.segment import (
     segment_key,
 )
 from tenantdb.storage.base import Bucket, ObjectInfo
+from tenantdb.tenants import validate_tenant
 
 __all__ = ["CreatedTenant", "create_tenant"]
 
@@ -113,6 +114,9 @@ async def create_tenant(
     ``TenantExistsError`` if anything is under the tenant's prefix already,
     ``UnknownTenantError`` if ``source`` has no lock.json.
     """
+    validate_tenant(tenant)
+    if source is not None:
+        validate_tenant(source)
     if source == tenant:
         raise FleetError(f"tenant {tenant} cannot be forked from itself", tenant=tenant)
     if at is not None and source is None:
@@ -131,10 +135,7 @@ async def create_tenant(
         claim=claim,
     )
     takeover_at = takeover_key(prefix, tenant, 1)
-    try:
-        written = await bucket.put(takeover_at, takeover.to_json(), if_none_match="*")
-    except PreconditionFailedError:
-        raise _exists(tenant, prefix, "another create or a machine took it meanwhile") from None
+    written = await _claim(bucket, takeover, key=takeover_at, prefix=prefix, tenant=tenant)
     data = _Data(None, None, (), 0, 0)
     try:
         if origin is not None:
@@ -180,6 +181,24 @@ async def _check_absent(bucket: Bucket, tenant: str, prefix: str) -> None:
             f"{tenant} --purge` removes them",
             tenant=tenant,
         )
+
+
+async def _claim(
+    bucket: Bucket, takeover: Takeover, *, key: str, prefix: str, tenant: str
+) -> ObjectInfo:
+    """Write the takeover record of generation 1; ``TenantExistsError`` if another did."""
+    try:
+        return await bucket.put(key, takeover.to_json(), if_none_match="*")
+    except PreconditionFailedError:
+        pass
+    try:
+        stored = await bucket.get(key, max_size=LOCK_MAX_BYTES)
+        ours = Takeover.parse(stored.body, key=key).claim == takeover.claim
+    except TenantDBError:
+        ours = False
+    if not ours:
+        raise _exists(tenant, prefix, "another create or a machine took it meanwhile")
+    return stored.info  # this very write landed; its answer was lost
 
 
 def _exists(tenant: str, prefix: str, why: str) -> TenantExistsError:

@@ -24,6 +24,7 @@ from tenantdb.errors import IntegrityCheckError, SnapshotError
 from tenantdb.localfiles import fsync_dir
 from tenantdb.replication.pitr import Progress, RestoredPoint, restore_at
 from tenantdb.storage.base import Bucket
+from tenantdb.tenants import validate_tenant
 
 __all__ = ["ExportFormat", "ExportResult", "export_tenant", "integrity_problems"]
 
@@ -55,6 +56,7 @@ async def export_tenant(
 
     ``dest`` changes only once the result is verified; on any error it is left as it was.
     """
+    validate_tenant(tenant)
     with tempfile.TemporaryDirectory(prefix=".tenantdb-export-", dir=dest.parent) as scratch:
         copy = Path(scratch) / f"{tenant}.sqlite3"
         point = await restore_at(bucket, tenant, copy, prefix=prefix, at=at, progress=progress)

@@ -33,6 +33,7 @@ from tenantdb.fleet.errors import FleetError, UnknownTenantError
 from tenantdb.protocol.lease import Lease, ObservedLock, read_lock
 from tenantdb.protocol.lockfile import LockRecord
 from tenantdb.storage.base import Bucket, ObjectInfo
+from tenantdb.tenants import validate_tenant
 
 __all__ = ["PURGE_CLAIM", "PurgeReceipt", "is_purge_mark", "purge_tenant"]
 
@@ -78,6 +79,7 @@ async def purge_tenant(
     ``UnknownTenantError`` if the bucket holds nothing under the tenant's prefix.
     """
     started = time.monotonic()
+    validate_tenant(tenant)
     root = f"{prefix}{tenant}/"
     lock_key = f"{root}lock.json"
     observed = await read_lock(bucket, tenant, lock_key)
@@ -90,7 +92,7 @@ async def purge_tenant(
     mark = await _mark(bucket, tenant, observed, lock_key)
     keys, size = 0, 0
     for _ in range(_ROUNDS):
-        left = [info for info in await bucket.list(root) if info.key != lock_key]
+        left = [info for info in await _listed(bucket, root, tenant) if info.key != lock_key]
         if not left:
             break
         deleted = await _delete_all(bucket, left, progress, done=keys)
@@ -170,6 +172,19 @@ async def _mark(bucket: Bucket, tenant: str, observed: ObservedLock | None, key:
             "starting?): run the purge again",
             tenant=tenant,
         ) from exc
+
+
+async def _listed(bucket: Bucket, root: str, tenant: str) -> list[ObjectInfo]:
+    """The objects under ``root``; a listing that names any other key is refused whole."""
+    found = await bucket.list(root)
+    for info in found:
+        if not info.key.startswith(root):
+            raise FleetError(
+                f"listing {root} returned the key {info.key!r}, outside it: deleting nothing "
+                "on the word of that listing",
+                tenant=tenant,
+            )
+    return found
 
 
 def _owner() -> str:

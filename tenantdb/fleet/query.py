@@ -36,6 +36,7 @@ from tenantdb.replication.follower import Follower
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.restore import hash_file
 from tenantdb.storage.base import Bucket
+from tenantdb.tenants import validate_tenant
 
 __all__ = ["QueryResult", "query_tenants"]
 
@@ -68,6 +69,8 @@ async def query_tenants(
     max_rows: int = DEFAULT_MAX_ROWS,
 ) -> AsyncIterator[QueryResult]:
     """Run ``sql`` read-only on each tenant; yield each result as it is ready."""
+    for tenant in tenants:
+        validate_tenant(tenant)  # it names a file of the cache
     cache_dir.mkdir(parents=True, exist_ok=True)
     gate = asyncio.Semaphore(parallel)
 
