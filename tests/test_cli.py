@@ -105,6 +105,7 @@ def test_parser_is_built_from_commands() -> None:
         "history",
         "init",
         "machines",
+        "migrate",
         "query",
         "restore",
         "rollback",

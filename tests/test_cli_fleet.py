@@ -269,3 +269,55 @@ async def test_delete_with_a_fly_token_destroys_the_tenants_machines_first(
         assert lines[2].startswith("purged tenant acme: ")
         assert list(fly.machines) == [other]
     assert await bucket.list("tenants/acme/") == []
+
+
+APP_MODULE = """
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+
+from tenantdb import TenantDBMiddleware
+
+MIGRATIONS = [
+    "CREATE TABLE hits (id INTEGER PRIMARY KEY, note TEXT)",
+    "ALTER TABLE hits ADD COLUMN at TEXT",
+]
+app = Starlette(middleware=[Middleware(TenantDBMiddleware, migrations=MIGRATIONS)])
+"""
+
+
+async def test_migrate_status_compares_each_tenant_with_the_apps_migrations(
+    bucket: Bucket, acme: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "fleet_app_one.py").write_text(APP_MODULE)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = await run("tenants", "create", "fresh")
+    assert code == 0, err
+    cache = str(tmp_path / "cache")
+    argv = ["migrate", "status", "--all", "--cache-dir", cache]
+    code, out, err = await run(*argv, "--app", "fleet_app_one:app", "--json")
+    assert code == 0, err
+    assert json.loads(out) == {
+        "migrations": 2,
+        "tenants": {"acme": 1, "fresh": 0},
+        "versions": {"0": 1, "1": 1},
+        "behind": ["acme", "fresh"],
+        "ahead": [],
+    }
+    code, out, err = await run(*argv, "--app", "fleet_app_one:MIGRATIONS[:1]")
+    assert code == 1
+    assert "cannot load it" in err
+    (tmp_path / "fleet_app_two.py").write_text("MIGRATIONS = []\n")
+    code, out, err = await run(*argv, "--app", "fleet_app_two:MIGRATIONS")
+    assert code == 0, err
+    assert [line.split() for line in out.splitlines()] == [
+        ["TENANT", "VERSION", "STATE"],
+        ["acme", "1", "ahead", "by", "1"],
+        ["fresh", "0", "current"],
+    ]
+    summary = "the app has 0 migration(s): 1 tenant(s) current, 0 behind, 1 ahead of the code"
+    assert err == f"tenantdb: {summary}\n"
+    code, _, err = await run(*argv, "--app", "fleet_app_two")
+    assert (code, err) == (
+        1,
+        "tenantdb: error: --app 'fleet_app_two': expected MODULE:ATTR, e.g. notes:app\n",
+    )

@@ -37,12 +37,12 @@ from tenantdb.config import Settings
 from tenantdb.fleet.query import QueryResult, query_tenants
 from tenantdb.storage import describe_bucket, open_bucket
 
-__all__ = ["QUERY_COMMANDS", "configure_schema"]
+__all__ = ["QUERY_COMMANDS", "add_tenant_selection", "configure_schema", "run_query"]
 
 OutputFormat = Literal["table", "csv", "json"]
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def add_tenant_selection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("tenants", nargs="*", type=tenant_arg, metavar="TENANT")
     parser.add_argument("--all", action="store_true", help="every tenant in the bucket")
     parser.add_argument(
@@ -69,7 +69,7 @@ def _configure_query(parser: argparse.ArgumentParser) -> None:
         "only the log added since the last run."
     )
     parser.add_argument("sql", metavar="SQL", help="the statement, e.g. 'SELECT count(*) FROM t'")
-    _add_common(parser)
+    add_tenant_selection(parser)
     parser.add_argument(
         "--at", type=time_arg, metavar="TIME", help=f"query the state then: {TIME_HELP}"
     )
@@ -91,7 +91,7 @@ def configure_schema(sub: Any) -> None:
         "applied, read from its restored copy (cached as `tenantdb query` does), and how "
         "many tenants are at each version.",
     )
-    _add_common(parser)
+    add_tenant_selection(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON object")
     parser.set_defaults(handler=lambda args: asyncio.run(_schema(args)))
 
@@ -105,7 +105,7 @@ def _cache_dir(settings: Settings, chosen: Path | None) -> Path:
     return base / "tenantdb" / "query" / hashlib.sha256(which).hexdigest()[:16]
 
 
-async def _run(
+async def run_query(
     args: argparse.Namespace,
     sql: str,
     emit: Callable[[QueryResult], None],
@@ -171,7 +171,7 @@ async def _query(args: argparse.Namespace) -> int:
                 for row in result.rows
             )
 
-    code = await _run(args, args.sql, emit, at=args.at)
+    code = await run_query(args, args.sql, emit, at=args.at)
     if fmt == "table" and header:
         # Tenants finish in any order: the table is sorted by tenant (stable within one).
         print_table([header[0], *sorted(table, key=lambda row: row[0])])
@@ -190,7 +190,7 @@ async def _schema(args: argparse.Namespace) -> int:
     def emit(result: QueryResult) -> None:
         versions[result.tenant] = int(result.rows[0][0])
 
-    code = await _run(args, "PRAGMA user_version", emit)
+    code = await run_query(args, "PRAGMA user_version", emit)
     counts = Counter(versions.values())
     if args.json:
         summary = {str(v): n for v, n in sorted(counts.items())}

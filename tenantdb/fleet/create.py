@@ -67,8 +67,9 @@ __all__ = ["CreatedTenant", "create_tenant"]
 # starts from an empty database (which only a log from segment 1 allows).
 _FORK_BASE = 2
 # Above this many bytes of source log, a fork restores here instead of merging the log in
-# memory (a holder snapshots long before its log gets near it).
-_MERGE_MAX_BYTES = 64 << 20
+# memory into one segment, which must stay below SEGMENT_MAX_BYTES (a holder snapshots
+# long before its log gets near it).
+_MERGE_MAX_BYTES = SEGMENT_MAX_BYTES // 2
 
 
 @dataclass(frozen=True)
@@ -340,7 +341,7 @@ async def _merged_log(
     if len(body) > SEGMENT_MAX_BYTES:
         raise FleetError(
             f"tenant {record.tenant}'s log merges into {len(body)} bytes, over a segment's "
-            f"{SEGMENT_MAX_BYTES}: fork it with --at now instead",
+            f"{SEGMENT_MAX_BYTES}: fork it as of a moment instead (--at 0s)",
             tenant=tenant,
         )
     return body

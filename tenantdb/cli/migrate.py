@@ -1,0 +1,120 @@
+"""``tenantdb migrate status``: every tenant's schema version against the app's migrations.
+
+A tenant's version is its ``PRAGMA user_version`` (tenantdb applies migrations in order and
+counts them there), read from its restored copy as ``tenantdb query`` reads it. The app's
+migrations come from ``--app module:attribute``: the ``migrations`` given to its
+``TenantDBMiddleware``, or the list itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from tenantdb.asgi.middleware import TenantDBMiddleware
+from tenantdb.cli.common import Command, err, out, print_table
+from tenantdb.cli.query import add_tenant_selection, run_query
+from tenantdb.errors import ConfigurationError
+from tenantdb.fleet.query import QueryResult
+
+__all__ = ["MIGRATE_COMMANDS", "app_migrations"]
+
+
+def _configure_migrate(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="migrate_command", metavar="SUBCOMMAND", required=True)
+    status = sub.add_parser(
+        "status",
+        help="each tenant's schema version against the app's migrations",
+        description="Compare each tenant's schema version (PRAGMA user_version: the "
+        "migrations applied, read from its restored copy, cached as `tenantdb query` "
+        "does) with the number of migrations the app has: tenants behind (they migrate at "
+        "their machine's next start), current, and ahead of the code (a machine of this "
+        "code refuses them).",
+    )
+    status.add_argument(
+        "--app",
+        required=True,
+        metavar="MODULE:ATTR",
+        help="the app whose TenantDBMiddleware has the migrations, or the list itself",
+    )
+    add_tenant_selection(status)
+    status.add_argument("--json", action="store_true", help="print a JSON object")
+    status.set_defaults(handler=lambda args: asyncio.run(_status(args)))
+
+
+def app_migrations(spec: str) -> Sequence[Any]:
+    """The migrations of ``module:attr``: its ``TenantDBMiddleware``'s, or the list itself."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ConfigurationError(f"--app {spec!r}: expected MODULE:ATTR, e.g. notes:app")
+    # The app's module is in the working directory, as for uvicorn.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target: Any = importlib.import_module(module_name)
+        for name in attribute.split("."):
+            target = getattr(target, name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError(f"--app {spec!r}: cannot load it: {exc}") from exc
+    if isinstance(target, list | tuple):
+        return target
+    for middleware in getattr(target, "user_middleware", None) or ():
+        if getattr(middleware, "cls", None) is TenantDBMiddleware:
+            return tuple(middleware.kwargs.get("migrations", ()))
+    raise ConfigurationError(
+        f"--app {spec!r}: no TenantDBMiddleware(migrations=...) in it; name the list of "
+        "migrations itself (MODULE:MIGRATIONS)"
+    )
+
+
+async def _status(args: argparse.Namespace) -> int:
+    expected = len(app_migrations(args.app))
+    versions: dict[str, int] = {}
+
+    def emit(result: QueryResult) -> None:
+        versions[result.tenant] = int(result.rows[0][0])
+
+    code = await run_query(args, "PRAGMA user_version", emit)
+
+    def state(version: int) -> str:
+        if version < expected:
+            return f"behind by {expected - version}"
+        return "current" if version == expected else f"ahead by {version - expected}"
+
+    counts = Counter(versions.values())
+    behind = sorted(t for t, v in versions.items() if v < expected)
+    ahead = sorted(t for t, v in versions.items() if v > expected)
+    if args.json:
+        report = {
+            "migrations": expected,
+            "tenants": {t: versions[t] for t in sorted(versions)},
+            "versions": {str(v): n for v, n in sorted(counts.items())},
+            "behind": behind,
+            "ahead": ahead,
+        }
+        out(json.dumps(report, indent=2))
+        return code
+    if versions:
+        rows = [(t, str(v), state(v)) for t, v in sorted(versions.items())]
+        print_table([("TENANT", "VERSION", "STATE"), *rows])
+        current = len(versions) - len(behind) - len(ahead)
+        err(
+            f"the app has {expected} migration(s): {current} tenant(s) current, "
+            f"{len(behind)} behind, {len(ahead)} ahead of the code"
+        )
+    return code
+
+
+MIGRATE_COMMANDS: dict[str, Command] = {
+    "migrate": Command(
+        help="compare tenants' schema versions with an app's migrations",
+        configure=_configure_migrate,
+    ),
+}
