@@ -321,3 +321,36 @@ async def test_migrate_status_compares_each_tenant_with_the_apps_migrations(
         1,
         "tenantdb: error: --app 'fleet_app_two': expected MODULE:ATTR, e.g. notes:app\n",
     )
+
+
+async def test_migrate_run_migrates_stopped_tenants_and_lists_held_ones(
+    bucket: Bucket, acme: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "fleet_app_three.py").write_text(APP_MODULE)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = await run("tenants", "create", "fresh")
+    assert code == 0, err
+    app = ["--app", "fleet_app_three:app"]
+    before = [(i.key, i.etag) for i in await bucket.list("")]
+    code, out, err = await run("migrate", "run", *app, "--all", "--dry-run")
+    assert code == 0, err
+    assert sorted(line.split(" in ")[0] for line in out.splitlines()) == [
+        "acme: dry run 1 -> 2",
+        "fresh: dry run 0 -> 2",
+    ]
+    assert [(i.key, i.etag) for i in await bucket.list("")] == before
+    async with machine(tmp_path, bucket, "acme", "m2"):
+        code, out, err = await run("migrate", "run", *app, "--all")
+        assert code == 0, err
+        lines = sorted(out.splitlines())
+        assert lines[0].startswith("acme: held by machine m2 (lease expires in ")
+        assert lines[0].endswith("it migrates at its next start")
+        assert lines[1].startswith("fresh: migrated 0 -> 2 in ")
+        assert err == "tenantdb: 2 tenant(s) against 2 migration(s): 1 held, 1 migrated\n"
+    code, out, err = await run("migrate", "run", *app, "acme", "fresh", "--json")
+    assert code == 0, err
+    results = sorted((json.loads(line) for line in out.splitlines()), key=lambda r: r["tenant"])
+    assert [(r["tenant"], r["outcome"], r["before"], r["after"]) for r in results] == [
+        ("acme", "migrated", 1, 2),
+        ("fresh", "current", 2, 2),
+    ]

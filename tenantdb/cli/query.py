@@ -42,7 +42,8 @@ __all__ = ["QUERY_COMMANDS", "add_tenant_selection", "configure_schema", "run_qu
 OutputFormat = Literal["table", "csv", "json"]
 
 
-def add_tenant_selection(parser: argparse.ArgumentParser) -> None:
+def add_tenant_selection(parser: argparse.ArgumentParser, *, cache: bool = True) -> None:
+    """TENANT..., --all and --parallel; and --cache-dir for the verbs that keep copies."""
     parser.add_argument("tenants", nargs="*", type=tenant_arg, metavar="TENANT")
     parser.add_argument("--all", action="store_true", help="every tenant in the bucket")
     parser.add_argument(
@@ -50,8 +51,10 @@ def add_tenant_selection(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=4,
         metavar="N",
-        help="tenants restored and queried at once (default: 4)",
+        help="tenants worked on at once (default: 4)",
     )
+    if not cache:
+        return
     parser.add_argument(
         "--cache-dir",
         type=Path,

@@ -31,7 +31,7 @@ from tenantdb.replication.pitr import Progress, RestoredPoint, restore_at
 from tenantdb.replication.shipper import carried_segments, put_log_object
 from tenantdb.storage.base import Bucket
 
-__all__ = ["RollbackResult", "rollback"]
+__all__ = ["RollbackResult", "history_end_ms", "rollback"]
 
 log = logging.getLogger("tenantdb")
 
@@ -85,7 +85,7 @@ async def rollback(
         # The new log drops what lock.json carries inline: their objects first.
         for key, body in carried_segments(lease.record, prefix=settings.prefix):
             await put_log_object(bucket, key, body)
-        taken_ms = await _history_end_ms(lease, settings.prefix)
+        taken_ms = await history_end_ms(lease, settings.prefix)
         record = await publish_snapshot(lease, bucket, copy, log=pointer, taken_ms=taken_ms)
         # Routing keeps pointing at the tenant's machine, not at this command.
         hint = (previous.last_owner or previous.owner) if previous else None
@@ -107,7 +107,7 @@ async def rollback(
     return RollbackResult(record.generation, restored, record.snapshot.key)
 
 
-async def _history_end_ms(lease: Lease, prefix: str) -> int:
+async def history_end_ms(lease: Lease, prefix: str) -> int:
     """When the rollback takes effect (Unix ms): on the bucket's clock, after all history.
 
     The operator's clock may be behind the machines' and the bucket's: a rollback stamped
