@@ -465,3 +465,19 @@ async def test_the_api_refuses_a_tenant_id_that_is_not_one(bucket: Bucket, bad: 
     with pytest.raises(InvalidTenantError):
         await purge_tenant(bucket, bad, prefix=PREFIX)
     assert await bucket.list("") == []
+
+
+async def test_a_query_at_a_past_moment_reads_each_tenant_as_it_was(
+    bucket: Bucket, tmp_path: Path, source: datetime
+) -> None:
+    results = query_tenants(
+        bucket,
+        ["src"],
+        "SELECT group_concat(note) FROM hits",
+        prefix=PREFIX,
+        cache_dir=tmp_path / "cache",
+        at=source,
+    )
+    assert [(r.tenant, r.rows, r.error) async for r in results] == [("src", (("a,b",),), None)]
+    # A moment restores into a scratch file: the cache keeps no copy of it.
+    assert not (tmp_path / "cache" / "src.sqlite3").exists()
