@@ -180,8 +180,8 @@ class DiesAtFirstDelete:
     def __getattr__(self, name: str) -> object:
         return getattr(self._bucket, name)
 
-    async def delete(self, key: str, *, if_match: str | None = None) -> None:
-        raise Interrupted(key)
+    async def delete_many(self, keys: list[str]) -> None:
+        raise Interrupted(keys[0])
 
 
 async def test_status_shows_an_interrupted_purge_and_delete_resumes_it(

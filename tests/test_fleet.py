@@ -284,7 +284,7 @@ class Interrupted(Exception):
 
 
 class DiesAfterDeletes:
-    """``bucket`` whose process 'dies' (raises) at the n-th delete: the purge stops there."""
+    """``bucket`` whose process 'dies' after deleting ``deletes`` keys: the purge stops there."""
 
     def __init__(self, bucket: Bucket, deletes: int) -> None:
         self._bucket = bucket
@@ -293,11 +293,11 @@ class DiesAfterDeletes:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._bucket, name)
 
-    async def delete(self, key: str, *, if_match: str | None = None) -> None:
-        self._left -= 1
-        if self._left < 0:
-            raise Interrupted(key)
-        await self._bucket.delete(key, if_match=if_match)
+    async def delete_many(self, keys: list[str]) -> None:
+        now, self._left = keys[: self._left], max(0, self._left - len(keys))
+        await self._bucket.delete_many(now)
+        if len(now) < len(keys):
+            raise Interrupted(keys[len(now)])
 
 
 async def test_an_interrupted_purge_leaves_no_live_tenant_and_resumes(

@@ -11,9 +11,9 @@ The steps, each safe to interrupt and run again:
    taken like a machine takes one. A tenant with objects but no lock.json (an interrupted
    create) gets the mark with ``If-None-Match: *``.
 2. **Delete.** Every key under ``<prefix><tenant>/`` but lock.json, listed (S3 lists 1,000
-   keys a page), deleted in batches of concurrent DELETEs (free on Tigris, unlike a
-   multi-object delete's POST), each retried by the bucket. Listed again until nothing but
-   lock.json is left (a fenced holder's last uploads can land meanwhile).
+   keys a page), deleted 1,000 keys per DeleteObjects request, a few at once, each retried
+   by the bucket. Listed again until nothing but lock.json is left (a fenced holder's last
+   uploads can land meanwhile).
 3. **Unmark.** lock.json goes last, ``If-Match`` the mark's ETag; a final listing must find
    nothing. Until then the tenant shows as being purged, never alive.
 
@@ -32,7 +32,7 @@ from tenantdb.errors import LeaseHeldError, PreconditionFailedError
 from tenantdb.fleet.errors import FleetError, UnknownTenantError
 from tenantdb.protocol.lease import Lease, ObservedLock, read_lock
 from tenantdb.protocol.lockfile import LockRecord
-from tenantdb.storage.base import Bucket, ObjectInfo
+from tenantdb.storage.base import DELETE_BATCH, Bucket, ObjectInfo
 from tenantdb.tenants import validate_tenant
 
 __all__ = ["PURGE_CLAIM", "PurgeReceipt", "is_purge_mark", "purge_tenant"]
@@ -40,9 +40,8 @@ __all__ = ["PURGE_CLAIM", "PurgeReceipt", "is_purge_mark", "purge_tenant"]
 PURGE_CLAIM = "purge"
 # The longest TTL lock.json may carry: nothing waits out a purge mark.
 _MARK_TTL = float(2**31)
-# Keys deleted per batch, and DELETEs in flight within one.
-_BATCH = 1000
-_PARALLEL_DELETES = 16
+# DeleteObjects requests in flight at once.
+_PARALLEL_BATCHES = 4
 # Listings after the first, for objects that land while the purge runs.
 _ROUNDS = 5
 
@@ -194,21 +193,23 @@ def _owner() -> str:
 async def _delete_all(
     bucket: Bucket, objects: list[ObjectInfo], progress: PurgeProgress | None, *, done: int
 ) -> int:
-    """Delete ``objects`` in batches; return their bytes."""
-    gate = asyncio.Semaphore(_PARALLEL_DELETES)
+    """Delete ``objects`` in batches of DELETE_BATCH keys, a few batches at once; their bytes."""
+    gate = asyncio.Semaphore(_PARALLEL_BATCHES)
     total = done + len(objects)
+    deleted = done
 
-    async def delete(key: str) -> None:
+    async def delete(batch: list[ObjectInfo]) -> None:
+        nonlocal deleted
         async with gate:
-            await bucket.delete(key)
-
-    for start in range(0, len(objects), _BATCH):
-        batch = objects[start : start + _BATCH]
-        results = await asyncio.gather(*(delete(i.key) for i in batch), return_exceptions=True)
-        # Every delete of the batch has ended: the first failure, if any, stops the purge.
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+            await bucket.delete_many([info.key for info in batch])
+        deleted += len(batch)
         if progress is not None:
-            progress(done + start + len(batch), total)
+            progress(deleted, total)
+
+    batches = [objects[i : i + DELETE_BATCH] for i in range(0, len(objects), DELETE_BATCH)]
+    results = await asyncio.gather(*(delete(b) for b in batches), return_exceptions=True)
+    # Every batch has ended: the first failure, if any, stops the purge.
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
     return sum(info.size for info in objects)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -14,11 +14,14 @@ from typing import Literal, Protocol, Self, TypeVar
 
 from tenantdb.errors import ConditionalConflictError, TransientStorageError
 
-__all__ = ["Bucket", "ObjectInfo", "RetryPolicy", "SmallObject", "with_retries"]
+__all__ = ["DELETE_BATCH", "Bucket", "ObjectInfo", "RetryPolicy", "SmallObject", "with_retries"]
 
 log = logging.getLogger("tenantdb.storage")
 
 T = TypeVar("T")
+
+# The most keys one DeleteObjects request takes (S3's limit).
+DELETE_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,11 @@ class Bucket(Protocol):
 
     async def delete(self, key: str, *, if_match: str | None = None) -> None:
         """Delete an object; deleting a missing object is not an error."""
+        ...
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete up to ``DELETE_BATCH`` objects in one request (S3 DeleteObjects); missing
+        ones are not an error. ``StorageError`` naming a key the store refused to delete."""
         ...
 
     async def list(self, prefix: str) -> list[ObjectInfo]:

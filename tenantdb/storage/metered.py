@@ -13,7 +13,7 @@ faults the count is a floor.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from types import TracebackType
@@ -192,6 +192,11 @@ class MeteredBucket:
     async def delete(self, key: str, *, if_match: str | None = None) -> None:
         """See ``Bucket.delete``."""
         await self._counted(key, "free", lambda: self.inner.delete(key, if_match=if_match))
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """See ``Bucket.delete_many``: one POST, class A, whatever the number of keys."""
+        if keys:
+            await self._counted(keys[0], "A", lambda: self.inner.delete_many(keys))
 
     async def list(self, prefix: str) -> list[ObjectInfo]:
         """See ``Bucket.list``."""

@@ -16,7 +16,7 @@ import io
 import ipaddress
 import logging
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -61,7 +61,13 @@ from tenantdb.errors import (
     StorageError,
     TransientStorageError,
 )
-from tenantdb.storage.base import ObjectInfo, RetryPolicy, SmallObject, with_retries
+from tenantdb.storage.base import (
+    DELETE_BATCH,
+    ObjectInfo,
+    RetryPolicy,
+    SmallObject,
+    with_retries,
+)
 
 if TYPE_CHECKING:
     from tenantdb.config import Secret, Settings
@@ -705,6 +711,32 @@ class S3Bucket:
                     ) from exc
 
         await self._retrying("delete", key, delete)
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete up to ``DELETE_BATCH`` objects in one DeleteObjects request (quiet mode:
+        the answer lists only the keys it could not delete)."""
+        if len(keys) > DELETE_BATCH:
+            raise ValueError(f"{len(keys)} keys: one batch deletes at most {DELETE_BATCH}")
+        if not keys:
+            return
+        for key in keys:
+            _check_key(key, "delete")
+        batch = {"Objects": [{"Key": key} for key in keys], "Quiet": True}
+
+        async def delete() -> None:
+            response = await self._s3.delete_objects(Bucket=self.name, Delete=batch)
+            for error in response.get("Errors") or ():
+                key, code = str(error.get("Key", "")), str(error.get("Code", ""))
+                if code in ("NoSuchKey", "NotFound"):
+                    continue
+                kind = TransientStorageError if code in _TRANSIENT_CODES else StorageError
+                raise kind(
+                    f"S3 delete of {key!r} in bucket {self.name!r} refused: {code[:100]}",
+                    key=key,
+                    operation="delete",
+                )
+
+        await self._retrying("delete", keys[0], delete)
 
     async def list(self, prefix: str) -> builtins.list[ObjectInfo]:
         """List the objects whose keys start with ``prefix``, sorted by key."""

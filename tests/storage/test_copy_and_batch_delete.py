@@ -1,4 +1,4 @@
-"""``Bucket.copy``: a server-side copy, on both backends."""
+"""``Bucket.copy`` (a server-side copy) and ``Bucket.delete_many``, on both backends."""
 
 from __future__ import annotations
 
@@ -43,3 +43,27 @@ async def test_a_metered_copy_is_one_class_a_request_and_sends_no_bytes(bucket: 
     with pytest.raises(PreconditionFailedError):  # refused: not billed
         await metered.copy("tenants/acme/a.sqlite3", "tenants/acme/b.sqlite3", if_none_match="*")
     assert counts(metrics) == {("requests", "A"): 1.0, ("requests", "free"): 1.0}
+
+
+async def test_a_batch_delete_removes_its_keys_only_and_ignores_missing_ones(
+    bucket: Bucket,
+) -> None:
+    for i in range(5):
+        await bucket.put(f"t/{i}", b"x", if_none_match="*")
+    await bucket.delete_many(["t/0", "t/1", "t/3", "t/missing"])
+    assert [info.key for info in await bucket.list("t/")] == ["t/2", "t/4"]
+    await bucket.delete_many([])
+    with pytest.raises(ValueError, match="at most 1000"):
+        await bucket.delete_many([f"t/{i}" for i in range(1001)])
+    assert [info.key for info in await bucket.list("t/")] == ["t/2", "t/4"]
+
+
+async def test_a_metered_batch_delete_is_one_class_a_request(bucket: Bucket) -> None:
+    metrics = Metrics()
+    metered = MeteredBucket(bucket, metrics, tenant="acme")
+    for i in range(3):
+        await bucket.put(f"tenants/acme/{i}", b"x", if_none_match="*")
+    await metered.delete_many([f"tenants/acme/{i}" for i in range(3)])
+    await metered.delete_many([])
+    assert counts(metrics) == {("requests", "A"): 1.0}
+    assert await bucket.list("tenants/acme/") == []
