@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import sqlite3
 import tempfile
 import time
@@ -25,17 +24,14 @@ from pathlib import Path
 from typing import Literal
 
 from tenantdb.config import Settings
-from tenantdb.errors import LeaseHeldError, LeaseLostError, TenantDBError
+from tenantdb.errors import LeaseHeldError, TenantDBError
 from tenantdb.machine.database import Migration, apply_migrations
-from tenantdb.protocol.lease import Lease
-from tenantdb.protocol.lockfile import LogPointer
-from tenantdb.protocol.snapshot import publish_snapshot, temp_snapshot_path
+from tenantdb.protocol.snapshot import temp_snapshot_path
 from tenantdb.replication.checksum import format_state
 from tenantdb.replication.history import record_takeover
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.restore import hash_file
-from tenantdb.replication.rollback import history_end_ms
-from tenantdb.replication.shipper import carried_segments, put_log_object
+from tenantdb.replication.rollback import operator_lease, publish_as_newest, routing_hint
 from tenantdb.storage.base import Bucket
 from tenantdb.tenants import validate_tenant
 
@@ -105,20 +101,9 @@ async def _migrate_held(
     started: float,
 ) -> MigrateResult:
     """Under the tenant's lease: restore again (it may have moved), migrate, publish."""
-    lease = Lease(
-        bucket,
-        tenant,
-        machine_id=f"migrate@{socket.gethostname()}",
-        region=settings.fly_region,
-        ttl=settings.lease_ttl,
-        prefix=settings.prefix,
-        cross_region=settings.consistent_across_regions,
-    )
+    lease = operator_lease(settings, bucket, tenant, "migrate")
     await lease.acquire()
     renewing = asyncio.get_running_loop().create_task(lease.keep_renewed())
-    previous = lease.previous
-    # Routing keeps pointing at the tenant's machine, not at this command.
-    hint = (previous.last_owner or previous.owner) if previous else None
     copy = temp_snapshot_path(work_dir)
     published = False
     try:
@@ -130,26 +115,24 @@ async def _migrate_held(
         await asyncio.to_thread(_migrate_file, copy, migrations)
         after = await asyncio.to_thread(_version, copy)
         hashes = await asyncio.to_thread(hash_file, copy)
-        base = previous.log.tail + 1 if previous and previous.log else 1
-        pointer = LogPointer.empty(base, format_state(hashes.state), hashes.db_pages)
-        # The new log drops what lock.json carries inline: their objects first.
-        for key, body in carried_segments(lease.record, prefix=settings.prefix):
-            await put_log_object(bucket, key, body)
-        taken_ms = await history_end_ms(lease, settings.prefix)
-        record = await publish_snapshot(lease, bucket, copy, log=pointer, taken_ms=taken_ms)
+        record = await publish_as_newest(
+            lease,
+            copy,
+            prefix=settings.prefix,
+            state=format_state(hashes.state),
+            db_pages=hashes.db_pages,
+        )
         published = True
-        await lease.release(last_owner=hint)
+        await lease.release(last_owner=routing_hint(lease))
     finally:
         if not published and lease.status == "held":
             # Nothing was published: give the tenant back to its machine at once.
             with contextlib.suppress(TenantDBError):
-                await lease.release(last_owner=hint)
+                await lease.release(last_owner=routing_hint(lease))
         renewing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await renewing
         copy.unlink(missing_ok=True)
-    if record.snapshot is None:  # pragma: no cover - publish_snapshot sets it
-        raise LeaseLostError(f"tenant {tenant}: the migration was not published", tenant=tenant)
     return MigrateResult(
         tenant, "migrated", before, after, time.monotonic() - started, record.generation
     )
