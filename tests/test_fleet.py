@@ -481,3 +481,26 @@ async def test_a_query_at_a_past_moment_reads_each_tenant_as_it_was(
     assert [(r.tenant, r.rows, r.error) async for r in results] == [("src", (("a,b",),), None)]
     # A moment restores into a scratch file: the cache keeps no copy of it.
     assert not (tmp_path / "cache" / "src.sqlite3").exists()
+
+
+async def test_a_fork_of_a_log_without_snapshot_and_with_merged_segments_equals_it(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    notes = [f"n{i}" for i in range(40)]
+    async with machine(tmp_path, bucket, "long") as tdb:
+        await write(tdb, notes)
+        # Merges run beside shipping: wait (bounded) until one is published.
+        for _ in range(50):
+            lock = await read_lock(bucket, "long", f"{PREFIX}long/lock.json")
+            assert lock is not None
+            assert lock.record.log is not None
+            if lock.record.log.merged:
+                break
+            notes.append(f"n{len(notes)}")
+            await write(tdb, notes[-1:])
+        assert lock.record.log.merged  # compaction merged the oldest segments
+    assert lock.record.snapshot is None  # the log starts from an empty database
+    created = await create_tenant(bucket, "copy", prefix=PREFIX, lease_ttl=3, source="long")
+    assert (created.snapshot, created.copied) == (None, 0)
+    assert await restored(bucket, "copy", tmp_path) == await restored(bucket, "long", tmp_path)
+    assert await served(tmp_path, bucket, "copy", "m2") == notes
