@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from pathlib import Path
@@ -126,3 +127,18 @@ async def test_a_tenant_ahead_of_the_code_fails_and_is_left_alone(
     assert observed is not None
     assert observed.record.owner is None
     assert len(await objects(bucket)) >= len(before)
+
+
+async def test_with_wait_a_held_tenant_is_migrated_once_its_machine_stops(
+    bucket: Bucket, acme: None, tmp_path: Path
+) -> None:
+    tdb = machine(tmp_path, bucket, "m4", V1)
+    await tdb.start()
+    try:
+        waiting = asyncio.ensure_future(migrate_tenant(SETTINGS, bucket, "acme", V2, wait=True))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()  # the machine still holds it
+    finally:
+        await tdb.stop()
+    result = await asyncio.wait_for(waiting, timeout=30)
+    assert (result.outcome, result.before, result.after) == ("migrated", 1, 2), result.detail

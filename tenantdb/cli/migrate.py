@@ -74,6 +74,12 @@ def _configure_migrate(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="apply the migrations to a restored copy, report errors and time, publish nothing",
     )
+    run.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for each held tenant until its machine releases the lease (or it "
+        "expires), instead of listing it",
+    )
     run.add_argument("--json", action="store_true", help="print one JSON object per tenant")
     run.set_defaults(handler=lambda args: asyncio.run(_run(args)))
 
@@ -155,7 +161,7 @@ async def _run(args: argparse.Namespace) -> int:
         async def one(tenant: str) -> MigrateResult:
             async with gate:
                 return await migrate_tenant(
-                    settings, bucket, tenant, migrations, dry_run=args.dry_run
+                    settings, bucket, tenant, migrations, dry_run=args.dry_run, wait=args.wait
                 )
 
         for done in asyncio.as_completed([one(tenant) for tenant in tenants]):

@@ -31,7 +31,12 @@ from tenantdb.replication.checksum import format_state
 from tenantdb.replication.history import record_takeover
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.restore import hash_file
-from tenantdb.replication.rollback import operator_lease, publish_as_newest, routing_hint
+from tenantdb.replication.rollback import (
+    acquire,
+    operator_lease,
+    publish_as_newest,
+    routing_hint,
+)
 from tenantdb.storage.base import Bucket
 from tenantdb.tenants import validate_tenant
 
@@ -62,9 +67,11 @@ async def migrate_tenant(
     migrations: Sequence[Migration],
     *,
     dry_run: bool = False,
+    wait: bool = False,
 ) -> MigrateResult:
     """Bring ``tenant`` to ``len(migrations)`` in the bucket, or say why not (never raises
-    for the tenant's own problems: they are its result)."""
+    for the tenant's own problems: they are its result). ``wait``: a tenant a machine
+    holds is waited for (until its lease is released or expires) instead of listed."""
     validate_tenant(tenant)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tenantdb-migrate-") as scratch:
@@ -78,7 +85,9 @@ async def migrate_tenant(
                 await asyncio.to_thread(_migrate_file, copy, migrations)
                 after = await asyncio.to_thread(_version, copy)
                 return MigrateResult(tenant, "checked", before, after, time.monotonic() - started)
-            return await _migrate_held(settings, bucket, tenant, migrations, Path(scratch), started)
+            return await _migrate_held(
+                settings, bucket, tenant, migrations, Path(scratch), started, wait=wait
+            )
         except LeaseHeldError as held:
             return MigrateResult(
                 tenant,
@@ -99,10 +108,12 @@ async def _migrate_held(
     migrations: Sequence[Migration],
     work_dir: Path,
     started: float,
+    *,
+    wait: bool,
 ) -> MigrateResult:
     """Under the tenant's lease: restore again (it may have moved), migrate, publish."""
     lease = operator_lease(settings, bucket, tenant, "migrate")
-    await lease.acquire()
+    await acquire(lease, wait=wait)
     renewing = asyncio.get_running_loop().create_task(lease.keep_renewed())
     copy = temp_snapshot_path(work_dir)
     published = False

@@ -33,6 +33,7 @@ from tenantdb.storage.base import Bucket
 
 __all__ = [
     "RollbackResult",
+    "acquire",
     "operator_lease",
     "publish_as_newest",
     "rollback",
@@ -69,7 +70,7 @@ async def rollback(
     if tenant is None:
         raise ConfigurationError("no tenant to roll back: name one", variable="TENANT_ID")
     lease = operator_lease(settings, bucket, tenant, "rollback")
-    await _acquire(lease, wait=wait)
+    await acquire(lease, wait=wait)
     renewing = asyncio.get_running_loop().create_task(lease.keep_renewed())
     directory = work_dir or Path.cwd()
     copy = temp_snapshot_path(directory)
@@ -162,7 +163,9 @@ async def _history_end_ms(lease: Lease, prefix: str) -> int:
     return max(bucket_now, *(math.ceil(t.timestamp() * 1000) + 1 for t in times))
 
 
-async def _acquire(lease: Lease, *, wait: bool) -> None:
+async def acquire(lease: Lease, *, wait: bool) -> None:
+    """Take ``lease``; ``LeaseHeldError`` while a machine holds it, unless ``wait``: then
+    wait until it is released or expires."""
     while True:
         try:
             await lease.acquire()
