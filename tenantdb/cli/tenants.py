@@ -199,7 +199,7 @@ async def _delete(args: argparse.Namespace) -> int:
             return EXIT_FAILURE
     settings = Settings.from_env()
     async with open_bucket(settings, create=False) as bucket:
-        await _destroy_machines(settings, tenant)
+        machines_done = await _destroy_machines(settings, tenant)
         try:
             receipt = await purge_tenant(bucket, tenant, prefix=settings.prefix)
         except LeaseHeldError as exc:
@@ -224,23 +224,25 @@ async def _delete(args: argparse.Namespace) -> int:
             f"{format_size(receipt.bytes)} deleted in {receipt.seconds:.1f}s; "
             f"nothing is left under {settings.prefix}{tenant}/"
         )
+    if not machines_done and settings.bucket_name:  # a deployment's: its machines matter
+        err(
+            "note: FLY_API_TOKEN or FLY_APP_NAME is unset: the tenant's machines, if any, "
+            "were left alone (a machine that starts later creates the tenant anew, empty)"
+        )
     return EXIT_OK
 
 
-async def _destroy_machines(settings: Settings, tenant: str) -> None:
+async def _destroy_machines(settings: Settings, tenant: str) -> bool:
     """With a Fly token, the tenant's machines go first: stopped gracefully (releasing the
-    lease), then destroyed, so that none recreates the tenant after the purge."""
+    lease), then destroyed, so that none recreates the tenant after the purge. False when
+    there is no token to do it with."""
     app, token = settings.app_name, settings.fly_api_token
     if not app or token is None:
-        if settings.bucket_name:  # a deployment's bucket: its machines are worth a word
-            err(
-                "note: FLY_API_TOKEN or FLY_APP_NAME is unset: the tenant's machines, if "
-                "any, are left alone (a machine that starts later creates the tenant anew)"
-            )
-        return
+        return False
     async with MachinesClient(app, token, settings.machines_api_url) as client:
         machines = await client.find_tenant_machines(tenant, settings.metadata_key)
         await destroy_machines(client, machines, tenant)
+    return True
 
 
 TENANTS_COMMANDS: dict[str, Command] = {
