@@ -114,7 +114,7 @@ async def _create(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     settings = Settings.from_env()
     async with open_bucket(settings, create=False) as bucket:
-        with transfer_progress(f"restoring {args.source}") as progress:
+        with transfer_progress(f"restoring {args.source or args.tenant}") as progress:
             created = await create_tenant(
                 bucket,
                 args.tenant,
