@@ -105,10 +105,13 @@ def test_parser_is_built_from_commands() -> None:
         "history",
         "init",
         "machines",
+        "migrate",
+        "query",
         "restore",
         "rollback",
         "serve",
         "status",
+        "tenants",
         "verify",
     }
     args = parser.parse_args(["machines", "list", "--json"])

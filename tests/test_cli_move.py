@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tenantdb.cli.main import main
-from tenantdb.cli.tenants import read_status
+from tenantdb.cli.status import read_status
 from tenantdb.config import Settings
 from tenantdb.machine.database import TenantDB
 from tenantdb.storage import open_bucket

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tenantdb.cli import tenants as cli_tenants
+from tenantdb.cli import status as cli_status
 from tenantdb.cli.common import err, parse_time, print_table, time_arg
 from tenantdb.cli.main import main
 from tenantdb.config import Settings
@@ -719,7 +719,7 @@ def test_an_unexpected_error_is_one_line_not_a_traceback(
     async def broken(_: argparse.Namespace) -> int:
         raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr(cli_tenants, "_status", broken)
+    monkeypatch.setattr(cli_status, "_status", broken)
     assert main(["status"]) == 1
     assert capsys.readouterr().err == (
         "tenantdb: error: unexpected RecursionError: maximum recursion depth exceeded "

@@ -32,7 +32,9 @@ FENCE_RE = re.compile(r"^```(\w*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 ENV_RE = re.compile(r"[A-Z_][A-Z0-9_]*=\S*")
 README_PORTS = re.compile(r"127\.0\.0\.1:(8000|8080)")
 # tenantdb commands that only read the bucket: run against the README's own tenants.
-BUCKET_READERS = ("status", "history", "restore", "verify")
+BUCKET_READERS = ("status", "history", "restore", "verify", "query")
+# tenantdb commands that create, fork, export or purge tenants: run, output shown or not.
+FLEET_VERBS = ("tenants",)
 # tenantdb commands that write files into the reader's project: run there.
 PROJECT_WRITERS = ("init",)
 
@@ -78,7 +80,7 @@ class Reader:
         if program == "tenantdb" and args[0] == "machines":
             build_parser().parse_args(args)  # exits 2 on a usage error
             return
-        reads_bucket = program == "tenantdb" and args[0] in BUCKET_READERS
+        reads_bucket = program == "tenantdb" and args[0] in (*BUCKET_READERS, *FLEET_VERBS)
         writes_project = program == "tenantdb" and args[0] in PROJECT_WRITERS
         if program == "uvicorn":
             self.start([sys.executable, "-m", "uvicorn", *args], assignments)
@@ -146,7 +148,8 @@ def test_every_block_says_what_it_is() -> None:
 
 @pytest.mark.long
 def test_every_readme_block_runs_as_written(tmp_path: Path, subprocess_env: dict[str, str]) -> None:
-    reader = Reader(tmp_path, subprocess_env)
+    # The query cache of `tenantdb query` goes under XDG_CACHE_HOME: here, not in $HOME.
+    reader = Reader(tmp_path, {**subprocess_env, "XDG_CACHE_HOME": str(tmp_path / "cache")})
     ran = []
     try:
         for language, code in readme_blocks():

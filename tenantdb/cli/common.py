@@ -31,6 +31,7 @@ __all__ = [
     "fly_settings",
     "format_age",
     "format_size",
+    "iso",
     "out",
     "parse_time",
     "positive_int",
@@ -105,6 +106,11 @@ def format_size(size: int) -> str:
             return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def iso(moment: datetime | None) -> str | None:
+    """A moment as ISO 8601 to the second, for people and JSON (None stays None)."""
+    return moment.isoformat(timespec="seconds") if moment else None
 
 
 def format_age(seconds: float) -> str:

@@ -39,8 +39,13 @@ from tenantdb.cli.common import positive_int as _positive_int
 from tenantdb.cli.common import tenant_arg as _tenant_arg
 from tenantdb.cli.deploy import DEPLOY_COMMANDS
 from tenantdb.cli.doctor import DOCTOR_COMMANDS
+from tenantdb.cli.migrate import MIGRATE_COMMANDS
 from tenantdb.cli.move import configure_move
-from tenantdb.cli.tenants import TENANT_COMMANDS
+from tenantdb.cli.query import QUERY_COMMANDS
+from tenantdb.cli.restore import RESTORE_COMMANDS
+from tenantdb.cli.status import STATUS_COMMANDS
+from tenantdb.cli.teardown import destroy_machines
+from tenantdb.cli.tenants import TENANTS_COMMANDS
 from tenantdb.errors import TenantDBError
 from tenantdb.logs import configure_logging
 from tenantdb.routing.machines_api import MachinesClient
@@ -50,9 +55,6 @@ __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 Handler = Callable[[argparse.Namespace], int]
 
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# States in which a machine's process may still hold the tenant's lease and unpublished
-# writes; anything else can be destroyed without a graceful stop first.
-_QUIET_STATES = frozenset({"stopped", "created", "destroyed", "destroying"})
 
 
 def _version() -> str:
@@ -279,20 +281,9 @@ async def _destroy(args: argparse.Namespace) -> int:
             if not _confirm(f"Destroy machine(s) {ids} of tenant {args.tenant} in app {app}?"):
                 _err("aborted")
                 return EXIT_FAILURE
-        for machine in machines:
-            if not args.force and machine.state not in _QUIET_STATES:
-                # A graceful stop lets the machine publish its last snapshot and release
-                # the lease before it is destroyed.
-                _out(f"stopping machine {machine.id} ({machine.state}) ...")
-                await client.stop_machine(machine.id)
-                await client.wait_for_state(
-                    machine.id,
-                    "stopped",
-                    instance_id=machine.instance_id,
-                    timeout=args.stop_timeout,
-                )
-            await client.destroy_machine(machine.id, force=True)
-            _out(f"destroyed machine {machine.id} of tenant {args.tenant}")
+        await destroy_machines(
+            client, machines, args.tenant, force=args.force, stop_timeout=args.stop_timeout
+        )
     return EXIT_OK
 
 
@@ -441,7 +432,11 @@ COMMANDS: dict[str, Command] = {
         help="run the tenants' machines locally behind a Fly-like proxy (no cloud account)",
         configure=_configure_dev,
     ),
-    **TENANT_COMMANDS,
+    **STATUS_COMMANDS,
+    **RESTORE_COMMANDS,
+    **TENANTS_COMMANDS,
+    **QUERY_COMMANDS,
+    **MIGRATE_COMMANDS,
     **DEPLOY_COMMANDS,
     **DOCTOR_COMMANDS,
 }

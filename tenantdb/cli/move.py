@@ -26,7 +26,7 @@ from tenantdb.cli.common import (
     positive_int,
     tenant_arg,
 )
-from tenantdb.cli.tenants import TenantStatus, read_status
+from tenantdb.cli.status import TenantStatus, read_status
 from tenantdb.errors import MachinesAPIError, MoveError, TenantDBError
 from tenantdb.routing.machines_api import Machine, MachinesClient
 from tenantdb.storage import Bucket, open_bucket

@@ -66,6 +66,15 @@ class Follower:
         at = f"tail {self._copy.tail}" if self._copy else "no trusted copy"
         return f"Follower(tenant={self.tenant!r}, {at})"
 
+    def resume(self, snapshot: str | None, base: int | None, tail: int, hashes: PageHashes) -> None:
+        """Vouch for a copy an earlier process kept: ``snapshot`` plus segments up to ``tail``
+        of the log from ``base``, with its page ``hashes`` measured from the file now.
+
+        Nothing is trusted beyond the hashes: each segment applied next must chain onto
+        them, and the result must be the state lock.json records, else it is restored.
+        """
+        self._copy = _Copy(snapshot, base, tail, hashes)
+
     def hashes(self, record: LockRecord) -> PageHashes | None:
         """The copy's page hashes if it is exactly what ``record`` names, else None."""
         copy = self._copy

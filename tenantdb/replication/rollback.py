@@ -24,14 +24,21 @@ from pathlib import Path
 from tenantdb.config import Settings
 from tenantdb.errors import ConfigurationError, LeaseHeldError, LeaseLostError
 from tenantdb.protocol.lease import Lease
-from tenantdb.protocol.lockfile import LogPointer
+from tenantdb.protocol.lockfile import LockRecord, LogPointer
 from tenantdb.protocol.snapshot import publish_snapshot, temp_snapshot_path
 from tenantdb.replication.history import read_history, record_takeover, takeover_key
 from tenantdb.replication.pitr import Progress, RestoredPoint, restore_at
 from tenantdb.replication.shipper import carried_segments, put_log_object
 from tenantdb.storage.base import Bucket
 
-__all__ = ["RollbackResult", "rollback"]
+__all__ = [
+    "RollbackResult",
+    "acquire",
+    "operator_lease",
+    "publish_as_newest",
+    "rollback",
+    "routing_hint",
+]
 
 log = logging.getLogger("tenantdb")
 
@@ -62,34 +69,18 @@ async def rollback(
     tenant = settings.tenant
     if tenant is None:
         raise ConfigurationError("no tenant to roll back: name one", variable="TENANT_ID")
-    lease = Lease(
-        bucket,
-        tenant,
-        machine_id=f"rollback@{socket.gethostname()}",
-        region=settings.fly_region,
-        ttl=settings.lease_ttl,
-        prefix=settings.prefix,
-        cross_region=settings.consistent_across_regions,
-    )
-    await _acquire(lease, wait=wait)
+    lease = operator_lease(settings, bucket, tenant, "rollback")
+    await acquire(lease, wait=wait)
     renewing = asyncio.get_running_loop().create_task(lease.keep_renewed())
     directory = work_dir or Path.cwd()
     copy = temp_snapshot_path(directory)
     try:
         await record_takeover(lease)
         restored = await restore_at(bucket, tenant, copy, prefix=settings.prefix, at=to)
-        previous = lease.previous
-        # The log goes on after every index used so far: the history past ``to`` stays.
-        base = previous.log.tail + 1 if previous and previous.log else 1
-        pointer = LogPointer.empty(base, restored.state, restored.db_pages)
-        # The new log drops what lock.json carries inline: their objects first.
-        for key, body in carried_segments(lease.record, prefix=settings.prefix):
-            await put_log_object(bucket, key, body)
-        taken_ms = await _history_end_ms(lease, settings.prefix)
-        record = await publish_snapshot(lease, bucket, copy, log=pointer, taken_ms=taken_ms)
-        # Routing keeps pointing at the tenant's machine, not at this command.
-        hint = (previous.last_owner or previous.owner) if previous else None
-        await lease.release(last_owner=hint)
+        record = await publish_as_newest(
+            lease, copy, prefix=settings.prefix, state=restored.state, db_pages=restored.db_pages
+        )
+        await lease.release(last_owner=routing_hint(lease))
     finally:
         renewing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -105,6 +96,44 @@ async def rollback(
         record.snapshot.key,
     )
     return RollbackResult(record.generation, restored, record.snapshot.key)
+
+
+def operator_lease(settings: Settings, bucket: Bucket, tenant: str, role: str) -> Lease:
+    """The lease an operator's command takes on ``tenant``, as ``<role>@<host>``, in its
+    own region as a machine would."""
+    return Lease(
+        bucket,
+        tenant,
+        machine_id=f"{role}@{socket.gethostname()}",
+        region=settings.fly_region,
+        ttl=settings.lease_ttl,
+        prefix=settings.prefix,
+        cross_region=settings.consistent_across_regions,
+    )
+
+
+def routing_hint(lease: Lease) -> str | None:
+    """The machine to name on release: routing keeps pointing at the tenant's machine, not
+    at the command that held the lease for a while."""
+    previous = lease.previous
+    return (previous.last_owner or previous.owner) if previous else None
+
+
+async def publish_as_newest(
+    lease: Lease, copy: Path, *, prefix: str, state: str, db_pages: int
+) -> LockRecord:
+    """Publish the database at ``copy`` (in ``state``) as the tenant's newest state under the
+    held ``lease``, its takeover recorded: a snapshot stamped on the bucket's clock after all
+    history, which the log continues from after every index used so far (so the history
+    before stays restorable)."""
+    previous = lease.previous
+    base = previous.log.tail + 1 if previous and previous.log else 1
+    pointer = LogPointer.empty(base, state, db_pages)
+    # The new log drops what lock.json carries inline: their objects first.
+    for key, body in carried_segments(lease.record, prefix=prefix):
+        await put_log_object(lease.bucket, key, body)
+    taken_ms = await _history_end_ms(lease, prefix)
+    return await publish_snapshot(lease, lease.bucket, copy, log=pointer, taken_ms=taken_ms)
 
 
 async def _history_end_ms(lease: Lease, prefix: str) -> int:
@@ -134,7 +163,9 @@ async def _history_end_ms(lease: Lease, prefix: str) -> int:
     return max(bucket_now, *(math.ceil(t.timestamp() * 1000) + 1 for t in times))
 
 
-async def _acquire(lease: Lease, *, wait: bool) -> None:
+async def acquire(lease: Lease, *, wait: bool) -> None:
+    """Take ``lease``; ``LeaseHeldError`` while a machine holds it, unless ``wait``: then
+    wait until it is released or expires."""
     while True:
         try:
             await lease.acquire()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -14,11 +14,14 @@ from typing import Literal, Protocol, Self, TypeVar
 
 from tenantdb.errors import ConditionalConflictError, TransientStorageError
 
-__all__ = ["Bucket", "ObjectInfo", "RetryPolicy", "SmallObject", "with_retries"]
+__all__ = ["DELETE_BATCH", "Bucket", "ObjectInfo", "RetryPolicy", "SmallObject", "with_retries"]
 
 log = logging.getLogger("tenantdb.storage")
 
 T = TypeVar("T")
+
+# The most keys one DeleteObjects request takes (S3's limit).
+DELETE_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,11 @@ class Bucket(Protocol):
         """Delete an object; deleting a missing object is not an error."""
         ...
 
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete up to ``DELETE_BATCH`` objects in one request (S3 DeleteObjects); missing
+        ones are not an error. ``StorageError`` naming a key the store refused to delete."""
+        ...
+
     async def list(self, prefix: str) -> list[ObjectInfo]:
         """List the objects whose keys start with ``prefix``, sorted by key."""
         ...
@@ -112,6 +120,18 @@ class Bucket(Protocol):
 
         With ``max_size``, an object the store says is larger raises ``ObjectTooLargeError``
         before ``dest`` is opened, and no more than ``max_size`` bytes are ever written.
+        """
+        ...
+
+    async def copy(
+        self, src: str, dst: str, *, if_none_match: Literal["*"] | None = None
+    ) -> ObjectInfo:
+        """Copy object ``src`` to ``dst`` inside the bucket (S3 CopyObject): no bytes pass
+        through this machine. Returns what the bucket says about ``dst``.
+
+        ``ObjectNotFoundError`` if ``src`` is missing; with ``if_none_match="*"``,
+        ``PreconditionFailedError`` if ``dst`` exists (a retried copy whose first attempt
+        landed included: use a key unique to the copy, as for ``upload_file``).
         """
         ...
 

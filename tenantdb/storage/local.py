@@ -29,7 +29,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -46,7 +46,7 @@ from tenantdb.errors import (
     StorageError,
 )
 from tenantdb.localfiles import fsync_dir
-from tenantdb.storage.base import ObjectInfo, SmallObject
+from tenantdb.storage.base import DELETE_BATCH, ObjectInfo, SmallObject
 
 __all__ = ["LocalBucket"]
 
@@ -370,27 +370,36 @@ class LocalBucket:
 
     async def delete(self, key: str, *, if_match: str | None = None) -> None:
         """Delete an object; deleting a missing object is not an error."""
+        await self._run("delete", key, lambda: self._delete(key, if_match))
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete up to ``DELETE_BATCH`` objects; missing ones are not an error."""
+        _check_batch(keys)
 
         def delete() -> None:
-            with self._locked(exclusive=True):
-                try:
-                    pointer = self._read_pointer(key)
-                except ObjectNotFoundError:
-                    if if_match is not None:
-                        raise PreconditionFailedError(
-                            f"{key!r} does not exist (If-Match)", key=key, operation="delete"
-                        ) from None
-                    return
-                if if_match is not None and pointer["etag"] != if_match:
-                    raise PreconditionFailedError(
-                        f"{key!r} changed since it was read (If-Match)",
-                        key=key,
-                        operation="delete",
-                    )
-                self._pointer_path(key).unlink()
-            (self._blobs / pointer["blob"]).unlink(missing_ok=True)
+            for key in keys:
+                self._delete(key, None)
 
-        await self._run("delete", key, delete)
+        await self._run("delete", keys[0] if keys else "", delete)
+
+    def _delete(self, key: str, if_match: str | None) -> None:
+        with self._locked(exclusive=True):
+            try:
+                pointer = self._read_pointer(key)
+            except ObjectNotFoundError:
+                if if_match is not None:
+                    raise PreconditionFailedError(
+                        f"{key!r} does not exist (If-Match)", key=key, operation="delete"
+                    ) from None
+                return
+            if if_match is not None and pointer["etag"] != if_match:
+                raise PreconditionFailedError(
+                    f"{key!r} changed since it was read (If-Match)",
+                    key=key,
+                    operation="delete",
+                )
+            self._pointer_path(key).unlink()
+        (self._blobs / pointer["blob"]).unlink(missing_ok=True)
 
     async def list(self, prefix: str) -> list[ObjectInfo]:
         """List the objects whose keys start with ``prefix``, sorted by key."""
@@ -437,3 +446,25 @@ class LocalBucket:
             key,
             lambda: self._write(key, copy, if_none_match=if_none_match, operation="upload"),
         )
+
+    async def copy(
+        self, src: str, dst: str, *, if_none_match: Literal["*"] | None = None
+    ) -> ObjectInfo:
+        """Copy ``src`` to ``dst``: a new blob, so the two objects never share bytes."""
+
+        def copy() -> ObjectInfo:
+            _pointer, source = self._open_blob(src, operation="copy")
+            with source:
+                return self._write(
+                    dst,
+                    lambda out: shutil.copyfileobj(source, out, _CHUNK),
+                    if_none_match=if_none_match,
+                    operation="copy",
+                )
+
+        return await self._run("copy", dst, copy)
+
+
+def _check_batch(keys: Sequence[str]) -> None:
+    if len(keys) > DELETE_BATCH:
+        raise ValueError(f"{len(keys)} keys: one batch deletes at most {DELETE_BATCH}")

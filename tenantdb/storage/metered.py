@@ -13,7 +13,7 @@ faults the count is a floor.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from types import TracebackType
@@ -193,6 +193,11 @@ class MeteredBucket:
         """See ``Bucket.delete``."""
         await self._counted(key, "free", lambda: self.inner.delete(key, if_match=if_match))
 
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """See ``Bucket.delete_many``: one POST, class A, whatever the number of keys."""
+        if keys:
+            await self._counted(keys[0], "A", lambda: self.inner.delete_many(keys))
+
     async def list(self, prefix: str) -> list[ObjectInfo]:
         """See ``Bucket.list``."""
         return await self._counted(
@@ -235,3 +240,12 @@ class MeteredBucket:
             lambda: inner.upload_file(key, src, if_none_match=if_none_match),
             requests=requests,
         )
+
+    async def copy(
+        self, src: str, dst: str, *, if_none_match: Literal["*"] | None = None
+    ) -> ObjectInfo:
+        """See ``Bucket.copy``: one class A request (COPY), no bytes sent."""
+        with self._timer(dst):
+            return await self._counted(
+                dst, "A", lambda: self.inner.copy(src, dst, if_none_match=if_none_match)
+            )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import builtins
 import ipaddress
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
@@ -26,11 +26,18 @@ from tenantdb.errors import (
     ObjectTooLargeError,
     PreconditionFailedError,
     StorageError,
+    TransientStorageError,
 )
-from tenantdb.storage.base import ObjectInfo, RetryPolicy, SmallObject, with_retries
+from tenantdb.storage.base import (
+    DELETE_BATCH,
+    ObjectInfo,
+    RetryPolicy,
+    SmallObject,
+    with_retries,
+)
 from tenantdb.storage.s3_answers import object_info, read_whole, server_date, utc
 from tenantdb.storage.s3_download import RangedDownloads
-from tenantdb.storage.s3_errors import check_key, safe_url, translate
+from tenantdb.storage.s3_errors import TRANSIENT_CODES, check_key, safe_url, translate
 from tenantdb.storage.s3_sdk import (
     SDK_ERRORS,
     ClientError,
@@ -374,6 +381,32 @@ class S3Bucket:
 
         await self._retrying("delete", key, delete)
 
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete up to ``DELETE_BATCH`` objects in one DeleteObjects request (quiet mode:
+        the answer lists only the keys it could not delete)."""
+        if len(keys) > DELETE_BATCH:
+            raise ValueError(f"{len(keys)} keys: one batch deletes at most {DELETE_BATCH}")
+        if not keys:
+            return
+        for key in keys:
+            check_key(key, "delete")
+        batch = {"Objects": [{"Key": key} for key in keys], "Quiet": True}
+
+        async def delete() -> None:
+            response = await self._s3.delete_objects(Bucket=self.name, Delete=batch)
+            for error in response.get("Errors") or ():
+                key, code = str(error.get("Key", "")), str(error.get("Code", ""))
+                if code in ("NoSuchKey", "NotFound"):
+                    continue
+                kind = TransientStorageError if code in TRANSIENT_CODES else StorageError
+                raise kind(
+                    f"S3 delete of {key!r} in bucket {self.name!r} refused: {code[:100]}",
+                    key=key,
+                    operation="delete",
+                )
+
+        await self._retrying("delete", keys[0], delete)
+
     async def list(self, prefix: str) -> builtins.list[ObjectInfo]:
         """List the objects whose keys start with ``prefix``, sorted by key."""
 
@@ -453,3 +486,25 @@ class S3Bucket:
         return await self._retrying(
             "upload", key, lambda: self._uploads.upload(key, src, conditions)
         )
+    async def copy(
+        self, src: str, dst: str, *, if_none_match: Literal["*"] | None = None
+    ) -> ObjectInfo:
+        """Copy ``src`` to ``dst`` server-side (CopyObject, objects up to 5 GiB).
+
+        ``If-None-Match: *`` is sent (S3 honours it on CopyObject); a HEAD of ``dst`` first
+        also refuses an existing object on stores that ignore it. Then a HEAD of ``dst``
+        describes the copy (CopyObject's answer carries no size).
+        """
+        check_key(src, "copy")
+        check_key(dst, "copy")
+        conditions = {"IfNoneMatch": if_none_match} if if_none_match is not None else {}
+
+        async def copy() -> ObjectInfo:
+            if if_none_match is not None:
+                await self._uploads.absent(dst, "copy")
+            source = {"Bucket": self.name, "Key": src}
+            await self._s3.copy_object(Bucket=self.name, Key=dst, CopySource=source, **conditions)
+            response = await self._s3.head_object(Bucket=self.name, Key=dst)
+            return object_info(self.name, dst, response, int(response["ContentLength"]))
+
+        return await self._retrying("copy", dst, copy)

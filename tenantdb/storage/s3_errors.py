@@ -51,7 +51,7 @@ _ACCESS_CODES = frozenset(
         "RequestTimeTooSkewed",
     }
 )
-_TRANSIENT_CODES = frozenset(
+TRANSIENT_CODES = frozenset(
     {
         "SlowDown",
         "Throttling",
@@ -127,7 +127,7 @@ def translate(
             kind, why = ConditionalConflictError, f"concurrent conflicting write: {code} (HTTP 409)"
         elif status == 403 or code in _ACCESS_CODES:
             kind, why = AccessDeniedError, f"access denied: {code} (HTTP {status})"
-        elif status >= 500 or status == 429 or code in _TRANSIENT_CODES:
+        elif status >= 500 or status == 429 or code in TRANSIENT_CODES:
             kind, why = TransientStorageError, f"server error: {code} (HTTP {status})"
         else:
             kind, why = StorageError, f"refused: {code} (HTTP {status})"

@@ -64,7 +64,7 @@ class FileUploads:
                 )
                 return object_info(self._bucket, key, response, size)
             if conditions:
-                await self._absent(key)
+                await self.absent(key)
             return await self._multipart(key, src, fd, size)
         finally:
             await run_local("upload", key, src, lambda: os.close(fd))
@@ -80,7 +80,7 @@ class FileUploads:
                 raise local_error(body.error, path=src, operation="upload", key=key) from exc
             raise
 
-    async def _absent(self, key: str) -> None:
+    async def absent(self, key: str, operation: str = "upload") -> None:
         """Raise PreconditionFailedError, as a refused If-None-Match would, if ``key`` exists."""
         try:
             await self._client().head_object(Bucket=self._bucket, Key=key)
@@ -89,10 +89,10 @@ class FileUploads:
                 return
             raise
         raise PreconditionFailedError(
-            f"S3 upload of {key!r} in bucket {self._bucket!r}: the object exists already "
-            "(If-None-Match, checked with a HEAD before a multipart upload)",
+            f"S3 {operation} of {key!r} in bucket {self._bucket!r}: the object exists already "
+            "(If-None-Match, checked with a HEAD first)",
             key=key,
-            operation="upload",
+            operation=operation,
         )
 
     async def _multipart(self, key: str, src: Path, fd: int, size: int) -> ObjectInfo:
