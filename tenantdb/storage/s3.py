@@ -486,6 +486,7 @@ class S3Bucket:
         return await self._retrying(
             "upload", key, lambda: self._uploads.upload(key, src, conditions)
         )
+
     async def copy(
         self, src: str, dst: str, *, if_none_match: Literal["*"] | None = None
     ) -> ObjectInfo:
