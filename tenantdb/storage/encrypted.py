@@ -1,0 +1,499 @@
+"""A bucket that seals every tenant's data on the way in and opens it on the way out.
+
+Wrapping the bucket encrypts at one boundary, for the lease, the shipper, restores and
+every CLI verb alike. What an object is follows from its key (docs/format.md):
+
+- ``<tenant>/log/<generation>/….seg``: the whole body is sealed (``tenantdb.crypto``);
+- ``<tenant>/snapshots/<generation>-….sqlite3``: sealed in 256 KiB chunks, file to file;
+  the sizes this bucket reports for sealed snapshots are their plaintext sizes;
+- ``<tenant>/lock.json``: only the segments it carries in ``log.inline`` are sealed, each
+  exactly as its own object will be; the lease fields stay readable;
+- ``<tenant>/key.json``: the tenant's data key, wrapped (created with ``If-None-Match: *``
+  by the first write that needs it; a racing creator adopts the winner's);
+- anything else (takeover records, probes) passes through.
+
+Objects written before encryption was turned on stay readable: a body that is not sealed
+is accepted only if the bucket stored it no later than the tenant's data key, so a bucket
+writer cannot slip a plaintext object into a tenant that encrypts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import bisect
+import json
+import re
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from tenantdb.crypto import (
+    DataKey,
+    Keyring,
+    Kind,
+    ObjectContext,
+    Refused,
+    WrappedKey,
+    is_sealed,
+    open_bytes,
+    open_file_in_place,
+    opened_size,
+    seal_bytes,
+    seal_file,
+    sealed_size,
+    unwrap_data_key,
+    wrap_data_key,
+)
+from tenantdb.errors import (
+    DataKeyError,
+    DecryptionError,
+    ObjectNotFoundError,
+    ObjectTooLargeError,
+    PreconditionFailedError,
+)
+from tenantdb.parsing import Malformed, bounded_text, load_json, parse_iso_time
+from tenantdb.storage.base import Bucket, ObjectInfo, SmallObject
+
+__all__ = ["KEY_OBJECT", "EncryptedBucket", "parse_key_object", "key_object_body"]
+
+KEY_OBJECT = "key.json"
+_KEY_OBJECT_MAX = 4096
+_KEY_FORMAT = 1
+# Data keys kept unwrapped: a router looks up many tenants; each costs one GET to reload.
+_CACHED_KEYS = 4096
+_SEGMENT = re.compile(r"log/(\d{1,12})/[0-9-]{1,40}\.seg")
+_SNAPSHOT = re.compile(r"snapshots/(\d{1,12})-[0-9a-f-]{1,200}\.sqlite3")
+# lock.json carries at most 24 KiB of segments of at least 102 bytes, and 1000 runs.
+_MAX_INLINE = 256
+_MAX_RUNS = 1000
+_Place = Literal["lock", "segment", "snapshot", "other"]
+
+
+@dataclass(frozen=True)
+class _TenantKey:
+    data_key: DataKey
+    # Plaintext objects the bucket stored after this are refused.
+    since: datetime
+
+
+def key_object_body(tenant: str, wrapped: WrappedKey) -> bytes:
+    """The JSON of a tenant's key object."""
+    return json.dumps(
+        {
+            "format": _KEY_FORMAT,
+            "tenant": tenant,
+            "algorithm": "AES-256-GCM",
+            "kek": wrapped.kek_id,
+            "wrapped": base64.b64encode(wrapped.wrapped).decode(),
+            "since": wrapped.since or None,
+        },
+        sort_keys=True,
+    ).encode()
+
+
+def parse_key_object(body: bytes, *, tenant: str, key: str) -> WrappedKey:
+    """The wrapped data key a key object holds; ``DataKeyError`` naming it for anything else."""
+
+    def damaged(reason: str) -> DataKeyError:
+        return DataKeyError(
+            f"tenant {tenant}: its data key {key} is damaged ({reason}); its data cannot be read",
+            tenant=tenant,
+            key=key,
+        )
+
+    try:
+        data = load_json(body, max_depth=2)
+    except Malformed as exc:
+        raise damaged(exc.reason) from None
+    if not isinstance(data, dict) or data.get("format") != _KEY_FORMAT:
+        raise damaged("not a key object of format 1")
+    if data.get("tenant") != tenant:
+        raise damaged("it names another tenant")
+    kek, wrapped, since = data.get("kek"), data.get("wrapped"), data.get("since")
+    if bounded_text(kek, max_length=32) is None or not isinstance(wrapped, str):
+        raise damaged("no key id or wrapped key")
+    if since is not None and parse_iso_time(since) is None:
+        raise damaged("'since' is not a time")
+    try:
+        raw = base64.b64decode(wrapped.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise damaged("the wrapped key is not base64") from None
+    return WrappedKey(str(kek), raw, since or "")
+
+
+def _place(prefix: str, key: str) -> tuple[str, _Place, int]:
+    """(tenant, what the object is, its generation) from its key; ("", "other", 0) if none."""
+    if not key.startswith(prefix):
+        return "", "other", 0
+    tenant, _, rest = key[len(prefix) :].partition("/")
+    if not tenant or not rest:
+        return "", "other", 0
+    if rest == "lock.json":
+        return tenant, "lock", 0
+    if match := _SEGMENT.fullmatch(rest):
+        return tenant, "segment", int(match[1])
+    if match := _SNAPSHOT.fullmatch(rest):
+        return tenant, "snapshot", int(match[1])
+    return tenant, "other", 0
+
+
+class EncryptedBucket:
+    """``bucket`` with each tenant's segments, snapshots and inline segments sealed.
+
+    ``prefix`` is where tenants live (``Settings.prefix``); ``keyring`` wraps and unwraps
+    the tenants' data keys. Errors: ``DataKeyError`` and ``DecryptionError`` (one line
+    naming the tenant, the key and the key id), never retried.
+    """
+
+    def __init__(self, bucket: Bucket, keyring: Keyring, *, prefix: str) -> None:
+        self.inner = bucket
+        self.keyring = keyring
+        self.prefix = prefix
+        self._keys: OrderedDict[str, _TenantKey] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"EncryptedBucket({self.inner!r})"
+
+    @property
+    def kind(self) -> Literal["s3", "local"]:
+        """Which backend the wrapped bucket is."""
+        return self.inner.kind
+
+    async def __aenter__(self) -> Self:
+        await self.inner.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.inner.__aexit__(exc_type, exc, tb)
+
+    # -- data keys -------------------------------------------------------------------------
+
+    def key_object(self, tenant: str) -> str:
+        """The key of ``tenant``'s wrapped data key."""
+        return f"{self.prefix}{tenant}/{KEY_OBJECT}"
+
+    async def data_key(self, tenant: str, *, create: bool) -> _TenantKey | None:
+        """The tenant's data key: cached, read, or (``create``) made; None if it has none."""
+        cached = self._keys.get(tenant)
+        if cached is not None:
+            self._keys.move_to_end(tenant)
+            return cached
+        key = self.key_object(tenant)
+        try:
+            found = await self.inner.get(key, max_size=_KEY_OBJECT_MAX)
+        except ObjectNotFoundError:
+            if not create:
+                return None
+            found = await self._create(tenant, key)
+        except ObjectTooLargeError as exc:
+            raise DataKeyError(
+                f"tenant {tenant}: its data key {key} is {exc.size} bytes, not a key object",
+                tenant=tenant,
+                key=key,
+            ) from None
+        wrapped = parse_key_object(found.body, tenant=tenant, key=key)
+        try:
+            data_key = unwrap_data_key(self.keyring, tenant, key, wrapped)
+        except Refused as exc:
+            raise DataKeyError(
+                f"tenant {tenant}: its data key {key} cannot be unwrapped: {exc.reason} "
+                f"(configured key ids: {', '.join(self.keyring.ids)})",
+                tenant=tenant,
+                key=key,
+                key_id=wrapped.kek_id,
+            ) from None
+        since = parse_iso_time(wrapped.since) if wrapped.since else found.info.last_modified
+        loaded = _TenantKey(data_key, since or found.info.last_modified)
+        self._keys[tenant] = loaded
+        if len(self._keys) > _CACHED_KEYS:
+            self._keys.popitem(last=False)
+        return loaded
+
+    async def _create(self, tenant: str, key: str) -> SmallObject:
+        """Store a new wrapped data key; a concurrent creator's wins and is read back."""
+        _, wrapped = wrap_data_key(self.keyring, tenant, key)
+        body = key_object_body(tenant, wrapped)
+        try:
+            info = await self.inner.put(key, body, if_none_match="*")
+        except PreconditionFailedError:
+            # Another machine created it first, or this very write landed unheard: either
+            # way the stored key is the tenant's, and the one made here is dropped.
+            return await self.inner.get(key, max_size=_KEY_OBJECT_MAX)
+        return SmallObject(info, body)
+
+    def forget(self, tenant: str) -> None:
+        """Drop a cached data key (after its key object was deleted or rewritten)."""
+        self._keys.pop(tenant, None)
+
+    async def _sealing_key(self, tenant: str) -> DataKey:
+        found = await self.data_key(tenant, create=True)
+        if found is None:  # pragma: no cover - create=True always returns a key
+            raise AssertionError("unreachable")
+        return found.data_key
+
+    async def _opening_key(self, tenant: str, key: str) -> DataKey:
+        found = await self.data_key(tenant, create=False)
+        if found is None:
+            raise DataKeyError(
+                f"tenant {tenant}: {key} is encrypted but the tenant's data key "
+                f"{self.key_object(tenant)} does not exist (deleted: the tenant's encrypted "
+                "history is unreadable by anyone)",
+                tenant=tenant,
+                key=key,
+            )
+        return found.data_key
+
+    async def _check_plaintext(self, tenant: str, key: str, stored: datetime) -> None:
+        """Accept an unsealed object only if stored no later than the tenant's data key."""
+        found = await self.data_key(tenant, create=False)
+        if found is not None and stored > found.since:
+            raise DecryptionError(
+                f"tenant {tenant}: {key} is not encrypted, yet was stored after the tenant's "
+                "data key: refusing it (not written by tenantdb with encryption on)",
+                tenant=tenant,
+                key=key,
+            )
+
+    def _refused(self, tenant: str, key: str, exc: Refused) -> DecryptionError:
+        return DecryptionError(
+            f"tenant {tenant}: {key} is refused: {exc.reason}", tenant=tenant, key=key
+        )
+
+    def _context(self, tenant: str, key: str, kind: Kind, generation: int) -> ObjectContext:
+        return ObjectContext(tenant, key, generation, kind)
+
+    # -- small objects ---------------------------------------------------------------------
+
+    async def _seal(self, tenant: str, key: str, kind: Kind, generation: int, body: bytes) -> bytes:
+        data_key = await self._sealing_key(tenant)
+        ctx = self._context(tenant, key, kind, generation)
+        return await asyncio.to_thread(seal_bytes, data_key, ctx, body)
+
+    async def _open(
+        self, tenant: str, what: str, key: str, generation: int, body: bytes, stored: datetime
+    ) -> bytes:
+        """A segment's plaintext; ``what`` names it in errors, ``key`` is the key it is for."""
+        if not is_sealed(body):
+            await self._check_plaintext(tenant, what, stored)
+            return body
+        data_key = await self._opening_key(tenant, what)
+        ctx = self._context(tenant, key, "segment", generation)
+        try:
+            return await asyncio.to_thread(open_bytes, data_key, ctx, body)
+        except Refused as exc:
+            raise self._refused(tenant, what, exc) from None
+
+    async def _opened(self, key: str, found: SmallObject) -> SmallObject:
+        tenant, place, generation = _place(self.prefix, key)
+        if place == "segment":
+            stored = found.info.last_modified
+            body = await self._open(tenant, key, key, generation, found.body, stored)
+            return SmallObject(found.info, body)
+        if place == "lock":
+            stored = found.info.last_modified
+            return SmallObject(
+                found.info, await self._lock_inline(tenant, key, found.body, stored=stored)
+            )
+        return found
+
+    async def get(self, key: str, *, max_size: int | None = None) -> SmallObject:
+        """See ``Bucket.get``; a segment's limit is on its plaintext."""
+        if max_size is not None and _place(self.prefix, key)[1] == "segment":
+            max_size = sealed_size(max_size)
+        return await self._opened(key, await self.inner.get(key, max_size=max_size))
+
+    async def get_if_changed(
+        self, key: str, etag: str, *, max_size: int | None = None
+    ) -> SmallObject | None:
+        """See ``Bucket.get_if_changed``."""
+        changed = await self.inner.get_if_changed(key, etag, max_size=max_size)
+        return None if changed is None else await self._opened(key, changed)
+
+    async def put(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: Literal["*"] | None = None,
+    ) -> ObjectInfo:
+        """See ``Bucket.put``: segments are sealed, lock.json's inline segments too."""
+        tenant, place, generation = _place(self.prefix, key)
+        if place == "segment":
+            body = await self._seal(tenant, key, "segment", generation, body)
+        elif place == "lock":
+            body = await self._lock_inline(tenant, key, body, stored=None)
+        return await self.inner.put(key, body, if_match=if_match, if_none_match=if_none_match)
+
+    async def _lock_inline(
+        self, tenant: str, key: str, body: bytes, *, stored: datetime | None
+    ) -> bytes:
+        """lock.json with its inline segments sealed (``stored`` None) or opened.
+
+        Each inline segment is sealed for the key its own object has (the generation comes
+        from the lock's runs), so the bytes a new holder uploads from here are the object's.
+        The lease fields are left as they are. A lock.json that is not a JSON object with a
+        log is returned as it is, for ``LockRecord.parse`` to judge; inline segments that
+        cannot be placed in the log are refused, never passed on unopened.
+        """
+        try:
+            data: Any = load_json(body)
+        except Malformed:
+            return body
+        pointer = data.get("log") if isinstance(data, dict) else None
+        items = pointer.get("inline") if isinstance(pointer, dict) else None
+        if pointer is None or not items:
+            return body
+        keys = _inline_keys(self.prefix, tenant, pointer, items)
+        if keys is None:
+            raise DecryptionError(
+                f"tenant {tenant}: {key} carries inline segments its log cannot place; "
+                "refusing them",
+                tenant=tenant,
+                key=key,
+            )
+        out: list[str] = []
+        for (segment_key, generation), segment in keys:
+            if stored is None:
+                segment = await self._seal(tenant, segment_key, "segment", generation, segment)
+            else:
+                what = f"{segment_key} (inline in {key})"
+                segment = await self._open(tenant, what, segment_key, generation, segment, stored)
+            out.append(base64.b64encode(segment).decode())
+        pointer["inline"] = out
+        # As LockRecord.to_json writes it.
+        return json.dumps(data, sort_keys=True, indent=1).encode()
+
+    async def head(self, key: str) -> ObjectInfo:
+        """See ``Bucket.head``."""
+        return self._sized(await self.inner.head(key))
+
+    def _sized(self, info: ObjectInfo) -> ObjectInfo:
+        """A sealed snapshot's info with its plaintext size.
+
+        A sealed object's size is odd (its header is 31 bytes, its chunks even) and a SQLite
+        file's a whole number of pages, so an older plaintext snapshot keeps its own.
+        """
+        if _place(self.prefix, info.key)[1] != "snapshot" or info.size % 2 == 0:
+            return info
+        length = opened_size(info.size)
+        return info if length is None else replace(info, size=length)
+
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """See ``Bucket.delete``; deleting a key object forgets its cached key."""
+        tenant = _place(self.prefix, key)[0]
+        if key == self.key_object(tenant):
+            self.forget(tenant)
+        await self.inner.delete(key, if_match=if_match)
+
+    async def list(self, prefix: str) -> list[ObjectInfo]:
+        """See ``Bucket.list``."""
+        return [self._sized(info) for info in await self.inner.list(prefix)]
+
+    async def download_file(
+        self, key: str, dest: Path, *, max_size: int | None = None
+    ) -> ObjectInfo:
+        """See ``Bucket.download_file``: a sealed object is opened in place, chunk by chunk."""
+        tenant, place, generation = _place(self.prefix, key)
+        if place not in ("segment", "snapshot"):
+            return await self.inner.download_file(key, dest, max_size=max_size)
+        stored_max = None if max_size is None else sealed_size(max_size)
+        info = await self.inner.download_file(key, dest, max_size=stored_max)
+        with open(dest, "rb") as f:
+            head = f.read(8)
+        if not is_sealed(head):
+            await self._check_plaintext(tenant, key, info.last_modified)
+            if max_size is not None and info.size > max_size:
+                raise ObjectTooLargeError(key=key, size=info.size, limit=max_size)
+            return info
+        data_key = await self._opening_key(tenant, key)
+        ctx = self._context(
+            tenant, key, "segment" if place == "segment" else "snapshot", generation
+        )
+        try:
+            length = await asyncio.to_thread(open_file_in_place, data_key, ctx, dest)
+        except Refused as exc:
+            raise self._refused(tenant, key, exc) from None
+        return replace(info, size=length)
+
+    async def upload_file(
+        self, key: str, src: Path, *, if_none_match: Literal["*"] | None = None
+    ) -> ObjectInfo:
+        """See ``Bucket.upload_file``: a sealed copy beside ``src`` is uploaded, then removed."""
+        tenant, place, generation = _place(self.prefix, key)
+        if place not in ("segment", "snapshot"):
+            return await self.inner.upload_file(key, src, if_none_match=if_none_match)
+        data_key = await self._sealing_key(tenant)
+        ctx = self._context(
+            tenant, key, "segment" if place == "segment" else "snapshot", generation
+        )
+        # A dot name ending .tmp: remove_stray_temp_files takes it if a crash leaves it.
+        sealed = src.with_name(f".{src.name}.{uuid.uuid4().hex}.sealed.tmp")
+        try:
+            await asyncio.to_thread(seal_file, data_key, ctx, src, sealed)
+            info = await self.inner.upload_file(key, sealed, if_none_match=if_none_match)
+        except Refused as exc:
+            raise self._refused(tenant, key, exc) from None
+        finally:
+            sealed.unlink(missing_ok=True)
+        return self._sized(info)
+
+    # -- what MeteredBucket asks of a bucket that splits transfers -------------------------
+
+    def upload_requests(self, size: int, *, conditional: bool) -> tuple[int, int]:
+        """The wrapped bucket's requests for an upload of ``size`` bytes (see MeteredBucket)."""
+        split = getattr(self.inner, "upload_requests", None)
+        result: tuple[int, int] = split(size, conditional=conditional) if split else (1, 0)
+        return result
+
+    def download_requests(self, size: int) -> int:
+        """The wrapped bucket's requests for a download of ``size`` bytes (see MeteredBucket)."""
+        split = getattr(self.inner, "download_requests", None)
+        result: int = split(size) if split else 1
+        return result
+
+
+def _inline_keys(
+    prefix: str, tenant: str, pointer: dict[str, Any], items: object
+) -> list[tuple[tuple[str, int], bytes]] | None:
+    """Each inline segment's (key, generation) and bytes; None if the pointer cannot say.
+
+    They end at the pointer's ``tail``; each belongs to the last run starting at or before
+    it (see ``LogPointer.generation_of``).
+    """
+    tail, runs = pointer.get("tail"), pointer.get("runs")
+    if not (isinstance(items, list) and type(tail) is int and isinstance(runs, list)):
+        return None
+    if len(items) > _MAX_INLINE or len(runs) > _MAX_RUNS:
+        return None
+    if not all(
+        isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r) for r in runs
+    ):
+        return None
+    firsts = [first for _, first in runs]
+    if firsts != sorted(firsts):
+        return None
+    placed = []
+    for index, item in enumerate(items, tail - len(items) + 1):
+        run = bisect.bisect_right(firsts, index) - 1
+        if run < 0 or index < 1 or not isinstance(item, str):
+            return None
+        try:
+            body = base64.b64decode(item.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError, ValueError):
+            return None
+        generation = runs[run][0]
+        key = f"{prefix}{tenant}/log/{generation:08d}/{index:012d}.seg"
+        placed.append(((key, generation), body))
+    return placed
