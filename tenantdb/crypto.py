@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 import re
 import struct
@@ -172,10 +173,21 @@ def parse_keyring(text: str, *, variable: str) -> Keyring:
 
 @dataclass(frozen=True, repr=False)
 class DataKey:
-    """A tenant's unwrapped data key, ready to seal and open its objects."""
+    """A tenant's unwrapped data key, ready to seal and open its objects.
+
+    ``nonce_key`` (derived from it) makes a segment's nonce from its content and place, so
+    the same segment for the same key seals to the same bytes (see ``seal_bytes``).
+    """
 
     tenant: str
     aead: AESGCM = field(compare=False)
+    nonce_key: bytes = field(compare=False)
+
+    @classmethod
+    def of(cls, tenant: str, raw: bytes) -> DataKey:
+        """The data key ``raw`` (32 bytes) of ``tenant``."""
+        nonce_key = hashlib.blake2b(raw, digest_size=32, person=b"tenantdb-nonce1").digest()
+        return cls(tenant, AESGCM(raw), nonce_key)
 
     def __repr__(self) -> str:
         return f"DataKey(tenant={self.tenant!r})"
@@ -209,7 +221,7 @@ def _wrap(keyring: Keyring, tenant: str, key: str, raw: bytes, since: str) -> Wr
 def wrap_data_key(keyring: Keyring, tenant: str, key: str) -> tuple[DataKey, WrappedKey]:
     """A new random data key for ``tenant``, and its wrapping under the newest KEK."""
     raw = os.urandom(KEY_SIZE)
-    return DataKey(tenant, AESGCM(raw)), _wrap(keyring, tenant, key, raw, "")
+    return DataKey.of(tenant, raw), _wrap(keyring, tenant, key, raw, "")
 
 
 def _unwrap_raw(keyring: Keyring, tenant: str, key: str, wrapped: WrappedKey) -> bytes:
@@ -231,7 +243,7 @@ def _unwrap_raw(keyring: Keyring, tenant: str, key: str, wrapped: WrappedKey) ->
 
 def unwrap_data_key(keyring: Keyring, tenant: str, key: str, wrapped: WrappedKey) -> DataKey:
     """Open a wrapped data key; ``Refused`` if no KEK of the keyring opens it for this place."""
-    return DataKey(tenant, AESGCM(_unwrap_raw(keyring, tenant, key, wrapped)))
+    return DataKey.of(tenant, _unwrap_raw(keyring, tenant, key, wrapped))
 
 
 def rewrap_data_key(
@@ -305,11 +317,11 @@ def is_sealed(prefix: bytes) -> bool:
     return prefix[: len(MAGIC)] == MAGIC
 
 
-def _new_header(ctx: ObjectContext, length: int) -> bytes:
+def _new_header(ctx: ObjectContext, length: int, nonce_prefix: bytes) -> bytes:
     if length > _MAX_PLAINTEXT:
         raise ValueError(f"{ctx.key}: {length} bytes is more than one object can seal")
     return _HEADER.pack(
-        MAGIC, _VERSION, _KINDS[ctx.kind], _DATA_KEY_NUMBER, _CHUNK_SHIFT, os.urandom(8), length
+        MAGIC, _VERSION, _KINDS[ctx.kind], _DATA_KEY_NUMBER, _CHUNK_SHIFT, nonce_prefix, length
     )
 
 
@@ -341,10 +353,23 @@ def _nonce(nonce_prefix: bytes, index: int) -> bytes:
     return nonce_prefix + struct.pack(">I", index)
 
 
+def _synthetic_nonce(key: DataKey, ctx: ObjectContext, plaintext: bytes) -> bytes:
+    """A keyed hash of the place and the content: a nonce prefix only they repeat.
+
+    The same bytes sealed twice for the same key come out the same (a retried upload, or a
+    segment a new holder uploads from lock.json, equals what was carried). Different bytes
+    get prefixes as unlikely to collide as random ones (2^-64 a pair).
+    """
+    mac = hashlib.blake2b(key=key.nonce_key, digest_size=8)
+    mac.update(_fields(ctx.tenant, ctx.key, ctx.kind) + struct.pack(">Q", ctx.generation))
+    mac.update(plaintext)
+    return mac.digest()
+
+
 def seal_bytes(key: DataKey, ctx: ObjectContext, plaintext: bytes) -> bytes:
-    """``plaintext`` sealed for ``ctx`` with the tenant's data key."""
-    header = _new_header(ctx, len(plaintext))
-    nonce_prefix = header[-16:-8]
+    """``plaintext`` sealed for ``ctx``: the same bytes for the same plaintext and place."""
+    nonce_prefix = _synthetic_nonce(key, ctx, plaintext)
+    header = _new_header(ctx, len(plaintext), nonce_prefix)
     prefix = _aad_prefix(ctx, header)
     count = _chunks(len(plaintext))
     view = memoryview(plaintext)
@@ -392,8 +417,10 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
 def seal_file(key: DataKey, ctx: ObjectContext, src: Path, dest: Path) -> None:
     """Seal ``src`` into ``dest`` one chunk at a time (blocking; run it in a thread)."""
     length = src.stat().st_size
-    header = _new_header(ctx, length)
-    nonce_prefix, prefix = header[-16:-8], _aad_prefix(ctx, header)
+    # A file is read once: its nonce prefix is random (a snapshot's key is never reused).
+    nonce_prefix = os.urandom(8)
+    header = _new_header(ctx, length, nonce_prefix)
+    prefix = _aad_prefix(ctx, header)
     count = _chunks(length)
     with open(dest, "wb") as out:
         out.write(header)

@@ -59,6 +59,17 @@ def test_bytes_and_files_round_trip_at_every_chunk_boundary(tmp_path: Path, size
     assert dest.read_bytes() == plain
 
 
+def test_the_same_segment_for_the_same_place_seals_to_the_same_bytes() -> None:
+    key = data_key()
+    once, again = seal_bytes(key, CTX, b"segment"), seal_bytes(key, CTX, b"segment")
+    assert once == again  # a retried upload, or one from lock.json's inline copy
+    other = seal_bytes(key, CTX, b"segmenT")
+    elsewhere = seal_bytes(key, dataclasses.replace(CTX, generation=2), b"segment")
+    nonces = {body[15:23] for body in (once, other, elsewhere)}
+    assert len(nonces) == 3
+    assert seal_bytes(data_key(), CTX, b"segment") != once  # another data key
+
+
 def test_a_plaintext_range_maps_to_the_sealed_range_of_its_whole_chunks() -> None:
     step = CHUNK_SIZE + 16
     assert sealed_range(0, 10) == (HEADER_SIZE, HEADER_SIZE + step)
