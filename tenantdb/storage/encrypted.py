@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, overload
 
 from tenantdb.crypto import (
     DataKey,
@@ -53,6 +53,7 @@ from tenantdb.crypto import (
 from tenantdb.errors import (
     DataKeyError,
     DecryptionError,
+    LocalDiskError,
     ObjectNotFoundError,
     ObjectTooLargeError,
     PreconditionFailedError,
@@ -146,6 +147,22 @@ def _place(prefix: str, key: str) -> tuple[str, _Place, int]:
     return tenant, "other", 0
 
 
+def _disk_error(exc: OSError, key: str, path: Path, operation: str) -> LocalDiskError:
+    return LocalDiskError(
+        f"could not seal or open {key} in {path.parent}: {exc.strerror or exc}",
+        key=key,
+        operation=operation,
+    )
+
+
+def _file_context(prefix: str, key: str) -> ObjectContext | None:
+    """Where a segment or snapshot file belongs; None for the objects never sealed whole."""
+    tenant, place, generation = _place(prefix, key)
+    if place == "segment" or place == "snapshot":
+        return ObjectContext(tenant, key, generation, place)
+    return None
+
+
 class EncryptedBucket:
     """``bucket`` with each tenant's segments, snapshots and inline segments sealed.
 
@@ -185,6 +202,12 @@ class EncryptedBucket:
     def key_object(self, tenant: str) -> str:
         """The key of ``tenant``'s wrapped data key."""
         return f"{self.prefix}{tenant}/{KEY_OBJECT}"
+
+    @overload
+    async def data_key(self, tenant: str, *, create: Literal[True]) -> _TenantKey: ...
+
+    @overload
+    async def data_key(self, tenant: str, *, create: bool) -> _TenantKey | None: ...
 
     async def data_key(self, tenant: str, *, create: bool) -> _TenantKey | None:
         """The tenant's data key: cached, read, or (``create``) made; None if it has none."""
@@ -239,12 +262,6 @@ class EncryptedBucket:
         """Drop a cached data key (after its key object was deleted or rewritten)."""
         self._keys.pop(tenant, None)
 
-    async def _sealing_key(self, tenant: str) -> DataKey:
-        found = await self.data_key(tenant, create=True)
-        if found is None:  # pragma: no cover - create=True always returns a key
-            raise AssertionError("unreachable")
-        return found.data_key
-
     async def _opening_key(self, tenant: str, key: str) -> DataKey:
         found = await self.data_key(tenant, create=False)
         if found is None:
@@ -273,14 +290,11 @@ class EncryptedBucket:
             f"tenant {tenant}: {key} is refused: {exc.reason}", tenant=tenant, key=key
         )
 
-    def _context(self, tenant: str, key: str, kind: Kind, generation: int) -> ObjectContext:
-        return ObjectContext(tenant, key, generation, kind)
-
     # -- small objects ---------------------------------------------------------------------
 
     async def _seal(self, tenant: str, key: str, kind: Kind, generation: int, body: bytes) -> bytes:
-        data_key = await self._sealing_key(tenant)
-        ctx = self._context(tenant, key, kind, generation)
+        data_key = (await self.data_key(tenant, create=True)).data_key
+        ctx = ObjectContext(tenant, key, generation, kind)
         if len(body) <= _INLINE_CRYPTO:
             return seal_bytes(data_key, ctx, body)
         return await asyncio.to_thread(seal_bytes, data_key, ctx, body)
@@ -293,7 +307,7 @@ class EncryptedBucket:
             await self._check_plaintext(tenant, what, stored)
             return body
         data_key = await self._opening_key(tenant, what)
-        ctx = self._context(tenant, key, "segment", generation)
+        ctx = ObjectContext(tenant, key, generation, "segment")
         try:
             if len(body) <= _INLINE_CRYPTO:
                 return open_bytes(data_key, ctx, body)
@@ -412,9 +426,10 @@ class EncryptedBucket:
         self, key: str, dest: Path, *, max_size: int | None = None
     ) -> ObjectInfo:
         """See ``Bucket.download_file``: a sealed object is opened in place, chunk by chunk."""
-        tenant, place, generation = _place(self.prefix, key)
-        if place not in ("segment", "snapshot"):
+        ctx = _file_context(self.prefix, key)
+        if ctx is None:
             return await self.inner.download_file(key, dest, max_size=max_size)
+        tenant = ctx.tenant
         stored_max = None if max_size is None else sealed_size(max_size)
         info = await self.inner.download_file(key, dest, max_size=stored_max)
         with open(dest, "rb") as f:
@@ -425,26 +440,23 @@ class EncryptedBucket:
                 raise ObjectTooLargeError(key=key, size=info.size, limit=max_size)
             return info
         data_key = await self._opening_key(tenant, key)
-        ctx = self._context(
-            tenant, key, "segment" if place == "segment" else "snapshot", generation
-        )
         try:
             length = await asyncio.to_thread(open_file_in_place, data_key, ctx, dest)
         except Refused as exc:
             raise self._refused(tenant, key, exc) from None
+        except OSError as exc:
+            raise _disk_error(exc, key, dest, "download") from exc
         return replace(info, size=length)
 
     async def upload_file(
         self, key: str, src: Path, *, if_none_match: Literal["*"] | None = None
     ) -> ObjectInfo:
         """See ``Bucket.upload_file``: a sealed copy beside ``src`` is uploaded, then removed."""
-        tenant, place, generation = _place(self.prefix, key)
-        if place not in ("segment", "snapshot"):
+        ctx = _file_context(self.prefix, key)
+        if ctx is None:
             return await self.inner.upload_file(key, src, if_none_match=if_none_match)
-        data_key = await self._sealing_key(tenant)
-        ctx = self._context(
-            tenant, key, "segment" if place == "segment" else "snapshot", generation
-        )
+        tenant = ctx.tenant
+        data_key = (await self.data_key(tenant, create=True)).data_key
         # A dot name ending .tmp: remove_stray_temp_files takes it if a crash leaves it.
         sealed = src.with_name(f".{src.name}.{uuid.uuid4().hex}.sealed.tmp")
         try:
@@ -452,6 +464,8 @@ class EncryptedBucket:
             info = await self.inner.upload_file(key, sealed, if_none_match=if_none_match)
         except Refused as exc:
             raise self._refused(tenant, key, exc) from None
+        except OSError as exc:
+            raise _disk_error(exc, key, sealed, "upload") from exc
         finally:
             sealed.unlink(missing_ok=True)
         return self._sized(info)
