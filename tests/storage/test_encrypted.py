@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import sqlite3
+import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tenantdb.config import Settings
@@ -24,8 +28,11 @@ from tenantdb.errors import DataKeyError, DecryptionError, ReplicationError
 from tenantdb.machine.database import TenantDB
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.segment import decode_segment
+from tenantdb.storage import LocalBucket, open_bucket
 from tenantdb.storage.base import Bucket
 from tenantdb.storage.encrypted import EncryptedBucket
+from tests.support.s3_server import s3_client
+from tests.support.servers import MachineProcesses
 
 KEY = base64.b64encode(bytes(range(32))).decode()
 OTHER_KEY = base64.b64encode(bytes(range(1, 33))).decode()
@@ -360,3 +367,59 @@ async def test_sizes_are_the_plaintexts_for_snapshots(local: Backend) -> None:
     dest = local.tmp / "snap"
     info = await encrypted.download_file(snapshot.key, dest, max_size=snapshot.size)
     assert info.size == dest.stat().st_size == snapshot.size
+
+
+def test_a_machine_with_the_wrong_key_says_which_and_never_serves_the_tenant(
+    tmp_path: Path, s3_settings_env: dict[str, str]
+) -> None:
+    """Through the environment (TENANTDB_ENCRYPTION_KEY), real uvicorn machines, moto S3."""
+    app = "tests.support.apps:starlette_app"
+    env = {**s3_settings_env, "TENANTDB_LEASE_TTL": "3", "TENANTDB_ENCRYPTION_KEY": f"k1:{KEY}"}
+    with MachineProcesses(tmp_path) as machines:
+        good = machines.start(app, "m1", "acme", env)
+        assert httpx.get(f"{good.url}/customers/acme", timeout=10).status_code == 200
+        assert good.stop() in (0, -15)  # uvicorn re-raises the signal after its shutdown
+        client = s3_client(env["AWS_ENDPOINT_URL_S3"])
+        listed = client.list_objects_v2(Bucket=env["BUCKET_NAME"])["Contents"]
+        assert "tenants/acme/key.json" in {item["Key"] for item in listed}
+        wrong = {**env, "TENANTDB_ENCRYPTION_KEY": f"k1:{OTHER_KEY}"}
+        bad = machines.start(app, "m2", "acme", wrong, ready=False)
+        deadline = time.monotonic() + 30
+        while "key id 'k1'" not in bad.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = bad.log()
+        assert "tenant acme: its data key tenants/acme/key.json cannot be unwrapped" in log
+        assert "Traceback" not in log
+        for secret in (KEY, OTHER_KEY):
+            assert secret not in log
+        # With sealed segments inline in lock.json it fails its startup (exits non-zero);
+        # else it holds the lease and answers 503 with the reason. Never 200.
+        try:
+            assert bad.proc.wait(timeout=10) != 0
+        except subprocess.TimeoutExpired:
+            assert httpx.get(f"{bad.url}/customers/acme", timeout=10).status_code == 503
+
+
+async def test_settings_with_keys_open_every_bucket_sealed(tmp_path: Path) -> None:
+    """The one seam: ``open_bucket`` wraps the bucket the settings name."""
+    settings = Settings(
+        tenant="acme",
+        machine_id="m1",
+        data_dir=tmp_path / "m1",
+        local_bucket_dir=tmp_path / "bucket",
+        lease_ttl=3,
+        checkpoint_interval=0,
+        encryption_keys=KEYRING,
+    )
+    assert isinstance(open_bucket(settings), EncryptedBucket)
+    async with TenantDB(settings, migrations=MIGRATIONS) as tdb:
+        await write_notes(tdb, 5)
+        await tdb.sync()
+        assert await tdb.checkpoint()
+    async with LocalBucket(tmp_path / "bucket") as raw:
+        keys = [i.key for i in await raw.list(PREFIX) if i.key.endswith((".seg", ".sqlite3"))]
+        assert keys
+        for key in keys:
+            assert (await raw.get(key)).body.startswith(MAGIC)
+    plain = dataclasses.replace(settings, encryption_keys=None)
+    assert not isinstance(open_bucket(plain), EncryptedBucket)
