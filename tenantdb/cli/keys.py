@@ -27,7 +27,7 @@ from tenantdb.errors import (
     PreconditionFailedError,
 )
 from tenantdb.storage import Bucket, describe_bucket, open_bucket
-from tenantdb.storage.encrypted import KEY_OBJECT, key_object_body, parse_key_object
+from tenantdb.storage.data_keys import KEY_OBJECT, key_object_body, parse_key_object
 
 __all__ = ["KEYS_COMMANDS", "KeyState", "encryption_check", "rotate_key"]
 

@@ -26,20 +26,17 @@ import bisect
 import json
 import re
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self, overload
+from typing import Any, Literal, Self
 
 from tenantdb.crypto import (
-    DataKey,
     Keyring,
     Kind,
     ObjectContext,
     Refused,
-    WrappedKey,
     is_sealed,
     open_bytes,
     open_file_in_place,
@@ -47,27 +44,18 @@ from tenantdb.crypto import (
     seal_bytes,
     seal_file,
     sealed_size,
-    unwrap_data_key,
-    wrap_data_key,
 )
 from tenantdb.errors import (
-    DataKeyError,
     DecryptionError,
     LocalDiskError,
-    ObjectNotFoundError,
     ObjectTooLargeError,
-    PreconditionFailedError,
 )
-from tenantdb.parsing import Malformed, bounded_text, load_json, parse_iso_time
+from tenantdb.parsing import Malformed, load_json
 from tenantdb.storage.base import Bucket, ObjectInfo, SmallObject
+from tenantdb.storage.data_keys import DataKeys
 
-__all__ = ["KEY_OBJECT", "EncryptedBucket", "parse_key_object", "key_object_body"]
+__all__ = ["EncryptedBucket"]
 
-KEY_OBJECT = "key.json"
-_KEY_OBJECT_MAX = 4096
-_KEY_FORMAT = 1
-# Data keys kept unwrapped: a router looks up many tenants; each costs one GET to reload.
-_CACHED_KEYS = 4096
 _SEGMENT = re.compile(r"log/(\d{1,12})/[0-9-]{1,40}\.seg")
 _SNAPSHOT = re.compile(r"snapshots/(\d{1,12})-[0-9a-f-]{1,200}\.sqlite3")
 # Bodies up to this are sealed and opened on the event loop: AES-GCM takes about 1 ms per
@@ -77,58 +65,6 @@ _INLINE_CRYPTO = 64 * 1024
 _MAX_INLINE = 256
 _MAX_RUNS = 1000
 _Place = Literal["lock", "segment", "snapshot", "other"]
-
-
-@dataclass(frozen=True)
-class _TenantKey:
-    data_key: DataKey
-    # Plaintext objects the bucket stored after this are refused.
-    since: datetime
-
-
-def key_object_body(tenant: str, wrapped: WrappedKey) -> bytes:
-    """The JSON of a tenant's key object."""
-    return json.dumps(
-        {
-            "format": _KEY_FORMAT,
-            "tenant": tenant,
-            "algorithm": "AES-256-GCM",
-            "kek": wrapped.kek_id,
-            "wrapped": base64.b64encode(wrapped.wrapped).decode(),
-            "since": wrapped.since or None,
-        },
-        sort_keys=True,
-    ).encode()
-
-
-def parse_key_object(body: bytes, *, tenant: str, key: str) -> WrappedKey:
-    """The wrapped data key a key object holds; ``DataKeyError`` naming it for anything else."""
-
-    def damaged(reason: str) -> DataKeyError:
-        return DataKeyError(
-            f"tenant {tenant}: its data key {key} is damaged ({reason}); its data cannot be read",
-            tenant=tenant,
-            key=key,
-        )
-
-    try:
-        data = load_json(body, max_depth=2)
-    except Malformed as exc:
-        raise damaged(exc.reason) from None
-    if not isinstance(data, dict) or data.get("format") != _KEY_FORMAT:
-        raise damaged("not a key object of format 1")
-    if data.get("tenant") != tenant:
-        raise damaged("it names another tenant")
-    kek, wrapped, since = data.get("kek"), data.get("wrapped"), data.get("since")
-    if bounded_text(kek, max_length=32) is None or not isinstance(wrapped, str):
-        raise damaged("no key id or wrapped key")
-    if since is not None and parse_iso_time(since) is None:
-        raise damaged("'since' is not a time")
-    try:
-        raw = base64.b64decode(wrapped.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError, ValueError):
-        raise damaged("the wrapped key is not base64") from None
-    return WrappedKey(str(kek), raw, since or "")
 
 
 def _place(prefix: str, key: str) -> tuple[str, _Place, int]:
@@ -173,9 +109,8 @@ class EncryptedBucket:
 
     def __init__(self, bucket: Bucket, keyring: Keyring, *, prefix: str) -> None:
         self.inner = bucket
-        self.keyring = keyring
         self.prefix = prefix
-        self._keys: OrderedDict[str, _TenantKey] = OrderedDict()
+        self.keys = DataKeys(bucket, keyring, prefix=prefix)
 
     def __repr__(self) -> str:
         return f"EncryptedBucket({self.inner!r})"
@@ -197,86 +132,9 @@ class EncryptedBucket:
     ) -> None:
         await self.inner.__aexit__(exc_type, exc, tb)
 
-    # -- data keys -------------------------------------------------------------------------
-
-    def key_object(self, tenant: str) -> str:
-        """The key of ``tenant``'s wrapped data key."""
-        return f"{self.prefix}{tenant}/{KEY_OBJECT}"
-
-    @overload
-    async def data_key(self, tenant: str, *, create: Literal[True]) -> _TenantKey: ...
-
-    @overload
-    async def data_key(self, tenant: str, *, create: bool) -> _TenantKey | None: ...
-
-    async def data_key(self, tenant: str, *, create: bool) -> _TenantKey | None:
-        """The tenant's data key: cached, read, or (``create``) made; None if it has none."""
-        cached = self._keys.get(tenant)
-        if cached is not None:
-            self._keys.move_to_end(tenant)
-            return cached
-        key = self.key_object(tenant)
-        try:
-            found = await self.inner.get(key, max_size=_KEY_OBJECT_MAX)
-        except ObjectNotFoundError:
-            if not create:
-                return None
-            found = await self._create(tenant, key)
-        except ObjectTooLargeError as exc:
-            raise DataKeyError(
-                f"tenant {tenant}: its data key {key} is {exc.size} bytes, not a key object",
-                tenant=tenant,
-                key=key,
-            ) from None
-        wrapped = parse_key_object(found.body, tenant=tenant, key=key)
-        try:
-            data_key = unwrap_data_key(self.keyring, tenant, key, wrapped)
-        except Refused as exc:
-            raise DataKeyError(
-                f"tenant {tenant}: its data key {key} cannot be unwrapped: {exc.reason} "
-                f"(configured key ids: {', '.join(self.keyring.ids)})",
-                tenant=tenant,
-                key=key,
-                key_id=wrapped.kek_id,
-            ) from None
-        since = parse_iso_time(wrapped.since) if wrapped.since else found.info.last_modified
-        loaded = _TenantKey(data_key, since or found.info.last_modified)
-        self._keys[tenant] = loaded
-        if len(self._keys) > _CACHED_KEYS:
-            self._keys.popitem(last=False)
-        return loaded
-
-    async def _create(self, tenant: str, key: str) -> SmallObject:
-        """Store a new wrapped data key; a concurrent creator's wins and is read back."""
-        _, wrapped = wrap_data_key(self.keyring, tenant, key)
-        body = key_object_body(tenant, wrapped)
-        try:
-            info = await self.inner.put(key, body, if_none_match="*")
-        except PreconditionFailedError:
-            # Another machine created it first, or this very write landed unheard: either
-            # way the stored key is the tenant's, and the one made here is dropped.
-            return await self.inner.get(key, max_size=_KEY_OBJECT_MAX)
-        return SmallObject(info, body)
-
-    def forget(self, tenant: str) -> None:
-        """Drop a cached data key (after its key object was deleted or rewritten)."""
-        self._keys.pop(tenant, None)
-
-    async def _opening_key(self, tenant: str, key: str) -> DataKey:
-        found = await self.data_key(tenant, create=False)
-        if found is None:
-            raise DataKeyError(
-                f"tenant {tenant}: {key} is encrypted but the tenant's data key "
-                f"{self.key_object(tenant)} does not exist (deleted: the tenant's encrypted "
-                "history is unreadable by anyone)",
-                tenant=tenant,
-                key=key,
-            )
-        return found.data_key
-
     async def _check_plaintext(self, tenant: str, key: str, stored: datetime) -> None:
         """Accept an unsealed object only if stored no later than the tenant's data key."""
-        found = await self.data_key(tenant, create=False)
+        found = await self.keys.get(tenant, create=False)
         if found is not None and stored > found.since:
             raise DecryptionError(
                 f"tenant {tenant}: {key} is not encrypted, yet was stored after the tenant's "
@@ -293,7 +151,7 @@ class EncryptedBucket:
     # -- small objects ---------------------------------------------------------------------
 
     async def _seal(self, tenant: str, key: str, kind: Kind, generation: int, body: bytes) -> bytes:
-        data_key = (await self.data_key(tenant, create=True)).data_key
+        data_key = (await self.keys.get(tenant, create=True)).data_key
         ctx = ObjectContext(tenant, key, generation, kind)
         if len(body) <= _INLINE_CRYPTO:
             return seal_bytes(data_key, ctx, body)
@@ -306,7 +164,7 @@ class EncryptedBucket:
         if not is_sealed(body):
             await self._check_plaintext(tenant, what, stored)
             return body
-        data_key = await self._opening_key(tenant, what)
+        data_key = await self.keys.opening(tenant, what)
         ctx = ObjectContext(tenant, key, generation, "segment")
         try:
             if len(body) <= _INLINE_CRYPTO:
@@ -414,8 +272,8 @@ class EncryptedBucket:
     async def delete(self, key: str, *, if_match: str | None = None) -> None:
         """See ``Bucket.delete``; deleting a key object forgets its cached key."""
         tenant = _place(self.prefix, key)[0]
-        if key == self.key_object(tenant):
-            self.forget(tenant)
+        if key == self.keys.key_object(tenant):
+            self.keys.forget(tenant)
         await self.inner.delete(key, if_match=if_match)
 
     async def list(self, prefix: str) -> list[ObjectInfo]:
@@ -439,7 +297,7 @@ class EncryptedBucket:
             if max_size is not None and info.size > max_size:
                 raise ObjectTooLargeError(key=key, size=info.size, limit=max_size)
             return info
-        data_key = await self._opening_key(tenant, key)
+        data_key = await self.keys.opening(tenant, key)
         try:
             length = await asyncio.to_thread(open_file_in_place, data_key, ctx, dest)
         except Refused as exc:
@@ -456,7 +314,7 @@ class EncryptedBucket:
         if ctx is None:
             return await self.inner.upload_file(key, src, if_none_match=if_none_match)
         tenant = ctx.tenant
-        data_key = (await self.data_key(tenant, create=True)).data_key
+        data_key = (await self.keys.get(tenant, create=True)).data_key
         # A dot name ending .tmp: remove_stray_temp_files takes it if a crash leaves it.
         sealed = src.with_name(f".{src.name}.{uuid.uuid4().hex}.sealed.tmp")
         try:

@@ -328,7 +328,7 @@ async def test_deleting_the_data_key_makes_the_whole_history_unreadable(backend:
 async def test_racing_creators_of_a_data_key_end_with_the_same_one(backend: Backend) -> None:
     first, second = backend.encrypted(), backend.encrypted()
     found = await asyncio.gather(
-        *(b.data_key("acme", create=True) for b in (first, second, first, second))
+        *(b.keys.get("acme", create=True) for b in (first, second, first, second))
     )
     assert all(f is not None for f in found)
     key = segment("acme", 1)
