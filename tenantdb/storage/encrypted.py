@@ -58,9 +58,10 @@ __all__ = ["EncryptedBucket"]
 
 _SEGMENT = re.compile(r"log/(\d{1,12})/[0-9-]{1,40}\.seg")
 _SNAPSHOT = re.compile(r"snapshots/(\d{1,12})-[0-9a-f-]{1,200}\.sqlite3")
-# Bodies up to this are sealed and opened on the event loop: AES-GCM takes about 1 ms per
-# MiB, less than a hop to a worker thread costs on a busy machine.
-_INLINE_CRYPTO = 64 * 1024
+# Bodies up to this (most segments) are sealed and opened on the event loop: sealing (AES-GCM
+# and the nonce's BLAKE2b) takes about 2.5 ms per MiB, so under 1 ms here, less than a hop
+# to a worker thread and back costs on a busy machine.
+_INLINE_CRYPTO = 256 * 1024
 # lock.json carries at most 24 KiB of segments of at least 102 bytes, and 1000 runs.
 _MAX_INLINE = 256
 _MAX_RUNS = 1000
