@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
+import hmac
 import os
 import re
 import struct
@@ -186,7 +186,7 @@ class DataKey:
     @classmethod
     def of(cls, tenant: str, raw: bytes) -> DataKey:
         """The data key ``raw`` (32 bytes) of ``tenant``."""
-        nonce_key = hashlib.blake2b(raw, digest_size=32, person=b"tenantdb-nonce1").digest()
+        nonce_key = hmac.new(raw, b"tenantdb/nonce/1", "sha256").digest()
         return cls(tenant, AESGCM(raw), nonce_key)
 
     def __repr__(self) -> str:
@@ -360,10 +360,11 @@ def _synthetic_nonce(key: DataKey, ctx: ObjectContext, plaintext: bytes) -> byte
     segment a new holder uploads from lock.json, equals what was carried). Different bytes
     get prefixes as unlikely to collide as random ones (2^-64 a pair).
     """
-    mac = hashlib.blake2b(key=key.nonce_key, digest_size=8)
+    # HMAC-SHA256: twice as fast as BLAKE2b where SHA has CPU instructions (x86, ARM).
+    mac = hmac.new(key.nonce_key, digestmod="sha256")
     mac.update(_fields(ctx.tenant, ctx.key, ctx.kind) + struct.pack(">Q", ctx.generation))
     mac.update(plaintext)
-    return mac.digest()
+    return mac.digest()[:8]
 
 
 def seal_bytes(key: DataKey, ctx: ObjectContext, plaintext: bytes) -> bytes:

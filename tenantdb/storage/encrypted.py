@@ -59,7 +59,7 @@ __all__ = ["EncryptedBucket"]
 _SEGMENT = re.compile(r"log/(\d{1,12})/[0-9-]{1,40}\.seg")
 _SNAPSHOT = re.compile(r"snapshots/(\d{1,12})-[0-9a-f-]{1,200}\.sqlite3")
 # Bodies up to this (most segments) are sealed and opened on the event loop: sealing (AES-GCM
-# and the nonce's BLAKE2b) takes about 2.5 ms per MiB, so under 1 ms here, less than a hop
+# and the nonce's HMAC) takes about 2.5 ms per MiB, so under 1 ms here, less than a hop
 # to a worker thread and back costs on a busy machine.
 _INLINE_CRYPTO = 256 * 1024
 # lock.json carries at most 24 KiB of segments of at least 102 bytes, and 1000 runs.
