@@ -423,3 +423,21 @@ async def test_settings_with_keys_open_every_bucket_sealed(tmp_path: Path) -> No
             assert (await raw.get(key)).body.startswith(MAGIC)
     plain = dataclasses.replace(settings, encryption_keys=None)
     assert not isinstance(open_bucket(plain), EncryptedBucket)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"not json", "is damaged"),
+        (b'{"format": 1, "tenant": "acme", "kek": "k1", "wrapped": "!!"}', "not base64"),
+        (b"x" * 5000, "5000 bytes, not a key object"),
+    ],
+)
+async def test_a_damaged_key_object_is_refused_naming_it(
+    local: Backend, body: bytes, reason: str
+) -> None:
+    await sealed_tenants(local)
+    await local.raw.put("tenants/acme/key.json", body)
+    with pytest.raises(DataKeyError, match=reason) as raised:
+        await local.encrypted().get(segment("acme", 1))
+    assert raised.value.key == "tenants/acme/key.json"
