@@ -25,6 +25,7 @@ BENCHMARKS = {
     "takeover": "bench.bench_takeover",
     "idle": "bench.bench_idle",
     "fleet": "bench.bench_fleet",
+    "encryption": "bench.bench_encryption",
 }
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
+from tenantdb.crypto import Keyring, parse_keyring
 from tenantdb.errors import ConfigurationError, InvalidTenantError
 from tenantdb.tenants import TENANT_ID_RULE, validate_tenant
 
@@ -198,6 +199,29 @@ def _tenant(env: Mapping[str, str]) -> str | None:
     return None
 
 
+def _keyring(env: Mapping[str, str]) -> Keyring | None:
+    """The key-encryption keys: TENANTDB_ENCRYPTION_KEY or the file TENANTDB_ENCRYPTION_KEY_FILE."""
+    text, file = env.get("TENANTDB_ENCRYPTION_KEY"), env.get("TENANTDB_ENCRYPTION_KEY_FILE")
+    if text is not None and file:
+        raise ConfigurationError(
+            "TENANTDB_ENCRYPTION_KEY and TENANTDB_ENCRYPTION_KEY_FILE are both set: set one",
+            variable="TENANTDB_ENCRYPTION_KEY_FILE",
+        )
+    if text is not None:  # set but empty is a mistake, never "no encryption"
+        return parse_keyring(text, variable="TENANTDB_ENCRYPTION_KEY")
+    if file:
+        try:
+            content = Path(file).read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not ASCII"
+            raise ConfigurationError(
+                f"TENANTDB_ENCRYPTION_KEY_FILE={file!r} cannot be read: {reason or exc}",
+                variable="TENANTDB_ENCRYPTION_KEY_FILE",
+            ) from None
+        return parse_keyring(content, variable="TENANTDB_ENCRYPTION_KEY_FILE")
+    return None
+
+
 # The shortest retention, in lease TTLs (see the check in Settings.__post_init__).
 RETENTION_FLOOR_LEASES = 4
 # The longest lease: a holder that dies unannounced keeps its tenant unserved for one TTL, so
@@ -255,6 +279,8 @@ class Settings:
     # Signs the body proxy's tenantdb-proxied-by header (default: derived from the bucket's
     # secret access key, which every machine of the app has and no client does).
     proxy_secret: Secret | None = None
+    # Encryption at rest: the key-encryption keys (TENANTDB_ENCRYPTION_KEY); None: off.
+    encryption_keys: Keyring | None = None
 
     def __post_init__(self) -> None:
         if self.tenant is not None:
@@ -351,6 +377,7 @@ class Settings:
             "port": int(_number(env, "PORT", 8080, minimum=1, what="a TCP port")),
             "proxy_url": env.get("TENANTDB_PROXY_URL") or "",
             "proxy_secret": Secret(proxy_secret) if proxy_secret else None,
+            "encryption_keys": _keyring(env),
             "metrics_port": _port(env, "TENANTDB_METRICS_PORT", 9091),
             # On Fly, where nothing says otherwise, 0.0.0.0: Fly scrapes metrics there
             # (https://fly.io/docs/monitoring/metrics/, "Instrumentation").

@@ -15,7 +15,10 @@ Every error tenantdb raises on purpose is a ``TenantDBError``::
     │   ├── AccessDeniedError         403: credentials or policy
     │   ├── BucketConfigurationError  no such bucket, bad endpoint, bad key name
     │   │   └── ConditionalWritesIgnoredError  the bucket ignores If-Match / If-None-Match
-    │   └── LocalDiskError            the local disk refused a write (full, read-only)
+    │   ├── LocalDiskError            the local disk refused a write (full, read-only)
+    │   └── EncryptionError           an encrypted tenant's key or object is unusable (tenant)
+    │       ├── DataKeyError          its data key is missing, damaged or under an unknown key
+    │       └── DecryptionError       an object fails authentication: damaged, moved, forged
     ├── LeaseError                    the tenant lease protocol
     │   ├── LeaseHeldError            a live other machine holds the lease
     │   ├── LeaseLostError            fenced: a newer holder exists, stop writing
@@ -55,7 +58,10 @@ __all__ = [
     "CrossRegionLeaseError",
     "DNSLookupError",
     "DataDirLockedError",
+    "DataKeyError",
+    "DecryptionError",
     "DurabilityError",
+    "EncryptionError",
     "IntegrityCheckError",
     "InvalidTenantError",
     "LeaseError",
@@ -175,6 +181,29 @@ class ConditionalWritesIgnoredError(BucketConfigurationError):
 
 class LocalDiskError(StorageError):
     """The local file system refused a write: disk full, read-only, permissions."""
+
+
+class EncryptionError(StorageError):
+    """An encrypted tenant's data key or object cannot be used.
+
+    ``tenant`` is the tenant, ``key`` the object at fault, ``key_id`` the key-encryption
+    key's id when one is involved. Never retried: the same bytes give the same answer.
+    """
+
+    def __init__(
+        self, message: str, *, tenant: str, key: str, key_id: str = "", operation: str = ""
+    ) -> None:
+        self.tenant = tenant
+        self.key_id = key_id
+        super().__init__(message, key=key, operation=operation)
+
+
+class DataKeyError(EncryptionError):
+    """A tenant's wrapped data key is missing, damaged, or wrapped by a key not configured."""
+
+
+class DecryptionError(EncryptionError):
+    """An object fails authentication: damaged, truncated, moved from another key or tenant."""
 
 
 class LeaseError(TenantDBError):

@@ -103,6 +103,7 @@ def test_parser_is_built_from_commands() -> None:
         "dev",
         "doctor",
         "history",
+        "keys",
         "init",
         "machines",
         "migrate",

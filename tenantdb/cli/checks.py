@@ -85,11 +85,17 @@ async def _bucket_checks(
         reachable = await _reachable(bucket, settings)
         if reachable.status != "pass":
             return _without_bucket(reachable)
-        return [
+        results = [
             reachable,
             await _conditional_writes(bucket, settings),
             check_consistency(settings, _tenant_regions(settings, machines)),
         ]
+        if settings.encryption_keys is not None:
+            # Imported here: the keys command builds on these checks' CheckResult.
+            from tenantdb.cli.keys import encryption_check
+
+            results.append(await encryption_check(bucket, settings))
+        return results
 
 
 def _without_bucket(failed: CheckResult) -> list[CheckResult]:

@@ -39,6 +39,7 @@ from tenantdb.cli.common import positive_int as _positive_int
 from tenantdb.cli.common import tenant_arg as _tenant_arg
 from tenantdb.cli.deploy import DEPLOY_COMMANDS
 from tenantdb.cli.doctor import DOCTOR_COMMANDS
+from tenantdb.cli.keys import KEYS_COMMANDS
 from tenantdb.cli.migrate import MIGRATE_COMMANDS
 from tenantdb.cli.move import configure_move
 from tenantdb.cli.query import QUERY_COMMANDS
@@ -439,6 +440,7 @@ COMMANDS: dict[str, Command] = {
     **MIGRATE_COMMANDS,
     **DEPLOY_COMMANDS,
     **DOCTOR_COMMANDS,
+    **KEYS_COMMANDS,
 }
 
 

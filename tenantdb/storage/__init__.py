@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from tenantdb.storage.base import Bucket, ObjectInfo, RetryPolicy, SmallObject
+from tenantdb.storage.encrypted import EncryptedBucket
 from tenantdb.storage.local import LocalBucket
 
 if TYPE_CHECKING:
@@ -32,13 +33,19 @@ def open_bucket(settings: Settings, *, create: bool = True) -> Bucket:
 
     The bucket is not opened yet: use it with ``async with``. With ``create=False`` a
     missing local bucket directory is an error when it opens, not a new empty bucket.
+    With encryption keys set, the tenants' data is sealed and opened at this boundary.
     """
+    bucket: Bucket
     if settings.bucket_name:
         # Imported here so that importing tenantdb never imports aioboto3 for local use.
         from tenantdb.storage.s3 import S3Bucket
 
-        return S3Bucket.from_settings(settings)
-    return LocalBucket(settings.local_bucket_dir, create=create)
+        bucket = S3Bucket.from_settings(settings)
+    else:
+        bucket = LocalBucket(settings.local_bucket_dir, create=create)
+    if settings.encryption_keys is not None:
+        return EncryptedBucket(bucket, settings.encryption_keys, prefix=settings.prefix)
+    return bucket
 
 
 def describe_bucket(settings: Settings) -> str:

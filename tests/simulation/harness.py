@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import random
 import sqlite3
 import time
@@ -23,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tenantdb.config import Settings
+from tenantdb.crypto import parse_keyring
 from tenantdb.errors import TenantDBError
 from tenantdb.machine.database import TenantDB
 from tenantdb.protocol.lockfile import LockRecord
@@ -30,6 +32,8 @@ from tenantdb.replication import pitr
 from tenantdb.replication.history import takeover_key
 from tenantdb.replication.segment import segment_key
 from tenantdb.replication.shipper import carried_segments
+from tenantdb.storage.base import Bucket
+from tenantdb.storage.encrypted import EncryptedBucket
 from tests.simulation import invariants
 from tests.simulation.bucket import BucketView, SimBucket
 from tests.simulation.invariants import InvariantViolated
@@ -39,6 +43,17 @@ __all__ = ["Outcome", "Simulation", "SimulationFailed", "run_schedule"]
 
 TENANT = "acme"
 PREFIX = "tenants/"
+# Set (id:base64), every machine and restore goes through EncryptedBucket: the invariants
+# then hold of sealed objects (`TENANTDB_SIM_ENCRYPTION_KEY=k1:... make simulate`).
+_SIM_KEY = os.environ.get("TENANTDB_SIM_ENCRYPTION_KEY")
+_KEYRING = parse_keyring(_SIM_KEY, variable="TENANTDB_SIM_ENCRYPTION_KEY") if _SIM_KEY else None
+
+
+def _through(view: BucketView) -> Bucket:
+    """The view as a machine opens it: sealed when the simulation runs encrypted."""
+    return view if _KEYRING is None else EncryptedBucket(view, _KEYRING, prefix=PREFIX)
+
+
 LOCK_KEY = f"{PREFIX}{TENANT}/lock.json"
 # Below the 3 s production minimum (set past Settings' check): pauses past the TTL and
 # takeovers after a crash then cost about two seconds, not five.
@@ -112,7 +127,7 @@ class Machine:
         if self.tdb is not None:
             return "already running"
         self.view = self.sim.view(self.name)
-        tdb = TenantDB(self.settings, migrations=MIGRATIONS, bucket=self.view)
+        tdb = TenantDB(self.settings, migrations=MIGRATIONS, bucket=_through(self.view))
         try:
             async with asyncio.timeout(LIFECYCLE_TIMEOUT):
                 await tdb.start(standby=True)
@@ -330,7 +345,8 @@ class Simulation:
         dest.parent.mkdir(exist_ok=True)
         self.outcome.checks["published_objects_present"] += 1
         try:
-            await pitr.restore_at(self.sim.view("operator"), TENANT, dest, prefix=PREFIX, at=at)
+            operator = _through(self.sim.view("operator"))
+            await pitr.restore_at(operator, TENANT, dest, prefix=PREFIX, at=at)
         except Exception as exc:
             kind = invariants.restore_failure_is_named(exc, where)
             self.outcome.events[f"restore {kind}"] += 1

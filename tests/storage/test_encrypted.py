@@ -1,0 +1,461 @@
+"""EncryptedBucket: tenants round-trip sealed on both real backends, and nothing else opens.
+
+Every scenario runs TenantDB (or a restore) on a real bucket (the local one, moto's S3
+server) through the wrapper, and inspects the raw bucket underneath it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import logging
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tenantdb.config import Settings
+from tenantdb.crypto import MAGIC, Keyring, parse_keyring
+from tenantdb.errors import DataKeyError, DecryptionError, ReplicationError
+from tenantdb.fleet.create import create_tenant
+from tenantdb.machine.database import TenantDB
+from tenantdb.replication.pitr import restore_at
+from tenantdb.replication.segment import decode_segment
+from tenantdb.storage import LocalBucket, open_bucket
+from tenantdb.storage.base import Bucket
+from tenantdb.storage.encrypted import EncryptedBucket
+from tests.support.s3_server import s3_client
+from tests.support.servers import MachineProcesses
+
+KEY = base64.b64encode(bytes(range(32))).decode()
+OTHER_KEY = base64.b64encode(bytes(range(1, 33))).decode()
+KEYRING = parse_keyring(f"k1:{KEY}", variable="TENANTDB_ENCRYPTION_KEY")
+PREFIX = "tenants/"
+MARKER = "MARKER-7f3c1e5b-the-apps-secret"
+MIGRATIONS = ["CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)"]
+
+
+@dataclass
+class Backend:
+    raw: Bucket
+    tmp: Path
+
+    def encrypted(self, keyring: Keyring = KEYRING) -> EncryptedBucket:
+        """A fresh wrapper (no cached key), as a new machine has."""
+        return EncryptedBucket(self.raw, keyring, prefix=PREFIX)
+
+    def tenantdb(
+        self, machine: str, *, tenant: str = "acme", bucket: Bucket | None = None
+    ) -> TenantDB:
+        settings = Settings(
+            tenant=tenant,
+            machine_id=machine,
+            data_dir=self.tmp / machine,
+            local_bucket_dir=self.tmp / "unused",
+            lease_ttl=3,
+            checkpoint_interval=0,
+        )
+        return TenantDB(settings, migrations=MIGRATIONS, bucket=bucket or self.encrypted())
+
+
+@pytest.fixture
+def backend(bucket: Bucket, tmp_path: Path) -> Backend:
+    return Backend(bucket, tmp_path)
+
+
+@pytest.fixture
+def local(local_bucket: Bucket, tmp_path: Path) -> Backend:
+    return Backend(local_bucket, tmp_path)
+
+
+async def write_notes(tdb: TenantDB, n: int, text: str = MARKER) -> None:
+    async with tdb.connection() as db:
+        await db.executemany(
+            "INSERT INTO notes (body) VALUES (?)", [(f"{text} {i}",) for i in range(n)]
+        )
+        await db.commit()
+
+
+async def count_notes(tdb: TenantDB) -> int:
+    async with tdb.connection() as db, db.execute("SELECT count(*) FROM notes") as cursor:
+        row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def count_in_file(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("SELECT count(*) FROM notes").fetchone()[0])
+
+
+def readable(key: str, body: bytes) -> bool:
+    """Whether ``body`` shows the marker: in its bytes, or in a segment's inflated pages."""
+    if MARKER.encode() in body:
+        return True
+    if key.endswith(".seg"):
+        try:
+            segment = decode_segment(body, key=key)
+        except ReplicationError:
+            return False
+        return any(MARKER.encode() in page for _, page in segment.pages)
+    if key.endswith("lock.json"):
+        inline = json.loads(body).get("log", {}).get("inline", [])
+        return any(readable(f"{key}.seg", base64.b64decode(item)) for item in inline)
+    return False
+
+
+async def readable_objects(raw: Bucket, tmp: Path) -> list[str]:
+    """Every object of the raw bucket whose bytes show the marker (all of them are read)."""
+    found = []
+    objects = await raw.list("")
+    assert objects
+    for info in objects:
+        dest = tmp / "scan"
+        await raw.download_file(info.key, dest)
+        if readable(info.key, dest.read_bytes()):
+            found.append(info.key)
+    return found
+
+
+@pytest.fixture
+def no_key_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    caplog.set_level(logging.DEBUG)
+    yield
+    for secret in (KEY, OTHER_KEY, bytes(range(32)).hex()):
+        assert secret not in caplog.text
+
+
+@pytest.mark.usefixtures("no_key_in_logs")
+async def test_a_tenant_round_trips_sealed_and_no_object_shows_its_data(backend: Backend) -> None:
+    async with backend.tenantdb("m1") as tdb:
+        await write_notes(tdb, 50)
+        await tdb.sync()
+        record = tdb.lease.record
+        assert record is not None
+        assert record.log is not None
+        assert record.log.inline
+        # While lock.json carries the new segment inline: sealed there too.
+        assert await readable_objects(backend.raw, backend.tmp) == []
+        assert await tdb.checkpoint()  # a snapshot
+        await write_notes(tdb, 5)
+    keys = [info.key for info in await backend.raw.list(PREFIX)]
+    assert "tenants/acme/key.json" in keys
+    assert any(k.endswith(".sqlite3") for k in keys)
+    assert any(k.endswith(".seg") for k in keys)
+    assert await readable_objects(backend.raw, backend.tmp) == []
+    for key in keys:
+        if key.endswith((".seg", ".sqlite3")):
+            assert (await backend.raw.get(key)).body.startswith(MAGIC)
+    async with backend.tenantdb("m2") as tdb:
+        assert await count_notes(tdb) == 55
+
+
+async def test_the_scan_finds_the_marker_when_nothing_is_encrypted(backend: Backend) -> None:
+    """The control: the same scan on an unencrypted tenant finds the marker everywhere."""
+    async with backend.tenantdb("m1", bucket=backend.raw) as tdb:
+        await write_notes(tdb, 50)
+        await tdb.sync()
+        found = await readable_objects(backend.raw, backend.tmp)
+        assert "tenants/acme/lock.json" in found
+        assert await tdb.checkpoint()
+    found = await readable_objects(backend.raw, backend.tmp)
+    assert any(k.endswith(".sqlite3") for k in found)
+
+
+async def test_a_point_in_time_restore_opens_sealed_history(local: Backend) -> None:
+    async with local.tenantdb("m1") as tdb:
+        await write_notes(tdb, 10)
+        await tdb.sync()
+        assert await tdb.checkpoint()
+        await write_notes(tdb, 7)
+        await tdb.sync()
+        await asyncio.sleep(0.05)
+        moment = datetime.now(UTC)
+        await asyncio.sleep(0.05)
+        await write_notes(tdb, 100)
+        await tdb.sync()
+    out = local.tmp / "restored.sqlite3"
+    point = await restore_at(local.encrypted(), "acme", out, prefix=PREFIX, at=moment)
+    assert count_in_file(out) == 17
+    assert point.index >= 2
+    now = await restore_at(local.encrypted(), "acme", out, prefix=PREFIX)
+    assert count_in_file(out) == 117
+    assert now.index >= point.index
+
+
+async def sealed_tenants(backend: Backend) -> None:
+    for tenant in ("acme", "other"):
+        async with backend.tenantdb(f"m-{tenant}", tenant=tenant) as tdb:
+            await write_notes(tdb, 3)
+            await tdb.sync()
+            await write_notes(tdb, 3)
+            await tdb.sync()
+            assert await tdb.checkpoint()
+
+
+def segment(tenant: str, index: int) -> str:
+    return f"{PREFIX}{tenant}/log/00000001/{index:012d}.seg"
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [(segment("acme", 2), segment("other", 2)), (segment("acme", 1), segment("acme", 2))],
+    ids=["from-another-tenant", "to-another-key"],
+)
+async def test_an_object_moved_into_another_place_is_refused_naming_its_key(
+    backend: Backend, source: str, target: str
+) -> None:
+    await sealed_tenants(backend)
+    moved = (await backend.raw.get(source)).body
+    await backend.raw.put(target, moved)
+    with pytest.raises(DecryptionError, match=f"{target} is refused") as raised:
+        await backend.encrypted().get(target)
+    assert raised.value.key == target
+
+
+async def current_snapshot(bucket: Bucket, tenant: str) -> str:
+    lock = json.loads((await bucket.get(f"{PREFIX}{tenant}/lock.json")).body)
+    return str(lock["snapshot"]["key"])
+
+
+async def test_a_snapshot_copied_over_another_tenants_stops_its_restore(backend: Backend) -> None:
+    await sealed_tenants(backend)
+    theirs, ours = (
+        await current_snapshot(backend.raw, "acme"),
+        await current_snapshot(backend.raw, "other"),
+    )
+    dest = backend.tmp / "copy"
+    await backend.raw.download_file(theirs, dest)
+    await backend.raw.delete(ours)
+    await backend.raw.upload_file(ours, dest)
+    with pytest.raises(DecryptionError, match=f"tenant other: {ours} is refused"):
+        await restore_at(backend.encrypted(), "other", backend.tmp / "r.sqlite3", prefix=PREFIX)
+
+
+async def test_a_key_object_copied_from_another_tenant_is_refused(backend: Backend) -> None:
+    await sealed_tenants(backend)
+    wrapped = json.loads((await backend.raw.get("tenants/acme/key.json")).body)
+    wrapped["tenant"] = "other"  # else it says at once that it is acme's
+    await backend.raw.put("tenants/other/key.json", json.dumps(wrapped).encode())
+    with pytest.raises(DataKeyError, match=r"tenant other: its data key tenants/other/key\.json"):
+        await backend.encrypted().get(segment("other", 1))
+
+
+@pytest.mark.parametrize("position", [0, 40, -1])
+async def test_a_flipped_byte_in_a_snapshot_stops_the_restore_naming_its_key(
+    local: Backend, position: int
+) -> None:
+    async with local.tenantdb("m1") as tdb:
+        await write_notes(tdb, 20)
+        assert await tdb.checkpoint()
+    snapshot = next(i.key for i in await local.raw.list(PREFIX) if i.key.endswith(".sqlite3"))
+    body = bytearray((await local.raw.get(snapshot)).body)
+    body[position] ^= 0x40
+    await local.raw.put(snapshot, bytes(body))
+    tdb = local.tenantdb("m2")
+    with pytest.raises(DecryptionError, match=snapshot):
+        await tdb.start(standby=False)
+
+
+async def test_a_truncated_segment_is_refused_naming_its_key(local: Backend) -> None:
+    await sealed_tenants(local)
+    key = segment("acme", 2)
+    await local.raw.put(key, (await local.raw.get(key)).body[:-5])
+    with pytest.raises(DecryptionError, match=f"{key} is refused: .*truncated"):
+        await local.encrypted().get(key)
+
+
+@pytest.mark.usefixtures("no_key_in_logs")
+async def test_a_wrong_key_fails_the_start_in_one_line_naming_tenant_and_key_id(
+    local: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with local.tenantdb("m1") as tdb:
+        await write_notes(tdb, 5)
+    wrong = parse_keyring(f"k1:{OTHER_KEY}", variable="TENANTDB_ENCRYPTION_KEY")
+    tdb = local.tenantdb("m2", bucket=local.encrypted(wrong))
+    with pytest.raises(DataKeyError) as raised:
+        await tdb.start(standby=False)
+    message = str(raised.value)
+    assert "tenant acme" in message
+    assert "key id 'k1'" in message
+    assert "\n" not in message
+    assert raised.value.key_id == "k1"
+    # A machine (standby allowed) keeps the lease, says why, and never serves an empty tenant.
+    # (lock.json carrying sealed segments stops it before the lease is even taken).
+    machine = local.tenantdb("m3", bucket=local.encrypted(wrong))
+    try:
+        await machine.start()
+    except DataKeyError as exc:
+        failure = str(exc)
+    else:
+        try:
+            assert not machine.serving
+            assert machine.problem is not None
+            failure = machine.problem
+        finally:
+            await machine.stop()
+    assert "key id 'k1'" in failure
+    unknown = parse_keyring(f"k2:{KEY}", variable="TENANTDB_ENCRYPTION_KEY")
+    with pytest.raises(DataKeyError, match="key id 'k1', which is not configured"):
+        await local.tenantdb("m4", bucket=local.encrypted(unknown)).start(standby=False)
+
+
+async def test_deleting_the_data_key_makes_the_whole_history_unreadable(backend: Backend) -> None:
+    async with backend.tenantdb("m1") as tdb:
+        await write_notes(tdb, 10)
+        await tdb.sync()
+        assert await tdb.checkpoint()
+        await write_notes(tdb, 10)
+    await backend.raw.delete("tenants/acme/key.json")
+    with pytest.raises(DataKeyError, match=r"tenants/acme/key\.json does not exist") as raised:
+        await restore_at(backend.encrypted(), "acme", backend.tmp / "r.sqlite3", prefix=PREFIX)
+    assert raised.value.tenant == "acme"
+    with pytest.raises(DataKeyError, match="history is unreadable"):
+        await backend.tenantdb("m2").start(standby=False)
+    # The failed start made no new key (nor an empty tenant), and nothing shows the data.
+    keys = [info.key for info in await backend.raw.list(PREFIX)]
+    assert "tenants/acme/key.json" not in keys
+    assert await readable_objects(backend.raw, backend.tmp) == []
+
+
+async def test_racing_creators_of_a_data_key_end_with_the_same_one(backend: Backend) -> None:
+    first, second = backend.encrypted(), backend.encrypted()
+    found = await asyncio.gather(
+        *(b.keys.get("acme", create=True) for b in (first, second, first, second))
+    )
+    assert all(f is not None for f in found)
+    key = segment("acme", 1)
+    await first.put(key, b"a segment's bytes", if_none_match="*")
+    assert (await second.get(key)).body == b"a segment's bytes"
+    assert (await backend.encrypted().get(key)).body == b"a segment's bytes"
+
+
+async def test_plaintext_from_before_encryption_stays_readable_and_later_plaintext_is_not(
+    local: Backend,
+) -> None:
+    async with local.tenantdb("m1", bucket=local.raw) as tdb:
+        await write_notes(tdb, 4)
+    async with local.tenantdb("m2") as tdb:  # encryption turned on
+        assert await count_notes(tdb) == 4
+        await write_notes(tdb, 4)
+        await tdb.sync()
+    async with local.tenantdb("m3") as tdb:
+        assert await count_notes(tdb) == 8
+    forged = segment("acme", 99)
+    await local.raw.put(forged, b"TDBSEG\r\n plaintext written after the key")
+    with pytest.raises(DecryptionError, match=f"{forged} is not encrypted"):
+        await local.encrypted().get(forged)
+
+
+async def test_sizes_are_the_plaintexts_for_snapshots(local: Backend) -> None:
+    async with local.tenantdb("m1") as tdb:
+        await write_notes(tdb, 20)
+        assert await tdb.checkpoint()
+    encrypted = local.encrypted()
+    (snapshot,) = [i for i in await encrypted.list(PREFIX) if i.key.endswith(".sqlite3")]
+    raw = await local.raw.head(snapshot.key)
+    assert raw.size > snapshot.size
+    assert snapshot.size % 512 == 0
+    assert (await encrypted.head(snapshot.key)).size == snapshot.size
+    dest = local.tmp / "snap"
+    info = await encrypted.download_file(snapshot.key, dest, max_size=snapshot.size)
+    assert info.size == dest.stat().st_size == snapshot.size
+
+
+def test_a_machine_with_the_wrong_key_says_which_and_never_serves_the_tenant(
+    tmp_path: Path, s3_settings_env: dict[str, str]
+) -> None:
+    """Through the environment (TENANTDB_ENCRYPTION_KEY), real uvicorn machines, moto S3."""
+    app = "tests.support.apps:starlette_app"
+    env = {**s3_settings_env, "TENANTDB_LEASE_TTL": "3", "TENANTDB_ENCRYPTION_KEY": f"k1:{KEY}"}
+    with MachineProcesses(tmp_path) as machines:
+        good = machines.start(app, "m1", "acme", env)
+        assert httpx.get(f"{good.url}/customers/acme", timeout=10).status_code == 200
+        assert good.stop() in (0, -15)  # uvicorn re-raises the signal after its shutdown
+        client = s3_client(env["AWS_ENDPOINT_URL_S3"])
+        listed = client.list_objects_v2(Bucket=env["BUCKET_NAME"])["Contents"]
+        assert "tenants/acme/key.json" in {item["Key"] for item in listed}
+        wrong = {**env, "TENANTDB_ENCRYPTION_KEY": f"k1:{OTHER_KEY}"}
+        bad = machines.start(app, "m2", "acme", wrong, ready=False)
+        deadline = time.monotonic() + 30
+        while "key id 'k1'" not in bad.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = bad.log()
+        assert "tenant acme: its data key tenants/acme/key.json cannot be unwrapped" in log
+        assert "Traceback" not in log
+        for secret in (KEY, OTHER_KEY):
+            assert secret not in log
+        # With sealed segments inline in lock.json it fails its startup (exits non-zero);
+        # else it holds the lease and answers 503 with the reason. Never 200.
+        try:
+            assert bad.proc.wait(timeout=10) != 0
+        except subprocess.TimeoutExpired:
+            assert httpx.get(f"{bad.url}/customers/acme", timeout=10).status_code == 503
+
+
+async def test_settings_with_keys_open_every_bucket_sealed(tmp_path: Path) -> None:
+    """The one seam: ``open_bucket`` wraps the bucket the settings name."""
+    settings = Settings(
+        tenant="acme",
+        machine_id="m1",
+        data_dir=tmp_path / "m1",
+        local_bucket_dir=tmp_path / "bucket",
+        lease_ttl=3,
+        checkpoint_interval=0,
+        encryption_keys=KEYRING,
+    )
+    assert isinstance(open_bucket(settings), EncryptedBucket)
+    async with TenantDB(settings, migrations=MIGRATIONS) as tdb:
+        await write_notes(tdb, 5)
+        await tdb.sync()
+        assert await tdb.checkpoint()
+    async with LocalBucket(tmp_path / "bucket") as raw:
+        keys = [i.key for i in await raw.list(PREFIX) if i.key.endswith((".seg", ".sqlite3"))]
+        assert keys
+        for key in keys:
+            assert (await raw.get(key)).body.startswith(MAGIC)
+    plain = dataclasses.replace(settings, encryption_keys=None)
+    assert not isinstance(open_bucket(plain), EncryptedBucket)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"not json", "is damaged"),
+        (b'{"format": 1, "tenant": "acme", "kek": "k1", "wrapped": "!!"}', "not base64"),
+        (b"x" * 5000, "5000 bytes, not a key object"),
+    ],
+)
+async def test_a_damaged_key_object_is_refused_naming_it(
+    local: Backend, body: bytes, reason: str
+) -> None:
+    await sealed_tenants(local)
+    await local.raw.put("tenants/acme/key.json", body)
+    with pytest.raises(DataKeyError, match=reason) as raised:
+        await local.encrypted().get(segment("acme", 1))
+    assert raised.value.key == "tenants/acme/key.json"
+
+
+async def test_a_fork_of_a_sealed_tenant_is_sealed_under_its_own_key_and_equals_its_source(
+    backend: Backend,
+) -> None:
+    async with backend.tenantdb("m1") as tdb:
+        await write_notes(tdb, 20)
+        assert await tdb.checkpoint()  # the fork copies this snapshot
+        await write_notes(tdb, 3)
+    await create_tenant(backend.encrypted(), "fork", prefix=PREFIX, lease_ttl=3, source="acme")
+    keys = [info.key for info in await backend.raw.list(f"{PREFIX}fork/")]
+    assert f"{PREFIX}fork/key.json" in keys
+    assert any(k.endswith(".sqlite3") for k in keys)
+    assert await readable_objects(backend.raw, backend.tmp) == []
+    # Sealed for the fork: its data key, not the source's, opens the copied snapshot.
+    async with backend.tenantdb("m2", tenant="fork") as tdb:
+        assert await count_notes(tdb) == 23
