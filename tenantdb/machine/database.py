@@ -20,7 +20,7 @@ from typing import Any, Self, get_args
 
 import aiosqlite
 
-from tenantdb import logs
+import tenantdb.logs as logs
 from tenantdb.config import Settings
 from tenantdb.connections.pool import ConnectionPool
 from tenantdb.errors import ConfigurationError, LeaseHeldError, TenantDBError

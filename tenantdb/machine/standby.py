@@ -13,7 +13,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 
-from tenantdb import logs
+import tenantdb.logs as logs
 from tenantdb.errors import LeaseHeldError, LockFileCorruptError, TenantDBError
 from tenantdb.machine.context import Machine, MachineRole
 from tenantdb.machine.local_data import local_generation, mark_generation
