@@ -9,16 +9,29 @@ objects, and each merge uploads only the distinct pages of what it replaces.
 
 from __future__ import annotations
 
-from tenantdb.errors import ReplicationError
-from tenantdb.protocol.lockfile import LogChunk, LogPointer
-from tenantdb.replication.segment import Segment, SegmentHeader, decode_segment, encode_segment
+import asyncio
 
-__all__ = ["MERGE_FANOUT", "MERGE_SINGLES", "merge_segments", "next_merge"]
+from tenantdb.errors import LeaseLostError, ReplicationError
+from tenantdb.protocol.lease import Lease
+from tenantdb.protocol.lockfile import LogChunk, LogPointer
+from tenantdb.replication.segment import (
+    Segment,
+    SegmentHeader,
+    chunk_key,
+    decode_segment,
+    encode_segment,
+)
+from tenantdb.replication.uploads import put_log_object
+
+__all__ = ["MERGE_FANOUT", "MERGE_SINGLES", "Compactor", "merge_segments", "next_merge"]
 
 # Single segments are merged into one object once this many follow the merged ones.
 MERGE_SINGLES = 16
 # Merged objects of one level become one of the next level once this many are in a row.
 MERGE_FANOUT = 4
+# Bytes of the log objects this holder wrote kept in memory, so that merges need not
+# download them (a segment is at most MAX_FRAMES_PER_SEGMENT pages).
+RECENT_BYTES = 16 << 20
 
 
 def next_merge(pointer: LogPointer) -> tuple[int, int] | None:
@@ -79,3 +92,72 @@ def merge_segments(
         commits=sum(s.header.commits for s in segments),
     )
     return encode_segment(Segment(header, tuple(sorted(pages.items()))))
+
+
+def chunks_within(log: LogPointer, first: int, last: int) -> list[LogChunk]:
+    """The log's objects from index ``first`` to ``last``."""
+    return [c for c in log.chunks() if first <= c.first and c.last <= last]
+
+
+class Compactor:
+    """Runs one holder's merges, keeping the bytes of the log objects it wrote recently."""
+
+    def __init__(self, lease: Lease, *, prefix: str) -> None:
+        self.lease = lease
+        self.prefix = prefix
+        self._recent: dict[str, bytes] = {}  # see remember
+        self._recent_bytes = 0
+
+    def remember(self, key: str, body: bytes) -> None:
+        """Keep a published log object's bytes for the merge that will read it."""
+        self._recent[key] = body
+        self._recent_bytes += len(body)
+        while self._recent_bytes > RECENT_BYTES:
+            self._recent_bytes -= len(self._recent.pop(next(iter(self._recent))))
+
+    async def merge_next(self, log: LogPointer) -> bool:
+        """Merge the range ``next_merge`` plans for ``log``; False when there is none.
+
+        Runs beside shipping, not under the shipper's lock: the merge's CAS applies to the
+        log as it is by then, segments appended meanwhile included.
+        """
+        span = next_merge(log)
+        if span is None:
+            return False
+        await self._merge(log, *span)
+        return True
+
+    async def _merge(self, log: LogPointer, first: int, last: int) -> None:
+        """Replace the log objects from ``first`` to ``last`` by one with their newest pages."""
+        record = self.lease.record
+        if record is None:
+            raise LeaseLostError("the lease is not held", tenant=self.lease.tenant)
+        tenant, generation = self.lease.tenant, record.generation
+        chunks = chunks_within(log, first, last)
+        keys = [chunk_key(self.prefix, tenant, chunk) for chunk in chunks]
+        bodies = await asyncio.gather(*(self._log_object(key) for key in keys))
+        body = await asyncio.to_thread(
+            merge_segments, list(zip(keys, bodies, strict=True)), chunks, tenant, generation
+        )
+        merged = LogChunk(first, last, generation, merged=True)
+        merged_key = chunk_key(self.prefix, tenant, merged)
+        await put_log_object(self.lease.bucket, merged_key, body)
+
+        def replace_chunks(log: LogPointer | None) -> LogPointer:
+            if log is not None and merged in log.chunks():
+                return log  # our own write of it landed unheard, and was adopted
+            if log is None or chunks_within(log, first, last) != chunks:
+                raise ReplicationError(f"the log changed under the merge of {first}..{last}")
+            return log.with_merged(first, last, generation)
+
+        await self.lease.update_log(replace_chunks)
+        for key in keys:
+            self._recent_bytes -= len(self._recent.pop(key, b""))
+        self.remember(merged_key, body)
+
+    async def _log_object(self, key: str) -> bytes:
+        """A log object's bytes: kept from when this holder wrote it, else downloaded."""
+        body = self._recent.get(key)
+        if body is None:
+            body = (await self.lease.bucket.get(key)).body
+        return body
