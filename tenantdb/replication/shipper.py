@@ -278,10 +278,11 @@ class Shipper:
                 # One segment per interval, more only while a backlog is being worked off.
                 while await self.ship_once() and self._backlog:
                     pass
-                await self._compact()
+                # A new base first: a merge of what it would hold is bytes for nothing.
                 if self._snapshot_due(snapshot_interval):
                     async with self._lock:
                         await self._snapshot()
+                await self._compact()
                 await self._checkpoint_if_large()
             except LeaseLostError:
                 return
@@ -306,7 +307,13 @@ class Shipper:
     def _snapshot_due(self, every: float) -> bool:
         pointer = self._log()
         too_long = len(pointer.chunks()) >= MAX_CHUNKS
-        return too_long or (every > 0 and time.monotonic() - self._snapshot_at >= every)
+        outgrew = self.compactor.log_outgrew(pointer, self._db_bytes())
+        return too_long or outgrew or (every > 0 and time.monotonic() - self._snapshot_at >= every)
+
+    def _db_bytes(self) -> int:
+        """The database's size as the log has it (what a snapshot would upload)."""
+        hashes = self._hashes
+        return 0 if hashes is None else hashes.db_pages * hashes.page_size
 
     def _log(self) -> LogPointer:
         """The log as lock.json has it; a lock without one gets a log on its snapshot."""
@@ -408,7 +415,7 @@ class Shipper:
     async def _compact(self) -> None:
         """Merge log objects as ``compaction.next_merge`` plans: a restore stays short."""
         while self._hashes is not None and not self._needs_snapshot:
-            if not await self.compactor.merge_next(self._log()):
+            if not await self.compactor.merge_next(self._log(), self._db_bytes()):
                 return
             self.garbage.garbage_made()
 
