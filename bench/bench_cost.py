@@ -7,7 +7,8 @@ worktree, put first on the child's ``PYTHONPATH``). Three measurements, each var
 
 1. **Bytes per minute** at each ``--sizes`` MiB: the tenant grows through its log (1 MiB
    random blobs, one segment each, the daily snapshot default: no snapshot to start from),
-   then ``--rate`` small writes/s (an increment of one of 100 counters) for ``--seconds``.
+   the shipper finishes what the growth left (merges, snapshots: reported apart), then
+   ``--rate`` small writes/s (an increment of one of 100 counters) for ``--seconds``.
    Every byte sent is counted (``lock.json`` included). Printed: the bytes per minute as a
    share of the database, without and with the snapshots taken (at most one is due: the
    log since the base outgrew the database), and against the distinct changed pages (the
@@ -93,6 +94,27 @@ async def tail(tdb: Any) -> int:
     return record.log.tail if record is not None and record.log is not None else 0
 
 
+async def settle(endpoint: str, quiet: float = 5.0, longest: float = 180.0) -> dict[str, Any]:
+    """Wait until the shipper wrote no log object nor snapshot for ``quiet`` seconds: what
+    the growth left to do (merges, snapshots) is done. Return what it sent meanwhile."""
+    started = time.monotonic()
+    seen = requests(endpoint)
+    while time.monotonic() - started < longest:
+        await asyncio.sleep(quiet)
+        more = requests(endpoint)
+        seen += more
+        if not any(r.method in ("PUT", "POST") and "/log/" in r.path for r in more) and not any(
+            "/snapshots/" in r.path for r in more
+        ):
+            break
+    snapshots = {r.path for r in seen if r.method == "PUT" and "/snapshots/" in r.path}
+    return {
+        "seconds": time.monotonic() - started,
+        "bytes": sent_bytes(seen),
+        "snapshots": len(snapshots),
+    }
+
+
 async def bytes_per_minute(
     env: dict[str, str], work: Path, size_mib: int, rate: float, seconds: float
 ) -> dict[str, Any]:
@@ -109,7 +131,7 @@ async def bytes_per_minute(
                 await db.execute("INSERT INTO blobs (body) VALUES (randomblob(1048576))")
                 await db.commit()
             await tdb.sync()
-        requests(endpoint)
+        settled = await settle(endpoint)
         first = await tail(tdb)
         started = time.monotonic()
         writes = await steady(tdb, rate, seconds)
@@ -117,7 +139,7 @@ async def bytes_per_minute(
         minutes = (time.monotonic() - started) / 60
         seen = requests(endpoint)
         db_bytes = tdb.path.stat().st_size
-        snapshots = [r.body_bytes for r in seen if r.method == "PUT" and "/snapshots/" in r.path]
+        snapshots = [r for r in seen if r.method == "PUT" and "/snapshots/" in r.path]
         lock = sum(r.body_bytes for r in seen if r.method == "PUT" and r.path.endswith("lock.json"))
         objects = [r for r in seen if r.method == "PUT" and "/log/" in r.path]
         changed = 0
@@ -137,8 +159,9 @@ async def bytes_per_minute(
         "writes": writes,
         "minutes": minutes,
         "total": total / minutes,
-        "snapshots": sum(snapshots) / minutes,
-        "snapshot_count": len(snapshots),
+        "snapshots": sum(r.body_bytes for r in snapshots) / minutes,
+        "snapshot_count": len({r.path for r in snapshots}),
+        "settle": settled,
         "lock": lock / minutes,
         "largest_object": max((r.body_bytes for r in objects), default=0),
         "changed": changed / minutes,
@@ -254,6 +277,11 @@ def report(name: str, result: Any, args: argparse.Namespace) -> None:
             f"{share(steady, b['db_bytes'])}; distinct changed pages {b['changed'] / MiB:.3f} MiB "
             f"(sent/changed without snapshots {steady / max(b['changed'], 1):.2f}x); largest "
             f"log object {b['largest_object'] / MiB:.3f} MiB; {b['requests']:.0f} requests/min"
+        )
+        print(
+            f"    (after the growth, before the writes: {b['settle']['seconds']:.0f} s until "
+            f"the shipper was quiet, {b['settle']['bytes'] / MiB:.1f} MiB sent, "
+            f"{b['settle']['snapshots']} snapshot(s))"
         )
     writes = ", ".join(f"{n} writers {v:.3f}" for n, v in result["per_write"].items())
     print(f"  requests per write in bucket durability: {writes}")
