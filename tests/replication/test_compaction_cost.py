@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tenantdb.machine.database import TenantDB
+from tenantdb.protocol.lockfile import LogPointer
 from tenantdb.replication import compaction
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.shipper import Shipper
@@ -132,3 +133,23 @@ async def test_every_moment_of_a_tenant_grown_through_its_log_restores_exactly(
     out = tmp_path / "now.sqlite3"
     await restore_at(bucket, "acme", out, prefix=PREFIX, at=now())
     assert read_rows(out) == recorder.rows
+
+
+def test_a_group_holding_a_sealed_object_is_not_merged_but_the_objects_above_it_are() -> None:
+    log = LogPointer(
+        base=1,
+        tail=39,
+        state="0" * 16,
+        db_pages=10,
+        runs=((1, 37),),
+        merged=((1, 16, 1), (17, 20, 1), (21, 24, 1), (25, 28, 1), (29, 32, 1), (33, 36, 1)),
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compaction, "MERGE_SINGLES", 4)
+        patch.setattr(compaction, "MERGE_FANOUT", 2)
+        # The newest two merged objects are of one level: merged, whatever lies below.
+        assert compaction.next_merge(log, heavy=[1]) == (29, 36)
+        assert compaction.next_merge(log, heavy=[29]) is None
+        sealed_below = LogPointer(1, 36, "0" * 16, 10, (), merged=((1, 16, 1), (17, 32, 1)))
+        assert compaction.next_merge(sealed_below) == (1, 32)
+        assert compaction.next_merge(sealed_below, heavy=[1]) is None
