@@ -150,6 +150,6 @@ def test_a_group_holding_a_sealed_object_is_not_merged_but_the_objects_above_it_
         # The newest two merged objects are of one level: merged, whatever lies below.
         assert compaction.next_merge(log, heavy=[1]) == (29, 36)
         assert compaction.next_merge(log, heavy=[29]) is None
-        sealed_below = LogPointer(1, 36, "0" * 16, 10, (), merged=((1, 16, 1), (17, 32, 1)))
+        sealed_below = LogPointer(1, 32, "0" * 16, 10, (), merged=((1, 16, 1), (17, 32, 1)))
         assert compaction.next_merge(sealed_below) == (1, 32)
         assert compaction.next_merge(sealed_below, heavy=[1]) is None
