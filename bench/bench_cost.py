@@ -56,7 +56,7 @@ WRITERS = (1, 8, 32)
 
 def requests(endpoint: str) -> list[Request]:
     """The requests the server received since the last call (which resets them)."""
-    with urllib.request.urlopen(f"{endpoint}{CONTROL_PATH}?reset=1", timeout=60) as response:
+    with urllib.request.urlopen(f"{endpoint}{CONTROL_PATH}?reset=1", timeout=600) as response:
         return [Request(**item) for item in json.load(response)]
 
 
