@@ -7,8 +7,9 @@ worktree, put first on the child's ``PYTHONPATH``). Three measurements, each var
 
 1. **Bytes per minute** at each ``--sizes`` MiB: the tenant grows through its log (1 MiB
    random blobs, one segment each, the daily snapshot default: no snapshot to start from),
-   the shipper finishes what the growth left (merges, snapshots: reported apart), then
-   ``--rate`` small writes/s (an increment of one of 100 counters) for ``--seconds``.
+   the shipper finishes what the growth left (merges, snapshots) and ``--warmup`` seconds of
+   the writes run unmeasured (both reported apart), then ``--rate`` small writes/s (an
+   increment of one of 100 counters) for ``--seconds``.
    Every byte sent is counted (``lock.json`` included). Printed: the bytes per minute as a
    share of the database, without and with the snapshots taken (at most one is due: the
    log since the base outgrew the database), and against the distinct changed pages (the
@@ -116,7 +117,7 @@ async def settle(endpoint: str, quiet: float = 5.0, longest: float = 180.0) -> d
 
 
 async def bytes_per_minute(
-    env: dict[str, str], work: Path, size_mib: int, rate: float, seconds: float
+    env: dict[str, str], work: Path, size_mib: int, rate: float, seconds: float, warmup: float
 ) -> dict[str, Any]:
     from tenantdb.machine.database import TenantDB
     from tenantdb.replication.segment import decode_segment
@@ -132,6 +133,10 @@ async def bytes_per_minute(
                 await db.commit()
             await tdb.sync()
         settled = await settle(endpoint)
+        # The growth's last singles are merged once the small writes' push them over
+        # MERGE_SINGLES: part of the growth's cost, sent in this warm-up, reported apart.
+        await steady(tdb, rate, warmup)
+        settled["warmup"] = sent_bytes(requests(endpoint))
         first = await tail(tdb)
         started = time.monotonic()
         writes = await steady(tdb, rate, seconds)
@@ -219,7 +224,7 @@ async def child(args: argparse.Namespace) -> None:
         work = Path(tmp)
         result: dict[str, Any] = {"tenantdb": str(Path(tenantdb.__file__).parent.parent)}
         result["bytes"] = {
-            str(size): await bytes_per_minute(env, work, size, args.rate, args.seconds)
+            str(size): await bytes_per_minute(env, work, size, args.rate, args.seconds, args.warmup)
             for size in args.sizes
         }
         result["per_write"] = {
@@ -251,7 +256,7 @@ def run_variant(s3: S3Server, bucket: str, root: Path, args: argparse.Namespace)
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--sizes"]
     argv += [str(size) for size in args.sizes]
     argv += ["--seconds", str(args.seconds), "--rate", str(args.rate)]
-    argv += ["--write-seconds", str(args.write_seconds)]
+    argv += ["--write-seconds", str(args.write_seconds), "--warmup", str(args.warmup)]
     done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the {root} variant failed:\n{done.stderr[-4000:]}")
@@ -281,7 +286,8 @@ def report(name: str, result: Any, args: argparse.Namespace) -> None:
         print(
             f"    (after the growth, before the writes: {b['settle']['seconds']:.0f} s until "
             f"the shipper was quiet, {b['settle']['bytes'] / MiB:.1f} MiB sent, "
-            f"{b['settle']['snapshots']} snapshot(s))"
+            f"{b['settle']['snapshots']} snapshot(s); then {args.warmup:g} s of the writes "
+            f"unmeasured: {b['settle']['warmup'] / MiB:.1f} MiB sent)"
         )
     writes = ", ".join(f"{n} writers {v:.3f}" for n, v in result["per_write"].items())
     print(f"  requests per write in bucket durability: {writes}")
@@ -295,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--write-seconds", type=float, default=15.0)
+    parser.add_argument("--warmup", type=float, default=30.0)
     parser.add_argument("--baseline", default="66195f7")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
