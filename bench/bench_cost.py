@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import os
 import random
@@ -211,8 +210,6 @@ async def per_sync(env: dict[str, str], work: Path, rate: float, seconds: float)
         await tdb.sync()
         seen = requests(endpoint)
         syncs = await tail(tdb) - first
-    kinds = collections.Counter(f"{r.kind} {r.path.rsplit('/', 1)[-1]}" for r in seen)
-    print(kinds.most_common(8), file=sys.stderr)
     return len(seen) / max(syncs, 1)
 
 
