@@ -26,6 +26,7 @@ BENCHMARKS = {
     "idle": "bench.bench_idle",
     "fleet": "bench.bench_fleet",
     "encryption": "bench.bench_encryption",
+    "cost": "bench.bench_cost",
 }
 
 

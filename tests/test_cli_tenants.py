@@ -217,7 +217,7 @@ async def test_restore_writes_the_tenant_while_it_is_served_and_changes_nothing(
     async with tdb:
         await write(tdb, 3)
         assert tdb._shipper is not None  # segment objects go up behind the answers: let them
-        await asyncio.gather(*tdb._shipper._uploads.values(), return_exceptions=True)
+        await tdb._shipper.uploads.settled()
         before = await snapshot_of_bucket(bucket)
         code, out, err = await run("restore", "acme", "-o", str(dest))
         assert (code, out) == (0, "")

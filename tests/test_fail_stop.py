@@ -328,7 +328,7 @@ async def test_a_snapshot_key_gc_cannot_read_never_stops_log_shipping(
             )
         shipper = tdb._shipper
         assert shipper is not None
-        shipper._next_collection = time.monotonic()  # garbage collection is due now
+        shipper.garbage.next_collection = time.monotonic()  # garbage collection is due now
         await asyncio.sleep(0.5)  # a collection ran into the key (and may have died of it)
         before = (await lock_json(tmp_path))["log"]
         async with tdb.connection() as db:

@@ -13,54 +13,40 @@ is followed only after such a checkpoint, and only when salt-1 proves it is exac
 restart (an app's own checkpoint may add another, whose WAL nobody read); any other
 restart, or a WAL that cannot be read as expected, falls back to a full snapshot rather
 than guessing.
+
+The shipper decides *when*; the work is done by the modules beside it: ``next_segment``
+(the WAL's next commits as a segment), ``uploads`` (log objects in the background),
+``compaction`` (merges), ``checkpoint`` (connections and safe checkpoints),
+``snapshot_copy`` (a consistent copy and its WAL position) and ``garbage`` (collection).
+``Shipper`` stays one class of about 450 lines on purpose: shipping, checkpointing and
+snapshots all move one WAL position under one lock, and the position, the unpublished
+segments and the need for a snapshot must change together in each of them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import sqlite3
 import time
 from collections import deque
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tenantdb.errors import (
-    LeaseLostError,
-    ObjectTooLargeError,
-    PreconditionFailedError,
-    ReplicationError,
-    TenantDBError,
-)
+from tenantdb.errors import LeaseLostError, ReplicationError, TenantDBError
 from tenantdb.metrics import Metrics
 from tenantdb.protocol.lease import Lease
-from tenantdb.protocol.lockfile import INLINE_MAX_BYTES, LockRecord, LogChunk, LogPointer, now_ms
-from tenantdb.protocol.snapshot import copy_database, publish_snapshot, temp_snapshot_path
-from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
-from tenantdb.replication.compaction import merge_segments, next_merge
-from tenantdb.replication.group_commit import GroupCommit, retrieve_exception
-from tenantdb.replication.history import SegmentEntry, SnapshotEntry, read_history
-from tenantdb.replication.segment import (
-    SEGMENT_MAX_BYTES,
-    Segment,
-    SegmentHeader,
-    chunk_key,
-    encode_segment,
-    segment_key,
-)
-from tenantdb.replication.wal import (
-    CommittedPages,
-    WALPosition,
-    WALRestartedError,
-    read_committed,
-    restart_dropped_frames,
-    restarted_once,
-    wal_index_frames,
-    wal_start,
-)
-from tenantdb.storage.base import Bucket
+from tenantdb.protocol.lockfile import INLINE_MAX_BYTES, LogPointer, now_ms
+from tenantdb.protocol.snapshot import publish_snapshot, temp_snapshot_path
+from tenantdb.replication import checkpoint
+from tenantdb.replication.checkpoint import CONNECTION_PRAGMAS, open_connection
+from tenantdb.replication.checksum import PageHashes, format_state
+from tenantdb.replication.compaction import Compactor
+from tenantdb.replication.garbage import GarbageCollector
+from tenantdb.replication.group_commit import GroupCommit
+from tenantdb.replication.next_segment import Built, encode_next, read_next
+from tenantdb.replication.snapshot_copy import MAX_FRAMES_PER_SEGMENT, copy_consistent
+from tenantdb.replication.uploads import LogUploads, carried_segments, put_log_object
+from tenantdb.replication.wal import WALPosition, wal_index_frames, wal_start
 
 __all__ = [
     "CONNECTION_PRAGMAS",
@@ -73,110 +59,13 @@ __all__ = [
 
 log = logging.getLogger("tenantdb.replication")
 
-# Frames read into one segment at most (a transaction longer than this is shipped whole).
-MAX_FRAMES_PER_SEGMENT = 4096
-# Checkpoint once the WAL holds this much shipped data; it restarts from the top after.
-CHECKPOINT_WAL_BYTES = 4 << 20
-# Past this many times CHECKPOINT_WAL_BYTES, writes are held off for one publication so
-# that a checkpoint can take everything (see Shipper._checkpoint_if_large).
-CHECKPOINT_STALL_FACTOR = 4
-# SQLite truncates the WAL file to this size when it restarts it after a checkpoint.
-JOURNAL_SIZE_LIMIT = 16 << 20
-# The shortest pause between two looks (a LIST) for log objects no restore can use.
-GC_INTERVAL = 600.0
 # A restore applies at most this many objects: past it (compaction failing), a snapshot.
 MAX_CHUNKS = 64
-# Bytes of the log objects this holder wrote kept in memory, so that merges need not
-# download them (a segment is at most MAX_FRAMES_PER_SEGMENT pages).
-RECENT_BYTES = 16 << 20
-
-
-# Every connection tenantdb opens to a tenant database: WAL, and no automatic checkpoint.
-CONNECTION_PRAGMAS = (
-    "PRAGMA journal_mode=WAL",
-    "PRAGMA wal_autocheckpoint=0",
-    f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}",
-    "PRAGMA busy_timeout=5000",
-)
-
-
-def open_connection(path: Path) -> sqlite3.Connection:
-    """A connection to a tenant database with tenantdb's pragmas."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    for pragma in CONNECTION_PRAGMAS:
-        conn.execute(pragma)
-    return conn
 
 
 def empty_log(hashes: PageHashes) -> LogPointer:
     """A log with no segment yet, on top of a database whose pages ``hashes`` describes."""
     return LogPointer.empty(1, format_state(hashes.state), hashes.db_pages)
-
-
-def _succeeded(task: asyncio.Task[None]) -> bool:
-    return task.done() and not task.cancelled() and task.exception() is None
-
-
-def _chunks_within(log: LogPointer, first: int, last: int) -> list[LogChunk]:
-    return [c for c in log.chunks() if first <= c.first and c.last <= last]
-
-
-def carried_segments(record: LockRecord | None, *, prefix: str) -> list[tuple[str, bytes]]:
-    """The segments a lock.json carries inline, as (key, body), oldest first."""
-    pointer = record.log if record else None
-    if record is None or pointer is None:
-        return []
-    return [
-        (chunk_key(prefix, record.tenant, chunk), body)
-        for chunk in pointer.chunks()
-        if not chunk.merged and (body := pointer.inline_segment(chunk.last)) is not None
-    ]
-
-
-async def put_log_object(bucket: Bucket, key: str, body: bytes) -> None:
-    """Create an immutable log object; a retry of our own landed upload is accepted."""
-    try:
-        await bucket.put(key, body, if_none_match="*")
-    except PreconditionFailedError:
-        # An object there is this upload, landed unheard, or a carried segment another
-        # holder uploaded: the same bytes either way, so compare them. Anything else
-        # (even of the same size) must not be published as ours.
-        try:
-            existing: bytes | None = (await bucket.get(key, max_size=len(body))).body
-        except ObjectTooLargeError:
-            existing = None
-        if existing != body:
-            raise ReplicationError(
-                f"{key} exists with other bytes than the {len(body)} of this upload; "
-                "refusing to ship past it",
-                key=key,
-            ) from None
-
-
-@dataclass(frozen=True)
-class _Built:
-    """A segment made from the WAL and not yet published: retried as it is until it is."""
-
-    key: str
-    body: bytes
-    read: CommittedPages
-    hashes: PageHashes  # the database's pages with this segment applied
-    index: int
-    generation: int
-    # The database this segment applies to: lock.json's log must end there.
-    prev_state: str
-    prev_pages: int
-
-    def append_to(self, log: LogPointer | None) -> LogPointer:
-        """``log`` with this segment at its tail; ReplicationError if it does not follow."""
-        state = format_state(self.hashes.state)
-        base = log or LogPointer.empty(1, self.prev_state, self.prev_pages)
-        if base.tail != self.index - 1 or base.state != self.prev_state:
-            raise ReplicationError(
-                f"segment {self.key} does not follow lock.json's log (tail {base.tail})",
-                key=self.key,
-            )
-        return base.appended(self.generation, state, self.hashes.db_pages)
 
 
 class Shipper:
@@ -204,11 +93,17 @@ class Shipper:
         self.shm_path = Path(f"{db_path}-shm")
         self.prefix = prefix
         self.work_dir = work_dir
-        self.snapshot_retention = snapshot_retention
-        self.retention = retention
-        # When to look for garbage next (monotonic); None: no garbage is known to exist. An
-        # idle tenant costs no LIST: only merges, snapshots and a new holding make garbage.
-        self._next_collection: float | None = time.monotonic()
+        self._lock = asyncio.Lock()
+        self.uploads = LogUploads(lease.bucket, lease.tenant)
+        self.garbage = GarbageCollector(
+            lease,
+            prefix=prefix,
+            retention=retention,
+            snapshot_retention=snapshot_retention,
+            lock=self._lock,
+            uploading=self.uploads.__contains__,
+        )
+        self.compactor = Compactor(lease, prefix=prefix)
         self._hashes = hashes
         # None until the first read: the start of whatever WAL exists then (the database
         # was just restored or created, so nothing in it can have been checkpointed).
@@ -217,16 +112,10 @@ class Shipper:
         self._passed_wals: deque[tuple[int, int]] = deque(maxlen=16)
         # Segments made and not yet published, in log order: the first is retried as it
         # is until it is published; the next may be made and uploaded meanwhile.
-        self._unpublished: deque[_Built] = deque()
-        # Uploads of log objects not yet named by lock.json, or carried inline in it.
-        self._uploads: dict[str, asyncio.Task[None]] = {}
-        # When each log object's upload first failed, until one of its retries succeeds.
-        self._upload_failed_at: dict[str, float] = {}
+        self._unpublished: deque[Built] = deque()
         # The published segments lock.json carries inline, as (key, body), oldest first;
         # None until read from the lock this holding started with.
         self._carried: deque[tuple[str, bytes]] | None = None
-        self._recent: dict[str, bytes] = {}  # see _remember
-        self._recent_bytes = 0
         # Segment indices are never reused, even for a segment that was never published.
         self._next_index: int | None = None
         # True while the position is the end of the WAL as seen holding the write lock (a
@@ -236,7 +125,6 @@ class Shipper:
         # The last segment stopped at MAX_FRAMES_PER_SEGMENT: more commits are waiting.
         self._backlog = False
         self._needs_snapshot = hashes is None
-        self._lock = asyncio.Lock()
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._group = GroupCommit(self.ship_once, tenant=lease.tenant)
@@ -256,9 +144,7 @@ class Shipper:
         self._group.close()
         async with self._lock:
             self._forget_unpublished()
-            for upload in self._uploads.values():
-                upload.cancel()  # lock.json carries what they were for: the next holder's
-            self._uploads.clear()
+            self.uploads.cancel_all()  # lock.json carries what they were for
             for conn in (self._reader, self._writer):
                 if conn is not None:
                     await asyncio.to_thread(conn.close)
@@ -338,8 +224,7 @@ class Shipper:
     def upload_failing_for(self) -> float:
         """Seconds the upload of a log object has been failing (lock.json carries it
         meanwhile); 0 when none is."""
-        failed = [at for key, at in self._upload_failed_at.items() if key in self._uploads]
-        return time.monotonic() - min(failed) if failed else 0.0
+        return self.uploads.failing_for()
 
     async def _ship_locked(self) -> bool:
         if self._needs_snapshot:
@@ -367,9 +252,7 @@ class Shipper:
         which also restarts any that lock.json turns out to carry).
         """
         for built in self._unpublished:
-            upload = self._uploads.pop(built.key, None)
-            if upload is not None:
-                upload.cancel()
+            self.uploads.forget(built.key, cancel=True)
         self._unpublished.clear()
 
     async def _upload_carried(self) -> list[str]:
@@ -382,7 +265,7 @@ class Shipper:
         """
         carried = carried_segments(self.lease.record, prefix=self.prefix)
         for key, body in carried:
-            await asyncio.shield(self._upload(key, body))
+            await asyncio.shield(self.uploads.start(key, body))
         return [key for key, _ in carried]
 
     async def run(self, interval: float, snapshot_interval: float) -> None:
@@ -390,15 +273,16 @@ class Shipper:
         while True:
             await asyncio.sleep(interval)
             for key, body in self._carried or ():
-                self._upload(key, body)  # a failed upload is retried, commits or not
+                self.uploads.start(key, body)  # a failed upload is retried, commits or not
             try:
                 # One segment per interval, more only while a backlog is being worked off.
                 while await self.ship_once() and self._backlog:
                     pass
-                await self._compact()
+                # A new base first: a merge of what it would hold is bytes for nothing.
                 if self._snapshot_due(snapshot_interval):
                     async with self._lock:
                         await self._snapshot()
+                await self._compact()
                 await self._checkpoint_if_large()
             except LeaseLostError:
                 return
@@ -423,7 +307,13 @@ class Shipper:
     def _snapshot_due(self, every: float) -> bool:
         pointer = self._log()
         too_long = len(pointer.chunks()) >= MAX_CHUNKS
-        return too_long or (every > 0 and time.monotonic() - self._snapshot_at >= every)
+        outgrew = self.compactor.log_outgrew(pointer, self._db_bytes())
+        return too_long or outgrew or (every > 0 and time.monotonic() - self._snapshot_at >= every)
+
+    def _db_bytes(self) -> int:
+        """The database's size as the log has it (what a snapshot would upload)."""
+        hashes = self._hashes
+        return 0 if hashes is None else hashes.db_pages * hashes.page_size
 
     def _log(self) -> LogPointer:
         """The log as lock.json has it; a lock without one gets a log on its snapshot."""
@@ -434,7 +324,7 @@ class Shipper:
 
     # -- segments ------------------------------------------------------------------------
 
-    def _build(self, after: _Built | None) -> _Built | None:
+    def _build(self, after: Built | None) -> Built | None:
         """Read the next commits from the WAL and encode them as the next segment.
 
         The segment follows the published log, or ``after`` (not published yet).
@@ -445,78 +335,22 @@ class Shipper:
         start = after.read.end if after else self._position or wal_start(self.wal_path)
         if start is None:
             return None  # no WAL yet: nothing was committed since the database was opened
-        try:
-            read = self._read(start)
-        except WALRestartedError as exc:
-            if after or not self._restart_expected or exc.current is None:
-                raise ReplicationError(
-                    f"{self.wal_path} was restarted by something other than tenantdb"
-                ) from exc
-            if not restarted_once(start, exc.current):
-                # Another checkpoint and restart came between: the commits of the WAL
-                # in between were never read, and the database file holds them.
-                raise ReplicationError(
-                    f"{self.wal_path} was restarted more than once since the position "
-                    f"(salt-1 {start.salt1:08x}, now {exc.current.salt1:08x})"
-                ) from exc
-            if restart_dropped_frames(self.wal_path, start, exc.current):
-                # A commit reached the old WAL after the position (a reader held the
-                # restart off), and an app's checkpoint let the restart drop it.
-                raise ReplicationError(
-                    f"{self.wal_path} was restarted after frames the shipper never read"
-                ) from exc
-            read = self._read(exc.current)
+        expected = after is None and self._restart_expected
+        read = read_next(self.db_path, start, restart_expected=expected)
         if not read.commits:
             if after is None:
                 self._move_to(read.end)
             return None
-        if len(read.pages) * (4 + read.end.page_size) > SEGMENT_MAX_BYTES:
-            # Readers refuse a larger object unread: ship these commits in a snapshot.
-            raise ReplicationError(
-                f"{len(read.pages)} pages changed, more than one segment may carry"
-            )
-        if hashes.db_pages == 0 and hashes.page_size != read.end.page_size:
-            hashes = PageHashes(read.end.page_size)  # a new database's first page size
-        new_hashes = hashes.copy()
-        new_hashes.apply(read.pages, read.db_pages)
         record = self.lease.record
         if record is None:
             raise LeaseLostError("the lease is not held", tenant=self.lease.tenant)
-        index = self._take_index()
-        header = SegmentHeader(
+        return encode_next(
+            read,
+            hashes,
+            prefix=self.prefix,
             tenant=self.lease.tenant,
             generation=record.generation,
-            index=index,
-            page_size=read.end.page_size,
-            db_pages=read.db_pages,
-            timestamp_ms=now_ms(),
-            prev_state=hashes.state,
-            state=new_hashes.state,
-            commits=read.commits,
-        )
-        body = encode_segment(Segment(header, tuple(sorted(read.pages.items()))))
-        key = segment_key(self.prefix, self.lease.tenant, record.generation, index)
-        return _Built(
-            key,
-            body,
-            read,
-            new_hashes,
-            index,
-            record.generation,
-            format_state(hashes.state),
-            hashes.db_pages,
-        )
-
-    def _read(self, start: WALPosition, max_frames: int = MAX_FRAMES_PER_SEGMENT) -> CommittedPages:
-        """Read committed frames from ``start``, bounded by the wal-index when it is sound.
-
-        The wal-index says which frames are committed, so their checksums need not be
-        recomputed (pure Python, about 90 µs a 4 KiB page: a tax on every write); without
-        a trustworthy index every frame's checksum is verified instead.
-        """
-        committed = wal_index_frames(self.shm_path, start.salts)
-        return read_committed(
-            self.wal_path, start, max_frames=max_frames, committed_frames=committed
+            index=self._take_index(),
         )
 
     def _take_index(self) -> int:
@@ -530,36 +364,7 @@ class Shipper:
             self._next_index = record.log.tail + 1 if record and record.log else 1
         return self._next_index
 
-    async def _put_once(self, key: str, body: bytes) -> None:
-        await put_log_object(self.lease.bucket, key, body)
-
-    def _upload(self, key: str, body: bytes) -> asyncio.Task[None]:
-        """The upload of a log object, started now unless running or done."""
-        upload = self._uploads.get(key)
-        if upload is None or (upload.done() and not _succeeded(upload)):
-            upload = asyncio.get_running_loop().create_task(self._put_once(key, body))
-            upload.add_done_callback(retrieve_exception)
-            upload.add_done_callback(functools.partial(self._note_upload, key))
-            self._uploads[key] = upload
-        return upload
-
-    def _note_upload(self, key: str, upload: asyncio.Task[None]) -> None:
-        if _succeeded(upload):
-            self._upload_failed_at.pop(key, None)
-        elif not upload.cancelled() and key not in self._upload_failed_at:
-            self._upload_failed_at[key] = time.monotonic()
-            log.warning(
-                "tenant %s: uploading %s failed, retrying (lock.json carries it meanwhile): %s",
-                self.lease.tenant,
-                key,
-                upload.exception(),
-            )
-
-    def _uploaded(self, key: str) -> bool:
-        upload = self._uploads.get(key)
-        return upload is not None and _succeeded(upload)
-
-    async def _advance(self, batch: list[_Built]) -> None:
+    async def _advance(self, batch: list[Built]) -> None:
         """Append segments to the log in one CAS (it fences them): they are published.
 
         Their objects are uploaded in the background. Until a segment's object is known to
@@ -572,10 +377,12 @@ class Shipper:
             self._carried = deque(carried_segments(self.lease.record, prefix=self.prefix))
         chain = [*self._carried, *((b.key, b.body) for b in batch)]
         for key, body in chain:
-            self._upload(key, body)
-        start = next((i for i, (key, _) in enumerate(chain) if not self._uploaded(key)), len(chain))
+            self.uploads.start(key, body)
+        start = next(
+            (i for i, (key, _) in enumerate(chain) if not self.uploads.uploaded(key)), len(chain)
+        )
         while start < len(chain) and sum(len(body) for _, body in chain[start:]) > INLINE_MAX_BYTES:
-            await asyncio.shield(self._upload(*chain[start]))
+            await asyncio.shield(self.uploads.start(*chain[start]))
             start += 1
         carried = chain[start:]
         last = batch[-1]
@@ -594,9 +401,9 @@ class Shipper:
         self.metrics.shipped(sum(len(built.body) for built in batch), len(batch))
         for built in batch:
             self._unpublished.popleft()
-            self._remember(built.key, built.body)
+            self.compactor.remember(built.key, built.body)
         for key, _ in chain[:start]:
-            del self._uploads[key]  # uploaded, and named by lock.json from now on
+            self.uploads.forget(key)  # uploaded, and named by lock.json from now on
         self._carried = deque(carried)
         self._move_to(last.read.end)
         self._hashes = last.hashes
@@ -606,121 +413,19 @@ class Shipper:
     # -- compaction ----------------------------------------------------------------------
 
     async def _compact(self) -> None:
-        """Merge log objects as ``compaction.next_merge`` plans: a restore stays short.
-
-        Runs beside shipping, not under the shipper's lock: the merge's CAS applies to the
-        log as it is by then, segments appended meanwhile included.
-        """
+        """Merge log objects as ``compaction.next_merge`` plans: a restore stays short."""
         while self._hashes is not None and not self._needs_snapshot:
-            span = next_merge(self._log())
-            if span is None:
+            if not await self.compactor.merge_next(self._log(), self._db_bytes()):
                 return
-            await self._merge(*span)
-
-    async def _merge(self, first: int, last: int) -> None:
-        """Replace the log objects from ``first`` to ``last`` by one with their newest pages."""
-        record = self.lease.record
-        if record is None:
-            raise LeaseLostError("the lease is not held", tenant=self.lease.tenant)
-        tenant, generation = self.lease.tenant, record.generation
-        chunks = _chunks_within(self._log(), first, last)
-        keys = [chunk_key(self.prefix, tenant, chunk) for chunk in chunks]
-        bodies = await asyncio.gather(*(self._log_object(key) for key in keys))
-        body = await asyncio.to_thread(
-            merge_segments, list(zip(keys, bodies, strict=True)), chunks, tenant, generation
-        )
-        merged = LogChunk(first, last, generation, merged=True)
-        merged_key = chunk_key(self.prefix, tenant, merged)
-        await self._put_once(merged_key, body)
-
-        def replace_chunks(log: LogPointer | None) -> LogPointer:
-            if log is not None and merged in log.chunks():
-                return log  # our own write of it landed unheard, and was adopted
-            if log is None or _chunks_within(log, first, last) != chunks:
-                raise ReplicationError(f"the log changed under the merge of {first}..{last}")
-            return log.with_merged(first, last, generation)
-
-        await self.lease.update_log(replace_chunks)
-        for key in keys:
-            self._recent_bytes -= len(self._recent.pop(key, b""))
-        self._remember(merged_key, body)
-        self._garbage_made()
-
-    async def _log_object(self, key: str) -> bytes:
-        """A log object's bytes: kept from when this holder wrote it, else downloaded."""
-        body = self._recent.get(key)
-        if body is None:
-            body = (await self.lease.bucket.get(key)).body
-        return body
-
-    def _remember(self, key: str, body: bytes) -> None:
-        """Keep a published log object's bytes for the merge that will read it."""
-        self._recent[key] = body
-        self._recent_bytes += len(body)
-        while self._recent_bytes > RECENT_BYTES:
-            self._recent_bytes -= len(self._recent.pop(next(iter(self._recent))))
+            self.garbage.garbage_made()
 
     async def collect_garbage_when_due(self, interval: float) -> None:
-        """Look every ``interval`` seconds whether garbage is due, collect it, until fenced.
-
-        A loop of its own, apart from ``run``: deleting is safe to retry, so its failure
-        restarts it (see supervisor.py) while shipping goes on.
-        """
-        while self.lease.status == "held":
-            await asyncio.sleep(interval)
-            if self._next_collection is None or time.monotonic() < self._next_collection:
-                continue
-            try:
-                await self.collect_garbage()
-            except LeaseLostError:
-                return
-            except (TenantDBError, OSError) as exc:
-                log.warning(
-                    "tenant %s: garbage collection failed, will retry: %s", self.lease.tenant, exc
-                )
+        """Look every ``interval`` seconds whether garbage is due, collect it, until fenced."""
+        await self.garbage.run_when_due(interval)
 
     async def collect_garbage(self) -> list[str]:
-        """Delete the objects no restore within the retention needs; return their keys.
-
-        A merge or a snapshot replaces objects, a fenced holder leaves uploads no restore
-        reads: ``History.expendable`` decides, keeping whatever a point-in-time restore to
-        any moment within ``retention`` uses and everything lock.json names.
-        """
-        async with self._lock:  # an object uploaded but not yet named is not garbage
-            garbage = await self._find_garbage()
-        # Deleting takes a request per object: outside the lock, writes keep shipping.
-        for key in garbage:
-            await self.lease.bucket.delete(key)
-        return garbage
-
-    async def _find_garbage(self) -> list[str]:
-        if self.lease.record is None or self.lease.status != "held":
-            return []
-        history = await read_history(self.lease.bucket, self.lease.tenant, prefix=self.prefix)
-        cutoff = datetime.now(UTC) - timedelta(seconds=self.retention)
-        # Planning is linear in the objects listed, which may be many: off the event loop.
-        expendable = await asyncio.to_thread(
-            history.expendable, cutoff, keep_snapshots=self.snapshot_retention
-        )
-        garbage = [
-            key
-            for key in expendable
-            if key not in self._uploads  # being uploaded, to be named by a CAS
-        ]
-        self._next_collection = None
-        settled = history.named() | set(garbage)
-        objects: list[SnapshotEntry | SegmentEntry] = [*history.snapshots, *history.segments]
-        waiting = [o.last_modified for o in objects if o.key not in settled]
-        if waiting:  # look again once the oldest of them is past the retention
-            due = (min(waiting) - cutoff).total_seconds()
-            self._next_collection = time.monotonic() + max(due, GC_INTERVAL)
-        return garbage
-
-    def _garbage_made(self) -> None:
-        """A merge or a snapshot replaced objects: collect them once the retention is past."""
-        due = time.monotonic() + max(self.retention, GC_INTERVAL)
-        if self._next_collection is None or due < self._next_collection:
-            self._next_collection = due
+        """Delete the objects no restore within the retention needs; return their keys."""
+        return await self.garbage.collect()
 
     # -- checkpoints and snapshots -------------------------------------------------------
 
@@ -733,18 +438,15 @@ class Shipper:
         one publication that ships the rest, and the checkpoint runs then.
         """
         size = await asyncio.to_thread(self._wal_bytes)
-        if size < CHECKPOINT_WAL_BYTES:
+        if size < checkpoint.CHECKPOINT_WAL_BYTES:
             return
         async with self._lock:
             await asyncio.to_thread(self._checkpoint)
-            if size >= CHECKPOINT_WAL_BYTES * CHECKPOINT_STALL_FACTOR:
+            if size >= checkpoint.CHECKPOINT_WAL_BYTES * checkpoint.CHECKPOINT_STALL_FACTOR:
                 await self._checkpoint_holding_writes()
 
     def _wal_bytes(self) -> int:
-        """How many bytes of frames the current WAL holds (its file may be larger)."""
-        start = wal_start(self.wal_path)
-        frames = wal_index_frames(self.shm_path, start.salts) if start else None
-        return 0 if start is None or frames is None else frames * (start.page_size + 24)
+        return checkpoint.wal_bytes(self.wal_path, self.shm_path)
 
     async def _checkpoint_holding_writes(self) -> None:
         """Take SQLite's write lock, ship everything, checkpoint it all, let writers go."""
@@ -757,39 +459,23 @@ class Shipper:
                 pass  # no commit can land meanwhile: this ends at the WAL's end
             if self._unpublished or self._needs_snapshot:
                 return
-            _busy, frames, done = await asyncio.to_thread(
-                lambda: reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self._restart_expected = await asyncio.to_thread(
+                checkpoint.checkpoint_everything, reader
             )
-            self._restart_expected = frames == done
         finally:
             await asyncio.to_thread(writer.execute, "ROLLBACK")
 
     def _checkpoint(self) -> None:
-        """Fold shipped frames into the database file, blocking no writer.
-
-        The checkpoint runs while the shipper's reader holds a read transaction begun when
-        every committed frame was shipped: SQLite backfills no frame past a reader's
-        snapshot, and restarts the WAL only once every frame is backfilled. So a restart
-        can never drop a frame that was not shipped, and writers go on meanwhile.
-        """
+        """Fold shipped frames into the database file, blocking no writer (blocking call)."""
         reader, checkpointer = self._reader, self._writer
         if reader is None or checkpointer is None or self._unpublished or self._needs_snapshot:
             return
         start = self._position or wal_start(self.wal_path)
         if start is None:
             return
-        reader.execute("BEGIN")
-        try:
-            reader.execute("SELECT count(*) FROM sqlite_master").fetchone()  # pins a snapshot
-            # Read after pinning: the snapshot holds at most this many frames.
-            committed = wal_index_frames(self.shm_path, start.salts)
-            shipped = start.frames
-            if committed is None or committed > shipped:
-                return  # a commit landed since the last sync (or the index is unsure)
-            _busy, frames, done = checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            self._restart_expected = frames == done <= shipped
-        finally:
-            reader.execute("ROLLBACK")
+        expected = checkpoint.checkpoint_shipped(reader, checkpointer, self.shm_path, start)
+        if expected is not None:
+            self._restart_expected = expected
 
     async def _snapshot(self) -> None:
         """Publish a full snapshot as the log's new base (compaction, or a fallback)."""
@@ -807,7 +493,9 @@ class Shipper:
         uploaded = await self._upload_carried()
         copy = temp_snapshot_path(self.work_dir)
         try:
-            position, hashes, at_end = await asyncio.to_thread(self._copy, copy)
+            position, hashes, at_end = await asyncio.to_thread(
+                copy_consistent, self._reader, self._writer, self.db_path, copy
+            )
             taken_ms = now_ms()  # after the copy: every commit it holds
             # From here the shipper's position is the copy's: until the snapshot is known
             # to be published, nothing can be shipped on top of either.
@@ -827,69 +515,9 @@ class Shipper:
         self._hashes = hashes
         self._forget_unpublished()
         for key in uploaded:
-            self._uploads.pop(key, None)  # in the bucket, and carried no more
+            self.uploads.forget(key)  # in the bucket, and carried no more
         self._carried = deque()  # the snapshot replaced the log that carried them
         self._needs_snapshot, self._restart_expected = False, at_end
         self._snapshot_at = time.monotonic()
         self.snapshots += 1
-        self._garbage_made()
-
-    def _copy(self, dest: Path) -> tuple[WALPosition | None, PageHashes, bool]:
-        """Copy the database consistently; return the WAL end it matches.
-
-        Usually under a pinned read snapshot, so that writers go on: the copy is then the
-        state at the wal-index's committed frame count, read unchanged before and after
-        pinning. If that cannot be established, the copy is made holding the write lock.
-        The flag says whether the position is the WAL's end under the write lock.
-        """
-        pinned = self._copy_pinned(dest)
-        if pinned is not None:
-            return (*pinned, False)
-        writer = self._writer
-        if writer is None:
-            raise ReplicationError(f"{self!r} is not open")
-        writer.execute("BEGIN IMMEDIATE")
-        try:
-            copy_database(self.source, dest)
-            # No writer can commit meanwhile: the copy is the state at the end of the WAL.
-            position = self._read_to(wal_start(self.wal_path), None)
-        finally:
-            writer.execute("ROLLBACK")
-        return position, PageHashes.of_file(dest, database_page_size(dest)), True
-
-    def _copy_pinned(self, dest: Path) -> tuple[WALPosition | None, PageHashes] | None:
-        """The copy under a pinned read snapshot, or None if its WAL end is not certain."""
-        reader = self.source
-        for _ in range(5):
-            start = wal_start(self.wal_path)
-            if start is None:
-                return None
-            salts = start.salts
-            before = wal_index_frames(self.shm_path, salts)
-            reader.execute("BEGIN")
-            try:
-                reader.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                if before is None or wal_index_frames(self.shm_path, salts) != before:
-                    continue  # a commit landed while pinning: the snapshot's end is unknown
-                copy_database(reader, dest)
-            finally:
-                reader.execute("ROLLBACK")
-            position = self._read_to(start, before)
-            return position, PageHashes.of_file(dest, database_page_size(dest))
-        return None
-
-    def _read_to(self, position: WALPosition | None, frames: int | None) -> WALPosition | None:
-        """The position after the last commit of the WAL, or after ``frames`` frames of it."""
-        while position is not None:
-            read = read_committed(
-                self.wal_path,
-                position,
-                max_frames=MAX_FRAMES_PER_SEGMENT,
-                committed_frames=frames
-                if frames is not None
-                else wal_index_frames(self.shm_path, position.salts),
-            )
-            if read.end == position:
-                break
-            position = read.end
-        return position
+        self.garbage.garbage_made()

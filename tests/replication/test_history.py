@@ -94,7 +94,7 @@ async def test_retention_keeps_every_moment_after_the_cutoff_restorable(
         await recorder.changes(tdb, 10)
         shipper = tdb._shipper
         assert shipper is not None
-        shipper.retention = (datetime.now(UTC) - cutoff).total_seconds()
+        shipper.garbage.retention = (datetime.now(UTC) - cutoff).total_seconds()
         before = {o.key for o in await bucket.list(f"{PREFIX}acme/")}
         deleted = await shipper.collect_garbage()
         after = {o.key for o in await bucket.list(f"{PREFIX}acme/")}

@@ -16,7 +16,7 @@ from tenantdb import config
 from tenantdb.config import Settings
 from tenantdb.errors import LeaseLostError, ReplicationError, TransientStorageError
 from tenantdb.machine.database import TenantDB
-from tenantdb.replication import compaction
+from tenantdb.replication import checkpoint, compaction, garbage
 from tenantdb.replication import shipper as shipper_module
 from tenantdb.replication.wal import wal_start
 from tenantdb.storage.base import Bucket, ObjectInfo
@@ -52,7 +52,7 @@ async def settled(tdb: TenantDB) -> None:
     """Wait for the segment uploads the shipper runs in the background."""
     shipper = tdb._shipper
     assert shipper is not None
-    await asyncio.gather(*shipper._uploads.values(), return_exceptions=True)
+    await shipper.uploads.settled()
 
 
 async def ship_past(tdb: TenantDB, index: int) -> None:
@@ -95,7 +95,7 @@ async def test_every_synced_commit_is_restored_exactly_on_another_machine(
 async def test_shipping_continues_across_checkpoints_and_wal_restarts(
     bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shipper_module, "CHECKPOINT_WAL_BYTES", 1)
+    monkeypatch.setattr(checkpoint, "CHECKPOINT_WAL_BYTES", 1)
     async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
         shipper = tdb._shipper
         assert shipper is not None
@@ -428,7 +428,7 @@ class CountingLists:
 async def test_an_idle_tenant_lists_nothing_and_garbage_is_collected_when_due(
     local_bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shipper_module, "GC_INTERVAL", 0.0)
+    monkeypatch.setattr(garbage, "GC_INTERVAL", 0.0)
     monkeypatch.setattr(config, "RETENTION_FLOOR_LEASES", 0)  # garbage due at once
     counting = CountingLists(local_bucket)
     async with TenantDB(
@@ -485,7 +485,7 @@ async def test_a_steady_stream_of_writes_cannot_grow_the_wal_without_end(
     bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     threshold = 32 << 10
-    monkeypatch.setattr(shipper_module, "CHECKPOINT_WAL_BYTES", threshold)
+    monkeypatch.setattr(checkpoint, "CHECKPOINT_WAL_BYTES", threshold)
     async with TenantDB(
         settings(tmp_path, "m1", sync_interval=0.05), migrations=MIGRATIONS, bucket=bucket
     ) as tdb:

@@ -1,0 +1,338 @@
+"""What a tenant's changes cost in the bucket: bytes and requests, candidate vs baseline.
+
+Against moto's S3 server in its own process (``bench.common.S3Server``, which records every
+request with its body size), each variant runs in a child process of its own:
+the candidate is this checkout, the baseline the ``--baseline`` commit (a detached git
+worktree, put first on the child's ``PYTHONPATH``). Three measurements, each variant alike:
+
+1. **Bytes per minute** at each ``--sizes`` MiB: the tenant grows through its log (1 MiB
+   random blobs, one segment each, the daily snapshot default: no snapshot to start from),
+   the shipper finishes what the growth left (merges, snapshots) and ``--warmup`` seconds of
+   the writes run unmeasured (both reported apart), then ``--rate`` small writes/s (an
+   increment of one of 100 counters) for ``--seconds``.
+   Every byte sent is counted (``lock.json`` included). Printed: the bytes per minute as a
+   share of the database, without and with the snapshots taken (at most one is due: the
+   log since the base outgrew the database), and against the distinct changed pages (the
+   pages of the single segments published, 4 KiB each).
+2. **Requests per write** in ``bucket`` durability at 1, 8 and 32 writers, each writing as
+   fast as it is answered for ``--write-seconds``.
+3. **Requests per sync** under ``--rate`` async writes/s: all requests over the segments
+   published (lock.json's tail moved by that many).
+
+Ratios (candidate/baseline) are printed last. Run:
+``python -m bench.bench_cost [--sizes 32 256] [--seconds 60] [--baseline 66195f7]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import CONTROL_PATH, ROOT, MiB, Request, S3Server, child_env, machine
+
+MIGRATIONS = [
+    "CREATE TABLE counter (id INTEGER PRIMARY KEY, count INTEGER NOT NULL);"
+    "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 100) "
+    "INSERT INTO counter SELECT x, 0 FROM n;"
+    "CREATE TABLE blobs (id INTEGER PRIMARY KEY, body BLOB)",
+]
+INCREMENT = "UPDATE counter SET count = count + 1 WHERE id = ?"
+WRITERS = (1, 8, 32)
+
+
+# -- the child: one variant's measurements, printed as one JSON line ------------------------
+
+
+def requests(endpoint: str) -> list[Request]:
+    """The requests the server received since the last call (which resets them)."""
+    with urllib.request.urlopen(f"{endpoint}{CONTROL_PATH}?reset=1", timeout=600) as response:
+        return [Request(**item) for item in json.load(response)]
+
+
+def sent_bytes(seen: list[Request]) -> int:
+    """Bytes sent to the bucket: the bodies of writes (PUT, POST) and their requests."""
+    return sum(r.body_bytes for r in seen if r.method in ("PUT", "POST"))
+
+
+def settings(env: dict[str, str], work: Path, name: str, **overrides: Any) -> Any:
+    from tenantdb.config import Settings
+
+    return Settings.from_env(
+        env, tenant=name, machine_id=name, data_dir=work / name, idle_stop=0, **overrides
+    )
+
+
+async def increment(tdb: Any) -> None:
+    async with tdb.connection() as db:
+        await db.execute(INCREMENT, (random.randint(1, 100),))
+        await db.commit()
+
+
+async def steady(tdb: Any, rate: float, seconds: float) -> int:
+    """Increments at ``rate`` per second for ``seconds``; return how many."""
+    writes, started = 0, time.monotonic()
+    while (elapsed := time.monotonic() - started) < seconds:
+        await increment(tdb)
+        writes += 1
+        await asyncio.sleep(max(0.0, writes / rate - elapsed))
+    return writes
+
+
+async def tail(tdb: Any) -> int:
+    record = tdb.lease.record
+    return record.log.tail if record is not None and record.log is not None else 0
+
+
+async def settle(endpoint: str, quiet: float = 5.0, longest: float = 180.0) -> dict[str, Any]:
+    """Wait until the shipper wrote no log object nor snapshot for ``quiet`` seconds: what
+    the growth left to do (merges, snapshots) is done. Return what it sent meanwhile."""
+    started = time.monotonic()
+    seen = requests(endpoint)
+    while time.monotonic() - started < longest:
+        await asyncio.sleep(quiet)
+        more = requests(endpoint)
+        seen += more
+        if not any(r.method in ("PUT", "POST") and "/log/" in r.path for r in more) and not any(
+            "/snapshots/" in r.path for r in more
+        ):
+            break
+    snapshots = {r.path for r in seen if r.method == "PUT" and "/snapshots/" in r.path}
+    return {
+        "seconds": time.monotonic() - started,
+        "bytes": sent_bytes(seen),
+        "snapshots": len(snapshots),
+    }
+
+
+async def bytes_per_minute(
+    env: dict[str, str], work: Path, size_mib: int, rate: float, seconds: float, warmup: float
+) -> dict[str, Any]:
+    from tenantdb.machine.database import TenantDB
+    from tenantdb.replication.segment import decode_segment
+    from tenantdb.storage import open_bucket
+
+    endpoint = env["AWS_ENDPOINT_URL_S3"]
+    name = f"grown{size_mib}"
+    config = settings(env, work, name, durability="async", sync_interval=1.0)
+    async with open_bucket(config) as bucket, TenantDB(config, migrations=MIGRATIONS) as tdb:
+        for _ in range(size_mib):  # grown through the log: one 1 MiB segment per commit
+            async with tdb.connection() as db:
+                await db.execute("INSERT INTO blobs (body) VALUES (randomblob(1048576))")
+                await db.commit()
+            await tdb.sync()
+        settled = await settle(endpoint)
+        # The growth's last singles are merged once the small writes' push them over
+        # MERGE_SINGLES: part of the growth's cost, sent in this warm-up, reported apart.
+        await steady(tdb, rate, warmup)
+        settled["warmup"] = sent_bytes(requests(endpoint))
+        first = await tail(tdb)
+        started = time.monotonic()
+        writes = await steady(tdb, rate, seconds)
+        await tdb.sync()
+        minutes = (time.monotonic() - started) / 60
+        seen = requests(endpoint)
+        db_bytes = tdb.path.stat().st_size
+        snapshots = [r for r in seen if r.method == "PUT" and "/snapshots/" in r.path]
+        lock = sum(r.body_bytes for r in seen if r.method == "PUT" and r.path.endswith("lock.json"))
+        objects = [r for r in seen if r.method == "PUT" and "/log/" in r.path]
+        changed = 0
+        for index in range(first + 1, await tail(tdb) + 1):  # the pages each segment carries
+            key = next((r.path for r in objects if r.path.endswith(f"/{index:012d}.seg")), None)
+            body = (await bucket.get(key.split("/", 2)[2])).body if key else None
+            if body is None:
+                record = tdb.lease.record
+                log = record.log if record is not None else None
+                body = (log.inline_segment(index) if log is not None else None) or b""
+            if body:
+                segment = decode_segment(body, key=str(index))
+                changed += len(segment.pages) * segment.header.page_size
+    total = sent_bytes(seen)
+    return {
+        "db_bytes": db_bytes,
+        "writes": writes,
+        "minutes": minutes,
+        "total": total / minutes,
+        "snapshots": sum(r.body_bytes for r in snapshots) / minutes,
+        "snapshot_count": len({r.path for r in snapshots}),
+        "settle": settled,
+        "lock": lock / minutes,
+        "largest_object": max((r.body_bytes for r in objects), default=0),
+        "changed": changed / minutes,
+        "requests": len(seen) / minutes,
+    }
+
+
+async def per_write(env: dict[str, str], work: Path, writers: int, seconds: float) -> float:
+    from tenantdb.machine.database import TenantDB
+
+    endpoint = env["AWS_ENDPOINT_URL_S3"]
+    config = settings(env, work, f"writers{writers}", durability="bucket")
+    async with TenantDB(config, migrations=MIGRATIONS) as tdb:
+        await increment(tdb)
+        requests(endpoint)
+        count = 0
+        deadline = time.monotonic() + seconds
+
+        async def writer() -> None:
+            nonlocal count
+            while time.monotonic() < deadline:
+                await increment(tdb)
+                await tdb.sync()  # what the output gate does before answering a write
+                count += 1
+
+        await asyncio.gather(*(writer() for _ in range(writers)))
+        seen = requests(endpoint)
+    return len(seen) / count
+
+
+async def per_sync(env: dict[str, str], work: Path, rate: float, seconds: float) -> float:
+    from tenantdb.machine.database import TenantDB
+
+    endpoint = env["AWS_ENDPOINT_URL_S3"]
+    config = settings(env, work, "async", durability="async", sync_interval=1.0)
+    async with TenantDB(config, migrations=MIGRATIONS) as tdb:
+        await increment(tdb)
+        await tdb.sync()
+        requests(endpoint)
+        first = await tail(tdb)
+        await steady(tdb, rate, seconds)
+        await tdb.sync()
+        seen = requests(endpoint)
+        syncs = await tail(tdb) - first
+    return len(seen) / max(syncs, 1)
+
+
+async def child(args: argparse.Namespace) -> None:
+    import tenantdb
+
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        result: dict[str, Any] = {"tenantdb": str(Path(tenantdb.__file__).parent.parent)}
+        result["bytes"] = {
+            str(size): await bytes_per_minute(env, work, size, args.rate, args.seconds, args.warmup)
+            for size in args.sizes
+        }
+        result["per_write"] = {
+            str(n): await per_write(env, work, n, args.write_seconds) for n in WRITERS
+        }
+        result["per_sync"] = await per_sync(env, work, args.rate, args.write_seconds)
+    print(json.dumps(result), flush=True)
+
+
+# -- the parent: both variants, then the table and the ratios -------------------------------
+
+
+def baseline_root(commit: str) -> Path:
+    """A detached worktree of ``commit`` (made once, kept for later runs)."""
+    path = Path(tempfile.gettempdir()) / f"tenantdb-baseline-{commit}"
+    if not path.exists():
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(path), commit],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+    return path
+
+
+def run_variant(s3: S3Server, bucket: str, root: Path, args: argparse.Namespace) -> Any:
+    s3.create_bucket(bucket)
+    env = child_env({**s3.settings_env(bucket), "PYTHONPATH": str(root)})
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--sizes"]
+    argv += [str(size) for size in args.sizes]
+    argv += ["--seconds", str(args.seconds), "--rate", str(args.rate)]
+    argv += ["--write-seconds", str(args.write_seconds), "--warmup", str(args.warmup)]
+    done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {root} variant failed:\n{done.stderr[-4000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if Path(result["tenantdb"]).resolve() != root.resolve():
+        raise RuntimeError(f"the child imported tenantdb from {result['tenantdb']}, not {root}")
+    return result
+
+
+def share(value: float, whole: float) -> str:
+    return f"{value / MiB:.3f} MiB ({value / whole:.2%})"
+
+
+def report(name: str, result: Any, args: argparse.Namespace) -> None:
+    print(f"\n{name} ({result['tenantdb']}):")
+    for size, b in result["bytes"].items():
+        steady = b["total"] - b["snapshots"]
+        print(
+            f"  {size} MiB grown through the log, {b['writes']} increments in "
+            f"{b['minutes'] * 60:.0f} s; per minute: sent {share(b['total'], b['db_bytes'])}, "
+            f"of which {b['snapshot_count']} snapshot(s) {b['snapshots'] / MiB:.3f} MiB and "
+            f"lock.json {b['lock'] / MiB:.3f} MiB; without snapshots "
+            f"{share(steady, b['db_bytes'])}; distinct changed pages {b['changed'] / MiB:.3f} MiB "
+            f"(sent/changed without snapshots {steady / max(b['changed'], 1):.2f}x); largest "
+            f"log object {b['largest_object'] / MiB:.3f} MiB; {b['requests']:.0f} requests/min"
+        )
+        print(
+            f"    (after the growth, before the writes: {b['settle']['seconds']:.0f} s until "
+            f"the shipper was quiet, {b['settle']['bytes'] / MiB:.1f} MiB sent, "
+            f"{b['settle']['snapshots']} snapshot(s); then {args.warmup:g} s of the writes "
+            f"unmeasured: {b['settle']['warmup'] / MiB:.1f} MiB sent)"
+        )
+    writes = ", ".join(f"{n} writers {v:.3f}" for n, v in result["per_write"].items())
+    print(f"  requests per write in bucket durability: {writes}")
+    print(f"  requests per sync, {args.rate:g} async writes/s: {result['per_sync']:.3f}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark (or, with --child, one variant's measurements)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_cost")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 256])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--rate", type=float, default=50.0)
+    parser.add_argument("--write-seconds", type=float, default=15.0)
+    parser.add_argument("--warmup", type=float, default=30.0)
+    parser.add_argument("--baseline", default="66195f7")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        asyncio.run(child(args))
+        return 0
+    started = time.monotonic()
+    with S3Server() as s3:
+        candidate = run_variant(s3, "bench-cost-candidate", ROOT, args)
+        baseline = run_variant(s3, "bench-cost-baseline", baseline_root(args.baseline), args)
+    report("candidate", candidate, args)
+    report(f"baseline {args.baseline}", baseline, args)
+    print(f"\n{machine()}; took {time.monotonic() - started:.0f} s")
+    for size in candidate["bytes"]:
+        c, b = candidate["bytes"][size], baseline["bytes"][size]
+        steady_c, steady_b = c["total"] - c["snapshots"], b["total"] - b["snapshots"]
+        print(
+            f"ratio ({size} MiB): bytes/min candidate/baseline {c['total'] / b['total']:.3f}x, "
+            f"without snapshots {steady_c / steady_b:.3f}x; candidate "
+            f"{steady_c / c['db_bytes']:.2%} of the database (goal <= "
+            f"{'3%' if int(size) <= 32 else '0.5%'}), {steady_c / max(c['changed'], 1):.2f}x the "
+            f"changed pages (goal <= 2x)"
+        )
+    writes = ", ".join(
+        f"{n}: {candidate['per_write'][n]:.3f} vs {baseline['per_write'][n]:.3f}"
+        for n in candidate["per_write"]
+    )
+    print(f"ratio: requests per write (candidate vs baseline) {writes}")
+    print(
+        f"ratio: requests per sync candidate {candidate['per_sync']:.3f} vs baseline "
+        f"{baseline['per_sync']:.3f} (goal <= 1.05)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
