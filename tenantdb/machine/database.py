@@ -16,9 +16,7 @@ import json
 import logging
 import os
 import re
-import secrets
 import sqlite3
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -27,7 +25,7 @@ from typing import IO, Any, Literal, Self, get_args
 
 import aiosqlite
 
-from tenantdb import logs
+from tenantdb import clock, logs
 from tenantdb.config import Settings
 from tenantdb.connections.pool import ConnectionPool
 from tenantdb.errors import (
@@ -181,7 +179,7 @@ class _DataDirLock:
             text = path.read_text().strip()
             if _CLAIM.fullmatch(text):
                 return text
-        value = secrets.token_hex(16)
+        value = clock.token_hex(16)
         write_atomically(path, value.encode())
         return value
 
@@ -243,7 +241,7 @@ class TenantDB:
         self._failed = asyncio.Event()  # set once the failed machine has stopped everything
         # Requests for the tenant, for the idle stop (TENANTDB_IDLE_STOP).
         self._requests = 0
-        self._last_request = time.monotonic()
+        self._last_request = clock.monotonic()
         self._idle = asyncio.Event()  # set when this machine should stop for idleness
 
     @classmethod
@@ -297,7 +295,7 @@ class TenantDB:
         The kill timeout counts from here: ``stop()`` fits its final publish in what is left.
         """
         self.draining = True
-        self._draining_since = time.monotonic()
+        self._draining_since = clock.monotonic()
 
     def _move(self, to: TenantState) -> None:
         if to not in _MOVES[self.state]:
@@ -316,7 +314,7 @@ class TenantDB:
         observed = self._observed
         if self.state != "standby" or observed is None or self._lease is None:
             return False
-        if time.monotonic() - self._confirmed_at > 2 * self.settings.follow_interval + 1:
+        if clock.monotonic() - self._confirmed_at > 2 * self.settings.follow_interval + 1:
             return False  # not polled lately (restoring the copy): nothing is known
         # Not "expires within handoff_wait": a live holder's lease always looks that close
         # when the TTL is short, since it is renewed only every TTL/3.
@@ -378,11 +376,11 @@ class TenantDB:
             yield
         finally:
             self._requests -= 1
-            self._last_request = time.monotonic()
+            self._last_request = clock.monotonic()
 
     def idle_for(self) -> float:
         """Seconds since the last request for the tenant ended; 0 while one runs."""
-        return 0.0 if self._requests else time.monotonic() - self._last_request
+        return 0.0 if self._requests else clock.monotonic() - self._last_request
 
     async def idle(self) -> None:
         """Wait until this machine should stop for idleness (``TENANTDB_IDLE_STOP``).
@@ -494,13 +492,13 @@ class TenantDB:
             if unread.clear():
                 log.info("tenant %s: standby reads lock.json again", self.tenant)
             self.lock_damaged = False
-            self._observed, self._confirmed_at = observed, time.monotonic()
+            self._observed, self._confirmed_at = observed, clock.monotonic()
             if observed is not None and self._still_held(observed):
                 # While lock.json is still at the generation the local file was written in,
                 # that file may hold this machine's unpublished writes: the takeover's rules
                 # decide about it, the follower leaves it alone.
                 follow = observed.record.generation != local_generation
-                if follow and time.monotonic() >= retry_at and not self._copy_current(observed):
+                if follow and clock.monotonic() >= retry_at and not self._copy_current(observed):
                     try:
                         if local_generation != 0:
                             # The follower writes the file from here: never again "the
@@ -513,7 +511,7 @@ class TenantDB:
                         failures = 0
                     except (TenantDBError, OSError, sqlite3.Error) as exc:
                         pause = _RECOVERY_PAUSES[min(failures, len(_RECOVERY_PAUSES) - 1)]
-                        failures, retry_at = failures + 1, time.monotonic() + pause
+                        failures, retry_at = failures + 1, clock.monotonic() + pause
                         log.error(
                             "tenant %s: the standby could not follow the log (%s); retrying "
                             "in %.0fs",
@@ -683,7 +681,7 @@ class TenantDB:
         )
         if self.settings.idle_stop > 0:
             # Restarted if it dies: it holds no state, and without it the tenant stays awake.
-            self._last_request = time.monotonic()  # the idle time counts from here
+            self._last_request = clock.monotonic()  # the idle time counts from here
             self._supervisor.spawn("idle", self._watch_idle, "restart")
         log.info(
             "tenant %s: serving (generation %s)",
@@ -732,7 +730,7 @@ class TenantDB:
         hashes: PageHashes | None
         if previous is None:
             if exists:
-                aside = self.path.with_name(f"{self.path.name}.orphaned-{int(time.time())}")
+                aside = self.path.with_name(f"{self.path.name}.orphaned-{int(clock.wall())}")
                 log.warning(
                     "tenant %s: the bucket has no lock.json but %s exists; moved it to %s",
                     self.tenant,
@@ -775,7 +773,7 @@ class TenantDB:
         elif exists and (hashes := await asyncio.to_thread(self._matching_local, previous)):
             log.info("tenant %s: the local file is what the bucket has", self.tenant)
         else:
-            started = time.monotonic()
+            started = clock.monotonic()
             with self.metrics.timing("restore"):
                 hashes = await restore_database(
                     self.lease.bucket, previous, self.path, prefix=self.settings.prefix
@@ -784,7 +782,7 @@ class TenantDB:
                 "tenant %s: restored %d pages in %.2fs",
                 self.tenant,
                 hashes.db_pages,
-                time.monotonic() - started,
+                clock.monotonic() - started,
             )
         state = json.dumps({"generation": self._held_generation or 0}).encode()
         await asyncio.to_thread(write_atomically, self._state_file, state)
@@ -930,7 +928,7 @@ class TenantDB:
         """Final snapshot, publish, release; keep the local file if publishing fails."""
         if self.state == "stopped":
             return
-        started = self._draining_since or time.monotonic()
+        started = self._draining_since or clock.monotonic()
         was = self.state
         self._move("stopping")
         try:
@@ -951,7 +949,7 @@ class TenantDB:
         finally:
             await self._close_resources()
             self._move("stopped")
-            took = time.monotonic() - started
+            took = clock.monotonic() - started
             log.info("tenant %s: shutdown took %.2fs", self.tenant, took)
             if took > self.settings.kill_timeout * 0.5:
                 log.warning(
@@ -973,7 +971,7 @@ class TenantDB:
                 # Each attempt gets only the time left: a stalled upload (the read timeout
                 # can exceed the kill timeout) must not outlast the machine, or the log
                 # below would never be written.
-                async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)):
+                async with asyncio.timeout(max(deadline - clock.monotonic(), 0.1)):
                     await self._serving_shipper().sync()
                 break
             except LeaseLostError:
@@ -990,7 +988,7 @@ class TenantDB:
             except TenantDBError as exc:
                 failure = exc
             reason = str(failure) or "it did not finish before the kill timeout"
-            if time.monotonic() + min(2.0, attempt * 0.5) >= deadline:
+            if clock.monotonic() + min(2.0, attempt * 0.5) >= deadline:
                 log.critical(
                     "tenant %s: FINAL PUBLISH FAILED (%s). The lease is NOT released and "
                     "the newest data is only in %s: restart this machine to publish it",
@@ -1005,7 +1003,7 @@ class TenantDB:
         limit = self.settings.idle_stop
         why: ReleaseReason | None = "idle" if 0 < limit <= self.idle_for() else None
         try:
-            async with asyncio.timeout(max(deadline - time.monotonic(), 0.5)):
+            async with asyncio.timeout(max(deadline - clock.monotonic(), 0.5)):
                 await self.lease.release(reason=why)
             log.info("tenant %s: lease released%s", self.tenant, " (idle)" if why else "")
         except (TenantDBError, TimeoutError) as exc:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from tenantdb import clock
 from tenantdb.errors import (
     CrossRegionLeaseError,
     LeaseHeldError,
@@ -55,7 +54,7 @@ class ObservedLock:
 
     record: LockRecord
     info: ObjectInfo
-    read_at: float = field(default_factory=time.monotonic)  # when the answer arrived
+    read_at: float = field(default_factory=lambda: clock.monotonic())  # when the answer arrived
 
 
 async def read_lock(
@@ -129,7 +128,7 @@ class Lease:
         # Whether the bucket is strongly consistent across regions, so that the lease may
         # move between regions (TENANTDB_BUCKET_CONSISTENCY=strong).
         self.cross_region = cross_region
-        self.claim = claim or secrets.token_hex(8)
+        self.claim = claim or clock.token_hex(8)
         self.prefix = prefix
         self.key = f"{prefix}{tenant}/lock.json"
         self.snapshot_prefix = f"{prefix}{tenant}/snapshots/"
@@ -165,7 +164,7 @@ class Lease:
         An answer without a ``Date`` header gives no server clock: the lease then counts as
         expired only once this process has seen the same ETag for a whole TTL.
         """
-        now = time.monotonic()
+        now = clock.monotonic()
         age = observed.info.server_age
         if age is None:
             if self._watched is None or self._watched[0] != observed.info.etag:
@@ -181,7 +180,7 @@ class Lease:
         """Seconds this machine may still act as holder, by its own conservative clock."""
         if self.status != "held" or self._releasing:
             return 0.0
-        return self.ttl - (time.monotonic() - self._renewed_at)
+        return self.ttl - (clock.monotonic() - self._renewed_at)
 
     async def acquire(self) -> LockRecord:
         """Take the lease, or raise ``LeaseHeldError`` naming the live holder."""
@@ -279,7 +278,7 @@ class Lease:
     def next_snapshot_key(self, *, base: int, taken_ms: int) -> str:
         """A key no snapshot ever had, sortable by age (see ``SnapshotName``)."""
         name = SnapshotName(self._held().generation, self._next_seq, base, taken_ms)
-        return name.key(self.snapshot_prefix, secrets.token_hex(8))
+        return name.key(self.snapshot_prefix, clock.token_hex(8))
 
     async def publish(self, snapshot: SnapshotRef, log: LogPointer | None) -> LockRecord:
         """Point ``lock.json`` at an uploaded snapshot and its log (CAS); 412 means fenced."""
@@ -340,7 +339,7 @@ class Lease:
         if_none_match: Literal["*"] | None = None,
     ) -> LockRecord:
         # Registered before sending: a cancelled or unanswered write may still have landed.
-        sent = _Sent(record, time.monotonic())
+        sent = _Sent(record, clock.monotonic())
         self._unconfirmed.append(sent)
         self._next_seq = max(self._next_seq, record.seq + 1)
         try:

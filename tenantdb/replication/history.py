@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
+from tenantdb import clock
 from tenantdb.errors import ObjectTooLargeError, PreconditionFailedError, ReplicationError
 from tenantdb.parsing import (
     Malformed,
@@ -158,7 +159,7 @@ async def record_takeover(lease: Lease) -> Takeover:
             generation=record.generation,
             owner=record.owner,
             region=record.region,
-            at=datetime.now(UTC),
+            at=clock.now(),
             tail=previous.log.tail if previous and previous.log else 0,
             snapshot=previous.snapshot.key if previous and previous.snapshot else None,
             claim=record.claim,

@@ -21,12 +21,12 @@ import asyncio
 import functools
 import logging
 import sqlite3
-import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
+from tenantdb import clock
 from tenantdb.errors import (
     LeaseLostError,
     ObjectTooLargeError,
@@ -208,7 +208,7 @@ class Shipper:
         self.retention = retention
         # When to look for garbage next (monotonic); None: no garbage is known to exist. An
         # idle tenant costs no LIST: only merges, snapshots and a new holding make garbage.
-        self._next_collection: float | None = time.monotonic()
+        self._next_collection: float | None = clock.monotonic()
         self._hashes = hashes
         # None until the first read: the start of whatever WAL exists then (the database
         # was just restored or created, so nothing in it can have been checkpointed).
@@ -240,7 +240,7 @@ class Shipper:
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._group = GroupCommit(self.ship_once, tenant=lease.tenant)
-        self._snapshot_at = time.monotonic()
+        self._snapshot_at = clock.monotonic()
         self.snapshots = 0  # published by this shipper
 
     def __repr__(self) -> str:
@@ -328,18 +328,18 @@ class Shipper:
         if target is None or self._shipped(*target):
             self._unshipped_since = None
         elif self._unshipped_since is None:
-            self._unshipped_since = time.monotonic()
+            self._unshipped_since = clock.monotonic()
 
     def lag(self) -> float:
         """Seconds the oldest commit not yet in the bucket has waited; 0 when none."""
         since = self._unshipped_since
-        return 0.0 if since is None else time.monotonic() - since
+        return 0.0 if since is None else clock.monotonic() - since
 
     def upload_failing_for(self) -> float:
         """Seconds the upload of a log object has been failing (lock.json carries it
         meanwhile); 0 when none is."""
         failed = [at for key, at in self._upload_failed_at.items() if key in self._uploads]
-        return time.monotonic() - min(failed) if failed else 0.0
+        return clock.monotonic() - min(failed) if failed else 0.0
 
     async def _ship_locked(self) -> bool:
         if self._needs_snapshot:
@@ -423,7 +423,7 @@ class Shipper:
     def _snapshot_due(self, every: float) -> bool:
         pointer = self._log()
         too_long = len(pointer.chunks()) >= MAX_CHUNKS
-        return too_long or (every > 0 and time.monotonic() - self._snapshot_at >= every)
+        return too_long or (every > 0 and clock.monotonic() - self._snapshot_at >= every)
 
     def _log(self) -> LogPointer:
         """The log as lock.json has it; a lock without one gets a log on its snapshot."""
@@ -547,7 +547,7 @@ class Shipper:
         if _succeeded(upload):
             self._upload_failed_at.pop(key, None)
         elif not upload.cancelled() and key not in self._upload_failed_at:
-            self._upload_failed_at[key] = time.monotonic()
+            self._upload_failed_at[key] = clock.monotonic()
             log.warning(
                 "tenant %s: uploading %s failed, retrying (lock.json carries it meanwhile): %s",
                 self.lease.tenant,
@@ -668,7 +668,7 @@ class Shipper:
         """
         while self.lease.status == "held":
             await asyncio.sleep(interval)
-            if self._next_collection is None or time.monotonic() < self._next_collection:
+            if self._next_collection is None or clock.monotonic() < self._next_collection:
                 continue
             try:
                 await self.collect_garbage()
@@ -697,7 +697,7 @@ class Shipper:
         if self.lease.record is None or self.lease.status != "held":
             return []
         history = await read_history(self.lease.bucket, self.lease.tenant, prefix=self.prefix)
-        cutoff = datetime.now(UTC) - timedelta(seconds=self.retention)
+        cutoff = clock.now() - timedelta(seconds=self.retention)
         # Planning is linear in the objects listed, which may be many: off the event loop.
         expendable = await asyncio.to_thread(
             history.expendable, cutoff, keep_snapshots=self.snapshot_retention
@@ -713,12 +713,12 @@ class Shipper:
         waiting = [o.last_modified for o in objects if o.key not in settled]
         if waiting:  # look again once the oldest of them is past the retention
             due = (min(waiting) - cutoff).total_seconds()
-            self._next_collection = time.monotonic() + max(due, GC_INTERVAL)
+            self._next_collection = clock.monotonic() + max(due, GC_INTERVAL)
         return garbage
 
     def _garbage_made(self) -> None:
         """A merge or a snapshot replaced objects: collect them once the retention is past."""
-        due = time.monotonic() + max(self.retention, GC_INTERVAL)
+        due = clock.monotonic() + max(self.retention, GC_INTERVAL)
         if self._next_collection is None or due < self._next_collection:
             self._next_collection = due
 
@@ -830,7 +830,7 @@ class Shipper:
             self._uploads.pop(key, None)  # in the bucket, and carried no more
         self._carried = deque()  # the snapshot replaced the log that carried them
         self._needs_snapshot, self._restart_expected = False, at_end
-        self._snapshot_at = time.monotonic()
+        self._snapshot_at = clock.monotonic()
         self.snapshots += 1
         self._garbage_made()
 

@@ -1,52 +1,71 @@
 """The harness: real ``TenantDB`` machines of one tenant over the simulated bucket, driven
 step by step by a schedule, with the invariants checked after every step.
 
-A crash here is the nearest to SIGKILL that one process allows: the machine's bucket view
-is cut (nothing more of it reaches the bucket), every task of the machine is cancelled at
-whatever await it stands, its SQLite connections are closed without any publish or lease
-release, and its data directory's flock is dropped; the object is abandoned. Unlike a real
+Everything runs on the simulation's loop (loop.py): virtual time, no threads, so one seed
+makes one trace (``Outcome.trace``: every bucket attempt and its answer, every state move
+of every machine, every step's result), bit for bit.
+
+Each machine's code (its start, its loops, the requests it serves) runs in a context that
+names it, so that it can be frozen whole (SIGSTOP; Fly's suspend, which also stops its
+monotonic clock) and its wall clock jumped. A crash is the nearest to SIGKILL that one
+process allows: it lands after a seeded number of loop iterations, so at any await; the
+machine's bucket view is cut (nothing more of it reaches the bucket), every task of the
+machine is cancelled where it stands, its SQLite connections are closed without any
+publish or lease release, and its data directory's flock is dropped. Unlike a real
 SIGKILL, closing the last connection folds the WAL into the local file (SQLite's
-checkpoint on close), and code between two awaits always runs to the next await.
+checkpoint on close).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import random
+import socket
 import sqlite3
-import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal, TypeVar
 
+from starlette.types import Message, Receive, Scope, Send
+
+from tenantdb.asgi.middleware import TenantDBMiddleware
 from tenantdb.config import Settings
-from tenantdb.errors import TenantDBError
-from tenantdb.machine.database import TenantDB
+from tenantdb.errors import LeaseHeldError, TenantDBError
+from tenantdb.machine.database import TenantDB, TenantState
+from tenantdb.metrics import Metrics
 from tenantdb.protocol.lockfile import LockRecord
 from tenantdb.replication import pitr
 from tenantdb.replication.history import takeover_key
+from tenantdb.replication.rollback import rollback
 from tenantdb.replication.segment import segment_key
 from tenantdb.replication.shipper import carried_segments
 from tests.simulation import invariants
 from tests.simulation.bucket import BucketView, SimBucket
 from tests.simulation.invariants import InvariantViolated
+from tests.simulation.loop import CURRENT, EPOCH, SimLoop, deterministic
 from tests.simulation.schedule import Schedule, Step
 
-__all__ = ["Outcome", "Simulation", "SimulationFailed", "run_schedule"]
+__all__ = ["Outcome", "Simulation", "SimulationFailed", "run_schedule", "simulate"]
 
+T = TypeVar("T")
 TENANT = "acme"
 PREFIX = "tenants/"
 LOCK_KEY = f"{PREFIX}{TENANT}/lock.json"
-# Below the 3 s production minimum (set past Settings' check): pauses past the TTL and
-# takeovers after a crash then cost about two seconds, not five.
+# Below the 3 s production minimum (set past Settings' check): fewer loop iterations per
+# schedule. Time is virtual: the waits below cost no wall time.
 TTL = 1.0
 MIGRATIONS = ["CREATE TABLE sim_tokens (token TEXT PRIMARY KEY)"]
 WRITE_TIMEOUT = 3.0  # a write (commit + sync) not acknowledged by then counts as unanswered
 LIFECYCLE_TIMEOUT = 10.0  # start and stop
 SERVING_WAIT = TTL + 2.5  # how long a write step waits for a machine that serves
+FULL_DISK_PAGES = 1_073_741_823  # SQLite's default max_page_count: the disk has room again
+WriteMode = Literal["request", "sync", "async"]
 
 
 class SimulationFailed(AssertionError):
@@ -55,26 +74,40 @@ class SimulationFailed(AssertionError):
     def __init__(self, schedule: Schedule, step: int, steps: list[str], cause: BaseException):
         self.schedule = schedule
         self.cause = cause
+        self.step = step
         lines = "\n".join(f"  {n:>3} {line}" for n, line in enumerate(steps))
         super().__init__(
             f"seed {schedule.seed} failed at step {step}: {cause}\n{lines}\n"
-            f"replay: .venv/bin/python -m tests.simulation --seed {schedule.seed}"
+            f"replay: .venv/bin/python -m tests.simulation --seed {schedule.seed} "
+            f"--steps {len(schedule.steps) - 3}"
         )
 
 
 @dataclass
 class Write:
-    """One client write and what its client was told."""
+    """One client write and what its client was told (times on the true wall clock)."""
 
     token: str
-    machine: str
-    started: float  # wall clock (as segment times): before the commit began
-    acked: float | None = None  # when sync() returned
+    machine: str  # the machine's incarnation: name#start
+    mode: WriteMode
+    started: float  # before the commit began
+    committed: float | None = None  # when the commit returned
+    commit_order: int | None = None  # the commit's place among the run's events
+    acked: float | None = None  # when the client was told it is in the bucket
+
+
+@dataclass(frozen=True)
+class RolledBack:
+    """A rollback that was published: to which moment, and when it ran."""
+
+    to: float
+    began: float
+    done: float
 
 
 @dataclass
 class Outcome:
-    """What a run did: steps, faults by kind, invariant checks, writes."""
+    """What a run did: steps, faults by kind, invariant checks, writes, and its trace."""
 
     seed: int
     steps: list[str] = field(default_factory=list)
@@ -83,14 +116,53 @@ class Outcome:
     events: Counter[str] = field(default_factory=Counter)
     writes: int = 0
     acked: int = 0
+    trace: list[str] = field(default_factory=list)
+    iterations: int = 0  # of the event loop
+    virtual_seconds: float = 0.0
+
+
+class SimTenantDB(TenantDB):
+    """The real TenantDB, whose state moves also go into the trace."""
+
+    trace: list[str]
+
+    def _move(self, to: TenantState) -> None:
+        loop = asyncio.get_running_loop()
+        self.trace.append(f"{loop.time():.6f} {self.settings.machine_id} {self.state} -> {to}")
+        super()._move(to)
+
+
+async def _token_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """The app behind the middleware: store the body as a token, answer ``ok``."""
+    message = await receive()
+    db = scope["state"]["db"]
+    await db.execute("INSERT INTO sim_tokens (token) VALUES (?)", (message["body"].decode(),))
+    await db.commit()
+    scope["state"]["on_commit"]()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _gateway(settings: Settings) -> TenantDBMiddleware:
+    """The middleware's request path alone (``_serve_own``: the lending and the output
+    gate); its lifespan (bucket, router, process exit) is not part of a simulated machine."""
+    gateway = TenantDBMiddleware.__new__(TenantDBMiddleware)
+    gateway.app = _token_app
+    gateway.settings = settings
+    gateway.metrics = Metrics()
+    gateway._in_flight = 0
+    gateway._handed_back_holds = 0
+    gateway._idle = asyncio.Event()
+    return gateway
 
 
 class Machine:
     """One machine: its settings, its view of the bucket, and its TenantDB while it runs."""
 
-    def __init__(self, name: str, root: Path, sim: SimBucket) -> None:
+    def __init__(self, name: str, root: Path, sim: SimBucket, loop: SimLoop) -> None:
         self.name = name
         self.sim = sim
+        self.loop = loop
         self.settings = Settings(
             tenant=TENANT,
             machine_id=name,
@@ -103,55 +175,75 @@ class Machine:
             kill_timeout=4,
             handoff_wait=1,
             durability="bucket",
+            durability_timeout=WRITE_TIMEOUT,
         )
         object.__setattr__(self.settings, "lease_ttl", TTL)
         self.view: BucketView = sim.view(name)
-        self.tdb: TenantDB | None = None
+        self.tdb: SimTenantDB | None = None
+        self.gateway = _gateway(self.settings)
+        self.incarnation = f"{name}#0"
+        self._starts = itertools.count(1)
+        self.context = contextvars.copy_context()
+        self.context.run(CURRENT.set, name)
+
+    def spawn(self, coro: Awaitable[T]) -> asyncio.Task[T]:
+        """Run ``coro`` as this machine's code (frozen and killed with it)."""
+        return self.loop.create_task(coro, context=self.context.copy())  # type: ignore[arg-type]
+
+    async def run(self, coro: Awaitable[T]) -> T:
+        """Run ``coro`` as this machine's code and wait for it (CancelledError if killed)."""
+        task = self.spawn(coro)
+        await asyncio.wait({task})
+        return task.result()
 
     async def start(self) -> str:
         if self.tdb is not None:
             return "already running"
         self.view = self.sim.view(self.name)
-        tdb = TenantDB(self.settings, migrations=MIGRATIONS, bucket=self.view)
+        self.incarnation = f"{self.name}#{next(self._starts)}"
+        tdb = SimTenantDB(self.settings, migrations=MIGRATIONS, bucket=self.view)
+        tdb.trace = self.sim.trace
+        self.tdb = tdb
         try:
             async with asyncio.timeout(LIFECYCLE_TIMEOUT):
-                await tdb.start(standby=True)
+                await self.run(tdb.start(standby=True))
         except (TenantDBError, TimeoutError) as exc:
+            await self.crash()
             return f"start failed: {type(exc).__name__}: {exc}"
-        self.tdb = tdb
+        except asyncio.CancelledError:
+            return "killed while starting"
         return tdb.state
 
     async def stop(self) -> str:
         if self.tdb is None:
             return "not running"
-        tdb, self.tdb = self.tdb, None
+        if self.loop.frozen(self.name):
+            self.loop.thaw(self.name)
         try:
             async with asyncio.timeout(LIFECYCLE_TIMEOUT):
-                await tdb.stop()
+                await self.run(self.tdb.stop())
         except TimeoutError:
-            await self._abandon(tdb)
-            return "stop timed out: abandoned"
+            await self.crash()
+            return "stop timed out: killed"
+        self.tdb = None
         return "stopped"
 
     async def crash(self) -> str:
+        """SIGKILL, as near as one process gets (see the module's docstring)."""
         if self.tdb is None:
             return "not running"
         tdb, self.tdb = self.tdb, None
-        await self._abandon(tdb)
-        return "crashed"
-
-    async def _abandon(self, tdb: TenantDB) -> None:
-        """SIGKILL, as near as one process gets (see the module's docstring)."""
         self.view.cut()
-        tasks = list(tdb._supervisor.tasks)
-        if tdb._failing is not None:
-            tasks.append(tdb._failing)
+        if self.loop.frozen(self.name):
+            self.loop.thaw(self.name)  # so that its tasks meet their cancellation
+        tasks = self.loop.tasks_of(self.name)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await tdb._close_database()
         tdb._dir_lock.release()
+        return "crashed"
 
     async def tokens(self) -> set[str] | None:
         """The tokens in this machine's database, if it serves."""
@@ -179,21 +271,51 @@ def _tokens_in_file(path: Path) -> set[str]:
         conn.close()
 
 
+def _outside_checkpoint(path: Path) -> str:
+    """Another process's connection checkpoints the WAL into the database file."""
+    conn = sqlite3.connect(path, timeout=0)
+    try:
+        busy, frames, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return f"checkpoint busy={busy} frames={frames} done={done}"
+    except sqlite3.Error as exc:
+        return f"checkpoint refused: {exc}"
+    finally:
+        conn.close()
+
+
 class Simulation:
     """One schedule's run: machines, bucket, model, and the checks after every step."""
 
-    def __init__(self, schedule: Schedule, root: Path) -> None:
+    def __init__(self, schedule: Schedule, root: Path, loop: SimLoop) -> None:
         self.schedule = schedule
         self.root = root
-        self.sim = SimBucket(rng=random.Random(schedule.fault_seed()), skew=schedule.skew)
-        self.machines = [Machine(f"m{n + 1}", root, self.sim) for n in range(schedule.machines)]
+        self.loop = loop
+        self.sim = SimBucket(
+            rng=random.Random(schedule.fault_seed()),
+            skew=schedule.skew,
+            clock=loop.true_wall,
+            epoch=EPOCH,
+        )
+        self.machines = [
+            Machine(f"m{n + 1}", root, self.sim, loop) for n in range(schedule.machines)
+        ]
         self.writes: list[Write] = []
-        self.outcome = Outcome(schedule.seed)
-        self.began = time.time()
+        self.rollbacks: list[RolledBack] = []
+        self.outcome = Outcome(schedule.seed, trace=self.sim.trace)
+        self.began = loop.true_wall()
         self._tokens = itertools.count(1)
         self._restores = itertools.count(1)
         self._seen_landed = 0
         self._carried_segments: dict[str, bytes] = {}
+        self._rng = random.Random(f"run:{schedule.seed}")
+        self._order = itertools.count(1)  # orders events of the same virtual instant
+        # The largest error of any machine's wall clock so far: segment times are the
+        # holder's clock, so a point-in-time restore is exact only to within it.
+        self.clock_error = 0.0
+
+    def now(self) -> float:
+        """The true wall clock (the model's)."""
+        return self.loop.true_wall()
 
     async def run(self) -> Outcome:
         """Run every step, check after each; SimulationFailed on the first violation."""
@@ -201,7 +323,9 @@ class Simulation:
         try:
             for step_number, step in enumerate(self.schedule.steps):
                 result = await self._do(step)
-                self.outcome.steps.append(f"{step} -> {result}")
+                line = f"{step} -> {result}"
+                self.outcome.steps.append(line)
+                self.sim.trace.append(f"{self.loop.time():.6f} step {line}")
                 await self.check(f"after step {step_number}")
             step_number += 1
             self.outcome.steps.append(f"final: {await self._final()}")
@@ -211,6 +335,8 @@ class Simulation:
             for machine in self.machines:
                 await machine.crash()
             self.outcome.faults.update(self.sim.faults)
+            self.outcome.iterations = self.loop.iterations
+            self.outcome.virtual_seconds = self.loop.time()
         return self.outcome
 
     async def _final(self) -> str:
@@ -222,6 +348,9 @@ class Simulation:
 
     # --- steps -----------------------------------------------------------------------------
 
+    def _machine(self, step: Step) -> Machine:
+        return self.machines[step.machine % len(self.machines)]
+
     async def _do(self, step: Step) -> str:
         self.outcome.events[step.kind] += 1
         match step.kind:
@@ -230,13 +359,13 @@ class Simulation:
             case "checkpoint":
                 return await self._checkpoint()
             case "start":
-                return await self.machines[step.machine % len(self.machines)].start()
+                return await self._machine(step).start()
             case "stop":
-                return await self.machines[step.machine % len(self.machines)].stop()
+                return await self._machine(step).stop()
             case "crash":
-                return await self._crash(self.machines[step.machine % len(self.machines)], step)
-            case "pause":
-                return await self._pause(self.machines[step.machine % len(self.machines)], step)
+                return await self._crash(self._machine(step), step)
+            case "pause" | "suspend":
+                return await self._pause(self._machine(step), step)
             case "restore_at":
                 return await self._restore_at(step)
             case "restore_now":
@@ -247,17 +376,32 @@ class Simulation:
                 return "set"
             case "hostile":
                 return self._hostile()
+            case "clock_jump":
+                offsets = self.loop.wall_offset
+                name = self._machine(step).name
+                offsets[name] = offsets.get(name, 0.0) + step.seconds
+                self.clock_error = max(self.clock_error, abs(offsets[name]))
+                return f"{name}'s wall clock is {offsets[name]:+.1f}s off"
+            case "outside_checkpoint":
+                return await self._outside_checkpoint(self._machine(step))
+            case "disk_full":
+                return await self._disk_full(self._machine(step), step)
+            case "rollback":
+                return await self._rollback(step)
         raise AssertionError(step.kind)  # pragma: no cover
 
     def serving(self) -> list[Machine]:
         """The machines that say they serve now."""
         return [m for m in self.machines if m.tdb is not None and m.tdb.serving]
 
-    async def _write_step(self, count: int) -> str:
-        deadline = time.monotonic() + SERVING_WAIT
-        while not self.serving() and time.monotonic() < deadline:
+    async def _wait_serving(self) -> list[Machine]:
+        deadline = self.loop.time() + SERVING_WAIT
+        while not self.serving() and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
-        serving = self.serving()
+        return self.serving()
+
+    async def _write_step(self, count: int) -> str:
+        serving = await self._wait_serving()
         if not serving:
             return "no machine serves"
         answers = await asyncio.gather(
@@ -271,59 +415,220 @@ class Simulation:
             assert machine.tdb is not None
             try:
                 async with asyncio.timeout(WRITE_TIMEOUT):
-                    made = await machine.tdb.checkpoint()
-            except (TenantDBError, sqlite3.Error, TimeoutError) as exc:
+                    made = await machine.run(machine.tdb.checkpoint())
+            except (TenantDBError, sqlite3.Error, TimeoutError, asyncio.CancelledError) as exc:
                 self.outcome.events[f"checkpoint refused: {type(exc).__name__}"] += 1
                 return f"refused on {machine.name}: {type(exc).__name__}: {exc}"
             return f"{'snapshot' if made else 'nothing new'} on {machine.name}"
         return "no machine serves"
 
-    async def write(self, machine: Machine) -> bool:
-        """One client write with a unique token: commit, then ``sync()``; True if answered."""
+    async def write(
+        self, machine: Machine, mode: WriteMode | None = None, *, large: bool = False
+    ) -> bool:
+        """One client write with a unique token, in ``mode`` (drawn if None): True if the
+        client was told it is in the bucket. A ``large`` token needs new pages."""
         tdb = machine.tdb
         assert tdb is not None
-        write = Write(f"t{self.schedule.seed}-{next(self._tokens)}", machine.name, time.time())
+        chosen: WriteMode = mode or self._rng.choice(("request", "request", "sync", "async"))
+        token = f"t{self.schedule.seed}-{next(self._tokens)}"
+        if large:
+            token += "-" + "x" * 3000
+        write = Write(token, machine.incarnation, chosen, self.now())
         self.writes.append(write)
         self.outcome.writes += 1
         try:
             async with asyncio.timeout(WRITE_TIMEOUT):
-                async with tdb.connection() as db:
-                    await db.execute("INSERT INTO sim_tokens (token) VALUES (?)", (write.token,))
-                    await db.commit()
-                await tdb.sync()
-        except (TenantDBError, sqlite3.Error, TimeoutError) as exc:
+                if chosen == "request":
+                    answered = await machine.run(self._request(machine, tdb, write))
+                else:
+                    answered = await machine.run(self._commit(tdb, write, sync=chosen == "sync"))
+        except (TenantDBError, sqlite3.Error, TimeoutError, asyncio.CancelledError) as exc:
             self.outcome.events[f"write refused: {type(exc).__name__}"] += 1
             return False
-        write.acked = time.time()
-        self.outcome.acked += 1
+        if answered:
+            self.outcome.acked += 1
+        return answered
+
+    def _committed(self, write: Write) -> None:
+        write.committed = self.now()
+        write.commit_order = next(self._order)
+        self.outcome.events[f"{write.mode} write committed"] += 1
+
+    async def _commit(self, tdb: TenantDB, write: Write, *, sync: bool) -> bool:
+        async with tdb.connection() as db:
+            await db.execute("INSERT INTO sim_tokens (token) VALUES (?)", (write.token,))
+            await db.commit()
+        self._committed(write)
+        if not sync:
+            return False  # async durability: the client is told nothing about the bucket
+        began = next(self._order)
+        await tdb.sync()
+        # sync() vouches for every commit of this machine before it began.
+        for other in self.writes:
+            if (
+                other.machine == write.machine
+                and other.acked is None
+                and other.commit_order is not None
+                and other.commit_order < began
+            ):
+                other.acked = self.now()
+        return True
+
+    async def _request(self, machine: Machine, tdb: TenantDB, write: Write) -> bool:
+        """A POST through the middleware's request path and its output gate."""
+        sent: list[Message] = []
+        scope: Scope = {
+            "type": "http",
+            "method": "POST",
+            "path": f"/customers/{TENANT}/tokens",
+            "headers": [],
+            "query_string": b"",
+            "state": {"on_commit": lambda: self._committed(write)},
+        }
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": write.token.encode(), "more_body": False}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        if not tdb.serving:
+            return False
+        try:
+            await machine.gateway._serve_own(scope, receive, send, tdb)
+        except (TenantDBError, sqlite3.Error) as exc:
+            self.outcome.events[f"request failed: {type(exc).__name__}"] += 1
+            return False
+        status = next((m["status"] for m in sent if m["type"] == "http.response.start"), None)
+        self.outcome.events[f"request answered {status}"] += 1
+        if status != 200 or sent[-1].get("body") != b"ok":
+            return False
+        write.acked = self.now()
         return True
 
     async def _crash(self, machine: Machine, step: Step) -> str:
-        """Crash the machine, ``step.seconds`` into ``step.count`` writes on it if it serves."""
+        """Crash the machine ``step.count`` loop iterations into ``step.count`` writes on it
+        (or at once): SIGKILL at whichever await each of its tasks stands."""
         if not step.count or machine.tdb is None or not machine.tdb.serving:
             return await machine.crash()
         writing = asyncio.gather(*(self.write(machine) for _ in range(step.count)))
-        await asyncio.sleep(step.seconds)
+        await self.loop.after_iterations(step.iterations)
         crashed = await machine.crash()
         answered = sum(await writing)
-        return f"{crashed} with {answered}/{step.count} writes acknowledged"
+        return (
+            f"{crashed} {step.iterations} iterations in, with {answered}/{step.count} writes "
+            "acknowledged"
+        )
 
     async def _pause(self, machine: Machine, step: Step) -> str:
-        """Hold the machine's bucket calls (a process stopped mid-request); writes go on."""
+        """Freeze the whole machine (SIGSTOP; a suspend also stops its monotonic clock);
+        the other machines and their clients go on."""
         if machine.tdb is None:
             return "not running"
-        machine.view.pause()
-        try:
-            writing = asyncio.gather(*(self.write(m) for m in self.serving()))
-            await asyncio.sleep(step.seconds)
-        finally:
-            machine.view.resume()
+        self.loop.freeze(machine.name, clock_stops=step.kind == "suspend")
+        others = [m for m in self.serving() if m is not machine]
+        writing = asyncio.gather(*(self.write(m) for m in others))
+        await asyncio.sleep(step.seconds)
+        self.loop.thaw(machine.name)
         await writing
+        await asyncio.sleep(0.01)  # let it notice
         return f"resumed as {machine.tdb.state if machine.tdb else 'gone'}"
 
-    def acked_by(self, moment: float) -> set[str]:
-        """The tokens whose sync() returned at or before ``moment``."""
-        return {w.token for w in self.writes if w.acked is not None and w.acked <= moment}
+    async def _outside_checkpoint(self, machine: Machine) -> str:
+        if machine.tdb is None or not machine.tdb.path.exists():
+            return "no database"
+        return _outside_checkpoint(machine.tdb.path)
+
+    async def _disk_full(self, machine: Machine, step: Step) -> str:
+        """The machine's disk is full for ``step.seconds``: its connections cannot grow the
+        database (SQLite's ``database or disk is full``) while clients write."""
+        tdb = machine.tdb
+        if tdb is None or tdb._pool is None or not tdb.serving:
+            return "not serving"
+        pool = tdb._pool
+
+        async def limit(pages: int | None) -> None:
+            for conn in list(pool._opened):
+                with contextlib.suppress(sqlite3.Error, ValueError):
+                    if pages is None:
+                        async with conn.execute("PRAGMA page_count") as cur:
+                            row = await cur.fetchone()
+                        assert row is not None
+                        await conn.execute(f"PRAGMA max_page_count = {row[0]}")
+                    else:
+                        await conn.execute(f"PRAGMA max_page_count = {pages}")
+
+        await machine.run(limit(None))
+        writes = (self.write(machine, large=True) for _ in range(step.count))
+        answers = await asyncio.gather(*writes)
+        await asyncio.sleep(step.seconds)
+        if machine.tdb is tdb:
+            await machine.run(limit(FULL_DISK_PAGES))
+        return f"{sum(answers)}/{step.count} acknowledged while full; now {tdb.state}"
+
+    async def _rollback(self, step: Step) -> str:
+        """The operator's rollback to a moment of the run, as the docs say to run it: the
+        machines stopped first, started again after."""
+        running = [m for m in self.machines if m.tdb is not None]
+        for machine in running:
+            await machine.stop()
+        began = self.now()
+        moment = self.began + step.fraction * (began - self.began)
+        work_dir = self.root / "rollback"
+        work_dir.mkdir(exist_ok=True)
+        try:
+            result = await rollback(
+                self.machines[0].settings,
+                # Named as its lease names it: its release is the holder's own write.
+                self.sim.view(f"rollback@{socket.gethostname()}"),
+                datetime.fromtimestamp(moment, UTC),
+                work_dir=work_dir,
+            )
+        except LeaseHeldError:
+            outcome = "refused: the lease is held"
+        except TenantDBError as exc:
+            kind = invariants.restore_failure_is_named(exc, "rollback")
+            self.outcome.events[f"rollback {kind}"] += 1
+            outcome = f"{kind}: {exc}"
+        else:
+            self.rollbacks.append(RolledBack(moment, began, self.now()))
+            self.outcome.events["rollback published"] += 1
+            outcome = f"to +{moment - self.began:.3f}s as generation {result.generation}"
+        started = [await machine.start() for machine in running]
+        return f"{outcome}; restarted: {', '.join(started) or 'none'}"
+
+    # --- the model -------------------------------------------------------------------------
+
+    def _survives(self, write: Write, rolled: RolledBack) -> bool | None:
+        """Whether ``write`` is in the state after ``rolled`` (None: either is right)."""
+        if write.started >= rolled.began:
+            return True if write.acked is not None else None
+        if write.acked is not None and write.acked <= rolled.to - 0.002:
+            return True
+        if (write.committed or write.started) > rolled.to + 0.002:
+            return False
+        return None
+
+    def required_at(self, moment: float) -> set[str]:
+        """The tokens the state at ``moment`` must hold: acknowledged by then, and not
+        undone by a rollback published by then."""
+        applied = [r for r in self.rollbacks if r.done <= moment]
+        return {
+            w.token
+            for w in self.writes
+            if w.acked is not None
+            and w.acked <= moment
+            and all(self._survives(w, r) is True for r in applied)
+        }
+
+    def forbidden_at(self, moment: float) -> set[str]:
+        """The tokens the state at ``moment`` must not hold."""
+        applied = [r for r in self.rollbacks if r.done <= moment]
+        return {
+            w.token
+            for w in self.writes
+            if w.started > moment + 0.002 or any(self._survives(w, r) is False for r in applied)
+        }
 
     async def _restore(self, at: datetime | None, where: str) -> set[str] | str:
         dest = self.root / "restores" / f"{next(self._restores)}.sqlite3"
@@ -335,11 +640,11 @@ class Simulation:
             kind = invariants.restore_failure_is_named(exc, where)
             self.outcome.events[f"restore {kind}"] += 1
             return f"{kind}: {exc}"
-        return await asyncio.to_thread(_tokens_in_file, dest)
+        return _tokens_in_file(dest)
 
     async def _restore_now(self, where: str) -> str:
         """A ``tenantdb verify``-style full restore: every write acknowledged so far."""
-        required = self.acked_by(time.time())
+        required = self.required_at(self.now())
         found = await self._restore(None, where)
         if isinstance(found, str):
             return found
@@ -348,13 +653,18 @@ class Simulation:
         return f"{len(found)} tokens, {len(required)} required"
 
     async def _restore_at(self, step: Step) -> str:
-        now = time.time()
+        now = self.now()
         moment = (
             now - step.seconds if step.seconds else self.began + step.fraction * (now - self.began)
         )
-        # Segment times are rounded up to the millisecond: allow that much either way.
-        required = self.acked_by(moment - 0.002)
-        forbidden = {w.token for w in self.writes if w.started > moment + 0.002}
+        margin = 0.002 + self.clock_error
+        if any(r.began - margin <= moment <= r.done + margin for r in self.rollbacks):
+            return "skipped: a moment while a rollback ran"
+        # Segment times are rounded up to the millisecond, and on the holder's clock: allow
+        # that much either way.
+        slack = 0.002 + self.clock_error
+        required = self.required_at(moment - slack)
+        forbidden = self.forbidden_at(moment + slack - 0.002)
         where = f"restore as of +{moment - self.began:.3f}s"
         found = await self._restore(datetime.fromtimestamp(moment, UTC), where)
         if isinstance(found, str):
@@ -446,8 +756,8 @@ class Simulation:
                 continue  # a holder that has not noticed its lease is gone yet
             found = await machine.tokens()
             if found is not None:
-                acked = self.acked_by(time.time())
-                invariants.acknowledged_writes_survive(acked, found, f"{machine.name} {where}")
+                required = self.required_at(self.now())
+                invariants.acknowledged_writes_survive(required, found, f"{machine.name} {where}")
                 checks["acknowledged_writes_survive"] += 1
 
 
@@ -467,6 +777,19 @@ def _generation(body: bytes) -> int | None:
         return None
 
 
-async def run_schedule(schedule: Schedule, root: Path) -> Outcome:
-    """Run ``schedule`` with its files under ``root``."""
-    return await Simulation(schedule, root).run()
+def simulate(
+    schedule: Schedule, root: Path, body: Callable[[Simulation], Awaitable[T]] | None = None
+) -> T | Outcome:
+    """Run ``body`` (the schedule's steps if None) on a fresh simulation's loop."""
+    with deterministic(str(schedule.seed)) as loop:
+        simulation = Simulation(schedule, root, loop)
+        work = body(simulation) if body is not None else simulation.run()
+        with asyncio.Runner(loop_factory=lambda: loop) as runner:
+            return runner.run(work)  # type: ignore[arg-type]
+
+
+def run_schedule(schedule: Schedule, root: Path) -> Outcome:
+    """Run ``schedule`` with its files under ``root``: its outcome, or SimulationFailed."""
+    outcome = simulate(schedule, root)
+    assert isinstance(outcome, Outcome)
+    return outcome

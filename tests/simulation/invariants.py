@@ -61,7 +61,7 @@ def acknowledged_writes_survive(acked: Iterable[str], found: set[str], where: st
     if missing:
         raise InvariantViolated(
             "acknowledged_writes_survive",
-            f"{where} lacks {len(missing)} acknowledged write(s): {missing[:5]}",
+            f"{where} lacks {len(missing)} acknowledged write(s): {_short(missing)}",
         )
 
 
@@ -74,12 +74,12 @@ def restore_matches_model(
         raise InvariantViolated(
             "restore_matches_model",
             f"{where} is older than its moment: it lacks {len(missing)} write(s) "
-            f"acknowledged by then: {missing[:5]}",
+            f"acknowledged by then: {_short(missing)}",
         )
     extra = sorted(forbidden & found)
     if extra:
         raise InvariantViolated(
-            "restore_matches_model", f"{where} holds writes begun after its moment: {extra[:5]}"
+            "restore_matches_model", f"{where} holds writes begun after its moment: {_short(extra)}"
         )
 
 
@@ -207,3 +207,8 @@ def serving_has_its_loops(machines: Mapping[str, tuple[str, Health]]) -> None:
         dead = [r for r in health.reasons if "task is not running" in r]
         if dead:
             raise InvariantViolated("serving_has_its_loops", f"{name} serves, but {dead}")
+
+
+def _short(tokens: list[str]) -> list[str]:
+    """The first few tokens, each cut to its name (large ones carry padding)."""
+    return [token[:24] for token in tokens[:5]]
