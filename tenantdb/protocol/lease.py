@@ -87,6 +87,7 @@ class _Sent:
 
     record: LockRecord
     sent_at: float  # monotonic time before its first attempt left
+    sent_wall: float  # and wall-clock time
 
 
 class _EarlierWriteLanded(Exception):
@@ -138,6 +139,7 @@ class Lease:
         self._on_lost = on_lost
         self._etag: str | None = None
         self._renewed_at = 0.0  # monotonic time the write that landed last was *sent*
+        self._renewed_wall = 0.0  # and its wall-clock time
         # A release was sent: it may land unheard, so this process no longer counts as holder.
         self._releasing = False
         self._unconfirmed: list[_Sent] = []
@@ -177,10 +179,16 @@ class Lease:
 
     @property
     def valid_for(self) -> float:
-        """Seconds this machine may still act as holder, by its own conservative clock."""
+        """Seconds this machine may still act as holder, by its own conservative clock.
+
+        Whichever local clock counts more time since the send wins: a machine resumed from
+        Fly's suspend (a snapshot restored, no signal) has a monotonic clock that did not
+        count the time it was away, while its wall clock, once set again, did.
+        """
         if self.status != "held" or self._releasing:
             return 0.0
-        return self.ttl - (clock.monotonic() - self._renewed_at)
+        elapsed = max(clock.monotonic() - self._renewed_at, clock.wall() - self._renewed_wall)
+        return self.ttl - elapsed
 
     async def acquire(self) -> LockRecord:
         """Take the lease, or raise ``LeaseHeldError`` naming the live holder."""
@@ -339,7 +347,7 @@ class Lease:
         if_none_match: Literal["*"] | None = None,
     ) -> LockRecord:
         # Registered before sending: a cancelled or unanswered write may still have landed.
-        sent = _Sent(record, clock.monotonic())
+        sent = _Sent(record, clock.monotonic(), clock.wall())
         self._unconfirmed.append(sent)
         self._next_seq = max(self._next_seq, record.seq + 1)
         try:
@@ -355,18 +363,18 @@ class Lease:
                     raise  # a lost acquisition race: acquire() re-reads
                 return self._lose(exc)
             observed, earlier = landed
-            self._confirm(observed.record, observed.info.etag, earlier.sent_at)
+            self._confirm(observed.record, observed.info.etag, earlier)
             if earlier is not sent:
                 raise _EarlierWriteLanded from exc
             return record
-        self._confirm(record, info.etag, sent.sent_at)
+        self._confirm(record, info.etag, sent)
         return record
 
-    def _confirm(self, record: LockRecord, etag: str, sent_at: float) -> None:
+    def _confirm(self, record: LockRecord, etag: str, sent: _Sent) -> None:
         self.record, self._etag = record, etag
         self.status = "held" if self._is_own_claim(record) else "released"
         # Never later than the send of the write that landed: the bucket's clock started then.
-        self._renewed_at = sent_at
+        self._renewed_at, self._renewed_wall = sent.sent_at, sent.sent_wall
         self._unconfirmed.clear()
 
     async def _own_write_landed(self) -> tuple[ObservedLock, _Sent] | None:

@@ -65,6 +65,7 @@ WRITE_TIMEOUT = 3.0  # a write (commit + sync) not acknowledged by then counts a
 LIFECYCLE_TIMEOUT = 10.0  # start and stop
 SERVING_WAIT = TTL + 2.5  # how long a write step waits for a machine that serves
 FULL_DISK_PAGES = 1_073_741_823  # SQLite's default max_page_count: the disk has room again
+WATCH_INTERVAL = 0.005  # how often the harness looks for two machines serving at once
 WriteMode = Literal["request", "sync", "async"]
 
 
@@ -312,14 +313,37 @@ class Simulation:
         # The largest error of any machine's wall clock so far: segment times are the
         # holder's clock, so a point-in-time restore is exact only to within it.
         self.clock_error = 0.0
+        self.overlap: tuple[float, list[str]] | None = None  # two machines serving at once
 
     def now(self) -> float:
         """The true wall clock (the model's)."""
         return self.loop.true_wall()
 
+    def serving_now(self) -> list[str]:
+        """The machines that would serve a request now, each judged on its own clock (a
+        frozen one serves nothing until it runs again)."""
+        return [
+            m.name
+            for m in self.machines
+            if m.tdb is not None
+            and not self.loop.frozen(m.name)
+            and m.context.run(lambda tdb=m.tdb: tdb.serving)
+        ]
+
+    async def _watch_holders(self) -> None:
+        """(3) At most one machine serves at any simulated moment, checked every
+        ``WATCH_INTERVAL`` (a machine that serves a stale read or takes a write while
+        another holds the lease is the fencing failure)."""
+        while True:
+            serving = self.serving_now()
+            if len(serving) > 1 and self.overlap is None:
+                self.overlap = (self.now() - self.began, serving)
+            await asyncio.sleep(WATCH_INTERVAL)
+
     async def run(self) -> Outcome:
         """Run every step, check after each; SimulationFailed on the first violation."""
         step_number = 0
+        watcher = asyncio.create_task(self._watch_holders())
         try:
             for step_number, step in enumerate(self.schedule.steps):
                 result = await self._do(step)
@@ -332,6 +356,7 @@ class Simulation:
         except Exception as exc:  # an invariant, or any error a step should not raise
             raise SimulationFailed(self.schedule, step_number, self.outcome.steps, exc) from exc
         finally:
+            watcher.cancel()
             for machine in self.machines:
                 await machine.crash()
             self.outcome.faults.update(self.sim.faults)
@@ -728,6 +753,8 @@ class Simulation:
     async def check(self, where: str) -> None:
         """Every invariant, on the state now."""
         checks = self.outcome.checks
+        invariants.one_machine_serves_at_a_time(self.overlap)
+        checks["one_machine_serves_at_a_time"] += 1
         versions = invariants.lock_versions(self.sim.landed, LOCK_KEY)
         invariants.one_live_lease_at_a_time(versions)
         checks["one_live_lease_at_a_time"] += 1

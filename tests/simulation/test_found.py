@@ -79,3 +79,22 @@ async def _junk_takeover_record(sim: Simulation) -> None:
     found = await sim._restore_at(Step("restore_at", seconds=0.1))
     assert found.startswith("2 tokens"), found
     await m2.stop()
+
+
+def test_a_holder_resumed_from_a_suspend_does_not_serve_beside_the_new_holder(
+    tmp_path: Path,
+) -> None:
+    """Seeds 4, 28, 70, 78 and 85: Fly's suspend restores a snapshot of the machine, whose
+    monotonic clock did not count the time it was away. The holder judged its lease on
+    that clock alone: resumed 2.6 s later (TTL 1 s), it served, beside the standby that had
+    taken the tenant over meanwhile."""
+    steps = (
+        Step("start", machine=0),
+        Step("start", machine=1),
+        Step("write", count=2),
+        Step("suspend", machine=0, seconds=2.6),
+        Step("write", count=2),
+    )
+    outcome = run_schedule(Schedule(0, 2, timedelta(0), steps), tmp_path)
+    assert outcome.checks["one_machine_serves_at_a_time"] == len(steps) + 1
+    assert "acknowledged on m2" in outcome.steps[-2]
