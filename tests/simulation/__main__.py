@@ -15,7 +15,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from tests.simulation.harness import SimulationFailed, run_schedule
+from tests.simulation.mutations import MUTATIONS
 from tests.simulation.schedule import make_schedule
 
 # A RAM disk if there is one: SQLite's fsyncs cost more wall time than the simulation.
@@ -37,7 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep-going", action="store_true", help="run every seed; list the failed ones"
     )
+    parser.add_argument(
+        "--mutation",
+        choices=sorted(MUTATIONS),
+        help="revert this past fix first; stop at the first seed that finds it",
+    )
     args = parser.parse_args(argv)
+    if args.mutation:
+        patch = pytest.MonkeyPatch()
+        MUTATIONS[args.mutation](patch)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.CRITICAL + 1,
         format="%(asctime)s %(name)s %(message)s",
@@ -54,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
                 outcome = run_schedule(schedule, Path(root))
             except SimulationFailed as failed:
                 print(failed, file=sys.stderr)
+                if args.mutation:
+                    invariant = getattr(failed.cause, "invariant", type(failed.cause).__name__)
+                    print(
+                        f"mutation {args.mutation}: found by seed {seed} (seed number "
+                        f"{seed - seeds[0] + 1} searched), step {failed.step}, {invariant}"
+                    )
                 if not args.keep_going:
                     return 1
                 failed_seeds.append(seed)

@@ -118,6 +118,10 @@ class SimBucket:
         """A Bucket for one machine (or tool) named ``client``."""
         return BucketView(self, client)
 
+    def copy_objects(self) -> dict[str, _Object]:
+        """The objects as they are now (later writes and damage do not change the copy)."""
+        return {key: _Object(o.body, o.etag, o.last_modified) for key, o in self.objects.items()}
+
     def damage(self, key: str) -> None:
         """Flip a byte of a stored object in place, as a disk that rots would (same ETag)."""
         obj = self.objects[key]
@@ -213,6 +217,9 @@ class BucketView:
         self._running = asyncio.Event()
         self._running.set()
         self.cut_off = False
+        # Called once, right after this machine's next lock.json write lands (and before
+        # its answer is back): where a process stopped then hurts a lease the most.
+        self.after_landing: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"BucketView({self.client!r})"
@@ -256,7 +263,7 @@ class BucketView:
             raise StorageError(f"{self.client} is gone", key=key, operation=operation)
         sim = self.sim
         sim.requests += 1
-        await asyncio.sleep(sim.rng.uniform(*LATENCY))  # a round trip takes time
+        await asyncio.sleep(sim.rng.uniform(*LATENCY) / 2)  # the request on its way
         await self._running.wait()
         if self.cut_off:
             raise StorageError(f"{self.client} is gone", key=key, operation=operation)
@@ -279,6 +286,12 @@ class BucketView:
             sim.trace.append(f"{line} {type(exc).__name__}")
             raise
         sim.trace.append(f"{line} {_digest(result)}")
+        if self.after_landing is not None and operation == "put" and key.endswith("lock.json"):
+            hook, self.after_landing = self.after_landing, None
+            hook()
+        await asyncio.sleep(sim.rng.uniform(*LATENCY) / 2)  # the answer on its way
+        if self.cut_off:
+            raise StorageError(f"{self.client} is gone", key=key, operation=operation)
         if fault == "lose_answer":
             raise TransientStorageError(
                 f"connection reset after the {operation} of {key!r} landed", key=key

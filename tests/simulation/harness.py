@@ -46,7 +46,7 @@ from tenantdb.replication.rollback import rollback
 from tenantdb.replication.segment import segment_key
 from tenantdb.replication.shipper import carried_segments
 from tests.simulation import invariants
-from tests.simulation.bucket import BucketView, SimBucket
+from tests.simulation.bucket import BucketView, SimBucket, _Object
 from tests.simulation.invariants import InvariantViolated
 from tests.simulation.loop import CURRENT, EPOCH, SimLoop, deterministic
 from tests.simulation.schedule import Schedule, Step
@@ -65,6 +65,7 @@ WRITE_TIMEOUT = 3.0  # a write (commit + sync) not acknowledged by then counts a
 LIFECYCLE_TIMEOUT = 10.0  # start and stop
 SERVING_WAIT = TTL + 2.5  # how long a write step waits for a machine that serves
 FULL_DISK_PAGES = 1_073_741_823  # SQLite's default max_page_count: the disk has room again
+OPERATOR_CLOCK_ERROR = -3.0  # the rollback's machine: tenantdb must not trust its clock
 WATCH_INTERVAL = 0.005  # how often the harness looks for two machines serving at once
 WriteMode = Literal["request", "sync", "async"]
 
@@ -92,6 +93,7 @@ class Write:
     machine: str  # the machine's incarnation: name#start
     mode: WriteMode
     started: float  # before the commit began
+    commit_began: float | None = None  # when COMMIT was called
     committed: float | None = None  # when the commit returned
     commit_order: int | None = None  # the commit's place among the run's events
     acked: float | None = None  # when the client was told it is in the bucket
@@ -138,6 +140,7 @@ async def _token_app(scope: Scope, receive: Receive, send: Send) -> None:
     message = await receive()
     db = scope["state"]["db"]
     await db.execute("INSERT INTO sim_tokens (token) VALUES (?)", (message["body"].decode(),))
+    scope["state"]["on_commit_begin"]()
     await db.commit()
     scope["state"]["on_commit"]()
     await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -314,6 +317,8 @@ class Simulation:
         # holder's clock, so a point-in-time restore is exact only to within it.
         self.clock_error = 0.0
         self.overlap: tuple[float, list[str]] | None = None  # two machines serving at once
+        # Answers not checked yet: the bucket's version and objects then, and the tokens.
+        self._answers: list[tuple[int, dict[str, _Object], list[str]]] = []
 
     def now(self) -> float:
         """The true wall clock (the model's)."""
@@ -474,6 +479,18 @@ class Simulation:
             self.outcome.acked += 1
         return answered
 
+    def _answered(self, write: Write) -> None:
+        """The client is told ``write`` is in the bucket: keep the bucket as it is now, to
+        check that it is (``check``)."""
+        write.acked = self.now()
+        version = len(self.sim.landed)
+        if not self._answers or self._answers[-1][0] != version:
+            self._answers.append((version, self.sim.copy_objects(), []))
+        self._answers[-1][2].append(write.token)
+
+    def _commit_begins(self, write: Write) -> None:
+        write.commit_began = self.now()
+
     def _committed(self, write: Write) -> None:
         write.committed = self.now()
         write.commit_order = next(self._order)
@@ -482,6 +499,7 @@ class Simulation:
     async def _commit(self, tdb: TenantDB, write: Write, *, sync: bool) -> bool:
         async with tdb.connection() as db:
             await db.execute("INSERT INTO sim_tokens (token) VALUES (?)", (write.token,))
+            self._commit_begins(write)
             await db.commit()
         self._committed(write)
         if not sync:
@@ -496,7 +514,7 @@ class Simulation:
                 and other.commit_order is not None
                 and other.commit_order < began
             ):
-                other.acked = self.now()
+                self._answered(other)
         return True
 
     async def _request(self, machine: Machine, tdb: TenantDB, write: Write) -> bool:
@@ -508,7 +526,10 @@ class Simulation:
             "path": f"/customers/{TENANT}/tokens",
             "headers": [],
             "query_string": b"",
-            "state": {"on_commit": lambda: self._committed(write)},
+            "state": {
+                "on_commit_begin": lambda: self._commit_begins(write),
+                "on_commit": lambda: self._committed(write),
+            },
         }
 
         async def receive() -> Message:
@@ -528,7 +549,7 @@ class Simulation:
         self.outcome.events[f"request answered {status}"] += 1
         if status != 200 or sent[-1].get("body") != b"ok":
             return False
-        write.acked = self.now()
+        self._answered(write)
         return True
 
     async def _crash(self, machine: Machine, step: Step) -> str:
@@ -550,6 +571,18 @@ class Simulation:
         the other machines and their clients go on."""
         if machine.tdb is None:
             return "not running"
+        when = "at once"
+        if step.count:
+            # Stopped right after its next lease write landed, before the answer came.
+            landed = asyncio.Event()
+            machine.view.after_landing = landed.set
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TTL):
+                    await landed.wait()
+            machine.view.after_landing = None
+            if machine.tdb is None:
+                return "gone meanwhile"
+            when = "after a lease write landed" if landed.is_set() else "at once (no write)"
         self.loop.freeze(machine.name, clock_stops=step.kind == "suspend")
         others = [m for m in self.serving() if m is not machine]
         writing = asyncio.gather(*(self.write(m) for m in others))
@@ -557,7 +590,7 @@ class Simulation:
         self.loop.thaw(machine.name)
         await writing
         await asyncio.sleep(0.01)  # let it notice
-        return f"resumed as {machine.tdb.state if machine.tdb else 'gone'}"
+        return f"stopped {when}; resumed as {machine.tdb.state if machine.tdb else 'gone'}"
 
     async def _outside_checkpoint(self, machine: Machine) -> str:
         if machine.tdb is None or not machine.tdb.path.exists():
@@ -601,14 +634,19 @@ class Simulation:
         moment = self.began + step.fraction * (began - self.began)
         work_dir = self.root / "rollback"
         work_dir.mkdir(exist_ok=True)
+        # The operator's laptop, whose clock is OPERATOR_CLOCK_ERROR behind.
+        operator = contextvars.copy_context()
+        operator.run(CURRENT.set, "operator")
+        self.loop.wall_offset["operator"] = OPERATOR_CLOCK_ERROR
+        call = rollback(
+            self.machines[0].settings,
+            # Named as its lease names it: its release is the holder's own write.
+            self.sim.view(f"rollback@{socket.gethostname()}"),
+            datetime.fromtimestamp(moment, UTC),
+            work_dir=work_dir,
+        )
         try:
-            result = await rollback(
-                self.machines[0].settings,
-                # Named as its lease names it: its release is the holder's own write.
-                self.sim.view(f"rollback@{socket.gethostname()}"),
-                datetime.fromtimestamp(moment, UTC),
-                work_dir=work_dir,
-            )
+            result = await self.loop.create_task(call, context=operator)
         except LeaseHeldError:
             outcome = "refused: the lease is held"
         except TenantDBError as exc:
@@ -628,9 +666,11 @@ class Simulation:
         """Whether ``write`` is in the state after ``rolled`` (None: either is right)."""
         if write.started >= rolled.began:
             return True if write.acked is not None else None
-        if write.acked is not None and write.acked <= rolled.to - 0.002:
+        # ``to`` is compared with segment times, which are the holders' clocks.
+        slack = 0.002 + self.clock_error
+        if write.acked is not None and write.acked <= rolled.to - slack:
             return True
-        if (write.committed or write.started) > rolled.to + 0.002:
+        if (write.committed or write.started) > rolled.to + slack:
             return False
         return None
 
@@ -652,7 +692,8 @@ class Simulation:
         return {
             w.token
             for w in self.writes
-            if w.started > moment + 0.002 or any(self._survives(w, r) is False for r in applied)
+            if (w.commit_began or w.started) > moment
+            or any(self._survives(w, r) is False for r in applied)
         }
 
     async def _restore(self, at: datetime | None, where: str) -> set[str] | str:
@@ -682,14 +723,20 @@ class Simulation:
         moment = (
             now - step.seconds if step.seconds else self.began + step.fraction * (now - self.began)
         )
-        margin = 0.002 + self.clock_error
+        began = [w.commit_began for w in self.writes if w.commit_began is not None]
+        if step.count and began:
+            # Just before a commit: where a segment time a hair early would show it.
+            position = step.fraction * len(began)
+            moment = began[int(position)] - (position % 1) * 0.0005
+        # A rollback is stamped on the bucket's clock (past all history): a skewed bucket
+        # puts it up to the skew away from when it ran.
+        margin = 0.002 + self.clock_error + abs(self.schedule.skew.total_seconds())
         if any(r.began - margin <= moment <= r.done + margin for r in self.rollbacks):
             return "skipped: a moment while a rollback ran"
-        # Segment times are rounded up to the millisecond, and on the holder's clock: allow
-        # that much either way.
-        slack = 0.002 + self.clock_error
-        required = self.required_at(moment - slack)
-        forbidden = self.forbidden_at(moment + slack - 0.002)
+        # A segment's time is taken after its commits and before their answers, rounded up
+        # to the millisecond (so never before a commit), on the holder's clock.
+        required = self.required_at(moment - 0.001 - self.clock_error)
+        forbidden = self.forbidden_at(moment + self.clock_error)
         where = f"restore as of +{moment - self.began:.3f}s"
         found = await self._restore(datetime.fromtimestamp(moment, UTC), where)
         if isinstance(found, str):
@@ -750,6 +797,21 @@ class Simulation:
         self._seen_landed = len(self.sim.landed)
         return self._carried_segments
 
+    async def _check_answers(self, where: str) -> None:
+        """(1) Every write was in the bucket when its client was told so: a full restore of
+        the bucket as it was then holds it."""
+        answers, self._answers = self._answers, []
+        for version, objects, tokens in answers:
+            dest = self.root / "restores" / f"answer-{version}.sqlite3"
+            dest.parent.mkdir(exist_ok=True)
+            found = await _restored_tokens(objects, dest)
+            if found is None:
+                continue
+            invariants.acknowledged_writes_survive(
+                tokens, found, f"the bucket when they were answered ({where})"
+            )
+            self.outcome.checks["acknowledged_writes_survive"] += 1
+
     async def check(self, where: str) -> None:
         """Every invariant, on the state now."""
         checks = self.outcome.checks
@@ -776,6 +838,7 @@ class Simulation:
         )
         checks["serving_has_its_loops"] += 1
 
+        await self._check_answers(where)
         for machine in self.serving():
             assert machine.tdb is not None
             held = machine.tdb.lease.record
@@ -786,6 +849,16 @@ class Simulation:
                 required = self.required_at(self.now())
                 invariants.acknowledged_writes_survive(required, found, f"{machine.name} {where}")
                 checks["acknowledged_writes_survive"] += 1
+
+
+async def _restored_tokens(objects: dict[str, _Object], dest: Path) -> set[str] | None:
+    """The tokens of a full restore from a bucket holding ``objects`` (None if it fails)."""
+    auditor = SimBucket(objects=objects).view("auditor")
+    try:
+        await pitr.restore_at(auditor, TENANT, dest, prefix=PREFIX, at=None)
+    except TenantDBError:
+        return None  # damaged or hostile objects: the restores of the steps judge those
+    return _tokens_in_file(dest)
 
 
 def _carried_by(body: bytes) -> dict[str, bytes]:

@@ -48,6 +48,8 @@ BUSY_TRIES = 5000  # ...and how often: the 5 s busy_timeout of CONNECTION_PRAGMA
 # one step do not all share one instant (which would blur every point-in-time check).
 ITERATION_COST = 50e-6
 MIN_WAIT = 1e-6  # the shortest wait of ``call_later`` that is not zero
+SIM_CHECKPOINT_WAL_BYTES = 64 << 10
+THREAD_TIME = 0.002  # the longest a blocking call (a thread's work) takes
 _BUSY_MESSAGES = ("database is locked", "database table is locked")
 
 
@@ -77,11 +79,12 @@ def _busy(exc: BaseException) -> bool:
 class SimLoop(asyncio.SelectorEventLoop):
     """An event loop on a virtual clock that runs blocking calls inline (module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rng: random.Random | None = None) -> None:
         selector = _VirtualSelector()
         super().__init__(selector)
         selector.loop = self
         self._now = 0.0
+        self.rng = rng or random.Random(0)  # how long each blocking call takes
         self.iterations = 0
         self.busy_retries = 0
         self._watchers: list[tuple[int, int, asyncio.Future[None]]] = []
@@ -243,7 +246,14 @@ class SimLoop(asyncio.SelectorEventLoop):
                 future.set_exception(exc)
             return
         if not future.done():
-            future.set_result(result)
+            # A thread takes time, and others run meanwhile: the answer comes a seeded
+            # moment after the call ran (the window where a commit lands after a read).
+            self.call_later(self.rng.uniform(0, THREAD_TIME), _set_result, future, result)
+
+
+def _set_result(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 class _InlineQueue:
@@ -277,7 +287,7 @@ _SIM_PRAGMAS = tuple(
 @contextlib.contextmanager
 def deterministic(seed: str) -> Iterator[SimLoop]:
     """A fresh ``SimLoop``, with tenantdb's clocks and randomness and aiosqlite on it."""
-    loop = SimLoop()
+    loop = SimLoop(random.Random(f"threads:{seed}"))
     rng = random.Random(f"entropy:{seed}")
     saved_random = random.getstate()
     random.seed(f"random:{seed}")  # retry jitter (storage.base) draws from the module
@@ -290,6 +300,8 @@ def deterministic(seed: str) -> Iterator[SimLoop]:
         (shipper, "CONNECTION_PRAGMAS", _SIM_PRAGMAS),
         (pool, "CONNECTION_PRAGMAS", _SIM_PRAGMAS),
         (database, "CONNECTION_PRAGMAS", _SIM_PRAGMAS),
+        # A WAL checkpoint (and restart) every few dozen commits, not every 4 MiB.
+        (shipper, "CHECKPOINT_WAL_BYTES", SIM_CHECKPOINT_WAL_BYTES),
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, value in patches:

@@ -48,7 +48,8 @@ class Step:
             case "write":
                 return f"write x{self.count} (on any machine that says it serves)"
             case "pause" | "suspend":
-                return f"{self.kind} m{self.machine + 1} for {self.seconds:.2f}s"
+                when = " after its next lease write" if self.count else ""
+                return f"{self.kind} m{self.machine + 1}{when} for {self.seconds:.2f}s"
             case "clock_jump":
                 return f"clock_jump m{self.machine + 1} {self.seconds:+.1f}s"
             case "disk_full":
@@ -57,6 +58,8 @@ class Step:
                 return f"rollback to {self.fraction:.2f} of the run so far"
             case "restore_at" if self.seconds:
                 return f"restore_at {self.seconds:.2f}s ago"
+            case "restore_at" if self.count:
+                return f"restore_at just before commit {self.fraction:.3f} of those so far"
             case "restore_at":
                 return f"restore_at {self.fraction:.2f} of the run so far"
             case "faults":
@@ -144,14 +147,22 @@ def make_schedule(seed: int, steps: int = 12) -> Schedule:
             case "write":
                 chosen.append(Step(kind, count=rng.randint(1, 4)))
             case "pause" | "suspend":
-                chosen.append(Step(kind, machine=machine, seconds=rng.choice((0.4, 1.3, 2.6))))
+                seconds = rng.choice((0.4, 1.3, 2.6))
+                # count 1: stopped right after its next lease write lands
+                chosen.append(
+                    Step(kind, machine=machine, seconds=seconds, count=rng.choice((0, 1)))
+                )
             case "clock_jump":
                 jump = rng.choice((-2.0, -0.5, 0.5, 3.0))
                 chosen.append(Step(kind, machine=machine, seconds=jump))
             case "disk_full":
                 seconds = rng.choice((0.2, 1.0))
                 chosen.append(Step(kind, machine=machine, seconds=seconds, count=rng.randint(1, 3)))
-            case "restore_at" | "rollback":
+            case "restore_at":
+                # count 1: just before a commit, picked by ``fraction``
+                near = rng.choice((0, 1))
+                chosen.append(Step(kind, fraction=round(rng.random(), 3), count=near))
+            case "rollback":
                 chosen.append(Step(kind, fraction=round(rng.random(), 3)))
             case "faults":
                 chosen.append(Step(kind, plan=_plan(rng)))
