@@ -20,6 +20,7 @@ import pytest
 from tests.simulation.harness import SimulationFailed, run_schedule
 from tests.simulation.mutations import MUTATIONS
 from tests.simulation.schedule import make_schedule
+from tests.simulation.shrink import keep_steps, shrink
 
 # A RAM disk if there is one: SQLite's fsyncs cost more wall time than the simulation.
 SCRATCH = "/dev/shm" if Path("/dev/shm").is_dir() else None
@@ -45,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(MUTATIONS),
         help="revert this past fix first; stop at the first seed that finds it",
     )
+    parser.add_argument(
+        "--keep", help="with --seed: run only these steps (comma-separated indices)"
+    )
+    parser.add_argument(
+        "--shrink", action="store_true", help="with --seed: find the fewest failing steps"
+    )
     args = parser.parse_args(argv)
     if args.mutation:
         patch = pytest.MonkeyPatch()
@@ -60,6 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     for seed in seeds:
         schedule = make_schedule(seed, args.steps)
+        if args.keep is not None:
+            schedule = keep_steps(schedule, [int(i) for i in args.keep.split(",") if i])
+        if args.shrink:
+            kept = shrink(schedule, SCRATCH)
+            print(f"seed {seed}: {len(kept)} of {len(schedule.steps)} steps still fail:")
+            for index in kept:
+                print(f"  {index:>3} {schedule.steps[index]}")
+            print(
+                f"replay: .venv/bin/python -m tests.simulation --seed {seed} "
+                f"--steps {args.steps} --keep {','.join(map(str, kept))}"
+            )
+            return 1
         with tempfile.TemporaryDirectory(prefix=f"tenantdb-sim-{seed}-", dir=SCRATCH) as root:
             try:
                 outcome = run_schedule(schedule, Path(root))

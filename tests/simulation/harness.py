@@ -81,7 +81,7 @@ class SimulationFailed(AssertionError):
         super().__init__(
             f"seed {schedule.seed} failed at step {step}: {cause}\n{lines}\n"
             f"replay: .venv/bin/python -m tests.simulation --seed {schedule.seed} "
-            f"--steps {len(schedule.steps) - 3}"
+            f"--steps {len(schedule.steps) - 3}  (add --shrink for its fewest failing steps)"
         )
 
 
@@ -97,6 +97,7 @@ class Write:
     committed: float | None = None  # when the commit returned
     commit_order: int | None = None  # the commit's place among the run's events
     acked: float | None = None  # when the client was told it is in the bucket
+    holding: str | None = None  # the incarnation and lease generation it committed under
 
 
 @dataclass(frozen=True)
@@ -351,6 +352,7 @@ class Simulation:
         watcher = asyncio.create_task(self._watch_holders())
         try:
             for step_number, step in enumerate(self.schedule.steps):
+                self._reseed(self.schedule.number(step_number))
                 result = await self._do(step)
                 line = f"{step} -> {result}"
                 self.outcome.steps.append(line)
@@ -368,6 +370,14 @@ class Simulation:
             self.outcome.iterations = self.loop.iterations
             self.outcome.virtual_seconds = self.loop.time()
         return self.outcome
+
+    def _reseed(self, number: int) -> None:
+        """Every draw of step ``number`` comes from its own seed (see ``Schedule.numbers``)."""
+        seed = self.schedule.seed
+        self.sim.rng.seed(f"faults:{seed}:{number}")
+        self.loop.rng.seed(f"threads:{seed}:{number}")
+        self._rng.seed(f"run:{seed}:{number}")
+        random.seed(f"random:{seed}:{number}")
 
     async def _final(self) -> str:
         """Stop every machine, then a full restore must hold every acknowledged write."""
@@ -502,14 +512,16 @@ class Simulation:
             self._commit_begins(write)
             await db.commit()
         self._committed(write)
+        write.holding = _holding(write.machine, tdb)
         if not sync:
             return False  # async durability: the client is told nothing about the bucket
         began = next(self._order)
         await tdb.sync()
-        # sync() vouches for every commit of this machine before it began.
+        # sync() vouches for every commit of this holding before it began (not for those
+        # of an earlier one that was fenced: the machine then follows the new holder).
         for other in self.writes:
             if (
-                other.machine == write.machine
+                other.holding == write.holding
                 and other.acked is None
                 and other.commit_order is not None
                 and other.commit_order < began
@@ -859,6 +871,12 @@ async def _restored_tokens(objects: dict[str, _Object], dest: Path) -> set[str] 
     except TenantDBError:
         return None  # damaged or hostile objects: the restores of the steps judge those
     return _tokens_in_file(dest)
+
+
+def _holding(incarnation: str, tdb: TenantDB) -> str:
+    """Which holding of the tenant a commit on ``tdb`` belongs to."""
+    record = tdb.lease.record
+    return f"{incarnation}@{record.generation if record else None}"
 
 
 def _carried_by(body: bytes) -> dict[str, bytes]:

@@ -6,10 +6,12 @@ another thread, so one seed makes one run, bit for bit:
 - ``time()`` is virtual. When no callback is ready, the loop jumps to the next timer
   instead of sleeping; a run of minutes of protocol time takes the CPU time it needs.
 - ``run_in_executor`` (under ``asyncio.to_thread``) runs the function on the loop, one
-  scheduling step later; aiosqlite's per-connection thread is replaced the same way
-  (``inline_aiosqlite``). SQLite's busy wait would block the only thread, so connections
-  get ``busy_timeout=0`` and a busy call is tried again a virtual millisecond later, up
-  to the production busy timeout.
+  scheduling step later, and answers a seeded moment after (a thread takes time);
+  aiosqlite's per-connection thread is replaced the same way (``_InlineQueue``). SQLite's
+  busy wait would block the only thread, so connections get ``busy_timeout=0`` and a
+  busy call is tried again a virtual millisecond later, up to the production busy
+  timeout.
+- Each loop iteration costs ``ITERATION_COST`` of virtual time.
 - Each simulated machine's tasks run in a context naming the machine (``CURRENT``). A
   machine can be frozen (SIGSTOP, or Fly's suspend): its callbacks are held until it is
   thawed; a suspend also stops its monotonic clock (``clock_lost``). Each machine's wall
@@ -48,7 +50,7 @@ BUSY_TRIES = 5000  # ...and how often: the 5 s busy_timeout of CONNECTION_PRAGMA
 # one step do not all share one instant (which would blur every point-in-time check).
 ITERATION_COST = 50e-6
 MIN_WAIT = 1e-6  # the shortest wait of ``call_later`` that is not zero
-SIM_CHECKPOINT_WAL_BYTES = 64 << 10
+SIM_CHECKPOINT_WAL_BYTES = 64 << 10  # tenantdb's own WAL checkpoints, every few dozen commits
 THREAD_TIME = 0.002  # the longest a blocking call (a thread's work) takes
 _BUSY_MESSAGES = ("database is locked", "database table is locked")
 

@@ -83,6 +83,13 @@ class Schedule:
     machines: int
     skew: timedelta
     steps: tuple[Step, ...] = field(default=())
+    # Each step's number in the schedule it was cut from (``shrink.keep_steps``): the
+    # seed of its own draws, so that dropping one step leaves the others' draws alone.
+    numbers: tuple[int, ...] | None = None
+
+    def number(self, index: int) -> int:
+        """The number of the step at ``index`` (its draws' seed)."""
+        return self.numbers[index] if self.numbers is not None else index
 
     def fault_seed(self) -> str:
         """The seed of the bucket's per-attempt fault draws (str seeds hash the same in every

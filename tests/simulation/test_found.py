@@ -18,7 +18,7 @@ from tests.simulation.schedule import Schedule, Step
 def test_a_foreign_object_of_the_same_size_at_a_segment_key_is_never_published(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A hostile writer puts random bytes, exactly as long as segment 4, at its key just
+    """A hostile writer puts random bytes, exactly as long as a segment, at its key just
     before the holder's upload. The holder took any object of the right size there for its
     own landed upload, stopped carrying the segment in lock.json, and published the
     foreign bytes: after the holder's crash, no machine could open the tenant and no
@@ -41,20 +41,24 @@ def test_a_foreign_object_of_the_same_size_at_a_segment_key_is_never_published(
         return put(self, client, operation, key, body, if_match, if_none_match)
 
     monkeypatch.setattr(sim_bucket.SimBucket, "_put", front_run)
-    writes = [Step("write", count=1) for _ in range(5)]
-    steps = (
-        Step("start", machine=0),
-        Step("start", machine=1),
-        *writes,
-        Step("restore_now"),
-        Step("crash", machine=0),
-        Step("write", count=1),
-        Step("restore_now"),
-    )
-    outcome = run_schedule(Schedule(0, 2, timedelta(0), steps), tmp_path)
+    final = simulate(Schedule(0, 2, timedelta(0), ()), tmp_path, _five_writes_and_a_crash)
     assert planted
-    assert outcome.acked == outcome.writes - outcome.events["async write committed"] > 0
-    assert "failed" not in outcome.steps[-1]
+    assert final.startswith("6 tokens, 6 required"), final
+
+
+async def _five_writes_and_a_crash(sim: Simulation) -> str:
+    m1, m2 = sim.machines
+    assert await m1.start() == "serving"
+    assert await m2.start() == "standby"
+    for _ in range(5):
+        assert await sim.write(m1, "sync")  # one segment each
+    await sim._restore_now("restore 1")
+    await m1.crash()
+    assert m2 in await sim._wait_serving()
+    assert await sim.write(m2, "sync")
+    final = await sim._restore_now("restore 2")
+    await m2.stop()
+    return final
 
 
 def test_a_junk_takeover_record_a_later_one_replaces_does_not_stop_restores(
