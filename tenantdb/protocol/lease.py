@@ -140,6 +140,8 @@ class Lease:
         self._etag: str | None = None
         self._renewed_at = 0.0  # monotonic time the write that landed last was *sent*
         self._renewed_wall = 0.0  # and its wall-clock time
+        # The most time any clock counted since that send, and the monotonic time then.
+        self._aged = (0.0, 0.0)
         # A release was sent: it may land unheard, so this process no longer counts as holder.
         self._releasing = False
         self._unconfirmed: list[_Sent] = []
@@ -183,11 +185,17 @@ class Lease:
 
         Whichever local clock counts more time since the send wins: a machine resumed from
         Fly's suspend (a snapshot restored, no signal) has a monotonic clock that did not
-        count the time it was away, while its wall clock, once set again, did.
+        count the time it was away, while its wall clock, once set again, did. And the
+        lease never grows younger: a wall clock stepped back later cannot undo the time
+        it counted once.
         """
         if self.status != "held" or self._releasing:
             return 0.0
-        elapsed = max(clock.monotonic() - self._renewed_at, clock.wall() - self._renewed_wall)
+        now = clock.monotonic()
+        aged, seen_at = self._aged
+        elapsed = max(now - self._renewed_at, clock.wall() - self._renewed_wall)
+        elapsed = max(elapsed, aged + now - seen_at)
+        self._aged = (elapsed, now)
         return self.ttl - elapsed
 
     async def acquire(self) -> LockRecord:
@@ -375,6 +383,7 @@ class Lease:
         self.status = "held" if self._is_own_claim(record) else "released"
         # Never later than the send of the write that landed: the bucket's clock started then.
         self._renewed_at, self._renewed_wall = sent.sent_at, sent.sent_wall
+        self._aged = (0.0, sent.sent_at)
         self._unconfirmed.clear()
 
     async def _own_write_landed(self) -> tuple[ObservedLock, _Sent] | None:

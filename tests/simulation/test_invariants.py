@@ -108,7 +108,7 @@ CASES = {
     ),
     "serving_has_its_loops": (
         serve_with_a_dead_shipper,
-        schedule(Step("start", machine=0), Step("write", count=1)),
+        schedule(Step("start", machine=0), Step("write", count=4)),
     ),
 }
 
