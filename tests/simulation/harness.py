@@ -674,38 +674,57 @@ class Simulation:
 
     # --- the model -------------------------------------------------------------------------
 
-    def _survives(self, write: Write, rolled: RolledBack) -> bool | None:
-        """Whether ``write`` is in the state after ``rolled`` (None: either is right)."""
-        if write.started >= rolled.began:
-            return True if write.acked is not None else None
-        # ``to`` is compared with segment times, which are the holders' clocks.
-        slack = 0.002 + self.clock_error
-        if write.acked is not None and write.acked <= rolled.to - slack:
+    def _in_state(
+        self, write: Write, moment: float, rollbacks: list[RolledBack], *, exact: bool
+    ) -> bool | None:
+        """Whether ``write`` is in the state at ``moment`` (None: either is right).
+
+        The latest rollback that took effect by then decides for the writes before it: the
+        state it published is the state at its ``to``, by the same rule with the rollbacks
+        before it. A rollback's time is the bucket's clock and a segment's the holder's,
+        so near a rollback (within the skew and the clocks' error) both outcomes are
+        right unless they agree. ``exact``: ``moment`` is now, not a time in the history.
+        """
+        margin = 0.002 + self.clock_error + abs(self.schedule.skew.total_seconds())
+        for position in range(len(rollbacks) - 1, -1, -1):
+            rolled, before = rollbacks[position], rollbacks[:position]
+            if moment < rolled.began - margin:
+                continue  # certainly not in effect yet
+            if write.started >= rolled.began:
+                after = self._plain(write, moment, exact=exact)
+            else:
+                after = self._in_state(write, rolled.to, before, exact=False)
+            if exact or moment > rolled.done + margin:
+                return after
+            without = self._in_state(write, moment, before, exact=exact)
+            return after if after == without else None
+        return self._plain(write, moment, exact=exact)
+
+    def _plain(self, write: Write, moment: float, *, exact: bool) -> bool | None:
+        """Whether ``write`` is in the state at ``moment`` with no rollback in the way."""
+        # A segment's time is taken after its commits and before their answers, rounded
+        # up to the millisecond (never before a commit), on the holder's clock.
+        slack = 0.0 if exact else 0.001 + self.clock_error
+        if write.acked is not None and write.acked <= moment - slack:
             return True
-        if (write.committed or write.started) > rolled.to + slack:
+        if not exact and (write.commit_began or write.started) > moment + self.clock_error:
             return False
         return None
 
-    def required_at(self, moment: float) -> set[str]:
-        """The tokens the state at ``moment`` must hold: acknowledged by then, and not
-        undone by a rollback published by then."""
-        applied = [r for r in self.rollbacks if r.done <= moment]
+    def required_at(self, moment: float, *, exact: bool = False) -> set[str]:
+        """The tokens the state at ``moment`` must hold."""
         return {
             w.token
             for w in self.writes
-            if w.acked is not None
-            and w.acked <= moment
-            and all(self._survives(w, r) is True for r in applied)
+            if self._in_state(w, moment, self.rollbacks, exact=exact) is True
         }
 
     def forbidden_at(self, moment: float) -> set[str]:
         """The tokens the state at ``moment`` must not hold."""
-        applied = [r for r in self.rollbacks if r.done <= moment]
         return {
             w.token
             for w in self.writes
-            if (w.commit_began or w.started) > moment
-            or any(self._survives(w, r) is False for r in applied)
+            if self._in_state(w, moment, self.rollbacks, exact=False) is False
         }
 
     async def _restore(self, at: datetime | None, where: str) -> set[str] | str:
@@ -722,7 +741,7 @@ class Simulation:
 
     async def _restore_now(self, where: str) -> str:
         """A ``tenantdb verify``-style full restore: every write acknowledged so far."""
-        required = self.required_at(self.now())
+        required = self.required_at(self.now(), exact=True)
         found = await self._restore(None, where)
         if isinstance(found, str):
             return found
@@ -747,8 +766,8 @@ class Simulation:
             return "skipped: a moment while a rollback ran"
         # A segment's time is taken after its commits and before their answers, rounded up
         # to the millisecond (so never before a commit), on the holder's clock.
-        required = self.required_at(moment - 0.001 - self.clock_error)
-        forbidden = self.forbidden_at(moment + self.clock_error)
+        required = self.required_at(moment)
+        forbidden = self.forbidden_at(moment)
         where = f"restore as of +{moment - self.began:.3f}s"
         found = await self._restore(datetime.fromtimestamp(moment, UTC), where)
         if isinstance(found, str):
@@ -858,7 +877,7 @@ class Simulation:
                 continue  # a holder that has not noticed its lease is gone yet
             found = await machine.tokens()
             if found is not None:
-                required = self.required_at(self.now())
+                required = self.required_at(self.now(), exact=True)
                 invariants.acknowledged_writes_survive(required, found, f"{machine.name} {where}")
                 checks["acknowledged_writes_survive"] += 1
 
