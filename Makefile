@@ -2,7 +2,8 @@
 # tests (under a minute); `make test` runs lint, types and every test.
 # Each target creates .venv and installs what it needs on first use: the demo only the
 # package itself, the tests also their tools.
-# `make simulate SEEDS=N` runs N seeded fault schedules of the simulation (tests/simulation).
+# `make simulate SEEDS=N` runs N seeded fault schedules of the simulation (tests/simulation);
+# `make simulate-mutations SEEDS=N` shows it finds each past fix reverted.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -30,7 +31,7 @@ CHECK_WORKERS ?= 2
 SEEDS ?= 100
 FIRST_SEED ?= 1
 
-.PHONY: install demo check test chromium lint bench simulate clean
+.PHONY: install demo check test chromium lint bench simulate simulate-mutations clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +82,14 @@ bench: install
 
 simulate: install
 	$(BIN)/python -m tests.simulation --seeds $(SEEDS) --first $(FIRST_SEED)
+
+# Each past fix of tenantdb reverted in turn (tests/simulation/mutations.py): the seeds it
+# takes the simulation to find it (SEEDS at most each).
+simulate-mutations: install
+	for mutation in $$($(BIN)/python -c "from tests.simulation.mutations import MUTATIONS; print(*MUTATIONS)"); do \
+	  $(BIN)/python -m tests.simulation --mutation $$mutation --seeds $(SEEDS) --first $(FIRST_SEED) \
+	    2>/dev/null | grep -E "^mutation|^seeds:" || true; \
+	done
 
 clean:
 	rm -rf $(VENV) .tenantdb .pytest_cache .mypy_cache .ruff_cache

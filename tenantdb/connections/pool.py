@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiosqlite
 
+from tenantdb import clock
 from tenantdb.connections.commits import CommitTracker
 from tenantdb.errors import ConnectionUnavailableError, PoolBusyError, TenantDBError
 from tenantdb.replication.shipper import CONNECTION_PRAGMAS
@@ -179,7 +179,7 @@ class ConnectionPool:
             f"no connection to {self.path.name} came free within {self.lend_timeout:g}s "
             f"({held} lent, at most {self.size} at work at once)"
         )
-        self._stall = (time.monotonic(), reason)
+        self._stall = (clock.monotonic(), reason)
         return PoolBusyError(f"the database is busy: {reason}", held=held)
 
     def stalled(self) -> str | None:
@@ -191,7 +191,7 @@ class ConnectionPool:
         if self._stall is None:
             return None
         at, reason = self._stall
-        if time.monotonic() - at > STALL_MEMORY:
+        if clock.monotonic() - at > STALL_MEMORY:
             self._stall = None
             return None
         return reason

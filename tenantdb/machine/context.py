@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import AsyncExitStack
 
+from tenantdb import clock
 from tenantdb.config import Settings
 from tenantdb.connections.pool import ConnectionPool
 from tenantdb.errors import LeaseHeldError, TenantDBError
@@ -38,7 +38,7 @@ class Activity:
 
     def __init__(self) -> None:
         self.running = 0
-        self._last = time.monotonic()
+        self._last = clock.monotonic()
         self.idle = asyncio.Event()  # set when this machine should stop for idleness
 
     @contextlib.contextmanager
@@ -49,15 +49,15 @@ class Activity:
             yield
         finally:
             self.running -= 1
-            self._last = time.monotonic()
+            self._last = clock.monotonic()
 
     def idle_for(self) -> float:
         """Seconds since the last request for the tenant ended; 0 while one runs."""
-        return 0.0 if self.running else time.monotonic() - self._last
+        return 0.0 if self.running else clock.monotonic() - self._last
 
     def count_from_now(self) -> None:
         """Start counting the idle time afresh (a machine that just began to serve)."""
-        self._last = time.monotonic()
+        self._last = clock.monotonic()
 
 
 class Machine:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self, get_args
@@ -21,6 +20,7 @@ from typing import Any, Self, get_args
 import aiosqlite
 
 import tenantdb.logs as logs
+from tenantdb import clock
 from tenantdb.config import Settings
 from tenantdb.connections.pool import ConnectionPool
 from tenantdb.errors import ConfigurationError, LeaseHeldError, TenantDBError
@@ -156,7 +156,7 @@ class TenantDB:
         The kill timeout counts from here: ``stop()`` fits its final publish in what is left.
         """
         self.draining = True
-        self._draining_since = time.monotonic()
+        self._draining_since = clock.monotonic()
 
     def handoff_expected(self) -> bool:
         """True when the lease is coming to this machine: it has taken the lease and is
@@ -240,7 +240,7 @@ class TenantDB:
         """Final snapshot, publish, release; keep the local file if publishing fails."""
         if self.state == "stopped":
             return
-        started = self._draining_since or time.monotonic()
+        started = self._draining_since or clock.monotonic()
         stopping = Stopping(self._machine, self._mover.role)
         self._mover.move(stopping)
         try:
@@ -248,7 +248,7 @@ class TenantDB:
         finally:
             await self._machine.close_resources()
             self._mover.move(Stopped(self._mover))
-            took = time.monotonic() - started
+            took = clock.monotonic() - started
             log.info("tenant %s: shutdown took %.2fs", self.tenant, took)
             if took > self.settings.kill_timeout * 0.5:
                 log.warning(

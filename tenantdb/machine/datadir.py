@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import re
-import secrets
 from pathlib import Path
 from typing import IO
 
+from tenantdb import clock
 from tenantdb.errors import DataDirLockedError, LocalDiskError
 from tenantdb.localfiles import write_atomically
 
@@ -54,7 +54,7 @@ class DataDirLock:
             text = path.read_text().strip()
             if _CLAIM.fullmatch(text):
                 return text
-        value = secrets.token_hex(16)
+        value = clock.token_hex(16)
         write_atomically(path, value.encode())
         return value
 

@@ -13,9 +13,9 @@ import contextlib
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
+from tenantdb import clock
 from tenantdb.errors import TenantDBError
 from tenantdb.localfiles import remove_database, write_atomically
 from tenantdb.machine.context import Machine
@@ -72,7 +72,7 @@ async def prepare_local_file(
     hashes: PageHashes | None
     if previous is None:
         if exists:
-            aside = path.with_name(f"{path.name}.orphaned-{int(time.time())}")
+            aside = path.with_name(f"{path.name}.orphaned-{int(clock.wall())}")
             log.warning(
                 "tenant %s: the bucket has no lock.json but %s exists; moved it to %s",
                 tenant,
@@ -115,7 +115,7 @@ async def prepare_local_file(
     elif exists and (hashes := await asyncio.to_thread(_matching_local, path, previous)):
         log.info("tenant %s: the local file is what the bucket has", tenant)
     else:
-        started = time.monotonic()
+        started = clock.monotonic()
         with machine.metrics.timing("restore"):
             hashes = await restore_database(
                 machine.lease.bucket, previous, path, prefix=machine.settings.prefix
@@ -124,7 +124,7 @@ async def prepare_local_file(
             "tenant %s: restored %d pages in %.2fs",
             tenant,
             hashes.db_pages,
-            time.monotonic() - started,
+            clock.monotonic() - started,
         )
     await asyncio.to_thread(mark_generation, path, held_generation or 0)
     return hashes

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import time
 from collections.abc import Iterator
 
 import tenantdb.logs as logs
+from tenantdb import clock
 from tenantdb.errors import LeaseHeldError, LockFileCorruptError, TenantDBError
 from tenantdb.machine.context import Machine, MachineRole
 from tenantdb.machine.local_data import local_generation, mark_generation
@@ -62,7 +62,7 @@ class Standby(MachineRole):
         observed = self._observed
         if observed is None:
             return False
-        if time.monotonic() - self._confirmed_at > 2 * self.machine.settings.follow_interval + 1:
+        if clock.monotonic() - self._confirmed_at > 2 * self.machine.settings.follow_interval + 1:
             return False  # not polled lately (restoring the copy): nothing is known
         # Not "expires within handoff_wait": a live holder's lease always looks that close
         # when the TTL is short, since it is renewed only every TTL/3.
@@ -93,13 +93,13 @@ class Standby(MachineRole):
             if unread.clear():
                 log.info("tenant %s: standby reads lock.json again", tenant)
             self.lock_damaged = False
-            self._observed, self._confirmed_at = observed, time.monotonic()
+            self._observed, self._confirmed_at = observed, clock.monotonic()
             if observed is not None and self._still_held(observed):
                 # While lock.json is still at the generation the local file was written in,
                 # that file may hold this machine's unpublished writes: the takeover's rules
                 # decide about it, the follower leaves it alone.
                 follow = observed.record.generation != generation
-                if follow and time.monotonic() >= retry_at and not self._copy_current(observed):
+                if follow and clock.monotonic() >= retry_at and not self._copy_current(observed):
                     try:
                         if generation != 0:
                             # The follower writes the file from here: never again "the
@@ -110,7 +110,7 @@ class Standby(MachineRole):
                         failures = 0
                     except (TenantDBError, OSError, sqlite3.Error) as exc:
                         pause = RECOVERY_PAUSES[min(failures, len(RECOVERY_PAUSES) - 1)]
-                        failures, retry_at = failures + 1, time.monotonic() + pause
+                        failures, retry_at = failures + 1, clock.monotonic() + pause
                         log.error(
                             "tenant %s: the standby could not follow the log (%s); retrying "
                             "in %.0fs",

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
+from tenantdb import clock
 from tenantdb.errors import LeaseLostError, TenantDBError
 from tenantdb.machine.context import Machine, MachineRole
 from tenantdb.machine.mover import Role
@@ -59,7 +59,7 @@ async def final_publish(machine: Machine, *, deadline: float) -> None:
             # Each attempt gets only the time left: a stalled upload (the read timeout can
             # exceed the kill timeout) must not outlast the machine, or the log below would
             # never be written.
-            async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)):
+            async with asyncio.timeout(max(deadline - clock.monotonic(), 0.1)):
                 await machine.mover.role.shipper().sync()
             break
         except LeaseLostError:
@@ -76,7 +76,7 @@ async def final_publish(machine: Machine, *, deadline: float) -> None:
         except TenantDBError as exc:
             failure = exc
         reason = str(failure) or "it did not finish before the kill timeout"
-        if time.monotonic() + min(2.0, attempt * 0.5) >= deadline:
+        if clock.monotonic() + min(2.0, attempt * 0.5) >= deadline:
             log.critical(
                 "tenant %s: FINAL PUBLISH FAILED (%s). The lease is NOT released and "
                 "the newest data is only in %s: restart this machine to publish it",
@@ -91,7 +91,7 @@ async def final_publish(machine: Machine, *, deadline: float) -> None:
     limit = machine.settings.idle_stop
     why: ReleaseReason | None = "idle" if 0 < limit <= machine.activity.idle_for() else None
     try:
-        async with asyncio.timeout(max(deadline - time.monotonic(), 0.5)):
+        async with asyncio.timeout(max(deadline - clock.monotonic(), 0.5)):
             await machine.lease.release(reason=why)
         log.info("tenant %s: lease released%s", tenant, " (idle)" if why else "")
     except (TenantDBError, TimeoutError) as exc:

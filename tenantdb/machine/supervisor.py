@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
+
+from tenantdb import clock
 
 __all__ = [
     "FAIL_STOP_EXIT_CODE",
@@ -122,7 +123,7 @@ class Supervisor:
     async def _supervise(self, name: str, loop: Loop, policy: Policy) -> None:
         failures = 0
         while True:
-            started = time.monotonic()
+            started = clock.monotonic()
             try:
                 await loop()
                 return
@@ -135,7 +136,7 @@ class Supervisor:
                     )
                     self._on_fail_stop(reason)
                     return
-                if time.monotonic() - started >= _RECOVERED_AFTER:
+                if clock.monotonic() - started >= _RECOVERED_AFTER:
                     failures = 0
                 pause = self._pauses[min(failures, len(self._pauses) - 1)]
                 failures += 1

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from tenantdb import clock
 from tenantdb.errors import (
     CrossRegionLeaseError,
     LeaseHeldError,
@@ -55,7 +54,7 @@ class ObservedLock:
 
     record: LockRecord
     info: ObjectInfo
-    read_at: float = field(default_factory=time.monotonic)  # when the answer arrived
+    read_at: float = field(default_factory=lambda: clock.monotonic())  # when the answer arrived
 
 
 async def read_lock(
@@ -88,6 +87,7 @@ class _Sent:
 
     record: LockRecord
     sent_at: float  # monotonic time before its first attempt left
+    sent_wall: float  # and wall-clock time
 
 
 class _EarlierWriteLanded(Exception):
@@ -129,7 +129,7 @@ class Lease:
         # Whether the bucket is strongly consistent across regions, so that the lease may
         # move between regions (TENANTDB_BUCKET_CONSISTENCY=strong).
         self.cross_region = cross_region
-        self.claim = claim or secrets.token_hex(8)
+        self.claim = claim or clock.token_hex(8)
         self.prefix = prefix
         self.key = f"{prefix}{tenant}/lock.json"
         self.snapshot_prefix = f"{prefix}{tenant}/snapshots/"
@@ -139,6 +139,9 @@ class Lease:
         self._on_lost = on_lost
         self._etag: str | None = None
         self._renewed_at = 0.0  # monotonic time the write that landed last was *sent*
+        self._renewed_wall = 0.0  # and its wall-clock time
+        # The most time any clock counted since that send, and the monotonic time then.
+        self._aged = (0.0, 0.0)
         # A release was sent: it may land unheard, so this process no longer counts as holder.
         self._releasing = False
         self._unconfirmed: list[_Sent] = []
@@ -165,7 +168,7 @@ class Lease:
         An answer without a ``Date`` header gives no server clock: the lease then counts as
         expired only once this process has seen the same ETag for a whole TTL.
         """
-        now = time.monotonic()
+        now = clock.monotonic()
         age = observed.info.server_age
         if age is None:
             if self._watched is None or self._watched[0] != observed.info.etag:
@@ -178,10 +181,22 @@ class Lease:
 
     @property
     def valid_for(self) -> float:
-        """Seconds this machine may still act as holder, by its own conservative clock."""
+        """Seconds this machine may still act as holder, by its own conservative clock.
+
+        Whichever local clock counts more time since the send wins: a machine resumed from
+        Fly's suspend (a snapshot restored, no signal) has a monotonic clock that did not
+        count the time it was away, while its wall clock, once set again, did. And the
+        lease never grows younger: a wall clock stepped back later cannot undo the time
+        it counted once.
+        """
         if self.status != "held" or self._releasing:
             return 0.0
-        return self.ttl - (time.monotonic() - self._renewed_at)
+        now = clock.monotonic()
+        aged, seen_at = self._aged
+        elapsed = max(now - self._renewed_at, clock.wall() - self._renewed_wall)
+        elapsed = max(elapsed, aged + now - seen_at)
+        self._aged = (elapsed, now)
+        return self.ttl - elapsed
 
     async def acquire(self) -> LockRecord:
         """Take the lease, or raise ``LeaseHeldError`` naming the live holder."""
@@ -279,7 +294,7 @@ class Lease:
     def next_snapshot_key(self, *, base: int, taken_ms: int) -> str:
         """A key no snapshot ever had, sortable by age (see ``SnapshotName``)."""
         name = SnapshotName(self._held().generation, self._next_seq, base, taken_ms)
-        return name.key(self.snapshot_prefix, secrets.token_hex(8))
+        return name.key(self.snapshot_prefix, clock.token_hex(8))
 
     async def publish(self, snapshot: SnapshotRef, log: LogPointer | None) -> LockRecord:
         """Point ``lock.json`` at an uploaded snapshot and its log (CAS); 412 means fenced."""
@@ -340,7 +355,7 @@ class Lease:
         if_none_match: Literal["*"] | None = None,
     ) -> LockRecord:
         # Registered before sending: a cancelled or unanswered write may still have landed.
-        sent = _Sent(record, time.monotonic())
+        sent = _Sent(record, clock.monotonic(), clock.wall())
         self._unconfirmed.append(sent)
         self._next_seq = max(self._next_seq, record.seq + 1)
         try:
@@ -356,18 +371,19 @@ class Lease:
                     raise  # a lost acquisition race: acquire() re-reads
                 return self._lose(exc)
             observed, earlier = landed
-            self._confirm(observed.record, observed.info.etag, earlier.sent_at)
+            self._confirm(observed.record, observed.info.etag, earlier)
             if earlier is not sent:
                 raise _EarlierWriteLanded from exc
             return record
-        self._confirm(record, info.etag, sent.sent_at)
+        self._confirm(record, info.etag, sent)
         return record
 
-    def _confirm(self, record: LockRecord, etag: str, sent_at: float) -> None:
+    def _confirm(self, record: LockRecord, etag: str, sent: _Sent) -> None:
         self.record, self._etag = record, etag
         self.status = "held" if self._is_own_claim(record) else "released"
         # Never later than the send of the write that landed: the bucket's clock started then.
-        self._renewed_at = sent_at
+        self._renewed_at, self._renewed_wall = sent.sent_at, sent.sent_wall
+        self._aged = (0.0, sent.sent_at)
         self._unconfirmed.clear()
 
     async def _own_write_landed(self) -> tuple[ObservedLock, _Sent] | None:

@@ -13,12 +13,11 @@ import json
 import math
 import re
 import reprlib
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Literal, get_args
 
+from tenantdb import clock
 from tenantdb.errors import LockFileCorruptError
 from tenantdb.parsing import (
     MAX_COUNTER,
@@ -450,9 +449,9 @@ def now_ms() -> int:
     A segment's or snapshot's time must not precede the commits it holds, or a
     point-in-time restore to just before a commit could include it.
     """
-    return math.ceil(time.time() * 1000)
+    return math.ceil(clock.wall() * 1000)
 
 
 def now_iso() -> str:
     """The current UTC time as ISO 8601, for ``published_at``."""
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return clock.now().isoformat(timespec="seconds")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
+from tenantdb import clock
 from tenantdb.errors import LeaseLostError, TenantDBError
 from tenantdb.protocol.lease import Lease
 from tenantdb.replication.history import SegmentEntry, SnapshotEntry, read_history
@@ -48,7 +48,7 @@ class GarbageCollector:
         self._uploading = uploading
         # When to look next (monotonic); None: no garbage is known to exist. A new holding
         # looks once: its predecessor may have left some.
-        self.next_collection: float | None = time.monotonic()
+        self.next_collection: float | None = clock.monotonic()
 
     async def run_when_due(self, interval: float) -> None:
         """Look every ``interval`` seconds whether garbage is due, collect it, until fenced.
@@ -58,7 +58,7 @@ class GarbageCollector:
         """
         while self.lease.status == "held":
             await asyncio.sleep(interval)
-            if self.next_collection is None or time.monotonic() < self.next_collection:
+            if self.next_collection is None or clock.monotonic() < self.next_collection:
                 continue
             try:
                 await self.collect()
@@ -86,7 +86,7 @@ class GarbageCollector:
         if self.lease.record is None or self.lease.status != "held":
             return []
         history = await read_history(self.lease.bucket, self.lease.tenant, prefix=self.prefix)
-        cutoff = datetime.now(UTC) - timedelta(seconds=self.retention)
+        cutoff = clock.now() - timedelta(seconds=self.retention)
         # Planning is linear in the objects listed, which may be many: off the event loop.
         expendable = await asyncio.to_thread(
             history.expendable, cutoff, keep_snapshots=self.snapshot_retention
@@ -98,11 +98,11 @@ class GarbageCollector:
         waiting = [o.last_modified for o in objects if o.key not in settled]
         if waiting:  # look again once the oldest of them is past the retention
             due = (min(waiting) - cutoff).total_seconds()
-            self.next_collection = time.monotonic() + max(due, GC_INTERVAL)
+            self.next_collection = clock.monotonic() + max(due, GC_INTERVAL)
         return garbage
 
     def garbage_made(self) -> None:
         """A merge or a snapshot replaced objects: collect them once the retention is past."""
-        due = time.monotonic() + max(self.retention, GC_INTERVAL)
+        due = clock.monotonic() + max(self.retention, GC_INTERVAL)
         if self.next_collection is None or due < self.next_collection:
             self.next_collection = due

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
+from tenantdb import clock
 from tenantdb.errors import ObjectTooLargeError, PreconditionFailedError, ReplicationError
 from tenantdb.parsing import (
     Malformed,
@@ -158,7 +159,7 @@ async def record_takeover(lease: Lease) -> Takeover:
             generation=record.generation,
             owner=record.owner,
             region=record.region,
-            at=datetime.now(UTC),
+            at=clock.now(),
             tail=previous.log.tail if previous and previous.log else 0,
             snapshot=previous.snapshot.key if previous and previous.snapshot else None,
             claim=record.claim,
@@ -255,27 +256,30 @@ class History:
         return self.lock.record if self.lock else None
 
     def bases(self) -> list[Base]:
-        """Every published starting point of a restore, oldest first."""
+        """Every published starting point of a restore, in log order (generation, index).
+
+        Not in time order: each holder stamps its own clock and a rollback the bucket's, so
+        a later generation's snapshot may carry an earlier time than the one before it.
+        """
         found = [
-            Base(s, s.base, s.taken_at)
+            (s.generation, s.seq, Base(s, s.base, s.taken_at))
             for s in self.snapshots
             if s.published and s.base is not None and s.taken_at is not None
         ]
         # A tenant's log starts from an empty database: usable while segment 1 is kept.
         if any(s.published and s.first == 1 for s in self.segments) or self._inline_from() == 1:
             first = min((t.at for t in self.takeovers), default=_EPOCH)
-            found.append(Base(None, 1, first))
-        return sorted(found, key=lambda b: (b.taken_at, b.index))
+            found.append((0, 0, Base(None, 1, first)))
+        return [base for *_, base in sorted(found, key=lambda f: (f[0], f[2].index, f[1]))]
 
     def base_at(self, at: datetime) -> Base | None:
-        """The newest starting point made at or before ``at``."""
+        """The latest starting point in the log made at or before ``at``."""
         usable = [b for b in self.bases() if b.taken_at <= at]
         return usable[-1] if usable else None
 
     def restorable_from(self) -> datetime | None:
         """The earliest time a point-in-time restore accepts (None: nothing restorable)."""
-        bases = self.bases()
-        return bases[0].taken_at if bases else None
+        return min((b.taken_at for b in self.bases()), default=None)
 
     def _inline_from(self) -> int | None:
         record = self.record

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from tenantdb import clock
 from tenantdb.errors import PointInTimeError, ReplicationError
 from tenantdb.protocol.lease import read_lock
 from tenantdb.protocol.lockfile import LogChunk
@@ -121,8 +121,8 @@ def _bucket_now(history: History) -> datetime:
     """
     lock = history.lock
     if lock is None or lock.info.server_date is None:
-        return datetime.now(UTC)  # an embedded bucket: this machine's clock is its clock
-    since = time.monotonic() - lock.read_at
+        return clock.now()  # an embedded bucket: this machine's clock is its clock
+    since = clock.monotonic() - lock.read_at
     return lock.info.server_date + timedelta(seconds=1 + since)
 
 

@@ -28,10 +28,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import time
 from collections import deque
 from pathlib import Path
 
+from tenantdb import clock
 from tenantdb.errors import LeaseLostError, ReplicationError, TenantDBError
 from tenantdb.metrics import Metrics
 from tenantdb.protocol.lease import Lease
@@ -128,7 +128,7 @@ class Shipper:
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._group = GroupCommit(self.ship_once, tenant=lease.tenant)
-        self._snapshot_at = time.monotonic()
+        self._snapshot_at = clock.monotonic()
         self.snapshots = 0  # published by this shipper
 
     def __repr__(self) -> str:
@@ -214,12 +214,12 @@ class Shipper:
         if target is None or self._shipped(*target):
             self._unshipped_since = None
         elif self._unshipped_since is None:
-            self._unshipped_since = time.monotonic()
+            self._unshipped_since = clock.monotonic()
 
     def lag(self) -> float:
         """Seconds the oldest commit not yet in the bucket has waited; 0 when none."""
         since = self._unshipped_since
-        return 0.0 if since is None else time.monotonic() - since
+        return 0.0 if since is None else clock.monotonic() - since
 
     def upload_failing_for(self) -> float:
         """Seconds the upload of a log object has been failing (lock.json carries it
@@ -308,7 +308,7 @@ class Shipper:
         pointer = self._log()
         too_long = len(pointer.chunks()) >= MAX_CHUNKS
         outgrew = self.compactor.log_outgrew(pointer, self._db_bytes())
-        return too_long or outgrew or (every > 0 and time.monotonic() - self._snapshot_at >= every)
+        return too_long or outgrew or (every > 0 and clock.monotonic() - self._snapshot_at >= every)
 
     def _db_bytes(self) -> int:
         """The database's size as the log has it (what a snapshot would upload)."""
@@ -518,6 +518,6 @@ class Shipper:
             self.uploads.forget(key)  # in the bucket, and carried no more
         self._carried = deque()  # the snapshot replaced the log that carried them
         self._needs_snapshot, self._restart_expected = False, at_end
-        self._snapshot_at = time.monotonic()
+        self._snapshot_at = clock.monotonic()
         self.snapshots += 1
         self.garbage.garbage_made()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 
+from tenantdb import clock
 from tenantdb.errors import ObjectTooLargeError, PreconditionFailedError, ReplicationError
 from tenantdb.protocol.lockfile import LockRecord
 from tenantdb.replication.group_commit import retrieve_exception
@@ -87,7 +87,7 @@ class LogUploads:
         if _succeeded(upload):
             self._failed_at.pop(key, None)
         elif not upload.cancelled() and key not in self._failed_at:
-            self._failed_at[key] = time.monotonic()
+            self._failed_at[key] = clock.monotonic()
             log.warning(
                 "tenant %s: uploading %s failed, retrying (lock.json carries it meanwhile): %s",
                 self.tenant,
@@ -119,4 +119,4 @@ class LogUploads:
     def failing_for(self) -> float:
         """Seconds an upload has been failing (lock.json carries it meanwhile); 0 if none."""
         failed = [at for key, at in self._failed_at.items() if key in self._tasks]
-        return time.monotonic() - min(failed) if failed else 0.0
+        return clock.monotonic() - min(failed) if failed else 0.0

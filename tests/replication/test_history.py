@@ -17,7 +17,13 @@ from tenantdb.errors import PointInTimeError, ReplicationError
 from tenantdb.protocol.lockfile import now_ms
 from tenantdb.replication import compaction
 from tenantdb.replication.checksum import PageHashes, database_page_size
-from tenantdb.replication.history import Takeover, read_history, takeover_key
+from tenantdb.replication.history import (
+    History,
+    SnapshotEntry,
+    Takeover,
+    read_history,
+    takeover_key,
+)
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.segment import Segment, SegmentHeader, encode_segment, segment_key
 from tenantdb.storage.base import Bucket
@@ -246,3 +252,31 @@ async def test_next_holder_moves_past_a_forged_takeover_record_at_its_generation
     out = tmp_path / "out.sqlite3"
     await restore_at(bucket, "acme", out, prefix=PREFIX, at=datetime.now(UTC))
     assert read_rows(out) == recorder.rows
+
+
+def test_a_later_generations_snapshot_stamped_earlier_is_still_the_later_base() -> None:
+    """Simulation seed 1119: a rollback's snapshot is stamped by the bucket's clock, ahead
+    of the next holder's, whose snapshots then carried earlier times. Bases were ordered by
+    time: a restore as of a moment after all of them started from the rollback's snapshot
+    and missed what the next holder wrote, silently older."""
+    t0 = datetime(2027, 1, 15, 8, tzinfo=UTC)
+
+    def snapshot(generation: int, seq: int, base: int, ms: int) -> SnapshotEntry:
+        return SnapshotEntry(
+            key=f"{PREFIX}acme/snapshots/{generation:08d}-{seq:08d}-{base:012d}.sqlite3",
+            size=1,
+            last_modified=t0,
+            generation=generation,
+            seq=seq,
+            base=base,
+            taken_at=t0 + timedelta(milliseconds=ms),
+            published=True,
+        )
+
+    rollback = snapshot(2, 6, 3, ms=289)
+    next_holder = snapshot(3, 11, 4, ms=199)
+    history = History("acme", PREFIX, None, (rollback, next_holder), (), ())
+    base = history.base_at(t0 + timedelta(seconds=1))
+    assert base is not None
+    assert base.snapshot == next_holder
+    assert history.restorable_from() == next_holder.taken_at

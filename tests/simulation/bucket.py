@@ -10,8 +10,9 @@ Each attempt of a call may, as the current ``FaultPlan`` draws it from a seeded
 lose its answer (the write is applied, then a transient error is raised), or be delayed.
 Transient errors are retried inside the view as the real backends retry them
 (``with_retries``), so a retried write meets its own landed first attempt, as on S3.
-The bucket's clock (``Date`` and ``Last-Modified``) is this process's wall clock plus a
-skew the schedule sets. Objects can be damaged at rest or planted (hostile objects).
+The bucket's clock (``Date`` and ``Last-Modified``) is the simulation's true wall clock
+plus a skew the schedule sets. Every attempt and its outcome goes into ``trace``.
+Objects can be damaged at rest or planted (hostile objects).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +44,7 @@ __all__ = ["BucketView", "FaultPlan", "LandedWrite", "SimBucket"]
 T = TypeVar("T")
 FaultKind = Literal["fail_before", "slow_down", "lose_answer", "delay"]
 FAULT_KINDS: tuple[FaultKind, ...] = ("fail_before", "slow_down", "lose_answer", "delay")
-# Fast retries: the simulation's time is real time.
+LATENCY = (0.0005, 0.004)  # the range of a request's round trip, in seconds
 SIM_RETRY = RetryPolicy(attempts=6, base_delay=0.005, max_delay=0.05)
 _WRITES = frozenset({"put", "upload", "delete"})
 
@@ -103,15 +105,22 @@ class SimBucket:
     landed: list[LandedWrite] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
     requests: int = 0
+    clock: Callable[[], float] = time.time  # the true wall clock, as Unix time
+    epoch: float = 0.0  # subtracted from ``clock`` in the trace
+    trace: list[str] = field(default_factory=list)
     _etags: int = 0
 
     def now(self) -> datetime:
         """The bucket's clock: what it sends as ``Date`` and stamps as ``Last-Modified``."""
-        return datetime.now(UTC) + self.skew
+        return datetime.fromtimestamp(self.clock(), UTC) + self.skew
 
     def view(self, client: str) -> BucketView:
         """A Bucket for one machine (or tool) named ``client``."""
         return BucketView(self, client)
+
+    def copy_objects(self) -> dict[str, _Object]:
+        """The objects as they are now (later writes and damage do not change the copy)."""
+        return {key: _Object(o.body, o.etag, o.last_modified) for key, o in self.objects.items()}
 
     def damage(self, key: str) -> None:
         """Flip a byte of a stored object in place, as a disk that rots would (same ETag)."""
@@ -185,6 +194,11 @@ class SimBucket:
             self.landed.append(LandedWrite(client, "delete", key, None, self.now(), None))
 
 
+def _digest(result: object) -> str:
+    """A short, stable digest of an answer for the trace."""
+    return hashlib.sha256(repr(result).encode()).hexdigest()[:12]
+
+
 def _check_key(key: str) -> None:
     # The keys S3 and the local bucket both accept; tenantdb never makes any other.
     if not key or "\x00" in key or any(p in ("", ".", "..") for p in key.split("/")):
@@ -203,6 +217,9 @@ class BucketView:
         self._running = asyncio.Event()
         self._running.set()
         self.cut_off = False
+        # Called once, right after this machine's next lock.json write lands (and before
+        # its answer is back): where a process stopped then hurts a lease the most.
+        self.after_landing: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"BucketView({self.client!r})"
@@ -246,6 +263,10 @@ class BucketView:
             raise StorageError(f"{self.client} is gone", key=key, operation=operation)
         sim = self.sim
         sim.requests += 1
+        await asyncio.sleep(sim.rng.uniform(*LATENCY) / 2)  # the request on its way
+        await self._running.wait()
+        if self.cut_off:
+            raise StorageError(f"{self.client} is gone", key=key, operation=operation)
         fault = sim.plan.draw(sim.rng, operation)
         if fault is not None:
             sim.faults[fault] += 1
@@ -254,10 +275,23 @@ class BucketView:
             await self._running.wait()  # paused while the answer was on its way
             if self.cut_off:
                 raise StorageError(f"{self.client} is gone", key=key, operation=operation)
+        line = f"{sim.clock() - sim.epoch:.6f} {self.client} {operation} {key} {fault or '-'}"
         if fault in ("fail_before", "slow_down"):
+            sim.trace.append(line)
             reason = "503 SlowDown" if fault == "slow_down" else "503 Service Unavailable"
             raise TransientStorageError(f"{reason} ({operation} {key!r})", key=key)
-        result = apply()
+        try:
+            result = apply()
+        except StorageError as exc:
+            sim.trace.append(f"{line} {type(exc).__name__}")
+            raise
+        sim.trace.append(f"{line} {_digest(result)}")
+        if self.after_landing is not None and operation == "put" and key.endswith("lock.json"):
+            hook, self.after_landing = self.after_landing, None
+            hook()
+        await asyncio.sleep(sim.rng.uniform(*LATENCY) / 2)  # the answer on its way
+        if self.cut_off:
+            raise StorageError(f"{self.client} is gone", key=key, operation=operation)
         if fault == "lose_answer":
             raise TransientStorageError(
                 f"connection reset after the {operation} of {key!r} landed", key=key

@@ -1,46 +1,64 @@
 """The harness: real ``TenantDB`` machines of one tenant over the simulated bucket, driven
 step by step by a schedule, with the invariants checked after every step.
 
-A crash here is the nearest to SIGKILL that one process allows: the machine's bucket view
-is cut (nothing more of it reaches the bucket), every task of the machine is cancelled at
-whatever await it stands, its SQLite connections are closed without any publish or lease
-release, and its data directory's flock is dropped; the object is abandoned. Unlike a real
+Everything runs on the simulation's loop (loop.py): virtual time, no threads, so one seed
+makes one trace (``Outcome.trace``: every bucket attempt and its answer, every state move
+of every machine, every step's result), bit for bit.
+
+Each machine's code (its start, its loops, the requests it serves) runs in a context that
+names it, so that it can be frozen whole (SIGSTOP; Fly's suspend, which also stops its
+monotonic clock) and its wall clock jumped. A crash is the nearest to SIGKILL that one
+process allows: it lands after a seeded number of loop iterations, so at any await; the
+machine's bucket view is cut (nothing more of it reaches the bucket), every task of the
+machine is cancelled where it stands, its SQLite connections are closed without any
+publish or lease release, and its data directory's flock is dropped. Unlike a real
 SIGKILL, closing the last connection folds the WAL into the local file (SQLite's
-checkpoint on close), and code between two awaits always runs to the next await.
+checkpoint on close).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import os
 import random
+import socket
 import sqlite3
-import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Literal, TypeVar
 
+from starlette.types import Message, Receive, Scope, Send
+
+from tenantdb.asgi.middleware import TenantDBMiddleware
 from tenantdb.config import Settings
 from tenantdb.crypto import parse_keyring
-from tenantdb.errors import TenantDBError
+from tenantdb.errors import LeaseHeldError, TenantDBError
 from tenantdb.machine.database import TenantDB
+from tenantdb.machine.mover import Role
+from tenantdb.metrics import Metrics
 from tenantdb.protocol.lockfile import LockRecord
 from tenantdb.replication import pitr
 from tenantdb.replication.history import takeover_key
+from tenantdb.replication.rollback import rollback
 from tenantdb.replication.segment import segment_key
 from tenantdb.replication.shipper import carried_segments
 from tenantdb.storage.base import Bucket
 from tenantdb.storage.encrypted import EncryptedBucket
 from tests.simulation import invariants
-from tests.simulation.bucket import BucketView, SimBucket
+from tests.simulation.bucket import BucketView, SimBucket, _Object
 from tests.simulation.invariants import InvariantViolated
+from tests.simulation.loop import CURRENT, EPOCH, SimLoop, deterministic
 from tests.simulation.schedule import Schedule, Step
 
-__all__ = ["Outcome", "Simulation", "SimulationFailed", "run_schedule"]
+__all__ = ["Outcome", "Simulation", "SimulationFailed", "run_schedule", "simulate"]
 
+T = TypeVar("T")
 TENANT = "acme"
 PREFIX = "tenants/"
 # Set (id:base64), every machine and restore goes through EncryptedBucket: the invariants
@@ -55,13 +73,17 @@ def _through(view: BucketView) -> Bucket:
 
 
 LOCK_KEY = f"{PREFIX}{TENANT}/lock.json"
-# Below the 3 s production minimum (set past Settings' check): pauses past the TTL and
-# takeovers after a crash then cost about two seconds, not five.
+# Below the 3 s production minimum (set past Settings' check): fewer loop iterations per
+# schedule. Time is virtual: the waits below cost no wall time.
 TTL = 1.0
 MIGRATIONS = ["CREATE TABLE sim_tokens (token TEXT PRIMARY KEY)"]
 WRITE_TIMEOUT = 3.0  # a write (commit + sync) not acknowledged by then counts as unanswered
 LIFECYCLE_TIMEOUT = 10.0  # start and stop
 SERVING_WAIT = TTL + 2.5  # how long a write step waits for a machine that serves
+FULL_DISK_PAGES = 1_073_741_823  # SQLite's default max_page_count: the disk has room again
+OPERATOR_CLOCK_ERROR = -3.0  # the rollback's machine: tenantdb must not trust its clock
+WATCH_INTERVAL = 0.005  # how often the harness looks for two machines serving at once
+WriteMode = Literal["request", "sync", "async"]
 
 
 class SimulationFailed(AssertionError):
@@ -70,26 +92,42 @@ class SimulationFailed(AssertionError):
     def __init__(self, schedule: Schedule, step: int, steps: list[str], cause: BaseException):
         self.schedule = schedule
         self.cause = cause
+        self.step = step
         lines = "\n".join(f"  {n:>3} {line}" for n, line in enumerate(steps))
         super().__init__(
             f"seed {schedule.seed} failed at step {step}: {cause}\n{lines}\n"
-            f"replay: .venv/bin/python -m tests.simulation --seed {schedule.seed}"
+            f"replay: .venv/bin/python -m tests.simulation --seed {schedule.seed} "
+            f"--steps {len(schedule.steps) - 3}  (add --shrink for its fewest failing steps)"
         )
 
 
 @dataclass
 class Write:
-    """One client write and what its client was told."""
+    """One client write and what its client was told (times on the true wall clock)."""
 
     token: str
-    machine: str
-    started: float  # wall clock (as segment times): before the commit began
-    acked: float | None = None  # when sync() returned
+    machine: str  # the machine's incarnation: name#start
+    mode: WriteMode
+    started: float  # before the commit began
+    commit_began: float | None = None  # when COMMIT was called
+    committed: float | None = None  # when the commit returned
+    commit_order: int | None = None  # the commit's place among the run's events
+    acked: float | None = None  # when the client was told it is in the bucket
+    holding: str | None = None  # the incarnation and lease generation it committed under
+
+
+@dataclass(frozen=True)
+class RolledBack:
+    """A rollback that was published: to which moment, and when it ran."""
+
+    to: float
+    began: float
+    done: float
 
 
 @dataclass
 class Outcome:
-    """What a run did: steps, faults by kind, invariant checks, writes."""
+    """What a run did: steps, faults by kind, invariant checks, writes, and its trace."""
 
     seed: int
     steps: list[str] = field(default_factory=list)
@@ -98,14 +136,62 @@ class Outcome:
     events: Counter[str] = field(default_factory=Counter)
     writes: int = 0
     acked: int = 0
+    trace: list[str] = field(default_factory=list)
+    iterations: int = 0  # of the event loop
+    virtual_seconds: float = 0.0
+
+
+class SimTenantDB(TenantDB):
+    """The real TenantDB, whose state moves also go into the trace."""
+
+    trace: list[str]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        mover = self._mover
+        move = mover.move
+
+        def traced(role: Role) -> None:
+            loop = asyncio.get_running_loop()
+            machine = self.settings.machine_id
+            self.trace.append(f"{loop.time():.6f} {machine} {mover.state} -> {role.state}")
+            move(role)
+
+        mover.move = traced  # type: ignore[method-assign]
+
+
+async def _token_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """The app behind the middleware: store the body as a token, answer ``ok``."""
+    message = await receive()
+    db = scope["state"]["db"]
+    await db.execute("INSERT INTO sim_tokens (token) VALUES (?)", (message["body"].decode(),))
+    scope["state"]["on_commit_begin"]()
+    await db.commit()
+    scope["state"]["on_commit"]()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _gateway(settings: Settings) -> TenantDBMiddleware:
+    """The middleware's request path alone (``_serve_own``: the lending and the output
+    gate); its lifespan (bucket, router, process exit) is not part of a simulated machine."""
+    gateway = TenantDBMiddleware.__new__(TenantDBMiddleware)
+    gateway.app = _token_app
+    gateway.settings = settings
+    gateway.metrics = Metrics()
+    gateway._in_flight = 0
+    gateway._handed_back_holds = 0
+    gateway._idle = asyncio.Event()
+    return gateway
 
 
 class Machine:
     """One machine: its settings, its view of the bucket, and its TenantDB while it runs."""
 
-    def __init__(self, name: str, root: Path, sim: SimBucket) -> None:
+    def __init__(self, name: str, root: Path, sim: SimBucket, loop: SimLoop) -> None:
         self.name = name
         self.sim = sim
+        self.loop = loop
         self.settings = Settings(
             tenant=TENANT,
             machine_id=name,
@@ -118,55 +204,75 @@ class Machine:
             kill_timeout=4,
             handoff_wait=1,
             durability="bucket",
+            durability_timeout=WRITE_TIMEOUT,
         )
         object.__setattr__(self.settings, "lease_ttl", TTL)
         self.view: BucketView = sim.view(name)
-        self.tdb: TenantDB | None = None
+        self.tdb: SimTenantDB | None = None
+        self.gateway = _gateway(self.settings)
+        self.incarnation = f"{name}#0"
+        self._starts = itertools.count(1)
+        self.context = contextvars.copy_context()
+        self.context.run(CURRENT.set, name)
+
+    def spawn(self, coro: Awaitable[T]) -> asyncio.Task[T]:
+        """Run ``coro`` as this machine's code (frozen and killed with it)."""
+        return self.loop.create_task(coro, context=self.context.copy())  # type: ignore[arg-type]
+
+    async def run(self, coro: Awaitable[T]) -> T:
+        """Run ``coro`` as this machine's code and wait for it (CancelledError if killed)."""
+        task = self.spawn(coro)
+        await asyncio.wait({task})
+        return task.result()
 
     async def start(self) -> str:
         if self.tdb is not None:
             return "already running"
         self.view = self.sim.view(self.name)
-        tdb = TenantDB(self.settings, migrations=MIGRATIONS, bucket=_through(self.view))
+        self.incarnation = f"{self.name}#{next(self._starts)}"
+        tdb = SimTenantDB(self.settings, migrations=MIGRATIONS, bucket=_through(self.view))
+        tdb.trace = self.sim.trace
+        self.tdb = tdb
         try:
             async with asyncio.timeout(LIFECYCLE_TIMEOUT):
-                await tdb.start(standby=True)
+                await self.run(tdb.start(standby=True))
         except (TenantDBError, TimeoutError) as exc:
+            await self.crash()
             return f"start failed: {type(exc).__name__}: {exc}"
-        self.tdb = tdb
+        except asyncio.CancelledError:
+            return "killed while starting"
         return tdb.state
 
     async def stop(self) -> str:
         if self.tdb is None:
             return "not running"
-        tdb, self.tdb = self.tdb, None
+        if self.loop.frozen(self.name):
+            self.loop.thaw(self.name)
         try:
             async with asyncio.timeout(LIFECYCLE_TIMEOUT):
-                await tdb.stop()
+                await self.run(self.tdb.stop())
         except TimeoutError:
-            await self._abandon(tdb)
-            return "stop timed out: abandoned"
+            await self.crash()
+            return "stop timed out: killed"
+        self.tdb = None
         return "stopped"
 
     async def crash(self) -> str:
+        """SIGKILL, as near as one process gets (see the module's docstring)."""
         if self.tdb is None:
             return "not running"
         tdb, self.tdb = self.tdb, None
-        await self._abandon(tdb)
-        return "crashed"
-
-    async def _abandon(self, tdb: TenantDB) -> None:
-        """SIGKILL, as near as one process gets (see the module's docstring)."""
         self.view.cut()
-        tasks = list(tdb._supervisor.tasks)
-        if tdb._failing is not None:
-            tasks.append(tdb._failing)
+        if self.loop.frozen(self.name):
+            self.loop.thaw(self.name)  # so that its tasks meet their cancellation
+        tasks = self.loop.tasks_of(self.name)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await tdb._close_database()
         tdb._dir_lock.release()
+        return "crashed"
 
     async def tokens(self) -> set[str] | None:
         """The tokens in this machine's database, if it serves."""
@@ -194,39 +300,108 @@ def _tokens_in_file(path: Path) -> set[str]:
         conn.close()
 
 
+def _outside_checkpoint(path: Path) -> str:
+    """Another process's connection checkpoints the WAL into the database file."""
+    conn = sqlite3.connect(path, timeout=0)
+    try:
+        busy, frames, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return f"checkpoint busy={busy} frames={frames} done={done}"
+    except sqlite3.Error as exc:
+        return f"checkpoint refused: {exc}"
+    finally:
+        conn.close()
+
+
 class Simulation:
     """One schedule's run: machines, bucket, model, and the checks after every step."""
 
-    def __init__(self, schedule: Schedule, root: Path) -> None:
+    def __init__(self, schedule: Schedule, root: Path, loop: SimLoop) -> None:
         self.schedule = schedule
         self.root = root
-        self.sim = SimBucket(rng=random.Random(schedule.fault_seed()), skew=schedule.skew)
-        self.machines = [Machine(f"m{n + 1}", root, self.sim) for n in range(schedule.machines)]
+        self.loop = loop
+        self.sim = SimBucket(
+            rng=random.Random(schedule.fault_seed()),
+            skew=schedule.skew,
+            clock=loop.true_wall,
+            epoch=EPOCH,
+        )
+        self.machines = [
+            Machine(f"m{n + 1}", root, self.sim, loop) for n in range(schedule.machines)
+        ]
         self.writes: list[Write] = []
-        self.outcome = Outcome(schedule.seed)
-        self.began = time.time()
+        self.rollbacks: list[RolledBack] = []
+        self.outcome = Outcome(schedule.seed, trace=self.sim.trace)
+        self.began = loop.true_wall()
         self._tokens = itertools.count(1)
         self._restores = itertools.count(1)
         self._seen_landed = 0
         self._carried_segments: dict[str, bytes] = {}
+        self._rng = random.Random(f"run:{schedule.seed}")
+        self._order = itertools.count(1)  # orders events of the same virtual instant
+        # The largest error of any machine's wall clock so far: segment times are the
+        # holder's clock, so a point-in-time restore is exact only to within it.
+        self.clock_error = 0.0
+        self.overlap: tuple[float, list[str]] | None = None  # two machines serving at once
+        # Answers not checked yet: the bucket's version and objects then, and the tokens.
+        self._answers: list[tuple[int, dict[str, _Object], list[str]]] = []
+
+    def now(self) -> float:
+        """The true wall clock (the model's)."""
+        return self.loop.true_wall()
+
+    def serving_now(self) -> list[str]:
+        """The machines that would serve a request now, each judged on its own clock (a
+        frozen one serves nothing until it runs again)."""
+        return [
+            m.name
+            for m in self.machines
+            if m.tdb is not None
+            and not self.loop.frozen(m.name)
+            and m.context.run(lambda tdb=m.tdb: tdb.serving)
+        ]
+
+    async def _watch_holders(self) -> None:
+        """(3) At most one machine serves at any simulated moment, checked every
+        ``WATCH_INTERVAL`` (a machine that serves a stale read or takes a write while
+        another holds the lease is the fencing failure)."""
+        while True:
+            serving = self.serving_now()
+            if len(serving) > 1 and self.overlap is None:
+                self.overlap = (self.now() - self.began, serving)
+            await asyncio.sleep(WATCH_INTERVAL)
 
     async def run(self) -> Outcome:
         """Run every step, check after each; SimulationFailed on the first violation."""
         step_number = 0
+        watcher = asyncio.create_task(self._watch_holders())
         try:
             for step_number, step in enumerate(self.schedule.steps):
+                self._reseed(self.schedule.number(step_number))
                 result = await self._do(step)
-                self.outcome.steps.append(f"{step} -> {result}")
+                line = f"{step} -> {result}"
+                self.outcome.steps.append(line)
+                self.sim.trace.append(f"{self.loop.time():.6f} step {line}")
                 await self.check(f"after step {step_number}")
             step_number += 1
             self.outcome.steps.append(f"final: {await self._final()}")
         except Exception as exc:  # an invariant, or any error a step should not raise
             raise SimulationFailed(self.schedule, step_number, self.outcome.steps, exc) from exc
         finally:
+            watcher.cancel()
             for machine in self.machines:
                 await machine.crash()
             self.outcome.faults.update(self.sim.faults)
+            self.outcome.iterations = self.loop.iterations
+            self.outcome.virtual_seconds = self.loop.time()
         return self.outcome
+
+    def _reseed(self, number: int) -> None:
+        """Every draw of step ``number`` comes from its own seed (see ``Schedule.numbers``)."""
+        seed = self.schedule.seed
+        self.sim.rng.seed(f"faults:{seed}:{number}")
+        self.loop.rng.seed(f"threads:{seed}:{number}")
+        self._rng.seed(f"run:{seed}:{number}")
+        random.seed(f"random:{seed}:{number}")
 
     async def _final(self) -> str:
         """Stop every machine, then a full restore must hold every acknowledged write."""
@@ -237,6 +412,9 @@ class Simulation:
 
     # --- steps -----------------------------------------------------------------------------
 
+    def _machine(self, step: Step) -> Machine:
+        return self.machines[step.machine % len(self.machines)]
+
     async def _do(self, step: Step) -> str:
         self.outcome.events[step.kind] += 1
         match step.kind:
@@ -245,13 +423,13 @@ class Simulation:
             case "checkpoint":
                 return await self._checkpoint()
             case "start":
-                return await self.machines[step.machine % len(self.machines)].start()
+                return await self._machine(step).start()
             case "stop":
-                return await self.machines[step.machine % len(self.machines)].stop()
+                return await self._machine(step).stop()
             case "crash":
-                return await self._crash(self.machines[step.machine % len(self.machines)], step)
-            case "pause":
-                return await self._pause(self.machines[step.machine % len(self.machines)], step)
+                return await self._crash(self._machine(step), step)
+            case "pause" | "suspend":
+                return await self._pause(self._machine(step), step)
             case "restore_at":
                 return await self._restore_at(step)
             case "restore_now":
@@ -262,17 +440,32 @@ class Simulation:
                 return "set"
             case "hostile":
                 return self._hostile()
+            case "clock_jump":
+                offsets = self.loop.wall_offset
+                name = self._machine(step).name
+                offsets[name] = offsets.get(name, 0.0) + step.seconds
+                self.clock_error = max(self.clock_error, abs(offsets[name]))
+                return f"{name}'s wall clock is {offsets[name]:+.1f}s off"
+            case "outside_checkpoint":
+                return await self._outside_checkpoint(self._machine(step))
+            case "disk_full":
+                return await self._disk_full(self._machine(step), step)
+            case "rollback":
+                return await self._rollback(step)
         raise AssertionError(step.kind)  # pragma: no cover
 
     def serving(self) -> list[Machine]:
         """The machines that say they serve now."""
         return [m for m in self.machines if m.tdb is not None and m.tdb.serving]
 
-    async def _write_step(self, count: int) -> str:
-        deadline = time.monotonic() + SERVING_WAIT
-        while not self.serving() and time.monotonic() < deadline:
+    async def _wait_serving(self) -> list[Machine]:
+        deadline = self.loop.time() + SERVING_WAIT
+        while not self.serving() and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
-        serving = self.serving()
+        return self.serving()
+
+    async def _write_step(self, count: int) -> str:
+        serving = await self._wait_serving()
         if not serving:
             return "no machine serves"
         answers = await asyncio.gather(
@@ -286,59 +479,277 @@ class Simulation:
             assert machine.tdb is not None
             try:
                 async with asyncio.timeout(WRITE_TIMEOUT):
-                    made = await machine.tdb.checkpoint()
-            except (TenantDBError, sqlite3.Error, TimeoutError) as exc:
+                    made = await machine.run(machine.tdb.checkpoint())
+            except (TenantDBError, sqlite3.Error, TimeoutError, asyncio.CancelledError) as exc:
                 self.outcome.events[f"checkpoint refused: {type(exc).__name__}"] += 1
                 return f"refused on {machine.name}: {type(exc).__name__}: {exc}"
             return f"{'snapshot' if made else 'nothing new'} on {machine.name}"
         return "no machine serves"
 
-    async def write(self, machine: Machine) -> bool:
-        """One client write with a unique token: commit, then ``sync()``; True if answered."""
+    async def write(
+        self, machine: Machine, mode: WriteMode | None = None, *, large: bool = False
+    ) -> bool:
+        """One client write with a unique token, in ``mode`` (drawn if None): True if the
+        client was told it is in the bucket. A ``large`` token needs new pages."""
         tdb = machine.tdb
         assert tdb is not None
-        write = Write(f"t{self.schedule.seed}-{next(self._tokens)}", machine.name, time.time())
+        chosen: WriteMode = mode or self._rng.choice(("request", "request", "sync", "async"))
+        token = f"t{self.schedule.seed}-{next(self._tokens)}"
+        if large:
+            token += "-" + "x" * 3000
+        write = Write(token, machine.incarnation, chosen, self.now())
         self.writes.append(write)
         self.outcome.writes += 1
         try:
             async with asyncio.timeout(WRITE_TIMEOUT):
-                async with tdb.connection() as db:
-                    await db.execute("INSERT INTO sim_tokens (token) VALUES (?)", (write.token,))
-                    await db.commit()
-                await tdb.sync()
-        except (TenantDBError, sqlite3.Error, TimeoutError) as exc:
+                if chosen == "request":
+                    answered = await machine.run(self._request(machine, tdb, write))
+                else:
+                    answered = await machine.run(self._commit(tdb, write, sync=chosen == "sync"))
+        except (TenantDBError, sqlite3.Error, TimeoutError, asyncio.CancelledError) as exc:
             self.outcome.events[f"write refused: {type(exc).__name__}"] += 1
             return False
-        write.acked = time.time()
-        self.outcome.acked += 1
+        if answered:
+            self.outcome.acked += 1
+        return answered
+
+    def _answered(self, write: Write) -> None:
+        """The client is told ``write`` is in the bucket: keep the bucket as it is now, to
+        check that it is (``check``)."""
+        write.acked = self.now()
+        version = len(self.sim.landed)
+        if not self._answers or self._answers[-1][0] != version:
+            self._answers.append((version, self.sim.copy_objects(), []))
+        self._answers[-1][2].append(write.token)
+
+    def _commit_begins(self, write: Write) -> None:
+        write.commit_began = self.now()
+
+    def _committed(self, write: Write) -> None:
+        write.committed = self.now()
+        write.commit_order = next(self._order)
+        self.outcome.events[f"{write.mode} write committed"] += 1
+
+    async def _commit(self, tdb: TenantDB, write: Write, *, sync: bool) -> bool:
+        async with tdb.connection() as db:
+            await db.execute("INSERT INTO sim_tokens (token) VALUES (?)", (write.token,))
+            self._commit_begins(write)
+            await db.commit()
+        self._committed(write)
+        write.holding = _holding(write.machine, tdb)
+        if not sync:
+            return False  # async durability: the client is told nothing about the bucket
+        began = next(self._order)
+        await tdb.sync()
+        # sync() vouches for every commit of this holding before it began (not for those
+        # of an earlier one that was fenced: the machine then follows the new holder).
+        for other in self.writes:
+            if (
+                other.holding == write.holding
+                and other.acked is None
+                and other.commit_order is not None
+                and other.commit_order < began
+            ):
+                self._answered(other)
+        return True
+
+    async def _request(self, machine: Machine, tdb: TenantDB, write: Write) -> bool:
+        """A POST through the middleware's request path and its output gate."""
+        sent: list[Message] = []
+        scope: Scope = {
+            "type": "http",
+            "method": "POST",
+            "path": f"/customers/{TENANT}/tokens",
+            "headers": [],
+            "query_string": b"",
+            "state": {
+                "on_commit_begin": lambda: self._commit_begins(write),
+                "on_commit": lambda: self._committed(write),
+            },
+        }
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": write.token.encode(), "more_body": False}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        if not tdb.serving:
+            return False
+        try:
+            await machine.gateway._serve_own(scope, receive, send, tdb)
+        except (TenantDBError, sqlite3.Error) as exc:
+            self.outcome.events[f"request failed: {type(exc).__name__}"] += 1
+            return False
+        status = next((m["status"] for m in sent if m["type"] == "http.response.start"), None)
+        self.outcome.events[f"request answered {status}"] += 1
+        if status != 200 or sent[-1].get("body") != b"ok":
+            return False
+        self._answered(write)
         return True
 
     async def _crash(self, machine: Machine, step: Step) -> str:
-        """Crash the machine, ``step.seconds`` into ``step.count`` writes on it if it serves."""
+        """Crash the machine ``step.count`` loop iterations into ``step.count`` writes on it
+        (or at once): SIGKILL at whichever await each of its tasks stands."""
         if not step.count or machine.tdb is None or not machine.tdb.serving:
             return await machine.crash()
         writing = asyncio.gather(*(self.write(machine) for _ in range(step.count)))
-        await asyncio.sleep(step.seconds)
+        await self.loop.after_iterations(step.iterations)
         crashed = await machine.crash()
         answered = sum(await writing)
-        return f"{crashed} with {answered}/{step.count} writes acknowledged"
+        return (
+            f"{crashed} {step.iterations} iterations in, with {answered}/{step.count} writes "
+            "acknowledged"
+        )
 
     async def _pause(self, machine: Machine, step: Step) -> str:
-        """Hold the machine's bucket calls (a process stopped mid-request); writes go on."""
+        """Freeze the whole machine (SIGSTOP; a suspend also stops its monotonic clock);
+        the other machines and their clients go on."""
         if machine.tdb is None:
             return "not running"
-        machine.view.pause()
-        try:
-            writing = asyncio.gather(*(self.write(m) for m in self.serving()))
-            await asyncio.sleep(step.seconds)
-        finally:
-            machine.view.resume()
+        when = "at once"
+        if step.count:
+            # Stopped right after its next lease write landed, before the answer came.
+            landed = asyncio.Event()
+            machine.view.after_landing = landed.set
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TTL):
+                    await landed.wait()
+            machine.view.after_landing = None
+            if machine.tdb is None:
+                return "gone meanwhile"
+            when = "after a lease write landed" if landed.is_set() else "at once (no write)"
+        self.loop.freeze(machine.name, clock_stops=step.kind == "suspend")
+        others = [m for m in self.serving() if m is not machine]
+        writing = asyncio.gather(*(self.write(m) for m in others))
+        await asyncio.sleep(step.seconds)
+        self.loop.thaw(machine.name)
         await writing
-        return f"resumed as {machine.tdb.state if machine.tdb else 'gone'}"
+        await asyncio.sleep(0.01)  # let it notice
+        return f"stopped {when}; resumed as {machine.tdb.state if machine.tdb else 'gone'}"
 
-    def acked_by(self, moment: float) -> set[str]:
-        """The tokens whose sync() returned at or before ``moment``."""
-        return {w.token for w in self.writes if w.acked is not None and w.acked <= moment}
+    async def _outside_checkpoint(self, machine: Machine) -> str:
+        if machine.tdb is None or not machine.tdb.path.exists():
+            return "no database"
+        return _outside_checkpoint(machine.tdb.path)
+
+    async def _disk_full(self, machine: Machine, step: Step) -> str:
+        """The machine's disk is full for ``step.seconds``: its connections cannot grow the
+        database (SQLite's ``database or disk is full``) while clients write."""
+        tdb = machine.tdb
+        if tdb is None or not tdb.serving:
+            return "not serving"
+        pool = tdb.pool
+
+        async def limit(pages: int | None) -> None:
+            for conn in list(pool._opened):
+                with contextlib.suppress(sqlite3.Error, ValueError):
+                    if pages is None:
+                        async with conn.execute("PRAGMA page_count") as cur:
+                            row = await cur.fetchone()
+                        assert row is not None
+                        await conn.execute(f"PRAGMA max_page_count = {row[0]}")
+                    else:
+                        await conn.execute(f"PRAGMA max_page_count = {pages}")
+
+        await machine.run(limit(None))
+        writes = (self.write(machine, large=True) for _ in range(step.count))
+        answers = await asyncio.gather(*writes)
+        await asyncio.sleep(step.seconds)
+        if machine.tdb is tdb:
+            await machine.run(limit(FULL_DISK_PAGES))
+        return f"{sum(answers)}/{step.count} acknowledged while full; now {tdb.state}"
+
+    async def _rollback(self, step: Step) -> str:
+        """The operator's rollback to a moment of the run, as the docs say to run it: the
+        machines stopped first, started again after."""
+        running = [m for m in self.machines if m.tdb is not None]
+        for machine in running:
+            await machine.stop()
+        began = self.now()
+        moment = self.began + step.fraction * (began - self.began)
+        work_dir = self.root / "rollback"
+        work_dir.mkdir(exist_ok=True)
+        # The operator's laptop, whose clock is OPERATOR_CLOCK_ERROR behind.
+        operator = contextvars.copy_context()
+        operator.run(CURRENT.set, "operator")
+        self.loop.wall_offset["operator"] = OPERATOR_CLOCK_ERROR
+        call = rollback(
+            self.machines[0].settings,
+            # Named as its lease names it: its release is the holder's own write.
+            self.sim.view(f"rollback@{socket.gethostname()}"),
+            datetime.fromtimestamp(moment, UTC),
+            work_dir=work_dir,
+        )
+        try:
+            result = await self.loop.create_task(call, context=operator)
+        except LeaseHeldError:
+            outcome = "refused: the lease is held"
+        except TenantDBError as exc:
+            kind = invariants.restore_failure_is_named(exc, "rollback")
+            self.outcome.events[f"rollback {kind}"] += 1
+            outcome = f"{kind}: {exc}"
+        else:
+            self.rollbacks.append(RolledBack(moment, began, self.now()))
+            self.outcome.events["rollback published"] += 1
+            outcome = f"to +{moment - self.began:.3f}s as generation {result.generation}"
+        started = [await machine.start() for machine in running]
+        return f"{outcome}; restarted: {', '.join(started) or 'none'}"
+
+    # --- the model -------------------------------------------------------------------------
+
+    def _in_state(
+        self, write: Write, moment: float, rollbacks: list[RolledBack], *, exact: bool
+    ) -> bool | None:
+        """Whether ``write`` is in the state at ``moment`` (None: either is right).
+
+        The latest rollback that took effect by then decides for the writes before it: the
+        state it published is the state at its ``to``, by the same rule with the rollbacks
+        before it. A rollback's time is the bucket's clock and a segment's the holder's,
+        so near a rollback (within the skew and the clocks' error) both outcomes are
+        right unless they agree. ``exact``: ``moment`` is now, not a time in the history.
+        """
+        margin = 0.002 + self.clock_error + abs(self.schedule.skew.total_seconds())
+        for position in range(len(rollbacks) - 1, -1, -1):
+            rolled, before = rollbacks[position], rollbacks[:position]
+            if moment < rolled.began - margin:
+                continue  # certainly not in effect yet
+            if write.started >= rolled.began:
+                after = self._plain(write, moment, exact=exact)
+            else:
+                after = self._in_state(write, rolled.to, before, exact=False)
+            if exact or moment > rolled.done + margin:
+                return after
+            without = self._in_state(write, moment, before, exact=exact)
+            return after if after == without else None
+        return self._plain(write, moment, exact=exact)
+
+    def _plain(self, write: Write, moment: float, *, exact: bool) -> bool | None:
+        """Whether ``write`` is in the state at ``moment`` with no rollback in the way."""
+        # A segment's time is taken after its commits and before their answers, rounded
+        # up to the millisecond (never before a commit), on the holder's clock.
+        slack = 0.0 if exact else 0.001 + self.clock_error
+        if write.acked is not None and write.acked <= moment - slack:
+            return True
+        if not exact and (write.commit_began or write.started) > moment + self.clock_error:
+            return False
+        return None
+
+    def required_at(self, moment: float, *, exact: bool = False) -> set[str]:
+        """The tokens the state at ``moment`` must hold."""
+        return {
+            w.token
+            for w in self.writes
+            if self._in_state(w, moment, self.rollbacks, exact=exact) is True
+        }
+
+    def forbidden_at(self, moment: float) -> set[str]:
+        """The tokens the state at ``moment`` must not hold."""
+        return {
+            w.token
+            for w in self.writes
+            if self._in_state(w, moment, self.rollbacks, exact=False) is False
+        }
 
     async def _restore(self, at: datetime | None, where: str) -> set[str] | str:
         dest = self.root / "restores" / f"{next(self._restores)}.sqlite3"
@@ -351,11 +762,11 @@ class Simulation:
             kind = invariants.restore_failure_is_named(exc, where)
             self.outcome.events[f"restore {kind}"] += 1
             return f"{kind}: {exc}"
-        return await asyncio.to_thread(_tokens_in_file, dest)
+        return _tokens_in_file(dest)
 
     async def _restore_now(self, where: str) -> str:
         """A ``tenantdb verify``-style full restore: every write acknowledged so far."""
-        required = self.acked_by(time.time())
+        required = self.required_at(self.now(), exact=True)
         found = await self._restore(None, where)
         if isinstance(found, str):
             return found
@@ -364,13 +775,24 @@ class Simulation:
         return f"{len(found)} tokens, {len(required)} required"
 
     async def _restore_at(self, step: Step) -> str:
-        now = time.time()
+        now = self.now()
         moment = (
             now - step.seconds if step.seconds else self.began + step.fraction * (now - self.began)
         )
-        # Segment times are rounded up to the millisecond: allow that much either way.
-        required = self.acked_by(moment - 0.002)
-        forbidden = {w.token for w in self.writes if w.started > moment + 0.002}
+        began = [w.commit_began for w in self.writes if w.commit_began is not None]
+        if step.count and began:
+            # Just before a commit: where a segment time a hair early would show it.
+            position = step.fraction * len(began)
+            moment = began[int(position)] - (position % 1) * 0.0005
+        # A rollback is stamped on the bucket's clock (past all history): a skewed bucket
+        # puts it up to the skew away from when it ran.
+        margin = 0.002 + self.clock_error + abs(self.schedule.skew.total_seconds())
+        if any(r.began - margin <= moment <= r.done + margin for r in self.rollbacks):
+            return "skipped: a moment while a rollback ran"
+        # A segment's time is taken after its commits and before their answers, rounded up
+        # to the millisecond (so never before a commit), on the holder's clock.
+        required = self.required_at(moment)
+        forbidden = self.forbidden_at(moment)
         where = f"restore as of +{moment - self.began:.3f}s"
         found = await self._restore(datetime.fromtimestamp(moment, UTC), where)
         if isinstance(found, str):
@@ -431,9 +853,26 @@ class Simulation:
         self._seen_landed = len(self.sim.landed)
         return self._carried_segments
 
+    async def _check_answers(self, where: str) -> None:
+        """(1) Every write was in the bucket when its client was told so: a full restore of
+        the bucket as it was then holds it."""
+        answers, self._answers = self._answers, []
+        for version, objects, tokens in answers:
+            dest = self.root / "restores" / f"answer-{version}.sqlite3"
+            dest.parent.mkdir(exist_ok=True)
+            found = await _restored_tokens(objects, dest)
+            if found is None:
+                continue
+            invariants.acknowledged_writes_survive(
+                tokens, found, f"the bucket when they were answered ({where})"
+            )
+            self.outcome.checks["acknowledged_writes_survive"] += 1
+
     async def check(self, where: str) -> None:
         """Every invariant, on the state now."""
         checks = self.outcome.checks
+        invariants.one_machine_serves_at_a_time(self.overlap)
+        checks["one_machine_serves_at_a_time"] += 1
         versions = invariants.lock_versions(self.sim.landed, LOCK_KEY)
         invariants.one_live_lease_at_a_time(versions)
         checks["one_live_lease_at_a_time"] += 1
@@ -455,6 +894,7 @@ class Simulation:
         )
         checks["serving_has_its_loops"] += 1
 
+        await self._check_answers(where)
         for machine in self.serving():
             assert machine.tdb is not None
             held = machine.tdb.lease.record
@@ -462,9 +902,25 @@ class Simulation:
                 continue  # a holder that has not noticed its lease is gone yet
             found = await machine.tokens()
             if found is not None:
-                acked = self.acked_by(time.time())
-                invariants.acknowledged_writes_survive(acked, found, f"{machine.name} {where}")
+                required = self.required_at(self.now(), exact=True)
+                invariants.acknowledged_writes_survive(required, found, f"{machine.name} {where}")
                 checks["acknowledged_writes_survive"] += 1
+
+
+async def _restored_tokens(objects: dict[str, _Object], dest: Path) -> set[str] | None:
+    """The tokens of a full restore from a bucket holding ``objects`` (None if it fails)."""
+    auditor = SimBucket(objects=objects).view("auditor")
+    try:
+        await pitr.restore_at(auditor, TENANT, dest, prefix=PREFIX, at=None)
+    except TenantDBError:
+        return None  # damaged or hostile objects: the restores of the steps judge those
+    return _tokens_in_file(dest)
+
+
+def _holding(incarnation: str, tdb: TenantDB) -> str:
+    """Which holding of the tenant a commit on ``tdb`` belongs to."""
+    record = tdb.lease.record
+    return f"{incarnation}@{record.generation if record else None}"
 
 
 def _carried_by(body: bytes) -> dict[str, bytes]:
@@ -483,6 +939,19 @@ def _generation(body: bytes) -> int | None:
         return None
 
 
-async def run_schedule(schedule: Schedule, root: Path) -> Outcome:
-    """Run ``schedule`` with its files under ``root``."""
-    return await Simulation(schedule, root).run()
+def simulate(
+    schedule: Schedule, root: Path, body: Callable[[Simulation], Awaitable[T]] | None = None
+) -> T | Outcome:
+    """Run ``body`` (the schedule's steps if None) on a fresh simulation's loop."""
+    with deterministic(str(schedule.seed)) as loop:
+        simulation = Simulation(schedule, root, loop)
+        work = body(simulation) if body is not None else simulation.run()
+        with asyncio.Runner(loop_factory=lambda: loop) as runner:
+            return runner.run(work)  # type: ignore[arg-type]
+
+
+def run_schedule(schedule: Schedule, root: Path) -> Outcome:
+    """Run ``schedule`` with its files under ``root``: its outcome, or SimulationFailed."""
+    outcome = simulate(schedule, root)
+    assert isinstance(outcome, Outcome)
+    return outcome

@@ -22,6 +22,7 @@ __all__ = [
     "acknowledged_writes_survive",
     "lock_versions",
     "one_live_lease_at_a_time",
+    "one_machine_serves_at_a_time",
     "only_holders_publish",
     "restore_failure_is_named",
     "restore_matches_model",
@@ -32,6 +33,7 @@ INVARIANTS = (
     "acknowledged_writes_survive",
     "restore_matches_model",
     "one_live_lease_at_a_time",
+    "one_machine_serves_at_a_time",
     "only_holders_publish",
     "serving_has_its_loops",
     "published_objects_present",
@@ -61,7 +63,7 @@ def acknowledged_writes_survive(acked: Iterable[str], found: set[str], where: st
     if missing:
         raise InvariantViolated(
             "acknowledged_writes_survive",
-            f"{where} lacks {len(missing)} acknowledged write(s): {missing[:5]}",
+            f"{where} lacks {len(missing)} acknowledged write(s): {_short(missing)}",
         )
 
 
@@ -74,12 +76,12 @@ def restore_matches_model(
         raise InvariantViolated(
             "restore_matches_model",
             f"{where} is older than its moment: it lacks {len(missing)} write(s) "
-            f"acknowledged by then: {missing[:5]}",
+            f"acknowledged by then: {_short(missing)}",
         )
     extra = sorted(forbidden & found)
     if extra:
         raise InvariantViolated(
-            "restore_matches_model", f"{where} holds writes begun after its moment: {extra[:5]}"
+            "restore_matches_model", f"{where} holds writes begun after its moment: {_short(extra)}"
         )
 
 
@@ -207,3 +209,19 @@ def serving_has_its_loops(machines: Mapping[str, tuple[str, Health]]) -> None:
         dead = [r for r in health.reasons if "task is not running" in r]
         if dead:
             raise InvariantViolated("serving_has_its_loops", f"{name} serves, but {dead}")
+
+
+def _short(tokens: list[str]) -> list[str]:
+    """The first few tokens, each cut to its name (large ones carry padding)."""
+    return [token[:24] for token in tokens[:5]]
+
+
+def one_machine_serves_at_a_time(overlap: tuple[float, list[str]] | None) -> None:
+    """(3) No two machines ever serve at once, each judging its lease on its own clock:
+    the one whose lease the other took over would serve stale reads and take writes."""
+    if overlap is not None:
+        at, machines = overlap
+        raise InvariantViolated(
+            "one_machine_serves_at_a_time",
+            f"{' and '.join(machines)} both served at +{at:.3f}s",
+        )

@@ -25,24 +25,22 @@ def corpus() -> list[tuple[int, int]]:
     return pairs
 
 
-async def run_and_check(seed: int, steps: int, root: Path) -> None:
+def run_and_check(seed: int, steps: int, root: Path) -> None:
     schedule = make_schedule(seed, steps)
-    outcome = await run_schedule(schedule, root)
+    outcome = run_schedule(schedule, root)
     assert len(outcome.steps) == len(schedule.steps) + 1  # and the final stop and restore
     assert outcome.checks["one_live_lease_at_a_time"] == len(schedule.steps) + 1
     assert set(outcome.checks) <= set(INVARIANTS)
 
 
 @pytest.mark.parametrize("seed", CI_SEEDS)
-async def test_seeded_schedule_keeps_every_invariant(seed: int, tmp_path: Path) -> None:
-    await run_and_check(seed, CI_STEPS, tmp_path)
+def test_seeded_schedule_keeps_every_invariant(seed: int, tmp_path: Path) -> None:
+    run_and_check(seed, CI_STEPS, tmp_path)
 
 
 @pytest.mark.parametrize(("seed", "steps"), corpus(), ids=lambda value: str(value))
-async def test_seed_that_once_failed_keeps_every_invariant(
-    seed: int, steps: int, tmp_path: Path
-) -> None:
-    await run_and_check(seed, steps, tmp_path)
+def test_seed_that_once_failed_keeps_every_invariant(seed: int, steps: int, tmp_path: Path) -> None:
+    run_and_check(seed, steps, tmp_path)
 
 
 def test_a_seed_always_makes_the_same_schedule() -> None:

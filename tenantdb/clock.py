@@ -1,0 +1,24 @@
+"""The clocks and the fresh randomness tenantdb reads, behind one seam.
+
+A process reads the system's clocks and the OS's randomness. The deterministic simulation
+(tests/simulation) assigns these names a virtual clock and a seeded generator, so that one
+seed makes one run; code calls them through the module (``clock.monotonic()``) for that.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+__all__ = ["monotonic", "now", "token_hex", "wall"]
+
+monotonic: Callable[[], float] = time.monotonic
+wall: Callable[[], float] = time.time
+token_hex: Callable[[int], str] = secrets.token_hex
+
+
+def now() -> datetime:
+    """The wall clock as an aware UTC datetime."""
+    return datetime.fromtimestamp(wall(), UTC)

@@ -1,0 +1,111 @@
+"""Past fixes of tenantdb, reverted one at a time: the simulation must find each.
+
+Each mutation is a function that monkeypatches the fix away (``pytest.MonkeyPatch``, so
+it is undone after); ``python -m tests.simulation --mutation NAME --seeds N`` searches
+seeds until one fails, and ``test_mutations.py`` replays the seed each was found at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+
+import pytest
+
+from tenantdb import clock
+from tenantdb.errors import LeaseLostError
+from tenantdb.protocol import lease
+from tenantdb.protocol.lockfile import now_ms
+from tenantdb.replication import group_commit, rollback, shipper
+from tenantdb.replication.wal import WALPosition
+
+__all__ = ["MUTATIONS"]
+
+
+def group_commit_joins_an_earlier_publication(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before 394b106: a waiter returned once any publication it joined found nothing left,
+    even one that read the WAL before the waiter's commit."""
+
+    async def wait(self: group_commit.GroupCommit, done: Callable[[], bool]) -> None:
+        self._waiting += 1
+        self._arrived.set()
+        try:
+            while not done():
+                if self.closed:
+                    raise LeaseLostError("log shipping stopped", tenant=self._tenant)
+                flush = self._flush
+                if flush is None or flush.done():
+                    flush = self._flush = asyncio.get_running_loop().create_task(self._gathered())
+                    flush.add_done_callback(group_commit.retrieve_exception)
+                await asyncio.wait({flush})
+                if not flush.cancelled() and not flush.result()[1]:
+                    return  # nothing was left to publish (by the time it looked)
+        finally:
+            self._waiting -= 1
+
+    monkeypatch.setattr(group_commit.GroupCommit, "wait", wait)
+
+
+def two_wal_restarts_read_as_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before 2b750bb: any WAL restart after tenantdb's own checkpoint was followed, even
+    a second one (an app's checkpoint) whose WAL nobody read."""
+
+    def restarted_once(old: WALPosition, new: WALPosition) -> bool:
+        return True
+
+    monkeypatch.setattr(shipper, "restarted_once", restarted_once)
+
+
+def inline_segments_dropped_before_upload(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before 757f25b: a snapshot's CAS dropped the segments lock.json carried inline
+    without waiting for their objects to exist."""
+
+    async def upload_carried(self: shipper.Shipper) -> list[str]:
+        return []
+
+    monkeypatch.setattr(shipper.Shipper, "_upload_carried", upload_carried)
+
+
+def lease_valid_from_the_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lease counted from when the answer of the write that landed arrived, not from
+    when it was sent (the bucket's clock started at the send)."""
+    confirm = lease.Lease._confirm
+
+    def from_the_answer(self: lease.Lease, record: object, etag: str, sent: object) -> None:
+        confirm(self, record, etag, sent)  # type: ignore[arg-type]
+        self._renewed_at, self._renewed_wall = clock.monotonic(), clock.wall()
+        self._aged = (0.0, self._renewed_at)
+
+    monkeypatch.setattr(lease.Lease, "_confirm", from_the_answer)
+
+
+def segment_times_rounded_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before 31d7641: segment and snapshot times were rounded down to the millisecond,
+    so a commit made just after a moment could be stamped at or before it."""
+
+    def now_ms() -> int:
+        return math.floor(clock.wall() * 1000)
+
+    monkeypatch.setattr(shipper, "now_ms", now_ms)
+
+
+def rollback_on_the_operators_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before 757f25b: a rollback was stamped by the operator's clock, which may be behind
+    the history it rolls back (a restore as of a moment before the rollback then returned
+    the rolled-back state)."""
+
+    async def history_end_ms(lease: object, prefix: str) -> int:
+        return now_ms()
+
+    monkeypatch.setattr(rollback, "_history_end_ms", history_end_ms)
+
+
+MUTATIONS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
+    "group_commit_join": group_commit_joins_an_earlier_publication,
+    "double_wal_restart": two_wal_restarts_read_as_one,
+    "inline_segments_dropped": inline_segments_dropped_before_upload,
+    "lease_from_answer": lease_valid_from_the_answer,
+    "segment_time_rounded_down": segment_times_rounded_down,
+    "rollback_clock": rollback_on_the_operators_clock,
+}
