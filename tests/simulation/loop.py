@@ -36,8 +36,8 @@ import aiosqlite.core
 
 from tenantdb import clock
 from tenantdb.connections import pool
-from tenantdb.machine import database
-from tenantdb.replication import shipper
+from tenantdb.machine import migrations
+from tenantdb.replication import checkpoint
 
 __all__ = ["CURRENT", "EPOCH", "Deadlock", "SimLoop", "deterministic"]
 
@@ -282,7 +282,7 @@ class _NoThread:
 
 _SIM_PRAGMAS = tuple(
     "PRAGMA busy_timeout=0" if p.startswith("PRAGMA busy_timeout") else p
-    for p in shipper.CONNECTION_PRAGMAS
+    for p in checkpoint.CONNECTION_PRAGMAS
 )
 
 
@@ -299,11 +299,11 @@ def deterministic(seed: str) -> Iterator[SimLoop]:
         (clock, "token_hex", lambda n: rng.randbytes(n).hex()),
         (aiosqlite.core, "SimpleQueue", _InlineQueue),
         (aiosqlite.core, "Thread", _NoThread),
-        (shipper, "CONNECTION_PRAGMAS", _SIM_PRAGMAS),
+        (checkpoint, "CONNECTION_PRAGMAS", _SIM_PRAGMAS),
         (pool, "CONNECTION_PRAGMAS", _SIM_PRAGMAS),
-        (database, "CONNECTION_PRAGMAS", _SIM_PRAGMAS),
+        (migrations, "CONNECTION_PRAGMAS", _SIM_PRAGMAS),
         # A WAL checkpoint (and restart) every few dozen commits, not every 4 MiB.
-        (shipper, "CHECKPOINT_WAL_BYTES", SIM_CHECKPOINT_WAL_BYTES),
+        (checkpoint, "CHECKPOINT_WAL_BYTES", SIM_CHECKPOINT_WAL_BYTES),
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, value in patches:

@@ -17,7 +17,7 @@ from tenantdb import clock
 from tenantdb.errors import LeaseLostError
 from tenantdb.protocol import lease
 from tenantdb.protocol.lockfile import now_ms
-from tenantdb.replication import group_commit, rollback, shipper
+from tenantdb.replication import group_commit, next_segment, rollback, shipper
 from tenantdb.replication.wal import WALPosition
 
 __all__ = ["MUTATIONS"]
@@ -54,7 +54,7 @@ def two_wal_restarts_read_as_one(monkeypatch: pytest.MonkeyPatch) -> None:
     def restarted_once(old: WALPosition, new: WALPosition) -> bool:
         return True
 
-    monkeypatch.setattr(shipper, "restarted_once", restarted_once)
+    monkeypatch.setattr(next_segment, "restarted_once", restarted_once)
 
 
 def inline_segments_dropped_before_upload(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,6 +88,7 @@ def segment_times_rounded_down(monkeypatch: pytest.MonkeyPatch) -> None:
         return math.floor(clock.wall() * 1000)
 
     monkeypatch.setattr(shipper, "now_ms", now_ms)
+    monkeypatch.setattr(next_segment, "now_ms", now_ms)
 
 
 def rollback_on_the_operators_clock(monkeypatch: pytest.MonkeyPatch) -> None:

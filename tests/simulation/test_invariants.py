@@ -13,7 +13,7 @@ import pytest
 from tenantdb.machine.database import TenantDB
 from tenantdb.machine.mover import Mover
 from tenantdb.protocol.lease import Lease
-from tenantdb.replication import pitr
+from tenantdb.replication import pitr, uploads
 from tenantdb.replication.shipper import Shipper
 from tests.simulation.harness import SimulationFailed, run_schedule
 from tests.simulation.schedule import Schedule, Step
@@ -69,10 +69,10 @@ def publish_without_uploading(monkeypatch: pytest.MonkeyPatch) -> None:
     """Log objects are reported uploaded without being written: lock.json stops carrying
     segments whose objects never reach the bucket."""
 
-    async def skipped(self: Shipper, key: str, body: bytes) -> None:
+    async def skipped(bucket: object, key: str, body: bytes) -> None:
         return None
 
-    monkeypatch.setattr(Shipper, "_put_once", skipped)
+    monkeypatch.setattr(uploads, "put_log_object", skipped)
 
 
 CASES = {
