@@ -38,7 +38,7 @@ from starlette.types import Message, Receive, Scope, Send
 from tenantdb.asgi.middleware import TenantDBMiddleware
 from tenantdb.config import Settings
 from tenantdb.crypto import parse_keyring
-from tenantdb.errors import LeaseHeldError, TenantDBError
+from tenantdb.errors import LeaseHeldError, LeaseLostError, TenantDBError
 from tenantdb.machine.database import TenantDB
 from tenantdb.machine.mover import Role
 from tenantdb.metrics import Metrics
@@ -685,6 +685,10 @@ class Simulation:
             result = await self.loop.create_task(call, context=operator)
         except LeaseHeldError:
             outcome = "refused: the lease is held"
+        except LeaseLostError as exc:
+            # Its renewals failed under the faults (a 1 s TTL): it stops without publishing.
+            self.outcome.events["rollback lost its lease"] += 1
+            outcome = f"lost its lease: {exc}"
         except TenantDBError as exc:
             kind = invariants.restore_failure_is_named(exc, "rollback")
             self.outcome.events[f"rollback {kind}"] += 1
