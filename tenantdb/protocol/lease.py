@@ -106,6 +106,10 @@ class Lease:
     the moment *that* write was sent. After a 412 that is not one of our own writes the
     lease is *lost*: ``on_lost`` is called once and every further write raises
     ``LeaseLostError``.
+
+    Why ~350 lines: the record, its ETag, the send time of the write that landed and the
+    lost state change together under one write lock; every method is one move of that
+    state, and split across classes the invariant would have no single owner.
     """
 
     def __init__(

@@ -108,6 +108,9 @@ class EncryptedBucket:
     ``prefix`` is where tenants live (``Settings.prefix``); ``keyring`` wraps and unwraps
     the tenants' data keys. Errors: ``DataKeyError`` and ``DecryptionError`` (one line
     naming the tenant, the key and the key id), never retried.
+
+    Why ~260 lines: it is the whole Bucket protocol, one short method per operation; the
+    sealing is in ``tenantdb.crypto`` and the data keys in ``data_keys``.
     """
 
     def __init__(self, bucket: Bucket, keyring: Keyring, *, prefix: str) -> None:
