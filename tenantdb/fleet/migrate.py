@@ -25,7 +25,7 @@ from typing import Literal
 
 from tenantdb.config import Settings
 from tenantdb.errors import LeaseHeldError, TenantDBError
-from tenantdb.machine.database import Migration, apply_migrations
+from tenantdb.machine.migrations import Migration, apply_migrations
 from tenantdb.protocol.snapshot import temp_snapshot_path
 from tenantdb.replication.checksum import format_state
 from tenantdb.replication.history import record_takeover
