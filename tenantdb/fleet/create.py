@@ -48,7 +48,6 @@ from tenantdb.protocol.lockfile import (
 from tenantdb.protocol.snapshot import file_sha256
 from tenantdb.replication.checksum import format_state
 from tenantdb.replication.compaction import merge_segments
-from tenantdb.replication.history import Takeover, takeover_key
 from tenantdb.replication.pitr import Progress, restore_at
 from tenantdb.replication.segment import (
     SEGMENT_MAX_BYTES,
@@ -58,6 +57,7 @@ from tenantdb.replication.segment import (
     encode_segment,
     segment_key,
 )
+from tenantdb.replication.takeovers import Takeover, takeover_key
 from tenantdb.storage.base import Bucket, ObjectInfo
 from tenantdb.tenants import validate_tenant
 

@@ -28,7 +28,6 @@ from tenantdb.errors import LeaseHeldError, TenantDBError
 from tenantdb.machine.migrations import Migration, apply_migrations
 from tenantdb.protocol.snapshot import temp_snapshot_path
 from tenantdb.replication.checksum import format_state
-from tenantdb.replication.history import record_takeover
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.restore import hash_file
 from tenantdb.replication.rollback import (
@@ -37,6 +36,7 @@ from tenantdb.replication.rollback import (
     publish_as_newest,
     routing_hint,
 )
+from tenantdb.replication.takeovers import record_takeover
 from tenantdb.storage.base import Bucket
 from tenantdb.tenants import validate_tenant
 

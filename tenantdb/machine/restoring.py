@@ -22,8 +22,8 @@ from tenantdb.machine.holder import Holder
 from tenantdb.machine.local_data import prepare_local_file
 from tenantdb.machine.migrations import apply_migrations
 from tenantdb.replication.follower import Follower
-from tenantdb.replication.history import record_takeover
 from tenantdb.replication.shipper import Shipper
+from tenantdb.replication.takeovers import record_takeover
 
 __all__ = ["RECOVERY_PAUSES", "Restoring"]
 

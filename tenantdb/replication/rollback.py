@@ -26,9 +26,10 @@ from tenantdb.errors import ConfigurationError, LeaseHeldError, LeaseLostError
 from tenantdb.protocol.lease import Lease
 from tenantdb.protocol.lockfile import LockRecord, LogPointer
 from tenantdb.protocol.snapshot import publish_snapshot, temp_snapshot_path
-from tenantdb.replication.history import read_history, record_takeover, takeover_key
+from tenantdb.replication.history import read_history
 from tenantdb.replication.pitr import Progress, RestoredPoint, restore_at
 from tenantdb.replication.shipper import carried_segments, put_log_object
+from tenantdb.replication.takeovers import record_takeover, takeover_key
 from tenantdb.storage.base import Bucket
 
 __all__ = [

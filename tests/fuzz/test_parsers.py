@@ -28,8 +28,8 @@ from tenantdb.parsing import time_of_ms
 from tenantdb.protocol.lockfile import LockRecord, SnapshotName
 from tenantdb.protocol.snapshot import verify_database
 from tenantdb.replication.checksum import PageHashes, database_page_size
-from tenantdb.replication.history import Takeover, takeover_key
 from tenantdb.replication.segment import SEGMENT_MAGIC, decode_segment, parse_chunk_key
+from tenantdb.replication.takeovers import Takeover, takeover_key
 
 T = TypeVar("T")
 MiB = 1 << 20

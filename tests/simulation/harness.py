@@ -44,10 +44,10 @@ from tenantdb.machine.mover import Role
 from tenantdb.metrics import Metrics
 from tenantdb.protocol.lockfile import LockRecord
 from tenantdb.replication import pitr
-from tenantdb.replication.history import takeover_key
 from tenantdb.replication.rollback import rollback
 from tenantdb.replication.segment import segment_key
 from tenantdb.replication.shipper import carried_segments
+from tenantdb.replication.takeovers import takeover_key
 from tenantdb.storage.base import Bucket
 from tenantdb.storage.encrypted import EncryptedBucket
 from tests.simulation import invariants

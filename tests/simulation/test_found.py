@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tenantdb.replication.history import takeover_key
+from tenantdb.replication.takeovers import takeover_key
 from tests.simulation import bucket as sim_bucket
 from tests.simulation.harness import PREFIX, TENANT, Simulation, run_schedule, simulate
 from tests.simulation.schedule import Schedule, Step
