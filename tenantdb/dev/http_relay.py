@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 import httpx
 from starlette.types import Receive, Scope, Send
 
+from tenantdb.routing.proxy import HOP_BY_HOP
+
 __all__ = [
     "ProxyError",
     "RequestBody",
@@ -21,23 +23,10 @@ __all__ = [
 
 log = logging.getLogger("tenantdb.dev.proxy")
 
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
 # Set by the proxy alone (a client must not forge where a request was replayed from: the
 # machines' loop guard trusts it), meant for the proxy, or answered by it already (a
 # 100-continue was sent to the client when the proxy read the body).
-_NOT_FORWARDED = _HOP_BY_HOP | {
+_NOT_FORWARDED = HOP_BY_HOP | {
     b"expect",
     # A websocket handshake's own headers belong to one connection: the proxy makes its own
     # to the machine (no extensions: it relays whole messages). The subprotocols go through,
@@ -143,7 +132,7 @@ def forward_headers(
 
 async def relay(response: httpx.Response, send: Send, request_id: str) -> None:
     """Stream a machine's answer to the client as it comes."""
-    headers = [(k, v) for k, v in response.headers.raw if k.lower() not in _HOP_BY_HOP]
+    headers = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
     headers.append((b"fly-request-id", request_id.encode()))
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
     try:

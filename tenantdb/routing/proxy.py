@@ -30,6 +30,7 @@ from tenantdb.config import Settings
 from tenantdb.errors import ConfigurationError, RoutingError
 
 __all__ = [
+    "HOP_BY_HOP",
     "PROXIED_BY",
     "BodyProxy",
     "MachineURL",
@@ -112,10 +113,8 @@ def verify_proxied_by(
     return machine_id
 
 
-# Headers that describe one connection, not the request or response (RFC 9110 section 7.6.1),
-# plus the ones this hop sets itself. "expect" goes too: 100-continue was already answered
-# to the client by this server, and httpx sends the body without waiting anyway.
-_REQUEST_DROP = frozenset(
+# Headers that describe one connection, not the request or response (RFC 9110 section 7.6.1).
+HOP_BY_HOP = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -126,6 +125,12 @@ _REQUEST_DROP = frozenset(
         b"trailer",
         b"transfer-encoding",
         b"upgrade",
+    }
+)
+# Those, plus the ones this hop sets itself. "expect" goes too: 100-continue was already
+# answered to the client by this server, and httpx sends the body without waiting anyway.
+_REQUEST_DROP = HOP_BY_HOP | frozenset(
+    {
         b"expect",
         PROXIED_BY.encode(),
         b"fly-force-instance-id",
