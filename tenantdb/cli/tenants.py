@@ -215,6 +215,7 @@ async def _delete(args: argparse.Namespace) -> int:
             "bytes": receipt.bytes,
             "seconds": round(receipt.seconds, 3),
             "resumed": receipt.resumed,
+            "key_erased": receipt.key_erased,
         }
         out(json.dumps(fields, indent=2))
     else:
@@ -224,6 +225,11 @@ async def _delete(args: argparse.Namespace) -> int:
             f"{format_size(receipt.bytes)} deleted in {receipt.seconds:.1f}s; "
             f"nothing is left under {settings.prefix}{tenant}/"
         )
+        if receipt.key_erased:
+            out(
+                "its data key was deleted first: any copy of its history anywhere else "
+                "cannot be read any more"
+            )
     if not machines_done and settings.bucket_name:  # a deployment's: its machines matter
         err(
             "note: FLY_API_TOKEN or FLY_APP_NAME is unset: the tenant's machines, if any, "

@@ -33,6 +33,7 @@ from tenantdb.fleet.errors import FleetError, UnknownTenantError
 from tenantdb.protocol.lease import Lease, ObservedLock, read_lock
 from tenantdb.protocol.lockfile import LockRecord
 from tenantdb.storage.base import DELETE_BATCH, Bucket, ObjectInfo
+from tenantdb.storage.data_keys import KEY_OBJECT
 from tenantdb.tenants import validate_tenant
 
 __all__ = ["PURGE_CLAIM", "PurgeReceipt", "is_purge_mark", "purge_tenant"]
@@ -59,6 +60,9 @@ class PurgeReceipt:
     seconds: float
     # Whether it went on from an earlier, interrupted purge's mark.
     resumed: bool
+    # Whether the tenant's wrapped data key (encryption at rest) was there, deleted first:
+    # from that delete on, no copy of its history can be read, wherever it sits.
+    key_erased: bool = False
 
 
 def is_purge_mark(record: LockRecord) -> bool:
@@ -90,6 +94,12 @@ async def purge_tenant(
     resumed = observed is not None and is_purge_mark(observed.record)
     mark = await _mark(bucket, tenant, observed, lock_key)
     keys, size = 0, 0
+    key_object = f"{root}{KEY_OBJECT}"
+    key_erased = False
+    if found := [info for info in await bucket.list(key_object) if info.key == key_object]:
+        # Crypto-shredding: the data key goes before the data it opens.
+        await bucket.delete(key_object)
+        keys, size, key_erased = 1, found[0].size, True
     for _ in range(_ROUNDS):
         left = [info for info in await _listed(bucket, root, tenant) if info.key != lock_key]
         if not left:
@@ -116,7 +126,7 @@ async def purge_tenant(
             f"(first {remaining[0].key}): run it again",
             tenant=tenant,
         )
-    return PurgeReceipt(tenant, keys, size, time.monotonic() - started, resumed)
+    return PurgeReceipt(tenant, keys, size, time.monotonic() - started, resumed, key_erased)
 
 
 async def _mark(bucket: Bucket, tenant: str, observed: ObservedLock | None, key: str) -> ObjectInfo:

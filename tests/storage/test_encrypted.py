@@ -26,6 +26,7 @@ from tenantdb.config import Settings
 from tenantdb.crypto import MAGIC, Keyring, parse_keyring
 from tenantdb.errors import DataKeyError, DecryptionError, ReplicationError
 from tenantdb.fleet.create import create_tenant
+from tenantdb.fleet.purge import purge_tenant
 from tenantdb.machine.database import TenantDB
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.segment import decode_segment
@@ -459,3 +460,37 @@ async def test_a_fork_of_a_sealed_tenant_is_sealed_under_its_own_key_and_equals_
     # Sealed for the fork: its data key, not the source's, opens the copied snapshot.
     async with backend.tenantdb("m2", tenant="fork") as tdb:
         assert await count_notes(tdb) == 23
+
+
+async def test_a_purge_deletes_the_data_key_before_the_data_it_opens(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with backend.tenantdb("m1") as tdb:
+        await write_notes(tdb, 10)
+        assert await tdb.checkpoint()
+    bucket = backend.encrypted()
+
+    async def cut(keys: object) -> None:
+        raise OSError("the purge is cut short before its first batch")
+
+    # Interrupted at its first batch of data: the key is already gone, the data unreadable.
+    monkeypatch.setattr(backend.raw, "delete_many", cut)
+    with pytest.raises(OSError, match="cut short"):
+        await purge_tenant(bucket, "acme", prefix=PREFIX)
+    keys = [info.key for info in await backend.raw.list(f"{PREFIX}acme/")]
+    assert "tenants/acme/key.json" not in keys
+    assert any(k.endswith(".sqlite3") for k in keys)
+    with pytest.raises(DataKeyError, match=r"tenants/acme/key\.json does not exist"):
+        await restore_at(backend.encrypted(), "acme", backend.tmp / "r.sqlite3", prefix=PREFIX)
+    monkeypatch.undo()
+    receipt = await purge_tenant(backend.encrypted(), "acme", prefix=PREFIX)
+    assert (receipt.resumed, receipt.key_erased) == (True, False)
+    assert await backend.raw.list(f"{PREFIX}acme/") == []
+
+
+async def test_a_purge_receipt_says_the_data_key_went_first(backend: Backend) -> None:
+    async with backend.tenantdb("m1") as tdb:
+        await write_notes(tdb, 3)
+    receipt = await purge_tenant(backend.encrypted(), "acme", prefix=PREFIX)
+    assert receipt.key_erased
+    assert await backend.raw.list(f"{PREFIX}acme/") == []
