@@ -19,7 +19,14 @@ from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tenantdb.asgi.lending import RequestConnection
-from tenantdb.asgi.output_gate import OutputGate
+from tenantdb.asgi.output_gate import Commits, OutputGate
+from tenantdb.asgi.replica_reads import (
+    SERVED_BY_HEADER,
+    ReadRequest,
+    ReplicaReads,
+    bookmark_headers,
+    is_read_method,
+)
 from tenantdb.config import Durability, Settings
 from tenantdb.errors import (
     ConfigurationError,
@@ -111,6 +118,8 @@ class TenantDBMiddleware:
         machine_url: MachineURL | None = None,
         health_path: str | None = "/healthz",
         exit_on_failure: bool = True,
+        replica_reads: bool | None = None,
+        is_read: ReadRequest = is_read_method,
     ) -> None:
         self.app = app
         if health_path is not None and not health_path.startswith("/"):
@@ -128,6 +137,7 @@ class TenantDBMiddleware:
             durability=durability,
             data_dir=Path(data_dir) if data_dir is not None else None,
             bucket_name=bucket_name,
+            replica_reads=replica_reads,
         )
         self.metrics = Metrics()  # this middleware's own registry, served at startup
         # One bucket client per process, shared by the tenant's database and the router.
@@ -146,6 +156,18 @@ class TenantDBMiddleware:
             proxy_large_bodies=proxy_large_bodies,
             machine_url=machine_url,
             metrics=self.metrics,
+        )
+        self.replica_reads = (
+            ReplicaReads(
+                app,
+                machine_id=self.settings.machine_id,
+                cookie_path=self.pattern.prefix,
+                max_lag=self.settings.max_replica_lag,
+                is_read=is_read,
+                metrics=self.metrics,
+            )
+            if self.settings.replica_reads
+            else None
         )
         self._resources = AsyncExitStack()  # what the lifespan opened, closed at shutdown
         self._in_flight = 0
@@ -193,6 +215,13 @@ class TenantDBMiddleware:
 
     async def _serve_own(self, scope: Scope, receive: Receive, send: Send, tdb: TenantDB) -> None:
         if not tdb.serving:
+            if self.replica_reads is not None and self.replica_reads.takes(scope, tdb):
+
+                async def to_holder(scope: Scope, receive: Receive, send: Send) -> None:
+                    await self._not_serving(scope, receive, send, tdb)
+
+                await self.replica_reads.serve(scope, receive, send, tdb, to_holder)
+                return
             await self._not_serving(scope, receive, send, tdb)
             return
         self.metrics.routed("local")
@@ -250,13 +279,31 @@ class TenantDBMiddleware:
             async with db.waiting():
                 await tdb.sync()
 
+        stamp = None
+        commits: Commits = db
+        if self.replica_reads is not None:
+            # Every answer that read or wrote the database says which log position its data
+            # needs: a replica serves the client's next read only from there on. An answer
+            # that saw commits not yet in the bucket waits for them, like one that made them.
+            commits = _FirstUse(db)
+            path = self.pattern.prefix(tdb.tenant)
+
+            def stamp() -> list[tuple[bytes, bytes]]:
+                served = [(SERVED_BY_HEADER.encode(), self.settings.machine_id.encode())]
+                bookmark = tdb.bookmark()
+                if bookmark is None:
+                    return served
+                max_lag = self.settings.max_replica_lag
+                return [*served, *bookmark_headers(bookmark, path=path, max_lag=max_lag)]
+
         gate = OutputGate(
             send,
-            db,
+            commits,
             make_durable,
             timeout=self.settings.durability_timeout,
             tenant=tdb.tenant,
             metrics=self.metrics,
+            stamp=stamp,
         )
 
         async def send_aside(message: Message) -> None:
@@ -290,7 +337,7 @@ class TenantDBMiddleware:
             await self._serve_own(scope, receive, send, tdb)
             return
         if (
-            tdb.state in ("standby", "fenced")
+            tdb.state in ("standby", "replica", "fenced")
             and holder
             and holder != self.settings.machine_id
             and self.router.can_replay
@@ -306,6 +353,7 @@ class TenantDBMiddleware:
             "standby": "the tenant's lock.json is damaged"
             if tdb.lock_damaged
             else f"machine {holder or 'another machine'} holds the tenant's lease",
+            "replica": f"machine {holder or 'another machine'} holds the tenant's lease",
             "fenced": "this machine lost the tenant's lease",
             "failed": f"this machine failed ({tdb.failure}) and is restarting",
             "stopping": "this machine is shutting down",
@@ -330,7 +378,7 @@ class TenantDBMiddleware:
         that arrives when the lease is released, expired or just taken here waits up to
         ``handoff_wait`` seconds instead of failing.
         """
-        if tdb.state not in ("standby", "restoring") or not self.settings.handoff_wait:
+        if tdb.state not in ("standby", "replica", "restoring") or not self.settings.handoff_wait:
             return False
         if tdb.handoff_expected():
             return await tdb.wait_serving(self.settings.handoff_wait)
@@ -525,6 +573,20 @@ class TenantDBMiddleware:
                 await tdb.stop()
         finally:
             await self._resources.aclose()
+
+
+class _FirstUse:
+    """The gate's question with replica reads: did the request commit, or (its first time
+    asked) use the database at all?"""
+
+    def __init__(self, db: RequestConnection) -> None:
+        self._db = db
+        self._asked = False
+
+    async def take(self) -> bool:
+        committed = await self._db.take()
+        first, self._asked = not self._asked, True
+        return committed or (first and self._db.borrowed)
 
 
 def _has_dot_segment(path: str) -> bool:
