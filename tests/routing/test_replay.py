@@ -915,3 +915,16 @@ async def test_a_replay_is_either_cached_or_has_a_timeout_and_fallback(
     uncached = await router.get("/customers/beta")
     assert "fly-replay-cache" not in uncached.headers
     assert uncached.headers["fly-replay"] == "instance=m2beta;timeout=2s;fallback=prefer_self"
+
+
+async def test_with_replica_reads_no_replay_cache_pins_writes_to_a_replica(
+    harness_factory: Any, dns: DevDNSServer, tmp_path: Path
+) -> None:
+    # DNS lists the tenant's replica (the lowest id) beside its holder.
+    dns.set_machine("m1replica", {KEY: "beta"})
+    dns.set_machine("m2holder", {KEY: "beta"})
+    harness = await harness_factory(settings_for(tmp_path, dns, replica_reads=True))
+    for method in ("GET", "POST"):
+        response = await harness.client.request(method, "/customers/beta/orders")
+        assert_replay(response, "m1replica")  # a replica serves a read, replays a write
+        assert "fly-replay-cache" not in response.headers
