@@ -85,6 +85,9 @@ class TenantDBMiddleware:
     ``machine_url`` maps a machine id to the base URL they are streamed to.
     ``durability="bucket"`` (the default) holds the answer of a request that committed a
     write until the bucket has it; ``"async"`` answers at once (see the README). The middleware
+    ``replica_reads=True`` (``TENANTDB_REPLICA_READS=1``) makes a standby serve read requests
+    from its copy (``is_read(scope)`` says which are reads: GET, HEAD and OPTIONS unless
+    given) and every answer carry a bookmark (see ``asgi/replica_reads.py``). The middleware
     takes part in the ASGI lifespan: its startup runs before the app's and its shutdown
     (final snapshot, publish, release) after the app's. Bad configuration fails the startup
     (``startup_error``), never a request.
