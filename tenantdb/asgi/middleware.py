@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Concatenate, ParamSpec
@@ -84,10 +85,10 @@ class TenantDBMiddleware:
     too large for fly-replay instead of streaming them to the tenant's machine, and
     ``machine_url`` maps a machine id to the base URL they are streamed to.
     ``durability="bucket"`` (the default) holds the answer of a request that committed a
-    write until the bucket has it; ``"async"`` answers at once (see the README). The middleware
+    write until the bucket has it; ``"async"`` answers at once (see the README).
     ``replica_reads=True`` (``TENANTDB_REPLICA_READS=1``) makes a standby serve read requests
     from its copy (``is_read(scope)`` says which are reads: GET, HEAD and OPTIONS unless
-    given) and every answer carry a bookmark (see ``asgi/replica_reads.py``). The middleware
+    given) and answers carry a bookmark (see ``asgi/replica_reads.py``). The middleware
     takes part in the ASGI lifespan: its startup runs before the app's and its shutdown
     (final snapshot, publish, release) after the app's. Bad configuration fails the startup
     (``startup_error``), never a request.
@@ -223,7 +224,8 @@ class TenantDBMiddleware:
                 async def to_holder(scope: Scope, receive: Receive, send: Send) -> None:
                     await self._not_serving(scope, receive, send, tdb)
 
-                await self.replica_reads.serve(scope, receive, send, tdb, to_holder)
+                with self._running():
+                    await self.replica_reads.serve(scope, receive, send, tdb, to_holder)
                 return
             await self._not_serving(scope, receive, send, tdb)
             return
@@ -245,30 +247,38 @@ class TenantDBMiddleware:
             answered = True
             await send(message)
 
+        with self._running():
+            try:
+                if gated:
+                    await self._serve_gated(scope, receive_aside, to_client, tdb, db)
+                else:
+
+                    async def send_aside(message: Message) -> None:
+                        if db.holding:
+                            await db.set_aside()
+                        await to_client(message)
+
+                    await self.app(scope, receive_aside, send_aside)
+            except ConnectionUnavailableError as exc:
+                if answered:
+                    raise
+                # The pool lent nothing in time (or closed), and the app let the error through.
+                self.metrics.routed("503")
+                await send_error(scope, receive, send, 503, exc.detail, headers=exc.headers)
+            finally:
+                if db.refusal is not None:
+                    log.warning("tenant %s: request refused: %s", tdb.tenant, db.refusal)
+                if db.holding:
+                    await db.end()
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        """Count a request of this machine's tenant in flight (the shutdown waits for them)."""
         self._in_flight += 1
         self._idle.clear()
         try:
-            if gated:
-                await self._serve_gated(scope, receive_aside, to_client, tdb, db)
-            else:
-
-                async def send_aside(message: Message) -> None:
-                    if db.holding:
-                        await db.set_aside()
-                    await to_client(message)
-
-                await self.app(scope, receive_aside, send_aside)
-        except ConnectionUnavailableError as exc:
-            if answered:
-                raise
-            # The pool lent nothing in time (or closed), and the app let the error through.
-            self.metrics.routed("503")
-            await send_error(scope, receive, send, 503, exc.detail, headers=exc.headers)
+            yield
         finally:
-            if db.refusal is not None:
-                log.warning("tenant %s: request refused: %s", tdb.tenant, db.refusal)
-            if db.holding:
-                await db.end()
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()

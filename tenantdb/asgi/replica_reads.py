@@ -113,7 +113,9 @@ class ReplicaReads:
 
     def takes(self, scope: Scope, tdb: TenantDB) -> bool:
         """Whether this request is a read that this machine may try to serve itself."""
-        return scope["type"] == "http" and tdb.state == "replica" and self.is_read(scope)
+        if scope["type"] != "http" or tdb.state != "replica" or tdb.draining:
+            return False
+        return self.is_read(scope)
 
     async def serve(
         self, scope: Scope, receive: Receive, send: Send, tdb: TenantDB, holder: Forward
@@ -136,7 +138,7 @@ class ReplicaReads:
             async with tdb.read_copy(bookmark) as read:
                 wrote = await self._run(scope, replay(), send, tdb, read)
         except ReplicaRefusedError as exc:
-            log.info("tenant %s: %s: %s", tdb.tenant, _route(scope), exc.reason)
+            log.debug("tenant %s: %s goes to the holder: %s", tdb.tenant, _route(scope), exc.reason)
             self.metrics.replica_read("replayed_refused")
             await holder(scope, replay(), send)
             return

@@ -237,8 +237,8 @@ class ReadCopy:
 
     def _check(self, replica: Replica, max_lag: float) -> str | None:
         """Why the copy may not serve this read now ("behind": not at the bookmark yet)."""
-        if replica.mover.role is not replica:
-            return f"this machine is {replica.mover.state}, no longer a replica"
+        if replica.mover.role is not replica or replica.taking_over:
+            return "this machine is taking the lease or no longer a replica"
         current = replica.current
         if current is None:
             return "its copy is not trusted yet (not caught up with the log)"
@@ -280,6 +280,7 @@ class Replica(Standby):
         # The lock.json record the copy equals and when a poll that confirmed it was sent.
         self.current: tuple[LockRecord, float] | None = None
         self.advanced = asyncio.Event()  # set (and replaced) each time ``current`` moves
+        self.taking_over = False  # reads are refused while the lease may come here
         self._poll_now = asyncio.Event()
         self._last_poll = 0.0
 
@@ -328,24 +329,29 @@ class Replica(Standby):
     @contextlib.asynccontextmanager
     async def _taking_over(self) -> AsyncIterator[None]:
         """No read runs across the move: they drain (or are interrupted) first."""
+        self.taking_over = True  # reads that get the lock meanwhile are refused at once
+        locked = False
         try:
-            async with asyncio.timeout(_DRAIN_TIMEOUT):
+            try:
+                async with asyncio.timeout(_DRAIN_TIMEOUT):
+                    await self.copy_lock.acquire_exclusive()
+            except TimeoutError:
+                log.warning(
+                    "tenant %s: interrupting %d read(s) of the copy to take the lease",
+                    self.machine.tenant,
+                    len(self.reads),
+                )
+                for read in list(self.reads):
+                    await read.revoke()
                 await self.copy_lock.acquire_exclusive()
-        except TimeoutError:
-            log.warning(
-                "tenant %s: interrupting %d read(s) of the copy to take the lease",
-                self.machine.tenant,
-                len(self.reads),
-            )
-            for read in list(self.reads):
-                await read.revoke()
-            await self.copy_lock.acquire_exclusive()
-        try:
+            locked = True
             yield
         finally:
+            # Once the lease is taken the copy is the holder's: locked against reads for good.
             if self.mover.role is self:
-                self.copy_lock.release_exclusive()
-            # else the copy is the holder's now: it stays locked against reads for good
+                self.taking_over = False
+                if locked:
+                    self.copy_lock.release_exclusive()
 
 
 def _loop_time(deadline: float) -> float:
