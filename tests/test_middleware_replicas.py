@@ -121,6 +121,22 @@ def test_a_get_that_writes_on_a_replica_is_replayed_to_the_holder(start: Start) 
     assert "after its answer began" not in m2.log()
 
 
+def test_a_write_after_a_replicas_answer_began_is_logged_with_its_route(start: Start) -> None:
+    m1 = start("m1")
+    m2 = start("m2")
+    urls = {"m1": m1.url, "m2": m2.url}
+
+    async def scenario() -> None:
+        await replica_ready(urls, "m2")
+        async with httpx.AsyncClient(timeout=10) as client:
+            late = await send(client, urls, "m2", "GET", "/customers/acme/late")
+            assert late.hops == ["m2"]  # too late to send it on
+            assert late.response.text == "begun;refused"  # the copy was never written
+
+    run(scenario())
+    assert "GET /customers/acme/late tried to write on a replica after its answer began" in m2.log()
+
+
 def test_a_bookmark_newer_than_the_copy_waits_for_it_or_goes_to_the_holder(
     start: Start,
 ) -> None:

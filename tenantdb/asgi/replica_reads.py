@@ -173,20 +173,22 @@ class ReplicaReads:
         try:
             await self.app(scope, receive, to_client)
         except Exception:
-            if not read.wrote or started:
-                raise
-        if read.wrote and started:
-            log.error(
-                "tenant %s: %s tried to write on a replica after its answer began: mark the "
-                "route as a write (TenantDBMiddleware(is_read=...), see the README)",
-                tdb.tenant,
-                _route(scope),
-            )
-            self.metrics.replica_read("write_after_answer")
-            return False
-        if not read.wrote:
-            self.metrics.replica_read("served")
-        return read.wrote
+            if read.wrote and not started:
+                return True  # the holder answers it instead
+            raise
+        finally:
+            if read.wrote and started:
+                log.error(
+                    "tenant %s: %s tried to write on a replica after its answer began: mark "
+                    "the route as a write (TenantDBMiddleware(is_read=...), see the README)",
+                    tdb.tenant,
+                    _route(scope),
+                )
+                self.metrics.replica_read("write_after_answer")
+        if read.wrote:
+            return not started
+        self.metrics.replica_read("served")
+        return False
 
 
 def _route(scope: Scope) -> str:

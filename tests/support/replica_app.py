@@ -2,18 +2,19 @@
 
 ``GET /customers/{tenant}/notes`` reads every note (in the order written), ``POST`` with
 ``?token=`` writes one, ``GET /customers/{tenant}/sneaky`` writes although it is a GET (an
-app's marking mistake). Answers say which machine ran them. Serve with
-``uvicorn tests.support.replica_app:app``.
+app's marking mistake), ``GET /customers/{tenant}/late`` writes after its answer began.
+Answers say which machine ran them. Serve with ``uvicorn tests.support.replica_app:app``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tenantdb import TenantDBMiddleware, tenant_db
@@ -32,6 +33,22 @@ async def notes(request: Request) -> Response:
     return JSONResponse({"machine": MACHINE, "tokens": [row[0] for row in rows]})
 
 
+async def late(request: Request) -> Response:
+    """A GET that writes after its answer began (streamed): a marking bug on a replica."""
+    db = tenant_db(request)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"begun;"
+        try:
+            await db.execute("INSERT INTO notes (token) VALUES ('late')")
+            await db.commit()
+            yield b"wrote"
+        except Exception:
+            yield b"refused"
+
+    return StreamingResponse(body(), headers={"x-machine": MACHINE})
+
+
 async def sneaky(request: Request) -> Response:
     db = tenant_db(request)
     try:
@@ -46,6 +63,7 @@ app = Starlette(
     routes=[
         Route("/customers/{tenant}/notes", notes, methods=["GET", "POST"]),
         Route("/customers/{tenant}/sneaky", sneaky),
+        Route("/customers/{tenant}/late", late),
     ],
     middleware=[Middleware(TenantDBMiddleware, migrations=MIGRATIONS)],
 )
