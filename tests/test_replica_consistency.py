@@ -3,7 +3,8 @@
 Three real uvicorn machines of tenant acme (``tests.support.replica_app``, replica reads on):
 m1 holds it, m2 and m3 are replicas. Clients, each with its own cookie jar (so its own
 bookmark), write unique tokens and read the whole list through random machines, following
-fly-replay; half-way the holder stops gracefully and a replica takes the lease. Over the
+fly-replay; half-way the holder stops gracefully, or is killed (SIGKILL), and a replica
+takes the lease. Over the
 history it checks, for every read:
 
 - read-your-writes: the client sees every token of its own that was acknowledged (201)
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -121,8 +123,9 @@ async def client_run(
 
 
 @pytest.mark.long
+@pytest.mark.parametrize("end", ["stop", "kill"])
 def test_clients_reading_through_replicas_see_their_writes_and_never_go_back(
-    machines: dict[str, UvicornProcess],
+    machines: dict[str, UvicornProcess], end: str
 ) -> None:
     urls = {machine: server.url for machine, server in machines.items()}
     alive = list(urls)
@@ -134,8 +137,10 @@ def test_clients_reading_through_replicas_see_their_writes_and_never_go_back(
         async def handoff() -> None:
             await halfway.wait()
             alive.remove("m1")
-            # Stopped in a thread: the clients go on meanwhile.
-            await asyncio.to_thread(machines["m1"].stop)
+            # Stopped in a thread: the clients go on meanwhile. Killed, it leaves its lease
+            # to expire, and requests in flight to it unanswered.
+            sig = signal.SIGTERM if end == "stop" else signal.SIGKILL
+            await asyncio.to_thread(machines["m1"].stop, sig)
 
         stopper = asyncio.ensure_future(handoff())
         await asyncio.gather(
