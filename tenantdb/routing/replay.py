@@ -194,6 +194,7 @@ class Router:
                 positive_ttl=self.cache_ttl,
                 negative_ttl=self.negative_cache_ttl,
                 failure_ttl=self.failure_ttl,
+                prefer_region=self.settings.fly_region if self.settings.replica_reads else None,
             )
             bucket = self.bucket
             if bucket is None:
