@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tenantdb.cli.main import COMMANDS, build_parser, main
+from tenantdb.cli.main import COMMANDS, build_parser, dev_cluster_config, main
+from tenantdb.errors import ConfigurationError
 from tests.support.fake_machines import FakeMachinesAPI, serve_fake_machines
 from tests.support.servers import free_port
 
@@ -454,3 +455,15 @@ def test_python_m_create_then_list(fly: FakeMachinesAPI, subprocess_env: dict[st
     assert (row["tenant"], row["region"]) == ("acme", "fra")
     for proc in (created, listed):
         assert TOKEN not in proc.stdout + proc.stderr
+
+
+def test_dev_replicas_per_tenant_runs_replicas_beside_each_holder() -> None:
+    parser = build_parser()
+    config = dev_cluster_config(parser.parse_args(["dev", "--replicas-per-tenant", "2"]))
+    assert config.machines_per_tenant == 3
+    assert config.env["TENANTDB_REPLICA_READS"] == "1"
+    plain = dev_cluster_config(parser.parse_args(["dev", "--machines-per-tenant", "2"]))
+    assert "TENANTDB_REPLICA_READS" not in plain.env
+    both = parser.parse_args(["dev", "--replicas-per-tenant", "1", "--machines-per-tenant", "3"])
+    with pytest.raises(ConfigurationError, match="leave out --machines-per-tenant"):
+        dev_cluster_config(both)

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tenantdb.cli.common import (
     EXIT_FAILURE,
@@ -41,9 +42,12 @@ from tenantdb.cli.deploy import DEPLOY_COMMANDS
 from tenantdb.cli.doctor import DOCTOR_COMMANDS
 from tenantdb.cli.move import configure_move
 from tenantdb.cli.tenants import TENANT_COMMANDS
-from tenantdb.errors import TenantDBError
+from tenantdb.errors import ConfigurationError, TenantDBError
 from tenantdb.logs import configure_logging
 from tenantdb.routing.machines_api import MachinesClient
+
+if TYPE_CHECKING:  # the emulation is imported only by the dev command
+    from tenantdb.dev.cluster import ClusterConfig
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -336,6 +340,14 @@ def _configure_dev(parser: argparse.ArgumentParser) -> None:
         help="machines per tenant; all but the lease holder stand by (default: 1)",
     )
     parser.add_argument(
+        "--replicas-per-tenant",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="read replicas per tenant besides its holder (TENANTDB_REPLICA_READS=1 on "
+        "every machine; instead of --machines-per-tenant)",
+    )
+    parser.add_argument(
         "--port", type=_port, default=8080, help="port of the proxy on 127.0.0.1 (default: 8080)"
     )
     parser.add_argument(
@@ -394,15 +406,33 @@ def _configure_dev(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_dev)
 
 
-def _dev(args: argparse.Namespace) -> int:
-    # Imported here: the emulation brings uvicorn and the DNS server, which no other
-    # command needs.
-    from tenantdb.dev.cluster import ClusterConfig, serve
-    from tenantdb.dev.proxy import MachineUnavailableError
+def _non_negative_int(value: str) -> int:
+    """A whole number of at least 0."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{number} must be at least 0")
+    return number
 
-    config = ClusterConfig(
+
+def dev_cluster_config(args: argparse.Namespace) -> ClusterConfig:
+    """The cluster ``tenantdb dev`` runs, from its arguments."""
+    from tenantdb.dev.cluster import ClusterConfig
+
+    machines, env = args.machines_per_tenant, dict(args.env)
+    if args.replicas_per_tenant is not None:
+        if machines != 1:
+            raise ConfigurationError(
+                "--replicas-per-tenant sets the machines per tenant: leave out "
+                "--machines-per-tenant"
+            )
+        machines = args.replicas_per_tenant + 1
+        env["TENANTDB_REPLICA_READS"] = "1"
+    return ClusterConfig(
         tenants=args.tenants,
-        machines_per_tenant=args.machines_per_tenant,
+        machines_per_tenant=machines,
         app_name=args.app,
         region=args.region,
         port=args.port,
@@ -412,8 +442,17 @@ def _dev(args: argparse.Namespace) -> int:
         idle_stop=args.idle_stop,
         kill_timeout=args.kill_timeout,
         autostart=args.autostart,
-        env=dict(args.env),
+        env=env,
     )
+
+
+def _dev(args: argparse.Namespace) -> int:
+    # Imported here: the emulation brings uvicorn and the DNS server, which no other
+    # command needs.
+    from tenantdb.dev.cluster import serve
+    from tenantdb.dev.proxy import MachineUnavailableError
+
+    config = dev_cluster_config(args)
     configure_logging()
     # The machines' lines are formatted already: shown as they are, after the machine's name.
     relay = logging.StreamHandler()
