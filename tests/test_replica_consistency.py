@@ -1,6 +1,7 @@
 """A read-your-writes checker over histories of clients reading through replicas.
 
-Three real uvicorn machines of tenant acme (``tests.support.replica_app``, replica reads on):
+Three real uvicorn machines of tenant acme (``tests.support.replica_app``, replica reads on;
+the embedded bucket or moto's S3 server):
 m1 holds it, m2 and m3 are replicas. Clients, each with its own cookie jar (so its own
 bookmark), write unique tokens and read the whole list through random machines, following
 fly-replay; half-way the holder stops gracefully, or is killed (SIGKILL), and a replica
@@ -58,13 +59,19 @@ class History:
     replica_reads: int = 0
 
 
-@pytest.fixture
-def machines(tmp_path: Path, subprocess_env: dict[str, str]) -> Iterator[dict[str, UvicornProcess]]:
+@pytest.fixture(params=["local", "s3"])
+def machines(
+    request: pytest.FixtureRequest, tmp_path: Path, subprocess_env: dict[str, str]
+) -> Iterator[dict[str, UvicornProcess]]:
+    if request.param == "s3":
+        backend = request.getfixturevalue("s3_settings_env")
+    else:
+        backend = {"TENANTDB_LOCAL_BUCKET": str(tmp_path / "bucket")}
     with DevDNSServer().run_in_thread() as dns, MachineProcesses(tmp_path) as started:
         env = {
             **subprocess_env,
+            **backend,
             "TENANTDB_DNS_SERVER": "{}:{}".format(*dns.address),
-            "TENANTDB_LOCAL_BUCKET": str(tmp_path / "bucket"),
             "TENANTDB_LEASE_TTL": "3",
             "TENANTDB_CHECKPOINT_INTERVAL": "0",
             "TENANTDB_FOLLOW_INTERVAL": "0.1",
