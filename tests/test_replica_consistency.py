@@ -59,6 +59,31 @@ class History:
     replica_reads: int = 0
 
 
+def check(reads: list[Read], final: list[str]) -> list[str]:
+    """The violations of read-your-writes, monotonic reads and real states in ``reads``."""
+    violations: list[str] = []
+    for read in reads:
+        if missing := read.acknowledged_before - set(read.tokens):
+            violations.append(f"client {read.client} missed its own {sorted(missing)}")
+        if lost := read.seen_before - set(read.tokens):
+            violations.append(f"client {read.client} no longer saw {sorted(lost)}")
+        if final[: len(read.tokens)] != read.tokens:
+            violations.append(f"client {read.client} read a state the log never had")
+    return violations
+
+
+def test_the_checker_finds_each_kind_of_violation() -> None:
+    final = ["a", "b", "c"]
+    good = Read(0, ["a", "b"], frozenset({"b"}), frozenset({"a"}), "m2")
+    assert check([good], final) == []
+    stale = Read(0, ["a"], frozenset({"b"}), frozenset(), "m2")
+    assert check([stale], final) == ["client 0 missed its own ['b']"]
+    backwards = Read(1, ["a"], frozenset(), frozenset({"a", "b"}), "m3")
+    assert check([backwards], final) == ["client 1 no longer saw ['b']"]
+    invented = Read(2, ["a", "c"], frozenset(), frozenset(), "m2")
+    assert check([invented], final) == ["client 2 read a state the log never had"]
+
+
 @pytest.fixture(params=["local", "s3"])
 def machines(
     request: pytest.FixtureRequest, tmp_path: Path, subprocess_env: dict[str, str]
@@ -169,14 +194,7 @@ def test_clients_reading_through_replicas_see_their_writes_and_never_go_back(
                 await asyncio.sleep(0.1)
 
     final = asyncio.run(run())
-    violations: list[str] = []
-    for read in history.reads:
-        if missing := read.acknowledged_before - set(read.tokens):
-            violations.append(f"client {read.client} missed its own {sorted(missing)}")
-        if lost := read.seen_before - set(read.tokens):
-            violations.append(f"client {read.client} no longer saw {sorted(lost)}")
-        if final[: len(read.tokens)] != read.tokens:
-            violations.append(f"client {read.client} read a state the log never had")
+    violations = check(history.reads, final)
     operations = history.writes + len(history.reads)
     print(
         f"\nreplica checker: {operations} operations checked ({history.writes} writes, "
