@@ -24,6 +24,7 @@ BENCHMARKS = {
     "durability": "bench.bench_durability",
     "takeover": "bench.bench_takeover",
     "idle": "bench.bench_idle",
+    "replicas": "bench.bench_replicas",
 }
 
 
