@@ -30,7 +30,7 @@ from tenantdb.machine.database import TenantDB
 from tenantdb.machine.replica import BOOKMARK_HEADER, Bookmark, ReadCopy
 from tenantdb.metrics import Metrics
 from tenantdb.responses import send_error
-from tenantdb.routing.bodies import MAX_REPLAY_BODY
+from tenantdb.routing.bodies import MAX_REPLAY_BODY, read_up_to
 
 __all__ = [
     "LAG_HEADER",
@@ -127,7 +127,7 @@ class ReplicaReads:
             await send_error(scope, receive, send, 400, f"{BOOKMARK_HEADER}: {exc}")
             return
         try:
-            chunks, more = await _read_body(receive)
+            chunks, more = await read_up_to(receive, MAX_REPLAY_BODY)
         except ClientDisconnect:
             return
         replay = _replaying(chunks, more, receive)
@@ -193,21 +193,6 @@ class ReplicaReads:
 
 def _route(scope: Scope) -> str:
     return f"{scope.get('method', '?')} {scope.get('path', '?')}"
-
-
-async def _read_body(receive: Receive) -> tuple[list[bytes], bool]:
-    """The request's body, up to Fly's replay limit; True as well if there is more."""
-    chunks: list[bytes] = []
-    size, more = 0, True
-    while more and size <= MAX_REPLAY_BODY:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk: bytes = message.get("body", b"")
-        chunks.append(chunk)
-        size += len(chunk)
-        more = bool(message.get("more_body", False))
-    return chunks, more
 
 
 def _replaying(chunks: list[bytes], more: bool, receive: Receive) -> Callable[[], Receive]:
