@@ -258,3 +258,25 @@ async def test_the_follower_waits_for_reads_and_new_reads_wait_for_it() -> None:
     lock.release_exclusive()
     await reader
     assert lock.readers == 1
+
+
+async def test_a_takeover_interrupts_reads_that_outlast_the_drain(tmp_path: Path) -> None:
+    holder, replica = await serving_and_replica(tmp_path)
+    await caught_up(replica, ["first"])
+    async with replica.read_copy() as read:  # a read that never ends by itself
+        await holder.stop()
+        assert await replica.wait_serving(15)
+        # The copy became the holder's: the read lost its connection instead of reading
+        # a file the holder writes.
+        with pytest.raises(RuntimeError, match="not entered"):
+            _ = read.connection
+    try:
+        assert await hits_of(replica) == ["first"]
+    finally:
+        await replica.stop()
+
+
+async def hits_of(tdb: TenantDB) -> list[str]:
+    async with tdb.connection() as db:
+        rows = await db.execute_fetchall("SELECT token FROM notes ORDER BY id")
+    return [row[0] for row in rows]
