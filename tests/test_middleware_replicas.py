@@ -89,6 +89,7 @@ def test_a_replica_serves_a_read_with_its_headers_and_a_write_goes_to_the_holder
             assert f"tenantdb-bookmark={bookmark}" in cookie
             for part in ("Path=/customers/acme", "HttpOnly", "SameSite=Lax", "Max-Age=60"):
                 assert part in cookie
+            assert "Secure" not in cookie  # plain HTTP here
             read = await send(client, urls, "m2", "GET", NOTES)  # with the cookie
             assert read.hops == ["m2"]
             assert read.response.status_code == 200
@@ -96,6 +97,10 @@ def test_a_replica_serves_a_read_with_its_headers_and_a_write_goes_to_the_holder
             assert read.response.headers["tenantdb-served-by"] == "m2"
             assert 0 <= int(read.response.headers["tenantdb-lag-ms"]) < 5000
             assert read.response.headers["tenantdb-bookmark"] >= bookmark
+            # Behind Fly's proxy, a client that came over HTTPS gets a Secure cookie.
+            https = {"x-forwarded-proto": "https"}
+            secure = await send(client, urls, "m2", "GET", NOTES, headers=https)
+            assert secure.response.headers["set-cookie"].endswith("; Secure")
 
     run(scenario())
 

@@ -307,7 +307,8 @@ class TenantDBMiddleware:
                 if bookmark is None:
                     return served
                 max_lag = self.settings.max_replica_lag
-                return [*served, *bookmark_headers(bookmark, path=path, max_lag=max_lag)]
+                marked = bookmark_headers(bookmark, path=path, max_lag=max_lag, scope=scope)
+                return [*served, *marked]
 
         gate = OutputGate(
             send,

@@ -84,10 +84,16 @@ def bookmark_of(connection: HTTPConnection | Scope) -> Bookmark | None:
     return max(found, default=None)
 
 
-def bookmark_headers(bookmark: Bookmark, *, path: str, max_lag: float) -> list[tuple[bytes, bytes]]:
-    """The bookmark's header and its cookie, scoped to the tenant's ``path``."""
+def bookmark_headers(
+    bookmark: Bookmark, *, path: str, max_lag: float, scope: Scope
+) -> list[tuple[bytes, bytes]]:
+    """The bookmark's header and its cookie, scoped to the tenant's ``path`` (``Secure``
+    when the client came over HTTPS: Fly's proxy says so in ``X-Forwarded-Proto``)."""
     age = max(_MIN_COOKIE_AGE, int(2 * max_lag) + 1)
     cookie = f"{BOOKMARK_HEADER}={bookmark}; Path={path}; Max-Age={age}; HttpOnly; SameSite=Lax"
+    forwarded = Headers(scope=scope).get("x-forwarded-proto", "").strip().lower()
+    if scope.get("scheme") == "https" or forwarded == "https":
+        cookie += "; Secure"
     return [(BOOKMARK_HEADER.encode(), str(bookmark).encode()), (b"set-cookie", cookie.encode())]
 
 
@@ -157,7 +163,10 @@ class ReplicaReads:
             (SERVED_BY_HEADER.encode(), self.machine_id.encode()),
             (LAG_HEADER.encode(), str(round(read.lag * 1000)).encode()),
             *bookmark_headers(
-                read.position, path=self.cookie_path(tdb.tenant), max_lag=self.max_lag
+                read.position,
+                path=self.cookie_path(tdb.tenant),
+                max_lag=self.max_lag,
+                scope=scope,
             ),
         ]
 
