@@ -218,6 +218,10 @@ class TenantDBMiddleware:
             await self._serve_own(scope, receive, send, self.tenantdb)
 
     async def _serve_own(self, scope: Scope, receive: Receive, send: Send, tdb: TenantDB) -> None:
+        if self.replica_reads is not None and await self.replica_reads.refuse_bad_bookmark(
+            scope, receive, send
+        ):
+            return
         if not tdb.serving:
             if self.replica_reads is not None and self.replica_reads.takes(scope, tdb):
 

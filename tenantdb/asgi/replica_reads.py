@@ -123,15 +123,25 @@ class ReplicaReads:
             return False
         return self.is_read(scope)
 
+    async def refuse_bad_bookmark(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Answer 400 to a request whose bookmark header is malformed; whether it did.
+
+        Asked of every request for the tenant, holder or replica: the same answer wherever
+        the request lands.
+        """
+        try:
+            bookmark_of(scope)
+        except ValueError as exc:
+            await send_error(scope, receive, send, 400, f"{BOOKMARK_HEADER}: {exc}")
+            return True
+        return False
+
     async def serve(
         self, scope: Scope, receive: Receive, send: Send, tdb: TenantDB, holder: Forward
     ) -> None:
-        """Serve a read from the copy, or hand it to ``holder`` (the standby's way on)."""
-        try:
-            bookmark = bookmark_of(scope)
-        except ValueError as exc:
-            await send_error(scope, receive, send, 400, f"{BOOKMARK_HEADER}: {exc}")
-            return
+        """Serve a read from the copy, or hand it to ``holder`` (the standby's way on); its
+        bookmark was checked (``refuse_bad_bookmark``)."""
+        bookmark = bookmark_of(scope)
         try:
             chunks, more = await read_up_to(receive, MAX_REPLAY_BODY)
         except ClientDisconnect:
