@@ -191,6 +191,26 @@ def test_create_refuses_a_second_machine(
     assert fly.calls("POST") == []
 
 
+def test_create_replica_adds_a_read_replica_to_a_tenant_with_a_machine(
+    fly: FakeMachinesAPI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "machines", "create", "acme", "--image", "img", "--replica")
+    assert code == 1
+    assert "create its first one without --replica" in err
+    assert fly.calls("POST") == []
+    fly.add("acme")
+    code, out, err = run(
+        capsys, "machines", "create", "acme", "--image", "img", "--replica", "--region", "fra"
+    )
+    assert (code, err) == (0, "")
+    assert "created replica machine" in out
+    assert "every machine of the tenant needs TENANTDB_REPLICA_READS=1" in out
+    [create] = fly.calls("POST")
+    assert create.body["region"] == "fra"
+    assert create.body["config"]["env"]["TENANTDB_REPLICA_READS"] == "1"
+    assert create.body["config"]["metadata"] == {"customer_id": "acme"}
+
+
 def test_create_env_contradicting_tenant_fails(
     fly: FakeMachinesAPI, capsys: pytest.CaptureFixture[str]
 ) -> None:

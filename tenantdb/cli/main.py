@@ -130,7 +130,7 @@ def _configure_machines(parser: argparse.ArgumentParser) -> None:
         description="Create one Fly Machine for TENANT: metadata <key>=TENANT, env "
         "TENANT_ID=TENANT, autostop/autostart on, the stop timeout of TENANTDB_KILL_TIMEOUT "
         "and config.metrics on TENANTDB_METRICS_PORT (so Fly scrapes it). Refuses if the "
-        "tenant already has one. "
+        "tenant already has one, unless --replica. "
         "Put secrets in `fly secrets`, not --env: env values are visible in the machine config.",
     )
     create.add_argument("tenant", type=_tenant_arg, help="tenant id (a lowercase DNS label)")
@@ -160,6 +160,13 @@ def _configure_machines(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=VALUE",
         help="environment variable for the machine (repeatable)",
+    )
+    create.add_argument(
+        "--replica",
+        action="store_true",
+        help="one more machine for a tenant that has one: a read replica (env "
+        "TENANTDB_REPLICA_READS=1; the tenant's other machines need it too), say in another "
+        "region (see Read replicas in the README)",
     )
     create.set_defaults(handler=_machines_create)
 
@@ -211,11 +218,24 @@ async def _create(args: argparse.Namespace) -> int:
     settings, app, token = _fly_settings(args)
     env = dict(args.env)
     async with MachinesClient(app, token, settings.machines_api_url) as client:
-        # One machine per tenant: two would fight over the tenant's lease.
         existing = await client.find_tenant_machines(args.tenant, settings.metadata_key)
-        if existing:
+        if args.replica:
+            # A replica stands by for the lease like any second machine, and serves reads.
+            if not existing:
+                _err(
+                    f"error: tenant {args.tenant} has no machine in app {app} yet: create "
+                    "its first one without --replica"
+                )
+                return EXIT_FAILURE
+            env["TENANTDB_REPLICA_READS"] = "1"
+        elif existing:
+            # One machine per tenant unless asked: a second one stands by, taking the
+            # lease over only if the first goes.
             ids = ", ".join(m.id for m in existing)
-            _err(f"error: tenant {args.tenant} already has machine(s) {ids} in app {app}")
+            _err(
+                f"error: tenant {args.tenant} already has machine(s) {ids} in app {app} "
+                "(--replica adds a read replica)"
+            )
             return EXIT_FAILURE
         machine = await client.create_machine(
             args.tenant,
@@ -230,9 +250,14 @@ async def _create(args: argparse.Namespace) -> int:
             metrics_port=settings.metrics_port,
         )
     _out(
-        f"created machine {machine.id} for tenant {args.tenant} "
-        f"(region {machine.region or '?'}, state {machine.state or '?'})"
+        f"created {'replica ' if args.replica else ''}machine {machine.id} for tenant "
+        f"{args.tenant} (region {machine.region or '?'}, state {machine.state or '?'})"
     )
+    if args.replica:
+        _out(
+            "every machine of the tenant needs TENANTDB_REPLICA_READS=1 (fly.toml [env], or "
+            "--env when creating it): the holder's answers carry the bookmarks replicas wait for"
+        )
     return EXIT_OK
 
 
