@@ -9,7 +9,8 @@ on m1 (from its own region) at ``--writes-per-s`` (10), and the reads carry the 
 bookmark from a write of its own every ``--write-every`` reads (20), so some reads wait.
 
 Printed per mode: read p50/p99, the share served by m2, and (on) the lag m2 reported
-(``tenantdb-lag-ms``) p50/p99. Run: ``python -m bench.bench_replicas``.
+(``tenantdb-lag-ms``) p50/p99, the share of reads that waited for their bookmark and the
+median wait (``tenantdb-waited-ms``). Run: ``python -m bench.bench_replicas``.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ async def measure(
     background = asyncio.ensure_future(writer())
     latencies: list[float] = []
     lags: list[float] = []
+    waits: list[float] = []
     served_here = 0
     async with httpx.AsyncClient(timeout=10) as client:
         for n in range(reads):
@@ -120,6 +122,8 @@ async def measure(
             if response.headers.get("tenantdb-served-by") == "m2":
                 served_here += 1
                 lags.append(float(response.headers["tenantdb-lag-ms"]))
+                if (waited := float(response.headers["tenantdb-waited-ms"])) > 0:
+                    waits.append(waited)
     stop.set()
     await background
     result = {
@@ -130,6 +134,8 @@ async def measure(
     if lags:
         result["lag_p50_ms"] = statistics.median(lags)
         result["lag_p99_ms"] = percentile(lags, 0.99)
+        result["waited_share"] = len(waits) / reads
+        result["wait_p50_ms"] = statistics.median(waits) if waits else 0.0
     return result
 
 

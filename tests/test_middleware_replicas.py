@@ -96,6 +96,7 @@ def test_a_replica_serves_a_read_with_its_headers_and_a_write_goes_to_the_holder
             assert read.response.json() == {"machine": "m2", "tokens": ["t1"]}
             assert read.response.headers["tenantdb-served-by"] == "m2"
             assert 0 <= int(read.response.headers["tenantdb-lag-ms"]) < 5000
+            assert read.response.headers["tenantdb-waited-ms"].isdigit()
             assert read.response.headers["tenantdb-bookmark"] >= bookmark
             # Behind Fly's proxy, a client that came over HTTPS gets a Secure cookie.
             https = {"x-forwarded-proto": "https"}
@@ -158,6 +159,7 @@ def test_a_bookmark_newer_than_the_copy_waits_for_it_or_goes_to_the_holder(
             read = await send(client, urls, "m2", "GET", NOTES)
             assert read.hops == ["m2"], read.response.text  # waited, then served
             assert read.response.json()["tokens"] == ["fresh"]
+            assert int(read.response.headers["tenantdb-waited-ms"]) > 0
         async with httpx.AsyncClient(timeout=10) as stranger:
             generation, _, index = wrote.response.headers["tenantdb-bookmark"].partition(".")
             ahead = {"tenantdb-bookmark": f"{generation}.{int(index) + 50}"}

@@ -35,6 +35,7 @@ from tenantdb.routing.bodies import MAX_REPLAY_BODY, read_up_to
 __all__ = [
     "LAG_HEADER",
     "SERVED_BY_HEADER",
+    "WAITED_HEADER",
     "ReadRequest",
     "ReplicaReads",
     "bookmark_headers",
@@ -46,6 +47,7 @@ log = logging.getLogger("tenantdb")
 
 SERVED_BY_HEADER = "tenantdb-served-by"
 LAG_HEADER = "tenantdb-lag-ms"
+WAITED_HEADER = "tenantdb-waited-ms"  # how long a replica waited for the request's bookmark
 # Whether a request only reads (the app's override: ``TenantDBMiddleware(is_read=...)``).
 ReadRequest = Callable[[Scope], bool]
 Forward = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -172,6 +174,7 @@ class ReplicaReads:
         stamp = [
             (SERVED_BY_HEADER.encode(), self.machine_id.encode()),
             (LAG_HEADER.encode(), str(round(read.lag * 1000)).encode()),
+            (WAITED_HEADER.encode(), str(round(read.waited * 1000)).encode()),
             *bookmark_headers(
                 read.position,
                 path=self.cookie_path(tdb.tenant),

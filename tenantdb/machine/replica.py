@@ -157,6 +157,7 @@ class ReadCopy:
         self.position = Bookmark(0, 0)  # the copy's, once entered
         self.lag = 0.0  # seconds, once entered
         self.wrote = False  # the request tried to change the database
+        self.waited = 0.0  # seconds it waited for the copy to reach its bookmark
         self._connection: aiosqlite.Connection | None = None
         self._locked = False
 
@@ -185,9 +186,11 @@ class ReadCopy:
                 raise self._refused(refusal)
             advanced = replica.advanced
             replica.poll_soon()
+            waiting_since = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(_loop_time(deadline)):
                     await advanced.wait()
+            self.waited += time.monotonic() - waiting_since
         try:
             self._connection = await _open_read_only(replica.machine, self._note)
         except BaseException:
