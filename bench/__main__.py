@@ -27,6 +27,7 @@ BENCHMARKS = {
     "fleet": "bench.bench_fleet",
     "encryption": "bench.bench_encryption",
     "cost": "bench.bench_cost",
+    "replicas": "bench.bench_replicas",
 }
 
 

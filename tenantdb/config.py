@@ -172,6 +172,16 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default
     return raw.lower()
 
 
+def _switch(env: Mapping[str, str], name: str) -> bool:
+    """An on/off variable: 1/true/yes/on or 0/false/no/off (unset: off)."""
+    raw = (env.get(name) or "").strip()
+    if raw.lower() in ("", "0", "false", "no", "off"):
+        return False
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    raise _invalid(name, raw, "is not on or off", "1 or 0 (true/false, yes/no, on/off)")
+
+
 def _dns_server(raw: str | None) -> tuple[str, int] | None:
     if not raw:
         return None
@@ -257,6 +267,13 @@ class Settings:
     follow_interval: float = 0.5
     # How long a standby holds a request for its tenant while the lease changes hands.
     handoff_wait: float = 5.0
+    # Read replicas (TENANTDB_REPLICA_READS): a standby whose copy is current serves reads.
+    replica_reads: bool = False
+    # The oldest copy a replica serves a read without a bookmark from, in seconds.
+    max_replica_lag: float = 5.0
+    # How long a replica waits for its copy to reach a request's bookmark before it
+    # replays the request to the holder.
+    read_wait: float = 1.0
     # Seconds without a request after which a holder releases the lease ("idle") and its
     # server exits 0, so that the platform stops the machine; 0 = never.
     idle_stop: float = 300.0
@@ -304,6 +321,10 @@ class Settings:
             raise ConfigurationError("follow interval must be positive")
         if self.handoff_wait < 0:
             raise ConfigurationError("handoff wait must be >= 0 (0 = never hold a request)")
+        if self.max_replica_lag <= 0:
+            raise ConfigurationError("max replica lag must be positive")
+        if self.read_wait < 0:
+            raise ConfigurationError("read wait must be >= 0 (0 = never wait for a bookmark)")
         if self.idle_stop < 0:
             raise ConfigurationError("idle stop must be >= 0 (0 = never)")
         if self.snapshot_retention < 1:
@@ -369,6 +390,9 @@ class Settings:
             "follow_interval": _number(env, "TENANTDB_FOLLOW_INTERVAL", 0.5, minimum=0.05),
             "handoff_wait": _number(env, "TENANTDB_HANDOFF_WAIT", 5.0, minimum=0),
             "idle_stop": _number(env, "TENANTDB_IDLE_STOP", 300.0, minimum=0),
+            "replica_reads": _switch(env, "TENANTDB_REPLICA_READS"),
+            "max_replica_lag": _number(env, "TENANTDB_MAX_REPLICA_LAG", 5.0, minimum=0.01),
+            "read_wait": _number(env, "TENANTDB_READ_WAIT", 1.0, minimum=0),
             "pool_size": int(_number(env, "TENANTDB_POOL_SIZE", 8, minimum=1, what=_COUNT)),
             "metadata_key": env.get("TENANTDB_METADATA_KEY") or "customer_id",
             "dns_server": _dns_server(env.get("TENANTDB_DNS_SERVER")),

@@ -29,6 +29,7 @@ Every error tenantdb raises on purpose is a ``TenantDBError``::
     ├── ReplicationError              the incremental log cannot be read, written or applied (key)
     │   └── PointInTimeError          that moment cannot be restored exactly (at, earliest)
     ├── DurabilityError               a committed write did not reach the bucket in time (tenant)
+    ├── ReplicaRefusedError           this machine's copy may not serve a read (the holder will)
     ├── ConnectionUnavailableError    no database connection for a request (503)
     │   └── PoolBusyError             none came free in time (held)
     └── RoutingError                  finding the machine of another tenant
@@ -77,6 +78,7 @@ __all__ = [
     "PointInTimeError",
     "PoolBusyError",
     "PreconditionFailedError",
+    "ReplicaRefusedError",
     "ReplicationError",
     "RoutingError",
     "SnapshotError",
@@ -320,6 +322,16 @@ class DurabilityError(TenantDBError):
     def __init__(self, message: str, *, tenant: str) -> None:
         self.tenant = tenant
         super().__init__(message)
+
+
+class ReplicaRefusedError(TenantDBError):
+    """This machine may not serve a read from its copy (``reason`` says why): the request
+    goes to the holder instead. Never an answer a client sees."""
+
+    def __init__(self, reason: str, *, tenant: str) -> None:
+        self.reason = reason
+        self.tenant = tenant
+        super().__init__(f"tenant {tenant}: not read here: {reason}")
 
 
 class ConnectionUnavailableError(TenantDBError, HTTPException):

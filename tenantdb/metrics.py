@@ -38,6 +38,7 @@ __all__ = [
     "Metrics",
     "MetricsServer",
     "RequestClass",
+    "ReplicaReadOutcome",
     "RoutingOutcome",
     "WatchedTenant",
     "error_kind",
@@ -47,6 +48,8 @@ log = logging.getLogger("tenantdb")
 
 RoutingOutcome = Literal["local", "replay", "cached_replay", "proxied_body", "404", "413", "503"]
 Lookup = Literal["dns", "api"]
+# What became of a read request on a replica (tenantdb/asgi/replica_reads.py).
+ReplicaReadOutcome = Literal["served", "replayed_refused", "replayed_write", "write_after_answer"]
 Uploaded = Literal["segment", "snapshot"]
 # Tigris bills requests in two classes (https://www.tigrisdata.com/docs/pricing/): A for
 # PUT, COPY, POST, LIST (and multipart uploads), B for GET, HEAD and the rest; DELETE is
@@ -159,6 +162,14 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self._replica_reads = Counter(
+            "tenantdb_replica_reads",
+            "read requests a replica took, by outcome (served from its copy, sent to the "
+            "holder because the copy could not serve or the request wrote, or a write after "
+            "the answer began: a route to mark as a write)",
+            ["outcome"],
+            registry=r,
+        )
         self._lookup = Histogram(
             "tenantdb_lookup_seconds",
             "duration of each lookup of a tenant's machine, by source (dns, api)",
@@ -245,6 +256,10 @@ class Metrics:
     def routed(self, outcome: RoutingOutcome) -> None:
         """Count a routing decision."""
         self._routing.labels(outcome).inc()
+
+    def replica_read(self, outcome: ReplicaReadOutcome) -> None:
+        """Count a read request a replica took, by what became of it."""
+        self._replica_reads.labels(outcome).inc()
 
     def bucket_error(self, exc: BaseException) -> None:
         """Count a failed bucket request by its ``StorageError`` subclass, in snake case."""

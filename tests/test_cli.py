@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tenantdb.cli.main import COMMANDS, build_parser, main
+from tenantdb.cli.main import COMMANDS, build_parser, dev_cluster_config, main
+from tenantdb.errors import ConfigurationError
 from tests.support.fake_machines import FakeMachinesAPI, serve_fake_machines
 from tests.support.servers import free_port
 
@@ -192,6 +193,26 @@ def test_create_refuses_a_second_machine(
     assert "already has" in err
     assert out == ""
     assert fly.calls("POST") == []
+
+
+def test_create_replica_adds_a_read_replica_to_a_tenant_with_a_machine(
+    fly: FakeMachinesAPI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "machines", "create", "acme", "--image", "img", "--replica")
+    assert code == 1
+    assert "create its first one without --replica" in err
+    assert fly.calls("POST") == []
+    fly.add("acme")
+    code, out, err = run(
+        capsys, "machines", "create", "acme", "--image", "img", "--replica", "--region", "fra"
+    )
+    assert (code, err) == (0, "")
+    assert "created replica machine" in out
+    assert "every machine of the tenant needs TENANTDB_REPLICA_READS=1" in out
+    [create] = fly.calls("POST")
+    assert create.body["region"] == "fra"
+    assert create.body["config"]["env"]["TENANTDB_REPLICA_READS"] == "1"
+    assert create.body["config"]["metadata"] == {"customer_id": "acme"}
 
 
 def test_create_env_contradicting_tenant_fails(
@@ -458,3 +479,15 @@ def test_python_m_create_then_list(fly: FakeMachinesAPI, subprocess_env: dict[st
     assert (row["tenant"], row["region"]) == ("acme", "fra")
     for proc in (created, listed):
         assert TOKEN not in proc.stdout + proc.stderr
+
+
+def test_dev_replicas_per_tenant_runs_replicas_beside_each_holder() -> None:
+    parser = build_parser()
+    config = dev_cluster_config(parser.parse_args(["dev", "--replicas-per-tenant", "2"]))
+    assert config.machines_per_tenant == 3
+    assert config.env["TENANTDB_REPLICA_READS"] == "1"
+    plain = dev_cluster_config(parser.parse_args(["dev", "--machines-per-tenant", "2"]))
+    assert "TENANTDB_REPLICA_READS" not in plain.env
+    both = parser.parse_args(["dev", "--replicas-per-tenant", "1", "--machines-per-tenant", "3"])
+    with pytest.raises(ConfigurationError, match="leave out --machines-per-tenant"):
+        dev_cluster_config(both)

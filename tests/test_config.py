@@ -74,6 +74,12 @@ def test_fly_and_bucket_variables_are_read() -> None:
             "allowed: a lowercase DNS label",
         ),
         ({"CUSTOMER_ID": "a.b"}, "CUSTOMER_ID='a.b' is not a tenant id"),
+        (
+            {"TENANTDB_REPLICA_READS": "maybe"},
+            "TENANTDB_REPLICA_READS='maybe' is not on or off; allowed: 1 or 0",
+        ),
+        ({"TENANTDB_MAX_REPLICA_LAG": "0"}, "TENANTDB_MAX_REPLICA_LAG='0' is out of range"),
+        ({"TENANTDB_READ_WAIT": "-1"}, "TENANTDB_READ_WAIT='-1' is out of range"),
     ],
 )
 def test_bad_values_name_the_variable_the_value_and_what_is_allowed(
@@ -84,6 +90,20 @@ def test_bad_values_name_the_variable_the_value_and_what_is_allowed(
     assert str(raised.value).startswith(message)
     assert raised.value.variable == next(iter(env))
     assert "\n" not in str(raised.value)
+
+
+def test_replica_reads_are_off_unless_asked_for_with_their_bounds() -> None:
+    off = Settings.from_env({})
+    assert (off.replica_reads, off.max_replica_lag, off.read_wait) == (False, 5.0, 1.0)
+    on = Settings.from_env(
+        {
+            "TENANTDB_REPLICA_READS": "1",
+            "TENANTDB_MAX_REPLICA_LAG": "2.5",
+            "TENANTDB_READ_WAIT": "0",
+        }
+    )
+    assert (on.replica_reads, on.max_replica_lag, on.read_wait) == (True, 2.5, 0.0)
+    assert Settings.from_env({"TENANTDB_REPLICA_READS": "off"}).replica_reads is False
 
 
 def test_secrets_never_show_and_cannot_be_pickled() -> None:

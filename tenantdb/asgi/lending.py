@@ -99,6 +99,7 @@ class RequestConnection(aiosqlite.Connection):
         self._settings: dict[str, Any] = {}
         self._committed = False
         self.refusal: TenantDBError | None = None  # why the pool lent nothing, if it did not
+        self.borrowed = False  # a pooled connection was lent to the request at some point
         # What aiosqlite.Connection's own methods read.
         self._running = True
         self._connection = None
@@ -171,6 +172,7 @@ class RequestConnection(aiosqlite.Connection):
                 for name, value in self._settings.items():
                     setattr(conn, name, value)
                 self._lent = conn
+                self.borrowed = True
             return self._lent
 
     in_transaction = property(lambda self: self._lent is not None and self._lent.in_transaction)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Concatenate, ParamSpec
@@ -19,7 +20,14 @@ from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tenantdb.asgi.lending import RequestConnection
-from tenantdb.asgi.output_gate import OutputGate
+from tenantdb.asgi.output_gate import Commits, OutputGate
+from tenantdb.asgi.replica_reads import (
+    SERVED_BY_HEADER,
+    ReadRequest,
+    ReplicaReads,
+    bookmark_headers,
+    is_read_method,
+)
 from tenantdb.config import Durability, Settings
 from tenantdb.errors import (
     ConfigurationError,
@@ -77,7 +85,10 @@ class TenantDBMiddleware:
     too large for fly-replay instead of streaming them to the tenant's machine, and
     ``machine_url`` maps a machine id to the base URL they are streamed to.
     ``durability="bucket"`` (the default) holds the answer of a request that committed a
-    write until the bucket has it; ``"async"`` answers at once (see the README). The middleware
+    write until the bucket has it; ``"async"`` answers at once (see the README).
+    ``replica_reads=True`` (``TENANTDB_REPLICA_READS=1``) makes a standby serve read requests
+    from its copy (``is_read(scope)`` says which are reads: GET, HEAD and OPTIONS unless
+    given) and answers carry a bookmark (see ``asgi/replica_reads.py``). The middleware
     takes part in the ASGI lifespan: its startup runs before the app's and its shutdown
     (final snapshot, publish, release) after the app's. Bad configuration fails the startup
     (``startup_error``), never a request.
@@ -111,6 +122,8 @@ class TenantDBMiddleware:
         machine_url: MachineURL | None = None,
         health_path: str | None = "/healthz",
         exit_on_failure: bool = True,
+        replica_reads: bool | None = None,
+        is_read: ReadRequest = is_read_method,
     ) -> None:
         self.app = app
         if health_path is not None and not health_path.startswith("/"):
@@ -128,6 +141,7 @@ class TenantDBMiddleware:
             durability=durability,
             data_dir=Path(data_dir) if data_dir is not None else None,
             bucket_name=bucket_name,
+            replica_reads=replica_reads,
         )
         self.metrics = Metrics()  # this middleware's own registry, served at startup
         # One bucket client per process, shared by the tenant's database and the router.
@@ -146,6 +160,18 @@ class TenantDBMiddleware:
             proxy_large_bodies=proxy_large_bodies,
             machine_url=machine_url,
             metrics=self.metrics,
+        )
+        self.replica_reads = (
+            ReplicaReads(
+                app,
+                machine_id=self.settings.machine_id,
+                cookie_path=self.pattern.prefix,
+                max_lag=self.settings.max_replica_lag,
+                is_read=is_read,
+                metrics=self.metrics,
+            )
+            if self.settings.replica_reads
+            else None
         )
         self._resources = AsyncExitStack()  # what the lifespan opened, closed at shutdown
         self._in_flight = 0
@@ -192,7 +218,19 @@ class TenantDBMiddleware:
             await self._serve_own(scope, receive, send, self.tenantdb)
 
     async def _serve_own(self, scope: Scope, receive: Receive, send: Send, tdb: TenantDB) -> None:
+        if self.replica_reads is not None and await self.replica_reads.refuse_bad_bookmark(
+            scope, receive, send
+        ):
+            return
         if not tdb.serving:
+            if self.replica_reads is not None and self.replica_reads.takes(scope, tdb):
+
+                async def to_holder(scope: Scope, receive: Receive, send: Send) -> None:
+                    await self._not_serving(scope, receive, send, tdb)
+
+                with self._running():
+                    await self.replica_reads.serve(scope, receive, send, tdb, to_holder)
+                return
             await self._not_serving(scope, receive, send, tdb)
             return
         self.metrics.routed("local")
@@ -213,30 +251,38 @@ class TenantDBMiddleware:
             answered = True
             await send(message)
 
+        with self._running():
+            try:
+                if gated:
+                    await self._serve_gated(scope, receive_aside, to_client, tdb, db)
+                else:
+
+                    async def send_aside(message: Message) -> None:
+                        if db.holding:
+                            await db.set_aside()
+                        await to_client(message)
+
+                    await self.app(scope, receive_aside, send_aside)
+            except ConnectionUnavailableError as exc:
+                if answered:
+                    raise
+                # The pool lent nothing in time (or closed), and the app let the error through.
+                self.metrics.routed("503")
+                await send_error(scope, receive, send, 503, exc.detail, headers=exc.headers)
+            finally:
+                if db.refusal is not None:
+                    log.warning("tenant %s: request refused: %s", tdb.tenant, db.refusal)
+                if db.holding:
+                    await db.end()
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        """Count a request of this machine's tenant in flight (the shutdown waits for them)."""
         self._in_flight += 1
         self._idle.clear()
         try:
-            if gated:
-                await self._serve_gated(scope, receive_aside, to_client, tdb, db)
-            else:
-
-                async def send_aside(message: Message) -> None:
-                    if db.holding:
-                        await db.set_aside()
-                    await to_client(message)
-
-                await self.app(scope, receive_aside, send_aside)
-        except ConnectionUnavailableError as exc:
-            if answered:
-                raise
-            # The pool lent nothing in time (or closed), and the app let the error through.
-            self.metrics.routed("503")
-            await send_error(scope, receive, send, 503, exc.detail, headers=exc.headers)
+            yield
         finally:
-            if db.refusal is not None:
-                log.warning("tenant %s: request refused: %s", tdb.tenant, db.refusal)
-            if db.holding:
-                await db.end()
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
@@ -250,13 +296,32 @@ class TenantDBMiddleware:
             async with db.waiting():
                 await tdb.sync()
 
+        stamp = None
+        commits: Commits = db
+        if self.replica_reads is not None:
+            # Every answer that read or wrote the database says which log position its data
+            # needs: a replica serves the client's next read only from there on. An answer
+            # that saw commits not yet in the bucket waits for them, like one that made them.
+            commits = _FirstUse(db)
+            path = self.pattern.prefix(tdb.tenant)
+
+            def stamp() -> list[tuple[bytes, bytes]]:
+                served = [(SERVED_BY_HEADER.encode(), self.settings.machine_id.encode())]
+                bookmark = tdb.bookmark()
+                if bookmark is None:
+                    return served
+                max_lag = self.settings.max_replica_lag
+                marked = bookmark_headers(bookmark, path=path, max_lag=max_lag, scope=scope)
+                return [*served, *marked]
+
         gate = OutputGate(
             send,
-            db,
+            commits,
             make_durable,
             timeout=self.settings.durability_timeout,
             tenant=tdb.tenant,
             metrics=self.metrics,
+            stamp=stamp,
         )
 
         async def send_aside(message: Message) -> None:
@@ -290,7 +355,7 @@ class TenantDBMiddleware:
             await self._serve_own(scope, receive, send, tdb)
             return
         if (
-            tdb.state in ("standby", "fenced")
+            tdb.state in ("standby", "replica", "fenced")
             and holder
             and holder != self.settings.machine_id
             and self.router.can_replay
@@ -306,6 +371,7 @@ class TenantDBMiddleware:
             "standby": "the tenant's lock.json is damaged"
             if tdb.lock_damaged
             else f"machine {holder or 'another machine'} holds the tenant's lease",
+            "replica": f"machine {holder or 'another machine'} holds the tenant's lease",
             "fenced": "this machine lost the tenant's lease",
             "failed": f"this machine failed ({tdb.failure}) and is restarting",
             "stopping": "this machine is shutting down",
@@ -330,7 +396,7 @@ class TenantDBMiddleware:
         that arrives when the lease is released, expired or just taken here waits up to
         ``handoff_wait`` seconds instead of failing.
         """
-        if tdb.state not in ("standby", "restoring") or not self.settings.handoff_wait:
+        if tdb.state not in ("standby", "replica", "restoring") or not self.settings.handoff_wait:
             return False
         if tdb.handoff_expected():
             return await tdb.wait_serving(self.settings.handoff_wait)
@@ -525,6 +591,20 @@ class TenantDBMiddleware:
                 await tdb.stop()
         finally:
             await self._resources.aclose()
+
+
+class _FirstUse:
+    """The gate's question with replica reads: did the request commit, or (its first time
+    asked) use the database at all?"""
+
+    def __init__(self, db: RequestConnection) -> None:
+        self._db = db
+        self._asked = False
+
+    async def take(self) -> bool:
+        committed = await self._db.take()
+        first, self._asked = not self._asked, True
+        return committed or (first and self._db.borrowed)
 
 
 def _has_dot_segment(path: str) -> bool:

@@ -50,8 +50,12 @@ class OutputGate:
         timeout: float,
         tenant: str,
         metrics: Metrics,
+        stamp: Callable[[], list[tuple[bytes, bytes]]] | None = None,
     ) -> None:
+        """``stamp`` gives headers for an answer held until the bucket had its writes
+        (the bookmark of what it needs, with replica reads)."""
         self._send = send
+        self._stamp = stamp
         self._tracker = tracker
         self._make_durable = make_durable
         self._timeout = timeout
@@ -72,6 +76,9 @@ class OutputGate:
         if await self._tracker.take():
             with self._metrics.gate_holding():
                 await self._wait_durable()
+            if self._held_start is not None and self._stamp is not None:
+                headers = [*self._held_start.get("headers", []), *self._stamp()]
+                self._held_start = {**self._held_start, "headers": headers}
         if self._held_start is not None:
             start, self._held_start = self._held_start, None
             await self._send(start)

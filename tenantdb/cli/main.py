@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tenantdb.cli.common import (
     EXIT_FAILURE,
@@ -47,9 +48,12 @@ from tenantdb.cli.restore import RESTORE_COMMANDS
 from tenantdb.cli.status import STATUS_COMMANDS
 from tenantdb.cli.teardown import destroy_machines
 from tenantdb.cli.tenants import TENANTS_COMMANDS
-from tenantdb.errors import TenantDBError
+from tenantdb.errors import ConfigurationError, TenantDBError
 from tenantdb.logs import configure_logging
 from tenantdb.routing.machines_api import MachinesClient
+
+if TYPE_CHECKING:  # the emulation is imported only by the dev command
+    from tenantdb.dev.cluster import ClusterConfig
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -129,7 +133,7 @@ def _configure_machines(parser: argparse.ArgumentParser) -> None:
         description="Create one Fly Machine for TENANT: metadata <key>=TENANT, env "
         "TENANT_ID=TENANT, autostop/autostart on, the stop timeout of TENANTDB_KILL_TIMEOUT "
         "and config.metrics on TENANTDB_METRICS_PORT (so Fly scrapes it). Refuses if the "
-        "tenant already has one. "
+        "tenant already has one, unless --replica. "
         "Put secrets in `fly secrets`, not --env: env values are visible in the machine config.",
     )
     create.add_argument("tenant", type=_tenant_arg, help="tenant id (a lowercase DNS label)")
@@ -159,6 +163,13 @@ def _configure_machines(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=VALUE",
         help="environment variable for the machine (repeatable)",
+    )
+    create.add_argument(
+        "--replica",
+        action="store_true",
+        help="one more machine for a tenant that has one: a read replica (env "
+        "TENANTDB_REPLICA_READS=1; the tenant's other machines need it too), say in another "
+        "region (see Read replicas in the README)",
     )
     create.set_defaults(handler=_machines_create)
 
@@ -210,11 +221,24 @@ async def _create(args: argparse.Namespace) -> int:
     settings, app, token = _fly_settings(args)
     env = dict(args.env)
     async with MachinesClient(app, token, settings.machines_api_url) as client:
-        # One machine per tenant: two would fight over the tenant's lease.
         existing = await client.find_tenant_machines(args.tenant, settings.metadata_key)
-        if existing:
+        if args.replica:
+            # A replica stands by for the lease like any second machine, and serves reads.
+            if not existing:
+                _err(
+                    f"error: tenant {args.tenant} has no machine in app {app} yet: create "
+                    "its first one without --replica"
+                )
+                return EXIT_FAILURE
+            env["TENANTDB_REPLICA_READS"] = "1"
+        elif existing:
+            # One machine per tenant unless asked: a second one stands by, taking the
+            # lease over only if the first goes.
             ids = ", ".join(m.id for m in existing)
-            _err(f"error: tenant {args.tenant} already has machine(s) {ids} in app {app}")
+            _err(
+                f"error: tenant {args.tenant} already has machine(s) {ids} in app {app} "
+                "(--replica adds a read replica)"
+            )
             return EXIT_FAILURE
         machine = await client.create_machine(
             args.tenant,
@@ -229,9 +253,14 @@ async def _create(args: argparse.Namespace) -> int:
             metrics_port=settings.metrics_port,
         )
     _out(
-        f"created machine {machine.id} for tenant {args.tenant} "
-        f"(region {machine.region or '?'}, state {machine.state or '?'})"
+        f"created {'replica ' if args.replica else ''}machine {machine.id} for tenant "
+        f"{args.tenant} (region {machine.region or '?'}, state {machine.state or '?'})"
     )
+    if args.replica:
+        _out(
+            "every machine of the tenant needs TENANTDB_REPLICA_READS=1 (fly.toml [env], or "
+            "--env when creating it): the holder's answers carry the bookmarks replicas wait for"
+        )
     return EXIT_OK
 
 
@@ -328,6 +357,14 @@ def _configure_dev(parser: argparse.ArgumentParser) -> None:
         help="machines per tenant; all but the lease holder stand by (default: 1)",
     )
     parser.add_argument(
+        "--replicas-per-tenant",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="read replicas per tenant besides its holder (TENANTDB_REPLICA_READS=1 on "
+        "every machine; instead of --machines-per-tenant)",
+    )
+    parser.add_argument(
         "--port", type=_port, default=8080, help="port of the proxy on 127.0.0.1 (default: 8080)"
     )
     parser.add_argument(
@@ -386,15 +423,33 @@ def _configure_dev(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_dev)
 
 
-def _dev(args: argparse.Namespace) -> int:
-    # Imported here: the emulation brings uvicorn and the DNS server, which no other
-    # command needs.
-    from tenantdb.dev.cluster import ClusterConfig, serve
-    from tenantdb.dev.proxy import MachineUnavailableError
+def _non_negative_int(value: str) -> int:
+    """A whole number of at least 0."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{number} must be at least 0")
+    return number
 
-    config = ClusterConfig(
+
+def dev_cluster_config(args: argparse.Namespace) -> ClusterConfig:
+    """The cluster ``tenantdb dev`` runs, from its arguments."""
+    from tenantdb.dev.cluster import ClusterConfig
+
+    machines, env = args.machines_per_tenant, dict(args.env)
+    if args.replicas_per_tenant is not None:
+        if machines != 1:
+            raise ConfigurationError(
+                "--replicas-per-tenant sets the machines per tenant: leave out "
+                "--machines-per-tenant"
+            )
+        machines = args.replicas_per_tenant + 1
+        env["TENANTDB_REPLICA_READS"] = "1"
+    return ClusterConfig(
         tenants=args.tenants,
-        machines_per_tenant=args.machines_per_tenant,
+        machines_per_tenant=machines,
         app_name=args.app,
         region=args.region,
         port=args.port,
@@ -404,8 +459,17 @@ def _dev(args: argparse.Namespace) -> int:
         idle_stop=args.idle_stop,
         kill_timeout=args.kill_timeout,
         autostart=args.autostart,
-        env=dict(args.env),
+        env=env,
     )
+
+
+def _dev(args: argparse.Namespace) -> int:
+    # Imported here: the emulation brings uvicorn and the DNS server, which no other
+    # command needs.
+    from tenantdb.dev.cluster import serve
+    from tenantdb.dev.proxy import MachineUnavailableError
+
+    config = dev_cluster_config(args)
     configure_logging()
     # The machines' lines are formatted already: shown as they are, after the machine's name.
     relay = logging.StreamHandler()

@@ -250,6 +250,9 @@ def _route(record: RouteRecord) -> dict[str, Any]:
         "path": record.path,
         "status": record.status,
         "answered_after": record.answered_after,
+        "served_by": record.served_by,
+        "carried": record.carried,
+        "bookmark": record.bookmark,
         "steps": [
             {"machine": s.machine_id, "kind": s.kind, "woken": s.woken, "failed": s.failed}
             for s in record.steps

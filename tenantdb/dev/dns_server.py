@@ -68,6 +68,7 @@ class DevMachine:
     address: str
     running: bool
     metadata: Mapping[str, str] = field(default_factory=dict)
+    region: str | None = None  # None: the server's
 
 
 class _Protocol(asyncio.DatagramProtocol):
@@ -127,8 +128,12 @@ class DevDNSServer:
         running: bool = True,
         *,
         address: str | None = None,
+        region: str | None = None,
     ) -> DevMachine:
-        """Add or update a machine; its address stays the same for its whole life."""
+        """Add or update a machine; its address stays the same for its whole life.
+
+        ``region`` is the one ``_instances.internal`` lists it in (default: the server's).
+        """
         if not _MACHINE_ID_RE.fullmatch(machine_id):
             raise ValueError(f"machine id {machine_id!r} is not a lowercase DNS label")
         with self._lock:
@@ -141,6 +146,7 @@ class DevDNSServer:
                 str(self._addresses[machine_id]),
                 running,
                 MappingProxyType(dict(metadata or {})),
+                region,
             )
             self._machines[machine_id] = machine
             self._rebuild()
@@ -191,7 +197,7 @@ class DevDNSServer:
                 continue  # like Fly: DNS only lists running machines
             instances.append(
                 f"instance={machine.machine_id},app={self.app_name},ip={machine.address},"
-                f"region={self.region}"
+                f"region={machine.region or self.region}"
             )
             vm = dns.name.from_text(f"{machine.machine_id}.vm", origin=app)
             add(vm, aaaa, machine.address)

@@ -80,6 +80,7 @@ from typing import Self
 import httpx
 from starlette.types import Receive, Scope, Send
 
+from tenantdb.asgi.replica_reads import bookmark_of
 from tenantdb.dev.backends import (
     Backends,
     MachineInfo,
@@ -257,6 +258,9 @@ class FlyProxy:
                     trace.status,
                     tuple(trace.steps),
                     None if trace.answered_at is None else trace.answered_at - trace.started_at,
+                    trace.served_by,
+                    _carried_bookmark(scope),
+                    trace.bookmark,
                 )
             )
 
@@ -445,3 +449,12 @@ class FlyProxy:
             via,
             target.state,
         )
+
+
+def _carried_bookmark(scope: Scope) -> str | None:
+    """The bookmark a request carried (header or cookie), as the dashboard shows it."""
+    try:
+        found = bookmark_of(scope)
+    except ValueError:
+        return "malformed"
+    return None if found is None else str(found)

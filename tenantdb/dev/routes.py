@@ -56,6 +56,11 @@ class RouteRecord:
     steps: tuple[RouteStep, ...]
     # Seconds until the answer started (a machine holding a request shows here), if any.
     answered_after: float | None = None
+    # Replica reads: the machine that answered, the bookmark the request carried and the
+    # one its answer gave (tenantdb-served-by, tenantdb-bookmark).
+    served_by: str | None = None
+    carried: str | None = None
+    bookmark: str | None = None
 
 
 @dataclass
@@ -66,6 +71,8 @@ class Trace:
     status: int | None = None
     answered_at: float | None = None
     steps: list[RouteStep] = field(default_factory=list)
+    served_by: str | None = None
+    bookmark: str | None = None
 
     def add(self, machine: MachineInfo, hop: Hop) -> None:
         """Note the machine chosen for ``hop``: started by the request unless already running."""
@@ -90,6 +97,11 @@ class Trace:
         async def watched(message: Message) -> None:
             if message["type"] in ("http.response.start", "websocket.http.response.start"):
                 self.status = message["status"]
+                for name, value in message.get("headers", []):
+                    if name.lower() == b"tenantdb-served-by":
+                        self.served_by = value.decode("latin-1")
+                    elif name.lower() == b"tenantdb-bookmark":
+                        self.bookmark = value.decode("latin-1")
             elif message["type"] == "websocket.accept":
                 self.status = 101
             if self.status is not None and self.answered_at is None:

@@ -29,6 +29,7 @@ from tenantdb.machine.datadir import DataDirLock
 from tenantdb.machine.failed import Failed
 from tenantdb.machine.migrations import Migration, apply_migrations
 from tenantdb.machine.mover import Mover, Stopped, TenantState
+from tenantdb.machine.replica import Bookmark, ReadCopy
 from tenantdb.machine.restoring import Restoring
 from tenantdb.machine.standby import Standby
 from tenantdb.machine.starting import Starting
@@ -139,6 +140,18 @@ class TenantDB:
     def connection(self) -> contextlib.AbstractAsyncContextManager[aiosqlite.Connection]:
         """``async with tdb.connection() as db:`` borrows a connection to the database."""
         return self.pool.connection()
+
+    def read_copy(self, bookmark: Bookmark | None = None) -> ReadCopy:
+        """``async with tdb.read_copy(bookmark) as read:`` a read-only connection to this
+        replica's copy (``read.connection``), once it is at ``bookmark``; raises
+        ``ReplicaRefusedError`` when the copy may not serve (the holder then must)."""
+        return self._mover.role.read_copy(bookmark)
+
+    def bookmark(self) -> Bookmark | None:
+        """The log position of what this machine last published (None before any)."""
+        lease = self._machine.lease_or_none
+        record = lease.record if lease is not None else None
+        return Bookmark.of(record) if record is not None else None
 
     @property
     def lease(self) -> Lease:

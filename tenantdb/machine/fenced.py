@@ -11,8 +11,8 @@ import logging
 
 from tenantdb.errors import LeaseHeldError, LeaseLostError, TenantDBError
 from tenantdb.machine.context import Machine, MachineRole
+from tenantdb.machine.replica import stand_by
 from tenantdb.machine.restoring import Restoring
-from tenantdb.machine.standby import Standby
 
 __all__ = ["Fenced", "fence"]
 
@@ -42,10 +42,10 @@ class Fenced(MachineRole):
         try:
             await machine.lease.acquire()
         except LeaseHeldError as held:
-            self.mover.move(Standby(machine, held))
+            self.mover.move(stand_by(machine, held))
             return
         except TenantDBError as exc:
             log.error("tenant %s: fenced, and the lease cannot be read: %s", machine.tenant, exc)
-            self.mover.move(Standby(machine, None))
+            self.mover.move(stand_by(machine, None))
             return
         self.mover.move(Restoring(machine))

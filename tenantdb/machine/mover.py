@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from tenantdb.connections.pool import ConnectionPool
-from tenantdb.errors import LeaseLostError, TenantDBError
+from tenantdb.errors import LeaseLostError, ReplicaRefusedError, TenantDBError
 from tenantdb.machine.supervisor import Loop, Policy, Supervisor, TaskFailures
 from tenantdb.replication.shipper import Shipper
+
+if TYPE_CHECKING:  # replica.py's role imports this module
+    from tenantdb.machine.replica import Bookmark, ReadCopy
 
 __all__ = [
     "MOVES",
@@ -29,7 +32,15 @@ __all__ = [
 ]
 
 TenantState = Literal[
-    "stopped", "starting", "standby", "restoring", "serving", "fenced", "failed", "stopping"
+    "stopped",
+    "starting",
+    "standby",
+    "replica",
+    "restoring",
+    "serving",
+    "fenced",
+    "failed",
+    "stopping",
 ]
 
 # The lifecycle in one place: every state and the states it may move to (straight to
@@ -37,6 +48,8 @@ TenantState = Literal[
 #   starting   the data directory is locked, the lease is being acquired
 #   standby    another machine holds the lease: follow its log (a warm copy), replay
 #              requests to it, take over when it releases the lease or the lease expires
+#   replica    a standby (TENANTDB_REPLICA_READS) that also serves reads from its copy
+#              while the copy is current (replica.py)
 #   restoring  this machine holds the lease (renewed from the moment it was taken) and
 #              makes the local file the newest data; retried while the lease holds
 #   serving    the database is open to requests
@@ -46,11 +59,12 @@ TenantState = Literal[
 #   stopping   final publish and release
 MOVES: dict[TenantState, frozenset[TenantState]] = {
     "stopped": frozenset({"starting"}),
-    "starting": frozenset({"standby", "restoring", "stopping", "stopped"}),
+    "starting": frozenset({"standby", "replica", "restoring", "stopping", "stopped"}),
     "standby": frozenset({"restoring", "stopping"}),
+    "replica": frozenset({"restoring", "stopping"}),
     "restoring": frozenset({"serving", "fenced", "failed", "stopping", "stopped"}),
     "serving": frozenset({"fenced", "failed", "stopping"}),
-    "fenced": frozenset({"standby", "restoring", "failed", "stopping", "stopped"}),
+    "fenced": frozenset({"standby", "replica", "restoring", "failed", "stopping", "stopped"}),
     "failed": frozenset({"stopping"}),
     "stopping": frozenset({"stopped"}),
 }
@@ -108,6 +122,10 @@ class Role:
     def shipper(self) -> Shipper:
         """The log shipper, in a role that may still ship."""
         raise self.not_served()
+
+    def read_copy(self, bookmark: Bookmark | None) -> ReadCopy:
+        """A read-only view of the tenant's data, in a role that serves reads from a copy."""
+        raise ReplicaRefusedError(f"this machine is {self.state}", tenant=self.mover.tenant)
 
     async def wind_down(self, deadline: float) -> None:
         """Finish this role's work as the machine stops (by the monotonic ``deadline``)."""

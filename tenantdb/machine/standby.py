@@ -8,15 +8,18 @@ expire, handing the copy to the restoring role. Its holder stopping for idleness
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 from collections.abc import Iterator
+from typing import ClassVar
 
 import tenantdb.logs as logs
 from tenantdb import clock
 from tenantdb.errors import LeaseHeldError, LockFileCorruptError, TenantDBError
 from tenantdb.machine.context import Machine, MachineRole
 from tenantdb.machine.local_data import local_generation, mark_generation
+from tenantdb.machine.mover import TenantState
 from tenantdb.machine.restoring import RECOVERY_PAUSES, Restoring
 from tenantdb.protocol.lease import CLOCK_GRANULARITY, ObservedLock
 from tenantdb.protocol.lockfile import LockRecord
@@ -30,7 +33,7 @@ log = logging.getLogger("tenantdb")
 class Standby(MachineRole):
     """Follows the holder named by lock.json; takes the lease when it is free."""
 
-    state = "standby"
+    state: ClassVar[TenantState] = "standby"  # "replica" in the subclass
     required = ("standby",)
 
     def __init__(self, machine: Machine, held: LeaseHeldError | None) -> None:
@@ -83,12 +86,13 @@ class Standby(MachineRole):
             since = self._observed
             if since is not None and lease.expires_in(since) <= CLOCK_GRANULARITY:
                 since = None
+            sent = clock.monotonic()
             try:
                 observed = await lease.read(since=since)
             except TenantDBError as exc:
                 self.lock_damaged = isinstance(exc, LockFileCorruptError)
                 unread.warn("tenant %s: standby could not read lock.json: %s", tenant, exc)
-                await asyncio.sleep(interval)
+                await self._pause(interval)
                 continue
             if unread.clear():
                 log.info("tenant %s: standby reads lock.json again", tenant)
@@ -118,28 +122,28 @@ class Standby(MachineRole):
                             exc,
                             pause,
                         )
-                await asyncio.sleep(interval)
+                self._polled(observed.record, sent)
+                await self._pause(interval)
                 continue
             if observed is not None and self._holder_stopped_idle(observed.record):
                 # Taking over would keep a tenant nobody uses awake: stop too, unless a
                 # request waits here (then this machine serves it).
-                await asyncio.sleep(interval)
+                await self._pause(interval)
                 continue
             # Released, expired or gone: take the lease now (acquire judges it afresh).
-            try:
-                await lease.acquire()
-            except LeaseHeldError as held:
-                machine.holder = held
-                self._observed = None
-                unacquired.clear()
-                await asyncio.sleep(interval)
-                continue
-            except TenantDBError as exc:
-                unacquired.warn("tenant %s: standby could not acquire yet: %s", tenant, exc)
-                await asyncio.sleep(interval)
-                continue
-            self.mover.move(Restoring(machine, follower=self.follower))
-            return
+            async with self._taking_over():
+                try:
+                    await lease.acquire()
+                except LeaseHeldError as held:
+                    machine.holder = held
+                    self._observed = None
+                    unacquired.clear()
+                except TenantDBError as exc:
+                    unacquired.warn("tenant %s: standby could not acquire yet: %s", tenant, exc)
+                else:
+                    self.mover.move(Restoring(machine, follower=self.follower))
+                    return
+            await self._pause(interval)
 
     def _holder_stopped_idle(self, record: LockRecord) -> bool:
         """True (and ``idle()`` returns) when the holder released the lease for idleness,
@@ -171,6 +175,19 @@ class Standby(MachineRole):
                 expires_in=lease.expires_in(observed),
             )
         return True
+
+    def _taking_over(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Held around an attempt to take the lease and the move to restoring that follows
+        (a replica lets no read of its copy run across the move)."""
+        return contextlib.nullcontext()
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait between two polls of lock.json."""
+        await asyncio.sleep(seconds)
+
+    def _polled(self, record: LockRecord, sent: float) -> None:
+        """A poll sent at monotonic ``sent`` found ``record``, still held, and the copy was
+        brought up to it if it could be (a replica notes how current its copy is)."""
 
     def _copy_current(self, observed: ObservedLock) -> bool:
         return self.follower.hashes(observed.record) is not None

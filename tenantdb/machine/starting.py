@@ -15,8 +15,8 @@ from tenantdb.errors import ConfigurationError, LeaseHeldError
 from tenantdb.machine.context import MachineRole
 from tenantdb.machine.fenced import fence
 from tenantdb.machine.mover import Stopped
+from tenantdb.machine.replica import stand_by
 from tenantdb.machine.restoring import Restoring
-from tenantdb.machine.standby import Standby
 from tenantdb.protocol.lease import Lease
 from tenantdb.protocol.snapshot import remove_stray_temp_files
 from tenantdb.storage import open_bucket
@@ -60,7 +60,7 @@ class Starting(MachineRole):
             except LeaseHeldError as held:
                 if not standby:
                     raise
-                mover.move(Standby(machine, held))
+                mover.move(stand_by(machine, held))
                 return
             restoring = Restoring(machine, in_background=False)
             mover.move(restoring)

@@ -9,7 +9,7 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope
 
-__all__ = ["MAX_REPLAY_BODY", "MeasuredBody", "body_stream", "measure"]
+__all__ = ["MAX_REPLAY_BODY", "MeasuredBody", "body_stream", "measure", "read_up_to"]
 
 # Fly's docs: "requests larger than 1MB cannot be replayed"; a megabyte is 10**6 bytes, and
 # reading it as 1 MiB would send bodies of 1,000,001-1,048,576 bytes to a replay that fails.
@@ -39,11 +39,11 @@ async def measure(scope: Scope, receive: Receive) -> MeasuredBody:
         return MeasuredBody(size <= MAX_REPLAY_BODY, [], True, f"a body of {size} bytes")
     # Unknown length (chunked, or HTTP/2 without content-length): read up to the limit; a
     # body that ends within it is replayed, a longer one is streamed.
-    chunks, more = await _read_up_to(receive, MAX_REPLAY_BODY)
+    chunks, more = await read_up_to(receive, MAX_REPLAY_BODY)
     return MeasuredBody(sum(map(len, chunks)) <= MAX_REPLAY_BODY, chunks, more, "a streamed body")
 
 
-async def _read_up_to(receive: Receive, limit: int) -> tuple[list[bytes], bool]:
+async def read_up_to(receive: Receive, limit: int) -> tuple[list[bytes], bool]:
     """Read body chunks until the body ends or passes ``limit``; return them and "more"."""
     chunks: list[bytes] = []
     size = 0

@@ -27,7 +27,7 @@ import ipaddress
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import dns.asyncresolver
@@ -63,6 +63,7 @@ class _Instances:
 
     ids: dict[ipaddress.IPv6Address, str]
     expires_at: float
+    regions: dict[str, str] = field(default_factory=dict)  # machine id -> region
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,7 @@ class MachineLocator:
         failure_ttl: float = 1.0,
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        prefer_region: str | None = None,
     ) -> None:
         if not _APP_RE.fullmatch(app_name):
             raise ConfigurationError(f"app name {app_name!r} is not a lowercase DNS label")
@@ -113,6 +115,7 @@ class MachineLocator:
         self.negative_ttl = negative_ttl
         self.failure_ttl = failure_ttl
         self.max_entries = max_entries
+        self.prefer_region = prefer_region
         self._clock = clock
         self._resolver = _make_resolver(nameserver, timeout)
         self._instances: _Instances | None = None
@@ -232,7 +235,11 @@ class MachineLocator:
             # Expired, or missing a machine newer than the list: ask again.
             instances = await self._fetch_shared(tenant, deadline)
         # A machine that stopped between the two queries is in neither: it is skipped.
-        return min((instances.ids[a] for a in addresses if a in instances.ids), default=None)
+        listed = [instances.ids[a] for a in addresses if a in instances.ids]
+        # With replica reads, any machine of the tenant serves reads (and sends writes on):
+        # the lowest id in this machine's region first.
+        near = [m for m in listed if instances.regions.get(m) == self.prefer_region]
+        return min(near or listed, default=None)
 
     async def _fetch_shared(self, tenant: str, deadline: float) -> _Instances:
         """Fetch ``_instances.internal``, or join the fetch already in flight."""
@@ -249,16 +256,20 @@ class MachineLocator:
     async def _fetch_instances(self, tenant: str, deadline: float) -> _Instances:
         rrset = await self._query(tenant, _INSTANCES, dns.rdatatype.TXT, deadline)
         ids: dict[ipaddress.IPv6Address, str] = {}
+        regions: dict[str, str] = {}
         for rdata in rrset if rrset is not None else ():
             if isinstance(rdata, TXT):
                 # A long record comes as several strings of at most 255 bytes: one text.
-                ids.update(self._parse_instances(b"".join(rdata.strings)))
-        instances = _Instances(ids, self._clock() + self.positive_ttl)
+                ids.update(self._parse_instances(b"".join(rdata.strings), regions))
+        instances = _Instances(ids, self._clock() + self.positive_ttl, regions)
         self._instances = instances
         return instances
 
-    def _parse_instances(self, text: bytes) -> dict[ipaddress.IPv6Address, str]:
-        """This app's ``ip -> machine id`` from ``instance=..,app=..,ip=..,region=..;...``.
+    def _parse_instances(
+        self, text: bytes, regions: dict[str, str]
+    ) -> dict[ipaddress.IPv6Address, str]:
+        """This app's ``ip -> machine id`` from ``instance=..,app=..,ip=..,region=..;...``;
+        each machine's region goes into ``regions``.
 
         Entries that are malformed, of other apps or with an id that could smuggle bytes
         into a fly-replay header are skipped.
@@ -274,6 +285,9 @@ class MachineLocator:
                 found[ipaddress.IPv6Address(ip)] = machine_id
             except ValueError:
                 continue
+            region = fields.get("region", "").lower()
+            if _MACHINE_ID_RE.fullmatch(region):
+                regions[machine_id] = region
         return found
 
     async def has_address(self, name: str) -> bool:

@@ -194,6 +194,7 @@ class Router:
                 positive_ttl=self.cache_ttl,
                 negative_ttl=self.negative_cache_ttl,
                 failure_ttl=self.failure_ttl,
+                prefer_region=self.settings.fly_region if self.settings.replica_reads else None,
             )
             bucket = self.bucket
             if bucket is None:
@@ -342,7 +343,7 @@ class Router:
         # only running machines (found in DNS) are worth pinning requests to. A cached
         # replay gives up the fallback, which later requests through the cache never have
         # anyway; it only matters if the machine stops in the moment after the lookup.
-        cacheable = arrival.how == "direct" and found.source == "dns"
+        cacheable = arrival.how == "direct" and self._pinnable(found)
         cache = self._cache_pattern(scope, tenant) if cacheable else None
         await self._deliver(
             scope, receive, send, tenant, target, cache=cache, extra=invalidation(arrival)
@@ -384,6 +385,16 @@ class Router:
         await self._deliver(
             scope, receive, send, tenant, machine_id, cache=None, extra=invalidation(arrival)
         )
+
+    def _pinnable(self, found: Resolution) -> bool:
+        """Whether later requests may go straight to ``found`` (a cached replay).
+
+        Never with replica reads: DNS lists a tenant's replicas beside its holder, and a
+        cached replay would send writes too to whichever it named (a replica replays
+        them once more, but a cache must not pin writes to a replica). Uncached, a read
+        lands on a machine that can serve it and a write goes on to the holder.
+        """
+        return found.source == "dns" and not self.settings.replica_reads
 
     def _cache_pattern(self, scope: Scope, tenant: str) -> str | None:
         """The fly-replay-cache glob for this request, or None when none may be set."""

@@ -662,3 +662,18 @@ def test_replay_directive_parsing() -> None:
     assert ReplayDirective.parse("prefer_instance=m1;app=other") == ReplayDirective(
         prefer_instance="m1", app="other"
     )
+
+
+async def test_routes_record_who_served_and_the_bookmarks_of_replica_reads(rig: Rig) -> None:
+    def replica(request: Request) -> Response:
+        headers = {"tenantdb-served-by": "m2", "tenantdb-bookmark": "3.14"}
+        return PlainTextResponse("read", headers=headers)
+
+    rig.add("m2", replica)
+    response = await rig.client.get("/customers/acme", headers={"cookie": "tenantdb-bookmark=3.12"})
+    assert response.status_code == 200
+    record = rig.proxy.routes[-1]
+    assert (record.served_by, record.carried, record.bookmark) == ("m2", "3.12", "3.14")
+    plain = await rig.client.get("/customers/acme", headers={"tenantdb-bookmark": "x"})
+    assert plain.status_code == 200
+    assert rig.proxy.routes[-1].carried == "malformed"

@@ -915,3 +915,28 @@ async def test_a_replay_is_either_cached_or_has_a_timeout_and_fallback(
     uncached = await router.get("/customers/beta")
     assert "fly-replay-cache" not in uncached.headers
     assert uncached.headers["fly-replay"] == "instance=m2beta;timeout=2s;fallback=prefer_self"
+
+
+async def test_with_replica_reads_no_replay_cache_pins_writes_to_a_replica(
+    harness_factory: Any, dns: DevDNSServer, tmp_path: Path
+) -> None:
+    # DNS lists the tenant's replica (the lowest id) beside its holder.
+    dns.set_machine("m1replica", {KEY: "beta"})
+    dns.set_machine("m2holder", {KEY: "beta"})
+    harness = await harness_factory(settings_for(tmp_path, dns, replica_reads=True))
+    for method in ("GET", "POST"):
+        response = await harness.client.request(method, "/customers/beta/orders")
+        assert_replay(response, "m1replica")  # a replica serves a read, replays a write
+        assert "fly-replay-cache" not in response.headers
+
+
+@pytest.mark.parametrize(("replica_reads", "expected"), [(True, "m2near"), (False, "m1far")])
+async def test_with_replica_reads_a_machine_of_the_tenant_in_this_region_comes_first(
+    harness_factory: Any, dns: DevDNSServer, tmp_path: Path, replica_reads: bool, expected: str
+) -> None:
+    dns.set_machine("m1far", {KEY: "beta"}, region="fra")
+    dns.set_machine("m2near", {KEY: "beta"}, region="ams")
+    dns.set_machine("m0other", {KEY: "gamma"}, region="ams")
+    settings = settings_for(tmp_path, dns, fly_region="ams", replica_reads=replica_reads)
+    harness = await harness_factory(settings)
+    assert_replay(await harness.get("/customers/beta/orders"), expected)

@@ -1,0 +1,190 @@
+"""Read latency for a client in a replica's region, replica reads on vs off.
+
+Two uvicorn machines of one tenant (``tests.support.replica_app``, the embedded bucket): m1
+holds it "in another region", m2 stands by in the client's. The client (playing Fly's proxy
+in its region, following fly-replay) reaches m2 directly and m1 only through a TCP relay
+that delays every chunk ``--latency-ms`` (30 ms) each way. Off (``TENANTDB_REPLICA_READS=0``)
+m2 replays every read to m1; on, it serves reads from its copy. Meanwhile a writer commits
+on m1 (from its own region) at ``--writes-per-s`` (10), and the reads carry the client's
+bookmark from a write of its own every ``--write-every`` reads (20), so some reads wait.
+
+Printed per mode: read p50/p99, the share served by m2, and (on) the lag m2 reported
+(``tenantdb-lag-ms``) p50/p99, the share of reads that waited for their bookmark and the
+median wait (``tenantdb-waited-ms``). Run: ``python -m bench.bench_replicas``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from tenantdb.dev.dns_server import DevDNSServer
+from tests.support.servers import MachineProcesses
+
+APP = "tests.support.replica_app:app"
+NOTES = "/customers/acme/notes"
+
+
+class DelayRelay:
+    """A TCP relay to ``port`` on loopback that holds each chunk ``delay`` seconds."""
+
+    def __init__(self, port: int, delay: float) -> None:
+        self.target = port
+        self.delay = delay
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> DelayRelay:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while chunk := await src.read(65536):
+                    await asyncio.sleep(self.delay)
+                    dst.write(chunk)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        with contextlib.suppress(asyncio.CancelledError):  # the loop closing at the end
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def follow(
+    client: httpx.AsyncClient, urls: dict[str, str], method: str, path: str
+) -> httpx.Response:
+    """Send to m2 (the client's region) and follow fly-replay as Fly's proxy would."""
+    machine, extra = "m2", {}
+    for _ in range(3):
+        response = await client.request(method, urls[machine] + path, headers=extra)
+        replay = response.headers.get("fly-replay")
+        if replay is None:
+            return response
+        target = replay.split(";")[0].removeprefix("instance=")
+        extra = {"fly-replay-src": f"instance={machine};region=near;t={time.time_ns() // 1000}"}
+        machine = target
+    raise RuntimeError("replay loop")
+
+
+def percentile(values: list[float], share: float) -> float:
+    """The value at ``share`` (0..1) of the sorted ``values``."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+async def measure(
+    urls: dict[str, str], holder: str, reads: int, write_every: int, writes_per_s: float
+) -> dict[str, float]:
+    """Read ``reads`` times through m2 while m1 takes writes; latencies, shares, lags."""
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        async with httpx.AsyncClient(timeout=10) as client:
+            n = 0
+            while not stop.is_set():
+                # A writer in the holder's region: no relay on its way.
+                await client.post(f"{holder}{NOTES}?token=w{n}-{time.time_ns()}")
+                n += 1
+                await asyncio.sleep(1 / writes_per_s)
+
+    background = asyncio.ensure_future(writer())
+    latencies: list[float] = []
+    lags: list[float] = []
+    waits: list[float] = []
+    served_here = 0
+    async with httpx.AsyncClient(timeout=10) as client:
+        for n in range(reads):
+            if n % write_every == 0:
+                await follow(client, urls, "POST", f"{NOTES}?token=r{n}-{time.time_ns()}")
+            started = time.perf_counter()
+            response = await follow(client, urls, "GET", NOTES)
+            latencies.append(time.perf_counter() - started)
+            response.raise_for_status()
+            if response.headers.get("tenantdb-served-by") == "m2":
+                served_here += 1
+                lags.append(float(response.headers["tenantdb-lag-ms"]))
+                if (waited := float(response.headers["tenantdb-waited-ms"])) > 0:
+                    waits.append(waited)
+    stop.set()
+    await background
+    result = {
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
+        "served_by_replica": served_here / reads,
+    }
+    if lags:
+        result["lag_p50_ms"] = statistics.median(lags)
+        result["lag_p99_ms"] = percentile(lags, 0.99)
+        result["waited_share"] = len(waits) / reads
+        result["wait_p50_ms"] = statistics.median(waits) if waits else 0.0
+    return result
+
+
+def run_mode(replicas: bool, args: argparse.Namespace) -> dict[str, float]:
+    """Start m1 and m2 with replica reads on or off and measure."""
+    with tempfile.TemporaryDirectory() as tmp, DevDNSServer().run_in_thread() as dns:
+        root = Path(tmp)
+        env = {
+            "TENANTDB_DNS_SERVER": "{}:{}".format(*dns.address),
+            "TENANTDB_LOCAL_BUCKET": str(root / "bucket"),
+            "TENANTDB_LEASE_TTL": "5",
+            "TENANTDB_CHECKPOINT_INTERVAL": "0",
+            "TENANTDB_FOLLOW_INTERVAL": "0.1",
+            "TENANTDB_METRICS_PORT": "0",
+            "TENANTDB_IDLE_STOP": "0",
+            "TENANTDB_REPLICA_READS": "1" if replicas else "0",
+        }
+        with MachineProcesses(root) as machines:
+            m1 = machines.start(APP, "m1", "acme", env)
+            m2 = machines.start(APP, "m2", "acme", env)
+
+            async def main() -> dict[str, float]:
+                async with DelayRelay(m1.port, args.latency_ms / 1000) as far:
+                    urls = {"m1": far.url, "m2": m2.url}
+                    await asyncio.sleep(1)  # the replica restores its copy
+                    return await measure(
+                        urls, m1.url, args.reads, args.write_every, args.writes_per_s
+                    )
+
+            return asyncio.run(main())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latency-ms", type=float, default=30.0)
+    parser.add_argument("--reads", type=int, default=300)
+    parser.add_argument("--write-every", type=int, default=20)
+    parser.add_argument("--writes-per-s", type=float, default=10.0)
+    args = parser.parse_args()
+    off = run_mode(False, args)
+    on = run_mode(True, args)
+    for name, result in (("off", off), ("on", on)):
+        print(f"replica reads {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
+    print(
+        f"replica reads: p50 on/off = {on['p50_ms'] / off['p50_ms']:.2f} (goal <= 0.2), "
+        f"p99 on/off = {on['p99_ms'] / off['p99_ms']:.2f}, "
+        f"{100 * on['served_by_replica']:.0f}% of reads served by the replica"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""The replica role: a standby that serves reads from its copy while the copy may.
+
+Real ``TenantDB``s in this process on one local bucket: a holder (m1) and a replica (m2,
+``replica_reads=True``). The replica reads what the holder published, waits for a bookmark
+newer than its copy, and refuses (``ReplicaRefusedError``) when its copy is untrusted,
+lags past the bound or is behind a bookmark after the wait; when fenced; and it still
+takes the lease when the holder stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tenantdb.config import Settings
+from tenantdb.errors import ReplicaRefusedError, TransientStorageError
+from tenantdb.machine.database import TenantDB
+from tenantdb.machine.fenced import Fenced
+from tenantdb.machine.mover import MOVES
+from tenantdb.machine.replica import Bookmark, CopyLock
+from tenantdb.storage import Bucket
+from tenantdb.storage.local import LocalBucket
+
+MIGRATIONS = ["CREATE TABLE notes (id INTEGER PRIMARY KEY, token TEXT);"]
+
+
+def settings(tmp_path: Path, machine: str, **kwargs: Any) -> Settings:
+    return Settings(
+        tenant="acme",
+        machine_id=machine,
+        data_dir=tmp_path / machine,
+        local_bucket_dir=tmp_path / "bucket",
+        lease_ttl=3,
+        checkpoint_interval=0,
+        replica_reads=True,
+        **{"follow_interval": 0.1, **kwargs},
+    )
+
+
+async def write(tdb: TenantDB, token: str) -> Bookmark:
+    async with tdb.connection() as db:
+        await db.execute("INSERT INTO notes (token) VALUES (?)", (token,))
+        await db.commit()
+    await tdb.sync()
+    bookmark = tdb.bookmark()
+    assert bookmark is not None
+    return bookmark
+
+
+async def tokens(tdb: TenantDB, bookmark: Bookmark | None = None) -> list[str]:
+    async with tdb.read_copy(bookmark) as read:
+        query = "SELECT token FROM notes ORDER BY id"
+        rows = await read.connection.execute_fetchall(query)
+    return [row[0] for row in rows]
+
+
+async def wait_for(check: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def serving_and_replica(tmp_path: Path, **replica: Any) -> tuple[TenantDB, TenantDB]:
+    holder = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
+    await holder.start()
+    await write(holder, "first")
+    follower = TenantDB(settings(tmp_path, "m2", **replica), migrations=MIGRATIONS)
+    await follower.start()
+    assert follower.state == "replica"
+    return holder, follower
+
+
+async def caught_up(replica: TenantDB, expected: list[str]) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if await tokens(replica) == expected:
+                return
+        except ReplicaRefusedError:
+            pass
+        assert time.monotonic() < deadline, "the replica never caught up"
+        await asyncio.sleep(0.05)
+
+
+def test_the_replica_state_is_in_the_table_and_moves_like_a_standby() -> None:
+    assert MOVES["replica"] == MOVES["standby"]
+    assert "replica" in MOVES["starting"]
+    assert "replica" in MOVES["fenced"]
+
+
+async def test_a_replica_reads_what_the_holder_published_from_a_read_only_copy(
+    tmp_path: Path,
+) -> None:
+    holder, replica = await serving_and_replica(tmp_path)
+    try:
+        await caught_up(replica, ["first"])
+        async with replica.read_copy() as read:
+            assert read.lag < 1
+            assert read.position == holder.bookmark()
+            with pytest.raises(Exception, match="readonly"):
+                await read.connection.execute("INSERT INTO notes (token) VALUES ('no')")
+            assert read.wrote  # the attempt is noted, for the middleware to replay
+        # A standby without replica reads serves nothing from its copy.
+        assert holder.state == "serving"
+        with pytest.raises(ReplicaRefusedError, match="serving"):
+            async with holder.read_copy():
+                pass
+    finally:
+        await replica.stop()
+        await holder.stop()
+
+
+async def test_a_bookmark_newer_than_the_copy_waits_for_the_follower(tmp_path: Path) -> None:
+    # The poll interval is long: the wait itself must make the replica look at lock.json.
+    holder, replica = await serving_and_replica(tmp_path, follow_interval=5, read_wait=3)
+    try:
+        await caught_up(replica, ["first"])
+        bookmark = await write(holder, "second")
+        started = time.monotonic()
+        assert await tokens(replica, bookmark) == ["first", "second"]
+        assert time.monotonic() - started < 2.5
+    finally:
+        await replica.stop()
+        await holder.stop()
+
+
+async def test_a_bookmark_the_copy_does_not_reach_in_time_is_refused(tmp_path: Path) -> None:
+    holder, replica = await serving_and_replica(tmp_path, read_wait=0.3)
+    try:
+        await caught_up(replica, ["first"])
+        position = holder.bookmark()
+        assert position is not None
+        ahead = Bookmark(position.generation, position.index + 5)  # no such write yet
+        started = time.monotonic()
+        with pytest.raises(ReplicaRefusedError, match="before the request's bookmark"):
+            await tokens(replica, ahead)
+        assert 0.25 <= time.monotonic() - started < 2
+        # A bookmark of a later generation means the same: wait, then refuse.
+        with pytest.raises(ReplicaRefusedError, match="before the request's bookmark"):
+            await tokens(replica, Bookmark(position.generation + 1, 0))
+    finally:
+        await replica.stop()
+        await holder.stop()
+
+
+class BlindBucket:
+    """A bucket whose reads of lock.json fail while ``blind`` is set."""
+
+    def __init__(self, inner: Bucket) -> None:
+        self.inner = inner
+        self.blind = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def get_if_changed(self, key: str, *args: Any, **kwargs: Any) -> Any:
+        if self.blind and key.endswith("lock.json"):
+            raise TransientStorageError("503 (injected)", key=key, operation="get")
+        return await self.inner.get_if_changed(key, *args, **kwargs)
+
+    async def get(self, key: str, *args: Any, **kwargs: Any) -> Any:
+        if self.blind and key.endswith("lock.json"):
+            raise TransientStorageError("503 (injected)", key=key, operation="get")
+        return await self.inner.get(key, *args, **kwargs)
+
+
+async def test_a_replica_whose_copy_lags_past_the_bound_refuses(tmp_path: Path) -> None:
+    holder = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
+    await holder.start()
+    await write(holder, "first")
+    async with LocalBucket(tmp_path / "bucket") as real:
+        bucket = BlindBucket(real)
+        replica = TenantDB(
+            settings(tmp_path, "m2", max_replica_lag=0.3, read_wait=0),
+            migrations=MIGRATIONS,
+            bucket=bucket,  # type: ignore[arg-type]
+        )
+        await replica.start()
+        try:
+            await caught_up(replica, ["first"])
+            bucket.blind = True  # lock.json cannot be read: nothing confirms the copy
+            await asyncio.sleep(0.5)
+            with pytest.raises(ReplicaRefusedError, match="behind the log"):
+                await tokens(replica)
+            bucket.blind = False
+            await caught_up(replica, ["first"])
+        finally:
+            await replica.stop()
+            await holder.stop()
+
+
+async def test_a_replica_whose_copy_is_not_trusted_refuses(tmp_path: Path) -> None:
+    holder = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
+    await holder.start()
+    await write(holder, "first")
+    await write(holder, os.urandom(100_000).hex())  # too large to ride inline in lock.json
+    await asyncio.sleep(0.5)  # its upload lands
+    # The segments are gone from the bucket: the replica cannot build a copy it can vouch for.
+    removed = [segment.unlink() for segment in (tmp_path / "bucket").rglob("*.seg")]
+    assert removed
+    replica = TenantDB(settings(tmp_path, "m2"), migrations=MIGRATIONS)
+    await replica.start()
+    try:
+        await asyncio.sleep(0.5)
+        with pytest.raises(ReplicaRefusedError, match="not trusted"):
+            await tokens(replica)
+    finally:
+        await replica.stop()
+        await holder.stop()
+
+
+async def test_a_fenced_machine_serves_no_read(tmp_path: Path) -> None:
+    holder, replica = await serving_and_replica(tmp_path)
+    try:
+        fenced = Fenced(holder._machine)  # the role a holder that lost its lease plays
+        with pytest.raises(ReplicaRefusedError, match="fenced"):
+            async with fenced.read_copy(None):
+                pass
+    finally:
+        await replica.stop()
+        await holder.stop()
+
+
+async def test_a_replica_takes_the_lease_when_the_holder_stops(tmp_path: Path) -> None:
+    holder, replica = await serving_and_replica(tmp_path)
+    await caught_up(replica, ["first"])
+    await write(holder, "second")
+    await holder.stop()
+    try:
+        assert await replica.wait_serving(10)
+        async with replica.connection() as db, db.execute("SELECT token FROM notes") as cur:
+            assert [row[0] for row in await cur.fetchall()] == ["first", "second"]
+        with pytest.raises(ReplicaRefusedError):
+            await tokens(replica)
+    finally:
+        await replica.stop()
+
+
+async def test_the_follower_waits_for_reads_and_new_reads_wait_for_it() -> None:
+    lock = CopyLock()
+    await lock.acquire_shared()
+    writer = asyncio.ensure_future(lock.acquire_exclusive())
+    await asyncio.sleep(0.01)
+    assert not writer.done()  # a read runs
+    reader = asyncio.ensure_future(lock.acquire_shared())
+    await asyncio.sleep(0.01)
+    assert not reader.done()  # a write waits: it goes first
+    lock.release_shared()
+    await writer
+    assert lock.writing
+    assert not reader.done()
+    lock.release_exclusive()
+    await reader
+    assert lock.readers == 1
+
+
+async def test_a_takeover_interrupts_reads_that_outlast_the_drain(tmp_path: Path) -> None:
+    holder, replica = await serving_and_replica(tmp_path)
+    await caught_up(replica, ["first"])
+    async with replica.read_copy() as read:  # a read that never ends by itself
+        await holder.stop()
+        assert await replica.wait_serving(15)
+        # The copy became the holder's: the read lost its connection instead of reading
+        # a file the holder writes.
+        with pytest.raises(RuntimeError, match="not entered"):
+            _ = read.connection
+    try:
+        assert await hits_of(replica) == ["first"]
+    finally:
+        await replica.stop()
+
+
+async def hits_of(tdb: TenantDB) -> list[str]:
+    async with tdb.connection() as db:
+        rows = await db.execute_fetchall("SELECT token FROM notes ORDER BY id")
+    return [row[0] for row in rows]

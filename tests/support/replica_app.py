@@ -1,0 +1,69 @@
+"""An app for replica tests under real uvicorn: notes written and read, and a GET that writes.
+
+``GET /customers/{tenant}/notes`` reads every note (in the order written), ``POST`` with
+``?token=`` writes one, ``GET /customers/{tenant}/sneaky`` writes although it is a GET (an
+app's marking mistake), ``GET /customers/{tenant}/late`` writes after its answer began.
+Answers say which machine ran them. Serve with ``uvicorn tests.support.replica_app:app``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tenantdb import TenantDBMiddleware, tenant_db
+
+MIGRATIONS = ["CREATE TABLE notes (id INTEGER PRIMARY KEY, token TEXT NOT NULL UNIQUE);"]
+MACHINE = os.environ.get("FLY_MACHINE_ID", "")
+
+
+async def notes(request: Request) -> Response:
+    db = tenant_db(request)
+    if request.method == "POST":
+        await db.execute("INSERT INTO notes (token) VALUES (?)", (request.query_params["token"],))
+        await db.commit()
+        return JSONResponse({"machine": MACHINE}, status_code=201)
+    rows = await db.execute_fetchall("SELECT token FROM notes ORDER BY id")
+    return JSONResponse({"machine": MACHINE, "tokens": [row[0] for row in rows]})
+
+
+async def late(request: Request) -> Response:
+    """A GET that writes after its answer began (streamed): a marking bug on a replica."""
+    db = tenant_db(request)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"begun;"
+        try:
+            await db.execute("INSERT INTO notes (token) VALUES ('late')")
+            await db.commit()
+            yield b"wrote"
+        except Exception:
+            yield b"refused"
+
+    return StreamingResponse(body(), headers={"x-machine": MACHINE})
+
+
+async def sneaky(request: Request) -> Response:
+    db = tenant_db(request)
+    try:
+        await db.execute("INSERT INTO notes (token) VALUES (?)", (f"sneaky-{os.urandom(4).hex()}",))
+        await db.commit()
+    except Exception as exc:  # an app that hides the error in its own answer
+        return JSONResponse({"machine": MACHINE, "error": str(exc)}, status_code=500)
+    return JSONResponse({"machine": MACHINE, "wrote": True})
+
+
+app = Starlette(
+    routes=[
+        Route("/customers/{tenant}/notes", notes, methods=["GET", "POST"]),
+        Route("/customers/{tenant}/sneaky", sneaky),
+        Route("/customers/{tenant}/late", late),
+    ],
+    middleware=[Middleware(TenantDBMiddleware, migrations=MIGRATIONS)],
+)
