@@ -182,6 +182,7 @@ def _gateway(settings: Settings) -> TenantDBMiddleware:
     gateway._in_flight = 0
     gateway._handed_back_holds = 0
     gateway._idle = asyncio.Event()
+    gateway.replica_reads = None  # the simulated machines serve no reads as replicas
     return gateway
 
 
