@@ -437,7 +437,7 @@ async def test_a_watcher_that_dies_is_logged_at_critical_not_lost(
     watcher = asyncio.create_task(broken())
     with contextlib.suppress(ValueError):
         await watcher
-    app._watcher_ended(watcher)
+    app.process._watcher_ended(watcher)
     [record] = [r for r in caplog.records if r.levelno == logging.CRITICAL]
     assert record.getMessage() == "tenantdb: a watcher of this machine died"
     assert record.exc_info is not None

@@ -6,9 +6,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
-import signal
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -21,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tenantdb.asgi.lending import RequestConnection
 from tenantdb.asgi.output_gate import Commits, OutputGate
+from tenantdb.asgi.process_end import ProcessEnd
 from tenantdb.asgi.replica_reads import (
     SERVED_BY_HEADER,
     ReadRequest,
@@ -36,7 +34,7 @@ from tenantdb.errors import (
     TenantDBError,
 )
 from tenantdb.machine.database import Migration, TenantDB
-from tenantdb.machine.supervisor import FAIL_STOP_EXIT_CODE, Health
+from tenantdb.machine.supervisor import Health
 from tenantdb.metrics import Metrics, MetricsServer
 from tenantdb.responses import RETRY_AFTER, send_error, send_response
 from tenantdb.routing.proxy import MachineURL
@@ -129,9 +127,6 @@ class TenantDBMiddleware:
         if health_path is not None and not health_path.startswith("/"):
             raise ConfigurationError(f"health_path {health_path!r} must start with /")
         self.health_path = health_path
-        self.exit_on_failure = exit_on_failure
-        self._exit_code: int | None = None  # set when the process must end (failed or idle)
-        self._watchdog: threading.Timer | None = None  # ends a shutdown that overruns
         self.pattern = TenantPattern(path_pattern)
         base = settings if settings is not None else Settings.from_env()
         self.settings = base.with_overrides(
@@ -142,6 +137,9 @@ class TenantDBMiddleware:
             data_dir=Path(data_dir) if data_dir is not None else None,
             bucket_name=bucket_name,
             replica_reads=replica_reads,
+        )
+        self.process = ProcessEnd(
+            exit_on_failure=exit_on_failure, kill_timeout=self.settings.kill_timeout
         )
         self.metrics = Metrics()  # this middleware's own registry, served at startup
         # One bucket client per process, shared by the tenant's database and the router.
@@ -443,7 +441,7 @@ class TenantDBMiddleware:
             ):
                 app_finished = True
                 await self._shutdown()
-                self._exit_if_asked()
+                self.process.exit_if_asked()
             await send(message)
 
         try:
@@ -458,7 +456,7 @@ class TenantDBMiddleware:
             while (await receive())["type"] != "lifespan.shutdown":
                 pass
             await self._shutdown()
-            self._exit_if_asked()
+            self.process.exit_if_asked()
             await send({"type": "lifespan.shutdown.complete"})
 
     async def _startup(self) -> None:
@@ -486,95 +484,9 @@ class TenantDBMiddleware:
                     # hold the lease: refuse to serve from it (the embedded bucket is ours).
                     await check_conditional_writes(self.bucket, self.settings.prefix)
                 await self.tenantdb.start(standby=True)
-                for watch in (self._stop_server_on_failure, self._stop_server_when_idle):
-                    watcher = asyncio.create_task(watch(self.tenantdb))
-                    watcher.add_done_callback(self._watcher_ended)
+                for watcher in self.process.watch(self.tenantdb):
                     stack.callback(watcher.cancel)
             self._resources = stack.pop_all()
-
-    async def _stop_server_on_failure(self, tdb: TenantDB) -> None:
-        """Once the machine has failed stop, shut the server down so the process exits."""
-        reason = await tdb.failed()
-        if not self._can_exit():
-            # An embedding program (a test, a server in a thread) restarts it, not Fly.
-            log.critical(
-                "tenantdb: this machine failed (%s); it answers 503 until restarted", reason
-            )
-            return
-        log.critical(
-            "tenantdb: this machine failed (%s); shutting the server down, exit code %d",
-            reason,
-            FAIL_STOP_EXIT_CODE,
-        )
-        await self._end_process(FAIL_STOP_EXIT_CODE)
-
-    async def _stop_server_when_idle(self, tdb: TenantDB) -> None:
-        """Once the tenant is idle (``TENANTDB_IDLE_STOP``), end the process with code 0.
-
-        Fly's restart policy ``on-failure`` leaves a machine that exited 0 stopped, and its
-        proxy starts it again on the next request (autostart): an idle tenant costs nothing.
-        """
-        await tdb.idle()
-        if not self._can_exit():
-            log.info("tenantdb: the tenant is idle, but the server runs in a thread: it goes on")
-            return
-        log.info("tenantdb: the tenant is idle; shutting the server down, exit code 0")
-        await self._end_process(0)
-
-    def _watcher_ended(self, watcher: asyncio.Task[None]) -> None:
-        """A watcher that dies could never end the process: that machine would be
-        half-alive, so it ends here, loudly."""
-        if watcher.cancelled() or (exc := watcher.exception()) is None:
-            return
-        log.critical("tenantdb: a watcher of this machine died", exc_info=exc)
-        if self._can_exit():
-            os._exit(FAIL_STOP_EXIT_CODE)
-
-    def _can_exit(self) -> bool:
-        return self.exit_on_failure and _server_handles_sigterm()
-
-    async def _end_process(self, code: int) -> None:
-        """Shut the server down gracefully, then exit with ``code``."""
-        if self._exit_code is not None:
-            # Already shutting down (idle, then failed): a failure still shows in the code.
-            self._exit_code = max(self._exit_code, code)
-            return
-        self._exit_code = code
-        # A connection that never ends (a websocket, a stream, a stuck handler) would hold
-        # the shutdown, and the half-alive process, forever. The deadline is kept by a
-        # thread, not the event loop: a failed machine's loop may be what is stuck.
-        self._watchdog = threading.Timer(self.settings.kill_timeout, self._exit_now)
-        self._watchdog.daemon = True
-        self._watchdog.start()
-        # Servers take SIGTERM for a graceful shutdown: requests in flight end, then the
-        # lifespan's shutdown runs (the app's, then ours: final publish and release), then
-        # _exit_if_asked.
-        signal.raise_signal(signal.SIGTERM)
-
-    def _exit_now(self) -> None:
-        """The watchdog's end of a shutdown that did not finish within the kill timeout."""
-        code = self._exit_code or 0
-        log.critical(
-            "tenantdb: the server did not shut down within %gs; exiting with code %d",
-            self.settings.kill_timeout,
-            code,
-        )
-        os._exit(code)
-
-    def _exit_if_asked(self) -> None:
-        """After the lifespan's shutdown of a machine that ends itself: exit with its code."""
-        if self._exit_code is not None:
-            if self._watchdog is not None:
-                self._watchdog.cancel()
-            log.log(
-                logging.CRITICAL if self._exit_code else logging.INFO,
-                "tenantdb: shutdown complete, exiting with code %d",
-                self._exit_code,
-            )
-            # Scheduled before the server hears that the shutdown is complete, so it runs
-            # before uvicorn re-raises the SIGTERM it captured (which would end the process
-            # by the signal instead of this exit code).
-            asyncio.get_running_loop().call_soon(_exit_process, self._exit_code)
 
     async def _shutdown(self) -> None:
         tdb = self.tenantdb
@@ -609,21 +521,6 @@ class _FirstUse:
 
 def _has_dot_segment(path: str) -> bool:
     return any(part in (".", "..") for part in path.split("/"))
-
-
-def _server_handles_sigterm() -> bool:
-    """True on the main thread of a server that shuts down gracefully on SIGTERM."""
-    if threading.current_thread() is not threading.main_thread():
-        return False  # the signal would reach the main thread, not this server
-    # Without a handler (the default action), SIGTERM would kill the process on the spot.
-    return callable(signal.getsignal(signal.SIGTERM))
-
-
-def _exit_process(code: int) -> None:
-    # Raised in a callback of the event loop, SystemExit leaves the loop (and the server's
-    # asyncio.run) and the interpreter exits with ``code``; raised in the lifespan, the
-    # server would catch it as an error of the lifespan protocol.
-    raise SystemExit(code)
 
 
 def tenant_db(connection: HTTPConnection) -> aiosqlite.Connection:
