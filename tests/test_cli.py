@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tenantdb.cli.main import COMMANDS, build_parser, dev_cluster_config, main
+from tenantdb.cli.dev import dev_cluster_config
+from tenantdb.cli.main import COMMANDS, build_parser, main
 from tenantdb.errors import ConfigurationError
 from tests.support.fake_machines import FakeMachinesAPI, serve_fake_machines
 from tests.support.servers import free_port

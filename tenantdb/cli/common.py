@@ -144,6 +144,25 @@ def positive_int(value: str) -> int:
     return number
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def env_pair(value: str) -> tuple[str, str]:
+    """``NAME=VALUE`` as a pair, NAME a valid environment variable name."""
+    name, sep, val = value.partition("=")
+    if not sep or not _ENV_NAME.fullmatch(name):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {value[:80]!r}")
+    return name, val
+
+
+def port_number(value: str) -> int:
+    """A TCP port: 1 to 65535."""
+    number = positive_int(value)
+    if number > 65535:
+        raise argparse.ArgumentTypeError(f"{number} is not a TCP port")
+    return number
+
+
 def parse_time(value: str, *, now: datetime) -> datetime:
     """An aware UTC time from ISO 8601 (naive means UTC) or a time before ``now`` (``10m``)."""
     text = value.strip()

@@ -14,13 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
-import re
-import shlex
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tenantdb.cli.common import (
@@ -30,6 +26,8 @@ from tenantdb.cli.common import (
     EXIT_USAGE,
     PROG,
     Command,
+    env_pair,
+    port_number,
     print_table,
 )
 from tenantdb.cli.common import confirm as _confirm
@@ -39,6 +37,7 @@ from tenantdb.cli.common import out as _out
 from tenantdb.cli.common import positive_int as _positive_int
 from tenantdb.cli.common import tenant_arg as _tenant_arg
 from tenantdb.cli.deploy import DEPLOY_COMMANDS
+from tenantdb.cli.dev import DEV_COMMANDS
 from tenantdb.cli.doctor import DOCTOR_COMMANDS
 from tenantdb.cli.keys import KEYS_COMMANDS
 from tenantdb.cli.migrate import MIGRATE_COMMANDS
@@ -48,18 +47,15 @@ from tenantdb.cli.restore import RESTORE_COMMANDS
 from tenantdb.cli.status import STATUS_COMMANDS
 from tenantdb.cli.teardown import destroy_machines
 from tenantdb.cli.tenants import TENANTS_COMMANDS
-from tenantdb.errors import ConfigurationError, TenantDBError
-from tenantdb.logs import configure_logging
+from tenantdb.errors import TenantDBError
 from tenantdb.routing.machines_api import MachinesClient
 
 if TYPE_CHECKING:  # the emulation is imported only by the dev command
-    from tenantdb.dev.cluster import ClusterConfig
+    pass
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
 Handler = Callable[[argparse.Namespace], int]
-
-_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _version() -> str:
@@ -72,13 +68,6 @@ def _version() -> str:
 # --- argument types: raise ArgumentTypeError so argparse reports a usage error (exit 2) ---
 
 
-def _env_pair(value: str) -> tuple[str, str]:
-    name, sep, val = value.partition("=")
-    if not sep or not _ENV_NAME_RE.fullmatch(name):
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {value[:80]!r}")
-    return name, val
-
-
 def _memory_mb(value: str) -> int:
     try:
         number = int(value)
@@ -87,13 +76,6 @@ def _memory_mb(value: str) -> int:
     # Fly allocates memory in 256 MB steps.
     if number < 256 or number % 256:
         raise argparse.ArgumentTypeError(f"{number} MB: use a multiple of 256 (256, 512, ...)")
-    return number
-
-
-def _port(value: str) -> int:
-    number = _positive_int(value)
-    if number > 65535:
-        raise argparse.ArgumentTypeError(f"{number} is not a TCP port")
     return number
 
 
@@ -151,14 +133,14 @@ def _configure_machines(parser: argparse.ArgumentParser) -> None:
     )
     create.add_argument(
         "--internal-port",
-        type=_port,
+        type=port_number,
         default=8080,
         metavar="PORT",
         help="port the app listens on inside the machine (default: 8080)",
     )
     create.add_argument(
         "--env",
-        type=_env_pair,
+        type=env_pair,
         action="append",
         default=[],
         metavar="NAME=VALUE",
@@ -320,183 +302,13 @@ async def _destroy(args: argparse.Namespace) -> int:
 # --- tenantdb dev ---
 
 
-def _tenant_list(value: str) -> tuple[str, ...]:
-    return tuple(_tenant_arg(part.strip()) for part in value.split(","))
-
-
-def _seconds(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{number:g} must not be negative")
-    return number
-
-
-def _configure_dev(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Run the multi-tenant app on this computer as it runs on Fly.io: one process per "
-        "machine (FLY_MACHINE_ID, TENANT_ID, its own data dir), Fly's internal DNS, and a proxy "
-        "that load-balances, follows fly-replay and starts stopped machines. Data goes to the "
-        "embedded bucket in STATE_DIR/bucket, or to BUCKET_NAME when set. Ctrl-C stops every "
-        "machine gracefully, so each publishes its data."
-    )
-    parser.add_argument(
-        "--tenants",
-        type=_tenant_list,
-        default=("100", "200", "300"),
-        metavar="T1,T2,...",
-        help="tenants to run machines for (default: 100,200,300)",
-    )
-    parser.add_argument(
-        "--machines-per-tenant",
-        type=_positive_int,
-        default=1,
-        metavar="N",
-        help="machines per tenant; all but the lease holder stand by (default: 1)",
-    )
-    parser.add_argument(
-        "--replicas-per-tenant",
-        type=_non_negative_int,
-        default=None,
-        metavar="N",
-        help="read replicas per tenant besides its holder (TENANTDB_REPLICA_READS=1 on "
-        "every machine; instead of --machines-per-tenant)",
-    )
-    parser.add_argument(
-        "--port", type=_port, default=8080, help="port of the proxy on 127.0.0.1 (default: 8080)"
-    )
-    parser.add_argument(
-        "--app", default="tenantdb-dev", help="the emulated Fly app's name (default: tenantdb-dev)"
-    )
-    parser.add_argument("--region", default="dev", help="FLY_REGION of the machines (default: dev)")
-    parser.add_argument(
-        "--idle-stop",
-        type=_seconds,
-        default=None,
-        metavar="SECONDS",
-        help="TENANTDB_IDLE_STOP of every machine: after this long without requests a "
-        "machine releases its tenant and exits 0, and is stopped until the next request "
-        "(default: the machines' own setting, 300; 0: never)",
-    )
-    parser.add_argument(
-        "--no-autostart",
-        dest="autostart",
-        action="store_false",
-        help="the machines' service has autostart off, like auto_start_machines = false: "
-        "requests never start a stopped machine",
-    )
-    parser.add_argument(
-        "--kill-timeout",
-        type=_seconds,
-        default=30.0,
-        metavar="SECONDS",
-        help="how long a stopping machine gets after SIGINT before SIGKILL (default: 30)",
-    )
-    app = parser.add_mutually_exclusive_group()
-    app.add_argument(
-        "--app-module",
-        default="example_app:app",
-        metavar="MODULE:APP",
-        help="ASGI app each machine serves with uvicorn (default: example_app:app)",
-    )
-    app.add_argument(
-        "--command",
-        metavar="CMD",
-        help="run CMD in each machine instead; it must listen on $HOST:$PORT",
-    )
-    parser.add_argument(
-        "--state-dir",
-        type=Path,
-        default=Path(".tenantdb"),
-        help="machines, their data dirs and the local bucket (default: .tenantdb)",
-    )
-    parser.add_argument(
-        "--env",
-        type=_env_pair,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="environment variable for every machine (repeatable)",
-    )
-    parser.set_defaults(handler=_dev)
-
-
-def _non_negative_int(value: str) -> int:
-    """A whole number of at least 0."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{number} must be at least 0")
-    return number
-
-
-def dev_cluster_config(args: argparse.Namespace) -> ClusterConfig:
-    """The cluster ``tenantdb dev`` runs, from its arguments."""
-    from tenantdb.dev.cluster import ClusterConfig
-
-    machines, env = args.machines_per_tenant, dict(args.env)
-    if args.replicas_per_tenant is not None:
-        if machines != 1:
-            raise ConfigurationError(
-                "--replicas-per-tenant sets the machines per tenant: leave out "
-                "--machines-per-tenant"
-            )
-        machines = args.replicas_per_tenant + 1
-        env["TENANTDB_REPLICA_READS"] = "1"
-    return ClusterConfig(
-        tenants=args.tenants,
-        machines_per_tenant=machines,
-        app_name=args.app,
-        region=args.region,
-        port=args.port,
-        app_module=args.app_module,
-        command=tuple(shlex.split(args.command or "")),
-        state_dir=args.state_dir,
-        idle_stop=args.idle_stop,
-        kill_timeout=args.kill_timeout,
-        autostart=args.autostart,
-        env=env,
-    )
-
-
-def _dev(args: argparse.Namespace) -> int:
-    # Imported here: the emulation brings uvicorn and the DNS server, which no other
-    # command needs.
-    from tenantdb.dev.cluster import serve
-    from tenantdb.dev.proxy import MachineUnavailableError
-
-    config = dev_cluster_config(args)
-    configure_logging()
-    # The machines' lines are formatted already: shown as they are, after the machine's name.
-    relay = logging.StreamHandler()
-    relay.setFormatter(logging.Formatter("%(message)s"))
-    machine_lines = logging.getLogger("tenantdb.dev.machine")
-    machine_lines.addHandler(relay)
-    machine_lines.propagate = False
-    # One line per request from the proxy's HTTP client would drown the replay lines.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    try:
-        stopped_cleanly = asyncio.run(serve(config, announce=_out))
-    except MachineUnavailableError as exc:
-        _err(f"error: {exc}")
-        return EXIT_FAILURE
-    return EXIT_OK if stopped_cleanly else EXIT_FAILURE
-
-
 # Top-level subcommands.
 COMMANDS: dict[str, Command] = {
     "machines": Command(
         help="create, list, move and destroy tenant machines (Fly Machines API)",
         configure=_configure_machines,
     ),
-    "dev": Command(
-        help="run the tenants' machines locally behind a Fly-like proxy (no cloud account)",
-        configure=_configure_dev,
-    ),
+    **DEV_COMMANDS,
     **STATUS_COMMANDS,
     **RESTORE_COMMANDS,
     **TENANTS_COMMANDS,
