@@ -98,6 +98,11 @@ class TenantDBMiddleware:
     lifespan's shutdown, the process exits with ``FAIL_STOP_EXIT_CODE`` (70). The same way,
     a tenant without requests for ``TENANTDB_IDLE_STOP`` seconds ends the process with code 0
     (its lease released as "idle"), and so does its standby.
+
+    Why ~430 lines: it is the one ASGI entry, and a third of it is the keyword options'
+    validation and documentation; each request path it picks (own tenant, replica read,
+    replay, health) is a short method over pieces that live elsewhere (``lending``,
+    ``output_gate``, ``replica_reads``, ``process_end``, ``routing``).
     """
 
     startup_error: TenantDBError | None = None

@@ -50,6 +50,9 @@ class TenantDB:
 
     Use ``async with TenantDB(settings) as tdb:`` in scripts (fails if another machine
     holds the lease), or ``start(standby=True)`` / ``stop()`` from a server lifespan.
+
+    Why ~260 lines: it is the public face, one short delegating method per verb; what a
+    machine does in each state is its role's (``mover.py`` and one module per role).
     """
 
     def __init__(

@@ -69,7 +69,13 @@ def empty_log(hashes: PageHashes) -> LogPointer:
 
 
 class Shipper:
-    """Keeps the bucket's log of one tenant within a sync interval of the local database."""
+    """Keeps the bucket's log of one tenant within a sync interval of the local database.
+
+    Why ~450 lines: shipping, checkpoints and snapshots all move one WAL position under one
+    lock (see the module's docstring); what does not touch that position lives beside it
+    (``next_segment``, ``uploads``, ``compaction``, ``checkpoint``, ``snapshot_copy``,
+    ``garbage``).
+    """
 
     def __init__(
         self,
