@@ -37,6 +37,7 @@ __all__ = [
     "acquire",
     "operator_lease",
     "publish_as_newest",
+    "republish",
     "rollback",
     "routing_hint",
 ]
@@ -46,7 +47,7 @@ log = logging.getLogger("tenantdb")
 
 @dataclass(frozen=True)
 class RollbackResult:
-    """What a rollback published."""
+    """What a rollback (or another ``republish``) published."""
 
     generation: int
     restored: RestoredPoint
@@ -70,14 +71,39 @@ async def rollback(
     tenant = settings.tenant
     if tenant is None:
         raise ConfigurationError("no tenant to roll back: name one", variable="TENANT_ID")
-    lease = operator_lease(settings, bucket, tenant, "rollback")
+    result = await republish(
+        settings, bucket, tenant, "rollback", at=to, wait=wait, work_dir=work_dir
+    )
+    log.info(
+        "tenant %s: rolled back to %s as generation %d (%s)",
+        tenant,
+        result.restored.at,
+        result.generation,
+        result.snapshot,
+    )
+    return result
+
+
+async def republish(
+    settings: Settings,
+    bucket: Bucket,
+    tenant: str,
+    role: str,
+    *,
+    at: datetime | None,
+    wait: bool = False,
+    work_dir: Path | None = None,
+) -> RollbackResult:
+    """Under ``tenant``'s lease, taken as ``role``: restore it as of ``at`` (None: now),
+    publish that as its newest state through ``bucket``, release. ``LeaseHeldError`` while
+    another machine holds the lease, unless ``wait``."""
+    lease = operator_lease(settings, bucket, tenant, role)
     await acquire(lease, wait=wait)
     renewing = asyncio.get_running_loop().create_task(lease.keep_renewed())
-    directory = work_dir or Path.cwd()
-    copy = temp_snapshot_path(directory)
+    copy = temp_snapshot_path(work_dir or Path.cwd())
     try:
         await record_takeover(lease)
-        restored = await restore_at(bucket, tenant, copy, prefix=settings.prefix, at=to)
+        restored = await restore_at(bucket, tenant, copy, prefix=settings.prefix, at=at)
         record = await publish_as_newest(
             lease, copy, prefix=settings.prefix, state=restored.state, db_pages=restored.db_pages
         )
@@ -88,14 +114,7 @@ async def rollback(
             await renewing
         copy.unlink(missing_ok=True)
     if record.snapshot is None:
-        raise LeaseLostError(f"tenant {tenant}: the rollback was not published", tenant=tenant)
-    log.info(
-        "tenant %s: rolled back to %s as generation %d (%s)",
-        tenant,
-        restored.at,
-        record.generation,
-        record.snapshot.key,
-    )
+        raise LeaseLostError(f"tenant {tenant}: the {role} was not published", tenant=tenant)
     return RollbackResult(record.generation, restored, record.snapshot.key)
 
 
