@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import sqlite3
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tenantdb.cli.main import main
 from tenantdb.config import Secret, Settings
-from tenantdb.crypto import parse_keyring
+from tenantdb.crypto import MAGIC, parse_keyring
 from tenantdb.machine.database import TenantDB
 from tenantdb.storage import Bucket, LocalBucket
 from tenantdb.storage.encrypted import EncryptedBucket
@@ -151,3 +154,167 @@ def test_the_doctor_names_the_tenant_and_key_id_a_wrong_key_cannot_open(
     (line,) = [ln for ln in capsys.readouterr().out.splitlines() if "encryption:" in ln]
     assert line.startswith("warn  encryption: key id 'new' wraps")
     assert "tenantdb keys rotate" in line
+
+
+# --- turning encryption on for existing tenants: status counts plaintext, keys seal ---
+
+
+async def _plaintext_tenant(tmp_path: Path, raw: Bucket) -> None:
+    """acme written before encryption: a snapshot of 5 rows, then segments with 2 more."""
+    settings = Settings(
+        tenant="acme", machine_id="m0", data_dir=tmp_path / "plain", lease_ttl=3,
+        checkpoint_interval=0,
+    )  # fmt: skip
+    async with raw, TenantDB(settings, migrations=MIGRATIONS, bucket=raw) as tdb:
+        async with tdb.connection() as db:
+            await db.executemany("INSERT INTO notes (body) VALUES ('x')", [()] * 5)
+            await db.commit()
+        assert await tdb.checkpoint()
+        for _ in range(2):
+            async with tdb.connection() as db:
+                await db.execute("INSERT INTO notes (body) VALUES ('y')")
+                await db.commit()
+            await tdb.sync()
+
+
+def bucket_env(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Bucket:
+    """A raw bucket of ``kind``, and the environment that names it for the CLI."""
+    if kind == "local":
+        monkeypatch.setenv("TENANTDB_LOCAL_BUCKET", str(tmp_path / "local-bucket"))
+        return local(tmp_path)
+    endpoint = request.getfixturevalue("s3_endpoint")
+    name = create_s3_bucket(endpoint)
+    for variable, value in s3_env(name, endpoint).items():
+        monkeypatch.setenv(variable, value)
+    return s3(endpoint, name)
+
+
+def status_json(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    assert main(["status", "--json", "acme"]) == 0
+    (status,) = json.loads(capsys.readouterr().out)
+    assert isinstance(status, dict)
+    return status
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_status_shows_plaintext_history_until_keys_seal_publishes_a_sealed_snapshot(
+    kind: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    raw = bucket_env(kind, tmp_path, request, monkeypatch)
+    asyncio.run(_plaintext_tenant(tmp_path, raw))
+    assert status_json(capsys)["encryption"] is None  # encryption off: nothing to say
+    monkeypatch.setenv("TENANTDB_ENCRYPTION_KEY", f"old:{OLD}")
+    before = status_json(capsys)
+    old_snapshot = before["snapshot"]["key"]
+    plaintext = before["encryption"]["plaintext"]
+    assert before["encryption"]["data_key"] is False
+    assert old_snapshot in plaintext
+    assert len([k for k in plaintext if k.endswith(".seg")]) == 2  # both segments after it
+    assert main(["status"]) == 0
+    table = capsys.readouterr().out
+    assert "PLAINTEXT" in table.splitlines()[0]
+    assert f"{len(plaintext)} objects (no data key)" in table
+
+    assert main(["keys", "seal", "acme"]) == 0
+    captured = capsys.readouterr()
+    assert "tenant acme: sealed snapshot tenants/acme/snapshots/" in captured.out
+    assert "until retention removes them" in captured.err
+    no_secrets(captured.out + captured.err)
+    after = status_json(capsys)
+    assert after["encryption"] == {"data_key": True, "plaintext": []}
+    new_snapshot = after["snapshot"]["key"]
+    assert new_snapshot != old_snapshot
+    assert after["lease"] == "released"
+    sealed = asyncio.run(_stored(raw, new_snapshot))
+    assert sealed.startswith(MAGIC)
+    assert asyncio.run(_stored(raw, old_snapshot)).startswith(b"SQLite format 3\0")
+    assert main(["status"]) == 0
+    assert "none" in capsys.readouterr().out.splitlines()[1].split()
+    dest = tmp_path / "out.sqlite3"
+    assert main(["restore", "acme", "-o", str(dest)]) == 0
+    assert rows(dest) == 7
+
+
+async def _stored(raw: Bucket, key: str) -> bytes:
+    async with raw:
+        return (await raw.get(key)).body
+
+
+def test_status_counts_only_the_plaintext_left_once_an_encrypted_machine_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = local(tmp_path)
+    monkeypatch.setenv("TENANTDB_LOCAL_BUCKET", str(tmp_path / "local-bucket"))
+    asyncio.run(_plaintext_tenant(tmp_path, raw))
+    monkeypatch.setenv("TENANTDB_ENCRYPTION_KEY", f"old:{OLD}")
+    plain = status_json(capsys)["encryption"]["plaintext"]
+    time.sleep(1.1)  # the next objects in a later second than the plaintext ones
+    encrypted_tenant(tmp_path, raw)  # the same tenant, 7 more rows, sealed
+    status = status_json(capsys)
+    assert status["encryption"]["data_key"] is True
+    left = status["encryption"]["plaintext"]
+    assert left
+    # The old base and its segments stay; lock.json's inline copies were sealed anew.
+    assert left == [k for k in plain if "inline" not in k]
+    snapshot = status["snapshot"]["key"]
+    assert not asyncio.run(_stored(raw, snapshot)).startswith(MAGIC)
+    tail = status["log"]["tail"]
+    newest = f"tenants/acme/log/00000002/{tail:012d}.seg"
+    assert asyncio.run(_stored(raw, newest)).startswith(MAGIC)
+    assert newest not in left
+
+
+async def _held_then_seal(tmp_path: Path, raw: Bucket) -> tuple[int, str, str]:
+    keyring = parse_keyring(f"old:{OLD}", variable="TENANTDB_ENCRYPTION_KEY")
+    settings = Settings(
+        tenant="acme", machine_id="m-holder", data_dir=tmp_path / "holder", lease_ttl=5,
+        checkpoint_interval=0,
+    )  # fmt: skip
+    bucket = EncryptedBucket(raw, keyring, prefix="tenants/")
+    async with bucket, TenantDB(settings, migrations=MIGRATIONS, bucket=bucket) as tdb:
+        before = await _stored(LocalBucket(tmp_path / "local-bucket"), "tenants/acme/lock.json")
+        code = await asyncio.to_thread(main, ["keys", "seal", "acme"])
+        after = await _stored(LocalBucket(tmp_path / "local-bucket"), "tenants/acme/lock.json")
+        assert tdb.serving
+    return code, json.loads(before)["snapshot"]["key"], json.loads(after)["snapshot"]["key"]
+
+
+def test_keys_seal_is_refused_while_a_machine_holds_the_lease_and_says_how_to_force_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = local(tmp_path)
+    monkeypatch.setenv("TENANTDB_LOCAL_BUCKET", str(tmp_path / "local-bucket"))
+    asyncio.run(_plaintext_tenant(tmp_path, raw))
+    monkeypatch.setenv("TENANTDB_ENCRYPTION_KEY", f"old:{OLD}")
+    code, before, after = asyncio.run(_held_then_seal(tmp_path, raw))
+    assert code == 1
+    error = capsys.readouterr().err
+    assert "tenant acme: not sealed: machine m-holder holds the lease" in error
+    assert "TENANTDB_CHECKPOINT_INTERVAL" in error
+    assert "restart" in error
+    assert after == before  # nothing published
+
+
+def test_keys_seal_without_encryption_or_of_an_unknown_tenant_fails_plainly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = local(tmp_path)
+    monkeypatch.setenv("TENANTDB_LOCAL_BUCKET", str(tmp_path / "local-bucket"))
+    asyncio.run(_plaintext_tenant(tmp_path, raw))
+    assert main(["keys", "seal", "acme"]) == 1
+    assert "encryption is off: set TENANTDB_ENCRYPTION_KEY" in capsys.readouterr().err
+    monkeypatch.setenv("TENANTDB_ENCRYPTION_KEY", f"old:{OLD}")
+    assert main(["keys", "seal", "nobody"]) == 1
+    assert "tenant nobody: not sealed: no such tenant" in capsys.readouterr().err
+    assert not asyncio.run(_listed(raw, "tenants/nobody/"))
+
+
+async def _listed(raw: Bucket, prefix: str) -> list[str]:
+    async with raw:
+        return [info.key for info in await raw.list(prefix)]

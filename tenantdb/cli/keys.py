@@ -5,27 +5,36 @@ A rotation of the key-encryption key: put the new key first in TENANTDB_ENCRYPTI
 is rewritten under the new key with If-Match, resumable: a tenant already under it is
 skipped), then drop the old key. The data itself is never re-encrypted: only the data keys
 are wrapped anew.
+
+Turning encryption on for existing tenants: ``tenantdb keys seal`` republishes each tenant
+no machine holds as a fresh, sealed snapshot (under its lease, as a rollback does), so
+``tenantdb status`` shows no plaintext left in the history lock.json names.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from tenantdb.cli.checks import CheckResult
 from tenantdb.cli.common import EXIT_FAILURE, EXIT_OK, Command, err, out, tenant_arg
-from tenantdb.cli.status import list_tenants
+from tenantdb.cli.status import list_tenants, read_status
 from tenantdb.config import Settings
 from tenantdb.crypto import Keyring, Refused, rewrap_data_key, unwrap_data_key
 from tenantdb.errors import (
     ConfigurationError,
     DataKeyError,
+    LeaseHeldError,
     ObjectNotFoundError,
     PreconditionFailedError,
+    TenantDBError,
 )
+from tenantdb.replication.rollback import republish
 from tenantdb.storage import Bucket, describe_bucket, open_bucket
 from tenantdb.storage.data_keys import KEY_OBJECT, key_object_body, parse_key_object
 
@@ -171,17 +180,70 @@ async def encryption_check(bucket: Bucket, settings: Settings) -> CheckResult:
     return CheckResult("encryption", "pass", detail)
 
 
+def _configure_seal(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Turn encryption on for existing tenants now: for each TENANT no machine holds, take "
+        "its lease as a rollback does, restore it, publish it as its newest snapshot sealed "
+        "under its data key, release. A tenant a machine holds is refused (its next snapshot "
+        "is sealed anyway). The older plaintext objects stay restorable until retention "
+        "removes them."
+    )
+    parser.add_argument("tenants", nargs="+", type=tenant_arg, metavar="TENANT")
+    parser.set_defaults(handler=lambda args: asyncio.run(_seal(args.tenants)))
+
+
+async def _seal(tenants: Sequence[str]) -> int:
+    settings = Settings.from_env()
+    _keyring(settings)
+    failed = 0
+    async with open_bucket(settings, create=False) as bucket:
+        with tempfile.TemporaryDirectory(prefix="tenantdb-seal-") as scratch:
+            for tenant in tenants:  # one at a time: each restores a whole database
+                try:
+                    if await read_status(bucket, tenant, prefix=settings.prefix) is None:
+                        raise ConfigurationError("no such tenant (no lock.json in the bucket)")
+                    result = await republish(
+                        settings, bucket, tenant, "seal", at=None, work_dir=Path(scratch)
+                    )
+                except LeaseHeldError as exc:
+                    failed += 1
+                    err(
+                        f"error: tenant {tenant}: not sealed: machine {exc.owner} holds the "
+                        "lease. Its next snapshot is sealed anyway; to have one sooner, lower "
+                        "TENANTDB_CHECKPOINT_INTERVAL or restart the machine, or stop it and "
+                        "run this again"
+                    )
+                    continue
+                except TenantDBError as exc:
+                    failed += 1
+                    err(f"error: tenant {tenant}: not sealed: {exc}")
+                    continue
+                out(
+                    f"tenant {tenant}: sealed snapshot {result.snapshot} published as "
+                    f"generation {result.generation}"
+                )
+    err(
+        "older plaintext snapshots and segments stay restorable until retention removes "
+        "them (`tenantdb status` counts those lock.json still names)"
+    )
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
 def _configure_keys(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="keys_command", metavar="SUBCOMMAND", required=True)
     rotate = sub.add_parser(
         "rotate", help="re-wrap every tenant's data key under the newest key-encryption key"
     )
     _configure_rotate(rotate)
+    seal = sub.add_parser(
+        "seal", help="publish tenants no machine holds as a fresh snapshot sealed under their key"
+    )
+    _configure_seal(seal)
 
 
 KEYS_COMMANDS: dict[str, Command] = {
     "keys": Command(
-        help="encryption at rest: re-wrap the tenants' data keys (tenantdb keys rotate)",
+        help="encryption at rest: re-wrap the tenants' data keys (rotate), seal tenants (seal)",
         configure=_configure_keys,
     ),
 }

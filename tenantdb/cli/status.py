@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -27,12 +27,14 @@ from tenantdb.cli.common import (
     print_table,
     tenant_arg,
 )
+from tenantdb.cli.plaintext import Plaintext, plaintext_in_history
 from tenantdb.config import Settings
 from tenantdb.errors import InvalidTenantError, TenantDBError
 from tenantdb.fleet.purge import is_purge_mark
 from tenantdb.protocol.lease import Lease, ObservedLock, read_lock
 from tenantdb.replication.history import History, read_history
 from tenantdb.storage import Bucket, describe_bucket, open_bucket
+from tenantdb.storage.encrypted import EncryptedBucket
 from tenantdb.tenants import validate_tenant
 
 __all__ = [
@@ -58,6 +60,8 @@ class TenantStatus:
     now: datetime
     # The earliest moment a point-in-time restore accepts, when the history was read.
     restorable_from: datetime | None = None
+    # With encryption on (and the history read): the plaintext objects lock.json names.
+    plaintext: Plaintext | None = None
 
     @property
     def lease(self) -> LeaseState:
@@ -105,11 +109,14 @@ class TenantStatus:
                 "published_at": snapshot.published_at,
             },
             "restorable_from": iso(self.restorable_from),
+            "encryption": None
+            if self.plaintext is None
+            else {"data_key": self.plaintext.data_key, "plaintext": list(self.plaintext.keys)},
             "checked_at": iso(self.now),
         }
 
     def row(self) -> tuple[str, ...]:
-        """This status as a row of the ``tenantdb status`` table."""
+        """This status as a row of the ``tenantdb status`` table (PLAINTEXT: with encryption)."""
         record = self.observed.record
         if self.lease == "released":
             # "idle": the tenant's machines stopped themselves; the next request wakes one.
@@ -139,7 +146,17 @@ class TenantStatus:
             format_age(age) if age is not None else "-",
             snap,
             iso(self.restorable_from) or "-",
+            *(() if self.plaintext is None else (_plaintext_cell(self.plaintext),)),
         )
+
+
+def _plaintext_cell(plaintext: Plaintext) -> str:
+    count = len(plaintext.keys)
+    if not count:
+        return "none"
+    return f"{count} object{'s' if count > 1 else ''}" + (
+        "" if plaintext.data_key else " (no data key)"
+    )
 
 
 _STATUS_HEADER = (
@@ -186,7 +203,10 @@ async def _read_full_status(bucket: Bucket, tenant: str, *, prefix: str) -> Tena
     history = await read_history(bucket, tenant, prefix=prefix)
     if history.lock is None:
         return None
-    return _status_of(bucket, tenant, history.lock, prefix, history.restorable_from())
+    status = _status_of(bucket, tenant, history.lock, prefix, history.restorable_from())
+    if isinstance(bucket, EncryptedBucket):
+        return replace(status, plaintext=await plaintext_in_history(bucket, history))
+    return status
 
 
 def _status_of(
@@ -209,8 +229,10 @@ def _configure_status(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Show each tenant's lease (holder, region, generation, seconds left on the bucket's "
         "clock), log tail and its age, newest snapshot, and the earliest moment a "
-        "point-in-time restore accepts (a LIST of the tenant's objects). Without TENANT, "
-        "every tenant under the prefix."
+        "point-in-time restore accepts (a LIST of the tenant's objects). With "
+        "TENANTDB_ENCRYPTION_KEY set, also how many objects of the history lock.json names "
+        "are still plaintext (written before the tenant's data key; `tenantdb keys seal` "
+        "takes a sealed snapshot). Without TENANT, every tenant under the prefix."
     )
     parser.add_argument("tenants", nargs="*", type=tenant_arg, metavar="TENANT")
     parser.add_argument("--json", action="store_true", help="print a JSON array")
@@ -248,7 +270,8 @@ async def _status(args: argparse.Namespace) -> int:
     if args.json:
         out(json.dumps([s.to_json() for s in found], indent=2))
     elif found:
-        print_table([_STATUS_HEADER, *(s.row() for s in found)])
+        header = _STATUS_HEADER + (("PLAINTEXT",) if settings.encryption_keys else ())
+        print_table([header, *(s.row() for s in found)])
         err(f"(read from the {bucket_name})")
     elif not tenants:
         err(f"no tenants under {prefix!r} in the {bucket_name}")
