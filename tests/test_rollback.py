@@ -13,6 +13,7 @@ from tenantdb.config import Settings
 from tenantdb.errors import LeaseHeldError
 from tenantdb.machine.database import TenantDB
 from tenantdb.protocol.lease import read_lock
+from tenantdb.replication import rollback as rollback_module
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.rollback import rollback
 from tenantdb.storage.base import Bucket
@@ -126,3 +127,25 @@ async def test_rollback_uploads_carried_segments_before_dropping_them(
     rolled = tmp_path / "rolled.sqlite3"
     await restore_at(local_bucket, "acme", rolled, prefix=PREFIX)
     assert count(rolled) == 2
+
+
+async def test_a_rollback_that_fails_after_taking_the_lease_gives_it_back_at_once(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = Recorder(23)
+    async with machine(bucket, tmp_path, "m1") as tdb:
+        await recorder.changes(tdb, 2)
+    then = datetime.now(UTC)
+
+    async def restore_fails(*args: object, **kwargs: object) -> None:
+        raise OSError("the operator's disk is full")
+
+    monkeypatch.setattr(rollback_module, "restore_at", restore_fails)
+    with pytest.raises(OSError, match="disk is full"):
+        await rollback(operator(tmp_path), bucket, then, work_dir=tmp_path)
+    # Nothing was published: the lease is free now, not after its TTL, and routing still
+    # names the tenant's machine.
+    observed = await read_lock(bucket, "acme", f"{PREFIX}acme/lock.json")
+    assert observed is not None
+    assert observed.record.owner is None
+    assert observed.record.last_owner == "m1"

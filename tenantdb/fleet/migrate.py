@@ -32,6 +32,7 @@ from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.restore import hash_file
 from tenantdb.replication.rollback import (
     acquire,
+    give_back,
     operator_lease,
     publish_as_newest,
     routing_hint,
@@ -136,10 +137,8 @@ async def _migrate_held(
         published = True
         await lease.release(last_owner=routing_hint(lease))
     finally:
-        if not published and lease.status == "held":
-            # Nothing was published: give the tenant back to its machine at once.
-            with contextlib.suppress(TenantDBError):
-                await lease.release(last_owner=routing_hint(lease))
+        if not published:
+            await give_back(lease)
         renewing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await renewing

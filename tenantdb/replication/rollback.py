@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from tenantdb.config import Settings
-from tenantdb.errors import ConfigurationError, LeaseHeldError, LeaseLostError
+from tenantdb.errors import ConfigurationError, LeaseHeldError, LeaseLostError, TenantDBError
 from tenantdb.protocol.lease import Lease
 from tenantdb.protocol.lockfile import LockRecord, LogPointer
 from tenantdb.protocol.snapshot import publish_snapshot, temp_snapshot_path
@@ -35,6 +35,7 @@ from tenantdb.storage.base import Bucket
 __all__ = [
     "RollbackResult",
     "acquire",
+    "give_back",
     "operator_lease",
     "publish_as_newest",
     "republish",
@@ -101,14 +102,18 @@ async def republish(
     await acquire(lease, wait=wait)
     renewing = asyncio.get_running_loop().create_task(lease.keep_renewed())
     copy = temp_snapshot_path(work_dir or Path.cwd())
+    published = False
     try:
         await record_takeover(lease)
         restored = await restore_at(bucket, tenant, copy, prefix=settings.prefix, at=at)
         record = await publish_as_newest(
             lease, copy, prefix=settings.prefix, state=restored.state, db_pages=restored.db_pages
         )
+        published = True
         await lease.release(last_owner=routing_hint(lease))
     finally:
+        if not published:
+            await give_back(lease)
         renewing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await renewing
@@ -130,6 +135,14 @@ def operator_lease(settings: Settings, bucket: Bucket, tenant: str, role: str) -
         prefix=settings.prefix,
         cross_region=settings.consistent_across_regions,
     )
+
+
+async def give_back(lease: Lease) -> None:
+    """Release ``lease`` if still held after nothing was published under it: the tenant's
+    machine may take it at once instead of waiting out the TTL (best effort)."""
+    if lease.status == "held":
+        with contextlib.suppress(TenantDBError):
+            await lease.release(last_owner=routing_hint(lease))
 
 
 def routing_hint(lease: Lease) -> str | None:
