@@ -31,6 +31,7 @@ from tenantdb.protocol.lockfile import (
     LockRecord,
     LogPointer,
     ReleaseReason,
+    SchemaVersion,
     SnapshotName,
     SnapshotRef,
 )
@@ -138,6 +139,8 @@ class Lease:
         self.key = f"{prefix}{tenant}/lock.json"
         self.snapshot_prefix = f"{prefix}{tenant}/snapshots/"
         self.status: LeaseStatus = "unheld"
+        # Once set (by the holder, after its migrations ran), every record written says so.
+        self.schema: SchemaVersion | None = None
         self.record: LockRecord | None = None
         self.previous: LockRecord | None = None
         self._on_lost = on_lost
@@ -343,6 +346,8 @@ class Lease:
         async with self._write_lock:
             for _ in range(_ACQUIRE_RACES):
                 record = replace(change(self._held()), seq=self._next_seq)
+                if self.schema is not None:
+                    record = replace(record, schema=self.schema)
                 try:
                     return await self._write(record, if_match=self._etag)
                 except _EarlierWriteLanded:
