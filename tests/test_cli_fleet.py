@@ -318,6 +318,7 @@ async def test_migrate_status_compares_each_tenant_with_the_apps_migrations(
         "versions": {"0": 1, "1": 1},
         "behind": ["acme", "fresh"],
         "ahead": [],
+        "changed_in_place": [],
     }
     code, out, err = await run(*argv, "--app", "fleet_app_one:MIGRATIONS[:1]")
     assert code == 1

@@ -140,14 +140,11 @@ class Restoring(MachineRole):
         if ran:
             log.info("tenant %s: applied %d migration(s)", tenant, ran)
         schema = schema_of(machine.migrations)
-        stale = lease.record is None or lease.record.schema != schema
-        if stale:
+        if lease.record is None or lease.record.schema != schema:
             # lock.json names the schema only once the bucket has the migrations' commits:
             # a listing that reads it must never be ahead of the data.
             await machine.shipper.ship_once()
-        lease.schema = schema
-        if stale:
-            await lease.renew()
+            await lease.record_schema(schema)
         machine.pool = ConnectionPool(
             machine.path, settings.pool_size, track_commits=settings.durability == "bucket"
         )

@@ -139,8 +139,6 @@ class Lease:
         self.key = f"{prefix}{tenant}/lock.json"
         self.snapshot_prefix = f"{prefix}{tenant}/snapshots/"
         self.status: LeaseStatus = "unheld"
-        # Once set (by the holder, after its migrations ran), every record written says so.
-        self.schema: SchemaVersion | None = None
         self.record: LockRecord | None = None
         self.previous: LockRecord | None = None
         self._on_lost = on_lost
@@ -303,9 +301,25 @@ class Lease:
         name = SnapshotName(self._held().generation, self._next_seq, base, taken_ms)
         return name.key(self.snapshot_prefix, clock.token_hex(8))
 
-    async def publish(self, snapshot: SnapshotRef, log: LogPointer | None) -> LockRecord:
-        """Point ``lock.json`` at an uploaded snapshot and its log (CAS); 412 means fenced."""
-        return await self._update(lambda current: replace(current, snapshot=snapshot, log=log))
+    async def publish(
+        self, snapshot: SnapshotRef, log: LogPointer | None, *, schema: SchemaVersion | None = None
+    ) -> LockRecord:
+        """Point ``lock.json`` at an uploaded snapshot and its log (CAS); 412 means fenced.
+
+        ``schema``: the snapshot's, when it is not the schema the lock records already.
+        """
+        return await self._update(
+            lambda current: replace(
+                current, snapshot=snapshot, log=log, schema=schema or current.schema
+            )
+        )
+
+    async def record_schema(self, schema: SchemaVersion) -> LockRecord:
+        """Record the tenant's schema (CAS, also a renewal): every later write carries it on.
+
+        Only once the bucket has the data at that schema: lock.json is never ahead of it.
+        """
+        return await self._update(lambda current: replace(current, schema=schema))
 
     async def update_log(self, change: Callable[[LogPointer | None], LogPointer]) -> LockRecord:
         """Replace lock.json's log by ``change(log)`` (CAS, also a renewal); 412: fenced.
@@ -346,8 +360,6 @@ class Lease:
         async with self._write_lock:
             for _ in range(_ACQUIRE_RACES):
                 record = replace(change(self._held()), seq=self._next_seq)
-                if self.schema is not None:
-                    record = replace(record, schema=self.schema)
                 try:
                     return await self._write(record, if_match=self._etag)
                 except _EarlierWriteLanded:

@@ -24,7 +24,7 @@ from pathlib import Path
 from tenantdb.config import Settings
 from tenantdb.errors import ConfigurationError, LeaseHeldError, LeaseLostError
 from tenantdb.protocol.lease import Lease
-from tenantdb.protocol.lockfile import LockRecord, LogPointer
+from tenantdb.protocol.lockfile import LockRecord, LogPointer, SchemaVersion
 from tenantdb.protocol.snapshot import publish_snapshot, temp_snapshot_path
 from tenantdb.replication.history import read_history
 from tenantdb.replication.pitr import Progress, RestoredPoint, restore_at
@@ -121,12 +121,18 @@ def routing_hint(lease: Lease) -> str | None:
 
 
 async def publish_as_newest(
-    lease: Lease, copy: Path, *, prefix: str, state: str, db_pages: int
+    lease: Lease,
+    copy: Path,
+    *,
+    prefix: str,
+    state: str,
+    db_pages: int,
+    schema: SchemaVersion | None = None,
 ) -> LockRecord:
-    """Publish the database at ``copy`` (in ``state``) as the tenant's newest state under the
-    held ``lease``, its takeover recorded: a snapshot stamped on the bucket's clock after all
-    history, which the log continues from after every index used so far (so the history
-    before stays restorable)."""
+    """Publish the database at ``copy`` (in ``state``, at ``schema`` if that changed) as the
+    tenant's newest state under the held ``lease``, its takeover recorded: a snapshot stamped
+    on the bucket's clock after all history, which the log continues from after every index
+    used so far (so the history before stays restorable)."""
     previous = lease.previous
     base = previous.log.tail + 1 if previous and previous.log else 1
     pointer = LogPointer.empty(base, state, db_pages)
@@ -134,7 +140,9 @@ async def publish_as_newest(
     for key, body in carried_segments(lease.record, prefix=prefix):
         await put_log_object(lease.bucket, key, body)
     taken_ms = await _history_end_ms(lease, prefix)
-    return await publish_snapshot(lease, lease.bucket, copy, log=pointer, taken_ms=taken_ms)
+    return await publish_snapshot(
+        lease, lease.bucket, copy, log=pointer, taken_ms=taken_ms, schema=schema
+    )
 
 
 async def _history_end_ms(lease: Lease, prefix: str) -> int:
