@@ -90,12 +90,12 @@ def list_changed_in_place(recorded: SchemaVersion, migrations: Sequence[Migratio
     """
     if recorded.version > len(migrations):
         return None
-    if schema_of(migrations[: recorded.version]).hash == recorded.hash:
+    apps = schema_of(migrations[: recorded.version])
+    if apps.hash == recorded.hash:
         return None
     return (
         f"migration list changed in place: the tenant ran {recorded.version} migration(s) "
-        f"hashing to {recorded.hash}, the app's first {recorded.version} hash to "
-        f"{schema_of(migrations[: recorded.version]).hash}"
+        f"hashing to {recorded.hash}, the app's first {recorded.version} hash to {apps.hash}"
     )
 
 

@@ -302,17 +302,22 @@ class Lease:
         return name.key(self.snapshot_prefix, clock.token_hex(8))
 
     async def publish(
-        self, snapshot: SnapshotRef, log: LogPointer | None, *, schema: SchemaVersion | None = None
+        self,
+        snapshot: SnapshotRef,
+        log: LogPointer | None,
+        *,
+        schema: SchemaVersion | Literal["unchanged"] | None = "unchanged",
     ) -> LockRecord:
         """Point ``lock.json`` at an uploaded snapshot and its log (CAS); 412 means fenced.
 
-        ``schema``: the snapshot's, when it is not the schema the lock records already.
+        ``schema``: the snapshot's, unless it is the one the lock records (None: unknown).
         """
-        return await self._update(
-            lambda current: replace(
-                current, snapshot=snapshot, log=log, schema=schema or current.schema
-            )
-        )
+
+        def change(current: LockRecord) -> LockRecord:
+            kept = current.schema if schema == "unchanged" else schema
+            return replace(current, snapshot=snapshot, log=log, schema=kept)
+
+        return await self._update(change)
 
     async def record_schema(self, schema: SchemaVersion) -> LockRecord:
         """Record the tenant's schema (CAS, also a renewal): every later write carries it on.

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tenantdb.errors import (
     LocalDiskError,
@@ -139,13 +140,13 @@ async def publish_snapshot(
     *,
     log: LogPointer,
     taken_ms: int,
-    schema: SchemaVersion | None = None,
+    schema: SchemaVersion | Literal["unchanged"] | None = "unchanged",
 ) -> LockRecord:
     """Upload a snapshot copy to a new immutable key, then CAS ``lock.json`` onto it.
 
     ``log`` is the pointer the snapshot starts: no segments yet, and the state of the copy;
     ``taken_ms`` is when the copy was made (Unix ms), after every commit it holds; ``schema``
-    the copy's, when it changed (else lock.json keeps the one it records). A 412 on
+    the copy's (None: unknown), unless it is the one lock.json records. A 412 on
     the CAS raises ``LeaseLostError``: the uploaded object is then an orphan. Old snapshots
     are the garbage collector's (see ``replication.history``).
     """

@@ -78,8 +78,14 @@ async def rollback(
     try:
         await record_takeover(lease)
         restored = await restore_at(bucket, tenant, copy, prefix=settings.prefix, at=to)
+        # The schema of a past state is not recorded: unknown until a machine opens it.
         record = await publish_as_newest(
-            lease, copy, prefix=settings.prefix, state=restored.state, db_pages=restored.db_pages
+            lease,
+            copy,
+            prefix=settings.prefix,
+            state=restored.state,
+            db_pages=restored.db_pages,
+            schema=None,
         )
         await lease.release(last_owner=routing_hint(lease))
     finally:
@@ -127,9 +133,9 @@ async def publish_as_newest(
     prefix: str,
     state: str,
     db_pages: int,
-    schema: SchemaVersion | None = None,
+    schema: SchemaVersion | None,
 ) -> LockRecord:
-    """Publish the database at ``copy`` (in ``state``, at ``schema`` if that changed) as the
+    """Publish the database at ``copy`` (in ``state``, at ``schema``; None: unknown) as the
     tenant's newest state under the held ``lease``, its takeover recorded: a snapshot stamped
     on the bucket's clock after all history, which the log continues from after every index
     used so far (so the history before stays restorable)."""
