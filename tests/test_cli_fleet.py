@@ -10,10 +10,12 @@ import json
 import sqlite3
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from tenantdb.cli import query as query_cli
 from tenantdb.cli.main import main
 from tenantdb.config import Settings
 from tenantdb.fleet import purge_tenant
@@ -318,6 +320,7 @@ async def test_migrate_status_compares_each_tenant_with_the_apps_migrations(
         "versions": {"0": 1, "1": 1},
         "behind": ["acme", "fresh"],
         "ahead": [],
+        "changed_in_place": [],
     }
     code, out, err = await run(*argv, "--app", "fleet_app_one:MIGRATIONS[:1]")
     assert code == 1
@@ -370,3 +373,84 @@ async def test_migrate_run_migrates_stopped_tenants_and_lists_held_ones(
         ("acme", "migrated", 1, 2),
         ("fresh", "current", 2, 2),
     ]
+
+
+class ReadsOf:
+    """``bucket`` that records the key of every read (GETs and downloads)."""
+
+    def __init__(self, bucket: Bucket, reads: list[str]) -> None:
+        self._bucket = bucket
+        self._reads = reads
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._bucket, name)
+
+    async def get(self, key: str, **kwargs: object) -> object:
+        self._reads.append(key)
+        return await self._bucket.get(key, **kwargs)  # type: ignore[arg-type]
+
+    async def download_file(self, key: str, *args: object, **kwargs: object) -> object:
+        self._reads.append(key)
+        return await self._bucket.download_file(key, *args, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The keys the command reads from its bucket, in order."""
+    keys: list[str] = []
+    real = query_cli.open_bucket
+
+    @contextlib.asynccontextmanager
+    async def counted(settings: Settings, **kwargs: bool) -> AsyncIterator[ReadsOf]:
+        async with real(settings, **kwargs) as bucket:
+            yield ReadsOf(bucket, keys)
+
+    monkeypatch.setattr(query_cli, "open_bucket", counted)
+    return keys
+
+
+async def test_migrate_status_reads_lock_json_alone_where_it_records_the_schema(
+    bucket: Bucket, acme: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reads: list[str]
+) -> None:
+    (tmp_path / "fleet_app_four.py").write_text(APP_MODULE)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = await run("tenants", "create", "fresh")
+    assert code == 0, err
+    reads.clear()
+    argv = ["migrate", "status", "--all", "--cache-dir", str(tmp_path / "cache")]
+    code, out, err = await run(*argv, "--app", "fleet_app_four:app", "--json")
+    assert code == 0, err
+    assert json.loads(out)["tenants"] == {"acme": 1, "fresh": 0}
+    # One GET of lock.json per tenant: no snapshot, no log, no restored copy.
+    assert sorted(reads) == ["tenants/acme/lock.json", "tenants/fresh/lock.json"]
+    # A lock.json written before schemas were recorded: that tenant alone is restored.
+    lock = await bucket.get("tenants/acme/lock.json")
+    older = {k: v for k, v in json.loads(lock.body).items() if k != "schema"}
+    await bucket.put("tenants/acme/lock.json", json.dumps(older).encode(), if_match=lock.info.etag)
+    reads.clear()
+    code, out, err = await run(*argv, "--app", "fleet_app_four:app", "--json")
+    assert code == 0, err
+    assert json.loads(out)["tenants"] == {"acme": 1, "fresh": 0}
+    assert [key for key in reads if "/snapshots/" in key or "/log/" in key]
+    assert all(key.startswith("tenants/acme/") for key in reads if "lock.json" not in key)
+    code, out, err = await run("tenants", "schema", "acme", "fresh", "--json")
+    assert code == 0, err
+    assert json.loads(out)["tenants"] == {"acme": 1, "fresh": 0}
+
+
+async def test_migrate_status_reports_a_migration_list_changed_in_place(
+    bucket: Bucket, acme: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    edited = APP_MODULE.replace("note TEXT)", "note TEXT, extra TEXT)")
+    (tmp_path / "fleet_app_five.py").write_text(edited)
+    monkeypatch.chdir(tmp_path)
+    argv = ["migrate", "status", "acme", "--cache-dir", str(tmp_path / "cache")]
+    code, out, err = await run(*argv, "--app", "fleet_app_five:app", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["changed_in_place"], report["behind"]) == (["acme"], [])
+    assert "warning: tenant acme: migration list changed in place" in err
+    code, out, err = await run(*argv, "--app", "fleet_app_five:app")
+    assert code == 0, err
+    assert out.splitlines()[1].split(None, 2) == ["acme", "1", "migration list changed in place"]
+    assert "0 tenant(s) current, 0 behind, 0 ahead of the code, 1 migration list changed" in err

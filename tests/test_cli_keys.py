@@ -234,6 +234,10 @@ def test_status_shows_plaintext_history_until_keys_seal_publishes_a_sealed_snaps
     sealed = asyncio.run(_stored(raw, new_snapshot))
     assert sealed.startswith(MAGIC)
     assert asyncio.run(_stored(raw, old_snapshot)).startswith(b"SQLite format 3\0")
+    # The same state, sealed: the schema lock.json recorded stays known.
+    schema = json.loads(asyncio.run(_stored(raw, "tenants/acme/lock.json")))["schema"]
+    assert schema is not None
+    assert schema["version"] >= 1
     assert main(["status"]) == 0
     assert "none" in capsys.readouterr().out.splitlines()[1].split()
     dest = tmp_path / "out.sqlite3"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sqlite3
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,9 @@ from tenantdb.errors import (
     TransientStorageError,
 )
 from tenantdb.machine.database import TenantDB, apply_migrations
+from tenantdb.machine.migrations import schema_of
 from tenantdb.protocol.lease import Lease
+from tenantdb.replication.pitr import restore_at
 from tenantdb.storage.base import Bucket, ObjectInfo
 from tenantdb.storage.local import LocalBucket
 
@@ -58,6 +62,45 @@ async def add_hits(tdb: TenantDB, n: int) -> None:
     async with tdb.connection() as db:
         await db.executemany("INSERT INTO hits (note) VALUES ('x')", [()] * n)
         await db.commit()
+
+
+def migrate_note(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE hits ADD COLUMN note TEXT")
+
+
+def test_a_migration_lists_schema_is_its_length_and_a_hash_of_its_items() -> None:
+    schema = schema_of(MIGRATIONS)
+    assert schema.version == 2
+    assert schema_of(MIGRATIONS) == schema
+    assert schema_of(MIGRATIONS[:1]).hash != schema.hash
+    # An item edited in place, or text moved between items, is another list.
+    assert schema_of([MIGRATIONS[0], MIGRATIONS[1] + " "]).hash != schema.hash
+    assert schema_of(["a", "bc"]).hash != schema_of(["ab", "c"]).hash
+    # A callable counts by its module-qualified name.
+    assert schema_of([MIGRATIONS[0], migrate_note]) == schema_of([MIGRATIONS[0], migrate_note])
+    assert schema_of([MIGRATIONS[0], migrate_note]).hash != schema.hash
+
+
+async def test_lock_json_carries_the_schema_from_the_start_and_through_the_release(
+    tmp_path: Path,
+) -> None:
+    async with LocalBucket(tmp_path / "bucket") as bucket:
+
+        async def lock() -> dict[str, Any]:
+            return dict(json.loads((await bucket.get("tenants/acme/lock.json")).body))
+
+        async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS[:1], bucket=bucket):
+            assert (await lock())["schema"] == asdict(schema_of(MIGRATIONS[:1]))
+        async with TenantDB(settings(tmp_path, "m2"), migrations=MIGRATIONS, bucket=bucket):
+            assert (await lock())["schema"] == {"version": 2, "hash": schema_of(MIGRATIONS).hash}
+            # The migration's commit reached the bucket before lock.json said version 2.
+            restored = tmp_path / "restored.sqlite3"
+            await restore_at(bucket, "acme", restored, prefix="tenants/")
+            with contextlib.closing(sqlite3.connect(restored)) as conn:
+                assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        released = await lock()
+        assert released["owner"] is None
+        assert released["schema"]["version"] == 2
 
 
 def test_migrations_run_once_each_by_user_version(tmp_path: Path) -> None:

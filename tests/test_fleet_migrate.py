@@ -6,12 +6,15 @@ import asyncio
 import contextlib
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tenantdb.config import Settings
 from tenantdb.fleet import migrate_tenant
+from tenantdb.fleet.migrate import list_changed_in_place
 from tenantdb.machine.database import TenantDB
+from tenantdb.machine.migrations import schema_of
 from tenantdb.protocol.lease import read_lock
 from tenantdb.replication.pitr import restore_at
 from tenantdb.storage import Bucket
@@ -142,3 +145,53 @@ async def test_with_wait_a_held_tenant_is_migrated_once_its_machine_stops(
         await tdb.stop()
     result = await asyncio.wait_for(waiting, timeout=30)
     assert (result.outcome, result.before, result.after) == ("migrated", 1, 2), result.detail
+
+
+class CountingBucket:
+    """``bucket`` that records the key of every read: GETs and downloads."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self._bucket = bucket
+        self.reads: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._bucket, name)
+
+    async def get(self, key: str, **kwargs: Any) -> object:
+        self.reads.append(key)
+        return await self._bucket.get(key, **kwargs)
+
+    async def download_file(self, key: str, *args: Any, **kwargs: Any) -> object:
+        self.reads.append(key)
+        return await self._bucket.download_file(key, *args, **kwargs)
+
+
+async def test_a_migrated_tenants_lock_records_its_schema_and_a_rerun_reads_only_that(
+    bucket: Bucket, acme: None, tmp_path: Path
+) -> None:
+    lock_key = f"{PREFIX}acme/lock.json"
+    observed = await read_lock(bucket, "acme", lock_key)
+    assert observed is not None
+    assert observed.record.schema == schema_of(V1)  # its machine recorded it
+    result = await migrate_tenant(SETTINGS, bucket, "acme", V2)
+    assert result.outcome == "migrated"
+    observed = await read_lock(bucket, "acme", lock_key)
+    assert observed is not None
+    assert observed.record.schema == schema_of(V2)
+    counting = CountingBucket(bucket)
+    again = await migrate_tenant(SETTINGS, counting, "acme", V2)  # type: ignore[arg-type]
+    assert (again.outcome, again.before, again.detail) == ("current", 2, None)
+    assert counting.reads == [lock_key]
+
+
+async def test_a_current_tenant_whose_migrations_changed_in_place_is_reported(
+    bucket: Bucket, acme: None
+) -> None:
+    edited = ["CREATE TABLE hits (id INTEGER PRIMARY KEY, note TEXT, extra TEXT)"]
+    before = await objects(bucket)
+    result = await migrate_tenant(SETTINGS, bucket, "acme", edited)
+    assert (result.outcome, result.before) == ("current", 1)
+    assert "migration list changed in place" in (result.detail or "")
+    assert list_changed_in_place(schema_of(V1), V2) is None
+    assert list_changed_in_place(schema_of(V2), V1) is None  # ahead: not comparable
+    assert await objects(bucket) == before

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tenantdb.errors import LockFileCorruptError
-from tenantdb.protocol.lockfile import MAX_LOG_SINGLES, LockRecord, SnapshotName
+from tenantdb.protocol.lockfile import MAX_LOG_SINGLES, LockRecord, SchemaVersion, SnapshotName
 
 KEY = "tenants/acme/lock.json"
 STATE = "0123456789abcdef"
@@ -132,3 +132,34 @@ def test_an_unknown_release_reason_is_refused(reason: object) -> None:
 def test_a_release_reason_on_a_held_lease_is_refused() -> None:
     # "idle" with an owner would make standbys stop while a holder serves.
     assert "held lease" in refused({**lock(), "released": "idle"}).reason
+
+
+SCHEMA = {"version": 3, "hash": "0123456789abcdef"}
+
+
+def test_a_schema_round_trips_and_an_older_lock_without_it_is_unknown() -> None:
+    record = parse({**lock(), "schema": SCHEMA})
+    assert record.schema == SchemaVersion(3, "0123456789abcdef")
+    assert LockRecord.parse(record.to_json(), tenant="acme", key=KEY) == record
+    assert parse(lock()).schema is None  # written before schemas were recorded
+    assert parse({**lock(), "schema": None}).schema is None
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"version": -1, "hash": "0123456789abcdef"},
+        {"version": True, "hash": "0123456789abcdef"},
+        {"version": 2**53, "hash": "0123456789abcdef"},
+        {"version": "3", "hash": "0123456789abcdef"},
+        {"version": 3, "hash": "0123456789ABCDEF"},
+        {"version": 3, "hash": "0123456789abcde"},
+        {"version": 3, "hash": "é" * 16},
+        {"version": 3},
+        {"version": 3, "hash": "0123456789abcdef", "extra": 1},
+        [3, "0123456789abcdef"],
+        3,
+    ],
+)
+def test_a_damaged_schema_is_a_typed_error_naming_the_field(schema: object) -> None:
+    assert "'schema'" in refused({**lock(), "schema": schema}).reason

@@ -12,12 +12,13 @@ import pytest
 from tenantdb.config import Settings
 from tenantdb.errors import LeaseHeldError
 from tenantdb.machine.database import TenantDB
+from tenantdb.machine.migrations import schema_of
 from tenantdb.protocol.lease import read_lock
 from tenantdb.replication import rollback as rollback_module
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.rollback import rollback
 from tenantdb.storage.base import Bucket
-from tests.replication.test_pitr import PREFIX, Recorder, machine, read_rows
+from tests.replication.test_pitr import MIGRATIONS, PREFIX, Recorder, machine, read_rows
 from tests.replication.test_pitr_completeness import LogUploadsFail, count, insert
 from tests.replication.test_pitr_completeness import machine as completeness_machine
 
@@ -51,9 +52,14 @@ async def test_rollback_refuses_a_live_holder_then_the_next_machine_starts_from_
     assert observed is not None
     assert observed.record.owner is None
     assert observed.record.last_owner == "m1"  # routing still names the tenant's machine
+    # The rolled-back state's schema is not recorded anywhere: unknown, never the newer one.
+    assert observed.record.schema is None
     async with machine(bucket, tmp_path, "m1") as tdb:
         assert await rows_of(tdb) == rows_then
         await recorder.changes(tdb, 1)  # writes go on from the rolled-back state
+        observed = await read_lock(bucket, "acme", f"{PREFIX}acme/lock.json")
+        assert observed is not None
+        assert observed.record.schema == schema_of(MIGRATIONS)
     # The history past the moment rolled back to is kept.
     out = tmp_path / "later.sqlite3"
     await restore_at(bucket, "acme", out, prefix=PREFIX, at=later)

@@ -2,8 +2,9 @@
 migrations, and migrating the tenants no machine holds (``tenantdb.fleet.migrate``).
 
 A tenant's version is its ``PRAGMA user_version`` (tenantdb applies migrations in order and
-counts them there), read from its restored copy as ``tenantdb query`` reads it. The app's
-migrations come from ``--app module:attribute``: the ``migrations`` given to its
+counts them there), as lock.json records it with a hash of the migrations that made it
+(one GET per tenant), else read from its restored copy as ``tenantdb query`` reads it. The
+app's migrations come from ``--app module:attribute``: the ``migrations`` given to its
 ``TenantDBMiddleware``, or the list itself.
 """
 
@@ -22,18 +23,20 @@ from typing import Any
 
 from tenantdb.asgi.middleware import TenantDBMiddleware
 from tenantdb.cli.common import EXIT_FAILURE, EXIT_OK, Command, err, out, print_table
-from tenantdb.cli.query import add_tenant_selection, run_query
+from tenantdb.cli.progress import count_progress
+from tenantdb.cli.query import SchemaSeen, add_tenant_selection, run_schemas
 from tenantdb.cli.status import list_tenants
 from tenantdb.config import Settings
 from tenantdb.errors import ConfigurationError
-from tenantdb.fleet.migrate import MigrateResult, migrate_tenant
-from tenantdb.fleet.query import QueryResult
+from tenantdb.fleet.migrate import MigrateResult, list_changed_in_place, migrate_tenant
+from tenantdb.protocol.lockfile import SchemaVersion
 from tenantdb.storage import open_bucket
 
 __all__ = ["MIGRATE_COMMANDS", "app_migrations"]
 
 
 _APP_HELP = "the app whose TenantDBMiddleware has the migrations, or the list itself"
+_CHANGED_IN_PLACE = "migration list changed in place"
 
 
 def _configure_migrate(parser: argparse.ArgumentParser) -> None:
@@ -41,11 +44,12 @@ def _configure_migrate(parser: argparse.ArgumentParser) -> None:
     status = sub.add_parser(
         "status",
         help="each tenant's schema version against the app's migrations",
-        description="Compare each tenant's schema version (PRAGMA user_version: the "
-        "migrations applied, read from its restored copy, cached as `tenantdb query` "
-        "does) with the number of migrations the app has: tenants behind (they migrate at "
-        "their machine's next start), current, and ahead of the code (a machine of this "
-        "code refuses them).",
+        description="Compare each tenant's schema version (the migrations applied, as its "
+        "lock.json records it, else PRAGMA user_version read from its restored copy, "
+        "cached as `tenantdb query` does) with the number of migrations the app has: "
+        "tenants behind (they migrate at their machine's next start), current, ahead of "
+        "the code (a machine of this code refuses them), and those whose recorded "
+        "migrations are not the app's (the migration list changed in place).",
     )
     status.add_argument(
         "--app",
@@ -110,21 +114,29 @@ def app_migrations(spec: str) -> Sequence[Any]:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    expected = len(app_migrations(args.app))
+    migrations = app_migrations(args.app)
+    expected = len(migrations)
     versions: dict[str, int] = {}
+    changed: dict[str, str] = {}
 
-    def emit(result: QueryResult) -> None:
-        versions[result.tenant] = int(result.rows[0][0])
+    def emit(seen: SchemaSeen) -> None:
+        versions[seen.tenant] = seen.version
+        if seen.hash is not None:
+            drift = list_changed_in_place(SchemaVersion(seen.version, seen.hash), migrations)
+            if drift is not None:
+                changed[seen.tenant] = drift
 
-    code = await run_query(args, "PRAGMA user_version", emit)
+    code = await run_schemas(args, emit)
 
-    def state(version: int) -> str:
+    def state(tenant: str, version: int) -> str:
+        if tenant in changed:
+            return _CHANGED_IN_PLACE
         if version < expected:
             return f"behind by {expected - version}"
         return "current" if version == expected else f"ahead by {version - expected}"
 
     counts = Counter(versions.values())
-    behind = sorted(t for t, v in versions.items() if v < expected)
+    behind = sorted(t for t, v in versions.items() if v < expected and t not in changed)
     ahead = sorted(t for t, v in versions.items() if v > expected)
     if args.json:
         report = {
@@ -133,17 +145,20 @@ async def _status(args: argparse.Namespace) -> int:
             "versions": {str(v): n for v, n in sorted(counts.items())},
             "behind": behind,
             "ahead": ahead,
+            "changed_in_place": sorted(changed),
         }
         out(json.dumps(report, indent=2))
-        return code
-    if versions:
-        rows = [(t, str(v), state(v)) for t, v in sorted(versions.items())]
+    elif versions:
+        rows = [(t, str(v), state(t, v)) for t, v in sorted(versions.items())]
         print_table([("TENANT", "VERSION", "STATE"), *rows])
-        current = len(versions) - len(behind) - len(ahead)
+        current = len(versions) - len(behind) - len(ahead) - len(changed)
         err(
             f"the app has {expected} migration(s): {current} tenant(s) current, "
             f"{len(behind)} behind, {len(ahead)} ahead of the code"
+            + (f", {len(changed)} {_CHANGED_IN_PLACE}" if changed else "")
         )
+    for tenant, drift in sorted(changed.items()):
+        err(f"warning: tenant {tenant}: {drift}")
     return code
 
 
@@ -164,10 +179,13 @@ async def _run(args: argparse.Namespace) -> int:
                     settings, bucket, tenant, migrations, dry_run=args.dry_run, wait=args.wait
                 )
 
-        for done in asyncio.as_completed([one(tenant) for tenant in tenants]):
-            result = await done
-            outcomes[result.outcome] += 1
-            _report(result, as_json=args.json)
+        with count_progress("migrating tenants") as progress:
+            for done in asyncio.as_completed([one(tenant) for tenant in tenants]):
+                result = await done
+                outcomes[result.outcome] += 1
+                _report(result, as_json=args.json)
+                if progress is not None:
+                    progress(outcomes.total(), len(tenants))
     summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
     err(f"{len(tenants)} tenant(s) against {len(migrations)} migration(s): {summary or 'none'}")
     return EXIT_FAILURE if outcomes["failed"] else EXIT_OK
@@ -189,6 +207,8 @@ def _report(result: MigrateResult, *, as_json: bool) -> None:
         out(f"{result.tenant}: dry run {result.before} -> {result.after} {took}, not published")
     elif result.outcome == "current":
         out(f"{result.tenant}: current (version {result.before})")
+        if result.detail is not None:
+            err(f"warning: tenant {result.tenant}: {result.detail}")
     elif result.outcome == "held":
         out(f"{result.tenant}: {result.detail}")
     else:

@@ -1,8 +1,10 @@
 """``tenantdb query`` and ``tenantdb tenants schema``: read-only SQL across tenants.
 
 Both run on restored copies kept in a local cache (``tenantdb.fleet.query``), never on a
-machine's files. Rows stream out as tenants finish, the tenant first; a tenant that fails
-is reported on stderr and the others still answer (exit 1 at the end).
+machine's files; ``tenants schema`` (and ``migrate status``) only for the tenants whose
+lock.json does not record their schema yet. Rows stream out as tenants finish, the tenant
+first; a tenant that fails is reported on stderr and the others still answer (exit 1 at
+the end).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -34,10 +37,18 @@ from tenantdb.cli.common import (
 )
 from tenantdb.cli.status import list_tenants
 from tenantdb.config import Settings
+from tenantdb.fleet.migrate import read_schemas
 from tenantdb.fleet.query import QueryResult, query_tenants
-from tenantdb.storage import describe_bucket, open_bucket
+from tenantdb.storage import Bucket, describe_bucket, open_bucket
 
-__all__ = ["QUERY_COMMANDS", "add_tenant_selection", "configure_schema", "run_query"]
+__all__ = [
+    "QUERY_COMMANDS",
+    "SchemaSeen",
+    "add_tenant_selection",
+    "configure_schema",
+    "run_query",
+    "run_schemas",
+]
 
 OutputFormat = Literal["table", "csv", "json"]
 
@@ -90,9 +101,10 @@ def configure_schema(sub: Any) -> None:
     parser = sub.add_parser(
         "schema",
         help="show each tenant's schema version (the migrations applied)",
-        description="Show each tenant's PRAGMA user_version, the number of migrations "
-        "applied, read from its restored copy (cached as `tenantdb query` does), and how "
-        "many tenants are at each version.",
+        description="Show each tenant's schema version, the number of migrations applied, "
+        "as its lock.json records it (one GET per tenant), else its PRAGMA user_version "
+        "read from a restored copy (cached as `tenantdb query` does), and how many "
+        "tenants are at each version.",
     )
     add_tenant_selection(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON object")
@@ -120,29 +132,90 @@ async def run_query(
         err("error: name the tenants to query, or pass --all (not both)")
         return EXIT_FAILURE
     settings = Settings.from_env()
-    code = EXIT_OK
     async with open_bucket(settings, create=False) as bucket:
-        tenants = args.tenants or await list_tenants(bucket, settings.prefix)
+        tenants = await _selected(args, bucket, settings)
         if not tenants:
-            err(f"no tenants under {settings.prefix!r} in the {describe_bucket(settings)}")
             return EXIT_OK
-        results = query_tenants(
-            bucket,
-            tenants,
-            sql,
-            prefix=settings.prefix,
-            cache_dir=_cache_dir(settings, args.cache_dir),
-            at=at,
-            parallel=args.parallel,
-        )
-        async for result in results:
-            if result.error is not None:
-                err(f"error: tenant {result.tenant}: {result.error}")
+        return await _query_each(args, bucket, settings, tenants, sql, emit, at=at)
+
+
+@dataclass(frozen=True)
+class SchemaSeen:
+    """A tenant's schema version, and its hash when lock.json records one."""
+
+    tenant: str
+    version: int
+    hash: str | None = None
+
+
+async def run_schemas(args: argparse.Namespace, emit: Callable[[SchemaSeen], None]) -> int:
+    """Each named tenant's schema to ``emit``: from lock.json (one GET), else from a
+    restored copy for the tenants whose lock.json does not record it yet."""
+    if bool(args.tenants) == bool(args.all):
+        err("error: name the tenants to query, or pass --all (not both)")
+        return EXIT_FAILURE
+    settings = Settings.from_env()
+    code, unrecorded = EXIT_OK, []
+    async with open_bucket(settings, create=False) as bucket:
+        tenants = await _selected(args, bucket, settings)
+        async for seen in read_schemas(
+            bucket, tenants, prefix=settings.prefix, parallel=args.parallel
+        ):
+            if seen.error is not None:
+                err(f"error: tenant {seen.tenant}: {seen.error}")
                 code = EXIT_FAILURE
-                continue
-            if result.truncated:
-                err(f"warning: tenant {result.tenant}: only its first {len(result.rows)} rows")
-            emit(result)
+            elif seen.schema is None:
+                unrecorded.append(seen.tenant)
+            else:
+                emit(SchemaSeen(seen.tenant, seen.schema.version, seen.schema.hash))
+
+        def from_copy(result: QueryResult) -> None:
+            emit(SchemaSeen(result.tenant, int(result.rows[0][0])))
+
+        if unrecorded:
+            query = _query_each(
+                args, bucket, settings, unrecorded, "PRAGMA user_version", from_copy
+            )
+            code = max(code, await query)
+    return code
+
+
+async def _selected(args: argparse.Namespace, bucket: Bucket, settings: Settings) -> list[str]:
+    """The tenants the arguments name, or every tenant in the bucket (said when none)."""
+    tenants: list[str] = args.tenants or await list_tenants(bucket, settings.prefix)
+    if not tenants:
+        err(f"no tenants under {settings.prefix!r} in the {describe_bucket(settings)}")
+    return tenants
+
+
+async def _query_each(
+    args: argparse.Namespace,
+    bucket: Bucket,
+    settings: Settings,
+    tenants: Sequence[str],
+    sql: str,
+    emit: Callable[[QueryResult], None],
+    *,
+    at: datetime | None = None,
+) -> int:
+    code = EXIT_OK
+    results = query_tenants(
+        bucket,
+        tenants,
+        sql,
+        prefix=settings.prefix,
+        cache_dir=_cache_dir(settings, args.cache_dir),
+        at=at,
+        parallel=args.parallel,
+    )
+    async for result in results:
+        if result.error is not None:
+            err(f"error: tenant {result.tenant}: {result.error}")
+            code = EXIT_FAILURE
+            continue
+        if result.truncated:
+            err(f"warning: tenant {result.tenant}: only its first {len(result.rows)} rows")
+        emit(result)
     return code
 
 
@@ -190,10 +263,10 @@ def _csv_line(cells: Sequence[Any]) -> None:
 async def _schema(args: argparse.Namespace) -> int:
     versions: dict[str, int] = {}
 
-    def emit(result: QueryResult) -> None:
-        versions[result.tenant] = int(result.rows[0][0])
+    def emit(seen: SchemaSeen) -> None:
+        versions[seen.tenant] = seen.version
 
-    code = await run_query(args, "PRAGMA user_version", emit)
+    code = await run_schemas(args, emit)
     counts = Counter(versions.values())
     if args.json:
         summary = {str(v): n for v, n in sorted(counts.items())}

@@ -36,6 +36,7 @@ from tenantdb.errors import (
     TenantDBError,
 )
 from tenantdb.fleet.errors import FleetError, TenantExistsError, UnknownTenantError
+from tenantdb.machine.migrations import schema_of
 from tenantdb.protocol.lease import read_lock
 from tenantdb.protocol.lockfile import (
     LOCK_MAX_BYTES,
@@ -157,6 +158,8 @@ async def create_tenant(
         snapshot=data.snapshot,
         log=data.log,
         last_owner=None,
+        # An empty database is at version 0 of any list; a fork's is not known here.
+        schema=schema_of(()) if origin is None else None,
     )
     await _publish(bucket, record, prefix=prefix, keys=(*data.keys, takeover_at))
     return CreatedTenant(

@@ -5,10 +5,14 @@ its next start, as every machine does. Any other tenant behind the migrations is
 ``tenantdb rollback`` takes one: the lease under a new generation with its takeover record,
 a restore of the current state, the pending migrations (the machine's own
 ``apply_migrations``), and a snapshot published as the log's new base (``quick_check``
-and sha256 first), then the lease released for the tenant's machine. A tenant that is
-current costs a restore and writes nothing; so a run interrupted anywhere is resumed by
-running it again. A dry run applies the migrations to a restored copy and publishes
-nothing.
+and sha256 first), then the lease released for the tenant's machine. The published record
+carries the schema (``schema_of``) as a machine's does. A tenant whose lock.json says it is
+current costs one GET and writes nothing (one whose lock.json predates schemas, a restore);
+so a run interrupted anywhere is resumed by running it again. A dry run applies the
+migrations to a restored copy and publishes nothing.
+
+``read_schemas`` reads each tenant's recorded schema from lock.json alone, and
+``list_changed_in_place`` says when a recorded hash is not the app's list at that version.
 """
 
 from __future__ import annotations
@@ -18,14 +22,17 @@ import contextlib
 import sqlite3
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from tenantdb.config import Settings
 from tenantdb.errors import LeaseHeldError, TenantDBError
-from tenantdb.machine.migrations import Migration, apply_migrations
+from tenantdb.fleet.errors import UnknownTenantError
+from tenantdb.machine.migrations import Migration, apply_migrations, schema_of
+from tenantdb.protocol.lease import read_lock
+from tenantdb.protocol.lockfile import SchemaVersion
 from tenantdb.protocol.snapshot import temp_snapshot_path
 from tenantdb.replication.checksum import format_state
 from tenantdb.replication.pitr import restore_at
@@ -41,7 +48,14 @@ from tenantdb.replication.takeovers import record_takeover
 from tenantdb.storage.base import Bucket
 from tenantdb.tenants import validate_tenant
 
-__all__ = ["MigrateOutcome", "MigrateResult", "migrate_tenant"]
+__all__ = [
+    "MigrateOutcome",
+    "MigrateResult",
+    "TenantSchema",
+    "list_changed_in_place",
+    "migrate_tenant",
+    "read_schemas",
+]
 
 MigrateOutcome = Literal["migrated", "current", "held", "failed", "checked"]
 
@@ -57,8 +71,65 @@ class MigrateResult:
     seconds: float = 0.0
     # The generation that published the migrated state ("migrated").
     generation: int | None = None
-    # Why it was held or failed.
+    # Why it was held or failed; for a current one, a migration list changed in place.
     detail: str | None = None
+
+
+@dataclass(frozen=True)
+class TenantSchema:
+    """One tenant's schema as its lock.json records it (None: not recorded), or the error."""
+
+    tenant: str
+    schema: SchemaVersion | None = None
+    error: str | None = None
+
+
+def list_changed_in_place(recorded: SchemaVersion, migrations: Sequence[Migration]) -> str | None:
+    """Why ``recorded`` is not the app's first ``recorded.version`` migrations, or None.
+
+    A tenant ahead of the app cannot be compared: the app lacks the migrations it ran.
+    """
+    if recorded.version > len(migrations):
+        return None
+    apps = schema_of(migrations[: recorded.version])
+    if apps.hash == recorded.hash:
+        return None
+    return (
+        f"migration list changed in place: the tenant ran {recorded.version} migration(s) "
+        f"hashing to {recorded.hash}, the app's first {recorded.version} hash to {apps.hash}"
+    )
+
+
+async def read_schemas(
+    bucket: Bucket, tenants: Sequence[str], *, prefix: str, parallel: int = 4
+) -> AsyncIterator[TenantSchema]:
+    """Each tenant's recorded schema, one GET of lock.json each, as they arrive."""
+    gate = asyncio.Semaphore(parallel)
+
+    async def one(tenant: str) -> TenantSchema:
+        async with gate:
+            try:
+                return TenantSchema(tenant, await _recorded_schema(bucket, tenant, prefix))
+            except TenantDBError as exc:
+                return TenantSchema(tenant, error=str(exc) or type(exc).__name__)
+
+    tasks = [asyncio.ensure_future(one(tenant)) for tenant in tenants]
+    try:
+        for done in asyncio.as_completed(tasks):
+            yield await done
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _recorded_schema(bucket: Bucket, tenant: str, prefix: str) -> SchemaVersion | None:
+    validate_tenant(tenant)
+    key = f"{prefix}{tenant}/lock.json"
+    observed = await read_lock(bucket, tenant, key)
+    if observed is None:
+        raise UnknownTenantError(f"no tenant {tenant}: no {key} in the bucket", tenant=tenant)
+    return observed.record.schema
 
 
 async def migrate_tenant(
@@ -78,6 +149,14 @@ async def migrate_tenant(
     with tempfile.TemporaryDirectory(prefix="tenantdb-migrate-") as scratch:
         copy = Path(scratch) / f"{tenant}.sqlite3"
         try:
+            recorded = await _recorded_schema(bucket, tenant, settings.prefix)
+            if recorded is not None and recorded.version == len(migrations) and not dry_run:
+                # lock.json is never ahead of the data: current, without a download.
+                detail = list_changed_in_place(recorded, migrations)
+                seconds = time.monotonic() - started
+                return MigrateResult(
+                    tenant, "current", recorded.version, recorded.version, seconds, detail=detail
+                )
             await restore_at(bucket, tenant, copy, prefix=settings.prefix)
             before = await asyncio.to_thread(_version, copy)
             if before == len(migrations) and not dry_run:
@@ -133,6 +212,7 @@ async def _migrate_held(
             prefix=settings.prefix,
             state=format_state(hashes.state),
             db_pages=hashes.db_pages,
+            schema=schema_of(migrations),
         )
         published = True
         await lease.release(last_owner=routing_hint(lease))

@@ -2,16 +2,38 @@
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tenantdb.errors import ConfigurationError
+from tenantdb.protocol.lockfile import SchemaVersion
 from tenantdb.replication.shipper import CONNECTION_PRAGMAS
 
-__all__ = ["Migration", "apply_migrations"]
+__all__ = ["Migration", "apply_migrations", "schema_of"]
 
 Migration = str | Callable[[sqlite3.Connection], None]
+
+
+def schema_of(migrations: Sequence[Migration]) -> SchemaVersion:
+    """The schema a database has once ``migrations`` ran: their count and their hash.
+
+    A script is hashed by its text, a callable by its module-qualified name (its code may
+    change without its effect changing); each item is length-prefixed, so no two lists
+    hash alike by shifting text between items.
+    """
+    digest = hashlib.sha256()
+    for migration in migrations:
+        if isinstance(migration, str):
+            item = b"sql:" + migration.encode("utf-8", "surrogatepass")
+        else:
+            # A partial or a callable object has no __qualname__ of its own: its type's.
+            module = getattr(migration, "__module__", None) or type(migration).__module__
+            qualname = getattr(migration, "__qualname__", None) or type(migration).__qualname__
+            item = f"python:{module}.{qualname}".encode("utf-8", "surrogatepass")
+        digest.update(len(item).to_bytes(8, "big") + item)
+    return SchemaVersion(len(migrations), digest.hexdigest()[:16])
 
 
 def apply_migrations(path: Path, migrations: Sequence[Migration]) -> int:

@@ -2,8 +2,9 @@
 
 From the moment the lease is taken it is renewed (the renewal passes on to the holder).
 Opening makes the local file the newest data (local_data.py), opens the log shipper,
-migrates and makes the connection pool; a failure is retried with backoff while the lease
-holds, and the machine says so (503, red health) meanwhile.
+migrates (and records the schema in lock.json) and makes the connection pool; a failure
+is retried with backoff while the lease holds, and the machine says so (503, red health)
+meanwhile.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tenantdb.errors import ConfigurationError, LeaseLostError, TenantDBError
 from tenantdb.machine.context import Machine, MachineRole
 from tenantdb.machine.holder import Holder
 from tenantdb.machine.local_data import prepare_local_file
-from tenantdb.machine.migrations import apply_migrations
+from tenantdb.machine.migrations import apply_migrations, schema_of
 from tenantdb.replication.follower import Follower
 from tenantdb.replication.shipper import Shipper
 from tenantdb.replication.takeovers import record_takeover
@@ -138,6 +139,12 @@ class Restoring(MachineRole):
             ) from exc
         if ran:
             log.info("tenant %s: applied %d migration(s)", tenant, ran)
+        schema = schema_of(machine.migrations)
+        if lease.record is None or lease.record.schema != schema:
+            # lock.json names the schema only once the bucket has the migrations' commits:
+            # a listing that reads it must never be ahead of the data.
+            await machine.shipper.ship_once()
+            await lease.record_schema(schema)
         machine.pool = ConnectionPool(
             machine.path, settings.pool_size, track_commits=settings.durability == "bucket"
         )

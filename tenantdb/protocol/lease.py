@@ -31,6 +31,7 @@ from tenantdb.protocol.lockfile import (
     LockRecord,
     LogPointer,
     ReleaseReason,
+    SchemaVersion,
     SnapshotName,
     SnapshotRef,
 )
@@ -300,9 +301,30 @@ class Lease:
         name = SnapshotName(self._held().generation, self._next_seq, base, taken_ms)
         return name.key(self.snapshot_prefix, clock.token_hex(8))
 
-    async def publish(self, snapshot: SnapshotRef, log: LogPointer | None) -> LockRecord:
-        """Point ``lock.json`` at an uploaded snapshot and its log (CAS); 412 means fenced."""
-        return await self._update(lambda current: replace(current, snapshot=snapshot, log=log))
+    async def publish(
+        self,
+        snapshot: SnapshotRef,
+        log: LogPointer | None,
+        *,
+        schema: SchemaVersion | Literal["unchanged"] | None = "unchanged",
+    ) -> LockRecord:
+        """Point ``lock.json`` at an uploaded snapshot and its log (CAS); 412 means fenced.
+
+        ``schema``: the snapshot's, unless it is the one the lock records (None: unknown).
+        """
+
+        def change(current: LockRecord) -> LockRecord:
+            kept = current.schema if schema == "unchanged" else schema
+            return replace(current, snapshot=snapshot, log=log, schema=kept)
+
+        return await self._update(change)
+
+    async def record_schema(self, schema: SchemaVersion) -> LockRecord:
+        """Record the tenant's schema (CAS, also a renewal): every later write carries it on.
+
+        Only once the bucket has the data at that schema: lock.json is never ahead of it.
+        """
+        return await self._update(lambda current: replace(current, schema=schema))
 
     async def update_log(self, change: Callable[[LogPointer | None], LogPointer]) -> LockRecord:
         """Replace lock.json's log by ``change(log)`` (CAS, also a renewal); 412: fenced.

@@ -1,9 +1,10 @@
 """``lock.json``: the record a tenant's lease and data pointer live in, and its checks.
 
 One small JSON object per tenant: who holds the lease (``owner`` and ``claim``), the
-fencing ``generation``, the write counter ``seq``, the published ``snapshot`` and where
-the ``log`` of segments on top of it stands. Anything that does not parse into exactly
-what tenantdb writes is refused with ``LockFileCorruptError``, never guessed at.
+fencing ``generation``, the write counter ``seq``, the published ``snapshot``, where
+the ``log`` of segments on top of it stands, and the ``schema`` the tenant is at. Anything
+that does not parse into exactly what tenantdb writes is refused with
+``LockFileCorruptError``, never guessed at.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "LogChunk",
     "LogPointer",
     "ReleaseReason",
+    "SchemaVersion",
     "SnapshotName",
     "SnapshotRef",
     "now_iso",
@@ -61,6 +63,15 @@ INLINE_MAX_BYTES = 24 * 1024
 # and snapshots at MAX_CHUNKS objects, so far more is not a log tenantdb wrote; it bounds
 # what ``LogPointer.chunks`` yields whatever ``tail`` says.
 MAX_LOG_SINGLES = 100_000
+
+
+@dataclass(frozen=True)
+class SchemaVersion:
+    """The tenant's schema: how many migrations were applied, and which list they came from."""
+
+    version: int
+    # The first 16 hex digits of the sha256 of those migrations (machine.migrations.schema_of).
+    hash: str
 
 
 @dataclass(frozen=True)
@@ -243,6 +254,8 @@ class LockRecord:
     claim: str | None = None
     # Set only with no owner: why the last holder released (see ReleaseReason).
     released: ReleaseReason | None = None
+    # Set by a holder once its migrations ran (absent before schemas were recorded: unknown).
+    schema: SchemaVersion | None = None
     format: int = LOCK_FORMAT
 
     def to_json(self) -> bytes:
@@ -306,6 +319,11 @@ class LockRecord:
             name = ref.key.removeprefix(key.rsplit("/", 1)[0] + "/snapshots/")
             if name == ref.key or name in ("", ".", "..") or "/" in name:
                 raise corrupt("snapshot key is outside the tenant's prefix")
+        schema: SchemaVersion | None = None
+        if data.get("schema") is not None:
+            schema = _schema_version(data["schema"])
+            if schema is None:
+                raise corrupt("field 'schema' is malformed")
         log: LogPointer | None = None
         if data.get("log") is not None:
             log = _log_pointer(data["log"], generation=data["generation"])
@@ -323,6 +341,7 @@ class LockRecord:
             last_owner=data["last_owner"],
             claim=data.get("claim"),
             released=released,
+            schema=schema,
         )
 
 
@@ -350,7 +369,20 @@ def _snapshot_ref(snapshot: object) -> SnapshotRef | None:
     return SnapshotRef(key=ref_key, sha256=sha256, size=size, published_at=published_at)
 
 
-_STATE = re.compile(r"[0-9a-f]{16}")
+# Log states and schema hashes: 64 bits of a hash, as hex.
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+
+
+def _schema_version(value: object) -> SchemaVersion | None:
+    """The schema tenantdb wrote (a count of migrations and 16 hex digits), else None."""
+    if not isinstance(value, dict) or len(value) != 2:
+        return None
+    version, digest = bounded_int(value.get("version"), 0), value.get("hash")
+    if version is None or not (isinstance(digest, str) and _HEX16.fullmatch(digest)):
+        return None
+    return SchemaVersion(version, digest)
+
+
 # SQLite page numbers are 32-bit (checksum.MAX_PAGE_NUMBER).
 _MAX_DB_PAGES = 0xFFFFFFFF
 # A takeover adds a run; a snapshot clears them. More than this is not a lock tenantdb wrote.
@@ -375,7 +407,7 @@ def _log_pointer(value: object, *, generation: int) -> LogPointer | None:
         base is None
         or tail is None
         or db_pages is None
-        or not (isinstance(state, str) and _STATE.fullmatch(state))
+        or not (isinstance(state, str) and _HEX16.fullmatch(state))
         or not (isinstance(runs, list) and len(runs) <= MAX_RUNS)
         or not isinstance(updated_at, str)
         or (updated_at != "" and parse_iso_time(updated_at) is None)

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tenantdb.errors import (
     LocalDiskError,
@@ -29,7 +30,7 @@ from tenantdb.errors import (
 )
 from tenantdb.localfiles import fsync_dir, remove_side_files
 from tenantdb.protocol.lease import Lease
-from tenantdb.protocol.lockfile import LockRecord, LogPointer, SnapshotRef, now_iso
+from tenantdb.protocol.lockfile import LockRecord, LogPointer, SchemaVersion, SnapshotRef, now_iso
 from tenantdb.storage.base import Bucket
 
 __all__ = [
@@ -139,17 +140,20 @@ async def publish_snapshot(
     *,
     log: LogPointer,
     taken_ms: int,
+    schema: SchemaVersion | Literal["unchanged"] | None = "unchanged",
 ) -> LockRecord:
     """Upload a snapshot copy to a new immutable key, then CAS ``lock.json`` onto it.
 
     ``log`` is the pointer the snapshot starts: no segments yet, and the state of the copy;
-    ``taken_ms`` is when the copy was made (Unix ms), after every commit it holds. A 412 on
+    ``taken_ms`` is when the copy was made (Unix ms), after every commit it holds; ``schema``
+    the copy's (None: unknown), unless it is the one lock.json records. A 412 on
     the CAS raises ``LeaseLostError``: the uploaded object is then an orphan. Old snapshots
     are the garbage collector's (see ``replication.history``).
     """
     key = lease.next_snapshot_key(base=log.base, taken_ms=taken_ms)
     snap = await _upload_while_checking(bucket, key, copy)
-    record = await lease.publish(SnapshotRef(key, snap.sha256, snap.size, now_iso()), log)
+    ref = SnapshotRef(key, snap.sha256, snap.size, now_iso())
+    record = await lease.publish(ref, log, schema=schema)
     _log.info("tenant %s: published snapshot %s (%d bytes)", lease.tenant, key, snap.size)
     return record
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from tenantdb.config import Settings
 from tenantdb.errors import ConfigurationError, LeaseHeldError, LeaseLostError, TenantDBError
 from tenantdb.protocol.lease import Lease
-from tenantdb.protocol.lockfile import LockRecord, LogPointer
+from tenantdb.protocol.lockfile import LockRecord, LogPointer, SchemaVersion
 from tenantdb.protocol.snapshot import publish_snapshot, temp_snapshot_path
 from tenantdb.replication.history import read_history
 from tenantdb.replication.pitr import Progress, RestoredPoint, restore_at
@@ -106,8 +106,17 @@ async def republish(
     try:
         await record_takeover(lease)
         restored = await restore_at(bucket, tenant, copy, prefix=settings.prefix, at=at)
+        # The schema of a past state is not recorded: unknown until a machine opens it.
+        # The current state (a seal) keeps the schema lock.json records.
+        previous = lease.previous
+        schema = previous.schema if at is None and previous is not None else None
         record = await publish_as_newest(
-            lease, copy, prefix=settings.prefix, state=restored.state, db_pages=restored.db_pages
+            lease,
+            copy,
+            prefix=settings.prefix,
+            state=restored.state,
+            db_pages=restored.db_pages,
+            schema=schema,
         )
         published = True
         await lease.release(last_owner=routing_hint(lease))
@@ -153,12 +162,18 @@ def routing_hint(lease: Lease) -> str | None:
 
 
 async def publish_as_newest(
-    lease: Lease, copy: Path, *, prefix: str, state: str, db_pages: int
+    lease: Lease,
+    copy: Path,
+    *,
+    prefix: str,
+    state: str,
+    db_pages: int,
+    schema: SchemaVersion | None,
 ) -> LockRecord:
-    """Publish the database at ``copy`` (in ``state``) as the tenant's newest state under the
-    held ``lease``, its takeover recorded: a snapshot stamped on the bucket's clock after all
-    history, which the log continues from after every index used so far (so the history
-    before stays restorable)."""
+    """Publish the database at ``copy`` (in ``state``, at ``schema``; None: unknown) as the
+    tenant's newest state under the held ``lease``, its takeover recorded: a snapshot stamped
+    on the bucket's clock after all history, which the log continues from after every index
+    used so far (so the history before stays restorable)."""
     previous = lease.previous
     base = previous.log.tail + 1 if previous and previous.log else 1
     pointer = LogPointer.empty(base, state, db_pages)
@@ -166,7 +181,9 @@ async def publish_as_newest(
     for key, body in carried_segments(lease.record, prefix=prefix):
         await put_log_object(lease.bucket, key, body)
     taken_ms = await _history_end_ms(lease, prefix)
-    return await publish_snapshot(lease, lease.bucket, copy, log=pointer, taken_ms=taken_ms)
+    return await publish_snapshot(
+        lease, lease.bucket, copy, log=pointer, taken_ms=taken_ms, schema=schema
+    )
 
 
 async def _history_end_ms(lease: Lease, prefix: str) -> int:

@@ -104,6 +104,7 @@ VALID_LOCK: dict[str, Any] = {
         "merged": [],
         "inline": [base64.b64encode(b"x").decode()],
     },
+    "schema": {"version": 2, "hash": "0123456789abcdef"},
 }
 
 
@@ -134,6 +135,8 @@ def documents(draw: st.DrawFn, valid: dict[str, Any]) -> bytes:
 @example(body=b"[" * 60_000)
 @example(body=json.dumps({**VALID_LOCK, "log": {**VALID_LOCK["log"], "inline": ["é"]}}).encode())
 @example(body=json.dumps({**VALID_LOCK, "log": {**VALID_LOCK["log"], "tail": 10**9}}).encode())
+@example(body=json.dumps({**VALID_LOCK, "schema": {"version": 10**400, "hash": "0" * 16}}).encode())
+@example(body=json.dumps({**VALID_LOCK, "schema": {"version": 1, "hash": "0" * 10**5}}).encode())
 def test_lock_record(body: bytes) -> None:
     result = bounded(lambda: LockRecord.parse(body, tenant="acme", key=LOCK_KEY))
     if isinstance(result, TenantDBError):
