@@ -7,6 +7,7 @@ log outweighs it; and every moment of that history still restores exactly.
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 from typing import Any
@@ -62,12 +63,19 @@ async def grow_then_write(tdb: TenantDB, recorder: Recorder, small_writes: int) 
     async with tdb.connection() as db:
         await db.execute("CREATE TABLE bulk (body BLOB)")
         await db.commit()
-    for _ in range(GROWTH):
+    # Grow until every growth commit sits in a merged object, whatever the segments
+    # before it (a migration's, say) did to the alignment of the merges.
+    for grown in itertools.count(1):
         async with tdb.connection() as db:
             await db.execute("INSERT INTO bulk VALUES (randomblob(?))", (BLOB,))
             await db.commit()
         await tdb.sync()
         await step(shipper)
+        log = tdb.lease.record.log if tdb.lease.record else None
+        assert log is not None
+        if grown >= GROWTH and log.first_single > log.tail:
+            break
+        assert grown < 2 * GROWTH
     bucket = tdb.lease.bucket
     assert isinstance(bucket, CountingBucket)
     started = len(bucket.written)

@@ -86,10 +86,11 @@ async def test_every_synced_commit_is_restored_exactly_on_another_machine(
         assert record is not None
         assert record.log is not None
         assert record.snapshot is None  # a new tenant needs no snapshot: the log starts empty
-        # One segment per sync; the migrations went with the first batch.
-        assert (record.log.base, record.log.tail) == (1, 5)
+        # The migrations' segment (shipped before lock.json names the schema), then one
+        # segment per sync.
+        assert (record.log.base, record.log.tail) == (1, 6)
         keys = [o.key for o in await bucket.list("tenants/acme/log/")]
-        assert keys == [f"tenants/acme/log/00000001/{i:012d}.seg" for i in range(1, 6)]
+        assert keys == [f"tenants/acme/log/00000001/{i:012d}.seg" for i in range(1, 7)]
 
 
 async def test_shipping_continues_across_checkpoints_and_wal_restarts(
@@ -249,7 +250,7 @@ async def test_segments_whose_uploads_fail_are_published_in_lock_json_and_restor
     record = tdb.lease.record
     assert record is not None
     assert record.log is not None
-    assert (record.log.inline_from, record.log.tail) == (1, 3)
+    assert (record.log.inline_from, record.log.tail) == (1, 4)  # the migrations', then 3
     expected = await rows(tdb)
     assert await restored_rows(bucket, tmp_path) == expected
     # The holder dies. The next one takes over from lock.json, and uploads what it carries
@@ -263,10 +264,10 @@ async def test_segments_whose_uploads_fail_are_published_in_lock_json_and_restor
         assert await rows(new) == expected
         await add(new, 1, note="the new holder's")
         await new.sync()
-        await ship_past(new, 3)
+        await ship_past(new, 4)
         expected = await rows(new)
     keys = {o.key for o in await bucket.list("tenants/acme/log/")}
-    assert {f"tenants/acme/log/00000001/{i:012d}.seg" for i in (1, 2, 3)} <= keys
+    assert {f"tenants/acme/log/00000001/{i:012d}.seg" for i in (1, 2, 3, 4)} <= keys
     assert await restored_rows(bucket, tmp_path) == expected
 
 
@@ -290,7 +291,7 @@ async def test_past_the_inline_limit_a_publication_waits_for_the_uploads(
         record = tdb.lease.record
         assert record is not None
         assert record.log is not None
-        assert record.log.tail == 2
+        assert record.log.tail == 3  # the migrations' segment, then the two
         assert await restored_rows(bucket, tmp_path) == await rows(tdb)
 
 
@@ -403,11 +404,11 @@ async def test_garbage_within_the_retention_is_kept(bucket: Bucket, tmp_path: Pa
     async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
         await add(tdb, 1)
         await tdb.sync()
-        await tdb.checkpoint()  # the segment is no longer named, but only seconds old
+        await tdb.checkpoint()  # the segments are no longer named, but only seconds old
         shipper = tdb._shipper
         assert shipper is not None
         assert await shipper.collect_garbage() == []
-        assert len(await bucket.list("tenants/acme/log/")) == 1
+        assert len(await bucket.list("tenants/acme/log/")) == 2  # the migrations', the row
 
 
 class CountingLists:
