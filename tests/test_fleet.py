@@ -27,6 +27,7 @@ from tenantdb.fleet import (
     purge_tenant,
     query_tenants,
 )
+from tenantdb.fleet import query as fleet_query
 from tenantdb.fleet.purge import is_purge_mark
 from tenantdb.machine.database import TenantDB
 from tenantdb.protocol.lease import read_lock
@@ -378,6 +379,36 @@ async def test_a_later_query_applies_only_the_new_log_to_its_cached_copy(
         conn.execute("DELETE FROM hits")
     assert await collect(counting, ["src"], sql, cache) == {"src": ((7,),)}  # type: ignore[arg-type]
     assert len(counting.downloads) == 2
+
+
+class CallsBucket:
+    """``bucket`` noting the name of every method called on it."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self._bucket = bucket
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._bucket, name)
+        if callable(found):
+            self.calls.append(name)
+        return found
+
+
+async def test_a_warm_query_of_an_unchanged_tenant_reads_lock_json_alone_and_hashes_nothing(
+    bucket: Bucket, tmp_path: Path, source: datetime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    sql = "SELECT count(*) FROM hits"
+    assert await collect(bucket, ["src"], sql, cache) == {"src": ((5,),)}
+    calls = CallsBucket(bucket)
+
+    def hash_file(path: Path) -> Any:
+        raise AssertionError(f"{path} hashed again")
+
+    monkeypatch.setattr(fleet_query, "hash_file", hash_file)
+    assert await collect(calls, ["src"], sql, cache) == {"src": ((5,),)}  # type: ignore[arg-type]
+    assert calls.calls == ["get"]  # lock.json
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,11 @@
 
 Copies live in a local cache directory, one file per tenant with a small note of what it
 holds (snapshot key, log base and tail). A later run brings a copy up to date as a standby
-does (``Follower``): only the log objects added since are fetched, each checked to chain
-onto the copy's page hashes, measured from the file; anything else (a new snapshot, a copy
-that does not check out) is restored whole. ``at`` restores each tenant as of a moment into
+does (``Follower``): a copy whose note says it already has the state lock.json names, in
+a file unchanged since, is used as it is (one GET, nothing hashed); otherwise only the log
+objects added since are fetched, each checked to chain onto the copy's page hashes,
+measured from the file; anything else (a new snapshot, a copy that does not check out) is
+restored whole. ``at`` restores each tenant as of a moment into
 a scratch file instead.
 
 Read-only is SQLite's: each copy is opened ``mode=ro`` with ``PRAGMA query_only``, so any
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import json
 import sqlite3
@@ -128,33 +131,71 @@ async def _catch_up(bucket: Bucket, tenant: str, path: Path, *, prefix: str) -> 
         raise UnknownTenantError(f"no tenant {tenant}: no {key} in the bucket", tenant=tenant)
     record = observed.record
     note_path = path.with_suffix(".json")
-    follower = Follower(bucket, tenant, path, prefix=prefix)
     note = _read_note(note_path)
+    if note is not None and note.holds(record) and note.describes(path):
+        return  # the common warm case: nothing new, and no page of the copy re-hashed
+    follower = Follower(bucket, tenant, path, prefix=prefix)
     if note is not None and path.is_file():
         try:
             hashes = await asyncio.to_thread(hash_file, path)
         except (TenantDBError, OSError):
             hashes = None
         if hashes is not None:
-            follower.resume(note[0], note[1], note[2], hashes)
+            follower.resume(note.snapshot, note.base, note.tail, hashes)
     # Forgotten first: a copy interrupted while being written is restored next time.
     note_path.unlink(missing_ok=True)
     await follower.catch_up(record)
-    await asyncio.to_thread(write_atomically, note_path, _note(record))
+    await asyncio.to_thread(write_atomically, note_path, _Note.of(record, path).encode())
 
 
-def _note(record: LockRecord) -> bytes:
-    log = record.log
-    return json.dumps(
-        {
-            "snapshot": record.snapshot.key if record.snapshot else None,
-            "base": log.base if log else None,
-            "tail": log.tail if log else 0,
-        }
-    ).encode()
+@dataclass(frozen=True)
+class _Note:
+    """What a cached copy holds (checked when it was written) and the file it was then."""
+
+    snapshot: str | None
+    base: int | None
+    tail: int
+    state: str | None
+    # None in a note written before notes named the file (it is then hashed once more).
+    size: int | None
+    mtime_ns: int | None
+
+    @classmethod
+    def of(cls, record: LockRecord, path: Path) -> _Note:
+        """The note for ``path``, just made exactly what ``record`` names."""
+        log, stat = record.log, path.stat()
+        return cls(
+            snapshot=record.snapshot.key if record.snapshot else None,
+            base=log.base if log else None,
+            tail=log.tail if log else 0,
+            state=log.state if log else None,
+            size=stat.st_size,
+            mtime_ns=stat.st_mtime_ns,
+        )
+
+    def encode(self) -> bytes:
+        """The note as written beside the copy."""
+        return json.dumps(dataclasses.asdict(self)).encode()
+
+    def holds(self, record: LockRecord) -> bool:
+        """Whether the copy already is what ``record`` names: the same state after the
+        same tail (a log's state is a digest of the database it describes)."""
+        log = record.log
+        if log is None:
+            snapshot = record.snapshot.key if record.snapshot else None
+            return self.state is None and self.snapshot == snapshot
+        return (self.tail, self.state) == (log.tail, log.state)
+
+    def describes(self, path: Path) -> bool:
+        """Whether ``path`` is still the file the note was written for."""
+        try:
+            stat = path.stat()
+        except OSError:
+            return False
+        return (stat.st_size, stat.st_mtime_ns) == (self.size, self.mtime_ns)
 
 
-def _read_note(path: Path) -> tuple[str | None, int | None, int] | None:
+def _read_note(path: Path) -> _Note | None:
     """What the cached copy holds, by its note; None if there is none or it is not ours."""
     try:
         with open(path, "rb") as f:
@@ -164,12 +205,17 @@ def _read_note(path: Path) -> tuple[str | None, int | None, int] | None:
         return None
     if not isinstance(data, dict):
         return None
-    snapshot, base, tail = data.get("snapshot"), data.get("base"), data.get("tail")
+    snapshot, base, tail, state = (data.get(k) for k in ("snapshot", "base", "tail", "state"))
+    size, mtime_ns = data.get("size"), data.get("mtime_ns")
     if not (snapshot is None or isinstance(snapshot, str)):
         return None
-    if not (base is None or type(base) is int) or type(tail) is not int:
+    if not (state is None or isinstance(state, str)):
         return None
-    return snapshot, base, tail
+    if not (base is None or type(base) is int):
+        return None
+    if type(tail) is not int or not all(n is None or type(n) is int for n in (size, mtime_ns)):
+        return None
+    return _Note(snapshot, base, tail, state, size, mtime_ns)
 
 
 def _run(tenant: str, path: Path, sql: str, max_rows: int) -> QueryResult:
