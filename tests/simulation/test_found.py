@@ -18,7 +18,7 @@ from tests.simulation.schedule import Schedule, Step
 def test_a_foreign_object_of_the_same_size_at_a_segment_key_is_never_published(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A hostile writer puts random bytes, exactly as long as a segment, at its key just
+    """A hostile writer puts random bytes, exactly as long as a log object, at its key just
     before the holder's upload. The holder took any object of the right size there for its
     own landed upload, stopped carrying the segment in lock.json, and published the
     foreign bytes: after the holder's crash, no machine could open the tenant and no
@@ -35,7 +35,8 @@ def test_a_foreign_object_of_the_same_size_at_a_segment_key_is_never_published(
         if_match: str | None,
         if_none_match: str | None,
     ) -> object:
-        if key.endswith("/000000000004.seg") and not planted:
+        # The first log object: with packs, the new holder's pack of what m1 left carried.
+        if "/log/" in key and not planted:
             planted.append(key)
             self.plant(key, random.Random(0).randbytes(len(body)))
         return put(self, client, operation, key, body, if_match, if_none_match)
