@@ -115,6 +115,23 @@ async def settle(endpoint: str, quiet: float = 5.0, longest: float = 180.0) -> d
     }
 
 
+async def packed_segment(bucket: Any, objects: list[Request], index: int) -> bytes | None:
+    """Segment ``index`` from the pack uploaded with it, if one was (a baseline has none)."""
+    for request in objects:
+        name = request.path.rsplit("/", 1)[-1]
+        if not name.endswith(".pack"):
+            continue
+        first, last = (int(n) for n in name.removesuffix(".pack").split("-"))
+        if first <= index <= last:
+            from tenantdb.replication.packs import decode_pack
+
+            key = request.path.split("/", 2)[2]
+            body = (await bucket.get(key)).body
+            tenant = key.split("/")[1]
+            return decode_pack(body, key=key, tenant=tenant, first=first, last=last)[index - first]
+    return None
+
+
 async def bytes_per_minute(
     env: dict[str, str], work: Path, size_mib: int, rate: float, seconds: float, warmup: float
 ) -> dict[str, Any]:
@@ -150,6 +167,8 @@ async def bytes_per_minute(
         for index in range(first + 1, await tail(tdb) + 1):  # the pages each segment carries
             key = next((r.path for r in objects if r.path.endswith(f"/{index:012d}.seg")), None)
             body = (await bucket.get(key.split("/", 2)[2])).body if key else None
+            if body is None:
+                body = await packed_segment(bucket, objects, index)
             if body is None:
                 record = tdb.lease.record
                 log = record.log if record is not None else None
