@@ -1,10 +1,11 @@
 """Ship each commit's changed pages to the bucket as fenced segments; checkpoint what is shipped.
 
 One ``Shipper`` per served tenant. Every ``sync_interval`` it reads the commits added to the
-WAL since the last shipped position, writes the newest image of each changed page as one
-immutable segment (``If-None-Match: *``, a key only this generation writes), then moves
-``lock.json``'s log tail onto it by CAS, which also renews the lease. A segment counts only
-once that CAS landed: a fenced holder's uploads are garbage no restore reads.
+WAL since the last shipped position, encodes the newest image of each changed page as one
+segment, and moves ``lock.json``'s log tail onto it by CAS, carrying the segment inline;
+that CAS also renews the lease, and is the one request a sync makes. A segment counts only
+once that CAS landed. The carried segments reach the bucket later, in packs of several
+(``carrier``), under keys only this generation's range can have.
 
 tenantdb is the only checkpointer of the databases it opens: every connection has
 ``wal_autocheckpoint=0``, and the shipper runs ``wal_checkpoint(PASSIVE)`` only while it
@@ -15,7 +16,8 @@ restart, or a WAL that cannot be read as expected, falls back to a full snapshot
 than guessing.
 
 The shipper decides *when*; the work is done by the modules beside it: ``next_segment``
-(the WAL's next commits as a segment), ``uploads`` (log objects in the background),
+(the WAL's next commits as a segment), ``carrier`` (what lock.json carries, and its packs),
+``uploads`` (log objects in the background),
 ``compaction`` (merges), ``checkpoint`` (connections and safe checkpoints),
 ``snapshot_copy`` (a consistent copy and its WAL position) and ``garbage`` (collection).
 ``Shipper`` stays one class of about 450 lines on purpose: shipping, checkpointing and
