@@ -98,7 +98,7 @@ class Carrier:
         if self._carried is None:
             self._carried = deque(_carried_by(record))
             while self._unpacked():
-                self._start_pack(len(self._carried))
+                self._start_pack()
         return self._carried
 
     def retry(self) -> None:
@@ -106,13 +106,14 @@ class Carrier:
         for pack in self._packs:
             self.uploads.start(pack.key, pack.body)
 
-    async def prepare(self, new: Sequence[Carried]) -> Stored:
-        """Decide what a CAS appending ``new`` stops carrying and carries on.
+    async def prepare(self, record: LockRecord | None, new: Sequence[Carried]) -> Stored:
+        """Decide what a CAS appending ``new`` stops carrying and carries on (``record``:
+        the lock this holding started with, read on the first call).
 
         Waits only when the carried segments would pass the inline caps: for the oldest
         packs (started now if need be), and for a new segment's own object.
         """
-        carried = self.load(None)
+        carried = self.load(record)
         chain = [*carried, *new]
         start, packs, singles = 0, [], []
         for pack in self._packs:
@@ -124,7 +125,7 @@ class Carrier:
             if start < len(carried):
                 done = len(packs)
                 if done == len(self._packs):
-                    self._start_pack(len(carried))
+                    self._start_pack()
                 pack = self._packs[done]
                 await asyncio.shield(self.uploads.start(pack.key, pack.body))
                 start += pack.count
@@ -147,14 +148,14 @@ class Carrier:
         self._carried = deque(stored.inline)
         unpacked = self._unpacked()
         if len(unpacked) >= PACK_SEGMENTS or sum(len(c.body) for c in unpacked) >= PACK_START_BYTES:
-            self._start_pack(len(self._carried))
+            self._start_pack()
 
     async def store_all(self, record: LockRecord | None) -> None:
         """Put every carried segment in a pack in the bucket: before a CAS that replaces the
         log (a snapshot) drops them. Fails if an upload does."""
-        carried = self.load(record)
+        self.load(record)
         while self._unpacked():
-            self._start_pack(len(carried))
+            self._start_pack()
         for pack in self._packs:
             await asyncio.shield(self.uploads.start(pack.key, pack.body))
 
@@ -171,17 +172,14 @@ class Carrier:
         packed = sum(pack.count for pack in self._packs)
         return list(carried)[packed:]
 
-    def _start_pack(self, limit: int) -> None:
+    def _start_pack(self) -> None:
         """Start the pack of the oldest unpacked carried segments (one generation's, up to
-        ``PACK_SEGMENTS``) among the first ``limit`` carried ones."""
-        carried = list(self._carried or ())[:limit]
-        packed = sum(pack.count for pack in self._packs)
-        rest = carried[packed:]
+        ``PACK_SEGMENTS``)."""
+        rest = self._unpacked()
         if not rest:
             return
+        # Of one generation, as a pack's key says (carried segments are consecutive).
         batch = [c for c in rest[:PACK_SEGMENTS] if c.generation == rest[0].generation]
-        # Consecutive and of one generation, as a pack's key says.
-        batch = [c for i, c in enumerate(batch) if c.index == batch[0].index + i]
         first, last = batch[0].index, batch[-1].index
         key = pack_key(self.prefix, self.tenant, batch[0].generation, first, last)
         body = encode_pack(self.tenant, first, [c.body for c in batch])

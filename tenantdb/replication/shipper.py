@@ -364,8 +364,8 @@ class Shipper:
         to the bucket later, in packs (see ``Carrier``), and a segment stops being carried
         only in a write sent after its pack's upload was answered.
         """
-        self.carrier.load(self.lease.record)
-        stored = await self.carrier.prepare([Carried(b.index, b.generation, b.body) for b in batch])
+        new = [Carried(b.index, b.generation, b.body) for b in batch]
+        stored = await self.carrier.prepare(self.lease.record, new)
         last = batch[-1]
         state = format_state(last.hashes.state)
 
