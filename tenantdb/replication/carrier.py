@@ -7,10 +7,11 @@ dropped unstored, and the writes per sync approach one.
 
 When a pack starts: once ``PACK_SEGMENTS`` carried segments, or ``PACK_START_BYTES`` of
 them, wait for one (in the background: the CASes go on carrying them meanwhile, the
-inline cap leaves room for that), and at once for what a new holder found carried by the
-lock it took over. A CAS that would carry more than ``INLINE_MAX_BYTES`` (or
-``MAX_INLINE_SEGMENTS``) waits for the oldest packs first; a new segment too large to
-ride inline is uploaded on its own before the CAS that names it, as before packs.
+inline cap leaves room for that). What a new holder found carried by the lock it took over
+counts as carried by it (a start and a stop with no write cost no pack). A CAS that would
+carry more than ``INLINE_MAX_BYTES`` (or ``MAX_INLINE_SEGMENTS``) waits for the oldest
+packs first; a new segment too large to ride inline is uploaded on its own before the CAS
+that names it, as before packs.
 
 A pack holds segments of one generation only, under that generation's key: its bytes are
 then fixed by its range (published segments never change), so a retry, or a new holder
@@ -94,11 +95,9 @@ class Carrier:
 
     def load(self, record: LockRecord | None) -> deque[Carried]:
         """The carried segments; on the first call, those of ``record`` (the lock taken
-        over), whose packs start at once: a predecessor may never have stored them."""
+        over: a predecessor's carried segments are packed like this holder's own)."""
         if self._carried is None:
             self._carried = deque(_carried_by(record))
-            while self._unpacked():
-                self._start_pack()
         return self._carried
 
     def retry(self) -> None:

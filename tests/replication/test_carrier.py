@@ -46,7 +46,7 @@ async def test_every_moment_across_packs_restores_exactly(bucket: Bucket, tmp_pa
             assert db.execute("SELECT count(*) FROM hits").fetchone()[0] == count, moment
 
 
-async def test_a_new_holder_packs_what_the_lock_it_took_carries_one_pack_per_generation(
+async def test_a_new_holder_carries_what_it_took_over_then_packs_it_one_pack_per_generation(
     local_bucket: Bucket,
 ) -> None:
     bodies = [b"one", b"two", b"three", b"four"]
@@ -54,19 +54,21 @@ async def test_a_new_holder_packs_what_the_lock_it_took_carries_one_pack_per_gen
     record = LockRecord("acme", "m3", None, generation=3, seq=9, ttl_seconds=15, log=pointer)
     uploads = LogUploads(local_bucket, "acme")
     carrier = Carrier(uploads, prefix="tenants/", tenant="acme")
-    assert [c.body for c in carrier.load(record)] == bodies
-    await uploads.settled()
+    # Its first CAS carries them on with its own segment: nothing is dropped unstored.
+    stored = await carrier.prepare(record, [Carried(5, 3, b"five")])
+    assert stored.ranges == []
+    assert [c.body for c in stored.inline] == [*bodies, b"five"]
+    carrier.published(stored)
+    # Before a CAS that replaces the log (a snapshot): one pack per generation that wrote them.
+    await carrier.store_all(record)
     keys = {
         "tenants/acme/log/00000001/000000000001-000000000002.pack": (1, 2, bodies[:2]),
         "tenants/acme/log/00000002/000000000003-000000000004.pack": (3, 4, bodies[2:]),
+        "tenants/acme/log/00000003/000000000005-000000000005.pack": (5, 5, [b"five"]),
     }
     for key, (first, last, held) in keys.items():
         body = (await local_bucket.get(key)).body
         assert decode_pack(body, key=key, tenant="acme", first=first, last=last) == held
-    # The first CAS of its own may drop them now (their packs exist), and names the packs.
-    stored = await carrier.prepare(record, [Carried(5, 3, b"five")])
-    assert stored.ranges == [(1, 2, 1), (3, 4, 2)]
-    assert [c.body for c in stored.inline] == [b"five"]
 
 
 async def test_no_cas_drops_a_carried_segment_whose_pack_is_not_in_the_bucket(
@@ -82,6 +84,7 @@ async def test_no_cas_drops_a_carried_segment_whose_pack_is_not_in_the_bucket(
 
     uploads = Refusing(local_bucket, "acme")
     carrier = Carrier(uploads, prefix="tenants/", tenant="acme")
+    # Over the (patched) cap with the new segment: the carried ones must leave first.
     stored = await carrier.prepare(record, [Carried(3, 1, b"abc")])
     # Over the (patched) cap: the pack of 1..2 was awaited, and exists, before it is dropped.
     assert stored.ranges == [(1, 2, 1)]
