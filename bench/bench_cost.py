@@ -115,6 +115,23 @@ async def settle(endpoint: str, quiet: float = 5.0, longest: float = 180.0) -> d
     }
 
 
+async def packed_segment(bucket: Any, objects: list[Request], index: int) -> bytes | None:
+    """Segment ``index`` from the pack uploaded with it, if one was (a baseline has none)."""
+    for request in objects:
+        name = request.path.rsplit("/", 1)[-1]
+        if not name.endswith(".pack"):
+            continue
+        first, last = (int(n) for n in name.removesuffix(".pack").split("-"))
+        if first <= index <= last:
+            from tenantdb.replication.packs import decode_pack
+
+            key = request.path.split("/", 2)[2]
+            body = (await bucket.get(key)).body
+            tenant = key.split("/")[1]
+            return decode_pack(body, key=key, tenant=tenant, first=first, last=last)[index - first]
+    return None
+
+
 async def bytes_per_minute(
     env: dict[str, str], work: Path, size_mib: int, rate: float, seconds: float, warmup: float
 ) -> dict[str, Any]:
@@ -151,6 +168,8 @@ async def bytes_per_minute(
             key = next((r.path for r in objects if r.path.endswith(f"/{index:012d}.seg")), None)
             body = (await bucket.get(key.split("/", 2)[2])).body if key else None
             if body is None:
+                body = await packed_segment(bucket, objects, index)
+            if body is None:
                 record = tdb.lease.record
                 log = record.log if record is not None else None
                 body = (log.inline_segment(index) if log is not None else None) or b""
@@ -173,6 +192,12 @@ async def bytes_per_minute(
     }
 
 
+async def past_first_collection() -> None:
+    """Wait out the garbage collection a new holder makes once, a sync interval in (a LIST
+    and a few GETs per holding, not per write)."""
+    await asyncio.sleep(1.5)
+
+
 async def per_write(env: dict[str, str], work: Path, writers: int, seconds: float) -> float:
     from tenantdb.machine.database import TenantDB
 
@@ -180,6 +205,7 @@ async def per_write(env: dict[str, str], work: Path, writers: int, seconds: floa
     config = settings(env, work, f"writers{writers}", durability="bucket")
     async with TenantDB(config, migrations=MIGRATIONS) as tdb:
         await increment(tdb)
+        await past_first_collection()
         requests(endpoint)
         count = 0
         deadline = time.monotonic() + seconds
@@ -204,6 +230,7 @@ async def per_sync(env: dict[str, str], work: Path, rate: float, seconds: float)
     async with TenantDB(config, migrations=MIGRATIONS) as tdb:
         await increment(tdb)
         await tdb.sync()
+        await past_first_collection()
         requests(endpoint)
         first = await tail(tdb)
         await steady(tdb, rate, seconds)

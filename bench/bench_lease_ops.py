@@ -145,10 +145,10 @@ async def measure(s3: S3Server, rounds: int, size: int, work: Path) -> list[Oper
                 await tdb.stop()
 
             # acquire (GET + PUT), the takeover record (PUT), then at stop the CAS that
-            # appends the segment, carrying it (PUT), its object uploaded beside (PUT), then
-            # the release (PUT): a new tenant needs no snapshot.
+            # appends the segment, carrying it (PUT: no object, a pack comes only with more
+            # segments), then the release (PUT): a new tenant needs no snapshot.
             requests = await counted(new_tenant_lifecycle)
-            record("lifecycle: new tenant start+stop", 2 + 1 + 1 + 1 + 1, requests)
+            record("lifecycle: new tenant start+stop", 2 + 1 + 1 + 1, requests)
             second = TenantDB(
                 settings.with_overrides(
                     tenant=tenant, data_dir=work / f"m2-{n}", machine_id="bench-machine-2"

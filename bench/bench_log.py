@@ -194,7 +194,10 @@ async def restore(
         assert observed.record.log is not None
         record = observed.record
         sizes = await log_objects(bucket, "restore")
-        named = [chunk_key("tenants/", "restore", c) for c in record.log.chunks()]
+        # A pack holds several chunks: its key once.
+        named = list(
+            dict.fromkeys(chunk_key("tenants/", "restore", c) for c in record.log.chunks())
+        )
         total = (record.snapshot.size if record.snapshot else 0) + sum(sizes[k] for k in named)
         segments = record.log.tail - record.log.base + 1
         print(

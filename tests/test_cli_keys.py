@@ -215,7 +215,8 @@ def test_status_shows_plaintext_history_until_keys_seal_publishes_a_sealed_snaps
     plaintext = before["encryption"]["plaintext"]
     assert before["encryption"]["data_key"] is False
     assert old_snapshot in plaintext
-    assert len([k for k in plaintext if k.endswith(".seg")]) == 2  # both segments after it
+    # Both segments after it, carried in lock.json (no pack is due for two).
+    assert len([k for k in plaintext if "(inline segment" in k]) == 2
     assert main(["status"]) == 0
     table = capsys.readouterr().out
     assert "PLAINTEXT" in table.splitlines()[0]
@@ -268,10 +269,11 @@ def test_status_counts_only_the_plaintext_left_once_an_encrypted_machine_wrote(
     assert left == [k for k in plain if "inline" not in k]
     snapshot = status["snapshot"]["key"]
     assert not asyncio.run(_stored(raw, snapshot)).startswith(MAGIC)
-    tail = status["log"]["tail"]
-    newest = f"tenants/acme/log/00000002/{tail:012d}.seg"
-    assert asyncio.run(_stored(raw, newest)).startswith(MAGIC)
-    assert newest not in left
+    # The newest segments ride in lock.json, sealed there.
+    lock = json.loads(asyncio.run(_stored(raw, "tenants/acme/lock.json")))
+    assert lock["log"]["inline"]
+    assert all(base64.b64decode(item).startswith(MAGIC) for item in lock["log"]["inline"])
+    assert not [k for k in left if "inline" in k]
 
 
 async def _held_then_seal(tmp_path: Path, raw: Bucket) -> tuple[int, str, str]:

@@ -23,6 +23,7 @@ from tenantdb.cli.main import main
 from tenantdb.config import Settings
 from tenantdb.machine.database import TenantDB
 from tenantdb.protocol.lease import Lease
+from tenantdb.replication import carrier
 from tenantdb.replication.segment import chunk_key
 from tenantdb.storage import Bucket, LocalBucket, describe_bucket
 from tests.support.s3_server import s3_env
@@ -270,8 +271,9 @@ async def test_verify_passes_on_a_sound_tenant(
 
 
 async def test_verify_names_a_damaged_segment(
-    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(carrier, "PACK_SEGMENTS", 1)  # each segment stored soon, in a pack
     async with tenant(tmp_path, bucket) as tdb:
         await write(tdb, 5)
     observed = await Lease(bucket, "acme", machine_id="t", region="", ttl=3).read()
@@ -405,8 +407,9 @@ async def test_a_bad_time_is_a_usage_error(
 
 
 async def test_history_lists_snapshots_segments_and_takeovers(
-    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(carrier, "PACK_SEGMENTS", 1)  # each segment stored soon, in a pack
     async with tenant(tmp_path, bucket, machine="m1") as tdb:
         await write(tdb, 2)
         await tdb.checkpoint()

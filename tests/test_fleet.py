@@ -31,7 +31,7 @@ from tenantdb.fleet import query as fleet_query
 from tenantdb.fleet.purge import is_purge_mark
 from tenantdb.machine.database import TenantDB
 from tenantdb.protocol.lease import read_lock
-from tenantdb.replication import compaction
+from tenantdb.replication import carrier, compaction
 from tenantdb.replication.history import read_history
 from tenantdb.replication.pitr import restore_at
 from tenantdb.storage import Bucket, ObjectInfo
@@ -520,6 +520,7 @@ async def test_a_fork_of_a_log_without_snapshot_and_with_merged_segments_equals_
 ) -> None:
     # No snapshot replaces the log however slowly the merges come (a loaded machine).
     monkeypatch.setattr(compaction, "REBASE_MIN_BYTES", 1 << 40)
+    monkeypatch.setattr(carrier, "PACK_SEGMENTS", 2)  # packs, and merges of them, soon
     notes = [f"n{i}" for i in range(40)]
     async with machine(tmp_path, bucket, "long") as tdb:
         await write(tdb, notes)
@@ -533,7 +534,7 @@ async def test_a_fork_of_a_log_without_snapshot_and_with_merged_segments_equals_
             notes.append(f"n{len(notes)}")
             await write(tdb, notes[-1:])
             await asyncio.sleep(0.1)  # the shipper's loop merges between its intervals
-        assert lock.record.log.merged  # compaction merged the oldest segments
+        assert lock.record.log.merged  # compaction merged the oldest segments (from packs)
     assert lock.record.snapshot is None  # the log starts from an empty database
     created = await create_tenant(bucket, "copy", prefix=PREFIX, lease_ttl=3, source="long")
     assert (created.snapshot, created.copied) == (None, 0)

@@ -278,13 +278,18 @@ def db_pages_bomb_carried_inline(bucket: Bucket) -> list[str]:
     return [LOCK]
 
 
-def db_pages_bomb_at_the_next_key(bucket: Bucket) -> str:
-    """At the key of the segment the holder uploads next."""
+def db_pages_bomb_at_the_next_keys(bucket: Bucket) -> list[str]:
+    """At every key the pack the holder uploads next can have (it starts at the oldest
+    segment lock.json carries and holds at most 32)."""
     lock = bucket.lock()
-    index = lock["log"]["tail"] + 1
-    key = f"tenants/acme/log/{lock['generation']:08d}/{index:012d}.seg"
-    bucket.put(key, db_pages_bomb(lock, index))
-    return key
+    log = lock["log"]
+    first = log["tail"] - len(log["inline"]) + 1
+    keys = []
+    for last in range(first, first + 32):
+        key = f"tenants/acme/log/{lock['generation']:08d}/{first:012d}-{last:012d}.pack"
+        bucket.put(key, db_pages_bomb(lock, first))
+        keys.append(key)
+    return keys
 
 
 KEEPS_SERVING = {
@@ -511,14 +516,14 @@ def test_a_damaged_lock_json_turns_both_machines_red_until_it_is_repaired(
 def test_a_segment_bomb_at_the_holders_next_key_turns_it_red_naming_the_key(
     s3_endpoint: str, tmp_path: Path
 ) -> None:
-    """The holder cannot upload its next segment past a foreign object (page_count=0,
+    """The holder cannot upload its next pack past a foreign object (page_count=0,
     db_pages=2**32-1) at its key. Its commits stay durable, carried inline by lock.json, so
     writes are still answered and restores exact; but every shipping round fails, and past the
     durability timeout the health check says so (it once stayed green for good)."""
     with fresh_pair(s3_endpoint, tmp_path, TENANTDB_DURABILITY_TIMEOUT="2") as pair:
         holder, standby = pair.holder, pair.standby
         count_of(holder.visit())
-        key = db_pages_bomb_at_the_next_key(pair.bucket)
+        keys = db_pages_bomb_at_the_next_keys(pair.bucket)
         count_of(holder.visit())
         eventually(  # writes go on meanwhile, every one answered 200
             "the holder's /healthz turns red",
@@ -531,7 +536,7 @@ def test_a_segment_bomb_at_the_holders_next_key_turns_it_red_naming_the_key(
         )
         count = count_of(holder.visit())
         assert restored_count(pair.env, tmp_path / "restored.sqlite3") == count
-        assert f"uploading {key} failed, retrying" in holder.log()
+        assert any(f"uploading {key} failed, retrying" in holder.log() for key in keys)
         assert "Traceback" not in holder.log()
         assert holder.server.proc.poll() is None
         assert standby.health().status_code == 200
@@ -542,16 +547,18 @@ def test_a_segment_bomb_at_the_holders_next_key_turns_it_red_naming_the_key(
 def test_an_oversized_segment_named_by_lock_json_is_refused_by_restores_unread(
     s3_endpoint: str, tmp_path: Path
 ) -> None:
-    """A published segment replaced by one over SEGMENT_MAX_BYTES: the holder, which never
+    """A published pack replaced by an object over SEGMENT_MAX_BYTES: the holder, which never
     reads it back, keeps serving and shipping; a restore refuses it by name, never older."""
     with fresh_pair(s3_endpoint, tmp_path) as pair:
         holder, standby, bucket = pair.holder, pair.standby, pair.bucket
-        for _ in range(3):
-            count_of(holder.visit())
-        log = bucket.lock()["log"]
-        uploaded = range(log["base"], log["tail"] - len(log["inline"]) + 1)
-        singles = [k for k in bucket.keys("tenants/acme/log/") if "-" not in k.rsplit("/", 1)[1]]
-        key = next(k for k in singles if int(k.rsplit("/", 1)[1][:-4]) in uploaded)
+        eventually(  # a pack is made every 32 writes
+            "lock.json names a pack",
+            lambda: count_of(holder.visit()) > 0 and bool(bucket.lock()["log"].get("packs")),
+            holder,
+            standby,
+        )
+        first, last, generation = bucket.lock()["log"]["packs"][0]
+        key = f"tenants/acme/log/{generation:08d}/{first:012d}-{last:012d}.pack"
         bucket.put(key, b"\0" * (SEGMENT_MAX_BYTES + 1))
         tail = bucket.lock()["log"]["tail"]
         settle(holder, standby)

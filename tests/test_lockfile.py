@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -163,3 +164,61 @@ def test_a_schema_round_trips_and_an_older_lock_without_it_is_unknown() -> None:
 )
 def test_a_damaged_schema_is_a_typed_error_naming_the_field(schema: object) -> None:
     assert "'schema'" in refused({**lock(), "schema": schema}).reason
+
+
+def test_packs_round_trip_and_name_the_pack_of_each_segment() -> None:
+    record = parse(lock(tail=6, runs=[[1, 1], [2, 4]], packs=[[1, 3, 1], [4, 5, 2]]))
+    assert record.log is not None
+    assert parse(json.loads(record.to_json())) == record
+    assert [(c.last, c.generation, c.pack) for c in record.log.chunks()] == [
+        (1, 1, (1, 3)),
+        (2, 1, (1, 3)),
+        (3, 1, (1, 3)),
+        (4, 2, (4, 5)),
+        (5, 2, (4, 5)),
+        (6, 2, None),
+    ]
+    assert record.log.objects() == 3
+
+
+def test_an_older_lock_without_packs_reads_every_single_segment_from_its_own_object() -> None:
+    data = lock(tail=3)
+    del data["log"]["inline"]
+    record = parse(data)
+    assert record.log is not None
+    assert record.log.packs == ()
+    assert all(c.pack is None for c in record.log.chunks())
+
+
+@pytest.mark.parametrize(
+    "packs",
+    [
+        "1-3",
+        [[1, 3]],
+        [[1, 3, 2, 0]],
+        [[0, 3, 2]],
+        [[3, 1, 2]],
+        [[1, 7, 2]],  # past the tail
+        [[1, 3, 1]],  # not the generation that wrote them
+        [[1, 3, 3]],  # a generation newer than the lock's
+        [[1, 3, 2], [3, 4, 2]],  # overlapping
+        [[4, 5, 2], [1, 3, 2]],  # out of order
+        [[1, 6, 2]],  # includes a segment carried inline
+        [[1, 300, 2]],  # more segments than any pack holds
+        [[True, 3, 2]],
+        [[1, 3, 2]] * 1001,
+    ],
+)
+def test_a_malformed_packs_list_is_a_typed_error_naming_the_key(packs: object) -> None:
+    inline = "AAAA"  # segment 6 carried (the shape is all the lock checks)
+    tail = 400 if packs == [[1, 300, 2]] else 6
+    refused(lock(tail=tail, runs=[[2, 1]], packs=packs, inline=[inline]))
+
+
+def test_a_merge_drops_the_packs_it_covers() -> None:
+    record = parse(lock(tail=6, runs=[[2, 1]], packs=[[1, 3, 2], [4, 5, 2]]))
+    assert record.log is not None
+    merged = record.log.with_merged(1, 3, 2)
+    assert merged.packs == ((4, 5, 2),)
+    again = parse(json.loads(replace(record, log=merged).to_json()))
+    assert again.log == merged

@@ -49,6 +49,7 @@ from tenantdb.protocol.lockfile import (
 from tenantdb.protocol.snapshot import file_sha256
 from tenantdb.replication.checksum import format_state
 from tenantdb.replication.compaction import merge_segments
+from tenantdb.replication.log_objects import LogObjects
 from tenantdb.replication.pitr import Progress, restore_at
 from tenantdb.replication.segment import (
     SEGMENT_MAX_BYTES,
@@ -268,7 +269,8 @@ async def _log_size(bucket: Bucket, record: LockRecord, prefix: str) -> int:
         return 0
     found = await bucket.list(f"{prefix}{record.tenant}/log/")
     sizes = {info.key: info.size for info in found}
-    return sum(sizes.get(chunk_key(prefix, record.tenant, c), 0) for c in record.log.chunks())
+    keys = {chunk_key(prefix, record.tenant, c) for c in record.log.chunks()}  # a pack once
+    return sum(sizes.get(key, 0) for key in keys)
 
 
 async def _copy_current(
@@ -321,12 +323,14 @@ async def _merged_log(
         raise ValueError("no log")
     chunks = log.chunks()
     objects: list[tuple[str, bytes]] = []
-    for chunk in chunks:
-        key = chunk_key(prefix, record.tenant, chunk)
-        inline = None if chunk.merged else log.inline_segment(chunk.last)
-        if inline is None:
-            inline = (await bucket.get(key, max_size=SEGMENT_MAX_BYTES)).body
-        objects.append((key, inline))
+    reads = LogObjects(bucket, record.tenant)
+    try:
+        for chunk in chunks:
+            key = chunk_key(prefix, record.tenant, chunk)
+            inline = None if chunk.merged else log.inline_segment(chunk.last)
+            objects.append((key, await reads.segment_bytes(key, chunk, inline)))
+    finally:
+        reads.close()
     # Checks every object's hash and place, and that each follows the one before it.
     merged = await asyncio.to_thread(
         merge_segments, objects, chunks, record.tenant, record.generation

@@ -34,6 +34,7 @@ from tenantdb.parsing import (
 __all__ = [
     "INLINE_MAX_BYTES",
     "LOCK_MAX_BYTES",
+    "MAX_INLINE_SEGMENTS",
     "MAX_LOG_SINGLES",
     "LockRecord",
     "LogChunk",
@@ -59,6 +60,9 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 LOCK_MAX_BYTES = 64 * 1024
 # The most segment bytes lock.json carries inline (base64 makes them a third larger).
 INLINE_MAX_BYTES = 24 * 1024
+# The most segments lock.json carries inline (each is at least ~100 bytes), and so the most
+# a pack holds (a pack only ever holds segments lock.json carried).
+MAX_INLINE_SEGMENTS = 256
 # The most single (unmerged) segments a log may have: a holder merges every MERGE_SINGLES
 # and snapshots at MAX_CHUNKS objects, so far more is not a log tenantdb wrote; it bounds
 # what ``LogPointer.chunks`` yields whatever ``tail`` says.
@@ -128,12 +132,17 @@ class SnapshotName:
 
 @dataclass(frozen=True)
 class LogChunk:
-    """One object of the log: a single segment, or a merged range of them."""
+    """One step of the log: a single segment, or a merged range of them.
+
+    A single segment lives in its own object, or (``pack``: that pack's first and last
+    index, written by the same generation) inside a pack with its neighbours.
+    """
 
     first: int
     last: int
     generation: int
     merged: bool
+    pack: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -151,7 +160,10 @@ class LogPointer:
     ``inline`` may carry the newest segments themselves (base64, oldest first, ending at
     the tail), so that one write of lock.json publishes them: their objects may not exist
     yet, and a restore reads them from here. A write that stops carrying a segment is
-    sent only once that segment's object is uploaded.
+    sent only once that segment's object (or the pack holding it) is uploaded.
+
+    ``packs`` lists ``(first, last, generation)`` ranges of single segments that live in
+    one pack object each (see ``replication.packs``) instead of one object each.
     """
 
     base: int
@@ -162,6 +174,7 @@ class LogPointer:
     updated_at: str = ""
     merged: tuple[tuple[int, int, int], ...] = ()
     inline: tuple[str, ...] = field(default=(), repr=False)
+    packs: tuple[tuple[int, int, int], ...] = ()
 
     @classmethod
     def empty(cls, base: int, state: str, db_pages: int) -> LogPointer:
@@ -183,6 +196,10 @@ class LogPointer:
     def with_inline(self, bodies: Sequence[bytes]) -> LogPointer:
         """This pointer carrying ``bodies`` as its newest segments, oldest first."""
         return replace(self, inline=tuple(base64.b64encode(body).decode() for body in bodies))
+
+    def with_packs(self, packs: Sequence[tuple[int, int, int]]) -> LogPointer:
+        """This pointer with ``packs`` (newer than any it lists) holding their segments."""
+        return replace(self, packs=(*self.packs, *packs))
 
     @property
     def first_single(self) -> int:
@@ -206,10 +223,21 @@ class LogPointer:
             yield LogChunk(first, last, generation, merged=True)
         # Each run covers the indices up to the next run's first (the last, up to the tail).
         ends = [first - 1 for _, first in self.runs[1:]] + [self.tail]
+        packs = iter(self.packs)
+        pack = next(packs, None)
         # No runs: no single segments (then ``ends`` holds the tail alone, unused).
         for (generation, first), end in zip(self.runs, ends, strict=False):
             for index in range(max(first, self.first_single), end + 1):
-                yield LogChunk(index, index, generation, merged=False)
+                while pack is not None and pack[1] < index:
+                    pack = next(packs, None)
+                held = pack[:2] if pack is not None and pack[0] <= index else None
+                yield LogChunk(index, index, generation, merged=False, pack=held)
+
+    def objects(self, *, before: int | None = None) -> int:
+        """How many objects hold the chunks (a pack once), of those before index ``before``."""
+        end = self.tail + 1 if before is None else before
+        held = {chunk.pack or chunk.last for chunk in self.iter_chunks() if chunk.last < end}
+        return len(held)
 
     def appended(self, generation: int, state: str, db_pages: int) -> LogPointer:
         """This pointer with one more segment, written by ``generation``, at its tail."""
@@ -234,7 +262,8 @@ class LogPointer:
         # The run the new first single segment belongs to, if it started inside the range.
         if last < self.tail and (not runs or runs[0][1] != last + 1):
             runs.insert(0, (self.generation_of(last + 1), last + 1))
-        return replace(self, merged=merged, runs=tuple(runs))
+        packs = tuple(p for p in self.packs if p[1] > last)
+        return replace(self, merged=merged, runs=tuple(runs), packs=packs)
 
 
 @dataclass(frozen=True)
@@ -433,12 +462,43 @@ def _log_pointer(value: object, *, generation: int) -> LogPointer | None:
     inline = _inline_segments(value.get("inline", []), tail - first_single + 1)
     if inline is None:
         return None
-    return LogPointer(base, tail, state, db_pages, tuple(pairs), updated_at, merged, inline)
+    pointer = LogPointer(base, tail, state, db_pages, tuple(pairs), updated_at, merged, inline)
+    # Absent in locks written before packs existed: every single segment is its own object.
+    packs = _pack_ranges(value.get("packs", []), pointer)
+    return None if packs is None else replace(pointer, packs=packs)
+
+
+def _pack_ranges(value: object, log: LogPointer) -> tuple[tuple[int, int, int], ...] | None:
+    """``(first, last, generation)`` packs of ``log``'s single segments, else None.
+
+    Ascending and apart, each of 1 to MAX_INLINE_SEGMENTS segments of the one generation
+    that wrote them (per ``runs``), ending among the single segments and before the inline
+    ones (a pack may start inside a merged range: a merge that took part of it).
+    """
+    if not isinstance(value, list) or len(value) > MAX_RUNS:
+        return None
+    packs: list[tuple[int, int, int]] = []
+    after = log.base - 1
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 3):
+            return None
+        first, last, writer = (_int_at_least(v, 1) for v in item)
+        if first is None or last is None or writer is None:
+            return None
+        if not (after < first <= last < log.inline_from and last >= log.first_single):
+            return None
+        if last - first + 1 > MAX_INLINE_SEGMENTS:
+            return None
+        if {log.generation_of(max(first, log.first_single)), log.generation_of(last)} != {writer}:
+            return None
+        packs.append((first, last, writer))
+        after = last
+    return tuple(packs)
 
 
 def _inline_segments(value: object, singles: int) -> tuple[str, ...] | None:
     """Base64 segments, at most ``singles`` of them and INLINE_MAX_BYTES in all, else None."""
-    if not isinstance(value, list) or len(value) > singles:
+    if not isinstance(value, list) or len(value) > min(singles, MAX_INLINE_SEGMENTS):
         return None
     size = 0
     for item in value:

@@ -1,10 +1,11 @@
 """Compaction of the log: which objects to merge next, and the merge itself.
 
-Single segments (one per sync) are merged into one object once ``MERGE_SINGLES`` follow
-the merged ones; merged objects of one level become one of the next level once
-``MERGE_FANOUT`` of them are in a row (a size-tiered scheme, as in LSM trees). A restore
-then reads the snapshot and at most about ``MERGE_SINGLES + (MERGE_FANOUT - 1) x levels``
-objects, and each merge uploads only the distinct pages of what it replaces.
+Single segments (one per sync) are merged into one object once ``MERGE_SINGLES`` objects
+of them (a pack counts once: see ``packs``) follow the merged ones; merged objects of one
+level become one of the next level once ``MERGE_FANOUT`` of them are in a row (a
+size-tiered scheme, as in LSM trees). A restore then reads the snapshot and at most about
+``MERGE_SINGLES + (MERGE_FANOUT - 1) x levels`` objects, and each merge uploads only the
+distinct pages of what it replaces.
 
 What a merge costs must follow what changed, never the database's size. As in
 Litestream's levels (each level's file holds only the changes of its own window, and the
@@ -23,12 +24,14 @@ from collections.abc import Collection
 from tenantdb.errors import LeaseLostError, ReplicationError
 from tenantdb.protocol.lease import Lease
 from tenantdb.protocol.lockfile import LogChunk, LogPointer
+from tenantdb.replication.log_objects import LogObjects
 from tenantdb.replication.segment import (
     Segment,
     SegmentHeader,
     chunk_key,
     decode_segment,
     encode_segment,
+    segment_key,
 )
 from tenantdb.replication.uploads import put_log_object
 
@@ -43,7 +46,8 @@ __all__ = [
     "next_merge",
 ]
 
-# Single segments are merged into one object once this many follow the merged ones.
+# Single segments are merged into one object once this many objects (own or packs) of them
+# follow the merged ones.
 MERGE_SINGLES = 16
 # Merged objects of one level become one of the next level once this many are in a row.
 MERGE_FANOUT = 4
@@ -68,7 +72,9 @@ def next_merge(pointer: LogPointer, *, heavy: Collection[int] = ()) -> tuple[int
     docstring): a group holding one is not merged. Each single segment is merged once.
     """
     last = pointer.inline_from - 1
-    if last - pointer.first_single + 1 >= MERGE_SINGLES:
+    # Past the merged ranges, every object is a single segment or a pack of them: so many
+    # objects are about as many reads for a restore, however many segments they hold.
+    if pointer.objects(before=last + 1) - len(pointer.merged) >= MERGE_SINGLES:
         return pointer.first_single, last
     group = merge_group(pointer)
     if group and not any(first in heavy for first, _, _ in group):
@@ -158,7 +164,7 @@ class Compactor:
         """Whether the log's objects whose size is known outweigh ``REBASE_SHARE`` x the
         database: a snapshot then costs no more than the log did (sizes unknown, as those a
         predecessor wrote, count nothing: a new holder rebases later, never more often)."""
-        keys = {chunk_key(self.prefix, self.lease.tenant, chunk) for chunk in log.chunks()}
+        keys = {self._own_key(chunk) for chunk in log.chunks()}
         for key in [key for key in self._sizes if key not in keys]:
             del self._sizes[key]  # replaced by a merge or a snapshot
         return sum(self._sizes.values()) >= max(db_bytes * REBASE_SHARE, REBASE_MIN_BYTES)
@@ -196,7 +202,12 @@ class Compactor:
         tenant, generation = self.lease.tenant, record.generation
         chunks = chunks_within(log, first, last)
         keys = [chunk_key(self.prefix, tenant, chunk) for chunk in chunks]
-        bodies = await asyncio.gather(*(self._log_object(key) for key in keys))
+        objects = LogObjects(self.lease.bucket, tenant)
+        try:
+            reads = (self._log_object(objects, k, c) for k, c in zip(keys, chunks, strict=True))
+            bodies = await asyncio.gather(*reads)
+        finally:
+            objects.close()
         body = await asyncio.to_thread(
             merge_segments, list(zip(keys, bodies, strict=True)), chunks, tenant, generation
         )
@@ -212,13 +223,21 @@ class Compactor:
             return log.with_merged(first, last, generation)
 
         await self.lease.update_log(replace_chunks)
-        for key in keys:
-            self._recent_bytes -= len(self._recent.pop(key, b""))
+        for chunk in chunks:
+            self._recent_bytes -= len(self._recent.pop(self._own_key(chunk), b""))
         self.remember(merged_key, body)
 
-    async def _log_object(self, key: str) -> bytes:
-        """A log object's bytes: kept from when this holder wrote it, else downloaded."""
-        body = self._recent.get(key)
+    def _own_key(self, chunk: LogChunk) -> str:
+        """The key a chunk's bytes were remembered under: a single segment's own, even when
+        a pack holds it (sizes and bytes are the segment's)."""
+        if chunk.merged:
+            return chunk_key(self.prefix, self.lease.tenant, chunk)
+        return segment_key(self.prefix, self.lease.tenant, chunk.generation, chunk.last)
+
+    async def _log_object(self, objects: LogObjects, key: str, chunk: LogChunk) -> bytes:
+        """A chunk's bytes: kept from when this holder wrote it, else downloaded (from its
+        pack, for a single segment a pack holds)."""
+        body = self._recent.get(self._own_key(chunk))
         if body is None:
-            body = (await self.lease.bucket.get(key)).body
+            body = await objects.segment_bytes(key, chunk, None)
         return body

@@ -70,7 +70,8 @@ class SnapshotEntry:
 
 @dataclass(frozen=True)
 class SegmentEntry:
-    """A log object in the bucket: one segment, or a merged range ``first..last``."""
+    """A log object in the bucket: one segment, a merged range ``first..last``, or a pack of
+    the single segments ``first..last`` (``packed``)."""
 
     key: str
     size: int
@@ -80,6 +81,7 @@ class SegmentEntry:
     last: int
     merged: bool
     published: bool
+    packed: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,11 @@ class History:
         by_first: dict[int, list[SegmentEntry]] = {}
         for entry in self.segments:
             if entry.published:
-                by_first.setdefault(entry.first, []).append(entry)
+                # A pack holds each of its segments (at most MAX_INLINE_SEGMENTS: see
+                # parse_chunk_key), and a walk may start at any of them.
+                last = entry.last if entry.packed else entry.first
+                for index in range(entry.first, last + 1):
+                    by_first.setdefault(index, []).append(entry)
         return by_first
 
     def pick(
@@ -165,12 +171,15 @@ class History:
 
         A merged object written by ``at`` (so every commit in it is older, as far as the
         bucket's clock tells: the longest), else the single segment, else a merged object
-        written later. Keys in ``avoid`` are passed over.
+        written later. Keys in ``avoid`` are passed over. A pack stands for each single
+        segment it holds (the segment's own object, when both exist).
         """
         entries = [e for e in self._published_at.get(index, []) if e.key not in avoid]
         merged = sorted((e for e in entries if e.merged), key=lambda e: e.last, reverse=True)
         early = [e for e in merged if e.last_modified <= at]
-        singles = sorted((e for e in entries if not e.merged), key=lambda e: e.generation)
+        singles = sorted(
+            (e for e in entries if not e.merged), key=lambda e: (e.generation, not e.packed)
+        )
         if early:
             return early[0]
         if singles:
@@ -272,6 +281,7 @@ async def read_history(bucket: Bucket, tenant: str, *, prefix: str) -> History:
                     chunk.last,
                     chunk.merged,
                     published,
+                    chunk.pack is not None,
                 )
             )
     snapshots.sort(key=lambda s: (s.generation, s.seq, s.key))

@@ -32,6 +32,7 @@ from tenantdb.protocol.lockfile import LogChunk
 from tenantdb.protocol.snapshot import check_download, install_database, temp_restore_path
 from tenantdb.replication.checksum import PageHashes, format_state
 from tenantdb.replication.history import Base, History, SegmentEntry, read_history
+from tenantdb.replication.log_objects import LogObjects
 from tenantdb.replication.restore import (
     apply_segment,
     fetch_segment,
@@ -260,7 +261,8 @@ class _Walk:
         avoid: set[str] = set()
         while True:
             replan = False
-            async with _fetching_ahead(self.bucket, self._plan(index, frozenset(avoid))) as steps:
+            plan = self._plan(index, frozenset(avoid))
+            async with _fetching_ahead(self.bucket, self.tenant, plan) as steps:
                 async for step, segment in steps:
                     header = segment.header
                     if header.timestamp_ms > at_ms:
@@ -283,7 +285,12 @@ class _Walk:
         while True:
             entry = self.history.pick(index, self.at, avoid=avoid)
             inline = pointer.inline_segment(index) if pointer else None
-            if entry is not None:
+            if entry is not None and entry.packed:
+                # One segment of the pack at a time: each keeps its own time.
+                chunk = LogChunk(index, index, entry.generation, False, (entry.first, entry.last))
+                yield _Step(chunk, entry.key, None, entry.size if index == entry.last else 0)
+                index += 1
+            elif entry is not None:
                 chunk = LogChunk(entry.first, entry.last, entry.generation, entry.merged)
                 yield _Step(chunk, entry.key, None, entry.size)
                 index = entry.last + 1
@@ -341,17 +348,18 @@ class _Walk:
 
 @contextlib.asynccontextmanager
 async def _fetching_ahead(
-    bucket: Bucket, plan: Iterator[_Step]
+    bucket: Bucket, tenant: str, plan: Iterator[_Step]
 ) -> AsyncIterator[AsyncIterator[tuple[_Step, Segment]]]:
     """The planned steps with their segments, up to PREFETCH fetched ahead of the consumer."""
     pending: list[tuple[_Step, asyncio.Task[Segment]]] = []
+    objects = LogObjects(bucket, tenant)
 
     def top_up() -> None:
         while len(pending) < PREFETCH:
             step = next(plan, None)
             if step is None:
                 return
-            fetch = fetch_segment(bucket, step.key, step.inline)
+            fetch = fetch_segment(objects, step.key, step.chunk, step.inline)
             pending.append((step, asyncio.ensure_future(fetch)))
 
     async def steps() -> AsyncIterator[tuple[_Step, Segment]]:
@@ -368,3 +376,4 @@ async def _fetching_ahead(
         for _, task in pending:
             task.cancel()
         await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
+        objects.close()

@@ -27,7 +27,8 @@ from tenantdb.protocol.snapshot import (
     temp_restore_path,
 )
 from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
-from tenantdb.replication.segment import SEGMENT_MAX_BYTES, Segment, chunk_key, decode_segment
+from tenantdb.replication.log_objects import LogObjects
+from tenantdb.replication.segment import Segment, chunk_key, decode_segment
 from tenantdb.storage.base import Bucket
 
 __all__ = [
@@ -106,15 +107,15 @@ async def apply_log(
     the downloads running ahead are cancelled when it closes.
     """
     keys = [chunk_key(prefix, tenant, chunk) for chunk in chunks]
+    objects = LogObjects(bucket, tenant)
     fetches: list[asyncio.Task[Segment]] = []
     try:
         for position, (chunk, key) in enumerate(zip(chunks, keys, strict=True)):
             while len(fetches) < min(position + PREFETCH, len(keys)):
                 ahead = chunks[len(fetches)]
                 inline = None if ahead.merged else pointer.inline_segment(ahead.last)
-                fetches.append(
-                    asyncio.ensure_future(fetch_segment(bucket, keys[len(fetches)], inline))
-                )
+                fetch = fetch_segment(objects, keys[len(fetches)], ahead, inline)
+                fetches.append(asyncio.ensure_future(fetch))
             segment = await fetches[position]
             hashes = await asyncio.to_thread(
                 apply_segment, segment, key, path, hashes, tenant, chunk, overlap and not position
@@ -124,24 +125,30 @@ async def apply_log(
         for task in fetches:
             task.cancel()
         await asyncio.gather(*fetches, return_exceptions=True)
+        objects.close()
 
 
-async def fetch_segment(bucket: Bucket, key: str, inline: bytes | None) -> Segment:
-    """The segment at ``key``, or the one lock.json carries inline in its place.
+async def fetch_segment(
+    objects: LogObjects, key: str, chunk: LogChunk, inline: bytes | None
+) -> Segment:
+    """Chunk ``chunk``'s segment: from ``key`` (its object or pack), or ``inline``.
 
-    An object the bucket says is over ``SEGMENT_MAX_BYTES`` is refused unread.
+    An object the bucket says is over ``SEGMENT_MAX_BYTES`` (a pack: over what its
+    segments may weigh) is refused unread.
     """
-    if inline is not None:
-        return await asyncio.to_thread(decode_segment, inline, key=f"{key} (inline)")
     try:
-        obj = await bucket.get(key, max_size=SEGMENT_MAX_BYTES)
+        body = await objects.segment_bytes(key, chunk, inline)
     except ObjectNotFoundError as exc:
+        what = "pack" if chunk.pack is not None else "segment"
         raise ReplicationError(
-            f"segment {key} named by lock.json is missing from the bucket (a gap in the "
+            f"{what} {key} named by lock.json is missing from the bucket (a gap in the "
             "log); refusing to start with an older database",
             key=key,
         ) from exc
-    return await asyncio.to_thread(decode_segment, obj.body, key=key)
+    where = f"{key} (inline)" if inline is not None else key
+    if chunk.pack is not None and inline is None:
+        where = f"{key} (segment {chunk.last})"
+    return await asyncio.to_thread(decode_segment, body, key=where)
 
 
 def apply_segment(

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 from tenantdb.errors import ReplicationError
 from tenantdb.parsing import MAX_COUNTER, MAX_TIME_MS
-from tenantdb.protocol.lockfile import LogChunk
+from tenantdb.protocol.lockfile import MAX_INLINE_SEGMENTS, LogChunk
 from tenantdb.replication.checksum import MAX_PAGE_NUMBER, check_page_size
+from tenantdb.replication.packs import pack_key
 
 __all__ = [
     "chunk_key",
@@ -95,7 +96,10 @@ def segment_key(prefix: str, tenant: str, generation: int, index: int) -> str:
 
 
 def chunk_key(prefix: str, tenant: str, chunk: LogChunk) -> str:
-    """The bucket key of a log chunk: a single segment's, or ``<first>-<last>`` if merged."""
+    """The key of the object holding a log chunk: a single segment's, the pack holding it
+    (``<first>-<last>.pack``), or ``<first>-<last>.seg`` if merged."""
+    if chunk.pack is not None:
+        return pack_key(prefix, tenant, chunk.generation, *chunk.pack)
     if not chunk.merged:
         return segment_key(prefix, tenant, chunk.generation, chunk.first)
     # A generation merges a range once (a retry sends the same bytes): unique as well.
@@ -105,19 +109,26 @@ def chunk_key(prefix: str, tenant: str, chunk: LogChunk) -> str:
     )
 
 
-_CHUNK_NAME = re.compile(r"log/(\d{8,})/(?:(\d{12,})-)?(\d{12,})\.seg")
+_CHUNK_NAME = re.compile(r"log/(\d{8,})/(?:(\d{12,})-)?(\d{12,})\.(seg|pack)")
 
 
 def parse_chunk_key(key: str) -> LogChunk | None:
-    """The log chunk a bucket key names (see ``chunk_key``), or None for any other key."""
+    """The log chunk a bucket key names (see ``chunk_key``), or None for any other key.
+
+    A pack's chunk spans the whole pack (``first..last``, with ``pack`` set).
+    """
     match = _CHUNK_NAME.search(key)
     # A number longer than MAX_COUNTER's 16 digits is not one tenantdb wrote.
-    if match is None or match.end() != len(key) or any(len(n or "") > 16 for n in match.groups()):
+    if match is None or match.end() != len(key) or any(len(n) > 16 for n in match.groups("")):
         return None
     generation, last = int(match[1]), int(match[3])
     first = last if match[2] is None else int(match[2])
     if not 1 <= generation <= MAX_COUNTER or not 1 <= first <= last <= MAX_COUNTER:
         return None
+    if match[4] == "pack":
+        if match[2] is None or last - first + 1 > MAX_INLINE_SEGMENTS:
+            return None  # not a pack tenantdb wrote
+        return LogChunk(first, last, generation, merged=False, pack=(first, last))
     return LogChunk(first, last, generation, merged=match[2] is not None)
 
 

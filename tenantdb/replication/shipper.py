@@ -1,10 +1,11 @@
 """Ship each commit's changed pages to the bucket as fenced segments; checkpoint what is shipped.
 
 One ``Shipper`` per served tenant. Every ``sync_interval`` it reads the commits added to the
-WAL since the last shipped position, writes the newest image of each changed page as one
-immutable segment (``If-None-Match: *``, a key only this generation writes), then moves
-``lock.json``'s log tail onto it by CAS, which also renews the lease. A segment counts only
-once that CAS landed: a fenced holder's uploads are garbage no restore reads.
+WAL since the last shipped position, encodes the newest image of each changed page as one
+segment, and moves ``lock.json``'s log tail onto it by CAS, carrying the segment inline;
+that CAS also renews the lease, and is the one request a sync makes. A segment counts only
+once that CAS landed. The carried segments reach the bucket later, in packs of several
+(``carrier``), under keys only this generation's range can have.
 
 tenantdb is the only checkpointer of the databases it opens: every connection has
 ``wal_autocheckpoint=0``, and the shipper runs ``wal_checkpoint(PASSIVE)`` only while it
@@ -15,7 +16,8 @@ restart, or a WAL that cannot be read as expected, falls back to a full snapshot
 than guessing.
 
 The shipper decides *when*; the work is done by the modules beside it: ``next_segment``
-(the WAL's next commits as a segment), ``uploads`` (log objects in the background),
+(the WAL's next commits as a segment), ``carrier`` (what lock.json carries, and its packs),
+``uploads`` (log objects in the background),
 ``compaction`` (merges), ``checkpoint`` (connections and safe checkpoints),
 ``snapshot_copy`` (a consistent copy and its WAL position) and ``garbage`` (collection).
 ``Shipper`` stays one class of about 450 lines on purpose: shipping, checkpointing and
@@ -35,9 +37,10 @@ from tenantdb import clock
 from tenantdb.errors import LeaseLostError, ReplicationError, TenantDBError
 from tenantdb.metrics import Metrics
 from tenantdb.protocol.lease import Lease
-from tenantdb.protocol.lockfile import INLINE_MAX_BYTES, LogPointer, now_ms
+from tenantdb.protocol.lockfile import LogPointer, now_ms
 from tenantdb.protocol.snapshot import publish_snapshot, temp_snapshot_path
 from tenantdb.replication import checkpoint
+from tenantdb.replication.carrier import Carried, Carrier
 from tenantdb.replication.checkpoint import CONNECTION_PRAGMAS, open_connection
 from tenantdb.replication.checksum import PageHashes, format_state
 from tenantdb.replication.compaction import Compactor
@@ -110,6 +113,8 @@ class Shipper:
             uploading=self.uploads.__contains__,
         )
         self.compactor = Compactor(lease, prefix=prefix)
+        # The published segments lock.json carries inline, and the packs that store them.
+        self.carrier = Carrier(self.uploads, prefix=prefix, tenant=lease.tenant)
         self._hashes = hashes
         # None until the first read: the start of whatever WAL exists then (the database
         # was just restored or created, so nothing in it can have been checkpointed).
@@ -119,9 +124,6 @@ class Shipper:
         # Segments made and not yet published, in log order: the first is retried as it
         # is until it is published; the next may be made and uploaded meanwhile.
         self._unpublished: deque[Built] = deque()
-        # The published segments lock.json carries inline, as (key, body), oldest first;
-        # None until read from the lock this holding started with.
-        self._carried: deque[tuple[str, bytes]] | None = None
         # Segment indices are never reused, even for a segment that was never published.
         self._next_index: int | None = None
         # True while the position is the end of the WAL as seen holding the write lock (a
@@ -253,33 +255,18 @@ class Shipper:
     def _forget_unpublished(self) -> None:
         """Drop the segments made but not published (their indices are never reused).
 
-        The uploads of carried segments go on: lock.json publishes them, and only a write
-        sent after their objects exist may stop carrying them (see ``_upload_carried``,
-        which also restarts any that lock.json turns out to carry).
+        The packs of carried segments go on: lock.json publishes them, and only a write
+        sent after their packs exist may stop carrying them (see ``Carrier``).
         """
         for built in self._unpublished:
             self.uploads.forget(built.key, cancel=True)
         self._unpublished.clear()
 
-    async def _upload_carried(self) -> list[str]:
-        """Put every segment lock.json carries into its object: before a CAS drops them.
-
-        A snapshot's CAS replaces the log, inline segments and all; a carried segment whose
-        object did not exist then would be published and lost, and a point-in-time restore
-        into it could only fail. So the snapshot waits for them, and fails with them.
-        Returns their keys.
-        """
-        carried = carried_segments(self.lease.record, prefix=self.prefix)
-        for key, body in carried:
-            await asyncio.shield(self.uploads.start(key, body))
-        return [key for key, _ in carried]
-
     async def run(self, interval: float, snapshot_interval: float) -> None:
         """Sync every ``interval`` seconds, checkpoint and snapshot as due, until fenced."""
         while True:
             await asyncio.sleep(interval)
-            for key, body in self._carried or ():
-                self.uploads.start(key, body)  # a failed upload is retried, commits or not
+            self.carrier.retry()  # a failed upload is retried, commits or not
             try:
                 # One segment per interval, more only while a backlog is being worked off.
                 while await self.ship_once() and self._backlog:
@@ -312,7 +299,7 @@ class Shipper:
 
     def _snapshot_due(self, every: float) -> bool:
         pointer = self._log()
-        too_long = len(pointer.chunks()) >= MAX_CHUNKS
+        too_long = pointer.objects() >= MAX_CHUNKS
         outgrew = self.compactor.log_outgrew(pointer, self._db_bytes())
         return too_long or outgrew or (every > 0 and clock.monotonic() - self._snapshot_at >= every)
 
@@ -373,24 +360,12 @@ class Shipper:
     async def _advance(self, batch: list[Built]) -> None:
         """Append segments to the log in one CAS (it fences them): they are published.
 
-        Their objects are uploaded in the background. Until a segment's object is known to
-        be in the bucket, lock.json carries the segment itself (the newest ones, up to
-        ``INLINE_MAX_BYTES``), so one write publishes it. A segment stops being carried
-        only in a write sent after its upload finished; past the size limit, the oldest
-        carried ones are waited for.
+        lock.json carries them inline, so that one write publishes them; they are written
+        to the bucket later, in packs (see ``Carrier``), and a segment stops being carried
+        only in a write sent after its pack's upload was answered.
         """
-        if self._carried is None:
-            self._carried = deque(carried_segments(self.lease.record, prefix=self.prefix))
-        chain = [*self._carried, *((b.key, b.body) for b in batch)]
-        for key, body in chain:
-            self.uploads.start(key, body)
-        start = next(
-            (i for i, (key, _) in enumerate(chain) if not self.uploads.uploaded(key)), len(chain)
-        )
-        while start < len(chain) and sum(len(body) for _, body in chain[start:]) > INLINE_MAX_BYTES:
-            await asyncio.shield(self.uploads.start(*chain[start]))
-            start += 1
-        carried = chain[start:]
+        new = [Carried(b.index, b.generation, b.body) for b in batch]
+        stored = await self.carrier.prepare(self.lease.record, new)
         last = batch[-1]
         state = format_state(last.hashes.state)
 
@@ -401,16 +376,14 @@ class Shipper:
                 log = built.append_to(log)
             if log is None:
                 raise ReplicationError("nothing to append")
-            return log.with_inline([body for _, body in carried])
+            return log.with_packs(stored.ranges).with_inline([c.body for c in stored.inline])
 
         await self.lease.update_log(append)
         self.metrics.shipped(sum(len(built.body) for built in batch), len(batch))
         for built in batch:
             self._unpublished.popleft()
             self.compactor.remember(built.key, built.body)
-        for key, _ in chain[:start]:
-            self.uploads.forget(key)  # uploaded, and named by lock.json from now on
-        self._carried = deque(carried)
+        self.carrier.published(stored)
         self._move_to(last.read.end)
         self._hashes = last.hashes
         self._restart_expected = False
@@ -496,7 +469,10 @@ class Shipper:
                 await self._advance(list(self._unpublished))
             except ReplicationError:
                 self._forget_unpublished()
-        uploaded = await self._upload_carried()
+        # The snapshot's CAS replaces the log, inline segments and all: a carried segment
+        # not stored by then would be published and lost (a point-in-time restore into it
+        # could only fail), so the snapshot waits for their packs, and fails with them.
+        await self.carrier.store_all(self.lease.record)
         copy = temp_snapshot_path(self.work_dir)
         try:
             position, hashes, at_end = await asyncio.to_thread(
@@ -520,9 +496,7 @@ class Shipper:
         self._move_to(position)
         self._hashes = hashes
         self._forget_unpublished()
-        for key in uploaded:
-            self.uploads.forget(key)  # in the bucket, and carried no more
-        self._carried = deque()  # the snapshot replaced the log that carried them
+        self.carrier.replaced()  # the snapshot replaced the log that carried them
         self._needs_snapshot, self._restart_expected = False, at_end
         self._snapshot_at = clock.monotonic()
         self.snapshots += 1

@@ -58,7 +58,7 @@ from tenantdb.storage.data_keys import DataKeys
 
 __all__ = ["EncryptedBucket"]
 
-_SEGMENT = re.compile(r"log/(\d{1,12})/[0-9-]{1,40}\.seg")
+_SEGMENT = re.compile(r"log/(\d{1,12})/[0-9-]{1,40}\.(?:seg|pack)")
 _SNAPSHOT = re.compile(r"snapshots/(\d{1,12})-[0-9a-f-]{1,200}\.sqlite3")
 # Bodies up to this (most segments) are sealed and opened on the event loop: sealing (AES-GCM
 # and the nonce's HMAC) takes about 2.5 ms per MiB, so under 1 ms here, less than a hop

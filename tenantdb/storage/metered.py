@@ -87,7 +87,7 @@ class MeteredBucket:
     def _timer(self, key: str) -> AbstractContextManager[None]:
         if key.endswith(_LOCK):
             return self.metrics.timing("publish")
-        if key.endswith(".seg"):
+        if key.endswith((".seg", ".pack")):
             return self.metrics.timing("segment")
         if key.endswith(".sqlite3"):
             return self.metrics.timing("snapshot")

@@ -16,7 +16,7 @@ import pytest
 
 from tenantdb.machine.database import TenantDB
 from tenantdb.protocol.lockfile import LogPointer
-from tenantdb.replication import compaction
+from tenantdb.replication import carrier, compaction
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.shipper import Shipper
 from tenantdb.storage.base import Bucket, ObjectInfo
@@ -88,8 +88,10 @@ async def grow_then_write(tdb: TenantDB, recorder: Recorder, small_writes: int) 
 
 @pytest.fixture
 def small_levels(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Levels that fill within a test: 4 singles a merge, 2 merged objects a level up."""
+    """Levels that fill within a test: 4 objects of singles a merge (packs of 2), 2 merged
+    objects a level up."""
     monkeypatch.setattr(compaction, "MERGE_SINGLES", 4)
+    monkeypatch.setattr(carrier, "PACK_SEGMENTS", 2)
     monkeypatch.setattr(compaction, "MERGE_FANOUT", 2)
 
 

@@ -19,8 +19,10 @@ from tenantdb.errors import ReplicationError
 from tenantdb.machine.database import TenantDB
 from tenantdb.protocol.lease import Lease
 from tenantdb.protocol.lockfile import LockRecord
+from tenantdb.replication import carrier
 from tenantdb.replication.checksum import format_state
 from tenantdb.replication.follower import Follower
+from tenantdb.replication.log_objects import LogObjects
 from tenantdb.replication.restore import fetch_segment, hash_file, restore_database
 from tenantdb.replication.segment import Segment, chunk_key, encode_segment, segment_key
 from tenantdb.storage.base import Bucket
@@ -125,7 +127,10 @@ async def test_a_segment_of_a_fenced_generation_is_never_applied(
         tail = record.log.tail
         last = record.log.chunks()[-1]
         genuine = await fetch_segment(
-            bucket, chunk_key(PREFIX, "acme", last), record.log.inline_segment(tail)
+            LogObjects(bucket, "acme"),
+            chunk_key(PREFIX, "acme", last),
+            last,
+            record.log.inline_segment(tail),
         )
         stale_pages = tuple((pgno, b"\xee" * len(data)) for pgno, data in genuine.pages)
         current = follower.hashes(record)
@@ -184,10 +189,11 @@ async def test_a_snapshot_that_moves_the_base_makes_the_follower_restore_anew(
 
 
 async def test_a_merge_across_the_copys_position_is_applied_on_top_without_a_restore(
-    local_bucket: Bucket, tmp_path: Path
+    local_bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The holder merges its first single segments into one object while the copy is in
     the middle of them: the merged object goes on top of the copy, checked by its result."""
+    monkeypatch.setattr(carrier, "PACK_SEGMENTS", 2)  # merges come after 16 objects
     bucket = local_bucket
     fast = replace(settings(tmp_path, "m1"), sync_interval=0.05)  # its loop compacts
     async with TenantDB(fast, migrations=MIGRATIONS, bucket=bucket) as tdb:

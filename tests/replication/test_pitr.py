@@ -16,10 +16,12 @@ import pytest
 from tenantdb.config import Settings
 from tenantdb.errors import PointInTimeError, ReplicationError
 from tenantdb.machine.database import TenantDB
-from tenantdb.replication import compaction
+from tenantdb.replication import carrier, compaction
 from tenantdb.replication.history import read_history
+from tenantdb.replication.log_objects import LogObjects
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.restore import fetch_segment
+from tenantdb.replication.segment import chunk_key
 from tenantdb.storage.base import Bucket
 
 MIGRATIONS = ["CREATE TABLE items (id INTEGER PRIMARY KEY, note TEXT)"]
@@ -132,10 +134,12 @@ async def test_a_restore_at_ten_random_moments_gives_the_database_as_it_was_then
     bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(compaction, "MERGE_SINGLES", 4)
+    monkeypatch.setattr(carrier, "PACK_SEGMENTS", 3)  # packs, and merges of them
     recorder = await record_history(bucket, tmp_path, 1429)
     rng = random.Random(1429)
     history = await read_history(bucket, "acme", prefix=PREFIX)
     assert any(s.merged for s in history.segments), "the history should include merges"
+    assert any(s.packed for s in history.segments), "the history should include packs"
     assert len({s.generation for s in history.segments}) == 2
     assert any(s.published and s.base for s in history.snapshots)
     for number in range(10):
@@ -179,8 +183,9 @@ async def test_a_moment_before_the_history_is_refused_naming_the_earliest(
 
 
 async def test_a_missing_segment_is_a_gap_named_not_an_older_database(
-    bucket: Bucket, tmp_path: Path
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(carrier, "PACK_SEGMENTS", 1)  # each segment in an object of its own
     recorder = Recorder(3)
     async with machine(bucket, tmp_path, "m1") as tdb:
         await recorder.changes(tdb, 6)
@@ -206,6 +211,14 @@ async def test_a_segment_is_never_timed_before_the_moment_its_commits_were_read(
         await Recorder(1).changes(tdb, 1)
         monkeypatch.undo()
     history = await read_history(local_bucket, "acme", prefix=PREFIX)
-    newest = max(history.segments, key=lambda s: s.last)
-    segment = await fetch_segment(local_bucket, newest.key, None)
+    assert history.record is not None
+    assert history.record.log is not None
+    log = history.record.log
+    newest = log.chunks()[-1]  # carried in lock.json, or in its object or pack
+    segment = await fetch_segment(
+        LogObjects(local_bucket, "acme"),
+        chunk_key(PREFIX, "acme", newest),
+        newest,
+        log.inline_segment(newest.last),
+    )
     assert segment.header.timestamp_ms >= frozen * 1000

@@ -14,6 +14,7 @@ import pytest
 from tenantdb.config import Settings
 from tenantdb.errors import PointInTimeError, StorageError
 from tenantdb.machine.database import TenantDB
+from tenantdb.replication import carrier
 from tenantdb.replication.history import read_history
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.shipper import Shipper
@@ -129,8 +130,9 @@ async def test_snapshot_waits_for_carried_segments_to_reach_their_objects(
 
 
 async def test_pitr_refuses_a_lost_segment_before_a_later_snapshot_naming_its_index(
-    local_bucket: Bucket, tmp_path: Path
+    local_bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(carrier, "PACK_SEGMENTS", 1)  # each segment in an object of its own
     async with machine(local_bucket, tmp_path) as tdb:
         await insert(tdb, 1, 3)
         await tdb.checkpoint()

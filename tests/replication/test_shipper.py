@@ -16,7 +16,7 @@ from tenantdb import config
 from tenantdb.config import Settings
 from tenantdb.errors import LeaseLostError, ReplicationError, TransientStorageError
 from tenantdb.machine.database import TenantDB
-from tenantdb.replication import checkpoint, compaction, garbage
+from tenantdb.replication import carrier, checkpoint, compaction, garbage
 from tenantdb.replication import shipper as shipper_module
 from tenantdb.replication.wal import wal_start
 from tenantdb.storage.base import Bucket, ObjectInfo
@@ -55,6 +55,17 @@ async def settled(tdb: TenantDB) -> None:
     await shipper.uploads.settled()
 
 
+def pack_of(index: int, generation: int = 1) -> str:
+    """The key of the pack holding segment ``index`` alone (see ``one_segment_packs``)."""
+    return f"tenants/acme/log/{generation:08d}/{index:012d}-{index:012d}.pack"
+
+
+@pytest.fixture
+def one_segment_packs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each carried segment goes to the bucket in a pack of its own, right after its CAS."""
+    monkeypatch.setattr(carrier, "PACK_SEGMENTS", 1)
+
+
 async def ship_past(tdb: TenantDB, index: int) -> None:
     """Ship until lock.json no longer carries segment ``index`` inline (its object is up)."""
     while True:
@@ -86,11 +97,11 @@ async def test_every_synced_commit_is_restored_exactly_on_another_machine(
         assert record is not None
         assert record.log is not None
         assert record.snapshot is None  # a new tenant needs no snapshot: the log starts empty
-        # The migrations' segment (shipped before lock.json names the schema), then one
-        # segment per sync.
+        # One segment per sync, after the migrations' own.
         assert (record.log.base, record.log.tail) == (1, 6)
-        keys = [o.key for o in await bucket.list("tenants/acme/log/")]
-        assert keys == [f"tenants/acme/log/00000001/{i:012d}.seg" for i in range(1, 7)]
+        # Every one rides in lock.json alone: one request per sync, no object yet.
+        assert record.log.inline_from == 1
+        assert await bucket.list("tenants/acme/log/") == []
 
 
 async def test_shipping_continues_across_checkpoints_and_wal_restarts(
@@ -134,6 +145,7 @@ async def test_a_wal_restarted_behind_the_shippers_back_falls_back_to_a_snapshot
         assert len(await rows(tdb)) == 21
 
 
+@pytest.mark.usefixtures("one_segment_packs")
 async def test_a_long_log_is_merged_level_by_level_and_restores_exactly(
     bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -159,7 +171,7 @@ async def test_a_long_log_is_merged_level_by_level_and_restores_exactly(
         assert record is not None
         assert record.log is not None
         assert record.snapshot is None  # merged, not snapshotted
-        assert len(record.log.chunks()) <= 2 * 2 + 3  # a few objects, not 24 segments
+        assert record.log.objects() <= 2 * 2 + 3  # a few objects, not 24 segments
         assert any(last - first + 1 >= 6 for first, last, _ in record.log.merged)
         assert await restored_rows(bucket, tmp_path) == await rows(tdb)
 
@@ -202,7 +214,8 @@ class LostSegmentAnswers:
         return info
 
 
-async def test_a_segment_upload_whose_answer_was_lost_is_retried_without_a_gap(
+@pytest.mark.usefixtures("one_segment_packs")
+async def test_a_pack_upload_whose_answer_was_lost_is_retried_without_a_gap(
     bucket: Bucket, tmp_path: Path
 ) -> None:
     flaky = LostSegmentAnswers(bucket)
@@ -217,7 +230,7 @@ async def test_a_segment_upload_whose_answer_was_lost_is_retried_without_a_gap(
         assert flaky.lost == 1
         await ship_past(tdb, 1)  # retried byte for byte (412, same size), then not carried
         keys = {o.key for o in await bucket.list("tenants/acme/log/")}
-        assert "tenants/acme/log/00000001/000000000001.seg" in keys
+        assert pack_of(1) in keys
         assert await restored_rows(bucket, tmp_path) == await rows(tdb)
 
 
@@ -250,11 +263,12 @@ async def test_segments_whose_uploads_fail_are_published_in_lock_json_and_restor
     record = tdb.lease.record
     assert record is not None
     assert record.log is not None
-    assert (record.log.inline_from, record.log.tail) == (1, 4)  # the migrations', then 3
+    tail = record.log.tail  # the migrations' segment, then one per sync
+    assert (record.log.inline_from, tail) == (1, 4)
     expected = await rows(tdb)
     assert await restored_rows(bucket, tmp_path) == expected
-    # The holder dies. The next one takes over from lock.json, and uploads what it carries
-    # before its own first publication stops carrying it.
+    # The holder dies. The next one takes over from lock.json, and packs what it carries
+    # (under the generation that wrote it) before a publication stops carrying it.
     for task in list(tdb._supervisor.tasks):
         task.cancel()
     await tdb._close_database()
@@ -264,17 +278,17 @@ async def test_segments_whose_uploads_fail_are_published_in_lock_json_and_restor
         assert await rows(new) == expected
         await add(new, 1, note="the new holder's")
         await new.sync()
-        await ship_past(new, 4)
+        await ship_past(new, tail)
         expected = await rows(new)
     keys = {o.key for o in await bucket.list("tenants/acme/log/")}
-    assert {f"tenants/acme/log/00000001/{i:012d}.seg" for i in (1, 2, 3, 4)} <= keys
+    assert f"tenants/acme/log/00000001/{1:012d}-{tail:012d}.pack" in keys
     assert await restored_rows(bucket, tmp_path) == expected
 
 
 async def test_past_the_inline_limit_a_publication_waits_for_the_uploads(
     bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shipper_module, "INLINE_MAX_BYTES", 4000)
+    monkeypatch.setattr(carrier, "INLINE_MAX_BYTES", 4000)
     failing = FailingSegmentUploads(bucket)
     async with TenantDB(
         settings(tmp_path, "m1"),
@@ -285,13 +299,14 @@ async def test_past_the_inline_limit_a_publication_waits_for_the_uploads(
         await tdb.sync()  # about one page: carried
         await add(tdb, 1, note=secrets.token_hex(1400))
         with pytest.raises(TransientStorageError):
-            await tdb.sync()  # two would not fit: the first must be uploaded, and cannot be
+            await tdb.sync()  # two would not fit: the first must be packed, and cannot be
         failing.healed = True
         await tdb.sync()
         record = tdb.lease.record
         assert record is not None
         assert record.log is not None
-        assert record.log.tail == 3  # the migrations' segment, then the two
+        assert record.log.tail == 3  # the migrations' segment and two
+        assert record.log.packs  # the carried ones left in a pack
         assert await restored_rows(bucket, tmp_path) == await rows(tdb)
 
 
@@ -315,14 +330,15 @@ async def test_a_fenced_holders_segments_are_never_restored(bucket: Bucket, tmp_
     await zombie.stop()
 
 
-async def test_a_missing_segment_is_an_error_naming_its_key(bucket: Bucket, tmp_path: Path) -> None:
+@pytest.mark.usefixtures("one_segment_packs")
+async def test_a_missing_pack_is_an_error_naming_its_key(bucket: Bucket, tmp_path: Path) -> None:
     async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
         await add(tdb, 3)
         await tdb.sync()
         await add(tdb, 3)
         await tdb.sync()
         await ship_past(tdb, 2)
-    gap = "tenants/acme/log/00000001/000000000002.seg"
+    gap = pack_of(2)
     await bucket.delete(gap)
     with pytest.raises(ReplicationError, match="missing") as error:
         await restored_rows(bucket, tmp_path)
@@ -330,12 +346,13 @@ async def test_a_missing_segment_is_an_error_naming_its_key(bucket: Bucket, tmp_
     assert not (tmp_path / "restored" / "acme.sqlite3").exists()
 
 
-async def test_a_damaged_segment_is_an_error_naming_its_key(bucket: Bucket, tmp_path: Path) -> None:
+@pytest.mark.usefixtures("one_segment_packs")
+async def test_a_damaged_pack_is_an_error_naming_its_key(bucket: Bucket, tmp_path: Path) -> None:
     async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
         await add(tdb, 30)
         await tdb.sync()
         await ship_past(tdb, 1)
-    key = "tenants/acme/log/00000001/000000000001.seg"
+    key = pack_of(1)
     body = bytearray((await bucket.get(key)).body)
     body[len(body) // 2] ^= 0x01
     await bucket.delete(key)
@@ -364,6 +381,7 @@ async def test_a_restarted_machine_restores_snapshot_and_log_and_keeps_shipping(
     assert await restored_rows(bucket, tmp_path) == expected
 
 
+@pytest.mark.usefixtures("one_segment_packs")
 async def test_garbage_collection_deletes_only_what_no_restore_since_the_cutoff_reads(
     bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -404,11 +422,11 @@ async def test_garbage_within_the_retention_is_kept(bucket: Bucket, tmp_path: Pa
     async with TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS, bucket=bucket) as tdb:
         await add(tdb, 1)
         await tdb.sync()
-        await tdb.checkpoint()  # the segments are no longer named, but only seconds old
+        await tdb.checkpoint()  # the segment is no longer named, but only seconds old
         shipper = tdb._shipper
         assert shipper is not None
         assert await shipper.collect_garbage() == []
-        assert len(await bucket.list("tenants/acme/log/")) == 2  # the migrations', the row
+        assert len(await bucket.list("tenants/acme/log/")) == 1
 
 
 class CountingLists:

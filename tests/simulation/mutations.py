@@ -17,7 +17,7 @@ from tenantdb import clock
 from tenantdb.errors import LeaseLostError
 from tenantdb.protocol import lease
 from tenantdb.protocol.lockfile import now_ms
-from tenantdb.replication import group_commit, next_segment, rollback, shipper
+from tenantdb.replication import carrier, group_commit, next_segment, rollback, shipper
 from tenantdb.replication.wal import WALPosition
 
 __all__ = ["MUTATIONS"]
@@ -61,10 +61,10 @@ def inline_segments_dropped_before_upload(monkeypatch: pytest.MonkeyPatch) -> No
     """Before 757f25b: a snapshot's CAS dropped the segments lock.json carried inline
     without waiting for their objects to exist."""
 
-    async def upload_carried(self: shipper.Shipper) -> list[str]:
-        return []
+    async def store_all(self: carrier.Carrier, record: object) -> None:
+        return None
 
-    monkeypatch.setattr(shipper.Shipper, "_upload_carried", upload_carried)
+    monkeypatch.setattr(carrier.Carrier, "store_all", store_all)
 
 
 def lease_valid_from_the_answer(monkeypatch: pytest.MonkeyPatch) -> None:

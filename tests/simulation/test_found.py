@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tenantdb.replication import carrier
 from tenantdb.replication.takeovers import takeover_key
 from tests.simulation import bucket as sim_bucket
 from tests.simulation.harness import PREFIX, TENANT, Simulation, run_schedule, simulate
@@ -18,13 +19,14 @@ from tests.simulation.schedule import Schedule, Step
 def test_a_foreign_object_of_the_same_size_at_a_segment_key_is_never_published(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A hostile writer puts random bytes, exactly as long as a segment, at its key just
+    """A hostile writer puts random bytes, exactly as long as a log object, at its key just
     before the holder's upload. The holder took any object of the right size there for its
     own landed upload, stopped carrying the segment in lock.json, and published the
     foreign bytes: after the holder's crash, no machine could open the tenant and no
     restore could read it, with five writes acknowledged."""
     planted: list[str] = []
     put = sim_bucket.SimBucket._put
+    monkeypatch.setattr(carrier, "PACK_SEGMENTS", 1)  # every segment packed after its CAS
 
     def front_run(
         self: sim_bucket.SimBucket,
@@ -35,7 +37,8 @@ def test_a_foreign_object_of_the_same_size_at_a_segment_key_is_never_published(
         if_match: str | None,
         if_none_match: str | None,
     ) -> object:
-        if key.endswith("/000000000004.seg") and not planted:
+        # The first log object: a pack of the first segment.
+        if "/log/" in key and not planted:
             planted.append(key)
             self.plant(key, random.Random(0).randbytes(len(body)))
         return put(self, client, operation, key, body, if_match, if_none_match)

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from tenantdb.errors import ObjectTooLargeError, ReplicationError, SnapshotError
-from tenantdb.protocol.lockfile import SnapshotRef
+from tenantdb.protocol.lockfile import LogChunk, SnapshotRef
 from tenantdb.protocol.snapshot import download_snapshot
+from tenantdb.replication.log_objects import LogObjects
 from tenantdb.replication.restore import fetch_segment
 from tenantdb.replication.segment import SEGMENT_MAX_BYTES
 from tenantdb.storage import Bucket, LocalBucket
@@ -62,8 +63,9 @@ async def test_a_segment_object_over_the_limit_is_refused_without_reading_it(
     await local_bucket.upload_file(key, big_file(tmp_path / "big", SEGMENT_MAX_BYTES + 8 * MiB))
     tracemalloc.start()
     try:
+        chunk = LogChunk(1, 1, 3, merged=False)
         with pytest.raises((ObjectTooLargeError, ReplicationError)):
-            await fetch_segment(local_bucket, key, None)
+            await fetch_segment(LogObjects(local_bucket, "acme"), key, chunk, None)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -28,8 +28,9 @@ from tenantdb.errors import DataKeyError, DecryptionError, ReplicationError
 from tenantdb.fleet.create import create_tenant
 from tenantdb.fleet.purge import purge_tenant
 from tenantdb.machine.database import TenantDB
+from tenantdb.replication.packs import decode_pack
 from tenantdb.replication.pitr import restore_at
-from tenantdb.replication.segment import decode_segment
+from tenantdb.replication.segment import decode_segment, parse_chunk_key
 from tenantdb.storage import LocalBucket, open_bucket
 from tenantdb.storage.base import Bucket
 from tenantdb.storage.encrypted import EncryptedBucket
@@ -107,6 +108,12 @@ def readable(key: str, body: bytes) -> bool:
         except ReplicationError:
             return False
         return any(MARKER.encode() in page for _, page in segment.pages)
+    if (chunk := parse_chunk_key(key)) is not None and chunk.pack is not None:
+        try:
+            bodies = decode_pack(body, key=key, tenant="acme", first=chunk.first, last=chunk.last)
+        except ReplicationError:
+            return False
+        return any(readable(f"{key}.seg", one) for one in bodies)
     if key.endswith("lock.json"):
         inline = json.loads(body).get("log", {}).get("inline", [])
         return any(readable(f"{key}.seg", base64.b64decode(item)) for item in inline)
@@ -150,10 +157,10 @@ async def test_a_tenant_round_trips_sealed_and_no_object_shows_its_data(backend:
     keys = [info.key for info in await backend.raw.list(PREFIX)]
     assert "tenants/acme/key.json" in keys
     assert any(k.endswith(".sqlite3") for k in keys)
-    assert any(k.endswith(".seg") for k in keys)
+    assert any(k.endswith(".pack") for k in keys)  # the carried segments, packed
     assert await readable_objects(backend.raw, backend.tmp) == []
     for key in keys:
-        if key.endswith((".seg", ".sqlite3")):
+        if key.endswith((".seg", ".pack", ".sqlite3")):
             assert (await backend.raw.get(key)).body.startswith(MAGIC)
     async with backend.tenantdb("m2") as tdb:
         assert await count_notes(tdb) == 55
@@ -206,15 +213,22 @@ def segment(tenant: str, index: int) -> str:
     return f"{PREFIX}{tenant}/log/00000001/{index:012d}.seg"
 
 
-@pytest.mark.parametrize(
-    ("source", "target"),
-    [(segment("acme", 2), segment("other", 2)), (segment("acme", 1), segment("acme", 2))],
-    ids=["from-another-tenant", "to-another-key"],
-)
+async def pack(raw: Bucket, tenant: str) -> str:
+    """The one pack of ``sealed_tenants``: the segments it carried, stored by its snapshot."""
+    (key,) = [i.key for i in await raw.list(f"{PREFIX}{tenant}/log/") if i.key.endswith(".pack")]
+    return key
+
+
+@pytest.mark.parametrize("place", ["from-another-tenant", "to-another-key"])
 async def test_an_object_moved_into_another_place_is_refused_naming_its_key(
-    backend: Backend, source: str, target: str
+    backend: Backend, place: str
 ) -> None:
     await sealed_tenants(backend)
+    source = await pack(backend.raw, "acme")
+    if place == "from-another-tenant":
+        target = await pack(backend.raw, "other")
+    else:  # a pack of another range of the same tenant
+        target = source.replace("000000000001-", "000000000002-")
     moved = (await backend.raw.get(source)).body
     await backend.raw.put(target, moved)
     with pytest.raises(DecryptionError, match=f"{target} is refused") as raised:
@@ -247,7 +261,7 @@ async def test_a_key_object_copied_from_another_tenant_is_refused(backend: Backe
     wrapped["tenant"] = "other"  # else it says at once that it is acme's
     await backend.raw.put("tenants/other/key.json", json.dumps(wrapped).encode())
     with pytest.raises(DataKeyError, match=r"tenant other: its data key tenants/other/key\.json"):
-        await backend.encrypted().get(segment("other", 1))
+        await backend.encrypted().get(await pack(backend.raw, "other"))
 
 
 @pytest.mark.parametrize("position", [0, 40, -1])
@@ -266,9 +280,9 @@ async def test_a_flipped_byte_in_a_snapshot_stops_the_restore_naming_its_key(
         await tdb.start(standby=False)
 
 
-async def test_a_truncated_segment_is_refused_naming_its_key(local: Backend) -> None:
+async def test_a_truncated_pack_is_refused_naming_its_key(local: Backend) -> None:
     await sealed_tenants(local)
-    key = segment("acme", 2)
+    key = await pack(local.raw, "acme")
     await local.raw.put(key, (await local.raw.get(key)).body[:-5])
     with pytest.raises(DecryptionError, match=f"{key} is refused: .*truncated"):
         await local.encrypted().get(key)
@@ -419,7 +433,7 @@ async def test_settings_with_keys_open_every_bucket_sealed(tmp_path: Path) -> No
         await tdb.sync()
         assert await tdb.checkpoint()
     async with LocalBucket(tmp_path / "bucket") as raw:
-        keys = [i.key for i in await raw.list(PREFIX) if i.key.endswith((".seg", ".sqlite3"))]
+        keys = [i.key for i in await raw.list(PREFIX) if i.key.endswith((".pack", ".sqlite3"))]
         assert keys
         for key in keys:
             assert (await raw.get(key)).body.startswith(MAGIC)
@@ -441,7 +455,7 @@ async def test_a_damaged_key_object_is_refused_naming_it(
     await sealed_tenants(local)
     await local.raw.put("tenants/acme/key.json", body)
     with pytest.raises(DataKeyError, match=reason) as raised:
-        await local.encrypted().get(segment("acme", 1))
+        await local.encrypted().get(await pack(local.raw, "acme"))
     assert raised.value.key == "tenants/acme/key.json"
 
 
