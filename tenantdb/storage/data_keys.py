@@ -294,9 +294,7 @@ class DataKeys:
         key = self.key_object(tenant)
         try:
             with _not_too_large(tenant, key):
-                changed = await self.bucket.get_if_changed(
-                    key, known.etag, max_size=KEY_OBJECT_MAX
-                )
+                changed = await self.bucket.get_if_changed(key, known.etag, max_size=KEY_OBJECT_MAX)
             if changed is not None:
                 known = self._load(tenant, key, changed)
         except TenantDBError as exc:
