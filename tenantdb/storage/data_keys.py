@@ -34,6 +34,7 @@ from tenantdb.crypto import (
     wrap_data_key,
 )
 from tenantdb.errors import (
+    ConditionalConflictError,
     DataKeyError,
     ObjectNotFoundError,
     ObjectTooLargeError,
@@ -189,9 +190,9 @@ def rewrap_all(
 def _unwrap_error(
     keyring: Keyring, tenant: str, key: str, wrapped: WrappedKey, exc: Refused
 ) -> DataKeyError:
-    which = f"data key {wrapped.number} of " if wrapped.number != 1 else ""
+    which = f" (data key {wrapped.number})" if wrapped.number != 1 else ""
     return DataKeyError(
-        f"tenant {tenant}: {which}its data key {key} cannot be unwrapped: {exc.reason} "
+        f"tenant {tenant}: its data key {key}{which} cannot be unwrapped: {exc.reason} "
         f"(configured key ids: {', '.join(keyring.ids)})",
         tenant=tenant,
         key=key,
@@ -384,7 +385,7 @@ class DataKeys:
             body = key_object_body(tenant, [*kept, added])
             try:
                 await self.bucket.put(key, body, if_match=found.info.etag)
-            except PreconditionFailedError:
+            except (PreconditionFailedError, ConditionalConflictError):
                 continue
             self.forget(tenant)
             return Replaced(newest, newest + 1, added=True)
