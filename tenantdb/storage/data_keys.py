@@ -245,15 +245,15 @@ class DataKeys:
             if not create:
                 return None
             found = await self._create(tenant, key)
-        return self._load(tenant, key, found)
+        return self._cache(tenant, self._unwrapped(tenant, key, found))
 
     async def _read(self, tenant: str, key: str) -> SmallObject:
         """The key object; a too large one is refused."""
         with _not_too_large(tenant, key):
             return await self.bucket.get(key, max_size=KEY_OBJECT_MAX)
 
-    def _load(self, tenant: str, key: str, found: SmallObject) -> TenantKey:
-        """Unwrap and cache the data keys ``found`` holds."""
+    def _unwrapped(self, tenant: str, key: str, found: SmallObject) -> TenantKey:
+        """The data keys ``found`` holds, unwrapped."""
         wrapped = parse_key_object(found.body, tenant=tenant, key=key)
         opened = []
         for one in wrapped:
@@ -263,7 +263,9 @@ class DataKeys:
                 raise _unwrap_error(self.keyring, tenant, key, one, exc) from None
         first = wrapped[0].since
         since = (parse_iso_time(first) if first else None) or found.info.last_modified
-        loaded = TenantKey(tuple(opened), since, found.info.etag)
+        return TenantKey(tuple(opened), since, found.info.etag)
+
+    def _cache(self, tenant: str, loaded: TenantKey) -> TenantKey:
         self._keys[tenant] = loaded
         self._keys.move_to_end(tenant)
         if len(self._keys) > _CACHED_KEYS:
@@ -296,8 +298,7 @@ class DataKeys:
         try:
             with _not_too_large(tenant, key):
                 changed = await self.bucket.get_if_changed(key, known.etag, max_size=KEY_OBJECT_MAX)
-            if changed is not None:
-                known = self._load(tenant, key, changed)
+            fresh = None if changed is None else self._unwrapped(tenant, key, changed)
         except TenantDBError as exc:
             log.warning(
                 "tenant %s: could not check %s for a new data key (sealing with data key %d "
@@ -307,7 +308,21 @@ class DataKeys:
                 known.sealing.number,
                 exc,
             )
-        return known.sealing
+            return known.sealing
+        if fresh is None:
+            return known.sealing
+        if fresh.sealing.number < known.sealing.number:
+            # Keys are only ever added: an older key object is a replay by a bucket writer.
+            log.warning(
+                "tenant %s: %s holds no data key %d any more (an older copy put back?): "
+                "sealing with data key %d still",
+                tenant,
+                key,
+                known.sealing.number,
+                known.sealing.number,
+            )
+            return known.sealing
+        return self._cache(tenant, fresh).sealing
 
     def forget(self, tenant: str) -> None:
         """Drop a cached data key (after its key object was deleted or rewritten)."""

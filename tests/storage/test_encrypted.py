@@ -634,7 +634,7 @@ async def test_two_operators_replacing_at_once_add_one_key_between_them(backend:
 
 
 async def test_a_key_object_replayed_or_renumbered_by_a_bucket_writer_is_refused(
-    local: Backend,
+    local: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
     bucket = local.encrypted()
     await bucket.put(segment("acme", 1), b"one")
@@ -648,6 +648,10 @@ async def test_a_key_object_replayed_or_renumbered_by_a_bucket_writer_is_refused
         await local.encrypted().get(segment("acme", 2))
     assert "does not hold (it holds 1)" in str(raised.value)
     assert (await local.encrypted().get(segment("acme", 1))).body == b"one"
+    # A machine that knew data key 2 keeps sealing with it (keys are only ever added).
+    with caplog.at_level(logging.WARNING, logger="tenantdb"):
+        assert (await bucket.keys.sealing("acme", refresh=True)).number == 2
+    assert "holds no data key 2 any more" in caplog.text
     # Renumbered: data key 2 claims to be 3 (its number is bound into its wrapping).
     renumbered = json.loads(newer)
     renumbered["keys"][1]["number"] = 3
