@@ -36,6 +36,7 @@ from tenantdb.crypto import (
 from tenantdb.errors import (
     ConditionalConflictError,
     DataKeyError,
+    DecryptionError,
     ObjectNotFoundError,
     ObjectTooLargeError,
     PreconditionFailedError,
@@ -133,14 +134,15 @@ def parse_key_object(body: bytes, *, tenant: str, key: str) -> tuple[WrappedKey,
         data = load_json(body, max_depth=3)
     except Malformed as exc:
         raise damaged(exc.reason) from None
-    if not isinstance(data, dict) or data.get("format") not in (_SINGLE_FORMAT, _LIST_FORMAT):
+    form = data.get("format") if isinstance(data, dict) else None
+    if type(form) is not int or form not in (_SINGLE_FORMAT, _LIST_FORMAT):
         raise damaged("not a key object of format 1 or 2")
     if data.get("tenant") != tenant:
         raise damaged("it names another tenant")
     since = data.get("since")
     if since is not None and parse_iso_time(since) is None:
         raise damaged("'since' is not a time")
-    if data["format"] == _SINGLE_FORMAT:
+    if form == _SINGLE_FORMAT:
         entries: object = [{**data, "number": 1}]
     else:
         entries = data.get("keys")
@@ -329,8 +331,8 @@ class DataKeys:
         self._keys.pop(tenant, None)
 
     async def opening(self, tenant: str, key: str, number: int) -> DataKey:
-        """Data key ``number`` of ``tenant``, to open ``key`` with; ``DataKeyError`` when the
-        tenant has no key object or it does not hold that key.
+        """Data key ``number`` of ``tenant``, to open ``key`` with: ``DataKeyError`` when the
+        tenant has no key object, ``DecryptionError`` when it does not hold that key.
 
         A number newer than the cached keys reloads the key object once: another machine
         may have replaced the key since it was read. Keys are only ever added, so an older
@@ -351,9 +353,10 @@ class DataKeys:
         data_key = found.numbered(number)
         if data_key is None:
             held = ", ".join(str(k.number) for k in found.keys)
-            raise DataKeyError(
-                f"tenant {tenant}: {key} is sealed with data key {number}, which "
-                f"{self.key_object(tenant)} does not hold (it holds {held})",
+            raise DecryptionError(
+                f"tenant {tenant}: {key} is refused: it is sealed with data key {number}, "
+                f"which {self.key_object(tenant)} does not hold (it holds {held}): damaged, "
+                "or an older copy of the key object was put back",
                 tenant=tenant,
                 key=key,
             )

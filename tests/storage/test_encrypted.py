@@ -644,7 +644,7 @@ async def test_a_key_object_replayed_or_renumbered_by_a_bucket_writer_is_refused
     newer = (await local.raw.get("tenants/acme/key.json")).body
     # Replayed: the key object from before the replacement.
     await local.raw.put("tenants/acme/key.json", older)
-    with pytest.raises(DataKeyError, match="sealed with data key 2, which") as raised:
+    with pytest.raises(DecryptionError, match="sealed with data key 2, which") as raised:
         await local.encrypted().get(segment("acme", 2))
     assert "does not hold (it holds 1)" in str(raised.value)
     assert (await local.encrypted().get(segment("acme", 1))).body == b"one"
