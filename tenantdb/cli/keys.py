@@ -108,7 +108,7 @@ def _configure_rotate(parser: argparse.ArgumentParser) -> None:
         "tenants already under that key are skipped. Without TENANT, every tenant. "
         "With --data, replace each named TENANT's data key instead: a new one is added to its "
         "key object and seals everything written from then on (a machine holding the tenant "
-        "switches at its next snapshot); the older keys keep opening the history sealed "
+        "switches within 5 minutes); the older keys keep opening the history sealed "
         "with them until retention removes it, or at once with --reseal."
     )
     parser.add_argument("tenants", nargs="*", type=tenant_arg, metavar="TENANT")
@@ -243,8 +243,8 @@ async def _replace(tenants: Sequence[str], *, reseal: bool) -> int:
                     failed += 1
     err(
         "older data keys stay in each key object and open the history sealed with them "
-        "until retention removes it; a machine holding a tenant seals with the new key from "
-        "its next snapshot"
+        "until retention removes it; a machine holding a tenant switches to the new key within "
+        "5 minutes (at its next snapshot, or its first write 5 minutes after its last check)"
     )
     return EXIT_FAILURE if failed else EXIT_OK
 

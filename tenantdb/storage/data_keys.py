@@ -5,9 +5,9 @@ numbered from 1, each wrapped by a key-encryption key of the keyring: the newest
 one opens (a sealed object names its key's number). It is created with ``If-None-Match: *``
 by the first write that needs it (a racing creator's 412 reads the winner's object and uses
 that key); a replacement adds the next key with ``If-Match`` on the ETag it read. A machine
-picks up a replacement when it seals its next snapshot (a conditional GET), and whenever an
-object names a key newer than it has. Deleting the object makes every object sealed with
-any of its keys unreadable.
+picks up a replacement when it seals its next snapshot, or anything 5 minutes after it last
+checked (a conditional GET), and whenever an object names a key newer than it has.
+Deleting the object makes every object sealed with any of its keys unreadable.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import base64
 import binascii
 import json
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal, overload
 
@@ -68,17 +69,21 @@ _SINGLE_FORMAT = 1
 _LIST_FORMAT = 2
 # Data keys kept unwrapped: a router looks up many tenants; each costs one GET to reload.
 _CACHED_KEYS = 4096
+# A holder writing asks whether its tenant's data key was replaced at most this often (a
+# conditional GET, 304 when not), and at every snapshot: a replacement seals within minutes.
+_RECHECK_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
 class TenantKey:
-    """A tenant's unwrapped data keys (oldest first), when the first was stored, and the ETag
-    of the key object they were read from."""
+    """A tenant's unwrapped data keys (oldest first), when the first was stored, the ETag of
+    the key object they were read from, and when (monotonic) that was last checked."""
 
     keys: tuple[DataKey, ...]
     # Plaintext objects the bucket stored after this are refused.
     since: datetime
     etag: str
+    checked: float
 
     @property
     def sealing(self) -> DataKey:
@@ -265,7 +270,7 @@ class DataKeys:
                 raise _unwrap_error(self.keyring, tenant, key, one, exc) from None
         first = wrapped[0].since
         since = (parse_iso_time(first) if first else None) or found.info.last_modified
-        return TenantKey(tuple(opened), since, found.info.etag)
+        return TenantKey(tuple(opened), since, found.info.etag, time.monotonic())
 
     def _cache(self, tenant: str, loaded: TenantKey) -> TenantKey:
         self._keys[tenant] = loaded
@@ -289,13 +294,16 @@ class DataKeys:
     async def sealing(self, tenant: str, *, refresh: bool) -> DataKey:
         """The data key to seal ``tenant``'s next object with (made if it has none).
 
-        ``refresh`` (a snapshot's seal) first asks the bucket whether the key object changed
-        since it was read (a conditional GET): a replacement is picked up then. Any failure
-        of that keeps the key already known, which stays valid: a write never fails for it.
+        With ``refresh`` (a snapshot's seal), or when the key object was last checked
+        ``_RECHECK_SECONDS`` ago, first asks the bucket whether it changed (a conditional
+        GET): a replacement is picked up then. Any failure of that keeps the key already
+        known, which stays valid, until the next check: a write never fails for it.
         """
         known = await self.get(tenant, create=True)
-        if not refresh:
+        if not refresh and time.monotonic() - known.checked < _RECHECK_SECONDS:
             return known.sealing
+        # Checked now, whatever the answer: an outage costs one request per interval.
+        known = self._cache(tenant, replace(known, checked=time.monotonic()))
         key = self.key_object(tenant)
         try:
             with _not_too_large(tenant, key):

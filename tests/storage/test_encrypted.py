@@ -35,7 +35,7 @@ from tenantdb.fleet.purge import purge_tenant
 from tenantdb.machine.database import TenantDB
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.segment import decode_segment
-from tenantdb.storage import LocalBucket, open_bucket
+from tenantdb.storage import LocalBucket, data_keys, open_bucket
 from tenantdb.storage.base import Bucket
 from tenantdb.storage.data_keys import (
     KEY_OBJECT_MAX,
@@ -526,6 +526,12 @@ async def numbers(raw: Bucket, tenant: str = "acme") -> dict[str, int]:
     return found
 
 
+async def newest_carried(raw: Bucket) -> int:
+    """The data key number of the newest segment acme's lock.json carries inline."""
+    lock = json.loads((await raw.get(f"{PREFIX}acme/lock.json")).body)
+    return key_number(base64.b64decode(lock["log"]["inline"][-1]))
+
+
 async def test_a_replaced_data_key_seals_what_follows_and_the_older_one_still_opens(
     backend: Backend,
 ) -> None:
@@ -555,17 +561,13 @@ async def test_a_replaced_data_key_seals_what_follows_and_the_older_one_still_op
 async def test_a_holder_that_cached_the_old_key_switches_at_its_next_snapshot(
     local: Backend, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def newest_segment() -> int:
-        segments = {k: n for k, n in (await numbers(local.raw)).items() if k.endswith(".seg")}
-        return segments[max(segments)]
-
     async with local.tenantdb("m1") as tdb:
         await write_notes(tdb, 2)
         await tdb.sync()
         await local.encrypted().keys.replace("acme")  # an operator, elsewhere
         await write_notes(tdb, 2)
         await tdb.sync()  # never fails: the key it has stays valid
-        assert await newest_segment() == 1
+        assert await newest_carried(local.raw) == 1
 
         async def unreachable(*args: object, **kwargs: object) -> None:
             raise TransientStorageError("the bucket did not answer", key="tenants/acme/key.json")
@@ -583,10 +585,31 @@ async def test_a_holder_that_cached_the_old_key_switches_at_its_next_snapshot(
         assert key_number((await local.raw.get(snapshot)).body) == 2
         await write_notes(tdb, 2)
         await tdb.sync()
-        assert await newest_segment() == 2
+        assert await newest_carried(local.raw) == 2
     restored = local.tmp / "restored.sqlite3"
     await restore_at(local.encrypted(), "acme", restored, prefix=PREFIX)
     assert count_in_file(restored) == 7
+
+
+async def test_a_writing_holder_picks_up_a_replaced_key_once_its_recheck_interval_passed(
+    local: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(data_keys, "_RECHECK_SECONDS", 0.5)
+    async with local.tenantdb("m1") as tdb:
+        await write_notes(tdb, 1)
+        await tdb.sync()
+        await local.encrypted().keys.replace("acme")
+        await write_notes(tdb, 1)
+        await tdb.sync()
+        assert await newest_carried(local.raw) == 1
+        await asyncio.sleep(0.6)
+        await write_notes(tdb, 1)
+        await tdb.sync()  # no snapshot: the interval alone
+        assert await newest_carried(local.raw) == 2
+        assert not [k for k in await numbers(local.raw) if "/snapshots/" in k]
+    restored = local.tmp / "restored.sqlite3"
+    await restore_at(local.encrypted(), "acme", restored, prefix=PREFIX)
+    assert count_in_file(restored) == 3
 
 
 async def test_a_reader_that_cached_the_old_key_opens_what_the_new_one_sealed(
