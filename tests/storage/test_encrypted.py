@@ -27,6 +27,7 @@ from tenantdb.crypto import MAGIC, MAX_KEY_NUMBER, Keyring, parse_keyring, wrap_
 from tenantdb.errors import (
     DataKeyError,
     DecryptionError,
+    PreconditionFailedError,
     ReplicationError,
     TransientStorageError,
 )
@@ -654,6 +655,39 @@ async def test_two_operators_replacing_at_once_add_one_key_between_them(backend:
     ]
     stored = json.loads((await backend.raw.get("tenants/acme/key.json")).body)
     assert [k["number"] for k in stored["keys"]] == [1, 2]
+
+
+class _Unheard:
+    """``raw`` whose first write of a key object lands, then answers 412: what the bucket's
+    own retry of that write sees when the first answer was lost."""
+
+    def __init__(self, raw: Bucket) -> None:
+        self.raw = raw
+        self.lost = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.raw, name)
+
+    async def put(self, key: str, body: bytes, **conditions: object) -> object:
+        landed = await self.raw.put(key, body, **conditions)  # type: ignore[arg-type]
+        if key.endswith("/key.json") and not self.lost:
+            self.lost += 1
+            raise PreconditionFailedError("retried after a lost answer", key=key)
+        return landed
+
+
+async def test_a_replacement_whose_write_landed_unheard_adds_no_second_key(
+    backend: Backend,
+) -> None:
+    await backend.encrypted().put(segment("acme", 1), b"x")
+    unheard = _Unheard(backend.raw)
+    bucket = EncryptedBucket(unheard, KEYRING, prefix=PREFIX)  # type: ignore[arg-type]
+    assert await bucket.keys.replace("acme") == Replaced(1, 2, added=False)
+    assert unheard.lost == 1
+    stored = json.loads((await backend.raw.get("tenants/acme/key.json")).body)
+    assert [k["number"] for k in stored["keys"]] == [1, 2]
+    await bucket.put(segment("acme", 2), b"y")
+    assert key_number((await backend.raw.get(segment("acme", 2))).body) == 2
 
 
 async def test_a_key_object_replayed_or_renumbered_by_a_bucket_writer_is_refused(
