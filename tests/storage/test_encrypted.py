@@ -519,10 +519,10 @@ def key_number(body: bytes) -> int:
 
 
 async def numbers(raw: Bucket, tenant: str = "acme") -> dict[str, int]:
-    """The data key number of each sealed segment and snapshot of ``tenant``."""
+    """The data key number of each sealed log object and snapshot of ``tenant``."""
     found = {}
     for info in await raw.list(f"{PREFIX}{tenant}/"):
-        if info.key.endswith((".seg", ".sqlite3")):
+        if "/log/" in info.key or info.key.endswith(".sqlite3"):
             found[info.key] = key_number((await raw.get(info.key)).body)
     return found
 
