@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from pathlib import Path
 
 import httpx
@@ -39,7 +40,15 @@ def config(tmp_path: Path) -> ClusterConfig:
 
 
 async def count(http: httpx.AsyncClient) -> tuple[int, str]:
-    answer = await http.get("/customers/100", headers=JSON)
+    """One visit: (the count it made, the machine that made it).
+
+    While the lease changes hands a machine may answer 503 ("retry shortly"), as on Fly:
+    the visit is retried then, for 15 s at most.
+    """
+    deadline = time.monotonic() + 15
+    while (answer := await http.get("/customers/100", headers=JSON)).status_code == 503:
+        assert time.monotonic() < deadline, answer.text
+        await asyncio.sleep(0.1)
     assert answer.status_code == 200, answer.text
     body = answer.json()
     return body["count"], body["machine_id"]
