@@ -62,7 +62,7 @@ log = logging.getLogger("tenantdb")
 
 KEY_OBJECT = "key.json"
 KEY_OBJECT_MAX = 4096
-# Each data key takes at most 152 bytes of its key object: 24 of them fit in 4 KiB.
+# Each data key takes at most 162 bytes of its key object: 24 of them fit in 4 KiB.
 MAX_DATA_KEYS = 24
 # Format 1 holds data key 1 alone (as before keys had numbers); format 2 a list of them.
 _SINGLE_FORMAT = 1

@@ -754,14 +754,16 @@ async def test_replacing_needs_a_data_key_and_stops_at_the_most_a_key_object_hol
 def test_the_largest_key_object_fits_its_size_limit() -> None:
     keyring = parse_keyring(f"{'k' * 32}:{KEY}", variable="TENANTDB_ENCRYPTION_KEY")
     since = datetime.now(UTC).isoformat()
+    tenant = "t" * 63  # the longest tenant id
+    key = f"tenants/{tenant}/key.json"
     keys = [
-        wrap_data_key(keyring, "acme", "tenants/acme/key.json", number=n, since=since)[1]
+        wrap_data_key(keyring, tenant, key, number=n, since=since)[1]
         for n in range(MAX_KEY_NUMBER - MAX_DATA_KEYS + 1, MAX_KEY_NUMBER + 1)
     ]
-    body = key_object_body("acme", keys)
+    body = key_object_body(tenant, keys)
     assert len(body) <= KEY_OBJECT_MAX
-    assert parse_key_object(body, tenant="acme", key="tenants/acme/key.json") == tuple(keys)
+    assert parse_key_object(body, tenant=tenant, key=key) == tuple(keys)
     too_many = json.loads(body)
     too_many["keys"].append(too_many["keys"][-1])
     with pytest.raises(DataKeyError, match=f"not a list of 1 to {MAX_DATA_KEYS} data keys"):
-        parse_key_object(json.dumps(too_many).encode(), tenant="acme", key="tenants/acme/key.json")
+        parse_key_object(json.dumps(too_many).encode(), tenant=tenant, key=key)
