@@ -109,7 +109,9 @@ def _configure_rotate(parser: argparse.ArgumentParser) -> None:
         "With --data, replace each named TENANT's data key instead: a new one is added to its "
         "key object and seals everything written from then on (a machine holding the tenant "
         "switches within 5 minutes); the older keys keep opening the history sealed "
-        "with them until retention removes it, or at once with --reseal."
+        "with them until retention removes it. --reseal also publishes each tenant no "
+        "machine holds as a fresh snapshot under its new key: its current state then needs "
+        "no older key."
     )
     parser.add_argument("tenants", nargs="*", type=tenant_arg, metavar="TENANT")
     parser.add_argument(
