@@ -5,8 +5,8 @@ numbered from 1, each wrapped by a key-encryption key of the keyring: the newest
 one opens (a sealed object names its key's number). It is created with ``If-None-Match: *``
 by the first write that needs it (a racing creator's 412 reads the winner's object and uses
 that key); a replacement adds the next key with ``If-Match`` on the ETag it read. A machine
-picks up a replacement when it seals its next snapshot, or anything 5 minutes after it last
-checked (a conditional GET), and whenever an object names a key newer than it has.
+picks up a replacement when it seals its next snapshot, or a log object 5 minutes after it
+last checked (a conditional GET), and whenever an object names a key newer than it has.
 Deleting the object makes every object sealed with any of its keys unreadable.
 """
 
@@ -49,6 +49,7 @@ from tenantdb.storage.base import Bucket, SmallObject
 __all__ = [
     "KEY_OBJECT",
     "KEY_OBJECT_MAX",
+    "Check",
     "MAX_DATA_KEYS",
     "DataKeys",
     "Replaced",
@@ -59,6 +60,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("tenantdb")
+
+# When a seal asks whether the tenant's data key was replaced (see DataKeys.sealing).
+Check = Literal["now", "due", "never"]
 
 KEY_OBJECT = "key.json"
 KEY_OBJECT_MAX = 4096
@@ -291,16 +295,20 @@ class DataKeys:
             return await self.bucket.get(key, max_size=KEY_OBJECT_MAX)
         return SmallObject(info, body)
 
-    async def sealing(self, tenant: str, *, refresh: bool) -> DataKey:
+    async def sealing(self, tenant: str, *, check: Check) -> DataKey:
         """The data key to seal ``tenant``'s next object with (made if it has none).
 
-        With ``refresh`` (a snapshot's seal), or when the key object was last checked
-        ``_RECHECK_SECONDS`` ago, first asks the bucket whether it changed (a conditional
-        GET): a replacement is picked up then. Any failure of that keeps the key already
-        known, which stays valid, until the next check: a write never fails for it.
+        ``check`` "now" (a snapshot's seal), or "due" once the key object was last checked
+        ``_RECHECK_SECONDS`` ago (a log object's), first asks the bucket whether it changed
+        (a conditional GET): a replacement is picked up then. Any failure of that keeps the
+        key already known, which stays valid, until the next check: a write never fails for
+        it. "never" is for lock.json's inline segments: no request may delay a lease's
+        renewal or a commit's publication.
         """
         known = await self.get(tenant, create=True)
-        if not refresh and time.monotonic() - known.checked < _RECHECK_SECONDS:
+        if check == "never" or (
+            check == "due" and time.monotonic() - known.checked < _RECHECK_SECONDS
+        ):
             return known.sealing
         # Checked now, whatever the answer: an outage costs one request per interval.
         known = self._cache(tenant, replace(known, checked=time.monotonic()))

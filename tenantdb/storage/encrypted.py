@@ -57,7 +57,7 @@ from tenantdb.errors import (
 )
 from tenantdb.parsing import Malformed, load_json
 from tenantdb.storage.base import Bucket, ObjectInfo, SmallObject
-from tenantdb.storage.data_keys import DataKeys
+from tenantdb.storage.data_keys import Check, DataKeys
 
 __all__ = ["EncryptedBucket"]
 
@@ -159,8 +159,10 @@ class EncryptedBucket:
 
     # -- small objects ---------------------------------------------------------------------
 
-    async def _seal(self, tenant: str, key: str, kind: Kind, generation: int, body: bytes) -> bytes:
-        data_key = await self.keys.sealing(tenant, refresh=False)
+    async def _seal(
+        self, tenant: str, key: str, kind: Kind, generation: int, body: bytes, check: Check
+    ) -> bytes:
+        data_key = await self.keys.sealing(tenant, check=check)
         ctx = ObjectContext(tenant, key, generation, kind)
         if len(body) <= _INLINE_CRYPTO:
             return seal_bytes(data_key, ctx, body)
@@ -219,7 +221,7 @@ class EncryptedBucket:
         """See ``Bucket.put``: segments are sealed, lock.json's inline segments too."""
         tenant, place, generation = _place(self.prefix, key)
         if place == "segment":
-            body = await self._seal(tenant, key, "segment", generation, body)
+            body = await self._seal(tenant, key, "segment", generation, body, "due")
         elif place == "lock":
             body = await self._lock_inline(tenant, key, body, stored=None)
         return await self.inner.put(key, body, if_match=if_match, if_none_match=if_none_match)
@@ -254,7 +256,9 @@ class EncryptedBucket:
         out: list[str] = []
         for (segment_key, generation), segment in keys:
             if stored is None:
-                segment = await self._seal(tenant, segment_key, "segment", generation, segment)
+                segment = await self._seal(
+                    tenant, segment_key, "segment", generation, segment, "never"
+                )
             else:
                 what = f"{segment_key} (inline in {key})"
                 segment = await self._open(tenant, what, segment_key, generation, segment, stored)
@@ -324,7 +328,7 @@ class EncryptedBucket:
             return await self.inner.upload_file(key, src, if_none_match=if_none_match)
         tenant = ctx.tenant
         # A snapshot is when a machine holding the tenant picks up a replaced data key.
-        data_key = await self.keys.sealing(tenant, refresh=ctx.kind == "snapshot")
+        data_key = await self.keys.sealing(tenant, check="now" if ctx.kind == "snapshot" else "due")
         # A dot name ending .tmp: remove_stray_temp_files takes it if a crash leaves it.
         sealed = src.with_name(f".{src.name}.{uuid.uuid4().hex}.sealed.tmp")
         try:

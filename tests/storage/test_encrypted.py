@@ -596,14 +596,21 @@ async def test_a_writing_holder_picks_up_a_replaced_key_once_its_recheck_interva
     local: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(data_keys, "_RECHECK_SECONDS", 0.5)
-    async with local.tenantdb("m1") as tdb:
+    holder = local.encrypted()
+    async with local.tenantdb("m1", bucket=holder) as tdb:
         await write_notes(tdb, 1)
         await tdb.sync()
         await local.encrypted().keys.replace("acme")
+        await asyncio.sleep(0.6)
         await write_notes(tdb, 1)
         await tdb.sync()
+        # lock.json's inline segments never wait for a check (a commit, a renewal).
         assert await newest_carried(local.raw) == 1
-        await asyncio.sleep(0.6)
+        # The holder's next log object, the interval passed: checked, sealed with key 2.
+        log_object = f"{PREFIX}acme/log/00000009/000000000001.seg"
+        await holder.put(log_object, b"x", if_none_match="*")
+        assert key_number((await local.raw.get(log_object)).body) == 2
+        await local.raw.delete(log_object)
         await write_notes(tdb, 1)
         await tdb.sync()  # no snapshot: the interval alone
         assert await newest_carried(local.raw) == 2
@@ -707,7 +714,7 @@ async def test_a_key_object_replayed_or_renumbered_by_a_bucket_writer_is_refused
     assert (await local.encrypted().get(segment("acme", 1))).body == b"one"
     # A machine that knew data key 2 keeps sealing with it (keys are only ever added).
     with caplog.at_level(logging.WARNING, logger="tenantdb"):
-        assert (await bucket.keys.sealing("acme", refresh=True)).number == 2
+        assert (await bucket.keys.sealing("acme", check="now")).number == 2
     assert "holds no data key 2 any more" in caplog.text
     # Renumbered: data key 2 claims to be 3 (its number is bound into its wrapping).
     renumbered = json.loads(newer)
