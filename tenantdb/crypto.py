@@ -4,8 +4,10 @@ The only module that imports ``cryptography``. Everything is AES-256-GCM:
 
 - a **keyring** of key-encryption keys (KEKs) from ``TENANTDB_ENCRYPTION_KEY``: the first
   wraps, every one unwraps (rotation);
-- one random **data key** per tenant, wrapped by a KEK with associated data naming the
-  tenant, the key object and the KEK's id (``wrap_data_key`` / ``unwrap_data_key``);
+- random **data keys** per tenant, numbered from 1 (a replacement adds the next; the
+  newest seals, every one opens), each wrapped by a KEK with associated data naming the
+  tenant, the key object, the KEK's id and the data key's number (``wrap_data_key`` /
+  ``unwrap_data_key``);
 - the **sealed format** of an object's body: a 31-byte header, then the plaintext in
   fixed-size chunks of ``CHUNK_SIZE`` bytes, each followed by its 16-byte tag. A plaintext
   byte range therefore maps to a ciphertext range of whole chunks (``sealed_range``), and a
@@ -39,6 +41,7 @@ __all__ = [
     "HEADER_SIZE",
     "KEY_SIZE",
     "MAGIC",
+    "MAX_KEY_NUMBER",
     "DataKey",
     "Keyring",
     "Kind",
@@ -53,6 +56,7 @@ __all__ = [
     "rewrap_data_key",
     "seal_bytes",
     "seal_file",
+    "sealed_key_number",
     "sealed_range",
     "sealed_size",
     "unwrap_data_key",
@@ -73,8 +77,8 @@ CHUNK_SIZE = 1 << _CHUNK_SHIFT  # 256 KiB: one AEAD call's cost is noise next to
 _MAX_PLAINTEXT = (1 << 32) * CHUNK_SIZE
 _KINDS = {"segment": 1, "snapshot": 2}
 Kind = Literal["segment", "snapshot"]
-# The only data key number so far: replacing a tenant's data key would add the next.
-_DATA_KEY_NUMBER = 1
+# A data key's number is 4 bytes of the header: 1 for a tenant's first, each replacement's next.
+MAX_KEY_NUMBER = (1 << 32) - 1
 _KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _WRAP_NONCE = 12
 _WRAPPED_SIZE = _WRAP_NONCE + KEY_SIZE + _TAG
@@ -173,55 +177,66 @@ def parse_keyring(text: str, *, variable: str) -> Keyring:
 
 @dataclass(frozen=True, repr=False)
 class DataKey:
-    """A tenant's unwrapped data key, ready to seal and open its objects.
+    """A tenant's unwrapped data key number ``number``, ready to seal and open its objects.
 
     ``nonce_key`` (derived from it) makes a segment's nonce from its content and place, so
-    the same segment for the same key seals to the same bytes (see ``seal_bytes``).
+    the same segment for the same key seals to the same bytes (see ``seal_bytes``). Sealed
+    objects name ``number`` in their header, so a reader knows which key opens them.
     """
 
     tenant: str
+    number: int
     aead: AESGCM = field(compare=False)
     nonce_key: bytes = field(compare=False)
 
     @classmethod
-    def of(cls, tenant: str, raw: bytes) -> DataKey:
-        """The data key ``raw`` (32 bytes) of ``tenant``."""
+    def of(cls, tenant: str, raw: bytes, number: int = 1) -> DataKey:
+        """The data key ``raw`` (32 bytes) of ``tenant``, its number ``number``."""
         nonce_key = hmac.new(raw, b"tenantdb/nonce/1", "sha256").digest()
-        return cls(tenant, AESGCM(raw), nonce_key)
+        return cls(tenant, number, AESGCM(raw), nonce_key)
 
     def __repr__(self) -> str:
-        return f"DataKey(tenant={self.tenant!r})"
+        return f"DataKey(tenant={self.tenant!r}, number={self.number})"
 
 
 @dataclass(frozen=True)
 class WrappedKey:
     """A data key as its key object stores it: which KEK wrapped it, and the wrapped bytes.
 
-    ``since`` is when the data key was first stored (ISO 8601), or "" for the key object's
-    own Last-Modified: a rotation rewrites the object and keeps the first time here. It is
-    authenticated with the wrapped key.
+    ``since`` is when the tenant's first data key was first stored (ISO 8601), or "" for the
+    key object's own Last-Modified: a rotation rewrites the object and keeps the first time
+    here. It and ``number`` are authenticated with the wrapped key.
     """
 
     kek_id: str
     wrapped: bytes = field(repr=False)
     since: str = ""
+    number: int = 1
 
 
-def _wrap_aad(tenant: str, key: str, kek_id: str, since: str) -> bytes:
-    return b"tenantdb/data-key/1\0" + _fields(tenant, key, kek_id, since)
+def _wrap_aad(tenant: str, key: str, kek_id: str, since: str, number: int) -> bytes:
+    # Data key 1's associated data is as it was before keys had numbers: its key objects stay.
+    numbered = _fields(str(number)) if number != 1 else b""
+    return b"tenantdb/data-key/1\0" + _fields(tenant, key, kek_id, since) + numbered
 
 
-def _wrap(keyring: Keyring, tenant: str, key: str, raw: bytes, since: str) -> WrappedKey:
+def _wrap(
+    keyring: Keyring, tenant: str, key: str, raw: bytes, since: str, number: int
+) -> WrappedKey:
     kek = keyring._keks[0]
     nonce = os.urandom(_WRAP_NONCE)
-    sealed = kek.aead.encrypt(nonce, raw, _wrap_aad(tenant, key, kek.id, since))
-    return WrappedKey(kek.id, nonce + sealed, since)
+    sealed = kek.aead.encrypt(nonce, raw, _wrap_aad(tenant, key, kek.id, since, number))
+    return WrappedKey(kek.id, nonce + sealed, since, number)
 
 
-def wrap_data_key(keyring: Keyring, tenant: str, key: str) -> tuple[DataKey, WrappedKey]:
-    """A new random data key for ``tenant``, and its wrapping under the newest KEK."""
+def wrap_data_key(
+    keyring: Keyring, tenant: str, key: str, *, number: int = 1, since: str = ""
+) -> tuple[DataKey, WrappedKey]:
+    """A new random data key ``number`` for ``tenant``, and its wrapping under the newest KEK."""
+    if not 1 <= number <= MAX_KEY_NUMBER:
+        raise ValueError(f"data key number {number} is out of range")
     raw = os.urandom(KEY_SIZE)
-    return DataKey.of(tenant, raw), _wrap(keyring, tenant, key, raw, "")
+    return DataKey.of(tenant, raw, number), _wrap(keyring, tenant, key, raw, since, number)
 
 
 def _unwrap_raw(keyring: Keyring, tenant: str, key: str, wrapped: WrappedKey) -> bytes:
@@ -231,7 +246,7 @@ def _unwrap_raw(keyring: Keyring, tenant: str, key: str, wrapped: WrappedKey) ->
     if len(wrapped.wrapped) != _WRAPPED_SIZE:
         raise Refused(f"the wrapped key is {len(wrapped.wrapped)} bytes, not {_WRAPPED_SIZE}")
     nonce, sealed = wrapped.wrapped[:_WRAP_NONCE], wrapped.wrapped[_WRAP_NONCE:]
-    aad = _wrap_aad(tenant, key, kek.id, wrapped.since)
+    aad = _wrap_aad(tenant, key, kek.id, wrapped.since, wrapped.number)
     try:
         return kek.aead.decrypt(nonce, sealed, aad)
     except InvalidTag:
@@ -243,7 +258,7 @@ def _unwrap_raw(keyring: Keyring, tenant: str, key: str, wrapped: WrappedKey) ->
 
 def unwrap_data_key(keyring: Keyring, tenant: str, key: str, wrapped: WrappedKey) -> DataKey:
     """Open a wrapped data key; ``Refused`` if no KEK of the keyring opens it for this place."""
-    return DataKey.of(tenant, _unwrap_raw(keyring, tenant, key, wrapped))
+    return DataKey.of(tenant, _unwrap_raw(keyring, tenant, key, wrapped), wrapped.number)
 
 
 def rewrap_data_key(
@@ -251,7 +266,7 @@ def rewrap_data_key(
 ) -> WrappedKey:
     """The same data key wrapped under the keyring's newest KEK, first stored at ``since``."""
     raw = _unwrap_raw(keyring, tenant, key, wrapped)
-    return _wrap(keyring, tenant, key, raw, since)
+    return _wrap(keyring, tenant, key, raw, since, wrapped.number)
 
 
 # -- the sealed format ----------------------------------------------------------------------
@@ -317,16 +332,27 @@ def is_sealed(prefix: bytes) -> bool:
     return prefix[: len(MAGIC)] == MAGIC
 
 
-def _new_header(ctx: ObjectContext, length: int, nonce_prefix: bytes) -> bytes:
+def sealed_key_number(header: bytes) -> int:
+    """The number of the data key that sealed an object starting with ``header``.
+
+    ``Refused`` if it is shorter than a header: what opens it must first know which key.
+    """
+    if len(header) < HEADER_SIZE:
+        raise Refused(f"{len(header)} bytes is too short to be sealed")
+    number: int = _HEADER.unpack(header[:HEADER_SIZE])[3]
+    return number
+
+
+def _new_header(key: DataKey, ctx: ObjectContext, length: int, nonce_prefix: bytes) -> bytes:
     if length > _MAX_PLAINTEXT:
         raise ValueError(f"{ctx.key}: {length} bytes is more than one object can seal")
     return _HEADER.pack(
-        MAGIC, _VERSION, _KINDS[ctx.kind], _DATA_KEY_NUMBER, _CHUNK_SHIFT, nonce_prefix, length
+        MAGIC, _VERSION, _KINDS[ctx.kind], key.number, _CHUNK_SHIFT, nonce_prefix, length
     )
 
 
-def _read_header(ctx: ObjectContext, header: bytes, size: int) -> tuple[bytes, int]:
-    """Check a header against the object's size and context: (nonce prefix, length)."""
+def _read_header(key: DataKey, ctx: ObjectContext, header: bytes, size: int) -> tuple[bytes, int]:
+    """Check a header against the object's size, context and ``key``: (nonce prefix, length)."""
     if size < HEADER_SIZE + _TAG:
         raise Refused(f"{size} bytes is too short to be sealed")
     magic, version, kind, number, shift, prefix, length = _HEADER.unpack(header)
@@ -336,8 +362,8 @@ def _read_header(ctx: ObjectContext, header: bytes, size: int) -> tuple[bytes, i
         raise Refused(f"sealed format version {version} is unknown")
     if kind != _KINDS[ctx.kind]:
         raise Refused(f"it is not a sealed {ctx.kind}")
-    if number != _DATA_KEY_NUMBER:
-        raise Refused(f"it is sealed with data key number {number}, unknown")
+    if number != key.number:
+        raise Refused(f"it is sealed with data key {number}, not {key.number}")
     if shift != _CHUNK_SHIFT:
         raise Refused(f"chunk size 2^{shift} is not {CHUNK_SIZE}")
     if length > _MAX_PLAINTEXT or sealed_size(length) != size:
@@ -370,7 +396,7 @@ def _synthetic_nonce(key: DataKey, ctx: ObjectContext, plaintext: bytes) -> byte
 def seal_bytes(key: DataKey, ctx: ObjectContext, plaintext: bytes) -> bytes:
     """``plaintext`` sealed for ``ctx``: the same bytes for the same plaintext and place."""
     nonce_prefix = _synthetic_nonce(key, ctx, plaintext)
-    header = _new_header(ctx, len(plaintext), nonce_prefix)
+    header = _new_header(key, ctx, len(plaintext), nonce_prefix)
     prefix = _aad_prefix(ctx, header)
     count = _chunks(len(plaintext))
     view = memoryview(plaintext)
@@ -398,7 +424,7 @@ def _open_chunk(
 
 def open_bytes(key: DataKey, ctx: ObjectContext, sealed: bytes) -> bytes:
     """The plaintext of a sealed body; ``Refused`` unless it is whole and was sealed for ``ctx``."""
-    nonce_prefix, length = _read_header(ctx, sealed[:HEADER_SIZE], len(sealed))
+    nonce_prefix, length = _read_header(key, ctx, sealed[:HEADER_SIZE], len(sealed))
     prefix = _aad_prefix(ctx, sealed[:HEADER_SIZE])
     count = _chunks(length)
     out = []
@@ -420,7 +446,7 @@ def seal_file(key: DataKey, ctx: ObjectContext, src: Path, dest: Path) -> None:
     length = src.stat().st_size
     # A file is read once: its nonce prefix is random (a snapshot's key is never reused).
     nonce_prefix = os.urandom(8)
-    header = _new_header(ctx, length, nonce_prefix)
+    header = _new_header(key, ctx, length, nonce_prefix)
     prefix = _aad_prefix(ctx, header)
     count = _chunks(length)
     with open(dest, "wb") as out:
@@ -444,7 +470,7 @@ def open_file_in_place(key: DataKey, ctx: ObjectContext, path: Path) -> int:
     size = path.stat().st_size
     with open(path, "r+b") as f:
         header = f.read(HEADER_SIZE)
-        nonce_prefix, length = _read_header(ctx, header, size)
+        nonce_prefix, length = _read_header(key, ctx, header, size)
         prefix = _aad_prefix(ctx, header)
         count = _chunks(length)
         for index in range(count):

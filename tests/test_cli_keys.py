@@ -324,3 +324,128 @@ def test_keys_seal_without_encryption_or_of_an_unknown_tenant_fails_plainly(
 async def _listed(raw: Bucket, prefix: str) -> list[str]:
     async with raw:
         return [info.key for info in await raw.list(prefix)]
+
+
+# --- replacing a tenant's data key: keys rotate --data [--reseal] ---
+
+
+def key_numbers(raw: Bucket) -> tuple[list[int], list[str]]:
+    """The data key numbers acme's key object holds, and the KEK ids wrapping them."""
+    stored = json.loads(asyncio.run(_stored(raw, "tenants/acme/key.json")))
+    keys = stored.get("keys") or [{"number": 1, "kek": stored["kek"]}]
+    return [k["number"] for k in keys], [k["kek"] for k in keys]
+
+
+def sealed_with(raw: Bucket, key: str) -> int:
+    body = asyncio.run(_stored(raw, key))
+    assert body.startswith(MAGIC)
+    return int.from_bytes(body[10:14], "big")
+
+
+def carried_with(raw: Bucket) -> set[int]:
+    """The data key numbers of the segments acme's lock.json carries inline."""
+    lock = json.loads(asyncio.run(_stored(raw, "tenants/acme/lock.json")))
+    return {int.from_bytes(base64.b64decode(i)[10:14], "big") for i in lock["log"]["inline"]}
+
+
+def test_keys_rotate_data_adds_a_key_and_reseal_publishes_the_tenant_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = local(tmp_path)
+    encrypted_tenant(tmp_path, raw)
+    monkeypatch.setenv("TENANTDB_LOCAL_BUCKET", str(tmp_path / "local-bucket"))
+    monkeypatch.setenv("TENANTDB_ENCRYPTION_KEY", f"old:{OLD}")
+    assert status_json(capsys)["snapshot"] is None  # its history: segments only
+    assert carried_with(raw) == {1}
+    assert main(["keys", "rotate", "--data", "acme"]) == 0
+    captured = capsys.readouterr()
+    assert "tenant acme: data key 2 added (replacing data key 1)" in captured.out
+    assert "until retention removes it" in captured.err
+    no_secrets(captured.out + captured.err)
+    assert key_numbers(raw) == ([1, 2], ["old", "old"])
+    assert status_json(capsys)["snapshot"] is None  # nothing republished
+    assert carried_with(raw) == {1}
+
+    assert main(["keys", "rotate", "--data", "--reseal", "acme"]) == 0
+    captured = capsys.readouterr()
+    assert "tenant acme: data key 3 added (replacing data key 2)" in captured.out
+    assert "tenant acme: resealed snapshot tenants/acme/snapshots/" in captured.out
+    after = status_json(capsys)
+    assert after["lease"] == "released"
+    assert sealed_with(raw, after["snapshot"]["key"]) == 3
+    dest = tmp_path / "out.sqlite3"
+    assert main(["restore", "acme", "-o", str(dest)]) == 0
+    assert rows(dest) == 7
+
+
+def test_keys_rotate_rewraps_every_data_key_of_a_replaced_tenant(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = local(tmp_path)
+    encrypted_tenant(tmp_path, raw)
+    monkeypatch.setenv("TENANTDB_LOCAL_BUCKET", str(tmp_path / "local-bucket"))
+    monkeypatch.setenv("TENANTDB_ENCRYPTION_KEY", f"old:{OLD}")
+    assert main(["keys", "rotate", "--data", "acme"]) == 0
+    encrypted_tenant(tmp_path, raw)  # 7 more rows: a new snapshot and segments, key 2
+    monkeypatch.setenv("TENANTDB_ENCRYPTION_KEY", f"new:{NEW},old:{OLD}")
+    assert main(["keys", "rotate"]) == 0
+    assert "1 re-wrapped" in capsys.readouterr().out
+    assert key_numbers(raw) == ([1, 2], ["new", "new"])
+    monkeypatch.setenv("TENANTDB_ENCRYPTION_KEY", f"new:{NEW}")
+    dest = tmp_path / "out.sqlite3"
+    assert main(["restore", "acme", "-o", str(dest)]) == 0
+    assert rows(dest) == 14
+
+
+async def _held_then_reseal(tmp_path: Path, raw: Bucket) -> int:
+    keyring = parse_keyring(f"old:{OLD}", variable="TENANTDB_ENCRYPTION_KEY")
+    settings = Settings(
+        tenant="acme", machine_id="m-holder", data_dir=tmp_path / "holder", lease_ttl=5,
+        checkpoint_interval=0,
+    )  # fmt: skip
+    bucket = EncryptedBucket(raw, keyring, prefix="tenants/")
+    async with bucket, TenantDB(settings, migrations=MIGRATIONS, bucket=bucket) as tdb:
+        code = await asyncio.to_thread(main, ["keys", "rotate", "--data", "--reseal", "acme"])
+        async with tdb.connection() as db:
+            await db.execute("INSERT INTO notes (body) VALUES ('after')")
+            await db.commit()
+        assert await tdb.checkpoint()  # the holder's next snapshot: the new key
+        assert tdb.serving
+    return code
+
+
+def test_keys_rotate_data_reseal_is_refused_while_a_machine_holds_the_tenant_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = local(tmp_path)
+    encrypted_tenant(tmp_path, raw)
+    monkeypatch.setenv("TENANTDB_LOCAL_BUCKET", str(tmp_path / "local-bucket"))
+    monkeypatch.setenv("TENANTDB_ENCRYPTION_KEY", f"old:{OLD}")
+    assert asyncio.run(_held_then_reseal(tmp_path, raw)) == 1
+    captured = capsys.readouterr()
+    assert "tenant acme: data key 2 added" in captured.out
+    assert "tenant acme: not resealed: machine m-holder holds the lease" in captured.err
+    status = status_json(capsys)
+    assert status["lease"] == "released"
+    assert sealed_with(raw, status["snapshot"]["key"]) == 2
+    dest = tmp_path / "out.sqlite3"
+    assert main(["restore", "acme", "-o", str(dest)]) == 0
+    assert rows(dest) == 8
+
+
+def test_keys_rotate_data_says_plainly_what_it_cannot_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = local(tmp_path)
+    asyncio.run(_plaintext_tenant(tmp_path, raw))
+    monkeypatch.setenv("TENANTDB_LOCAL_BUCKET", str(tmp_path / "local-bucket"))
+    monkeypatch.setenv("TENANTDB_ENCRYPTION_KEY", f"old:{OLD}")
+    assert main(["keys", "rotate", "--data"]) == 1
+    assert "name at least one" in capsys.readouterr().err
+    assert main(["keys", "rotate", "--reseal", "acme"]) == 1
+    assert "--reseal goes with --data" in capsys.readouterr().err
+    assert main(["keys", "rotate", "--data", "acme"]) == 1
+    error = capsys.readouterr().err
+    assert "tenant acme: data key not replaced: tenant acme: it has no data key" in error
+    assert "Traceback" not in error
+    assert not asyncio.run(_listed(raw, "tenants/acme/key.json"))

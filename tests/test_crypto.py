@@ -25,6 +25,7 @@ from tenantdb.crypto import (
     rewrap_data_key,
     seal_bytes,
     seal_file,
+    sealed_key_number,
     sealed_range,
     sealed_size,
     unwrap_data_key,
@@ -161,6 +162,37 @@ def test_a_data_key_unwraps_only_for_its_tenant_and_place_and_key_id() -> None:
         unwrap_data_key(wrong, "acme", "tenants/acme/key.json", wrapped)
     with pytest.raises(Refused, match="key id 'k1', which is not configured"):
         unwrap_data_key(parse_keyring(f"k9:{KEY_A}", variable="V"), "acme", "x", wrapped)
+
+
+def test_a_sealed_object_names_its_data_key_and_opens_only_with_that_one() -> None:
+    keyring = parse_keyring(f"k1:{KEY_A}", variable="V")
+    first, _ = wrap_data_key(keyring, "acme", "tenants/acme/key.json")
+    second, _ = wrap_data_key(keyring, "acme", "tenants/acme/key.json", number=2, since="t")
+    sealed = seal_bytes(second, CTX, b"x")
+    assert sealed_key_number(sealed[:HEADER_SIZE]) == 2
+    assert sealed_key_number(seal_bytes(first, CTX, b"x")) == 1
+    assert open_bytes(second, CTX, sealed) == b"x"
+    with pytest.raises(Refused, match="sealed with data key 2, not 1"):
+        open_bytes(first, CTX, sealed)
+    # A header renumbered to name the key that would open it fails its tag.
+    renumbered = sealed[:10] + (1).to_bytes(4, "big") + sealed[14:]
+    with pytest.raises(Refused, match="fails authentication"):
+        open_bytes(first, CTX, renumbered)
+    with pytest.raises(Refused, match="too short"):
+        sealed_key_number(sealed[: HEADER_SIZE - 1])
+
+
+def test_a_data_keys_number_is_bound_into_its_wrapping() -> None:
+    keyring = parse_keyring(f"k1:{KEY_A}", variable="V")
+    _, wrapped = wrap_data_key(keyring, "acme", "tenants/acme/key.json", number=2, since="t")
+    opened = unwrap_data_key(keyring, "acme", "tenants/acme/key.json", wrapped)
+    assert opened.number == 2
+    for forged in (dataclasses.replace(wrapped, number=3), dataclasses.replace(wrapped, number=1)):
+        with pytest.raises(Refused, match="does not open with key id 'k1'"):
+            unwrap_data_key(keyring, "acme", "tenants/acme/key.json", forged)
+    rewrapped = rewrap_data_key(keyring, "acme", "tenants/acme/key.json", wrapped, since="t")
+    assert rewrapped.number == 2
+    assert unwrap_data_key(keyring, "acme", "tenants/acme/key.json", rewrapped).number == 2
 
 
 @pytest.mark.parametrize(

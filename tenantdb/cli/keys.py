@@ -6,6 +6,11 @@ is rewritten under the new key with If-Match, resumable: a tenant already under 
 skipped), then drop the old key. The data itself is never re-encrypted: only the data keys
 are wrapped anew.
 
+Replacing a tenant's data key: ``tenantdb keys rotate --data TENANT`` adds a new data key to
+its key object (If-Match), which seals from then on; the older ones keep opening the history
+sealed with them until retention removes it. ``--reseal`` also republishes the tenant as a
+fresh snapshot under the new key, when no machine holds it.
+
 Turning encryption on for existing tenants: ``tenantdb keys seal`` republishes each tenant
 no machine holds as a fresh, sealed snapshot (under its lease, as a rollback does), so
 ``tenantdb status`` shows no plaintext left in the history lock.json names.
@@ -25,7 +30,7 @@ from tenantdb.cli.checks import CheckResult
 from tenantdb.cli.common import EXIT_FAILURE, EXIT_OK, Command, err, out, tenant_arg
 from tenantdb.cli.status import list_tenants, read_status
 from tenantdb.config import Settings
-from tenantdb.crypto import Keyring, Refused, rewrap_data_key, unwrap_data_key
+from tenantdb.crypto import Keyring, Refused, unwrap_data_key
 from tenantdb.errors import (
     ConfigurationError,
     DataKeyError,
@@ -36,7 +41,14 @@ from tenantdb.errors import (
 )
 from tenantdb.replication.rollback import republish
 from tenantdb.storage import Bucket, describe_bucket, open_bucket
-from tenantdb.storage.data_keys import KEY_OBJECT, key_object_body, parse_key_object
+from tenantdb.storage.data_keys import (
+    KEY_OBJECT,
+    KEY_OBJECT_MAX,
+    key_object_body,
+    parse_key_object,
+    rewrap_all,
+)
+from tenantdb.storage.encrypted import EncryptedBucket
 
 __all__ = ["KEYS_COMMANDS", "KeyState", "encryption_check", "rotate_key"]
 
@@ -49,10 +61,10 @@ Outcome = Literal["rotated", "current", "absent"]
 
 @dataclass(frozen=True)
 class KeyState:
-    """What one tenant's key object says: wrapped by ``kek_id``, or absent."""
+    """What one tenant's key object says: its data keys wrapped by ``kek_ids``; () if absent."""
 
     tenant: str
-    kek_id: str | None
+    kek_ids: tuple[str, ...]
 
 
 def _keyring(settings: Settings) -> Keyring:
@@ -65,26 +77,18 @@ def _keyring(settings: Settings) -> Keyring:
 
 
 async def rotate_key(bucket: Bucket, keyring: Keyring, tenant: str, *, prefix: str) -> Outcome:
-    """Re-wrap ``tenant``'s data key under the keyring's first key; what was done."""
+    """Re-wrap ``tenant``'s data keys under the keyring's first key; what was done."""
     key = f"{prefix}{tenant}/{KEY_OBJECT}"
     for _ in range(3):  # a concurrent rotation's write: read it again and judge that one
         try:
-            found = await bucket.get(key, max_size=4096)
+            found = await bucket.get(key, max_size=KEY_OBJECT_MAX)
         except ObjectNotFoundError:
             return "absent"
         wrapped = parse_key_object(found.body, tenant=tenant, key=key)
-        if wrapped.kek_id == keyring.wrapping_id:
+        if all(one.kek_id == keyring.wrapping_id for one in wrapped):
             return "current"
-        since = wrapped.since or found.info.last_modified.isoformat()
-        try:
-            rewrapped = rewrap_data_key(keyring, tenant, key, wrapped, since=since)
-        except Refused as exc:
-            raise DataKeyError(
-                f"tenant {tenant}: its data key {key} cannot be unwrapped: {exc.reason}",
-                tenant=tenant,
-                key=key,
-                key_id=wrapped.kek_id,
-            ) from None
+        since = wrapped[0].since or found.info.last_modified.isoformat()
+        rewrapped = rewrap_all(keyring, tenant, key, wrapped, since=since)
         try:
             await bucket.put(key, key_object_body(tenant, rewrapped), if_match=found.info.etag)
         except PreconditionFailedError:
@@ -99,12 +103,41 @@ async def rotate_key(bucket: Bucket, keyring: Keyring, tenant: str, *, prefix: s
 
 def _configure_rotate(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Re-wrap each tenant's data key under the first key of TENANTDB_ENCRYPTION_KEY, one "
+        "Re-wrap each tenant's data keys under the first key of TENANTDB_ENCRYPTION_KEY, one "
         "small object per tenant (If-Match: a concurrent change is read again). Resumable: "
-        "tenants already under that key are skipped. Without TENANT, every tenant."
+        "tenants already under that key are skipped. Without TENANT, every tenant. "
+        "With --data, replace each named TENANT's data key instead: a new one is added to its "
+        "key object and seals everything written from then on (a machine holding the tenant "
+        "switches within 5 minutes); the older keys keep opening the history sealed "
+        "with them until retention removes it. --reseal also publishes each tenant no "
+        "machine holds as a fresh snapshot under its new key: its current state then needs "
+        "no older key."
     )
     parser.add_argument("tenants", nargs="*", type=tenant_arg, metavar="TENANT")
-    parser.set_defaults(handler=lambda args: asyncio.run(_rotate(args.tenants)))
+    parser.add_argument(
+        "--data",
+        action="store_true",
+        help="replace the named tenants' data keys (not the key-encryption key's wrapping)",
+    )
+    parser.add_argument(
+        "--reseal",
+        action="store_true",
+        help="with --data: also publish each tenant no machine holds as a fresh snapshot "
+        "sealed under its new key (under its lease, as a rollback does)",
+    )
+    parser.set_defaults(handler=_rotate_command)
+
+
+def _rotate_command(args: argparse.Namespace) -> int:
+    if not args.data:
+        if args.reseal:
+            err("error: --reseal goes with --data (replacing data keys)")
+            return EXIT_FAILURE
+        return asyncio.run(_rotate(args.tenants))
+    if not args.tenants:
+        err("error: --data replaces the data keys of the tenants named: name at least one")
+        return EXIT_FAILURE
+    return asyncio.run(_replace(args.tenants, reseal=args.reseal))
 
 
 async def _rotate(chosen: Sequence[str]) -> int:
@@ -147,25 +180,27 @@ async def encryption_check(bucket: Bucket, settings: Settings) -> CheckResult:
     for tenant in sample:
         key = f"{settings.prefix}{tenant}/{KEY_OBJECT}"
         try:
-            found = await bucket.get(key, max_size=4096)
+            found = await bucket.get(key, max_size=KEY_OBJECT_MAX)
         except ObjectNotFoundError:
-            states.append(KeyState(tenant, None))
+            states.append(KeyState(tenant, ()))
             continue
         try:
             wrapped = parse_key_object(found.body, tenant=tenant, key=key)
-            unwrap_data_key(keyring, tenant, key, wrapped)
         except DataKeyError as exc:
             return CheckResult("encryption", "fail", str(exc), "restore the key object")
-        except Refused as exc:
-            return CheckResult(
-                "encryption",
-                "fail",
-                f"tenant {tenant}: its data key {key} cannot be unwrapped: {exc.reason}",
-                f"put the key with id {wrapped.kek_id!r} in TENANTDB_ENCRYPTION_KEY "
-                "(id:base64, the wrapping key first)",
-            )
-        states.append(KeyState(tenant, wrapped.kek_id))
-    older = sorted({s.kek_id for s in states if s.kek_id and s.kek_id != keyring.wrapping_id})
+        for one in wrapped:
+            try:
+                unwrap_data_key(keyring, tenant, key, one)
+            except Refused as exc:
+                return CheckResult(
+                    "encryption",
+                    "fail",
+                    f"tenant {tenant}: its data key {key} cannot be unwrapped: {exc.reason}",
+                    f"put the key with id {one.kek_id!r} in TENANTDB_ENCRYPTION_KEY "
+                    "(id:base64, the wrapping key first)",
+                )
+        states.append(KeyState(tenant, tuple(one.kek_id for one in wrapped)))
+    older = sorted({k for s in states for k in s.kek_ids if k != keyring.wrapping_id})
     detail = (
         f"key id {keyring.wrapping_id!r} wraps; the data keys of {len(sample)} of "
         f"{len(tenants)} tenant(s) open"
@@ -178,6 +213,70 @@ async def encryption_check(bucket: Bucket, settings: Settings) -> CheckResult:
             "run `tenantdb keys rotate` before removing those keys",
         )
     return CheckResult("encryption", "pass", detail)
+
+
+async def _replace(tenants: Sequence[str], *, reseal: bool) -> int:
+    settings = Settings.from_env()
+    _keyring(settings)
+    failed = 0
+    async with open_bucket(settings, create=False) as bucket:
+        if not isinstance(bucket, EncryptedBucket):
+            raise ConfigurationError("encryption is on but the bucket does not seal")
+        with tempfile.TemporaryDirectory(prefix="tenantdb-reseal-") as scratch:
+            for tenant in tenants:
+                try:
+                    replaced = await bucket.keys.replace(tenant)
+                except TenantDBError as exc:
+                    failed += 1
+                    err(f"error: tenant {tenant}: data key not replaced: {exc}")
+                    continue
+                if replaced.added:
+                    out(
+                        f"tenant {tenant}: data key {replaced.new} added (replacing data key "
+                        f"{replaced.old}); it seals from now on"
+                    )
+                else:
+                    out(
+                        f"tenant {tenant}: data key {replaced.new} was added meanwhile "
+                        f"(by a concurrent replacement, or this one's write landed unheard); "
+                        "none added"
+                    )
+                if reseal and not await _republish(settings, bucket, tenant, "reseal", scratch):
+                    failed += 1
+    err(
+        "older data keys stay in each key object and open the history sealed with them "
+        "until retention removes it; a machine holding a tenant switches to the new key within "
+        "5 minutes (at its next snapshot, or its first write 5 minutes after its last check)"
+    )
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+async def _republish(
+    settings: Settings, bucket: Bucket, tenant: str, role: Literal["seal", "reseal"], scratch: str
+) -> bool:
+    """Publish ``tenant`` as a fresh snapshot sealed under its newest data key, under its
+    lease (refused, naming the holder, while a machine holds it); whether it was."""
+    verb = "sealed" if role == "seal" else "resealed"
+    try:
+        if await read_status(bucket, tenant, prefix=settings.prefix) is None:
+            raise ConfigurationError("no such tenant (no lock.json in the bucket)")
+        result = await republish(settings, bucket, tenant, role, at=None, work_dir=Path(scratch))
+    except LeaseHeldError as exc:
+        err(
+            f"error: tenant {tenant}: not {verb}: machine {exc.owner} holds the lease. Its "
+            "next snapshot is sealed with the tenant's newest data key anyway; to have one "
+            "sooner, lower TENANTDB_CHECKPOINT_INTERVAL or restart the machine, or stop it and "
+            "run this again"
+        )
+        return False
+    except TenantDBError as exc:
+        err(f"error: tenant {tenant}: not {verb}: {exc}")
+        return False
+    out(
+        f"tenant {tenant}: {verb} snapshot {result.snapshot} published as generation "
+        f"{result.generation}"
+    )
+    return True
 
 
 def _configure_seal(parser: argparse.ArgumentParser) -> None:
@@ -199,29 +298,8 @@ async def _seal(tenants: Sequence[str]) -> int:
     async with open_bucket(settings, create=False) as bucket:
         with tempfile.TemporaryDirectory(prefix="tenantdb-seal-") as scratch:
             for tenant in tenants:  # one at a time: each restores a whole database
-                try:
-                    if await read_status(bucket, tenant, prefix=settings.prefix) is None:
-                        raise ConfigurationError("no such tenant (no lock.json in the bucket)")
-                    result = await republish(
-                        settings, bucket, tenant, "seal", at=None, work_dir=Path(scratch)
-                    )
-                except LeaseHeldError as exc:
+                if not await _republish(settings, bucket, tenant, "seal", scratch):
                     failed += 1
-                    err(
-                        f"error: tenant {tenant}: not sealed: machine {exc.owner} holds the "
-                        "lease. Its next snapshot is sealed anyway; to have one sooner, lower "
-                        "TENANTDB_CHECKPOINT_INTERVAL or restart the machine, or stop it and "
-                        "run this again"
-                    )
-                    continue
-                except TenantDBError as exc:
-                    failed += 1
-                    err(f"error: tenant {tenant}: not sealed: {exc}")
-                    continue
-                out(
-                    f"tenant {tenant}: sealed snapshot {result.snapshot} published as "
-                    f"generation {result.generation}"
-                )
     err(
         "older plaintext snapshots and segments stay restorable until retention removes "
         "them (`tenantdb status` counts those lock.json still names)"
@@ -232,7 +310,9 @@ async def _seal(tenants: Sequence[str]) -> int:
 def _configure_keys(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="keys_command", metavar="SUBCOMMAND", required=True)
     rotate = sub.add_parser(
-        "rotate", help="re-wrap every tenant's data key under the newest key-encryption key"
+        "rotate",
+        help="re-wrap every tenant's data keys under the newest key-encryption key; with "
+        "--data, replace the named tenants' data keys",
     )
     _configure_rotate(rotate)
     seal = sub.add_parser(
@@ -243,7 +323,8 @@ def _configure_keys(parser: argparse.ArgumentParser) -> None:
 
 KEYS_COMMANDS: dict[str, Command] = {
     "keys": Command(
-        help="encryption at rest: re-wrap the tenants' data keys (rotate), seal tenants (seal)",
+        help="encryption at rest: re-wrap or replace the tenants' data keys (rotate), seal "
+        "tenants (seal)",
         configure=_configure_keys,
     ),
 }

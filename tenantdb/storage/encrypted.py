@@ -8,8 +8,9 @@ every CLI verb alike. What an object is follows from its key (docs/format.md):
   the sizes this bucket reports for sealed snapshots are their plaintext sizes;
 - ``<tenant>/lock.json``: only the segments it carries in ``log.inline`` are sealed, each
   exactly as its own object will be; the lease fields stay readable;
-- ``<tenant>/key.json``: the tenant's data key, wrapped (created with ``If-None-Match: *``
-  by the first write that needs it; a racing creator adopts the winner's);
+- ``<tenant>/key.json``: the tenant's data keys, wrapped (created with ``If-None-Match: *``
+  by the first write that needs it; a racing creator adopts the winner's). The newest
+  seals; each sealed object names the number of its key, and any of them opens;
 - anything else (takeover records, probes) passes through.
 
 Objects written before encryption was turned on stay readable: a body that is not sealed
@@ -35,6 +36,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 from tenantdb.crypto import (
+    HEADER_SIZE,
     Keyring,
     Kind,
     ObjectContext,
@@ -45,6 +47,7 @@ from tenantdb.crypto import (
     opened_size,
     seal_bytes,
     seal_file,
+    sealed_key_number,
     sealed_size,
 )
 from tenantdb.errors import (
@@ -54,7 +57,7 @@ from tenantdb.errors import (
 )
 from tenantdb.parsing import Malformed, load_json
 from tenantdb.storage.base import Bucket, ObjectInfo, SmallObject
-from tenantdb.storage.data_keys import DataKeys
+from tenantdb.storage.data_keys import Check, DataKeys
 
 __all__ = ["EncryptedBucket"]
 
@@ -156,8 +159,10 @@ class EncryptedBucket:
 
     # -- small objects ---------------------------------------------------------------------
 
-    async def _seal(self, tenant: str, key: str, kind: Kind, generation: int, body: bytes) -> bytes:
-        data_key = (await self.keys.get(tenant, create=True)).data_key
+    async def _seal(
+        self, tenant: str, key: str, kind: Kind, generation: int, body: bytes, check: Check
+    ) -> bytes:
+        data_key = await self.keys.sealing(tenant, check=check)
         ctx = ObjectContext(tenant, key, generation, kind)
         if len(body) <= _INLINE_CRYPTO:
             return seal_bytes(data_key, ctx, body)
@@ -170,9 +175,9 @@ class EncryptedBucket:
         if not is_sealed(body):
             await self._check_plaintext(tenant, what, stored)
             return body
-        data_key = await self.keys.opening(tenant, what)
         ctx = ObjectContext(tenant, key, generation, "segment")
         try:
+            data_key = await self.keys.opening(tenant, what, sealed_key_number(body))
             if len(body) <= _INLINE_CRYPTO:
                 return open_bytes(data_key, ctx, body)
             return await asyncio.to_thread(open_bytes, data_key, ctx, body)
@@ -216,7 +221,7 @@ class EncryptedBucket:
         """See ``Bucket.put``: segments are sealed, lock.json's inline segments too."""
         tenant, place, generation = _place(self.prefix, key)
         if place == "segment":
-            body = await self._seal(tenant, key, "segment", generation, body)
+            body = await self._seal(tenant, key, "segment", generation, body, "due")
         elif place == "lock":
             body = await self._lock_inline(tenant, key, body, stored=None)
         return await self.inner.put(key, body, if_match=if_match, if_none_match=if_none_match)
@@ -251,7 +256,9 @@ class EncryptedBucket:
         out: list[str] = []
         for (segment_key, generation), segment in keys:
             if stored is None:
-                segment = await self._seal(tenant, segment_key, "segment", generation, segment)
+                segment = await self._seal(
+                    tenant, segment_key, "segment", generation, segment, "never"
+                )
             else:
                 what = f"{segment_key} (inline in {key})"
                 segment = await self._open(tenant, what, segment_key, generation, segment, stored)
@@ -297,14 +304,14 @@ class EncryptedBucket:
         stored_max = None if max_size is None else sealed_size(max_size)
         info = await self.inner.download_file(key, dest, max_size=stored_max)
         with open(dest, "rb") as f:
-            head = f.read(8)
+            head = f.read(HEADER_SIZE)
         if not is_sealed(head):
             await self._check_plaintext(tenant, key, info.last_modified)
             if max_size is not None and info.size > max_size:
                 raise ObjectTooLargeError(key=key, size=info.size, limit=max_size)
             return info
-        data_key = await self.keys.opening(tenant, key)
         try:
+            data_key = await self.keys.opening(tenant, key, sealed_key_number(head))
             length = await asyncio.to_thread(open_file_in_place, data_key, ctx, dest)
         except Refused as exc:
             raise self._refused(tenant, key, exc) from None
@@ -320,7 +327,8 @@ class EncryptedBucket:
         if ctx is None:
             return await self.inner.upload_file(key, src, if_none_match=if_none_match)
         tenant = ctx.tenant
-        data_key = (await self.keys.get(tenant, create=True)).data_key
+        # A snapshot is when a machine holding the tenant picks up a replaced data key.
+        data_key = await self.keys.sealing(tenant, check="now" if ctx.kind == "snapshot" else "due")
         # A dot name ending .tmp: remove_stray_temp_files takes it if a crash leaves it.
         sealed = src.with_name(f".{src.name}.{uuid.uuid4().hex}.sealed.tmp")
         try:

@@ -23,16 +23,29 @@ import httpx
 import pytest
 
 from tenantdb.config import Settings
-from tenantdb.crypto import MAGIC, Keyring, parse_keyring
-from tenantdb.errors import DataKeyError, DecryptionError, ReplicationError
+from tenantdb.crypto import MAGIC, MAX_KEY_NUMBER, Keyring, parse_keyring, wrap_data_key
+from tenantdb.errors import (
+    DataKeyError,
+    DecryptionError,
+    PreconditionFailedError,
+    ReplicationError,
+    TransientStorageError,
+)
 from tenantdb.fleet.create import create_tenant
 from tenantdb.fleet.purge import purge_tenant
 from tenantdb.machine.database import TenantDB
 from tenantdb.replication.packs import decode_pack
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.segment import decode_segment, parse_chunk_key
-from tenantdb.storage import LocalBucket, open_bucket
+from tenantdb.storage import LocalBucket, data_keys, open_bucket
 from tenantdb.storage.base import Bucket
+from tenantdb.storage.data_keys import (
+    KEY_OBJECT_MAX,
+    MAX_DATA_KEYS,
+    Replaced,
+    key_object_body,
+    parse_key_object,
+)
 from tenantdb.storage.encrypted import EncryptedBucket
 from tests.support.s3_server import s3_client
 from tests.support.servers import MachineProcesses
@@ -508,3 +521,270 @@ async def test_a_purge_receipt_says_the_data_key_went_first(backend: Backend) ->
     receipt = await purge_tenant(backend.encrypted(), "acme", prefix=PREFIX)
     assert receipt.key_erased
     assert await backend.raw.list(f"{PREFIX}acme/") == []
+
+
+# --- replacing a tenant's data key: the newest seals, every one opens ---
+
+
+def key_number(body: bytes) -> int:
+    """The data key number a sealed object's header names."""
+    assert body.startswith(MAGIC)
+    return int.from_bytes(body[10:14], "big")
+
+
+async def numbers(raw: Bucket, tenant: str = "acme") -> dict[str, int]:
+    """The data key number of each sealed log object and snapshot of ``tenant``."""
+    found = {}
+    for info in await raw.list(f"{PREFIX}{tenant}/"):
+        if "/log/" in info.key or info.key.endswith(".sqlite3"):
+            found[info.key] = key_number((await raw.get(info.key)).body)
+    return found
+
+
+async def newest_carried(raw: Bucket) -> int:
+    """The data key number of the newest segment acme's lock.json carries inline."""
+    lock = json.loads((await raw.get(f"{PREFIX}acme/lock.json")).body)
+    return key_number(base64.b64decode(lock["log"]["inline"][-1]))
+
+
+async def test_a_replaced_data_key_seals_what_follows_and_the_older_one_still_opens(
+    backend: Backend,
+) -> None:
+    async with backend.tenantdb("m1") as tdb:
+        await write_notes(tdb, 3)
+        assert await tdb.checkpoint()
+        await write_notes(tdb, 2)
+        await tdb.sync()
+    before = await numbers(backend.raw)
+    assert set(before.values()) == {1}
+    assert await backend.encrypted().keys.replace("acme") == Replaced(1, 2, added=True)
+    stored = json.loads((await backend.raw.get("tenants/acme/key.json")).body)
+    assert (stored["format"], [k["number"] for k in stored["keys"]]) == (2, [1, 2])
+    async with backend.tenantdb("m2") as tdb:  # restores history sealed with data key 1
+        assert await count_notes(tdb) == 5
+        await write_notes(tdb, 4)
+        await tdb.sync()
+        assert await tdb.checkpoint()
+    after = await numbers(backend.raw)
+    assert {k: n for k, n in after.items() if k in before} == before
+    assert {n for k, n in after.items() if k not in before} == {2}
+    restored = backend.tmp / "restored.sqlite3"
+    await restore_at(backend.encrypted(), "acme", restored, prefix=PREFIX)
+    assert count_in_file(restored) == 9
+
+
+async def test_a_holder_that_cached_the_old_key_switches_at_its_next_snapshot(
+    local: Backend, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with local.tenantdb("m1") as tdb:
+        await write_notes(tdb, 2)
+        await tdb.sync()
+        await local.encrypted().keys.replace("acme")  # an operator, elsewhere
+        await write_notes(tdb, 2)
+        await tdb.sync()  # never fails: the key it has stays valid
+        assert await newest_carried(local.raw) == 1
+
+        async def unreachable(*args: object, **kwargs: object) -> None:
+            raise TransientStorageError("the bucket did not answer", key="tenants/acme/key.json")
+
+        # Its check for a new key fails: the snapshot is sealed with the key it has.
+        monkeypatch.setattr(local.raw, "get_if_changed", unreachable)
+        with caplog.at_level(logging.WARNING, logger="tenantdb"):
+            assert await tdb.checkpoint()
+        assert "sealing with data key 1 still" in caplog.text
+        monkeypatch.undo()
+        assert set((await numbers(local.raw)).values()) == {1}
+        await write_notes(tdb, 1)
+        assert await tdb.checkpoint()  # the next snapshot picks data key 2 up
+        snapshot = await current_snapshot(local.raw, "acme")
+        assert key_number((await local.raw.get(snapshot)).body) == 2
+        await write_notes(tdb, 2)
+        await tdb.sync()
+        assert await newest_carried(local.raw) == 2
+    restored = local.tmp / "restored.sqlite3"
+    await restore_at(local.encrypted(), "acme", restored, prefix=PREFIX)
+    assert count_in_file(restored) == 7
+
+
+async def test_a_writing_holder_picks_up_a_replaced_key_once_its_recheck_interval_passed(
+    local: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(data_keys, "_RECHECK_SECONDS", 0.5)
+    holder = local.encrypted()
+    async with local.tenantdb("m1", bucket=holder) as tdb:
+        await write_notes(tdb, 1)
+        await tdb.sync()
+        await local.encrypted().keys.replace("acme")
+        await asyncio.sleep(0.6)
+        await write_notes(tdb, 1)
+        await tdb.sync()
+        # lock.json's inline segments never wait for a check (a commit, a renewal).
+        assert await newest_carried(local.raw) == 1
+        # The holder's next log object, the interval passed: checked, sealed with key 2.
+        log_object = f"{PREFIX}acme/log/00000009/000000000001.seg"
+        await holder.put(log_object, b"x", if_none_match="*")
+        assert key_number((await local.raw.get(log_object)).body) == 2
+        await local.raw.delete(log_object)
+        await write_notes(tdb, 1)
+        await tdb.sync()  # no snapshot: the interval alone
+        assert await newest_carried(local.raw) == 2
+        assert not [k for k in await numbers(local.raw) if "/snapshots/" in k]
+    restored = local.tmp / "restored.sqlite3"
+    await restore_at(local.encrypted(), "acme", restored, prefix=PREFIX)
+    assert count_in_file(restored) == 3
+
+
+async def test_a_reader_that_cached_the_old_key_opens_what_the_new_one_sealed(
+    backend: Backend,
+) -> None:
+    writer, reader = backend.encrypted(), backend.encrypted()
+    first, second = (f"{PREFIX}acme/log/00000009/{i:012d}.seg" for i in (1, 2))
+    await writer.put(first, b"sealed with data key 1")
+    assert (await reader.get(first)).body == b"sealed with data key 1"  # key 1 cached
+    await writer.keys.replace("acme")
+    await writer.put(second, b"sealed with data key 2")
+    assert key_number((await backend.raw.get(second)).body) == 2
+    assert (await reader.get(second)).body == b"sealed with data key 2"
+    assert (await reader.get(first)).body == b"sealed with data key 1"
+
+
+class _Gated:
+    """``raw`` whose writes of key objects wait until ``parties`` writers reached them: each
+    has read the same key object before any writes it."""
+
+    def __init__(self, raw: Bucket, parties: int) -> None:
+        self.raw = raw
+        self.barrier = asyncio.Barrier(parties)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.raw, name)
+
+    async def put(self, key: str, body: bytes, **conditions: object) -> object:
+        if key.endswith("/key.json"):
+            await self.barrier.wait()
+        return await self.raw.put(key, body, **conditions)  # type: ignore[arg-type]
+
+
+async def test_two_operators_replacing_at_once_add_one_key_between_them(backend: Backend) -> None:
+    await backend.encrypted().put(segment("acme", 1), b"x")  # the tenant's data key 1
+    gated = _Gated(backend.raw, 2)
+    first, second = (EncryptedBucket(gated, KEYRING, prefix=PREFIX) for _ in range(2))  # type: ignore[arg-type]
+    outcomes = await asyncio.gather(first.keys.replace("acme"), second.keys.replace("acme"))
+    assert sorted(outcomes, key=lambda r: r.added) == [
+        Replaced(1, 2, added=False),
+        Replaced(1, 2, added=True),
+    ]
+    stored = json.loads((await backend.raw.get("tenants/acme/key.json")).body)
+    assert [k["number"] for k in stored["keys"]] == [1, 2]
+
+
+class _Unheard:
+    """``raw`` whose first write of a key object lands, then answers 412: what the bucket's
+    own retry of that write sees when the first answer was lost."""
+
+    def __init__(self, raw: Bucket) -> None:
+        self.raw = raw
+        self.lost = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.raw, name)
+
+    async def put(self, key: str, body: bytes, **conditions: object) -> object:
+        landed = await self.raw.put(key, body, **conditions)  # type: ignore[arg-type]
+        if key.endswith("/key.json") and not self.lost:
+            self.lost += 1
+            raise PreconditionFailedError("retried after a lost answer", key=key)
+        return landed
+
+
+async def test_a_replacement_whose_write_landed_unheard_adds_no_second_key(
+    backend: Backend,
+) -> None:
+    await backend.encrypted().put(segment("acme", 1), b"x")
+    unheard = _Unheard(backend.raw)
+    bucket = EncryptedBucket(unheard, KEYRING, prefix=PREFIX)  # type: ignore[arg-type]
+    assert await bucket.keys.replace("acme") == Replaced(1, 2, added=False)
+    assert unheard.lost == 1
+    stored = json.loads((await backend.raw.get("tenants/acme/key.json")).body)
+    assert [k["number"] for k in stored["keys"]] == [1, 2]
+    await bucket.put(segment("acme", 2), b"y")
+    assert key_number((await backend.raw.get(segment("acme", 2))).body) == 2
+
+
+async def test_a_key_object_replayed_or_renumbered_by_a_bucket_writer_is_refused(
+    local: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    bucket = local.encrypted()
+    await bucket.put(segment("acme", 1), b"one")
+    older = (await local.raw.get("tenants/acme/key.json")).body
+    await bucket.keys.replace("acme")
+    await bucket.put(segment("acme", 2), b"two")
+    newer = (await local.raw.get("tenants/acme/key.json")).body
+    # Replayed: the key object from before the replacement.
+    await local.raw.put("tenants/acme/key.json", older)
+    with pytest.raises(DecryptionError, match="sealed with data key 2, which") as raised:
+        await local.encrypted().get(segment("acme", 2))
+    assert "does not hold (it holds 1)" in str(raised.value)
+    assert (await local.encrypted().get(segment("acme", 1))).body == b"one"
+    # A machine that knew data key 2 keeps sealing with it (keys are only ever added).
+    with caplog.at_level(logging.WARNING, logger="tenantdb"):
+        assert (await bucket.keys.sealing("acme", check="now")).number == 2
+    assert "holds no data key 2 any more" in caplog.text
+    # Renumbered: data key 2 claims to be 3 (its number is bound into its wrapping).
+    renumbered = json.loads(newer)
+    renumbered["keys"][1]["number"] = 3
+    await local.raw.put("tenants/acme/key.json", json.dumps(renumbered).encode())
+    with pytest.raises(DataKeyError, match=r"key\.json \(data key 3\) cannot be unwrapped"):
+        await local.encrypted().get(segment("acme", 1))
+
+
+async def test_a_purge_after_a_replacement_erases_every_data_key_first(
+    local: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = local.encrypted()
+    await bucket.put(segment("acme", 1), b"one")
+    await bucket.keys.replace("acme")
+    await bucket.put(segment("acme", 2), b"two")
+
+    async def cut(keys: object) -> None:
+        raise OSError("the purge is cut short before its first batch")
+
+    monkeypatch.setattr(local.raw, "delete_many", cut)
+    with pytest.raises(OSError, match="cut short"):
+        await purge_tenant(local.encrypted(), "acme", prefix=PREFIX)
+    for index in (1, 2):
+        with pytest.raises(DataKeyError, match=r"tenants/acme/key\.json does not exist"):
+            await local.encrypted().get(segment("acme", index))
+
+
+async def test_replacing_needs_a_data_key_and_stops_at_the_most_a_key_object_holds(
+    local: Backend,
+) -> None:
+    bucket = local.encrypted()
+    with pytest.raises(DataKeyError, match=r"no data key tenants/acme/key\.json yet"):
+        await bucket.keys.replace("acme")
+    await bucket.put(segment("acme", 1), b"one")
+    for number in range(2, MAX_DATA_KEYS + 1):
+        assert (await bucket.keys.replace("acme")).new == number
+    assert len((await local.raw.get("tenants/acme/key.json")).body) <= KEY_OBJECT_MAX
+    with pytest.raises(DataKeyError, match=f"already holds {MAX_DATA_KEYS} data keys"):
+        await bucket.keys.replace("acme")
+    assert (await local.encrypted().get(segment("acme", 1))).body == b"one"
+
+
+def test_the_largest_key_object_fits_its_size_limit() -> None:
+    keyring = parse_keyring(f"{'k' * 32}:{KEY}", variable="TENANTDB_ENCRYPTION_KEY")
+    since = datetime.now(UTC).isoformat()
+    tenant = "t" * 63  # the longest tenant id
+    key = f"tenants/{tenant}/key.json"
+    keys = [
+        wrap_data_key(keyring, tenant, key, number=n, since=since)[1]
+        for n in range(MAX_KEY_NUMBER - MAX_DATA_KEYS + 1, MAX_KEY_NUMBER + 1)
+    ]
+    body = key_object_body(tenant, keys)
+    assert len(body) <= KEY_OBJECT_MAX
+    assert parse_key_object(body, tenant=tenant, key=key) == tuple(keys)
+    too_many = json.loads(body)
+    too_many["keys"].append(too_many["keys"][-1])
+    with pytest.raises(DataKeyError, match=f"not a list of 1 to {MAX_DATA_KEYS} data keys"):
+        parse_key_object(json.dumps(too_many).encode(), tenant=tenant, key=key)
