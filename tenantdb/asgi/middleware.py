@@ -92,6 +92,10 @@ class TenantDBMiddleware:
     (final snapshot, publish, release) after the app's. Bad configuration fails the startup
     (``startup_error``), never a request.
 
+    With ``TENANTDB_TAIL_HINTS`` (on by default) the middleware answers standbys' tail hint
+    requests at ``/.tenantdb/tail/<tenant>`` before the app, and this machine's standby asks
+    its holder the same way (``asgi/tail_hints.py``).
+
     ``health_path`` (``None``: off) answers the platform's health check before the app:
     ``200 ok`` or ``503`` with the reasons of ``health()``. When a task the machine cannot
     run without dies, the machine fails stop: with ``exit_on_failure`` (and a server on the

@@ -88,6 +88,7 @@ class TailHints:
         self.machine_id = machine_id
         self.hint_wait = hint_wait  # the longest wait one request asks the holder for
         self._retry_at = 0.0
+        self._working = True  # logged once each time hints stop working
         self._moved_from: str | None = None  # lock.json's ETag when the last hint said "moved"
 
     def target(self, observed: ObservedLock | None) -> tuple[str, Bookmark] | None:
@@ -114,6 +115,8 @@ class TailHints:
             answer = await self.client.wait_past(
                 holder, self.tenant, after, min(left, self.hint_wait)
             )
+            if answer != "failed":
+                self._working = True
             if answer == "moved":
                 self._moved_from = etag
                 return True
@@ -124,10 +127,13 @@ class TailHints:
 
     def _give_up(self, holder: str, why: str) -> None:
         self._retry_at = clock.monotonic() + HINT_RETRY
-        log.info(
-            "tenant %s: no tail hints from machine %s (%s): polling lock.json for %.0fs",
-            self.tenant,
-            holder,
-            why,
-            HINT_RETRY,
-        )
+        if self._working:
+            self._working = False
+            log.info(
+                "tenant %s: no tail hints from machine %s (%s): polling lock.json every "
+                "TENANTDB_FOLLOW_INTERVAL, asking again every %.0fs",
+                self.tenant,
+                holder,
+                why,
+                HINT_RETRY,
+            )
