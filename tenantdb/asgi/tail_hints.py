@@ -16,6 +16,7 @@ and never through Fly's proxy, which would start a stopped holder
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from dataclasses import dataclass
@@ -73,10 +74,20 @@ class TailHintEndpoint:
             )
             return
         self.waiting += 1
+        answered = asyncio.ensure_future(
+            asked.tdb.wait_tail(asked.after, min(asked.wait, self.max_wait))
+        )
+        # A standby that stops waiting (its own poll came first) frees its place at once.
+        gone = asyncio.ensure_future(_disconnect(receive))
         try:
-            state = await asked.tdb.wait_tail(asked.after, min(asked.wait, self.max_wait))
+            await asyncio.wait({answered, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self.waiting -= 1
+            gone.cancel()
+            answered.cancel()
+        if not answered.done() or answered.cancelled():
+            return  # nobody to answer
+        state = answered.result()
         body = {
             "holding": state.holding,
             "position": str(state.position) if state.position is not None else None,
@@ -116,6 +127,12 @@ class _Asked:
 class _Refusal:
     status: int
     message: str
+
+
+async def _disconnect(receive: Receive) -> None:
+    """Return once the client has gone."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _query(scope: Scope) -> tuple[Bookmark | None, float | None]:
