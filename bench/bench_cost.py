@@ -324,12 +324,16 @@ def idle_standby(s3: S3Server, seconds: float, hints: bool) -> float:
     with tempfile.TemporaryDirectory() as tmp, MachineProcesses(Path(tmp)) as machines:
         holder_port, standby_port, metrics_port = free_port(), free_port(), free_port()
         machines.start(app, str(holder_port), "acme", env, port=holder_port)
-        standby = {**env, "TENANTDB_METRICS_PORT": str(metrics_port)}
-        machines.start(app, str(standby_port), "acme", standby, port=standby_port)
+        standby_env = {**env, "TENANTDB_METRICS_PORT": str(metrics_port)}
+        standby = machines.start(app, str(standby_port), "acme", standby_env, port=standby_port)
         time.sleep(5)  # the standby restored its copy and settled
         before = standby_requests(metrics_port)
         time.sleep(seconds)
-        return (standby_requests(metrics_port) - before) * 60 / seconds
+        made = standby_requests(metrics_port) - before
+        for line in standby.log().splitlines():
+            if "tail hints" in line:
+                print(f"  standby: {line}")
+        return made * 60 / seconds
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,6 +36,8 @@ holder no longer holds the lease), it did not within the wait, or no usable answ
 # How long a standby polls the plain way after its holder could not be asked, before it
 # asks again (a holder that is down is not asked at every poll).
 HINT_RETRY = 5.0
+# A failed hint request that took less than this is asked again once before giving up.
+_QUICK_FAILURE = 0.5
 
 
 @dataclass(frozen=True)
@@ -111,18 +113,24 @@ class TailHints:
         """Ask until monotonic ``until``: True once the holder says lock.json moved; False at
         ``until`` or as soon as the holder cannot be asked."""
         holder, after = target
+        retried = False
         while (left := until - clock.monotonic()) > 0:
+            asked = clock.monotonic()
             answer = await self.client.wait_past(
                 holder, self.tenant, after, min(left, self.hint_wait)
             )
-            if answer != "failed":
-                self._working = True
+            if answer == "failed":
+                # One quick failure (a keep-alive connection the holder had just closed) is
+                # asked again at once; a second, or one that took long, is not.
+                if not retried and clock.monotonic() - asked < _QUICK_FAILURE:
+                    retried = True
+                    continue
+                self._give_up(holder, "it did not answer")
+                return False
+            retried, self._working = False, True
             if answer == "moved":
                 self._moved_from = etag
                 return True
-            if answer == "failed":
-                self._give_up(holder, "it did not answer")
-                return False
         return False
 
     def _give_up(self, holder: str, why: str) -> None:
