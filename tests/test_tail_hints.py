@@ -16,9 +16,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.responses import PlainTextResponse
 
+from tenantdb import TenantDBMiddleware
+from tenantdb.config import Settings
 from tenantdb.dev.dns_server import DevDNSServer
 from tenantdb.dev.ports import free_port
+from tenantdb.errors import ConfigurationError
 from tests.support.servers import MachineProcesses, UvicornProcess
 
 APP = "tests.support.replica_app:app"
@@ -243,3 +247,20 @@ def test_the_holder_keeps_a_bounded_number_of_hint_requests_waiting(start: Start
             assert await ask("0.0") == 200
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("template", ["ftp://{machine_id}", "http://{host}:8080"])
+def test_a_bad_hint_url_fails_the_startup_naming_it(tmp_path: Path, template: str) -> None:
+    settings = Settings.from_env(
+        {
+            "TENANT_ID": "acme",
+            "TENANTDB_LOCAL_BUCKET": str(tmp_path / "bucket"),
+            "TENANTDB_DATA_DIR": str(tmp_path / "data"),
+            "TENANTDB_HINT_URL": template,
+        }
+    )
+    middleware = TenantDBMiddleware(PlainTextResponse("app"), settings=settings)
+    error = middleware.startup_error
+    assert isinstance(error, ConfigurationError)
+    assert error.variable == "TENANTDB_HINT_URL"
+    assert "tail hint URL template TENANTDB_HINT_URL=" in str(error)

@@ -163,6 +163,8 @@ class TenantDBMiddleware:
                     self.settings.hint_url,
                     app=self.settings.app_name or LOCAL_APP_NAME,
                     port=self.settings.port,
+                    variable="TENANTDB_HINT_URL",
+                    what="tail hint",
                 )
             )
             if self.settings.tail_hints and self.settings.tenant
