@@ -14,7 +14,7 @@ Printed per mode: read p50/p99, the share served by m2, and (on) the lag m2 repo
 median wait (``tenantdb-waited-ms``). Replica reads run twice, with tail hints
 (``TENANTDB_TAIL_HINTS``; m2 asks m1 through the relay, as across regions) and without,
 and each run also measures how soon a write's answer is followed by m2 serving it
-(``visible``: m2 polled without a bookmark every 2 ms). Run: ``python -m bench.bench_replicas``.
+(``visible``: m2 read without a bookmark every 2 ms). Run: ``python -m bench.bench_replicas``.
 """
 
 from __future__ import annotations
@@ -136,9 +136,7 @@ async def measure(
                 lags.append(float(response.headers["tenantdb-lag-ms"]))
                 if (waited := float(response.headers["tenantdb-waited-ms"])) > 0:
                     waits.append(waited)
-        visible = [
-            await visibility(client, urls[near], near, holder) for _ in range(visible_samples)
-        ]
+        visible = [await visibility(urls[near], near, holder) for _ in range(visible_samples)]
     stop.set()
     await background
     result = {
@@ -157,16 +155,23 @@ async def measure(
     return result
 
 
-async def visibility(client: httpx.AsyncClient, url: str, near: str, holder: str) -> float:
-    """Seconds from a write's answer on m1 to m2 (``near``, at ``url``) serving it itself."""
+async def visibility(url: str, near: str, holder: str) -> float:
+    """Seconds from a write's answer on m1 to m2 (``near``, at ``url``) serving it itself.
+
+    The reads carry no bookmark (a client of their own, its cookies dropped): a bookmark
+    would make m2 poll lock.json at once, which is not what is measured here.
+    """
     token = f"v-{time.time_ns()}"
-    (await client.post(f"{holder}{NOTES}?token={token}")).raise_for_status()
-    written = time.perf_counter()
-    while time.perf_counter() - written < 10:
-        answer = await client.get(url + NOTES)
-        if answer.headers.get("tenantdb-served-by") == near and token in answer.json()["tokens"]:
-            return time.perf_counter() - written
-        await asyncio.sleep(0.002)
+    async with httpx.AsyncClient(timeout=10) as client:
+        (await client.post(f"{holder}{NOTES}?token={token}")).raise_for_status()
+        written = time.perf_counter()
+        while time.perf_counter() - written < 10:
+            client.cookies.clear()
+            answer = await client.get(url + NOTES)
+            served = answer.headers.get("tenantdb-served-by") == near
+            if served and token in answer.json()["tokens"]:
+                return time.perf_counter() - written
+            await asyncio.sleep(0.002)
     raise RuntimeError(f"m2 did not serve {token} within 10 s")
 
 
@@ -184,7 +189,7 @@ def run_mode(replicas: bool, hints: bool, args: argparse.Namespace) -> dict[str,
             "TENANTDB_LOCAL_BUCKET": str(root / "bucket"),
             "TENANTDB_LEASE_TTL": "5",
             "TENANTDB_CHECKPOINT_INTERVAL": "0",
-            "TENANTDB_FOLLOW_INTERVAL": "0.1",
+            "TENANTDB_FOLLOW_INTERVAL": f"{args.follow_interval:g}",
             "TENANTDB_METRICS_PORT": "0",
             "TENANTDB_IDLE_STOP": "0",
             "TENANTDB_REPLICA_READS": "1" if replicas else "0",
@@ -221,6 +226,7 @@ def main() -> None:
     parser.add_argument("--write-every", type=int, default=20)
     parser.add_argument("--writes-per-s", type=float, default=10.0)
     parser.add_argument("--visible", type=int, default=100, help="writes timed to m2's copy")
+    parser.add_argument("--follow-interval", type=float, default=0.1, help="seconds")
     args = parser.parse_args()
     off = run_mode(False, True, args)
     polled = run_mode(True, False, args)
