@@ -14,7 +14,8 @@ Printed per mode: read p50/p99, the share served by m2, and (on) the lag m2 repo
 median wait (``tenantdb-waited-ms``). Replica reads run twice, with tail hints
 (``TENANTDB_TAIL_HINTS``; m2 asks m1 through the relay, as across regions) and without,
 and each run also measures how soon a write's answer is followed by m2 serving it
-(``visible``: m2 read without a bookmark every 2 ms). Run: ``python -m bench.bench_replicas``.
+(``visible``: m2 read without a bookmark every 2 ms). The replica polls every
+``--follow-interval`` (0.1 s) without hints. Run: ``python -m bench.bench_replicas``.
 """
 
 from __future__ import annotations
