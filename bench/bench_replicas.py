@@ -217,7 +217,11 @@ def run_mode(replicas: bool, hints: bool, args: argparse.Namespace) -> dict[str,
                         args.visible if replicas else 0,
                     )
 
-            return asyncio.run(main())
+            result = asyncio.run(main())
+            for line in m2.log().splitlines():
+                if "tail hints" in line:
+                    print(f"  m2: {line}")
+            return result
 
 
 def main() -> None:
