@@ -21,6 +21,11 @@ worktree, put first on the child's ``PYTHONPATH``). Three measurements, each var
 
 Ratios (candidate/baseline) are printed last. Run:
 ``python -m bench.bench_cost [--sizes 32 256] [--seconds 60] [--baseline 66195f7]``.
+
+``--idle-standby SECONDS`` measures only an idle standby's bucket requests per minute, tail
+hints (``TENANTDB_TAIL_HINTS``) off and on in one run: two uvicorn machines of one tenant
+(``tests.support.replica_app``, the default TTL of 15 s), nothing written, the standby's own
+count (its ``/metrics``) over ``SECONDS``.
 """
 
 from __future__ import annotations
@@ -39,7 +44,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from bench.common import CONTROL_PATH, ROOT, MiB, Request, S3Server, child_env, machine
+from tenantdb.dev.ports import free_port
+from tests.support.servers import MachineProcesses
 
 MIGRATIONS = [
     "CREATE TABLE counter (id INTEGER PRIMARY KEY, count INTEGER NOT NULL);"
@@ -318,6 +327,42 @@ def report(name: str, result: Any, args: argparse.Namespace) -> None:
     print(f"  requests per sync, {args.rate:g} async writes/s: {result['per_sync']:.3f}")
 
 
+def standby_requests(metrics_port: int) -> float:
+    """Every bucket request a machine made so far, from its /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    prefix = "tenantdb_bucket_requests_total{"
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def idle_standby(s3: S3Server, seconds: float, hints: bool) -> float:
+    """An idle standby's bucket requests per minute, with tail hints on or off."""
+    bucket = s3.create_bucket(f"bench-idle-standby-{'on' if hints else 'off'}")
+    env = child_env(
+        {
+            **s3.settings_env(bucket),
+            "TENANTDB_IDLE_STOP": "0",
+            "TENANTDB_METRICS_PORT": "0",
+            "TENANTDB_TAIL_HINTS": "1" if hints else "0",
+            # Machine ids are ports: the hint URL names the holder as Fly's private DNS would.
+            "TENANTDB_HINT_URL": "http://127.0.0.1:{machine_id}",
+        }
+    )
+    app = "tests.support.replica_app:app"
+    with tempfile.TemporaryDirectory() as tmp, MachineProcesses(Path(tmp)) as machines:
+        holder_port, standby_port, metrics_port = free_port(), free_port(), free_port()
+        machines.start(app, str(holder_port), "acme", env, port=holder_port)
+        standby_env = {**env, "TENANTDB_METRICS_PORT": str(metrics_port)}
+        standby = machines.start(app, str(standby_port), "acme", standby_env, port=standby_port)
+        time.sleep(5)  # the standby restored its copy and settled
+        before = standby_requests(metrics_port)
+        time.sleep(seconds)
+        made = standby_requests(metrics_port) - before
+        for line in standby.log().splitlines():
+            if "tail hints" in line:
+                print(f"  standby: {line}")
+        return made * 60 / seconds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or, with --child, one variant's measurements)."""
     parser = argparse.ArgumentParser(prog="python -m bench.bench_cost")
@@ -327,10 +372,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--write-seconds", type=float, default=15.0)
     parser.add_argument("--warmup", type=float, default=30.0)
     parser.add_argument("--baseline", default="66195f7")
+    parser.add_argument("--idle-standby", type=float, metavar="SECONDS")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         asyncio.run(child(args))
+        return 0
+    if args.idle_standby:
+        with S3Server() as s3:
+            off = idle_standby(s3, args.idle_standby, hints=False)
+            on = idle_standby(s3, args.idle_standby, hints=True)
+        print(
+            f"idle standby, bucket requests/min over {args.idle_standby:g} s: tail hints off "
+            f"{off:.1f}, on {on:.1f} (goal <= 4); on/off {on / off:.3f}"
+        )
+        print(machine())
         return 0
     started = time.monotonic()
     with S3Server() as s3:

@@ -1,4 +1,5 @@
-"""Read latency for a client in a replica's region, replica reads on vs off.
+"""Read latency for a client in a replica's region, replica reads on vs off, and the
+replica's lag with the holder's tail hints on vs off.
 
 Two uvicorn machines of one tenant (``tests.support.replica_app``, the embedded bucket): m1
 holds it "in another region", m2 stands by in the client's. The client (playing Fly's proxy
@@ -10,7 +11,11 @@ bookmark from a write of its own every ``--write-every`` reads (20), so some rea
 
 Printed per mode: read p50/p99, the share served by m2, and (on) the lag m2 reported
 (``tenantdb-lag-ms``) p50/p99, the share of reads that waited for their bookmark and the
-median wait (``tenantdb-waited-ms``). Run: ``python -m bench.bench_replicas``.
+median wait (``tenantdb-waited-ms``). Replica reads run twice, with tail hints
+(``TENANTDB_TAIL_HINTS``; m2 asks m1 through the relay, as across regions) and without,
+and each run also measures how soon a write's answer is followed by m2 serving it
+(``visible``: m2 read without a bookmark every 2 ms). The replica polls every
+``--follow-interval`` (0.1 s) without hints. Run: ``python -m bench.bench_replicas``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 import httpx
 
 from tenantdb.dev.dns_server import DevDNSServer
+from tenantdb.dev.ports import free_port
 from tests.support.servers import MachineProcesses
 
 APP = "tests.support.replica_app:app"
@@ -35,14 +41,15 @@ NOTES = "/customers/acme/notes"
 class DelayRelay:
     """A TCP relay to ``port`` on loopback that holds each chunk ``delay`` seconds."""
 
-    def __init__(self, port: int, delay: float) -> None:
+    def __init__(self, port: int, delay: float, *, listen: int = 0) -> None:
         self.target = port
         self.delay = delay
+        self.listen = listen
         self.server: asyncio.Server | None = None
         self.url = ""
 
     async def __aenter__(self) -> DelayRelay:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.listen)
         port = self.server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         return self
@@ -70,10 +77,10 @@ class DelayRelay:
 
 
 async def follow(
-    client: httpx.AsyncClient, urls: dict[str, str], method: str, path: str
+    client: httpx.AsyncClient, urls: dict[str, str], near: str, method: str, path: str
 ) -> httpx.Response:
-    """Send to m2 (the client's region) and follow fly-replay as Fly's proxy would."""
-    machine, extra = "m2", {}
+    """Send to m2 (``near``: the client's region) and follow fly-replay as Fly's proxy would."""
+    machine, extra = near, dict[str, str]()
     for _ in range(3):
         response = await client.request(method, urls[machine] + path, headers=extra)
         replay = response.headers.get("fly-replay")
@@ -92,7 +99,13 @@ def percentile(values: list[float], share: float) -> float:
 
 
 async def measure(
-    urls: dict[str, str], holder: str, reads: int, write_every: int, writes_per_s: float
+    urls: dict[str, str],
+    near: str,
+    holder: str,
+    reads: int,
+    write_every: int,
+    writes_per_s: float,
+    visible_samples: int,
 ) -> dict[str, float]:
     """Read ``reads`` times through m2 while m1 takes writes; latencies, shares, lags."""
     stop = asyncio.Event()
@@ -114,16 +127,17 @@ async def measure(
     async with httpx.AsyncClient(timeout=10) as client:
         for n in range(reads):
             if n % write_every == 0:
-                await follow(client, urls, "POST", f"{NOTES}?token=r{n}-{time.time_ns()}")
+                await follow(client, urls, near, "POST", f"{NOTES}?token=r{n}-{time.time_ns()}")
             started = time.perf_counter()
-            response = await follow(client, urls, "GET", NOTES)
+            response = await follow(client, urls, near, "GET", NOTES)
             latencies.append(time.perf_counter() - started)
             response.raise_for_status()
-            if response.headers.get("tenantdb-served-by") == "m2":
+            if response.headers.get("tenantdb-served-by") == near:
                 served_here += 1
                 lags.append(float(response.headers["tenantdb-lag-ms"]))
                 if (waited := float(response.headers["tenantdb-waited-ms"])) > 0:
                     waits.append(waited)
+        visible = [await visibility(urls[near], near, holder) for _ in range(visible_samples)]
     stop.set()
     await background
     result = {
@@ -136,11 +150,39 @@ async def measure(
         result["lag_p99_ms"] = percentile(lags, 0.99)
         result["waited_share"] = len(waits) / reads
         result["wait_p50_ms"] = statistics.median(waits) if waits else 0.0
+    if visible:
+        result["visible_p50_ms"] = 1000 * statistics.median(visible)
+        result["visible_p99_ms"] = 1000 * percentile(visible, 0.99)
     return result
 
 
-def run_mode(replicas: bool, args: argparse.Namespace) -> dict[str, float]:
-    """Start m1 and m2 with replica reads on or off and measure."""
+async def visibility(url: str, near: str, holder: str) -> float:
+    """Seconds from a write's answer on m1 to m2 (``near``, at ``url``) serving it itself.
+
+    The reads carry no bookmark (a client of their own, its cookies dropped): a bookmark
+    would make m2 poll lock.json at once, which is not what is measured here.
+    """
+    token = f"v-{time.time_ns()}"
+    async with httpx.AsyncClient(timeout=10) as client:
+        (await client.post(f"{holder}{NOTES}?token={token}")).raise_for_status()
+        written = time.perf_counter()
+        while time.perf_counter() - written < 10:
+            client.cookies.clear()
+            answer = await client.get(url + NOTES)
+            served = answer.headers.get("tenantdb-served-by") == near
+            if served and token in answer.json()["tokens"]:
+                return time.perf_counter() - written
+            await asyncio.sleep(0.002)
+    raise RuntimeError(f"m2 did not serve {token} within 10 s")
+
+
+def run_mode(replicas: bool, hints: bool, args: argparse.Namespace) -> dict[str, float]:
+    """Start m1 and m2 with replica reads and tail hints on or off and measure.
+
+    Machine ids are ports, so that TENANTDB_HINT_URL can name http://127.0.0.1:{machine_id}
+    (on Fly: <machine_id>.vm.<app>.internal:<port>): m1's id is its relay's port, so m2's
+    hints cross the "ocean" as its replays do.
+    """
     with tempfile.TemporaryDirectory() as tmp, DevDNSServer().run_in_thread() as dns:
         root = Path(tmp)
         env = {
@@ -148,24 +190,38 @@ def run_mode(replicas: bool, args: argparse.Namespace) -> dict[str, float]:
             "TENANTDB_LOCAL_BUCKET": str(root / "bucket"),
             "TENANTDB_LEASE_TTL": "5",
             "TENANTDB_CHECKPOINT_INTERVAL": "0",
-            "TENANTDB_FOLLOW_INTERVAL": "0.1",
+            "TENANTDB_FOLLOW_INTERVAL": f"{args.follow_interval:g}",
             "TENANTDB_METRICS_PORT": "0",
             "TENANTDB_IDLE_STOP": "0",
             "TENANTDB_REPLICA_READS": "1" if replicas else "0",
+            "TENANTDB_TAIL_HINTS": "1" if hints else "0",
+            "TENANTDB_HINT_URL": "http://127.0.0.1:{machine_id}",
         }
+        relay_port, m2_port = free_port(), free_port()
+        far, near = str(relay_port), str(m2_port)
         with MachineProcesses(root) as machines:
-            m1 = machines.start(APP, "m1", "acme", env)
-            m2 = machines.start(APP, "m2", "acme", env)
+            m1 = machines.start(APP, far, "acme", env)
+            m2 = machines.start(APP, near, "acme", env, port=m2_port)
 
             async def main() -> dict[str, float]:
-                async with DelayRelay(m1.port, args.latency_ms / 1000) as far:
-                    urls = {"m1": far.url, "m2": m2.url}
+                async with DelayRelay(m1.port, args.latency_ms / 1000, listen=relay_port) as relay:
+                    urls = {far: relay.url, near: m2.url}
                     await asyncio.sleep(1)  # the replica restores its copy
                     return await measure(
-                        urls, m1.url, args.reads, args.write_every, args.writes_per_s
+                        urls,
+                        near,
+                        m1.url,
+                        args.reads,
+                        args.write_every,
+                        args.writes_per_s,
+                        args.visible if replicas else 0,
                     )
 
-            return asyncio.run(main())
+            result = asyncio.run(main())
+            for line in m2.log().splitlines():
+                if "tail hints" in line:
+                    print(f"  m2: {line}")
+            return result
 
 
 def main() -> None:
@@ -174,15 +230,26 @@ def main() -> None:
     parser.add_argument("--reads", type=int, default=300)
     parser.add_argument("--write-every", type=int, default=20)
     parser.add_argument("--writes-per-s", type=float, default=10.0)
+    parser.add_argument("--visible", type=int, default=100, help="writes timed to m2's copy")
+    parser.add_argument("--follow-interval", type=float, default=0.1, help="seconds")
     args = parser.parse_args()
-    off = run_mode(False, args)
-    on = run_mode(True, args)
-    for name, result in (("off", off), ("on", on)):
+    off = run_mode(False, True, args)
+    polled = run_mode(True, False, args)
+    on = run_mode(True, True, args)
+    runs = (("off", off), ("on, no tail hints", polled), ("on, tail hints", on))
+    for name, result in runs:
         print(f"replica reads {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
     print(
         f"replica reads: p50 on/off = {on['p50_ms'] / off['p50_ms']:.2f} (goal <= 0.2), "
         f"p99 on/off = {on['p99_ms'] / off['p99_ms']:.2f}, "
         f"{100 * on['served_by_replica']:.0f}% of reads served by the replica"
+    )
+    print(
+        "tail hints on/off: "
+        + ", ".join(
+            f"{key} {on[key] / polled[key]:.2f}"
+            for key in ("lag_p50_ms", "lag_p99_ms", "visible_p50_ms", "visible_p99_ms")
+        )
     )
 
 

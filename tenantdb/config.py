@@ -172,10 +172,12 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default
     return raw.lower()
 
 
-def _switch(env: Mapping[str, str], name: str) -> bool:
-    """An on/off variable: 1/true/yes/on or 0/false/no/off (unset: off)."""
+def _switch(env: Mapping[str, str], name: str, *, default: bool = False) -> bool:
+    """An on/off variable: 1/true/yes/on or 0/false/no/off (unset: ``default``)."""
     raw = (env.get(name) or "").strip()
-    if raw.lower() in ("", "0", "false", "no", "off"):
+    if not raw:
+        return default
+    if raw.lower() in ("0", "false", "no", "off"):
         return False
     if raw.lower() in ("1", "true", "yes", "on"):
         return True
@@ -265,6 +267,11 @@ class Settings:
     kill_timeout: float = 30.0
     # A standby's poll of lock.json (a conditional GET): how soon it sees a release.
     follow_interval: float = 0.5
+    # Tail hints (TENANTDB_TAIL_HINTS): a standby long-polls the holder for "lock.json moved"
+    # and reads lock.json then, or once per two TTLs, instead of every follow_interval.
+    tail_hints: bool = True
+    # Where a standby asks the holder ({machine_id}, {app}, {port}): its private address.
+    hint_url: str = INTERNAL_PROXY_URL
     # How long a standby holds a request for its tenant while the lease changes hands.
     handoff_wait: float = 5.0
     # Read replicas (TENANTDB_REPLICA_READS): a standby whose copy is current serves reads.
@@ -389,6 +396,8 @@ class Settings:
             "kill_timeout": _number(env, "TENANTDB_KILL_TIMEOUT", 30.0, minimum=1),
             "follow_interval": _number(env, "TENANTDB_FOLLOW_INTERVAL", 0.5, minimum=0.05),
             "handoff_wait": _number(env, "TENANTDB_HANDOFF_WAIT", 5.0, minimum=0),
+            "tail_hints": _switch(env, "TENANTDB_TAIL_HINTS", default=True),
+            "hint_url": env.get("TENANTDB_HINT_URL") or INTERNAL_PROXY_URL,
             "idle_stop": _number(env, "TENANTDB_IDLE_STOP", 300.0, minimum=0),
             "replica_reads": _switch(env, "TENANTDB_REPLICA_READS"),
             "max_replica_lag": _number(env, "TENANTDB_MAX_REPLICA_LAG", 5.0, minimum=0.01),

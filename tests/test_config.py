@@ -80,6 +80,7 @@ def test_fly_and_bucket_variables_are_read() -> None:
         ),
         ({"TENANTDB_MAX_REPLICA_LAG": "0"}, "TENANTDB_MAX_REPLICA_LAG='0' is out of range"),
         ({"TENANTDB_READ_WAIT": "-1"}, "TENANTDB_READ_WAIT='-1' is out of range"),
+        ({"TENANTDB_TAIL_HINTS": "maybe"}, "TENANTDB_TAIL_HINTS='maybe' is not on or off"),
     ],
 )
 def test_bad_values_name_the_variable_the_value_and_what_is_allowed(
@@ -104,6 +105,16 @@ def test_replica_reads_are_off_unless_asked_for_with_their_bounds() -> None:
     )
     assert (on.replica_reads, on.max_replica_lag, on.read_wait) == (True, 2.5, 0.0)
     assert Settings.from_env({"TENANTDB_REPLICA_READS": "off"}).replica_reads is False
+
+
+def test_tail_hints_are_on_unless_turned_off_and_ask_the_private_address() -> None:
+    on = Settings.from_env({})
+    assert on.tail_hints is True
+    assert on.hint_url == "http://{machine_id}.vm.{app}.internal:{port}"
+    off = Settings.from_env(
+        {"TENANTDB_TAIL_HINTS": "0", "TENANTDB_HINT_URL": "http://127.0.0.1:{machine_id}"}
+    )
+    assert (off.tail_hints, off.hint_url) == (False, "http://127.0.0.1:{machine_id}")
 
 
 def test_secrets_never_show_and_cannot_be_pickled() -> None:

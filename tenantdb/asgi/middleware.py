@@ -26,6 +26,7 @@ from tenantdb.asgi.replica_reads import (
     bookmark_headers,
     is_read_method,
 )
+from tenantdb.asgi.tail_hints import TAIL_HINT_PATH, HttpTailHints, TailHintEndpoint
 from tenantdb.config import Durability, Settings
 from tenantdb.errors import (
     ConfigurationError,
@@ -37,8 +38,8 @@ from tenantdb.machine.database import Migration, TenantDB
 from tenantdb.machine.supervisor import Health
 from tenantdb.metrics import Metrics, MetricsServer
 from tenantdb.responses import RETRY_AFTER, send_error, send_response
-from tenantdb.routing.proxy import MachineURL
-from tenantdb.routing.replay import Router
+from tenantdb.routing.proxy import MachineURL, machine_urls
+from tenantdb.routing.replay import LOCAL_APP_NAME, Router
 from tenantdb.storage import open_bucket
 from tenantdb.storage.metered import MeteredBucket
 from tenantdb.storage.probe import check_conditional_writes
@@ -90,6 +91,10 @@ class TenantDBMiddleware:
     takes part in the ASGI lifespan: its startup runs before the app's and its shutdown
     (final snapshot, publish, release) after the app's. Bad configuration fails the startup
     (``startup_error``), never a request.
+
+    With ``TENANTDB_TAIL_HINTS`` (on by default) the middleware answers standbys' tail hint
+    requests at ``/.tenantdb/tail/<tenant>`` before the app, and this machine's standby asks
+    its holder the same way (``asgi/tail_hints.py``).
 
     ``health_path`` (``None``: off) answers the platform's health check before the app:
     ``200 ok`` or ``503`` with the reasons of ``health()``. When a task the machine cannot
@@ -151,9 +156,34 @@ class TenantDBMiddleware:
         self.bucket = MeteredBucket(
             open_bucket(self.settings), self.metrics, tenant=self.settings.tenant or ""
         )
+        # Tail hints: this machine's standby asks the holder; its holder answers standbys.
+        self.hint_client = (
+            HttpTailHints(
+                machine_urls(
+                    self.settings.hint_url,
+                    app=self.settings.app_name or LOCAL_APP_NAME,
+                    port=self.settings.port,
+                    variable="TENANTDB_HINT_URL",
+                    what="tail hint",
+                )
+            )
+            if self.settings.tail_hints and self.settings.tenant
+            else None
+        )
         self.tenantdb = (
-            TenantDB(self.settings, migrations=migrations, bucket=self.bucket, metrics=self.metrics)
+            TenantDB(
+                self.settings,
+                migrations=migrations,
+                bucket=self.bucket,
+                metrics=self.metrics,
+                tail_hints=self.hint_client,
+            )
             if self.settings.tenant
+            else None
+        )
+        self.tail_hints = (
+            TailHintEndpoint(self.tenantdb, max_wait=self.settings.lease_ttl / 3)
+            if self.settings.tail_hints
             else None
         )
         self.router = Router(
@@ -190,6 +220,13 @@ class TenantDBMiddleware:
             raise self.startup_error
         if scope["type"] == "http" and scope["path"] == self.health_path:
             await self._answer_health(scope, receive, send)
+            return
+        if (
+            scope["type"] == "http"
+            and self.tail_hints is not None
+            and scope["path"].startswith(TAIL_HINT_PATH)
+        ):
+            await self.tail_hints(scope, receive, send)
             return
         segment = (
             self.pattern.segment(scope["path"]) if scope["type"] in ("http", "websocket") else None
@@ -483,6 +520,8 @@ class TenantDBMiddleware:
                 await stack.enter_async_context(server)
             await stack.enter_async_context(self.bucket)
             await stack.enter_async_context(self.router)
+            if self.hint_client is not None:
+                await stack.enter_async_context(self.hint_client)
             if self.tenantdb is not None:
                 if self.settings.bucket_name:
                     # A store that ignores If-None-Match or If-Match would let two machines

@@ -299,6 +299,9 @@ class Cluster:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        # Tail hints reach a holder at its private address, one per machine on Fly; here
+        # the machines share 127.0.0.1 on ports of their own, which no URL template names.
+        env["TENANTDB_TAIL_HINTS"] = "0"
         if self.config.idle_stop is not None:
             env["TENANTDB_IDLE_STOP"] = f"{self.config.idle_stop:g}"
         env.update(self.config.env)

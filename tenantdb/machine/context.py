@@ -20,6 +20,7 @@ from tenantdb.errors import LeaseHeldError, TenantDBError
 from tenantdb.machine.datadir import DataDirLock
 from tenantdb.machine.migrations import Migration
 from tenantdb.machine.mover import Mover, Role
+from tenantdb.machine.tail_hints import TailHintClient
 from tenantdb.metrics import Metrics
 from tenantdb.protocol.lease import Lease
 from tenantdb.replication.shipper import Shipper
@@ -72,6 +73,7 @@ class Machine:
         bucket: Bucket | None,
         metrics: Metrics,
         mover: Mover,
+        tail_hints: TailHintClient | None = None,
     ) -> None:
         self.settings = settings
         self.tenant = tenant
@@ -89,6 +91,8 @@ class Machine:
         self.shipper: Shipper | None = None
         self.pool: ConnectionPool | None = None
         self.activity = Activity()
+        # How a standby asks the holder for tail hints (None: it polls lock.json only).
+        self.tail_hints = tail_hints
 
     @property
     def lease(self) -> Lease:

@@ -35,6 +35,7 @@ from tenantdb.machine.standby import Standby
 from tenantdb.machine.starting import Starting
 from tenantdb.machine.stopping import Stopping
 from tenantdb.machine.supervisor import Health, HealthCheck, Supervisor
+from tenantdb.machine.tail_hints import TailHintClient, TailState, wait_for_tail
 from tenantdb.metrics import Metrics
 from tenantdb.protocol.lease import Lease
 from tenantdb.replication.shipper import Shipper
@@ -62,8 +63,11 @@ class TenantDB:
         migrations: Sequence[Migration] = (),
         bucket: Bucket | None = None,
         metrics: Metrics | None = None,
+        tail_hints: TailHintClient | None = None,
     ) -> None:
-        """``metrics`` receives the tenant's figures (a registry of its own if omitted)."""
+        """``metrics`` receives the tenant's figures (a registry of its own if omitted);
+        with ``tail_hints`` a standby asks the holder when lock.json moves (see
+        machine/tail_hints.py) rather than polling it."""
         if settings.tenant is None:
             raise ConfigurationError("no tenant to serve: set TENANT_ID (or CUSTOMER_ID)")
         self.settings = settings
@@ -77,6 +81,7 @@ class TenantDB:
             bucket=bucket,
             metrics=self.metrics,
             mover=self._mover,
+            tail_hints=tail_hints,
         )
         self.migrations = self._machine.migrations
         self.path = self._machine.path
@@ -155,6 +160,14 @@ class TenantDB:
         lease = self._machine.lease_or_none
         record = lease.record if lease is not None else None
         return Bookmark.of(record) if record is not None else None
+
+    async def wait_tail(self, after: Bookmark, wait: float) -> TailState:
+        """Whether this machine holds the lease and the position it published, once that is
+        not ``after`` (or it stops holding), else after ``wait`` seconds: a tail hint."""
+        lease = self._machine.lease_or_none
+        if lease is None:
+            return TailState(holding=False, position=None)
+        return await wait_for_tail(lease, after, wait)
 
     @property
     def lease(self) -> Lease:

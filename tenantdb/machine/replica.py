@@ -18,10 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
@@ -29,9 +27,10 @@ import aiosqlite
 
 from tenantdb import clock
 from tenantdb.errors import LeaseHeldError, ReplicaRefusedError
+from tenantdb.machine.bookmark import Bookmark
 from tenantdb.machine.context import Machine
-from tenantdb.machine.standby import Standby
-from tenantdb.protocol.lockfile import LockRecord, SnapshotName
+from tenantdb.machine.standby import MIN_POLL_GAP, Standby
+from tenantdb.protocol.lockfile import LockRecord
 
 __all__ = ["BOOKMARK_HEADER", "Bookmark", "ReadCopy", "Replica", "stand_by"]
 
@@ -39,9 +38,6 @@ log = logging.getLogger("tenantdb")
 
 # The header (and cookie) carrying a bookmark: "<generation>.<index>".
 BOOKMARK_HEADER = "tenantdb-bookmark"
-_BOOKMARK_RE = re.compile(r"([0-9]{1,12})\.([0-9]{1,15})")
-# The shortest time between two polls of lock.json that waiting reads ask for.
-_MIN_POLL_GAP = 0.05
 # How long a takeover waits for the reads of the copy to end before it interrupts them.
 _DRAIN_TIMEOUT = 2.0
 # SQLite authorizer actions that change a database (temp objects aside).
@@ -63,38 +59,6 @@ _WRITES = frozenset(
         sqlite3.SQLITE_ANALYZE,
     }
 )
-
-
-@dataclass(frozen=True, order=True)
-class Bookmark:
-    """A position in the tenant's log: a copy at or past it holds every write before it."""
-
-    generation: int
-    index: int
-
-    def __str__(self) -> str:
-        return f"{self.generation}.{self.index}"
-
-    @classmethod
-    def parse(cls, text: str) -> Bookmark:
-        """Parse ``<generation>.<index>``; ``ValueError`` for anything else."""
-        match = _BOOKMARK_RE.fullmatch(text.strip())
-        if match is None:
-            raise ValueError(f"{text[:40]!r} is not a bookmark (<generation>.<index>)")
-        return cls(int(match[1]), int(match[2]))
-
-    @classmethod
-    def of(cls, record: LockRecord) -> Bookmark:
-        """The position of the data ``record`` names.
-
-        Log indices go on across snapshots and generations; a newer generation holds
-        everything an older one published, so positions compare generation first.
-        """
-        if record.log is not None:
-            return cls(record.generation, record.log.tail)
-        name = SnapshotName.parse(record.snapshot.key) if record.snapshot else None
-        base = name.base if name is not None and name.base is not None else 1
-        return cls(record.generation, max(base - 1, 0))
 
 
 def stand_by(machine: Machine, held: LeaseHeldError | None) -> Standby:
@@ -284,8 +248,6 @@ class Replica(Standby):
         self.current: tuple[LockRecord, float] | None = None
         self.advanced = asyncio.Event()  # set (and replaced) each time ``current`` moves
         self.taking_over = False  # reads are refused while the lease may come here
-        self._poll_now = asyncio.Event()
-        self._last_poll = 0.0
 
     def read_copy(self, bookmark: Bookmark | None) -> ReadCopy:
         return ReadCopy(self, bookmark)
@@ -294,18 +256,21 @@ class Replica(Standby):
         """Poll lock.json now rather than after the interval (a read waits on the log)."""
         self._poll_now.set()
 
-    async def _pause(self, seconds: float) -> None:
+    async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._poll_now.wait()
         self._poll_now.clear()
-        # Woken by reads: still no more than one poll per _MIN_POLL_GAP.
-        gap = self._last_poll + _MIN_POLL_GAP - clock.monotonic()
+        # Woken by reads: still no more than one poll per MIN_POLL_GAP.
+        gap = self._last_poll + MIN_POLL_GAP - clock.monotonic()
         if gap > 0:
             await asyncio.sleep(gap)
 
+    def _quiet_pause(self) -> float:
+        # The copy serves reads only while a read of lock.json confirmed it lately.
+        return min(super()._quiet_pause(), self.machine.settings.max_replica_lag / 2)
+
     def _polled(self, record: LockRecord, sent: float) -> None:
-        self._last_poll = sent
         if self.follower.hashes(record) is not None:
             self.current = (record, sent)
         elif self.current is not None and self.follower.hashes(self.current[0]) is None:

@@ -3,6 +3,8 @@
 A standby polls lock.json with conditional GETs, keeps a warm copy of the tenant current
 (replication/follower.py), and takes the lease when its holder releases it or lets it
 expire, handing the copy to the restoring role. Its holder stopping for idleness stops it too.
+With tail hints (``TENANTDB_TAIL_HINTS``, machine/tail_hints.py) it reads lock.json when the
+holder says it moved, and otherwise only once per ``_quiet_pause``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 import logging
 import sqlite3
 from collections.abc import Iterator
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import tenantdb.logs as logs
 from tenantdb import clock
@@ -21,6 +23,7 @@ from tenantdb.machine.context import Machine, MachineRole
 from tenantdb.machine.local_data import local_generation, mark_generation
 from tenantdb.machine.mover import TenantState
 from tenantdb.machine.restoring import RECOVERY_PAUSES, Restoring
+from tenantdb.machine.tail_hints import TailHints
 from tenantdb.protocol.lease import CLOCK_GRANULARITY, ObservedLock
 from tenantdb.protocol.lockfile import LockRecord
 from tenantdb.replication.follower import Follower
@@ -28,6 +31,9 @@ from tenantdb.replication.follower import Follower
 __all__ = ["Standby"]
 
 log = logging.getLogger("tenantdb")
+
+# The shortest time between two reads of lock.json that hints or waiting reads ask for.
+MIN_POLL_GAP = 0.05
 
 
 class Standby(MachineRole):
@@ -47,6 +53,19 @@ class Standby(MachineRole):
         # The last read of lock.json found it damaged: this machine can neither follow nor
         # take over until someone repairs it, so it must not look like a healthy standby.
         self.lock_damaged = False
+        client, settings = machine.tail_hints, machine.settings
+        self.hints = (
+            TailHints(
+                client,
+                machine.tenant,
+                machine_id=settings.machine_id,
+                hint_wait=settings.lease_ttl / 3,
+            )
+            if client is not None
+            else None
+        )
+        self._poll_now = asyncio.Event()  # set to read lock.json at once (a replica's reads)
+        self._last_poll = 0.0  # when the last read that found the lease held was sent
 
     def enter(self) -> None:
         self.machine.holder = self._held
@@ -122,8 +141,9 @@ class Standby(MachineRole):
                             exc,
                             pause,
                         )
+                self._last_poll = sent
                 self._polled(observed.record, sent)
-                await self._pause(interval)
+                await self._pause(interval, hinted=True)
                 continue
             if observed is not None and self._holder_stopped_idle(observed.record):
                 # Taking over would keep a tenant nobody uses awake: stop too, unless a
@@ -181,8 +201,48 @@ class Standby(MachineRole):
         (a replica lets no read of its copy run across the move)."""
         return contextlib.nullcontext()
 
-    async def _pause(self, seconds: float) -> None:
-        """Wait between two polls of lock.json."""
+    async def _pause(self, seconds: float, *, hinted: bool = False) -> None:
+        """Wait between two reads of lock.json: ``seconds``, or, with tail hints while
+        another machine holds the lease (``hinted``), until the holder says it moved or a
+        read is due anyway (``_quiet_pause``); back to ``seconds`` if it cannot be asked."""
+        observed = self._observed
+        target = self.hints.target(observed) if hinted and self.hints is not None else None
+        if target is None or observed is None or self.hints is None:
+            await self._sleep(seconds)
+            return
+        started = clock.monotonic()
+        until = started + max(self._quiet_pause(), MIN_POLL_GAP)
+        hint = asyncio.create_task(self.hints.wait(target, observed.info.etag, until))
+        try:
+            await self._wake_on(hint, until)
+            if hint.done() and not hint.result() and clock.monotonic() < until:
+                await self._wake_on(None, started + seconds)  # no hints: the plain poll
+        finally:
+            hint.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await hint
+        self._poll_now.clear()
+        gap = self._last_poll + MIN_POLL_GAP - clock.monotonic()
+        if gap > 0:
+            await asyncio.sleep(gap)
+
+    async def _wake_on(self, hint: asyncio.Task[bool] | None, until: float) -> None:
+        """Wait until monotonic ``until``, ``hint`` is done or a read is asked for."""
+        asked = asyncio.ensure_future(self._poll_now.wait())
+        try:
+            waits: set[asyncio.Future[Any]] = {asked, *([hint] if hint else [])}
+            timeout = max(until - clock.monotonic(), 0)
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            asked.cancel()
+
+    def _quiet_pause(self) -> float:
+        """The longest wait for a hint: a read of lock.json at least every two TTLs checks
+        what the holder's hints say (a holder that dies is noticed by its hints failing)."""
+        return 2 * self.machine.settings.lease_ttl
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait between two polls of lock.json, without hints."""
         await asyncio.sleep(seconds)
 
     def _polled(self, record: LockRecord, sent: float) -> None:

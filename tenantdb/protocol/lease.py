@@ -155,9 +155,20 @@ class Lease:
         self._watched: tuple[str, float] | None = None
         # Renewals and publishes both CAS on one ETag: interleaved, one would fence the other.
         self._write_lock = asyncio.Lock()
+        self._changed = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"Lease(tenant={self.tenant!r}, machine={self.machine_id!r}, {self.status})"
+
+    @property
+    def changed(self) -> asyncio.Event:
+        """Set (then replaced by a fresh one) when a write of lock.json lands or the lease is
+        lost: what a holder's tail hints wait on."""
+        return self._changed
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     async def read(self, since: ObservedLock | None = None) -> ObservedLock | None:
         """Read ``lock.json``: None only on a definite 404 (a new tenant).
@@ -411,6 +422,7 @@ class Lease:
         self._renewed_at, self._renewed_wall = sent.sent_at, sent.sent_wall
         self._aged = (0.0, sent.sent_at)
         self._unconfirmed.clear()
+        self._notify()
 
     async def _own_write_landed(self) -> tuple[ObservedLock, _Sent] | None:
         """After a 412: the lock as stored and our write it is, if it is one of ours."""
@@ -426,6 +438,7 @@ class Lease:
 
     def _lose(self, exc: PreconditionFailedError) -> LockRecord:
         self.status = "lost"
+        self._notify()
         lost = LeaseLostError(
             f"tenant {self.tenant}: lease lost, a newer holder wrote lock.json; "
             "this machine is fenced and will not write again",
@@ -471,6 +484,7 @@ class Lease:
         """Stop acting as holder without writing (renewals failed past the TTL)."""
         if self.status == "held":
             self.status = "lost"
+            self._notify()
             lost = LeaseLostError(f"tenant {self.tenant}: {reason}", tenant=self.tenant)
             log.error("%s", lost)
             if self._on_lost is not None:

@@ -46,21 +46,28 @@ MachineURL = Callable[[str], str]
 """Returns the base URL (``http://host:port``) of a machine, given its id."""
 
 
-def machine_urls(template: str, *, app: str, port: int) -> MachineURL:
-    """The machine URLs of a ``TENANTDB_PROXY_URL`` template ({machine_id}, {app}, {port})."""
+def machine_urls(
+    template: str,
+    *,
+    app: str,
+    port: int,
+    variable: str = "TENANTDB_PROXY_URL",
+    what: str = "proxy",
+) -> MachineURL:
+    """The machine URLs of a URL template ({machine_id}, {app}, {port}) set by ``variable``."""
     fields = {"app": app, "port": port}
     try:
         template.format(machine_id="m", **fields)
     except (KeyError, IndexError, ValueError) as exc:
         raise ConfigurationError(
-            f"proxy URL template TENANTDB_PROXY_URL={template!r} is not valid: it may use "
+            f"{what} URL template {variable}={template!r} is not valid: it may use "
             "only {machine_id}, {app} and {port}",
-            variable="TENANTDB_PROXY_URL",
+            variable=variable,
         ) from exc
     if not template.startswith(("http://", "https://")):
         raise ConfigurationError(
-            f"proxy URL template TENANTDB_PROXY_URL={template!r} must be http(s)://...",
-            variable="TENANTDB_PROXY_URL",
+            f"{what} URL template {variable}={template!r} must be http(s)://...",
+            variable=variable,
         )
 
     def url(machine_id: str) -> str:

@@ -91,8 +91,9 @@ class UvicornProcess:
         uvicorn_args: Sequence[str] = (),
         inherit_environ: bool = True,
         lifespan: str = "on",
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115
@@ -164,9 +165,10 @@ class MachineProcesses:
         *,
         ready: bool = True,
         uvicorn_args: Sequence[str] = (),
+        port: int | None = None,
     ) -> UvicornProcess:
-        """Serve ``app`` as machine ``machine`` of ``tenant``, with ``env`` on top; unless
-        ``ready=False``, wait until it answers."""
+        """Serve ``app`` as machine ``machine`` of ``tenant`` (on ``port``, else a free one),
+        with ``env`` on top; unless ``ready=False``, wait until it answers."""
         server = UvicornProcess(
             app,
             {
@@ -177,6 +179,7 @@ class MachineProcesses:
             },
             self.root / f"{machine}-{len(self.started)}.log",
             uvicorn_args=uvicorn_args,
+            port=port,
         )
         self.started.append(server)
         if ready:

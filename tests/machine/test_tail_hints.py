@@ -1,0 +1,74 @@
+"""Tail hints, each side alone: the holder's wait on its lease, and a standby's reading of
+the holder's answer (machine/tail_hints.py, asgi/tail_hints.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from tenantdb.asgi.tail_hints import hint_answer
+from tenantdb.machine.bookmark import Bookmark
+from tenantdb.machine.tail_hints import wait_for_tail
+from tenantdb.protocol.lease import Lease
+from tenantdb.storage.local import LocalBucket
+
+
+def holder_lease(bucket: LocalBucket) -> Lease:
+    return Lease(bucket, "acme", machine_id="m1", region="ams", ttl=15)
+
+
+async def test_the_holder_answers_a_hint_when_its_position_moves_not_on_a_renewal(
+    local_bucket: LocalBucket,
+) -> None:
+    lease = holder_lease(local_bucket)
+    record = await lease.acquire()
+    waiting = asyncio.create_task(wait_for_tail(lease, Bookmark.of(record), 60))
+    await lease.renew()  # lands, but names the same data: no hint
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    moved = await lease.advance()
+    state = await asyncio.wait_for(waiting, 10)
+    assert state.holding
+    assert state.position == Bookmark.of(moved) > Bookmark.of(record)
+
+
+async def test_the_holder_answers_at_once_once_it_no_longer_holds_the_lease(
+    local_bucket: LocalBucket,
+) -> None:
+    lease = holder_lease(local_bucket)
+    record = await lease.acquire()
+    waiting = asyncio.create_task(wait_for_tail(lease, Bookmark.of(record), 60))
+    await asyncio.sleep(0.05)
+    await lease.release()
+    state = await asyncio.wait_for(waiting, 10)
+    assert not state.holding
+    # Asked again, it does not wait at all.
+    again = await asyncio.wait_for(wait_for_tail(lease, Bookmark.of(record), 60), 10)
+    assert not again.holding
+
+
+async def test_the_holder_answers_unchanged_after_the_wait(local_bucket: LocalBucket) -> None:
+    lease = holder_lease(local_bucket)
+    record = await lease.acquire()
+    started = time.monotonic()
+    state = await wait_for_tail(lease, Bookmark.of(record), 0.2)
+    assert time.monotonic() - started >= 0.2
+    assert state.holding
+    assert state.position == Bookmark.of(record)
+
+
+def test_a_standby_reads_lock_json_unless_the_holder_holds_at_its_position() -> None:
+    at = Bookmark(3, 17)
+    assert hint_answer(b'{"holding": true, "position": "3.17"}', at) == "unchanged"
+    assert hint_answer(b'{"holding": true, "position": "3.18"}', at) == "moved"
+    assert hint_answer(b'{"holding": true, "position": "4.0"}', at) == "moved"
+    assert hint_answer(b'{"holding": false, "position": "3.17"}', at) == "moved"
+    assert hint_answer(b'{"holding": true, "position": null}', at) == "moved"
+    for body in (
+        b"",
+        b"[]",
+        b"not json",
+        b'{"holding": 1, "position": "3.17"}',
+        b'{"position": 3}',
+    ):
+        assert hint_answer(body, at) == "failed", body

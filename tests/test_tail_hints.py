@@ -1,0 +1,266 @@
+"""Tail hints between real uvicorn machines: a standby long-polls its holder, not lock.json.
+
+Machines run ``tests.support.replica_app`` over the moto S3 server (the dev DNS responder
+answers for them); each machine's id is its port, so ``TENANTDB_HINT_URL`` can name
+``http://127.0.0.1:{machine_id}`` as Fly names ``<machine_id>.vm.<app>.internal:<port>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.responses import PlainTextResponse
+
+from tenantdb import TenantDBMiddleware
+from tenantdb.config import Settings
+from tenantdb.dev.dns_server import DevDNSServer
+from tenantdb.dev.ports import free_port
+from tenantdb.errors import ConfigurationError
+from tests.support.servers import MachineProcesses, UvicornProcess
+
+APP = "tests.support.replica_app:app"
+KEY = "customer_id"
+NOTES = "/customers/acme/notes"
+TTL = 3.0
+
+Start = Callable[..., UvicornProcess]
+
+
+@pytest.fixture
+def dns() -> Iterator[DevDNSServer]:
+    with DevDNSServer().run_in_thread() as server:
+        yield server
+
+
+@pytest.fixture
+def start(
+    tmp_path: Path,
+    dns: DevDNSServer,
+    subprocess_env: dict[str, str],
+    s3_settings_env: dict[str, str],
+) -> Iterator[Start]:
+    """Start a machine of tenant acme whose id is its port (``env`` on top)."""
+    with MachineProcesses(tmp_path) as machines:
+
+        def run(**env: str) -> UvicornProcess:
+            port = free_port()
+            machine = str(port)
+            base = {
+                **subprocess_env,
+                **s3_settings_env,
+                "TENANTDB_DNS_SERVER": "{}:{}".format(*dns.address),
+                "TENANTDB_LEASE_TTL": f"{TTL:g}",
+                "TENANTDB_CHECKPOINT_INTERVAL": "0",
+                "TENANTDB_METRICS_PORT": "0",
+                "TENANTDB_HINT_URL": "http://127.0.0.1:{machine_id}",
+            }
+            server = machines.start(APP, machine, "acme", {**base, **env}, port=port)
+            dns.set_machine(machine, {KEY: "acme"})
+            return server
+
+        yield run
+
+
+def machine_id(server: UvicornProcess) -> str:
+    return str(server.port)
+
+
+def bucket_requests(metrics_port: int) -> float:
+    """Every bucket request the machine made so far, from its /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    found = re.findall(r"^tenantdb_bucket_requests_total\{[^}]*\} ([0-9.e+]+)$", text, re.M)
+    assert found, text[:2000]
+    return sum(float(value) for value in found)
+
+
+async def write(client: httpx.AsyncClient, holder: UvicornProcess, token: str) -> None:
+    answer = await client.post(f"{holder.url}{NOTES}", params={"token": token})
+    assert answer.status_code == 201, answer.text
+
+
+async def served_by_replica(client: httpx.AsyncClient, replica: UvicornProcess) -> list[str]:
+    """The tokens the replica's own copy holds (it serves the read itself), else []."""
+    answer = await client.get(f"{replica.url}{NOTES}")
+    if answer.status_code != 200 or answer.headers.get("tenantdb-served-by") != machine_id(replica):
+        return []
+    tokens: list[str] = answer.json()["tokens"]
+    return tokens
+
+
+def test_an_idle_standby_reads_lock_json_at_most_once_per_two_ttls(start: Start) -> None:
+    holder = start()
+    metrics_port = free_port()
+    standby = start(TENANTDB_METRICS_PORT=str(metrics_port))  # polls every 0.5 s without hints
+    time.sleep(TTL / 2)  # the standby restored its copy and asks the holder for hints
+    before = bucket_requests(metrics_port)
+    window = 2 * TTL
+    time.sleep(window)
+    made = bucket_requests(metrics_port) - before
+    # Two TTLs: at most one read, plus one at an edge of the window. At the default TTL of
+    # 15 s that is at most 4 requests a minute, where polling made 120.
+    print(f"idle standby: {made:g} bucket requests in {window:g}s")
+    assert made <= 2, f"the idle standby made {made:g} bucket requests in {window:g}s"
+    assert holder.proc.poll() is None
+    assert standby.proc.poll() is None
+
+
+def test_a_write_reaches_the_replica_on_a_hint_not_on_the_poll(start: Start) -> None:
+    # Without hints the replica would read lock.json again only after 30 s, and still serve
+    # its older copy (its lag may be 60 s).
+    slow = {
+        "TENANTDB_REPLICA_READS": "1",
+        "TENANTDB_FOLLOW_INTERVAL": "30",
+        "TENANTDB_MAX_REPLICA_LAG": "60",
+        "TENANTDB_READ_WAIT": "0",
+    }
+    holder = start(**slow)
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(timeout=10) as client:
+            await write(client, holder, "first")
+            replica = start(**slow)  # its first read of lock.json finds "first"
+            deadline = time.monotonic() + 20
+            while "first" not in await served_by_replica(client, replica):
+                assert time.monotonic() < deadline, "the replica never served its copy"
+                await asyncio.sleep(0.05)
+            for token in ("second", "third"):
+                await write(client, holder, token)
+                written = time.monotonic()
+                while token not in await served_by_replica(client, replica):
+                    waited = time.monotonic() - written
+                    assert waited < 10, f"{token!r} not on the replica after {waited:.1f}s"
+                    await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_a_standby_takes_over_from_a_holder_that_stops_answering_hints(
+    start: Start, how: str
+) -> None:
+    holder = start()
+    standby = start()
+    time.sleep(TTL / 2)  # the standby waits on the holder's hints now
+
+    async def scenario() -> float:
+        async with httpx.AsyncClient(timeout=10) as client:
+            await write(client, holder, "before")
+            holder.proc.send_signal(getattr(signal, how))
+            stopped = time.monotonic()
+            while True:
+                # Straight to the standby: its fly-replays to the stopped holder are not followed.
+                answer = await client.post(f"{standby.url}{NOTES}", params={"token": "after"})
+                if answer.status_code == 201:
+                    break
+                assert time.monotonic() - stopped < 6 * TTL, answer.text
+                await asyncio.sleep(0.1)
+            took = time.monotonic() - stopped
+            read = await client.get(f"{standby.url}{NOTES}")
+            assert read.json()["tokens"] == ["before", "after"]
+            return took
+
+    try:
+        took = asyncio.run(scenario())
+    finally:
+        if how == "SIGSTOP":
+            holder.proc.send_signal(signal.SIGCONT)
+    print(f"{how}: the standby took over {took:.2f}s after the holder stopped")
+    # The lease runs out one TTL (and S3's one-second granularity) after the holder's last
+    # renewal; hints must not make the standby notice it later than polling would.
+    assert took < 2 * TTL + 2, f"the standby took over {took:.1f}s after the holder stopped"
+
+
+def test_malformed_and_foreign_hint_requests_get_a_4xx_and_change_nothing(start: Start) -> None:
+    holder = start()
+    hints = f"{holder.url}/.tenantdb/tail"
+    with httpx.Client(timeout=10) as client:
+        assert client.post(f"{holder.url}{NOTES}", params={"token": "kept"}).status_code == 201
+        refused = {
+            f"{hints}/globex?after=1.1&wait=0": (421, "does not serve tenant globex"),
+            f"{hints}/acme": (400, "needs ?after="),
+            f"{hints}/acme?after=one&wait=1": (400, "needs ?after="),
+            f"{hints}/acme?after=1.1&wait=nan": (400, "needs ?after="),
+            f"{hints}/acme?after=1.1&wait=-1": (400, "needs ?after="),
+            f"{hints}/acme?after=1.1&wait=1&more=1": (400, "needs ?after="),
+            f"{hints}/acme?after=1.1&after=1.2&wait=1": (400, "needs ?after="),
+            f"{hints}/acme?after=1.1&wait={'9' * 300}": (400, "needs ?after="),
+            f"{hints}/ACME!?after=1.1&wait=1": (400, "not a tail hint request"),
+        }
+        for url, (status, message) in refused.items():
+            answer = client.get(url)
+            assert (answer.status_code, message in answer.text) == (status, True), (
+                url,
+                answer.text,
+            )
+        posted = client.post(f"{hints}/acme?after=1.1&wait=0")
+        assert posted.status_code == 405, posted.text
+        # A well-formed request from anyone gets only what a bookmark says.
+        answer = client.get(f"{hints}/acme", params={"after": "0.0", "wait": "0"})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["holding"] is True
+        assert set(answer.json()) == {"holding", "position"}
+        read = client.get(f"{holder.url}{NOTES}")
+        assert read.json()["tokens"] == ["kept"]
+        assert client.get(f"{holder.url}/healthz").status_code == 200
+
+
+def test_the_holder_keeps_a_bounded_number_of_hint_requests_waiting(start: Start) -> None:
+    holder = start(TENANTDB_LEASE_TTL="15")  # hint waits of at most 5 s
+    hints = f"{holder.url}/.tenantdb/tail/acme"
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            async def position() -> str:
+                answer = await client.get(hints, params={"after": "0.0", "wait": "0"})
+                at: str = answer.json()["position"]
+                return at
+
+            async def ask(after: str) -> int:
+                answer = await client.get(hints, params={"after": after, "wait": "60"})
+                return answer.status_code
+
+            started = time.monotonic()
+            at = await position()
+            statuses = await asyncio.gather(*(ask(at) for _ in range(40)))
+            assert sorted(statuses) == [200] * 32 + [503] * 8, statuses
+            # The wait is cut to a third of the holder's TTL, whatever was asked.
+            assert time.monotonic() - started < 15, statuses
+            # Standbys that stop waiting (their connections closed) give their places back.
+            at = await position()
+            gone = [asyncio.create_task(ask(at)) for _ in range(32)]
+            # A request past another position is answered at once, or refused when full.
+            while await ask("0.0") != 503:
+                assert time.monotonic() - started < 30, "the 32 requests never all waited"
+                await asyncio.sleep(0.05)
+            for request in gone:
+                request.cancel()
+            await asyncio.gather(*gone, return_exceptions=True)
+            await asyncio.sleep(0.2)
+            assert await ask("0.0") == 200
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("template", ["ftp://{machine_id}", "http://{host}:8080"])
+def test_a_bad_hint_url_fails_the_startup_naming_it(tmp_path: Path, template: str) -> None:
+    settings = Settings.from_env(
+        {
+            "TENANT_ID": "acme",
+            "TENANTDB_LOCAL_BUCKET": str(tmp_path / "bucket"),
+            "TENANTDB_DATA_DIR": str(tmp_path / "data"),
+            "TENANTDB_HINT_URL": template,
+        }
+    )
+    middleware = TenantDBMiddleware(PlainTextResponse("app"), settings=settings)
+    error = middleware.startup_error
+    assert isinstance(error, ConfigurationError)
+    assert error.variable == "TENANTDB_HINT_URL"
+    assert "tail hint URL template TENANTDB_HINT_URL=" in str(error)
