@@ -93,7 +93,7 @@ def test_init_writes_a_dockerfile_serving_the_app_and_a_matching_fly_toml(projec
     fly = tomllib.loads((project / "fly.toml").read_text())
     assert fly["app"] == "my-notes"  # from the directory's name
     assert env["TENANTDB_APP"] == "notes:app"
-    assert (env["HOST"], env["PORT"]) == ("0.0.0.0", "8080")
+    assert (env["HOST"], env["PORT"]) == ("::", "8080")  # 6PN is IPv6 only
     assert fly["kill_signal"] == "SIGINT"
     assert env["TENANTDB_KILL_TIMEOUT"] == str(fly["kill_timeout"])
     assert fly["env"]["TENANTDB_KILL_TIMEOUT"] == str(fly["kill_timeout"])

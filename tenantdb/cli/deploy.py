@@ -58,8 +58,9 @@ def serve_app(app: str) -> None:
     sys.path.insert(0, os.getcwd())
     uvicorn.run(
         app,
-        # On Fly its proxy reaches a machine's 0.0.0.0; elsewhere only this computer should.
-        host=os.environ.get("HOST") or ("0.0.0.0" if settings.app_name else "127.0.0.1"),
+        # On Fly, the IPv6 wildcard (IPv4 too): Fly's proxy and the private network (IPv6
+        # only) reach it. Elsewhere only this computer should.
+        host=os.environ.get("HOST") or ("::" if settings.app_name else "127.0.0.1"),
         port=settings.port,
         lifespan="on",
         log_config=None,  # uvicorn's lines too go through tenantdb's format
@@ -72,7 +73,7 @@ def serve_app(app: str) -> None:
 
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Serve an ASGI app with uvicorn as a tenantdb machine: on HOST (default 0.0.0.0 on "
+        "Serve an ASGI app with uvicorn as a tenantdb machine: on HOST (default :: on "
         "Fly, 127.0.0.1 elsewhere) "
         "and PORT (default 8080), trusting forwarded headers from FORWARDED_ALLOW_IPS, and "
         "stopping gracefully on SIGINT or SIGTERM within TENANTDB_KILL_TIMEOUT. The Dockerfile "
