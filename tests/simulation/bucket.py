@@ -105,6 +105,10 @@ class SimBucket:
     landed: list[LandedWrite] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
     requests: int = 0
+    # (6) Attempts by (client, simulated second), and the largest body one answer handed
+    # to each client in memory.
+    rates: Counter[tuple[str, int]] = field(default_factory=Counter)
+    largest_body: dict[str, int] = field(default_factory=dict)
     clock: Callable[[], float] = time.time  # the true wall clock, as Unix time
     epoch: float = 0.0  # subtracted from ``clock`` in the trace
     trace: list[str] = field(default_factory=list)
@@ -263,6 +267,7 @@ class BucketView:
             raise StorageError(f"{self.client} is gone", key=key, operation=operation)
         sim = self.sim
         sim.requests += 1
+        sim.rates[self.client, int(sim.clock() - sim.epoch)] += 1
         await asyncio.sleep(sim.rng.uniform(*LATENCY) / 2)  # the request on its way
         await self._running.wait()
         if self.cut_off:
@@ -296,6 +301,9 @@ class BucketView:
             raise TransientStorageError(
                 f"connection reset after the {operation} of {key!r} landed", key=key
             )
+        if isinstance(result, SmallObject):
+            held = sim.largest_body.get(self.client, 0)
+            sim.largest_body[self.client] = max(held, len(result.body))
         return result
 
     async def get(self, key: str, *, max_size: int | None = None) -> SmallObject:

@@ -83,7 +83,10 @@ SERVING_WAIT = TTL + 2.5  # how long a write step waits for a machine that serve
 FULL_DISK_PAGES = 1_073_741_823  # SQLite's default max_page_count: the disk has room again
 OPERATOR_CLOCK_ERROR = -3.0  # the rollback's machine: tenantdb must not trust its clock
 WATCH_INTERVAL = 0.005  # how often the harness looks for two machines serving at once
-WriteMode = Literal["request", "sync", "async"]
+# An app's own writes and checkpoints from another process: at most this many large
+# writes to grow the WAL to tenantdb's checkpoint size, right after which the app strikes.
+APP_WAL_WRITES = 8
+WriteMode = Literal["request", "sync", "async", "outside"]
 
 
 class SimulationFailed(AssertionError):
@@ -139,6 +142,10 @@ class Outcome:
     trace: list[str] = field(default_factory=list)
     iterations: int = 0  # of the event loop
     virtual_seconds: float = 0.0
+    # (6) The most any machine did: bucket attempts and loop callbacks in a simulated
+    # second, bytes of one answer in memory, and real milliseconds of one callback (the
+    # last is real time, so not part of the trace).
+    peaks: dict[str, float] = field(default_factory=dict)
 
 
 class SimTenantDB(TenantDB):
@@ -289,13 +296,26 @@ class Machine:
             return None
 
 
-def _tokens_in_file(path: Path) -> set[str]:
+def _tokens_in_file(path: Path, where: str) -> set[str]:
+    """The tokens of a restored database, which must be a sound one (2): pages of two
+    different states mixed make a file SQLite calls malformed, or one missing rows."""
     conn = sqlite3.connect(path)
     try:
         try:
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise InvariantViolated(
+                    "restore_matches_model", f"{where} is not a sound database: {problems[:3]}"
+                )
             rows = conn.execute("SELECT token FROM sim_tokens").fetchall()
-        except sqlite3.OperationalError:  # before the migration: an empty database
-            return set()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # before the migration: an empty database
+                return set()
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise InvariantViolated(
+                "restore_matches_model", f"{where} is not a sound database: {exc}"
+            ) from exc
         return {row[0] for row in rows}
     finally:
         conn.close()
@@ -329,6 +349,7 @@ class Simulation:
         self.machines = [
             Machine(f"m{n + 1}", root, self.sim, loop) for n in range(schedule.machines)
         ]
+        self._names = {m.name for m in self.machines}  # the bounded: tools are not
         self.writes: list[Write] = []
         self.rollbacks: list[RolledBack] = []
         self.outcome = Outcome(schedule.seed, trace=self.sim.trace)
@@ -394,6 +415,16 @@ class Simulation:
             self.outcome.faults.update(self.sim.faults)
             self.outcome.iterations = self.loop.iterations
             self.outcome.virtual_seconds = self.loop.time()
+            self.outcome.peaks = {
+                "bucket attempts/s": max(
+                    (n for (c, _), n in self.sim.rates.items() if c in self._names), default=0
+                ),
+                "loop callbacks/s": max(self.loop.callbacks.values(), default=0),
+                "answer bytes": max(
+                    (n for c, n in self.sim.largest_body.items() if c in self._names), default=0
+                ),
+                "callback ms": round(self.loop.longest_callback[0] * 1000, 1),
+            }
         return self.outcome
 
     def _reseed(self, number: int) -> None:
@@ -540,19 +571,23 @@ class Simulation:
         write.holding = _holding(write.machine, tdb)
         if not sync:
             return False  # async durability: the client is told nothing about the bucket
+        await self._sync(tdb, write.holding)
+        return True
+
+    async def _sync(self, tdb: TenantDB, holding: str) -> None:
+        """``tdb.sync()``: it vouches for every commit of ``holding`` before it began (not
+        for those of an earlier one that was fenced: the machine then follows the new
+        holder), whoever committed them."""
         began = next(self._order)
         await tdb.sync()
-        # sync() vouches for every commit of this holding before it began (not for those
-        # of an earlier one that was fenced: the machine then follows the new holder).
         for other in self.writes:
             if (
-                other.holding == write.holding
+                other.holding == holding
                 and other.acked is None
                 and other.commit_order is not None
                 and other.commit_order < began
             ):
                 self._answered(other)
-        return True
 
     async def _request(self, machine: Machine, tdb: TenantDB, write: Write) -> bool:
         """A POST through the middleware's request path and its output gate."""
@@ -632,7 +667,75 @@ class Simulation:
     async def _outside_checkpoint(self, machine: Machine) -> str:
         if machine.tdb is None or not machine.tdb.path.exists():
             return "no database"
+        if self._rng.random() < 0.5:
+            return await self._app_restarts_the_wal(machine)
         return _outside_checkpoint(machine.tdb.path)
+
+    async def _app_restarts_the_wal(self, machine: Machine) -> str:
+        """Right after tenantdb's own checkpoint (its next WAL restart expected), another
+        process commits, checkpoints and commits again before the shipper reads: two
+        restarts, the first WAL never read. Large writes grow the WAL to the checkpoint's
+        size first; a ``sync`` write after vouches for the app's commits too."""
+        tdb = machine.tdb
+        shipper = tdb._shipper if tdb is not None and tdb.serving else None
+        if tdb is None or shipper is None:
+            return "not serving"
+        struck: list[str] = []
+        checkpoint = shipper._checkpoint
+
+        def then_the_app() -> None:
+            checkpoint()
+            if not struck and shipper._restart_expected:
+                struck.append(self._app_commits_around_a_checkpoint(machine, tdb))
+
+        shipper._checkpoint = then_the_app  # type: ignore[method-assign]
+        try:
+            for _ in range(APP_WAL_WRITES):
+                if struck or machine.tdb is not tdb:
+                    break
+                await self.write(machine, "sync", large=True)
+                await asyncio.sleep(2 * machine.settings.sync_interval)  # its loop checkpoints
+        finally:
+            del shipper._checkpoint
+        if not struck:
+            return "tenantdb did not checkpoint"
+        if machine.tdb is not tdb or not tdb.serving:
+            return f"{struck[0]}; then it stopped serving"
+        try:
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await machine.run(self._sync(tdb, _holding(machine.incarnation, tdb)))
+        except (TenantDBError, TimeoutError, asyncio.CancelledError) as exc:
+            return f"{struck[0]}; a sync after: {type(exc).__name__}"
+        return f"{struck[0]}; a sync after returned"
+
+    def _app_commits_around_a_checkpoint(self, machine: Machine, tdb: TenantDB) -> str:
+        """Another process's connection: a token, ``wal_checkpoint(RESTART)``, then a commit
+        of page 1 alone (``application_id``), blocking, so no shipper reads in between.
+        Only the first WAL holds the token's pages."""
+        self.outcome.faults["app_wal_restarts"] += 1
+        conn = sqlite3.connect(tdb.path, timeout=0, isolation_level=None)
+        write = Write(
+            f"t{self.schedule.seed}-{next(self._tokens)}-app",
+            machine.incarnation,
+            "outside",
+            self.now(),
+        )
+        write.commit_began = write.started
+        try:
+            conn.execute("INSERT INTO sim_tokens (token) VALUES (?)", (write.token,))
+            self.writes.append(write)
+            self._committed(write)
+            write.holding = _holding(write.machine, tdb)
+            busy, frames, moved = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            conn.execute(f"PRAGMA application_id = {len(self.writes)}")
+        except sqlite3.Error as exc:
+            return f"the app after tenantdb's checkpoint: refused: {exc}"
+        finally:
+            conn.close()
+        return (
+            f"the app after tenantdb's checkpoint: a commit, checkpoint busy={busy} "
+            f"frames={frames} done={moved}, a commit"
+        )
 
     async def _disk_full(self, machine: Machine, step: Step) -> str:
         """The machine's disk is full for ``step.seconds``: its connections cannot grow the
@@ -767,7 +870,7 @@ class Simulation:
             kind = invariants.restore_failure_is_named(exc, where)
             self.outcome.events[f"restore {kind}"] += 1
             return f"{kind}: {exc}"
-        return _tokens_in_file(dest)
+        return _tokens_in_file(dest, where)
 
     async def _restore_now(self, where: str) -> str:
         """A ``tenantdb verify``-style full restore: every write acknowledged so far."""
@@ -865,7 +968,7 @@ class Simulation:
         for version, objects, tokens in answers:
             dest = self.root / "restores" / f"answer-{version}.sqlite3"
             dest.parent.mkdir(exist_ok=True)
-            found = await _restored_tokens(objects, dest)
+            found = await _restored_tokens(objects, dest, where)
             if found is None:
                 continue
             invariants.acknowledged_writes_survive(
@@ -899,6 +1002,14 @@ class Simulation:
         )
         checks["serving_has_its_loops"] += 1
 
+        invariants.work_stays_bounded(
+            {k: n for k, n in self.sim.rates.items() if k[0] in self._names},
+            self.loop.callbacks,
+            {c: n for c, n in self.sim.largest_body.items() if c in self._names},
+            self.loop.longest_callback,
+        )
+        checks["work_stays_bounded"] += 1
+
         await self._check_answers(where)
         for machine in self.serving():
             assert machine.tdb is not None
@@ -912,14 +1023,14 @@ class Simulation:
                 checks["acknowledged_writes_survive"] += 1
 
 
-async def _restored_tokens(objects: dict[str, _Object], dest: Path) -> set[str] | None:
+async def _restored_tokens(objects: dict[str, _Object], dest: Path, where: str) -> set[str] | None:
     """The tokens of a full restore from a bucket holding ``objects`` (None if it fails)."""
     auditor = SimBucket(objects=objects).view("auditor")
     try:
         await pitr.restore_at(auditor, TENANT, dest, prefix=PREFIX, at=None)
     except TenantDBError:
         return None  # damaged or hostile objects: the restores of the steps judge those
-    return _tokens_in_file(dest)
+    return _tokens_in_file(dest, f"a full restore of the bucket as of an answer ({where})")
 
 
 def _holding(incarnation: str, tdb: TenantDB) -> str:

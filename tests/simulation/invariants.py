@@ -11,7 +11,7 @@ from datetime import datetime
 
 from tenantdb.errors import PointInTimeError, TenantDBError
 from tenantdb.machine.supervisor import Health
-from tenantdb.protocol.lockfile import LockRecord
+from tenantdb.protocol.lockfile import LOCK_MAX_BYTES, LockRecord
 from tenantdb.replication.segment import chunk_key
 from tests.simulation.bucket import LandedWrite
 
@@ -27,6 +27,7 @@ __all__ = [
     "restore_failure_is_named",
     "restore_matches_model",
     "serving_has_its_loops",
+    "work_stays_bounded",
 ]
 
 INVARIANTS = (
@@ -37,7 +38,23 @@ INVARIANTS = (
     "only_holders_publish",
     "serving_has_its_loops",
     "published_objects_present",
+    "work_stays_bounded",
 )
+# (6) The bounds on each machine's work (docs/guarantees.md says why these numbers). A
+# holder publishes at most once per 50 ms sync interval or per group of client writes,
+# renews every TTL/3, a standby polls every 50 ms, each request retried at most 6 times:
+# the busiest machine of seeds 1-150 made 91 attempts in a simulated second.
+REQUESTS_PER_SECOND = 200
+# Loop callbacks of one machine in a simulated second; the busiest of seeds 1-150 ran 938.
+# A loop that polls without waiting runs one every iteration: 20,000 a simulated second.
+CALLBACKS_PER_SECOND = 5000
+# The most one answer hands a machine in memory: lock.json's own cap (segments and
+# snapshots go to files). Bounded by what the reader knows, never by the object.
+BODY_BYTES = LOCK_MAX_BYTES
+# The longest one callback of a machine may hold the event loop, in real seconds (a
+# thread's work aside): the only bound measured in real time, so generous (seen: 10 ms,
+# 250 ms for the first run in a process, which imports modules).
+BLOCKED_SECONDS = 1.0
 # A lock.json write lands a little after the standby judged the old lease expired; the
 # bucket's clock and this one are the same clock here, so only scheduling jitter is allowed.
 _ORDER_SLACK = 0.05
@@ -224,4 +241,38 @@ def one_machine_serves_at_a_time(overlap: tuple[float, list[str]] | None) -> Non
         raise InvariantViolated(
             "one_machine_serves_at_a_time",
             f"{' and '.join(machines)} both served at +{at:.3f}s",
+        )
+
+
+def work_stays_bounded(
+    requests: Mapping[tuple[str, int], int],
+    callbacks: Mapping[tuple[str, int], int],
+    bodies: Mapping[str, int],
+    longest: tuple[float, str],
+) -> None:
+    """(6) No machine makes more than REQUESTS_PER_SECOND bucket attempts or runs more
+    than CALLBACKS_PER_SECOND loop callbacks in a simulated second, gets more than
+    BODY_BYTES in memory from one answer, or holds the loop longer than BLOCKED_SECONDS.
+    ``requests`` and ``callbacks``: counts by (machine, simulated second)."""
+    for what, counts, bound in (
+        ("bucket attempts", requests, REQUESTS_PER_SECOND),
+        ("loop callbacks", callbacks, CALLBACKS_PER_SECOND),
+    ):
+        for (machine, second), count in counts.items():
+            if count > bound:
+                raise InvariantViolated(
+                    "work_stays_bounded",
+                    f"{machine} made {count} {what} in simulated second {second} (bound {bound})",
+                )
+    for machine, size in bodies.items():
+        if size > BODY_BYTES:
+            raise InvariantViolated(
+                "work_stays_bounded",
+                f"{machine} got a {size}-byte body in memory (bound {BODY_BYTES})",
+            )
+    took, callback = longest
+    if took > BLOCKED_SECONDS:
+        raise InvariantViolated(
+            "work_stays_bounded",
+            f"a callback held the event loop {took:.3f}s (bound {BLOCKED_SECONDS:g}s): {callback}",
         )

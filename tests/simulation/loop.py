@@ -29,6 +29,8 @@ import heapq
 import random
 import selectors
 import sqlite3
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -97,6 +99,10 @@ class SimLoop(asyncio.SelectorEventLoop):
         self.wall_offset: dict[str, float] = {}  # a machine's wall clock minus true time
         self._tasks: dict[str, list[asyncio.Task[Any]]] = {}  # by machine, in creation order
         self.set_task_factory(self._new_task)
+        # (6) The work of each machine: callbacks run by (machine, simulated second), and
+        # the longest real time one callback held the loop (a thread's work aside).
+        self.callbacks: Counter[tuple[str, int]] = Counter()
+        self.longest_callback: tuple[float, str] = (0.0, "")
 
     # --- the clock --------------------------------------------------------------------------
 
@@ -145,13 +151,25 @@ class SimLoop(asyncio.SelectorEventLoop):
         *args: Any,
         context: contextvars.Context | None = None,
     ) -> asyncio.Handle:
-        if self._frozen:
-            machine = self._machine_of(context)
-            if machine in self._frozen:
-                handle = asyncio.Handle(callback, args, self, context)
-                self._held[machine].append(handle)
-                return handle
+        machine = self._machine_of(context)
+        if machine in self._frozen:
+            handle = asyncio.Handle(callback, args, self, context)
+            self._held[machine].append(handle)
+            return handle
+        if machine and callback != self._attempt:
+            return super().call_soon(self._timed, machine, callback, *args, context=context)
         return super().call_soon(callback, *args, context=context)
+
+    def _timed(self, machine: str, callback: Callable[..., object], *args: Any) -> None:
+        """Run one of ``machine``'s callbacks, counted, and timed in real time."""
+        self.callbacks[machine, int(self._now)] += 1
+        began = time.perf_counter()
+        try:
+            callback(*args)
+        finally:
+            took = time.perf_counter() - began
+            if took > self.longest_callback[0]:
+                self.longest_callback = (took, f"{machine}: {callback!r}"[:200])
 
     def call_later(  # type: ignore[override]
         self,
@@ -182,7 +200,7 @@ class SimLoop(asyncio.SelectorEventLoop):
         if machine in self._frozen:
             self._held[machine].append(asyncio.Handle(callback, args, self))
         else:
-            callback(*args)
+            self._timed(machine, callback, *args)
 
     def _new_task(
         self, loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any

@@ -4,6 +4,7 @@ schedule, and the same schedule passes on the intact code."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,11 @@ import pytest
 
 from tenantdb.machine.database import TenantDB
 from tenantdb.machine.mover import Mover
+from tenantdb.machine.standby import Standby
 from tenantdb.protocol.lease import Lease
 from tenantdb.replication import pitr, uploads
 from tenantdb.replication.shipper import Shipper
+from tests.simulation import invariants
 from tests.simulation.harness import SimulationFailed, run_schedule
 from tests.simulation.schedule import Schedule, Step
 
@@ -75,6 +78,15 @@ def publish_without_uploading(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(uploads, "put_log_object", skipped)
 
 
+def poll_without_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A standby polls lock.json again a millisecond after each answer: a request storm."""
+
+    async def pause(self: Standby, seconds: float) -> None:
+        await asyncio.sleep(0.001)
+
+    monkeypatch.setattr(Standby, "_pause", pause)
+
+
 CASES = {
     "acknowledged_writes_survive": (
         acknowledge_before_shipping,
@@ -107,6 +119,15 @@ CASES = {
             Step("restore_at", seconds=0.9),  # between the writes and the snapshot
         ),
     ),
+    "work_stays_bounded": (
+        poll_without_waiting,
+        schedule(
+            *START_BOTH,
+            Step("write", count=2),
+            Step("disk_full", machine=0, seconds=2.0),  # no writes: time passes
+            Step("write", count=2),
+        ),
+    ),
     "serving_has_its_loops": (
         serve_with_a_dead_shipper,
         schedule(Step("start", machine=0), Step("write", count=4)),
@@ -133,3 +154,39 @@ def test_the_same_schedule_passes_on_the_intact_protocol(invariant: str, tmp_pat
     assert outcome.checks[invariant] > 0
     # Every write answered, but those in async durability (told nothing of the bucket).
     assert outcome.acked == outcome.writes - outcome.events["async write committed"] > 0
+
+
+def test_a_machine_that_spins_breaks_the_bound_on_loop_callbacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipper's loop is watched by polling, not awaited: a callback every iteration."""
+    run = Shipper.run
+
+    async def spinning(self: Shipper, interval: float, snapshot_interval: float) -> None:
+        shipping = asyncio.ensure_future(run(self, interval, snapshot_interval))
+        while not shipping.done():
+            await asyncio.sleep(0)
+
+    monkeypatch.setattr(Shipper, "run", spinning)
+    with pytest.raises(SimulationFailed, match=r"loop callbacks in simulated second"):
+        run_schedule(CASES["work_stays_bounded"][1], tmp_path)
+
+
+def test_a_callback_that_blocks_the_loop_breaks_its_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder reads its WAL on the event loop, as slowly as a cold disk would."""
+    build = Shipper._build
+
+    def on_the_loop(self: Shipper, after: object) -> object:
+        time.sleep(0.05)
+        return build(self, after)  # type: ignore[arg-type]
+
+    async def ship_once(self: Shipper) -> bool:
+        on_the_loop(self, None)
+        return False
+
+    monkeypatch.setattr(invariants, "BLOCKED_SECONDS", 0.04)
+    monkeypatch.setattr(Shipper, "ship_once", ship_once)
+    with pytest.raises(SimulationFailed, match=r"held the event loop"):
+        run_schedule(CASES["work_stays_bounded"][1], tmp_path)
