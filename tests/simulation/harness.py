@@ -36,7 +36,7 @@ from typing import Any, Literal, TypeVar
 from starlette.types import Message, Receive, Scope, Send
 
 from tenantdb.asgi.middleware import TenantDBMiddleware
-from tenantdb.config import Settings
+from tenantdb.config import RETENTION_FLOOR_LEASES, Settings
 from tenantdb.crypto import parse_keyring
 from tenantdb.errors import LeaseHeldError, LeaseLostError, TenantDBError
 from tenantdb.machine.database import TenantDB
@@ -76,6 +76,7 @@ LOCK_KEY = f"{PREFIX}{TENANT}/lock.json"
 # Below the 3 s production minimum (set past Settings' check): fewer loop iterations per
 # schedule. Time is virtual: the waits below cost no wall time.
 TTL = 1.0
+RETENTION = RETENTION_FLOOR_LEASES * TTL
 MIGRATIONS = ["CREATE TABLE sim_tokens (token TEXT PRIMARY KEY)"]
 WRITE_TIMEOUT = 3.0  # a write (commit + sync) not acknowledged by then counts as unanswered
 LIFECYCLE_TIMEOUT = 10.0  # start and stop
@@ -215,6 +216,10 @@ class Machine:
             durability_timeout=WRITE_TIMEOUT,
         )
         object.__setattr__(self.settings, "lease_ttl", TTL)
+        # Garbage collection runs (loop.SIM_GC_INTERVAL): the retention is its floor of
+        # four TTLs, and only the newest snapshot is kept past it.
+        object.__setattr__(self.settings, "retention", RETENTION)
+        object.__setattr__(self.settings, "snapshot_retention", 1)
         self.view: BucketView = sim.view(name)
         self.tdb: SimTenantDB | None = None
         self.gateway = _gateway(self.settings)
@@ -413,6 +418,8 @@ class Simulation:
             for machine in self.machines:
                 await machine.crash()
             self.outcome.faults.update(self.sim.faults)
+            deleted = [w for w in self.sim.landed if w.operation == "delete"]
+            self.outcome.events["objects collected"] += len(deleted)
             self.outcome.iterations = self.loop.iterations
             self.outcome.virtual_seconds = self.loop.time()
             self.outcome.peaks = {
@@ -794,7 +801,9 @@ class Simulation:
             self.outcome.events["rollback lost its lease"] += 1
             outcome = f"lost its lease: {exc}"
         except TenantDBError as exc:
-            kind = invariants.restore_failure_is_named(exc, "rollback")
+            kind = invariants.restore_failure_is_named(
+                exc, "rollback", collectable=self.collectable(moment)
+            )
             self.outcome.events[f"rollback {kind}"] += 1
             outcome = f"{kind}: {exc}"
         else:
@@ -859,6 +868,14 @@ class Simulation:
             if self._in_state(w, moment, self.rollbacks, exact=False) is False
         }
 
+    def collectable(self, moment: float) -> bool:
+        """Whether garbage collection may have taken what a restore as of ``moment`` needs:
+        the moment is older than the retention, give or take the clocks' errors (the
+        collector's cutoff is the holder's clock; Last-Modified is the bucket's, to the
+        second)."""
+        margin = 1.0 + self.clock_error + abs(self.schedule.skew.total_seconds())
+        return moment < self.now() - RETENTION + margin
+
     async def _restore(self, at: datetime | None, where: str) -> set[str] | str:
         dest = self.root / "restores" / f"{next(self._restores)}.sqlite3"
         dest.parent.mkdir(exist_ok=True)
@@ -867,7 +884,8 @@ class Simulation:
             operator = _through(self.sim.view("operator"))
             await pitr.restore_at(operator, TENANT, dest, prefix=PREFIX, at=at)
         except Exception as exc:
-            kind = invariants.restore_failure_is_named(exc, where)
+            collected = at is not None and self.collectable(at.timestamp())
+            kind = invariants.restore_failure_is_named(exc, where, collectable=collected)
             self.outcome.events[f"restore {kind}"] += 1
             return f"{kind}: {exc}"
         return _tokens_in_file(dest, where)
@@ -905,8 +923,10 @@ class Simulation:
         found = await self._restore(datetime.fromtimestamp(moment, UTC), where)
         if isinstance(found, str):
             if found.startswith("refused_before_history") and required:
-                # No retention passes in a simulation: history that held acknowledged
-                # writes at that moment can only have been lost.
+                if self.collectable(moment):
+                    return found  # older than the retention: collected, as it may be
+                # History within the retention that held acknowledged writes at that
+                # moment can only have been lost.
                 raise InvariantViolated(
                     "published_objects_present",
                     f"{where} is refused, though {len(required)} write(s) were acknowledged "

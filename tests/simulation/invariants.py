@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from tenantdb.errors import PointInTimeError, TenantDBError
+from tenantdb.errors import ObjectNotFoundError, PointInTimeError, TenantDBError
 from tenantdb.machine.supervisor import Health
 from tenantdb.protocol.lockfile import LOCK_MAX_BYTES, LockRecord
 from tenantdb.replication.segment import chunk_key
@@ -102,13 +102,18 @@ def restore_matches_model(
         )
 
 
-def restore_failure_is_named(exc: BaseException, where: str) -> str:
+def restore_failure_is_named(exc: BaseException, where: str, *, collectable: bool) -> str:
     """(2) A restore that fails does so with a TenantDBError naming a key or an index, or
     refuses a moment outside the history (before its start, or one the bucket's clock has
-    not reached); the kind of failure."""
-    if isinstance(exc, TenantDBError) and _MISSING_SEGMENT.search(str(exc)):
-        # Nothing in a simulation deletes objects (no retention passes, no step deletes):
-        # an object a restore needs and cannot find was published, then never uploaded.
+    not reached); the kind of failure. (5) It never finds an object it needs missing,
+    unless its moment is older than the retention (``collectable``): garbage collection
+    is the only deleter, and it keeps what every restore within the retention reads."""
+    missing = isinstance(exc, ObjectNotFoundError) or (
+        isinstance(exc, TenantDBError) and _MISSING_SEGMENT.search(str(exc))
+    )
+    if missing and collectable:
+        return "refused_collected"
+    if missing:
         raise InvariantViolated(
             "published_objects_present", f"{where} needs an object the bucket lacks: {exc}"
         ) from exc

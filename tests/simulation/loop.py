@@ -39,7 +39,7 @@ import aiosqlite.core
 from tenantdb import clock
 from tenantdb.connections import pool
 from tenantdb.machine import migrations
-from tenantdb.replication import checkpoint
+from tenantdb.replication import checkpoint, garbage
 
 __all__ = ["CURRENT", "EPOCH", "Deadlock", "SimLoop", "deterministic"]
 
@@ -54,6 +54,8 @@ ITERATION_COST = 50e-6
 MIN_WAIT = 1e-6  # the shortest wait of ``call_later`` that is not zero
 SIM_CHECKPOINT_WAL_BYTES = 64 << 10  # tenantdb's own WAL checkpoints, every few dozen commits
 THREAD_TIME = 0.002  # the longest a blocking call (a thread's work) takes
+# Garbage is looked for a second after it is made past the retention, not ten minutes.
+SIM_GC_INTERVAL = 1.0
 _BUSY_MESSAGES = ("database is locked", "database table is locked")
 
 
@@ -322,6 +324,7 @@ def deterministic(seed: str) -> Iterator[SimLoop]:
         (migrations, "CONNECTION_PRAGMAS", _SIM_PRAGMAS),
         # A WAL checkpoint (and restart) every few dozen commits, not every 4 MiB.
         (checkpoint, "CHECKPOINT_WAL_BYTES", SIM_CHECKPOINT_WAL_BYTES),
+        (garbage, "GC_INTERVAL", SIM_GC_INTERVAL),
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, value in patches:

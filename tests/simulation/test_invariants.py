@@ -16,6 +16,7 @@ from tenantdb.machine.mover import Mover
 from tenantdb.machine.standby import Standby
 from tenantdb.protocol.lease import Lease
 from tenantdb.replication import pitr, uploads
+from tenantdb.replication.garbage import GarbageCollector
 from tenantdb.replication.shipper import Shipper
 from tests.simulation import invariants
 from tests.simulation.harness import SimulationFailed, run_schedule
@@ -190,3 +191,34 @@ def test_a_callback_that_blocks_the_loop_breaks_its_bound(
     monkeypatch.setattr(Shipper, "ship_once", ship_once)
     with pytest.raises(SimulationFailed, match=r"held the event loop"):
         run_schedule(CASES["work_stays_bounded"][1], tmp_path)
+
+
+COLLECTED_TOO_SOON = schedule(
+    *START_BOTH,
+    Step("write", count=3),
+    Step("checkpoint"),  # a new base: the first one and its segments become garbage
+    Step("write", count=2),
+    Step("disk_full", machine=0, seconds=2.0),  # no writes: the collector's interval passes
+    Step("restore_at", seconds=2.05),  # before the new base, well within the retention
+)
+
+
+def test_a_collector_that_ignores_the_retention_breaks_invariant_5(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    init = GarbageCollector.__init__
+
+    def no_retention(self: GarbageCollector, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.retention = 0.0
+
+    monkeypatch.setattr(GarbageCollector, "__init__", no_retention)
+    with pytest.raises(SimulationFailed) as failed:
+        run_schedule(COLLECTED_TOO_SOON, tmp_path)
+    assert getattr(failed.value.cause, "invariant", None) == "published_objects_present"
+    assert "restore as of" in str(failed.value)
+
+
+def test_the_collector_keeps_what_a_restore_within_the_retention_reads(tmp_path: Path) -> None:
+    outcome = run_schedule(COLLECTED_TOO_SOON, tmp_path)
+    assert outcome.checks["restore_matches_model"] == 1
