@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import fnmatch
 import itertools
 import os
 import random
+import re
 import socket
 import sqlite3
 from collections import Counter
@@ -38,7 +40,7 @@ from starlette.types import Message, Receive, Scope, Send
 from tenantdb.asgi.middleware import TenantDBMiddleware
 from tenantdb.config import RETENTION_FLOOR_LEASES, Settings
 from tenantdb.crypto import parse_keyring
-from tenantdb.errors import LeaseHeldError, LeaseLostError, TenantDBError
+from tenantdb.errors import LeaseHeldError, LeaseLostError, PointInTimeError, TenantDBError
 from tenantdb.machine.database import TenantDB
 from tenantdb.machine.mover import Role
 from tenantdb.metrics import Metrics
@@ -83,6 +85,9 @@ LIFECYCLE_TIMEOUT = 10.0  # start and stop
 SERVING_WAIT = TTL + 2.5  # how long a write step waits for a machine that serves
 FULL_DISK_PAGES = 1_073_741_823  # SQLite's default max_page_count: the disk has room again
 OPERATOR_CLOCK_ERROR = -3.0  # the rollback's machine: tenantdb must not trust its clock
+# How a restore names a segment it did not find: "segment 2 (tenants/a/log/*/...seg)".
+_NAMED_MISSING = re.compile(r"segment \d+ \((\S+\.seg)\) is missing")
+LIST_LAGS = (0.05, 0.5, 2.0)  # how far a lagging LIST is behind, in seconds
 WATCH_INTERVAL = 0.005  # how often the harness looks for two machines serving at once
 # An app's own writes and checkpoints from another process: at most this many large
 # writes to grow the WAL to tenantdb's checkpoint size, right after which the app strikes.
@@ -476,7 +481,11 @@ class Simulation:
             case "faults":
                 assert step.plan is not None
                 self.sim.plan = step.plan
-                return "set"
+                # Drawn when the step runs (the schedules stay as they were): rarely, a
+                # LIST lags behind the newest keys, as a cross-region LIST may.
+                lag = self._rng.choice(LIST_LAGS) if self._rng.random() < 0.2 else 0.0
+                self.sim.list_lag = lag
+                return f"set, list lag {lag:g}s" if lag else "set"
             case "hostile":
                 return self._hostile()
             case "clock_jump":
@@ -801,9 +810,7 @@ class Simulation:
             self.outcome.events["rollback lost its lease"] += 1
             outcome = f"lost its lease: {exc}"
         except TenantDBError as exc:
-            kind = invariants.restore_failure_is_named(
-                exc, "rollback", collectable=self.collectable(moment)
-            )
+            kind = self._failure_kind(exc, "rollback", moment, began)
             self.outcome.events[f"rollback {kind}"] += 1
             outcome = f"{kind}: {exc}"
         else:
@@ -876,16 +883,47 @@ class Simulation:
         margin = 1.0 + self.clock_error + abs(self.schedule.skew.total_seconds())
         return moment < self.now() - RETENTION + margin
 
+    def _failure_kind(
+        self, exc: BaseException, where: str, moment: float | None, began: float
+    ) -> str:
+        """What a failed restore (or rollback) as of ``moment`` begun at ``began`` was:
+        a named failure, a refusal, or (raised) a broken invariant."""
+        if self._listed_late(exc, began):
+            return "refused_list_lag"
+        collectable = moment is not None and self.collectable(moment)
+        return invariants.restore_failure_is_named(exc, where, collectable=collectable)
+
+    def _listed_late(self, exc: BaseException, began: float) -> bool:
+        """Whether a restore begun at ``began`` failed because a lagging LIST hid keys
+        created too recently: the segment it names as missing is such a key, or it found
+        no history before its moment while such keys exist. It failed, as it should on a
+        bucket that lags (never older)."""
+        if not self.sim.list_lag:
+            return False
+        named = _NAMED_MISSING.search(str(exc))
+        if named is not None:
+            pattern = named[1]
+        elif isinstance(exc, PointInTimeError) and "future" not in str(exc):
+            pattern = f"{PREFIX}{TENANT}/*"
+        else:
+            return False
+        hidden_since = began - self.sim.list_lag
+        return any(
+            fnmatch.fnmatchcase(key, pattern) and obj.created >= hidden_since
+            for key, obj in self.sim.objects.items()
+        )
+
     async def _restore(self, at: datetime | None, where: str) -> set[str] | str:
         dest = self.root / "restores" / f"{next(self._restores)}.sqlite3"
         dest.parent.mkdir(exist_ok=True)
         self.outcome.checks["published_objects_present"] += 1
+        began = self.now()
         try:
             operator = _through(self.sim.view("operator"))
             await pitr.restore_at(operator, TENANT, dest, prefix=PREFIX, at=at)
         except Exception as exc:
-            collected = at is not None and self.collectable(at.timestamp())
-            kind = invariants.restore_failure_is_named(exc, where, collectable=collected)
+            moment = at.timestamp() if at is not None else None
+            kind = self._failure_kind(exc, where, moment, began)
             self.outcome.events[f"restore {kind}"] += 1
             return f"{kind}: {exc}"
         return _tokens_in_file(dest, where)

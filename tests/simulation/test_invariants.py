@@ -80,10 +80,10 @@ def publish_without_uploading(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def poll_without_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A standby polls lock.json again a millisecond after each answer: a request storm."""
+    """A standby polls lock.json again as soon as each answer is in: a request storm."""
 
     async def pause(self: Standby, seconds: float) -> None:
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(0)
 
     monkeypatch.setattr(Standby, "_pause", pause)
 
