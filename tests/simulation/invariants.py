@@ -52,9 +52,9 @@ CALLBACKS_PER_SECOND = 5000
 # The most one answer hands a machine in memory: lock.json's own cap (segments and
 # snapshots go to files). Bounded by what the reader knows, never by the object.
 BODY_BYTES = LOCK_MAX_BYTES
-# The longest one callback of a machine may hold the event loop, in real seconds (a
-# thread's work aside): the only bound measured in real time, so generous (seen: 10 ms,
-# 250 ms for the first run in a process, which imports modules).
+# The longest one callback of a machine may hold the event loop, in seconds of CPU time
+# (a thread's work aside): the only bound not on the virtual clock, so generous (seen:
+# up to 150 ms, 250 ms for the first run in a process, which imports modules).
 BLOCKED_SECONDS = 1.0
 # A lock.json write lands a little after the standby judged the old lease expired; the
 # bucket's clock and this one are the same clock here, so only scheduling jitter is allowed.

@@ -20,8 +20,9 @@ FOUND = {
     "double_wal_restart": (2, "acknowledged_writes_survive"),
     "inline_segments_dropped": (431, "published_objects_present"),
     "lease_from_answer": (2, "one_machine_serves_at_a_time"),
-    "segment_time_rounded_down": (100, "restore_matches_model"),
+    "segment_time_rounded_down": (390, "restore_matches_model"),
     "rollback_clock": (205, "restore_matches_model"),
+    "rollback_comment": (5, "acknowledged_writes_survive"),
 }
 
 
