@@ -24,6 +24,7 @@ from tenantdb.errors import LeaseLostError, ReplicationError
 from tenantdb.protocol.lease import Lease
 from tenantdb.protocol.lockfile import LogChunk, LogPointer
 from tenantdb.replication.segment import (
+    SEGMENT_MAX_BYTES,
     Segment,
     SegmentHeader,
     chunk_key,
@@ -220,5 +221,6 @@ class Compactor:
         """A log object's bytes: kept from when this holder wrote it, else downloaded."""
         body = self._recent.get(key)
         if body is None:
-            body = (await self.lease.bucket.get(key)).body
+            # Capped as a restore caps it: an object's own size never sets this memory.
+            body = (await self.lease.bucket.get(key, max_size=SEGMENT_MAX_BYTES)).body
         return body
