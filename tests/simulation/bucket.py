@@ -110,6 +110,7 @@ class SimBucket:
     # to each client in memory.
     rates: Counter[tuple[str, int]] = field(default_factory=Counter)
     largest_body: dict[str, int] = field(default_factory=dict)
+    uncapped: dict[str, str] = field(default_factory=dict)  # client -> a key read uncapped
     clock: Callable[[], float] = time.time  # the true wall clock, as Unix time
     epoch: float = 0.0  # subtracted from ``clock`` in the trace
     trace: list[str] = field(default_factory=list)
@@ -332,6 +333,8 @@ class BucketView:
             self.sim._check_size(key, obj, max_size, "get")
             return SmallObject(self.sim._info(key, obj), obj.body)
 
+        if max_size is None:
+            self.sim.uncapped.setdefault(self.client, key)
         return await self._call("get", key, read)
 
     async def get_if_changed(
@@ -346,6 +349,8 @@ class BucketView:
             self.sim._check_size(key, obj, max_size, "get")
             return SmallObject(self.sim._info(key, obj), obj.body)
 
+        if max_size is None:
+            self.sim.uncapped.setdefault(self.client, key)
         return await self._call("get", key, read)
 
     async def put(

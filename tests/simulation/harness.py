@@ -1073,6 +1073,7 @@ class Simulation:
             {k: n for k, n in self.sim.rates.items() if k[0] in self._names},
             self.loop.callbacks,
             {c: n for c, n in self.sim.largest_body.items() if c in self._names},
+            {c: k for c, k in self.sim.uncapped.items() if c in self._names},
             self.loop.longest_callback,
         )
         checks["work_stays_bounded"] += 1

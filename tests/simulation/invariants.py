@@ -11,8 +11,8 @@ from datetime import datetime
 
 from tenantdb.errors import ObjectNotFoundError, PointInTimeError, TenantDBError
 from tenantdb.machine.supervisor import Health
-from tenantdb.protocol.lockfile import LOCK_MAX_BYTES, LockRecord
-from tenantdb.replication.segment import chunk_key
+from tenantdb.protocol.lockfile import LockRecord
+from tenantdb.replication.segment import SEGMENT_MAX_BYTES, chunk_key
 from tests.simulation.bucket import LandedWrite
 
 __all__ = [
@@ -49,9 +49,9 @@ REQUESTS_PER_SECOND = 300
 # Loop callbacks of one machine in a simulated second; the busiest of seeds 1-700 ran 1055.
 # A loop that polls without waiting runs one every iteration: 20,000 a simulated second.
 CALLBACKS_PER_SECOND = 5000
-# The most one answer hands a machine in memory: lock.json's own cap (segments and
-# snapshots go to files). Bounded by what the reader knows, never by the object.
-BODY_BYTES = LOCK_MAX_BYTES
+# The most one answer hands a machine in memory: a log object's cap (snapshots go to
+# files). Each read whole must ask for a cap the reader knows, never trust the object.
+BODY_BYTES = SEGMENT_MAX_BYTES
 # The longest one callback of a machine may hold the event loop, in seconds of CPU time
 # (a thread's work aside): the only bound not on the virtual clock, so generous (seen:
 # up to 150 ms, 250 ms for the first run in a process, which imports modules).
@@ -254,12 +254,20 @@ def work_stays_bounded(
     requests: Mapping[tuple[str, int], int],
     callbacks: Mapping[tuple[str, int], int],
     bodies: Mapping[str, int],
+    uncapped: Mapping[str, str],
     longest: tuple[float, str],
 ) -> None:
     """(6) No machine makes more than REQUESTS_PER_SECOND bucket attempts or runs more
-    than CALLBACKS_PER_SECOND loop callbacks in a simulated second, gets more than
-    BODY_BYTES in memory from one answer, or holds the loop longer than BLOCKED_SECONDS.
-    ``requests`` and ``callbacks``: counts by (machine, simulated second)."""
+    than CALLBACKS_PER_SECOND loop callbacks in a simulated second, reads an object whole
+    without a size cap or gets more than BODY_BYTES from one answer, or holds the loop
+    longer than BLOCKED_SECONDS. ``requests`` and ``callbacks``: counts by (machine,
+    simulated second); ``uncapped``: machine -> a key it read whole with no cap."""
+    if uncapped:
+        machine, key = min(uncapped.items())
+        raise InvariantViolated(
+            "work_stays_bounded",
+            f"{machine} read {key} whole with no size cap: its memory is the object's to set",
+        )
     for what, counts, bound in (
         ("bucket attempts", requests, REQUESTS_PER_SECOND),
         ("loop callbacks", callbacks, CALLBACKS_PER_SECOND),

@@ -14,6 +14,7 @@ import pytest
 from tenantdb.machine.database import TenantDB
 from tenantdb.machine.mover import Mover
 from tenantdb.machine.standby import Standby
+from tenantdb.protocol import lease as lease_module
 from tenantdb.protocol.lease import Lease
 from tenantdb.replication import pitr, uploads
 from tenantdb.replication.garbage import GarbageCollector
@@ -224,3 +225,12 @@ def test_a_collector_that_ignores_the_retention_breaks_invariant_5(
 def test_the_collector_keeps_what_a_restore_within_the_retention_reads(tmp_path: Path) -> None:
     outcome = run_schedule(COLLECTED_TOO_SOON, tmp_path)
     assert outcome.checks["restore_matches_model"] == 1
+
+
+def test_a_read_with_no_size_cap_breaks_the_bound_on_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lock.json is read whole at whatever size it has."""
+    monkeypatch.setattr(lease_module, "LOCK_MAX_BYTES", None)
+    with pytest.raises(SimulationFailed, match=r"whole with no size cap"):
+        run_schedule(CASES["work_stays_bounded"][1], tmp_path)
