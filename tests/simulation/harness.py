@@ -300,9 +300,15 @@ class Machine:
         tdb._dir_lock.release()
         return "crashed"
 
+    def serves(self) -> bool:
+        """Whether this machine says it serves, judged in its own context: its clocks (a
+        lease read on another machine's wall clock would age, and never grow young again)."""
+        tdb = self.tdb
+        return tdb is not None and self.context.run(lambda: tdb.serving)
+
     async def tokens(self) -> set[str] | None:
         """The tokens in this machine's database, if it serves."""
-        if self.tdb is None or not self.tdb.serving:
+        if self.tdb is None or not self.serves():
             return None
         try:
             async with (
@@ -395,9 +401,7 @@ class Simulation:
         return [
             m.name
             for m in self.machines
-            if m.tdb is not None
-            and not self.loop.frozen(m.name)
-            and m.context.run(lambda tdb=m.tdb: tdb.serving)
+            if m.tdb is not None and not self.loop.frozen(m.name) and m.serves()
         ]
 
     async def _watch_holders(self) -> None:
@@ -512,7 +516,7 @@ class Simulation:
 
     def serving(self) -> list[Machine]:
         """The machines that say they serve now."""
-        return [m for m in self.machines if m.tdb is not None and m.tdb.serving]
+        return [m for m in self.machines if m.serves()]
 
     async def _wait_serving(self) -> list[Machine]:
         deadline = self.loop.time() + SERVING_WAIT
@@ -651,7 +655,7 @@ class Simulation:
     async def _crash(self, machine: Machine, step: Step) -> str:
         """Crash the machine ``step.count`` loop iterations into ``step.count`` writes on it
         (or at once): SIGKILL at whichever await each of its tasks stands."""
-        if not step.count or machine.tdb is None or not machine.tdb.serving:
+        if not step.count or not machine.serves():
             return await machine.crash()
         writing = asyncio.gather(*(self.write(machine) for _ in range(step.count)))
         await self.loop.after_iterations(step.iterations)
@@ -701,7 +705,7 @@ class Simulation:
         restarts, the first WAL never read. Large writes grow the WAL to the checkpoint's
         size first; a ``sync`` write after vouches for the app's commits too."""
         tdb = machine.tdb
-        shipper = tdb._shipper if tdb is not None and tdb.serving else None
+        shipper = tdb._shipper if tdb is not None and machine.serves() else None
         if tdb is None or shipper is None:
             return "not serving"
         struck: list[str] = []
@@ -723,7 +727,7 @@ class Simulation:
             del shipper._checkpoint
         if not struck:
             return "tenantdb did not checkpoint"
-        if machine.tdb is not tdb or not tdb.serving:
+        if machine.tdb is not tdb or not machine.serves():
             return f"{struck[0]}; then it stopped serving"
         try:
             async with asyncio.timeout(WRITE_TIMEOUT):
@@ -765,7 +769,7 @@ class Simulation:
         """The machine's disk is full for ``step.seconds``: its connections cannot grow the
         database (SQLite's ``database or disk is full``) while clients write."""
         tdb = machine.tdb
-        if tdb is None or not tdb.serving:
+        if tdb is None or not machine.serves():
             return "not serving"
         pool = tdb.pool
 
@@ -1065,7 +1069,11 @@ class Simulation:
                 checks["only_holders_publish"] += 1
 
         invariants.serving_has_its_loops(
-            {m.name: (m.tdb.state, m.tdb.health()) for m in self.machines if m.tdb is not None}
+            {
+                m.name: m.context.run(lambda tdb=m.tdb: (tdb.state, tdb.health()))
+                for m in self.machines
+                if m.tdb is not None
+            }
         )
         checks["serving_has_its_loops"] += 1
 
