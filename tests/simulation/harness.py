@@ -703,7 +703,7 @@ class Simulation:
         """Right after tenantdb's own checkpoint (its next WAL restart expected), another
         process commits, checkpoints and commits again before the shipper reads: two
         restarts, the first WAL never read. Large writes grow the WAL to the checkpoint's
-        size first; a ``sync`` write after vouches for the app's commits too."""
+        size first; a ``tdb.sync()`` after vouches for the app's commits too."""
         tdb = machine.tdb
         shipper = tdb._shipper if tdb is not None and machine.serves() else None
         if tdb is None or shipper is None:
