@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.simulation.harness import SimulationFailed, run_schedule
+from tests.simulation import tmpfs
+from tests.simulation.harness import REAL_DISK_FULL, SimulationFailed, run_schedule
 from tests.simulation.mutations import MUTATIONS
 from tests.simulation.schedule import make_schedule
 from tests.simulation.shrink import keep_steps, shrink
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         "--shrink", action="store_true", help="with --seed: find the fewest failing steps"
     )
     args = parser.parse_args(argv)
+    if REAL_DISK_FULL:
+        tmpfs.enter_namespace()  # before anything starts a thread
     if args.mutation:
         patch = pytest.MonkeyPatch()
         MUTATIONS[args.mutation](patch)

@@ -52,7 +52,7 @@ from tenantdb.replication.shipper import carried_segments
 from tenantdb.replication.takeovers import takeover_key
 from tenantdb.storage.base import Bucket
 from tenantdb.storage.encrypted import EncryptedBucket
-from tests.simulation import invariants
+from tests.simulation import invariants, tmpfs
 from tests.simulation.bucket import BucketView, SimBucket, _Object
 from tests.simulation.invariants import InvariantViolated
 from tests.simulation.loop import CURRENT, EPOCH, SimLoop, deterministic
@@ -74,6 +74,9 @@ def _through(view: BucketView) -> Bucket:
     return view if _KEYRING is None else EncryptedBucket(view, _KEYRING, prefix=PREFIX)
 
 
+# Set, each machine's data directory is a small tmpfs that a full disk fills (tmpfs.py;
+# the process must have entered its own namespace first, as ``__main__`` does).
+REAL_DISK_FULL = os.environ.get("TENANTDB_SIM_REAL_DISK_FULL") == "1"
 LOCK_KEY = f"{PREFIX}{TENANT}/lock.json"
 # Below the 3 s production minimum (set past Settings' check): fewer loop iterations per
 # schedule. Time is virtual: the waits below cost no wall time.
@@ -374,6 +377,9 @@ class Simulation:
             Machine(f"m{n + 1}", root, self.sim, loop) for n in range(schedule.machines)
         ]
         self._names = {m.name for m in self.machines}  # the bounded: tools are not
+        if REAL_DISK_FULL:
+            for machine in self.machines:
+                tmpfs.mount_disk(machine.settings.data_dir)
         self.writes: list[Write] = []
         self.rollbacks: list[RolledBack] = []
         self.outcome = Outcome(schedule.seed, trace=self.sim.trace)
@@ -434,6 +440,8 @@ class Simulation:
             watcher.cancel()
             for machine in self.machines:
                 await machine.crash()
+                if REAL_DISK_FULL:
+                    tmpfs.unmount_disk(machine.settings.data_dir)
             self.outcome.faults.update(self.sim.faults)
             deleted = [w for w in self.sim.landed if w.operation == "delete"]
             self.outcome.events["objects collected"] += len(deleted)
@@ -784,11 +792,17 @@ class Simulation:
                     else:
                         await conn.execute(f"PRAGMA max_page_count = {pages}")
 
-        await machine.run(limit(None))
+        if REAL_DISK_FULL:
+            ballast = tmpfs.fill(machine.settings.data_dir)  # ENOSPC from the filesystem
+            self.outcome.faults["real_disk_full"] += 1
+        else:
+            await machine.run(limit(None))
         writes = (self.write(machine, large=True) for _ in range(step.count))
         answers = await asyncio.gather(*writes)
         await asyncio.sleep(step.seconds)
-        if machine.tdb is tdb:
+        if REAL_DISK_FULL:
+            ballast.unlink()
+        elif machine.tdb is tdb:
             await machine.run(limit(FULL_DISK_PAGES))
         return f"{sum(answers)}/{step.count} acknowledged while full; now {tdb.state}"
 
