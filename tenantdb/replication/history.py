@@ -204,13 +204,12 @@ class History:
             newest.add(anchor.snapshot.key)
         gone: list[str] = []
         kept_generations: list[int] = []
-        # Young by the bucket's Last-Modified (to the second, so a second late), or by the
-        # time the snapshot's own key holds (the holder's clock, as ``cutoff`` is): a base
-        # made after the cutoff may be all the history of its commits (a snapshot taken
-        # instead of segments), so a restore after it needs it however the bucket stamped it.
-        late = cutoff - _CLOCK_SLACK
+        # Young by the bucket's Last-Modified, or by the time the snapshot's own key holds
+        # (the holder's clock, as ``cutoff`` is): a base made after the cutoff may hold the
+        # only copy of its commits (a snapshot taken instead of segments), so a restore
+        # after it needs it however early the bucket stamped it (skew, whole seconds).
         for snap in self.snapshots:
-            young = snap.last_modified >= late or (
+            young = snap.last_modified >= cutoff or (
                 snap.taken_at is not None and snap.taken_at >= cutoff
             )
             if snap.key in named or snap.key in newest or young:
@@ -218,7 +217,7 @@ class History:
             else:
                 gone.append(snap.key)  # unpublished, older than the anchor, or in between
         for seg in self.segments:
-            if seg.key in named or seg.key in needed or seg.last_modified >= late:
+            if seg.key in named or seg.key in needed or seg.last_modified >= cutoff:
                 kept_generations.append(seg.generation)
             else:
                 gone.append(seg.key)
