@@ -166,6 +166,21 @@ async def test_take_reports_a_commit_once(run: Run) -> None:
     assert not await run(nothing)
 
 
+async def test_a_connection_closed_under_its_borrower_counts_as_committed(
+    conns: tuple[aiosqlite.Connection, aiosqlite.Connection], tmp_path: Path
+) -> None:
+    """Simulation seed 11108: a holder stepping down closed its pool while a request's
+    answer was being set aside; aiosqlite's ValueError escaped the request (a 500). In
+    doubt, a commit: the output gate then waits for a sync that fails cleanly."""
+    conn, other = conns
+    tracker = CommitTracker(conn, tmp_path / "t.sqlite3")
+    await tracker.take()
+    await other.execute("INSERT INTO t VALUES (5)")  # the WAL moves: the counters are read
+    await other.commit()
+    await conn.close()
+    assert await tracker.take()
+
+
 def test_sqlite_accepts_a_comment_between_rollback_and_to(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "g.sqlite3", isolation_level=None)
     try:

@@ -14,6 +14,7 @@ from tenantdb.errors import LeaseHeldError
 from tenantdb.machine.database import TenantDB
 from tenantdb.machine.migrations import schema_of
 from tenantdb.protocol.lease import read_lock
+from tenantdb.protocol.lockfile import SnapshotName
 from tenantdb.replication import rollback as rollback_module
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.rollback import rollback
@@ -110,6 +111,46 @@ async def test_rollback_stamps_bucket_time_not_operator_clock(
     after = tmp_path / "after.sqlite3"
     await restore_at(local_bucket, "acme", after, prefix=PREFIX, at=datetime.now(UTC))
     assert read_rows(after) == rows_then
+
+
+class _ListingLags:
+    """A bucket whose LIST does not show the newest keys yet (a cross-region LIST of a
+    Tigris Global bucket is eventually consistent): here, none of them."""
+
+    def __init__(self, inner: Bucket) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def list(self, prefix: str) -> list[object]:
+        return []
+
+
+async def test_rollback_whose_history_listing_lags_is_stamped_on_the_bucket_clock(
+    local_bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Simulation seed 162: a LIST that showed no history made the stamp max() of one int."""
+    recorder = Recorder(3)
+    async with machine(local_bucket, tmp_path, "m1") as tdb:
+        await recorder.changes(tdb, 2)
+        then = datetime.now(UTC)
+        await recorder.changes(tdb, 1)
+    read_history = rollback_module.read_history
+
+    async def lagging(bucket: Bucket, tenant: str, *, prefix: str) -> object:
+        return await read_history(_ListingLags(bucket), tenant, prefix=prefix)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rollback_module, "read_history", lagging)
+    before = datetime.now(UTC)
+    await rollback(operator(tmp_path), local_bucket, then, work_dir=tmp_path)
+    observed = await read_lock(local_bucket, "acme", f"{PREFIX}acme/lock.json")
+    assert observed is not None
+    assert observed.record.snapshot is not None
+    name = SnapshotName.parse(observed.record.snapshot.key.rsplit("/", 1)[-1])
+    assert name is not None
+    assert name.taken_ms is not None
+    assert name.taken_ms >= before.timestamp() * 1000
 
 
 async def test_rollback_uploads_carried_segments_before_dropping_them(

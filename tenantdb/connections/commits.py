@@ -62,8 +62,11 @@ class CommitTracker:
         try:
             async with self._conn.execute(_COUNTERS) as cursor:
                 row = await cursor.fetchone()
-        except sqlite3.Error:
-            row = None  # the counters cannot be read: assume a commit, and wait
+        except (sqlite3.Error, ValueError):
+            # The counters cannot be read, or aiosqlite's "Connection closed" (the pool
+            # closed it under the borrower: the machine steps down): assume a commit, and
+            # wait (the wait then fails cleanly).
+            row = None
         counters = tuple(int(value) for value in row) if row else None
         # Read after the counters: a commit by another connection in between counts as
         # this one's (a wait), never the other way round.

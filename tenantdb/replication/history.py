@@ -213,8 +213,14 @@ class History:
             newest.add(anchor.snapshot.key)
         gone: list[str] = []
         kept_generations: list[int] = []
+        # Young by the bucket's Last-Modified, or by the time the snapshot's own key holds
+        # (the holder's clock, as ``cutoff`` is): a base made after the cutoff may hold the
+        # only copy of its commits (a snapshot taken instead of segments), so a restore
+        # after it needs it however early the bucket stamped it (skew, whole seconds).
         for snap in self.snapshots:
-            young = snap.last_modified >= cutoff
+            young = snap.last_modified >= cutoff or (
+                snap.taken_at is not None and snap.taken_at >= cutoff
+            )
             if snap.key in named or snap.key in newest or young:
                 kept_generations.append(snap.generation)
             else:

@@ -210,7 +210,9 @@ async def _history_end_ms(lease: Lease, prefix: str) -> int:
     times += [s.last_modified for s in history.snapshots]
     times += [s.taken_at for s in history.snapshots if s.taken_at is not None]
     times += [e.last_modified for e in history.segments]
-    return max(bucket_now, *(math.ceil(t.timestamp() * 1000) + 1 for t in times))
+    # A list, not max(a, *rest): a LIST that shows no history yet (one that lags, as a
+    # cross-region LIST may) leaves the bucket's clock alone, not one int to iterate.
+    return max([bucket_now, *(math.ceil(t.timestamp() * 1000) + 1 for t in times)])
 
 
 async def acquire(lease: Lease, *, wait: bool) -> None:

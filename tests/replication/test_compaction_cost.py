@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
+from tenantdb.errors import ObjectTooLargeError
 from tenantdb.machine.database import TenantDB
+from tenantdb.protocol.lease import Lease
 from tenantdb.protocol.lockfile import LogPointer
 from tenantdb.replication import carrier, compaction
 from tenantdb.replication.pitr import restore_at
@@ -163,3 +165,16 @@ def test_a_group_holding_a_sealed_object_is_not_merged_but_the_objects_above_it_
         sealed_below = LogPointer(1, 32, "0" * 16, 10, (), merged=((1, 16, 1), (17, 32, 1)))
         assert compaction.next_merge(sealed_below) == (1, 32)
         assert compaction.next_merge(sealed_below, heavy=[1]) is None
+
+
+async def test_a_merge_reads_another_holders_log_object_only_up_to_the_segment_cap(
+    local_bucket: Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Simulation seed 248: a new holder merging its predecessor's segments read each one
+    whole with no cap, so a huge object at a log key set the holder's memory."""
+    monkeypatch.setattr(compaction, "SEGMENT_MAX_BYTES", 1024)
+    key = f"{PREFIX}acme/log/00000001/000000000001.seg"
+    await local_bucket.put(key, b"x" * 4096)
+    lease = Lease(local_bucket, "acme", machine_id="m2", region="ams", ttl=3, prefix=PREFIX)
+    with pytest.raises(ObjectTooLargeError):
+        await compaction.Compactor(lease, prefix=PREFIX)._log_object(key)

@@ -280,3 +280,37 @@ def test_a_later_generations_snapshot_stamped_earlier_is_still_the_later_base() 
     assert base is not None
     assert base.snapshot == next_holder
     assert history.restorable_from() == next_holder.taken_at
+
+
+def test_retention_keeps_a_snapshot_made_after_the_cutoff_that_the_bucket_stamped_before() -> None:
+    """Simulation seed 13415: a snapshot taken instead of segments (its commits are in no
+    segment) 0.66 s after the cutoff, stamped by a bucket whose clock ran behind and to
+    the second, was collected; a rollback to a moment after it, within the retention, then
+    published an older state without a word."""
+    t0 = datetime(2027, 1, 15, 8, tzinfo=UTC)
+
+    def snapshot(
+        generation: int, seq: int, base: int, taken: float, stamped: float
+    ) -> SnapshotEntry:
+        return SnapshotEntry(
+            key=f"{PREFIX}acme/snapshots/{generation:08d}-{seq:08d}-{base:012d}.sqlite3",
+            size=1,
+            last_modified=t0 + timedelta(seconds=stamped),
+            generation=generation,
+            seq=seq,
+            base=base,
+            taken_at=t0 + timedelta(seconds=taken),
+            published=True,
+        )
+
+    first = snapshot(1, 2, 1, taken=0.0, stamped=0.0)
+    instead_of_segments = snapshot(1, 7, 5, taken=10.344, stamped=8.0)
+    newest = snapshot(2, 10, 5, taken=13.658, stamped=12.0)
+    history = History("acme", PREFIX, None, (first, instead_of_segments, newest), (), ())
+    cutoff = t0 + timedelta(seconds=9.687)
+    expendable = history.expendable(cutoff, keep_snapshots=1)
+    assert instead_of_segments.key not in expendable
+    assert first.key not in expendable  # the anchor: a restore as of the cutoff starts there
+    base = history.base_at(t0 + timedelta(seconds=10.5))
+    assert base is not None
+    assert base.snapshot == instead_of_segments

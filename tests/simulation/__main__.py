@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.simulation.harness import SimulationFailed, run_schedule
+from tests.simulation import tmpfs
+from tests.simulation.harness import REAL_DISK_FULL, SimulationFailed, run_schedule
 from tests.simulation.mutations import MUTATIONS
 from tests.simulation.schedule import make_schedule
 from tests.simulation.shrink import keep_steps, shrink
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         "--shrink", action="store_true", help="with --seed: find the fewest failing steps"
     )
     args = parser.parse_args(argv)
+    if REAL_DISK_FULL:
+        tmpfs.enter_namespace()  # before anything starts a thread
     if args.mutation:
         patch = pytest.MonkeyPatch()
         MUTATIONS[args.mutation](patch)
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [args.seed] if args.seed is not None else range(args.first, args.first + args.seeds)
     steps, faults, checks, events = 0, Counter[str](), Counter[str](), Counter[str]()
     writes = acked = 0
+    peaks: dict[str, float] = {}
     failed_seeds: list[int] = []
     started = time.monotonic()
     for seed in seeds:
@@ -99,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         checks.update(outcome.checks)
         events.update(outcome.events)
         writes, acked = writes + outcome.writes, acked + outcome.acked
+        for name, value in outcome.peaks.items():
+            peaks[name] = max(peaks.get(name, 0), value)
         print(
             f"seed {seed}: ok, {schedule.machines} machines, {len(outcome.steps)} steps, "
             f"{outcome.acked}/{outcome.writes} writes acknowledged, "
@@ -118,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"faults injected: {dict(sorted(faults.items()))}")
     print(f"events: {dict(sorted(events.items()))}")
     print(f"invariants checked: {dict(sorted(checks.items()))}")
+    print(f"busiest machine (invariant 6): {peaks}")
     print(f"time: {took:.1f}s, {len(seeds) / took:.2f} schedules/s")
     return 1 if failed_seeds else 0
 

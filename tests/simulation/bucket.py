@@ -80,6 +80,7 @@ class _Object:
     body: bytes
     etag: str
     last_modified: datetime
+    created: float = 0.0  # when its key first appeared, on the true clock (list lag)
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,18 @@ class SimBucket:
     landed: list[LandedWrite] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
     requests: int = 0
+    # (6) Attempts by (client, simulated second), and the largest body one answer handed
+    # to each client in memory.
+    rates: Counter[tuple[str, int]] = field(default_factory=Counter)
+    largest_body: dict[str, int] = field(default_factory=dict)
+    uncapped: dict[str, str] = field(default_factory=dict)  # client -> a key read uncapped
     clock: Callable[[], float] = time.time  # the true wall clock, as Unix time
     epoch: float = 0.0  # subtracted from ``clock`` in the trace
     trace: list[str] = field(default_factory=list)
+    # A LIST leaves out keys created less than this many seconds ago: Tigris is strongly
+    # consistent within a region, eventually consistent across regions for a Global
+    # bucket (https://www.tigrisdata.com/docs/concepts/consistency/), so a fault here.
+    list_lag: float = 0.0
     _etags: int = 0
 
     def now(self) -> datetime:
@@ -120,7 +130,10 @@ class SimBucket:
 
     def copy_objects(self) -> dict[str, _Object]:
         """The objects as they are now (later writes and damage do not change the copy)."""
-        return {key: _Object(o.body, o.etag, o.last_modified) for key, o in self.objects.items()}
+        return {
+            key: _Object(o.body, o.etag, o.last_modified, o.created)
+            for key, o in self.objects.items()
+        }
 
     def damage(self, key: str) -> None:
         """Flip a byte of a stored object in place, as a disk that rots would (same ETag)."""
@@ -149,7 +162,9 @@ class SimBucket:
         digest = hashlib.md5(body + self._etags.to_bytes(8, "big")).hexdigest()
         # S3 stamps Last-Modified to the second, which the lease's granularity allows for.
         stamp = self.now().replace(microsecond=0)
-        obj = self.objects[key] = _Object(body, f'"{digest}"', stamp)
+        old = self.objects.get(key)
+        created = old.created if old is not None else self.clock()
+        obj = self.objects[key] = _Object(body, f'"{digest}"', stamp, created)
         self.landed.append(LandedWrite(client, operation, key, obj.etag, stamp, body))
         return self._info(key, obj)
 
@@ -182,6 +197,14 @@ class SimBucket:
                 f"{key!r} changed since it was read (If-Match)", key=key, operation=operation
             )
         return self._store(client, operation, key, body)
+
+    def _list(self, prefix: str) -> list[ObjectInfo]:
+        seen_by = self.clock() - self.list_lag
+        found = [(k, o) for k, o in sorted(self.objects.items()) if k.startswith(prefix)]
+        listed = [self._info(k, o) for k, o in found if o.created <= seen_by]
+        if len(listed) < len(found):
+            self.faults["list_lag"] += 1
+        return listed
 
     def _delete(self, client: str, key: str, if_match: str | None) -> None:
         current = self.objects.get(key)
@@ -263,6 +286,7 @@ class BucketView:
             raise StorageError(f"{self.client} is gone", key=key, operation=operation)
         sim = self.sim
         sim.requests += 1
+        sim.rates[self.client, int(sim.clock() - sim.epoch)] += 1
         await asyncio.sleep(sim.rng.uniform(*LATENCY) / 2)  # the request on its way
         await self._running.wait()
         if self.cut_off:
@@ -296,6 +320,9 @@ class BucketView:
             raise TransientStorageError(
                 f"connection reset after the {operation} of {key!r} landed", key=key
             )
+        if isinstance(result, SmallObject):
+            held = sim.largest_body.get(self.client, 0)
+            sim.largest_body[self.client] = max(held, len(result.body))
         return result
 
     async def get(self, key: str, *, max_size: int | None = None) -> SmallObject:
@@ -306,6 +333,8 @@ class BucketView:
             self.sim._check_size(key, obj, max_size, "get")
             return SmallObject(self.sim._info(key, obj), obj.body)
 
+        if max_size is None:
+            self.sim.uncapped.setdefault(self.client, key)
         return await self._call("get", key, read)
 
     async def get_if_changed(
@@ -320,6 +349,8 @@ class BucketView:
             self.sim._check_size(key, obj, max_size, "get")
             return SmallObject(self.sim._info(key, obj), obj.body)
 
+        if max_size is None:
+            self.sim.uncapped.setdefault(self.client, key)
         return await self._call("get", key, read)
 
     async def put(
@@ -348,16 +379,9 @@ class BucketView:
         await self._call("delete", key, lambda: self.sim._delete(self.client, key, if_match))
 
     async def list(self, prefix: str) -> list[ObjectInfo]:
-        """List the objects whose keys start with ``prefix``, sorted by key."""
-        return await self._call(
-            "list",
-            prefix,
-            lambda: [
-                self.sim._info(key, obj)
-                for key, obj in sorted(self.sim.objects.items())
-                if key.startswith(prefix)
-            ],
-        )
+        """List the objects whose keys start with ``prefix``, sorted by key (but those
+        created within the bucket's ``list_lag``)."""
+        return await self._call("list", prefix, lambda: self.sim._list(prefix))
 
     async def download_file(
         self, key: str, dest: Path, *, max_size: int | None = None

@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import fnmatch
 import itertools
 import os
 import random
+import re
 import socket
 import sqlite3
 from collections import Counter
@@ -36,9 +38,9 @@ from typing import Any, Literal, TypeVar
 from starlette.types import Message, Receive, Scope, Send
 
 from tenantdb.asgi.middleware import TenantDBMiddleware
-from tenantdb.config import Settings
+from tenantdb.config import RETENTION_FLOOR_LEASES, Settings
 from tenantdb.crypto import parse_keyring
-from tenantdb.errors import LeaseHeldError, LeaseLostError, TenantDBError
+from tenantdb.errors import LeaseHeldError, LeaseLostError, PointInTimeError, TenantDBError
 from tenantdb.machine.database import TenantDB
 from tenantdb.machine.mover import Role
 from tenantdb.metrics import Metrics
@@ -50,7 +52,7 @@ from tenantdb.replication.shipper import carried_segments
 from tenantdb.replication.takeovers import takeover_key
 from tenantdb.storage.base import Bucket
 from tenantdb.storage.encrypted import EncryptedBucket
-from tests.simulation import invariants
+from tests.simulation import invariants, tmpfs
 from tests.simulation.bucket import BucketView, SimBucket, _Object
 from tests.simulation.invariants import InvariantViolated
 from tests.simulation.loop import CURRENT, EPOCH, SimLoop, deterministic
@@ -72,18 +74,28 @@ def _through(view: BucketView) -> Bucket:
     return view if _KEYRING is None else EncryptedBucket(view, _KEYRING, prefix=PREFIX)
 
 
+# Set, each machine's data directory is a small tmpfs that a full disk fills (tmpfs.py;
+# the process must have entered its own namespace first, as ``__main__`` does).
+REAL_DISK_FULL = os.environ.get("TENANTDB_SIM_REAL_DISK_FULL") == "1"
 LOCK_KEY = f"{PREFIX}{TENANT}/lock.json"
 # Below the 3 s production minimum (set past Settings' check): fewer loop iterations per
 # schedule. Time is virtual: the waits below cost no wall time.
 TTL = 1.0
+RETENTION = RETENTION_FLOOR_LEASES * TTL
 MIGRATIONS = ["CREATE TABLE sim_tokens (token TEXT PRIMARY KEY)"]
 WRITE_TIMEOUT = 3.0  # a write (commit + sync) not acknowledged by then counts as unanswered
 LIFECYCLE_TIMEOUT = 10.0  # start and stop
 SERVING_WAIT = TTL + 2.5  # how long a write step waits for a machine that serves
 FULL_DISK_PAGES = 1_073_741_823  # SQLite's default max_page_count: the disk has room again
 OPERATOR_CLOCK_ERROR = -3.0  # the rollback's machine: tenantdb must not trust its clock
+# How a restore names a segment it did not find: "segment 2 (tenants/a/log/*/...seg)".
+_NAMED_MISSING = re.compile(r"segment \d+ \((\S+\.seg)\) is missing")
+LIST_LAGS = (0.05, 0.5, 2.0)  # how far a lagging LIST is behind, in seconds
 WATCH_INTERVAL = 0.005  # how often the harness looks for two machines serving at once
-WriteMode = Literal["request", "sync", "async"]
+# An app's own writes and checkpoints from another process: at most this many large
+# writes to grow the WAL to tenantdb's checkpoint size, right after which the app strikes.
+APP_WAL_WRITES = 8
+WriteMode = Literal["request", "sync", "async", "outside"]
 
 
 class SimulationFailed(AssertionError):
@@ -139,6 +151,10 @@ class Outcome:
     trace: list[str] = field(default_factory=list)
     iterations: int = 0  # of the event loop
     virtual_seconds: float = 0.0
+    # (6) The most any machine did: bucket attempts and loop callbacks in a simulated
+    # second, bytes of one answer in memory, and CPU milliseconds of one callback (the
+    # last is CPU time, so not part of the trace).
+    peaks: dict[str, float] = field(default_factory=dict)
 
 
 class SimTenantDB(TenantDB):
@@ -164,7 +180,15 @@ async def _token_app(scope: Scope, receive: Receive, send: Send) -> None:
     """The app behind the middleware: store the body as a token, answer ``ok``."""
     message = await receive()
     db = scope["state"]["db"]
-    await db.execute("INSERT INTO sim_tokens (token) VALUES (?)", (message["body"].decode(),))
+    token = message["body"].decode()
+    await db.execute("INSERT INTO sim_tokens (token) VALUES (?)", (token,))
+    if token.endswith(("3", "7")):
+        # A fifth of the requests undo part of their transaction, as an ORM does, with a
+        # comment in the statement: the commit after it still counts.
+        await db.execute("SAVEPOINT undo")
+        await db.execute("INSERT INTO sim_tokens (token) VALUES (?)", (f"{token}-undone",))
+        await db.execute("ROLLBACK /* the ORM's comment */ TO undo")
+        await db.execute("RELEASE undo")
     scope["state"]["on_commit_begin"]()
     await db.commit()
     scope["state"]["on_commit"]()
@@ -208,6 +232,10 @@ class Machine:
             durability_timeout=WRITE_TIMEOUT,
         )
         object.__setattr__(self.settings, "lease_ttl", TTL)
+        # Garbage collection runs (loop.SIM_GC_INTERVAL): the retention is its floor of
+        # four TTLs, and only the newest snapshot is kept past it.
+        object.__setattr__(self.settings, "retention", RETENTION)
+        object.__setattr__(self.settings, "snapshot_retention", 1)
         self.view: BucketView = sim.view(name)
         self.tdb: SimTenantDB | None = None
         self.gateway = _gateway(self.settings)
@@ -275,9 +303,15 @@ class Machine:
         tdb._dir_lock.release()
         return "crashed"
 
+    def serves(self) -> bool:
+        """Whether this machine says it serves, judged in its own context: its clocks (a
+        lease read on another machine's wall clock would age, and never grow young again)."""
+        tdb = self.tdb
+        return tdb is not None and self.context.run(lambda: tdb.serving)
+
     async def tokens(self) -> set[str] | None:
         """The tokens in this machine's database, if it serves."""
-        if self.tdb is None or not self.tdb.serving:
+        if self.tdb is None or not self.serves():
             return None
         try:
             async with (
@@ -289,13 +323,26 @@ class Machine:
             return None
 
 
-def _tokens_in_file(path: Path) -> set[str]:
+def _tokens_in_file(path: Path, where: str) -> set[str]:
+    """The tokens of a restored database, which must be a sound one (2): pages of two
+    different states mixed make a file SQLite calls malformed, or one missing rows."""
     conn = sqlite3.connect(path)
     try:
         try:
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise InvariantViolated(
+                    "restore_matches_model", f"{where} is not a sound database: {problems[:3]}"
+                )
             rows = conn.execute("SELECT token FROM sim_tokens").fetchall()
-        except sqlite3.OperationalError:  # before the migration: an empty database
-            return set()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # before the migration: an empty database
+                return set()
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise InvariantViolated(
+                "restore_matches_model", f"{where} is not a sound database: {exc}"
+            ) from exc
         return {row[0] for row in rows}
     finally:
         conn.close()
@@ -329,6 +376,10 @@ class Simulation:
         self.machines = [
             Machine(f"m{n + 1}", root, self.sim, loop) for n in range(schedule.machines)
         ]
+        self._names = {m.name for m in self.machines}  # the bounded: tools are not
+        if REAL_DISK_FULL:
+            for machine in self.machines:
+                tmpfs.mount_disk(machine.settings.data_dir)
         self.writes: list[Write] = []
         self.rollbacks: list[RolledBack] = []
         self.outcome = Outcome(schedule.seed, trace=self.sim.trace)
@@ -356,9 +407,7 @@ class Simulation:
         return [
             m.name
             for m in self.machines
-            if m.tdb is not None
-            and not self.loop.frozen(m.name)
-            and m.context.run(lambda tdb=m.tdb: tdb.serving)
+            if m.tdb is not None and not self.loop.frozen(m.name) and m.serves()
         ]
 
     async def _watch_holders(self) -> None:
@@ -391,9 +440,23 @@ class Simulation:
             watcher.cancel()
             for machine in self.machines:
                 await machine.crash()
+                if REAL_DISK_FULL:
+                    tmpfs.unmount_disk(machine.settings.data_dir)
             self.outcome.faults.update(self.sim.faults)
+            deleted = [w for w in self.sim.landed if w.operation == "delete"]
+            self.outcome.events["objects collected"] += len(deleted)
             self.outcome.iterations = self.loop.iterations
             self.outcome.virtual_seconds = self.loop.time()
+            self.outcome.peaks = {
+                "bucket attempts/s": max(
+                    (n for (c, _), n in self.sim.rates.items() if c in self._names), default=0
+                ),
+                "loop callbacks/s": max(self.loop.callbacks.values(), default=0),
+                "answer bytes": max(
+                    (n for c, n in self.sim.largest_body.items() if c in self._names), default=0
+                ),
+                "callback CPU ms": round(self.loop.longest_callback[0] * 1000, 1),
+            }
         return self.outcome
 
     def _reseed(self, number: int) -> None:
@@ -438,7 +501,11 @@ class Simulation:
             case "faults":
                 assert step.plan is not None
                 self.sim.plan = step.plan
-                return "set"
+                # Drawn when the step runs (the schedules stay as they were): rarely, a
+                # LIST lags behind the newest keys, as a cross-region LIST may.
+                lag = self._rng.choice(LIST_LAGS) if self._rng.random() < 0.2 else 0.0
+                self.sim.list_lag = lag
+                return f"set, list lag {lag:g}s" if lag else "set"
             case "hostile":
                 return self._hostile()
             case "clock_jump":
@@ -457,7 +524,7 @@ class Simulation:
 
     def serving(self) -> list[Machine]:
         """The machines that say they serve now."""
-        return [m for m in self.machines if m.tdb is not None and m.tdb.serving]
+        return [m for m in self.machines if m.serves()]
 
     async def _wait_serving(self) -> list[Machine]:
         deadline = self.loop.time() + SERVING_WAIT
@@ -540,19 +607,23 @@ class Simulation:
         write.holding = _holding(write.machine, tdb)
         if not sync:
             return False  # async durability: the client is told nothing about the bucket
+        await self._sync(tdb, write.holding)
+        return True
+
+    async def _sync(self, tdb: TenantDB, holding: str) -> None:
+        """``tdb.sync()``: it vouches for every commit of ``holding`` before it began (not
+        for those of an earlier one that was fenced: the machine then follows the new
+        holder), whoever committed them."""
         began = next(self._order)
         await tdb.sync()
-        # sync() vouches for every commit of this holding before it began (not for those
-        # of an earlier one that was fenced: the machine then follows the new holder).
         for other in self.writes:
             if (
-                other.holding == write.holding
+                other.holding == holding
                 and other.acked is None
                 and other.commit_order is not None
                 and other.commit_order < began
             ):
                 self._answered(other)
-        return True
 
     async def _request(self, machine: Machine, tdb: TenantDB, write: Write) -> bool:
         """A POST through the middleware's request path and its output gate."""
@@ -592,7 +663,7 @@ class Simulation:
     async def _crash(self, machine: Machine, step: Step) -> str:
         """Crash the machine ``step.count`` loop iterations into ``step.count`` writes on it
         (or at once): SIGKILL at whichever await each of its tasks stands."""
-        if not step.count or machine.tdb is None or not machine.tdb.serving:
+        if not step.count or not machine.serves():
             return await machine.crash()
         writing = asyncio.gather(*(self.write(machine) for _ in range(step.count)))
         await self.loop.after_iterations(step.iterations)
@@ -632,13 +703,81 @@ class Simulation:
     async def _outside_checkpoint(self, machine: Machine) -> str:
         if machine.tdb is None or not machine.tdb.path.exists():
             return "no database"
+        if self._rng.random() < 0.5:
+            return await self._app_restarts_the_wal(machine)
         return _outside_checkpoint(machine.tdb.path)
+
+    async def _app_restarts_the_wal(self, machine: Machine) -> str:
+        """Right after tenantdb's own checkpoint (its next WAL restart expected), another
+        process commits, checkpoints and commits again before the shipper reads: two
+        restarts, the first WAL never read. Large writes grow the WAL to the checkpoint's
+        size first; a ``tdb.sync()`` after vouches for the app's commits too."""
+        tdb = machine.tdb
+        shipper = tdb._shipper if tdb is not None and machine.serves() else None
+        if tdb is None or shipper is None:
+            return "not serving"
+        struck: list[str] = []
+        checkpoint = shipper._checkpoint
+
+        def then_the_app() -> None:
+            checkpoint()
+            if not struck and shipper._restart_expected:
+                struck.append(self._app_commits_around_a_checkpoint(machine, tdb))
+
+        shipper._checkpoint = then_the_app  # type: ignore[method-assign]
+        try:
+            for _ in range(APP_WAL_WRITES):
+                if struck or machine.tdb is not tdb:
+                    break
+                await self.write(machine, "sync", large=True)
+                await asyncio.sleep(2 * machine.settings.sync_interval)  # its loop checkpoints
+        finally:
+            del shipper._checkpoint
+        if not struck:
+            return "tenantdb did not checkpoint"
+        if machine.tdb is not tdb or not machine.serves():
+            return f"{struck[0]}; then it stopped serving"
+        try:
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await machine.run(self._sync(tdb, _holding(machine.incarnation, tdb)))
+        except (TenantDBError, TimeoutError, asyncio.CancelledError) as exc:
+            return f"{struck[0]}; a sync after: {type(exc).__name__}"
+        return f"{struck[0]}; a sync after returned"
+
+    def _app_commits_around_a_checkpoint(self, machine: Machine, tdb: TenantDB) -> str:
+        """Another process's connection: a token, ``wal_checkpoint(RESTART)``, then a commit
+        of page 1 alone (``application_id``), blocking, so no shipper reads in between.
+        Only the first WAL holds the token's pages."""
+        self.outcome.faults["app_wal_restarts"] += 1
+        conn = sqlite3.connect(tdb.path, timeout=0, isolation_level=None)
+        write = Write(
+            f"t{self.schedule.seed}-{next(self._tokens)}-app",
+            machine.incarnation,
+            "outside",
+            self.now(),
+        )
+        write.commit_began = write.started
+        try:
+            conn.execute("INSERT INTO sim_tokens (token) VALUES (?)", (write.token,))
+            self.writes.append(write)
+            self._committed(write)
+            write.holding = _holding(write.machine, tdb)
+            busy, frames, moved = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            conn.execute(f"PRAGMA application_id = {len(self.writes)}")
+        except sqlite3.Error as exc:
+            return f"the app after tenantdb's checkpoint: refused: {exc}"
+        finally:
+            conn.close()
+        return (
+            f"the app after tenantdb's checkpoint: a commit, checkpoint busy={busy} "
+            f"frames={frames} done={moved}, a commit"
+        )
 
     async def _disk_full(self, machine: Machine, step: Step) -> str:
         """The machine's disk is full for ``step.seconds``: its connections cannot grow the
         database (SQLite's ``database or disk is full``) while clients write."""
         tdb = machine.tdb
-        if tdb is None or not tdb.serving:
+        if tdb is None or not machine.serves():
             return "not serving"
         pool = tdb.pool
 
@@ -653,11 +792,17 @@ class Simulation:
                     else:
                         await conn.execute(f"PRAGMA max_page_count = {pages}")
 
-        await machine.run(limit(None))
+        if REAL_DISK_FULL:
+            ballast = tmpfs.fill(machine.settings.data_dir)  # ENOSPC from the filesystem
+            self.outcome.faults["real_disk_full"] += 1
+        else:
+            await machine.run(limit(None))
         writes = (self.write(machine, large=True) for _ in range(step.count))
         answers = await asyncio.gather(*writes)
         await asyncio.sleep(step.seconds)
-        if machine.tdb is tdb:
+        if REAL_DISK_FULL:
+            ballast.unlink()
+        elif machine.tdb is tdb:
             await machine.run(limit(FULL_DISK_PAGES))
         return f"{sum(answers)}/{step.count} acknowledged while full; now {tdb.state}"
 
@@ -691,7 +836,7 @@ class Simulation:
             self.outcome.events["rollback lost its lease"] += 1
             outcome = f"lost its lease: {exc}"
         except TenantDBError as exc:
-            kind = invariants.restore_failure_is_named(exc, "rollback")
+            kind = self._failure_kind(exc, "rollback", moment, began)
             self.outcome.events[f"rollback {kind}"] += 1
             outcome = f"{kind}: {exc}"
         else:
@@ -756,18 +901,58 @@ class Simulation:
             if self._in_state(w, moment, self.rollbacks, exact=False) is False
         }
 
+    def collectable(self, moment: float) -> bool:
+        """Whether garbage collection may have taken what a restore as of ``moment`` needs:
+        the moment is older than the retention, give or take the clocks' errors (the
+        collector's cutoff is the holder's clock; Last-Modified is the bucket's, to the
+        second)."""
+        margin = 1.0 + self.clock_error + abs(self.schedule.skew.total_seconds())
+        return moment < self.now() - RETENTION + margin
+
+    def _failure_kind(
+        self, exc: BaseException, where: str, moment: float | None, began: float
+    ) -> str:
+        """What a failed restore (or rollback) as of ``moment`` begun at ``began`` was:
+        a named failure, a refusal, or (raised) a broken invariant."""
+        if self._listed_late(exc, began):
+            return "refused_list_lag"
+        collectable = moment is not None and self.collectable(moment)
+        return invariants.restore_failure_is_named(exc, where, collectable=collectable)
+
+    def _listed_late(self, exc: BaseException, began: float) -> bool:
+        """Whether a restore begun at ``began`` failed because a lagging LIST hid keys
+        created too recently: the segment it names as missing is such a key, or it found
+        no history before its moment while such keys exist. It failed, as it should on a
+        bucket that lags (never older)."""
+        if not self.sim.list_lag:
+            return False
+        named = _NAMED_MISSING.search(str(exc))
+        if named is not None:
+            pattern = named[1]
+        elif isinstance(exc, PointInTimeError) and "future" not in str(exc):
+            pattern = f"{PREFIX}{TENANT}/*"
+        else:
+            return False
+        hidden_since = began - self.sim.list_lag
+        return any(
+            fnmatch.fnmatchcase(key, pattern) and obj.created >= hidden_since
+            for key, obj in self.sim.objects.items()
+        )
+
     async def _restore(self, at: datetime | None, where: str) -> set[str] | str:
         dest = self.root / "restores" / f"{next(self._restores)}.sqlite3"
         dest.parent.mkdir(exist_ok=True)
         self.outcome.checks["published_objects_present"] += 1
+        began = self.now()
         try:
             operator = _through(self.sim.view("operator"))
             await pitr.restore_at(operator, TENANT, dest, prefix=PREFIX, at=at)
         except Exception as exc:
-            kind = invariants.restore_failure_is_named(exc, where)
+            moment = at.timestamp() if at is not None else None
+            kind = self._failure_kind(exc, where, moment, began)
             self.outcome.events[f"restore {kind}"] += 1
             return f"{kind}: {exc}"
-        return _tokens_in_file(dest)
+        return _tokens_in_file(dest, where)
 
     async def _restore_now(self, where: str) -> str:
         """A ``tenantdb verify``-style full restore: every write acknowledged so far."""
@@ -788,7 +973,8 @@ class Simulation:
         if step.count and began:
             # Just before a commit: where a segment time a hair early would show it.
             position = step.fraction * len(began)
-            moment = began[int(position)] - (position % 1) * 0.0005
+            # (a fraction drawn as 1.000 means the last commit, not one past it)
+            moment = began[min(int(position), len(began) - 1)] - (position % 1) * 0.0005
         # A rollback is stamped on the bucket's clock (past all history): a skewed bucket
         # puts it up to the skew away from when it ran.
         margin = 0.002 + self.clock_error + abs(self.schedule.skew.total_seconds())
@@ -802,8 +988,10 @@ class Simulation:
         found = await self._restore(datetime.fromtimestamp(moment, UTC), where)
         if isinstance(found, str):
             if found.startswith("refused_before_history") and required:
-                # No retention passes in a simulation: history that held acknowledged
-                # writes at that moment can only have been lost.
+                if self.collectable(moment):
+                    return found  # older than the retention: collected, as it may be
+                # History within the retention that held acknowledged writes at that
+                # moment can only have been lost.
                 raise InvariantViolated(
                     "published_objects_present",
                     f"{where} is refused, though {len(required)} write(s) were acknowledged "
@@ -865,7 +1053,7 @@ class Simulation:
         for version, objects, tokens in answers:
             dest = self.root / "restores" / f"answer-{version}.sqlite3"
             dest.parent.mkdir(exist_ok=True)
-            found = await _restored_tokens(objects, dest)
+            found = await _restored_tokens(objects, dest, where)
             if found is None:
                 continue
             invariants.acknowledged_writes_survive(
@@ -895,9 +1083,22 @@ class Simulation:
                 checks["only_holders_publish"] += 1
 
         invariants.serving_has_its_loops(
-            {m.name: (m.tdb.state, m.tdb.health()) for m in self.machines if m.tdb is not None}
+            {
+                m.name: m.context.run(lambda tdb=m.tdb: (tdb.state, tdb.health()))
+                for m in self.machines
+                if m.tdb is not None
+            }
         )
         checks["serving_has_its_loops"] += 1
+
+        invariants.work_stays_bounded(
+            {k: n for k, n in self.sim.rates.items() if k[0] in self._names},
+            self.loop.callbacks,
+            {c: n for c, n in self.sim.largest_body.items() if c in self._names},
+            {c: k for c, k in self.sim.uncapped.items() if c in self._names},
+            self.loop.longest_callback,
+        )
+        checks["work_stays_bounded"] += 1
 
         await self._check_answers(where)
         for machine in self.serving():
@@ -912,14 +1113,14 @@ class Simulation:
                 checks["acknowledged_writes_survive"] += 1
 
 
-async def _restored_tokens(objects: dict[str, _Object], dest: Path) -> set[str] | None:
+async def _restored_tokens(objects: dict[str, _Object], dest: Path, where: str) -> set[str] | None:
     """The tokens of a full restore from a bucket holding ``objects`` (None if it fails)."""
     auditor = SimBucket(objects=objects).view("auditor")
     try:
         await pitr.restore_at(auditor, TENANT, dest, prefix=PREFIX, at=None)
     except TenantDBError:
         return None  # damaged or hostile objects: the restores of the steps judge those
-    return _tokens_in_file(dest)
+    return _tokens_in_file(dest, f"a full restore of the bucket as of an answer ({where})")
 
 
 def _holding(incarnation: str, tdb: TenantDB) -> str:

@@ -9,11 +9,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from tenantdb.errors import PointInTimeError, ReplicationError, TenantDBError
+from tenantdb.errors import ObjectNotFoundError, PointInTimeError, ReplicationError, TenantDBError
 from tenantdb.machine.supervisor import Health
 from tenantdb.protocol.lockfile import LockRecord
 from tenantdb.replication.packs import decode_pack
-from tenantdb.replication.segment import chunk_key, parse_chunk_key, segment_key
+from tenantdb.replication.segment import SEGMENT_MAX_BYTES, chunk_key, parse_chunk_key, segment_key
 from tests.simulation.bucket import LandedWrite
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "restore_failure_is_named",
     "restore_matches_model",
     "serving_has_its_loops",
+    "work_stays_bounded",
 ]
 
 INVARIANTS = (
@@ -38,7 +39,24 @@ INVARIANTS = (
     "only_holders_publish",
     "serving_has_its_loops",
     "published_objects_present",
+    "work_stays_bounded",
 )
+# (6) The bounds on each machine's work (docs/guarantees.md says why these numbers). A
+# holder publishes at most once per 50 ms sync interval or per group of client writes,
+# renews every TTL/3, a standby polls every 50 ms, each request retried at most 6 times,
+# and a collection deletes one object a request: the busiest machine of seeds 1-700 made
+# 145 attempts in a simulated second. A standby that polls without waiting makes ~440.
+REQUESTS_PER_SECOND = 300
+# Loop callbacks of one machine in a simulated second; the busiest of seeds 1-700 ran 1055.
+# A loop that polls without waiting runs one every iteration: 20,000 a simulated second.
+CALLBACKS_PER_SECOND = 5000
+# The most one answer hands a machine in memory: a log object's cap (snapshots go to
+# files). Each read whole must ask for a cap the reader knows, never trust the object.
+BODY_BYTES = SEGMENT_MAX_BYTES
+# The longest one callback of a machine may hold the event loop, in seconds of CPU time
+# (a thread's work aside): the only bound not on the virtual clock, so generous (seen:
+# up to 150 ms, 250 ms for the first run in a process, which imports modules).
+BLOCKED_SECONDS = 1.0
 # A lock.json write lands a little after the standby judged the old lease expired; the
 # bucket's clock and this one are the same clock here, so only scheduling jitter is allowed.
 _ORDER_SLACK = 0.05
@@ -86,13 +104,18 @@ def restore_matches_model(
         )
 
 
-def restore_failure_is_named(exc: BaseException, where: str) -> str:
+def restore_failure_is_named(exc: BaseException, where: str, *, collectable: bool) -> str:
     """(2) A restore that fails does so with a TenantDBError naming a key or an index, or
     refuses a moment outside the history (before its start, or one the bucket's clock has
-    not reached); the kind of failure."""
-    if isinstance(exc, TenantDBError) and _MISSING_SEGMENT.search(str(exc)):
-        # Nothing in a simulation deletes objects (no retention passes, no step deletes):
-        # an object a restore needs and cannot find was published, then never uploaded.
+    not reached); the kind of failure. (5) It never finds an object it needs missing,
+    unless its moment is older than the retention (``collectable``): garbage collection
+    is the only deleter, and it keeps what every restore within the retention reads."""
+    missing = isinstance(exc, ObjectNotFoundError) or (
+        isinstance(exc, TenantDBError) and _MISSING_SEGMENT.search(str(exc))
+    )
+    if missing and collectable:
+        return "refused_collected"
+    if missing:
         raise InvariantViolated(
             "published_objects_present", f"{where} needs an object the bucket lacks: {exc}"
         ) from exc
@@ -247,4 +270,46 @@ def one_machine_serves_at_a_time(overlap: tuple[float, list[str]] | None) -> Non
         raise InvariantViolated(
             "one_machine_serves_at_a_time",
             f"{' and '.join(machines)} both served at +{at:.3f}s",
+        )
+
+
+def work_stays_bounded(
+    requests: Mapping[tuple[str, int], int],
+    callbacks: Mapping[tuple[str, int], int],
+    bodies: Mapping[str, int],
+    uncapped: Mapping[str, str],
+    longest: tuple[float, str],
+) -> None:
+    """(6) No machine makes more than REQUESTS_PER_SECOND bucket attempts or runs more
+    than CALLBACKS_PER_SECOND loop callbacks in a simulated second, reads an object whole
+    without a size cap or gets more than BODY_BYTES from one answer, or holds the loop
+    longer than BLOCKED_SECONDS. ``requests`` and ``callbacks``: counts by (machine,
+    simulated second); ``uncapped``: machine -> a key it read whole with no cap."""
+    if uncapped:
+        machine, key = min(uncapped.items())
+        raise InvariantViolated(
+            "work_stays_bounded",
+            f"{machine} read {key} whole with no size cap: its memory is the object's to set",
+        )
+    for what, counts, bound in (
+        ("bucket attempts", requests, REQUESTS_PER_SECOND),
+        ("loop callbacks", callbacks, CALLBACKS_PER_SECOND),
+    ):
+        for (machine, second), count in counts.items():
+            if count > bound:
+                raise InvariantViolated(
+                    "work_stays_bounded",
+                    f"{machine} made {count} {what} in simulated second {second} (bound {bound})",
+                )
+    for machine, size in bodies.items():
+        if size > BODY_BYTES:
+            raise InvariantViolated(
+                "work_stays_bounded",
+                f"{machine} got a {size}-byte body in memory (bound {BODY_BYTES})",
+            )
+    took, callback = longest
+    if took > BLOCKED_SECONDS:
+        raise InvariantViolated(
+            "work_stays_bounded",
+            f"a callback held the event loop {took:.3f}s (bound {BLOCKED_SECONDS:g}s): {callback}",
         )

@@ -29,6 +29,8 @@ import heapq
 import random
 import selectors
 import sqlite3
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -37,7 +39,7 @@ import aiosqlite.core
 from tenantdb import clock
 from tenantdb.connections import pool
 from tenantdb.machine import migrations
-from tenantdb.replication import checkpoint
+from tenantdb.replication import checkpoint, garbage
 
 __all__ = ["CURRENT", "EPOCH", "Deadlock", "SimLoop", "deterministic"]
 
@@ -52,6 +54,8 @@ ITERATION_COST = 50e-6
 MIN_WAIT = 1e-6  # the shortest wait of ``call_later`` that is not zero
 SIM_CHECKPOINT_WAL_BYTES = 64 << 10  # tenantdb's own WAL checkpoints, every few dozen commits
 THREAD_TIME = 0.002  # the longest a blocking call (a thread's work) takes
+# Garbage is looked for a second after it is made past the retention, not ten minutes.
+SIM_GC_INTERVAL = 1.0
 _BUSY_MESSAGES = ("database is locked", "database table is locked")
 
 
@@ -97,6 +101,10 @@ class SimLoop(asyncio.SelectorEventLoop):
         self.wall_offset: dict[str, float] = {}  # a machine's wall clock minus true time
         self._tasks: dict[str, list[asyncio.Task[Any]]] = {}  # by machine, in creation order
         self.set_task_factory(self._new_task)
+        # (6) The work of each machine: callbacks run by (machine, simulated second), and
+        # the most CPU time one callback held the loop for (a thread's work aside).
+        self.callbacks: Counter[tuple[str, int]] = Counter()
+        self.longest_callback: tuple[float, str] = (0.0, "")
 
     # --- the clock --------------------------------------------------------------------------
 
@@ -145,13 +153,27 @@ class SimLoop(asyncio.SelectorEventLoop):
         *args: Any,
         context: contextvars.Context | None = None,
     ) -> asyncio.Handle:
-        if self._frozen:
-            machine = self._machine_of(context)
-            if machine in self._frozen:
-                handle = asyncio.Handle(callback, args, self, context)
-                self._held[machine].append(handle)
-                return handle
+        machine = self._machine_of(context)
+        if machine in self._frozen:
+            handle = asyncio.Handle(callback, args, self, context)
+            self._held[machine].append(handle)
+            return handle
+        if machine and callback != self._attempt:
+            return super().call_soon(self._timed, machine, callback, *args, context=context)
         return super().call_soon(callback, *args, context=context)
+
+    def _timed(self, machine: str, callback: Callable[..., object], *args: Any) -> None:
+        """Run one of ``machine``'s callbacks, counted, and timed in CPU time."""
+        self.callbacks[machine, int(self._now)] += 1
+        # CPU time of this thread: a busy machine that preempts the process is no fault
+        # of the callback's.
+        began = time.thread_time()
+        try:
+            callback(*args)
+        finally:
+            took = time.thread_time() - began
+            if took > self.longest_callback[0]:
+                self.longest_callback = (took, f"{machine}: {callback!r}"[:200])
 
     def call_later(  # type: ignore[override]
         self,
@@ -182,7 +204,7 @@ class SimLoop(asyncio.SelectorEventLoop):
         if machine in self._frozen:
             self._held[machine].append(asyncio.Handle(callback, args, self))
         else:
-            callback(*args)
+            self._timed(machine, callback, *args)
 
     def _new_task(
         self, loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any
@@ -304,6 +326,7 @@ def deterministic(seed: str) -> Iterator[SimLoop]:
         (migrations, "CONNECTION_PRAGMAS", _SIM_PRAGMAS),
         # A WAL checkpoint (and restart) every few dozen commits, not every 4 MiB.
         (checkpoint, "CHECKPOINT_WAL_BYTES", SIM_CHECKPOINT_WAL_BYTES),
+        (garbage, "GC_INTERVAL", SIM_GC_INTERVAL),
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, value in patches:

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import Callable
+from pathlib import Path
 
+import aiosqlite
 import pytest
 
 from tenantdb import clock
+from tenantdb.connections import pool
 from tenantdb.errors import LeaseLostError
 from tenantdb.protocol import lease
 from tenantdb.protocol.lockfile import now_ms
@@ -102,6 +106,48 @@ def rollback_on_the_operators_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rollback, "_history_end_ms", history_end_ms)
 
 
+class _StatementTracker:
+    """Before 1c89913 (condensed): the output gate's "this connection committed" from the
+    statements the connection runs, read by their first keyword. ``ROLLBACK /* c */ TO``
+    fails the ``ROLLBACK TO`` pattern and is read as a whole rollback: the commit after it
+    counts for nothing, and its answer is not held until the bucket has it."""
+
+    _FIRST_WORD = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*([A-Za-z]*)", re.DOTALL)
+    _ROLLBACK_TO = re.compile(r"ROLLBACK\s+(?:TRANSACTION\s+)?TO\b", re.IGNORECASE)
+
+    def __init__(self, conn: aiosqlite.Connection, db_path: Path) -> None:
+        self._sqlite = conn._conn
+        self._pending = self._committed = False
+        self._sqlite.set_trace_callback(self._trace)
+
+    async def take(self) -> bool:
+        committed, self._committed = self._committed, False
+        return committed
+
+    def _trace(self, statement: str) -> None:
+        match = self._FIRST_WORD.match(statement)
+        word = match.group(1).upper() if match else ""
+        if word in ("SELECT", "VALUES", "EXPLAIN", "BEGIN", "SAVEPOINT"):
+            return
+        if word in ("COMMIT", "END", "RELEASE"):
+            self._committed = self._committed or self._pending
+            if word != "RELEASE":
+                self._pending = False
+        elif word == "ROLLBACK":
+            if not (match and self._ROLLBACK_TO.match(statement, match.start(1))):
+                self._pending = False
+        elif self._sqlite.in_transaction:
+            self._pending = True
+        else:
+            self._committed = True
+
+
+def rollback_to_read_as_a_rollback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before 1c89913: the output gate read SQL text, and ``ROLLBACK /* c */ TO`` as a
+    rollback of the whole transaction."""
+    monkeypatch.setattr(pool, "CommitTracker", _StatementTracker)
+
+
 MUTATIONS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "group_commit_join": group_commit_joins_an_earlier_publication,
     "double_wal_restart": two_wal_restarts_read_as_one,
@@ -109,4 +155,5 @@ MUTATIONS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "lease_from_answer": lease_valid_from_the_answer,
     "segment_time_rounded_down": segment_times_rounded_down,
     "rollback_clock": rollback_on_the_operators_clock,
+    "rollback_comment": rollback_to_read_as_a_rollback,
 }

@@ -4,6 +4,7 @@ schedule, and the same schedule passes on the intact code."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,13 @@ import pytest
 
 from tenantdb.machine.database import TenantDB
 from tenantdb.machine.mover import Mover
+from tenantdb.machine.standby import Standby
+from tenantdb.protocol import lease as lease_module
 from tenantdb.protocol.lease import Lease
 from tenantdb.replication import pitr, uploads
+from tenantdb.replication.garbage import GarbageCollector
 from tenantdb.replication.shipper import Shipper
+from tests.simulation import invariants
 from tests.simulation.harness import SimulationFailed, run_schedule
 from tests.simulation.schedule import Schedule, Step
 
@@ -75,6 +80,15 @@ def publish_without_uploading(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(uploads, "put_log_object", skipped)
 
 
+def poll_without_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A standby polls lock.json again as soon as each answer is in: a request storm."""
+
+    async def pause(self: Standby, seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(Standby, "_pause", pause)
+
+
 CASES = {
     "acknowledged_writes_survive": (
         acknowledge_before_shipping,
@@ -107,6 +121,15 @@ CASES = {
             Step("restore_at", seconds=0.9),  # between the writes and the snapshot
         ),
     ),
+    "work_stays_bounded": (
+        poll_without_waiting,
+        schedule(
+            *START_BOTH,
+            Step("write", count=2),
+            Step("disk_full", machine=0, seconds=2.0),  # no writes: time passes
+            Step("write", count=2),
+        ),
+    ),
     "serving_has_its_loops": (
         serve_with_a_dead_shipper,
         schedule(Step("start", machine=0), Step("write", count=4)),
@@ -133,3 +156,81 @@ def test_the_same_schedule_passes_on_the_intact_protocol(invariant: str, tmp_pat
     assert outcome.checks[invariant] > 0
     # Every write answered, but those in async durability (told nothing of the bucket).
     assert outcome.acked == outcome.writes - outcome.events["async write committed"] > 0
+
+
+def test_a_machine_that_spins_breaks_the_bound_on_loop_callbacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipper's loop is watched by polling, not awaited: a callback every iteration."""
+    run = Shipper.run
+
+    async def spinning(self: Shipper, interval: float, snapshot_interval: float) -> None:
+        shipping = asyncio.ensure_future(run(self, interval, snapshot_interval))
+        while not shipping.done():
+            await asyncio.sleep(0)
+
+    monkeypatch.setattr(Shipper, "run", spinning)
+    with pytest.raises(SimulationFailed, match=r"loop callbacks in simulated second"):
+        run_schedule(CASES["work_stays_bounded"][1], tmp_path)
+
+
+def test_a_callback_that_blocks_the_loop_breaks_its_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder reads its WAL on the event loop, and works it over at length there."""
+    build = Shipper._build
+
+    def on_the_loop(self: Shipper, after: object) -> object:
+        busy_until = time.thread_time() + 0.05
+        while time.thread_time() < busy_until:
+            pass
+        return build(self, after)  # type: ignore[arg-type]
+
+    async def ship_once(self: Shipper) -> bool:
+        on_the_loop(self, None)
+        return False
+
+    monkeypatch.setattr(invariants, "BLOCKED_SECONDS", 0.04)
+    monkeypatch.setattr(Shipper, "ship_once", ship_once)
+    with pytest.raises(SimulationFailed, match=r"held the event loop"):
+        run_schedule(CASES["work_stays_bounded"][1], tmp_path)
+
+
+COLLECTED_TOO_SOON = schedule(
+    *START_BOTH,
+    Step("write", count=3),
+    Step("checkpoint"),  # a new base: the first one and its segments become garbage
+    Step("write", count=2),
+    Step("disk_full", machine=0, seconds=2.0),  # no writes: the collector's interval passes
+    Step("restore_at", seconds=2.05),  # before the new base, well within the retention
+)
+
+
+def test_a_collector_that_ignores_the_retention_breaks_invariant_5(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    init = GarbageCollector.__init__
+
+    def no_retention(self: GarbageCollector, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.retention = 0.0
+
+    monkeypatch.setattr(GarbageCollector, "__init__", no_retention)
+    with pytest.raises(SimulationFailed) as failed:
+        run_schedule(COLLECTED_TOO_SOON, tmp_path)
+    assert getattr(failed.value.cause, "invariant", None) == "published_objects_present"
+    assert "restore as of" in str(failed.value)
+
+
+def test_the_collector_keeps_what_a_restore_within_the_retention_reads(tmp_path: Path) -> None:
+    outcome = run_schedule(COLLECTED_TOO_SOON, tmp_path)
+    assert outcome.checks["restore_matches_model"] == 1
+
+
+def test_a_read_with_no_size_cap_breaks_the_bound_on_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lock.json is read whole at whatever size it has."""
+    monkeypatch.setattr(lease_module, "LOCK_MAX_BYTES", None)
+    with pytest.raises(SimulationFailed, match=r"whole with no size cap"):
+        run_schedule(CASES["work_stays_bounded"][1], tmp_path)

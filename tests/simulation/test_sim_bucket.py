@@ -111,3 +111,18 @@ async def test_damage_rots_the_bytes_and_keeps_the_etag() -> None:
     assert len(read.body) == 10
     assert read.info.etag == written.etag
     assert sim.faults["damage"] == 1
+
+
+async def test_a_lagging_list_leaves_out_keys_created_within_the_lag() -> None:
+    now = [100.0]
+    sim = SimBucket(clock=lambda: now[0], list_lag=0.5)
+    view = sim.view("m1")
+    await view.put("t/old", b"x")
+    now[0] += 1.0
+    await view.put("t/new", b"x")
+    await view.put("t/old", b"y")  # overwritten, not created: still listed
+    assert [o.key for o in await view.list("t/")] == ["t/old"]
+    assert await view.get("t/new")  # a GET is strongly consistent
+    assert sim.faults["list_lag"] == 1
+    now[0] += 0.6
+    assert [o.key for o in await view.list("t/")] == ["t/new", "t/old"]

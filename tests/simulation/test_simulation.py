@@ -3,6 +3,10 @@ failed (tests/simulation/corpus.txt). ``make simulate SEEDS=N`` runs many more."
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +53,29 @@ def test_a_seed_always_makes_the_same_schedule() -> None:
     # Steps are drawn one after another: a longer schedule begins with the shorter one.
     short = make_schedule(7, 6).steps
     assert make_schedule(7, 20).steps[: len(short)] == short
+
+
+def _real_disk_run(seed: int) -> str:
+    env = {**os.environ, "TENANTDB_SIM_REAL_DISK_FULL": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.simulation", "--seed", str(seed), "--trace"],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode and "unshare" in done.stderr:
+        pytest.skip(f"no user and mount namespace here: {done.stderr.strip()[-200:]}")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+def test_a_real_full_disk_keeps_every_invariant_and_the_run_deterministic() -> None:
+    """Seed 1 fills m1's own tmpfs for a second while it takes writes: SQLite meets
+    ENOSPC from the filesystem (tmpfs.py). Twice: the same trace."""
+    first, second = _real_disk_run(1), _real_disk_run(1)
+    assert "'real_disk_full': 1" in first
+    assert "0/3 acknowledged while full; now serving" in first
+    digest = re.compile(r"^trace 1: \d+ lines, sha256 \w+$", re.M)
+    assert digest.findall(first) == digest.findall(second) != []
