@@ -47,7 +47,7 @@ from tenantdb.metrics import Metrics
 from tenantdb.protocol.lockfile import LockRecord
 from tenantdb.replication import pitr
 from tenantdb.replication.rollback import rollback
-from tenantdb.replication.segment import segment_key
+from tenantdb.replication.segment import parse_chunk_key, segment_key
 from tenantdb.replication.shipper import carried_segments
 from tenantdb.replication.takeovers import takeover_key
 from tenantdb.storage.base import Bucket
@@ -89,7 +89,7 @@ SERVING_WAIT = TTL + 2.5  # how long a write step waits for a machine that serve
 FULL_DISK_PAGES = 1_073_741_823  # SQLite's default max_page_count: the disk has room again
 OPERATOR_CLOCK_ERROR = -3.0  # the rollback's machine: tenantdb must not trust its clock
 # How a restore names a segment it did not find: "segment 2 (tenants/a/log/*/...seg)".
-_NAMED_MISSING = re.compile(r"segment \d+ \((\S+\.seg)\) is missing")
+_NAMED_MISSING = re.compile(r"segment (\d+) \((\S+\.seg)\) is missing")
 LIST_LAGS = (0.05, 0.5, 2.0)  # how far a lagging LIST is behind, in seconds
 WATCH_INTERVAL = 0.005  # how often the harness looks for two machines serving at once
 # An app's own writes and checkpoints from another process: at most this many large
@@ -928,15 +928,22 @@ class Simulation:
             return False
         named = _NAMED_MISSING.search(str(exc))
         if named is not None:
-            pattern = named[1]
+            pattern, index = named[2], int(named[1])
         elif isinstance(exc, PointInTimeError) and "future" not in str(exc):
-            pattern = f"{PREFIX}{TENANT}/*"
+            pattern, index = f"{PREFIX}{TENANT}/*", 0
         else:
             return False
+
+        def hides(key: str) -> bool:
+            if fnmatch.fnmatchcase(key, pattern):
+                return True
+            # A segment a pack (or a merge) holds is under the range's key.
+            chunk = parse_chunk_key(key)
+            return chunk is not None and chunk.first <= index <= chunk.last
+
         hidden_since = began - self.sim.list_lag
         return any(
-            fnmatch.fnmatchcase(key, pattern) and obj.created >= hidden_since
-            for key, obj in self.sim.objects.items()
+            hides(key) and obj.created >= hidden_since for key, obj in self.sim.objects.items()
         )
 
     async def _restore(self, at: datetime | None, where: str) -> set[str] | str:
