@@ -1,12 +1,14 @@
-"""The fleet verbs at scale: forks, ``query --all`` cold and warm, and a large purge.
+"""The fleet verbs at scale: forks, ``query --all``, ``migrate`` and a large purge.
 
 On moto's S3 (``bench.common.S3Server``, counting every request): one template tenant
 written by a real ``TenantDB`` (a snapshot and a few segments), ``--tenants`` forks of it
 (``create_tenant``: a server-side copy each), ``query_tenants`` of a simple aggregate over
 all of them cold (every copy restored) and warm (nothing new: one GET of ``lock.json``
-each), then ``purge_tenant`` of a tenant of ``--objects`` objects. Each phase prints its
-time and the S3 requests it made per tenant (per object for the purge); the last line
-compares them with the issue's goals, scaled to the tenants measured.
+each), ``migrate status`` (each tenant's schema from its ``lock.json``), a migration of
+one added column on every tenant (``migrate_tenant``), then ``purge_tenant`` of a tenant
+of ``--objects`` objects. Each phase prints its time and the S3 requests it made per
+tenant (per object for the purge); the last line compares them with the issue's goals,
+scaled to the tenants measured.
 
 Run: ``python -m bench.bench_fleet [--tenants 200] [--objects 10000] [--parallel 8]``.
 """
@@ -25,6 +27,7 @@ from bench.common import S3Server
 
 BUCKET = "bench-fleet"
 PREFIX = "tenants/"
+MIGRATIONS = ["CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)"]
 
 
 def by_kind(s3: S3Server) -> str:
@@ -39,7 +42,7 @@ async def measure(s3: S3Server, tenants: int, objects: int, parallel: int, work:
     """Run the phases; print one line per phase and the ratio line."""
     from tenantdb import TenantDB
     from tenantdb.config import Secret, Settings
-    from tenantdb.fleet import create_tenant, purge_tenant, query_tenants
+    from tenantdb.fleet import create_tenant, migrate_tenant, purge_tenant, query_tenants
     from tenantdb.storage.s3 import S3Bucket
 
     env = s3.settings_env(s3.create_bucket(BUCKET))
@@ -52,9 +55,7 @@ async def measure(s3: S3Server, tenants: int, objects: int, parallel: int, work:
     )
     async with bucket:
         settings = Settings(tenant="template", data_dir=work / "template", checkpoint_interval=0)
-        async with TenantDB(
-            settings, migrations=["CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)"], bucket=bucket
-        ) as tdb:
+        async with TenantDB(settings, migrations=MIGRATIONS, bucket=bucket) as tdb:
             for batch in range(4):
                 async with tdb.connection() as db:
                     await db.executemany(
@@ -98,6 +99,27 @@ async def measure(s3: S3Server, tenants: int, objects: int, parallel: int, work:
 
         cold, warm = await query("cold"), await query("warm")
 
+        from tenantdb.fleet.migrate import read_schemas
+
+        began = time.monotonic()
+        schemas = [s async for s in read_schemas(bucket, names, prefix=PREFIX, parallel=parallel)]
+        status_s = time.monotonic() - began
+        assert not [s for s in schemas if s.error], schemas[0]
+        print(f"migrate status: {status_s:.1f}s; {by_kind(s3)}", flush=True)
+
+        added = [*MIGRATIONS, "ALTER TABLE t ADD COLUMN w TEXT"]
+        migrating = Settings(tenant="operator", data_dir=work / "operator", lease_ttl=15)
+
+        async def migrate(name: str) -> str:
+            async with gate:
+                return (await migrate_tenant(migrating, bucket, name, added)).outcome
+
+        began = time.monotonic()
+        outcomes = collections.Counter(await asyncio.gather(*(migrate(n) for n in names)))
+        migrate_s = time.monotonic() - began
+        assert outcomes == {"migrated": tenants}, outcomes
+        print(f"migrate run (one added column): {migrate_s:.1f}s; {by_kind(s3)}", flush=True)
+
         await create_tenant(bucket, "big", prefix=PREFIX, lease_ttl=15)
         put_gate = asyncio.Semaphore(16)
 
@@ -115,8 +137,9 @@ async def measure(s3: S3Server, tenants: int, objects: int, parallel: int, work:
     scale = 1000 / tenants
     print(
         f"ratio: per 1,000 tenants, query --all cold {cold * scale:.0f}s (goal 60), warm "
-        f"{warm * scale:.0f}s (goal 10); purge of {objects} objects {purge_s:.0f}s (goal 30 "
-        "for 10,000)"
+        f"{warm * scale:.0f}s (goal 10); migrate status {status_s * scale:.0f}s (goal 10), "
+        f"migrate run of one added column {migrate_s * scale:.0f}s (goal 120); purge of "
+        f"{objects} objects {purge_s:.0f}s (goal 30 for 10,000)"
     )
 
 

@@ -195,3 +195,55 @@ async def test_a_current_tenant_whose_migrations_changed_in_place_is_reported(
     assert list_changed_in_place(schema_of(V1), V2) is None
     assert list_changed_in_place(schema_of(V2), V1) is None  # ahead: not comparable
     assert await objects(bucket) == before
+
+
+class CountingRestores:
+    """``bucket`` counting the reads of lock.json (one per restore of the tenant)."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self._bucket = bucket
+        self.lock_reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bucket, name)
+
+    async def get(self, key: str, **options: Any) -> Any:
+        self.lock_reads += key.endswith("/lock.json")
+        return await self._bucket.get(key, **options)
+
+
+async def test_a_tenant_unchanged_since_its_first_look_is_restored_once(
+    bucket: Bucket, acme: None, tmp_path: Path
+) -> None:
+    counting = CountingRestores(bucket)
+    result = await migrate_tenant(SETTINGS, counting, "acme", V2)  # type: ignore[arg-type]
+    assert result.outcome == "migrated", result.detail
+    # The schema look, the first restore, taking the lease and the publish's look at the
+    # history read lock.json; a second restore under the lease would read it a fifth time.
+    assert counting.lock_reads == 4
+    dest = tmp_path / "now.sqlite3"
+    await restore_at(bucket, "acme", dest, prefix=PREFIX)
+    assert rows(dest) == (2, [(1, "a", "then"), (2, "b", "then")])
+
+
+async def test_a_tenant_written_between_the_first_look_and_the_lease_is_restored_again(
+    bucket: Bucket, acme: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tenantdb.fleet import migrate as fleet_migrate
+
+    take = fleet_migrate.acquire
+
+    async def written_meanwhile(lease: Any, *, wait: bool) -> None:
+        async with machine(tmp_path, bucket, "m3", V1) as tdb:
+            async with tdb.connection() as db:
+                await db.execute("INSERT INTO hits (note) VALUES ('meanwhile')")
+                await db.commit()
+            await tdb.sync()
+        await take(lease, wait=wait)
+
+    monkeypatch.setattr(fleet_migrate, "acquire", written_meanwhile)
+    result = await migrate_tenant(SETTINGS, bucket, "acme", V2)
+    assert result.outcome == "migrated", result.detail
+    dest = tmp_path / "now.sqlite3"
+    await restore_at(bucket, "acme", dest, prefix=PREFIX)
+    assert rows(dest) == (2, [(1, "a", "then"), (2, "b", "then"), (3, "meanwhile", "then")])

@@ -33,9 +33,8 @@ from tenantdb.fleet.errors import UnknownTenantError
 from tenantdb.machine.migrations import Migration, apply_migrations, schema_of
 from tenantdb.protocol.lease import read_lock
 from tenantdb.protocol.lockfile import SchemaVersion
-from tenantdb.protocol.snapshot import temp_snapshot_path
 from tenantdb.replication.checksum import format_state
-from tenantdb.replication.pitr import restore_at
+from tenantdb.replication.pitr import RestoredPoint, restore_at
 from tenantdb.replication.restore import hash_file
 from tenantdb.replication.rollback import (
     acquire,
@@ -157,7 +156,7 @@ async def migrate_tenant(
                 return MigrateResult(
                     tenant, "current", recorded.version, recorded.version, seconds, detail=detail
                 )
-            await restore_at(bucket, tenant, copy, prefix=settings.prefix)
+            point = await restore_at(bucket, tenant, copy, prefix=settings.prefix)
             before = await asyncio.to_thread(_version, copy)
             if before == len(migrations) and not dry_run:
                 return MigrateResult(tenant, "current", before, before, time.monotonic() - started)
@@ -166,7 +165,7 @@ async def migrate_tenant(
                 after = await asyncio.to_thread(_version, copy)
                 return MigrateResult(tenant, "checked", before, after, time.monotonic() - started)
             return await _migrate_held(
-                settings, bucket, tenant, migrations, Path(scratch), started, wait=wait
+                settings, bucket, tenant, migrations, (copy, point), started, wait=wait
             )
         except LeaseHeldError as held:
             return MigrateResult(
@@ -186,20 +185,29 @@ async def _migrate_held(
     bucket: Bucket,
     tenant: str,
     migrations: Sequence[Migration],
-    work_dir: Path,
+    restored: tuple[Path, RestoredPoint],
     started: float,
     *,
     wait: bool,
 ) -> MigrateResult:
-    """Under the tenant's lease: restore again (it may have moved), migrate, publish."""
+    """Under the tenant's lease: the copy ``restored`` before it if the lease's lock.json
+    names that very state, else a restore again (it may have moved); migrate, publish."""
     lease = operator_lease(settings, bucket, tenant, "migrate")
     await acquire(lease, wait=wait)
     renewing = asyncio.get_running_loop().create_task(lease.keep_renewed())
-    copy = temp_snapshot_path(work_dir)
+    copy, point = restored
     published = False
     try:
         await record_takeover(lease)
-        await restore_at(bucket, tenant, copy, prefix=settings.prefix)
+        log = lease.record.log if lease.record else None
+        # A log's state is a digest of the database it describes: the same state is the
+        # same database, so the copy made before the lease is the one to migrate.
+        if log is None or (log.tail, log.state, log.db_pages) != (
+            point.index,
+            point.state,
+            point.db_pages,
+        ):
+            await restore_at(bucket, tenant, copy, prefix=settings.prefix)
         before = await asyncio.to_thread(_version, copy)
         if before == len(migrations):  # its machine migrated it meanwhile
             return MigrateResult(tenant, "current", before, before, time.monotonic() - started)
