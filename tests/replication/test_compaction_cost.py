@@ -17,8 +17,8 @@ import pytest
 from tenantdb.errors import ObjectTooLargeError
 from tenantdb.machine.database import TenantDB
 from tenantdb.protocol.lease import Lease
-from tenantdb.protocol.lockfile import LogPointer
-from tenantdb.replication import carrier, compaction
+from tenantdb.protocol.lockfile import LogChunk, LogPointer
+from tenantdb.replication import carrier, compaction, log_objects
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.shipper import Shipper
 from tenantdb.storage.base import Bucket, ObjectInfo
@@ -172,9 +172,11 @@ async def test_a_merge_reads_another_holders_log_object_only_up_to_the_segment_c
 ) -> None:
     """Simulation seed 248: a new holder merging its predecessor's segments read each one
     whole with no cap, so a huge object at a log key set the holder's memory."""
-    monkeypatch.setattr(compaction, "SEGMENT_MAX_BYTES", 1024)
+    monkeypatch.setattr(log_objects, "SEGMENT_MAX_BYTES", 1024)
     key = f"{PREFIX}acme/log/00000001/000000000001.seg"
     await local_bucket.put(key, b"x" * 4096)
     lease = Lease(local_bucket, "acme", machine_id="m2", region="ams", ttl=3, prefix=PREFIX)
+    chunk = LogChunk(first=1, last=1, generation=1, merged=False)
+    objects = log_objects.LogObjects(local_bucket, "acme")
     with pytest.raises(ObjectTooLargeError):
-        await compaction.Compactor(lease, prefix=PREFIX)._log_object(key)
+        await compaction.Compactor(lease, prefix=PREFIX)._log_object(objects, key, chunk)
