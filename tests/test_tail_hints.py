@@ -237,8 +237,12 @@ def test_the_holder_keeps_a_bounded_number_of_hint_requests_waiting(start: Start
             at = await position()
             gone = [asyncio.create_task(ask(at)) for _ in range(32)]
             # A request past another position is answered at once, or refused when full.
+            filling = time.monotonic()
             while await ask("0.0") != 503:
-                assert time.monotonic() - started < 30, "the 32 requests never all waited"
+                assert time.monotonic() - filling < 30, "the 32 requests never all waited"
+                # On a loaded machine the first may reach the end of its wait before the
+                # last arrives: those ask again.
+                gone = [t if not t.done() else asyncio.create_task(ask(at)) for t in gone]
                 await asyncio.sleep(0.05)
             for request in gone:
                 request.cancel()
