@@ -9,7 +9,6 @@ bucket whose lock.json requests the test counts and holds.
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -54,9 +53,11 @@ class HeldLockBucket:
         return call
 
 
-def suspend(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What a resume shows: the wall clock counted the time away, the monotonic one did not."""
-    monkeypatch.setattr(clock, "wall", lambda: time.time() + SUSPENDED_FOR)
+def suspend(monkeypatch: pytest.MonkeyPatch, shown_by: str = "wall") -> None:
+    """What a resume shows: the wall clock (or Linux's boot clock, which counts a kernel's
+    sleep) counted the time away, the monotonic one did not."""
+    counted = getattr(clock, shown_by)
+    monkeypatch.setattr(clock, shown_by, lambda: counted() + SUSPENDED_FOR)
 
 
 async def read_count(request: Request) -> Response:
@@ -80,8 +81,9 @@ async def serve_acme(tmp_path: Path) -> tuple[TenantDBMiddleware, httpx.AsyncCli
     return middleware, httpx.AsyncClient(transport=transport, base_url="http://m1", timeout=10)
 
 
+@pytest.mark.parametrize("shown_by", ["wall", "boottime"])
 async def test_a_resumed_holder_answers_only_after_one_lock_json_round_trip(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shown_by: str
 ) -> None:
     middleware, client = await serve_acme(tmp_path)
     async with lifespan(middleware), client:
@@ -91,7 +93,7 @@ async def test_a_resumed_holder_answers_only_after_one_lock_json_round_trip(
         bucket = HeldLockBucket(tdb.lease.bucket)
         tdb.lease.bucket = bucket  # type: ignore[assignment]
         bucket.hold = True
-        suspend(monkeypatch)
+        suspend(monkeypatch, shown_by)
 
         answer = asyncio.create_task(client.get("/customers/acme/count"))
         for _ in range(100):
@@ -133,3 +135,22 @@ async def test_a_holder_resumed_after_a_takeover_never_serves(
         assert not tdb.serving
         after = await bucket.get(LOCK_KEY)
         assert LockRecord.parse(after.body, tenant="acme", key=LOCK_KEY) == theirs
+
+
+async def test_a_holder_whose_clocks_show_no_freeze_asks_the_bucket_nothing_first(
+    tmp_path: Path,
+) -> None:
+    middleware, client = await serve_acme(tmp_path)
+    async with lifespan(middleware), client:
+        assert (await client.get("/customers/acme")).json()["count"] == 1
+        tdb = middleware.tenantdb
+        assert tdb is not None
+        bucket = HeldLockBucket(tdb.lease.bucket)
+        tdb.lease.bucket = bucket  # type: ignore[assignment]
+        bucket.hold = True  # a lock.json request would hold the answer up
+        try:
+            response = await asyncio.wait_for(client.get("/customers/acme/count"), 5)
+        finally:
+            bucket.released.set()
+        assert response.json() == {"count": 1}
+        assert bucket.lock_requests == []

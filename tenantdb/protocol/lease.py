@@ -250,8 +250,7 @@ class Lease:
         while self._frozen_seen_at is not None:
             async with self._confirming:
                 if self._frozen_seen_at is not None:
-                    await self.renew()
-        self._held()
+                    await self.renew()  # LeaseLostError unless this machine holds it
 
     async def acquire(self) -> LockRecord:
         """Take the lease, or raise ``LeaseHeldError`` naming the live holder."""
