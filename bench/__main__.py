@@ -23,6 +23,7 @@ BENCHMARKS = {
     "log": "bench.bench_log",
     "durability": "bench.bench_durability",
     "takeover": "bench.bench_takeover",
+    "wake": "bench.bench_wake",
     "idle": "bench.bench_idle",
     "fleet": "bench.bench_fleet",
     "encryption": "bench.bench_encryption",

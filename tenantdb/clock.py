@@ -7,14 +7,21 @@ seed makes one run; code calls them through the module (``clock.monotonic()``) f
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-__all__ = ["monotonic", "now", "token_hex", "wall"]
+__all__ = ["boottime", "monotonic", "now", "token_hex", "wall"]
 
 monotonic: Callable[[], float] = time.monotonic
+# Counts the time a suspended kernel slept, which the monotonic clock does not (Linux).
+boottime: Callable[[], float] = (
+    functools.partial(time.clock_gettime, time.CLOCK_BOOTTIME)
+    if hasattr(time, "CLOCK_BOOTTIME")
+    else time.monotonic
+)
 wall: Callable[[], float] = time.time
 token_hex: Callable[[int], str] = secrets.token_hex
 

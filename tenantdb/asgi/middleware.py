@@ -32,6 +32,7 @@ from tenantdb.errors import (
     ConfigurationError,
     ConnectionUnavailableError,
     InvalidTenantError,
+    LeaseLostError,
     TenantDBError,
 )
 from tenantdb.machine.database import Migration, TenantDB
@@ -273,6 +274,8 @@ class TenantDBMiddleware:
                 return
             await self._not_serving(scope, receive, send, tdb)
             return
+        if not await self._lease_confirmed(scope, receive, send, tdb):
+            return
         self.metrics.routed("local")
         gated = self.settings.durability == "bucket"
         # Lent lazily and set aside while the request waits on its client (see lending.py).
@@ -315,6 +318,32 @@ class TenantDBMiddleware:
                 if db.holding:
                     await db.end()
 
+    async def _lease_confirmed(
+        self, scope: Scope, receive: Receive, send: Send, tdb: TenantDB
+    ) -> bool:
+        """Whether the holder may serve this request; if not, it was answered (after a
+        freeze, the one renewal that confirms the lease failed)."""
+        try:
+            async with asyncio.timeout(self.settings.durability_timeout):
+                await tdb.confirm_lease()
+        except LeaseLostError:
+            await self._not_serving(scope, receive, send, tdb)  # to the new holder
+            return False
+        except (TenantDBError, TimeoutError) as exc:
+            log.warning("tenant %s: lease not confirmed after a freeze: %s", tdb.tenant, exc)
+            self.metrics.routed("503")
+            await send_error(
+                scope,
+                receive,
+                send,
+                503,
+                f"tenant {tdb.tenant}: this machine was paused and could not confirm its "
+                "lease with the bucket yet",
+                headers={"Retry-After": RETRY_AFTER},
+            )
+            return False
+        return True
+
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
         """Count a request of this machine's tenant in flight (the shutdown waits for them)."""
@@ -335,6 +364,8 @@ class TenantDBMiddleware:
         async def make_durable() -> None:
             async with db.waiting():
                 await tdb.sync()
+                # Committed before a freeze, answered after it: not on a lapsed lease.
+                await tdb.confirm_lease()
 
         stamp = None
         commits: Commits = db

@@ -179,6 +179,11 @@ class TenantDB:
         """True while this machine holds a live lease and the database is open."""
         return self.state == "serving" and not self.draining and self.lease.valid_for > 0
 
+    async def confirm_lease(self) -> None:
+        """Return once this holder may answer: after a freeze (Fly's suspend), once a
+        renewal of the lease landed; ``LeaseLostError`` if it was lost meanwhile."""
+        await self.lease.confirmed()
+
     def drain(self) -> None:
         """Stop taking new requests (``serving`` turns False) ahead of ``stop()``.
 

@@ -43,6 +43,9 @@ log = logging.getLogger("tenantdb.lease")
 
 # S3's Last-Modified has one-second resolution: a takeover waits this much past the TTL.
 CLOCK_GRANULARITY = 1.0
+# How much more than the monotonic clock another local clock may count between two looks
+# before this machine takes it for a freeze (Fly's suspend): more than NTP slews in between.
+FREEZE_TOLERANCE = 0.25
 # How many times acquire() re-reads lock.json after losing a write race before giving up.
 _ACQUIRE_RACES = 5
 
@@ -108,7 +111,7 @@ class Lease:
     lease is *lost*: ``on_lost`` is called once and every further write raises
     ``LeaseLostError``.
 
-    Why ~350 lines: the record, its ETag, the send time of the write that landed and the
+    Why ~400 lines: the record, its ETag, the send time of the write that landed and the
     lost state change together under one write lock; every method is one move of that
     state, and split across classes the invariant would have no single owner.
     """
@@ -156,6 +159,11 @@ class Lease:
         # Renewals and publishes both CAS on one ETag: interleaved, one would fence the other.
         self._write_lock = asyncio.Lock()
         self._changed = asyncio.Event()
+        # The clocks at the last look (monotonic, wall, boot), and the monotonic time a
+        # freeze was seen at, until a write sent after it lands.
+        self._clocks = (clock.monotonic(), clock.wall(), clock.boottime())
+        self._frozen_seen_at: float | None = None
+        self._confirming = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"Lease(tenant={self.tenant!r}, machine={self.machine_id!r}, {self.status})"
@@ -207,12 +215,42 @@ class Lease:
         """
         if self.status != "held" or self._releasing:
             return 0.0
+        self._look_for_freeze()
         now = clock.monotonic()
         aged, seen_at = self._aged
         elapsed = max(now - self._renewed_at, clock.wall() - self._renewed_wall)
         elapsed = max(elapsed, aged + now - seen_at)
         self._aged = (elapsed, now)
         return self.ttl - elapsed
+
+    def _look_for_freeze(self) -> None:
+        """Note a freeze when the wall or boot clock counted more than the monotonic one."""
+        then = self._clocks
+        now = self._clocks = (clock.monotonic(), clock.wall(), clock.boottime())
+        away = max(now[1] - then[1], now[2] - then[2]) - (now[0] - then[0])
+        if away > FREEZE_TOLERANCE and self._frozen_seen_at is None:
+            self._frozen_seen_at = now[0]
+            if self.status == "held":
+                log.warning(
+                    "tenant %s: this machine was frozen for about %.1fs (a suspend?); "
+                    "answering again once a renewal of the lease lands",
+                    self.tenant,
+                    away,
+                )
+
+    async def confirmed(self) -> None:
+        """Return once this holder may answer; raise ``LeaseLostError`` if it may not.
+
+        After the machine was frozen (Fly's suspend resumes it with no signal, its clocks
+        behind for a while), its local clocks cannot tell whether the lease lapsed
+        meanwhile: one renewal sent since must land first (a 412 steps down). Otherwise
+        this costs no request.
+        """
+        self._look_for_freeze()
+        while self._frozen_seen_at is not None:
+            async with self._confirming:
+                if self._frozen_seen_at is not None:
+                    await self.renew()  # LeaseLostError unless this machine holds it
 
     async def acquire(self) -> LockRecord:
         """Take the lease, or raise ``LeaseHeldError`` naming the live holder."""
@@ -421,6 +459,8 @@ class Lease:
         # Never later than the send of the write that landed: the bucket's clock started then.
         self._renewed_at, self._renewed_wall = sent.sent_at, sent.sent_wall
         self._aged = (0.0, sent.sent_at)
+        if self._frozen_seen_at is not None and sent.sent_at >= self._frozen_seen_at:
+            self._frozen_seen_at = None  # sent since the freeze: the bucket vouches again
         self._unconfirmed.clear()
         self._notify()
 

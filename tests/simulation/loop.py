@@ -318,6 +318,8 @@ def deterministic(seed: str) -> Iterator[SimLoop]:
     patches: list[tuple[object, str, object]] = [
         (clock, "monotonic", loop.monotonic),
         (clock, "wall", loop.wall),
+        # Firecracker's snapshot restore stops the guest's boot clock with its monotonic one.
+        (clock, "boottime", loop.monotonic),
         (clock, "token_hex", lambda n: rng.randbytes(n).hex()),
         (aiosqlite.core, "SimpleQueue", _InlineQueue),
         (aiosqlite.core, "Thread", _NoThread),
