@@ -111,8 +111,8 @@ class Lease:
     lease is *lost*: ``on_lost`` is called once and every further write raises
     ``LeaseLostError``.
 
-    Why ~400 lines: the record, its ETag, the send time of the write that landed and the
-    lost state change together under one write lock; every method is one move of that
+    Why ~430 lines: the record, its ETag, the send time of the write that landed, the
+    lost state and a freeze seen on the clocks change together under one write lock; every method is one move of that
     state, and split across classes the invariant would have no single owner.
     """
 
