@@ -91,10 +91,12 @@ from tenantdb.dev.http_relay import (
     ProxyError,
     RequestBody,
     forward_headers,
+    no_cookie_jar,
     redirect_to_https,
     relay,
     send_error,
 )
+from tenantdb.dev.regions import EDGE_REGION_HEADER, NO_LATENCY, RegionLatency, is_region
 from tenantdb.dev.replays import (
     MAX_REPLAYS,
     MIN_CACHE_TTL,
@@ -149,6 +151,8 @@ class _Request:
     target: str
     host: str
     headers: list[tuple[bytes, bytes]]
+    # The region the request entered in (Fly-Region), None when the proxy knows no regions.
+    edge: str | None
     body: RequestBody
     # A websocket handshake: the client's messages, once upgraded, come from ``receive``.
     websocket: bool
@@ -177,8 +181,12 @@ class FlyProxy:
         timeout: float = 60.0,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        edge_region: str | None = None,
+        latency: RegionLatency = NO_LATENCY,
     ) -> None:
         self.backends = backends
+        self.edge_region = edge_region
+        self.latency = latency
         self.max_replays = max_replays
         self.max_replay_body = max_replay_body
         self.force_https = force_https
@@ -195,6 +203,7 @@ class FlyProxy:
             timeout=httpx.Timeout(self.timeout, connect=5.0),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
             trust_env=False,
+            cookies=no_cookie_jar(),
         )
         return self
 
@@ -232,6 +241,11 @@ class FlyProxy:
         await body.load()
         if body.client_gone:
             return  # nobody is left to answer
+        edge = headers.get(EDGE_REGION_HEADER, self.edge_region)
+        if edge is not None and not is_region(edge):
+            message = f"{EDGE_REGION_HEADER}: {edge[:20]!r} is not a region code such as ams"
+            await send_error(answer, 400, message, "")
+            return
         request_id = secrets.token_hex(13)
         request = _Request(
             request_id=request_id,
@@ -240,7 +254,8 @@ class FlyProxy:
             path=scope["path"],
             target=target.decode("latin-1"),
             host=headers.get("host", "").rsplit(":", 1)[0].lower(),
-            headers=forward_headers(scope, scope["headers"], request_id, body.replayable),
+            headers=forward_headers(scope, scope["headers"], request_id, body.replayable, edge),
+            edge=edge,
             body=body,
             websocket=scope["type"] == "websocket",
             receive=receive,
@@ -261,6 +276,8 @@ class FlyProxy:
                     trace.served_by,
                     _carried_bookmark(scope),
                     trace.bookmark,
+                    trace.waited_ms,
+                    edge,
                 )
             )
 
@@ -277,7 +294,11 @@ class FlyProxy:
                 attempt_started = time.monotonic()
                 try:
                     machine, unavailable = choose_machine(
-                        hop, self.backends.machines(), self.backends.app_name, self._rng
+                        hop,
+                        self.backends.machines(),
+                        self.backends.app_name,
+                        self._rng,
+                        near=request.edge,
                     )
                     trace.add(machine, hop)
                     if hop.source is not None:
@@ -367,6 +388,9 @@ class FlyProxy:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 base_url = await self._reach(stack, machine, hop.directive.timeout)
+                # From the edge to the machine's region and back, as on Fly, where the edge
+                # that took the request also replays it.
+                await self.latency.cross(request.edge, machine.region)
                 upstream = self._client.build_request(
                     request.method,
                     base_url + request.target,
@@ -374,6 +398,7 @@ class FlyProxy:
                     content=request.body.content(),
                 )
                 response = await self._client.send(upstream, stream=True)
+                await self.latency.cross(machine.region, request.edge)
                 try:
                     replay = response.headers.get("fly-replay")
                     if replay is None:
