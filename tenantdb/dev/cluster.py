@@ -5,7 +5,9 @@
 - a ``DevDNSServer`` answering Fly's internal DNS names for the machines that run;
 - one process per machine (uvicorn serving ``app_module``, or ``command``) with its own
   ``FLY_MACHINE_ID`` (14 hex digits, kept in ``<state dir>/dev/<app>/machines.json`` so that a
-  restart brings the same machines back), ``FLY_REGION``, ``FLY_APP_NAME``, ``TENANT_ID``,
+  restart brings the same machines back), ``FLY_REGION`` (``ClusterConfig.regions``, spread as
+  ``dev.regions`` says), ``TENANTDB_HINT_URL`` (tail hints through ``dev.private_network``),
+  ``FLY_APP_NAME``, ``TENANT_ID``,
   data directory, ``TENANTDB_DNS_SERVER``, its own metrics port on loopback (shown on the
   dashboard; several machines cannot share one), and the embedded bucket
   ``<state dir>/bucket`` unless ``BUCKET_NAME`` names an S3 bucket;

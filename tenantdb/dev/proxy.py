@@ -12,6 +12,10 @@ runner, or a test double). It follows Fly's documentation
   running. If no Machines are running, the proxy does not start one and the request will
   fail" (https://fly.io/docs/reference/fly-proxy-autostop-autostart/, "How Fly Proxy behaves
   without autostart/autostop"). A replay to such a machine fails like one to a stopping machine.
+- With regions (``edge_region``), a request enters at the edge of that region or of the one
+  its dev-only ``tenantdb-dev-region`` header names, machines see it as ``Fly-Region``, load
+  balancing takes a machine of that region first, and every attempt on a machine of another
+  region waits the injected ``latency`` there and back (``dev.regions``).
 - A ``fly-replay`` answer is followed: ``instance=<id>`` (started first if it is stopped),
   ``prefer_instance=<id>``, ``region=`` (comma-separated, ``any``), ``elsewhere=true`` (the
   answering machine sits out the next load balancing), ``state=``. The replayed request
