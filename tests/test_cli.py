@@ -492,3 +492,15 @@ def test_dev_replicas_per_tenant_runs_replicas_beside_each_holder() -> None:
     both = parser.parse_args(["dev", "--replicas-per-tenant", "1", "--machines-per-tenant", "3"])
     with pytest.raises(ConfigurationError, match="leave out --machines-per-tenant"):
         dev_cluster_config(both)
+
+
+def test_dev_regions_and_the_latency_between_them() -> None:
+    parser = build_parser()
+    args = ["dev", "--regions", "ams,fra", "--region-latency-ms", "200"]
+    config = dev_cluster_config(parser.parse_args(args))
+    assert (config.regions, config.latency.one_way) == (("ams", "fra"), 0.2)
+    default = dev_cluster_config(parser.parse_args(["dev", "--region", "ams"]))
+    assert (default.regions, default.latency.one_way) == (("ams",), 0.03)
+    for bad in (["--regions", "ams,ams"], ["--regions", "AMS"], ["--region-latency-ms", "-1"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["dev", *bad])

@@ -33,6 +33,25 @@ def _tenant_list(value: str) -> tuple[str, ...]:
     return tuple(_tenant_arg(part.strip()) for part in value.split(","))
 
 
+def _region_list(value: str) -> tuple[str, ...]:
+    from tenantdb.dev.regions import validate_regions
+
+    try:
+        return validate_regions([part.strip() for part in value.split(",")])
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _latency_ms(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of milliseconds") from None
+    if not 0 <= number <= 10_000:
+        raise argparse.ArgumentTypeError(f"{number:g} ms must be 0 to 10000")
+    return number
+
+
 def _seconds(value: str) -> float:
     try:
         number = float(value)
@@ -82,7 +101,24 @@ def _configure_dev(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--app", default="tenantdb-dev", help="the emulated Fly app's name (default: tenantdb-dev)"
     )
-    parser.add_argument("--region", default="dev", help="FLY_REGION of the machines (default: dev)")
+    parser.add_argument(
+        "--regions",
+        "--region",
+        type=_region_list,
+        default=("dev",),
+        metavar="R1,R2,...",
+        help="regions of the machines (FLY_REGION): each tenant's first machine in the first, "
+        "its others spread over them all in turn; requests enter in the first unless their "
+        "tenantdb-dev-region header names another (default: dev)",
+    )
+    parser.add_argument(
+        "--region-latency-ms",
+        type=_latency_ms,
+        default=30.0,
+        metavar="MS",
+        help="latency injected each way of every hop between two regions: the proxy to a "
+        "machine, one machine to another (default: 30)",
+    )
     parser.add_argument(
         "--idle-stop",
         type=_seconds,
@@ -149,6 +185,7 @@ def _non_negative_int(value: str) -> int:
 def dev_cluster_config(args: argparse.Namespace) -> ClusterConfig:
     """The cluster ``tenantdb dev`` runs, from its arguments."""
     from tenantdb.dev.cluster import ClusterConfig
+    from tenantdb.dev.regions import RegionLatency
 
     machines, env = args.machines_per_tenant, dict(args.env)
     if args.replicas_per_tenant is not None:
@@ -163,7 +200,8 @@ def dev_cluster_config(args: argparse.Namespace) -> ClusterConfig:
         tenants=args.tenants,
         machines_per_tenant=machines,
         app_name=args.app,
-        region=args.region,
+        regions=args.regions,
+        latency=RegionLatency(args.region_latency_ms / 1000),
         port=args.port,
         app_module=args.app_module,
         command=tuple(shlex.split(args.command or "")),

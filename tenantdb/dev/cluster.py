@@ -5,7 +5,9 @@
 - a ``DevDNSServer`` answering Fly's internal DNS names for the machines that run;
 - one process per machine (uvicorn serving ``app_module``, or ``command``) with its own
   ``FLY_MACHINE_ID`` (14 hex digits, kept in ``<state dir>/dev/<app>/machines.json`` so that a
-  restart brings the same machines back), ``FLY_REGION``, ``FLY_APP_NAME``, ``TENANT_ID``,
+  restart brings the same machines back), ``FLY_REGION`` (``ClusterConfig.regions``, spread as
+  ``dev.regions`` says), ``TENANTDB_HINT_URL`` (tail hints through ``dev.private_network``),
+  ``FLY_APP_NAME``, ``TENANT_ID``,
   data directory, ``TENANTDB_DNS_SERVER``, its own metrics port on loopback (shown on the
   dashboard; several machines cannot share one), and the embedded bucket
   ``<state dir>/bucket`` unless ``BUCKET_NAME`` names an S3 bucket;
@@ -51,6 +53,7 @@ from tenantdb.dev.cluster_config import FORCE_HTTPS, ClusterConfig
 from tenantdb.dev.dashboard import DevEdge
 from tenantdb.dev.dns_server import DevDNSServer
 from tenantdb.dev.ports import free_port
+from tenantdb.dev.private_network import PrivateNetwork, hint_url
 from tenantdb.dev.processes import (
     LOOPBACK,
     DevMachine,
@@ -109,8 +112,12 @@ class Cluster:
         self, config: ClusterConfig | None = None, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.config = config or ClusterConfig()
-        self.dns = DevDNSServer(self.config.app_name, host=LOOPBACK, region=self.config.region)
-        self.proxy = FlyProxy(self, force_https=FORCE_HTTPS)
+        config = self.config
+        self.dns = DevDNSServer(config.app_name, host=LOOPBACK, region=config.regions[0])
+        self.proxy = FlyProxy(
+            self, force_https=FORCE_HTTPS, edge_region=config.regions[0], latency=config.latency
+        )
+        self.private_network = PrivateNetwork(self.status, latency=config.latency)
         self.stopped_cleanly = True
         self._clock = clock
         self._running = False
@@ -118,6 +125,7 @@ class Cluster:
         self._server: _ProxyServer | None = None
         self._serving: asyncio.Task[None] | None = None
         self._port = 0
+        self._proxy_port = 0  # where the proxy listens, known before it serves
         self._env: dict[str, str] = {}
         self._log_config = Path()
         self._socket: socket.socket | None = None
@@ -205,15 +213,17 @@ class Cluster:
             root = self.config.state_dir.resolve()
             home = root / "dev" / self.config.app_name
             self._machines = load_machines(
-                self.config.tenants, self.config.machines_per_tenant, self.config.region, home
+                self.config.tenants, self.config.machines_per_tenant, self.config.regions, home
             )
             self._log_config = home / "logging.json"
             self._log_config.write_text(json.dumps(_MACHINE_LOGGING, indent=2) + "\n")
             await self.dns.start()
             self._socket = sock = _listen(self.config.port)
-            self._env = self._base_env(root, sock.getsockname()[1])
+            self._proxy_port = sock.getsockname()[1]
+            self._env = self._base_env(root, self._proxy_port)
             self.bucket_description = describe_bucket(Settings.from_env(self._env))
             await self.proxy.__aenter__()
+            await self.private_network.__aenter__()
             atexit.register(self.kill_all)
             # Every start runs to its end (success or failure) before anything is undone.
             results = await asyncio.gather(
@@ -243,6 +253,7 @@ class Cluster:
             return_exceptions=True,
         )
         await self.proxy.__aexit__(None, None, None)
+        await self.private_network.__aexit__(None, None, None)
         await self.dns.stop()
         self.kill_all()
         atexit.unregister(self.kill_all)
@@ -286,7 +297,6 @@ class Cluster:
         env.update(
             {
                 "FLY_APP_NAME": self.app_name,
-                "FLY_REGION": self.config.region,
                 "TENANTDB_DNS_SERVER": "{}:{}".format(*self.dns.address),
                 # Bodies too big for fly-replay go to the owner through the proxy, which
                 # honours fly-force-instance-id as Fly's does for Flycast addresses.
@@ -299,9 +309,6 @@ class Cluster:
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        # Tail hints reach a holder at its private address, one per machine on Fly; here
-        # the machines share 127.0.0.1 on ports of their own, which no URL template names.
-        env["TENANTDB_TAIL_HINTS"] = "0"
         if self.config.idle_stop is not None:
             env["TENANTDB_IDLE_STOP"] = f"{self.config.idle_stop:g}"
         env.update(self.config.env)
@@ -311,7 +318,7 @@ class Cluster:
 
     async def _serve_proxy(self, sock: socket.socket) -> None:
         config = uvicorn.Config(
-            DevEdge(self),
+            DevEdge(self, private_network=self.private_network),
             lifespan="off",
             log_level="warning",
             access_log=False,
@@ -353,6 +360,10 @@ class Cluster:
         env = {
             **self._env,
             "FLY_MACHINE_ID": machine.machine_id,
+            "FLY_REGION": machine.region,
+            # Tail hints reach a holder at its private address, one per machine on Fly; here
+            # the machines share 127.0.0.1, so they go through the emulated private network.
+            "TENANTDB_HINT_URL": hint_url(self._proxy_port, machine.region),
             "TENANT_ID": machine.tenant,
             "TENANTDB_DATA_DIR": str(machine.data_dir),
             "HOST": LOOPBACK,
@@ -412,6 +423,7 @@ class Cluster:
             machine.machine_id,
             {self.config.metadata_key: machine.tenant},
             running=machine.state == "started",
+            region=machine.region,
         )
 
 
@@ -422,6 +434,9 @@ def _listen(port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((LOOPBACK, port))
+        # Listening at once: the machines' tail hints come here while they start, before
+        # the proxy serves, and wait in the backlog rather than being refused.
+        sock.listen(1024)
     except OSError as exc:
         sock.close()
         raise ConfigurationError(
@@ -473,10 +488,11 @@ async def serve(config: ClusterConfig, *, announce: Callable[[str], None]) -> bo
 def _summary(cluster: Cluster) -> str:
     config = cluster.config
     lines = [
-        f"tenantdb dev: app {config.app_name}, region {config.region}, "
+        f"tenantdb dev: app {config.app_name}, regions {_regions(config)}, "
         f"{cluster.bucket_description}, DNS {cluster.dns.host}:{cluster.dns.port}",
         *(
-            f"  machine {m.machine_id}  tenant {m.tenant}  port {m.port}  pid {m.pid}"
+            f"  machine {m.machine_id}  tenant {m.tenant}  region {m.region}  port {m.port}"
+            f"  pid {m.pid}"
             f"  metrics {_metrics_url(m.metrics_port)}"
             for m in cluster.status()
         ),
@@ -487,6 +503,16 @@ def _summary(cluster: Cluster) -> str:
         f"Dashboard: {cluster.url}/_dev/  (machines, leases, routes; stop, kill, start)",
     ]
     return "\n".join(lines)
+
+
+def _regions(config: ClusterConfig) -> str:
+    regions = ", ".join(config.regions)
+    if len(config.regions) == 1:
+        return regions
+    return (
+        f"{regions} ({config.latency.one_way * 1000:g} ms each way between two; requests "
+        f"enter in {config.regions[0]} unless their tenantdb-dev-region header names another)"
+    )
 
 
 def _idle_stop(seconds: float | None) -> str:

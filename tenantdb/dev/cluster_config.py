@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tenantdb.dev.regions import NO_LATENCY, RegionLatency, validate_regions
 from tenantdb.errors import ConfigurationError
 from tenantdb.routing.machines import tenant_service
 from tenantdb.tenants import validate_tenant
@@ -25,12 +26,16 @@ FORCE_HTTPS = any(port.get("force_https", False) for port in SERVICE["ports"] if
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """What to run: tenants and machines, the app, the proxy's port, and Fly's timings."""
+    """What to run: tenants and machines, regions, the app, the proxy's port, Fly's timings."""
 
     tenants: tuple[str, ...] = ("100", "200", "300")
     machines_per_tenant: int = 1
     app_name: str = "tenantdb-dev"
-    region: str = "dev"
+    # The machines' regions: a tenant's first machine in the first, its others spread over
+    # them all in turn (dev.regions); requests enter in the first unless they name another.
+    regions: tuple[str, ...] = ("dev",)
+    # What a hop between two different regions waits, each way.
+    latency: RegionLatency = NO_LATENCY
     port: int = 8080
     app_module: str = "example_app:app"
     command: tuple[str, ...] = ()
@@ -53,6 +58,7 @@ class ClusterConfig:
             raise ConfigurationError(f"tenants repeat: {', '.join(self.tenants)}")
         if self.machines_per_tenant < 1:
             raise ConfigurationError("each tenant needs at least one machine")
+        validate_regions(self.regions)
         if not _APP_RE.fullmatch(self.app_name):
             raise ConfigurationError(f"app name {self.app_name!r} is not a lowercase DNS label")
         if not 0 <= self.port <= 65535:

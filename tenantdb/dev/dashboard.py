@@ -1,8 +1,10 @@
 """The dashboard of `tenantdb dev`: machines, leases and the last requests, live, at ``/_dev/``.
 
 ``DevEdge`` sits in front of the proxy on its port: paths under ``/_dev/`` go to the
-dashboard, every other one to the machines. Tenant ids are DNS labels, so no tenant's path
-can be ``/_dev/...``; an app's own routes there are hidden while it runs under `tenantdb dev`.
+dashboard (those under ``/_dev/6pn/`` to the machines' private network,
+``dev.private_network``), every other one to the machines. Tenant ids are DNS labels, so no
+tenant's path can be ``/_dev/...``; an app's own routes there are hidden while it runs under
+`tenantdb dev`.
 
 The page (``dashboard.html``) polls ``GET /_dev/state``: each machine's process state and
 lease, each tenant's ``lock.json`` (holder, generation, last snapshot, age of the log), and the
@@ -29,6 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tenantdb.config import Settings
 from tenantdb.dev.backends import MachineState, MachineUnavailableError
+from tenantdb.dev.private_network import PREFIX as PRIVATE_PREFIX
 from tenantdb.dev.processes import MachineStatus
 from tenantdb.dev.proxy import FlyProxy
 from tenantdb.dev.routes import RouteRecord
@@ -90,15 +93,19 @@ class ClusterView(Protocol):
 class DevEdge:
     """The proxy's port: ``/_dev/`` paths go to the dashboard, all others to the machines."""
 
-    def __init__(self, cluster: ClusterView) -> None:
+    def __init__(self, cluster: ClusterView, *, private_network: ASGIApp | None = None) -> None:
         self._proxy: ASGIApp = cluster.proxy
         self._dashboard = _dashboard(cluster)
+        # The machines' own requests to each other (dev.private_network), if they make any.
+        self._private_network = private_network
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
         if scope["type"] == "http" and (path == PREFIX or path.startswith(PREFIX + "/")):
             refusal = _foreign_origin(scope)
-            if refusal is None:
+            if refusal is None and self._private_network and path.startswith(PRIVATE_PREFIX):
+                await self._private_network(scope, receive, send)
+            elif refusal is None:
                 await self._dashboard(scope, receive, send)
             else:
                 await JSONResponse({"error": refusal}, 403)(scope, receive, send)
@@ -187,6 +194,7 @@ async def _state(cluster: ClusterView) -> dict[str, Any]:
             {
                 "id": m.machine_id,
                 "tenant": m.tenant,
+                "region": m.region,
                 "state": m.state,
                 # How it last ended on its own: 0 is an idle stop (TENANTDB_IDLE_STOP).
                 "exit_code": m.exit_code,
@@ -253,6 +261,8 @@ def _route(record: RouteRecord) -> dict[str, Any]:
         "served_by": record.served_by,
         "carried": record.carried,
         "bookmark": record.bookmark,
+        "waited_ms": record.waited_ms,
+        "edge": record.edge,
         "steps": [
             {"machine": s.machine_id, "kind": s.kind, "woken": s.woken, "failed": s.failed}
             for s in record.steps

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 from starlette.types import Receive, Scope, Send
@@ -16,6 +17,7 @@ __all__ = [
     "ProxyError",
     "RequestBody",
     "forward_headers",
+    "no_cookie_jar",
     "redirect_to_https",
     "relay",
     "send_error",
@@ -45,6 +47,9 @@ _NOT_FORWARDED = HOP_BY_HOP | {
     b"fly-prefer-instance-id",
     b"fly-replay-cache-control",
     b"x-forwarded-for",
+    # The dev-only choice of region (dev.regions): the machines see Fly-Region instead.
+    b"tenantdb-dev-region",
+    b"fly-region",
 }
 _HTTP_SCHEMES = {"http": b"http", "https": b"https", "ws": b"http", "wss": b"https"}
 
@@ -105,9 +110,18 @@ class RequestBody:
 
 
 def forward_headers(
-    scope: Scope, raw: list[tuple[bytes, bytes]], request_id: str, replayable: bool
+    scope: Scope,
+    raw: list[tuple[bytes, bytes]],
+    request_id: str,
+    replayable: bool,
+    edge: str | None = None,
 ) -> list[tuple[bytes, bytes]]:
-    """The request's headers as machines see them: hop-by-hop ones out, Fly's own in."""
+    """The request's headers as machines see them: hop-by-hop ones out, Fly's own in.
+
+    ``edge`` is the region the request entered in: Fly's ``Fly-Region`` request header, "the
+    region that the connection was accepted in and routed from"
+    (https://fly.io/docs/networking/request-headers/).
+    """
     client = (scope.get("client") or ("", 0))[0].encode()
     forwarded_for = b", ".join([v for k, v in raw if k == b"x-forwarded-for"] + [client])
     kept = [
@@ -127,7 +141,14 @@ def forward_headers(
         (b"x-forwarded-for", forwarded_for),
         # A websocket's scheme is ws or wss; the handshake itself came over http or https.
         (b"x-forwarded-proto", _HTTP_SCHEMES.get(scope.get("scheme", "http"), b"http")),
+        *([(b"fly-region", edge.encode())] if edge is not None else []),
     ]
+
+
+def no_cookie_jar() -> CookieJar:
+    """A cookie jar that keeps nothing: a proxy's HTTP client must not remember one client's
+    Set-Cookie and send it with every later request, whoever makes it."""
+    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
 async def relay(response: httpx.Response, send: Send, request_id: str) -> None:

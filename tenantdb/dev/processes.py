@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tenantdb.dev.backends import MachineState, MachineUnavailableError
+from tenantdb.dev.regions import region_of
 
 __all__ = ["LOOPBACK", "DevMachine", "MachineStatus", "load_machines", "signal_group"]
 
@@ -224,9 +225,12 @@ def signal_group(process: asyncio.subprocess.Process, sig: signal.Signals) -> No
 
 
 def load_machines(
-    tenants: Sequence[str], per_tenant: int, region: str, root: Path
+    tenants: Sequence[str], per_tenant: int, regions: Sequence[str], root: Path
 ) -> dict[str, DevMachine]:
-    """Reuse the machines of earlier runs (same ids, same data dirs), create the missing ones."""
+    """Reuse the machines of earlier runs (same ids, same data dirs), create the missing ones.
+
+    A tenant's machines go to ``regions`` as ``region_of`` says.
+    """
     registry = root / "machines.json"
     known: list[dict[str, str]] = []
     if registry.exists():
@@ -238,8 +242,9 @@ def load_machines(
             # Fly machine ids are 14 hex digits, and DNS labels.
             ids.append(secrets.token_hex(7))
             known.append({"machine_id": ids[-1], "tenant": tenant})
-        for machine_id in ids[:per_tenant]:
+        for index, machine_id in enumerate(ids[:per_tenant]):
             data_dir = root / machine_id / "data"
+            region = region_of(regions, index)
             machines[machine_id] = DevMachine(machine_id, tenant, region, data_dir)
     root.mkdir(parents=True, exist_ok=True)
     registry.write_text(json.dumps({"machines": known}, indent=2) + "\n")

@@ -12,6 +12,10 @@ runner, or a test double). It follows Fly's documentation
   running. If no Machines are running, the proxy does not start one and the request will
   fail" (https://fly.io/docs/reference/fly-proxy-autostop-autostart/, "How Fly Proxy behaves
   without autostart/autostop"). A replay to such a machine fails like one to a stopping machine.
+- With regions (``edge_region``), a request enters at the edge of that region or of the one
+  its dev-only ``tenantdb-dev-region`` header names, machines see it as ``Fly-Region``, load
+  balancing takes a machine of that region first, and every attempt on a machine of another
+  region waits the injected ``latency`` there and back (``dev.regions``).
 - A ``fly-replay`` answer is followed: ``instance=<id>`` (started first if it is stopped),
   ``prefer_instance=<id>``, ``region=`` (comma-separated, ``any``), ``elsewhere=true`` (the
   answering machine sits out the next load balancing), ``state=``. The replayed request
@@ -91,10 +95,12 @@ from tenantdb.dev.http_relay import (
     ProxyError,
     RequestBody,
     forward_headers,
+    no_cookie_jar,
     redirect_to_https,
     relay,
     send_error,
 )
+from tenantdb.dev.regions import EDGE_REGION_HEADER, NO_LATENCY, RegionLatency, is_region
 from tenantdb.dev.replays import (
     MAX_REPLAYS,
     MIN_CACHE_TTL,
@@ -149,6 +155,8 @@ class _Request:
     target: str
     host: str
     headers: list[tuple[bytes, bytes]]
+    # The region the request entered in (Fly-Region), None when the proxy knows no regions.
+    edge: str | None
     body: RequestBody
     # A websocket handshake: the client's messages, once upgraded, come from ``receive``.
     websocket: bool
@@ -177,8 +185,12 @@ class FlyProxy:
         timeout: float = 60.0,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        edge_region: str | None = None,
+        latency: RegionLatency = NO_LATENCY,
     ) -> None:
         self.backends = backends
+        self.edge_region = edge_region
+        self.latency = latency
         self.max_replays = max_replays
         self.max_replay_body = max_replay_body
         self.force_https = force_https
@@ -195,6 +207,7 @@ class FlyProxy:
             timeout=httpx.Timeout(self.timeout, connect=5.0),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
             trust_env=False,
+            cookies=no_cookie_jar(),
         )
         return self
 
@@ -232,6 +245,11 @@ class FlyProxy:
         await body.load()
         if body.client_gone:
             return  # nobody is left to answer
+        edge = headers.get(EDGE_REGION_HEADER, self.edge_region)
+        if edge is not None and not is_region(edge):
+            message = f"{EDGE_REGION_HEADER}: {edge[:20]!r} is not a region code such as ams"
+            await send_error(answer, 400, message, "")
+            return
         request_id = secrets.token_hex(13)
         request = _Request(
             request_id=request_id,
@@ -240,7 +258,8 @@ class FlyProxy:
             path=scope["path"],
             target=target.decode("latin-1"),
             host=headers.get("host", "").rsplit(":", 1)[0].lower(),
-            headers=forward_headers(scope, scope["headers"], request_id, body.replayable),
+            headers=forward_headers(scope, scope["headers"], request_id, body.replayable, edge),
+            edge=edge,
             body=body,
             websocket=scope["type"] == "websocket",
             receive=receive,
@@ -261,6 +280,8 @@ class FlyProxy:
                     trace.served_by,
                     _carried_bookmark(scope),
                     trace.bookmark,
+                    trace.waited_ms,
+                    edge,
                 )
             )
 
@@ -277,7 +298,11 @@ class FlyProxy:
                 attempt_started = time.monotonic()
                 try:
                     machine, unavailable = choose_machine(
-                        hop, self.backends.machines(), self.backends.app_name, self._rng
+                        hop,
+                        self.backends.machines(),
+                        self.backends.app_name,
+                        self._rng,
+                        near=request.edge,
                     )
                     trace.add(machine, hop)
                     if hop.source is not None:
@@ -367,6 +392,9 @@ class FlyProxy:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 base_url = await self._reach(stack, machine, hop.directive.timeout)
+                # From the edge to the machine's region and back, as on Fly, where the edge
+                # that took the request also replays it.
+                await self.latency.cross(request.edge, machine.region)
                 upstream = self._client.build_request(
                     request.method,
                     base_url + request.target,
@@ -374,6 +402,7 @@ class FlyProxy:
                     content=request.body.content(),
                 )
                 response = await self._client.send(upstream, stream=True)
+                await self.latency.cross(machine.region, request.edge)
                 try:
                     replay = response.headers.get("fly-replay")
                     if replay is None:

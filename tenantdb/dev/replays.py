@@ -17,7 +17,7 @@ from typing import Literal
 
 import httpx
 
-from tenantdb.dev.backends import STARTABLE, MachineInfo, held_down
+from tenantdb.dev.backends import STARTABLE, MachineInfo, MachineState, held_down
 from tenantdb.dev.http_relay import ProxyError
 
 __all__ = [
@@ -203,9 +203,20 @@ def replay_src(source: MachineInfo, directive: ReplayDirective) -> str:
 
 
 def choose_machine(
-    hop: Hop, machines: Sequence[MachineInfo], app: str, rng: random.Random
+    hop: Hop,
+    machines: Sequence[MachineInfo],
+    app: str,
+    rng: random.Random,
+    *,
+    near: str | None = None,
 ) -> tuple[MachineInfo, str | None]:
-    """Pick the next machine as Fly's load balancer would, and a preferred one passed over."""
+    """Pick the next machine as Fly's load balancer would, and a preferred one passed over.
+
+    Load balancing prefers machines in ``near``, the region the request entered in: "Send
+    traffic to the least loaded, closest Machine"; "Cross-region routing only happens when
+    all Machines in the local region are unhealthy or at their hard_limit"
+    (https://fly.io/docs/reference/load-balancing/).
+    """
     by_id = {m.machine_id: m for m in machines}
     directive = hop.directive
     if directive.app not in (None, app):
@@ -242,8 +253,11 @@ def choose_machine(
         and m.machine_id != excluded
         and not held_down(m)
     ]
-    for states in (("started",), STARTABLE):
-        pool = sorted((m for m in candidates if m.state in states), key=lambda m: m.machine_id)
+    local = [m for m in candidates if m.region == near]
+    started: tuple[MachineState, ...] = ("started",)
+    tiers = ((local, started), (local, STARTABLE), (candidates, started), (candidates, STARTABLE))
+    for nearby, states in tiers:
+        pool = sorted((m for m in nearby if m.state in states), key=lambda m: m.machine_id)
         if pool:
             return rng.choice(pool), preferred
     held = sum(held_down(m) for m in by_id.values())

@@ -61,6 +61,10 @@ class RouteRecord:
     served_by: str | None = None
     carried: str | None = None
     bookmark: str | None = None
+    # How long the replica waited for the carried bookmark (tenantdb-waited-ms), and the
+    # region the request entered in (None: the proxy knows no regions).
+    waited_ms: int | None = None
+    edge: str | None = None
 
 
 @dataclass
@@ -73,6 +77,7 @@ class Trace:
     steps: list[RouteStep] = field(default_factory=list)
     served_by: str | None = None
     bookmark: str | None = None
+    waited_ms: int | None = None
 
     def add(self, machine: MachineInfo, hop: Hop) -> None:
         """Note the machine chosen for ``hop``: started by the request unless already running."""
@@ -102,6 +107,8 @@ class Trace:
                         self.served_by = value.decode("latin-1")
                     elif name.lower() == b"tenantdb-bookmark":
                         self.bookmark = value.decode("latin-1")
+                    elif name.lower() == b"tenantdb-waited-ms" and value.isdigit():
+                        self.waited_ms = int(value)
             elif message["type"] == "websocket.accept":
                 self.status = 101
             if self.status is not None and self.answered_at is None:

@@ -70,7 +70,7 @@ async def ask(cluster: Cluster, name: str, rdtype: str) -> dns.message.Message:
 
 async def test_machines_have_fly_identities_dns_records_and_keep_data(tmp_path: Path) -> None:
     async with (
-        Cluster(config(tmp_path, tenants=("100", "200"), region="ams")) as cluster,
+        Cluster(config(tmp_path, tenants=("100", "200"), regions=("ams",))) as cluster,
         httpx.AsyncClient(base_url=cluster.url, trust_env=False) as client,
     ):
         status = cluster.status()

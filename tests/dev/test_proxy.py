@@ -34,6 +34,7 @@ from tenantdb.dev.proxy import (
     MachineUnavailableError,
     ReplayDirective,
 )
+from tenantdb.dev.regions import EDGE_REGION_HEADER, RegionLatency
 from tests.support.servers import LoopbackServer
 
 APP = "testapp"
@@ -677,3 +678,58 @@ async def test_routes_record_who_served_and_the_bookmarks_of_replica_reads(rig: 
     plain = await rig.client.get("/customers/acme", headers={"tenantdb-bookmark": "x"})
     assert plain.status_code == 200
     assert rig.proxy.routes[-1].carried == "malformed"
+
+
+async def test_a_cookie_one_client_was_set_never_reaches_another_clients_request(
+    rig: Rig,
+) -> None:
+    # The proxy's own HTTP client once kept every Set-Cookie and sent it with later
+    # requests: a bookmark cookie of one client then came with everyone's requests.
+    a = rig.add(
+        "a", lambda request: PlainTextResponse("set", headers={"set-cookie": "secret=1; Path=/"})
+    )
+    assert (await rig.client.get("/first")).headers["set-cookie"] == "secret=1; Path=/"
+    async with httpx.AsyncClient(base_url=str(rig.client.base_url), trust_env=False) as other:
+        assert (await other.get("/second")).status_code == 200
+    assert "cookie" not in a.seen[-1].headers
+
+
+# -- regions ------------------------------------------------------------------------------
+
+
+async def test_a_request_goes_to_a_machine_in_the_region_it_entered_in(servers: Servers) -> None:
+    machines = Machines(servers)
+    for machine_id, region in (("a1", "ams"), ("a2", "ams"), ("f1", "fra")):
+        machines.add(machine_id, region=region)
+    async with FlyProxy(machines, rng=random.Random(7), edge_region="ams") as proxy:
+        url = await servers.start(proxy)
+        async with httpx.AsyncClient(base_url=url, trust_env=False) as client:
+            near = [await client.get("/x") for _ in range(10)]
+            far = [await client.get("/x", headers={EDGE_REGION_HEADER: "fra"}) for _ in range(5)]
+    assert {r.text for r in near} == {"served by a1", "served by a2"}
+    assert {r.text for r in far} == {"served by f1"}
+    # Machines see Fly's Fly-Region, the region the request entered in, not the dev header.
+    seen = machines.by_id["f1"].seen[-1].headers
+    assert seen["fly-region"] == "fra"
+    assert EDGE_REGION_HEADER not in seen
+    assert [r.edge for r in proxy.routes][-1] == "fra"
+
+
+async def test_a_hop_to_another_region_waits_the_latency_each_way(servers: Servers) -> None:
+    machines = Machines(servers)
+    machines.add("a", replays("instance=f"), region="ams")
+    machines.add("f", region="fra")
+    latency = RegionLatency(0.2)
+    async with FlyProxy(machines, edge_region="ams", latency=latency) as proxy:
+        url = await servers.start(proxy)
+        async with httpx.AsyncClient(base_url=url, trust_env=False) as client:
+            began = time.monotonic()
+            replayed = await client.get("/x")
+            crossing = time.monotonic() - began
+            began = time.monotonic()
+            local = await client.get("/x", headers={EDGE_REGION_HEADER: "fra", **force("f")})
+            staying = time.monotonic() - began
+    assert replayed.text == "served by f"
+    assert crossing >= 2 * latency.one_way
+    assert local.text == "served by f"
+    assert staying < 2 * latency.one_way
