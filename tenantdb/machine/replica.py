@@ -29,6 +29,7 @@ from tenantdb import clock
 from tenantdb.errors import LeaseHeldError, ReplicaRefusedError
 from tenantdb.machine.bookmark import Bookmark
 from tenantdb.machine.context import Machine
+from tenantdb.machine.migrations import schema_of
 from tenantdb.machine.standby import MIN_POLL_GAP, Standby
 from tenantdb.protocol.lockfile import LockRecord
 
@@ -210,6 +211,14 @@ class ReadCopy:
         if current is None:
             return "its copy is not trusted yet (not caught up with the log)"
         record, confirmed_at = current
+        if record.schema != replica.schema:
+            # The app's code expects its migrations: a copy before them (a new tenant's
+            # first moments, a deploy whose holder has not migrated yet) would fail its reads.
+            recorded = record.schema.version if record.schema else "unknown"
+            return (
+                f"its copy's schema ({recorded}) is not the app's ({replica.schema.version} "
+                "migrations) yet"
+            )
         self.position = Bookmark.of(record)
         self.lag = max(clock.monotonic() - confirmed_at, 0.0)
         if self.lag > max_lag:
@@ -248,6 +257,8 @@ class Replica(Standby):
         self.current: tuple[LockRecord, float] | None = None
         self.advanced = asyncio.Event()  # set (and replaced) each time ``current`` moves
         self.taking_over = False  # reads are refused while the lease may come here
+        # The schema lock.json must record for the copy to serve: the app's migrations.
+        self.schema = schema_of(machine.migrations)
 
     def read_copy(self, bookmark: Bookmark | None) -> ReadCopy:
         return ReadCopy(self, bookmark)

@@ -112,8 +112,9 @@ class Lease:
     ``LeaseLostError``.
 
     Why ~430 lines: the record, its ETag, the send time of the write that landed, the
-    lost state and a freeze seen on the clocks change together under one write lock; every method is one move of that
-    state, and split across classes the invariant would have no single owner.
+    lost state and a freeze seen on the clocks change together under one write lock;
+    every method is one move of that state, and split across classes the invariant would
+    have no single owner.
     """
 
     def __init__(

@@ -280,3 +280,27 @@ async def hits_of(tdb: TenantDB) -> list[str]:
     async with tdb.connection() as db:
         rows = await db.execute_fetchall("SELECT token FROM notes ORDER BY id")
     return [row[0] for row in rows]
+
+
+async def test_a_replica_whose_copy_is_not_at_the_apps_schema_refuses(tmp_path: Path) -> None:
+    # The app was deployed with one more migration; the holder (old code) has not run it.
+    holder = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
+    await holder.start()
+    await write(holder, "first")
+    newer = [*MIGRATIONS, "ALTER TABLE notes ADD COLUMN at TEXT"]
+    replica = TenantDB(settings(tmp_path, "m2"), migrations=newer)
+    await replica.start()
+    try:
+        assert replica.state == "replica"
+        deadline = time.monotonic() + 10
+        while True:
+            with pytest.raises(ReplicaRefusedError) as refused:
+                await tokens(replica)
+            if "schema" in str(refused.value):
+                break
+            assert time.monotonic() < deadline, str(refused.value)
+            await asyncio.sleep(0.05)
+        assert "not the app's (2 migrations)" in str(refused.value)
+    finally:
+        await replica.stop()
+        await holder.stop()
