@@ -22,7 +22,6 @@ The last lines give the ratios. Run: ``python -m bench.bench_wake [--sizes 16 25
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import tempfile
 import time
@@ -31,37 +30,15 @@ from pathlib import Path
 
 import httpx
 
+from bench.bench_takeover import seed
 from bench.common import MiB, S3Server, alternate, child_env, fill_database_in_child, machine
 from bench.common import median as median_of
-from tenantdb.protocol.lockfile import LockRecord, SnapshotRef, now_iso
 from tests.support.servers import UvicornProcess
 
 BUCKET = "bench-wake"
 GOAL_WAKE = 1.0  # seconds, with a volume at 256 MiB (issue 26)
 IDLE_STOP = 1.0
 WAYS = ("volume", "no volume")
-
-
-def seed(s3: S3Server, source: Path, tenant: str) -> None:
-    """Publish ``source`` as ``tenant``'s snapshot, under a released lease."""
-    key = f"tenants/{tenant}/snapshots/00000001-00000001-seed.sqlite3"
-    digest = hashlib.sha256()
-    with open(source, "rb") as f:
-        while block := f.read(MiB):
-            digest.update(block)
-    record = LockRecord(
-        tenant=tenant,
-        owner=None,
-        region=None,
-        generation=1,
-        seq=1,
-        ttl_seconds=15,
-        snapshot=SnapshotRef(key, digest.hexdigest(), source.stat().st_size, now_iso()),
-    )
-    client = s3.client()
-    client.upload_file(str(source), BUCKET, key)
-    client.put_object(Bucket=BUCKET, Key=f"tenants/{tenant}/lock.json", Body=record.to_json())
-    client.close()
 
 
 class Sleeper:
@@ -133,7 +110,7 @@ def run_size(s3: S3Server, work: Path, size_mib: int, rounds: int) -> dict[str, 
     sleepers = {}
     for way in WAYS:
         tenant = f"w{size_mib}-{'vol' if way == 'volume' else 'novol'}"
-        seed(s3, source, tenant)
+        seed(s3, source, tenant, ttl=15)
         sleepers[way] = Sleeper(work, env, tenant, volume=way == "volume")
     source.unlink()
     first = sleepers["volume"].wake()  # the volume's first start restores: not measured
