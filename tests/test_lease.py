@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import pytest
 
+from tenantdb import clock
 from tenantdb.config import Settings
 from tenantdb.errors import (
     CrossRegionLeaseError,
@@ -339,3 +340,55 @@ def test_bucket_consistency_defaults_to_regional_for_tigris_only(
     env: dict[str, str], across: bool
 ) -> None:
     assert Settings.from_env(env).consistent_across_regions is across
+
+
+class SteppedClocks:
+    """This machine's clocks, moved by hand: monotonic, wall and boot time."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.monotonic, self.wall, self.boot = 1000.0, 1_800_000_000.0, 1000.0
+        monkeypatch.setattr(clock, "monotonic", lambda: self.monotonic)
+        monkeypatch.setattr(clock, "wall", lambda: self.wall)
+        monkeypatch.setattr(clock, "boottime", lambda: self.boot)
+
+    def run(self, seconds: float) -> None:
+        """Time passes with the machine running: every clock counts it."""
+        self.monotonic += seconds
+        self.wall += seconds
+        self.boot += seconds
+
+    def suspend(self, seconds: float) -> None:
+        """Fly's suspend: only the wall clock, set again on resume, counts the time away."""
+        self.wall += seconds
+
+
+async def test_a_suspend_after_the_wall_clock_stepped_back_still_ages_the_lease(
+    local_bucket: Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Simulation seed 215059: the wall clock stepped back 2 s, then the machine was
+    suspended; the wall clock's deficit hid the time away, and the holder served on
+    past its lease while another machine held it."""
+    clocks = SteppedClocks(monkeypatch)
+    lease = make_lease(local_bucket, "m1")
+    await lease.acquire()
+    clocks.run(0.1)
+    clocks.wall -= 2.0
+    assert lease.valid_for == pytest.approx(TTL - 0.1)
+    clocks.suspend(2.5)
+    assert lease.valid_for == pytest.approx(TTL - 2.6)
+
+
+async def test_a_wall_clock_stepped_back_over_a_suspend_makes_the_holder_ask_the_bucket(
+    local_bucket: Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step back and a suspend between two looks can cancel out on the clocks: a wall
+    clock that counted less than the monotonic one is taken for a possible freeze."""
+    clocks = SteppedClocks(monkeypatch)
+    lease = make_lease(local_bucket, "m1")
+    record = await lease.acquire()
+    clocks.run(0.1)
+    clocks.wall -= 2.0
+    clocks.suspend(1.3)
+    await lease.confirmed()
+    assert lease.record is not None
+    assert lease.record.seq > record.seq  # a renewal landed before it may answer

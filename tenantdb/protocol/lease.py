@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from tenantdb import clock
 from tenantdb.errors import (
@@ -43,8 +43,8 @@ log = logging.getLogger("tenantdb.lease")
 
 # S3's Last-Modified has one-second resolution: a takeover waits this much past the TTL.
 CLOCK_GRANULARITY = 1.0
-# How much more than the monotonic clock another local clock may count between two looks
-# before this machine takes it for a freeze (Fly's suspend): more than NTP slews in between.
+# How far the wall or boot clock may stray from the monotonic one between two looks before
+# this machine takes it for a freeze (Fly's suspend): more than NTP slews in between.
 FREEZE_TOLERANCE = 0.25
 # How many times acquire() re-reads lock.json after losing a write race before giving up.
 _ACQUIRE_RACES = 5
@@ -85,13 +85,34 @@ async def read_lock(
     return ObservedLock(LockRecord.parse(obj.body, tenant=tenant, key=key), obj.info)
 
 
+class _Clocks(NamedTuple):
+    """This machine's clocks, read together."""
+
+    monotonic: float
+    wall: float
+    boot: float
+
+    @classmethod
+    def read(cls) -> _Clocks:
+        """The clocks now."""
+        return cls(clock.monotonic(), clock.wall(), clock.boottime())
+
+    def most_since(self, then: _Clocks) -> float:
+        """The most time any of the clocks counted since ``then``."""
+        return max(self.monotonic - then.monotonic, self.wall - then.wall, self.boot - then.boot)
+
+
 @dataclass(frozen=True)
 class _Sent:
     """A write of ``lock.json`` whose outcome this machine has not heard yet."""
 
     record: LockRecord
-    sent_at: float  # monotonic time before its first attempt left
-    sent_wall: float  # and wall-clock time
+    clocks: _Clocks  # before its first attempt left
+
+    @property
+    def sent_at(self) -> float:
+        """The monotonic time it was sent."""
+        return self.clocks.monotonic
 
 
 class _EarlierWriteLanded(Exception):
@@ -147,10 +168,9 @@ class Lease:
         self.previous: LockRecord | None = None
         self._on_lost = on_lost
         self._etag: str | None = None
-        self._renewed_at = 0.0  # monotonic time the write that landed last was *sent*
-        self._renewed_wall = 0.0  # and its wall-clock time
-        # The most time any clock counted since that send, and the monotonic time then.
-        self._aged = (0.0, 0.0)
+        # Time counted since the write that landed last was *sent*, at the last look, and
+        # the clocks then (at first, the clocks at that send).
+        self._aged = (0.0, _Clocks(0.0, 0.0, 0.0))
         # A release was sent: it may land unheard, so this process no longer counts as holder.
         self._releasing = False
         self._unconfirmed: list[_Sent] = []
@@ -160,9 +180,9 @@ class Lease:
         # Renewals and publishes both CAS on one ETag: interleaved, one would fence the other.
         self._write_lock = asyncio.Lock()
         self._changed = asyncio.Event()
-        # The clocks at the last look (monotonic, wall, boot), and the monotonic time a
-        # freeze was seen at, until a write sent after it lands.
-        self._clocks = (clock.monotonic(), clock.wall(), clock.boottime())
+        # The clocks at the last look, and the monotonic time a freeze was seen at, until
+        # a write sent after it lands.
+        self._clocks = _Clocks.read()
         self._frozen_seen_at: float | None = None
         self._confirming = asyncio.Lock()
 
@@ -208,35 +228,41 @@ class Lease:
     def valid_for(self) -> float:
         """Seconds this machine may still act as holder, by its own conservative clock.
 
-        Whichever local clock counts more time since the send wins: a machine resumed from
-        Fly's suspend (a snapshot restored, no signal) has a monotonic clock that did not
-        count the time it was away, while its wall clock, once set again, did. And the
-        lease never grows younger: a wall clock stepped back later cannot undo the time
-        it counted once.
+        Between two looks, whichever local clock counted more time wins: a machine resumed
+        from Fly's suspend (a snapshot restored, no signal) has a monotonic clock that did
+        not count the time it was away, while its wall clock, once set again, did. Summed
+        look by look, so the lease never grows younger: a wall clock stepped back cannot
+        undo the time it counted once, nor hide a freeze that comes after the step.
         """
         if self.status != "held" or self._releasing:
             return 0.0
         self._look_for_freeze()
-        now = clock.monotonic()
-        aged, seen_at = self._aged
-        elapsed = max(now - self._renewed_at, clock.wall() - self._renewed_wall)
-        elapsed = max(elapsed, aged + now - seen_at)
+        now = _Clocks.read()
+        aged, then = self._aged
+        elapsed = aged + now.most_since(then)
         self._aged = (elapsed, now)
         return self.ttl - elapsed
 
     def _look_for_freeze(self) -> None:
-        """Note a freeze when the wall or boot clock counted more than the monotonic one."""
+        """Note a possible freeze when the wall or boot clock strayed from the monotonic one.
+
+        Counted more: the machine was away. Counted less (a wall clock stepped back): the
+        step may hide a freeze in the same stretch, so it counts as one too.
+        """
         then = self._clocks
-        now = self._clocks = (clock.monotonic(), clock.wall(), clock.boottime())
-        away = max(now[1] - then[1], now[2] - then[2]) - (now[0] - then[0])
-        if away > FREEZE_TOLERANCE and self._frozen_seen_at is None:
-            self._frozen_seen_at = now[0]
+        now = self._clocks = _Clocks.read()
+        counted = now.monotonic - then.monotonic
+        strays = (now.wall - then.wall - counted, now.boot - then.boot - counted)
+        stray = max(strays, key=abs)
+        if abs(stray) > FREEZE_TOLERANCE and self._frozen_seen_at is None:
+            self._frozen_seen_at = now.monotonic
             if self.status == "held":
                 log.warning(
-                    "tenant %s: this machine was frozen for about %.1fs (a suspend?); "
-                    "answering again once a renewal of the lease lands",
+                    "tenant %s: this machine's clocks strayed %+.1fs from its monotonic "
+                    "clock (a suspend, or a clock stepped back over one?); answering again "
+                    "once a renewal of the lease lands",
                     self.tenant,
-                    away,
+                    stray,
                 )
 
     async def confirmed(self) -> None:
@@ -431,7 +457,7 @@ class Lease:
         if_none_match: Literal["*"] | None = None,
     ) -> LockRecord:
         # Registered before sending: a cancelled or unanswered write may still have landed.
-        sent = _Sent(record, clock.monotonic(), clock.wall())
+        sent = _Sent(record, _Clocks.read())
         self._unconfirmed.append(sent)
         self._next_seq = max(self._next_seq, record.seq + 1)
         try:
@@ -458,8 +484,7 @@ class Lease:
         self.record, self._etag = record, etag
         self.status = "held" if self._is_own_claim(record) else "released"
         # Never later than the send of the write that landed: the bucket's clock started then.
-        self._renewed_at, self._renewed_wall = sent.sent_at, sent.sent_wall
-        self._aged = (0.0, sent.sent_at)
+        self._aged = (0.0, sent.clocks)
         if self._frozen_seen_at is not None and sent.sent_at >= self._frozen_seen_at:
             self._frozen_seen_at = None  # sent since the freeze: the bucket vouches again
         self._unconfirmed.clear()

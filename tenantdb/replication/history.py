@@ -230,6 +230,10 @@ class History:
                 kept_generations.append(seg.generation)
             else:
                 gone.append(seg.key)
+        # The segments lock.json names are kept, objects or not: those it carries inline
+        # have no object yet, and their generation's record dates the log's start.
+        if record is not None and record.log is not None:
+            kept_generations += [generation for generation, _ in record.log.runs]
         # A takeover record classifies the objects of later generations: kept while any is.
         oldest = min(kept_generations, default=record.generation if record else 0)
         gone += [

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from tenantdb.errors import PointInTimeError, ReplicationError
-from tenantdb.protocol.lockfile import now_ms
+from tenantdb.protocol.lease import ObservedLock
+from tenantdb.protocol.lockfile import LockRecord, LogPointer, now_ms
 from tenantdb.replication import compaction
 from tenantdb.replication.checksum import PageHashes, database_page_size
 from tenantdb.replication.history import (
@@ -26,7 +27,7 @@ from tenantdb.replication.history import (
 )
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.segment import Segment, SegmentHeader, encode_segment, segment_key
-from tenantdb.storage.base import Bucket
+from tenantdb.storage.base import Bucket, ObjectInfo
 from tests.replication.test_pitr import PREFIX, Recorder, machine, read_rows
 
 
@@ -314,3 +315,30 @@ def test_retention_keeps_a_snapshot_made_after_the_cutoff_that_the_bucket_stampe
     base = history.base_at(t0 + timedelta(seconds=10.5))
     assert base is not None
     assert base.snapshot == instead_of_segments
+
+
+def test_retention_keeps_the_takeover_record_of_segments_lock_json_carries_inline() -> None:
+    """Simulation seed 200013: generation 1's segments rode inline in lock.json (no object
+    yet) when generation 2 took over; retention saw no object of generation 1 and deleted
+    its takeover record, so the history began at generation 2's takeover and a restore as
+    of a moment with an acknowledged write was refused."""
+    t0 = datetime(2027, 1, 15, 8, tzinfo=UTC)
+    pointer = LogPointer(base=1, tail=2, state="0" * 16, db_pages=2, runs=((1, 1),))
+    record = LockRecord(
+        tenant="acme",
+        owner="m1",
+        region=None,
+        generation=2,
+        seq=9,
+        ttl_seconds=1.0,
+        log=pointer.with_inline([b"one", b"two"]),
+    )
+    info = ObjectInfo(f"{PREFIX}acme/lock.json", "etag", 1, t0 + timedelta(seconds=5))
+    takeovers = (
+        Takeover(1, "m1", None, t0, tail=0, snapshot=None),
+        Takeover(2, "m1", None, t0 + timedelta(seconds=5), tail=2, snapshot=None),
+    )
+    history = History("acme", PREFIX, ObservedLock(record, info), (), (), takeovers)
+    expendable = history.expendable(t0 + timedelta(seconds=2), keep_snapshots=1)
+    assert takeover_key(PREFIX, "acme", 1) not in expendable
+    assert history.restorable_from() == t0

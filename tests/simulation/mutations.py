@@ -78,8 +78,7 @@ def lease_valid_from_the_answer(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def from_the_answer(self: lease.Lease, record: object, etag: str, sent: object) -> None:
         confirm(self, record, etag, sent)  # type: ignore[arg-type]
-        self._renewed_at, self._renewed_wall = clock.monotonic(), clock.wall()
-        self._aged = (0.0, self._renewed_at)
+        self._aged = (0.0, lease._Clocks.read())
 
     monkeypatch.setattr(lease.Lease, "_confirm", from_the_answer)
 
