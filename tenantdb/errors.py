@@ -27,7 +27,8 @@ Every error tenantdb raises on purpose is a ``TenantDBError``::
     ├── SnapshotError                 a snapshot cannot be made or restored (key)
     ├── IntegrityCheckError           a restored database fails PRAGMA integrity_check (problems)
     ├── ReplicationError              the incremental log cannot be read, written or applied (key)
-    │   └── PointInTimeError          that moment cannot be restored exactly (at, earliest)
+    │   ├── PointInTimeError          that moment cannot be restored exactly (at, earliest)
+    │   └── ListingBehindError        the bucket's LIST lacks an object lock.json names (key)
     ├── DurabilityError               a committed write did not reach the bucket in time (tenant)
     ├── ReplicaRefusedError           this machine's copy may not serve a read (the holder will)
     ├── ConnectionUnavailableError    no database connection for a request (503)
@@ -68,6 +69,7 @@ __all__ = [
     "LeaseError",
     "LeaseHeldError",
     "LeaseLostError",
+    "ListingBehindError",
     "LocalDiskError",
     "LockFileCorruptError",
     "MachinesAPIError",
@@ -310,6 +312,11 @@ class PointInTimeError(ReplicationError):
         self.at = at
         self.earliest = earliest
         super().__init__(message, key=key)
+
+
+class ListingBehindError(ReplicationError):
+    """The bucket's LIST lacks ``key``, which lock.json names: a listing that lags behind
+    writes (as a Tigris bucket's may across regions), or a lost object. Try again."""
 
 
 class DurabilityError(TenantDBError):

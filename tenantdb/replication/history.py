@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
-from tenantdb.errors import ReplicationError
+from tenantdb.errors import ObjectNotFoundError, ReplicationError
 from tenantdb.parsing import (
     time_of_ms,
 )
@@ -48,6 +48,8 @@ log = logging.getLogger("tenantdb.replication")
 
 # Takeover records read at once.
 _READ_AHEAD = 8
+# Generations past the newest listed takeover record whose records are looked up by key.
+_UNLISTED_GENERATIONS = 8
 _EPOCH = datetime.fromtimestamp(0, UTC)
 _CLOCK_SLACK = timedelta(seconds=1)
 
@@ -269,7 +271,8 @@ async def read_history(bucket: Bucket, tenant: str, *, prefix: str) -> History:
     objects = await bucket.list(root)
     records = [o for o in objects if o.key.startswith(f"{root}history/")]
     record = observed.record if observed else None
-    read = await _read_takeovers(bucket, records)
+    read = await _read_takeovers(bucket, [o.key for o in records])
+    read += await _unlisted_takeover(bucket, read, record, tenant=tenant, prefix=prefix)
     takeovers = _trusted(read, record, tenant=tenant, prefix=prefix)
     limits = _Limits(takeovers, record)
     snapshots: list[SnapshotEntry] = []
@@ -299,9 +302,7 @@ async def read_history(bucket: Bucket, tenant: str, *, prefix: str) -> History:
     return History(tenant, prefix, observed, tuple(snapshots), tuple(segments), takeovers)
 
 
-async def _read_takeovers(
-    bucket: Bucket, infos: Sequence[ObjectInfo]
-) -> list[Takeover | ReplicationError]:
+async def _read_takeovers(bucket: Bucket, keys: Sequence[str]) -> list[Takeover | ReplicationError]:
     """Every takeover record, parsed, or the error that names it as unusable."""
     gate = asyncio.Semaphore(_READ_AHEAD)
 
@@ -313,7 +314,47 @@ async def _read_takeovers(
         except ReplicationError as exc:
             return exc
 
-    return list(await asyncio.gather(*(read(info.key) for info in infos)))
+    return list(await asyncio.gather(*(read(key) for key in keys)))
+
+
+async def _unlisted_takeover(
+    bucket: Bucket,
+    read: Sequence[Takeover | ReplicationError],
+    record: LockRecord | None,
+    *,
+    tenant: str,
+    prefix: str,
+) -> list[Takeover | ReplicationError]:
+    """The first takeover record after the newest listed one, looked up by key.
+
+    A LIST may lag behind the writes (Tigris lists eventually across regions), and the
+    newest generation listed would then be judged against lock.json, whose snapshot and
+    tail may be a later holder's: its published objects would count as unpublished, and
+    a restore start from an older base. A GET of a key is never stale: the generations
+    after the newest listed record, lock.json's own included, are looked up one by one
+    up to the first record (a holder that died before writing its record, or one that
+    is writing it now, has none: then lock.json still holds what the newest listed
+    generation published).
+    """
+    if record is None:
+        return []
+    newest = max((t.generation for t in read if isinstance(t, Takeover)), default=0)
+    if newest == 0 or newest >= record.generation:
+        return []  # nothing listed to classify, or the newest listed is lock.json's
+    last = min(record.generation, newest + _UNLISTED_GENERATIONS)
+    for generation in range(newest + 1, last + 1):
+        try:
+            return await _read_takeovers(bucket, [takeover_key(prefix, tenant, generation)])
+        except ObjectNotFoundError:
+            continue
+    if last < record.generation:
+        raise ReplicationError(
+            f"tenant {tenant}: no takeover record of generations {newest + 1} to {last} "
+            f"(the newest listed is {newest}, lock.json's generation {record.generation}): "
+            "a LIST that lags far behind, or records removed by hand",
+            key=takeover_key(prefix, tenant, last),
+        )
+    return []
 
 
 def _trusted(

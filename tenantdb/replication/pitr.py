@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tenantdb import clock
-from tenantdb.errors import PointInTimeError, ReplicationError
+from tenantdb.errors import ListingBehindError, PointInTimeError, ReplicationError
 from tenantdb.protocol.lease import read_lock
 from tenantdb.protocol.lockfile import LogChunk
 from tenantdb.protocol.snapshot import check_download, install_database, temp_restore_path
@@ -85,6 +85,7 @@ async def restore_at(
     if at.tzinfo is None:
         raise ValueError("the moment to restore must be timezone-aware")
     history = await read_history(bucket, tenant, prefix=prefix)
+    _check_listed(history)
     newest = _bucket_now(history)
     if at > newest:
         # What the database will hold then is not written yet: answering with today's
@@ -112,6 +113,22 @@ async def restore_at(
             earliest=earliest,
         )
     return await _Walk(bucket, history, base, at, progress).run(dest)
+
+
+def _check_listed(history: History) -> None:
+    """Refuse a history whose LIST lacks lock.json's snapshot: the restore would start
+    from an older base, and the walk end where lock.json's log starts, silently older."""
+    record = history.record
+    if record is None or record.snapshot is None:
+        return
+    key = record.snapshot.key
+    if all(s.key != key for s in history.snapshots):
+        raise ListingBehindError(
+            f"tenant {history.tenant}: the bucket's listing lacks {key}, the snapshot "
+            "lock.json names (a LIST that lags behind writes, as a Tigris bucket's may "
+            "across regions, or a lost object); try again in a moment",
+            key=key,
+        )
 
 
 def _bucket_now(history: History) -> datetime:
@@ -320,8 +337,14 @@ class _Walk:
         pointer = record.log if record else None
         if pointer is not None and pointer.base <= index == pointer.tail + 1:
             return  # the end of the log as lock.json has it
-        start = self.base.snapshot.key if self.base.snapshot else None
-        if any(s.published and s.base == index and s.key != start for s in self.history.snapshots):
+        # Later in the log than the base: an earlier snapshot starting at the same index
+        # (one a rollback's base replaced) says nothing of where this walk's log ends.
+        start = self.base.snapshot
+        after = (start.generation, start.seq) if start else (0, 0)
+        if any(
+            s.published and s.base == index and (s.generation, s.seq) > after
+            for s in self.history.snapshots
+        ):
             return  # a later snapshot takes over where the applied segments end
         key = f"{self.history.prefix}{self.tenant}/log/*/{index:012d}.seg"
         later = [e.first for e in self.history.segments if e.published and e.first > index]

@@ -7,13 +7,14 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tenantdb.errors import PointInTimeError, ReplicationError
+from tenantdb.errors import ListingBehindError, PointInTimeError, ReplicationError
 from tenantdb.protocol.lease import ObservedLock
 from tenantdb.protocol.lockfile import LockRecord, LogPointer, now_ms
 from tenantdb.replication import compaction
@@ -342,3 +343,60 @@ def test_retention_keeps_the_takeover_record_of_segments_lock_json_carries_inlin
     expendable = history.expendable(t0 + timedelta(seconds=2), keep_snapshots=1)
     assert takeover_key(PREFIX, "acme", 1) not in expendable
     assert history.restorable_from() == t0
+
+
+class ListingHides:
+    """A bucket whose LIST leaves out some keys, as a LIST that lags behind writes does."""
+
+    def __init__(self, inner: Bucket, hidden: Callable[[str], bool]) -> None:
+        self.inner = inner
+        self.hidden = hidden
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def list(self, prefix: str) -> list[ObjectInfo]:
+        return [info for info in await self.inner.list(prefix) if not self.hidden(info.key)]
+
+
+async def _two_generations_with_snapshots(bucket: Bucket, tmp_path: Path) -> None:
+    recorder = Recorder(12)
+    async with machine(bucket, tmp_path, "m1") as tdb:
+        await recorder.changes(tdb, 2)
+        await tdb.checkpoint()
+    async with machine(bucket, tmp_path, "m2") as tdb:
+        await recorder.changes(tdb, 2)
+        await tdb.checkpoint()
+
+
+async def test_a_listing_that_lags_behind_a_takeover_still_classifies_the_generation_before(
+    local_bucket: Bucket, tmp_path: Path
+) -> None:
+    """Simulation seed 229249: the LIST did not show generation 2's takeover record yet,
+    so generation 1's snapshot was judged against lock.json (generation 2's snapshot),
+    counted as never published, and a rollback started from an older base: silently older."""
+    await _two_generations_with_snapshots(local_bucket, tmp_path)
+    lagging = ListingHides(local_bucket, lambda key: "/history/00000002" in key)
+    history = await read_history(lagging, "acme", prefix=PREFIX)  # type: ignore[arg-type]
+    first = [s for s in history.snapshots if s.generation == 1]
+    assert first
+    assert all(s.published for s in first)
+    assert [t.generation for t in history.takeovers] == [1, 2]
+
+
+async def test_a_point_in_time_restore_refuses_a_listing_without_lock_jsons_snapshot(
+    local_bucket: Bucket, tmp_path: Path
+) -> None:
+    """Simulation seed 210996: the LIST did not show the snapshot lock.json names yet; the
+    restore started from the snapshot before it, ended where lock.json's log starts, and
+    returned that older state as the state asked for."""
+    await _two_generations_with_snapshots(local_bucket, tmp_path)
+    stored = await local_bucket.get(f"{PREFIX}acme/lock.json")
+    named = LockRecord.parse(stored.body, tenant="acme", key=f"{PREFIX}acme/lock.json").snapshot
+    assert named is not None
+    lagging = ListingHides(local_bucket, lambda key: key == named.key)
+    out = tmp_path / "out.sqlite3"
+    with pytest.raises(ListingBehindError) as info:
+        await restore_at(lagging, "acme", out, prefix=PREFIX, at=datetime.now(UTC))  # type: ignore[arg-type]
+    assert info.value.key == named.key
+    assert not out.exists()

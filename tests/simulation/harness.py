@@ -40,11 +40,17 @@ from starlette.types import Message, Receive, Scope, Send
 from tenantdb.asgi.middleware import TenantDBMiddleware
 from tenantdb.config import RETENTION_FLOOR_LEASES, Settings
 from tenantdb.crypto import parse_keyring
-from tenantdb.errors import LeaseHeldError, LeaseLostError, PointInTimeError, TenantDBError
+from tenantdb.errors import (
+    LeaseHeldError,
+    LeaseLostError,
+    ListingBehindError,
+    PointInTimeError,
+    TenantDBError,
+)
 from tenantdb.machine.database import TenantDB
 from tenantdb.machine.mover import Role
 from tenantdb.metrics import Metrics
-from tenantdb.protocol.lockfile import LockRecord
+from tenantdb.protocol.lockfile import LockRecord, SnapshotName
 from tenantdb.replication import pitr
 from tenantdb.replication.rollback import rollback
 from tenantdb.replication.segment import parse_chunk_key, segment_key
@@ -130,11 +136,13 @@ class Write:
 
 @dataclass(frozen=True)
 class RolledBack:
-    """A rollback that was published: to which moment, and when it ran."""
+    """A rollback that was published: to which moment, when it ran, and the time its
+    snapshot carries (the bucket's clock, after all history: it takes effect then)."""
 
     to: float
     began: float
     done: float
+    stamped: float
 
 
 @dataclass
@@ -840,7 +848,11 @@ class Simulation:
             self.outcome.events[f"rollback {kind}"] += 1
             outcome = f"{kind}: {exc}"
         else:
-            self.rollbacks.append(RolledBack(moment, began, self.now()))
+            name = SnapshotName.parse(result.snapshot)
+            assert name is not None, result.snapshot
+            assert name.taken_ms is not None, result.snapshot
+            stamped = name.taken_ms / 1000
+            self.rollbacks.append(RolledBack(moment, began, self.now(), stamped))
             self.outcome.events["rollback published"] += 1
             outcome = f"to +{moment - self.began:.3f}s as generation {result.generation}"
         started = [await machine.start() for machine in running]
@@ -880,7 +892,10 @@ class Simulation:
         # up to the millisecond (never before a commit), on the holder's clock.
         slack = 0.0 if exact else 0.001 + self.clock_error
         if write.acked is not None and write.acked <= moment - slack:
-            return True
+            # A write on top of a rollback is in the history from the rollback's stamp on,
+            # which may come after the write (up to the bucket's skew): either is right.
+            under = [r.stamped for r in self.rollbacks if r.began <= write.started]
+            return True if exact or max(under, default=0.0) <= moment - slack else None
         if not exact and (write.commit_began or write.started) > moment + self.clock_error:
             return False
         return None
@@ -927,7 +942,9 @@ class Simulation:
         if not self.sim.list_lag:
             return False
         named = _NAMED_MISSING.search(str(exc))
-        if named is not None:
+        if isinstance(exc, ListingBehindError):
+            pattern, index = exc.key, 0
+        elif named is not None:
             pattern, index = named[2], int(named[1])
         elif isinstance(exc, PointInTimeError) and "future" not in str(exc):
             pattern, index = f"{PREFIX}{TENANT}/*", 0

@@ -9,7 +9,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from tenantdb.errors import ObjectNotFoundError, PointInTimeError, ReplicationError, TenantDBError
+from tenantdb.errors import (
+    ListingBehindError,
+    ObjectNotFoundError,
+    PointInTimeError,
+    ReplicationError,
+    TenantDBError,
+)
 from tenantdb.machine.supervisor import Health
 from tenantdb.protocol.lockfile import LockRecord
 from tenantdb.replication.packs import decode_pack
@@ -110,7 +116,7 @@ def restore_failure_is_named(exc: BaseException, where: str, *, collectable: boo
     not reached); the kind of failure. (5) It never finds an object it needs missing,
     unless its moment is older than the retention (``collectable``): garbage collection
     is the only deleter, and it keeps what every restore within the retention reads."""
-    missing = isinstance(exc, ObjectNotFoundError) or (
+    missing = isinstance(exc, (ObjectNotFoundError, ListingBehindError)) or (
         isinstance(exc, TenantDBError) and _MISSING_SEGMENT.search(str(exc))
     )
     if missing and collectable:
