@@ -303,18 +303,27 @@ async def read_history(bucket: Bucket, tenant: str, *, prefix: str) -> History:
 
 
 async def _read_takeovers(bucket: Bucket, keys: Sequence[str]) -> list[Takeover | ReplicationError]:
-    """Every takeover record, parsed, or the error that names it as unusable."""
+    """Every takeover record, parsed, or the error that names it as unusable.
+
+    A key with no object is left out: listed, then deleted by retention (which deletes
+    only the records of generations nothing kept belongs to), or looked up and never
+    written.
+    """
     gate = asyncio.Semaphore(_READ_AHEAD)
 
-    async def read(key: str) -> Takeover | ReplicationError:
+    async def read(key: str) -> Takeover | ReplicationError | None:
         async with gate:
-            body = (await bucket.get(key, max_size=LOCK_MAX_BYTES)).body
+            try:
+                body = (await bucket.get(key, max_size=LOCK_MAX_BYTES)).body
+            except ObjectNotFoundError:
+                return None
         try:
             return Takeover.parse(body, key=key)
         except ReplicationError as exc:
             return exc
 
-    return list(await asyncio.gather(*(read(key) for key in keys)))
+    found = await asyncio.gather(*(read(key) for key in keys))
+    return [record for record in found if record is not None]
 
 
 async def _unlisted_takeover(
@@ -343,10 +352,8 @@ async def _unlisted_takeover(
         return []  # nothing listed to classify, or the newest listed is lock.json's
     last = min(record.generation, newest + _UNLISTED_GENERATIONS)
     for generation in range(newest + 1, last + 1):
-        try:
-            return await _read_takeovers(bucket, [takeover_key(prefix, tenant, generation)])
-        except ObjectNotFoundError:
-            continue
+        if found := await _read_takeovers(bucket, [takeover_key(prefix, tenant, generation)]):
+            return found
     if last < record.generation:
         raise ReplicationError(
             f"tenant {tenant}: no takeover record of generations {newest + 1} to {last} "

@@ -345,18 +345,26 @@ def test_retention_keeps_the_takeover_record_of_segments_lock_json_carries_inlin
     assert history.restorable_from() == t0
 
 
-class ListingHides:
-    """A bucket whose LIST leaves out some keys, as a LIST that lags behind writes does."""
+class Lagging:
+    """A bucket whose LIST answers what ``listing`` makes of the true one, as a LIST that
+    lags behind writes does."""
 
-    def __init__(self, inner: Bucket, hidden: Callable[[str], bool]) -> None:
+    def __init__(
+        self, inner: Bucket, listing: Callable[[list[ObjectInfo]], list[ObjectInfo]]
+    ) -> None:
         self.inner = inner
-        self.hidden = hidden
+        self.listing = listing
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     async def list(self, prefix: str) -> list[ObjectInfo]:
-        return [info for info in await self.inner.list(prefix) if not self.hidden(info.key)]
+        return self.listing(await self.inner.list(prefix))
+
+
+def hiding(hidden: Callable[[str], bool]) -> Callable[[list[ObjectInfo]], list[ObjectInfo]]:
+    """A listing that leaves out the keys ``hidden`` picks."""
+    return lambda infos: [info for info in infos if not hidden(info.key)]
 
 
 async def _two_generations_with_snapshots(bucket: Bucket, tmp_path: Path) -> None:
@@ -376,7 +384,7 @@ async def test_a_listing_that_lags_behind_a_takeover_still_classifies_the_genera
     so generation 1's snapshot was judged against lock.json (generation 2's snapshot),
     counted as never published, and a rollback started from an older base: silently older."""
     await _two_generations_with_snapshots(local_bucket, tmp_path)
-    lagging = ListingHides(local_bucket, lambda key: "/history/00000002" in key)
+    lagging = Lagging(local_bucket, hiding(lambda key: "/history/00000002" in key))
     history = await read_history(lagging, "acme", prefix=PREFIX)  # type: ignore[arg-type]
     first = [s for s in history.snapshots if s.generation == 1]
     assert first
@@ -394,9 +402,23 @@ async def test_a_point_in_time_restore_refuses_a_listing_without_lock_jsons_snap
     stored = await local_bucket.get(f"{PREFIX}acme/lock.json")
     named = LockRecord.parse(stored.body, tenant="acme", key=f"{PREFIX}acme/lock.json").snapshot
     assert named is not None
-    lagging = ListingHides(local_bucket, lambda key: key == named.key)
+    lagging = Lagging(local_bucket, hiding(lambda key: key == named.key))
     out = tmp_path / "out.sqlite3"
     with pytest.raises(ListingBehindError) as info:
         await restore_at(lagging, "acme", out, prefix=PREFIX, at=datetime.now(UTC))  # type: ignore[arg-type]
     assert info.value.key == named.key
     assert not out.exists()
+
+
+async def test_a_takeover_record_deleted_after_the_listing_is_left_out(
+    local_bucket: Bucket, tmp_path: Path
+) -> None:
+    """Simulation seed 300104: retention deleted a takeover record between the LIST that
+    showed it and its GET; the 404 failed the whole restore, naming the record."""
+    await _two_generations_with_snapshots(local_bucket, tmp_path)
+    listed = await local_bucket.list(f"{PREFIX}acme/")
+    gone = takeover_key(PREFIX, "acme", 1)
+    await local_bucket.delete(gone)
+    stale = Lagging(local_bucket, lambda infos: listed)
+    history = await read_history(stale, "acme", prefix=PREFIX)  # type: ignore[arg-type]
+    assert [t.generation for t in history.takeovers] == [2]
