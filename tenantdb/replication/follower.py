@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tenantdb.errors import ReplicationError, TenantDBError
 from tenantdb.protocol.lockfile import LockRecord, LogChunk
-from tenantdb.replication.checksum import PageHashes
+from tenantdb.replication.checksum import PageHashes, format_state
 from tenantdb.replication.restore import apply_log, check_final, restore_database
 from tenantdb.storage.base import Bucket
 
@@ -74,6 +74,13 @@ class Follower:
         them, and the result must be the state lock.json records, else it is restored.
         """
         self._copy = _Copy(snapshot, base, tail, hashes)
+
+    @property
+    def position(self) -> tuple[int, str] | None:
+        """The log tail the copy has reached and its state; None while it is untrusted or
+        being written."""
+        copy = self._copy
+        return None if copy is None else (copy.tail, format_state(copy.hashes.state))
 
     def hashes(self, record: LockRecord) -> PageHashes | None:
         """The copy's page hashes if it is exactly what ``record`` names, else None."""

@@ -49,6 +49,7 @@ from tenantdb.errors import (
 )
 from tenantdb.machine.database import TenantDB
 from tenantdb.machine.mover import Role
+from tenantdb.machine.standby import Standby
 from tenantdb.metrics import Metrics
 from tenantdb.protocol.lockfile import LockRecord, SnapshotName
 from tenantdb.replication import pitr
@@ -1093,6 +1094,13 @@ class Simulation:
         versions = invariants.lock_versions(self.sim.landed, LOCK_KEY)
         invariants.one_live_lease_at_a_time(versions)
         checks["one_live_lease_at_a_time"] += 1
+        copies = {
+            m.name: position
+            for m in self.machines
+            if (position := _standby_position(m.tdb)) is not None
+        }
+        invariants.standby_copies_are_published_states(copies, versions)
+        checks["standby_copies_are_published_states"] += len(copies)
 
         lock = self.sim.objects.get(LOCK_KEY)
         if lock is not None:
@@ -1135,6 +1143,12 @@ class Simulation:
                 required = self.required_at(self.now(), exact=True)
                 invariants.acknowledged_writes_survive(required, found, f"{machine.name} {where}")
                 checks["acknowledged_writes_survive"] += 1
+
+
+def _standby_position(tdb: TenantDB | None) -> tuple[int, str] | None:
+    """Where a standby's (or replica's) copy stands, if its follower vouches for it."""
+    role = tdb._mover.role if tdb is not None else None
+    return role.follower.position if isinstance(role, Standby) else None
 
 
 async def _restored_tokens(objects: dict[str, _Object], dest: Path, where: str) -> set[str] | None:

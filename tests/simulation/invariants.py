@@ -34,6 +34,7 @@ __all__ = [
     "restore_failure_is_named",
     "restore_matches_model",
     "serving_has_its_loops",
+    "standby_copies_are_published_states",
     "work_stays_bounded",
 ]
 
@@ -45,6 +46,7 @@ INVARIANTS = (
     "only_holders_publish",
     "serving_has_its_loops",
     "published_objects_present",
+    "standby_copies_are_published_states",
     "work_stays_bounded",
 )
 # (6) The bounds on each machine's work (docs/guarantees.md says why these numbers). A
@@ -150,6 +152,8 @@ class LockVersion:
     generation: int
     ttl: float
     at: datetime
+    # Where its log stood: the tail and the state after it (None: no log).
+    position: tuple[int, str] | None = None
 
 
 def lock_versions(landed: Iterable[LandedWrite], key: str) -> list[LockVersion]:
@@ -160,6 +164,7 @@ def lock_versions(landed: Iterable[LandedWrite], key: str) -> list[LockVersion]:
             continue
         try:
             data = json.loads(write.body)
+            log = data.get("log")
             versions.append(
                 LockVersion(
                     write.client,
@@ -168,11 +173,29 @@ def lock_versions(landed: Iterable[LandedWrite], key: str) -> list[LockVersion]:
                     int(data["generation"]),
                     float(data["ttl_seconds"]),
                     write.at,
+                    (int(log["tail"]), str(log["state"])) if log else None,
                 )
             )
         except (ValueError, KeyError, TypeError):
             continue
     return versions
+
+
+def standby_copies_are_published_states(
+    copies: dict[str, tuple[int, str]], versions: Iterable[LockVersion]
+) -> None:
+    """(1) Every standby's copy that its follower vouches for is exactly a state the log
+    had: the state some landed lock.json recorded after the same tail (a copy may lag, it
+    may never hold what was not published)."""
+    published = {v.position for v in versions if v.position is not None}
+    for machine, position in sorted(copies.items()):
+        if position not in published:
+            tail, state = position
+            raise InvariantViolated(
+                "standby_copies_are_published_states",
+                f"{machine}'s standby copy is at tail {tail} in state {state}, which no "
+                "published lock.json recorded",
+            )
 
 
 def one_live_lease_at_a_time(versions: list[LockVersion]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ from tenantdb.machine.mover import Mover
 from tenantdb.machine.standby import Standby
 from tenantdb.protocol import lease as lease_module
 from tenantdb.protocol.lease import Lease
-from tenantdb.replication import pitr, uploads
+from tenantdb.protocol.lockfile import LockRecord, LogChunk
+from tenantdb.replication import follower, pitr, uploads
+from tenantdb.replication.follower import Follower
 from tenantdb.replication.garbage import GarbageCollector
 from tenantdb.replication.shipper import Shipper
 from tests.simulation import invariants
@@ -89,6 +92,21 @@ def poll_without_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Standby, "_pause", pause)
 
 
+def vouch_for_a_copy_without_applying(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A follower takes the segments it downloaded as applied without writing them (and
+    so finds its copy matching lock.json): it vouches for a state the log never had."""
+
+    async def skipped(
+        self: Follower, copy: Any, record: LockRecord, chunks: list[LogChunk], overlap: bool
+    ) -> Any:
+        if chunks:
+            self._copy = copy = replace(copy, tail=chunks[-1].last)
+        return copy
+
+    monkeypatch.setattr(Follower, "_apply", skipped)
+    monkeypatch.setattr(follower, "_matches", lambda hashes, record: True)
+
+
 CASES = {
     "acknowledged_writes_survive": (
         acknowledge_before_shipping,
@@ -128,6 +146,16 @@ CASES = {
             Step("write", count=2),
             Step("disk_full", machine=0, seconds=2.0),  # no writes: time passes
             Step("write", count=2),
+        ),
+    ),
+    "standby_copies_are_published_states": (
+        vouch_for_a_copy_without_applying,
+        schedule(
+            *START_BOTH,
+            Step("write", count=2),
+            Step("pause", machine=0, seconds=0.3),  # the holder's: the standby follows
+            Step("write", count=2),
+            Step("pause", machine=0, seconds=0.3),
         ),
     ),
     "serving_has_its_loops": (
