@@ -42,3 +42,20 @@ async def test_a_request_connection_borrows_only_while_something_is_open(tmp_pat
     assert lent is not None
     assert lent.row_factory is None  # the pool's connection is reset
     await pool.close()
+
+
+async def test_a_request_whose_connection_the_pool_closed_sets_it_aside_as_committed(
+    tmp_path: Path,
+) -> None:
+    """Simulation seed 304600: the holder stepped down and closed its pool while a request
+    was in its app; setting the connection aside before the answer read its transaction
+    state and raised aiosqlite's "no active connection", a 500 with no reason."""
+    pool = ConnectionPool(tmp_path / "p.sqlite3", size=2, track_commits=True)
+    db = RequestConnection(pool, track_commits=True)
+    await db.execute("CREATE TABLE t (x INTEGER)")
+    assert await db.take()
+    await pool.close()
+    await db.set_aside()
+    assert not db.holding
+    assert await db.take()  # a write it may have made: the gate waits, and fails cleanly
+    await db.end()

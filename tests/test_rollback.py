@@ -6,19 +6,20 @@ import asyncio
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 
 from tenantdb.config import Settings
-from tenantdb.errors import LeaseHeldError
+from tenantdb.errors import LeaseHeldError, TransientStorageError
 from tenantdb.machine.database import TenantDB
 from tenantdb.machine.migrations import schema_of
 from tenantdb.protocol.lease import read_lock
-from tenantdb.protocol.lockfile import SnapshotName
+from tenantdb.protocol.lockfile import LockRecord, SnapshotName
 from tenantdb.replication import rollback as rollback_module
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.rollback import rollback
-from tenantdb.storage.base import Bucket
+from tenantdb.storage.base import Bucket, ObjectInfo
 from tests.replication.test_pitr import MIGRATIONS, PREFIX, Recorder, machine, read_rows
 from tests.replication.test_pitr_completeness import LogUploadsFail, count, insert
 from tests.replication.test_pitr_completeness import machine as completeness_machine
@@ -196,3 +197,64 @@ async def test_a_rollback_that_fails_after_taking_the_lease_gives_it_back_at_onc
     assert observed is not None
     assert observed.record.owner is None
     assert observed.record.last_owner == "m1"
+
+
+class LockWritesFail:
+    """A bucket whose lock.json writes of one kind fail: ``"publish"`` (a snapshot of the
+    writer's own generation) lands and then loses its answer, once; ``"release"`` (owner
+    null) never lands."""
+
+    def __init__(self, inner: Bucket, kind: Literal["publish", "release"]) -> None:
+        self.inner = inner
+        self.kind = kind
+        self.failed = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def put(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: Literal["*"] | None = None,
+    ) -> ObjectInfo:
+        record = (
+            LockRecord.parse(body, tenant="acme", key=key) if key.endswith("lock.json") else None
+        )
+        if record is not None and self.kind == "release" and record.owner is None:
+            self.failed += 1
+            raise TransientStorageError("injected: 503", key=key, operation="put")
+        info = await self.inner.put(key, body, if_match=if_match, if_none_match=if_none_match)
+        name = SnapshotName.parse(record.snapshot.key) if record and record.snapshot else None
+        publish = record is not None and name is not None and name.generation == record.generation
+        if self.kind == "publish" and publish and not self.failed:
+            self.failed += 1
+            raise TransientStorageError("injected: reset after it landed", key=key, operation="put")
+        return info
+
+
+@pytest.mark.parametrize("kind", ["publish", "release"])
+async def test_a_rollback_reports_what_landed_when_its_publish_or_release_loses_its_answer(
+    local_bucket: Bucket, tmp_path: Path, kind: Literal["publish", "release"]
+) -> None:
+    """Simulation seed 353938: the rollback's publish landed with its answer lost, then its
+    release failed: the command said it failed while the tenant was rolled back."""
+    recorder = Recorder(24)
+    async with machine(local_bucket, tmp_path, "m1") as tdb:
+        await recorder.changes(tdb, 2)
+        then, rows_then = datetime.now(UTC), list(recorder.rows)
+        await recorder.changes(tdb, 2)
+    bucket = LockWritesFail(local_bucket, kind)
+    result = await rollback(operator(tmp_path), bucket, then, work_dir=tmp_path)  # type: ignore[arg-type]
+    assert bucket.failed
+    observed = await read_lock(local_bucket, "acme", f"{PREFIX}acme/lock.json")
+    assert observed is not None
+    assert observed.record.snapshot is not None
+    assert observed.record.snapshot.key == result.snapshot
+    # Released at once after a lost publish answer; left to expire when releases fail.
+    assert (observed.record.owner is None) == (kind == "publish")
+    out = tmp_path / "rolled.sqlite3"
+    await restore_at(local_bucket, "acme", out, prefix=PREFIX)
+    assert read_rows(out) == rows_then

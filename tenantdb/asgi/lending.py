@@ -199,9 +199,10 @@ class RequestConnection(aiosqlite.Connection):
     async def set_aside(self) -> None:
         """Give the connection back while the request waits, if nothing is open on it."""
         conn = self._lent
-        if conn is None or self._busy or self._pinned or conn.in_transaction or self._cursors:
+        if conn is None or self._busy or self._pinned:
             return
-        await self._give_back(conn)
+        if self._pool.closed or not (conn.in_transaction or self._cursors):
+            await self._give_back(conn)
 
     @contextlib.asynccontextmanager
     async def waiting(self) -> AsyncIterator[None]:
@@ -231,6 +232,12 @@ class RequestConnection(aiosqlite.Connection):
         self._lent = None
         self._pinned = False
         self._cursors = None
+        if self._pool.closed:
+            # The pool closed it under the request (the machine steps down): nothing to
+            # reset or return. Count a commit, so that the gate waits for a sync, which
+            # fails cleanly, rather than answer for a write the bucket may not have.
+            self._committed = True
+            return
         if self._track and await self._pool.commits(conn).take():
             self._committed = True
         for name in self._settings:

@@ -97,12 +97,16 @@ async def republish(
 ) -> RollbackResult:
     """Under ``tenant``'s lease, taken as ``role``: restore it as of ``at`` (None: now),
     publish that as its newest state through ``bucket``, release. ``LeaseHeldError`` while
-    another machine holds the lease, unless ``wait``."""
+    another machine holds the lease, unless ``wait``.
+
+    It reports what happened in the bucket, not what its last request was told: a publish
+    whose answer was lost but which landed is a published result, and so is one whose
+    release then failed (the lease then expires after its TTL instead).
+    """
     lease = operator_lease(settings, bucket, tenant, role)
     await acquire(lease, wait=wait)
     renewing = asyncio.get_running_loop().create_task(lease.keep_renewed())
     copy = temp_snapshot_path(work_dir or Path.cwd())
-    published = False
     try:
         await record_takeover(lease)
         restored = await restore_at(bucket, tenant, copy, prefix=settings.prefix, at=at)
@@ -110,26 +114,67 @@ async def republish(
         # The current state (a seal) keeps the schema lock.json records.
         previous = lease.previous
         schema = previous.schema if at is None and previous is not None else None
-        record = await publish_as_newest(
-            lease,
-            copy,
-            prefix=settings.prefix,
-            state=restored.state,
-            db_pages=restored.db_pages,
-            schema=schema,
-        )
-        published = True
-        await lease.release(last_owner=routing_hint(lease))
-    finally:
-        if not published:
+        try:
+            await publish_as_newest(
+                lease,
+                copy,
+                prefix=settings.prefix,
+                state=restored.state,
+                db_pages=restored.db_pages,
+                schema=schema,
+            )
+        except TenantDBError:
+            # The release's conditional write finds out whether the publish landed
+            # unheard (a 412 on our own landed write adopts it).
             await give_back(lease)
+            if not _published(lease):
+                if lease.status == "held":  # the release failed too: nothing more is known
+                    log.warning(
+                        "tenant %s: the %s may have been published (a write's answer was "
+                        "lost and the release failed): `tenantdb status %s` shows what "
+                        "lock.json names",
+                        tenant,
+                        role,
+                        tenant,
+                    )
+                raise
+        else:
+            await _release(lease, role)
+    except BaseException:
+        await give_back(lease)
+        raise
+    finally:
         renewing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await renewing
         copy.unlink(missing_ok=True)
-    if record.snapshot is None:
+    record = lease.record
+    if record is None or record.snapshot is None:
         raise LeaseLostError(f"tenant {tenant}: the {role} was not published", tenant=tenant)
     return RollbackResult(record.generation, restored, record.snapshot.key)
+
+
+def _published(lease: Lease) -> bool:
+    """Whether the last write of ``lease`` known to have landed names a new snapshot."""
+    record, previous = lease.record, lease.previous
+    if record is None or record.snapshot is None:
+        return False
+    return previous is None or previous.snapshot != record.snapshot
+
+
+async def _release(lease: Lease, role: str) -> None:
+    """Release after the publish: a failure leaves the lease to expire, the result stands."""
+    try:
+        await lease.release(last_owner=routing_hint(lease))
+    except TenantDBError as exc:
+        log.warning(
+            "tenant %s: the %s is published, but its lease could not be released (%s): "
+            "machines take the tenant over once it expires, within %.0fs",
+            lease.tenant,
+            role,
+            exc,
+            lease.ttl,
+        )
 
 
 def operator_lease(settings: Settings, bucket: Bucket, tenant: str, role: str) -> Lease:
@@ -147,8 +192,9 @@ def operator_lease(settings: Settings, bucket: Bucket, tenant: str, role: str) -
 
 
 async def give_back(lease: Lease) -> None:
-    """Release ``lease`` if still held after nothing was published under it: the tenant's
-    machine may take it at once instead of waiting out the TTL (best effort)."""
+    """Release ``lease`` if still held (best effort): the tenant's machine may take it at
+    once instead of waiting out the TTL. Its conditional write also finds out whether an
+    earlier write of ours landed with its answer lost (``lease.record`` then says so)."""
     if lease.status == "held":
         with contextlib.suppress(TenantDBError):
             await lease.release(last_owner=routing_hint(lease))

@@ -829,13 +829,16 @@ class Simulation:
         operator = contextvars.copy_context()
         operator.run(CURRENT.set, "operator")
         self.loop.wall_offset["operator"] = OPERATOR_CLOCK_ERROR
+        # Named as its lease names it: its release is the holder's own write.
+        client = f"rollback@{socket.gethostname()}"
+        landed_before = len(self.sim.landed)
         call = rollback(
             self.machines[0].settings,
-            # Named as its lease names it: its release is the holder's own write.
-            self.sim.view(f"rollback@{socket.gethostname()}"),
+            self.sim.view(client),
             datetime.fromtimestamp(moment, UTC),
             work_dir=work_dir,
         )
+        result = None
         try:
             result = await self.loop.create_task(call, context=operator)
         except LeaseHeldError:
@@ -849,15 +852,37 @@ class Simulation:
             self.outcome.events[f"rollback {kind}"] += 1
             outcome = f"{kind}: {exc}"
         else:
-            name = SnapshotName.parse(result.snapshot)
-            assert name is not None, result.snapshot
-            assert name.taken_ms is not None, result.snapshot
-            stamped = name.taken_ms / 1000
+            outcome = f"to +{moment - self.began:.3f}s as generation {result.generation}"
+        # What the bucket says, not the command: a rollback whose last answer was lost
+        # may have been published all the same (the model must know it took effect).
+        stamped = self._published_rollback(client, landed_before)
+        if stamped is not None:
             self.rollbacks.append(RolledBack(moment, began, self.now(), stamped))
             self.outcome.events["rollback published"] += 1
-            outcome = f"to +{moment - self.began:.3f}s as generation {result.generation}"
+            if result is None:
+                self.outcome.events["rollback published, reported failed"] += 1
+                outcome += " (yet published)"
+        elif result is not None:
+            raise InvariantViolated(
+                "restore_matches_model",
+                f"the rollback reported {result.snapshot} published; no lock.json names it",
+            )
         started = [await machine.start() for machine in running]
         return f"{outcome}; restarted: {', '.join(started) or 'none'}"
+
+    def _published_rollback(self, client: str, since: int) -> float | None:
+        """The stamp of the snapshot a rollback by ``client`` published (a landed write of
+        lock.json, from the ``since``-th landed write on, naming a snapshot of its own
+        generation), if it did."""
+        for write in self.sim.landed[since:]:
+            if write.client != client or write.key != LOCK_KEY or write.body is None:
+                continue
+            record = LockRecord.parse(write.body, tenant=TENANT, key=LOCK_KEY)
+            name = SnapshotName.parse(record.snapshot.key) if record.snapshot else None
+            if name is not None and name.generation == record.generation:
+                assert name.taken_ms is not None, record.snapshot
+                return name.taken_ms / 1000
+        return None
 
     # --- the model -------------------------------------------------------------------------
 
