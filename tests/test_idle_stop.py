@@ -7,16 +7,24 @@ the idle time is a second or two so that each test stays short.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tenantdb.config import Settings
 from tenantdb.machine.database import TenantDB
 from tenantdb.metrics import Metrics
+from tenantdb.protocol.lockfile import LockRecord
+from tenantdb.replication.checksum import PageHashes
+from tenantdb.replication.restore import restore_database
 from tenantdb.storage.local import LocalBucket
 from tenantdb.storage.metered import MeteredBucket
 from tests.support.servers import MachineProcesses
@@ -266,3 +274,118 @@ async def test_a_standby_with_idle_stop_0_takes_over_an_idle_release(tmp_path: P
         assert not standby._idle.is_set()
     finally:
         await standby.stop()
+
+
+async def hold_once(tmp_path: Path, **overrides: Any) -> None:
+    """One holding of acme by m1: a write, then an idle stop."""
+    tdb = TenantDB(settings(tmp_path, sync_interval=0.05, **overrides), migrations=MIGRATIONS)
+    await tdb.start(standby=False)
+    try:
+        with tdb.request():
+            async with tdb.connection() as db:
+                await db.execute("INSERT INTO hits DEFAULT VALUES")
+                await db.commit()
+        await tdb.sync()
+        await asyncio.wait_for(tdb.idle(), 5)
+    finally:
+        await tdb.stop()
+
+
+@pytest.fixture
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files whose every page is hashed from now on."""
+    files: list[Path] = []
+    real = PageHashes.of_file
+
+    def counting(path: Path, page_size: int) -> PageHashes:
+        files.append(Path(path))
+        return real(path, page_size)
+
+    monkeypatch.setattr(PageHashes, "of_file", staticmethod(counting))
+    return files
+
+
+async def test_a_wake_after_an_idle_stop_takes_the_kept_page_hashes_and_reads_no_page(
+    tmp_path: Path, hashed: list[Path]
+) -> None:
+    # Hashing every page was most of a wake's time at 256 MiB: the clean stop keeps them.
+    await hold_once(tmp_path)
+    first = (await read_lock(tmp_path))["snapshot"]
+    db = tmp_path / "m1" / "acme.sqlite3"
+    await hold_once(tmp_path)
+    assert db not in hashed
+    lock = await read_lock(tmp_path)
+    assert (lock["generation"], lock["released"]) == (2, "idle")
+    assert lock["snapshot"] == first  # the kept hashes were the bucket's: no new snapshot
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM hits").fetchone() == (2,)
+
+
+def touch(db: Path) -> None:
+    st = db.stat()
+    os.utime(db, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+
+
+def damage_sidecar(db: Path) -> None:
+    sidecar = Path(f"{db}.tenantdb-pages")
+    data = bytearray(sidecar.read_bytes())
+    data[-40] ^= 1  # a page's hash: the checksum finds it
+    sidecar.write_bytes(bytes(data))
+
+
+def truncate_sidecar(db: Path) -> None:
+    sidecar = Path(f"{db}.tenantdb-pages")
+    sidecar.write_bytes(sidecar.read_bytes()[:-9])
+
+
+@pytest.mark.parametrize("change", [touch, damage_sidecar, truncate_sidecar])
+async def test_a_file_touched_or_a_damaged_sidecar_is_hashed_and_still_matches(
+    tmp_path: Path, hashed: list[Path], change: Callable[[Path], None]
+) -> None:
+    await hold_once(tmp_path)
+    first = (await read_lock(tmp_path))["snapshot"]
+    db = tmp_path / "m1" / "acme.sqlite3"
+    change(db)
+    await hold_once(tmp_path)
+    assert hashed.count(db) == 1  # nothing vouched for the file: every page was read
+    assert (await read_lock(tmp_path))["snapshot"] == first  # and it was the bucket's
+
+
+async def test_a_file_written_after_its_idle_stop_is_hashed_and_published_as_newer(
+    tmp_path: Path, hashed: list[Path]
+) -> None:
+    # Another process wrote the file after the stop (same inode): its kept hashes are not
+    # the file's, which is hashed, found newer than the bucket and published whole.
+    await hold_once(tmp_path)
+    first = (await read_lock(tmp_path))["snapshot"]
+    db = tmp_path / "m1" / "acme.sqlite3"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("INSERT INTO hits DEFAULT VALUES")
+        conn.commit()
+    await hold_once(tmp_path)
+    assert hashed.count(db) == 1
+    lock = await read_lock(tmp_path)
+    assert lock["snapshot"] != first  # published whole, as a file newer than the bucket is
+    restored = tmp_path / "restored.sqlite3"
+    async with LocalBucket(tmp_path / "bucket") as bucket:
+        key = "tenants/acme/lock.json"
+        record = LockRecord.parse((await bucket.get(key)).body, tenant="acme", key=key)
+        await restore_database(bucket, record, restored, prefix="tenants/")
+    with contextlib.closing(sqlite3.connect(restored)) as conn:
+        assert conn.execute("SELECT count(*) FROM hits").fetchone() == (3,)
+
+
+async def test_a_file_closed_with_unshipped_commits_keeps_no_page_hashes(tmp_path: Path) -> None:
+    # Closed without a final publish (as after a failure): the file is newer than what
+    # the shipper published, so nothing may vouch for it.
+    tdb = TenantDB(
+        settings(tmp_path, durability="async", sync_interval=3600), migrations=MIGRATIONS
+    )
+    await tdb.start(standby=False)
+    async with tdb.connection() as db:
+        await db.execute("INSERT INTO hits DEFAULT VALUES")
+        await db.commit()
+    await tdb._close_resources()
+    db_path = tmp_path / "m1" / "acme.sqlite3"
+    assert not Path(f"{db_path}-wal").exists()  # folded in: only the hashes could be wrong
+    assert not Path(f"{db_path}.tenantdb-pages").exists()

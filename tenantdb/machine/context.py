@@ -18,6 +18,7 @@ from tenantdb.config import Settings
 from tenantdb.connections.pool import ConnectionPool
 from tenantdb.errors import LeaseHeldError, TenantDBError
 from tenantdb.machine.datadir import DataDirLock
+from tenantdb.machine.kept_hashes import keep_hashes
 from tenantdb.machine.migrations import Migration
 from tenantdb.machine.mover import Mover, Role
 from tenantdb.machine.tail_hints import TailHintClient
@@ -108,13 +109,19 @@ class Machine:
         return self.shipper
 
     async def close_database(self) -> None:
-        """Close the pool and the shipper, if open."""
+        """Close the pool and the shipper, if open.
+
+        A file closed with everything published keeps its page hashes beside it, so that
+        the next start need not hash it (kept_hashes.py).
+        """
         if self.pool is not None:
             await self.pool.close()
             self.pool = None
         if self.shipper is not None:
-            await self.shipper.close()
+            published = await self.shipper.close()
             self.shipper = None
+            if published is not None:
+                await asyncio.to_thread(keep_hashes, self.path, published)
 
     async def release_now(self) -> None:
         """Give the lease up without a final publish, within a bound.

@@ -4,6 +4,8 @@ The file next to the database (``<tenant>.sqlite3.tenantdb.json``) records the l
 generation its data belongs to: a machine that held the tenant last may continue from its
 own file (it may hold writes a failed final publish never uploaded); any other takes the
 standby's warm copy, the local file if it is exactly what the bucket has, or a restore.
+Whether a file is what the bucket has is proved by the page hashes a clean close kept
+beside it (``kept_hashes``) when they still describe it, else by hashing every page.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tenantdb import clock
 from tenantdb.errors import TenantDBError
 from tenantdb.localfiles import remove_database, write_atomically
 from tenantdb.machine.context import Machine
+from tenantdb.machine.kept_hashes import take_kept_hashes
 from tenantdb.protocol.lockfile import LockRecord
 from tenantdb.protocol.snapshot import file_sha256
 from tenantdb.replication.checksum import PageHashes, database_page_size, format_state
@@ -69,6 +72,9 @@ async def prepare_local_file(
     held_generation = record.generation if record else None
     generation = await asyncio.to_thread(local_generation, tenant, path)
     exists = path.exists()
+    # Taken (and removed) whichever way the file is made ready: only a clean close of
+    # the file opened below may vouch for it again.
+    kept = await asyncio.to_thread(take_kept_hashes, path) if exists else None
     hashes: PageHashes | None
     if previous is None:
         if exists:
@@ -97,9 +103,10 @@ async def prepare_local_file(
         hashes = None
         if previous.released == "idle":
             # An idle stop published everything before it released: the file should be
-            # exactly what the bucket has. Checked page by page (a local read), so that
-            # waking does not upload the whole database as a new snapshot every time.
-            hashes = await asyncio.to_thread(_matching_local, path, previous)
+            # exactly what the bucket has. Checked (by the hashes its close kept, else
+            # page by page), so that waking does not upload the whole database as a new
+            # snapshot every time.
+            hashes = await asyncio.to_thread(_matching_local, path, previous, kept)
     elif previous.snapshot is None and previous.log is None:
         await asyncio.to_thread(remove_database, path)
         hashes = PageHashes(DEFAULT_PAGE_SIZE)
@@ -112,7 +119,7 @@ async def prepare_local_file(
             follower.applied,
             follower.restores,
         )
-    elif exists and (hashes := await asyncio.to_thread(_matching_local, path, previous)):
+    elif exists and (hashes := await asyncio.to_thread(_matching_local, path, previous, kept)):
         log.info("tenant %s: the local file is what the bucket has", tenant)
     else:
         started = clock.monotonic()
@@ -144,13 +151,20 @@ async def _caught_up(tenant: str, follower: Follower, previous: LockRecord) -> P
     return follower.hashes(previous)
 
 
-def _matching_local(path: Path, previous: LockRecord) -> PageHashes | None:
-    """The page hashes of ``path`` if it is exactly what ``previous`` points at."""
+def _matching_local(path: Path, previous: LockRecord, kept: PageHashes | None) -> PageHashes | None:
+    """The page hashes of ``path`` if it is exactly what ``previous`` points at.
+
+    ``kept`` are the hashes a clean close kept for the file as it still is: they spare
+    reading it when they are ``previous``'s state; else every page is hashed.
+    """
     if any(Path(f"{path}{suffix}").exists() for suffix in ("-wal", "-journal")):
         return None
-    hashes = PageHashes.of_file(path, database_page_size(path))
     if previous.log is not None:
         wanted = (previous.log.state, previous.log.db_pages)
+        if kept is not None and (format_state(kept.state), kept.db_pages) == wanted:
+            return kept
+        hashes = PageHashes.of_file(path, database_page_size(path))
         return hashes if (format_state(hashes.state), hashes.db_pages) == wanted else None
+    hashes = PageHashes.of_file(path, database_page_size(path))
     snapshot = previous.snapshot
     return hashes if snapshot and file_sha256(path) == snapshot.sha256 else None

@@ -16,8 +16,11 @@ segment.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import operator
 import os
+import sys
 from array import array
 from collections.abc import Mapping
 from pathlib import Path
@@ -169,6 +172,25 @@ class PageHashes:
                 state ^= hashes[pgno - 1] ^ h
                 hashes[pgno - 1] = h
         self._state = state
+
+    def hashes_bytes(self) -> bytes:
+        """Every page's hash, 8 bytes each (little-endian), in page order."""
+        hashes = array("Q", self._hashes)
+        if sys.byteorder == "big":
+            hashes.byteswap()
+        return hashes.tobytes()
+
+    @classmethod
+    def from_hashes_bytes(cls, page_size: int, data: bytes) -> PageHashes:
+        """The inverse of ``hashes_bytes``: the hashes of a database of ``page_size`` pages."""
+        if len(data) % 8 or len(data) // 8 > MAX_PAGE_NUMBER:
+            raise ReplicationError(f"{len(data)} bytes are not a list of page hashes")
+        hashes = cls(page_size)
+        hashes._hashes.frombytes(data)
+        if sys.byteorder == "big":
+            hashes._hashes.byteswap()
+        hashes._state = functools.reduce(operator.xor, hashes._hashes, 0)
+        return hashes
 
     def copy(self) -> PageHashes:
         """Return an independent copy."""

@@ -147,16 +147,36 @@ class Shipper:
         self._writer = await asyncio.to_thread(open_connection, self.db_path)
         self._reader = await asyncio.to_thread(open_connection, self.db_path)
 
-    async def close(self) -> None:
-        """Close the connections (the last one to close folds the WAL into the file)."""
+    async def close(self) -> PageHashes | None:
+        """Close the connections (the last one to close folds the WAL into the file).
+
+        Returns the page hashes of the closed database file when it is exactly what the
+        shipper published (every commit shipped, the WAL folded in whole), else None.
+        Only the last connection may close before this for the file to be complete.
+        """
         self._group.close()
         async with self._lock:
             self._forget_unpublished()
             self.uploads.cancel_all()  # lock.json carries what they were for
+            published = await asyncio.to_thread(self._everything_published)
             for conn in (self._reader, self._writer):
                 if conn is not None:
                     await asyncio.to_thread(conn.close)
             self._reader = self._writer = None
+            # A WAL left behind was not folded in whole (another connection still open).
+            if published and not await asyncio.to_thread(self.wal_path.exists):
+                return self._hashes
+            return None
+
+    def _everything_published(self) -> bool:
+        """Whether every commit in the database is published: ``_hashes`` describes it."""
+        if self._hashes is None or self._needs_snapshot:
+            return False
+        start = wal_start(self.wal_path)
+        if start is None:
+            return True  # an empty WAL: the file alone is the database
+        frames = wal_index_frames(self.shm_path, start.salts)
+        return frames is not None and self._shipped(start.salts, frames)
 
     @property
     def source(self) -> sqlite3.Connection:
