@@ -43,7 +43,7 @@ from tenantdb.routing.proxy import MachineURL, machine_urls
 from tenantdb.routing.replay import LOCAL_APP_NAME, Router
 from tenantdb.storage import open_bucket
 from tenantdb.storage.metered import MeteredBucket
-from tenantdb.storage.probe import check_conditional_writes
+from tenantdb.storage.probe import check_conditional_writes_once
 from tenantdb.tenants import TenantPattern, validate_tenant
 
 __all__ = ["TenantDBMiddleware", "tenant_db", "tenant_db_dependency"]
@@ -557,11 +557,21 @@ class TenantDBMiddleware:
                 if self.settings.bucket_name:
                     # A store that ignores If-None-Match or If-Match would let two machines
                     # hold the lease: refuse to serve from it (the embedded bucket is ours).
-                    await check_conditional_writes(self.bucket, self.settings.prefix)
+                    await check_conditional_writes_once(
+                        self.bucket,
+                        self.settings.prefix,
+                        store=self._store_name(),
+                        data_dir=self.settings.data_dir,
+                    )
                 await self.tenantdb.start(standby=True)
                 for watcher in self.process.watch(self.tenantdb):
                     stack.callback(watcher.cancel)
             self._resources = stack.pop_all()
+
+    def _store_name(self) -> str:
+        """Where the tenants' objects are: endpoint, bucket and prefix."""
+        settings = self.settings
+        return f"{settings.endpoint_url or 'aws'} {settings.bucket_name} {settings.prefix}"
 
     async def _shutdown(self) -> None:
         tdb = self.tenantdb
