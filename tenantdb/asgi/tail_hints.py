@@ -33,7 +33,7 @@ from tenantdb.machine.bookmark import Bookmark
 from tenantdb.machine.database import TenantDB
 from tenantdb.machine.tail_hints import HintAnswer
 from tenantdb.responses import RETRY_AFTER, send_error, send_response
-from tenantdb.routing.proxy import MachineURL
+from tenantdb.routing.proxy import LazyClient, MachineURL
 from tenantdb.tenants import validate_tenant
 
 __all__ = ["MAX_WAITERS", "TAIL_HINT_PATH", "HttpTailHints", "TailHintEndpoint", "hint_answer"]
@@ -181,14 +181,15 @@ class HttpTailHints:
         self.machine_url = machine_url
         self.connect_timeout = connect_timeout
         self.slack = slack  # how much later than the wait asked for an answer may come
-        self._client: httpx.AsyncClient | None = None
-
-    async def __aenter__(self) -> Self:
-        self._client = httpx.AsyncClient(
+        self._client = LazyClient(
+            "HttpTailHints",
             # HTTP(S)_PROXY from the environment must never capture private-network traffic.
             trust_env=False,
             follow_redirects=False,
         )
+
+    async def __aenter__(self) -> Self:
+        self._client.open()
         return self
 
     async def __aexit__(
@@ -197,19 +198,19 @@ class HttpTailHints:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        await self._client.aclose()
 
     async def wait_past(self, holder: str, tenant: str, after: Bookmark, wait: float) -> HintAnswer:
         """Ask ``holder`` to answer once lock.json moved past ``after``, or after ``wait``."""
-        if self._client is None or not math.isfinite(wait) or wait < 0:
+        if not self._client.is_open or not math.isfinite(wait) or wait < 0:
             return "failed"
         url = self.machine_url(holder).rstrip("/") + TAIL_HINT_PATH + tenant
         timeout = httpx.Timeout(wait + self.slack, connect=self.connect_timeout)
         params = {"after": str(after), "wait": f"{wait:.3f}"}
         try:
-            async with self._client.stream("GET", url, params=params, timeout=timeout) as response:
+            async with self._client.get().stream(
+                "GET", url, params=params, timeout=timeout
+            ) as response:
                 if response.status_code != 200:
                     return "failed"
                 body = b""

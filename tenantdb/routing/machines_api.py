@@ -47,6 +47,7 @@ from tenantdb.routing.machines import (
     tenant_service,
     validate_machine_id,
 )
+from tenantdb.routing.proxy import LazyClient
 from tenantdb.tenants import validate_tenant
 
 # Machine, MetricsConfig, Autostop, tenant_service and validate_machine_id live in
@@ -130,7 +131,15 @@ class MachinesClient:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self._token = token
-        self._client: httpx.AsyncClient | None = None
+        self._client = LazyClient(
+            "MachinesClient",
+            base_url=self.base_url,
+            auth=_FlyAuth(self._token),
+            timeout=self.timeout,
+            headers={"User-Agent": _user_agent(), "Accept": "application/json"},
+            # A redirect could carry the token to another host; the API never redirects.
+            follow_redirects=False,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -139,16 +148,7 @@ class MachinesClient:
         )
 
     async def __aenter__(self) -> Self:
-        if self._client is not None:
-            raise RuntimeError("MachinesClient is already open")
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            auth=_FlyAuth(self._token),
-            timeout=self.timeout,
-            headers={"User-Agent": _user_agent(), "Accept": "application/json"},
-            # A redirect could carry the token to another host; the API never redirects.
-            follow_redirects=False,
-        )
+        self._client.open()
         return self
 
     async def __aexit__(
@@ -157,9 +157,7 @@ class MachinesClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        await self._client.aclose()
 
     async def list_machines(self, metadata: Mapping[str, str] | None = None) -> list[Machine]:
         """Return the app's machines, only those carrying all of ``metadata`` if given."""
@@ -348,12 +346,11 @@ class MachinesClient:
         read_timeout: float = 0,
     ) -> tuple[int, Any]:
         """Send one request; return its status and decoded JSON (None for an empty body)."""
-        if self._client is None:
-            raise RuntimeError("use MachinesClient in 'async with' before calling it")
+        client = self._client.get()
         where = f"{method} {path}"
         timeout = httpx.Timeout(self.timeout, read=self.timeout + read_timeout)
         try:
-            response = await self._client.request(
+            response = await client.request(
                 method, path, params=params or None, json=json_body, timeout=timeout
             )
         except httpx.TimeoutException as exc:

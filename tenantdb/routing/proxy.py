@@ -9,7 +9,9 @@ starts a stopped machine (https://fly.io/docs/networking/flycast/); off Fly, the
 private name ``http://<machine_id>.vm.<app>.internal:<port>``.
 
 This module and ``machines_api.py`` are the only ones of tenantdb proper that import httpx
-(``tenantdb dev``'s proxy has its own client).
+(``tenantdb dev``'s proxy has its own client). Their clients (and tail hints') are made at
+their first request (``LazyClient``): making one loads the CA certificates, tens of
+milliseconds that a machine waking to answer its own tenant would spend for nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterable, Callable
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 from urllib.parse import quote
 
 import httpx
@@ -33,6 +35,7 @@ __all__ = [
     "HOP_BY_HOP",
     "PROXIED_BY",
     "BodyProxy",
+    "LazyClient",
     "MachineURL",
     "machine_urls",
     "proxy_key",
@@ -160,6 +163,42 @@ _RESPONSE_DROP = frozenset(
 )
 
 
+class LazyClient:
+    """The ``httpx.AsyncClient(**options)`` of an owner that is open, made when first asked."""
+
+    def __init__(self, owner: str, **options: Any) -> None:
+        """``owner`` names the class using it, for the error when it is used unopened."""
+        self._owner = owner
+        self._options = options
+        self._open = False
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def is_open(self) -> bool:
+        """Between ``open()`` and ``aclose()``."""
+        return self._open
+
+    def open(self) -> None:
+        """Allow the client to be made (the owner's ``__aenter__``)."""
+        if self._open:
+            raise RuntimeError(f"{self._owner} is already open")
+        self._open = True
+
+    def get(self) -> httpx.AsyncClient:
+        """The client, made now if this is its first use."""
+        if not self._open:
+            raise RuntimeError(f"use {self._owner} in 'async with' before calling it")
+        if self._client is None:
+            self._client = httpx.AsyncClient(**self._options)
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the client if it was made; it can be opened again after."""
+        client, self._client, self._open = self._client, None, False
+        if client is not None:
+            await client.aclose()
+
+
 class BodyProxy:
     """Stream HTTP requests to another machine and its responses back (pure ASGI).
 
@@ -184,17 +223,16 @@ class BodyProxy:
         self._key = key
         self.connect_timeout = connect_timeout
         self.timeout = timeout
-        self._client: httpx.AsyncClient | None = None
-
-    async def __aenter__(self) -> Self:
-        if self._client is not None:
-            raise RuntimeError("BodyProxy is already open")
-        self._client = httpx.AsyncClient(
+        self._client = LazyClient(
+            "BodyProxy",
             timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
             # HTTP(S)_PROXY from the environment must never capture private-network traffic.
             trust_env=False,
             follow_redirects=False,
         )
+
+    async def __aenter__(self) -> Self:
+        self._client.open()
         return self
 
     async def __aexit__(
@@ -203,9 +241,7 @@ class BodyProxy:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        await self._client.aclose()
 
     async def forward(
         self,
@@ -222,8 +258,7 @@ class BodyProxy:
         request would reach it under another path than ``scope``'s; whatever
         ``body`` raises (a client disconnect) propagates unchanged.
         """
-        if self._client is None:
-            raise RuntimeError("use BodyProxy in 'async with' before forwarding")
+        client = self._client.get()
         base = self.machine_url(machine_id).rstrip("/")
         raw_path: bytes = scope.get("raw_path") or quote(scope["path"]).encode()
         query: bytes = scope.get("query_string", b"")
@@ -239,9 +274,7 @@ class BodyProxy:
         headers.append((b"fly-force-instance-id", machine_id.encode()))
         where = f"{scope['method']} {url}"
         try:
-            request = self._client.build_request(
-                scope["method"], url, headers=headers, content=body
-            )
+            request = client.build_request(scope["method"], url, headers=headers, content=body)
             if request.url.path != scope["path"]:
                 # httpx resolves dot segments: the machine would get another path than the
                 # one its tenant was decided on.
@@ -250,7 +283,7 @@ class BodyProxy:
                     f"{request.url.path!r}: not sent",
                     tenant=tenant,
                 )
-            response = await self._client.send(request, stream=True)
+            response = await client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise RoutingError(
                 f"machine {machine_id} could not be reached ({where}): {type(exc).__name__}: {exc}",
