@@ -46,7 +46,16 @@ from typing import Any
 
 import httpx
 
-from bench.common import CONTROL_PATH, ROOT, MiB, Request, S3Server, child_env, machine
+from bench.common import (
+    CONTROL_PATH,
+    ROOT,
+    MiB,
+    Request,
+    S3Server,
+    baseline_root,
+    child_env,
+    machine,
+)
 from tenantdb.dev.ports import free_port
 from tests.support.servers import MachineProcesses
 
@@ -268,19 +277,6 @@ async def child(args: argparse.Namespace) -> None:
 
 
 # -- the parent: both variants, then the table and the ratios -------------------------------
-
-
-def baseline_root(commit: str) -> Path:
-    """A detached worktree of ``commit`` (made once, kept for later runs)."""
-    path = Path(tempfile.gettempdir()) / f"tenantdb-baseline-{commit}"
-    if not path.exists():
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", str(path), commit],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
-    return path
 
 
 def run_variant(s3: S3Server, bucket: str, root: Path, args: argparse.Namespace) -> Any:

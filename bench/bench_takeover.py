@@ -43,8 +43,8 @@ JSON = {"accept": "application/json"}
 GOAL_HANDOFF_STALL = 1.0
 
 
-def seed(s3: S3Server, source: Path, tenant: str, ttl: float) -> None:
-    """Publish ``source`` as ``tenant``'s snapshot, under a released lease."""
+def seed(s3: S3Server, source: Path, tenant: str, ttl: float, bucket: str = BUCKET) -> None:
+    """Publish ``source`` as ``tenant``'s snapshot in ``bucket``, under a released lease."""
     key = f"tenants/{tenant}/snapshots/00000001-00000001-seed.sqlite3"
     digest = hashlib.sha256()
     with open(source, "rb") as f:
@@ -60,8 +60,8 @@ def seed(s3: S3Server, source: Path, tenant: str, ttl: float) -> None:
         snapshot=SnapshotRef(key, digest.hexdigest(), source.stat().st_size, now_iso()),
     )
     client = s3.client()
-    client.upload_file(str(source), BUCKET, key)
-    client.put_object(Bucket=BUCKET, Key=f"tenants/{tenant}/lock.json", Body=record.to_json())
+    client.upload_file(str(source), bucket, key)
+    client.put_object(Bucket=bucket, Key=f"tenants/{tenant}/lock.json", Body=record.to_json())
     client.close()
 
 

@@ -26,6 +26,7 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -380,6 +381,19 @@ def alternate(rounds: int, names: Sequence[str]) -> Iterator[tuple[int, list[str
     """Yield (round number, order of the ways); the order flips every round (ABBA)."""
     for n in range(1, rounds + 1):
         yield n, list(names) if n % 2 else list(reversed(names))
+
+
+def baseline_root(commit: str) -> Path:
+    """A detached worktree of ``commit`` for a ``--baseline`` (made once, kept for later runs)."""
+    path = Path(tempfile.gettempdir()) / f"tenantdb-baseline-{commit}"
+    if not path.exists():
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(path), commit],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+    return path
 
 
 def machine() -> str:

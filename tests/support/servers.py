@@ -92,7 +92,9 @@ class UvicornProcess:
         inherit_environ: bool = True,
         lifespan: str = "on",
         port: int | None = None,
+        cwd: Path = ROOT,
     ) -> None:
+        """``cwd`` is first on the child's path: the checkout whose code it runs."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -101,7 +103,7 @@ class UvicornProcess:
         command = [sys.executable, "-m", "uvicorn", app, "--port", str(self.port), "--lifespan"]
         self.proc = subprocess.Popen(
             [*command, lifespan, *uvicorn_args],
-            cwd=ROOT,
+            cwd=cwd,
             env={**base, **env, "PORT": str(self.port)},
             stdout=self._log,
             stderr=subprocess.STDOUT,
