@@ -184,3 +184,18 @@ def test_bad_configuration_stops_the_server_at_startup_with_one_line(
     assert allowed in named[0], log
     assert "Traceback" not in log
     assert not (tmp_path / "data").exists()
+
+
+def test_a_machine_restarted_on_its_data_directory_does_not_probe_the_store_again(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # The probe's five requests were made at every start, a wake on a volume included.
+    noted = tmp_path / "m1" / ".tenantdb.conditional-writes"
+    server = start_server()
+    assert count_of(server) == 0
+    assert server.stop() in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
+    inode = noted.stat().st_ino  # replaced (a new inode) by every probe that passes
+    server = start_server()
+    assert count_of(server) == 1
+    assert server.stop() in (0, -signal.SIGTERM)
+    assert noted.stat().st_ino == inode
