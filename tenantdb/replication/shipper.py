@@ -151,8 +151,8 @@ class Shipper:
         """Close the connections (the last one to close folds the WAL into the file).
 
         Returns the page hashes of the closed database file when it is exactly what the
-        shipper published (every commit shipped, the WAL folded in whole), else None.
-        Only the last connection may close before this for the file to be complete.
+        shipper published (every commit shipped, the WAL folded in whole), else None:
+        the caller closes every other connection to the file first.
         """
         self._group.close()
         async with self._lock:
@@ -172,7 +172,10 @@ class Shipper:
         """Whether every commit in the database is published: ``_hashes`` describes it."""
         if self._hashes is None or self._needs_snapshot:
             return False
-        start = wal_start(self.wal_path)
+        try:
+            start = wal_start(self.wal_path)
+        except ReplicationError:
+            return False  # unreadable: unknown, and closing must not fail for it
         if start is None:
             return True  # an empty WAL: the file alone is the database
         frames = wal_index_frames(self.shm_path, start.salts)
