@@ -71,12 +71,18 @@ def _state(lease: Lease) -> TailState:
 
 
 async def wait_for_tail(lease: Lease, after: Bookmark, wait: float) -> TailState:
-    """The holder's side: return once the published position is not ``after`` or the lease
-    is no longer held here, else after ``wait`` seconds (never past the lease's validity)."""
+    """The holder's side: return once the published position is past ``after`` or the
+    lease is no longer held here, else after ``wait`` seconds (never past the lease's
+    validity).
+
+    A position before ``after`` is not an answer: the standby read a lock.json whose write
+    has landed but whose answer has not reached this holder yet. Answered "moved" at once,
+    its next read of lock.json would find nothing new, and it would stop asking for hints.
+    """
     deadline = clock.monotonic() + wait
     while True:
         state = _state(lease)
-        if not state.holding or state.position != after:
+        if not state.holding or state.position is None or state.position > after:
             return state
         left = min(deadline - clock.monotonic(), lease.valid_for)
         if left <= 0:
