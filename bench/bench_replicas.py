@@ -197,20 +197,24 @@ def run_mode(replicas: bool, hints: bool, args: argparse.Namespace) -> dict[str,
             "TENANTDB_TAIL_HINTS": "1" if hints else "0",
             "TENANTDB_HINT_URL": "http://127.0.0.1:{machine_id}",
         }
-        relay_port, m2_port = free_port(), free_port()
+        relay_port, m1_port, m2_port = free_port(), free_port(), free_port()
         far, near = str(relay_port), str(m2_port)
         with MachineProcesses(root) as machines:
-            m1 = machines.start(APP, far, "acme", env)
-            m2 = machines.start(APP, near, "acme", env, port=m2_port)
 
             async def main() -> dict[str, float]:
-                async with DelayRelay(m1.port, args.latency_ms / 1000, listen=relay_port) as relay:
-                    urls = {far: relay.url, near: m2.url}
+                # The relay listens before m2 starts: a first hint request refused would
+                # send m2 back to polling for HINT_RETRY (5 s), into the measured writes.
+                async with DelayRelay(m1_port, args.latency_ms / 1000, listen=relay_port) as relay:
+                    for machine, port in ((far, m1_port), (near, m2_port)):
+                        await asyncio.to_thread(
+                            machines.start, APP, machine, "acme", env, port=port
+                        )
+                    urls = {far: relay.url, near: f"http://127.0.0.1:{m2_port}"}
                     await asyncio.sleep(1)  # the replica restores its copy
                     return await measure(
                         urls,
                         near,
-                        m1.url,
+                        f"http://127.0.0.1:{m1_port}",
                         args.reads,
                         args.write_every,
                         args.writes_per_s,
@@ -218,6 +222,7 @@ def run_mode(replicas: bool, hints: bool, args: argparse.Namespace) -> dict[str,
                     )
 
             result = asyncio.run(main())
+            m2 = machines.started[1]
             for line in m2.log().splitlines():
                 if "tail hints" in line:
                     print(f"  m2: {line}")

@@ -111,6 +111,86 @@ def test_an_idle_standby_reads_lock_json_at_most_once_per_two_ttls(start: Start)
     assert standby.proc.poll() is None
 
 
+def test_an_idle_replica_serves_past_the_lag_bound_on_hints_alone(start: Start) -> None:
+    # The holder's answers "still at your position" keep the copy's lag small: the replica
+    # reads lock.json no more often than a standby, and never refuses a read for lag.
+    bound = 2.0
+    replicas = {"TENANTDB_REPLICA_READS": "1", "TENANTDB_MAX_REPLICA_LAG": f"{bound:g}"}
+    holder = start(**replicas)
+    metrics_port = free_port()
+    replica = start(**replicas, TENANTDB_METRICS_PORT=str(metrics_port))
+
+    async def scenario() -> tuple[float, list[float], int]:
+        async with httpx.AsyncClient(timeout=10) as client:
+            await write(client, holder, "kept")
+            deadline = time.monotonic() + 20
+            while "kept" not in await served_by_replica(client, replica):
+                assert time.monotonic() < deadline, "the replica never served its copy"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(TTL / 2)  # the replica asks the holder for hints now
+            before = bucket_requests(metrics_port)
+            lags: list[float] = []
+            refused = 0
+            ends = time.monotonic() + 2 * TTL  # three lag bounds
+            while time.monotonic() < ends:
+                answer = await client.get(f"{replica.url}{NOTES}")
+                if answer.headers.get("tenantdb-served-by") == machine_id(replica):
+                    lags.append(int(answer.headers["tenantdb-lag-ms"]) / 1000)
+                else:
+                    refused += 1
+                await asyncio.sleep(0.05)
+            return bucket_requests(metrics_port) - before, lags, refused
+
+    made, lags, refused = asyncio.run(scenario())
+    print(f"idle replica: {made:g} bucket requests in {2 * TTL:g}s, lag max {max(lags):.2f}s")
+    assert refused == 0, f"{refused} reads went to the holder"
+    # Two hint waits of a quarter of the bound, plus the round trips.
+    assert max(lags) < bound / 2 + 0.5, max(lags)
+    assert made <= 2, f"the idle replica made {made:g} bucket requests in {2 * TTL:g}s"
+
+
+def test_a_replica_whose_holder_stops_answering_lags_and_refuses_past_the_bound(
+    start: Start,
+) -> None:
+    # Its plain poll is slow: once the holder is stopped nothing confirms the copy.
+    bound = 2.0
+    replicas = {
+        "TENANTDB_REPLICA_READS": "1",
+        "TENANTDB_MAX_REPLICA_LAG": f"{bound:g}",
+        "TENANTDB_FOLLOW_INTERVAL": "30",
+    }
+    holder = start(**replicas)
+    replica = start(**replicas)
+
+    async def scenario() -> tuple[list[float], float]:
+        async with httpx.AsyncClient(timeout=10) as client:
+            await write(client, holder, "kept")
+            deadline = time.monotonic() + 20
+            while "kept" not in await served_by_replica(client, replica):
+                assert time.monotonic() < deadline, "the replica never served its copy"
+                await asyncio.sleep(0.05)
+            holder.proc.send_signal(signal.SIGSTOP)
+            stopped = time.monotonic()
+            lags: list[float] = []
+            while True:
+                answer = await client.get(f"{replica.url}{NOTES}")
+                if answer.headers.get("tenantdb-served-by") != machine_id(replica):
+                    return lags, time.monotonic() - stopped
+                lags.append(int(answer.headers["tenantdb-lag-ms"]) / 1000)
+                assert time.monotonic() - stopped < 4 * bound, "still served"
+                await asyncio.sleep(0.05)
+
+    try:
+        lags, refused_after = asyncio.run(scenario())
+    finally:
+        holder.proc.send_signal(signal.SIGCONT)
+    print(f"refused {refused_after:.2f}s after the holder stopped, last lag {lags[-1]:.2f}s")
+    assert lags[-10:] == sorted(lags[-10:]), lags
+    assert bound - 0.3 < lags[-1] <= bound
+    # The last vouched-for moment was before the stop, at most half the bound before it.
+    assert refused_after <= bound + 0.5
+
+
 def test_a_write_reaches_the_replica_on_a_hint_not_on_the_poll(start: Start) -> None:
     # Without hints the replica would read lock.json again only after 30 s, and still serve
     # its older copy (its lag may be 60 s).

@@ -7,7 +7,8 @@
   ``FLY_MACHINE_ID`` (14 hex digits, kept in ``<state dir>/dev/<app>/machines.json`` so that a
   restart brings the same machines back), ``FLY_REGION`` (``ClusterConfig.regions``, spread as
   ``dev.regions`` says), ``TENANTDB_HINT_URL`` (tail hints through ``dev.private_network``),
-  ``FLY_APP_NAME``, ``TENANT_ID``,
+  ``FLY_APP_NAME``, ``TENANT_ID``; a tenant's first machine (in the first region) starts
+  first and takes the lease, its others once it listens,
   data directory, ``TENANTDB_DNS_SERVER``, its own metrics port on loopback (shown on the
   dashboard; several machines cannot share one), and the embedded bucket
   ``<state dir>/bucket`` unless ``BUCKET_NAME`` names an S3 bucket;
@@ -40,7 +41,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -225,18 +226,28 @@ class Cluster:
             await self.proxy.__aenter__()
             await self.private_network.__aenter__()
             atexit.register(self.kill_all)
-            # Every start runs to its end (success or failure) before anything is undone.
-            results = await asyncio.gather(
-                *(self._start(m, explicit=True) for m in self._machines.values()),
-                return_exceptions=True,
-            )
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
+            # Each tenant's first machine (in the first region) starts alone and takes the
+            # lease; the others start once it listens, and stand by (or serve reads) in
+            # their regions. Started together, whichever came first would hold the tenant.
+            firsts: dict[str, DevMachine] = {}
+            for machine in self._machines.values():
+                firsts.setdefault(machine.tenant, machine)
+            await self._start_all(firsts.values())
+            await self._start_all(m for m in self._machines.values() if firsts[m.tenant] is not m)
             await self._serve_proxy(sock)
         except BaseException:
             await self.stop()
             raise
+
+    async def _start_all(self, machines: Iterable[DevMachine]) -> None:
+        """Start ``machines`` in parallel; every start runs to its end (success or failure)
+        before the first failure is raised."""
+        results = await asyncio.gather(
+            *(self._start(m, explicit=True) for m in machines), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def stop(self) -> None:
         """Stop the proxy, then every machine gracefully (in parallel), then the DNS responder."""

@@ -163,7 +163,7 @@ class TenantDB:
 
     async def wait_tail(self, after: Bookmark, wait: float) -> TailState:
         """Whether this machine holds the lease and the position it published, once that is
-        not ``after`` (or it stops holding), else after ``wait`` seconds: a tail hint."""
+        past ``after`` (or it stops holding), else after ``wait`` seconds: a tail hint."""
         lease = self._machine.lease_or_none
         if lease is None:
             return TailState(holding=False, position=None)

@@ -59,7 +59,7 @@ class Standby(MachineRole):
                 client,
                 machine.tenant,
                 machine_id=settings.machine_id,
-                hint_wait=settings.lease_ttl / 3,
+                hint_wait=self._hint_wait(),
             )
             if client is not None
             else None
@@ -212,7 +212,12 @@ class Standby(MachineRole):
             return
         started = clock.monotonic()
         until = started + max(self._quiet_pause(), MIN_POLL_GAP)
-        hint = asyncio.create_task(self.hints.wait(target, observed.info.etag, until))
+        record = observed.record
+        hint = asyncio.create_task(
+            self.hints.wait(
+                target, observed.info.etag, until, lambda sent: self._vouched(record, sent)
+            )
+        )
         try:
             await self._wake_on(hint, until)
             if hint.done() and not hint.result() and clock.monotonic() < until:
@@ -240,6 +245,15 @@ class Standby(MachineRole):
         """The longest wait for a hint: a read of lock.json at least every two TTLs checks
         what the holder's hints say (a holder that dies is noticed by its hints failing)."""
         return 2 * self.machine.settings.lease_ttl
+
+    def _hint_wait(self) -> float:
+        """The longest wait one hint request asks the holder for."""
+        return self.machine.settings.lease_ttl / 3
+
+    def _vouched(self, record: LockRecord, sent: float) -> None:
+        """The holder of ``record``'s lease answered a hint request sent at monotonic
+        ``sent`` that it still held at ``record``'s position (a replica's copy is current
+        as of then if it equals ``record``)."""
 
     async def _sleep(self, seconds: float) -> None:
         """Wait between two polls of lock.json, without hints."""

@@ -11,6 +11,12 @@ A hint is never data: whatever it says, the standby reads lock.json and follows 
 names exactly as without hints. A wrong hint costs a read; a holder that cannot answer
 (dead, stopped, paused, old, unreachable) sends the standby back to polling every
 ``TENANTDB_FOLLOW_INTERVAL``, so a lease that expires is noticed as soon as without hints.
+
+An answer "unchanged" can only vouch that nothing newer exists: the holder of the very
+lease (its generation) lock.json named still held it at exactly the position asked past
+when it answered, so no write it published before the request was sent is missing from a
+copy at that position (the holder is the only writer, and publishes in order). A replica
+counts its copy's lag from that send (``TailHints.wait``'s ``vouch``), never from the answer.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -64,12 +71,18 @@ def _state(lease: Lease) -> TailState:
 
 
 async def wait_for_tail(lease: Lease, after: Bookmark, wait: float) -> TailState:
-    """The holder's side: return once the published position is not ``after`` or the lease
-    is no longer held here, else after ``wait`` seconds (never past the lease's validity)."""
+    """The holder's side: return once the published position is past ``after`` or the
+    lease is no longer held here, else after ``wait`` seconds (never past the lease's
+    validity).
+
+    A position before ``after`` is not an answer: the standby read a lock.json whose write
+    has landed but whose answer has not reached this holder yet. Answered "moved" at once,
+    its next read of lock.json would find nothing new, and it would stop asking for hints.
+    """
     deadline = clock.monotonic() + wait
     while True:
         state = _state(lease)
-        if not state.holding or state.position != after:
+        if not state.holding or state.position is None or state.position > after:
             return state
         left = min(deadline - clock.monotonic(), lease.valid_for)
         if left <= 0:
@@ -109,9 +122,17 @@ class TailHints:
             return None
         return record.owner, Bookmark.of(record)
 
-    async def wait(self, target: tuple[str, Bookmark], etag: str, until: float) -> bool:
+    async def wait(
+        self,
+        target: tuple[str, Bookmark],
+        etag: str,
+        until: float,
+        vouch: Callable[[float], None],
+    ) -> bool:
         """Ask until monotonic ``until``: True once the holder says lock.json moved; False at
-        ``until`` or as soon as the holder cannot be asked."""
+        ``until`` or as soon as the holder cannot be asked. Each answer that the holder
+        still holds at exactly the target's position calls ``vouch`` with the monotonic
+        time its request was sent (the answer says nothing of any earlier moment)."""
         holder, after = target
         retried = False
         while (left := until - clock.monotonic()) > 0:
@@ -131,6 +152,7 @@ class TailHints:
             if answer == "moved":
                 self._moved_from = etag
                 return True
+            vouch(asked)
         return False
 
     def _give_up(self, holder: str, why: str) -> None:

@@ -5,6 +5,7 @@ cross the emulated private network."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,32 @@ async def test_a_read_entering_in_the_replicas_region_stays_there_and_a_write_pa
         read, took = await timed(client, "HEAD", headers=entering(regions[holder]))
         assert read.status_code == 200
         assert took < 2 * LATENCY, f"a read in the holder's own region took {took:.3f}s"
+
+
+async def test_each_tenants_machine_in_the_first_region_holds_it(tmp_path: Path) -> None:
+    # Three machines a tenant (ams, fra, ams), those in ams slow to start: started together,
+    # the one in fra would win the lease; the first, in the first region, must.
+    tenants = ("100", "200")
+    setup = dataclasses.replace(
+        config(tmp_path, LATE_REGION="ams", LATE_SECONDS="1.5"),
+        tenants=tenants,
+        machines_per_tenant=3,
+        app_module="tests.support.late_app:app",
+    )
+    async with (
+        Cluster(setup) as cluster,
+        httpx.AsyncClient(base_url=cluster.url, trust_env=False, timeout=20) as client,
+    ):
+        firsts = {cluster.machine_ids(tenant)[0]: "ams" for tenant in tenants}
+        deadline = time.monotonic() + 10
+        while True:
+            machines = (await client.get("/_dev/state")).json()["machines"]
+            holders = {m["id"]: m["region"] for m in machines if m["lease"] == "holder"}
+            if len(holders) == len(tenants):
+                break
+            assert time.monotonic() < deadline, machines
+            await asyncio.sleep(0.1)
+        assert holders == firsts, machines
 
 
 async def test_an_unknown_edge_region_is_refused(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from tenantdb.machine.database import TenantDB
 from tenantdb.machine.fenced import Fenced
 from tenantdb.machine.mover import MOVES
 from tenantdb.machine.replica import Bookmark, CopyLock
+from tenantdb.machine.tail_hints import HintAnswer
 from tenantdb.storage import Bucket
 from tenantdb.storage.local import LocalBucket
 
@@ -191,6 +192,73 @@ async def test_a_replica_whose_copy_lags_past_the_bound_refuses(tmp_path: Path) 
             bucket.blind = False
             await caught_up(replica, ["first"])
         finally:
+            await replica.stop()
+            await holder.stop()
+
+
+class DirectHints:
+    """A ``TailHintClient`` that asks the holder's ``TenantDB`` in this process, as the
+    holder's endpoint would (asgi/tail_hints.py), or fails while ``reachable`` is unset."""
+
+    def __init__(self, holder: TenantDB) -> None:
+        self.holder = holder
+        self.reachable = True
+
+    async def wait_past(self, holder: str, tenant: str, after: Bookmark, wait: float) -> HintAnswer:
+        if not self.reachable:
+            await asyncio.sleep(wait)  # a stopped holder: no answer within the wait
+            return "failed"
+        state = await self.holder.wait_tail(after, wait)
+        return "unchanged" if state.holding and state.position == after else "moved"
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+async def test_a_replica_whose_lock_json_reads_fail_is_kept_current_only_by_its_holders_hints(
+    tmp_path: Path, reachable: bool
+) -> None:
+    # lock.json cannot be read: only the holder's answers "still at your position" can
+    # confirm the copy, and only while the holder gives them.
+    bound = 0.8
+    holder = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
+    await holder.start()
+    await write(holder, "first")
+    hints = DirectHints(holder)
+    async with LocalBucket(tmp_path / "bucket") as real:
+        bucket = BlindBucket(real)
+        replica = TenantDB(
+            settings(tmp_path, "m2", max_replica_lag=bound, read_wait=0),
+            migrations=MIGRATIONS,
+            bucket=bucket,  # type: ignore[arg-type]
+            tail_hints=hints,
+        )
+        await replica.start()
+        try:
+            await caught_up(replica, ["first"])
+            bucket.blind = True
+            hints.reachable = reachable
+            lags: list[float] = []
+            refused: list[str] = []
+            ends = time.monotonic() + 4 * bound
+            while time.monotonic() < ends:
+                try:
+                    async with replica.read_copy() as read:
+                        assert not refused, "served again after a refusal"
+                        lags.append(read.lag)
+                except ReplicaRefusedError as exc:
+                    refused.append(str(exc))
+                await asyncio.sleep(0.02)
+            if reachable:
+                # Served throughout, its lag at most two hint waits (a quarter of the
+                # bound each) and the answers' way back.
+                assert not refused, refused[:3]
+                assert max(lags) < bound / 2 + 0.2, max(lags)
+            else:
+                # Nothing vouches for the copy: its lag grows until it serves nothing.
+                assert refused
+                assert all("behind the log" in r for r in refused), refused[:3]
+                assert bound / 2 < lags[-1] <= bound
+        finally:
+            bucket.blind = False
             await replica.stop()
             await holder.stop()
 

@@ -47,6 +47,29 @@ async def test_the_holder_answers_at_once_once_it_no_longer_holds_the_lease(
     assert not again.holding
 
 
+async def test_a_standby_ahead_of_the_holders_view_waits_for_the_next_write(
+    local_bucket: LocalBucket,
+) -> None:
+    # The standby read a lock.json whose CAS landed before its answer reached the holder:
+    # it asks past a position the holder does not know yet. "Moved" now would send it to
+    # read the very lock.json it has, and it would stop asking for hints for a while.
+    lease = holder_lease(local_bucket)
+    record = await lease.acquire()
+    landed = Bookmark.of(record)
+    ahead = Bookmark(landed.generation + 1, landed.index)  # what ``advance`` publishes
+    waiting = asyncio.create_task(wait_for_tail(lease, ahead, 60))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    caught_up = await lease.advance()  # the holder learns of the write the standby has
+    assert Bookmark.of(caught_up) == ahead
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    moved = await lease.advance()  # the next write is news to the standby
+    state = await asyncio.wait_for(waiting, 10)
+    assert state.holding
+    assert state.position == Bookmark.of(moved) > ahead
+
+
 async def test_the_holder_answers_unchanged_after_the_wait(local_bucket: LocalBucket) -> None:
     lease = holder_lease(local_bucket)
     record = await lease.acquire()
