@@ -86,6 +86,8 @@ class GarbageCollector:
         if self.lease.record is None or self.lease.status != "held":
             return []
         history = await read_history(self.lease.bucket, self.lease.tenant, prefix=self.prefix)
+        if unlisted := history.unlisted():
+            raise history.behind(unlisted[0])  # it may hide what keeps older objects needed
         cutoff = clock.now() - timedelta(seconds=self.retention)
         # Planning is linear in the objects listed, which may be many: off the event loop.
         expendable = await asyncio.to_thread(

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
-from tenantdb.errors import ObjectNotFoundError, ReplicationError
+from tenantdb.errors import ListingBehindError, ObjectNotFoundError, ReplicationError
 from tenantdb.parsing import (
     time_of_ms,
 )
@@ -153,6 +153,38 @@ class History:
             if record.log is not None:
                 named |= {chunk_key(self.prefix, self.tenant, c) for c in record.log.chunks()}
         return named
+
+    def unlisted(self) -> list[str]:
+        """The objects lock.json names (its snapshot first) that the LIST did not show.
+
+        lock.json is read first, so the LIST has every object it names unless the LIST
+        lags behind writes (a Global Tigris bucket's may, across regions), or an object
+        was lost: newer objects may then be hidden too, and anything decided from the
+        listing (a restore's base, what retention deletes) would be decided on an older
+        bucket than lock.json's.
+        """
+        record = self.record
+        if record is None:
+            return []
+        listed = {s.key for s in self.snapshots} | {e.key for e in self.segments}
+        named = [record.snapshot.key] if record.snapshot else []
+        pointer = record.log
+        if pointer is not None:
+            named += [
+                chunk_key(self.prefix, self.tenant, chunk)
+                for chunk in pointer.iter_chunks()
+                if chunk.merged or chunk.pack or pointer.inline_segment(chunk.first) is None
+            ]
+        return [key for key in named if key not in listed]
+
+    def behind(self, key: str) -> ListingBehindError:
+        """The error for a listing that lacks ``key``, which lock.json names."""
+        return ListingBehindError(
+            f"tenant {self.tenant}: the bucket's listing lacks {key}, which lock.json names "
+            "(a LIST that lags behind writes, as a Tigris bucket's may across regions, or a "
+            "lost object); try again in a moment",
+            key=key,
+        )
 
     @cached_property
     def _published_at(self) -> dict[int, list[SegmentEntry]]:

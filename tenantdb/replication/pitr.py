@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tenantdb import clock
-from tenantdb.errors import ListingBehindError, PointInTimeError, ReplicationError
+from tenantdb.errors import PointInTimeError, ReplicationError
 from tenantdb.protocol.lease import read_lock
 from tenantdb.protocol.lockfile import LogChunk
 from tenantdb.protocol.snapshot import check_download, install_database, temp_restore_path
@@ -85,7 +85,11 @@ async def restore_at(
     if at.tzinfo is None:
         raise ValueError("the moment to restore must be timezone-aware")
     history = await read_history(bucket, tenant, prefix=prefix)
-    _check_listed(history)
+    snapshot = history.record.snapshot if history.record else None
+    if snapshot is not None and snapshot.key in history.unlisted():
+        # A base older than lock.json's snapshot, and a walk that ends where its log
+        # starts: silently older. (A log object missing is a gap the walk names.)
+        raise history.behind(snapshot.key)
     newest = _bucket_now(history)
     if at > newest:
         # What the database will hold then is not written yet: answering with today's
@@ -113,22 +117,6 @@ async def restore_at(
             earliest=earliest,
         )
     return await _Walk(bucket, history, base, at, progress).run(dest)
-
-
-def _check_listed(history: History) -> None:
-    """Refuse a history whose LIST lacks lock.json's snapshot: the restore would start
-    from an older base, and the walk end where lock.json's log starts, silently older."""
-    record = history.record
-    if record is None or record.snapshot is None:
-        return
-    key = record.snapshot.key
-    if all(s.key != key for s in history.snapshots):
-        raise ListingBehindError(
-            f"tenant {history.tenant}: the bucket's listing lacks {key}, the snapshot "
-            "lock.json names (a LIST that lags behind writes, as a Tigris bucket's may "
-            "across regions, or a lost object); try again in a moment",
-            key=key,
-        )
 
 
 def _bucket_now(history: History) -> datetime:
@@ -303,10 +291,15 @@ class _Walk:
             entry = self.history.pick(index, self.at, avoid=avoid)
             inline = pointer.inline_segment(index) if pointer else None
             if entry is not None and entry.packed:
-                # One segment of the pack at a time: each keeps its own time.
-                chunk = LogChunk(index, index, entry.generation, False, (entry.first, entry.last))
-                yield _Step(chunk, entry.key, None, entry.size if index == entry.last else 0)
-                index += 1
+                # One segment of the pack at a time (each keeps its own time), to its end:
+                # the walk reads what retention keeps for it (History._path), never an
+                # object at a single key inside the pack's range.
+                for single in range(index, entry.last + 1):
+                    chunk = LogChunk(
+                        single, single, entry.generation, False, (entry.first, entry.last)
+                    )
+                    yield _Step(chunk, entry.key, None, entry.size if single == entry.last else 0)
+                index = entry.last + 1
             elif entry is not None:
                 chunk = LogChunk(entry.first, entry.last, entry.generation, entry.merged)
                 yield _Step(chunk, entry.key, None, entry.size)

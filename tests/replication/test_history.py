@@ -422,3 +422,29 @@ async def test_a_takeover_record_deleted_after_the_listing_is_left_out(
     stale = Lagging(local_bucket, lambda infos: listed)
     history = await read_history(stale, "acme", prefix=PREFIX)  # type: ignore[arg-type]
     assert [t.generation for t in history.takeovers] == [2]
+
+
+async def test_retention_deletes_nothing_on_a_listing_that_lags_behind_lock_json(
+    local_bucket: Bucket, tmp_path: Path
+) -> None:
+    """Simulation seed 311971: the LIST did not show yet the packs and the snapshot the
+    holder had just published; retention saw no object of the older generations and
+    deleted their takeover records, and restores within the retention were refused."""
+    recorder = Recorder(13)
+    async with machine(local_bucket, tmp_path, "m1") as tdb:
+        await recorder.changes(tdb, 2)
+        await tdb.checkpoint()
+        shipper = tdb._shipper
+        assert shipper is not None
+        named = tdb.lease.record.snapshot  # type: ignore[union-attr]
+        assert named is not None
+        shipper.garbage.retention = 0  # everything not needed is due
+        # (The holder's own collections go through the lagging listing too.)
+        tdb.lease.bucket = Lagging(local_bucket, hiding(lambda key: key == named.key))  # type: ignore[assignment]
+        before = {o.key for o in await local_bucket.list(f"{PREFIX}acme/")}
+        with pytest.raises(ListingBehindError):
+            await shipper.collect_garbage()
+        after = {o.key for o in await local_bucket.list(f"{PREFIX}acme/")}
+        tdb.lease.bucket = local_bucket
+        recorder.stop()
+    assert after == before

@@ -21,7 +21,7 @@ from tenantdb.replication.history import read_history
 from tenantdb.replication.log_objects import LogObjects
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.restore import fetch_segment
-from tenantdb.replication.segment import chunk_key
+from tenantdb.replication.segment import chunk_key, segment_key
 from tenantdb.storage.base import Bucket
 
 MIGRATIONS = ["CREATE TABLE items (id INTEGER PRIMARY KEY, note TEXT)"]
@@ -222,3 +222,21 @@ async def test_a_segment_is_never_timed_before_the_moment_its_commits_were_read(
         log.inline_segment(newest.last),
     )
     assert segment.header.timestamp_ms >= frozen * 1000
+
+
+async def test_a_walk_through_a_pack_never_reads_an_object_at_a_single_key_inside_it(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Simulation seed 310816: junk planted at a single segment's key inside a pack's range.
+    Retention's plan (History._path) reads the pack and deleted the junk; the walk picked an
+    object again at every index, took the junk, and with it gone found a "gap"."""
+    monkeypatch.setattr(carrier, "PACK_SEGMENTS", 4)
+    recorder = Recorder(11)
+    async with machine(bucket, tmp_path, "m1") as tdb:
+        await recorder.changes(tdb, 6)
+    history = await read_history(bucket, "acme", prefix=PREFIX)
+    pack = next(s for s in history.segments if s.packed and s.last > s.first)
+    await bucket.put(segment_key(PREFIX, "acme", pack.generation, pack.first + 1), b"junk" * 16)
+    out = tmp_path / "out.sqlite3"
+    await restore_at(bucket, "acme", out, prefix=PREFIX, at=now())
+    assert read_rows(out) == recorder.rows
