@@ -15,12 +15,14 @@ worktree, put first on the child's ``PYTHONPATH``). Three measurements, each var
    log since the base outgrew the database), and against the distinct changed pages (the
    pages of the single segments published, 4 KiB each).
 2. **Requests per write** in ``bucket`` durability at 1, 8 and 32 writers, each writing as
-   fast as it is answered for ``--write-seconds``.
+   fast as it is answered for ``--write-seconds``; with the writes per second and each
+   write's latency (its commit and the sync the output gate would wait for), p50 and p99.
 3. **Requests per sync** under ``--rate`` async writes/s: all requests over the segments
    published (lock.json's tail moved by that many).
 
 Ratios (candidate/baseline) are printed last. Run:
-``python -m bench.bench_cost [--sizes 32 256] [--seconds 60] [--baseline 66195f7]``.
+``python -m bench.bench_cost [--sizes 32 256] [--seconds 60] [--baseline 66195f7]``
+(``--sizes`` with no size measures only requests per write and per sync).
 
 ``--idle-standby SECONDS`` measures only an idle standby's bucket requests per minute, tail
 hints (``TENANTDB_TAIL_HINTS``) off and on in one run: two uvicorn machines of one tenant
@@ -35,6 +37,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -207,7 +210,10 @@ async def past_first_collection() -> None:
     await asyncio.sleep(1.5)
 
 
-async def per_write(env: dict[str, str], work: Path, writers: int, seconds: float) -> float:
+async def per_write(
+    env: dict[str, str], work: Path, writers: int, seconds: float
+) -> dict[str, float]:
+    """Requests per write, and each write's latency (commit to durable), at ``writers``."""
     from tenantdb.machine.database import TenantDB
 
     endpoint = env["AWS_ENDPOINT_URL_S3"]
@@ -216,19 +222,26 @@ async def per_write(env: dict[str, str], work: Path, writers: int, seconds: floa
         await increment(tdb)
         await past_first_collection()
         requests(endpoint)
-        count = 0
-        deadline = time.monotonic() + seconds
+        took: list[float] = []
+        started = time.monotonic()
+        deadline = started + seconds
 
         async def writer() -> None:
-            nonlocal count
-            while time.monotonic() < deadline:
+            while (began := time.monotonic()) < deadline:
                 await increment(tdb)
                 await tdb.sync()  # what the output gate does before answering a write
-                count += 1
+                took.append(time.monotonic() - began)
 
         await asyncio.gather(*(writer() for _ in range(writers)))
+        elapsed = time.monotonic() - started
         seen = requests(endpoint)
-    return len(seen) / count
+    percentiles = statistics.quantiles(took, n=100)
+    return {
+        "requests": len(seen) / len(took),
+        "writes_per_s": len(took) / elapsed,
+        "p50_ms": statistics.median(took) * 1000,
+        "p99_ms": percentiles[98] * 1000,
+    }
 
 
 async def per_sync(env: dict[str, str], work: Path, rate: float, seconds: float) -> float:
@@ -322,8 +335,13 @@ def report(name: str, result: Any, args: argparse.Namespace) -> None:
             f"{b['settle']['snapshots']} snapshot(s); then {args.warmup:g} s of the writes "
             f"unmeasured: {b['settle']['warmup'] / MiB:.1f} MiB sent)"
         )
-    writes = ", ".join(f"{n} writers {v:.3f}" for n, v in result["per_write"].items())
-    print(f"  requests per write in bucket durability: {writes}")
+    print("  bucket durability, each writer writing as fast as it is answered:")
+    for n, w in result["per_write"].items():
+        print(
+            f"    {n} writers: {w['requests']:.3f} requests per write "
+            f"({1 / w['requests']:.1f} writes per request), {w['writes_per_s']:.0f} writes/s, "
+            f"latency p50 {w['p50_ms']:.1f} ms, p99 {w['p99_ms']:.1f} ms"
+        )
     print(f"  requests per sync, {args.rate:g} async writes/s: {result['per_sync']:.3f}")
 
 
@@ -366,7 +384,7 @@ def idle_standby(s3: S3Server, seconds: float, hints: bool) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or, with --child, one variant's measurements)."""
     parser = argparse.ArgumentParser(prog="python -m bench.bench_cost")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 256])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[32, 256])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--write-seconds", type=float, default=15.0)
@@ -405,11 +423,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{'3%' if int(size) <= 32 else '0.5%'}), {steady_c / max(c['changed'], 1):.2f}x the "
             f"changed pages (goal <= 2x)"
         )
-    writes = ", ".join(
-        f"{n}: {candidate['per_write'][n]:.3f} vs {baseline['per_write'][n]:.3f}"
-        for n in candidate["per_write"]
-    )
-    print(f"ratio: requests per write (candidate vs baseline) {writes}")
+    for n, c in candidate["per_write"].items():
+        b = baseline["per_write"][n]
+        print(
+            f"ratio ({n} writers): requests per write {c['requests']:.3f} vs "
+            f"{b['requests']:.3f} ({c['requests'] / b['requests']:.3f}x), writes/s "
+            f"{c['writes_per_s'] / b['writes_per_s']:.3f}x, latency p50 "
+            f"{c['p50_ms'] / b['p50_ms']:.3f}x, p99 {c['p99_ms'] / b['p99_ms']:.3f}x"
+        )
     print(
         f"ratio: requests per sync candidate {candidate['per_sync']:.3f} vs baseline "
         f"{baseline['per_sync']:.3f} (goal <= 1.05)"

@@ -94,3 +94,33 @@ async def test_a_lone_bucket_durability_writer_makes_at_most_1_1_requests_a_writ
         assert counting.packs >= 1, "the carried segments never reached the bucket"
         expected = await rows(tdb)
     assert await restored_rows(bucket, tmp_path) == expected
+
+
+# Writers at once, and the writes each makes, in the many-writers test.
+WRITERS = 32
+WRITES_EACH = 48
+
+
+async def test_32_bucket_durability_writers_share_each_request_25_ways(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    counting = CountingRequests(bucket)
+    config = settings(tmp_path, "m1", durability="bucket", lease_ttl=15)
+    async with TenantDB(config, migrations=MIGRATIONS, bucket=counting) as tdb:  # type: ignore[arg-type]
+        await add(tdb, 1)
+        await tdb.sync()
+
+        async def writer(name: int) -> None:
+            for n in range(WRITES_EACH):
+                await add(tdb, 1, note=f"writer {name} row {n}")
+                await tdb.sync()  # what the output gate waits for before answering
+
+        before = counting.requests
+        async with asyncio.timeout(60):
+            await asyncio.gather(*(writer(name) for name in range(WRITERS)))
+        made = counting.requests - before
+        writes = WRITERS * WRITES_EACH
+        assert writes >= 2500 * made, f"{writes} writes in {made} requests"
+        expected = await rows(tdb)
+    assert len(expected) == 1 + writes
+    assert await restored_rows(bucket, tmp_path) == expected
