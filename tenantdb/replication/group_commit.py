@@ -14,12 +14,13 @@ of the last publication's time (nor ``GATHER_MAX_SECONDS``): a lone writer never
 Half a publication is too short when the writers' commits take longer than that: SQLite
 has one writer, so 32 callers answered at once commit one after the other (about 0.35 ms
 each on a loaded two-core machine, 11 ms for all), and against a bucket that answers in
-8 ms the publication left with a third of them; the rest waited for the next one (about
-15 writes a request). So while ``writers`` says that others are at work on a connection
-(their commits are on the way), the wait goes on up to ``WORKING_FRACTION`` of the last
-publication's time; it ends as soon as nobody is at work any more, since then nothing
-else is coming. Whatever the wait, a caller still returns only once a publication that
-began reading after its commit covered it (see ``wait``).
+8 ms a publication left after 4 ms with a third of them; the rest waited for the next one
+(about 15 writes a request). So while ``writers`` says that others are at work on a
+connection (their commits are on the way), the wait may last up to ``WORKING_FRACTION``
+of the last publication's time; once nobody is at work, the half publication bounds it
+again (a client answered over the network may still come back). A lone writer still
+never waits. Whatever the wait, a caller returns only once a publication that began
+reading after its commit covered it (see ``wait``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """One bucket request per sync: lock.json carries each segment, packs store them later.
 
 These count the requests of a holder's steady writes (issue 26: at most 1.05 a sync in
-``async`` durability, 1.1 a write for a lone ``bucket``-durability writer).
+``async`` durability, 1.1 a write for a lone ``bucket``-durability writer, at least 25
+writes a request for 32 such writers).
 """
 
 from __future__ import annotations
@@ -101,10 +102,13 @@ WRITERS = 32
 WRITES_EACH = 48
 
 
-async def test_32_bucket_durability_writers_share_each_request_25_ways(
-    bucket: Bucket, tmp_path: Path
+async def test_32_bucket_durability_writers_share_each_request_at_least_25_ways(
+    s3_bucket: Bucket, tmp_path: Path
 ) -> None:
-    counting = CountingRequests(bucket)
+    # On moto, whose round trip (~8 ms) is shorter than 32 commits one after the other:
+    # the case where a publication left with half the writers (issue 26: goal >= 25). The
+    # local bucket answers within a millisecond, so its groups depend on the timing alone.
+    counting = CountingRequests(s3_bucket)
     config = settings(tmp_path, "m1", durability="bucket", lease_ttl=15)
     async with TenantDB(config, migrations=MIGRATIONS, bucket=counting) as tdb:  # type: ignore[arg-type]
         await add(tdb, 1)
@@ -120,7 +124,7 @@ async def test_32_bucket_durability_writers_share_each_request_25_ways(
             await asyncio.gather(*(writer(name) for name in range(WRITERS)))
         made = counting.requests - before
         writes = WRITERS * WRITES_EACH
-        assert writes >= 2500 * made, f"{writes} writes in {made} requests"
+        assert writes >= 25 * made, f"{writes} writes in {made} requests"
         expected = await rows(tdb)
     assert len(expected) == 1 + writes
-    assert await restored_rows(bucket, tmp_path) == expected
+    assert await restored_rows(s3_bucket, tmp_path) == expected
