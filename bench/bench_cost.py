@@ -66,10 +66,17 @@ WRITERS = (1, 8, 32)
 # -- the child: one variant's measurements, printed as one JSON line ------------------------
 
 
-def requests(endpoint: str) -> list[Request]:
+def requests_now(endpoint: str) -> list[Request]:
     """The requests the server received since the last call (which resets them)."""
     with urllib.request.urlopen(f"{endpoint}{CONTROL_PATH}?reset=1", timeout=600) as response:
         return [Request(**item) for item in json.load(response)]
+
+
+async def requests(endpoint: str) -> list[Request]:
+    """``requests_now`` off the event loop: moto serves one request at a time, and one
+    that the blocked loop had begun to send (its body not sent yet) would hold moto, and
+    moto this call, for good (a run of 2026-12-07 hung so)."""
+    return await asyncio.to_thread(requests_now, endpoint)
 
 
 def sent_bytes(seen: list[Request]) -> int:
@@ -110,10 +117,10 @@ async def settle(endpoint: str, quiet: float = 5.0, longest: float = 180.0) -> d
     """Wait until the shipper wrote no log object nor snapshot for ``quiet`` seconds: what
     the growth left to do (merges, snapshots) is done. Return what it sent meanwhile."""
     started = time.monotonic()
-    seen = requests(endpoint)
+    seen = await requests(endpoint)
     while time.monotonic() - started < longest:
         await asyncio.sleep(quiet)
-        more = requests(endpoint)
+        more = await requests(endpoint)
         seen += more
         if not any(r.method in ("PUT", "POST") and "/log/" in r.path for r in more) and not any(
             "/snapshots/" in r.path for r in more
@@ -164,13 +171,13 @@ async def bytes_per_minute(
         # The growth's last singles are merged once the small writes' push them over
         # MERGE_SINGLES: part of the growth's cost, sent in this warm-up, reported apart.
         await steady(tdb, rate, warmup)
-        settled["warmup"] = sent_bytes(requests(endpoint))
+        settled["warmup"] = sent_bytes(await requests(endpoint))
         first = await tail(tdb)
         started = time.monotonic()
         writes = await steady(tdb, rate, seconds)
         await tdb.sync()
         minutes = (time.monotonic() - started) / 60
-        seen = requests(endpoint)
+        seen = await requests(endpoint)
         db_bytes = tdb.path.stat().st_size
         snapshots = [r for r in seen if r.method == "PUT" and "/snapshots/" in r.path]
         lock = sum(r.body_bytes for r in seen if r.method == "PUT" and r.path.endswith("lock.json"))
@@ -221,7 +228,7 @@ async def per_write(
     async with TenantDB(config, migrations=MIGRATIONS) as tdb:
         await increment(tdb)
         await past_first_collection()
-        requests(endpoint)
+        await requests(endpoint)
         took: list[float] = []
         started = time.monotonic()
         deadline = started + seconds
@@ -234,7 +241,7 @@ async def per_write(
 
         await asyncio.gather(*(writer() for _ in range(writers)))
         elapsed = time.monotonic() - started
-        seen = requests(endpoint)
+        seen = await requests(endpoint)
     percentiles = statistics.quantiles(took, n=100)
     return {
         "requests": len(seen) / len(took),
@@ -253,11 +260,11 @@ async def per_sync(env: dict[str, str], work: Path, rate: float, seconds: float)
         await increment(tdb)
         await tdb.sync()
         await past_first_collection()
-        requests(endpoint)
+        await requests(endpoint)
         first = await tail(tdb)
         await steady(tdb, rate, seconds)
         await tdb.sync()
-        seen = requests(endpoint)
+        seen = await requests(endpoint)
         syncs = await tail(tdb) - first
     return len(seen) / max(syncs, 1)
 
