@@ -20,7 +20,9 @@ worktree, put first on the child's ``PYTHONPATH``). Three measurements, each var
 3. **Requests per sync** under ``--rate`` async writes/s: all requests over the segments
    published (lock.json's tail moved by that many).
 
-Ratios (candidate/baseline) are printed last. Run:
+With ``--rounds N`` the two variants run N times each, alternating, and the medians of
+the requests per write and per sync (and their figures) are printed; the bytes are the
+first round's. Ratios (candidate/baseline) are printed last. Run:
 ``python -m bench.bench_cost [--sizes 32 256] [--seconds 60] [--baseline 66195f7]``
 (``--sizes`` with no size measures only requests per write and per sync).
 
@@ -319,6 +321,18 @@ def run_variant(s3: S3Server, bucket: str, root: Path, args: argparse.Namespace)
     return result
 
 
+def combine(rounds: list[Any]) -> Any:
+    """One variant's rounds as one result: the medians of the requests per write and per
+    sync and of their figures, the bytes of the first round."""
+    result = dict(rounds[0])
+    result["per_write"] = {
+        n: {key: statistics.median(r["per_write"][n][key] for r in rounds) for key in figures}
+        for n, figures in rounds[0]["per_write"].items()
+    }
+    result["per_sync"] = statistics.median(r["per_sync"] for r in rounds)
+    return result
+
+
 def share(value: float, whole: float) -> str:
     return f"{value / MiB:.3f} MiB ({value / whole:.2%})"
 
@@ -397,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--write-seconds", type=float, default=15.0)
     parser.add_argument("--warmup", type=float, default=30.0)
     parser.add_argument("--baseline", default="66195f7")
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--idle-standby", type=float, metavar="SECONDS")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -414,9 +429,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(machine())
         return 0
     started = time.monotonic()
+    roots = {"candidate": ROOT, "baseline": baseline_root(args.baseline)}
+    rounds: dict[str, list[Any]] = {name: [] for name in roots}
     with S3Server() as s3:
-        candidate = run_variant(s3, "bench-cost-candidate", ROOT, args)
-        baseline = run_variant(s3, "bench-cost-baseline", baseline_root(args.baseline), args)
+        for n in range(args.rounds):
+            # Alternating, so that a change in the machine's load falls on both alike.
+            for name in list(roots) if n % 2 == 0 else list(roots)[::-1]:
+                rounds[name].append(run_variant(s3, f"bench-cost-{name}-{n}", roots[name], args))
+    candidate, baseline = combine(rounds["candidate"]), combine(rounds["baseline"])
     report("candidate", candidate, args)
     report(f"baseline {args.baseline}", baseline, args)
     print(f"\n{machine()}; took {time.monotonic() - started:.0f} s")
