@@ -14,9 +14,10 @@ worktree, put first on the child's ``PYTHONPATH``). Three measurements, each var
    share of the database, without and with the snapshots taken (at most one is due: the
    log since the base outgrew the database), and against the distinct changed pages (the
    pages of the single segments published, 4 KiB each).
-2. **Requests per write** in ``bucket`` durability at 1, 8 and 32 writers, each writing as
-   fast as it is answered for ``--write-seconds``; with the writes per second and each
-   write's latency (its commit and the sync the output gate would wait for), p50 and p99.
+2. **Requests per write** in ``bucket`` durability at 1, 8 and 32 writers (``--writers``),
+   each writing as fast as it is answered for ``--write-seconds``; with the writes per
+   second and each write's latency (its commit and the sync the output gate would wait
+   for), p50 and p99.
 3. **Requests per sync** under ``--rate`` async writes/s: all requests over the segments
    published (lock.json's tail moved by that many).
 
@@ -62,7 +63,6 @@ MIGRATIONS = [
     "CREATE TABLE blobs (id INTEGER PRIMARY KEY, body BLOB)",
 ]
 INCREMENT = "UPDATE counter SET count = count + 1 WHERE id = ?"
-WRITERS = (1, 8, 32)
 
 
 # -- the child: one variant's measurements, printed as one JSON line ------------------------
@@ -283,7 +283,7 @@ async def child(args: argparse.Namespace) -> None:
             for size in args.sizes
         }
         result["per_write"] = {
-            str(n): await per_write(env, work, n, args.write_seconds) for n in WRITERS
+            str(n): await per_write(env, work, n, args.write_seconds) for n in args.writers
         }
         result["per_sync"] = await per_sync(env, work, args.rate, args.write_seconds)
     print(json.dumps(result), flush=True)
@@ -312,6 +312,7 @@ def run_variant(s3: S3Server, bucket: str, root: Path, args: argparse.Namespace)
     argv += [str(size) for size in args.sizes]
     argv += ["--seconds", str(args.seconds), "--rate", str(args.rate)]
     argv += ["--write-seconds", str(args.write_seconds), "--warmup", str(args.warmup)]
+    argv += ["--writers", *(str(n) for n in args.writers)]
     done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the {root} variant failed:\n{done.stderr[-4000:]}")
@@ -409,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--write-seconds", type=float, default=15.0)
+    parser.add_argument("--writers", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--warmup", type=float, default=30.0)
     parser.add_argument("--baseline", default="66195f7")
     parser.add_argument("--rounds", type=int, default=1)
