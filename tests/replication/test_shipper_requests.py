@@ -97,9 +97,12 @@ async def test_a_lone_bucket_durability_writer_makes_at_most_1_1_requests_a_writ
     assert await restored_rows(bucket, tmp_path) == expected
 
 
-# Writers at once, and the writes each makes, in the many-writers test.
+# Writers at once and the writes each makes in the many-writers test; the requests are
+# counted from the FROM-th write answered to the TO-th: not while the groups grow from
+# one caller at the start, nor while the writers finish one by one.
 WRITERS = 32
-WRITES_EACH = 48
+WRITES_EACH = 64
+FROM, TO = 512, 1792
 
 
 async def test_32_bucket_durability_writers_share_each_request_at_least_25_ways(
@@ -113,18 +116,22 @@ async def test_32_bucket_durability_writers_share_each_request_at_least_25_ways(
     async with TenantDB(config, migrations=MIGRATIONS, bucket=counting) as tdb:  # type: ignore[arg-type]
         await add(tdb, 1)
         await tdb.sync()
+        answered = 0
+        counted: dict[int, int] = {}  # requests made when the FROM-th and TO-th were answered
 
         async def writer(name: int) -> None:
+            nonlocal answered
             for n in range(WRITES_EACH):
                 await add(tdb, 1, note=f"writer {name} row {n}")
                 await tdb.sync()  # what the output gate waits for before answering
+                answered += 1
+                if answered in (FROM, TO):
+                    counted[answered] = counting.requests
 
-        before = counting.requests
         async with asyncio.timeout(60):
             await asyncio.gather(*(writer(name) for name in range(WRITERS)))
-        made = counting.requests - before
-        writes = WRITERS * WRITES_EACH
-        assert writes >= 25 * made, f"{writes} writes in {made} requests"
+        made = counted[TO] - counted[FROM]
+        assert TO - FROM >= 25 * made, f"{TO - FROM} writes in {made} requests"
         expected = await rows(tdb)
-    assert len(expected) == 1 + writes
+    assert len(expected) == 1 + WRITERS * WRITES_EACH
     assert await restored_rows(s3_bucket, tmp_path) == expected
