@@ -14,13 +14,18 @@ worktree, put first on the child's ``PYTHONPATH``). Three measurements, each var
    share of the database, without and with the snapshots taken (at most one is due: the
    log since the base outgrew the database), and against the distinct changed pages (the
    pages of the single segments published, 4 KiB each).
-2. **Requests per write** in ``bucket`` durability at 1, 8 and 32 writers, each writing as
-   fast as it is answered for ``--write-seconds``.
+2. **Requests per write** in ``bucket`` durability at 1, 8 and 32 writers (``--writers``),
+   each writing as fast as it is answered for ``--write-seconds``; with the writes per
+   second and each write's latency (its commit and the sync the output gate would wait
+   for), p50 and p99.
 3. **Requests per sync** under ``--rate`` async writes/s: all requests over the segments
    published (lock.json's tail moved by that many).
 
-Ratios (candidate/baseline) are printed last. Run:
-``python -m bench.bench_cost [--sizes 32 256] [--seconds 60] [--baseline 66195f7]``.
+With ``--rounds N`` the two variants run N times each, alternating, and the medians of
+the requests per write and per sync (and their figures) are printed; the bytes are the
+first round's. Ratios (candidate/baseline) are printed last. Run:
+``python -m bench.bench_cost [--sizes 32 256] [--seconds 60] [--baseline 66195f7]``
+(``--sizes`` with no size measures only requests per write and per sync).
 
 ``--idle-standby SECONDS`` measures only an idle standby's bucket requests per minute, tail
 hints (``TENANTDB_TAIL_HINTS``) off and on in one run: two uvicorn machines of one tenant
@@ -35,6 +40,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,16 +72,22 @@ MIGRATIONS = [
     "CREATE TABLE blobs (id INTEGER PRIMARY KEY, body BLOB)",
 ]
 INCREMENT = "UPDATE counter SET count = count + 1 WHERE id = ?"
-WRITERS = (1, 8, 32)
 
 
 # -- the child: one variant's measurements, printed as one JSON line ------------------------
 
 
-def requests(endpoint: str) -> list[Request]:
+def requests_now(endpoint: str) -> list[Request]:
     """The requests the server received since the last call (which resets them)."""
     with urllib.request.urlopen(f"{endpoint}{CONTROL_PATH}?reset=1", timeout=600) as response:
         return [Request(**item) for item in json.load(response)]
+
+
+async def requests(endpoint: str) -> list[Request]:
+    """``requests_now`` off the event loop: moto serves one request at a time, and one
+    that the blocked loop had begun to send (its body not sent yet) would hold moto, and
+    moto this call, for good (a run of 2026-12-07 hung so)."""
+    return await asyncio.to_thread(requests_now, endpoint)
 
 
 def sent_bytes(seen: list[Request]) -> int:
@@ -116,10 +128,10 @@ async def settle(endpoint: str, quiet: float = 5.0, longest: float = 180.0) -> d
     """Wait until the shipper wrote no log object nor snapshot for ``quiet`` seconds: what
     the growth left to do (merges, snapshots) is done. Return what it sent meanwhile."""
     started = time.monotonic()
-    seen = requests(endpoint)
+    seen = await requests(endpoint)
     while time.monotonic() - started < longest:
         await asyncio.sleep(quiet)
-        more = requests(endpoint)
+        more = await requests(endpoint)
         seen += more
         if not any(r.method in ("PUT", "POST") and "/log/" in r.path for r in more) and not any(
             "/snapshots/" in r.path for r in more
@@ -170,13 +182,13 @@ async def bytes_per_minute(
         # The growth's last singles are merged once the small writes' push them over
         # MERGE_SINGLES: part of the growth's cost, sent in this warm-up, reported apart.
         await steady(tdb, rate, warmup)
-        settled["warmup"] = sent_bytes(requests(endpoint))
+        settled["warmup"] = sent_bytes(await requests(endpoint))
         first = await tail(tdb)
         started = time.monotonic()
         writes = await steady(tdb, rate, seconds)
         await tdb.sync()
         minutes = (time.monotonic() - started) / 60
-        seen = requests(endpoint)
+        seen = await requests(endpoint)
         db_bytes = tdb.path.stat().st_size
         snapshots = [r for r in seen if r.method == "PUT" and "/snapshots/" in r.path]
         lock = sum(r.body_bytes for r in seen if r.method == "PUT" and r.path.endswith("lock.json"))
@@ -216,7 +228,10 @@ async def past_first_collection() -> None:
     await asyncio.sleep(1.5)
 
 
-async def per_write(env: dict[str, str], work: Path, writers: int, seconds: float) -> float:
+async def per_write(
+    env: dict[str, str], work: Path, writers: int, seconds: float
+) -> dict[str, float]:
+    """Requests per write, and each write's latency (commit to durable), at ``writers``."""
     from tenantdb.machine.database import TenantDB
 
     endpoint = env["AWS_ENDPOINT_URL_S3"]
@@ -224,20 +239,27 @@ async def per_write(env: dict[str, str], work: Path, writers: int, seconds: floa
     async with TenantDB(config, migrations=MIGRATIONS) as tdb:
         await increment(tdb)
         await past_first_collection()
-        requests(endpoint)
-        count = 0
-        deadline = time.monotonic() + seconds
+        await requests(endpoint)
+        took: list[float] = []
+        started = time.monotonic()
+        deadline = started + seconds
 
         async def writer() -> None:
-            nonlocal count
-            while time.monotonic() < deadline:
+            while (began := time.monotonic()) < deadline:
                 await increment(tdb)
                 await tdb.sync()  # what the output gate does before answering a write
-                count += 1
+                took.append(time.monotonic() - began)
 
         await asyncio.gather(*(writer() for _ in range(writers)))
-        seen = requests(endpoint)
-    return len(seen) / count
+        elapsed = time.monotonic() - started
+        seen = await requests(endpoint)
+    percentiles = statistics.quantiles(took, n=100)
+    return {
+        "requests": len(seen) / len(took),
+        "writes_per_s": len(took) / elapsed,
+        "p50_ms": statistics.median(took) * 1000,
+        "p99_ms": percentiles[98] * 1000,
+    }
 
 
 async def per_sync(env: dict[str, str], work: Path, rate: float, seconds: float) -> float:
@@ -249,11 +271,11 @@ async def per_sync(env: dict[str, str], work: Path, rate: float, seconds: float)
         await increment(tdb)
         await tdb.sync()
         await past_first_collection()
-        requests(endpoint)
+        await requests(endpoint)
         first = await tail(tdb)
         await steady(tdb, rate, seconds)
         await tdb.sync()
-        seen = requests(endpoint)
+        seen = await requests(endpoint)
         syncs = await tail(tdb) - first
     return len(seen) / max(syncs, 1)
 
@@ -270,7 +292,7 @@ async def child(args: argparse.Namespace) -> None:
             for size in args.sizes
         }
         result["per_write"] = {
-            str(n): await per_write(env, work, n, args.write_seconds) for n in WRITERS
+            str(n): await per_write(env, work, n, args.write_seconds) for n in args.writers
         }
         result["per_sync"] = await per_sync(env, work, args.rate, args.write_seconds)
     print(json.dumps(result), flush=True)
@@ -286,12 +308,25 @@ def run_variant(s3: S3Server, bucket: str, root: Path, args: argparse.Namespace)
     argv += [str(size) for size in args.sizes]
     argv += ["--seconds", str(args.seconds), "--rate", str(args.rate)]
     argv += ["--write-seconds", str(args.write_seconds), "--warmup", str(args.warmup)]
+    argv += ["--writers", *(str(n) for n in args.writers)]
     done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the {root} variant failed:\n{done.stderr[-4000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if Path(result["tenantdb"]).resolve() != root.resolve():
         raise RuntimeError(f"the child imported tenantdb from {result['tenantdb']}, not {root}")
+    return result
+
+
+def combine(rounds: list[Any]) -> Any:
+    """One variant's rounds as one result: the medians of the requests per write and per
+    sync and of their figures, the bytes of the first round."""
+    result = dict(rounds[0])
+    result["per_write"] = {
+        n: {key: statistics.median(r["per_write"][n][key] for r in rounds) for key in figures}
+        for n, figures in rounds[0]["per_write"].items()
+    }
+    result["per_sync"] = statistics.median(r["per_sync"] for r in rounds)
     return result
 
 
@@ -318,8 +353,13 @@ def report(name: str, result: Any, args: argparse.Namespace) -> None:
             f"{b['settle']['snapshots']} snapshot(s); then {args.warmup:g} s of the writes "
             f"unmeasured: {b['settle']['warmup'] / MiB:.1f} MiB sent)"
         )
-    writes = ", ".join(f"{n} writers {v:.3f}" for n, v in result["per_write"].items())
-    print(f"  requests per write in bucket durability: {writes}")
+    print("  bucket durability, each writer writing as fast as it is answered:")
+    for n, w in result["per_write"].items():
+        print(
+            f"    {n} writers: {w['requests']:.3f} requests per write "
+            f"({1 / w['requests']:.1f} writes per request), {w['writes_per_s']:.0f} writes/s, "
+            f"latency p50 {w['p50_ms']:.1f} ms, p99 {w['p99_ms']:.1f} ms"
+        )
     print(f"  requests per sync, {args.rate:g} async writes/s: {result['per_sync']:.3f}")
 
 
@@ -362,12 +402,14 @@ def idle_standby(s3: S3Server, seconds: float, hints: bool) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or, with --child, one variant's measurements)."""
     parser = argparse.ArgumentParser(prog="python -m bench.bench_cost")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 256])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[32, 256])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--write-seconds", type=float, default=15.0)
+    parser.add_argument("--writers", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--warmup", type=float, default=30.0)
     parser.add_argument("--baseline", default="66195f7")
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--idle-standby", type=float, metavar="SECONDS")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -385,9 +427,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(machine())
         return 0
     started = time.monotonic()
+    roots = {"candidate": ROOT, "baseline": baseline_root(args.baseline)}
+    rounds: dict[str, list[Any]] = {name: [] for name in roots}
     with S3Server() as s3:
-        candidate = run_variant(s3, "bench-cost-candidate", ROOT, args)
-        baseline = run_variant(s3, "bench-cost-baseline", baseline_root(args.baseline), args)
+        for n in range(args.rounds):
+            # Alternating, so that a change in the machine's load falls on both alike.
+            for name in list(roots) if n % 2 == 0 else list(roots)[::-1]:
+                rounds[name].append(run_variant(s3, f"bench-cost-{name}-{n}", roots[name], args))
+    candidate, baseline = combine(rounds["candidate"]), combine(rounds["baseline"])
     report("candidate", candidate, args)
     report(f"baseline {args.baseline}", baseline, args)
     print(f"\n{machine()}; took {time.monotonic() - started:.0f} s")
@@ -401,11 +448,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{'3%' if int(size) <= 32 else '0.5%'}), {steady_c / max(c['changed'], 1):.2f}x the "
             f"changed pages (goal <= 2x)"
         )
-    writes = ", ".join(
-        f"{n}: {candidate['per_write'][n]:.3f} vs {baseline['per_write'][n]:.3f}"
-        for n in candidate["per_write"]
-    )
-    print(f"ratio: requests per write (candidate vs baseline) {writes}")
+    for n, c in candidate["per_write"].items():
+        b = baseline["per_write"][n]
+        print(
+            f"ratio ({n} writers): requests per write {c['requests']:.3f} vs "
+            f"{b['requests']:.3f} ({c['requests'] / b['requests']:.3f}x), writes/s "
+            f"{c['writes_per_s'] / b['writes_per_s']:.3f}x, latency p50 "
+            f"{c['p50_ms'] / b['p50_ms']:.3f}x, p99 {c['p99_ms'] / b['p99_ms']:.3f}x"
+        )
     print(
         f"ratio: requests per sync candidate {candidate['per_sync']:.3f} vs baseline "
         f"{baseline['per_sync']:.3f} (goal <= 1.05)"

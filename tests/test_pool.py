@@ -74,3 +74,26 @@ async def test_a_pool_that_cannot_lend_in_time_refuses_and_reports_the_stall(
     assert pool.stalled() is None
     await pool.release(holders.pop())
     await pool.close()
+
+
+async def test_at_work_counts_young_and_waiting_borrowers_not_parked_or_long_ones(
+    tmp_path: Path,
+) -> None:
+    pool = ConnectionPool(tmp_path / "p.sqlite3", size=8, grow_after=1.0)
+    quiet: list[bool] = []
+    pool.when_quiet(lambda: quiet.append(pool.at_work()))
+    assert not pool.at_work()
+    first = await pool.acquire()
+    assert pool.at_work()  # a young borrower: a commit may follow within milliseconds
+    waiting = asyncio.ensure_future(pool.acquire())  # its turn comes after first's
+    await asyncio.sleep(0.01)
+    async with pool.parked(first):  # first only waits for the bucket now
+        second = await asyncio.wait_for(waiting, 1)
+        assert pool.at_work()
+        await pool.release(second)
+        assert quiet == [False]  # the last turn ended: the group commit is told
+        assert not pool.at_work()
+    await asyncio.sleep(pool.grow_after * 1.5)
+    assert not pool.at_work()  # a long holder (a websocket) may not commit for long
+    await pool.release(first)
+    await pool.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiosqlite
@@ -45,6 +45,9 @@ class ConnectionPool:
     borrower's turn comes at once, on another connection (up to ``max_parked`` of them).
     This is what lets a group commit gather many requests' commits, one after the other.
     With ``track_commits`` each connection has a ``CommitTracker`` (see ``commits``).
+
+    ``at_work`` and ``when_quiet`` tell the group commit whether more commits are on
+    the way (``replication.group_commit.Writers``).
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class ConnectionPool:
         self._turns: deque[asyncio.Future[None]] = deque()  # borrowers waiting, in order
         self._grow_timer: asyncio.TimerHandle | None = None
         self._stall: tuple[float, str] | None = None  # when a borrower gave up, and why
+        self._quiet_callbacks: list[Callable[[], None]] = []
         self.closed = False
 
     async def _open(self) -> aiosqlite.Connection:
@@ -142,6 +146,21 @@ class ConnectionPool:
             return True
         return len(since) < self.size and now - max(since.values()) >= self.grow_after
 
+    def at_work(self) -> bool:
+        """Whether a borrower waits for its turn, or had it for less than ``grow_after``.
+
+        Such a borrower is likely to commit within milliseconds; a parked one only waits,
+        and a long holder (a websocket, a slow handler) may not commit for a long time.
+        """
+        if self._turns:
+            return True
+        now = asyncio.get_running_loop().time()
+        return any(now - since < self.grow_after for since in self._since.values())
+
+    def when_quiet(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` each time a turn ends and nobody is at work (see ``at_work``)."""
+        self._quiet_callbacks.append(callback)
+
     def _next_turn(self) -> None:
         """Wake the first waiting borrower if it may be lent one now (or all, once closed)."""
         if self.closed:
@@ -158,6 +177,9 @@ class ConnectionPool:
                 turn.set_result(None)
                 break
         self._arm_grow_timer()
+        if not self.at_work():
+            for callback in self._quiet_callbacks:
+                callback()
 
     def _arm_grow_timer(self) -> None:
         """Wake the queue once the youngest active borrower has held its turn ``grow_after``."""

@@ -116,6 +116,10 @@ class Restoring(MachineRole):
             await asyncio.gather(recording, return_exceptions=True)
             raise
         await recording
+        # Lent only once serving; the shipper's group commit asks it who is writing.
+        pool = ConnectionPool(
+            machine.path, settings.pool_size, track_commits=settings.durability == "bucket"
+        )
         machine.shipper = Shipper(
             lease,
             machine.path,
@@ -125,6 +129,7 @@ class Restoring(MachineRole):
             snapshot_retention=settings.snapshot_retention,
             retention=settings.retention,
             metrics=machine.metrics,
+            writers=pool,
         )
         # Open before migrating: the shipper's connections keep the WAL (and its unshipped
         # frames) in place when the migration's connection closes.
@@ -145,9 +150,7 @@ class Restoring(MachineRole):
             # a listing that reads it must never be ahead of the data.
             await machine.shipper.ship_once()
             await lease.record_schema(schema)
-        machine.pool = ConnectionPool(
-            machine.path, settings.pool_size, track_commits=settings.durability == "bucket"
-        )
+        machine.pool = pool
         if self.mover.role is not self:
             raise LeaseLostError(
                 f"tenant {tenant}: the lease was lost while restoring", tenant=tenant

@@ -45,7 +45,7 @@ from tenantdb.replication.checkpoint import CONNECTION_PRAGMAS, open_connection
 from tenantdb.replication.checksum import PageHashes, format_state
 from tenantdb.replication.compaction import Compactor
 from tenantdb.replication.garbage import GarbageCollector
-from tenantdb.replication.group_commit import GroupCommit
+from tenantdb.replication.group_commit import GroupCommit, Writers
 from tenantdb.replication.next_segment import Built, encode_next, read_next
 from tenantdb.replication.snapshot_copy import MAX_FRAMES_PER_SEGMENT, copy_consistent
 from tenantdb.replication.uploads import LogUploads, carried_segments, put_log_object
@@ -91,8 +91,12 @@ class Shipper:
         snapshot_retention: int,
         retention: float = 86400.0,
         metrics: Metrics | None = None,
+        writers: Writers | None = None,
     ) -> None:
-        """``hashes`` describes the database as the bucket has it; None means unknown."""
+        """``hashes`` describes the database as the bucket has it; None means unknown.
+
+        ``writers`` (the connection pool) tells a group commit that more commits are on
+        the way."""
         self.metrics = metrics or Metrics()
         # Since when (monotonic) a commit is known to wait for the bucket: the log lag.
         self._unshipped_since: float | None = None
@@ -135,7 +139,7 @@ class Shipper:
         self._needs_snapshot = hashes is None
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        self._group = GroupCommit(self.ship_once, tenant=lease.tenant)
+        self._group = GroupCommit(self.ship_once, tenant=lease.tenant, writers=writers)
         self._snapshot_at = clock.monotonic()
         self.snapshots = 0  # published by this shipper
 
