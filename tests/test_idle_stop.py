@@ -233,17 +233,7 @@ async def test_a_machine_woken_after_an_idle_stop_uploads_no_new_snapshot(
     # Waking is frequent for a tenant used now and then: the local file is checked against
     # lock.json instead of being published again whole.
     for wake in range(2):
-        tdb = TenantDB(settings(tmp_path, sync_interval=0.05), migrations=MIGRATIONS)
-        await tdb.start(standby=False)
-        try:
-            with tdb.request():
-                async with tdb.connection() as db:
-                    await db.execute("INSERT INTO hits DEFAULT VALUES")
-                    await db.commit()
-            await tdb.sync()
-            await asyncio.wait_for(tdb.idle(), 5)
-        finally:
-            await tdb.stop()
+        await hold_once(tmp_path)
         lock = await read_lock(tmp_path)
         assert lock["released"] == "idle"
         if wake == 0:
