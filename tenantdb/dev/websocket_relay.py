@@ -13,7 +13,12 @@ from httpx_ws import AsyncWebSocketSession, WebSocketDisconnect, WebSocketNetwor
 from starlette.types import Message, Receive, Scope, Send
 from wsproto.events import BytesMessage, TextMessage
 
-__all__ = ["answers", "relay_websocket"]
+__all__ = ["MAX_MESSAGE_BYTES", "answers", "relay_websocket"]
+
+# The largest message relayed: uvicorn's default ``ws_max_size``, what the machines and
+# the proxy's own server accept. httpx-ws closes with 1009 past its own limit, 64 KiB by
+# default since 0.10 (before, that number only sized its reads).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 def answers(scope: Scope, send: Send) -> Send:
@@ -39,6 +44,7 @@ async def relay_websocket(response: httpx.Response, receive: Receive, send: Send
         # The client's pings are answered by the server in front of the proxy: none needed here.
         keepalive_ping_interval_seconds=None,
         response=response,
+        max_message_size_bytes=MAX_MESSAGE_BYTES,
     )
     async with session:
         await send({"type": "websocket.accept", "subprotocol": session.subprotocol})

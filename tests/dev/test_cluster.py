@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tenantdb.dev.cluster import Cluster, ClusterConfig
 from tenantdb.dev.proxy import MachineUnavailableError
+from tenantdb.dev.websocket_relay import MAX_MESSAGE_BYTES
 from tenantdb.errors import ConfigurationError, TenantDBError
 from tenantdb.storage.local import LocalBucket
 from tests.support.servers import free_port
@@ -250,7 +251,7 @@ async def test_a_websocket_follows_fly_replay_to_the_tenants_machine(tmp_path: P
     ):
         [asker] = cluster.machine_ids("100")
         [owner] = cluster.machine_ids("200")
-        connect = AsyncWebSocketClient(client).connect(
+        connect = AsyncWebSocketClient(client, max_message_size_bytes=MAX_MESSAGE_BYTES).connect(
             "/customers/200/ws", subprotocols=["chat"], headers=force(asker)
         )
         async with connect as socket:
