@@ -20,6 +20,7 @@ __all__ = [
     "checkpoint_everything",
     "checkpoint_shipped",
     "open_connection",
+    "pin_snapshot",
     "wal_bytes",
 ]
 
@@ -46,6 +47,14 @@ def open_connection(path: Path) -> sqlite3.Connection:
     for pragma in CONNECTION_PRAGMAS:
         conn.execute(pragma)
     return conn
+
+
+def pin_snapshot(reader: sqlite3.Connection) -> None:
+    """Begin a read transaction on ``reader`` and read, so that it holds a snapshot: until
+    it ends, no checkpoint backfills a frame committed after it, nor restarts the WAL, and
+    no other connection's close deletes the WAL (blocking call)."""
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM sqlite_master").fetchone()
 
 
 def wal_bytes(wal_path: Path, shm_path: Path) -> int:

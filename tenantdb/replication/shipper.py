@@ -120,9 +120,12 @@ class Shipper:
         # The published segments lock.json carries inline, and the packs that store them.
         self.carrier = Carrier(self.uploads, prefix=prefix, tenant=lease.tenant)
         self._hashes = hashes
-        # None until the first read: the start of whatever WAL exists then (the database
-        # was just restored or created, so nothing in it can have been checkpointed).
+        # None until the first read: the start of whatever WAL exists then. Nothing in it
+        # can have been checkpointed (the database was just restored or created): from
+        # ``open`` to that read, the reader holds a read transaction (``_pinned``), so no
+        # other connection's checkpoint, restart or close can fold frames away unread.
         self._position: WALPosition | None = None
+        self._pinned = False
         # Salts of the WALs the position has moved past: every commit in them is shipped.
         self._passed_wals: deque[tuple[int, int]] = deque(maxlen=16)
         # Segments made and not yet published, in log order: the first is retried as it
@@ -150,6 +153,10 @@ class Shipper:
         """Open the shipper's two connections; they keep the WAL from being deleted."""
         self._writer = await asyncio.to_thread(open_connection, self.db_path)
         self._reader = await asyncio.to_thread(open_connection, self.db_path)
+        if not self._needs_snapshot:
+            # (A snapshot due copies the database file, whatever happened to the WAL.)
+            await asyncio.to_thread(checkpoint.pin_snapshot, self._reader)
+            self._pinned = True
 
     async def close(self) -> PageHashes | None:
         """Close the connections (the last one to close folds the WAL into the file).
@@ -227,6 +234,14 @@ class Shipper:
         if old is not None and (position is None or position.salts != old.salts):
             self._passed_wals.append(old.salts)
         self._position = position
+        if position is not None:
+            self._unpin()  # from here a restart since the position is seen (read_next)
+
+    def _unpin(self) -> None:
+        """End the read transaction ``open`` began, if it is still open."""
+        if self._pinned and self._reader is not None:
+            self._reader.execute("ROLLBACK")
+        self._pinned = False
 
     async def ship_once(self) -> bool:
         """Publish every commit so far in one CAS (or the snapshot the log needs).
@@ -476,9 +491,9 @@ class Shipper:
         reader, checkpointer = self._reader, self._writer
         if reader is None or checkpointer is None or self._unpublished or self._needs_snapshot:
             return
-        start = self._position or wal_start(self.wal_path)
+        start = self._position
         if start is None:
-            return
+            return  # nothing read yet: nothing shipped to fold in
         expected = checkpoint.checkpoint_shipped(reader, checkpointer, self.shm_path, start)
         if expected is not None:
             self._restart_expected = expected
@@ -500,6 +515,7 @@ class Shipper:
         # not stored by then would be published and lost (a point-in-time restore into it
         # could only fail), so the snapshot waits for their packs, and fails with them.
         await self.carrier.store_all(self.lease.record)
+        self._unpin()  # the copy reads the file through the reader, whatever the WAL did
         copy = temp_snapshot_path(self.work_dir)
         try:
             position, hashes, at_end = await asyncio.to_thread(

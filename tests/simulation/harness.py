@@ -328,7 +328,8 @@ class Machine:
                 db.execute("SELECT token FROM sim_tokens") as cur,
             ):
                 return {row[0] for row in await cur.fetchall()}
-        except (TenantDBError, sqlite3.Error):
+        except (TenantDBError, sqlite3.Error, ValueError):
+            # (ValueError: aiosqlite's "Connection closed", the pool closed as it stepped down)
             return None
 
 
