@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from tenantdb.errors import (
     ListingBehindError,
@@ -18,6 +19,7 @@ from tenantdb.errors import (
 )
 from tenantdb.machine.supervisor import Health
 from tenantdb.protocol.lockfile import LockRecord
+from tenantdb.replication.checksum import format_state
 from tenantdb.replication.packs import decode_pack
 from tenantdb.replication.segment import SEGMENT_MAX_BYTES, chunk_key, parse_chunk_key, segment_key
 from tests.simulation.bucket import LandedWrite
@@ -173,12 +175,20 @@ def lock_versions(landed: Iterable[LandedWrite], key: str) -> list[LockVersion]:
                     int(data["generation"]),
                     float(data["ttl_seconds"]),
                     write.at,
-                    (int(log["tail"]), str(log["state"])) if log else None,
+                    _position(log, data.get("snapshot")),
                 )
             )
         except (ValueError, KeyError, TypeError):
             continue
     return versions
+
+
+def _position(log: dict[str, Any] | None, snapshot: object) -> tuple[int, str] | None:
+    """Where a landed lock.json's log stood: its tail and the state after it. With no log
+    and no snapshot (a new tenant's first lock), the empty database at tail 0."""
+    if log:
+        return int(log["tail"]), str(log["state"])
+    return (0, format_state(0)) if snapshot is None else None
 
 
 def standby_copies_are_published_states(
