@@ -27,9 +27,11 @@ CHECK_TESTS ?= \
 	tests/dev/test_dns_server.py tests/dev/test_ports.py tests/dev/test_dashboard_state.py \
 	tests/simulation/test_sim_bucket.py
 CHECK_WORKERS ?= 2
-# Seeded schedules of `make simulate` (FIRST_SEED onwards).
+# Seeded schedules of `make simulate` (FIRST_SEED onwards), in SIM_JOBS processes (a
+# schedule is CPU-bound: one per core).
 SEEDS ?= 100
 FIRST_SEED ?= 1
+SIM_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 
 .PHONY: install demo check test chromium lint bench simulate simulate-mutations clean
 
@@ -81,13 +83,13 @@ bench: install
 	$(BIN)/python -m bench
 
 simulate: install
-	$(BIN)/python -m tests.simulation --seeds $(SEEDS) --first $(FIRST_SEED)
+	$(BIN)/python -m tests.simulation --seeds $(SEEDS) --first $(FIRST_SEED) --jobs $(SIM_JOBS)
 
 # Each past fix of tenantdb reverted in turn (tests/simulation/mutations.py): the seeds it
 # takes the simulation to find it (SEEDS at most each).
 simulate-mutations: install
 	for mutation in $$($(BIN)/python -c "from tests.simulation.mutations import MUTATIONS; print(*MUTATIONS)"); do \
-	  $(BIN)/python -m tests.simulation --mutation $$mutation --seeds $(SEEDS) --first $(FIRST_SEED) \
+	  $(BIN)/python -m tests.simulation --mutation $$mutation --seeds $(SEEDS) --first $(FIRST_SEED) --jobs $(SIM_JOBS) \
 	    2>/dev/null | grep -E "^mutation|^seeds:" || true; \
 	done
 

@@ -2,29 +2,21 @@
 
 Prints each seed's result, then the totals: steps, faults injected by kind, invariant
 checks, and schedules per second. Exits 1 on the first failing seed, with its replay line.
+``--jobs N`` runs the seeds in N processes (one per core pays: a schedule is CPU-bound);
+the output is the same, in seed order.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import logging
 import sys
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
-import pytest
-
-from tests.simulation import tmpfs
-from tests.simulation.harness import REAL_DISK_FULL, SimulationFailed, run_schedule
 from tests.simulation.mutations import MUTATIONS
-from tests.simulation.schedule import make_schedule
-from tests.simulation.shrink import keep_steps, shrink
-
-# A RAM disk if there is one: SQLite's fsyncs cost more wall time than the simulation.
-SCRATCH = "/dev/shm" if Path("/dev/shm").is_dir() else None
+from tests.simulation.run import SCRATCH, run_seeds, schedule_of, set_up
+from tests.simulation.shrink import shrink
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--seeds", type=int, default=10, help="run this many seeds")
     parser.add_argument("--first", type=int, default=1, help="the first of --seeds")
     parser.add_argument("--steps", type=int, default=12, help="steps per schedule")
+    parser.add_argument("--jobs", type=int, default=1, help="run the seeds in this many processes")
     parser.add_argument("--verbose", action="store_true", help="show tenantdb's log")
     parser.add_argument(
         "--trace", action="store_true", help="print each run's full trace and its digest"
@@ -54,50 +47,49 @@ def main(argv: list[str] | None = None) -> int:
         "--shrink", action="store_true", help="with --seed: find the fewest failing steps"
     )
     args = parser.parse_args(argv)
-    if REAL_DISK_FULL:
-        tmpfs.enter_namespace()  # before anything starts a thread
-    if args.mutation:
-        patch = pytest.MonkeyPatch()
-        MUTATIONS[args.mutation](patch)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.CRITICAL + 1,
-        format="%(asctime)s %(name)s %(message)s",
-    )
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     seeds = [args.seed] if args.seed is not None else range(args.first, args.first + args.seeds)
+    if args.jobs == 1 or args.shrink:
+        set_up(args.mutation, args.verbose)
+    if args.shrink:
+        seed = seeds[0]
+        schedule = schedule_of(seed, args.steps, args.keep)
+        kept = shrink(schedule, SCRATCH)
+        print(f"seed {seed}: {len(kept)} of {len(schedule.steps)} steps still fail:")
+        for index in kept:
+            print(f"  {index:>3} {schedule.steps[index]}")
+        print(
+            f"replay: .venv/bin/python -m tests.simulation --seed {seed} "
+            f"--steps {args.steps} --keep {','.join(map(str, kept))}"
+        )
+        return 1
     steps, faults, checks, events = 0, Counter[str](), Counter[str](), Counter[str]()
     writes = acked = 0
     peaks: dict[str, float] = {}
     failed_seeds: list[int] = []
     started = time.monotonic()
-    for seed in seeds:
-        schedule = make_schedule(seed, args.steps)
-        if args.keep is not None:
-            schedule = keep_steps(schedule, [int(i) for i in args.keep.split(",") if i])
-        if args.shrink:
-            kept = shrink(schedule, SCRATCH)
-            print(f"seed {seed}: {len(kept)} of {len(schedule.steps)} steps still fail:")
-            for index in kept:
-                print(f"  {index:>3} {schedule.steps[index]}")
-            print(
-                f"replay: .venv/bin/python -m tests.simulation --seed {seed} "
-                f"--steps {args.steps} --keep {','.join(map(str, kept))}"
-            )
-            return 1
-        with tempfile.TemporaryDirectory(prefix=f"tenantdb-sim-{seed}-", dir=SCRATCH) as root:
-            try:
-                outcome = run_schedule(schedule, Path(root))
-            except SimulationFailed as failed:
-                print(failed, file=sys.stderr)
-                if args.mutation:
-                    invariant = getattr(failed.cause, "invariant", type(failed.cause).__name__)
-                    print(
-                        f"mutation {args.mutation}: found by seed {seed} (seed number "
-                        f"{seed - seeds[0] + 1} searched), step {failed.step}, {invariant}"
-                    )
-                if not args.keep_going:
-                    return 1
-                failed_seeds.append(seed)
-                continue
+    results = run_seeds(
+        seeds,
+        steps=args.steps,
+        keep=args.keep,
+        jobs=args.jobs,
+        mutation=args.mutation,
+        verbose=args.verbose,
+    )
+    for result in results:
+        seed, outcome = result.seed, result.outcome
+        if outcome is None:
+            print(result.failure, file=sys.stderr)
+            if args.mutation:
+                print(
+                    f"mutation {args.mutation}: found by seed {seed} (seed number "
+                    f"{seed - seeds[0] + 1} searched), step {result.step}, {result.invariant}"
+                )
+            if not args.keep_going:
+                return 1
+            failed_seeds.append(seed)
+            continue
         steps += len(outcome.steps)
         faults.update(outcome.faults)
         checks.update(outcome.checks)
@@ -106,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in outcome.peaks.items():
             peaks[name] = max(peaks.get(name, 0), value)
         print(
-            f"seed {seed}: ok, {schedule.machines} machines, {len(outcome.steps)} steps, "
+            f"seed {seed}: ok, {result.machines} machines, {len(outcome.steps)} steps, "
             f"{outcome.acked}/{outcome.writes} writes acknowledged, "
-            f"{outcome.virtual_seconds:.1f}s simulated in {outcome.iterations} iterations"
+            f"{outcome.virtual_seconds:.1f}s simulated in {outcome.iterations} iterations",
+            flush=True,
         )
         if args.trace:
             print("\n".join(outcome.trace))
@@ -125,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"events: {dict(sorted(events.items()))}")
     print(f"invariants checked: {dict(sorted(checks.items()))}")
     print(f"busiest machine (invariant 6): {peaks}")
-    print(f"time: {took:.1f}s, {len(seeds) / took:.2f} schedules/s")
+    print(f"time: {took:.1f}s, {len(seeds) / took:.2f} schedules/s with {args.jobs} jobs")
     return 1 if failed_seeds else 0
 
 

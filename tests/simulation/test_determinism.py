@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tests.simulation.harness import run_schedule
 from tests.simulation.loop import CURRENT, deterministic
+from tests.simulation.run import run_seeds
 from tests.simulation.schedule import make_schedule
 
 SEED, STEPS = 1010, 16
@@ -109,3 +110,15 @@ def test_a_frozen_machine_runs_nothing_until_thawed() -> None:
         loop.run_until_complete(main())
         # A suspend stops the machine's monotonic clock: no gap of 5 s in what it saw.
         assert max(b - a for a, b in itertools.pairwise(ticks)) < 1
+
+
+def test_seeds_run_in_worker_processes_give_the_results_of_one_process() -> None:
+    def traces(jobs: int) -> list[tuple[int, list[str]]]:
+        results = run_seeds(
+            range(SEED, SEED + 3), steps=STEPS, keep=None, jobs=jobs, mutation=None, verbose=False
+        )
+        return [(r.seed, r.outcome.trace if r.outcome else [r.failure]) for r in results]
+
+    alone = traces(1)
+    assert [seed for seed, _ in alone] == [SEED, SEED + 1, SEED + 2]
+    assert traces(2) == alone
