@@ -5,6 +5,10 @@
 # `make simulate SEEDS=N` runs N seeded fault schedules of the simulation (tests/simulation);
 # `make simulate-mutations SEEDS=N` shows it finds each past fix reverted.
 PYTHON ?= python3
+# Python and pytest cache compiled modules (pytest its assertion-rewritten ones too): an
+# environment that turns that off makes every process, test subprocesses included,
+# recompile what it imports (seconds of CPU each time pytest imports hypothesis).
+unexport PYTHONDONTWRITEBYTECODE
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
