@@ -111,6 +111,8 @@ class SimBucket:
     rates: Counter[tuple[str, int]] = field(default_factory=Counter)
     largest_body: dict[str, int] = field(default_factory=dict)
     uncapped: dict[str, str] = field(default_factory=dict)  # client -> a key read uncapped
+    # (5) Writes that replaced an object without naming its ETag (If-Match): "client op key".
+    overwrites: list[str] = field(default_factory=list)
     clock: Callable[[], float] = time.time  # the true wall clock, as Unix time
     epoch: float = 0.0  # subtracted from ``clock`` in the trace
     trace: list[str] = field(default_factory=list)
@@ -196,6 +198,8 @@ class SimBucket:
             raise PreconditionFailedError(
                 f"{key!r} changed since it was read (If-Match)", key=key, operation=operation
             )
+        if current is not None and if_match is None:
+            self.overwrites.append(f"{client} {operation} {key}")
         return self._store(client, operation, key, body)
 
     def _list(self, prefix: str) -> list[ObjectInfo]:

@@ -1149,6 +1149,9 @@ class Simulation:
         )
         checks["serving_has_its_loops"] += 1
 
+        invariants.nothing_overwritten(self.sim.overwrites)  # machines and tools alike
+        checks["published_objects_present"] += 1
+
         invariants.work_stays_bounded(
             {k: n for k, n in self.sim.rates.items() if k[0] in self._names},
             self.loop.callbacks,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,6 +30,7 @@ __all__ = [
     "LockVersion",
     "acknowledged_writes_survive",
     "lock_versions",
+    "nothing_overwritten",
     "one_live_lease_at_a_time",
     "one_machine_serves_at_a_time",
     "only_holders_publish",
@@ -284,6 +285,17 @@ def _carried_pack(
         carried.get(segment_key(prefix, record.tenant, chunk.generation, index)) == segment
         for index, segment in enumerate(bodies, chunk.first)
     )
+
+
+def nothing_overwritten(overwrites: Sequence[str]) -> None:
+    """(5) No machine replaces an object unless it names the version it replaces (If-Match:
+    ``lock.json``'s CAS, a key object's rewrap): a published object is never overwritten.
+    ``overwrites``: "machine operation key" of each write that replaced one without."""
+    if overwrites:
+        raise InvariantViolated(
+            "published_objects_present",
+            f"an object was overwritten without If-Match: {overwrites[0]}",
+        )
 
 
 def serving_has_its_loops(machines: Mapping[str, tuple[str, Health]]) -> None:

@@ -262,3 +262,23 @@ def test_a_read_with_no_size_cap_breaks_the_bound_on_memory(
     monkeypatch.setattr(lease_module, "LOCK_MAX_BYTES", None)
     with pytest.raises(SimulationFailed, match=r"whole with no size cap"):
         run_schedule(CASES["work_stays_bounded"][1], tmp_path)
+
+
+def test_a_lock_written_without_if_match_breaks_invariant_5(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder's CAS of lock.json drops its If-Match: it overwrites what it last read."""
+    steps = schedule(Step("start", machine=0), Step("write", count=2))
+    run_schedule(steps, tmp_path / "intact")
+    write = Lease._write
+
+    async def unconditional(
+        self: Lease, record: LockRecord, *, if_match: str | None = None, **kwargs: Any
+    ) -> LockRecord:
+        return await write(self, record, **kwargs)
+
+    monkeypatch.setattr(Lease, "_write", unconditional)
+    with pytest.raises(SimulationFailed) as failed:
+        run_schedule(steps, tmp_path / "broken")
+    assert getattr(failed.value.cause, "invariant", None) == "published_objects_present"
+    assert "overwritten without If-Match: m1 put tenants/acme/lock.json" in str(failed.value)
