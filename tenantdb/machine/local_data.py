@@ -76,7 +76,27 @@ async def prepare_local_file(
     # the file opened below may vouch for it again.
     kept = await asyncio.to_thread(take_kept_hashes, path) if exists else None
     hashes: PageHashes | None
-    if previous is None:
+    # An earlier attempt of this very holding made the file, and may have published from
+    # it (its answer lost): a file made anew would not follow the log it published.
+    made_in_this_holding = exists and held_generation is not None and generation == held_generation
+    if made_in_this_holding or (
+        previous is not None
+        and exists
+        and generation == previous.generation
+        and machine.settings.machine_id in (previous.owner, previous.last_owner)
+    ):
+        # Nobody acquired since this machine last held the lease (or the file was already
+        # taken over in this holding, by an attempt that failed later): the local file is
+        # the newest data, including writes a failed final publish never uploaded.
+        log.info("tenant %s: continuing from the local file %s", tenant, path)
+        hashes = None
+        if previous is not None and previous.released == "idle":
+            # An idle stop published everything before it released: the file should be
+            # exactly what the bucket has. Checked (by the hashes its close kept, else
+            # page by page), so that waking does not upload the whole database as a new
+            # snapshot every time.
+            hashes = await asyncio.to_thread(_matching_local, path, previous, kept)
+    elif previous is None:
         if exists:
             aside = path.with_name(f"{path.name}.orphaned-{int(clock.wall())}")
             log.warning(
@@ -91,22 +111,6 @@ async def prepare_local_file(
         await asyncio.to_thread(remove_database, path)
         hashes = PageHashes(DEFAULT_PAGE_SIZE)
         log.info("tenant %s: new tenant, creating its database", tenant)
-    elif (
-        exists
-        and generation in (previous.generation, held_generation)
-        and machine.settings.machine_id in (previous.owner, previous.last_owner)
-    ):
-        # Nobody acquired since this machine last held the lease (or the file was already
-        # taken over in this holding, by an attempt that failed later): the local file is
-        # the newest data, including writes a failed final publish never uploaded.
-        log.info("tenant %s: continuing from the local file %s", tenant, path)
-        hashes = None
-        if previous.released == "idle":
-            # An idle stop published everything before it released: the file should be
-            # exactly what the bucket has. Checked (by the hashes its close kept, else
-            # page by page), so that waking does not upload the whole database as a new
-            # snapshot every time.
-            hashes = await asyncio.to_thread(_matching_local, path, previous, kept)
     elif previous.snapshot is None and previous.log is None:
         await asyncio.to_thread(remove_database, path)
         hashes = PageHashes(DEFAULT_PAGE_SIZE)
