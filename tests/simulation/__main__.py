@@ -77,48 +77,60 @@ def main(argv: list[str] | None = None) -> int:
         mutation=args.mutation,
         verbose=args.verbose,
     )
-    for result in results:
-        seed, outcome = result.seed, result.outcome
-        if outcome is None:
-            print(result.failure, file=sys.stderr)
-            if args.mutation:
-                print(
-                    f"mutation {args.mutation}: found by seed {seed} (seed number "
-                    f"{seed - seeds[0] + 1} searched), step {result.step}, {result.invariant}"
-                )
-            if not args.keep_going:
-                return 1
-            failed_seeds.append(seed)
-            continue
-        steps += len(outcome.steps)
-        faults.update(outcome.faults)
-        checks.update(outcome.checks)
-        events.update(outcome.events)
-        writes, acked = writes + outcome.writes, acked + outcome.acked
-        for name, value in outcome.peaks.items():
-            peaks[name] = max(peaks.get(name, 0), value)
-        print(
-            f"seed {seed}: ok, {result.machines} machines, {len(outcome.steps)} steps, "
-            f"{outcome.acked}/{outcome.writes} writes acknowledged, "
-            f"{outcome.virtual_seconds:.1f}s simulated in {outcome.iterations} iterations",
-            flush=True,
-        )
-        if args.trace:
-            print("\n".join(outcome.trace))
-            digest = hashlib.sha256("\n".join(outcome.trace).encode()).hexdigest()
-            print(f"trace {seed}: {len(outcome.trace)} lines, sha256 {digest}")
-        if args.seed is not None:
-            for number, line in enumerate(outcome.steps):
-                print(f"  {number:>3} {line}")
+    ran: list[int] = []
+    try:
+        for result in results:
+            seed, outcome = result.seed, result.outcome
+            ran.append(seed)
+            if outcome is None:
+                print(result.failure, file=sys.stderr)
+                if args.mutation:
+                    print(
+                        f"mutation {args.mutation}: found by seed {seed} (seed number "
+                        f"{seed - seeds[0] + 1} searched), step {result.step}, {result.invariant}"
+                    )
+                if not args.keep_going:
+                    return 1
+                failed_seeds.append(seed)
+                continue
+            steps += len(outcome.steps)
+            faults.update(outcome.faults)
+            checks.update(outcome.checks)
+            events.update(outcome.events)
+            writes, acked = writes + outcome.writes, acked + outcome.acked
+            for name, value in outcome.peaks.items():
+                peaks[name] = max(peaks.get(name, 0), value)
+            print(
+                f"seed {seed}: ok, {result.machines} machines, {len(outcome.steps)} steps, "
+                f"{outcome.acked}/{outcome.writes} writes acknowledged, "
+                f"{outcome.virtual_seconds:.1f}s simulated in {outcome.iterations} iterations",
+                flush=True,
+            )
+            if args.trace:
+                print("\n".join(outcome.trace))
+                digest = hashlib.sha256("\n".join(outcome.trace).encode()).hexdigest()
+                print(f"trace {seed}: {len(outcome.trace)} lines, sha256 {digest}")
+            if args.seed is not None:
+                for number, line in enumerate(outcome.steps):
+                    print(f"  {number:>3} {line}")
+    except KeyboardInterrupt:
+        interrupted = True  # Ctrl-C: the totals of the seeds that ran, as a run that ended
+    else:
+        interrupted = False
     took = time.monotonic() - started
     verdict = f"FAILED: {failed_seeds}" if failed_seeds else "all passed"
-    print(f"seeds: {len(seeds)} ({seeds[0]}..{seeds[-1]}), {verdict}")
+    if interrupted:
+        verdict = f"interrupted; {verdict}"
+    span = f"{ran[0]}..{ran[-1]}" if ran else "none"
+    print(f"seeds: {len(ran)} of {len(seeds)} ({span}), {verdict}")
     print(f"steps: {steps}; writes: {acked}/{writes} acknowledged")
     print(f"faults injected: {dict(sorted(faults.items()))}")
     print(f"events: {dict(sorted(events.items()))}")
     print(f"invariants checked: {dict(sorted(checks.items()))}")
     print(f"busiest machine (invariant 6): {peaks}")
-    print(f"time: {took:.1f}s, {len(seeds) / took:.2f} schedules/s with {args.jobs} jobs")
+    print(f"time: {took:.1f}s, {len(ran) / took:.2f} schedules/s with {args.jobs} jobs")
+    if interrupted:
+        return 130  # as a shell reports a command Ctrl-C ended
     return 1 if failed_seeds else 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import multiprocessing
+import signal
 import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -51,6 +52,12 @@ def set_up(mutation: str | None, verbose: bool) -> None:
     )
 
 
+def _set_up_worker(mutation: str | None, verbose: bool) -> None:
+    """``set_up`` a pool worker, which leaves Ctrl-C to the process that runs the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    set_up(mutation, verbose)
+
+
 def schedule_of(seed: int, steps: int, keep: str | None) -> Schedule:
     """Seed's schedule of ``steps`` steps, or only those ``keep`` lists (comma-separated)."""
     schedule = make_schedule(seed, steps)
@@ -89,7 +96,7 @@ def run_seeds(
     with ProcessPoolExecutor(
         jobs,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=set_up,
+        initializer=_set_up_worker,
         initargs=(mutation, verbose),
     ) as pool:
         try:
