@@ -4,10 +4,12 @@ of worker processes (a module of its own, since spawned workers cannot import a 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import multiprocessing
 import signal
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -24,6 +26,7 @@ from tests.simulation.shrink import keep_steps
 
 __all__ = ["SCRATCH", "SeedResult", "run_seeds", "schedule_of", "set_up"]
 
+_PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 # A RAM disk if there is one: SQLite's fsyncs cost more wall time than the simulation.
 SCRATCH = "/dev/shm" if Path("/dev/shm").is_dir() else None
 
@@ -53,8 +56,11 @@ def set_up(mutation: str | None, verbose: bool) -> None:
 
 
 def _set_up_worker(mutation: str | None, verbose: bool) -> None:
-    """``set_up`` a pool worker, which leaves Ctrl-C to the process that runs the pool."""
+    """``set_up`` a pool worker, which leaves Ctrl-C to the process that runs the pool and
+    ends with it (Linux), however it ends: a worker whose pool is gone has nothing to do."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     set_up(mutation, verbose)
 
 
