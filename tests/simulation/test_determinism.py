@@ -15,7 +15,6 @@ from pathlib import Path
 
 from tests.simulation.harness import run_schedule
 from tests.simulation.loop import CURRENT, deterministic
-from tests.simulation.run import run_seeds
 from tests.simulation.schedule import make_schedule
 
 SEED, STEPS = 1010, 16
@@ -112,13 +111,23 @@ def test_a_frozen_machine_runs_nothing_until_thawed() -> None:
         assert max(b - a for a, b in itertools.pairwise(ticks)) < 1
 
 
-def test_seeds_run_in_worker_processes_give_the_results_of_one_process() -> None:
-    def traces(jobs: int) -> list[tuple[int, list[str]]]:
-        results = run_seeds(
-            range(SEED, SEED + 3), steps=STEPS, keep=None, jobs=jobs, mutation=None, verbose=False
-        )
-        return [(r.seed, r.outcome.trace if r.outcome else [r.failure]) for r in results]
+def _seed_digests(*options: str) -> list[str]:
+    """``python -m tests.simulation --trace`` over three seeds: each seed's trace digest."""
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "tests.simulation", "--seeds", "3", "--first", str(SEED)),
+            *("--steps", str(STEPS), "--trace", *options),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return re.findall(r"^trace (\d+: \d+ lines, sha256 \w+)$", done.stdout, re.M)
 
-    alone = traces(1)
-    assert [seed for seed, _ in alone] == [SEED, SEED + 1, SEED + 2]
-    assert traces(2) == alone
+
+def test_seeds_run_in_worker_processes_give_the_results_of_one_process() -> None:
+    alone = _seed_digests("--jobs", "1")
+    assert [line.split(":")[0] for line in alone] == [str(SEED + n) for n in range(3)]
+    assert _seed_digests("--jobs", "2") == alone
