@@ -147,4 +147,6 @@ def test_ctrl_c_to_a_parallel_run_ends_it_at_once_and_kills_its_servers(
         os.kill(pid, signal.SIGKILL)
     assert run.returncode == 2, output  # pytest's exit code for an interrupted run
     assert leftover == [], f"servers left running after Ctrl-C:\n{output}"
-    assert took < 10, f"the run took {took:.1f}s to end after Ctrl-C:\n{output}"
+    # A run that ignored Ctrl-C would serve on forever: a bound well above what ending
+    # costs on a loaded CI machine (pytest's summary, a few seconds of CPU) tells them apart.
+    assert took < 20, f"the run took {took:.1f}s to end after Ctrl-C:\n{output}"
