@@ -85,9 +85,9 @@ async def prepare_local_file(
         and generation == previous.generation
         and machine.settings.machine_id in (previous.owner, previous.last_owner)
     ):
-        # Nobody acquired since this machine last held the lease (or the file was already
-        # taken over in this holding, by an attempt that failed later): the local file is
-        # the newest data, including writes a failed final publish never uploaded.
+        # This holding made the file, or nobody acquired since this machine last held the
+        # lease: the local file is the newest data, including writes a failed final
+        # publish never uploaded.
         log.info("tenant %s: continuing from the local file %s", tenant, path)
         hashes = None
         if previous is not None and previous.released == "idle":
