@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ import pytest
 from example_app import MIGRATIONS
 from tenantdb.config import Secret, Settings
 from tenantdb.machine.database import TenantDB
+from tenantdb.protocol.carried import decode_block, encode_block
 from tenantdb.replication.segment import SEGMENT_MAX_BYTES
 from tests.conftest import create_s3_bucket
 from tests.replication.test_segment import raw_segment
@@ -233,8 +235,32 @@ def rewrite_lock(bucket: Bucket, change: Callable[[dict[str, Any]], None]) -> No
     bucket.put(LOCK, json.dumps(lock).encode())
 
 
+def carried(log: dict[str, Any]) -> list[bytes]:
+    """The segments a lock.json's log carries (none: no block)."""
+    block = log.get("carried")
+    return list(decode_block(base64.b64decode(block), max_count=256) or []) if block else []
+
+
 def inline_not_base64(bucket: Bucket) -> None:
-    rewrite_lock(bucket, lambda lock: lock["log"].update(inline=["é"]))
+    """The list of base64 segments locks carried before blocks, with an item that is not."""
+
+    def change(lock: dict[str, Any]) -> None:
+        lock["log"].pop("carried", None)
+        lock["log"]["inline"] = ["é"]
+
+    rewrite_lock(bucket, change)
+
+
+def carried_block_not_zlib(bucket: Bucket) -> None:
+    rewrite_lock(
+        bucket, lambda lock: lock["log"].update(carried=base64.b64encode(b"x" * 99).decode())
+    )
+
+
+def carried_block_inflating_past_its_bound(bucket: Bucket) -> None:
+    """A block of a few KiB that inflates to 64 MiB of zeros (a few frames long each)."""
+    bomb = zlib.compress(bytes(64 << 20), 9)[: 24 * 1024 - 1]  # cut: inflating must stop first
+    rewrite_lock(bucket, lambda lock: lock["log"].update(carried=base64.b64encode(bomb).decode()))
 
 
 def tail_of_a_billion(bucket: Bucket) -> None:
@@ -272,8 +298,8 @@ def db_pages_bomb_carried_inline(bucket: Bucket) -> list[str]:
     lock = bucket.lock()
     log = lock["log"]
     index = log["tail"] + 1
-    bomb = base64.b64encode(db_pages_bomb(lock, index)).decode()
-    log.update(tail=index, inline=[*log["inline"], bomb])
+    block = encode_block([*carried(log), db_pages_bomb(lock, index)])
+    log.update(tail=index, carried=base64.b64encode(block).decode())
     bucket.put(LOCK, json.dumps(lock).encode())
     return [LOCK]
 
@@ -283,7 +309,7 @@ def db_pages_bomb_at_the_next_keys(bucket: Bucket) -> list[str]:
     segment lock.json carries and holds at most 32)."""
     lock = bucket.lock()
     log = lock["log"]
-    first = log["tail"] - len(log["inline"]) + 1
+    first = log["tail"] - len(carried(log)) + 1
     keys = []
     for last in range(first, first + 32):
         key = f"tenants/acme/log/{lock['generation']:08d}/{first:012d}-{last:012d}.pack"
@@ -305,6 +331,8 @@ KEEPS_SERVING = {
 
 DAMAGED_LOCKS = {
     'lock.json with "inline": ["é"]': inline_not_base64,
+    "lock.json with a carried block that is not zlib": carried_block_not_zlib,
+    "lock.json with a carried block inflating to 64 MiB": carried_block_inflating_past_its_bound,
     'lock.json with "tail": 10**9': tail_of_a_billion,
     "lock.json with a free-form updated_at": free_form_updated_at,
     "lock.json with escape sequences in owner and region": escapes_in_owner_and_region,

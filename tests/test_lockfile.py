@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
+import zlib
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from tenantdb.errors import LockFileCorruptError
+from tenantdb.protocol.carried import BLOCK_MAX_BYTES, CARRIED_MAX_BYTES, encode_block
 from tenantdb.protocol.lockfile import MAX_LOG_SINGLES, LockRecord, SchemaVersion, SnapshotName
 
 KEY = "tenants/acme/lock.json"
@@ -65,6 +69,67 @@ def test_inline_segment_with_non_base64_is_a_typed_error_naming_the_key() -> Non
     # "é" is not ASCII: b64decode raises a plain ValueError, not binascii.Error.
     refused(lock(inline=["é"]))
     refused(lock(inline=["not base64!"]))
+
+
+def block(*bodies: bytes) -> str:
+    return base64.b64encode(encode_block(bodies)).decode()
+
+
+def test_carried_segments_round_trip_as_one_compressed_block() -> None:
+    record = parse(lock())
+    assert record.log is not None
+    similar = [b"segment %d of one page " % i + bytes(4000) for i in range(3)]
+    carrying = replace(record, log=replace(record.log, tail=3).with_inline(similar))
+    body = carrying.to_json()
+    stored = json.loads(body)["log"]
+    assert "inline" not in stored
+    assert len(body) < len(similar[0])  # one stream: the three share their bytes
+    again = LockRecord.parse(body, tenant="acme", key=KEY)
+    assert again.log is not None
+    assert [again.log.inline_segment(i) for i in (1, 2, 3)] == similar
+    assert "carried" not in json.loads(record.to_json())["log"]  # nothing carried: no field
+
+
+def test_a_lock_written_before_blocks_still_gives_its_inline_segments() -> None:
+    items = [base64.b64encode(b"one").decode(), base64.b64encode(b"two").decode()]
+    record = parse(lock(tail=2, inline=items))
+    assert record.log is not None
+    assert [record.log.inline_segment(i) for i in (1, 2)] == [b"one", b"two"]
+
+
+def test_a_damaged_carried_block_is_a_typed_error_naming_the_key() -> None:
+    stream = encode_block([b"one", b"two"])
+    frames = struct.pack(">I", 3) + b"one"
+    for carried in [
+        "not base64!",
+        base64.b64encode(b"not zlib").decode(),
+        base64.b64encode(stream[:-2]).decode(),  # truncated
+        base64.b64encode(stream + b"\0").decode(),  # followed by more
+        base64.b64encode(zlib.compress(frames + struct.pack(">I", 9) + b"short")).decode(),
+        base64.b64encode(zlib.compress(frames + struct.pack(">I", 0))).decode(),  # empty one
+        base64.b64encode(zlib.compress(frames + b"\0\0")).decode(),  # a cut length
+        base64.b64encode(zlib.compress(b"")).decode(),  # no segment
+        block(b"one", b"two", b"three"),  # more segments than the log's 2 singles
+        "A" * (BLOCK_MAX_BYTES * 4 // 3 + 8),  # longer than any block
+        7,
+    ]:
+        data = lock(tail=2, carried=carried)
+        del data["log"]["inline"]
+        refused(data)
+    refused(lock(tail=2, carried=block(b"one", b"two")))  # beside an inline list: which?
+
+
+def test_a_carried_block_inflating_past_the_carried_bound_is_refused() -> None:
+    # Each segment within its frame, the whole past CARRIED_MAX_BYTES: 3 KiB compressed.
+    big = [bytes(CARRIED_MAX_BYTES // 2 + 1)] * 2
+    data = lock(tail=2, carried=block(*big))
+    del data["log"]["inline"]
+    assert len(data["log"]["carried"]) < 4096
+    refused(data)
+    data["log"]["carried"] = block(*[bytes(CARRIED_MAX_BYTES // 2 - 4)] * 2)
+    record = parse(data)  # at the bound: read
+    assert record.log is not None
+    assert record.log.inline_segment(2) == bytes(CARRIED_MAX_BYTES // 2 - 4)
 
 
 def test_lock_tail_beyond_bound_is_refused() -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from tenantdb.crypto import is_sealed, opened_size, sealed_size
+from tenantdb.parsing import Malformed, load_json
 from tenantdb.protocol.lockfile import LOCK_MAX_BYTES, LockRecord
 from tenantdb.replication.history import History
 from tenantdb.replication.segment import SEGMENT_MAX_BYTES
@@ -73,16 +74,24 @@ async def _sealed(bucket: EncryptedBucket, key: str, record: LockRecord) -> bool
 
 
 async def _inline_sealed(bucket: EncryptedBucket, history: History) -> bool:
-    """Whether every segment the stored lock.json carries inline is sealed."""
+    """Whether the segments the stored lock.json carries are sealed: its carried block, or
+    each item of its inline list (written before blocks). Anything unreadable is not."""
     lock_key = f"{history.prefix}{history.tenant}/lock.json"
-    stored = LockRecord.parse(
-        (await bucket.inner.get(lock_key, max_size=LOCK_MAX_BYTES)).body,
-        tenant=history.tenant,
-        key=lock_key,
-    )
-    inline = stored.log.inline if stored.log is not None else ()
-    # LockRecord.parse checked that each is base64.
-    return all(is_sealed(base64.b64decode(item)) for item in inline)
+    try:
+        data = load_json((await bucket.inner.get(lock_key, max_size=LOCK_MAX_BYTES)).body)
+    except Malformed:
+        return False
+    pointer = data.get("log") if isinstance(data, dict) else None
+    if not isinstance(pointer, dict):
+        return False
+    carried = pointer.get("carried")
+    items = [carried] if carried is not None else pointer.get("inline")
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        return False
+    try:
+        return all(is_sealed(base64.b64decode(item, validate=True)) for item in items)
+    except ValueError:
+        return False
 
 
 def _inline_keys(record: LockRecord, history: History) -> list[str]:

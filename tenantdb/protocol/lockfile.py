@@ -30,11 +30,15 @@ from tenantdb.parsing import (
     load_json,
     parse_iso_time,
 )
+from tenantdb.protocol.carried import (
+    BLOCK_MAX_BYTES,
+    MAX_INLINE_SEGMENTS,
+    decode_block,
+    encode_block,
+)
 
 __all__ = [
-    "INLINE_MAX_BYTES",
     "LOCK_MAX_BYTES",
-    "MAX_INLINE_SEGMENTS",
     "MAX_LOG_SINGLES",
     "LockRecord",
     "LogChunk",
@@ -58,11 +62,6 @@ _MAX_TTL_SECONDS = 2**31
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # lock.json is a few hundred bytes: anything far larger is not a lock and is not read whole.
 LOCK_MAX_BYTES = 64 * 1024
-# The most segment bytes lock.json carries inline (base64 makes them a third larger).
-INLINE_MAX_BYTES = 24 * 1024
-# The most segments lock.json carries inline (each is at least ~100 bytes), and so the most
-# a pack holds (a pack only ever holds segments lock.json carried).
-MAX_INLINE_SEGMENTS = 256
 # The most single (unmerged) segments a log may have: a holder merges every MERGE_SINGLES
 # and snapshots at MAX_CHUNKS objects, so far more is not a log tenantdb wrote; it bounds
 # what ``LogPointer.chunks`` yields whatever ``tail`` says.
@@ -157,9 +156,10 @@ class LogPointer:
     ascending. So every key is derived without a LIST. ``state`` and ``db_pages`` describe
     the database after the tail, for the restore to check its result against.
 
-    ``inline`` may carry the newest segments themselves (base64, oldest first, ending at
-    the tail), so that one write of lock.json publishes them: their objects may not exist
-    yet, and a restore reads them from here. A write that stops carrying a segment is
+    ``inline`` may carry the newest segments themselves (oldest first, ending at the tail;
+    in lock.json one compressed block, ``protocol.carried``), so that one write of
+    lock.json publishes them: their objects may not exist yet, and a restore reads them
+    from here. A write that stops carrying a segment is
     sent only once that segment's object (or the pack holding it) is uploaded.
 
     ``packs`` lists ``(first, last, generation)`` ranges of single segments that live in
@@ -173,7 +173,7 @@ class LogPointer:
     runs: tuple[tuple[int, int], ...] = ()
     updated_at: str = ""
     merged: tuple[tuple[int, int, int], ...] = ()
-    inline: tuple[str, ...] = field(default=(), repr=False)
+    inline: tuple[bytes, ...] = field(default=(), repr=False)
     packs: tuple[tuple[int, int, int], ...] = ()
 
     @classmethod
@@ -190,12 +190,11 @@ class LogPointer:
         """Segment ``index``'s bytes when lock.json carries it inline."""
         if index < self.inline_from or index > self.tail:
             return None
-        # Checked by LockRecord.parse (and made by b64encode otherwise): valid base64.
-        return base64.b64decode(self.inline[index - self.inline_from], validate=True)
+        return self.inline[index - self.inline_from]
 
     def with_inline(self, bodies: Sequence[bytes]) -> LogPointer:
         """This pointer carrying ``bodies`` as its newest segments, oldest first."""
-        return replace(self, inline=tuple(base64.b64encode(body).decode() for body in bodies))
+        return replace(self, inline=tuple(bodies))
 
     def with_packs(self, packs: Sequence[tuple[int, int, int]]) -> LogPointer:
         """This pointer with ``packs`` (newer than any it lists) holding their segments."""
@@ -289,7 +288,13 @@ class LockRecord:
 
     def to_json(self) -> bytes:
         """Serialize for the bucket."""
-        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
+        data = asdict(self)
+        if self.log is not None:
+            # The carried segments as one compressed block (``carried``), none: no field.
+            del data["log"]["inline"]
+            if self.log.inline:
+                data["log"]["carried"] = base64.b64encode(encode_block(self.log.inline)).decode()
+        return json.dumps(data, sort_keys=True, indent=1).encode()
 
     @classmethod
     def parse(cls, body: bytes, *, tenant: str, key: str) -> LockRecord:
@@ -459,7 +464,7 @@ def _log_pointer(value: object, *, generation: int) -> LogPointer | None:
         pairs.append((run_generation, first))
     if tail >= first_single and (not pairs or pairs[0][1] != first_single):
         return None  # every single segment must belong to a run
-    inline = _inline_segments(value.get("inline", []), tail - first_single + 1)
+    inline = _carried_segments(value, tail - first_single + 1)
     if inline is None:
         return None
     pointer = LogPointer(base, tail, state, db_pages, tuple(pairs), updated_at, merged, inline)
@@ -496,21 +501,36 @@ def _pack_ranges(value: object, log: LogPointer) -> tuple[tuple[int, int, int], 
     return tuple(packs)
 
 
-def _inline_segments(value: object, singles: int) -> tuple[str, ...] | None:
-    """Base64 segments, at most ``singles`` of them and INLINE_MAX_BYTES in all, else None."""
+def _carried_segments(pointer: dict[str, object], singles: int) -> tuple[bytes, ...] | None:
+    """The segments the log carries, at most ``singles`` of them, else None: from its
+    ``carried`` block, or (written before blocks) its ``inline`` list of base64 segments,
+    at most BLOCK_MAX_BYTES in all; never both."""
+    if "carried" in pointer:
+        block = _base64(pointer["carried"])
+        if "inline" in pointer or block is None:
+            return None
+        return decode_block(block, max_count=singles)
+    value = pointer.get("inline", [])
     if not isinstance(value, list) or len(value) > min(singles, MAX_INLINE_SEGMENTS):
         return None
-    size = 0
+    bodies = []
     for item in value:
-        # Checked for size before decoding: base64 is 4 characters per 3 bytes.
-        if not isinstance(item, str) or len(item) > INLINE_MAX_BYTES * 4 // 3 + 4:
+        if (body := _base64(item)) is None:
             return None
-        try:
-            # Not ASCII raises a plain ValueError, bad base64 binascii.Error (a ValueError).
-            size += len(base64.b64decode(item, validate=True))
-        except ValueError:
-            return None
-    return tuple(value) if size <= INLINE_MAX_BYTES else None
+        bodies.append(body)
+    return tuple(bodies) if sum(map(len, bodies)) <= BLOCK_MAX_BYTES else None
+
+
+def _base64(value: object) -> bytes | None:
+    """The bytes of base64 text of at most BLOCK_MAX_BYTES, else None."""
+    # Checked for size before decoding: base64 is 4 characters per 3 bytes.
+    if not isinstance(value, str) or len(value) > BLOCK_MAX_BYTES * 4 // 3 + 4:
+        return None
+    try:
+        # Not ASCII raises a plain ValueError, bad base64 binascii.Error (a ValueError).
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
 
 
 def _merged_ranges(

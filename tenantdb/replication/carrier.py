@@ -6,12 +6,13 @@ sync); it is written to the bucket later, in a pack with its neighbours, and lea
 dropped unstored, and the writes per sync approach one.
 
 When a pack starts: once ``PACK_SEGMENTS`` carried segments, or ``PACK_START_BYTES`` of
-them, wait for one (in the background: the CASes go on carrying them meanwhile, the
-inline cap leaves room for that). What a new holder found carried by the lock it took over
-counts as carried by it (a start and a stop with no write cost no pack). A CAS that would
-carry more than ``INLINE_MAX_BYTES`` (or ``MAX_INLINE_SEGMENTS``) waits for the oldest
-packs first; a new segment too large to ride inline is uploaded on its own before the CAS
-that names it, as before packs.
+them compressed (as lock.json's carried block holds them), wait for one (in the
+background: the CASes go on carrying them meanwhile, the cap leaves room for that). What a
+new holder found carried by the lock it took over counts as carried by it (a start and a
+stop with no write cost no pack). A CAS that would carry a block over ``BLOCK_MAX_BYTES``
+(or more than ``CARRIED_MAX_BYTES`` or ``MAX_INLINE_SEGMENTS``) waits for the oldest packs
+first; a new segment too large to ride inline is uploaded on its own before the CAS that
+names it, as before packs.
 
 A pack holds segments of one generation only, under that generation's key: its bytes are
 then fixed by its range (published segments never change), so a retry, or a new holder
@@ -25,16 +26,22 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tenantdb.protocol.lockfile import INLINE_MAX_BYTES, MAX_INLINE_SEGMENTS, LockRecord
+from tenantdb.protocol.carried import (
+    BLOCK_MAX_BYTES,
+    CARRIED_MAX_BYTES,
+    MAX_INLINE_SEGMENTS,
+    encode_block,
+)
+from tenantdb.protocol.lockfile import LockRecord
 from tenantdb.replication.packs import PACK_SEGMENTS, encode_pack, pack_key
 from tenantdb.replication.segment import segment_key
 from tenantdb.replication.uploads import LogUploads
 
 __all__ = ["PACK_START_BYTES", "Carried", "Carrier", "Pack", "Stored"]
 
-# A pack starts once the carried segments not in one weigh this much: the rest of the
-# inline cap is room for the CASes sent while it uploads.
-PACK_START_BYTES = INLINE_MAX_BYTES * 2 // 3
+# A pack starts once the carried segments not in one weigh this much compressed: the rest
+# of the block's cap is room for the CASes sent while it uploads.
+PACK_START_BYTES = BLOCK_MAX_BYTES * 2 // 3
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,10 @@ class Stored:
 
 def _over(chain: Sequence[Carried]) -> bool:
     """Whether lock.json may not carry ``chain`` inline."""
-    return len(chain) > MAX_INLINE_SEGMENTS or sum(len(c.body) for c in chain) > INLINE_MAX_BYTES
+    bodies = [c.body for c in chain]
+    if len(chain) > MAX_INLINE_SEGMENTS or sum(map(len, bodies)) > CARRIED_MAX_BYTES:
+        return True
+    return len(encode_block(bodies)) > BLOCK_MAX_BYTES
 
 
 class Carrier:
@@ -145,8 +155,8 @@ class Carrier:
         for key in stored.singles:
             self.uploads.forget(key)
         self._carried = deque(stored.inline)
-        unpacked = self._unpacked()
-        if len(unpacked) >= PACK_SEGMENTS or sum(len(c.body) for c in unpacked) >= PACK_START_BYTES:
+        unpacked = [c.body for c in self._unpacked()]
+        if len(unpacked) >= PACK_SEGMENTS or len(encode_block(unpacked)) >= PACK_START_BYTES:
             self._start_pack()
 
     async def store_all(self, record: LockRecord | None) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tenantdb.errors import ReplicationError
+from tenantdb.protocol.carried import CARRIED_MAX_BYTES
 from tenantdb.protocol.lockfile import LogPointer, now_ms
 from tenantdb.replication.checksum import PageHashes, format_state
 from tenantdb.replication.segment import (
@@ -31,7 +32,10 @@ from tenantdb.replication.wal import (
     wal_index_frames,
 )
 
-__all__ = ["Built", "encode_next", "read_next"]
+__all__ = ["SMALL_SEGMENT_BYTES", "Built", "encode_next", "read_next"]
+
+# The largest page area (page numbers and pages) a segment stores uncompressed.
+SMALL_SEGMENT_BYTES = CARRIED_MAX_BYTES // 4
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,11 @@ def encode_next(
         state=new_hashes.state,
         commits=read.commits,
     )
-    body = encode_segment(Segment(header, tuple(sorted(read.pages.items()))))
+    # A small segment rides in lock.json's carried block and then in a pack, each
+    # compressed as one stream with its neighbours, which mostly hold the same pages:
+    # compressed on its own as well, it would leave them nothing to share.
+    small = len(read.pages) * (4 + read.end.page_size) <= SMALL_SEGMENT_BYTES
+    body = encode_segment(Segment(header, tuple(sorted(read.pages.items()))), compress=not small)
     return Built(
         segment_key(prefix, tenant, generation, index),
         body,

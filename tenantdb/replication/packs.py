@@ -2,9 +2,11 @@
 
 A small segment rides inline in ``lock.json`` until the holder writes it to the bucket,
 and it writes carried segments in batches: one pack per ``PACK_SEGMENTS`` segments or
-about ``INLINE_MAX_BYTES`` of them (the inline cap: a pack only ever holds segments
+about two thirds of lock.json's compressed cap of them (a pack only ever holds segments
 lock.json carried). Unlike a merged segment, a pack keeps every segment as it was, with its
-own boundary and header time, so a point-in-time restore keeps one-segment precision. The
+own boundary and header time, so a point-in-time restore keeps one-segment precision. Its
+table and segments are compressed as one stream, as lock.json's carried block is: small
+segments are stored uncompressed, and their neighbours hold the same pages. The
 format is in ``docs/format.md``; this module is its only reader and writer, and
 ``decode_pack`` trusts nothing it reads.
 """
@@ -13,11 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import zlib
 
 from tenantdb.errors import ReplicationError
-from tenantdb.protocol.lockfile import INLINE_MAX_BYTES, MAX_INLINE_SEGMENTS
+from tenantdb.protocol.carried import CARRIED_MAX_BYTES, MAX_INLINE_SEGMENTS, inflate_bounded
 
 __all__ = [
+    "FLAG_COMPRESSED",
     "PACK_MAGIC",
     "PACK_SEGMENTS",
     "PACK_VERSION",
@@ -31,6 +35,9 @@ PACK_MAGIC = b"TDBPACK\n"
 PACK_VERSION = 1
 # A holder starts a pack once this many carried segments wait for one.
 PACK_SEGMENTS = 32
+# Set: the table of lengths and the segments are one zlib stream (packs written before it
+# existed are not compressed).
+FLAG_COMPRESSED = 0x0001
 # magic, version, flags, first index, segment count, tenant length; then the tenant, one
 # 4-byte length per segment, the segments' bytes, and a sha256 trailer of all before it.
 _HEADER = struct.Struct(">8sHHQIH")
@@ -49,23 +56,30 @@ def pack_key(prefix: str, tenant: str, generation: int, first: int, last: int) -
     return f"{prefix}{tenant}/log/{generation:08d}/{first:012d}-{last:012d}.pack"
 
 
+def _table_and_segments_max(count: int) -> int:
+    """The most bytes a pack of ``count`` segments holds after its tenant name, inflated."""
+    return count * _LENGTH.size + CARRIED_MAX_BYTES
+
+
 def pack_max_bytes(tenant: str, count: int) -> int:
     """The largest pack of ``count`` segments of ``tenant`` a reader accepts."""
-    return _HEADER.size + len(tenant.encode()) + count * _LENGTH.size + INLINE_MAX_BYTES + 32
+    n = _table_and_segments_max(count)
+    # zlib's compressBound: what deflate can make of n bytes at worst.
+    deflated = n + (n >> 12) + (n >> 14) + (n >> 25) + 13
+    return _HEADER.size + len(tenant.encode()) + deflated + _TRAILER_SIZE
 
 
 def encode_pack(tenant: str, first: int, bodies: list[bytes]) -> bytes:
     """The pack of the segments ``bodies``, the first of them segment ``first``."""
     name = tenant.encode()
-    if not 1 <= len(bodies) <= MAX_INLINE_SEGMENTS or sum(map(len, bodies)) > INLINE_MAX_BYTES:
+    if not 1 <= len(bodies) <= MAX_INLINE_SEGMENTS or sum(map(len, bodies)) > CARRIED_MAX_BYTES:
         raise ReplicationError(
             f"cannot pack {len(bodies)} segments of {sum(map(len, bodies))} bytes: a pack holds "
-            f"1 to {MAX_INLINE_SEGMENTS} segments of at most {INLINE_MAX_BYTES} bytes in all"
+            f"1 to {MAX_INLINE_SEGMENTS} segments of at most {CARRIED_MAX_BYTES} bytes in all"
         )
-    parts = [_HEADER.pack(PACK_MAGIC, PACK_VERSION, 0, first, len(bodies), len(name)), name]
-    parts += [_LENGTH.pack(len(body)) for body in bodies]
-    parts += bodies
-    body = b"".join(parts)
+    header = _HEADER.pack(PACK_MAGIC, PACK_VERSION, FLAG_COMPRESSED, first, len(bodies), len(name))
+    table = b"".join(_LENGTH.pack(len(body)) for body in bodies)
+    body = header + name + zlib.compress(table + b"".join(bodies))
     return body + hashlib.sha256(body).digest()
 
 
@@ -92,7 +106,7 @@ def decode_pack(data: bytes, *, key: str, tenant: str, first: int, last: int) ->
     if hashlib.sha256(body).digest() != data[-_TRAILER_SIZE:]:
         raise refuse(f"its sha256 trailer does not match its {len(data)} bytes")
     _magic, _version, flags, found_first, found_count, name_length = _HEADER.unpack_from(body)
-    if flags != 0:
+    if flags not in (0, FLAG_COMPRESSED):
         raise refuse(f"unknown flags {flags:#06x}")
     offset = _HEADER.size
     name = bytes(body[offset : offset + name_length])
@@ -104,17 +118,23 @@ def decode_pack(data: bytes, *, key: str, tenant: str, first: int, last: int) ->
             f"its key says {first}..{last}"
         )
     offset += name_length
-    lengths_end = offset + count * _LENGTH.size
-    if lengths_end > len(body):
+    rest = bytes(body[offset:])
+    if flags & FLAG_COMPRESSED:
+        inflated = inflate_bounded(rest, _table_and_segments_max(count))
+        if inflated is None:
+            raise refuse("its compressed table and segments are damaged, truncated or too large")
+        rest = inflated
+    lengths_end = count * _LENGTH.size
+    if lengths_end > len(rest):
         raise refuse("truncated inside its table of lengths")
-    lengths = [_LENGTH.unpack_from(body, offset + i * _LENGTH.size)[0] for i in range(count)]
-    if 0 in lengths or lengths_end + sum(lengths) != len(body):
+    lengths = [_LENGTH.unpack_from(rest, i * _LENGTH.size)[0] for i in range(count)]
+    if 0 in lengths or lengths_end + sum(lengths) != len(rest):
         raise refuse(
-            f"its lengths add up to {sum(lengths)} bytes, its body holds {len(body) - lengths_end}"
+            f"its lengths add up to {sum(lengths)} bytes, its body holds {len(rest) - lengths_end}"
         )
     segments: list[bytes] = []
     offset = lengths_end
     for length in lengths:
-        segments.append(bytes(body[offset : offset + length]))
+        segments.append(rest[offset : offset + length])
         offset += length
     return segments

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from tenantdb.errors import ReplicationError
 from tenantdb.parsing import MAX_COUNTER, MAX_TIME_MS
-from tenantdb.protocol.lockfile import MAX_INLINE_SEGMENTS, LogChunk
+from tenantdb.protocol.carried import MAX_INLINE_SEGMENTS
+from tenantdb.protocol.lockfile import LogChunk
 from tenantdb.replication.checksum import MAX_PAGE_NUMBER, check_page_size
 from tenantdb.replication.packs import pack_key
 

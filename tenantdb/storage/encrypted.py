@@ -6,8 +6,9 @@ every CLI verb alike. What an object is follows from its key (docs/format.md):
 - ``<tenant>/log/<generation>/….seg``: the whole body is sealed (``tenantdb.crypto``);
 - ``<tenant>/snapshots/<generation>-….sqlite3``: sealed in 256 KiB chunks, file to file;
   the sizes this bucket reports for sealed snapshots are their plaintext sizes;
-- ``<tenant>/lock.json``: only the segments it carries in ``log.inline`` are sealed, each
-  exactly as its own object will be; the lease fields stay readable;
+- ``<tenant>/lock.json``: only the segments it carries are sealed: its ``log.carried``
+  block as one body (for the lock's key and generation), or (written before blocks) each
+  item of ``log.inline`` as its own object would be; the lease fields stay readable;
 - ``<tenant>/key.json``: the tenant's data keys, wrapped (created with ``If-None-Match: *``
   by the first write that needs it; a racing creator adopts the winner's). The newest
   seals; each sealed object names the number of its key, and any of them opens;
@@ -55,7 +56,7 @@ from tenantdb.errors import (
     LocalDiskError,
     ObjectTooLargeError,
 )
-from tenantdb.parsing import Malformed, load_json
+from tenantdb.parsing import Malformed, bounded_int, load_json
 from tenantdb.storage.base import Bucket, ObjectInfo, SmallObject
 from tenantdb.storage.data_keys import Check, DataKeys
 
@@ -229,19 +230,22 @@ class EncryptedBucket:
     async def _lock_inline(
         self, tenant: str, key: str, body: bytes, *, stored: datetime | None
     ) -> bytes:
-        """lock.json with its inline segments sealed (``stored`` None) or opened.
+        """lock.json with its carried segments sealed (``stored`` None) or opened.
 
-        Each inline segment is sealed for the key its own object has (the generation comes
-        from the lock's runs), so the bytes a new holder uploads from here are the object's.
-        The lease fields are left as they are. A lock.json that is not a JSON object with a
-        log is returned as it is, for ``LockRecord.parse`` to judge; inline segments that
-        cannot be placed in the log are refused, never passed on unopened.
+        The carried block is sealed for the lock's own key and generation: it opens in no
+        other object. Each item of an ``inline`` list (written before blocks) is sealed for
+        the key its own object has (the generation comes from the lock's runs). The lease
+        fields are left as they are. A lock.json that is not a JSON object with a log is
+        returned as it is, for ``LockRecord.parse`` to judge; inline segments that cannot be
+        placed in the log are refused, never passed on unopened.
         """
         try:
             data: Any = load_json(body)
         except Malformed:
             return body
         pointer = data.get("log") if isinstance(data, dict) else None
+        if isinstance(pointer, dict) and isinstance(pointer.get("carried"), str):
+            return await self._lock_block(tenant, key, data, stored=stored)
         items = pointer.get("inline") if isinstance(pointer, dict) else None
         if pointer is None or not items:
             return body
@@ -264,8 +268,32 @@ class EncryptedBucket:
                 segment = await self._open(tenant, what, segment_key, generation, segment, stored)
             out.append(base64.b64encode(segment).decode())
         pointer["inline"] = out
-        # As LockRecord.to_json writes it.
-        return json.dumps(data, sort_keys=True, indent=1).encode()
+        return _lock_json(data)
+
+    async def _lock_block(
+        self, tenant: str, key: str, data: dict[str, Any], *, stored: datetime | None
+    ) -> bytes:
+        """lock.json ``data`` with its carried block sealed (``stored`` None) or opened."""
+        pointer, generation = data["log"], bounded_int(data.get("generation"), 1)
+        try:
+            block = base64.b64decode(pointer["carried"].encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError, ValueError):
+            block = None
+        if block is None or generation is None:
+            raise DecryptionError(
+                f"tenant {tenant}: {key} carries a block that is not base64 or a generation "
+                "that is not one; refusing it",
+                tenant=tenant,
+                key=key,
+            )
+        if stored is None:
+            block = await self._seal(tenant, key, "segment", generation, block, "never")
+        else:
+            block = await self._open(
+                tenant, f"{key} (carried block)", key, generation, block, stored
+            )
+        pointer["carried"] = base64.b64encode(block).decode()
+        return _lock_json(data)
 
     async def head(self, key: str) -> ObjectInfo:
         """See ``Bucket.head``."""
@@ -377,6 +405,11 @@ class EncryptedBucket:
         split = getattr(self.inner, "download_requests", None)
         result: int = split(size) if split else 1
         return result
+
+
+def _lock_json(data: dict[str, Any]) -> bytes:
+    """lock.json's bytes, as LockRecord.to_json writes them."""
+    return json.dumps(data, sort_keys=True, indent=1).encode()
 
 
 def _inline_keys(

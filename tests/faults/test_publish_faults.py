@@ -104,7 +104,7 @@ async def test_failing_segment_uploads_do_not_fail_the_final_publish(
     assert "FINAL PUBLISH FAILED" not in caplog.text
     lock = s3.lock()
     assert lock["owner"] is None  # published (the tail rides in lock.json), then released
-    assert lock["log"]["inline"]
+    assert lock["log"]["carried"]
     s3.proxy.clear()
     async with TenantDB(
         s3.settings("m2"), migrations=MIGRATIONS, bucket=await s3.open(proxied=False)

@@ -74,7 +74,8 @@ async def test_a_new_holder_carries_what_it_took_over_then_packs_it_one_pack_per
 async def test_no_cas_drops_a_carried_segment_whose_pack_is_not_in_the_bucket(
     local_bucket: Bucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(carrier_module, "INLINE_MAX_BYTES", 10)
+    # A block of the new segment alone fits (15 bytes), with one carried one not (24).
+    monkeypatch.setattr(carrier_module, "BLOCK_MAX_BYTES", 20)
     pointer = LogPointer(1, 2, "0" * 16, 2, ((1, 1),)).with_inline([b"12345", b"67890"])
     record = LockRecord("acme", "m1", None, generation=1, seq=3, ttl_seconds=15, log=pointer)
 

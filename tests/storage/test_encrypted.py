@@ -34,6 +34,7 @@ from tenantdb.errors import (
 from tenantdb.fleet.create import create_tenant
 from tenantdb.fleet.purge import purge_tenant
 from tenantdb.machine.database import TenantDB
+from tenantdb.protocol.carried import decode_block
 from tenantdb.replication.packs import decode_pack
 from tenantdb.replication.pitr import restore_at
 from tenantdb.replication.segment import decode_segment, parse_chunk_key
@@ -128,8 +129,11 @@ def readable(key: str, body: bytes) -> bool:
             return False
         return any(readable(f"{key}.seg", one) for one in bodies)
     if key.endswith("lock.json"):
-        inline = json.loads(body).get("log", {}).get("inline", [])
-        return any(readable(f"{key}.seg", base64.b64decode(item)) for item in inline)
+        pointer = json.loads(body).get("log") or {}
+        inline = [base64.b64decode(item) for item in pointer.get("inline", [])]
+        if "carried" in pointer:  # a sealed block does not inflate
+            inline = list(decode_block(base64.b64decode(pointer["carried"]), max_count=256) or [])
+        return any(readable(f"{key}.seg", item) for item in inline)
     return False
 
 
@@ -542,9 +546,9 @@ async def numbers(raw: Bucket, tenant: str = "acme") -> dict[str, int]:
 
 
 async def newest_carried(raw: Bucket) -> int:
-    """The data key number of the newest segment acme's lock.json carries inline."""
+    """The data key number of the block of segments acme's lock.json carries."""
     lock = json.loads((await raw.get(f"{PREFIX}acme/lock.json")).body)
-    return key_number(base64.b64decode(lock["log"]["inline"][-1]))
+    return key_number(base64.b64decode(lock["log"]["carried"]))
 
 
 async def test_a_replaced_data_key_seals_what_follows_and_the_older_one_still_opens(
