@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from tenantdb.errors import LockFileCorruptError, ReplicationError, SnapshotError, TenantDBError
 from tenantdb.parsing import time_of_ms
+from tenantdb.protocol.carried import encode_block
 from tenantdb.protocol.lockfile import LockRecord, SnapshotName
 from tenantdb.protocol.snapshot import verify_database
 from tenantdb.replication.checksum import PageHashes, database_page_size
@@ -108,6 +109,15 @@ VALID_LOCK: dict[str, Any] = {
 }
 
 
+# The log as written since carried blocks: segment 2 in a block.
+CARRYING_LOG = {
+    **{k: v for k, v in VALID_LOCK["log"].items() if k != "inline"},
+    "carried": base64.b64encode(encode_block([b"x"])).decode(),
+}
+# 20 KiB of a zlib stream that would inflate to 16 MiB of zeros.
+BLOCK_BOMB = base64.b64encode(zlib.compress(bytes(16 << 20), 9)).decode()
+
+
 @st.composite
 def documents(draw: st.DrawFn, valid: dict[str, Any]) -> bytes:
     """``valid`` with one field (at any depth) replaced, removed or added; or raw bytes."""
@@ -135,6 +145,8 @@ def documents(draw: st.DrawFn, valid: dict[str, Any]) -> bytes:
 @example(body=b"[" * 60_000)
 @example(body=json.dumps({**VALID_LOCK, "log": {**VALID_LOCK["log"], "inline": ["é"]}}).encode())
 @example(body=json.dumps({**VALID_LOCK, "log": {**VALID_LOCK["log"], "tail": 10**9}}).encode())
+@example(body=json.dumps({**VALID_LOCK, "log": CARRYING_LOG}).encode())
+@example(body=json.dumps({**VALID_LOCK, "log": {**CARRYING_LOG, "carried": BLOCK_BOMB}}).encode())
 @example(body=json.dumps({**VALID_LOCK, "schema": {"version": 10**400, "hash": "0" * 16}}).encode())
 @example(body=json.dumps({**VALID_LOCK, "schema": {"version": 1, "hash": "0" * 10**5}}).encode())
 def test_lock_record(body: bytes) -> None:
