@@ -13,6 +13,7 @@ frames the bounds allow, and never more than ``CARRIED_MAX_BYTES`` inflated.
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from collections.abc import Sequence
@@ -45,6 +46,13 @@ _LEVEL = 6
 
 def encode_block(bodies: Sequence[bytes]) -> bytes:
     """The carried block of ``bodies``, oldest first."""
+    return _encode_block(tuple(bodies))
+
+
+# A holder sizes a CAS's block before sending it (``carrier``), then writes that very
+# block: made once. (Bytes objects keep their hash: a hit costs a comparison.)
+@functools.lru_cache(maxsize=4)
+def _encode_block(bodies: tuple[bytes, ...]) -> bytes:
     deflate = zlib.compressobj(_LEVEL)
     parts = []
     for body in bodies:

@@ -6,7 +6,7 @@ sync); it is written to the bucket later, in a pack with its neighbours, and lea
 dropped unstored, and the writes per sync approach one.
 
 When a pack starts: once ``PACK_SEGMENTS`` carried segments, or ``PACK_START_BYTES`` of
-them compressed (as lock.json's carried block holds them), wait for one (in the
+them compressed (their share of lock.json's carried block), wait for one (in the
 background: the CASes go on carrying them meanwhile, the cap leaves room for that). What a
 new holder found carried by the lock it took over counts as carried by it (a start and a
 stop with no write cost no pack). A CAS that would carry a block over ``BLOCK_MAX_BYTES``
@@ -155,8 +155,7 @@ class Carrier:
         for key in stored.singles:
             self.uploads.forget(key)
         self._carried = deque(stored.inline)
-        unpacked = [c.body for c in self._unpacked()]
-        if len(unpacked) >= PACK_SEGMENTS or len(encode_block(unpacked)) >= PACK_START_BYTES:
+        if len(self._unpacked()) >= PACK_SEGMENTS or self._unpacked_weight() >= PACK_START_BYTES:
             self._start_pack()
 
     async def store_all(self, record: LockRecord | None) -> None:
@@ -180,6 +179,14 @@ class Carrier:
         carried = self._carried or deque()
         packed = sum(pack.count for pack in self._packs)
         return list(carried)[packed:]
+
+    def _unpacked_weight(self) -> int:
+        """About what the unpacked carried segments weigh compressed: their share of the
+        carried block (the one the CAS just sent, not made again)."""
+        carried = [c.body for c in self._carried or ()]
+        raw = sum(map(len, carried))
+        unpacked = sum(len(c.body) for c in self._unpacked())
+        return len(encode_block(carried)) * unpacked // raw if raw else 0
 
     def _start_pack(self) -> None:
         """Start the pack of the oldest unpacked carried segments (one generation's, up to
