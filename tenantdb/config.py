@@ -305,6 +305,12 @@ class Settings:
     proxy_secret: Secret | None = None
     # Encryption at rest: the key-encryption keys (TENANTDB_ENCRYPTION_KEY); None: off.
     encryption_keys: Keyring | None = None
+    # The prices `tenantdb status` estimates a month with, in USD: per 1,000 class A
+    # requests (writes, lists), per 1,000 class B requests (reads), per GB stored a month.
+    # The defaults are Tigris's list prices (https://www.tigrisdata.com/docs/pricing/).
+    price_class_a: float = 0.005
+    price_class_b: float = 0.0005
+    price_storage: float = 0.02
 
     def __post_init__(self) -> None:
         if self.tenant is not None:
@@ -411,6 +417,9 @@ class Settings:
             "proxy_url": env.get("TENANTDB_PROXY_URL") or "",
             "proxy_secret": Secret(proxy_secret) if proxy_secret else None,
             "encryption_keys": _keyring(env),
+            "price_class_a": _number(env, "TENANTDB_PRICE_CLASS_A", 0.005, minimum=0),
+            "price_class_b": _number(env, "TENANTDB_PRICE_CLASS_B", 0.0005, minimum=0),
+            "price_storage": _number(env, "TENANTDB_PRICE_STORAGE", 0.02, minimum=0),
             "metrics_port": _port(env, "TENANTDB_METRICS_PORT", 9091),
             # On Fly, where nothing says otherwise, 0.0.0.0: Fly scrapes metrics there
             # (https://fly.io/docs/monitoring/metrics/, "Instrumentation").

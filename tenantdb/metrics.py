@@ -33,6 +33,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tenantdb.protocol.usage import Usage
+
 __all__ = [
     "Direction",
     "Metrics",
@@ -111,6 +113,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # The billed requests and bytes since the last usage record took them (see
+        # machine/usage.py): the counters below only ever grow.
+        self._usage = Usage()
         self._shipped_bytes = Counter(
             "tenantdb_shipped_bytes", "bytes of log segments published", registry=r
         )
@@ -268,10 +273,24 @@ class Metrics:
     def bucket_request(self, tenant: str, price_class: RequestClass, requests: int = 1) -> None:
         """Count requests to the bucket by the price class they are billed in."""
         self._bucket_requests.labels(tenant, price_class).inc(requests)
+        if price_class == "A":
+            self._usage += Usage(class_a=requests)
+        elif price_class == "B":
+            self._usage += Usage(class_b=requests)
 
     def bucket_bytes(self, tenant: str, direction: Direction, size: int) -> None:
         """Count object bytes sent to the bucket (in) or read from it (out)."""
         self._bucket_bytes.labels(tenant, direction).inc(size)
+        self._usage += Usage(bytes_in=size) if direction == "in" else Usage(bytes_out=size)
+
+    def take_usage(self) -> Usage:
+        """The billed usage counted since the last call (or ``restore_usage``)."""
+        usage, self._usage = self._usage, Usage()
+        return usage
+
+    def restore_usage(self, usage: Usage) -> None:
+        """Count ``usage`` (taken, but not recorded) again."""
+        self._usage += usage
 
     def task_failed(self, task: str) -> None:
         """Count a background task ended by an unexpected exception."""

@@ -37,6 +37,7 @@ from tenantdb.errors import (
 )
 from tenantdb.machine.database import Migration, TenantDB
 from tenantdb.machine.supervisor import Health
+from tenantdb.machine.usage import UsageReporter
 from tenantdb.metrics import Metrics, MetricsServer
 from tenantdb.responses import RETRY_AFTER, send_error, send_response
 from tenantdb.routing.proxy import MachineURL, machine_urls
@@ -550,6 +551,15 @@ class TenantDBMiddleware:
                 )
                 await stack.enter_async_context(server)
             await stack.enter_async_context(self.bucket)
+            if self.settings.tenant:
+                # Its last record is written at shutdown, before the bucket closes.
+                reporter = UsageReporter(
+                    self.bucket,
+                    self.metrics,
+                    tenant=self.settings.tenant,
+                    prefix=self.settings.prefix,
+                )
+                await stack.enter_async_context(reporter)
             await stack.enter_async_context(self.router)
             if self.hint_client is not None:
                 await stack.enter_async_context(self.hint_client)

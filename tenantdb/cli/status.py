@@ -27,6 +27,7 @@ from tenantdb.cli.common import (
     print_table,
     tenant_arg,
 )
+from tenantdb.cli.cost import Prices, TenantCost, cost_of
 from tenantdb.cli.plaintext import Plaintext, plaintext_in_history
 from tenantdb.config import Settings
 from tenantdb.errors import InvalidTenantError, TenantDBError
@@ -62,6 +63,9 @@ class TenantStatus:
     restorable_from: datetime | None = None
     # With encryption on (and the history read): the plaintext objects lock.json names.
     plaintext: Plaintext | None = None
+    # With the history read: the last day's usage and the bytes stored, and their prices.
+    cost: TenantCost | None = None
+    prices: Prices | None = None
 
     @property
     def lease(self) -> LeaseState:
@@ -112,6 +116,14 @@ class TenantStatus:
             "encryption": None
             if self.plaintext is None
             else {"data_key": self.plaintext.data_key, "plaintext": list(self.plaintext.keys)},
+            "cost": None
+            if self.cost is None or self.prices is None
+            else {
+                "last_day": asdict(self.cost.last_day),
+                "stored_bytes": self.cost.stored_bytes,
+                "monthly_usd": round(self.cost.monthly(self.prices), 4),
+                "prices": asdict(self.prices),
+            },
             "checked_at": iso(self.now),
         }
 
@@ -146,8 +158,16 @@ class TenantStatus:
             format_age(age) if age is not None else "-",
             snap,
             iso(self.restorable_from) or "-",
+            *self._cost_cells(),
             *(() if self.plaintext is None else (_plaintext_cell(self.plaintext),)),
         )
+
+    def _cost_cells(self) -> tuple[str, str]:
+        """The last day's billed requests (class A / B) and the month's estimate."""
+        if self.cost is None or self.prices is None:
+            return "-", "-"
+        day = self.cost.last_day
+        return f"{day.class_a:,} / {day.class_b:,}", f"${self.cost.monthly(self.prices):,.2f}"
 
 
 def _plaintext_cell(plaintext: Plaintext) -> str:
@@ -169,6 +189,8 @@ _STATUS_HEADER = (
     "LOG AGE",
     "SNAPSHOT",
     "RESTORABLE FROM",
+    "REQUESTS A/B (DAY)",
+    "EST./MONTH",
 )
 
 
@@ -198,12 +220,15 @@ async def read_status(bucket: Bucket, tenant: str, *, prefix: str) -> TenantStat
     return None if observed is None else _status_of(bucket, tenant, observed, prefix)
 
 
-async def _read_full_status(bucket: Bucket, tenant: str, *, prefix: str) -> TenantStatus | None:
-    """The tenant's status with its retention window (a LIST of its objects)."""
+async def _read_full_status(
+    bucket: Bucket, tenant: str, *, prefix: str, prices: Prices
+) -> TenantStatus | None:
+    """The tenant's status with its retention window and cost (a LIST of its objects)."""
     history = await read_history(bucket, tenant, prefix=prefix)
     if history.lock is None:
         return None
     status = _status_of(bucket, tenant, history.lock, prefix, history.restorable_from())
+    status = replace(status, cost=cost_of(history, status.now), prices=prices)
     if isinstance(bucket, EncryptedBucket):
         return replace(status, plaintext=await plaintext_in_history(bucket, history))
     return status
@@ -232,7 +257,12 @@ def _configure_status(parser: argparse.ArgumentParser) -> None:
         "point-in-time restore accepts (a LIST of the tenant's objects). With "
         "TENANTDB_ENCRYPTION_KEY set, also how many objects of the history lock.json names "
         "are still plaintext (written before the tenant's data key; `tenantdb keys seal` "
-        "takes a sealed snapshot). Without TENANT, every tenant under the prefix."
+        "takes a sealed snapshot). Also what the tenant cost in its last day: the billed "
+        "requests its machines recorded (class A: writes and lists, B: reads; each machine "
+        "records once an hour and when it stops), and a month's estimate with the storage, at "
+        "TENANTDB_PRICE_CLASS_A and _CLASS_B (USD per 1,000 requests) and "
+        "TENANTDB_PRICE_STORAGE (per GB a month), Tigris's list prices by default. Without "
+        "TENANT, every tenant under the prefix."
     )
     parser.add_argument("tenants", nargs="*", type=tenant_arg, metavar="TENANT")
     parser.add_argument("--json", action="store_true", help="print a JSON array")
@@ -242,6 +272,7 @@ def _configure_status(parser: argparse.ArgumentParser) -> None:
 async def _status(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     prefix, bucket_name = settings.prefix, describe_bucket(settings)
+    prices = Prices.of(settings)
     async with open_bucket(settings, create=False) as bucket:
         tenants = args.tenants or await list_tenants(bucket, prefix)
         limit = asyncio.Semaphore(_PARALLEL_READS)
@@ -249,7 +280,7 @@ async def _status(args: argparse.Namespace) -> int:
         async def one(tenant: str) -> TenantStatus | Exception | None:
             async with limit:
                 try:
-                    return await _read_full_status(bucket, tenant, prefix=prefix)
+                    return await _read_full_status(bucket, tenant, prefix=prefix, prices=prices)
                 except TenantDBError as exc:
                     return exc
                 except Exception as exc:  # a bug: the other tenants are still shown

@@ -32,6 +32,7 @@ from tenantdb.parsing import (
 )
 from tenantdb.protocol.lease import ObservedLock, read_lock
 from tenantdb.protocol.lockfile import LOCK_MAX_BYTES, LockRecord, SnapshotName
+from tenantdb.protocol.usage import USAGE_DIR, UsageRecord, parse_usage_key
 from tenantdb.replication.segment import chunk_key, parse_chunk_key
 from tenantdb.replication.takeovers import Takeover, takeover_key
 from tenantdb.storage.base import Bucket, ObjectInfo
@@ -52,6 +53,8 @@ _READ_AHEAD = 8
 _UNLISTED_GENERATIONS = 8
 _EPOCH = datetime.fromtimestamp(0, UTC)
 _CLOCK_SLACK = timedelta(seconds=1)
+# How much longer than the retention's cutoff usage records are kept.
+USAGE_KEPT = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ class History:
     snapshots: tuple[SnapshotEntry, ...]
     segments: tuple[SegmentEntry, ...]
     takeovers: tuple[Takeover, ...]
+    # The machines' usage records (``protocol.usage``), by key: a meter's, not the data's.
+    usage: tuple[tuple[str, UsageRecord], ...] = ()
 
     @property
     def record(self) -> LockRecord | None:
@@ -275,7 +280,9 @@ class History:
             for t in self.takeovers
             if t.generation < oldest and t.at < cutoff
         ]
-        return gone
+        # Usage records a day older than the cutoff: `status` sums the last day.
+        ended = (cutoff - USAGE_KEPT).timestamp() * 1000
+        return gone + [key for key, usage in self.usage if usage.ended_ms < ended]
 
     def _path(self, index: int, at: datetime) -> set[str]:
         """The keys a restore as of ``at`` from ``index`` reads, followed to the log's end."""
@@ -309,9 +316,13 @@ async def read_history(bucket: Bucket, tenant: str, *, prefix: str) -> History:
     limits = _Limits(takeovers, record)
     snapshots: list[SnapshotEntry] = []
     segments: list[SegmentEntry] = []
+    usage: list[tuple[str, UsageRecord]] = []
     for info in objects:
         rest = info.key.removeprefix(root)
-        if rest.startswith("snapshots/"):
+        if rest.startswith(USAGE_DIR):
+            if (reading := parse_usage_key(rest)) is not None:
+                usage.append((info.key, reading))
+        elif rest.startswith("snapshots/"):
             if (entry := _snapshot_entry(info, limits)) is not None:
                 snapshots.append(entry)
         elif rest.startswith("log/") and (chunk := parse_chunk_key(rest)) is not None:
@@ -331,7 +342,9 @@ async def read_history(bucket: Bucket, tenant: str, *, prefix: str) -> History:
             )
     snapshots.sort(key=lambda s: (s.generation, s.seq, s.key))
     segments.sort(key=lambda s: (s.first, s.last, s.generation))
-    return History(tenant, prefix, observed, tuple(snapshots), tuple(segments), takeovers)
+    return History(
+        tenant, prefix, observed, tuple(snapshots), tuple(segments), takeovers, tuple(usage)
+    )
 
 
 async def _read_takeovers(bucket: Bucket, keys: Sequence[str]) -> list[Takeover | ReplicationError]:
