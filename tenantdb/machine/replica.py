@@ -285,13 +285,13 @@ class Replica(Standby):
         # reaches two waits (and round trips): a quarter of the bound keeps it at half.
         return min(super()._hint_wait(), self.machine.settings.max_replica_lag / 4)
 
-    def _vouched(self, record: LockRecord, sent: float) -> None:
+    def _vouched(self, position: Bookmark, sent: float) -> None:
         current = self.current
-        if current is None or current[0] != record or sent <= current[1]:
+        if current is None or Bookmark.of(current[0]) != position or sent <= current[1]:
             return  # the copy is not at the position the holder vouched for
-        if self.follower.hashes(record) is None:
-            return
-        self.current = (record, sent)
+        if self.follower.hashes(current[0]) is None:
+            return  # the follower is writing the copy
+        self.current = (current[0], sent)
 
     def _polled(self, record: LockRecord, sent: float) -> None:
         if self.follower.hashes(record) is not None:

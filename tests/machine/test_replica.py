@@ -23,7 +23,7 @@ from tenantdb.machine.database import TenantDB
 from tenantdb.machine.fenced import Fenced
 from tenantdb.machine.mover import MOVES
 from tenantdb.machine.replica import Bookmark, CopyLock
-from tenantdb.machine.tail_hints import HintAnswer
+from tenantdb.machine.tail_hints import Told
 from tenantdb.storage import Bucket
 from tenantdb.storage.local import LocalBucket
 
@@ -197,19 +197,22 @@ async def test_a_replica_whose_copy_lags_past_the_bound_refuses(tmp_path: Path) 
 
 
 class DirectHints:
-    """A ``TailHintClient`` that asks the holder's ``TenantDB`` in this process, as the
-    holder's endpoint would (asgi/tail_hints.py), or fails while ``reachable`` is unset."""
+    """A ``TailHintClient`` that streams from the holder's ``TenantDB`` in this process, as
+    the holder's endpoint would (asgi/tail_hints.py), or fails while ``reachable`` is unset."""
 
     def __init__(self, holder: TenantDB) -> None:
         self.holder = holder
         self.reachable = True
 
-    async def wait_past(self, holder: str, tenant: str, after: Bookmark, wait: float) -> HintAnswer:
+    async def watch(
+        self, holder: str, tenant: str, after: Bookmark, wait: float, told: Told
+    ) -> bool:
         if not self.reachable:
             await asyncio.sleep(wait)  # a stopped holder: no answer within the wait
-            return "failed"
-        state = await self.holder.wait_tail(after, wait)
-        return "unchanged" if state.holding and state.position == after else "moved"
+            return False
+        async for state in self.holder.tail_moves(after, wait):
+            told(state)
+        return True
 
 
 @pytest.mark.parametrize("reachable", [True, False])
