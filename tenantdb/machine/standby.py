@@ -260,7 +260,7 @@ class Standby(MachineRole):
         return 2 * self.machine.settings.lease_ttl
 
     def _hint_wait(self) -> float:
-        """The longest wait one hint request asks the holder for."""
+        """The longest wait one hint stream asks the holder for."""
         return self.machine.settings.lease_ttl / 3
 
     def _vouched(self, position: Bookmark, sent: float) -> None:
