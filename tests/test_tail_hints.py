@@ -27,6 +27,7 @@ from tenantdb.dev.dns_server import DevDNSServer
 from tenantdb.dev.ports import free_port
 from tenantdb.errors import ConfigurationError
 from tenantdb.machine.bookmark import Bookmark
+from tenantdb.machine.tail_hints import QUIET_END
 from tests.support.hint_servers import CountingRelay, HostileHintServer
 from tests.support.servers import MachineProcesses, UvicornProcess
 
@@ -600,3 +601,29 @@ def test_the_holder_counts_hint_streams_among_its_bounded_waiters(start: Start) 
             assert [status for status, _, _ in again] == [200, 200]
 
     asyncio.run(scenario())
+
+
+def test_a_holder_that_stops_after_writes_is_not_held_up_by_its_standbys_streams(
+    start: Start,
+) -> None:
+    # A TTL of 60 s: streams of up to 20 s. A server that stops gracefully waits for the
+    # requests in flight, the standby's hint streams among them, before its final publish
+    # and release; a stream that told of writes ends a second after the last.
+    holder = start(TENANTDB_LEASE_TTL="60")
+    standby = start(TENANTDB_LEASE_TTL="60")
+    time.sleep(1.5)  # the standby streams from the holder now
+
+    async def writes() -> None:
+        async with httpx.AsyncClient(timeout=10) as client:
+            for n in range(20):
+                await write(client, holder, f"w{n}")
+                await asyncio.sleep(0.05)
+
+    asyncio.run(writes())
+    started = time.monotonic()
+    code = holder.stop(signal.SIGTERM, timeout=60)
+    took = time.monotonic() - started
+    print(f"the holder exited {code} {took:.2f}s after SIGTERM")
+    assert code == -signal.SIGTERM, holder.log()[-3000:]  # uvicorn raises it again at the end
+    assert took < QUIET_END + 4, took
+    assert standby.proc.poll() is None

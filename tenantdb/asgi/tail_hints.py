@@ -4,10 +4,11 @@
 ``Accept: application/x-ndjson`` is a stream: the holder's middleware (``TailHintEndpoint``)
 writes a line ``{"holding": true, "position": "<generation>.<index>"}`` each time the
 position it published moves past the last one told (``after`` at first), and after ``wait``
-seconds (at most a third of the holder's TTL) a last line where it stands, then ends; it
-ends at once after a line saying it no longer holds the lease. Moves that land while a line
-is on its way are told together, by the next line. Without that Accept header (a standby
-before streams) the request is a long poll: one such object, answered at the first move or
+seconds (at most a third of the holder's TTL), or once a second passed without a move after
+one (``QUIET_END``), a last line where it stands, then ends; it ends at once after a line
+saying it no longer holds the lease. Moves that land while a line is on its way are told
+together, by the next line. Without that Accept header (a standby before streams) the
+request is a long poll: one such object, answered at the first move or
 after the wait. The endpoint keeps at most ``MAX_WAITERS`` requests, streams or not, at a
 time and refuses other tenants (421) and malformed requests (400, 405) with a readable
 message; what it tells is nothing a bookmark does not.

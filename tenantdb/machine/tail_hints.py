@@ -3,7 +3,8 @@
 The holder's side (``wait_for_tail``) waits for a write of lock.json that moves the
 published position past a given one, or for the lease to stop being held here. The holder
 tells a standby's stream (asgi/tail_hints.py) each such move as it lands, one line each, for
-the wait the standby asked for, then where it stands. The standby's side (``TailHints``)
+the wait the standby asked for (or until a second passes without a move after one, see
+``tail_moves``), then where it stands. The standby's side (``TailHints``)
 keeps such a stream open to the holder lock.json names, over the private network, through
 a ``TailHintClient``, and reads lock.json when a line says the position moved past its
 copy, when a read is due anyway (``quiet_pause``) or when the holder cannot be asked. It
@@ -40,7 +41,15 @@ from tenantdb import clock
 from tenantdb.machine.bookmark import Bookmark
 from tenantdb.protocol.lease import Lease, ObservedLock
 
-__all__ = ["TailHintClient", "TailHints", "TailState", "Told", "tail_moves", "wait_for_tail"]
+__all__ = [
+    "QUIET_END",
+    "TailHintClient",
+    "TailHints",
+    "TailState",
+    "Told",
+    "tail_moves",
+    "wait_for_tail",
+]
 
 log = logging.getLogger("tenantdb")
 
@@ -49,6 +58,9 @@ log = logging.getLogger("tenantdb")
 HINT_RETRY = 5.0
 # A failed hint stream that took less than this is asked again once before giving up.
 _QUICK_FAILURE = 0.5
+# A holder's stream that told of a move ends once this long passes without another (see
+# ``tail_moves``); the standby asks for the next at once.
+QUIET_END = 1.0
 # The share of a stream's wait after which the next stream is asked for: the next reaches
 # the holder a quarter of the wait before the current one ends there, whatever the leg.
 _NEXT_STREAM = 0.75
@@ -109,16 +121,24 @@ async def wait_for_tail(lease: Lease, after: Bookmark, wait: float) -> TailState
 
 async def tail_moves(lease: Lease, after: Bookmark, wait: float) -> AsyncIterator[TailState]:
     """The holder's side of a stream: each move of the published position past the last
-    one told (``after`` at first), for ``wait`` seconds, then where it stands; it ends
-    after a state that does not hold. Moves that land while the last state is being told
-    come together, as the next one."""
+    one told (``after`` at first), for ``wait`` seconds or until ``QUIET_END`` passes
+    without a move after one, then where it stands; it ends after a state that does not
+    hold. Moves that land while the last state is being told come together, as the next.
+
+    Why the quiet end: a server shutting down gracefully (Fly stopping the machine) takes
+    no new requests, then waits for those in flight, hint streams among them, before the
+    final publish and the release the standby waits for. Writes stop with the requests, so
+    a stream that told of them ends a moment later instead of at the end of its wait.
+    """
     deadline = clock.monotonic() + wait
+    until = deadline
     while True:
-        state = await wait_for_tail(lease, after, max(deadline - clock.monotonic(), 0))
+        state = await wait_for_tail(lease, after, max(until - clock.monotonic(), 0))
         yield state
-        if state.position is None or not state.holding or clock.monotonic() >= deadline:
+        if state.position is None or not state.holding or clock.monotonic() >= until:
             return
         after = state.position
+        until = min(deadline, clock.monotonic() + QUIET_END)
 
 
 class TailHints:
