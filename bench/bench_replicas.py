@@ -29,6 +29,7 @@ import contextlib
 import re
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -45,24 +46,42 @@ LOCK_KEY = "tenants/acme/lock.json"
 
 
 class DelayRelay:
-    """A TCP relay to ``port`` on loopback that holds each chunk ``delay`` seconds."""
+    """A TCP relay to ``port`` on loopback that holds each chunk ``delay`` seconds.
+
+    It runs on an event loop of its own thread: on the bench's loop, busy with the client's
+    reads every 2 ms, a chunk's leg stretched by whatever else ran (20 ms more at times).
+    """
 
     def __init__(self, port: int, delay: float, *, listen: int = 0) -> None:
         self.target = port
         self.delay = delay
         self.listen = listen
-        self.server: asyncio.Server | None = None
         self.url = ""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> DelayRelay:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.listen)
-        port = self.server.sockets[0].getsockname()[1]
+        self._thread.start()
+        listening = asyncio.start_server(self._relay, "127.0.0.1", self.listen)
+        future = asyncio.run_coroutine_threadsafe(listening, self._loop)
+        self._server = await asyncio.wrap_future(future)
+        port = self._server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        assert self.server is not None
-        self.server.close()
+        async def close() -> None:
+            if self._server is not None:
+                self._server.close()
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(close(), self._loop))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
