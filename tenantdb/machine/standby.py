@@ -33,10 +33,11 @@ __all__ = ["Standby"]
 
 log = logging.getLogger("tenantdb")
 
-# The shortest time between two reads of lock.json that waiting reads (or a holder that
-# cannot stream) ask for: at most 20 GETs a second.
+# The shortest time between two reads of lock.json that a replica's waiting reads ask for:
+# at most 20 GETs a second.
 MIN_POLL_GAP = 0.05
-# The same between reads the holder's stream asks for. Under continuous writes a write waits
+# The same between reads the holder's hints ask for (a stream's line, or an older holder's
+# long poll answer). Under continuous writes a write waits
 # for the next read, up to this long: the lag goal (one bucket round trip + 50 ms) leaves
 # half of its 50 ms to this wait and half to the follow. At most 40 GETs of lock.json a
 # second, however fast the holder writes (its own 100 PUTs a second at 100 writes/s).
