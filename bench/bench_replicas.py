@@ -14,7 +14,10 @@ Printed per mode: read p50/p99, the share served by m2, and (on) the lag m2 repo
 median wait (``tenantdb-waited-ms``). Replica reads run twice, with tail hints
 (``TENANTDB_TAIL_HINTS``; m2 asks m1 through the relay, as across regions) and without,
 and each run also measures how soon a write's answer is followed by m2 serving it
-(``visible``: m2 read without a bookmark every 2 ms). The replica polls every
+(``visible``: m2 read without a bookmark every 2 ms), m2's bucket requests a second
+meanwhile (all reads: lock.json and the segments it follows) and the bucket's round trip
+(the median read of lock.json from the bench's process, on the same embedded bucket under
+the same load: the "one bucket round trip" of the lag goal). The replica polls every
 ``--follow-interval`` (0.1 s) without hints. Run: ``python -m bench.bench_replicas``.
 """
 
@@ -23,8 +26,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import re
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,44 +37,83 @@ import httpx
 
 from tenantdb.dev.dns_server import DevDNSServer
 from tenantdb.dev.ports import free_port
+from tenantdb.storage.local import LocalBucket
 from tests.support.servers import MachineProcesses
 
 APP = "tests.support.replica_app:app"
 NOTES = "/customers/acme/notes"
+LOCK_KEY = "tenants/acme/lock.json"
 
 
 class DelayRelay:
-    """A TCP relay to ``port`` on loopback that holds each chunk ``delay`` seconds."""
+    """A TCP relay to ``port`` on loopback that holds each chunk ``delay`` seconds.
+
+    It runs on an event loop of its own thread: on the bench's loop, busy with the client's
+    reads every 2 ms, a chunk's leg stretched by whatever else ran (20 ms more at times).
+    """
 
     def __init__(self, port: int, delay: float, *, listen: int = 0) -> None:
         self.target = port
         self.delay = delay
         self.listen = listen
-        self.server: asyncio.Server | None = None
         self.url = ""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> DelayRelay:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.listen)
-        port = self.server.sockets[0].getsockname()[1]
+        self._thread.start()
+        listening = asyncio.start_server(self._relay, "127.0.0.1", self.listen)
+        future = asyncio.run_coroutine_threadsafe(listening, self._loop)
+        self._server = await asyncio.wrap_future(future)
+        port = self._server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        assert self.server is not None
-        self.server.close()
+        async def close() -> None:
+            if self._server is not None:
+                self._server.close()
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(close(), self._loop))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            # Each chunk goes out ``delay`` after it came in, whatever came before it: a
+            # stream's lines each take the leg once (sleeping per chunk in turn would hold a
+            # line that arrives during the sleep for up to two legs).
+            queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+            async def take() -> None:
+                try:
+                    while chunk := await src.read(65536):
+                        queue.put_nowait((time.monotonic() + self.delay, chunk))
+                except ConnectionError:
+                    pass
+                finally:
+                    queue.put_nowait((time.monotonic() + self.delay, b""))
+
+            taking = asyncio.ensure_future(take())
             try:
-                while chunk := await src.read(65536):
-                    await asyncio.sleep(self.delay)
+                while True:
+                    due, chunk = await queue.get()
+                    await asyncio.sleep(max(due - time.monotonic(), 0))
+                    if not chunk:
+                        break
                     dst.write(chunk)
                     await dst.drain()
             except (ConnectionError, asyncio.CancelledError):
                 pass
             finally:
+                taking.cancel()
                 dst.close()
 
         with contextlib.suppress(asyncio.CancelledError):  # the loop closing at the end
@@ -98,6 +142,26 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
+def bucket_requests(metrics_port: int) -> float:
+    """Every bucket request a machine made so far, from its /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    found = re.findall(r"^tenantdb_bucket_requests_total\{[^}]*\} ([0-9.e+]+)$", text, re.M)
+    return sum(float(value) for value in found)
+
+
+async def round_trips(bucket_dir: Path, stop: asyncio.Event) -> list[float]:
+    """Seconds each read of lock.json from this process took, every 20 ms until ``stop``:
+    the bucket's round trip as the replica sees it (the same embedded bucket, same load)."""
+    taken: list[float] = []
+    async with LocalBucket(bucket_dir, create=False) as bucket:
+        while not stop.is_set():
+            started = time.perf_counter()
+            await bucket.get(LOCK_KEY)
+            taken.append(time.perf_counter() - started)
+            await asyncio.sleep(0.02)
+    return taken
+
+
 async def measure(
     urls: dict[str, str],
     near: str,
@@ -106,8 +170,11 @@ async def measure(
     write_every: int,
     writes_per_s: float,
     visible_samples: int,
+    bucket_dir: Path,
+    near_metrics: int,
 ) -> dict[str, float]:
-    """Read ``reads`` times through m2 while m1 takes writes; latencies, shares, lags."""
+    """Read ``reads`` times through m2 while m1 takes writes; latencies, shares, lags, and
+    while writes are timed to m2's copy, m2's bucket requests and the bucket's round trip."""
     stop = asyncio.Event()
 
     async def writer() -> None:
@@ -137,7 +204,13 @@ async def measure(
                 lags.append(float(response.headers["tenantdb-lag-ms"]))
                 if (waited := float(response.headers["tenantdb-waited-ms"])) > 0:
                     waits.append(waited)
+        timing = asyncio.Event()
+        timer = asyncio.ensure_future(round_trips(bucket_dir, timing))
+        before, started = bucket_requests(near_metrics), time.perf_counter()
         visible = [await visibility(urls[near], near, holder) for _ in range(visible_samples)]
+        requests_per_s = (bucket_requests(near_metrics) - before) / (time.perf_counter() - started)
+        timing.set()
+        trips = await timer
     stop.set()
     await background
     result = {
@@ -153,6 +226,8 @@ async def measure(
     if visible:
         result["visible_p50_ms"] = 1000 * statistics.median(visible)
         result["visible_p99_ms"] = 1000 * percentile(visible, 0.99)
+        result["m2_bucket_requests_per_s"] = requests_per_s
+        result["bucket_round_trip_p50_ms"] = 1000 * statistics.median(trips)
     return result
 
 
@@ -191,7 +266,6 @@ def run_mode(replicas: bool, hints: bool, args: argparse.Namespace) -> dict[str,
             "TENANTDB_LEASE_TTL": "5",
             "TENANTDB_CHECKPOINT_INTERVAL": "0",
             "TENANTDB_FOLLOW_INTERVAL": f"{args.follow_interval:g}",
-            "TENANTDB_METRICS_PORT": "0",
             "TENANTDB_IDLE_STOP": "0",
             "TENANTDB_REPLICA_READS": "1" if replicas else "0",
             "TENANTDB_TAIL_HINTS": "1" if hints else "0",
@@ -199,6 +273,7 @@ def run_mode(replicas: bool, hints: bool, args: argparse.Namespace) -> dict[str,
         }
         relay_port, m1_port, m2_port = free_port(), free_port(), free_port()
         far, near = str(relay_port), str(m2_port)
+        metrics = {far: "0", near: str(free_port())}
         with MachineProcesses(root) as machines:
 
             async def main() -> dict[str, float]:
@@ -206,8 +281,9 @@ def run_mode(replicas: bool, hints: bool, args: argparse.Namespace) -> dict[str,
                 # send m2 back to polling for HINT_RETRY (5 s), into the measured writes.
                 async with DelayRelay(m1_port, args.latency_ms / 1000, listen=relay_port) as relay:
                     for machine, port in ((far, m1_port), (near, m2_port)):
+                        machine_env = {**env, "TENANTDB_METRICS_PORT": metrics[machine]}
                         await asyncio.to_thread(
-                            machines.start, APP, machine, "acme", env, port=port
+                            machines.start, APP, machine, "acme", machine_env, port=port
                         )
                     urls = {far: relay.url, near: f"http://127.0.0.1:{m2_port}"}
                     await asyncio.sleep(1)  # the replica restores its copy
@@ -219,6 +295,8 @@ def run_mode(replicas: bool, hints: bool, args: argparse.Namespace) -> dict[str,
                         args.write_every,
                         args.writes_per_s,
                         args.visible if replicas else 0,
+                        root / "bucket",
+                        int(metrics[near]),
                     )
 
             result = asyncio.run(main())

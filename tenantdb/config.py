@@ -267,8 +267,9 @@ class Settings:
     kill_timeout: float = 30.0
     # A standby's poll of lock.json (a conditional GET): how soon it sees a release.
     follow_interval: float = 0.5
-    # Tail hints (TENANTDB_TAIL_HINTS): a standby long-polls the holder for "lock.json moved"
-    # and reads lock.json then, or once per two TTLs, instead of every follow_interval.
+    # Tail hints (TENANTDB_TAIL_HINTS): the holder tells a standby's stream each move of
+    # lock.json and the standby reads it then, or once per two TTLs, instead of every
+    # follow_interval.
     tail_hints: bool = True
     # Where a standby asks the holder ({machine_id}, {app}, {port}): its private address.
     hint_url: str = INTERNAL_PROXY_URL

@@ -1,4 +1,5 @@
-"""Tail hints between real uvicorn machines: a standby long-polls its holder, not lock.json.
+"""Tail hints between real uvicorn machines: a standby follows its holder's hint stream,
+not lock.json.
 
 Machines run ``tests.support.replica_app`` over the moto S3 server (the dev DNS responder
 answers for them); each machine's id is its port, so ``TENANTDB_HINT_URL`` can name
@@ -8,11 +9,13 @@ answers for them); each machine's id is its port, so ``TENANTDB_HINT_URL`` can n
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import pytest
@@ -23,6 +26,9 @@ from tenantdb.config import Settings
 from tenantdb.dev.dns_server import DevDNSServer
 from tenantdb.dev.ports import free_port
 from tenantdb.errors import ConfigurationError
+from tenantdb.machine.bookmark import Bookmark
+from tenantdb.machine.tail_hints import QUIET_END
+from tests.support.hint_servers import CountingRelay, HostileHintServer
 from tests.support.servers import MachineProcesses, UvicornProcess
 
 APP = "tests.support.replica_app:app"
@@ -46,12 +52,16 @@ def start(
     subprocess_env: dict[str, str],
     s3_settings_env: dict[str, str],
 ) -> Iterator[Start]:
-    """Start a machine of tenant acme whose id is its port (``env`` on top)."""
+    """Start a machine of tenant acme on ``port`` whose id is its port, unless ``machine``
+    names another (a server on that port then stands for its hint address), serving ``app``
+    (``env`` on top)."""
     with MachineProcesses(tmp_path) as machines:
 
-        def run(**env: str) -> UvicornProcess:
-            port = free_port()
-            machine = str(port)
+        def run(
+            *, machine: str | None = None, port: int | None = None, app: str = APP, **env: str
+        ) -> UvicornProcess:
+            port = port or free_port()
+            machine = machine or str(port)
             base = {
                 **subprocess_env,
                 **s3_settings_env,
@@ -61,7 +71,7 @@ def start(
                 "TENANTDB_METRICS_PORT": "0",
                 "TENANTDB_HINT_URL": "http://127.0.0.1:{machine_id}",
             }
-            server = machines.start(APP, machine, "acme", {**base, **env}, port=port)
+            server = machines.start(app, machine, "acme", {**base, **env}, port=port)
             dns.set_machine(machine, {KEY: "acme"})
             return server
 
@@ -348,3 +358,272 @@ def test_a_bad_hint_url_fails_the_startup_naming_it(tmp_path: Path, template: st
     assert isinstance(error, ConfigurationError)
     assert error.variable == "TENANTDB_HINT_URL"
     assert "tail hint URL template TENANTDB_HINT_URL=" in str(error)
+
+
+async def lines_of(response: httpx.Response) -> list[tuple[float, dict[str, object]]]:
+    """Each line of a hint stream, with the monotonic time it arrived."""
+    lines, pending = [], b""
+    async for chunk in response.aiter_bytes():
+        pending += chunk
+        *whole, pending = pending.split(b"\n")
+        lines += [(time.monotonic(), json.loads(line)) for line in whole]
+    assert pending == b"", pending
+    return lines
+
+
+def test_the_holder_streams_a_line_at_each_move_and_where_it_stands_at_the_end(
+    start: Start,
+) -> None:
+    holder = start()  # a TTL of 3 s: streams of at most 1 s
+    hints = f"{holder.url}/.tenantdb/tail/acme"
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(timeout=10) as client:
+            await write(client, holder, "first")
+            at = (await client.get(hints, params={"after": "0.0", "wait": "0"})).json()
+            started = time.monotonic()
+            async with client.stream(
+                "GET",
+                hints,
+                params={"after": at["position"], "wait": "60"},
+                headers={"accept": "application/x-ndjson"},
+            ) as response:
+                assert response.status_code == 200
+                assert response.headers["content-type"] == "application/x-ndjson"
+                assert response.headers["cache-control"] == "no-store"
+
+                async def writes() -> list[float]:
+                    landed = []
+                    for n in range(3):
+                        await asyncio.sleep(0.15)
+                        await write(client, holder, f"moved-{n}")
+                        landed.append(time.monotonic())
+                    return landed
+
+                landed, lines = await asyncio.gather(writes(), lines_of(response))
+            ended = time.monotonic() - started
+            # The wait is cut to a third of the TTL; the last line says where it stands.
+            assert 0.9 < ended < 2.5, ended
+            positions = [Bookmark.parse(str(line["position"])) for _, line in lines]
+            assert all(line["holding"] is True for _, line in lines), lines
+            assert positions == sorted(positions), lines
+            assert len(set(positions)) >= 3, lines
+            assert positions[0] > Bookmark.parse(at["position"])
+            # Each write was told as it landed, on the one answer, not at its end.
+            for n, when in enumerate(landed):
+                told = [arrived for arrived, _ in lines if arrived >= when - 0.05]
+                assert told, (n, when, lines)
+                assert told[0] - when < 0.5, (n, when, lines)
+            last = (await client.get(hints, params={"after": "0.0", "wait": "0"})).json()
+            assert lines[-1][1] == last
+
+    asyncio.run(scenario())
+
+
+def test_a_push_wakes_the_replica_without_a_new_hint_request_per_write(start: Start) -> None:
+    # Without polls (every 30 s) only hints bring writes in. A long poll is answered at each
+    # move and asked again after the replica's read: a request per write. A stream tells
+    # every write, and the next is asked for only every 3/4 of a wait (0.75 s at a TTL of 3).
+    slow = {
+        "TENANTDB_REPLICA_READS": "1",
+        "TENANTDB_FOLLOW_INTERVAL": "30",
+        "TENANTDB_MAX_REPLICA_LAG": "60",
+        "TENANTDB_READ_WAIT": "0",
+    }
+    holder_port = free_port()
+    with CountingRelay(holder_port) as relay:
+        # The holder's hint address is the relay's: the replica's hint requests pass it.
+        holder = start(machine=str(relay.port), port=holder_port, **slow)
+        replica = start(**slow)
+
+        async def scenario() -> tuple[int, int, float]:
+            async with httpx.AsyncClient(timeout=10) as client:
+                await write(client, holder, "first")
+                deadline = time.monotonic() + 20
+                while "first" not in await served_by_replica(client, replica):
+                    assert time.monotonic() < deadline, "the replica never served its copy"
+                    await asyncio.sleep(0.05)
+                before, started = relay.requests, time.monotonic()
+                tokens = [f"w{n}" for n in range(12)]
+                for token in tokens:
+                    await write(client, holder, token)
+                    await asyncio.sleep(0.2)
+                while tokens[-1] not in await served_by_replica(client, replica):
+                    assert time.monotonic() - started < 20, "the writes never reached the replica"
+                    await asyncio.sleep(0.01)
+                return relay.requests - before, len(tokens), time.monotonic() - started
+
+        asked, written, took = asyncio.run(scenario())
+    print(f"{written} writes in {took:.2f}s reached the replica over {asked} hint requests")
+    assert asked <= took / 0.75 + 2, asked
+    assert asked < written / 2, asked
+
+
+def test_a_replica_follows_a_holder_that_answers_only_long_polls(start: Start) -> None:
+    # A holder of the version before streams: the replica's stream request is answered
+    # once, as a long poll (application/json), which the replica takes as a stream of one
+    # line, asking again at once.
+    slow = {
+        "TENANTDB_REPLICA_READS": "1",
+        "TENANTDB_FOLLOW_INTERVAL": "30",
+        "TENANTDB_MAX_REPLICA_LAG": "60",
+        "TENANTDB_READ_WAIT": "0",
+    }
+    holder = start(app="tests.support.replica_app:long_polls_only", **slow)
+    replica = start(**slow)
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(timeout=10) as client:
+            answer = await client.get(
+                f"{holder.url}/.tenantdb/tail/acme",
+                params={"after": "0.0", "wait": "0"},
+                headers={"accept": "application/x-ndjson"},
+            )
+            assert answer.headers["content-type"] == "application/json", answer.headers
+            await write(client, holder, "first")
+            deadline = time.monotonic() + 20
+            while "first" not in await served_by_replica(client, replica):
+                assert time.monotonic() < deadline, "the replica never served its copy"
+                await asyncio.sleep(0.05)
+            for token in ("second", "third", "fourth"):
+                await write(client, holder, token)
+                written = time.monotonic()
+                while token not in await served_by_replica(client, replica):
+                    waited = time.monotonic() - written
+                    assert waited < 5, f"{token!r} not on the replica after {waited:.1f}s"
+                    await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("how", ["cut", "malformed"])
+def test_a_hint_stream_cut_mid_line_or_malformed_sends_the_replica_back_to_polling(
+    start: Start, how: Literal["cut", "malformed"]
+) -> None:
+    # The holder's hint address answers each stream with half a line, or a line that is
+    # not a holder's: the replica takes none of it and polls lock.json every 0.3 s.
+    replicas = {
+        "TENANTDB_REPLICA_READS": "1",
+        "TENANTDB_FOLLOW_INTERVAL": "0.3",
+        "TENANTDB_MAX_REPLICA_LAG": "60",
+        "TENANTDB_READ_WAIT": "0",
+    }
+    with HostileHintServer(how) as hostile:
+        holder = start(machine=str(hostile.port), **replicas)
+        metrics_port = free_port()
+        replica = start(**replicas, TENANTDB_METRICS_PORT=str(metrics_port))
+
+        async def scenario() -> float:
+            async with httpx.AsyncClient(timeout=10) as client:
+                await write(client, holder, "first")
+                deadline = time.monotonic() + 20
+                while "first" not in await served_by_replica(client, replica):
+                    assert time.monotonic() < deadline, "the replica never served its copy"
+                    await asyncio.sleep(0.05)
+                before = bucket_requests(metrics_port)
+                await asyncio.sleep(3)
+                made = bucket_requests(metrics_port) - before
+                await write(client, holder, "second")
+                written = time.monotonic()
+                while "second" not in await served_by_replica(client, replica):
+                    assert time.monotonic() - written < 3, "the replica stopped following"
+                    await asyncio.sleep(0.01)
+                return made
+
+        made = asyncio.run(scenario())
+        asked = hostile.requests
+    print(f"{how}: {asked} hint requests, {made:g} bucket requests in 3 s")
+    assert asked >= 1
+    # Polls: about 10 reads of lock.json in 3 s (hints that worked would make at most 1).
+    assert made >= 5, made
+    assert replica.proc.poll() is None
+
+
+def test_a_trickling_hint_stream_does_not_keep_a_lapsed_lease_unnoticed(start: Start) -> None:
+    # The holder's hint address answers a stream that never ends and never completes a line
+    # (a byte every 0.2 s, no read timeout ever fires); meanwhile the holder dies. Each
+    # stream must end by its wait and the slack, and the standby poll and take over.
+    with HostileHintServer("trickle") as hostile:
+        holder = start(machine=str(hostile.port))
+        standby = start()
+        time.sleep(TTL / 2)  # the standby asks the hint address now
+
+        async def scenario() -> float:
+            async with httpx.AsyncClient(timeout=10) as client:
+                await write(client, holder, "before")
+                holder.proc.send_signal(signal.SIGKILL)
+                stopped = time.monotonic()
+                while True:
+                    answer = await client.post(f"{standby.url}{NOTES}", params={"token": "after"})
+                    if answer.status_code == 201:
+                        return time.monotonic() - stopped
+                    assert time.monotonic() - stopped < 6 * TTL, answer.text
+                    await asyncio.sleep(0.1)
+
+        took = asyncio.run(scenario())
+        asked = hostile.requests
+    print(f"the standby took over {took:.2f}s after the holder died ({asked} hint requests)")
+    assert asked >= 1
+    assert took < 2 * TTL + 2, f"the standby took over {took:.1f}s after the holder died"
+
+
+def test_the_holder_counts_hint_streams_among_its_bounded_waiters(start: Start) -> None:
+    holder = start(TENANTDB_LEASE_TTL="15")  # streams of at most 5 s
+    hints = f"{holder.url}/.tenantdb/tail/acme"
+
+    async def scenario() -> None:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+            at = (await client.get(hints, params={"after": "0.0", "wait": "0"})).json()
+
+            async def stream() -> tuple[int, str, float]:
+                started = time.monotonic()
+                async with client.stream(
+                    "GET",
+                    hints,
+                    params={"after": at["position"], "wait": "60"},
+                    headers={"accept": "application/x-ndjson"},
+                ) as response:
+                    body = (await response.aread()).decode()
+                    return response.status_code, body, time.monotonic() - started
+
+            answers = await asyncio.gather(*(stream() for _ in range(40)))
+            statuses = sorted(status for status, _, _ in answers)
+            assert statuses == [200] * 32 + [503] * 8, statuses
+            for status, body, took in answers:
+                if status == 200:
+                    # Nothing moved: one line at the end of the wait, cut to 5 s.
+                    assert json.loads(body) == at, body
+                    assert body.endswith("\n"), body
+                    assert 4.5 < took < 10, took
+            # Every place is free again once the streams ended.
+            again = await asyncio.gather(*(stream() for _ in range(2)))
+            assert [status for status, _, _ in again] == [200, 200]
+
+    asyncio.run(scenario())
+
+
+def test_a_holder_that_stops_after_writes_is_not_held_up_by_its_standbys_streams(
+    start: Start,
+) -> None:
+    # A TTL of 60 s: streams of up to 20 s. A server that stops gracefully waits for the
+    # requests in flight, the standby's hint streams among them, before its final publish
+    # and release; a stream that told of writes ends a second after the last.
+    holder = start(TENANTDB_LEASE_TTL="60")
+    standby = start(TENANTDB_LEASE_TTL="60")
+    time.sleep(1.5)  # the standby streams from the holder now
+
+    async def writes() -> None:
+        async with httpx.AsyncClient(timeout=10) as client:
+            for n in range(20):
+                await write(client, holder, f"w{n}")
+                await asyncio.sleep(0.05)
+
+    asyncio.run(writes())
+    started = time.monotonic()
+    code = holder.stop(signal.SIGTERM, timeout=60)
+    took = time.monotonic() - started
+    print(f"the holder exited {code} {took:.2f}s after SIGTERM")
+    assert code == -signal.SIGTERM, holder.log()[-3000:]  # uvicorn raises it again at the end
+    assert took < QUIET_END + 4, took
+    assert standby.proc.poll() is None

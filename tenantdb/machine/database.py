@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any, Self, get_args
 
@@ -35,7 +35,7 @@ from tenantdb.machine.standby import Standby
 from tenantdb.machine.starting import Starting
 from tenantdb.machine.stopping import Stopping
 from tenantdb.machine.supervisor import Health, HealthCheck, Supervisor
-from tenantdb.machine.tail_hints import TailHintClient, TailState, wait_for_tail
+from tenantdb.machine.tail_hints import TailHintClient, TailState, tail_moves, wait_for_tail
 from tenantdb.metrics import Metrics
 from tenantdb.protocol.lease import Lease
 from tenantdb.replication.shipper import Shipper
@@ -168,6 +168,17 @@ class TenantDB:
         if lease is None:
             return TailState(holding=False, position=None)
         return await wait_for_tail(lease, after, wait)
+
+    async def tail_moves(self, after: Bookmark, wait: float) -> AsyncIterator[TailState]:
+        """Each move of the position this machine published past the last one told
+        (``after`` at first) for ``wait`` seconds, then where it stands; it ends once this
+        machine does not hold the lease: a tail hint stream."""
+        lease = self._machine.lease_or_none
+        if lease is None:
+            yield TailState(holding=False, position=None)
+            return
+        async for state in tail_moves(lease, after, wait):
+            yield state
 
     @property
     def lease(self) -> Lease:

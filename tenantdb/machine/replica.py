@@ -11,9 +11,9 @@ The follower writes the copy's pages in place, under SQLite's feet: a read conne
 opened for one request with ``immutable=1`` (no locks, no -shm), and the ``CopyLock`` keeps
 the follower's writes and the reads apart, writes first. A copy's lag is the time since a
 read of lock.json *sent* then found the copy equal to what it names, or since a tail hint
-request was sent that the holder of that very lease answered still holding at the copy's
-position (machine/tail_hints.py): an idle replica with hints reads lock.json no more often
-than a standby, and its lag stays under half the bound while its holder answers.
+stream was asked for on which the holder of that very lease then told it held at the
+copy's position (machine/tail_hints.py): an idle replica with hints reads lock.json no more
+often than a standby, and its lag stays under half the bound while its holder answers.
 """
 
 from __future__ import annotations
@@ -281,17 +281,17 @@ class Replica(Standby):
             await asyncio.sleep(gap)
 
     def _hint_wait(self) -> float:
-        # A hint vouches for the copy as of its request's send, so the lag of an idle copy
+        # A stream vouches for the copy as of its request, so the lag of an idle copy
         # reaches two waits (and round trips): a quarter of the bound keeps it at half.
         return min(super()._hint_wait(), self.machine.settings.max_replica_lag / 4)
 
-    def _vouched(self, record: LockRecord, sent: float) -> None:
+    def _vouched(self, position: Bookmark, sent: float) -> None:
         current = self.current
-        if current is None or current[0] != record or sent <= current[1]:
+        if current is None or Bookmark.of(current[0]) != position or sent <= current[1]:
             return  # the copy is not at the position the holder vouched for
-        if self.follower.hashes(record) is None:
-            return
-        self.current = (record, sent)
+        if self.follower.hashes(current[0]) is None:
+            return  # the follower is writing the copy
+        self.current = (current[0], sent)
 
     def _polled(self, record: LockRecord, sent: float) -> None:
         if self.follower.hashes(record) is not None:

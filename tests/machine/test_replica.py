@@ -10,6 +10,7 @@ takes the lease when the holder stops.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ from tenantdb.machine.database import TenantDB
 from tenantdb.machine.fenced import Fenced
 from tenantdb.machine.mover import MOVES
 from tenantdb.machine.replica import Bookmark, CopyLock
-from tenantdb.machine.tail_hints import HintAnswer
+from tenantdb.machine.standby import PUSHED_READ_GAP
+from tenantdb.machine.tail_hints import Told
 from tenantdb.storage import Bucket
 from tenantdb.storage.local import LocalBucket
 
@@ -197,19 +199,22 @@ async def test_a_replica_whose_copy_lags_past_the_bound_refuses(tmp_path: Path) 
 
 
 class DirectHints:
-    """A ``TailHintClient`` that asks the holder's ``TenantDB`` in this process, as the
-    holder's endpoint would (asgi/tail_hints.py), or fails while ``reachable`` is unset."""
+    """A ``TailHintClient`` that streams from the holder's ``TenantDB`` in this process, as
+    the holder's endpoint would (asgi/tail_hints.py), or fails while ``reachable`` is unset."""
 
     def __init__(self, holder: TenantDB) -> None:
         self.holder = holder
         self.reachable = True
 
-    async def wait_past(self, holder: str, tenant: str, after: Bookmark, wait: float) -> HintAnswer:
+    async def watch(
+        self, holder: str, tenant: str, after: Bookmark, wait: float, told: Told
+    ) -> bool:
         if not self.reachable:
             await asyncio.sleep(wait)  # a stopped holder: no answer within the wait
-            return "failed"
-        state = await self.holder.wait_tail(after, wait)
-        return "unchanged" if state.holding and state.position == after else "moved"
+            return False
+        async for state in self.holder.tail_moves(after, wait):
+            told(state)
+        return True
 
 
 @pytest.mark.parametrize("reachable", [True, False])
@@ -372,3 +377,66 @@ async def test_a_replica_whose_copy_is_not_at_the_apps_schema_refuses(tmp_path: 
     finally:
         await replica.stop()
         await holder.stop()
+
+
+class TimedBucket:
+    """A bucket that notes when each read of lock.json began and ended."""
+
+    def __init__(self, inner: Bucket) -> None:
+        self.inner = inner
+        self.reads: list[tuple[float, float]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def get_if_changed(self, key: str, *args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        try:
+            return await self.inner.get_if_changed(key, *args, **kwargs)
+        finally:
+            if key.endswith("lock.json"):
+                self.reads.append((started, time.monotonic()))
+
+
+async def test_pushes_under_continuous_writes_drive_one_read_at_a_time_a_floor_apart(
+    tmp_path: Path,
+) -> None:
+    # No polls (every 30 s): the holder's stream tells every write; the replica reads
+    # lock.json once per PUSHED_READ_GAP at most, never two reads at once, and what was told
+    # during a read comes in with the next one.
+    holder = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
+    await holder.start()
+    await write(holder, "first")
+    async with LocalBucket(tmp_path / "bucket") as real:
+        bucket = TimedBucket(real)
+        replica = TenantDB(
+            settings(tmp_path, "m2", follow_interval=30, max_replica_lag=60, read_wait=0),
+            migrations=MIGRATIONS,
+            bucket=bucket,  # type: ignore[arg-type]
+            tail_hints=DirectHints(holder),
+        )
+        await replica.start()
+        try:
+            await caught_up(replica, ["first"])
+            bucket.reads.clear()
+            written = ["first"]
+            ends = time.monotonic() + 1.5
+            while time.monotonic() < ends:
+                written.append(f"w{len(written)}")
+                await write(holder, written[-1])
+            last = time.monotonic()
+            await caught_up(replica, written)
+            took = time.monotonic() - last
+        finally:
+            await replica.stop()
+            await holder.stop()
+    starts = [started for started, _ in bucket.reads]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    print(f"{len(written)} writes, {len(starts)} reads, smallest gap {1000 * min(gaps):.1f} ms")
+    assert all(ended <= started for (_, ended), (started, _) in itertools.pairwise(bucket.reads)), (
+        bucket.reads
+    )
+    assert min(gaps) >= PUSHED_READ_GAP - 0.002, gaps
+    assert len(starts) <= 1.5 / PUSHED_READ_GAP + 3
+    assert len(written) > len(starts)  # pushes that came during a read made one read
+    assert took < 1.0, took

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Literal
 
-from tenantdb.asgi.tail_hints import hint_answer
+import pytest
+
+from tenantdb.asgi.tail_hints import HttpTailHints, tail_state
 from tenantdb.machine.bookmark import Bookmark
-from tenantdb.machine.tail_hints import wait_for_tail
+from tenantdb.machine.tail_hints import TailState, wait_for_tail
 from tenantdb.protocol.lease import Lease
 from tenantdb.storage.local import LocalBucket
+from tests.support.hint_servers import HostileHintServer
 
 
 def holder_lease(bucket: LocalBucket) -> Lease:
@@ -80,18 +84,36 @@ async def test_the_holder_answers_unchanged_after_the_wait(local_bucket: LocalBu
     assert state.position == Bookmark.of(record)
 
 
-def test_a_standby_reads_lock_json_unless_the_holder_holds_at_its_position() -> None:
-    at = Bookmark(3, 17)
-    assert hint_answer(b'{"holding": true, "position": "3.17"}', at) == "unchanged"
-    assert hint_answer(b'{"holding": true, "position": "3.18"}', at) == "moved"
-    assert hint_answer(b'{"holding": true, "position": "4.0"}', at) == "moved"
-    assert hint_answer(b'{"holding": false, "position": "3.17"}', at) == "moved"
-    assert hint_answer(b'{"holding": true, "position": null}', at) == "moved"
-    for body in (
+def test_a_standby_takes_only_whole_well_formed_lines_from_a_holder() -> None:
+    assert tail_state(b'{"holding": true, "position": "3.17"}') == TailState(True, Bookmark(3, 17))
+    assert tail_state(b'{"holding": false, "position": "4.0"}') == TailState(False, Bookmark(4, 0))
+    assert tail_state(b'{"holding": true, "position": null}') == TailState(True, None)
+    for line in (
         b"",
         b"[]",
         b"not json",
+        b'{"holding": true, "position": "3.17"',  # cut mid-line
         b'{"holding": 1, "position": "3.17"}',
-        b'{"position": 3}',
+        b'{"holding": true, "position": 3}',
+        b'{"holding": true, "position": "3.x"}',
+        b'{"position": "3.17"}',
+        b'{"holding": true, "position": "3.17", "pad": "' + b"x" * 1024 + b'"}',
     ):
-        assert hint_answer(body, at) == "failed", body
+        assert tail_state(line) is None, line
+
+
+@pytest.mark.parametrize("how", ["cut", "malformed", "trickle"])
+async def test_a_hint_stream_cut_malformed_or_trickling_fails_and_tells_nothing(
+    how: Literal["cut", "malformed", "trickle"],
+) -> None:
+    # Each answer is one line claiming the very position asked past (a vouch, if taken),
+    # cut before its end, not a holder's, or never finished.
+    told: list[TailState] = []
+    with HostileHintServer(how) as hostile:
+        async with HttpTailHints(lambda machine: f"http://127.0.0.1:{machine}", slack=0.5) as hints:
+            started = time.monotonic()
+            ended = await hints.watch(str(hostile.port), "acme", Bookmark(1, 5), 0.5, told.append)
+            took = time.monotonic() - started
+    assert ended is False
+    assert told == []
+    assert took < 1.5, took  # the wait and the slack, whatever the stream does

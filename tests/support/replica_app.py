@@ -3,7 +3,8 @@
 ``GET /customers/{tenant}/notes`` reads every note (in the order written), ``POST`` with
 ``?token=`` writes one, ``GET /customers/{tenant}/sneaky`` writes although it is a GET (an
 app's marking mistake), ``GET /customers/{tenant}/late`` writes after its answer began.
-Answers say which machine ran them. Serve with ``uvicorn tests.support.replica_app:app``.
+Answers say which machine ran them. Serve with ``uvicorn tests.support.replica_app:app``
+(``:long_polls_only``: the same as a holder from before tail hint streams).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from tenantdb import TenantDBMiddleware, tenant_db
 
@@ -67,3 +69,11 @@ app = Starlette(
     ],
     middleware=[Middleware(TenantDBMiddleware, migrations=MIGRATIONS)],
 )
+
+
+async def long_polls_only(scope: Scope, receive: Receive, send: Send) -> None:
+    """``app`` as a holder from before hint streams answers: every tail hint request a long
+    poll (it never saw the Accept header that asks for a stream)."""
+    if scope["type"] == "http" and scope["path"].startswith("/.tenantdb/tail/"):
+        scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"accept"]}
+    await app(scope, receive, send)
