@@ -29,7 +29,6 @@ import contextlib
 import re
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ import httpx
 from tenantdb.dev.dns_server import DevDNSServer
 from tenantdb.dev.ports import free_port
 from tenantdb.storage.local import LocalBucket
+from tests.support.hint_servers import ThreadServer
 from tests.support.servers import MachineProcesses
 
 APP = "tests.support.replica_app:app"
@@ -45,45 +45,19 @@ NOTES = "/customers/acme/notes"
 LOCK_KEY = "tenants/acme/lock.json"
 
 
-class DelayRelay:
+class DelayRelay(ThreadServer):
     """A TCP relay to ``port`` on loopback that holds each chunk ``delay`` seconds.
 
     It runs on an event loop of its own thread: on the bench's loop, busy with the client's
     reads every 2 ms, a chunk's leg stretched by whatever else ran (20 ms more at times).
     """
 
-    def __init__(self, port: int, delay: float, *, listen: int = 0) -> None:
+    def __init__(self, port: int, delay: float, *, listen: int | None = None) -> None:
+        super().__init__(listen)
         self.target = port
         self.delay = delay
-        self.listen = listen
-        self.url = ""
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
 
-    async def __aenter__(self) -> DelayRelay:
-        self._thread.start()
-        listening = asyncio.start_server(self._relay, "127.0.0.1", self.listen)
-        future = asyncio.run_coroutine_threadsafe(listening, self._loop)
-        self._server = await asyncio.wrap_future(future)
-        port = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        async def close() -> None:
-            if self._server is not None:
-                self._server.close()
-            tasks = asyncio.all_tasks() - {asyncio.current_task()}
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(close(), self._loop))
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
@@ -279,7 +253,7 @@ def run_mode(replicas: bool, hints: bool, args: argparse.Namespace) -> dict[str,
             async def main() -> dict[str, float]:
                 # The relay listens before m2 starts: a first hint request refused would
                 # send m2 back to polling for HINT_RETRY (5 s), into the measured writes.
-                async with DelayRelay(m1_port, args.latency_ms / 1000, listen=relay_port) as relay:
+                with DelayRelay(m1_port, args.latency_ms / 1000, listen=relay_port) as relay:
                     for machine, port in ((far, m1_port), (near, m2_port)):
                         machine_env = {**env, "TENANTDB_METRICS_PORT": metrics[machine]}
                         await asyncio.to_thread(

@@ -104,6 +104,22 @@ async def served_by_replica(client: httpx.AsyncClient, replica: UvicornProcess) 
     return tokens
 
 
+async def served_within(
+    client: httpx.AsyncClient,
+    replica: UvicornProcess,
+    token: str,
+    seconds: float,
+    *,
+    poll: float = 0.05,
+) -> None:
+    """Wait until the replica serves ``token`` from its own copy; fail past ``seconds``."""
+    started = time.monotonic()
+    while token not in await served_by_replica(client, replica):
+        waited = time.monotonic() - started
+        assert waited < seconds, f"{token!r} not on the replica after {waited:.1f}s"
+        await asyncio.sleep(poll)
+
+
 def test_an_idle_standby_reads_lock_json_at_most_once_per_two_ttls(start: Start) -> None:
     holder = start()
     metrics_port = free_port()
@@ -133,10 +149,7 @@ def test_an_idle_replica_serves_past_the_lag_bound_on_hints_alone(start: Start) 
     async def scenario() -> tuple[float, list[float], int]:
         async with httpx.AsyncClient(timeout=10) as client:
             await write(client, holder, "kept")
-            deadline = time.monotonic() + 20
-            while "kept" not in await served_by_replica(client, replica):
-                assert time.monotonic() < deadline, "the replica never served its copy"
-                await asyncio.sleep(0.05)
+            await served_within(client, replica, "kept", 20)
             await asyncio.sleep(TTL / 2)  # the replica asks the holder for hints now
             before = bucket_requests(metrics_port)
             lags: list[float] = []
@@ -175,10 +188,7 @@ def test_a_replica_whose_holder_stops_answering_lags_and_refuses_past_the_bound(
     async def scenario() -> tuple[list[float], float]:
         async with httpx.AsyncClient(timeout=10) as client:
             await write(client, holder, "kept")
-            deadline = time.monotonic() + 20
-            while "kept" not in await served_by_replica(client, replica):
-                assert time.monotonic() < deadline, "the replica never served its copy"
-                await asyncio.sleep(0.05)
+            await served_within(client, replica, "kept", 20)
             holder.proc.send_signal(signal.SIGSTOP)
             stopped = time.monotonic()
             lags: list[float] = []
@@ -216,17 +226,10 @@ def test_a_write_reaches_the_replica_on_a_hint_not_on_the_poll(start: Start) -> 
         async with httpx.AsyncClient(timeout=10) as client:
             await write(client, holder, "first")
             replica = start(**slow)  # its first read of lock.json finds "first"
-            deadline = time.monotonic() + 20
-            while "first" not in await served_by_replica(client, replica):
-                assert time.monotonic() < deadline, "the replica never served its copy"
-                await asyncio.sleep(0.05)
+            await served_within(client, replica, "first", 20)
             for token in ("second", "third"):
                 await write(client, holder, token)
-                written = time.monotonic()
-                while token not in await served_by_replica(client, replica):
-                    waited = time.monotonic() - written
-                    assert waited < 10, f"{token!r} not on the replica after {waited:.1f}s"
-                    await asyncio.sleep(0.01)
+                await served_within(client, replica, token, 10, poll=0.01)
 
     asyncio.run(scenario())
 
@@ -439,10 +442,7 @@ def test_a_push_wakes_the_replica_without_a_new_hint_request_per_write(start: St
         async def scenario() -> tuple[int, int, float]:
             async with httpx.AsyncClient(timeout=10) as client:
                 await write(client, holder, "first")
-                deadline = time.monotonic() + 20
-                while "first" not in await served_by_replica(client, replica):
-                    assert time.monotonic() < deadline, "the replica never served its copy"
-                    await asyncio.sleep(0.05)
+                await served_within(client, replica, "first", 20)
                 before, started = relay.requests, time.monotonic()
                 tokens = [f"w{n}" for n in range(12)]
                 for token in tokens:
@@ -481,17 +481,10 @@ def test_a_replica_follows_a_holder_that_answers_only_long_polls(start: Start) -
             )
             assert answer.headers["content-type"] == "application/json", answer.headers
             await write(client, holder, "first")
-            deadline = time.monotonic() + 20
-            while "first" not in await served_by_replica(client, replica):
-                assert time.monotonic() < deadline, "the replica never served its copy"
-                await asyncio.sleep(0.05)
+            await served_within(client, replica, "first", 20)
             for token in ("second", "third", "fourth"):
                 await write(client, holder, token)
-                written = time.monotonic()
-                while token not in await served_by_replica(client, replica):
-                    waited = time.monotonic() - written
-                    assert waited < 5, f"{token!r} not on the replica after {waited:.1f}s"
-                    await asyncio.sleep(0.01)
+                await served_within(client, replica, token, 5, poll=0.01)
 
     asyncio.run(scenario())
 
@@ -516,10 +509,7 @@ def test_a_hint_stream_cut_mid_line_or_malformed_sends_the_replica_back_to_polli
         async def scenario() -> float:
             async with httpx.AsyncClient(timeout=10) as client:
                 await write(client, holder, "first")
-                deadline = time.monotonic() + 20
-                while "first" not in await served_by_replica(client, replica):
-                    assert time.monotonic() < deadline, "the replica never served its copy"
-                    await asyncio.sleep(0.05)
+                await served_within(client, replica, "first", 20)
                 before = bucket_requests(metrics_port)
                 await asyncio.sleep(3)
                 made = bucket_requests(metrics_port) - before

@@ -23,16 +23,18 @@ from urllib.parse import parse_qs, urlsplit
 
 from tenantdb.dev.ports import free_port
 
-__all__ = ["CountingRelay", "HostileHintServer"]
+__all__ = ["CountingRelay", "HostileHintServer", "ThreadServer"]
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-class _ThreadServer:
-    """A TCP server on 127.0.0.1 (``port``) whose handler runs on a loop of its own thread."""
+class ThreadServer:
+    """A TCP server on 127.0.0.1 (``port``, a free one by default) whose handler runs on a
+    loop of its own thread (``bench_replicas``' relay is one too)."""
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
@@ -66,7 +68,7 @@ class _ThreadServer:
         self._thread.join(10)
 
 
-class CountingRelay(_ThreadServer):
+class CountingRelay(ThreadServer):
     """Forwards to 127.0.0.1:``target``; counts the hint requests on their way there."""
 
     def __init__(self, target: int) -> None:
@@ -94,7 +96,7 @@ class CountingRelay(_ThreadServer):
         await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
 
 
-class HostileHintServer(_ThreadServer):
+class HostileHintServer(ThreadServer):
     """Answers every hint request as ``how`` says (see the module's docstring)."""
 
     def __init__(self, how: Literal["cut", "malformed", "trickle"]) -> None:
