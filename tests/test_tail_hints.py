@@ -104,6 +104,16 @@ async def served_by_replica(client: httpx.AsyncClient, replica: UvicornProcess) 
     return tokens
 
 
+# A replica that reads lock.json only every 30 s (its lag may be 60 s): hints alone bring
+# writes in.
+HINTS_ONLY = {
+    "TENANTDB_REPLICA_READS": "1",
+    "TENANTDB_FOLLOW_INTERVAL": "30",
+    "TENANTDB_MAX_REPLICA_LAG": "60",
+    "TENANTDB_READ_WAIT": "0",
+}
+
+
 async def served_within(
     client: httpx.AsyncClient,
     replica: UvicornProcess,
@@ -214,12 +224,7 @@ def test_a_replica_whose_holder_stops_answering_lags_and_refuses_past_the_bound(
 def test_a_write_reaches_the_replica_on_a_hint_not_on_the_poll(start: Start) -> None:
     # Without hints the replica would read lock.json again only after 30 s, and still serve
     # its older copy (its lag may be 60 s).
-    slow = {
-        "TENANTDB_REPLICA_READS": "1",
-        "TENANTDB_FOLLOW_INTERVAL": "30",
-        "TENANTDB_MAX_REPLICA_LAG": "60",
-        "TENANTDB_READ_WAIT": "0",
-    }
+    slow = HINTS_ONLY
     holder = start(**slow)
 
     async def scenario() -> None:
@@ -427,12 +432,7 @@ def test_a_push_wakes_the_replica_without_a_new_hint_request_per_write(start: St
     # Without polls (every 30 s) only hints bring writes in. A long poll is answered at each
     # move and asked again after the replica's read: a request per write. A stream tells
     # every write, and the next is asked for only every 3/4 of a wait (0.75 s at a TTL of 3).
-    slow = {
-        "TENANTDB_REPLICA_READS": "1",
-        "TENANTDB_FOLLOW_INTERVAL": "30",
-        "TENANTDB_MAX_REPLICA_LAG": "60",
-        "TENANTDB_READ_WAIT": "0",
-    }
+    slow = HINTS_ONLY
     holder_port = free_port()
     with CountingRelay(holder_port) as relay:
         # The holder's hint address is the relay's: the replica's hint requests pass it.
@@ -463,12 +463,7 @@ def test_a_replica_follows_a_holder_that_answers_only_long_polls(start: Start) -
     # A holder of the version before streams: the replica's stream request is answered
     # once, as a long poll (application/json), which the replica takes as a stream of one
     # line, asking again at once.
-    slow = {
-        "TENANTDB_REPLICA_READS": "1",
-        "TENANTDB_FOLLOW_INTERVAL": "30",
-        "TENANTDB_MAX_REPLICA_LAG": "60",
-        "TENANTDB_READ_WAIT": "0",
-    }
+    slow = HINTS_ONLY
     holder = start(app="tests.support.replica_app:long_polls_only", **slow)
     replica = start(**slow)
 

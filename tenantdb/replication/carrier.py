@@ -6,7 +6,8 @@ sync); it is written to the bucket later, in a pack with its neighbours, and lea
 dropped unstored, and the writes per sync approach one.
 
 When a pack starts: once ``PACK_SEGMENTS`` carried segments, or ``PACK_START_BYTES`` of
-them compressed (their share of lock.json's carried block), wait for one (in the
+them compressed (their share of lock.json's carried block), or ``PACK_START_INFLATED`` of
+them as stored (small segments are stored uncompressed), wait for one (in the
 background: the CASes go on carrying them meanwhile, the cap leaves room for that). What a
 new holder found carried by the lock it took over counts as carried by it (a start and a
 stop with no write cost no pack). A CAS that would carry a block over ``BLOCK_MAX_BYTES``
@@ -37,11 +38,13 @@ from tenantdb.replication.packs import PACK_SEGMENTS, encode_pack, pack_key
 from tenantdb.replication.segment import segment_key
 from tenantdb.replication.uploads import LogUploads
 
-__all__ = ["PACK_START_BYTES", "Carried", "Carrier", "Pack", "Stored"]
+__all__ = ["PACK_START_BYTES", "PACK_START_INFLATED", "Carried", "Carrier", "Pack", "Stored"]
 
-# A pack starts once the carried segments not in one weigh this much compressed: the rest
-# of the block's cap is room for the CASes sent while it uploads.
+# A pack starts once the carried segments not in one weigh this much compressed, or
+# inflated: the rest of each cap is room for the CASes sent while it uploads (a CAS that
+# would pass a cap waits for the upload).
 PACK_START_BYTES = BLOCK_MAX_BYTES * 2 // 3
+PACK_START_INFLATED = CARRIED_MAX_BYTES * 2 // 3
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,12 @@ class Carrier:
         for key in stored.singles:
             self.uploads.forget(key)
         self._carried = deque(stored.inline)
-        if len(self._unpacked()) >= PACK_SEGMENTS or self._unpacked_weight() >= PACK_START_BYTES:
+        unpacked = self._unpacked()
+        if (
+            len(unpacked) >= PACK_SEGMENTS
+            or sum(len(c.body) for c in unpacked) >= PACK_START_INFLATED
+            or self._unpacked_weight() >= PACK_START_BYTES
+        ):
             self._start_pack()
 
     async def store_all(self, record: LockRecord | None) -> None:

@@ -91,3 +91,22 @@ async def test_no_cas_drops_a_carried_segment_whose_pack_is_not_in_the_bucket(
     assert stored.ranges == [(1, 2, 1)]
     assert await local_bucket.head("tenants/acme/log/00000001/000000000001-000000000002.pack")
     assert [c.index for c in stored.inline] == [3]
+
+
+async def test_compressible_segments_start_a_pack_before_a_cas_has_to_wait_for_one(
+    local_bucket: Bucket,
+) -> None:
+    # Small segments are stored uncompressed: 20 KiB of zeros each weighs almost nothing in
+    # the carried block, but 256 KiB of them is the inflated cap. The pack must start in
+    # the background once 2/3 of it is carried, so that no CAS waits for an upload (a
+    # holder writing such rows stalled its CASes, then its renewal, past its lease).
+    uploads = LogUploads(local_bucket, "acme")
+    carrier = Carrier(uploads, prefix="tenants/", tenant="acme")
+    record = LockRecord("acme", "m1", None, generation=1, seq=1, ttl_seconds=15)
+    for index in range(1, 13):
+        stored = await carrier.prepare(record, [Carried(index, 1, bytes(20 * 1024))])
+        assert not stored.packs, f"the CAS of segment {index} waited for a pack"
+        carrier.published(stored)
+        if index == 9:  # 180 KiB carried, past 2/3 of the cap
+            assert any(key.endswith(".pack") for key in uploads._tasks), "no pack started"
+    await uploads.settled()
