@@ -15,9 +15,9 @@ from tenantdb.config import Settings
 from tenantdb.protocol.usage import Usage
 from tenantdb.replication.history import History
 
-__all__ = ["DAY", "Prices", "TenantCost", "cost_of"]
+__all__ = ["Prices", "TenantCost", "cost_of"]
 
-DAY = timedelta(days=1)
+_DAY = timedelta(days=1)
 _DAYS_A_MONTH = 30
 _GB = 1e9
 
@@ -52,7 +52,7 @@ class TenantCost:
 
 def cost_of(history: History, now: datetime) -> TenantCost:
     """The cost ``history``'s LIST shows as of ``now`` (the bucket's clock)."""
-    since = (now - DAY).timestamp() * 1000
+    since = (now - _DAY).timestamp() * 1000
     last_day = sum((u.usage for _, u in history.usage if u.ended_ms > since), Usage())
     stored = sum(s.size for s in history.snapshots) + sum(s.size for s in history.segments)
     if history.lock is not None:

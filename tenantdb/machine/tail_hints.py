@@ -196,11 +196,14 @@ class TailHints:
         holder, after = target
         listener = self._listener
         if listener is None or listener.holder != holder or listener.task.done():
+            if listener is not None:
+                listener.raise_failure()
             self._drop()
             listener = self._listener = _Listener(self, holder, after)
         listener.have = after
         while not listener.moved():
             if listener.task.done() or clock.monotonic() >= until:
+                listener.raise_failure()
                 return False
             listener.told.clear()
             with contextlib.suppress(TimeoutError):
@@ -214,8 +217,8 @@ class TailHints:
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener.task
+            # A bug that ended them was raised to the loop already (``raise_failure``).
+            await asyncio.gather(listener.task, return_exceptions=True)
 
     def _drop(self) -> None:
         """Stop the streams to a holder no longer asked (they end on the loop's next turn)."""
@@ -250,7 +253,17 @@ class _Listener:
         self.newest: Bookmark | None = None  # the newest position told while holding
         self.final = False  # the holder told it no longer holds (or has no position)
         self.told = asyncio.Event()  # set at each line and when the streams end
+        self.reported = False  # whether a bug that ended the streams was raised
         self.task = asyncio.create_task(self._listen())
+
+    def raise_failure(self) -> None:
+        """Raise what ended the streams if it was not a holder's answer but a bug (the
+        standby's loop then dies loudly and is restarted, instead of polling in silence);
+        once: the restarted loop makes new streams."""
+        task = self.task
+        if not self.reported and task.done() and not task.cancelled() and task.exception():
+            self.reported = True
+            task.result()
 
     def moved(self) -> bool:
         """True when the holder told of a position past ``have``, or that it stopped holding."""

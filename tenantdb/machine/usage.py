@@ -75,7 +75,11 @@ class UsageReporter:
     async def _every_interval(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self.record()
+            try:
+                await self.record()
+            except Exception:  # a bug: said loudly, counted; the meter goes on, and serving
+                log.exception("tenant %s: the usage record failed unexpectedly", self.tenant)
+                self.metrics.task_failed("usage")
 
     async def record(self, *, final: bool = False) -> None:
         """Write what was counted since the last record, if anything (a failure is logged).

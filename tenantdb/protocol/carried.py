@@ -24,7 +24,6 @@ __all__ = [
     "MAX_INLINE_SEGMENTS",
     "decode_block",
     "encode_block",
-    "frames_size",
     "inflate_bounded",
 ]
 
@@ -39,6 +38,8 @@ CARRIED_MAX_BYTES = 256 * 1024
 MAX_INLINE_SEGMENTS = 256
 
 _LENGTH = struct.Struct(">I")
+# The most a block inflates to: every segment's length and the segments.
+_INFLATED_MAX = MAX_INLINE_SEGMENTS * _LENGTH.size + CARRIED_MAX_BYTES
 # zlib's default: on a block of similar pages, level 1 leaves about a quarter more, and
 # level 6 costs a fraction of a millisecond per CAS.
 _LEVEL = 6
@@ -62,11 +63,6 @@ def _encode_block(bodies: tuple[bytes, ...]) -> bytes:
     return b"".join(parts)
 
 
-def frames_size(bodies: Sequence[bytes]) -> int:
-    """How many bytes ``bodies`` inflate to in a block (or a pack's table and segments)."""
-    return sum(_LENGTH.size + len(body) for body in bodies)
-
-
 def inflate_bounded(data: bytes, limit: int) -> bytes | None:
     """The one whole zlib stream ``data`` inflated, if it is that and at most ``limit``
     bytes inflated; else None (damaged, truncated, followed by more, or too large)."""
@@ -83,7 +79,7 @@ def inflate_bounded(data: bytes, limit: int) -> bytes | None:
 def decode_block(block: bytes, *, max_count: int) -> tuple[bytes, ...] | None:
     """The segments' bytes in ``block``: 1 to ``max_count`` (and MAX_INLINE_SEGMENTS) of
     them, each at least one byte; None if it is anything else."""
-    raw = inflate_bounded(block, frames_size([b""] * MAX_INLINE_SEGMENTS) + CARRIED_MAX_BYTES)
+    raw = inflate_bounded(block, _INFLATED_MAX)
     if raw is None:
         return None
     bodies: list[bytes] = []

@@ -32,10 +32,10 @@ from tenantdb.replication.wal import (
     wal_index_frames,
 )
 
-__all__ = ["SMALL_SEGMENT_BYTES", "Built", "encode_next", "read_next"]
+__all__ = ["Built", "encode_next", "read_next"]
 
 # The largest page area (page numbers and pages) a segment stores uncompressed.
-SMALL_SEGMENT_BYTES = CARRIED_MAX_BYTES // 4
+_SMALL_SEGMENT_BYTES = CARRIED_MAX_BYTES // 4
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def encode_next(
     # A small segment rides in lock.json's carried block and then in a pack, each
     # compressed as one stream with its neighbours, which mostly hold the same pages:
     # compressed on its own as well, it would leave them nothing to share.
-    small = len(read.pages) * (4 + read.end.page_size) <= SMALL_SEGMENT_BYTES
+    small = len(read.pages) * (4 + read.end.page_size) <= _SMALL_SEGMENT_BYTES
     body = encode_segment(Segment(header, tuple(sorted(read.pages.items()))), compress=not small)
     return Built(
         segment_key(prefix, tenant, generation, index),

@@ -11,7 +11,7 @@ import pytest
 
 from tenantdb.asgi.tail_hints import HttpTailHints, tail_state
 from tenantdb.machine.bookmark import Bookmark
-from tenantdb.machine.tail_hints import TailState, wait_for_tail
+from tenantdb.machine.tail_hints import TailHints, TailState, wait_for_tail
 from tenantdb.protocol.lease import Lease
 from tenantdb.storage.local import LocalBucket
 from tests.support.hint_servers import HostileHintServer
@@ -117,3 +117,19 @@ async def test_a_hint_stream_cut_malformed_or_trickling_fails_and_tells_nothing(
     assert ended is False
     assert told == []
     assert took < 1.5, took  # the wait and the slack, whatever the stream does
+
+
+async def test_a_bug_that_ends_the_hint_streams_is_raised_once_not_swallowed() -> None:
+    class Broken:
+        async def watch(self, *args: object) -> bool:
+            raise RuntimeError("a bug in the hint client")
+
+    hints = TailHints(Broken(), "acme", machine_id="m2", hint_wait=1.0, vouch=lambda *_: None)
+    target = ("m1", Bookmark(1, 1))
+    with pytest.raises(RuntimeError, match="a bug in the hint client"):
+        await hints.wait(target, "etag", time.monotonic() + 2)
+    # The restarted standby loop asks new streams (here they meet the same bug, raised
+    # again); the loop's end closes them quietly.
+    with pytest.raises(RuntimeError):
+        await hints.wait(target, "etag", time.monotonic() + 2)
+    await hints.close()
