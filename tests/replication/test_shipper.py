@@ -531,8 +531,13 @@ async def test_a_steady_stream_of_writes_cannot_grow_the_wal_without_end(
 ) -> None:
     threshold = 32 << 10
     monkeypatch.setattr(checkpoint, "CHECKPOINT_WAL_BYTES", threshold)
+    # The default lease, not the tests' 3 s: this test is about the WAL, and its two tight
+    # writers with a sync every 50 ms starved the renewal past a 3 s lease twice in six full
+    # runs on a loaded 2-core machine (the cause is not pinned down: see the closing note).
     async with TenantDB(
-        settings(tmp_path, "m1", sync_interval=0.05), migrations=MIGRATIONS, bucket=bucket
+        settings(tmp_path, "m1", sync_interval=0.05, lease_ttl=15),
+        migrations=MIGRATIONS,
+        bucket=bucket,
     ) as tdb:
         shipper = tdb._shipper
         assert shipper is not None
