@@ -36,11 +36,12 @@ log = logging.getLogger("tenantdb")
 # The shortest time between two reads of lock.json that a replica's waiting reads ask for:
 # at most 20 GETs a second.
 MIN_POLL_GAP = 0.05
-# The same between reads the holder's hints ask for (a stream's line, or an older holder's
-# long poll answer). Under continuous writes a write waits
-# for the next read, up to this long: the lag goal (one bucket round trip + 50 ms) leaves
-# half of its 50 ms to this wait and half to the follow. At most 40 GETs of lock.json a
-# second, however fast the holder writes (its own 100 PUTs a second at 100 writes/s).
+# The same between reads the holder's hints ask for (a stream's line, an older holder's
+# long poll answer, or a read that found moves no line told yet). Under continuous writes
+# a write waits for the next read, up to this long: the lag goal (one bucket round trip +
+# 50 ms) leaves half of its 50 ms to this wait and half to the follow. At most 40 GETs of
+# lock.json a second, however fast the holder writes (its own 100 PUTs a second at 100
+# writes/s); a read that finds nothing new is a 304, which Tigris does not bill.
 PUSHED_READ_GAP = 0.025
 
 
@@ -122,7 +123,7 @@ class Standby(MachineRole):
             since = self._observed
             if since is not None and lease.expires_in(since) <= CLOCK_GRANULARITY:
                 since = None
-            sent = clock.monotonic()
+            sent, previous = clock.monotonic(), self._observed
             try:
                 observed = await lease.read(since=since)
             except TenantDBError as exc:
@@ -160,7 +161,7 @@ class Standby(MachineRole):
                         )
                 self._last_poll = sent
                 self._polled(observed.record, sent)
-                await self._pause(interval, hinted=True)
+                await self._pause(interval, hinted=True, moved=_moved(previous, observed))
                 continue
             if observed is not None and self._holder_stopped_idle(observed.record):
                 # Taking over would keep a tenant nobody uses awake: stop too, unless a
@@ -218,19 +219,37 @@ class Standby(MachineRole):
         (a replica lets no read of its copy run across the move)."""
         return contextlib.nullcontext()
 
-    async def _pause(self, seconds: float, *, hinted: bool = False) -> None:
+    async def _pause(self, seconds: float, *, hinted: bool = False, moved: bool = False) -> None:
         """Wait between two reads of lock.json: ``seconds``, or, with tail hints while
         another machine holds the lease (``hinted``), until the holder tells it moved or a
         read is due anyway (``_quiet_pause``); back to ``seconds`` if it cannot be asked.
-        One read at a time: what the holder tells meanwhile wakes the next one."""
+        One read at a time: what the holder tells meanwhile wakes the next one. After a read
+        that found moves (``moved``) no line told yet, the next is due at once."""
         observed = self._observed
         target = self.hints.target(observed) if hinted and self.hints is not None else None
         if target is None or observed is None or self.hints is None:
             await self._sleep(seconds)
             return
+        if not (moved and self.hints.untold(target)):
+            moved = await self._wait_for_hint(self.hints, seconds, target, observed.info.etag)
+        # Else the holder's lines for what the read found are still on their way: writes
+        # keep coming, and the next read need not wait for their lines. Under continuous
+        # writes a write then waits for the next read (PUSHED_READ_GAP at most), not for
+        # its line (a leg between regions) and then a read; a read that finds nothing new
+        # ends that, so a burst costs one read more than its lines ask for.
+        self._poll_now.clear()
+        gap = self._last_poll + (PUSHED_READ_GAP if moved else MIN_POLL_GAP) - clock.monotonic()
+        if gap > 0:
+            await asyncio.sleep(gap)
+
+    async def _wait_for_hint(
+        self, hints: TailHints, seconds: float, target: tuple[str, Bookmark], etag: str
+    ) -> bool:
+        """Wait until the holder tells lock.json moved past ``target`` (True) or a read is
+        due anyway; ``seconds`` if the holder cannot be asked."""
         started = clock.monotonic()
         until = started + max(self._quiet_pause(), MIN_POLL_GAP)
-        hint = asyncio.create_task(self.hints.wait(target, observed.info.etag, until))
+        hint = asyncio.create_task(hints.wait(target, etag, until))
         try:
             await self._wake_on(hint, until)
             if hint.done() and not hint.result() and clock.monotonic() < until:
@@ -239,11 +258,7 @@ class Standby(MachineRole):
             hint.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await hint
-        self._poll_now.clear()
-        moved = hint.done() and not hint.cancelled() and hint.result()
-        gap = self._last_poll + (PUSHED_READ_GAP if moved else MIN_POLL_GAP) - clock.monotonic()
-        if gap > 0:
-            await asyncio.sleep(gap)
+        return hint.done() and not hint.cancelled() and hint.result()
 
     async def _wake_on(self, hint: asyncio.Task[bool] | None, until: float) -> None:
         """Wait until monotonic ``until``, ``hint`` is done or a read is asked for."""
@@ -281,3 +296,8 @@ class Standby(MachineRole):
 
     async def _follow(self, record: LockRecord) -> None:
         await self.follower.catch_up(record)
+
+
+def _moved(previous: ObservedLock | None, observed: ObservedLock) -> bool:
+    """Whether a read of lock.json found the log past where the read before it had."""
+    return previous is not None and Bookmark.of(observed.record) > Bookmark.of(previous.record)

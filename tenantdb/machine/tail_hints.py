@@ -189,6 +189,15 @@ class TailHints:
             return None
         return record.owner, Bookmark.of(record)
 
+    def untold(self, target: tuple[str, Bookmark]) -> bool:
+        """Whether the target's position (read from lock.json) is past every position the
+        holder's streams told: its lines for it are still on their way."""
+        holder, read = target
+        listener = self._listener
+        if listener is None or listener.holder != holder or listener.newest is None:
+            return True
+        return read > listener.newest
+
     async def wait(self, target: tuple[str, Bookmark], etag: str, until: float) -> bool:
         """Wait until monotonic ``until``: True once the holder told that lock.json moved
         past the target's position (at once if it already did since the last read); False

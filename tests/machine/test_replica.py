@@ -440,3 +440,56 @@ async def test_pushes_under_continuous_writes_drive_one_read_at_a_time_a_floor_a
     assert len(starts) <= 1.5 / PUSHED_READ_GAP + 3
     assert len(written) > len(starts)  # pushes that came during a read made one read
     assert took < 1.0, took
+
+
+class FarHints(DirectHints):
+    """``DirectHints`` whose lines each arrive ``leg`` seconds after the holder told them."""
+
+    def __init__(self, holder: TenantDB, leg: float) -> None:
+        super().__init__(holder)
+        self.leg = leg
+
+    async def watch(
+        self, holder: str, tenant: str, after: Bookmark, wait: float, told: Told
+    ) -> bool:
+        loop = asyncio.get_running_loop()
+        return await super().watch(
+            holder, tenant, after, wait, lambda state: loop.call_later(self.leg, told, state)
+        )
+
+
+async def test_under_continuous_writes_a_replica_reads_again_without_waiting_for_far_lines(
+    tmp_path: Path,
+) -> None:
+    # A holder half a second away: each line tells of a write half a second late. A read
+    # that finds moves no line told yet means writes are on their way, so the next read is
+    # due at PUSHED_READ_GAP, not at the next line (which would make at most one read a leg).
+    leg, writing = 0.5, 2.5
+    holder = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
+    await holder.start()
+    await write(holder, "first")
+    async with LocalBucket(tmp_path / "bucket") as real:
+        bucket = TimedBucket(real)
+        replica = TenantDB(
+            settings(tmp_path, "m2", follow_interval=30, max_replica_lag=60, read_wait=0),
+            migrations=MIGRATIONS,
+            bucket=bucket,  # type: ignore[arg-type]
+            tail_hints=FarHints(holder, leg),
+        )
+        await replica.start()
+        try:
+            await caught_up(replica, ["first"])
+            bucket.reads.clear()
+            written = ["first"]
+            ends = time.monotonic() + writing
+            while time.monotonic() < ends:
+                written.append(f"w{len(written)}")
+                await write(holder, written[-1])
+            reads = len(bucket.reads)
+            await caught_up(replica, written)
+        finally:
+            await replica.stop()
+            await holder.stop()
+    print(f"{len(written)} writes, {reads} reads of lock.json while writing")
+    # Lines alone: one read per leg at most (5 here, plus one); the chain: one per gap.
+    assert reads >= 3 * writing / leg, reads

@@ -1,6 +1,7 @@
 """An app for replica tests under real uvicorn: notes written and read, and a GET that writes.
 
-``GET /customers/{tenant}/notes`` reads every note (in the order written), ``POST`` with
+``GET /customers/{tenant}/notes`` reads every note (in the order written; with ``?token=``
+only that one, if it is there), ``POST`` with
 ``?token=`` writes one, ``GET /customers/{tenant}/sneaky`` writes although it is a GET (an
 app's marking mistake), ``GET /customers/{tenant}/late`` writes after its answer began.
 Answers say which machine ran them. Serve with ``uvicorn tests.support.replica_app:app``
@@ -31,7 +32,11 @@ async def notes(request: Request) -> Response:
         await db.execute("INSERT INTO notes (token) VALUES (?)", (request.query_params["token"],))
         await db.commit()
         return JSONResponse({"machine": MACHINE}, status_code=201)
-    rows = await db.execute_fetchall("SELECT token FROM notes ORDER BY id")
+    if "token" in request.query_params:  # one note, if it is there (a cheap probe)
+        query, args = "SELECT token FROM notes WHERE token = ?", (request.query_params["token"],)
+    else:
+        query, args = "SELECT token FROM notes ORDER BY id", ()
+    rows = await db.execute_fetchall(query, args)
     return JSONResponse({"machine": MACHINE, "tokens": [row[0] for row in rows]})
 
 
