@@ -4,7 +4,10 @@ a machine's answer streamed back, and the proxy's own answers (errors, the HTTPS
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
@@ -151,13 +154,14 @@ def no_cookie_jar() -> CookieJar:
     return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
-async def relay(response: httpx.Response, send: Send, request_id: str) -> None:
-    """Stream a machine's answer to the client as it comes."""
+async def relay(response: httpx.Response, send: Send, request_id: str, *, leg: float = 0) -> None:
+    """Stream a machine's answer to the client as it comes, each chunk ``leg`` seconds
+    after it came (the way back between two regions: the caller waited it for the start)."""
     headers = [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
     headers.append((b"fly-request-id", request_id.encode()))
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
     try:
-        async for chunk in response.aiter_raw():
+        async for chunk in _delayed(response.aiter_raw(), leg):
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except httpx.TransportError as exc:
         # Too late for an error answer: leaving the response unfinished makes the server
@@ -165,6 +169,41 @@ async def relay(response: httpx.Response, send: Send, request_id: str) -> None:
         log.warning("request %s: the machine's answer broke off: %r", request_id, exc)
         return
     await send({"type": "http.response.body", "body": b""})
+
+
+async def _delayed(chunks: AsyncIterator[bytes], leg: float) -> AsyncIterator[bytes]:
+    """``chunks``, each ``leg`` seconds after it came, whatever came before it: as over a
+    network, a stream's later lines each cross once (sleeping before each in turn would
+    add up the legs of the chunks that came during a sleep)."""
+    if not leg:
+        async for chunk in chunks:
+            yield chunk
+        return
+    came: asyncio.Queue[tuple[float, bytes | BaseException | None]] = asyncio.Queue()
+
+    async def take() -> None:
+        try:
+            async for chunk in chunks:
+                came.put_nowait((time.monotonic() + leg, chunk))
+        except Exception as exc:  # raised where the chunk would have been, one leg later
+            came.put_nowait((time.monotonic() + leg, exc))
+        else:
+            came.put_nowait((time.monotonic() + leg, None))
+
+    taking = asyncio.create_task(take())
+    try:
+        while True:
+            due, item = await came.get()
+            await asyncio.sleep(max(due - time.monotonic(), 0))
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        taking.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await taking
 
 
 async def redirect_to_https(scope: Scope, headers: dict[str, str], send: Send) -> None:

@@ -105,6 +105,6 @@ class PrivateNetwork:
             return
         try:
             await self.latency.cross(target.region, origin)
-            await relay(response, send, "")
+            await relay(response, send, "", leg=self.latency.between(target.region, origin))
         finally:
             await response.aclose()

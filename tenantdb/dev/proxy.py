@@ -409,7 +409,8 @@ class FlyProxy:
                         if request.websocket and response.status_code == 101:
                             await relay_websocket(response, request.receive, send)
                         else:
-                            await relay(response, request.answer, request.request_id)
+                            leg = self.latency.between(machine.region, request.edge)
+                            await relay(response, request.answer, request.request_id, leg=leg)
                         return None
                     if response.headers.get("fly-replay-cache") == "invalidate":
                         self._cache.invalidate(request.host, request.path)

@@ -70,11 +70,17 @@ class RegionLatency:
                 f"the latency between regions must be 0 to 10000 ms, not {self.one_way * 1000:g}"
             )
 
+    def between(self, origin: str | None, destination: str | None) -> float:
+        """One way's latency from ``origin`` to ``destination``: none within a region, or
+        when a region is not known (None, as in a proxy without regions)."""
+        if None in (origin, destination) or origin == destination:
+            return 0.0
+        return self.one_way
+
     async def cross(self, origin: str | None, destination: str | None) -> None:
-        """Wait one way's latency when ``origin`` and ``destination`` are different regions
-        (None: no region known, as in a proxy without regions)."""
-        if self.one_way and None not in (origin, destination) and origin != destination:
-            await asyncio.sleep(self.one_way)
+        """Wait one way's latency from ``origin`` to ``destination`` (``between``)."""
+        if leg := self.between(origin, destination):
+            await asyncio.sleep(leg)
 
 
 NO_LATENCY = RegionLatency()

@@ -15,6 +15,7 @@ import pytest
 
 from tenantdb.dev.cluster import Cluster, ClusterConfig
 from tenantdb.dev.regions import EDGE_REGION_HEADER, RegionLatency
+from tenantdb.dev.routes import RouteRecord
 
 pytestmark = pytest.mark.usefixtures("clean_environment")
 
@@ -45,6 +46,19 @@ async def timed(
     began = time.monotonic()
     response = await client.request(method, "/customers/100", **options)
     return response, time.monotonic() - began
+
+
+async def route_of(cluster: Cluster, response: httpx.Response) -> RouteRecord:
+    """The proxy's record of the request ``response`` answers: the proxy notes it once its
+    answer is sent, so it may come a moment after the client has the answer."""
+    request_id = response.headers["fly-request-id"]
+    deadline = time.monotonic() + 5
+    while True:
+        found = [r for r in cluster.proxy.routes if r.request_id == request_id]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, f"no route recorded for {request_id}"
+        await asyncio.sleep(0.01)
 
 
 async def holder_and_replica(
@@ -90,7 +104,7 @@ async def test_a_read_entering_in_the_replicas_region_stays_there_and_a_write_pa
         assert read.headers["tenantdb-served-by"] == replica
         assert took < 2 * LATENCY, f"a read in the replica's own region took {took:.3f}s"
         # Machines see Fly's Fly-Region request header, never the dev-only one.
-        route = cluster.proxy.routes[-1]
+        route = await route_of(cluster, read)
         assert route.edge == regions[replica]
         assert [(s.machine_id, s.kind) for s in route.steps] == [(replica, "direct")]
 
@@ -100,7 +114,7 @@ async def test_a_read_entering_in_the_replicas_region_stays_there_and_a_write_pa
         assert write.status_code == 200, write.text
         assert write.json()["machine_id"] == holder
         assert took >= 2 * LATENCY, f"a replay to another region took only {took:.3f}s"
-        route = cluster.proxy.routes[-1]
+        route = await route_of(cluster, write)
         assert [(s.machine_id, s.kind) for s in route.steps] == [
             (replica, "direct"),
             (holder, "replayed"),
