@@ -2,12 +2,15 @@
 
 Every connection tenantdb opens has ``wal_autocheckpoint=0``; the shipper folds the WAL
 into the database file only while every frame in it is shipped, so that a WAL restart
-(new salts) drops nothing the bucket lacks. These functions run in a thread; the shipper
-decides when (see ``Shipper._checkpoint_if_large``).
+(new salts) drops nothing the bucket lacks. Nor does SQLite shorten the WAL file: the
+shipper cuts its stale tail itself, once it no longer needs it as proof (``trim_wal``).
+These functions run in a thread; the shipper decides when (see
+``Shipper._checkpoint_if_large``).
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -21,6 +24,7 @@ __all__ = [
     "checkpoint_shipped",
     "open_connection",
     "pin_snapshot",
+    "trim_wal",
     "wal_bytes",
 ]
 
@@ -29,14 +33,20 @@ CHECKPOINT_WAL_BYTES = 4 << 20
 # Past this many times CHECKPOINT_WAL_BYTES, writes are held off for one publication so
 # that a checkpoint can take everything (see Shipper._checkpoint_if_large).
 CHECKPOINT_STALL_FACTOR = 4
-# SQLite truncates the WAL file to this size when it restarts it after a checkpoint.
-JOURNAL_SIZE_LIMIT = 16 << 20
+# The shipper cuts the WAL file down to this size (or to its frames' end) after a restart.
+WAL_FILE_BYTES = 16 << 20
 
 # Every connection tenantdb opens to a tenant database: WAL, and no automatic checkpoint.
+# Nor a journal_size_limit: SQLite cuts the WAL file down to it at the first commit after
+# a restart, before the shipper reads that restart, and the file past the shipped position
+# is its only proof that the restart dropped no commit (``restart_dropped_frames``). A
+# limit of 16 MiB was the very size at which the shipper holds writes off to checkpoint
+# everything (CHECKPOINT_WAL_BYTES * CHECKPOINT_STALL_FACTOR): each of those restarts cost
+# a full snapshot. ``trim_wal`` cuts the file instead, once the proof is read.
 CONNECTION_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
     "PRAGMA wal_autocheckpoint=0",
-    f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}",
+    "PRAGMA journal_size_limit=-1",
     "PRAGMA busy_timeout=5000",
 )
 
@@ -62,6 +72,40 @@ def wal_bytes(wal_path: Path, shm_path: Path) -> int:
     start = wal_start(wal_path)
     frames = wal_index_frames(shm_path, start.salts) if start else None
     return 0 if start is None or frames is None else frames * (start.page_size + 24)
+
+
+def trim_wal(
+    writer: sqlite3.Connection, wal_path: Path, shm_path: Path, shipped: WALPosition
+) -> None:
+    """Cut the WAL file down to WAL_FILE_BYTES, or to the end of its frames (blocking).
+
+    Only while ``shipped`` is in the current WAL, and never below its committed frames (so
+    never below ``shipped``): until the shipper has read a restart, the file past its
+    position is the proof that the restart dropped nothing. The cut is made holding the
+    write lock, so that no frame is being written past the end; readers and checkpoints
+    use no frame past it either. The write lock is taken only when there is a tail to cut.
+    """
+    if _keep_bytes(wal_path, shm_path, shipped) is None:
+        return
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        keep = _keep_bytes(wal_path, shm_path, shipped)  # again: a commit may have landed
+        if keep is not None:
+            os.truncate(wal_path, keep)
+    finally:
+        writer.execute("ROLLBACK")
+
+
+def _keep_bytes(wal_path: Path, shm_path: Path, shipped: WALPosition) -> int | None:
+    """The size to cut the WAL file down to, or None if it is not to be cut."""
+    start = wal_start(wal_path)
+    if start is None or start.salts != shipped.salts:
+        return None  # no WAL, or a restart the shipper has not read yet
+    frames = wal_index_frames(shm_path, start.salts)
+    if frames is None:
+        return None
+    keep = max(WAL_FILE_BYTES, start.offset + frames * (start.page_size + 24))
+    return keep if os.path.getsize(wal_path) > keep else None
 
 
 def checkpoint_shipped(

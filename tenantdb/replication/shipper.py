@@ -457,7 +457,15 @@ class Shipper:
         a steady stream of writes that moment may never come, and the WAL would grow without
         end. Past ``CHECKPOINT_STALL_FACTOR`` times the size, writes are held off for the
         one publication that ships the rest, and the checkpoint runs then.
+
+        First the WAL file left longer than the WAL by a restart is cut (``trim_wal``).
         """
+        async with self._lock:
+            writer, position = self._writer, self._position
+            if writer is not None and position is not None:
+                await asyncio.to_thread(
+                    checkpoint.trim_wal, writer, self.wal_path, self.shm_path, position
+                )
         size = await asyncio.to_thread(self._wal_bytes)
         if size < checkpoint.CHECKPOINT_WAL_BYTES:
             return

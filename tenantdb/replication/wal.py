@@ -122,9 +122,10 @@ def restart_dropped_frames(wal_path: Path, position: WALPosition, current: WALPo
 
     A restart overwrites the WAL from its start and leaves the rest of the file alone, so
     a frame the old incarnation got after ``position`` is still there, with the old salts,
-    unless the new incarnation reached that far or the file was truncated. Only a file that
-    ends at ``position``, or a frame there with neither incarnation's salts, proves none
-    was written.
+    unless the new incarnation reached that far or the file was truncated (tenantdb never
+    cuts it below ``position`` before reading the restart: see ``checkpoint.trim_wal``).
+    Only a file that ends at ``position``, or a frame there with neither incarnation's
+    salts, proves none was written.
     """
     try:
         with open(wal_path, "rb") as f:
