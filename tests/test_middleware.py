@@ -92,8 +92,11 @@ def test_sigterm_under_load_keeps_every_acknowledged_increment(
     server = start_server()
 
     async def load_then_sigterm() -> list[int]:
-        load = asyncio.create_task(visit_many(server.url, 50, 50, delay=0.5))
-        await asyncio.sleep(0.25)  # all 50 are inside the handler now
+        # Each request stays 2 s in the handler, so all 50 are inside it at the signal even
+        # on a loaded machine (with 0.5 s and a signal at 0.25 s, a full-suite run once
+        # signalled before any was accepted, and none was acknowledged).
+        load = asyncio.create_task(visit_many(server.url, 50, 50, delay=2.0))
+        await asyncio.sleep(1.0)
         server.proc.send_signal(signal.SIGTERM)
         return await load
 
