@@ -6,8 +6,9 @@ holds it "in another region", m2 stands by in the client's. The client (playing 
 in its region, following fly-replay) reaches m2 directly and m1 only through a TCP relay
 that delays every chunk ``--latency-ms`` (30 ms) each way. Off (``TENANTDB_REPLICA_READS=0``)
 m2 replays every read to m1; on, it serves reads from its copy. Meanwhile a writer commits
-on m1 (from its own region) at ``--writes-per-s`` (10), and the reads carry the client's
-bookmark from a write of its own every ``--write-every`` reads (20), so some reads wait.
+on m1 (from its own region) at ``--writes-per-s`` (10, each on time: the rate kept is
+printed), and the reads carry the client's bookmark from a write of its own every
+``--write-every`` reads (20), so some reads wait.
 
 Printed per mode: read p50/p99, the share served by m2, and (on) the lag m2 reported
 (``tenantdb-lag-ms``) p50/p99, the share of reads that waited for their bookmark and the
@@ -15,10 +16,11 @@ median wait (``tenantdb-waited-ms``). Replica reads run twice, with tail hints
 (``TENANTDB_TAIL_HINTS``; m2 asks m1 through the relay, as across regions) and without,
 and each run also measures how soon a write's answer is followed by m2 serving it
 (``visible``: m2 read without a bookmark every 2 ms), m2's bucket requests a second
-meanwhile (all reads: lock.json and the segments it follows) and the bucket's round trip
-(the median read of lock.json from the bench's process, on the same embedded bucket under
-the same load: the "one bucket round trip" of the lag goal). The replica polls every
-``--follow-interval`` (0.1 s) without hints. Run: ``python -m bench.bench_replicas``.
+meanwhile (all reads: lock.json and the segments it follows; billed: those not answered
+304) and the bucket's round trip (the median read of lock.json from the bench's process,
+on the same embedded bucket under the same load: the "one bucket round trip" of the lag
+goal). The replica polls every ``--follow-interval`` (0.1 s) without hints. ``--modes``
+picks the runs. Run: ``python -m bench.bench_replicas``.
 """
 
 from __future__ import annotations
@@ -150,11 +152,13 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
-def bucket_requests(metrics_port: int) -> float:
-    """Every bucket request a machine made so far, from its /metrics."""
+def bucket_requests(metrics_port: int) -> tuple[float, float]:
+    """Every bucket request a machine made so far, and those billed (not 304s), from its
+    /metrics."""
     text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
-    found = re.findall(r"^tenantdb_bucket_requests_total\{[^}]*\} ([0-9.e+]+)$", text, re.M)
-    return sum(float(value) for value in found)
+    pattern = r'^tenantdb_bucket_requests_total\{[^}]*class="(\w+)"[^}]*\} ([0-9.e+]+)$'
+    found = [(kind, float(value)) for kind, value in re.findall(pattern, text, re.M)]
+    return sum(value for _, value in found), sum(v for kind, v in found if kind != "free")
 
 
 async def round_trips(bucket_dir: Path, stop: asyncio.Event) -> list[float]:
@@ -185,14 +189,23 @@ async def measure(
     while writes are timed to m2's copy, m2's bucket requests and the bucket's round trip."""
     stop = asyncio.Event()
 
-    async def writer() -> None:
+    async def writer() -> float:
+        """Writes at ``writes_per_s`` until ``stop``, each on time whatever the ones before
+        it wait for (one after another, each write's answer, the CAS it waits for, slowed
+        them to about half the rate); the rate it kept."""
         async with httpx.AsyncClient(timeout=10) as client:
-            n = 0
+            posts: set[asyncio.Task[httpx.Response]] = set()
+            started, n = time.monotonic(), 0
             while not stop.is_set():
+                await asyncio.sleep(max(started + n / writes_per_s - time.monotonic(), 0))
                 # A writer in the holder's region: no relay on its way.
-                await client.post(f"{holder}{NOTES}?token=w{n}-{time.time_ns()}")
+                post = client.post(f"{holder}{NOTES}?token=w{n}-{time.time_ns()}")
+                posts.add(task := asyncio.ensure_future(post))
+                task.add_done_callback(posts.discard)
                 n += 1
-                await asyncio.sleep(1 / writes_per_s)
+            rate = n / (time.monotonic() - started)
+            await asyncio.gather(*posts)
+            return rate
 
     background = asyncio.ensure_future(writer())
     latencies: list[float] = []
@@ -214,14 +227,16 @@ async def measure(
                     waits.append(waited)
         timing = asyncio.Event()
         timer = asyncio.ensure_future(round_trips(bucket_dir, timing))
-        before, started = bucket_requests(near_metrics), time.perf_counter()
+        (before, billed_before), started = bucket_requests(near_metrics), time.perf_counter()
         visible = [await visibility(urls[near], near, holder) for _ in range(visible_samples)]
-        requests_per_s = (bucket_requests(near_metrics) - before) / (time.perf_counter() - started)
+        (after, billed_after), took = bucket_requests(near_metrics), time.perf_counter() - started
+        requests_per_s = (after - before) / took
+        billed_per_s = (billed_after - billed_before) / took
         timing.set()
         trips = await timer
     stop.set()
-    await background
     result = {
+        "writes_per_s": await background,
         "p50_ms": 1000 * statistics.median(latencies),
         "p99_ms": 1000 * percentile(latencies, 0.99),
         "served_by_replica": served_here / reads,
@@ -235,6 +250,7 @@ async def measure(
         result["visible_p50_ms"] = 1000 * statistics.median(visible)
         result["visible_p99_ms"] = 1000 * percentile(visible, 0.99)
         result["m2_bucket_requests_per_s"] = requests_per_s
+        result["m2_billed_requests_per_s"] = billed_per_s
         result["bucket_round_trip_p50_ms"] = 1000 * statistics.median(trips)
     return result
 

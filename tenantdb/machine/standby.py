@@ -37,12 +37,18 @@ log = logging.getLogger("tenantdb")
 # at most 20 GETs a second.
 MIN_POLL_GAP = 0.05
 # The same between reads the holder's hints ask for (a stream's line, an older holder's
-# long poll answer, or a read that found moves no line told yet). Under continuous writes
-# a write waits for the next read, up to this long: the lag goal (one bucket round trip +
-# 50 ms) leaves half of its 50 ms to this wait and half to the follow. At most 40 GETs of
-# lock.json a second, however fast the holder writes (its own 100 PUTs a second at 100
-# writes/s); a read that finds nothing new is a 304, which Tigris does not bill.
-PUSHED_READ_GAP = 0.025
+# long poll answer, or a read that found the log past every line told). Under continuous
+# writes a write waits for the next read, up to this long: of the lag goal's 50 ms (one
+# bucket round trip + 50 ms), 15 go to this wait, up to 15 to the read and the follow (p99
+# under 100 writes/s), and the rest to serving it. At most 67 GETs of lock.json a second,
+# however fast the holder writes; only those that find something new are billed (a 304 is
+# not), so never more than the holder's own PUTs, which cost ten times as much.
+PUSHED_READ_GAP = 0.015
+# How long after a read that found the log moved the next reads come PUSHED_READ_GAP apart
+# without waiting for a line, even once the lines caught up: a holder under continuous
+# writes pauses now and then (a slow CAS, a checkpoint) for longer than a short leg, and
+# the write after the pause would wait for its line.
+CHAIN_HOLD = 3 * PUSHED_READ_GAP
 
 
 class Standby(MachineRole):
@@ -76,6 +82,7 @@ class Standby(MachineRole):
         )
         self._poll_now = asyncio.Event()  # set to read lock.json at once (a replica's reads)
         self._last_poll = 0.0  # when the last read that found the lease held was sent
+        self._moved_at = 0.0  # when the last read that found the log moved was sent
 
     def enter(self) -> None:
         self.machine.holder = self._held
@@ -160,8 +167,12 @@ class Standby(MachineRole):
                             pause,
                         )
                 self._last_poll = sent
+                if previous is not None and Bookmark.of(observed.record) > Bookmark.of(
+                    previous.record
+                ):
+                    self._moved_at = sent
                 self._polled(observed.record, sent)
-                await self._pause(interval, hinted=True, moved=_moved(previous, observed))
+                await self._pause(interval, hinted=True)
                 continue
             if observed is not None and self._holder_stopped_idle(observed.record):
                 # Taking over would keep a tenant nobody uses awake: stop too, unless a
@@ -219,24 +230,29 @@ class Standby(MachineRole):
         (a replica lets no read of its copy run across the move)."""
         return contextlib.nullcontext()
 
-    async def _pause(self, seconds: float, *, hinted: bool = False, moved: bool = False) -> None:
+    async def _pause(self, seconds: float, *, hinted: bool = False) -> None:
         """Wait between two reads of lock.json: ``seconds``, or, with tail hints while
         another machine holds the lease (``hinted``), until the holder tells it moved or a
         read is due anyway (``_quiet_pause``); back to ``seconds`` if it cannot be asked.
-        One read at a time: what the holder tells meanwhile wakes the next one. After a read
-        that found moves (``moved``) no line told yet, the next is due at once."""
+        One read at a time: what the holder tells meanwhile wakes the next one. While the
+        last read found the log past every line told so far, the next is due at once."""
         observed = self._observed
         target = self.hints.target(observed) if hinted and self.hints is not None else None
         if target is None or observed is None or self.hints is None:
             await self._sleep(seconds)
             return
-        if not (moved and self.hints.untold(target)):
-            moved = await self._wait_for_hint(self.hints, seconds, target, observed.info.etag)
-        # Else the holder's lines for what the read found are still on their way: writes
-        # keep coming, and the next read need not wait for their lines. Under continuous
-        # writes a write then waits for the next read (PUSHED_READ_GAP at most), not for
-        # its line (a leg between regions) and then a read; a read that finds nothing new
-        # ends that, so a burst costs one read more than its lines ask for.
+        # While the holder's lines for what the reads found are still on their way (it
+        # wrote within the last leg between the regions), or a read found the log moved
+        # within CHAIN_HOLD, writes are coming: the next read is due at once. A write then
+        # waits for the next read (PUSHED_READ_GAP at most), not for its line (a leg) and
+        # then a read. After that, back to the lines: a burst of writes costs a leg's worth
+        # of reads more, at least CHAIN_HOLD's, answered 304 (not billed).
+        chained = clock.monotonic() - self._moved_at < CHAIN_HOLD
+        moved = (
+            chained
+            or self.hints.untold(target)
+            or await self._wait_for_hint(self.hints, seconds, target, observed.info.etag)
+        )
         self._poll_now.clear()
         gap = self._last_poll + (PUSHED_READ_GAP if moved else MIN_POLL_GAP) - clock.monotonic()
         if gap > 0:
@@ -296,8 +312,3 @@ class Standby(MachineRole):
 
     async def _follow(self, record: LockRecord) -> None:
         await self.follower.catch_up(record)
-
-
-def _moved(previous: ObservedLock | None, observed: ObservedLock) -> bool:
-    """Whether a read of lock.json found the log past where the read before it had."""
-    return previous is not None and Bookmark.of(observed.record) > Bookmark.of(previous.record)

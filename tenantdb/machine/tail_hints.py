@@ -191,12 +191,13 @@ class TailHints:
 
     def untold(self, target: tuple[str, Bookmark]) -> bool:
         """Whether the target's position (read from lock.json) is past every position the
-        holder's streams told: its lines for it are still on their way."""
+        holder's streams told, while they still tell: its lines are on their way. False
+        before the first line, and once the streams to that holder ended."""
         holder, read = target
         listener = self._listener
-        if listener is None or listener.holder != holder or listener.newest is None:
-            return True
-        return read > listener.newest
+        if listener is None or listener.holder != holder or listener.task.done():
+            return False
+        return listener.newest is not None and read > listener.newest
 
     async def wait(self, target: tuple[str, Bookmark], etag: str, until: float) -> bool:
         """Wait until monotonic ``until``: True once the holder told that lock.json moved

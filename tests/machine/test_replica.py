@@ -24,7 +24,7 @@ from tenantdb.machine.database import TenantDB
 from tenantdb.machine.fenced import Fenced
 from tenantdb.machine.mover import MOVES
 from tenantdb.machine.replica import Bookmark, CopyLock
-from tenantdb.machine.standby import PUSHED_READ_GAP
+from tenantdb.machine.standby import CHAIN_HOLD, PUSHED_READ_GAP
 from tenantdb.machine.tail_hints import Told
 from tenantdb.storage import Bucket
 from tenantdb.storage.local import LocalBucket
@@ -461,8 +461,8 @@ class FarHints(DirectHints):
 async def test_under_continuous_writes_a_replica_reads_again_without_waiting_for_far_lines(
     tmp_path: Path,
 ) -> None:
-    # A holder half a second away: each line tells of a write half a second late. A read
-    # that finds moves no line told yet means writes are on their way, so the next read is
+    # A holder half a second away: each line tells of a write half a second late. While a
+    # read found the log past every line told, writes are on their way, so the next read is
     # due at PUSHED_READ_GAP, not at the next line (which would make at most one read a leg).
     leg, writing = 0.5, 2.5
     holder = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
@@ -487,9 +487,51 @@ async def test_under_continuous_writes_a_replica_reads_again_without_waiting_for
                 await write(holder, written[-1])
             reads = len(bucket.reads)
             await caught_up(replica, written)
+            # Once the lines caught up with the last write, reads wait for lines again.
+            await asyncio.sleep(2 * leg)
+            bucket.reads.clear()
+            await asyncio.sleep(3 * leg)
+            idle_reads = len(bucket.reads)
         finally:
             await replica.stop()
             await holder.stop()
     print(f"{len(written)} writes, {reads} reads of lock.json while writing")
     # Lines alone: one read per leg at most (5 here, plus one); the chain: one per gap.
     assert reads >= 3 * writing / leg, reads
+    assert idle_reads == 0
+
+
+async def test_after_a_read_that_found_a_write_the_next_reads_come_without_waiting_for_lines(
+    tmp_path: Path,
+) -> None:
+    # Lines come at once here, so they catch up with each read at once: only CHAIN_HOLD
+    # keeps reading (a holder's pause between writes must not cost the next write a leg),
+    # and then reads stop until the next line.
+    holder = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
+    await holder.start()
+    await write(holder, "first")
+    async with LocalBucket(tmp_path / "bucket") as real:
+        bucket = TimedBucket(real)
+        replica = TenantDB(
+            settings(tmp_path, "m2", follow_interval=30, max_replica_lag=60, read_wait=0),
+            migrations=MIGRATIONS,
+            bucket=bucket,  # type: ignore[arg-type]
+            tail_hints=DirectHints(holder),
+        )
+        await replica.start()
+        try:
+            await caught_up(replica, ["first"])
+            await asyncio.sleep(0.5)
+            bucket.reads.clear()
+            written = time.monotonic()
+            await write(holder, "second")
+            await caught_up(replica, ["first", "second"])
+            await asyncio.sleep(0.5)
+        finally:
+            await replica.stop()
+            await holder.stop()
+    starts = [started for started, _ in bucket.reads if started >= written]
+    print(f"reads after the write, ms: {[round(1000 * (s - written)) for s in starts]}")
+    # The read the line asked for, then reads a gap apart for CHAIN_HOLD after it.
+    assert len(starts) >= 3, starts
+    assert starts[-1] - starts[0] < CHAIN_HOLD + 5 * PUSHED_READ_GAP, starts

@@ -86,9 +86,7 @@ def publish_without_uploading(monkeypatch: pytest.MonkeyPatch) -> None:
 def poll_without_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
     """A standby polls lock.json again as soon as each answer is in: a request storm."""
 
-    async def pause(
-        self: Standby, seconds: float, *, hinted: bool = False, moved: bool = False
-    ) -> None:
+    async def pause(self: Standby, seconds: float, *, hinted: bool = False) -> None:
         await asyncio.sleep(0)
 
     monkeypatch.setattr(Standby, "_pause", pause)
