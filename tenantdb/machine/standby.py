@@ -235,7 +235,8 @@ class Standby(MachineRole):
         another machine holds the lease (``hinted``), until the holder tells it moved or a
         read is due anyway (``_quiet_pause``); back to ``seconds`` if it cannot be asked.
         One read at a time: what the holder tells meanwhile wakes the next one. While the
-        last read found the log past every line told so far, the next is due at once."""
+        reads find the log past every line told (``TailHints.untold``), or found it moved
+        within ``CHAIN_HOLD``, the next comes ``PUSHED_READ_GAP`` after the last, unasked."""
         observed = self._observed
         target = self.hints.target(observed) if hinted and self.hints is not None else None
         if target is None or observed is None or self.hints is None:
@@ -243,7 +244,7 @@ class Standby(MachineRole):
             return
         # While the holder's lines for what the reads found are still on their way (it
         # wrote within the last leg between the regions), or a read found the log moved
-        # within CHAIN_HOLD, writes are coming: the next read is due at once. A write then
+        # within CHAIN_HOLD, writes are coming: no need to wait for a line. A write then
         # waits for the next read (PUSHED_READ_GAP at most), not for its line (a leg) and
         # then a read. After that, back to the lines: a burst of writes costs a leg's worth
         # of reads more, at least CHAIN_HOLD's, answered 304 (not billed).
