@@ -251,6 +251,7 @@ class Replica(Standby):
     """A standby that serves reads from its copy while the copy may (see ``ReadCopy``)."""
 
     state = "replica"
+    follows_closely = True
 
     def __init__(self, machine: Machine, held: LeaseHeldError | None) -> None:
         super().__init__(machine, held)

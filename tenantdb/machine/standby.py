@@ -55,6 +55,9 @@ class Standby(MachineRole):
     """Follows the holder named by lock.json; takes the lease when it is free."""
 
     state: ClassVar[TenantState] = "standby"  # "replica" in the subclass
+    # Whether reads of lock.json come unasked while the log moves (``_pause``): for a
+    # replica, whose lag its readers see; a standby's copy only has to be warm.
+    follows_closely: ClassVar[bool] = False
     required = ("standby",)
 
     def __init__(self, machine: Machine, held: LeaseHeldError | None) -> None:
@@ -234,9 +237,10 @@ class Standby(MachineRole):
         """Wait between two reads of lock.json: ``seconds``, or, with tail hints while
         another machine holds the lease (``hinted``), until the holder tells it moved or a
         read is due anyway (``_quiet_pause``); back to ``seconds`` if it cannot be asked.
-        One read at a time: what the holder tells meanwhile wakes the next one. While the
-        reads find the log past every line told (``TailHints.untold``), or found it moved
-        within ``CHAIN_HOLD``, the next comes ``PUSHED_READ_GAP`` after the last, unasked."""
+        One read at a time: what the holder tells meanwhile wakes the next one. If it
+        ``follows_closely``, while the reads find the log past every line told
+        (``TailHints.untold``) or found it moved within ``CHAIN_HOLD``, the next comes
+        ``PUSHED_READ_GAP`` after the last, unasked."""
         observed = self._observed
         target = self.hints.target(observed) if hinted and self.hints is not None else None
         if target is None or observed is None or self.hints is None:
@@ -248,11 +252,11 @@ class Standby(MachineRole):
         # waits for the next read (PUSHED_READ_GAP at most), not for its line (a leg) and
         # then a read. After that, back to the lines: a burst of writes costs a leg's worth
         # of reads more, at least CHAIN_HOLD's, answered 304 (not billed).
-        chained = clock.monotonic() - self._moved_at < CHAIN_HOLD
-        moved = (
-            chained
-            or self.hints.untold(target)
-            or await self._wait_for_hint(self.hints, seconds, target, observed.info.etag)
+        chained = self.follows_closely and (
+            clock.monotonic() - self._moved_at < CHAIN_HOLD or self.hints.untold(target)
+        )
+        moved = chained or await self._wait_for_hint(
+            self.hints, seconds, target, observed.info.etag
         )
         self._poll_now.clear()
         gap = self._last_poll + (PUSHED_READ_GAP if moved else MIN_POLL_GAP) - clock.monotonic()

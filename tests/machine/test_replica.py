@@ -40,8 +40,7 @@ def settings(tmp_path: Path, machine: str, **kwargs: Any) -> Settings:
         local_bucket_dir=tmp_path / "bucket",
         lease_ttl=3,
         checkpoint_interval=0,
-        replica_reads=True,
-        **{"follow_interval": 0.1, **kwargs},
+        **{"follow_interval": 0.1, "replica_reads": True, **kwargs},
     )
 
 
@@ -499,6 +498,41 @@ async def test_under_continuous_writes_a_replica_reads_again_without_waiting_for
     # Lines alone: one read per leg at most (5 here, plus one); the chain: one per gap.
     assert reads >= 3 * writing / leg, reads
     assert idle_reads == 0
+
+
+async def test_a_plain_standby_reads_only_when_told_however_far_the_lines(
+    tmp_path: Path,
+) -> None:
+    # A standby serves no read: its copy only has to be warm, so it reads no more than its
+    # holder's lines ask for (the reads above cost it, and the bucket, for nothing).
+    leg, writing = 0.5, 2.5
+    holder = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
+    await holder.start()
+    await write(holder, "first")
+    async with LocalBucket(tmp_path / "bucket") as real:
+        bucket = TimedBucket(real)
+        standby = TenantDB(
+            settings(tmp_path, "m2", follow_interval=30, replica_reads=False),
+            migrations=MIGRATIONS,
+            bucket=bucket,  # type: ignore[arg-type]
+            tail_hints=FarHints(holder, leg),
+        )
+        await standby.start()
+        try:
+            assert standby.state == "standby"
+            await asyncio.sleep(2 * leg)
+            bucket.reads.clear()
+            ends = time.monotonic() + writing
+            n = 0
+            while time.monotonic() < ends:
+                n += 1
+                await write(holder, f"w{n}")
+            reads = len(bucket.reads)
+        finally:
+            await standby.stop()
+            await holder.stop()
+    print(f"{n} writes, {reads} reads of lock.json while writing")
+    assert reads <= writing / leg + 2, reads
 
 
 async def test_after_a_read_that_found_a_write_the_next_reads_come_without_waiting_for_lines(
