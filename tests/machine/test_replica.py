@@ -10,9 +10,12 @@ takes the lease when the holder stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import itertools
 import os
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -397,38 +400,56 @@ class TimedBucket:
                 self.reads.append((started, time.monotonic()))
 
 
+@contextlib.asynccontextmanager
+async def timed_follower(
+    tmp_path: Path, hints: Callable[[TenantDB], DirectHints], **options: Any
+) -> AsyncIterator[tuple[TenantDB, TenantDB, TimedBucket]]:
+    """A holder that wrote "first", and a replica (``options`` override its settings) that
+    follows it with ``hints`` and no polls (every 30 s), its reads of lock.json timed."""
+    holder = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
+    await holder.start()
+    try:
+        await write(holder, "first")
+        async with LocalBucket(tmp_path / "bucket") as real:
+            bucket = TimedBucket(real)
+            options = {"follow_interval": 30, "max_replica_lag": 60, "read_wait": 0, **options}
+            follower = TenantDB(
+                settings(tmp_path, "m2", **options),
+                migrations=MIGRATIONS,
+                bucket=bucket,  # type: ignore[arg-type]
+                tail_hints=hints(holder),
+            )
+            await follower.start()
+            try:
+                yield holder, follower, bucket
+            finally:
+                await follower.stop()
+    finally:
+        await holder.stop()
+
+
+async def write_for(holder: TenantDB, seconds: float, written: list[str]) -> None:
+    """Write one note after another for ``seconds``, each added to ``written``."""
+    ends = time.monotonic() + seconds
+    while time.monotonic() < ends:
+        written.append(f"w{len(written)}")
+        await write(holder, written[-1])
+
+
 async def test_pushes_under_continuous_writes_drive_one_read_at_a_time_a_floor_apart(
     tmp_path: Path,
 ) -> None:
-    # No polls (every 30 s): the holder's stream tells every write; the replica reads
-    # lock.json once per PUSHED_READ_GAP at most, never two reads at once, and what was told
-    # during a read comes in with the next one.
-    holder = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
-    await holder.start()
-    await write(holder, "first")
-    async with LocalBucket(tmp_path / "bucket") as real:
-        bucket = TimedBucket(real)
-        replica = TenantDB(
-            settings(tmp_path, "m2", follow_interval=30, max_replica_lag=60, read_wait=0),
-            migrations=MIGRATIONS,
-            bucket=bucket,  # type: ignore[arg-type]
-            tail_hints=DirectHints(holder),
-        )
-        await replica.start()
-        try:
-            await caught_up(replica, ["first"])
-            bucket.reads.clear()
-            written = ["first"]
-            ends = time.monotonic() + 1.5
-            while time.monotonic() < ends:
-                written.append(f"w{len(written)}")
-                await write(holder, written[-1])
-            last = time.monotonic()
-            await caught_up(replica, written)
-            took = time.monotonic() - last
-        finally:
-            await replica.stop()
-            await holder.stop()
+    # The holder's stream tells every write; the replica reads lock.json once per
+    # PUSHED_READ_GAP at most, never two reads at once, and what was told during a read
+    # comes in with the next one.
+    async with timed_follower(tmp_path, DirectHints) as (holder, replica, bucket):
+        await caught_up(replica, ["first"])
+        bucket.reads.clear()
+        written = ["first"]
+        await write_for(holder, 1.5, written)
+        last = time.monotonic()
+        await caught_up(replica, written)
+        took = time.monotonic() - last
     starts = [started for started, _ in bucket.reads]
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     print(f"{len(written)} writes, {len(starts)} reads, smallest gap {1000 * min(gaps):.1f} ms")
@@ -457,46 +478,32 @@ class FarHints(DirectHints):
         )
 
 
+LEG = 0.5  # seconds each line of FarHints takes
+WRITING = 2.5  # seconds of writes in the tests with FarHints
+
+
 async def test_under_continuous_writes_a_replica_reads_again_without_waiting_for_far_lines(
     tmp_path: Path,
 ) -> None:
     # A holder half a second away: each line tells of a write half a second late. While a
     # read found the log past every line told, writes are on their way, so the next read is
     # due at PUSHED_READ_GAP, not at the next line (which would make at most one read a leg).
-    leg, writing = 0.5, 2.5
-    holder = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
-    await holder.start()
-    await write(holder, "first")
-    async with LocalBucket(tmp_path / "bucket") as real:
-        bucket = TimedBucket(real)
-        replica = TenantDB(
-            settings(tmp_path, "m2", follow_interval=30, max_replica_lag=60, read_wait=0),
-            migrations=MIGRATIONS,
-            bucket=bucket,  # type: ignore[arg-type]
-            tail_hints=FarHints(holder, leg),
-        )
-        await replica.start()
-        try:
-            await caught_up(replica, ["first"])
-            bucket.reads.clear()
-            written = ["first"]
-            ends = time.monotonic() + writing
-            while time.monotonic() < ends:
-                written.append(f"w{len(written)}")
-                await write(holder, written[-1])
-            reads = len(bucket.reads)
-            await caught_up(replica, written)
-            # Once the lines caught up with the last write, reads wait for lines again.
-            await asyncio.sleep(2 * leg)
-            bucket.reads.clear()
-            await asyncio.sleep(3 * leg)
-            idle_reads = len(bucket.reads)
-        finally:
-            await replica.stop()
-            await holder.stop()
+    far = functools.partial(FarHints, leg=LEG)
+    async with timed_follower(tmp_path, far) as (holder, replica, bucket):
+        await caught_up(replica, ["first"])
+        bucket.reads.clear()
+        written = ["first"]
+        await write_for(holder, WRITING, written)
+        reads = len(bucket.reads)
+        await caught_up(replica, written)
+        # Once the lines caught up with the last write, reads wait for lines again.
+        await asyncio.sleep(2 * LEG)
+        bucket.reads.clear()
+        await asyncio.sleep(3 * LEG)
+        idle_reads = len(bucket.reads)
     print(f"{len(written)} writes, {reads} reads of lock.json while writing")
     # Lines alone: one read per leg at most (5 here, plus one); the chain: one per gap.
-    assert reads >= 3 * writing / leg, reads
+    assert reads >= 3 * WRITING / LEG, reads
     assert idle_reads == 0
 
 
@@ -504,35 +511,17 @@ async def test_a_plain_standby_reads_only_when_told_however_far_the_lines(
     tmp_path: Path,
 ) -> None:
     # A standby serves no read: its copy only has to be warm, so it reads no more than its
-    # holder's lines ask for (the reads above cost it, and the bucket, for nothing).
-    leg, writing = 0.5, 2.5
-    holder = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
-    await holder.start()
-    await write(holder, "first")
-    async with LocalBucket(tmp_path / "bucket") as real:
-        bucket = TimedBucket(real)
-        standby = TenantDB(
-            settings(tmp_path, "m2", follow_interval=30, replica_reads=False),
-            migrations=MIGRATIONS,
-            bucket=bucket,  # type: ignore[arg-type]
-            tail_hints=FarHints(holder, leg),
-        )
-        await standby.start()
-        try:
-            assert standby.state == "standby"
-            await asyncio.sleep(2 * leg)
-            bucket.reads.clear()
-            ends = time.monotonic() + writing
-            n = 0
-            while time.monotonic() < ends:
-                n += 1
-                await write(holder, f"w{n}")
-            reads = len(bucket.reads)
-        finally:
-            await standby.stop()
-            await holder.stop()
-    print(f"{n} writes, {reads} reads of lock.json while writing")
-    assert reads <= writing / leg + 2, reads
+    # holder's lines ask for (the reads above would cost it, and the bucket, for nothing).
+    far = functools.partial(FarHints, leg=LEG)
+    async with timed_follower(tmp_path, far, replica_reads=False) as (holder, standby, bucket):
+        assert standby.state == "standby"
+        await asyncio.sleep(2 * LEG)
+        bucket.reads.clear()
+        written = ["first"]
+        await write_for(holder, WRITING, written)
+        reads = len(bucket.reads)
+    print(f"{len(written)} writes, {reads} reads of lock.json while writing")
+    assert reads <= WRITING / LEG + 2, reads
 
 
 async def test_after_a_read_that_found_a_write_the_next_reads_come_without_waiting_for_lines(
@@ -541,29 +530,14 @@ async def test_after_a_read_that_found_a_write_the_next_reads_come_without_waiti
     # Lines come at once here, so they catch up with each read at once: only CHAIN_HOLD
     # keeps reading (a holder's pause between writes must not cost the next write a leg),
     # and then reads stop until the next line.
-    holder = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
-    await holder.start()
-    await write(holder, "first")
-    async with LocalBucket(tmp_path / "bucket") as real:
-        bucket = TimedBucket(real)
-        replica = TenantDB(
-            settings(tmp_path, "m2", follow_interval=30, max_replica_lag=60, read_wait=0),
-            migrations=MIGRATIONS,
-            bucket=bucket,  # type: ignore[arg-type]
-            tail_hints=DirectHints(holder),
-        )
-        await replica.start()
-        try:
-            await caught_up(replica, ["first"])
-            await asyncio.sleep(0.5)
-            bucket.reads.clear()
-            written = time.monotonic()
-            await write(holder, "second")
-            await caught_up(replica, ["first", "second"])
-            await asyncio.sleep(0.5)
-        finally:
-            await replica.stop()
-            await holder.stop()
+    async with timed_follower(tmp_path, DirectHints) as (holder, replica, bucket):
+        await caught_up(replica, ["first"])
+        await asyncio.sleep(0.5)
+        bucket.reads.clear()
+        written = time.monotonic()
+        await write(holder, "second")
+        await caught_up(replica, ["first", "second"])
+        await asyncio.sleep(0.5)
     starts = [started for started, _ in bucket.reads if started >= written]
     print(f"reads after the write, ms: {[round(1000 * (s - written)) for s in starts]}")
     # The read the line asked for, then reads a gap apart for CHAIN_HOLD after it.
