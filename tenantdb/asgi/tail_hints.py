@@ -42,6 +42,7 @@ from tenantdb.errors import ConfigurationError, InvalidTenantError
 from tenantdb.machine.bookmark import Bookmark
 from tenantdb.machine.database import TenantDB
 from tenantdb.machine.tail_hints import TailState, Told
+from tenantdb.parsing import Malformed, load_json
 from tenantdb.responses import RETRY_AFTER, send_error
 from tenantdb.routing.proxy import LazyClient, MachineURL
 from tenantdb.tenants import validate_tenant
@@ -209,8 +210,8 @@ def tail_state(line: bytes) -> TailState | None:
     if len(line) > MAX_LINE_BYTES:
         return None
     try:
-        answer = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+        answer = load_json(line)
+    except Malformed:
         return None
     if not isinstance(answer, dict) or not isinstance(answer.get("holding"), bool):
         return None

@@ -102,6 +102,13 @@ def test_a_standby_takes_only_whole_well_formed_lines_from_a_holder() -> None:
         assert tail_state(line) is None, line
 
 
+def test_a_line_nested_deep_enough_to_overflow_the_json_parser_is_malformed_not_a_crash() -> None:
+    # Within the 1 KiB a line may have, 1,000 brackets made json.loads raise RecursionError,
+    # which escaped the parser and killed the standby's loop instead of failing the stream.
+    for line in (b"[" * 1000, b'{"holding": true, "position": ' + b"[" * 990 + b"]" * 990 + b"}"):
+        assert tail_state(line) is None
+
+
 @pytest.mark.parametrize("how", ["cut", "malformed", "trickle"])
 async def test_a_hint_stream_cut_malformed_or_trickling_fails_and_tells_nothing(
     how: Literal["cut", "malformed", "trickle"],
