@@ -9,6 +9,7 @@ answers for them); each machine's id is its port, so ``TENANTDB_HINT_URL`` can n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -37,6 +38,18 @@ NOTES = "/customers/acme/notes"
 TTL = 3.0
 
 Start = Callable[..., UvicornProcess]
+
+
+def hint_stream(
+    client: httpx.AsyncClient, hints: str, after: str
+) -> contextlib.AbstractAsyncContextManager[httpx.Response]:
+    """A standby's request for a holder's stream of moves past ``after`` (a 60 s wait)."""
+    return client.stream(
+        "GET",
+        hints,
+        params={"after": after, "wait": "60"},
+        headers={"accept": "application/x-ndjson"},
+    )
 
 
 @pytest.fixture
@@ -390,12 +403,7 @@ def test_the_holder_streams_a_line_at_each_move_and_where_it_stands_at_the_end(
             await write(client, holder, "first")
             at = (await client.get(hints, params={"after": "0.0", "wait": "0"})).json()
             started = time.monotonic()
-            async with client.stream(
-                "GET",
-                hints,
-                params={"after": at["position"], "wait": "60"},
-                headers={"accept": "application/x-ndjson"},
-            ) as response:
+            async with hint_stream(client, hints, at["position"]) as response:
                 assert response.status_code == 200
                 assert response.headers["content-type"] == "application/x-ndjson"
                 assert response.headers["cache-control"] == "no-store"
@@ -563,12 +571,7 @@ def test_the_holder_counts_hint_streams_among_its_bounded_waiters(start: Start) 
 
             async def stream() -> tuple[int, str, float]:
                 started = time.monotonic()
-                async with client.stream(
-                    "GET",
-                    hints,
-                    params={"after": at["position"], "wait": "60"},
-                    headers={"accept": "application/x-ndjson"},
-                ) as response:
+                async with hint_stream(client, hints, at["position"]) as response:
                     body = (await response.aread()).decode()
                     return response.status_code, body, time.monotonic() - started
 
