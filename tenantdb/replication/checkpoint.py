@@ -98,6 +98,11 @@ def trim_wal(
 
 def _keep_bytes(wal_path: Path, shm_path: Path, shipped: WALPosition) -> int | None:
     """The size to cut the WAL file down to, or None if it is not to be cut."""
+    try:
+        if os.path.getsize(wal_path) <= WAL_FILE_BYTES:
+            return None  # the common case, known without reading the WAL or the wal-index
+    except FileNotFoundError:
+        return None  # no WAL
     start = wal_start(wal_path)
     if start is None or start.salts != shipped.salts:
         return None  # no WAL, or a restart the shipper has not read yet
