@@ -19,7 +19,6 @@ few MiB, and a fast retry policy so that failure tests do not sleep.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import uuid
@@ -33,7 +32,8 @@ import pytest
 from tenantdb.config import Secret
 from tenantdb.storage import Bucket, LocalBucket, RetryPolicy
 from tenantdb.storage.s3 import S3Bucket
-from tests.support.process_tree import direct_children, kill_descendants
+from tests.support.interrupt import install_interrupt_handler
+from tests.support.process_tree import kill_descendants
 from tests.support.s3_server import (
     DUMMY_ACCESS_KEY_ID,
     DUMMY_REGION,
@@ -56,32 +56,8 @@ BUCKET_BACKENDS = ["local", "s3"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Make Ctrl-C stop the run at once, leaving no server behind.
-
-    pytest-asyncio runs each async test in an ``asyncio.Runner``, which, while SIGINT has
-    Python's default handler, turns Ctrl-C into a cancellation of the test's task. A test
-    whose code absorbs that cancellation (a shutdown that finishes what it started, say)
-    simply ends, and the next test starts with a fresh count: the run went on however often
-    one pressed. With a handler of its own in place, the Runner leaves SIGINT alone, and the
-    KeyboardInterrupt stops pytest wherever it lands.
-
-    Before it does, the handler kills every process below this one: the servers of the tests
-    (moto, uvicorn machines, dev clusters) run in sessions of their own, out of the
-    terminal's reach, and a graceful stop of each would take seconds. An xdist controller
-    spares its workers and passes the signal on to them instead (``kill -INT`` may have
-    reached the controller alone), so that each ends its session and reports.
-    """
-    xdist_controller = config.pluginmanager.has_plugin("dsession")
-
-    def interrupt(signum: int, frame: object) -> None:
-        workers = frozenset(direct_children()) if xdist_controller else frozenset()
-        kill_descendants(signal.SIGKILL, spare=workers)
-        for worker in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker, signal.SIGINT)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, interrupt)
+    """Make Ctrl-C stop the run at once, leaving no server behind (tests.support.interrupt)."""
+    install_interrupt_handler(lambda: config.pluginmanager.has_plugin("dsession"))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -8,10 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.support.interrupt import RUN_GRACE, WORKER_GRACE
 from tests.support.process_tree import descendants
 from tests.support.servers import ROOT
 
@@ -93,26 +95,44 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-@pytest.mark.long
-def test_ctrl_c_to_a_parallel_run_ends_it_at_once_and_kills_its_servers(
-    tmp_path: Path, subprocess_env: dict[str, str]
-) -> None:
-    (tmp_path / "test_serving.py").write_text(SERVING_TEST)
+STUCK_WORKER_TEST = """
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def test_stuck() -> None:
+    # As a worker stuck where no signal reaches its Python code, or one whose exit hangs.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Path(os.environ["SERVER_PIDS"]).write_text(str(os.getpid()))
+    time.sleep(60)
+"""
+
+
+@dataclass(frozen=True)
+class InterruptedRun:
+    """What a parallel run did after one Ctrl-C: its exit code and output, how long it took to
+    end, and the processes the inner test named that still ran after it ended."""
+
+    returncode: int
+    output: str
+    took: float
+    leftover: list[int]
+
+
+def interrupt_parallel_run(
+    tmp_path: Path, subprocess_env: dict[str, str], test_source: str
+) -> InterruptedRun:
+    """Start ``pytest -n 1`` on ``test_source``, Ctrl-C it once the test has written the pids
+    of its processes to ``$SERVER_PIDS``, and wait for the run to end."""
+    (tmp_path / "test_inner.py").write_text(test_source)
     pids_file = tmp_path / "pids"
     argv = [
-        *(
-            sys.executable,
-            "-m",
-            "pytest",
-            "-n",
-            "1",
-            "-p",
-            "tests.conftest",
-            "-p",
-            "no:cacheprovider",
-        ),
+        *(sys.executable, "-m", "pytest", "-n", "1"),
+        *("-p", "tests.conftest", "-p", "no:cacheprovider"),
         *("-o", "asyncio_mode=auto", "-o", "asyncio_default_fixture_loop_scope=function"),
-        *("--rootdir", str(tmp_path), str(tmp_path / "test_serving.py")),
+        *("--rootdir", str(tmp_path), str(tmp_path / "test_inner.py")),
     ]
     run = subprocess.Popen(
         argv,
@@ -122,19 +142,18 @@ def test_ctrl_c_to_a_parallel_run_ends_it_at_once_and_kills_its_servers(
         stderr=subprocess.STDOUT,
         text=True,
     )
-    servers: list[int] = []
+    named: list[int] = []
     try:
         deadline = time.monotonic() + 60
         while not (pids_file.exists() and pids_file.read_text()):
             assert run.poll() is None, run.communicate()[0]
-            assert time.monotonic() < deadline, "the inner run's servers did not start"
+            assert time.monotonic() < deadline, "the inner run's test did not start"
             time.sleep(0.05)
-        servers = [int(pid) for pid in pids_file.read_text().split()]
-        assert len(servers) >= 2  # moto and uvicorn
+        named = [int(pid) for pid in pids_file.read_text().split()]
         # To the controller alone (``kill -INT``): it must reach the worker too.
         run.send_signal(signal.SIGINT)
         interrupted = time.monotonic()
-        output, _ = run.communicate(timeout=30)
+        output, _ = run.communicate(timeout=45)
         took = time.monotonic() - interrupted
     finally:
         if run.poll() is None:
@@ -142,11 +161,53 @@ def test_ctrl_c_to_a_parallel_run_ends_it_at_once_and_kills_its_servers(
                 os.kill(pid, signal.SIGKILL)
             run.kill()
             run.wait()
-    leftover = [pid for pid in servers if alive(pid)]
+    leftover = [pid for pid in named if alive(pid)]
     for pid in leftover:
         os.kill(pid, signal.SIGKILL)
-    assert run.returncode == 2, output  # pytest's exit code for an interrupted run
-    assert leftover == [], f"servers left running after Ctrl-C:\n{output}"
+    return InterruptedRun(run.returncode, output, took, leftover)
+
+
+@pytest.mark.long
+def test_ctrl_c_to_a_parallel_run_ends_it_at_once_and_kills_its_servers(
+    tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    run = interrupt_parallel_run(tmp_path, subprocess_env, SERVING_TEST)
+    assert run.returncode == 2, run.output  # pytest's exit code for an interrupted run
+    assert run.leftover == [], f"servers left running after Ctrl-C:\n{run.output}"
     # A run that ignored Ctrl-C would serve on forever: a bound well above what ending
     # costs on a loaded CI machine (pytest's summary, a few seconds of CPU) tells them apart.
-    assert took < 20, f"the run took {took:.1f}s to end after Ctrl-C:\n{output}"
+    assert run.took < 20, f"the run took {run.took:.1f}s to end after Ctrl-C:\n{run.output}"
+
+
+@pytest.mark.long
+def test_ctrl_c_to_a_parallel_run_kills_a_worker_that_does_not_end_within_seconds(
+    tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    run = interrupt_parallel_run(tmp_path, subprocess_env, STUCK_WORKER_TEST)
+    assert run.returncode == 2, run.output
+    assert run.leftover == [], f"the stuck worker outlived the run:\n{run.output}"
+    # xdist alone waits 10 s for a worker to come down before it kills it.
+    assert run.took < WORKER_GRACE + 5, f"the run took {run.took:.1f}s to end:\n{run.output}"
+
+
+HANGING_CONTROLLER_PLUGIN = """
+import time
+
+
+def pytest_sessionfinish(session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the controller alone
+        time.sleep(60)  # as a teardown that never returns
+"""
+
+
+@pytest.mark.long
+def test_ctrl_c_ends_a_run_whose_own_ending_hangs_and_says_where_it_was(
+    tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    (tmp_path / "conftest.py").write_text(HANGING_CONTROLLER_PLUGIN)
+    run = interrupt_parallel_run(tmp_path, subprocess_env, SERVING_TEST)
+    assert run.returncode == 2, run.output
+    assert run.leftover == [], f"servers left running after Ctrl-C:\n{run.output}"
+    assert RUN_GRACE - 1 < run.took < RUN_GRACE + 5, run.output
+    assert "this test process had not ended; where it was" in run.output
+    assert "in pytest_sessionfinish" in run.output, run.output  # the stack of the hang
