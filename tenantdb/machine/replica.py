@@ -8,8 +8,9 @@ the client's last write needs), waiting up to ``TENANTDB_READ_WAIT`` for the fol
 there. Otherwise it refuses (``ReplicaRefusedError``) and the request goes to the holder.
 
 The follower writes the copy's pages in place, under SQLite's feet: a read connection is
-opened for one request with ``immutable=1`` (no locks, no -shm), and the ``CopyLock`` keeps
-the follower's writes and the reads apart, writes first. A copy's lag is the time since a
+opened with ``immutable=1`` (no locks, no -shm) and kept for the next read only until the
+follower's next write (``CopyConnections``), and the ``CopyLock`` keeps the follower's writes
+and the reads apart, writes first. A copy's lag is the time since a
 read of lock.json *sent* then found the copy equal to what it names, or since a tail hint
 stream was asked for on which the holder of that very lease then told it held at the
 copy's position (machine/tail_hints.py): an idle replica with hints reads lock.json no more
@@ -32,6 +33,7 @@ from tenantdb import clock
 from tenantdb.errors import LeaseHeldError, ReplicaRefusedError
 from tenantdb.machine.bookmark import Bookmark
 from tenantdb.machine.context import Machine
+from tenantdb.machine.copy_connections import PURE_READS, CopyConnections, close_connections
 from tenantdb.machine.migrations import schema_of
 from tenantdb.machine.standby import MIN_POLL_GAP, Standby
 from tenantdb.protocol.lockfile import LockRecord
@@ -126,6 +128,7 @@ class ReadCopy:
         self.lag = 0.0  # seconds, once entered
         self.wrote = False  # the request tried to change the database
         self.waited = 0.0  # seconds it waited for the copy to reach its bookmark
+        self.reusable = True  # the connection is as it was opened: the next read may have it
         self._connection: aiosqlite.Connection | None = None
         self._locked = False
 
@@ -160,7 +163,7 @@ class ReadCopy:
                     await advanced.wait()
             self.waited += clock.monotonic() - waiting_since
         try:
-            self._connection = await _open_read_only(replica.machine, self._note)
+            self._connection = await replica.connections.take(self._note)
         except BaseException:
             self._unlock()
             raise
@@ -181,12 +184,13 @@ class ReadCopy:
         connection, self._connection = self._connection, None
         try:
             if connection is not None:
-                await connection.close()
+                await self._replica.connections.give_back(connection, reusable=self.reusable)
         finally:
             self._unlock()
 
     async def revoke(self) -> None:
         """Interrupt and close this read (the copy is about to change hands)."""
+        self.reusable = False
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await self._connection.interrupt()
@@ -242,8 +246,10 @@ class ReadCopy:
         return ReplicaRefusedError(reason, tenant=self._replica.machine.tenant)
 
     def _note(self, action: int, _1: object, _2: object, db: str | None, _3: object) -> int:
-        if action in _WRITES and db != "temp":
-            self.wrote = True
+        if action not in PURE_READS:
+            self.reusable = False
+            if action in _WRITES and db != "temp":
+                self.wrote = True
         return sqlite3.SQLITE_OK
 
 
@@ -256,6 +262,7 @@ class Replica(Standby):
     def __init__(self, machine: Machine, held: LeaseHeldError | None) -> None:
         super().__init__(machine, held)
         self.copy_lock = CopyLock()
+        self.connections = CopyConnections(machine.path, keep=machine.settings.pool_size)
         self.reads: set[ReadCopy] = set()
         # The lock.json record the copy equals and when a poll that confirmed it was sent.
         self.current: tuple[LockRecord, float] | None = None
@@ -313,10 +320,23 @@ class Replica(Standby):
             # copy stays as it is, and falls behind, until they end.
             log.info("tenant %s: reads of the copy run on; following later", self.machine.tenant)
             return
+        stale = self.connections.retire()
         try:
             await super()._follow(record)
         finally:
             self.copy_lock.release_exclusive()
+            await close_connections(stale)
+
+    async def _standby_loop(self) -> None:
+        try:
+            await super()._standby_loop()
+        finally:
+            if self.mover.role is not self:  # not a restart: the replica is over
+                await self.connections.close()
+
+    async def wind_down(self, deadline: float) -> None:
+        await super().wind_down(deadline)
+        await self.connections.close()
 
     @contextlib.asynccontextmanager
     async def _taking_over(self) -> AsyncIterator[None]:
@@ -350,18 +370,3 @@ def _loop_time(deadline: float) -> float:
     """A ``clock.monotonic()`` deadline on the event loop's clock."""
     loop = asyncio.get_running_loop()
     return loop.time() + (deadline - clock.monotonic())
-
-
-async def _open_read_only(
-    machine: Machine, authorizer: Callable[[int, object, object, str | None, object], int]
-) -> aiosqlite.Connection:
-    """A connection to the copy that cannot write it and takes no lock on it."""
-    uri = f"{machine.path.resolve().as_uri()}?mode=ro&immutable=1"
-    connection = await aiosqlite.connect(uri, uri=True)
-    try:
-        await connection.execute("PRAGMA query_only = 1")
-        await connection.set_authorizer(authorizer)
-    except BaseException:
-        await connection.close()
-        raise
-    return connection

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import itertools
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,10 +24,11 @@ import pytest
 
 from tenantdb.config import Settings
 from tenantdb.errors import ReplicaRefusedError, TransientStorageError
+from tenantdb.machine.copy_connections import CopyConnections
 from tenantdb.machine.database import TenantDB
 from tenantdb.machine.fenced import Fenced
 from tenantdb.machine.mover import MOVES
-from tenantdb.machine.replica import Bookmark, CopyLock
+from tenantdb.machine.replica import Bookmark, CopyLock, Replica
 from tenantdb.machine.standby import CHAIN_HOLD, PUSHED_READ_GAP
 from tenantdb.machine.tail_hints import Told
 from tenantdb.storage import Bucket
@@ -543,3 +545,78 @@ async def test_after_a_read_that_found_a_write_the_next_reads_come_without_waiti
     # The read the line asked for, then reads a gap apart for CHAIN_HOLD after it.
     assert len(starts) >= 3, starts
     assert starts[-1] - starts[0] < CHAIN_HOLD + 5 * PUSHED_READ_GAP, starts
+
+
+def copy_connections(tdb: TenantDB) -> CopyConnections:
+    role = tdb._mover.role
+    assert isinstance(role, Replica)
+    return role.connections
+
+
+def connection_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if "_connection_worker_thread" in t.name}
+
+
+async def test_reads_between_two_writes_share_one_connection_and_see_the_next_write(
+    tmp_path: Path,
+) -> None:
+    holder, replica = await serving_and_replica(tmp_path)
+    try:
+        await caught_up(replica, ["first"])
+        connections = copy_connections(replica)
+        opened = connections.opened
+        for _ in range(5):
+            assert await tokens(replica) == ["first"]
+        assert connections.opened == opened  # no thread start per read
+        # The kept connection cached the page the follower now writes in place.
+        bookmark = await write(holder, "second")
+        assert await tokens(replica, bookmark) == ["first", "second"]
+        assert connections.opened == opened + 1
+    finally:
+        await replica.stop()
+        await holder.stop()
+
+
+async def test_a_read_that_leaves_state_on_its_connection_does_not_hand_it_on(
+    tmp_path: Path,
+) -> None:
+    holder, replica = await serving_and_replica(tmp_path)
+    try:
+        await caught_up(replica, ["first"])
+        connections = copy_connections(replica)
+        async with replica.read_copy() as read:
+            await read.connection.execute("PRAGMA cache_size = 7")
+            assert not read.reusable
+        opened = connections.opened
+        async with replica.read_copy() as read:
+            rows = await read.connection.execute_fetchall("PRAGMA cache_size")
+        assert list(rows[0]) != [7]
+        assert connections.opened == opened + 1
+    finally:
+        await replica.stop()
+        await holder.stop()
+
+
+async def test_a_replica_closes_its_kept_connections_when_it_stops_or_takes_over(
+    tmp_path: Path,
+) -> None:
+    before = connection_threads()
+    holder, replica = await serving_and_replica(tmp_path)
+    await caught_up(replica, ["first"])
+    replica_threads = connection_threads() - before
+    await holder.stop()
+    try:
+        assert await replica.wait_serving(10)
+        # The copy is the holder's database now: no connection of the replica reads it.
+        assert not any(t.is_alive() for t in replica_threads)
+        await write(replica, "second")
+    finally:
+        await replica.stop()
+    other = TenantDB(settings(tmp_path, "m3"), migrations=MIGRATIONS)
+    holder = TenantDB(settings(tmp_path, "m1"), migrations=MIGRATIONS)
+    await holder.start()
+    await other.start()
+    await caught_up(other, ["first", "second"])
+    await other.stop()
+    await holder.stop()
+    assert connection_threads() <= before  # every thread of the kept connections ended

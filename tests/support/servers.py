@@ -168,9 +168,11 @@ class MachineProcesses:
         ready: bool = True,
         uvicorn_args: Sequence[str] = (),
         port: int | None = None,
+        cwd: Path = ROOT,
     ) -> UvicornProcess:
-        """Serve ``app`` as machine ``machine`` of ``tenant`` (on ``port``, else a free one),
-        with ``env`` on top; unless ``ready=False``, wait until it answers."""
+        """Serve ``app`` as machine ``machine`` of ``tenant`` (on ``port``, else a free one;
+        the code of the checkout ``cwd``), with ``env`` on top; unless ``ready=False``, wait
+        until it answers."""
         server = UvicornProcess(
             app,
             {
@@ -182,6 +184,7 @@ class MachineProcesses:
             self.root / f"{machine}-{len(self.started)}.log",
             uvicorn_args=uvicorn_args,
             port=port,
+            cwd=cwd,
         )
         self.started.append(server)
         if ready:
