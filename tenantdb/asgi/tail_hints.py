@@ -298,5 +298,6 @@ class HttpTailHints:
                 ) as response,
             ):
                 return response.status_code == 200 and await _tell_lines(response, told)
-        except (httpx.HTTPError, OSError, TimeoutError):
+        except (httpx.HTTPError, httpx.InvalidURL, OSError, TimeoutError):
+            # InvalidURL: the holder's id (read from lock.json) makes no URL in the template.
             return False

@@ -126,6 +126,13 @@ async def test_a_hint_stream_cut_malformed_or_trickling_fails_and_tells_nothing(
     assert took < 1.5, took  # the wait and the slack, whatever the stream does
 
 
+async def test_a_holder_id_that_makes_no_valid_url_is_a_holder_not_answering_not_a_crash() -> None:
+    # The id comes from lock.json: with a template that puts it where a port goes, httpx
+    # raised InvalidURL (no HTTPError), which killed the standby's loop every time.
+    async with HttpTailHints(lambda machine: f"http://127.0.0.1:{machine}") as hints:
+        assert await hints.watch("m1", "acme", Bookmark(1, 5), 0.5, lambda _: None) is False
+
+
 async def test_a_bug_that_ends_the_hint_streams_is_raised_once_not_swallowed() -> None:
     class Broken:
         async def watch(self, *args: object) -> bool:
