@@ -27,6 +27,7 @@ import httpx
 from bench.bench_replicas import APP, NOTES, percentile
 from bench.common import alternate, baseline_root, machine
 from tenantdb.dev.dns_server import DevDNSServer
+from tenantdb.dev.ports import free_port
 from tests.support.servers import MachineProcesses, UvicornProcess
 
 
@@ -89,17 +90,21 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             "TENANTDB_TAIL_HINTS": "1",
             "TENANTDB_HINT_URL": "http://127.0.0.1:{machine_id}",
         }
+        # Machine ids are ports, so that TENANTDB_HINT_URL can name the machine's address.
+        m1, m2, m3 = free_port(), free_port(), free_port()
+        names = {"candidate": str(m2), "baseline": str(m3)}
         with MachineProcesses(root) as machines:
-            holder = machines.start(APP, "m1", "acme", env)
+            holder = machines.start(APP, str(m1), "acme", env, port=m1)
             tokens = [f"t{n}" for n in range(args.rows)]
             with httpx.Client(base_url=holder.url, timeout=10) as http:
                 for token in tokens:
                     http.post(NOTES, params={"token": token}).raise_for_status()
             replicas = {
-                way: machines.start(APP, name, "acme", env, cwd=checkout)
-                for (way, checkout), name in zip(ways.items(), ("m2", "m3"), strict=True)
+                way: machines.start(
+                    APP, names[way], "acme", env, port=int(names[way]), cwd=checkout
+                )
+                for way, checkout in ways.items()
             }
-            names = {"candidate": "m2", "baseline": "m3"}
 
             async def main() -> dict[str, dict[str, float]]:
                 for way, server in replicas.items():  # warm: the copies caught up
