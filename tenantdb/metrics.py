@@ -167,6 +167,7 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self._routed: dict[RoutingOutcome, Counter] = {}
         self._replica_reads = Counter(
             "tenantdb_replica_reads",
             "read requests a replica took, by outcome (served from its copy, sent to the "
@@ -260,7 +261,11 @@ class Metrics:
 
     def routed(self, outcome: RoutingOutcome) -> None:
         """Count a routing decision."""
-        self._routing.labels(outcome).inc()
+        # Once per request: the labelled child is looked up once per outcome, not each time.
+        counter = self._routed.get(outcome)
+        if counter is None:
+            counter = self._routed[outcome] = self._routing.labels(outcome)
+        counter.inc()
 
     def replica_read(self, outcome: ReplicaReadOutcome) -> None:
         """Count a read request a replica took, by what became of it."""

@@ -154,7 +154,7 @@ async def settled(app: TenantDBMiddleware) -> None:
     """Wait (bounded) for the requests of closed clients to end, so the server stops at once."""
     for _ in range(100):
         await asyncio.sleep(0.05)
-        if app._in_flight == 0:
+        if app._running.count == 0:
             return
 
 

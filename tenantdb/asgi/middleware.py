@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Concatenate, ParamSpec
@@ -16,6 +15,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tenantdb.asgi.in_flight import InFlight
 from tenantdb.asgi.lending import RequestConnection
 from tenantdb.asgi.output_gate import Commits, OutputGate
 from tenantdb.asgi.process_end import ProcessEnd
@@ -209,10 +209,8 @@ class TenantDBMiddleware:
             else None
         )
         self._resources = AsyncExitStack()  # what the lifespan opened, closed at shutdown
-        self._in_flight = 0
+        self._running = InFlight()  # requests of this machine's tenant in flight
         self._handed_back_holds = 0  # requests held on their word that they were handed back
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -270,7 +268,7 @@ class TenantDBMiddleware:
                 async def to_holder(scope: Scope, receive: Receive, send: Send) -> None:
                     await self._not_serving(scope, receive, send, tdb)
 
-                with self._running():
+                with self._running:
                     await self.replica_reads.serve(scope, receive, send, tdb, to_holder)
                 return
             await self._not_serving(scope, receive, send, tdb)
@@ -295,7 +293,7 @@ class TenantDBMiddleware:
             answered = True
             await send(message)
 
-        with self._running():
+        with self._running:
             try:
                 if gated:
                     await self._serve_gated(scope, receive_aside, to_client, tdb, db)
@@ -324,6 +322,8 @@ class TenantDBMiddleware:
     ) -> bool:
         """Whether the holder may serve this request; if not, it was answered (after a
         freeze, the one renewal that confirms the lease failed)."""
+        if not tdb.lease.needs_confirming():
+            return True
         try:
             async with asyncio.timeout(self.settings.durability_timeout):
                 await tdb.confirm_lease()
@@ -344,18 +344,6 @@ class TenantDBMiddleware:
             )
             return False
         return True
-
-    @contextlib.contextmanager
-    def _running(self) -> Iterator[None]:
-        """Count a request of this machine's tenant in flight (the shutdown waits for them)."""
-        self._in_flight += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
 
     async def _serve_gated(
         self, scope: Scope, receive: Receive, send: Send, tdb: TenantDB, db: RequestConnection
@@ -591,10 +579,10 @@ class TenantDBMiddleware:
                 # Requests already accepted finish, so their writes are in the final snapshot.
                 try:
                     await asyncio.wait_for(
-                        self._idle.wait(), timeout=self.settings.kill_timeout * 0.3
+                        self._running.idle.wait(), timeout=self.settings.kill_timeout * 0.3
                     )
                 except TimeoutError:
-                    log.warning("%d request(s) still running at shutdown", self._in_flight)
+                    log.warning("%d request(s) still running at shutdown", self._running.count)
                 await tdb.stop()
         finally:
             await self._resources.aclose()

@@ -236,21 +236,22 @@ class Lease:
         """
         if self.status != "held" or self._releasing:
             return 0.0
-        self._look_for_freeze()
         now = _Clocks.read()
+        self._look_for_freeze(now)
         aged, then = self._aged
         elapsed = aged + now.most_since(then)
         self._aged = (elapsed, now)
         return self.ttl - elapsed
 
-    def _look_for_freeze(self) -> None:
-        """Note a possible freeze when the wall or boot clock strayed from the monotonic one.
+    def _look_for_freeze(self, now: _Clocks | None = None) -> None:
+        """Note a possible freeze when the wall or boot clock strayed from the monotonic one
+        between the last look and ``now`` (the clocks read now, unless given).
 
         Counted more: the machine was away. Counted less (a wall clock stepped back): the
         step may hide a freeze in the same stretch, so it counts as one too.
         """
         then = self._clocks
-        now = self._clocks = _Clocks.read()
+        now = self._clocks = now or _Clocks.read()
         counted = now.monotonic - then.monotonic
         strays = (now.wall - then.wall - counted, now.boot - then.boot - counted)
         stray = max(strays, key=abs)
@@ -265,6 +266,12 @@ class Lease:
                     stray,
                 )
 
+    def needs_confirming(self) -> bool:
+        """Whether ``confirmed()`` would wait: a freeze was seen since the last renewal that
+        landed (a check without a timeout or a task switch, for every request)."""
+        self._look_for_freeze()
+        return self._frozen_seen_at is not None
+
     async def confirmed(self) -> None:
         """Return once this holder may answer; raise ``LeaseLostError`` if it may not.
 
@@ -273,8 +280,7 @@ class Lease:
         meanwhile: one renewal sent since must land first (a 412 steps down). Otherwise
         this costs no request.
         """
-        self._look_for_freeze()
-        while self._frozen_seen_at is not None:
+        while self.needs_confirming():
             async with self._confirming:
                 if self._frozen_seen_at is not None:
                     await self.renew()  # LeaseLostError unless this machine holds it

@@ -37,6 +37,7 @@ from typing import Any, Literal, TypeVar
 
 from starlette.types import Message, Receive, Scope, Send
 
+from tenantdb.asgi.in_flight import InFlight
 from tenantdb.asgi.middleware import TenantDBMiddleware
 from tenantdb.config import RETENTION_FLOOR_LEASES, Settings
 from tenantdb.crypto import parse_keyring
@@ -212,9 +213,8 @@ def _gateway(settings: Settings) -> TenantDBMiddleware:
     gateway.app = _token_app
     gateway.settings = settings
     gateway.metrics = Metrics()
-    gateway._in_flight = 0
+    gateway._running = InFlight()
     gateway._handed_back_holds = 0
-    gateway._idle = asyncio.Event()
     gateway.replica_reads = None  # the simulated machines serve no reads as replicas
     return gateway
 
