@@ -24,8 +24,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.bench_replicas import APP, NOTES, percentile
-from bench.common import alternate, baseline_root, machine
+from bench.bench_replicas import APP, NOTES, machine_env, percentile
+from bench.common import ROOT, alternate, baseline_root, machine
 from tenantdb.dev.dns_server import DevDNSServer
 from tenantdb.dev.ports import free_port
 from tests.support.servers import MachineProcesses, UvicornProcess
@@ -75,21 +75,12 @@ async def writes(url: str, per_s: float, stop: asyncio.Event) -> None:
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Start the holder and both replicas, fill the tenant and measure every round."""
     ways = {
-        "candidate": Path(__file__).resolve().parents[1],
+        "candidate": ROOT,
         "baseline": baseline_root(args.baseline),
     }
     with tempfile.TemporaryDirectory() as tmp, DevDNSServer().run_in_thread() as dns:
         root = Path(tmp)
-        env = {
-            "TENANTDB_DNS_SERVER": "{}:{}".format(*dns.address),
-            "TENANTDB_LOCAL_BUCKET": str(root / "bucket"),
-            "TENANTDB_LEASE_TTL": "5",
-            "TENANTDB_CHECKPOINT_INTERVAL": "0",
-            "TENANTDB_IDLE_STOP": "0",
-            "TENANTDB_REPLICA_READS": "1",
-            "TENANTDB_TAIL_HINTS": "1",
-            "TENANTDB_HINT_URL": "http://127.0.0.1:{machine_id}",
-        }
+        env = machine_env(root / "bucket", dns, replica_reads=True, tail_hints=True)
         # Machine ids are ports, so that TENANTDB_HINT_URL can name the machine's address.
         m1, m2, m3 = free_port(), free_port(), free_port()
         names = {"candidate": str(m2), "baseline": str(m3)}

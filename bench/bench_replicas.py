@@ -277,6 +277,23 @@ async def visibility(url: str, near: str, holder: str) -> float:
     raise RuntimeError(f"m2 did not serve {token} within 10 s")
 
 
+def machine_env(
+    bucket: Path, dns: DevDNSServer, *, replica_reads: bool, tail_hints: bool
+) -> dict[str, str]:
+    """The settings of the benches' machines: the embedded bucket at ``bucket``, ``dns``
+    for the internal records, machine ids that are ports (see ``run_mode``)."""
+    return {
+        "TENANTDB_DNS_SERVER": "{}:{}".format(*dns.address),
+        "TENANTDB_LOCAL_BUCKET": str(bucket),
+        "TENANTDB_LEASE_TTL": "5",
+        "TENANTDB_CHECKPOINT_INTERVAL": "0",
+        "TENANTDB_IDLE_STOP": "0",
+        "TENANTDB_REPLICA_READS": "1" if replica_reads else "0",
+        "TENANTDB_TAIL_HINTS": "1" if tail_hints else "0",
+        "TENANTDB_HINT_URL": "http://127.0.0.1:{machine_id}",
+    }
+
+
 def run_mode(replicas: bool, hints: bool, args: argparse.Namespace) -> dict[str, float]:
     """Start m1 and m2 with replica reads and tail hints on or off and measure.
 
@@ -286,17 +303,8 @@ def run_mode(replicas: bool, hints: bool, args: argparse.Namespace) -> dict[str,
     """
     with tempfile.TemporaryDirectory() as tmp, DevDNSServer().run_in_thread() as dns:
         root = Path(tmp)
-        env = {
-            "TENANTDB_DNS_SERVER": "{}:{}".format(*dns.address),
-            "TENANTDB_LOCAL_BUCKET": str(root / "bucket"),
-            "TENANTDB_LEASE_TTL": "5",
-            "TENANTDB_CHECKPOINT_INTERVAL": "0",
-            "TENANTDB_FOLLOW_INTERVAL": f"{args.follow_interval:g}",
-            "TENANTDB_IDLE_STOP": "0",
-            "TENANTDB_REPLICA_READS": "1" if replicas else "0",
-            "TENANTDB_TAIL_HINTS": "1" if hints else "0",
-            "TENANTDB_HINT_URL": "http://127.0.0.1:{machine_id}",
-        }
+        env = machine_env(root / "bucket", dns, replica_reads=replicas, tail_hints=hints)
+        env["TENANTDB_FOLLOW_INTERVAL"] = f"{args.follow_interval:g}"
         relay_port, m1_port, m2_port = free_port(), free_port(), free_port()
         far, near = str(relay_port), str(m2_port)
         metrics = {far: "0", near: str(free_port())}

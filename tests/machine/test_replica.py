@@ -547,6 +547,18 @@ async def test_after_a_read_that_found_a_write_the_next_reads_come_without_waiti
     assert starts[-1] - starts[0] < CHAIN_HOLD + 5 * PUSHED_READ_GAP, starts
 
 
+@contextlib.asynccontextmanager
+async def caught_up_pair(tmp_path: Path) -> AsyncIterator[tuple[TenantDB, TenantDB]]:
+    """A holder and a replica that serves what the holder wrote first; both stopped after."""
+    holder, replica = await serving_and_replica(tmp_path)
+    try:
+        await caught_up(replica, ["first"])
+        yield holder, replica
+    finally:
+        await replica.stop()
+        await holder.stop()
+
+
 def copy_connections(tdb: TenantDB) -> CopyConnections:
     role = tdb._mover.role
     assert isinstance(role, Replica)
@@ -560,9 +572,7 @@ def connection_threads() -> set[threading.Thread]:
 async def test_reads_between_two_writes_share_one_connection_and_see_the_next_write(
     tmp_path: Path,
 ) -> None:
-    holder, replica = await serving_and_replica(tmp_path)
-    try:
-        await caught_up(replica, ["first"])
+    async with caught_up_pair(tmp_path) as (holder, replica):
         connections = copy_connections(replica)
         opened = connections.opened
         for _ in range(5):
@@ -572,17 +582,12 @@ async def test_reads_between_two_writes_share_one_connection_and_see_the_next_wr
         bookmark = await write(holder, "second")
         assert await tokens(replica, bookmark) == ["first", "second"]
         assert connections.opened == opened + 1
-    finally:
-        await replica.stop()
-        await holder.stop()
 
 
 async def test_a_read_that_leaves_state_on_its_connection_does_not_hand_it_on(
     tmp_path: Path,
 ) -> None:
-    holder, replica = await serving_and_replica(tmp_path)
-    try:
-        await caught_up(replica, ["first"])
+    async with caught_up_pair(tmp_path) as (_, replica):
         connections = copy_connections(replica)
         async with replica.read_copy() as read:
             await read.connection.execute("PRAGMA cache_size = 7")
@@ -592,9 +597,6 @@ async def test_a_read_that_leaves_state_on_its_connection_does_not_hand_it_on(
             rows = await read.connection.execute_fetchall("PRAGMA cache_size")
         assert list(rows[0]) != [7]
         assert connections.opened == opened + 1
-    finally:
-        await replica.stop()
-        await holder.stop()
 
 
 async def test_a_replica_closes_its_kept_connections_when_it_stops_or_takes_over(
