@@ -460,7 +460,12 @@ async def test_pushes_under_continuous_writes_drive_one_read_at_a_time_a_floor_a
     )
     assert min(gaps) >= PUSHED_READ_GAP - 0.002, gaps
     assert len(starts) <= 1.5 / PUSHED_READ_GAP + 3
-    assert len(written) > len(starts)  # pushes that came during a read made one read
+    if len(written) > 1.5 / PUSHED_READ_GAP:
+        # Writes came faster than the floor lets reads come: pushes that came during a read
+        # made one read. (On a loaded machine the writes may come slower than that, and the
+        # reads that follow a moving log unasked may then outnumber them: 68 writes, 77
+        # reads at 03436da under 4 busy loops.)
+        assert len(written) > len(starts)
     assert took < 1.0, took
 
 
