@@ -603,7 +603,8 @@ class _FirstUse:
 
 
 def _has_dot_segment(path: str) -> bool:
-    return any(part in (".", "..") for part in path.split("/"))
+    # Most paths have no dot at all: no split for them (this runs on every request).
+    return "." in path and any(part in (".", "..") for part in path.split("/"))
 
 
 def tenant_db(connection: HTTPConnection) -> aiosqlite.Connection:
