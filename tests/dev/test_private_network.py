@@ -18,23 +18,16 @@ from tenantdb.dev.private_network import PREFIX, PrivateNetwork
 from tenantdb.dev.processes import MachineStatus
 from tenantdb.dev.regions import RegionLatency
 from tests.support.servers import LoopbackServer, serve_in_thread
+from tests.support.streamed_lines import assert_each_line_crossed, line_arrivals, two_lines
 
 LEG = 0.2  # seconds each way between ams and fra
 
 
 def streaming_machine(sent: list[float]) -> Starlette:
-    """A machine whose answer is two lines, the second 0.3 s after the first (as a tail
-    hint stream tells two moves); ``sent`` gets the time each line left."""
+    """A machine whose answer is ``two_lines``; ``sent`` gets the time each line left."""
 
     async def lines(request: Request) -> StreamingResponse:
-        async def body() -> AsyncIterator[bytes]:
-            for n in range(2):
-                if n:
-                    await asyncio.sleep(0.3)
-                sent.append(time.monotonic())
-                yield f"line {n}\n".encode()
-
-        return StreamingResponse(body(), media_type="application/x-ndjson")
+        return two_lines(sent)
 
     return Starlette(routes=[Route("/lines", lines)])
 
@@ -65,16 +58,9 @@ async def test_each_line_of_a_streamed_answer_crosses_the_regions_latency() -> N
             httpx.AsyncClient(trust_env=False, timeout=10) as client,
         ):
             asked = time.monotonic()
-            came: list[float] = []
             async with client.stream("GET", f"{url}{PREFIX}ams/f1/lines") as answer:
                 assert answer.status_code == 200
-                async for line in answer.aiter_lines():
-                    if line:
-                        came.append(time.monotonic())
-    assert len(came) == len(sent) == 2
+                came = await line_arrivals(answer)
     # The request crossed once before the machine sent anything; each line crossed back.
     assert sent[0] - asked >= LEG - 0.01
-    for left, arrived in zip(sent, came, strict=True):
-        assert arrived - left >= LEG - 0.01, (left, arrived)
-    # Pipelined, not added up: the second line was not held for the first one's leg too.
-    assert came[1] - sent[1] < 2 * LEG
+    assert_each_line_crossed(sent, came, LEG)

@@ -20,7 +20,7 @@ import pytest
 from httpx_ws import AsyncWebSocketClient, WebSocketUpgradeError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
@@ -36,6 +36,7 @@ from tenantdb.dev.proxy import (
 )
 from tenantdb.dev.regions import EDGE_REGION_HEADER, RegionLatency
 from tests.support.servers import LoopbackServer
+from tests.support.streamed_lines import assert_each_line_crossed, line_arrivals, two_lines
 
 APP = "testapp"
 SRC_RE = re.compile(
@@ -735,40 +736,19 @@ async def test_a_hop_to_another_region_waits_the_latency_each_way(servers: Serve
     assert staying < 2 * latency.one_way
 
 
-def two_lines(sent: list[float]) -> Handler:
-    """An answer of two lines, the second 0.3 s after the first (as a tail hint stream tells
-    two moves); ``sent`` gets the time each line left the machine."""
-
-    async def body() -> AsyncIterator[bytes]:
-        for n in range(2):
-            if n:
-                await asyncio.sleep(0.3)
-            sent.append(time.monotonic())
-            yield f"line {n}\n".encode()
-
-    return lambda request: StreamingResponse(body(), media_type="application/x-ndjson")
-
-
 async def test_each_chunk_of_an_answer_from_another_region_crosses_the_latency(
     servers: Servers,
 ) -> None:
     sent: list[float] = []
     machines = Machines(servers)
     machines.add("a", replays("instance=f"), region="ams")
-    machines.add("f", two_lines(sent), region="fra")
+    machines.add("f", lambda request: two_lines(sent), region="fra")
     latency = RegionLatency(0.2)
-    came: list[float] = []
     async with FlyProxy(machines, edge_region="ams", latency=latency) as proxy:
         url = await servers.start(proxy)
         async with (
             httpx.AsyncClient(base_url=url, trust_env=False, timeout=10) as client,
             client.stream("GET", "/x") as answer,
         ):
-            async for line in answer.aiter_lines():
-                if line:
-                    came.append(time.monotonic())
-    assert len(came) == len(sent) == 2
-    for left, arrived in zip(sent, came, strict=True):
-        assert arrived - left >= latency.one_way - 0.01, (left, arrived)
-    # Pipelined, not added up: the second line was not held for the first one's leg too.
-    assert came[1] - sent[1] < 2 * latency.one_way
+            came = await line_arrivals(answer)
+    assert_each_line_crossed(sent, came, latency.one_way)
